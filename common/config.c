@@ -1,0 +1,262 @@
+/* config.c - every setting of every worker, loaded from the environment and --flags.
+ *
+ * One table names each setting once: its flag, environment variable, type, default, bounds, which
+ * workers use it and its help text. Loading, --help and the startup log all read that table
+ * (as redis's config.c does), so they cannot disagree.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "log.h"
+
+#ifndef SP_VERSION
+#define SP_VERSION "dev"
+#endif
+
+typedef enum { CONF_STR, CONF_INT } conf_type;
+
+#define CONF_SECRET   1u /* never printed */
+#define CONF_REQUIRED 2u /* must be non-empty for the workers that use it */
+
+typedef struct conf_opt {
+    const char *flag; /* without the leading "--" */
+    const char *env;
+    conf_type type;
+    size_t offset, size; /* where in sp_config; size of a string's buffer */
+    const char *def;     /* default, as text */
+    long long min, max;  /* bounds of an integer */
+    unsigned workers, flags;
+    const char *help;
+} conf_opt;
+
+#define STR(field) CONF_STR, offsetof(sp_config, field), sizeof(((sp_config *)0)->field)
+#define INT(field) CONF_INT, offsetof(sp_config, field), sizeof(int)
+#define P SP_WORKER_PRODUCER
+#define C SP_WORKER_CONSUMER
+#define R SP_WORKER_REAPER
+#define T SP_WORKER_TOOL
+
+/* clang-format off */
+static const conf_opt conf_table[] = {
+    {"redis-url", "REDIS_URL", STR(redis_url), "redis://127.0.0.1:6379", 0, 0, P|C|R|T, 0,
+     "Redis: redis://[:password@]host:port[/db] or sentinel://host:port[,host:port...]/master"},
+    {"kafka-brokers", "KAFKA_BROKERS", STR(kafka_brokers), "127.0.0.1:9092", 0, 0, P|C|R|T, 0,
+     "Kafka bootstrap brokers: host:port[,host:port...]"},
+    {"kafka-topic", "KAFKA_TOPIC", STR(kafka_topic), "stockpipe.events", 0, 0, P|C|R|T, 0,
+     "The events topic (message key = sku_id)"},
+    {"kafka-dlq-topic", "KAFKA_DLQ_TOPIC", STR(kafka_dlq_topic), "stockpipe.events.dlq", 0, 0,
+     C|T, 0, "Dead-letter topic for events that cannot be applied"},
+    {"kafka-group", "KAFKA_GROUP", STR(kafka_group), "stockpipe-consumer", 0, 0, C, 0,
+     "Kafka consumer group shared by all consumers"},
+    {"pg-dsn", "PG_DSN", STR(pg_dsn), "", 0, 0, P|C|R|T, CONF_REQUIRED,
+     "PostgreSQL libpq conninfo, e.g. 'host=db port=5432 dbname=stockpipe user=stockpipe'"},
+    {"http-addr", "HTTP_ADDR", STR(http_addr), "0.0.0.0", 0, 0, P|C|R, 0,
+     "Address the HTTP server binds"},
+    {"http-port", "HTTP_PORT", INT(http_port), "8080", 1, 65535, P|C|R, 0,
+     "HTTP port: the API on the producer; /healthz /readyz /metrics on every worker"},
+    {"worker-id", "WORKER_ID", STR(worker_id), "", 0, 0, P|C|R, 0,
+     "Unique name of this worker in the fleet (default: the host name, i.e. the pod name)"},
+    {"admin-token", "ADMIN_TOKEN", STR(admin_token), "", 0, 0, P, CONF_SECRET,
+     "Bearer token of the admin API (open a sale, restock)"},
+    {"payment-token", "PAYMENT_TOKEN", STR(payment_token), "", 0, 0, P, CONF_SECRET,
+     "Bearer token of the payment provider's callback"},
+    {"log-level", "LOG_LEVEL", STR(log_level), "info", 0, 0, P|C|R|T, 0,
+     "debug, info, warn or error"},
+};
+/* clang-format on */
+
+#define NOPTS (sizeof(conf_table) / sizeof(conf_table[0]))
+
+/* Stores text into the setting; -1 with the reason when it does not parse or fit. */
+static int set_value(sp_config *cfg, const conf_opt *o, const char *text, const char *source,
+                     char *errbuf, size_t errlen) {
+    char *field = (char *)cfg + o->offset;
+    if (o->type == CONF_STR) {
+        size_t n = strlen(text);
+        if (n >= o->size) {
+            snprintf(errbuf, errlen, "%s (%s) is %zu bytes long; at most %zu are allowed", o->env,
+                     source, n, o->size - 1);
+            return -1;
+        }
+        memcpy(field, text, n + 1);
+        return 0;
+    }
+    char *end = NULL;
+    errno = 0;
+    long long v = strtoll(text, &end, 10);
+    /* strtoll would skip leading blanks; a setting is exactly a number or it is wrong. */
+    int starts_ok = (text[0] >= '0' && text[0] <= '9') || text[0] == '-';
+    if (!starts_ok || errno != 0 || end == text || *end != '\0' || v < o->min || v > o->max) {
+        snprintf(errbuf, errlen, "%s (%s) is \"%s\"; it must be an integer from %lld to %lld",
+                 o->env, source, text, o->min, o->max);
+        return -1;
+    }
+    *(int *)(void *)field = (int)v;
+    return 0;
+}
+
+static const conf_opt *find_flag(const char *name, size_t namelen, unsigned worker) {
+    for (size_t i = 0; i < NOPTS; i++)
+        if ((conf_table[i].workers & worker) && strlen(conf_table[i].flag) == namelen &&
+            memcmp(conf_table[i].flag, name, namelen) == 0)
+            return &conf_table[i];
+    return NULL;
+}
+
+void sp_config_usage(FILE *out, unsigned worker, const char *prog, const char *synopsis) {
+    fprintf(out, "Usage: %s [options]%s%s\n\n", prog, synopsis && *synopsis ? " " : "",
+            synopsis ? synopsis : "");
+    fprintf(out, "Every option can also be set by its environment variable; a flag wins.\n\n");
+    for (size_t i = 0; i < NOPTS; i++) {
+        const conf_opt *o = &conf_table[i];
+        if (!(o->workers & worker)) continue;
+        fprintf(out, "  --%s=%s  (env %s)\n      %s", o->flag, o->type == CONF_INT ? "N" : "VALUE",
+                o->env, o->help);
+        if (o->type == CONF_INT) fprintf(out, "; %lld..%lld", o->min, o->max);
+        if (o->flags & CONF_REQUIRED) fprintf(out, "; required");
+        else if (o->def[0]) fprintf(out, "; default %s", o->def);
+        fprintf(out, "\n");
+    }
+    fprintf(out, "  --help     print this text and exit\n  --version  print the version and exit\n");
+}
+
+int sp_config_load(sp_config *cfg, unsigned worker, int argc, char **argv, const char *synopsis,
+                   char *errbuf, size_t errlen) {
+    const char *prog = (argc > 0 && argv[0]) ? argv[0] : "stockpipe";
+    memset(cfg, 0, sizeof(*cfg));
+
+    for (size_t i = 0; i < NOPTS; i++) {
+        const conf_opt *o = &conf_table[i];
+        if (set_value(cfg, o, o->def, "default", errbuf, errlen) != 0) return -1;
+        const char *env = getenv(o->env);
+        if ((o->workers & worker) && env != NULL &&
+            set_value(cfg, o, env, "environment", errbuf, errlen) != 0)
+            return -1;
+    }
+
+    int only_args = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (only_args || a[0] != '-' || a[1] != '-') {
+            if (strcmp(a, "-h") == 0) {
+                sp_config_usage(stdout, worker, prog, synopsis);
+                return SP_CONFIG_EXIT;
+            }
+            if (!only_args && a[0] == '-' && a[1] != '\0') {
+                snprintf(errbuf, errlen, "unknown option \"%s\"; see %s --help", a, prog);
+                return -1;
+            }
+            if (cfg->nargs >= SP_CONFIG_ARGS_MAX) {
+                snprintf(errbuf, errlen, "too many arguments (at most %d); see %s --help",
+                         SP_CONFIG_ARGS_MAX, prog);
+                return -1;
+            }
+            cfg->args[cfg->nargs++] = argv[i];
+            continue;
+        }
+        if (a[2] == '\0') { /* "--" ends the options */
+            only_args = 1;
+            continue;
+        }
+        if (strcmp(a, "--help") == 0) {
+            sp_config_usage(stdout, worker, prog, synopsis);
+            return SP_CONFIG_EXIT;
+        }
+        if (strcmp(a, "--version") == 0) {
+            printf("stockpipe %s\n", SP_VERSION);
+            return SP_CONFIG_EXIT;
+        }
+        const char *name = a + 2, *eq = strchr(name, '=');
+        size_t namelen = eq ? (size_t)(eq - name) : strlen(name);
+        const conf_opt *o = find_flag(name, namelen, worker);
+        if (o == NULL) {
+            /* Sub-command flags (e.g. --sku of `reaper reconcile`) are the worker's to read. */
+            if (cfg->nargs >= SP_CONFIG_ARGS_MAX) {
+                snprintf(errbuf, errlen, "too many arguments (at most %d); see %s --help",
+                         SP_CONFIG_ARGS_MAX, prog);
+                return -1;
+            }
+            cfg->args[cfg->nargs++] = argv[i];
+            continue;
+        }
+        const char *value = eq ? eq + 1 : NULL;
+        if (value == NULL) {
+            if (i + 1 >= argc) {
+                snprintf(errbuf, errlen, "option --%s needs a value (--%s=VALUE)", o->flag, o->flag);
+                return -1;
+            }
+            value = argv[++i];
+        }
+        if (set_value(cfg, o, value, "flag", errbuf, errlen) != 0) return -1;
+    }
+
+    if (cfg->worker_id[0] == '\0') {
+        char host[sizeof(cfg->worker_id)];
+        if (gethostname(host, sizeof(host)) != 0) snprintf(host, sizeof(host), "worker");
+        host[sizeof(host) - 1] = '\0';
+        memcpy(cfg->worker_id, host, sizeof(host));
+    }
+    sp_log_level level;
+    if (sp_log_level_parse(cfg->log_level, &level) != 0) {
+        snprintf(errbuf, errlen, "LOG_LEVEL is \"%s\"; use debug, info, warn or error",
+                 cfg->log_level);
+        return -1;
+    }
+    for (size_t i = 0; i < NOPTS; i++) {
+        const conf_opt *o = &conf_table[i];
+        if ((o->workers & worker) && (o->flags & CONF_REQUIRED) &&
+            ((char *)cfg + o->offset)[0] == '\0') {
+            snprintf(errbuf, errlen, "%s is not set; set it in the environment or pass --%s=VALUE",
+                     o->env, o->flag);
+            return -1;
+        }
+    }
+    return SP_CONFIG_OK;
+}
+
+/* Copies s into out with credentials hidden: the value of a conninfo "password=" and the password
+ * of a URL's "user:password@". */
+static void redact(const char *s, char *out, size_t outlen) {
+    size_t o = 0;
+    const char *scheme = strstr(s, "://");
+    const char *at = scheme ? strchr(scheme + 3, '@') : NULL;
+    const char *colon = NULL;
+    if (at)
+        for (const char *p = scheme + 3; p < at; p++)
+            if (*p == ':') colon = p;
+    for (const char *p = s; *p && o + 4 < outlen; p++) {
+        if (colon && p == colon + 1) { /* skip to the '@' */
+            memcpy(out + o, "***", 3), o += 3;
+            p = at - 1;
+            continue;
+        }
+        out[o++] = *p;
+        if (o >= 9 && strncmp(out + o - 9, "password=", 9) == 0) {
+            memcpy(out + o, "***", 3), o += 3;
+            while (p[1] && p[1] != ' ') p++;
+        }
+    }
+    out[o] = '\0';
+}
+
+void sp_config_log(const sp_config *cfg, unsigned worker) {
+    for (size_t i = 0; i < NOPTS; i++) {
+        const conf_opt *o = &conf_table[i];
+        const char *field = (const char *)cfg + o->offset;
+        if (!(o->workers & worker)) continue;
+        if (o->type == CONF_INT)
+            sp_info("config %s=%d", o->env, *(const int *)(const void *)field);
+        else if (o->flags & CONF_SECRET)
+            sp_info("config %s=%s", o->env, field[0] ? "(set)" : "(not set)");
+        else {
+            char shown[1100];
+            redact(field, shown, sizeof(shown));
+            sp_info("config %s=%s", o->env, shown);
+        }
+    }
+}

@@ -1,0 +1,54 @@
+/* config.h - every setting of every worker, loaded from the environment and --flags. */
+#ifndef SP_CONFIG_H
+#define SP_CONFIG_H
+
+#include <stdio.h>
+
+/* Which workers a setting applies to (a bit mask). */
+#define SP_WORKER_PRODUCER 1u
+#define SP_WORKER_CONSUMER 2u
+#define SP_WORKER_REAPER   4u
+#define SP_WORKER_TOOL     8u /* tests and benchmarks that read the stack's settings */
+#define SP_WORKER_ALL      15u
+
+#define SP_CONFIG_ARGS_MAX 8
+
+/* The loaded settings. Strings live in fixed buffers: loading never allocates, and a value that
+ * does not fit is a startup error, not a silent truncation. */
+typedef struct sp_config {
+    char redis_url[512];
+    char kafka_brokers[512];
+    char kafka_topic[250];
+    char kafka_dlq_topic[250];
+    char kafka_group[250];
+    char pg_dsn[1024];
+    char http_addr[64];
+    int http_port;
+    char worker_id[64];
+    char admin_token[256];
+    char payment_token[256];
+    char log_level[16];
+    /* Positional arguments left after the flags (sub-commands such as `reaper audit`); they point
+     * into argv. */
+    int nargs;
+    char *args[SP_CONFIG_ARGS_MAX];
+} sp_config;
+
+#define SP_CONFIG_OK   0
+#define SP_CONFIG_EXIT 1 /* --help or --version was printed: exit 0 */
+
+/* Fills *cfg for `worker` (one SP_WORKER_* bit): defaults first, then the environment, then
+ * --name=value / --name value flags from argv (argv[0] is the program). An empty WORKER_ID becomes
+ * the host name (the pod name on Kubernetes). Returns SP_CONFIG_OK, SP_CONFIG_EXIT after printing
+ * --help to stdout, or -1 with one sentence naming the setting and the fix in errbuf. */
+int sp_config_load(sp_config *cfg, unsigned worker, int argc, char **argv, const char *synopsis,
+                   char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+
+/* Prints the usage text: synopsis, then every setting of `worker` with its flag, environment
+ * variable, default and bounds, from the same table the loader reads. */
+void sp_config_usage(FILE *out, unsigned worker, const char *prog, const char *synopsis);
+
+/* Logs the effective settings of `worker` at info level, secrets masked. */
+void sp_config_log(const sp_config *cfg, unsigned worker);
+
+#endif

@@ -1,0 +1,130 @@
+/* kafka.c - Kafka clients (librdkafka) set up the one way all workers use, and event publishing. */
+#include "kafka.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#include "log.h"
+
+/* librdkafka's log lines (syslog levels) into the JSON logger. Called from librdkafka's threads;
+ * sp_log_write is thread-safe. */
+static void on_kafka_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf) {
+    sp_log_level l = level <= 3 ? SP_LOG_ERROR : level <= 4 ? SP_LOG_WARN : level <= 6 ? SP_LOG_INFO : SP_LOG_DEBUG;
+    SP_LOG(l, "kafka %s %s: %s", rd_kafka_name(rk), fac, buf);
+}
+
+int sp_kafka_conf_set(rd_kafka_conf_t *conf, const char *name, const char *value, char *errbuf,
+                      size_t errlen) {
+    char err[256];
+    if (rd_kafka_conf_set(conf, name, value, err, sizeof(err)) != RD_KAFKA_CONF_OK) {
+        snprintf(errbuf, errlen, "kafka setting %s=%s: %s", name, value, err);
+        return -1;
+    }
+    return 0;
+}
+
+rd_kafka_conf_t *sp_kafka_conf_new(const char *brokers, const char *client_id, char *errbuf,
+                                   size_t errlen) {
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    if (conf == NULL) {
+        snprintf(errbuf, errlen, "out of memory");
+        return NULL;
+    }
+    if (sp_kafka_conf_set(conf, "bootstrap.servers", brokers, errbuf, errlen) != 0 ||
+        sp_kafka_conf_set(conf, "client.id", client_id, errbuf, errlen) != 0 ||
+        sp_kafka_conf_set(conf, "socket.keepalive.enable", "true", errbuf, errlen) != 0) {
+        rd_kafka_conf_destroy(conf);
+        return NULL;
+    }
+    rd_kafka_conf_set_log_cb(conf, on_kafka_log);
+    return conf;
+}
+
+/* rd_kafka_new takes the conf only when it succeeds; this owns it on every path. */
+static rd_kafka_t *client_new(rd_kafka_type_t type, rd_kafka_conf_t **conf, char *errbuf,
+                              size_t errlen) {
+    char err[512];
+    rd_kafka_t *rk = rd_kafka_new(type, *conf, err, sizeof(err));
+    if (rk == NULL) {
+        snprintf(errbuf, errlen, "kafka client: %s", err);
+        rd_kafka_conf_destroy(*conf);
+    }
+    *conf = NULL;
+    return rk;
+}
+
+rd_kafka_t *sp_kafka_producer_new(rd_kafka_conf_t **conf, char *errbuf, size_t errlen) {
+    if (sp_kafka_conf_set(*conf, "acks", "all", errbuf, errlen) != 0 ||
+        sp_kafka_conf_set(*conf, "enable.idempotence", "true", errbuf, errlen) != 0) {
+        rd_kafka_conf_destroy(*conf);
+        *conf = NULL;
+        return NULL;
+    }
+    return client_new(RD_KAFKA_PRODUCER, conf, errbuf, errlen);
+}
+
+rd_kafka_t *sp_kafka_consumer_new(rd_kafka_conf_t **conf, const char *group, char *errbuf,
+                                  size_t errlen) {
+    rd_kafka_t *rk;
+    if (sp_kafka_conf_set(*conf, "group.id", group, errbuf, errlen) != 0 ||
+        sp_kafka_conf_set(*conf, "enable.auto.commit", "false", errbuf, errlen) != 0 ||
+        sp_kafka_conf_set(*conf, "enable.auto.offset.store", "false", errbuf, errlen) != 0 ||
+        sp_kafka_conf_set(*conf, "auto.offset.reset", "earliest", errbuf, errlen) != 0) {
+        rd_kafka_conf_destroy(*conf);
+        *conf = NULL;
+        return NULL;
+    }
+    rk = client_new(RD_KAFKA_CONSUMER, conf, errbuf, errlen);
+    if (rk) rd_kafka_poll_set_consumer(rk);
+    return rk;
+}
+
+int sp_kafka_topic_partitions(rd_kafka_t *rk, const char *topic, int timeout_ms, int *npartitions,
+                              char *errbuf, size_t errlen) {
+    const struct rd_kafka_metadata *md = NULL;
+    rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topic, NULL);
+    int rc = -1;
+    if (rkt == NULL) {
+        snprintf(errbuf, errlen, "topic %s: %s", topic, rd_kafka_err2str(rd_kafka_last_error()));
+        return -1;
+    }
+    rd_kafka_resp_err_t err = rd_kafka_metadata(rk, 0, rkt, &md, timeout_ms);
+    if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        snprintf(errbuf, errlen, "kafka metadata for %s: %s", topic, rd_kafka_err2str(err));
+        goto out;
+    }
+    if (md->topic_cnt != 1 || md->topics[0].err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        snprintf(errbuf, errlen, "kafka topic %s: %s", topic,
+                 md->topic_cnt ? rd_kafka_err2str(md->topics[0].err) : "not in metadata");
+        goto out;
+    }
+    for (int i = 0; i < md->topics[0].partition_cnt; i++)
+        if (md->topics[0].partitions[i].leader < 0) {
+            snprintf(errbuf, errlen, "kafka topic %s partition %d has no leader", topic,
+                     md->topics[0].partitions[i].id);
+            goto out;
+        }
+    *npartitions = md->topics[0].partition_cnt;
+    rc = 0;
+out:
+    if (md) rd_kafka_metadata_destroy(md);
+    rd_kafka_topic_destroy(rkt);
+    return rc;
+}
+
+int sp_kafka_produce_event(rd_kafka_t *rk, const char *topic, const sp_event *ev, void *msg_opaque,
+                           char *errbuf, size_t errlen) {
+    char buf[SP_EVENT_MAX], key[24];
+    size_t len = 0;
+    if (sp_event_encode(ev, buf, sizeof(buf), &len, errbuf, errlen) != 0) return -1;
+    int keylen = snprintf(key, sizeof(key), "%lld", (long long)ev->sku_id);
+    rd_kafka_resp_err_t err =
+        rd_kafka_producev(rk, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_KEY(key, (size_t)keylen),
+                          RD_KAFKA_V_VALUE(buf, len), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+                          RD_KAFKA_V_OPAQUE(msg_opaque), RD_KAFKA_V_END);
+    if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        snprintf(errbuf, errlen, "kafka produce to %s: %s", topic, rd_kafka_err2str(err));
+        return -1;
+    }
+    return 0;
+}

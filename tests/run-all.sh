@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# run-all.sh - the whole test suite, as `make test` runs it.
+#
+# Unit tests, then (with the real local stack) integration tests, each for the plain build and
+# the ASan+UBSan build. Starts the stack if it is not running and stops it again at the end; a
+# stack that was already up is left up. Prints every suite's own output and, last, one line:
+#   tests: N passed, M failed
+# Usage: tests/run-all.sh [--unit-only]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+passed=0
+failed=0
+failed_suites=()
+
+# Runs one test program and adds its counts. cmocka prints "[  PASSED  ] N test(s)." and
+# "[  FAILED  ] N test(s), listed below:"; shell suites print a last line "N passed, M failed".
+run_suite() {
+    local label=$1
+    shift
+    local out rc p f
+    echo "=== $label"
+    out=$("$@" 2>&1)
+    rc=$?
+    printf '%s\n' "$out"
+    p=$(printf '%s\n' "$out" | sed -n 's/^\[  PASSED  \] \([0-9]*\) test(s)\.$/\1/p' | tail -1)
+    f=$(printf '%s\n' "$out" | sed -n 's/^\[  FAILED  \] \([0-9]*\) test(s), listed below:$/\1/p' | tail -1)
+    if [ -z "$p$f" ]; then
+        p=$(printf '%s\n' "$out" | sed -n 's/^\([0-9]*\) passed, \([0-9]*\) failed.*$/\1/p' | tail -1)
+        f=$(printf '%s\n' "$out" | sed -n 's/^\([0-9]*\) passed, \([0-9]*\) failed.*$/\2/p' | tail -1)
+    fi
+    p=${p:-0}
+    f=${f:-0}
+    # A crash or a non-zero exit with no failure counted is still a failure of one test.
+    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
+    if [ "$p" -eq 0 ] && [ "$f" -eq 0 ]; then
+        echo "!!! $label ran no test"
+        f=1
+    fi
+    passed=$((passed + p))
+    failed=$((failed + f))
+    [ "$f" -gt 0 ] && failed_suites+=("$label")
+}
+
+# Leak checking is on; a test must free what it allocates.
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+
+for build in release asan; do
+    for t in build/$build/tests/test_*; do
+        case $t in */test_stack_*|*/test_it_*) continue ;; esac
+        [ -x "$t" ] && run_suite "unit $(basename "$t") ($build)" "$t"
+    done
+done
+
+if [ "${1:-}" != "--unit-only" ]; then
+    started_stack=0
+    if ! scripts/stack.sh status >/dev/null 2>&1; then
+        scripts/stack.sh up || { echo "!!! the local stack did not start"; failed=$((failed + 1)); }
+        started_stack=1
+    fi
+    if [ -f var/stack.env ]; then
+        # shellcheck disable=SC1091
+        . var/stack.env
+        for build in release asan; do
+            for t in build/$build/tests/test_stack_* build/$build/tests/test_it_*; do
+                [ -x "$t" ] && run_suite "integration $(basename "$t") ($build)" "$t"
+            done
+            bindir=bin
+            [ "$build" = asan ] && bindir=bin/asan
+            for s in tests/integration/*.sh; do
+                [ -f "$s" ] && run_suite "integration $(basename "$s" .sh) ($build)" env BIN_DIR="$bindir" bash "$s"
+            done
+        done
+    fi
+    [ "$started_stack" = 1 ] && scripts/stack.sh down
+fi
+
+echo
+if [ ${#failed_suites[@]} -gt 0 ]; then
+    echo "failed suites:"
+    printf '  %s\n' "${failed_suites[@]}"
+fi
+echo "tests: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
