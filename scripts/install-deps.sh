@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# install-deps.sh - install what stockpipe needs to build, test and run its local stack.
+#
+#   scripts/install-deps.sh            install whatever is missing, then the Kafka broker jars
+#   scripts/install-deps.sh --check    only report what is missing (exit 1 if anything is)
+#
+# Idempotent and quick: when everything is present it only inspects dpkg's database and a stamp
+# file (well under a second) and never runs `apt-get update`. When something is missing it runs
+# `apt-get update` once and installs exactly the missing Debian packages (Debian 12 names).
+#
+# The Kafka broker is not a Debian package: its jars (pinned in deploy/kafka-local/pom.xml) are
+# resolved from Maven Central into var/kafka-libs/, stamped with the Kafka version and the pom's
+# checksum so that editing the pom re-resolves them. Maven settings such as a local repository
+# can be passed through MAVEN_OPTS, e.g. MAVEN_OPTS=-Dmaven.repo.local=/tmp/m2 (a cold download).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+KAFKA_VERSION=3.9.1 # keep in step with <kafka.version> in deploy/kafka-local/pom.xml
+KAFKA_POM=$ROOT/deploy/kafka-local/pom.xml
+KAFKA_LIBS=$ROOT/var/kafka-libs
+KAFKA_STAMP=$KAFKA_LIBS/.stockpipe-stamp
+
+CHECK_ONLY=0
+case "${1:-}" in
+    "") ;;
+    --check) CHECK_ONLY=1 ;;
+    -h | --help)
+        sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+        exit 0
+        ;;
+    *)
+        echo "install-deps: unknown argument '$1' (try --help)" >&2
+        exit 2
+        ;;
+esac
+
+say() { printf 'install-deps: %s\n' "$*"; }
+die() {
+    printf 'install-deps: error: %s\n' "$*" >&2
+    exit 1
+}
+
+# --- what is installed -----------------------------------------------------------------------
+
+# Every package name we may ask about, queried from dpkg in one call (one call per package would
+# cost ~10 ms each). Packages dpkg never heard of are simply absent from the table.
+ALL_PKGS=(build-essential pkg-config librdkafka-dev libhiredis-dev libpq-dev libjansson-dev
+    libevent-dev libcmocka-dev redis-server redis-tools redis-sentinel postgresql
+    postgresql-client kcat openjdk-17-jre-headless maven wrk clang-format valgrind procps
+    util-linux)
+declare -A INSTALLED=()
+while read -r pkg status; do
+    [[ $status == installed ]] && INSTALLED[${pkg%%:*}]=1
+done < <(dpkg-query -W -f='${Package} ${db:Status-Status}\n' "${ALL_PKGS[@]}" 2>/dev/null || true)
+
+have_pkg() { [[ -n ${INSTALLED[$1]:-} ]]; }
+have_cmd() { command -v "$1" >/dev/null 2>&1; }
+
+# A server build of PostgreSQL, any version (stack.sh takes the newest).
+have_pg_server() { compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; }
+
+# Any `java` on PATH of major version >= 17 will do. Read the JDK's `release` file when there is
+# one (free), else ask the JVM (~50 ms).
+have_java17() {
+    have_cmd java || return 1
+    local bin home ver=""
+    bin=$(readlink -f "$(command -v java)")
+    home=$(dirname "$(dirname "$bin")")
+    if [[ -r $home/release ]]; then
+        ver=$(sed -n 's/^JAVA_VERSION="\([^"]*\)".*/\1/p' "$home/release")
+    fi
+    if [[ -z $ver ]]; then
+        ver=$(java -version 2>&1 | sed -n 's/.*version "\([^"]*\)".*/\1/p' | head -n1)
+    fi
+    ver=${ver#1.} # "1.8.0_x" -> "8.0_x"
+    [[ ${ver%%[!0-9]*} =~ ^[0-9]+$ ]] && ((${ver%%[!0-9]*} >= 17))
+}
+
+MISSING=()
+need() { # need PACKAGE CHECK...: PACKAGE is missing unless the check command succeeds
+    local pkg=$1
+    shift
+    "$@" || MISSING+=("$pkg")
+}
+
+# Where a command is what we really need, an equivalent install (e.g. postgresql-client-15
+# without the postgresql-client metapackage, a JDK not from Debian) counts as present.
+need build-essential eval 'have_pkg build-essential || { have_cmd gcc && have_cmd make; }'
+need pkg-config have_cmd pkg-config
+for p in librdkafka-dev libhiredis-dev libpq-dev libjansson-dev libevent-dev libcmocka-dev; do
+    need "$p" have_pkg "$p"
+done
+need redis-server have_cmd redis-server
+need redis-tools have_cmd redis-cli
+need redis-sentinel eval 'have_pkg redis-sentinel || have_cmd redis-sentinel'
+need postgresql have_pg_server
+need postgresql-client eval 'have_cmd psql && have_cmd pg_isready'
+need kcat have_cmd kcat
+need openjdk-17-jre-headless have_java17
+need maven have_cmd mvn
+need wrk have_cmd wrk
+need clang-format have_cmd clang-format
+need valgrind have_cmd valgrind
+need procps eval 'have_cmd ps && have_cmd pgrep'
+need util-linux have_cmd runuser
+
+kafka_stamp() { printf 'kafka=%s pom=%s\n' "$KAFKA_VERSION" "$(sha256sum <"$KAFKA_POM" | cut -d' ' -f1)"; }
+kafka_jars_ok() {
+    [[ -f $KAFKA_STAMP ]] && [[ $(cat "$KAFKA_STAMP") == "$(kafka_stamp)" ]] &&
+        compgen -G "$KAFKA_LIBS/kafka_2.13-$KAFKA_VERSION.jar" >/dev/null
+}
+
+if ((CHECK_ONLY)); then
+    rc=0
+    if ((${#MISSING[@]})); then
+        say "missing packages: ${MISSING[*]}"
+        rc=1
+    fi
+    if ! kafka_jars_ok; then
+        say "missing Kafka $KAFKA_VERSION jars in ${KAFKA_LIBS#"$ROOT"/}"
+        rc=1
+    fi
+    ((rc == 0)) && say "all present"
+    exit "$rc"
+fi
+
+# --- Debian packages ---------------------------------------------------------------------------
+
+if ((${#MISSING[@]})); then
+    SUDO=()
+    if ((EUID != 0)); then
+        have_cmd sudo || die "not root and no sudo: cannot install ${MISSING[*]}"
+        SUDO=(sudo)
+    fi
+    say "missing: ${MISSING[*]}"
+    say "apt-get update"
+    "${SUDO[@]}" apt-get update -qq
+    say "apt-get install ${MISSING[*]}"
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -q --no-install-recommends "${MISSING[@]}"
+else
+    say "Debian packages: all present"
+fi
+
+# --- Kafka broker jars -------------------------------------------------------------------------
+
+if kafka_jars_ok; then
+    say "Kafka $KAFKA_VERSION jars: present ($(find "$KAFKA_LIBS/" -name '*.jar' | wc -l) jars in ${KAFKA_LIBS#"$ROOT"/})"
+    exit 0
+fi
+
+have_cmd mvn || die "mvn not found after installing maven"
+say "resolving Kafka $KAFKA_VERSION jars with Maven into ${KAFKA_LIBS#"$ROOT"/} ..."
+mkdir -p "$ROOT/var"
+# Resolve into a scratch directory and swap it in only on success: an interrupted download never
+# leaves a half-filled var/kafka-libs that looks complete.
+tmp=$(mktemp -d "$ROOT/var/kafka-libs.tmp.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+start=$SECONDS
+# Debian's Maven 3.8 prints stray ANSI resets (ESC[0m) even with -B -q: strip them (pipefail
+# keeps Maven's exit status).
+if ! mvn -q -B -f "$KAFKA_POM" dependency:copy-dependencies \
+    -DoutputDirectory="$tmp" -DincludeScope=runtime 2>&1 | sed 's/\x1b\[[0-9;]*m//g'; then
+    die "Maven could not resolve the Kafka jars (is Maven Central reachable?)"
+fi
+[[ -f $tmp/kafka_2.13-$KAFKA_VERSION.jar ]] || die "Maven finished but kafka_2.13-$KAFKA_VERSION.jar is not there"
+kafka_stamp >"$tmp/.stockpipe-stamp"
+rm -rf "$KAFKA_LIBS"
+mv "$tmp" "$KAFKA_LIBS"
+trap - EXIT
+say "Kafka jars: $(find "$KAFKA_LIBS/" -name '*.jar' | wc -l) jars, $(du -sh "$KAFKA_LIBS" | cut -f1), in $((SECONDS - start)) s"
