@@ -108,6 +108,17 @@ static const conf_opt *find_flag(const char *name, size_t namelen, unsigned work
     return NULL;
 }
 
+/* Keeps a positional argument for the worker; -1 past the bound. */
+static int add_arg(sp_config *cfg, char *arg, const char *prog, char *errbuf, size_t errlen) {
+    if (cfg->nargs >= SP_CONFIG_ARGS_MAX) {
+        snprintf(errbuf, errlen, "too many arguments (at most %d); see %s --help",
+                 SP_CONFIG_ARGS_MAX, prog);
+        return -1;
+    }
+    cfg->args[cfg->nargs++] = arg;
+    return 0;
+}
+
 void sp_config_usage(FILE *out, unsigned worker, const char *prog, const char *synopsis) {
     fprintf(out, "Usage: %s [options]%s%s\n\n", prog, synopsis && *synopsis ? " " : "",
             synopsis ? synopsis : "");
@@ -151,12 +162,7 @@ int sp_config_load(sp_config *cfg, unsigned worker, int argc, char **argv, const
                 snprintf(errbuf, errlen, "unknown option \"%s\"; see %s --help", a, prog);
                 return -1;
             }
-            if (cfg->nargs >= SP_CONFIG_ARGS_MAX) {
-                snprintf(errbuf, errlen, "too many arguments (at most %d); see %s --help",
-                         SP_CONFIG_ARGS_MAX, prog);
-                return -1;
-            }
-            cfg->args[cfg->nargs++] = argv[i];
+            if (add_arg(cfg, argv[i], prog, errbuf, errlen) != 0) return -1;
             continue;
         }
         if (a[2] == '\0') { /* "--" ends the options */
@@ -176,12 +182,7 @@ int sp_config_load(sp_config *cfg, unsigned worker, int argc, char **argv, const
         const conf_opt *o = find_flag(name, namelen, worker);
         if (o == NULL) {
             /* Sub-command flags (e.g. --sku of `reaper reconcile`) are the worker's to read. */
-            if (cfg->nargs >= SP_CONFIG_ARGS_MAX) {
-                snprintf(errbuf, errlen, "too many arguments (at most %d); see %s --help",
-                         SP_CONFIG_ARGS_MAX, prog);
-                return -1;
-            }
-            cfg->args[cfg->nargs++] = argv[i];
+            if (add_arg(cfg, argv[i], prog, errbuf, errlen) != 0) return -1;
             continue;
         }
         const char *value = eq ? eq + 1 : NULL;

@@ -29,6 +29,11 @@ int sp_worker_setup(const char *name, unsigned worker, int argc, char **argv, co
         *exit_code = 2;
         return -1;
     }
+    if (cfg->nargs > 0 && (synopsis == NULL || synopsis[0] == '\0')) {
+        sp_error("cannot start: unexpected argument \"%s\"; see %s --help", cfg->args[0], name);
+        *exit_code = 2;
+        return -1;
+    }
     if (sp_log_level_parse(cfg->log_level, &level) != 0) level = SP_LOG_INFO; /* checked by load */
     sp_log_init(name, cfg->worker_id, level);
     if (sp_signal_install() != 0) {
@@ -106,14 +111,31 @@ void sp_backends_close(sp_backends *b) {
     memset(b, 0, sizeof(*b));
 }
 
-int sp_worker_idle_loop(sp_backends *b) {
-    char why[600];
-    int was_ready = -1;
+int sp_worker_run_idle(const char *name, unsigned worker, unsigned want, int argc, char **argv,
+                       const char *synopsis) {
+    sp_config cfg;
+    sp_backends backends;
+    sp_http_thread *http = NULL;
+    char err[512], why[600];
+    int status = 2, was_ready = -1;
     const struct timespec tick = {0, 100 * 1000 * 1000};
+
+    if (sp_worker_setup(name, worker, argc, argv, synopsis, &cfg, &status) != 0) return status;
+    sp_config_log(&cfg, worker);
+    if (sp_backends_init(&backends, &cfg, want, err, sizeof(err)) != 0) {
+        sp_error("cannot start: %s", err);
+        return 2;
+    }
+    http = sp_http_thread_start(cfg.http_addr, cfg.http_port, err, sizeof(err));
+    if (http == NULL) {
+        sp_error("cannot start: %s", err);
+        goto out;
+    }
+    sp_info("%s started; HTTP on %s:%d", name, cfg.http_addr, cfg.http_port);
     for (int n = 0; !sp_signal_stop_requested(); n++) {
         sp_health_beat();
         if (n % 10 == 0) {
-            int ready = sp_backends_check(b, why, sizeof(why)) == 0;
+            int ready = sp_backends_check(&backends, why, sizeof(why)) == 0;
             if (ready != was_ready) {
                 if (ready) sp_info("ready: every backend answers");
                 else sp_warn("not ready: %s", why);
@@ -123,5 +145,9 @@ int sp_worker_idle_loop(sp_backends *b) {
         nanosleep(&tick, NULL);
     }
     sp_info("stop requested; exiting");
-    return 0;
+    status = 0;
+out:
+    sp_http_thread_stop(http);
+    sp_backends_close(&backends);
+    return status;
 }

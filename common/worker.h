@@ -11,7 +11,8 @@
 #include "redis_store.h"
 
 /* Loads the settings of `worker` (an SP_WORKER_* bit) named `name`, starts the JSON logger and
- * installs the signal handlers. Returns 0 when the worker should run; otherwise -1 and the status
+ * installs the signal handlers. A worker whose synopsis is empty takes no positional arguments: one
+ * is a startup error. Returns 0 when the worker should run; otherwise -1 and the status
  * to exit with in *exit_code: 0 after --help, 2 after a startup error, which it has logged as one
  * sentence naming the setting and the fix. */
 int sp_worker_setup(const char *name, unsigned worker, int argc, char **argv, const char *synopsis,
@@ -44,8 +45,10 @@ int sp_backends_check(sp_backends *b, char *why, size_t whylen);
 
 void sp_backends_close(sp_backends *b);
 
-/* Checks the backends every second and beats /healthz until SIGTERM/SIGINT: the main loop of a
- * worker that has nothing else to do yet. Returns the exit status (0). */
-int sp_worker_idle_loop(sp_backends *b);
+/* The whole life of a worker whose main loop is not libevent and that has no job of its own yet:
+ * setup, the health server on its own thread, the backends in `want` checked every second for
+ * /readyz, until SIGTERM/SIGINT. Returns the process exit status. */
+int sp_worker_run_idle(const char *name, unsigned worker, unsigned want, int argc, char **argv,
+                       const char *synopsis);
 
 #endif

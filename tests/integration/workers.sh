@@ -74,6 +74,9 @@ check "a malformed HTTP_PORT stops the producer with status 2 (got $rc)" test "$
 out=$(REDIS_URL=mysql://x "$BIN_DIR/reaper" 2>&1); rc=$?
 check "a bad REDIS_URL stops the reaper with status 2 (got $rc)" test "$rc" = 2
 check "the startup error says what REDIS_URL must look like" grep -q 'REDIS_URL must start with redis://' <<<"$out"
+out=$("$BIN_DIR/consumer" --no-such-flag 2>&1); rc=$?
+check "an unknown flag stops the consumer with status 2 (got $rc)" test "$rc" = 2
+check "the startup error names the unknown argument" grep -q 'unexpected argument \\"--no-such-flag\\"' <<<"$out"
 out=$("$BIN_DIR/producer" --help 2>&1); rc=$?
 check "--help exits 0" test "$rc" = 0
 check "--help lists every producer setting" bash -c 'for v in REDIS_URL KAFKA_BROKERS KAFKA_TOPIC PG_DSN HTTP_PORT WORKER_ID ADMIN_TOKEN PAYMENT_TOKEN LOG_LEVEL; do grep -q "env $v" <<<"$1" || exit 1; done' _ "$out"
