@@ -37,7 +37,8 @@ else
 endif
 
 COMMON_SRC := $(wildcard common/*.c)
-COMMON_OBJ := $(COMMON_SRC:%.c=$(OBJ)/%.o)
+LUA_SRC    := $(sort $(wildcard common/lua/*.lua))
+COMMON_OBJ := $(COMMON_SRC:%.c=$(OBJ)/%.o) $(OBJ)/gen/lua_scripts.o
 LIB        := $(OBJ)/libstockpipe.a
 WORKERS    := producer consumer reaper
 UNIT_TESTS := $(patsubst tests/unit/%.c,$(OBJ)/tests/%,$(wildcard tests/unit/test_*.c))
@@ -56,6 +57,14 @@ tests: $(UNIT_TESTS) $(INT_TESTS) $(BENCHES)
 
 $(OBJ)/%.o: %.c
 	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) $(SANFLAGS) -c $< -o $@
+
+# The Lua scripts stay readable files in common/lua/ and are embedded as C arrays.
+$(OBJ)/gen/lua_scripts.c: $(LUA_SRC) scripts/embed-lua.sh
+	@mkdir -p $(dir $@)
+	scripts/embed-lua.sh $@ $(LUA_SRC)
+
+$(OBJ)/gen/lua_scripts.o: $(OBJ)/gen/lua_scripts.c
 	$(CC) $(ALL_CFLAGS) $(SANFLAGS) -c $< -o $@
 
 $(LIB): $(COMMON_OBJ)

@@ -46,10 +46,13 @@ run_suite() {
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 
+# A test's kind is where its source lives: tests/unit/ or tests/integration/.
+tests_in() { for src in tests/$1/test_*.c; do [ -f "$src" ] && basename "$src" .c; done; }
+
 for build in release asan; do
-    for t in build/$build/tests/test_*; do
-        case $t in */test_stack_*|*/test_it_*) continue ;; esac
-        [ -x "$t" ] && run_suite "unit $(basename "$t") ($build)" "$t"
+    for name in $(tests_in unit); do
+        t=build/$build/tests/$name
+        [ -x "$t" ] && run_suite "unit $name ($build)" "$t"
     done
 done
 
@@ -63,8 +66,9 @@ if [ "${1:-}" != "--unit-only" ]; then
         # shellcheck disable=SC1091
         . var/stack.env
         for build in release asan; do
-            for t in build/$build/tests/test_stack_* build/$build/tests/test_it_*; do
-                [ -x "$t" ] && run_suite "integration $(basename "$t") ($build)" "$t"
+            for name in $(tests_in integration); do
+                t=build/$build/tests/$name
+                [ -x "$t" ] && run_suite "integration $name ($build)" "$t"
             done
             bindir=bin
             [ "$build" = asan ] && bindir=bin/asan

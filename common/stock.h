@@ -1,0 +1,86 @@
+/* stock.h - the Redis side of a sale: its keys, and the Lua scripts that open, restock, reserve,
+ *           confirm and release, each one atomic and one round trip.
+ *
+ * Every key of one SKU carries the hash tag {sku:ID}, so a SKU lives in one Redis Cluster slot and
+ * one script may touch all of its keys:
+ *   {sku:ID}:sale          hash  stock (what may still be admitted), limit, pay_timeout_s
+ *   {sku:ID}:users         hash  user_id -> units the user holds
+ *   {sku:ID}:resv          hash  order_id -> "user:qty:ts_ms:idem_key" until Kafka answered
+ *   {sku:ID}:resv_by_ts    zset  order_id by ts_ms, for the reaper's lost-reservation sweep
+ *   {sku:ID}:idem:USER:KEY string "state:order_id" for an Idempotency-Key, with a TTL
+ * See docs/reservation.md for the life of a reservation.
+ */
+#ifndef SP_STOCK_H
+#define SP_STOCK_H
+
+#include <hiredis/hiredis.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "event.h"
+
+#define SP_IDEM_KEY_MAX 64             /* bytes of an Idempotency-Key: printable ASCII, no blanks */
+#define SP_IDEM_TTL_S   (24 * 3600)    /* how long a key is remembered */
+
+typedef enum sp_reserve_outcome {
+    SP_RESERVE_OK = 0,      /* reserved under the new order id */
+    SP_RESERVE_DUP,         /* the idempotency key was used before: see dup_state, order_id */
+    SP_RESERVE_UNKNOWN_SKU, /* no sale open for this SKU */
+    SP_RESERVE_SOLD_OUT,
+    SP_RESERVE_LIMIT,       /* the user's units would pass per_user_limit */
+} sp_reserve_outcome;
+
+typedef struct sp_reserve_request {
+    int64_t sku_id;
+    int64_t user_id;
+    int32_t qty;
+    int64_t ts_ms;
+    char order_id[SP_ORDER_ID_MAX + 1]; /* fresh, unique: used only if the outcome is OK */
+    char idem_key[SP_IDEM_KEY_MAX + 1]; /* empty: no Idempotency-Key */
+} sp_reserve_request;
+
+typedef struct sp_reserve_result {
+    sp_reserve_outcome outcome;
+    char order_id[SP_ORDER_ID_MAX + 1]; /* OK: the new order; DUP: the first attempt's (may be empty) */
+    char dup_state[16]; /* DUP: "pending", "accepted", "sold_out" or "limit_exceeded" */
+    int64_t stock_left; /* OK, SOLD_OUT, LIMIT: stock after the call */
+} sp_reserve_result;
+
+/* True when s is an acceptable Idempotency-Key (1..SP_IDEM_KEY_MAX printable ASCII, no blanks). */
+int sp_idem_key_valid(const char *s);
+
+/* Opens the sale (stock, per-user limit, pay timeout) unless it is open already: *opened is 1 when
+ * this call opened it, 0 when it existed (nothing changed). */
+int sp_stock_open(redisContext *c, int64_t sku_id, int64_t stock, int32_t per_user_limit,
+                  int32_t pay_timeout_s, int *opened, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
+
+/* Adds units; *stock is the new stock, or -1 when the SKU is not open. */
+int sp_stock_restock(redisContext *c, int64_t sku_id, int64_t add, int64_t *stock, char *errbuf,
+                     size_t errlen) __attribute__((warn_unused_result));
+
+/* The atomic admission: sale open, idempotency key, per-user limit, stock >= qty, then decrement,
+ * count the user's units and record the reservation. -1 with errbuf only when Redis failed (the
+ * context must then be replaced); every business outcome is in *res. */
+int sp_stock_reserve(redisContext *c, const sp_reserve_request *req, sp_reserve_result *res,
+                     char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+
+/* Kafka acknowledged the order: drops the reservation (the units stay sold) and turns its
+ * idempotency key to "accepted". *was_reserved is 1 when the reservation was still there. */
+int sp_stock_confirm(redisContext *c, int64_t sku_id, const char *order_id, int *was_reserved,
+                     char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+
+/* Kafka definitely refused the order: gives the reservation's units back to the stock and the
+ * user, exactly once (a second call, or one after confirm, returns 0 units). *qty_returned. */
+int sp_stock_release(redisContext *c, int64_t sku_id, const char *order_id, int *qty_returned,
+                     char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+
+/* The stock Redis holds for a SKU: 0 and *stock, or 0 and *stock = -1 when the SKU is not open. */
+int sp_stock_available(redisContext *c, int64_t sku_id, int64_t *stock, char *errbuf,
+                       size_t errlen) __attribute__((warn_unused_result));
+
+/* Key names for a SKU; each buffer is SP_STOCK_KEY_MAX bytes. */
+#define SP_STOCK_KEY_MAX 160
+void sp_stock_key(char *buf, int64_t sku_id, const char *suffix);
+
+#endif

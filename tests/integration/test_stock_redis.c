@@ -1,0 +1,266 @@
+/* test_stock_redis.c - the sale's Lua scripts against the real Redis of the local stack: admission
+ * is atomic and exact under concurrency, limits and idempotency hold, a release gives back exactly
+ * once. Needs var/stack.env loaded. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "redis_store.h"
+#include "stock.h"
+
+static char err[512];
+static sp_redis_target target;
+static int64_t sku_base;
+
+static redisContext *connect_redis(void) {
+    redisContext *c = sp_redis_connect(&target, 2000, err, sizeof(err));
+    if (c == NULL) fail_msg("connect: %s", err);
+    return c;
+}
+
+/* A SKU of its own for each test, its keys deleted before use. */
+static int64_t fresh_sku(redisContext *c, int n) {
+    int64_t sku = sku_base + n;
+    const char *suffixes[] = {"sale", "users", "resv", "resv_by_ts"};
+    for (size_t i = 0; i < 4; i++) {
+        char key[SP_STOCK_KEY_MAX];
+        sp_stock_key(key, sku, suffixes[i]);
+        freeReplyObject(redisCommand(c, "DEL %s", key));
+    }
+    return sku;
+}
+
+static int64_t hget_int(redisContext *c, int64_t sku, const char *suffix, const char *field) {
+    char key[SP_STOCK_KEY_MAX];
+    sp_stock_key(key, sku, suffix);
+    redisReply *r = redisCommand(c, "HGET %s %s", key, field);
+    assert_non_null(r);
+    int64_t v = r->type == REDIS_REPLY_STRING ? strtoll(r->str, NULL, 10) : -1;
+    freeReplyObject(r);
+    return v;
+}
+
+static sp_reserve_result reserve(redisContext *c, int64_t sku, int64_t user, int qty,
+                                 const char *order_id, const char *idem) {
+    sp_reserve_request req = {.sku_id = sku, .user_id = user, .qty = qty, .ts_ms = 1700000000000};
+    sp_reserve_result res;
+    snprintf(req.order_id, sizeof(req.order_id), "%s", order_id);
+    snprintf(req.idem_key, sizeof(req.idem_key), "%s", idem ? idem : "");
+    if (sp_stock_reserve(c, &req, &res, err, sizeof(err)) != 0) fail_msg("reserve: %s", err);
+    return res;
+}
+
+static void test_open_once_and_restock(void **state) {
+    (void)state;
+    redisContext *c = connect_redis();
+    int64_t sku = fresh_sku(c, 1), stock;
+    int opened;
+    assert_int_equal(sp_stock_open(c, sku, 10, 1, 600, &opened, err, sizeof(err)), 0);
+    assert_int_equal(opened, 1);
+    assert_int_equal(sp_stock_open(c, sku, 999, 5, 5, &opened, err, sizeof(err)), 0);
+    assert_int_equal(opened, 0); /* the second open changes nothing */
+    assert_int_equal(sp_stock_available(c, sku, &stock, err, sizeof(err)), 0);
+    assert_int_equal(stock, 10);
+    assert_int_equal(hget_int(c, sku, "sale", "limit"), 1);
+    assert_int_equal(sp_stock_restock(c, sku, 5, &stock, err, sizeof(err)), 0);
+    assert_int_equal(stock, 15);
+    int64_t other = fresh_sku(c, 2);
+    assert_int_equal(sp_stock_restock(c, other, 5, &stock, err, sizeof(err)), 0);
+    assert_int_equal(stock, -1); /* not open: nothing created */
+    assert_int_equal(sp_stock_available(c, other, &stock, err, sizeof(err)), 0);
+    assert_int_equal(stock, -1);
+    redisFree(c);
+}
+
+static void test_reserve_outcomes(void **state) {
+    (void)state;
+    redisContext *c = connect_redis();
+    int64_t sku = fresh_sku(c, 3), stock;
+    int opened;
+    assert_int_equal(sp_stock_open(c, sku, 3, 2, 600, &opened, err, sizeof(err)), 0);
+
+    sp_reserve_result r = reserve(c, sku, 7, 2, "o-1", NULL);
+    assert_int_equal(r.outcome, SP_RESERVE_OK);
+    assert_string_equal(r.order_id, "o-1");
+    assert_int_equal(r.stock_left, 1);
+    assert_int_equal(hget_int(c, sku, "users", "7"), 2);
+    /* The user holds 2 of a limit of 2. */
+    r = reserve(c, sku, 7, 1, "o-2", NULL);
+    assert_int_equal(r.outcome, SP_RESERVE_LIMIT);
+    /* Another user wants 2, only 1 is left. */
+    r = reserve(c, sku, 8, 2, "o-3", NULL);
+    assert_int_equal(r.outcome, SP_RESERVE_SOLD_OUT);
+    assert_int_equal(r.stock_left, 1);
+    r = reserve(c, sku, 8, 1, "o-4", NULL);
+    assert_int_equal(r.outcome, SP_RESERVE_OK);
+    r = reserve(c, sku, 9, 1, "o-5", NULL);
+    assert_int_equal(r.outcome, SP_RESERVE_SOLD_OUT);
+    assert_int_equal(sp_stock_available(c, sku, &stock, err, sizeof(err)), 0);
+    assert_int_equal(stock, 0);
+    /* Refused attempts left no reservation behind. */
+    assert_int_equal(hget_int(c, sku, "resv", "o-3"), -1);
+    assert_int_equal(hget_int(c, sku, "users", "9"), -1);
+
+    r = reserve(c, fresh_sku(c, 4), 1, 1, "o-6", NULL);
+    assert_int_equal(r.outcome, SP_RESERVE_UNKNOWN_SKU);
+    redisFree(c);
+}
+
+static void test_idempotency_key(void **state) {
+    (void)state;
+    redisContext *c = connect_redis();
+    int64_t sku = fresh_sku(c, 5), stock;
+    int opened, was;
+    assert_int_equal(sp_stock_open(c, sku, 5, 0, 600, &opened, err, sizeof(err)), 0);
+
+    sp_reserve_result r = reserve(c, sku, 42, 1, "first", "key-A");
+    assert_int_equal(r.outcome, SP_RESERVE_OK);
+    /* Retried while Kafka has not answered: same order, still pending, nothing taken. */
+    r = reserve(c, sku, 42, 1, "second", "key-A");
+    assert_int_equal(r.outcome, SP_RESERVE_DUP);
+    assert_string_equal(r.order_id, "first");
+    assert_string_equal(r.dup_state, "pending");
+    assert_int_equal(sp_stock_confirm(c, sku, "first", &was, err, sizeof(err)), 0);
+    assert_int_equal(was, 1);
+    r = reserve(c, sku, 42, 1, "third", "key-A");
+    assert_int_equal(r.outcome, SP_RESERVE_DUP);
+    assert_string_equal(r.order_id, "first");
+    assert_string_equal(r.dup_state, "accepted");
+    assert_int_equal(sp_stock_available(c, sku, &stock, err, sizeof(err)), 0);
+    assert_int_equal(stock, 4);
+    /* The key is per user: another user's same key is a new order. */
+    r = reserve(c, sku, 43, 1, "fourth", "key-A");
+    assert_int_equal(r.outcome, SP_RESERVE_OK);
+    /* A refusal is remembered too. */
+    r = reserve(c, sku, 44, 9, "fifth", "key-B");
+    assert_int_equal(r.outcome, SP_RESERVE_SOLD_OUT);
+    r = reserve(c, sku, 44, 1, "sixth", "key-B");
+    assert_int_equal(r.outcome, SP_RESERVE_DUP);
+    assert_string_equal(r.dup_state, "sold_out");
+    redisFree(c);
+}
+
+static void test_release_exactly_once(void **state) {
+    (void)state;
+    redisContext *c = connect_redis();
+    int64_t sku = fresh_sku(c, 6), stock;
+    int opened, qty, was;
+    assert_int_equal(sp_stock_open(c, sku, 10, 3, 600, &opened, err, sizeof(err)), 0);
+    assert_int_equal(reserve(c, sku, 5, 3, "r-1", "k").outcome, SP_RESERVE_OK);
+    assert_int_equal(sp_stock_release(c, sku, "r-1", &qty, err, sizeof(err)), 0);
+    assert_int_equal(qty, 3);
+    assert_int_equal(sp_stock_release(c, sku, "r-1", &qty, err, sizeof(err)), 0);
+    assert_int_equal(qty, 0); /* the second release returns nothing */
+    assert_int_equal(sp_stock_available(c, sku, &stock, err, sizeof(err)), 0);
+    assert_int_equal(stock, 10);
+    assert_int_equal(hget_int(c, sku, "users", "5"), -1);
+    /* The key was freed: the buyer's retry is a fresh attempt. */
+    sp_reserve_result r = reserve(c, sku, 5, 3, "r-2", "k");
+    assert_int_equal(r.outcome, SP_RESERVE_OK);
+    assert_string_equal(r.order_id, "r-2");
+    /* Confirmed first, then a late release: the units stay sold. */
+    assert_int_equal(sp_stock_confirm(c, sku, "r-2", &was, err, sizeof(err)), 0);
+    assert_int_equal(sp_stock_release(c, sku, "r-2", &qty, err, sizeof(err)), 0);
+    assert_int_equal(qty, 0);
+    assert_int_equal(sp_stock_available(c, sku, &stock, err, sizeof(err)), 0);
+    assert_int_equal(stock, 7);
+    assert_int_equal(sp_stock_confirm(c, sku, "r-2", &was, err, sizeof(err)), 0);
+    assert_int_equal(was, 0);
+    redisFree(c);
+}
+
+/* Many connections race for few units: exactly the stock is admitted, never more. */
+#define RACERS 8
+#define TRIES_PER_RACER 250
+typedef struct racer {
+    int64_t sku;
+    int id;
+    int won;
+} racer;
+
+static void *race(void *arg) {
+    racer *rc = arg;
+    char e[256];
+    redisContext *c = sp_redis_connect(&target, 2000, e, sizeof(e));
+    if (c == NULL) return NULL;
+    for (int i = 0; i < TRIES_PER_RACER; i++) {
+        sp_reserve_request req = {.sku_id = rc->sku, .user_id = rc->id * 1000 + i + 1, .qty = 1,
+                                  .ts_ms = 1};
+        sp_reserve_result res;
+        snprintf(req.order_id, sizeof(req.order_id), "race-%d-%d", rc->id, i);
+        if (sp_stock_reserve(c, &req, &res, e, sizeof(e)) == 0 && res.outcome == SP_RESERVE_OK)
+            rc->won++;
+    }
+    redisFree(c);
+    return NULL;
+}
+
+static void test_concurrent_admission_is_exact(void **state) {
+    (void)state;
+    redisContext *c = connect_redis();
+    int64_t sku = fresh_sku(c, 7), stock;
+    int opened, won = 0;
+    assert_int_equal(sp_stock_open(c, sku, 100, 1, 600, &opened, err, sizeof(err)), 0);
+    pthread_t t[RACERS];
+    racer r[RACERS];
+    for (int i = 0; i < RACERS; i++) {
+        r[i] = (racer){.sku = sku, .id = i};
+        assert_int_equal(pthread_create(&t[i], NULL, race, &r[i]), 0);
+    }
+    for (int i = 0; i < RACERS; i++) {
+        pthread_join(t[i], NULL);
+        won += r[i].won;
+    }
+    assert_int_equal(won, 100);
+    assert_int_equal(sp_stock_available(c, sku, &stock, err, sizeof(err)), 0);
+    assert_int_equal(stock, 0);
+    char key[SP_STOCK_KEY_MAX];
+    sp_stock_key(key, sku, "resv");
+    redisReply *rr = redisCommand(c, "HLEN %s", key);
+    assert_int_equal(rr->integer, 100);
+    freeReplyObject(rr);
+    redisFree(c);
+}
+
+static void test_idem_key_validation(void **state) {
+    (void)state;
+    char big[SP_IDEM_KEY_MAX + 2];
+    memset(big, 'k', sizeof(big) - 1);
+    big[sizeof(big) - 1] = '\0';
+    assert_true(sp_idem_key_valid("abc-123_X:y"));
+    assert_false(sp_idem_key_valid(""));
+    assert_false(sp_idem_key_valid("has space"));
+    assert_false(sp_idem_key_valid("tab\t"));
+    assert_false(sp_idem_key_valid("\xc3\xa9"));
+    assert_false(sp_idem_key_valid(big));
+    big[SP_IDEM_KEY_MAX] = '\0';
+    assert_true(sp_idem_key_valid(big));
+}
+
+int main(void) {
+    char e[256];
+    const char *url = getenv("REDIS_URL");
+    sp_log_init("stock-test", NULL, SP_LOG_WARN);
+    if (url == NULL || sp_redis_parse_url(url, &target, e, sizeof(e)) != 0) {
+        fprintf(stderr, "REDIS_URL is not set or bad: run `. var/stack.env` first\n");
+        return 1;
+    }
+    sku_base = 700000000 + (int64_t)getpid() * 10;
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_open_once_and_restock),
+        cmocka_unit_test(test_reserve_outcomes),
+        cmocka_unit_test(test_idempotency_key),
+        cmocka_unit_test(test_release_exactly_once),
+        cmocka_unit_test(test_concurrent_admission_is_exact),
+        cmocka_unit_test(test_idem_key_validation),
+    };
+    return cmocka_run_group_tests_name("stock_redis", tests, NULL, NULL);
+}
