@@ -1,7 +1,8 @@
 /* redis_store.c - Redis connections (single server or via Sentinel) and Lua scripts by EVALSHA. */
 #include "redis_store.h"
 
-#include <errno.h>
+#include <hiredis/adapters/libevent.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -213,6 +214,37 @@ redisContext *sp_redis_connect(const sp_redis_target *t, int timeout_ms, char *e
     return NULL;
 }
 
+redisAsyncContext *sp_redis_async_connect(const sp_redis_target *t, struct event_base *base,
+                                          int timeout_ms, redisDisconnectCallback *on_disconnect,
+                                          void *data, char *errbuf, size_t errlen) {
+    char host[256];
+    int port;
+    /* Find (and check) the primary with a short blocking connection: with Sentinel the address
+     * changes on failover, and a stale one would only answer READONLY. */
+    redisContext *probe = sp_redis_connect(t, timeout_ms, errbuf, errlen);
+    if (probe == NULL) return NULL;
+    snprintf(host, sizeof(host), "%s", probe->tcp.host);
+    port = probe->tcp.port;
+    redisFree(probe);
+
+    redisAsyncContext *ac = redisAsyncConnect(host, port);
+    if (ac == NULL || ac->err) {
+        snprintf(errbuf, errlen, "redis %s:%d: %s", host, port, ac ? ac->errstr : "out of memory");
+        if (ac) redisAsyncFree(ac);
+        return NULL;
+    }
+    ac->data = data;
+    if (redisLibeventAttach(ac, base) != REDIS_OK) {
+        snprintf(errbuf, errlen, "redis %s:%d: cannot attach to the event loop", host, port);
+        redisAsyncFree(ac);
+        return NULL;
+    }
+    redisAsyncSetDisconnectCallback(ac, on_disconnect);
+    if (t->password[0]) redisAsyncCommand(ac, NULL, NULL, "AUTH %s", t->password);
+    if (t->db) redisAsyncCommand(ac, NULL, NULL, "SELECT %d", t->db);
+    return ac;
+}
+
 int sp_redis_ping(redisContext *c, char *errbuf, size_t errlen) {
     redisReply *r = redisCommand(c, "PING");
     int rc = -1;
@@ -275,4 +307,74 @@ redisReply *sp_redis_evalsha(redisContext *c, sp_redis_script *s, int nkeys, int
     }
     snprintf(errbuf, errlen, "EVALSHA %s: script vanished twice", s->name);
     return NULL;
+}
+
+void sp_script_call_init(sp_script_call *call, sp_redis_script *s, int nkeys) {
+    call->script = s;
+    call->nkeys = nkeys;
+    call->argc = 0;
+    call->used = 0;
+    call->overflow = 0;
+}
+
+void sp_script_call_arg(sp_script_call *call, const char *fmt, ...) {
+    va_list ap;
+    size_t room = sizeof(call->store) - call->used;
+    if (call->argc >= SP_SCRIPT_ARGS_MAX || room == 0) {
+        call->overflow = 1;
+        return;
+    }
+    va_start(ap, fmt);
+    int n = vsnprintf(call->store + call->used, room, fmt, ap);
+    va_end(ap);
+    if (n < 0 || (size_t)n >= room) {
+        call->overflow = 1;
+        return;
+    }
+    call->argv[call->argc] = call->store + call->used;
+    call->argvlen[call->argc] = (size_t)n;
+    call->argc++;
+    call->used += (size_t)n + 1;
+}
+
+redisReply *sp_redis_call(redisContext *c, sp_script_call *call, char *errbuf, size_t errlen) {
+    if (call->overflow) {
+        snprintf(errbuf, errlen, "script %s: arguments over the bound", call->script->name);
+        return NULL;
+    }
+    return sp_redis_evalsha(c, call->script, call->nkeys, call->argc, call->argv, call->argvlen,
+                            errbuf, errlen);
+}
+
+static int async_send(redisAsyncContext *ac, sp_script_call *call, redisCallbackFn *fn, void *data,
+                      int by_body) {
+    const char *av[SP_SCRIPT_ARGS_MAX + 3];
+    size_t avlen[SP_SCRIPT_ARGS_MAX + 3];
+    char nkeys[12];
+    if (call->overflow) return -1;
+    snprintf(nkeys, sizeof(nkeys), "%d", call->nkeys);
+    if (by_body || call->script->sha[0] == '\0') {
+        av[0] = "EVAL", avlen[0] = 4;
+        av[1] = call->script->body, avlen[1] = strlen(call->script->body);
+    } else {
+        av[0] = "EVALSHA", avlen[0] = 7;
+        av[1] = call->script->sha, avlen[1] = 40;
+    }
+    av[2] = nkeys, avlen[2] = strlen(nkeys);
+    for (int i = 0; i < call->argc; i++) av[3 + i] = call->argv[i], avlen[3 + i] = call->argvlen[i];
+    return redisAsyncCommandArgv(ac, fn, data, call->argc + 3, av, avlen) == REDIS_OK ? 0 : -1;
+}
+
+int sp_redis_async_call(redisAsyncContext *ac, sp_script_call *call, redisCallbackFn *fn,
+                        void *data) {
+    return async_send(ac, call, fn, data, 0);
+}
+
+int sp_redis_async_call_eval(redisAsyncContext *ac, sp_script_call *call, redisCallbackFn *fn,
+                             void *data) {
+    return async_send(ac, call, fn, data, 1);
+}
+
+int sp_redis_is_noscript(const redisReply *r) {
+    return r && r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NOSCRIPT", 8) == 0;
 }

@@ -2,8 +2,11 @@
 #ifndef SP_REDIS_STORE_H
 #define SP_REDIS_STORE_H
 
+#include <hiredis/async.h>
 #include <hiredis/hiredis.h>
 #include <stddef.h>
+
+struct event_base;
 
 #define SP_REDIS_HOSTS_MAX 8
 
@@ -33,6 +36,15 @@ int sp_redis_parse_url(const char *url, sp_redis_target *t, char *errbuf, size_t
 redisContext *sp_redis_connect(const sp_redis_target *t, int timeout_ms, char *errbuf,
                                size_t errlen) __attribute__((warn_unused_result));
 
+/* The same for the event loop: resolves the primary (a short blocking Sentinel lookup), then opens
+ * a hiredis async connection attached to base, with AUTH and SELECT queued first so they run
+ * before any command the caller sends. on_disconnect fires once when the connection ends (every
+ * pending callback has then been called with a NULL reply). NULL with errbuf. */
+redisAsyncContext *sp_redis_async_connect(const sp_redis_target *t, struct event_base *base,
+                                          int timeout_ms, redisDisconnectCallback *on_disconnect,
+                                          void *data, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
+
 /* PING; 0 when the server answered PONG. */
 int sp_redis_ping(redisContext *c, char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
@@ -43,6 +55,42 @@ typedef struct sp_redis_script {
     const char *body;
     char sha[41]; /* filled by sp_redis_script_load; empty until then */
 } sp_redis_script;
+
+/* One call of a script: its arguments (keys first) and the storage they point into. Lives as long
+ * as the call is under way, so an async call can be re-sent as EVAL after a NOSCRIPT. */
+#define SP_SCRIPT_ARGS_MAX 12
+typedef struct sp_script_call {
+    sp_redis_script *script;
+    int nkeys, argc;
+    const char *argv[SP_SCRIPT_ARGS_MAX];
+    size_t argvlen[SP_SCRIPT_ARGS_MAX];
+    char store[1024];
+    size_t used;
+    int overflow; /* an argument did not fit: the call is refused when sent */
+} sp_script_call;
+
+void sp_script_call_init(sp_script_call *call, sp_redis_script *s, int nkeys);
+
+/* Appends one argument, formatted; keys first (nkeys of them), then ARGV. */
+void sp_script_call_arg(sp_script_call *call, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* Runs the call on a blocking connection (EVALSHA, loading the script when needed). Returns the
+ * reply (caller frees), which may be an error reply of the script; NULL with errbuf when the
+ * connection failed. */
+redisReply *sp_redis_call(redisContext *c, sp_script_call *call, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
+
+/* Sends the call on an async connection: EVALSHA when the script's SHA is known, else EVAL with
+ * its body. fn gets the reply; when it is a NOSCRIPT error (the server lost its script cache) the
+ * caller re-sends with sp_redis_async_call_eval. 0 when queued, -1 when not (disconnected). */
+int sp_redis_async_call(redisAsyncContext *ac, sp_script_call *call, redisCallbackFn *fn,
+                        void *data) __attribute__((warn_unused_result));
+int sp_redis_async_call_eval(redisAsyncContext *ac, sp_script_call *call, redisCallbackFn *fn,
+                             void *data) __attribute__((warn_unused_result));
+
+/* True for a NOSCRIPT error reply. */
+int sp_redis_is_noscript(const redisReply *r);
 
 /* SCRIPT LOAD; fills s->sha. */
 int sp_redis_script_load(redisContext *c, sp_redis_script *s, char *errbuf, size_t errlen)

@@ -1,5 +1,9 @@
 /* stock.c - the Redis side of a sale: its keys, and the Lua scripts that open, restock, reserve,
- *           confirm and release, each one atomic and one round trip. */
+ *           confirm and release, each one atomic and one round trip.
+ *
+ * Each call is built once (sp_stock_*_call) and parsed once (sp_stock_*_parse); the blocking
+ * functions below and the producer's async path both use those, so there is one definition of
+ * every script's arguments and replies. */
 #include "stock.h"
 
 #include <inttypes.h>
@@ -8,9 +12,9 @@
 #include <string.h>
 
 #include "lua_scripts.h"
-#include "redis_store.h"
 
-/* One loaded SHA per script per process; the producer and reaper are single-threaded on Redis. */
+/* One loaded SHA per script per process. Only the thread that owns the Redis connection uses
+ * them (the producer's event loop, the reaper's main loop). */
 static sp_redis_script script_sale_open = {.name = "sale_open", .body = sp_lua_sale_open};
 static sp_redis_script script_restock = {.name = "restock", .body = sp_lua_restock};
 static sp_redis_script script_reserve = {.name = "reserve", .body = sp_lua_reserve};
@@ -28,135 +32,172 @@ void sp_stock_key(char *buf, int64_t sku_id, const char *suffix) {
     snprintf(buf, SP_STOCK_KEY_MAX, "{sku:%" PRId64 "}:%s", sku_id, suffix);
 }
 
-/* Runs script with the given keys and args (all as text); returns the reply or NULL with errbuf.
- * A script error (a bug, or a key of the wrong type) is reported as a failure too. */
-static redisReply *run(redisContext *c, sp_redis_script *s, int nkeys, int argc, const char **argv,
-                       char *errbuf, size_t errlen) {
-    size_t lens[16];
-    for (int i = 0; i < argc; i++) lens[i] = strlen(argv[i]);
-    redisReply *r = sp_redis_evalsha(c, s, nkeys, argc, argv, lens, errbuf, errlen);
-    if (r && r->type == REDIS_REPLY_ERROR) {
-        snprintf(errbuf, errlen, "script %s: %s", s->name, r->str);
-        freeReplyObject(r);
-        return NULL;
-    }
-    return r;
+int sp_stock_scripts_load(redisContext *c, char *errbuf, size_t errlen) {
+    sp_redis_script *all[] = {&script_sale_open, &script_restock, &script_reserve,
+                              &script_confirm, &script_release};
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
+        if (sp_redis_script_load(c, all[i], errbuf, errlen) != 0) return -1;
+    return 0;
 }
 
-static int integer_reply(redisReply *r, const char *name, long long *v, char *errbuf,
-                         size_t errlen) {
-    if (r->type != REDIS_REPLY_INTEGER) {
-        snprintf(errbuf, errlen, "script %s: unexpected reply type %d", name, r->type);
-        freeReplyObject(r);
+/* ---- building calls ---- */
+
+void sp_stock_open_call(sp_script_call *call, int64_t sku_id, int64_t stock,
+                        int32_t per_user_limit, int32_t pay_timeout_s) {
+    sp_script_call_init(call, &script_sale_open, 1);
+    sp_script_call_arg(call, "{sku:%" PRId64 "}:sale", sku_id);
+    sp_script_call_arg(call, "%" PRId64, stock);
+    sp_script_call_arg(call, "%" PRId32, per_user_limit);
+    sp_script_call_arg(call, "%" PRId32, pay_timeout_s);
+}
+
+void sp_stock_restock_call(sp_script_call *call, int64_t sku_id, int64_t add) {
+    sp_script_call_init(call, &script_restock, 1);
+    sp_script_call_arg(call, "{sku:%" PRId64 "}:sale", sku_id);
+    sp_script_call_arg(call, "%" PRId64, add);
+}
+
+void sp_stock_reserve_call(sp_script_call *call, const sp_reserve_request *req) {
+    int64_t sku = req->sku_id;
+    sp_script_call_init(call, &script_reserve, 5);
+    sp_script_call_arg(call, "{sku:%" PRId64 "}:sale", sku);
+    sp_script_call_arg(call, "{sku:%" PRId64 "}:users", sku);
+    sp_script_call_arg(call, "{sku:%" PRId64 "}:resv", sku);
+    sp_script_call_arg(call, "{sku:%" PRId64 "}:resv_by_ts", sku);
+    if (req->idem_key[0])
+        sp_script_call_arg(call, "{sku:%" PRId64 "}:idem:%" PRId64 ":%s", sku, req->user_id,
+                           req->idem_key);
+    else
+        sp_script_call_arg(call, "%s", "");
+    sp_script_call_arg(call, "%" PRId64, req->user_id);
+    sp_script_call_arg(call, "%" PRId32, req->qty);
+    sp_script_call_arg(call, "%s", req->order_id);
+    sp_script_call_arg(call, "%" PRId64, req->ts_ms);
+    sp_script_call_arg(call, "%d", SP_IDEM_TTL_S);
+}
+
+void sp_stock_confirm_call(sp_script_call *call, int64_t sku_id, const char *order_id) {
+    sp_script_call_init(call, &script_confirm, 2);
+    sp_script_call_arg(call, "{sku:%" PRId64 "}:resv", sku_id);
+    sp_script_call_arg(call, "{sku:%" PRId64 "}:resv_by_ts", sku_id);
+    sp_script_call_arg(call, "%s", order_id);
+}
+
+void sp_stock_release_call(sp_script_call *call, int64_t sku_id, const char *order_id) {
+    sp_script_call_init(call, &script_release, 4);
+    sp_script_call_arg(call, "{sku:%" PRId64 "}:sale", sku_id);
+    sp_script_call_arg(call, "{sku:%" PRId64 "}:users", sku_id);
+    sp_script_call_arg(call, "{sku:%" PRId64 "}:resv", sku_id);
+    sp_script_call_arg(call, "{sku:%" PRId64 "}:resv_by_ts", sku_id);
+    sp_script_call_arg(call, "%s", order_id);
+}
+
+/* ---- parsing replies ---- */
+
+int sp_stock_integer_parse(const redisReply *r, const char *what, long long *v, char *errbuf,
+                           size_t errlen) {
+    if (r == NULL || r->type != REDIS_REPLY_INTEGER) {
+        snprintf(errbuf, errlen, "script %s: %s", what,
+                 r == NULL ? "no reply" : r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
         return -1;
     }
     *v = r->integer;
-    freeReplyObject(r);
     return 0;
+}
+
+int sp_stock_reserve_parse(const redisReply *r, sp_reserve_result *res, char *errbuf,
+                           size_t errlen) {
+    static const struct {
+        const char *name;
+        sp_reserve_outcome outcome;
+    } outcomes[] = {{"ok", SP_RESERVE_OK},
+                    {"dup", SP_RESERVE_DUP},
+                    {"unknown_sku", SP_RESERVE_UNKNOWN_SKU},
+                    {"sold_out", SP_RESERVE_SOLD_OUT},
+                    {"limit_exceeded", SP_RESERVE_LIMIT}};
+    if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != 3 ||
+        r->element[0]->type != REDIS_REPLY_STRING || r->element[1]->type != REDIS_REPLY_STRING) {
+        snprintf(errbuf, errlen, "script reserve: %s",
+                 r && r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+        return -1;
+    }
+    memset(res, 0, sizeof(*res));
+    size_t i, n = sizeof(outcomes) / sizeof(outcomes[0]);
+    for (i = 0; i < n; i++)
+        if (strcmp(r->element[0]->str, outcomes[i].name) == 0) break;
+    if (i == n) {
+        snprintf(errbuf, errlen, "script reserve: unknown outcome \"%.32s\"", r->element[0]->str);
+        return -1;
+    }
+    res->outcome = outcomes[i].outcome;
+    snprintf(res->order_id, sizeof(res->order_id), "%s", r->element[1]->str);
+    const redisReply *third = r->element[2];
+    if (res->outcome == SP_RESERVE_DUP && third->type == REDIS_REPLY_STRING)
+        snprintf(res->dup_state, sizeof(res->dup_state), "%s", third->str);
+    else if (third->type == REDIS_REPLY_INTEGER)
+        res->stock_left = third->integer;
+    return 0;
+}
+
+/* ---- blocking calls ---- */
+
+/* Runs a call whose reply is one integer. */
+static int run_integer(redisContext *c, sp_script_call *call, long long *v, char *errbuf,
+                       size_t errlen) {
+    redisReply *r = sp_redis_call(c, call, errbuf, errlen);
+    if (r == NULL) return -1;
+    int rc = sp_stock_integer_parse(r, call->script->name, v, errbuf, errlen);
+    freeReplyObject(r);
+    return rc;
 }
 
 int sp_stock_open(redisContext *c, int64_t sku_id, int64_t stock, int32_t per_user_limit,
                   int32_t pay_timeout_s, int *opened, char *errbuf, size_t errlen) {
-    char sale[SP_STOCK_KEY_MAX], a1[24], a2[16], a3[16];
+    sp_script_call call;
     long long v;
-    sp_stock_key(sale, sku_id, "sale");
-    snprintf(a1, sizeof(a1), "%" PRId64, stock);
-    snprintf(a2, sizeof(a2), "%" PRId32, per_user_limit);
-    snprintf(a3, sizeof(a3), "%" PRId32, pay_timeout_s);
-    const char *argv[] = {sale, a1, a2, a3};
-    redisReply *r = run(c, &script_sale_open, 1, 4, argv, errbuf, errlen);
-    if (r == NULL || integer_reply(r, "sale_open", &v, errbuf, errlen) != 0) return -1;
+    sp_stock_open_call(&call, sku_id, stock, per_user_limit, pay_timeout_s);
+    if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
     *opened = (int)v;
     return 0;
 }
 
 int sp_stock_restock(redisContext *c, int64_t sku_id, int64_t add, int64_t *stock, char *errbuf,
                      size_t errlen) {
-    char sale[SP_STOCK_KEY_MAX], a1[24];
+    sp_script_call call;
     long long v;
-    sp_stock_key(sale, sku_id, "sale");
-    snprintf(a1, sizeof(a1), "%" PRId64, add);
-    const char *argv[] = {sale, a1};
-    redisReply *r = run(c, &script_restock, 1, 2, argv, errbuf, errlen);
-    if (r == NULL || integer_reply(r, "restock", &v, errbuf, errlen) != 0) return -1;
+    sp_stock_restock_call(&call, sku_id, add);
+    if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
     *stock = v;
     return 0;
 }
 
 int sp_stock_reserve(redisContext *c, const sp_reserve_request *req, sp_reserve_result *res,
                      char *errbuf, size_t errlen) {
-    char sale[SP_STOCK_KEY_MAX], users[SP_STOCK_KEY_MAX], resv[SP_STOCK_KEY_MAX],
-        resv_ts[SP_STOCK_KEY_MAX], idem[SP_STOCK_KEY_MAX + SP_IDEM_KEY_MAX + 32];
-    char user[24], qty[16], ts[24], ttl[16];
-    sp_stock_key(sale, req->sku_id, "sale");
-    sp_stock_key(users, req->sku_id, "users");
-    sp_stock_key(resv, req->sku_id, "resv");
-    sp_stock_key(resv_ts, req->sku_id, "resv_by_ts");
-    idem[0] = '\0';
-    if (req->idem_key[0])
-        snprintf(idem, sizeof(idem), "{sku:%" PRId64 "}:idem:%" PRId64 ":%s", req->sku_id,
-                 req->user_id, req->idem_key);
-    snprintf(user, sizeof(user), "%" PRId64, req->user_id);
-    snprintf(qty, sizeof(qty), "%" PRId32, req->qty);
-    snprintf(ts, sizeof(ts), "%" PRId64, req->ts_ms);
-    snprintf(ttl, sizeof(ttl), "%d", SP_IDEM_TTL_S);
-    const char *argv[] = {sale, users, resv, resv_ts, idem, user, qty, req->order_id, ts, ttl};
-    redisReply *r = run(c, &script_reserve, 5, 10, argv, errbuf, errlen);
+    sp_script_call call;
+    sp_stock_reserve_call(&call, req);
+    redisReply *r = sp_redis_call(c, &call, errbuf, errlen);
     if (r == NULL) return -1;
-    int rc = -1;
-    if (r->type != REDIS_REPLY_ARRAY || r->elements != 3 || r->element[0]->type != REDIS_REPLY_STRING ||
-        r->element[1]->type != REDIS_REPLY_STRING) {
-        snprintf(errbuf, errlen, "script reserve: unexpected reply");
-        goto out;
-    }
-    memset(res, 0, sizeof(*res));
-    const char *outcome = r->element[0]->str;
-    redisReply *third = r->element[2];
-    if (strcmp(outcome, "ok") == 0) res->outcome = SP_RESERVE_OK;
-    else if (strcmp(outcome, "dup") == 0) res->outcome = SP_RESERVE_DUP;
-    else if (strcmp(outcome, "unknown_sku") == 0) res->outcome = SP_RESERVE_UNKNOWN_SKU;
-    else if (strcmp(outcome, "sold_out") == 0) res->outcome = SP_RESERVE_SOLD_OUT;
-    else if (strcmp(outcome, "limit_exceeded") == 0) res->outcome = SP_RESERVE_LIMIT;
-    else {
-        snprintf(errbuf, errlen, "script reserve: unknown outcome \"%.32s\"", outcome);
-        goto out;
-    }
-    snprintf(res->order_id, sizeof(res->order_id), "%s", r->element[1]->str);
-    if (res->outcome == SP_RESERVE_DUP && third->type == REDIS_REPLY_STRING)
-        snprintf(res->dup_state, sizeof(res->dup_state), "%s", third->str);
-    else if (third->type == REDIS_REPLY_INTEGER)
-        res->stock_left = third->integer;
-    rc = 0;
-out:
+    int rc = sp_stock_reserve_parse(r, res, errbuf, errlen);
     freeReplyObject(r);
     return rc;
 }
 
 int sp_stock_confirm(redisContext *c, int64_t sku_id, const char *order_id, int *was_reserved,
                      char *errbuf, size_t errlen) {
-    char resv[SP_STOCK_KEY_MAX], resv_ts[SP_STOCK_KEY_MAX];
+    sp_script_call call;
     long long v;
-    sp_stock_key(resv, sku_id, "resv");
-    sp_stock_key(resv_ts, sku_id, "resv_by_ts");
-    const char *argv[] = {resv, resv_ts, order_id};
-    redisReply *r = run(c, &script_confirm, 2, 3, argv, errbuf, errlen);
-    if (r == NULL || integer_reply(r, "confirm", &v, errbuf, errlen) != 0) return -1;
+    sp_stock_confirm_call(&call, sku_id, order_id);
+    if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
     *was_reserved = (int)v;
     return 0;
 }
 
 int sp_stock_release(redisContext *c, int64_t sku_id, const char *order_id, int *qty_returned,
                      char *errbuf, size_t errlen) {
-    char sale[SP_STOCK_KEY_MAX], users[SP_STOCK_KEY_MAX], resv[SP_STOCK_KEY_MAX],
-        resv_ts[SP_STOCK_KEY_MAX];
+    sp_script_call call;
     long long v;
-    sp_stock_key(sale, sku_id, "sale");
-    sp_stock_key(users, sku_id, "users");
-    sp_stock_key(resv, sku_id, "resv");
-    sp_stock_key(resv_ts, sku_id, "resv_by_ts");
-    const char *argv[] = {sale, users, resv, resv_ts, order_id};
-    redisReply *r = run(c, &script_release, 4, 5, argv, errbuf, errlen);
-    if (r == NULL || integer_reply(r, "release", &v, errbuf, errlen) != 0) return -1;
+    sp_stock_release_call(&call, sku_id, order_id);
+    if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
     *qty_returned = (int)v;
     return 0;
 }

@@ -18,6 +18,7 @@
 #include <stdint.h>
 
 #include "event.h"
+#include "redis_store.h"
 
 #define SP_IDEM_KEY_MAX 64             /* bytes of an Idempotency-Key: printable ASCII, no blanks */
 #define SP_IDEM_TTL_S   (24 * 3600)    /* how long a key is remembered */
@@ -78,6 +79,27 @@ int sp_stock_release(redisContext *c, int64_t sku_id, const char *order_id, int 
 /* The stock Redis holds for a SKU: 0 and *stock, or 0 and *stock = -1 when the SKU is not open. */
 int sp_stock_available(redisContext *c, int64_t sku_id, int64_t *stock, char *errbuf,
                        size_t errlen) __attribute__((warn_unused_result));
+
+/* ---- the same calls, split for an async connection: build, send, parse ---- */
+
+/* Loads every script of this module (SCRIPT LOAD), so async calls can use EVALSHA. */
+int sp_stock_scripts_load(redisContext *c, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
+
+void sp_stock_open_call(sp_script_call *call, int64_t sku_id, int64_t stock,
+                        int32_t per_user_limit, int32_t pay_timeout_s);
+void sp_stock_restock_call(sp_script_call *call, int64_t sku_id, int64_t add);
+void sp_stock_reserve_call(sp_script_call *call, const sp_reserve_request *req);
+void sp_stock_confirm_call(sp_script_call *call, int64_t sku_id, const char *order_id);
+void sp_stock_release_call(sp_script_call *call, int64_t sku_id, const char *order_id);
+
+/* Reads a reserve reply into *res; -1 with errbuf for an error reply or an unexpected shape. */
+int sp_stock_reserve_parse(const redisReply *r, sp_reserve_result *res, char *errbuf,
+                           size_t errlen) __attribute__((warn_unused_result));
+
+/* Reads the integer reply of open/restock/confirm/release; -1 with errbuf otherwise. */
+int sp_stock_integer_parse(const redisReply *r, const char *what, long long *v, char *errbuf,
+                           size_t errlen) __attribute__((warn_unused_result));
 
 /* Key names for a SKU; each buffer is SP_STOCK_KEY_MAX bytes. */
 #define SP_STOCK_KEY_MAX 160
