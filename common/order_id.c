@@ -26,14 +26,14 @@ void sp_order_ids_init(sp_order_ids *g, const char *worker_id) {
 
 void sp_order_id_next(sp_order_ids *g, int64_t now_ms, int64_t sku_id,
                       char out[SP_ORDER_ID_MAX + 1]) {
-    snprintf(out, SP_ORDER_ID_MAX + 1, "%011" PRIx64 "-%" PRId64 "-%s-%08" PRIx32,
+    snprintf(out, SP_ORDER_ID_MAX + 1, "%012" PRIx64 "-%" PRId64 "-%s-%08" PRIx32,
              (uint64_t)now_ms, sku_id, g->worker, g->seq++);
 }
 
 int sp_order_id_sku(const char *s, int64_t *sku_id) {
     const char *dash = strchr(s, '-');
     char *end;
-    if (!sp_order_id_valid(s) || dash == NULL || dash - s != 11) return -1;
+    if (!sp_order_id_valid(s) || dash == NULL || dash - s != 12) return -1;
     if (dash[1] < '1' || dash[1] > '9') return -1;
     long long v = strtoll(dash + 1, &end, 10);
     if (*end != '-' || v < 1 || v > SP_ID_MAX) return -1;

@@ -1,12 +1,12 @@
 /* order_id.h - order ids: unique across a fleet of producers, sortable by time, carrying the SKU.
  *
- * Form: TTTTTTTTTTT-SKU-WORKER-SEQ
- *   TTTTTTTTTTT  11 lowercase hex digits of the creation time in ms (fixed width: ids sort by time)
+ * Form: TTTTTTTTTTTT-SKU-WORKER-SEQ
+ *   TTTTTTTTTTTT 12 lowercase hex digits of the creation time in ms (fixed width: ids sort by time)
  *   SKU          the decimal sku_id (so /pay and GET can key an event or a lookup without a read)
  *   WORKER       the last 20 characters of WORKER_ID, reduced to [A-Za-z0-9.-] (pod names are
  *                unique in their random suffix, which is kept)
  *   SEQ          8 hex digits of a per-process counter that starts at a random value
- * At most 11+1+16+1+20+1+8 = 58 bytes, within SP_ORDER_ID_MAX.
+ * At most 12+1+16+1+20+1+8 = 59 bytes, within SP_ORDER_ID_MAX.
  */
 #ifndef SP_ORDER_ID_H
 #define SP_ORDER_ID_H

@@ -16,7 +16,7 @@ static void test_form_and_sku(void **state) {
     sp_order_ids_init(&g, "producer-7d9f8b6c5-abcde");
     sp_order_id_next(&g, 1732240000123, 1001, id);
     assert_true(sp_order_id_valid(id));
-    assert_int_equal(strncmp(id, "193518cc47b-1001-", 17), 0);
+    assert_int_equal(strncmp(id, "0193518cc47b-1001-", 18), 0);
     assert_non_null(strstr(id, "7d9f8b6c5.abcde-")); /* the unique tail of the pod name */
     assert_int_equal(sp_order_id_sku(id, &sku), 0);
     assert_int_equal(sku, 1001);
@@ -60,9 +60,9 @@ static void test_odd_worker_ids(void **state) {
 static void test_not_an_order_id(void **state) {
     (void)state;
     int64_t sku;
-    const char *bad[] = {"", "abc", "0193505e87b", "0193505e87b-", "0193505e87b-0-w-1",
-                         "0193505e87b-x-w-1", "0193505e87b-12", "193505e87b-1-w-1",
-                         "0193505e87b-9007199254740992-w-1", "0193505e87b-1 -w-1"};
+    const char *bad[] = {"", "abc", "0193505e87b0", "0193505e87b0-", "0193505e87b0-0-w-1",
+                         "0193505e87b0-x-w-1", "0193505e87b0-12", "193505e87b0-1-w-1",
+                         "0193505e87b0-9007199254740992-w-1", "0193505e87b0-1 -w-1"};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
         if (sp_order_id_sku(bad[i], &sku) != -1) fail_msg("accepted \"%s\"", bad[i]);
 }
