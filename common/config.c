@@ -65,6 +65,10 @@ static const conf_opt conf_table[] = {
      "Bearer token of the admin API (open a sale, restock)"},
     {"payment-token", "PAYMENT_TOKEN", STR(payment_token), "", 0, 0, P, CONF_SECRET,
      "Bearer token of the payment provider's callback"},
+    {"kafka-message-timeout-ms", "KAFKA_MESSAGE_TIMEOUT_MS", INT(kafka_message_timeout_ms), "10000",
+     1000, 300000, P|R, 0,
+     "How long the producer waits for Kafka to acknowledge an event before it gives up; the "
+     "reaper treats reservations older than this (plus a margin) as lost"},
     {"log-level", "LOG_LEVEL", STR(log_level), "info", 0, 0, P|C|R|T, 0,
      "debug, info, warn or error"},
 };

@@ -28,6 +28,7 @@ typedef struct sp_config {
     char admin_token[256];
     char payment_token[256];
     char log_level[16];
+    int kafka_message_timeout_ms;
     /* Positional arguments left after the flags (sub-commands such as `reaper audit`); they point
      * into argv. */
     int nargs;

@@ -115,7 +115,7 @@ int sp_stock_reserve_parse(const redisReply *r, sp_reserve_result *res, char *er
                     {"unknown_sku", SP_RESERVE_UNKNOWN_SKU},
                     {"sold_out", SP_RESERVE_SOLD_OUT},
                     {"limit_exceeded", SP_RESERVE_LIMIT}};
-    if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != 3 ||
+    if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != 4 ||
         r->element[0]->type != REDIS_REPLY_STRING || r->element[1]->type != REDIS_REPLY_STRING) {
         snprintf(errbuf, errlen, "script reserve: %s",
                  r && r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
@@ -136,6 +136,7 @@ int sp_stock_reserve_parse(const redisReply *r, sp_reserve_result *res, char *er
         snprintf(res->dup_state, sizeof(res->dup_state), "%s", third->str);
     else if (third->type == REDIS_REPLY_INTEGER)
         res->stock_left = third->integer;
+    if (r->element[3]->type == REDIS_REPLY_INTEGER) res->pay_timeout_s = (int32_t)r->element[3]->integer;
     return 0;
 }
 

@@ -45,6 +45,7 @@ typedef struct sp_reserve_result {
     char order_id[SP_ORDER_ID_MAX + 1]; /* OK: the new order; DUP: the first attempt's (may be empty) */
     char dup_state[16]; /* DUP: "pending", "accepted", "sold_out" or "limit_exceeded" */
     int64_t stock_left; /* OK, SOLD_OUT, LIMIT: stock after the call */
+    int32_t pay_timeout_s; /* OK: the sale's, for the order's deadline */
 } sp_reserve_result;
 
 /* True when s is an acceptable Idempotency-Key (1..SP_IDEM_KEY_MAX printable ASCII, no blanks). */

@@ -1,70 +1,79 @@
 /* producer/main.c - the producer worker: the HTTP order API in front of Redis and Kafka.
  *
- * Foundation stage: one libevent loop serves /healthz /readyz /metrics and reports whether Redis,
- * Kafka and PostgreSQL answer. The order API (atomic Redis pre-deduct, durable Kafka publish)
- * lands with issue #3. */
+ * One libevent loop serves the API (common/order_api.c) and /healthz /readyz /metrics. SIGTERM
+ * stops accepting connections, lets the requests under way finish (bounded), flushes Kafka and
+ * exits 0. */
 #include <event2/event.h>
 #include <stdio.h>
+#include <time.h>
 
 #include "http.h"
 #include "log.h"
+#include "order_api.h"
 #include "signals.h"
 #include "worker.h"
+
+#define DRAIN_MS 10000 /* how long SIGTERM waits for requests under way */
 
 typedef struct producer {
     struct event_base *base;
     sp_http *http;
-    sp_backends backends;
-    int ticks;
-    int was_ready;
+    sp_order_api *api;
+    const sp_config *cfg;
+    int64_t drain_deadline_ms; /* 0 until SIGTERM */
 } producer;
 
-/* Every 100 ms: beat, notice SIGTERM (the handler only counts it), and once a second re-check
- * the backends for /readyz. */
+static int64_t mono_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Every 100 ms: beat, Redis/Kafka upkeep, and the SIGTERM drain (the handler only counts). */
 static void on_tick(evutil_socket_t fd, short what, void *arg) {
     (void)fd, (void)what;
     producer *p = arg;
-    char why[600];
     sp_health_beat();
-    if (sp_signal_stop_requested()) {
-        sp_info("stop requested; no new connections, finishing requests under way");
+    sp_order_api_tick(p->api);
+    if (!sp_signal_stop_requested()) return;
+    if (p->drain_deadline_ms == 0) {
+        sp_info("stop requested; not accepting, finishing %d requests under way",
+                sp_order_api_inflight(p->api));
         sp_http_stop_accepting(p->http);
+        sp_health_set_ready(0, "draining");
+        p->drain_deadline_ms = mono_ms() + DRAIN_MS;
+    }
+    if (sp_order_api_inflight(p->api) == 0 || mono_ms() >= p->drain_deadline_ms)
         event_base_loopexit(p->base, NULL);
-        return;
-    }
-    if (p->ticks++ % 10 == 0) {
-        int ready = sp_backends_check(&p->backends, why, sizeof(why)) == 0;
-        if (ready != p->was_ready) {
-            if (ready) sp_info("ready: every backend answers");
-            else sp_warn("not ready: %s", why);
-            p->was_ready = ready;
-        }
-    }
 }
 
 int main(int argc, char **argv) {
-    producer p = {.was_ready = -1};
+    producer p = {0};
     sp_config cfg;
     struct event *tick = NULL;
     struct timeval every = {0, 100 * 1000};
+    sp_http_limits limits = SP_HTTP_LIMITS_DEFAULT;
     char err[512];
     int status = 2;
 
     if (sp_worker_setup("producer", SP_WORKER_PRODUCER, argc, argv, "", &cfg, &status) != 0)
         return status;
     sp_config_log(&cfg, SP_WORKER_PRODUCER);
-    if (sp_backends_init(&p.backends, &cfg, SP_BACKEND_REDIS | SP_BACKEND_KAFKA | SP_BACKEND_PG,
-                         err, sizeof(err)) != 0) {
-        sp_error("cannot start: %s", err);
-        return 2;
-    }
+    if (cfg.admin_token[0] == '\0' || cfg.payment_token[0] == '\0')
+        sp_warn("ADMIN_TOKEN or PAYMENT_TOKEN is not set: those endpoints refuse every call (401)");
+    p.cfg = &cfg;
     p.base = event_base_new();
     if (p.base == NULL) {
         sp_error("cannot start: event_base_new failed");
         goto out;
     }
-    p.http = sp_http_new(p.base, cfg.http_addr, cfg.http_port, NULL, err, sizeof(err));
+    p.http = sp_http_new(p.base, cfg.http_addr, cfg.http_port, &limits, err, sizeof(err));
     if (p.http == NULL) {
+        sp_error("cannot start: %s", err);
+        goto out;
+    }
+    p.api = sp_order_api_new(p.base, p.http, &cfg, err, sizeof(err));
+    if (p.api == NULL) {
         sp_error("cannot start: %s", err);
         goto out;
     }
@@ -73,14 +82,17 @@ int main(int argc, char **argv) {
         sp_error("cannot start: cannot arm the main timer");
         goto out;
     }
+    sp_order_api_tick(p.api); /* connect Redis now rather than 100 ms from now */
     sp_info("producer started; HTTP on %s:%d", cfg.http_addr, cfg.http_port);
     event_base_dispatch(p.base);
+    int left = sp_order_api_flush(p.api, 5000);
+    if (left > 0) sp_warn("%d events still undelivered at exit; their reservations wait for the reaper", left);
     status = 0;
 out:
     if (tick) event_free(tick);
+    sp_order_api_free(p.api);
     sp_http_free(p.http);
     if (p.base) event_base_free(p.base);
-    sp_backends_close(&p.backends);
     sp_info("producer stopped");
     return status;
 }

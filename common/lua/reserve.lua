@@ -7,7 +7,7 @@
 -- KEYS[5] {sku:ID}:idem:USER:KEY  string "state:order_id", or "" when no Idempotency-Key
 -- ARGV    user_id, qty, order_id (fresh, unique), ts_ms, idem_ttl_s
 --
--- Returns {outcome, order_id, stock_left}:
+-- Returns {outcome, order_id, stock_left, pay_timeout_s}:
 --   "ok"           reserved: stock decremented, user's count raised, reservation recorded
 --   "dup"          the idempotency key was seen: order_id and its state ("pending", "accepted",
 --                  "sold_out", "limit_exceeded") of the first attempt; nothing changes
@@ -20,24 +20,24 @@ if idem ~= '' then
     local prev = redis.call('GET', idem)
     if prev then
         local sep = string.find(prev, ':', 1, true)
-        return {'dup', string.sub(prev, sep + 1), string.sub(prev, 1, sep - 1)}
+        return {'dup', string.sub(prev, sep + 1), string.sub(prev, 1, sep - 1), 0}
     end
 end
 
-local s = redis.call('HMGET', sale, 'stock', 'limit')
+local s = redis.call('HMGET', sale, 'stock', 'limit', 'pay_timeout_s')
 if not s[1] then
-    return {'unknown_sku', '', 0}
+    return {'unknown_sku', '', 0, 0}
 end
-local stock, limit = tonumber(s[1]), tonumber(s[2])
+local stock, limit, pay_timeout = tonumber(s[1]), tonumber(s[2]), tonumber(s[3])
 
 local held = tonumber(redis.call('HGET', users, user) or '0')
 if limit > 0 and held + qty > limit then
     if idem ~= '' then redis.call('SET', idem, 'limit_exceeded:', 'EX', idem_ttl) end
-    return {'limit_exceeded', '', stock}
+    return {'limit_exceeded', '', stock, pay_timeout}
 end
 if stock < qty then
     if idem ~= '' then redis.call('SET', idem, 'sold_out:', 'EX', idem_ttl) end
-    return {'sold_out', '', stock}
+    return {'sold_out', '', stock, pay_timeout}
 end
 
 redis.call('HINCRBY', sale, 'stock', -qty)
@@ -45,4 +45,4 @@ redis.call('HINCRBY', users, user, qty)
 redis.call('HSET', resv, order_id, user .. ':' .. qty .. ':' .. ts .. ':' .. (idem ~= '' and idem or ''))
 redis.call('ZADD', resv_ts, ts, order_id)
 if idem ~= '' then redis.call('SET', idem, 'pending:' .. order_id, 'EX', idem_ttl) end
-return {'ok', order_id, stock - qty}
+return {'ok', order_id, stock - qty, pay_timeout}

@@ -91,6 +91,7 @@ static void test_reserve_outcomes(void **state) {
     assert_int_equal(r.outcome, SP_RESERVE_OK);
     assert_string_equal(r.order_id, "o-1");
     assert_int_equal(r.stock_left, 1);
+    assert_int_equal(r.pay_timeout_s, 600);
     assert_int_equal(hget_int(c, sku, "users", "7"), 2);
     /* The user holds 2 of a limit of 2. */
     r = reserve(c, sku, 7, 1, "o-2", NULL);

@@ -1,0 +1,874 @@
+/* order_api.c - the producer's HTTP API: open and restock sales, take orders, record payments.
+ *
+ * The life of one POST /v1/orders (one `call`):
+ *   parse and check the body ── 400 ──────────────────────────────────────────────► reply
+ *   reserve.lua in Redis ────── sold_out / limit / unknown / duplicate ───────────► reply
+ *        │ ok (units reserved under the new order id)
+ *   produce order.created ───── refused at once ── release.lua ──────────────────► 503
+ *        │ delivery report
+ *        ├─ delivered ──────── reply 202, then confirm.lua (drops the reservation)
+ *        ├─ not persisted ──── release.lua (units back, once), reply 503
+ *        └─ possibly persisted ─ reply 503; the reservation stays for the reaper to resolve
+ * A call is freed after its last step; a client that hung up meanwhile is handled by evhttp
+ * (replying to a request whose connection is gone just frees it).
+ */
+#include "order_api.h"
+
+#include <errno.h>
+#include <event2/buffer.h>
+#include <event2/event.h>
+#include <event2/http.h>
+#include <event2/keyvalq_struct.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "event.h"
+#include "kafka.h"
+#include "log.h"
+#include "metrics.h"
+#include "order_id.h"
+#include "redis_store.h"
+#include "stock.h"
+
+#define REDIS_CONNECT_TIMEOUT_MS 500
+#define REDIS_STALL_MS           2000 /* replies owed for this long: the connection is dropped */
+#define SOLDOUT_SLOTS            1024 /* local sold-out flags, a direct-mapped table by sku */
+#define SOLDOUT_HOLD_MS          200  /* how long a flag answers without asking Redis */
+
+/* ---- metrics ---- */
+
+#define REQ(outcome)                                                                               \
+    SP_METRIC_COUNTER("stockpipe_producer_requests_total", "API requests by outcome.",             \
+                      "outcome=\"" outcome "\"")
+static sp_metric m_accepted = REQ("accepted");
+static sp_metric m_sold_out = REQ("sold_out");
+static sp_metric m_limit = REQ("limit_exceeded");
+static sp_metric m_unknown_sku = REQ("unknown_sku");
+static sp_metric m_invalid = REQ("invalid_request");
+static sp_metric m_unauthorized = REQ("unauthorized");
+static sp_metric m_unavailable = REQ("unavailable");
+static sp_metric m_in_progress = REQ("in_progress");
+static sp_metric m_admin_ok = REQ("admin_ok");
+static sp_metric m_paid = REQ("payment_recorded");
+static sp_metric m_not_found = REQ("not_found");
+#undef REQ
+static sp_metric m_latency = SP_METRIC_HISTOGRAM(
+    "stockpipe_producer_order_seconds", "Time from request to answer for POST /v1/orders.", NULL,
+    sp_latency_us_bounds, 15, 1e-6);
+static sp_metric m_redis_errors =
+    SP_METRIC_COUNTER("stockpipe_producer_redis_errors_total", "Redis failures.", NULL);
+static sp_metric m_kafka_errors = SP_METRIC_COUNTER(
+    "stockpipe_producer_kafka_errors_total", "Events Kafka did not take.", NULL);
+static sp_metric m_inflight = SP_METRIC_GAUGE(
+    "stockpipe_producer_inflight_publishes", "Events waiting for Kafka's acknowledgement.", NULL);
+static sp_metric m_released = SP_METRIC_COUNTER(
+    "stockpipe_producer_reservations_released_total",
+    "Reservations given back because Kafka definitely refused the order.", NULL);
+static sp_metric m_unknown = SP_METRIC_COUNTER(
+    "stockpipe_producer_outcome_unknown_total",
+    "Orders whose fate Kafka or Redis left unknown; their reservations wait for the reaper.", NULL);
+
+static sp_metric *all_metrics[] = {&m_accepted,    &m_sold_out,     &m_limit,        &m_unknown_sku,
+                                   &m_invalid,     &m_unauthorized, &m_unavailable,  &m_in_progress,
+                                   &m_admin_ok,    &m_paid,         &m_not_found,    &m_latency,
+                                   &m_redis_errors, &m_kafka_errors, &m_inflight,    &m_released,
+                                   &m_unknown};
+
+/* ---- state ---- */
+
+typedef enum { CALL_ORDER, CALL_OPEN, CALL_RESTOCK, CALL_PAY } call_kind;
+
+struct sp_order_api {
+    struct event_base *base;
+    const sp_config *cfg;
+    sp_redis_target redis_target;
+    redisAsyncContext *redis;   /* NULL while disconnected */
+    int64_t redis_owed;         /* commands sent whose reply has not come */
+    int64_t redis_last_reply_ms;
+    int64_t redis_retry_ms;     /* next reconnect attempt */
+    rd_kafka_t *kafka;
+    int kafka_pipe[2];          /* librdkafka writes here when its queue becomes non-empty */
+    struct event *kafka_wakeup;
+    int kafka_down;             /* all brokers down (error callback), until one answers again */
+    int64_t kafka_probe_ms;
+    int inflight;               /* calls not yet freed */
+    sp_order_ids ids;
+    struct {
+        int64_t sku_id, until_ms;
+    } soldout[SOLDOUT_SLOTS];
+};
+
+typedef struct call {
+    sp_order_api *api;
+    struct evhttp_request *req; /* NULL once answered */
+    call_kind kind;
+    int64_t started_us;
+    sp_reserve_request order;   /* CALL_ORDER */
+    sp_event ev;                /* the event to publish */
+    sp_script_call script;      /* the Redis call under way, kept for a NOSCRIPT re-send */
+    int resent;
+} call;
+
+static int64_t now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t mono_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* ---- replies ---- */
+
+static void answer(call *c, int code, const char *json, sp_metric *outcome) {
+    if (c->req == NULL) return;
+    sp_http_reply_json(c->req, code, json);
+    c->req = NULL;
+    sp_metric_inc(outcome);
+    if (c->kind == CALL_ORDER) sp_metric_observe(&m_latency, mono_us() - c->started_us);
+}
+
+static void answer_error(call *c, int code, const char *error, const char *detail,
+                         sp_metric *outcome) {
+    if (c->req == NULL) return;
+    sp_http_reply_error(c->req, code, error, detail);
+    c->req = NULL;
+    sp_metric_inc(outcome);
+    if (c->kind == CALL_ORDER) sp_metric_observe(&m_latency, mono_us() - c->started_us);
+}
+
+static void answer_order(call *c, int code, const char *order_id, const char *status,
+                         sp_metric *outcome) {
+    char body[160];
+    snprintf(body, sizeof(body), "{\"order_id\":\"%s\",\"status\":\"%s\"}", order_id, status);
+    answer(c, code, body, outcome);
+}
+
+static call *call_new(sp_order_api *api, struct evhttp_request *req, call_kind kind) {
+    call *c = calloc(1, sizeof(*c));
+    if (c == NULL) {
+        sp_http_reply_error(req, 503, "unavailable", "out of memory");
+        sp_metric_inc(&m_unavailable);
+        return NULL;
+    }
+    c->api = api;
+    c->req = req;
+    c->kind = kind;
+    c->started_us = mono_us();
+    api->inflight++;
+    return c;
+}
+
+static void call_free(call *c) {
+    if (c == NULL) return;
+    answer_error(c, 503, "unavailable", NULL, &m_unavailable); /* never leave a buyer hanging */
+    c->api->inflight--;
+    free(c);
+}
+
+/* ---- request bodies ---- */
+
+/* Reads the JSON object of req's body; NULL after answering 400 with the reason. */
+static json_t *read_body(call *c) {
+    struct evhttp_request *req = c->req;
+    const char *ctype = evhttp_find_header(evhttp_request_get_input_headers(req), "Content-Type");
+    if (ctype == NULL || strncasecmp(ctype, "application/json", 16) != 0 ||
+        (ctype[16] != '\0' && ctype[16] != ';')) {
+        answer_error(c, 400, "invalid_request", "Content-Type must be application/json",
+                     &m_invalid);
+        return NULL;
+    }
+    struct evbuffer *in = evhttp_request_get_input_buffer(req);
+    size_t len = evbuffer_get_length(in);
+    char buf[8192]; /* bodies are bounded by evhttp's max body size (4 KiB) well below this */
+    if (len == 0 || len >= sizeof(buf)) {
+        answer_error(c, 400, "invalid_request", len ? "body too large" : "empty body", &m_invalid);
+        return NULL;
+    }
+    evbuffer_copyout(in, buf, len);
+    if (memchr(buf, '\0', len) != NULL) { /* jansson lets some NULs through silently */
+        answer_error(c, 400, "invalid_request", "body contains a NUL byte", &m_invalid);
+        return NULL;
+    }
+    json_error_t jerr;
+    json_t *root = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
+    if (root == NULL) {
+        char detail[200];
+        snprintf(detail, sizeof(detail), "malformed JSON at column %d: %s", jerr.column, jerr.text);
+        answer_error(c, 400, "invalid_request", detail, &m_invalid);
+        return NULL;
+    }
+    if (!json_is_object(root)) {
+        json_decref(root);
+        answer_error(c, 400, "invalid_request", "body must be a JSON object", &m_invalid);
+        return NULL;
+    }
+    return root;
+}
+
+/* Reads integer field name of obj within [min, max]; -1 after answering 400. */
+static int int_field(call *c, json_t *obj, const char *name, int64_t min, int64_t max,
+                     int64_t *out) {
+    json_t *v = json_object_get(obj, name);
+    char detail[160];
+    if (v == NULL) {
+        snprintf(detail, sizeof(detail), "field \"%s\" is missing", name);
+    } else if (!json_is_integer(v) || json_integer_value(v) < min || json_integer_value(v) > max) {
+        snprintf(detail, sizeof(detail), "field \"%s\" must be an integer in %" PRId64 "..%" PRId64,
+                 name, min, max);
+    } else {
+        *out = json_integer_value(v);
+        return 0;
+    }
+    answer_error(c, 400, "invalid_request", detail, &m_invalid);
+    return -1;
+}
+
+/* Checks "Authorization: Bearer <token>"; answers 401 when it is not so. An unset token refuses
+ * everyone (an open admin API is worse than a closed one). */
+static int authorized(call *c, const char *token) {
+    const char *h = evhttp_find_header(evhttp_request_get_input_headers(c->req), "Authorization");
+    if (token[0] != '\0' && h != NULL && strncmp(h, "Bearer ", 7) == 0 && strcmp(h + 7, token) == 0)
+        return 1;
+    answer_error(c, 401, "unauthorized", NULL, &m_unauthorized);
+    return 0;
+}
+
+/* ---- sold-out flags ---- */
+
+static int soldout_flagged(sp_order_api *api, int64_t sku) {
+    size_t i = (size_t)sku % SOLDOUT_SLOTS;
+    return api->soldout[i].sku_id == sku && api->soldout[i].until_ms > now_ms();
+}
+
+static void soldout_set(sp_order_api *api, int64_t sku, int flagged) {
+    size_t i = (size_t)sku % SOLDOUT_SLOTS;
+    if (flagged) {
+        api->soldout[i].sku_id = sku;
+        api->soldout[i].until_ms = now_ms() + SOLDOUT_HOLD_MS;
+    } else if (api->soldout[i].sku_id == sku) {
+        api->soldout[i].until_ms = 0;
+    }
+}
+
+/* ---- Redis ---- */
+
+static void on_redis_disconnect(const redisAsyncContext *ac, int status) {
+    sp_order_api *api = ac->data;
+    (void)status;
+    if (api->redis == ac) api->redis = NULL;
+    api->redis_owed = 0;
+    sp_warn("redis connection lost: %s", ac->errstr[0] ? ac->errstr : "closed");
+}
+
+static void redis_connect(sp_order_api *api) {
+    char err[512];
+    redisContext *probe = sp_redis_connect(&api->redis_target, REDIS_CONNECT_TIMEOUT_MS, err, sizeof(err));
+    if (probe == NULL || sp_stock_scripts_load(probe, err, sizeof(err)) != 0) {
+        if (probe) redisFree(probe);
+        sp_metric_inc(&m_redis_errors);
+        SP_LOG(SP_LOG_WARN, "redis unavailable: %s", err);
+        return;
+    }
+    redisFree(probe);
+    api->redis = sp_redis_async_connect(&api->redis_target, api->base, REDIS_CONNECT_TIMEOUT_MS,
+                                        on_redis_disconnect, api, err, sizeof(err));
+    if (api->redis == NULL) {
+        sp_metric_inc(&m_redis_errors);
+        sp_warn("redis unavailable: %s", err);
+        return;
+    }
+    api->redis_owed = 0;
+    api->redis_last_reply_ms = now_ms();
+    sp_info("redis connected");
+}
+
+/* A reply arrived (or the connection ended, r NULL). Returns 1 when the caller should go on with
+ * r, 0 when it was handled here: re-sent after NOSCRIPT. A READONLY error means the server was
+ * demoted in a failover: drop it, the next connect asks Sentinel again. */
+static int redis_reply_usable(call *c, redisAsyncContext *ac, redisReply *r, redisCallbackFn *fn) {
+    sp_order_api *api = c->api;
+    api->redis_owed--;
+    api->redis_last_reply_ms = now_ms();
+    if (r && sp_redis_is_noscript(r) && !c->resent && api->redis) {
+        c->resent = 1;
+        c->script.script->sha[0] = '\0'; /* reload on the next connect; EVAL meanwhile */
+        if (sp_redis_async_call_eval(api->redis, &c->script, fn, c) == 0) {
+            api->redis_owed++;
+            return 0;
+        }
+    }
+    if (r == NULL || r->type == REDIS_REPLY_ERROR) {
+        sp_metric_inc(&m_redis_errors);
+        if (r) sp_warn("redis error: %s", r->str);
+        if (r && strncmp(r->str, "READONLY", 8) == 0 && api->redis == ac) redisAsyncDisconnect(ac);
+    }
+    return 1;
+}
+
+/* Sends c->script; on failure to queue, returns -1 (the caller answers 503). */
+static int redis_send(call *c, redisCallbackFn *fn) {
+    sp_order_api *api = c->api;
+    c->resent = 0;
+    if (api->redis == NULL || sp_redis_async_call(api->redis, &c->script, fn, c) != 0) {
+        sp_metric_inc(&m_redis_errors);
+        return -1;
+    }
+    if (api->redis_owed++ == 0) api->redis_last_reply_ms = now_ms();
+    return 0;
+}
+
+/* ---- Kafka ---- */
+
+static int publish(call *c) {
+    char err[256];
+    c->ev.ts_ms = c->ev.ts_ms ? c->ev.ts_ms : now_ms();
+    if (c->api->kafka_down ||
+        sp_kafka_produce_event(c->api->kafka, c->api->cfg->kafka_topic, &c->ev, c, err, sizeof(err)) != 0) {
+        sp_metric_inc(&m_kafka_errors);
+        if (!c->api->kafka_down) sp_warn("publish %s: %s", sp_event_type_name(c->ev.type), err);
+        return -1;
+    }
+    sp_metric_inc(&m_inflight);
+    return 0;
+}
+
+static void on_release(redisAsyncContext *ac, void *reply, void *data);
+static void on_confirm(redisAsyncContext *ac, void *reply, void *data);
+static void on_sale_open(redisAsyncContext *ac, void *reply, void *data);
+static void on_restock(redisAsyncContext *ac, void *reply, void *data);
+
+/* Gives an order's reservation back (Kafka definitely did not take it), then frees the call. */
+static void release_order(call *c) {
+    sp_stock_release_call(&c->script, c->order.sku_id, c->order.order_id);
+    if (redis_send(c, on_release) != 0) {
+        sp_metric_inc(&m_unknown); /* the reaper will find the reservation */
+        call_free(c);
+    }
+}
+
+/* Delivery report: exactly once per message, on the loop thread (from rd_kafka_poll). */
+static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque) {
+    (void)rk, (void)opaque;
+    call *c = m->_private;
+    sp_log_ctx ctx = {.order_id = c->order.order_id[0] ? c->order.order_id : NULL,
+                      .sku_id = c->ev.sku_id, .has_kafka = 1, .partition = m->partition,
+                      .offset = m->offset};
+    sp_metric_add(&m_inflight, -1);
+    if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR) {
+        c->api->kafka_down = 0;
+        switch (c->kind) {
+        case CALL_ORDER:
+            answer_order(c, 202, c->order.order_id, "accepted", &m_accepted);
+            sp_stock_confirm_call(&c->script, c->order.sku_id, c->order.order_id);
+            /* A failed confirm only leaves a reservation whose order is in the log: the
+             * reaper's void for it changes nothing. */
+            if (redis_send(c, on_confirm) != 0) call_free(c);
+            return;
+        case CALL_OPEN:
+            sp_stock_open_call(&c->script, c->ev.sku_id, c->ev.stock, c->ev.per_user_limit,
+                               c->ev.pay_timeout_s);
+            if (redis_send(c, on_sale_open) != 0) call_free(c);
+            return;
+        case CALL_RESTOCK:
+            sp_stock_restock_call(&c->script, c->ev.sku_id, c->ev.stock);
+            if (redis_send(c, on_restock) != 0) call_free(c);
+            return;
+        case CALL_PAY:
+            answer_order(c, 202, c->ev.order_id, "payment_recorded", &m_paid);
+            call_free(c);
+            return;
+        }
+    }
+    sp_metric_inc(&m_kafka_errors);
+    rd_kafka_msg_status_t status = rd_kafka_message_status(m);
+    SP_LOG_CTX(SP_LOG_WARN, &ctx, "kafka did not take %s: %s (%s)", sp_event_type_name(c->ev.type),
+               rd_kafka_err2str(m->err),
+               status == RD_KAFKA_MSG_STATUS_NOT_PERSISTED ? "not persisted" : "possibly persisted");
+    answer_error(c, 503, "unavailable", "the event log did not acknowledge the request",
+                 &m_unavailable);
+    if (c->kind == CALL_ORDER && status == RD_KAFKA_MSG_STATUS_NOT_PERSISTED) {
+        release_order(c);
+        return;
+    }
+    if (c->kind == CALL_ORDER) sp_metric_inc(&m_unknown);
+    call_free(c);
+}
+
+static void on_kafka_error(rd_kafka_t *rk, int err, const char *reason, void *opaque) {
+    (void)rk;
+    sp_order_api *api = opaque;
+    if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN) {
+        if (!api->kafka_down) sp_warn("kafka: all brokers down: %s", reason);
+        api->kafka_down = 1;
+    }
+}
+
+/* librdkafka wrote to the pipe: its queue has reports for us. */
+static void on_kafka_wakeup(evutil_socket_t fd, short what, void *arg) {
+    (void)what;
+    sp_order_api *api = arg;
+    char drain[64];
+    while (read(fd, drain, sizeof(drain)) > 0) {
+    }
+    rd_kafka_poll(api->kafka, 0);
+}
+
+/* Sends a plain command (not a script) for call c; -1 when it could not be queued. */
+static int redis_command(call *c, redisCallbackFn *fn, const char *fmt, const char *arg) {
+    sp_order_api *api = c->api;
+    if (api->redis == NULL || redisAsyncCommand(api->redis, fn, c, fmt, arg) != REDIS_OK) {
+        sp_metric_inc(&m_redis_errors);
+        return -1;
+    }
+    if (api->redis_owed++ == 0) api->redis_last_reply_ms = now_ms();
+    return 0;
+}
+
+static void on_confirm(redisAsyncContext *ac, void *reply, void *data) {
+    call *c = data;
+    if (!redis_reply_usable(c, ac, reply, on_confirm)) return;
+    call_free(c);
+}
+
+static void on_release(redisAsyncContext *ac, void *reply, void *data) {
+    call *c = data;
+    redisReply *r = reply;
+    long long qty = 0;
+    char err[256];
+    if (!redis_reply_usable(c, ac, r, on_release)) return;
+    if (sp_stock_integer_parse(r, "release", &qty, err, sizeof(err)) != 0) {
+        sp_metric_inc(&m_unknown); /* the reservation stays; the reaper gives it back */
+    } else if (qty > 0) {
+        sp_metric_inc(&m_released);
+        soldout_set(c->api, c->order.sku_id, 0);
+    }
+    call_free(c);
+}
+
+/* ---- POST /v1/orders ---- */
+
+static void on_reserve(redisAsyncContext *ac, void *reply, void *data) {
+    call *c = data;
+    redisReply *r = reply;
+    sp_reserve_result res;
+    char err[256];
+    if (!redis_reply_usable(c, ac, r, on_reserve)) return;
+    if (r == NULL) { /* the connection ended: the script may or may not have run */
+        sp_metric_inc(&m_unknown);
+        call_free(c);
+        return;
+    }
+    if (sp_stock_reserve_parse(r, &res, err, sizeof(err)) != 0) {
+        sp_warn("reserve: %s", err);
+        call_free(c);
+        return;
+    }
+    switch (res.outcome) {
+    case SP_RESERVE_OK:
+        if (res.stock_left == 0) soldout_set(c->api, c->order.sku_id, 1);
+        c->ev = (sp_event){.type = SP_EV_ORDER_CREATED, .ts_ms = c->order.ts_ms,
+                           .sku_id = c->order.sku_id, .user_id = c->order.user_id,
+                           .qty = c->order.qty,
+                           .expires_ms = c->order.ts_ms + (int64_t)res.pay_timeout_s * 1000};
+        memcpy(c->ev.order_id, c->order.order_id, sizeof(c->ev.order_id));
+        if (publish(c) != 0) {
+            answer_error(c, 503, "unavailable", "the event log is unreachable", &m_unavailable);
+            release_order(c);
+        }
+        return; /* the delivery report goes on */
+    case SP_RESERVE_DUP:
+        if (strcmp(res.dup_state, "accepted") == 0)
+            answer_order(c, 202, res.order_id, "accepted", &m_accepted);
+        else if (strcmp(res.dup_state, "pending") == 0) {
+            char body[160];
+            snprintf(body, sizeof(body), "{\"error\":\"in_progress\",\"order_id\":\"%s\"}",
+                     res.order_id);
+            answer(c, 409, body, &m_in_progress);
+        }
+        else if (strcmp(res.dup_state, "limit_exceeded") == 0)
+            answer_error(c, 409, "limit_exceeded", NULL, &m_limit);
+        else
+            answer_error(c, 409, "sold_out", NULL, &m_sold_out);
+        break;
+    case SP_RESERVE_UNKNOWN_SKU:
+        answer_error(c, 404, "unknown_sku", NULL, &m_unknown_sku);
+        break;
+    case SP_RESERVE_SOLD_OUT:
+        soldout_set(c->api, c->order.sku_id, 1);
+        answer_error(c, 409, "sold_out", NULL, &m_sold_out);
+        break;
+    case SP_RESERVE_LIMIT:
+        answer_error(c, 409, "limit_exceeded", NULL, &m_limit);
+        break;
+    }
+    call_free(c);
+}
+
+static void post_order(sp_order_api *api, struct evhttp_request *req) {
+    int64_t user, sku, qty;
+    call *c = call_new(api, req, CALL_ORDER);
+    if (c == NULL) return;
+    json_t *body = read_body(c);
+    if (body == NULL) goto done;
+    if (int_field(c, body, "user_id", 1, SP_ID_MAX, &user) != 0 ||
+        int_field(c, body, "sku_id", 1, SP_ID_MAX, &sku) != 0 ||
+        int_field(c, body, "qty", 1, SP_QTY_MAX, &qty) != 0)
+        goto done;
+    const char *idem = evhttp_find_header(evhttp_request_get_input_headers(req), "Idempotency-Key");
+    if (idem != NULL && !sp_idem_key_valid(idem)) {
+        answer_error(c, 400, "invalid_request",
+                     "Idempotency-Key must be 1..64 printable ASCII characters without blanks",
+                     &m_invalid);
+        goto done;
+    }
+    /* A retry must get its first answer, so only key-less requests take the local shortcut. */
+    if (idem == NULL && soldout_flagged(api, sku)) {
+        answer_error(c, 409, "sold_out", NULL, &m_sold_out);
+        goto done;
+    }
+    if (api->kafka_down) {
+        answer_error(c, 503, "unavailable", "the event log is unreachable", &m_unavailable);
+        goto done;
+    }
+    c->order = (sp_reserve_request){.sku_id = sku, .user_id = user, .qty = (int32_t)qty,
+                                    .ts_ms = now_ms()};
+    if (idem) snprintf(c->order.idem_key, sizeof(c->order.idem_key), "%s", idem);
+    sp_order_id_next(&api->ids, c->order.ts_ms, sku, c->order.order_id);
+    sp_stock_reserve_call(&c->script, &c->order);
+    if (redis_send(c, on_reserve) != 0) {
+        answer_error(c, 503, "unavailable", "stock store is unreachable", &m_unavailable);
+        goto done;
+    }
+    json_decref(body);
+    return; /* on_reserve goes on */
+done:
+    json_decref(body);
+    call_free(c);
+}
+
+/* ---- admin: POST /v1/skus, POST /v1/skus/{id}/restock, GET /v1/skus/{id} ---- */
+
+static void on_sale_open(redisAsyncContext *ac, void *reply, void *data) {
+    call *c = data;
+    long long opened;
+    char err[256], body[200];
+    if (!redis_reply_usable(c, ac, reply, on_sale_open)) return;
+    if (sp_stock_integer_parse(reply, "sale_open", &opened, err, sizeof(err)) != 0) {
+        sp_warn("open sku %" PRId64 ": %s", c->ev.sku_id, err);
+    } else if (opened) {
+        snprintf(body, sizeof(body), "{\"sku_id\":%" PRId64 ",\"available\":%" PRId64 "}",
+                 c->ev.sku_id, c->ev.stock);
+        answer(c, 201, body, &m_admin_ok);
+    } else {
+        answer_error(c, 409, "exists", NULL, &m_admin_ok);
+    }
+    call_free(c);
+}
+
+/* The SKU's sale exists or not; decides whether an open or restock goes on to Kafka. */
+static void on_sale_exists(redisAsyncContext *ac, void *reply, void *data) {
+    call *c = data;
+    redisReply *r = reply;
+    if (!redis_reply_usable(c, ac, r, on_sale_exists)) return;
+    if (r == NULL || r->type != REDIS_REPLY_INTEGER) {
+        call_free(c);
+        return;
+    }
+    if (c->kind == CALL_OPEN && r->integer == 1) {
+        answer_error(c, 409, "exists", NULL, &m_admin_ok);
+    } else if (c->kind == CALL_RESTOCK && r->integer == 0) {
+        answer_error(c, 404, "unknown_sku", NULL, &m_unknown_sku);
+    } else if (publish(c) == 0) {
+        return; /* the delivery report goes on */
+    }
+    call_free(c);
+}
+
+static void post_sku(sp_order_api *api, struct evhttp_request *req) {
+    int64_t sku, stock, limit, timeout;
+    char key[SP_STOCK_KEY_MAX];
+    call *c = call_new(api, req, CALL_OPEN);
+    json_t *body = NULL;
+    if (c == NULL) return;
+    if (!authorized(c, api->cfg->admin_token) || (body = read_body(c)) == NULL) goto done;
+    if (int_field(c, body, "sku_id", 1, SP_ID_MAX, &sku) != 0 ||
+        int_field(c, body, "stock", 0, SP_STOCK_MAX, &stock) != 0 ||
+        int_field(c, body, "per_user_limit", 0, SP_PER_USER_MAX, &limit) != 0 ||
+        int_field(c, body, "pay_timeout_s", 1, SP_PAY_TIMEOUT_MAX, &timeout) != 0)
+        goto done;
+    c->ev = (sp_event){.type = SP_EV_STOCK_SET, .sku_id = sku, .stock = stock,
+                       .per_user_limit = (int32_t)limit, .pay_timeout_s = (int32_t)timeout};
+    sp_stock_key(key, sku, "sale");
+    if (redis_command(c, on_sale_exists, "EXISTS %s", key) == 0) {
+        json_decref(body);
+        return;
+    }
+done:
+    json_decref(body);
+    call_free(c);
+}
+
+static void on_restock(redisAsyncContext *ac, void *reply, void *data) {
+    call *c = data;
+    long long stock;
+    char err[256], body[200];
+    if (!redis_reply_usable(c, ac, reply, on_restock)) return;
+    if (sp_stock_integer_parse(reply, "restock", &stock, err, sizeof(err)) == 0 && stock >= 0) {
+        soldout_set(c->api, c->ev.sku_id, 0);
+        snprintf(body, sizeof(body), "{\"sku_id\":%" PRId64 ",\"available\":%lld}", c->ev.sku_id,
+                 stock);
+        answer(c, 200, body, &m_admin_ok);
+    } else {
+        /* Kafka has the stock.add, so PostgreSQL gets it; Redis lags until reconcile. */
+        sp_warn("restock sku %" PRId64 " in redis failed after the event was logged", c->ev.sku_id);
+    }
+    call_free(c);
+}
+
+static void post_restock(sp_order_api *api, struct evhttp_request *req, int64_t sku) {
+    int64_t add;
+    char key[SP_STOCK_KEY_MAX];
+    call *c = call_new(api, req, CALL_RESTOCK);
+    json_t *body = NULL;
+    if (c == NULL) return;
+    if (!authorized(c, api->cfg->admin_token) || (body = read_body(c)) == NULL) goto done;
+    if (int_field(c, body, "add", 1, SP_STOCK_MAX, &add) != 0) goto done;
+    c->ev = (sp_event){.type = SP_EV_STOCK_ADD, .sku_id = sku, .stock = add};
+    sp_stock_key(key, sku, "sale");
+    if (redis_command(c, on_sale_exists, "EXISTS %s", key) == 0) {
+        json_decref(body);
+        return;
+    }
+done:
+    json_decref(body);
+    call_free(c);
+}
+
+static void on_sku_read(redisAsyncContext *ac, void *reply, void *data) {
+    call *c = data;
+    redisReply *r = reply;
+    char body[300];
+    if (!redis_reply_usable(c, ac, r, on_sku_read)) return;
+    if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 3) {
+        if (r->element[0]->type != REDIS_REPLY_STRING) {
+            answer_error(c, 404, "unknown_sku", NULL, &m_unknown_sku);
+        } else {
+            snprintf(body, sizeof(body),
+                     "{\"sku_id\":%" PRId64 ",\"available\":%s,\"per_user_limit\":%s,"
+                     "\"pay_timeout_s\":%s,\"stock\":null}",
+                     c->ev.sku_id, r->element[0]->str,
+                     r->element[1]->type == REDIS_REPLY_STRING ? r->element[1]->str : "0",
+                     r->element[2]->type == REDIS_REPLY_STRING ? r->element[2]->str : "0");
+            answer(c, 200, body, &m_admin_ok);
+        }
+    }
+    call_free(c);
+}
+
+static void get_sku(sp_order_api *api, struct evhttp_request *req, int64_t sku) {
+    char key[SP_STOCK_KEY_MAX];
+    call *c = call_new(api, req, CALL_OPEN);
+    if (c == NULL) return;
+    c->ev.sku_id = sku;
+    sp_stock_key(key, sku, "sale");
+    if (redis_command(c, on_sku_read, "HMGET %s stock limit pay_timeout_s", key) != 0) call_free(c);
+}
+
+/* ---- POST /v1/orders/{order_id}/pay ---- */
+
+static void post_pay(sp_order_api *api, struct evhttp_request *req, const char *order_id) {
+    int64_t sku;
+    call *c = call_new(api, req, CALL_PAY);
+    if (c == NULL) return;
+    if (!authorized(c, api->cfg->payment_token)) goto done;
+    if (sp_order_id_sku(order_id, &sku) != 0) {
+        answer_error(c, 404, "unknown_order", NULL, &m_not_found);
+        goto done;
+    }
+    c->ev = (sp_event){.type = SP_EV_ORDER_PAID, .sku_id = sku};
+    snprintf(c->ev.order_id, sizeof(c->ev.order_id), "%s", order_id);
+    if (publish(c) == 0) return; /* the delivery report answers */
+done:
+    call_free(c);
+}
+
+/* ---- routing ---- */
+
+static int is_post(struct evhttp_request *req) {
+    if (evhttp_request_get_command(req) == EVHTTP_REQ_POST) return 1;
+    sp_http_reply_error(req, 405, "method_not_allowed", NULL);
+    return 0;
+}
+
+static void route_orders(struct evhttp_request *req, void *arg) {
+    if (is_post(req)) post_order(arg, req);
+}
+
+static void route_skus(struct evhttp_request *req, void *arg) {
+    if (is_post(req)) post_sku(arg, req);
+}
+
+/* Parses a positive decimal id of n bytes; 0 when it is not one. */
+static int64_t parse_id(const char *s, size_t n) {
+    int64_t v = 0;
+    if (n == 0 || n > 16 || s[0] == '0') return 0;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9') return 0;
+        v = v * 10 + (s[i] - '0');
+    }
+    return v <= SP_ID_MAX ? v : 0;
+}
+
+/* /v1/skus/{id}, /v1/skus/{id}/restock, /v1/orders/{id}/pay */
+static void route_other(struct evhttp_request *req, void *arg) {
+    sp_order_api *api = arg;
+    const struct evhttp_uri *uri = evhttp_request_get_evhttp_uri(req);
+    const char *path = uri ? evhttp_uri_get_path(uri) : NULL;
+    if (path && strncmp(path, "/v1/skus/", 9) == 0) {
+        const char *id = path + 9, *slash = strchr(id, '/');
+        int64_t sku = parse_id(id, slash ? (size_t)(slash - id) : strlen(id));
+        if (sku && slash == NULL && evhttp_request_get_command(req) == EVHTTP_REQ_GET) {
+            get_sku(api, req, sku);
+            return;
+        }
+        if (sku && slash && strcmp(slash, "/restock") == 0) {
+            if (is_post(req)) post_restock(api, req, sku);
+            return;
+        }
+    } else if (path && strncmp(path, "/v1/orders/", 11) == 0) {
+        const char *id = path + 11, *slash = strchr(id, '/');
+        if (slash && strcmp(slash, "/pay") == 0 && (size_t)(slash - id) <= SP_ORDER_ID_MAX) {
+            char order_id[SP_ORDER_ID_MAX + 1];
+            memcpy(order_id, id, (size_t)(slash - id));
+            order_id[slash - id] = '\0';
+            if (is_post(req)) post_pay(api, req, order_id);
+            return;
+        }
+    }
+    sp_metric_inc(&m_not_found);
+    sp_http_reply_error(req, 404, "not_found", NULL);
+}
+
+/* ---- life cycle ---- */
+
+void sp_order_api_tick(sp_order_api *api) {
+    int64_t now = now_ms();
+    char why[300], err[256];
+    int n;
+    if (api->redis == NULL && now >= api->redis_retry_ms) {
+        api->redis_retry_ms = now + 500;
+        redis_connect(api);
+    }
+    if (api->redis && api->redis_owed > 0 && now - api->redis_last_reply_ms > REDIS_STALL_MS) {
+        /* Redis stopped answering without closing: fail what is owed (each caller answers 503
+         * and the reaper resolves any reservation left) and connect afresh. */
+        redisAsyncContext *ac = api->redis;
+        sp_warn("redis owes %" PRId64 " replies for %d ms; reconnecting", api->redis_owed,
+                REDIS_STALL_MS);
+        api->redis = NULL;
+        redisAsyncFree(ac);
+    }
+    rd_kafka_poll(api->kafka, 0);
+    if (api->kafka_down && now >= api->kafka_probe_ms) {
+        api->kafka_probe_ms = now + 1000;
+        if (sp_kafka_topic_partitions(api->kafka, api->cfg->kafka_topic, 200, &n, err, sizeof(err)) == 0) {
+            api->kafka_down = 0;
+            sp_info("kafka reachable again");
+        }
+    }
+    if (api->redis == NULL) snprintf(why, sizeof(why), "redis unreachable");
+    else if (api->kafka_down) snprintf(why, sizeof(why), "kafka unreachable");
+    else why[0] = '\0';
+    sp_health_set_ready(why[0] == '\0', why);
+}
+
+int sp_order_api_inflight(const sp_order_api *api) { return api->inflight; }
+
+int sp_order_api_flush(sp_order_api *api, int timeout_ms) {
+    rd_kafka_flush(api->kafka, timeout_ms);
+    return rd_kafka_outq_len(api->kafka);
+}
+
+sp_order_api *sp_order_api_new(struct event_base *base, sp_http *http, const sp_config *cfg,
+                               char *errbuf, size_t errlen) {
+    char timeout[16];
+    rd_kafka_conf_t *conf = NULL;
+    rd_kafka_queue_t *mainq = NULL;
+    sp_order_api *api = calloc(1, sizeof(*api));
+    if (api == NULL) {
+        snprintf(errbuf, errlen, "out of memory");
+        return NULL;
+    }
+    api->base = base;
+    api->cfg = cfg;
+    api->kafka_pipe[0] = api->kafka_pipe[1] = -1;
+    for (size_t i = 0; i < sizeof(all_metrics) / sizeof(all_metrics[0]); i++)
+        sp_metrics_register(all_metrics[i]);
+    sp_order_ids_init(&api->ids, cfg->worker_id);
+    if (sp_redis_parse_url(cfg->redis_url, &api->redis_target, errbuf, errlen) != 0) goto fail;
+
+    conf = sp_kafka_conf_new(cfg->kafka_brokers, cfg->worker_id, errbuf, errlen);
+    snprintf(timeout, sizeof(timeout), "%d", cfg->kafka_message_timeout_ms);
+    if (conf == NULL || sp_kafka_conf_set(conf, "message.timeout.ms", timeout, errbuf, errlen) != 0 ||
+        sp_kafka_conf_set(conf, "linger.ms", "2", errbuf, errlen) != 0)
+        goto fail;
+    rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
+    rd_kafka_conf_set_error_cb(conf, on_kafka_error);
+    rd_kafka_conf_set_opaque(conf, api);
+    api->kafka = sp_kafka_producer_new(&conf, errbuf, errlen);
+    if (api->kafka == NULL) goto fail;
+
+    if (pipe2(api->kafka_pipe, O_NONBLOCK | O_CLOEXEC) != 0) {
+        snprintf(errbuf, errlen, "pipe: %s", strerror(errno));
+        goto fail;
+    }
+    mainq = rd_kafka_queue_get_main(api->kafka);
+    rd_kafka_queue_io_event_enable(mainq, api->kafka_pipe[1], "1", 1);
+    rd_kafka_queue_destroy(mainq);
+    api->kafka_wakeup = event_new(base, api->kafka_pipe[0], EV_READ | EV_PERSIST, on_kafka_wakeup, api);
+    if (api->kafka_wakeup == NULL || event_add(api->kafka_wakeup, NULL) != 0) {
+        snprintf(errbuf, errlen, "cannot watch the kafka pipe");
+        goto fail;
+    }
+    if (sp_http_route(http, "/v1/orders", route_orders, api) != 0 ||
+        sp_http_route(http, "/v1/skus", route_skus, api) != 0) {
+        snprintf(errbuf, errlen, "cannot route the API");
+        goto fail;
+    }
+    sp_http_route_default(http, route_other, api);
+    return api;
+fail:
+    if (conf) rd_kafka_conf_destroy(conf);
+    sp_order_api_free(api);
+    return NULL;
+}
+
+void sp_order_api_free(sp_order_api *api) {
+    if (api == NULL) return;
+    if (api->kafka) {
+        /* Whatever Kafka still holds gets its delivery report now (purged: not persisted, or
+         * possibly persisted if it was on the wire), so every call is answered and freed. */
+        rd_kafka_purge(api->kafka, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+        rd_kafka_poll(api->kafka, 0);
+    }
+    if (api->redis) {
+        redisAsyncContext *ac = api->redis;
+        api->redis = NULL;
+        redisAsyncFree(ac); /* pending callbacks run with NULL and free their calls */
+    }
+    if (api->kafka_wakeup) event_free(api->kafka_wakeup);
+    if (api->kafka) rd_kafka_destroy(api->kafka);
+    if (api->kafka_pipe[0] >= 0) close(api->kafka_pipe[0]);
+    if (api->kafka_pipe[1] >= 0) close(api->kafka_pipe[1]);
+    free(api);
+}
