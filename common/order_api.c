@@ -6,7 +6,7 @@
  *        │ ok (units reserved under the new order id)
  *   produce order.created ───── refused at once ── release.lua ──────────────────► 503
  *        │ delivery report
- *        ├─ delivered ──────── reply 202, then confirm.lua (drops the reservation)
+ *        ├─ delivered ──────── confirm.lua (drops the reservation), then reply 202
  *        ├─ not persisted ──── release.lua (units back, once), reply 503
  *        └─ possibly persisted ─ reply 503; the reservation stays for the reaper to resolve
  * A call is freed after its last step; a client that hung up meanwhile is handled by evhttp
@@ -368,11 +368,15 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
         c->api->kafka_down = 0;
         switch (c->kind) {
         case CALL_ORDER:
-            answer_order(c, 202, c->order.order_id, "accepted", &m_accepted);
+            /* Confirm before answering: once the buyer holds a 202, a replay of its
+             * Idempotency-Key on any producer must find "accepted", not "pending". A failed
+             * confirm still answers 202 (Kafka has the order) and only leaves a reservation whose
+             * order is in the log: the reaper's void for it changes nothing. */
             sp_stock_confirm_call(&c->script, c->order.sku_id, c->order.order_id);
-            /* A failed confirm only leaves a reservation whose order is in the log: the
-             * reaper's void for it changes nothing. */
-            if (redis_send(c, on_confirm) != 0) call_free(c);
+            if (redis_send(c, on_confirm) != 0) {
+                answer_order(c, 202, c->order.order_id, "accepted", &m_accepted);
+                call_free(c);
+            }
             return;
         case CALL_OPEN:
             sp_stock_open_call(&c->script, c->ev.sku_id, c->ev.stock, c->ev.per_user_limit,
@@ -437,6 +441,7 @@ static int redis_command(call *c, redisCallbackFn *fn, const char *fmt, const ch
 static void on_confirm(redisAsyncContext *ac, void *reply, void *data) {
     call *c = data;
     if (!redis_reply_usable(c, ac, reply, on_confirm)) return;
+    answer_order(c, 202, c->order.order_id, "accepted", &m_accepted);
     call_free(c);
 }
 

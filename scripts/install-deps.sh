@@ -15,7 +15,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-KAFKA_VERSION=3.9.1 # keep in step with <kafka.version> in deploy/kafka-local/pom.xml
+KAFKA_VERSION=4.2.0 # keep in step with <kafka.version> in deploy/kafka-local/pom.xml
 KAFKA_POM=$ROOT/deploy/kafka-local/pom.xml
 KAFKA_LIBS=$ROOT/var/kafka-libs
 KAFKA_STAMP=$KAFKA_LIBS/.stockpipe-stamp

@@ -57,7 +57,7 @@ PG_USER=stockpipe
 # serial heap start them in about half the time of the defaults.
 # -XX:-UsePerfData (here and for the broker): no /tmp/hsperfdata_<user>/<pid> files left behind.
 TOOL_JVM=(-XX:TieredStopAtLevel=1 -XX:+UseSerialGC -Xms32m -Xmx256m -XX:-UsePerfData
-    "-Dlog4j.configuration=file:$DEPLOY/log4j.properties")
+    "-Dlog4j2.configurationFile=file:$DEPLOY/log4j2.properties")
 
 say() { printf 'stack: %s\n' "$*"; }
 warn() { printf 'stack: warning: %s\n' "$*" >&2; }
@@ -461,7 +461,7 @@ kafka_launch() {
         java -Xms256m -Xmx768m -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
         -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent \
         -XX:+ExitOnOutOfMemoryError -XX:-UsePerfData -Djava.awt.headless=true \
-        "-Dlog4j.configuration=file:$DEPLOY/log4j.properties" \
+        "-Dlog4j2.configurationFile=file:$DEPLOY/log4j2.properties" \
         -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_CONF"
     echo "$KAFKA_PORT" >"$RUN/kafka.port"
     echo "$KAFKA_CPORT" >"$RUN/kafka.controller.port"

@@ -191,6 +191,76 @@ static void test_kafka_event_round_trip(void **state) {
     rd_kafka_destroy(consumer);
 }
 
+/* A consumer group against the pinned broker: join (JoinGroup/SyncGroup), read, commit
+ * (OffsetCommit), and a later member of the same group finds the committed position
+ * (OffsetFetch). This is what keeps the README's compatibility claim for the broker honest. */
+static rd_kafka_t *join_group(const char *group) {
+    rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "smoke-group", err, sizeof(err));
+    assert_non_null(conf);
+    rd_kafka_t *rk = sp_kafka_consumer_new(&conf, group, err, sizeof(err));
+    if (rk == NULL) fail_msg("consumer: %s", err);
+    rd_kafka_topic_partition_list_t *topics = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(topics, need_env("KAFKA_TOPIC"), RD_KAFKA_PARTITION_UA);
+    assert_int_equal(rd_kafka_subscribe(rk, topics), RD_KAFKA_RESP_ERR_NO_ERROR);
+    rd_kafka_topic_partition_list_destroy(topics);
+    return rk;
+}
+
+static void test_kafka_consumer_group_commit_and_resume(void **state) {
+    (void)state;
+    const char *topic = need_env("KAFKA_TOPIC");
+    char group[64];
+    delivery d;
+    snprintf(group, sizeof(group), "smoke-group-%d-%lld", (int)getpid(), (long long)now_ms());
+
+    /* Join first, so the event produced next is certainly ahead of the member. */
+    rd_kafka_t *a = join_group(group);
+    int64_t deadline = now_ms() + 30000;
+    rd_kafka_topic_partition_list_t *assigned = NULL;
+    while (now_ms() < deadline) {
+        rd_kafka_message_t *m = rd_kafka_consumer_poll(a, 200);
+        if (m) rd_kafka_message_destroy(m);
+        assert_int_equal(rd_kafka_assignment(a, &assigned), RD_KAFKA_RESP_ERR_NO_ERROR);
+        if (assigned->cnt > 0) break;
+        rd_kafka_topic_partition_list_destroy(assigned);
+        assigned = NULL;
+    }
+    if (assigned == NULL) fail_msg("the group never assigned a partition");
+    rd_kafka_topic_partition_list_destroy(assigned);
+
+    rd_kafka_t *producer = new_producer();
+    sp_event ev = {.type = SP_EV_ORDER_PAID, .ts_ms = now_ms(), .sku_id = 910000 + getpid() % 1000};
+    snprintf(ev.order_id, sizeof(ev.order_id), "smoke-group-%d", (int)getpid());
+    produce_and_wait(producer, topic, &ev, &d);
+    rd_kafka_destroy(producer);
+
+    int got = 0;
+    deadline = now_ms() + 30000;
+    while (!got && now_ms() < deadline) {
+        rd_kafka_message_t *m = rd_kafka_consumer_poll(a, 500);
+        if (m == NULL) continue;
+        if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR && m->partition == d.partition && m->offset == d.offset) {
+            assert_int_equal(rd_kafka_commit_message(a, m, 0), RD_KAFKA_RESP_ERR_NO_ERROR);
+            got = 1;
+        }
+        rd_kafka_message_destroy(m);
+    }
+    assert_true(got);
+    assert_int_equal(rd_kafka_consumer_close(a), RD_KAFKA_RESP_ERR_NO_ERROR);
+    rd_kafka_destroy(a);
+
+    /* A new member of the group sees the position the first one committed. */
+    rd_kafka_t *b = join_group(group);
+    rd_kafka_topic_partition_list_t *pos = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(pos, topic, d.partition);
+    assert_int_equal(rd_kafka_committed(b, pos, 10000), RD_KAFKA_RESP_ERR_NO_ERROR);
+    assert_int_equal(pos->elems[0].err, RD_KAFKA_RESP_ERR_NO_ERROR);
+    assert_int_equal(pos->elems[0].offset, d.offset + 1);
+    rd_kafka_topic_partition_list_destroy(pos);
+    assert_int_equal(rd_kafka_consumer_close(b), RD_KAFKA_RESP_ERR_NO_ERROR);
+    rd_kafka_destroy(b);
+}
+
 /* ---- PostgreSQL ---- */
 
 static int64_t count_rows(PGconn *pg, const char *sql, int n, const char *const *params) {
@@ -272,6 +342,7 @@ int main(void) {
         cmocka_unit_test(test_redis_key_and_script),
         cmocka_unit_test(test_redis_unreachable_is_an_error),
         cmocka_unit_test(test_kafka_event_round_trip),
+        cmocka_unit_test(test_kafka_consumer_group_commit_and_resume),
         cmocka_unit_test(test_pg_schema_and_guarded_update),
     };
     return cmocka_run_group_tests_name("stack_smoke", tests, NULL, NULL);

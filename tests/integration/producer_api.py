@@ -1,0 +1,778 @@
+#!/usr/bin/env python3
+"""producer_api.py - the producer's HTTP order API against the real local stack.
+
+Starts two producers ($BIN_DIR/producer, default bin/) on free loopback ports and proves:
+  1. the admin API: opening a sale needs the admin token (401 otherwise, and nothing opens), a
+     new sale is 201 and orderable at once, a second open is 409 `exists`, restock is 200 and
+     grows `available` by `add`, restock of an unknown SKU is 404;
+  2. no oversell under a burst: 20,000 orders from 5,000 users against 500 units with a limit of
+     one per user, spread over both producers on hundreds of keep-alive connections, get exactly
+     500 answers 202 (distinct order ids, one per user), every other answer is 409 `sold_out` or
+     `limit_exceeded`, Redis ends at 0, and Kafka holds exactly those 500 `order.created` events;
+  3. idempotency: a replayed Idempotency-Key gets the same order id and deducts nothing more,
+     also when 20 copies race over both producers; a key belongs to one user;
+  4. the per-user limit, and a refusal deducts nothing;
+  5. bad input (over 60 hostile requests) gets a 4xx JSON error and changes nothing;
+  6. /metrics is Prometheus text; both producers drain and exit 0 on SIGTERM.
+Prints `ok - NAME` / `not ok - NAME: DETAIL` per check and, last, `N passed, M failed`; exits
+non-zero on any failure. Needs the stack env (REDIS_URL, KAFKA_BROKERS, KAFKA_TOPIC, PG_DSN; read
+from var/stack.env when unset) and kcat. Standard library only.
+"""
+import asyncio
+import json
+import os
+import random
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+HOST = "127.0.0.1"
+ADMIN = "test-admin"
+PAYMENT = "test-pay"
+MAX_ID = 2**53 - 1
+REQ_TIMEOUT = 10.0    # per request
+IDLE_MAX = 5.0        # reuse a keep-alive connection only if idle for less (the server closes at 10 s)
+TOTAL_BUDGET = 170.0  # seconds for the whole run, shutdown included
+T0 = time.monotonic()
+
+
+# ---- a small HTTP/1.1 client over asyncio streams --------------------------------------------
+
+class TransportError(Exception):
+    pass
+
+
+class Response:
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self):
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            return None
+
+    def error(self):
+        j = self.json()
+        return j.get("error") if isinstance(j, dict) else None
+
+    def __repr__(self):
+        return "%d %s" % (self.status, self.body[:120].decode("utf-8", "replace"))
+
+
+def encode_body(body):
+    if body is None or isinstance(body, bytes):
+        return body
+    if isinstance(body, str):
+        return body.encode()
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class Conn:
+    """One keep-alive connection; connects lazily, closes itself when the server says so."""
+
+    def __init__(self, port):
+        self.port = port
+        self.reader = self.writer = None
+        self.last = 0.0
+        self.got_bytes = False  # did the current exchange receive anything?
+
+    def usable(self):
+        return (self.writer is not None and not self.writer.is_closing()
+                and not self.reader.at_eof() and time.monotonic() - self.last < IDLE_MAX)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.transport.abort()
+        self.reader = self.writer = None
+
+    async def connect(self):
+        self.reader, self.writer = await asyncio.open_connection(HOST, self.port)
+        self.last = time.monotonic()
+
+    async def exchange(self, method, path, body=None, headers=None):
+        """Sends one request and reads its response; raises OSError/IncompleteReadError."""
+        if self.writer is not None and not self.usable():
+            self.close()
+        if self.writer is None:
+            await self.connect()
+        self.got_bytes = False
+        data = encode_body(body)
+        hdrs = {"Host": "%s:%d" % (HOST, self.port)}
+        if data is not None:
+            hdrs["Content-Type"] = "application/json"
+        for k, v in (headers or {}).items():
+            if v is None:
+                hdrs.pop(k, None)
+            else:
+                hdrs[k] = v
+        if data is not None or method in ("POST", "PUT"):
+            hdrs["Content-Length"] = str(len(data or b""))
+        head = "%s %s HTTP/1.1\r\n%s\r\n" % (
+            method, path, "".join("%s: %s\r\n" % kv for kv in hdrs.items()))
+        self.writer.write(head.encode("latin-1") + (data or b""))
+        await self.writer.drain()
+        raw = await self.reader.readuntil(b"\r\n\r\n")
+        self.got_bytes = True
+        lines = raw.decode("latin-1").split("\r\n")
+        version, _, rest = lines[0].partition(" ")
+        status = int(rest.split(" ", 1)[0])
+        rh = {}
+        for line in lines[1:]:
+            if ":" in line:
+                k, _, v = line.partition(":")
+                rh[k.strip().lower()] = v.strip()
+        keep = version == "HTTP/1.1"
+        conn_hdr = rh.get("connection", "").lower()
+        if "close" in conn_hdr or (version == "HTTP/1.0" and "keep-alive" not in conn_hdr):
+            keep = False
+        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            resp_body = b""
+        elif "chunked" in rh.get("transfer-encoding", "").lower():
+            parts = []
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
+                if size == 0:
+                    while (await self.reader.readuntil(b"\r\n")) != b"\r\n":
+                        pass  # trailers
+                    break
+                parts.append(await self.reader.readexactly(size))
+                await self.reader.readexactly(2)
+            resp_body = b"".join(parts)
+        elif "content-length" in rh:
+            resp_body = await self.reader.readexactly(int(rh["content-length"]))
+        else:
+            resp_body = await self.reader.read()  # delimited by the close
+            keep = False
+        if status == 413:
+            keep = False  # the server did not read the body: the connection cannot go on
+        if keep:
+            self.last = time.monotonic()
+        else:
+            self.close()
+        return Response(status, rh, resp_body)
+
+
+class Client:
+    """A pool of keep-alive connections to one producer."""
+
+    def __init__(self, port):
+        self.port = port
+        self.idle = []
+
+    async def request(self, method, path, body=None, headers=None, timeout=REQ_TIMEOUT):
+        for attempt in (0, 1):
+            conn = None
+            while self.idle and conn is None:
+                c = self.idle.pop()
+                if c.usable():
+                    conn = c
+                else:
+                    c.close()
+            reused = conn is not None
+            conn = conn or Conn(self.port)
+            try:
+                resp = await asyncio.wait_for(conn.exchange(method, path, body, headers), timeout)
+            except asyncio.TimeoutError:
+                conn.close()
+                raise TransportError("%s %s: no answer within %gs" % (method, path, timeout))
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                    ValueError, IndexError) as e:
+                conn.close()
+                # A kept-alive connection the server closed before reading the request: replay
+                # once, but only requests that are safe to repeat.
+                if reused and not conn.got_bytes and method in ("GET", "HEAD") and attempt == 0:
+                    continue
+                raise TransportError("%s %s: %s: %s" % (method, path, type(e).__name__, e))
+            if conn.writer is not None:
+                self.idle.append(conn)
+            return resp
+
+    def close(self):
+        for c in self.idle:
+            c.close()
+        self.idle = []
+
+
+# ---- the producers under test ----------------------------------------------------------------
+
+def load_stack_env():
+    """Fills what `. var/stack.env` would have set, for a run outside tests/run-all.sh."""
+    path = os.path.join(ROOT, "var", "stack.env")
+    if os.environ.get("REDIS_URL") or not os.path.exists(path):
+        return
+    with open(path) as f:
+        for line in f:
+            words = shlex.split(line, comments=True)
+            if len(words) == 2 and words[0] == "export" and "=" in words[1]:
+                k, _, v = words[1].partition("=")
+                os.environ.setdefault(k, v)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class Producer:
+    def __init__(self, name, binary, logdir):
+        self.name = name
+        self.port = free_port()
+        self.log_path = os.path.join(logdir, "producer-%s.log" % name)
+        env = dict(os.environ, HTTP_ADDR=HOST, HTTP_PORT=str(self.port), ADMIN_TOKEN=ADMIN,
+                   PAYMENT_TOKEN=PAYMENT,
+                   WORKER_ID="itest-%d-%s-%06x" % (os.getpid(), name, random.getrandbits(24)))
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([binary], env=env, stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT)
+        self.client = Client(self.port)
+
+    def log_tail(self, n=12):
+        try:
+            with open(self.log_path, "rb") as f:
+                lines = f.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join("#   %s: %s" % (self.name, l[:300]) for l in lines[-n:])
+
+    async def wait_ready(self, deadline):
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return "producer %s exited with status %s" % (self.name, self.proc.returncode)
+            try:
+                r = await self.client.request("GET", "/readyz", timeout=2)
+                if r.status == 200:
+                    return None
+                last = repr(r)
+            except TransportError as e:
+                last = str(e)
+            await asyncio.sleep(0.2)
+        return "producer %s not ready within 20 s (last: %s)" % (self.name, last)
+
+    async def stop(self, timeout=10.0):
+        """SIGTERM, then the exit status within `timeout` seconds (None if it did not exit)."""
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        return self.proc.poll()
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# ---- helpers for the checks ------------------------------------------------------------------
+
+class Fail(Exception):
+    pass
+
+
+def expect(cond, detail):
+    if not cond:
+        raise Fail(detail)
+
+
+def new_sku():
+    return random.randint(10**9, MAX_ID)
+
+
+def admin(token=ADMIN):
+    return {"Authorization": "Bearer " + token} if token is not None else {}
+
+
+async def open_sale(c, sku, stock, limit, pay=600, token=ADMIN):
+    return await c.request("POST", "/v1/skus", {"sku_id": sku, "stock": stock,
+                                                "per_user_limit": limit, "pay_timeout_s": pay},
+                           admin(token))
+
+
+async def must_open(c, sku, stock, limit):
+    r = await open_sale(c, sku, stock, limit)
+    expect(r.status == 201, "opening SKU %d answered %r, wanted 201" % (sku, r))
+
+
+async def available(c, sku):
+    r = await c.request("GET", "/v1/skus/%d" % sku)
+    j = r.json()
+    expect(r.status == 200 and isinstance(j, dict) and isinstance(j.get("available"), int)
+           and not isinstance(j.get("available"), bool),
+           "GET /v1/skus/%d answered %r, wanted 200 with an integer available" % (sku, r))
+    expect(j.get("sku_id") == sku, "GET /v1/skus/%d names sku_id %r" % (sku, j.get("sku_id")))
+    return j["available"]
+
+
+async def order(c, user, sku, qty=1, key=None):
+    return await c.request("POST", "/v1/orders", {"user_id": user, "sku_id": sku, "qty": qty},
+                           {"Idempotency-Key": key} if key else None)
+
+
+def accepted_id(r):
+    """The order id of a well-formed 202, else None."""
+    j = r.json()
+    if r.status == 202 and isinstance(j, dict) and j.get("status") == "accepted" \
+            and isinstance(j.get("order_id"), str) and j["order_id"]:
+        return j["order_id"]
+    return None
+
+
+# ---- the checks ------------------------------------------------------------------------------
+
+async def check_admin(ctx):
+    a = ctx.a
+    sku = new_sku()
+    for label, tok in (("no token", None), ("a wrong token", "nope"),
+                       ("the payment token", PAYMENT), ("the admin token plus a suffix", ADMIN + "x")):
+        r = await open_sale(a, sku, 10, 1, token=tok)
+        expect(r.status == 401, "open with %s answered %r, wanted 401" % (label, r))
+    r = await a.request("POST", "/v1/skus", {"sku_id": sku, "stock": 10, "per_user_limit": 1,
+                                             "pay_timeout_s": 600}, {"Authorization": ADMIN})
+    expect(r.status == 401, "open with a bare token (no Bearer) answered %r, wanted 401" % r)
+    r = await a.request("GET", "/v1/skus/%d" % sku)
+    expect(r.status == 404 and r.error() == "unknown_sku",
+           "after refused opens GET answered %r, wanted 404 unknown_sku" % r)
+    return "5 refusals, nothing opened"
+
+
+async def check_open(ctx):
+    sku = ctx.admin_sku = new_sku()
+    await must_open(ctx.a, sku, 500, 1)
+    got = await available(ctx.b, sku)  # asked of the other producer, at once
+    expect(got == 500, "right after the 201 available is %d, wanted 500" % got)
+    r = await order(ctx.b, random.randint(1, 10**9), sku)
+    expect(accepted_id(r), "an order right after the 201 answered %r, wanted 202 accepted" % r)
+    expect(await available(ctx.a, sku) == 499, "available did not drop to 499 after one order")
+    return "available 500 at once, first order accepted"
+
+
+async def check_reopen(ctx):
+    sku = ctx.admin_sku
+    expect(sku, "skipped: no SKU was opened")
+    for stock in (500, 7):
+        r = await open_sale(ctx.b, sku, stock, 1)
+        expect(r.status == 409 and r.error() == "exists",
+               "re-open with stock %d answered %r, wanted 409 exists" % (stock, r))
+    got = await available(ctx.a, sku)
+    expect(got == 499, "after re-opens available is %d, wanted 499" % got)
+
+
+async def check_restock(ctx):
+    sku = ctx.admin_sku
+    expect(sku, "skipped: no SKU was opened")
+    before = await available(ctx.a, sku)
+    r = await ctx.a.request("POST", "/v1/skus/%d/restock" % sku, {"add": 50}, admin("nope"))
+    expect(r.status == 401, "restock with a wrong token answered %r, wanted 401" % r)
+    r = await ctx.a.request("POST", "/v1/skus/%d/restock" % sku, {"add": 50}, admin())
+    expect(r.status == 200, "restock answered %r, wanted 200" % r)
+    got, end = await available(ctx.b, sku), time.monotonic() + 5
+    while got == before and time.monotonic() < end:  # bounded, in case restock is asynchronous
+        await asyncio.sleep(0.05)
+        got = await available(ctx.b, sku)
+    expect(got == before + 50, "available went %d -> %d after restock 50" % (before, got))
+    unknown = new_sku()
+    r = await ctx.a.request("POST", "/v1/skus/%d/restock" % unknown, {"add": 5}, admin())
+    expect(r.status == 404, "restock of an unknown SKU answered %r, wanted 404" % r)
+    r = await ctx.a.request("GET", "/v1/skus/%d" % unknown)
+    expect(r.status == 404 and r.error() == "unknown_sku",
+           "GET of an unknown SKU answered %r, wanted 404 unknown_sku" % r)
+    return "available %d -> %d" % (before, got)
+
+
+async def burst_worker(conn, producer_idx, jobs, sku, results, start, connected):
+    for _ in range(3):  # connect before the clock starts; bounded
+        try:
+            await asyncio.wait_for(conn.connect(), REQ_TIMEOUT)
+            break
+        except OSError:  # asyncio.TimeoutError is an OSError too
+            conn.close()
+            await asyncio.sleep(0.2)
+    connected.append(conn.writer is not None)
+    await start.wait()
+    for user in jobs:  # one iterator shared by all workers
+        try:
+            r = await asyncio.wait_for(
+                conn.exchange("POST", "/v1/orders", {"user_id": user, "sku_id": sku, "qty": 1}),
+                REQ_TIMEOUT)
+            results.append((user, producer_idx, r.status, r.error(), accepted_id(r), r))
+        except Exception as e:  # one failed request is counted, the worker goes on
+            conn.close()
+            results.append((user, producer_idx, 0, None, None, "%s: %s" % (type(e).__name__, e)))
+    conn.close()
+
+
+def read_kafka(sku):
+    """Events of `sku` in the topic, via kcat (bounded)."""
+    cmd = ["kcat", "-b", os.environ["KAFKA_BROKERS"], "-C", "-t", os.environ["KAFKA_TOPIC"],
+           "-o", "beginning", "-e", "-q", "-f", "%k\t%s\n"]
+    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    if p.returncode != 0:
+        raise Fail("kcat failed (%d): %s" % (p.returncode, p.stderr.decode("utf-8", "replace")[:300]))
+    events, key = [], str(sku)
+    for line in p.stdout.decode("utf-8", "replace").splitlines():
+        k, _, v = line.partition("\t")
+        if k == key:
+            try:
+                events.append(json.loads(v))
+            except ValueError:
+                events.append({"unparsable": v[:100]})
+    return events
+
+
+async def check_burst(ctx, users=5000, tries=4, stock=500, conns=600):
+    sku = new_sku()
+    await must_open(ctx.a, sku, stock, 1)
+    base = random.randint(10**9, 10**12)
+    jobs = [base + i for i in range(users)] * tries
+    random.shuffle(jobs)
+    jobs_it, results, start, connected = iter(jobs), [], asyncio.Event(), []
+    ports = (ctx.pa.port, ctx.pb.port)
+    workers = [asyncio.ensure_future(burst_worker(Conn(ports[i % 2]), i % 2, jobs_it, sku, results,
+                                                  start, connected)) for i in range(conns)]
+    end = time.monotonic() + 20
+    while len(connected) < conns and time.monotonic() < end:  # all connected before the clock
+        await asyncio.sleep(0.05)
+    t = time.monotonic()
+    start.set()
+    await asyncio.gather(*workers)
+    elapsed = time.monotonic() - t
+    rate = len(results) / elapsed if elapsed > 0 else 0.0
+
+    pre = "sku %d, %.2f s, %.0f req/s: " % (sku, elapsed, rate)
+
+    def want(cond, detail):
+        expect(cond, pre + detail)
+
+    want(len(results) == len(jobs), "%d answers for %d requests" % (len(results), len(jobs)))
+    counts, odd = {}, []
+    for user, pidx, status, err, oid, r in results:
+        word = "accepted" if oid else (err or "?")
+        counts[(status, word)] = counts.get((status, word), 0) + 1
+        if not (oid or (status == 409 and err in ("sold_out", "limit_exceeded"))):
+            odd.append("user %d via %s: %r" % (user, "AB"[pidx], r))
+    summary = ", ".join("%d %s: %d" % (s, w, n) for (s, w), n in sorted(counts.items()))
+    want(not odd, "%d unexpected answers (%s); e.g. %s" % (len(odd), summary, "; ".join(odd[:3])))
+    wins = [(user, oid) for user, _, _, _, oid, _ in results if oid]
+    want(len(wins) == stock, "%d answers 202, wanted exactly %d (%s)" % (len(wins), stock, summary))
+    winners = [u for u, _ in wins]
+    want(len(set(winners)) == len(winners), "%d users got two 202s"
+         % (len(winners) - len(set(winners))))
+    ids = {oid for _, oid in wins}
+    want(len(ids) == len(wins), "%d duplicate order ids among the 202s" % (len(wins) - len(ids)))
+    left = await available(ctx.a, sku)
+    want(left == 0, "available is %d after the sale, wanted 0" % left)
+    per_prod = [sum(1 for r in results if r[1] == i) for i in (0, 1)]
+
+    events = await asyncio.to_thread(read_kafka, sku)
+    created = [e for e in events if e.get("type") == "order.created"]
+    got_ids = [e.get("order_id") for e in created]
+    want(len(created) == stock, "Kafka holds %d order.created for the SKU, wanted %d"
+         % (len(created), stock))
+    want(set(got_ids) == ids and len(set(got_ids)) == stock,
+         "Kafka order ids differ from the 202s: %d missing, %d extra, %d duplicates"
+         % (len(ids - set(got_ids)), len(set(got_ids) - ids), len(got_ids) - len(set(got_ids))))
+    by_id = {oid: u for u, oid in wins}
+    bad = [e for e in created if e.get("user_id") != by_id.get(e.get("order_id"))
+           or e.get("qty") != 1 or e.get("sku_id") != sku]
+    want(not bad, "%d order.created events disagree with the 202s, e.g. %s" % (len(bad), bad[:1]))
+    return ("sku %d: %d requests (A %d, B %d) on %d connections in %.2f s = %.0f req/s; %s; "
+            "Kafka agrees" % (sku, len(results), per_prod[0], per_prod[1], conns, elapsed, rate,
+                              summary))
+
+
+async def check_idempotency(ctx):
+    sku = new_sku()
+    await must_open(ctx.a, sku, 100, 0)
+    u1, key = random.randint(1, 10**9), "itest-%016x" % random.getrandbits(64)
+    before = await available(ctx.a, sku)
+    r1 = await order(ctx.a, u1, sku, key=key)
+    id1 = accepted_id(r1)
+    expect(id1, "first request with a key answered %r, wanted 202" % r1)
+    r2 = await order(ctx.b, u1, sku, key=key)
+    expect(accepted_id(r2) == id1, "the replay answered %r, wanted 202 with order_id %s" % (r2, id1))
+    mid = await available(ctx.a, sku)
+    expect(mid == before - 1, "available went %d -> %d for one keyed order" % (before, mid))
+
+    u2, key2 = u1 + 1, key + "-race"
+    rs = await asyncio.gather(*(order(ctx.a if i % 2 else ctx.b, u2, sku, key=key2)
+                                for i in range(20)))
+    odd = [r for r in rs if not accepted_id(r) and not (r.status == 409 and r.error() == "in_progress")]
+    expect(not odd, "racing copies got %d unexpected answers, e.g. %r" % (len(odd), odd[0] if odd else None))
+    ids = {accepted_id(r) for r in rs} - {None}
+    expect(len(ids) <= 1, "racing copies of one key created %d orders" % len(ids))
+    after = await available(ctx.a, sku)
+    expect(after == mid - len(ids), "available went %d -> %d for %d order(s)" % (mid, after, len(ids)))
+    if ids:
+        r = await order(ctx.a, u2, sku, key=key2)
+        expect(accepted_id(r) in ids, "a replay after the race answered %r" % r)
+    in_progress = sum(1 for r in rs if r.status == 409)
+    # The key belongs to (SKU, user): another user with the same key gets an order of their own.
+    r3 = await order(ctx.b, u1 + 2, sku, key=key)
+    id3 = accepted_id(r3)
+    expect(id3 and id3 != id1, "another user with the same key answered %r, wanted a new order" % r3)
+    expect(await available(ctx.a, sku) == after - 1, "the other user's order did not deduct one")
+    return "race: %d x 202 same id, %d x 409 in_progress" % (20 - in_progress, in_progress)
+
+
+async def check_limits(ctx):
+    sku = new_sku()
+    await must_open(ctx.a, sku, 3, 2)
+    u = random.randint(1, 10**9)
+    r = await order(ctx.a, u, sku, qty=2)
+    expect(accepted_id(r), "qty 2 within a limit of 2 answered %r, wanted 202" % r)
+    expect(await available(ctx.a, sku) == 1, "available is not 1 after qty 2 of 3")
+    r = await order(ctx.b, u, sku, qty=1)
+    expect(r.status == 409 and r.error() == "limit_exceeded",
+           "a third unit for the same user answered %r, wanted 409 limit_exceeded" % r)
+    r = await order(ctx.a, u + 1, sku, qty=3)
+    expect(r.status == 409 and r.error() == "limit_exceeded",
+           "qty 3 over a limit of 2 answered %r, wanted 409 limit_exceeded" % r)
+    r = await order(ctx.a, u + 1, sku, qty=2)
+    expect(r.status == 409 and r.error() == "sold_out",
+           "qty 2 with 1 left answered %r, wanted 409 sold_out" % r)
+    got = await available(ctx.b, sku)
+    expect(got == 1, "refusals changed available to %d, wanted 1" % got)
+    r = await order(ctx.b, u + 1, sku, qty=1)
+    expect(accepted_id(r), "the last unit answered %r, wanted 202" % r)
+    expect(await available(ctx.a, sku) == 0, "available is not 0 after the last unit")
+
+
+def hostile_requests(sku, unknown):
+    """(label, method, path, body, headers, wanted statuses, wanted error word or None)."""
+    o = '{"user_id":7,"sku_id":%d,"qty":1}' % sku  # a valid order; every variant is one bad step off
+    bad = []
+
+    def add(label, body, h=None, want=(400,), word="invalid_request"):
+        bad.append((label, "POST", "/v1/orders", body, h, set(want), word))
+
+    def order_with(**fields):
+        return json.dumps(dict({"user_id": 7, "sku_id": sku, "qty": 1}, **fields))
+
+    add("empty body", b"")
+    add("'{'", "{")
+    add("truncated JSON", o[:-5])
+    for text in ("[]", '"str"', "null", "true", "42", "{}", "[" + o + "]"):
+        add(text[:20], text)
+    add("[ x 4000", "[" * 4000)
+    add('{"a": x 800', '{"a":' * 800)
+    wrong_values = {  # written verbatim into an otherwise valid order
+        "qty": ("1e400", "99999999999999999999999", '"1"', "1.5", "null", "true", "[1]",
+                '{"n":1}', "-1", "0"),
+        "user_id": ("1e400", "99999999999999999999999", '"7"', "1.5", "[1]", "0"),
+        "sku_id": ("1e400", '"%d"' % sku, "1.5", "[1]", "0")}
+    for field, values in wrong_values.items():
+        for val in values:
+            fields = {"user_id": "7", "sku_id": str(sku), "qty": "1", field: val}
+            add("%s %s" % (field, val), "{%s}" % ",".join('"%s":%s' % kv for kv in fields.items()))
+    add("qty 1001", order_with(qty=1001))
+    add("qty -1000", order_with(qty=-1000))
+    add("user_id 2^53", order_with(user_id=MAX_ID + 1))
+    add("sku_id 2^53", order_with(sku_id=MAX_ID + 1))
+    add("user_id -7", order_with(user_id=-7))
+    add("missing user_id", '{"sku_id":%d,"qty":1}' % sku)
+    add("missing sku_id", '{"user_id":7,"qty":1}')
+    add("missing qty", '{"user_id":7,"sku_id":%d}' % sku)
+    add("unknown fields only", '{"foo":1,"bar":"x"}')
+    add("NUL after the object", o.encode() + b"\x00")
+    add("NUL before the object", b"\x00" + o.encode())
+    add("NUL inside a key", o.replace('"qty"', '"q\x00ty"').encode())
+    add("invalid UTF-8 in a string", o[:-1].encode() + b',"note":"\xc3\x28"}')
+    add("overlong UTF-8 in a key", o.replace('"qty"', '"qty\xc0\xaf"').encode("latin-1"))
+    add("garbage after the object", o + " x")
+    add("two objects", o + o)
+    add("text/plain with valid JSON", o, {"Content-Type": "text/plain"}, (400, 415), None)
+    add("form-encoded", "user_id=7&sku_id=%d&qty=1" % sku,
+        {"Content-Type": "application/x-www-form-urlencoded"}, (400, 415), None)
+    add("5000-byte valid order", o + " " * (5000 - len(o)), want=(413,), word=None)
+    add("[ x 10000", "[" * 10000, want=(413,), word=None)
+    add("unknown SKU", order_with(sku_id=unknown), want=(404,), word="unknown_sku")
+    bad.append(("GET /v1/orders", "GET", "/v1/orders", None, None, {404, 405}, None))
+    bad.append(("GET /v1/skus/abc", "GET", "/v1/skus/abc", None, None, {400, 404}, None))
+    rs = "/v1/skus/%d/restock" % sku
+    for val in ("0", "-5", "1.5", '"5"', "null", "1e400", "1000000000001"):
+        bad.append(("add " + val, "POST", rs, '{"add":%s}' % val, admin(), {400}, "invalid_request"))
+    for body in ("{}", "{", ""):
+        bad.append(("restock %r" % body, "POST", rs, body, admin(), {400}, "invalid_request"))
+    bad.append(("restock without token", "POST", rs, '{"add":5}', None, {401}, None))
+    bad.append(("restock, payment token", "POST", rs, '{"add":5}', admin(PAYMENT), {401}, None))
+    return bad
+
+
+async def check_bad_input(ctx):
+    sku = ctx.bad_sku = new_sku()
+    await must_open(ctx.a, sku, 50, 0)
+    before = await available(ctx.a, sku)
+    reqs = hostile_requests(sku, new_sku())
+    wrong = []
+    for i, (label, method, path, body, headers, want, word) in enumerate(reqs):
+        c = ctx.a if i % 2 == 0 else ctx.b
+        try:
+            r = await c.request(method, path, body, headers)
+        except TransportError as e:
+            wrong.append("%s: %s" % (label, e))
+            continue
+        j = r.json()
+        if r.status not in want:
+            wrong.append("%s: %r (wanted %s)" % (label, r, "/".join(map(str, sorted(want)))))
+        elif r.status != 413 and not (isinstance(j, dict) and isinstance(j.get("error"), str)):
+            wrong.append("%s: %r (no JSON error)" % (label, r))
+        elif word and j.get("error") != word:
+            wrong.append("%s: %r (wanted error %s)" % (label, r, word))
+    ctx.bad_before = before
+    expect(not wrong, "%d of %d answers wrong: %s" % (len(wrong), len(reqs), "; ".join(wrong[:6])))
+    return "%d hostile requests refused" % len(reqs)
+
+
+async def check_bad_changed_nothing(ctx):
+    expect(ctx.bad_sku and ctx.bad_before is not None, "skipped: no bad-input SKU")
+    got = await available(ctx.b, ctx.bad_sku)
+    expect(got == ctx.bad_before, "available went %d -> %d" % (ctx.bad_before, got))
+    bad_opens = [{"sku_id": 0, "stock": 5, "per_user_limit": 1, "pay_timeout_s": 600},
+                 {"stock": -1}, {"stock": 1.5}, {"stock": "5"}, {"per_user_limit": -1},
+                 {"pay_timeout_s": -1}, {"stock": None}]
+    for i, fields in enumerate(bad_opens):
+        s = new_sku()
+        body = dict({"sku_id": s, "stock": 5, "per_user_limit": 1, "pay_timeout_s": 600}, **fields)
+        r = await ctx.a.request("POST", "/v1/skus", body, admin())
+        expect(r.status == 400 and r.error() == "invalid_request",
+               "open with %s answered %r, wanted 400 invalid_request" % (fields, r))
+        r = await ctx.b.request("GET", "/v1/skus/%d" % s)
+        expect(r.status == 404, "a refused open of %s left GET answering %r" % (fields, r))
+    for p in ctx.producers:
+        expect(p.proc.poll() is None, "producer %s exited (%s)" % (p.name, p.proc.returncode))
+        r = await p.client.request("GET", "/healthz")
+        expect(r.status == 200, "producer %s /healthz answered %r" % (p.name, r))
+    return "available still %d; %d bad opens refused; both producers healthy" % (got, len(bad_opens))
+
+
+async def check_metrics(ctx):
+    for p in ctx.producers:
+        r = await p.client.request("GET", "/metrics")
+        expect(r.status == 200, "producer %s /metrics answered %r" % (p.name, r))
+        lines = r.body.decode("utf-8", "replace").splitlines()
+        expect(any(l.startswith(("stockpipe_", "sp_")) for l in lines),
+               "producer %s /metrics has no stockpipe_ or sp_ line" % p.name)
+
+
+# ---- the runner ------------------------------------------------------------------------------
+
+class Ctx:
+    admin_sku = bad_sku = bad_before = None
+
+
+class Report:
+    def __init__(self):
+        self.passed = self.failed = 0
+
+    def ok(self, name, detail=None):
+        self.passed += 1
+        print("ok - %s%s" % (name, " (%s)" % detail if detail else ""), flush=True)
+
+    def not_ok(self, name, detail):
+        self.failed += 1
+        print("not ok - %s: %s" % (name, " ".join(str(detail).split())), flush=True)
+
+
+CHECKS = [
+    ("admin: open without or with a wrong token is 401 and opens nothing", check_admin, 20),
+    ("admin: open is 201 and the sale is orderable at once on every producer", check_open, 20),
+    ("admin: a second open is 409 exists and changes nothing", check_reopen, 20),
+    ("admin: restock is 200 and available grows by add; unknown SKU is 404", check_restock, 20),
+    ("burst: 20000 orders, 5000 users, 500 units over two producers sell exactly 500", check_burst, 100),
+    ("idempotency: a replayed or racing key yields one order and one deduction", check_idempotency, 30),
+    ("limits: per_user_limit and stock are enforced and refusals deduct nothing", check_limits, 20),
+    ("bad input: every hostile request gets a 4xx JSON error", check_bad_input, 40),
+    ("bad input changes nothing and the producers stay healthy", check_bad_changed_nothing, 20),
+    ("metrics: /metrics is Prometheus text with stockpipe_ lines", check_metrics, 10),
+]
+
+
+async def run(rep, binary, logdir):
+    ctx = Ctx()
+    ctx.producers = []
+    try:
+        ctx.pa, ctx.pb = Producer("A", binary, logdir), Producer("B", binary, logdir)
+        ctx.producers = [ctx.pa, ctx.pb]
+        ctx.a, ctx.b = ctx.pa.client, ctx.pb.client
+        deadline = time.monotonic() + 20
+        errs = [e for e in await asyncio.gather(*(p.wait_ready(deadline) for p in ctx.producers)) if e]
+        if errs:
+            rep.not_ok("two producers start and answer /readyz 200 within 20 s", "; ".join(errs))
+            for p in ctx.producers:
+                print(p.log_tail(), flush=True)
+            for name, _, _ in CHECKS:
+                rep.not_ok(name, "skipped: the producers are not ready")
+        else:
+            rep.ok("two producers start and answer /readyz 200 within 20 s",
+                   "ports %d, %d" % (ctx.pa.port, ctx.pb.port))
+            for name, fn, budget in CHECKS:
+                left = TOTAL_BUDGET - 15 - (time.monotonic() - T0)
+                if left < 1:
+                    rep.not_ok(name, "skipped: out of time")
+                    continue
+                try:
+                    detail = await asyncio.wait_for(fn(ctx), min(budget, left))
+                    rep.ok(name, detail)
+                except Fail as e:
+                    rep.not_ok(name, e)
+                except asyncio.TimeoutError:
+                    rep.not_ok(name, "did not finish within %.0f s" % min(budget, left))
+                except TransportError as e:
+                    rep.not_ok(name, "transport error: %s" % e)
+                except Exception as e:  # a bug here must not hide the other checks
+                    rep.not_ok(name, "%s: %s" % (type(e).__name__, e))
+        if ctx.producers:
+            codes = await asyncio.gather(*(p.stop(10.0) for p in ctx.producers))
+            for p, code in zip(ctx.producers, codes):
+                if code == 0:
+                    rep.ok("producer %s drains and exits 0 on SIGTERM" % p.name)
+                else:
+                    rep.not_ok("producer %s drains and exits 0 on SIGTERM" % p.name,
+                               "exit status %s" % ("none within 10 s" if code is None else code))
+                    print(p.log_tail(), flush=True)
+    finally:
+        for p in ctx.producers:
+            p.client.close()
+            p.kill()
+
+
+def main():
+    load_stack_env()
+    missing = [v for v in ("REDIS_URL", "KAFKA_BROKERS", "KAFKA_TOPIC", "PG_DSN") if not os.environ.get(v)]
+    bin_dir = os.environ.get("BIN_DIR", "bin")
+    if not os.path.isabs(bin_dir) and not os.path.isdir(bin_dir):
+        bin_dir = os.path.join(ROOT, bin_dir)
+    binary = os.path.abspath(os.path.join(bin_dir, "producer"))
+    rep = Report()
+    if missing or not os.access(binary, os.X_OK):
+        rep.not_ok("setup", "missing %s" % (", ".join(missing) if missing else binary))
+    else:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < 4096:
+            want = 4096 if hard == resource.RLIM_INFINITY else min(4096, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
+        logdir = tempfile.mkdtemp(prefix="sp-producer-api-")
+        asyncio.run(run(rep, binary, logdir))
+        if rep.failed:
+            print("# the producers' logs are kept in %s" % logdir, flush=True)
+        else:
+            shutil.rmtree(logdir, ignore_errors=True)
+    print("%d passed, %d failed" % (rep.passed, rep.failed), flush=True)
+    return 0 if rep.failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
