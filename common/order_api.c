@@ -344,8 +344,7 @@ static int publish(call *c) {
 
 static void on_release(redisAsyncContext *ac, void *reply, void *data);
 static void on_confirm(redisAsyncContext *ac, void *reply, void *data);
-static void on_sale_open(redisAsyncContext *ac, void *reply, void *data);
-static void on_restock(redisAsyncContext *ac, void *reply, void *data);
+static void on_sale_written(redisAsyncContext *ac, void *reply, void *data);
 
 /* Gives an order's reservation back (Kafka definitely did not take it), then frees the call. */
 static void release_order(call *c) {
@@ -379,13 +378,13 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
             }
             return;
         case CALL_OPEN:
-            sp_stock_open_call(&c->script, c->ev.sku_id, c->ev.stock, c->ev.per_user_limit,
-                               c->ev.pay_timeout_s);
-            if (redis_send(c, on_sale_open) != 0) call_free(c);
-            return;
         case CALL_RESTOCK:
-            sp_stock_restock_call(&c->script, c->ev.sku_id, c->ev.stock);
-            if (redis_send(c, on_restock) != 0) call_free(c);
+            if (c->kind == CALL_OPEN)
+                sp_stock_open_call(&c->script, c->ev.sku_id, c->ev.stock, c->ev.per_user_limit,
+                                   c->ev.pay_timeout_s);
+            else
+                sp_stock_restock_call(&c->script, c->ev.sku_id, c->ev.stock);
+            if (redis_send(c, on_sale_written) != 0) call_free(c);
             return;
         case CALL_PAY:
             answer_order(c, 202, c->ev.order_id, "payment_recorded", &m_paid);
@@ -563,19 +562,24 @@ done:
 
 /* ---- admin: POST /v1/skus, POST /v1/skus/{id}/restock, GET /v1/skus/{id} ---- */
 
-static void on_sale_open(redisAsyncContext *ac, void *reply, void *data) {
+/* Kafka has the stock.set / stock.add; Redis now says what the sale holds. */
+static void on_sale_written(redisAsyncContext *ac, void *reply, void *data) {
     call *c = data;
-    long long opened;
+    long long v;
     char err[256], body[200];
-    if (!redis_reply_usable(c, ac, reply, on_sale_open)) return;
-    if (sp_stock_integer_parse(reply, "sale_open", &opened, err, sizeof(err)) != 0) {
-        sp_warn("open sku %" PRId64 ": %s", c->ev.sku_id, err);
-    } else if (opened) {
-        snprintf(body, sizeof(body), "{\"sku_id\":%" PRId64 ",\"available\":%" PRId64 "}",
-                 c->ev.sku_id, c->ev.stock);
-        answer(c, 201, body, &m_admin_ok);
-    } else {
+    if (!redis_reply_usable(c, ac, reply, on_sale_written)) return;
+    if (sp_stock_integer_parse(reply, c->script.script->name, &v, err, sizeof(err)) != 0 ||
+        (c->kind == CALL_RESTOCK && v < 0)) {
+        /* The event is in the log, so PostgreSQL gets it; Redis lags until reconcile. */
+        sp_warn("sku %" PRId64 ": redis not updated after the event was logged: %s", c->ev.sku_id,
+                err);
+    } else if (c->kind == CALL_OPEN && v == 0) {
         answer_error(c, 409, "exists", NULL, &m_admin_ok);
+    } else {
+        if (c->kind == CALL_RESTOCK) soldout_set(c->api, c->ev.sku_id, 0);
+        snprintf(body, sizeof(body), "{\"sku_id\":%" PRId64 ",\"available\":%lld}", c->ev.sku_id,
+                 c->kind == CALL_OPEN ? (long long)c->ev.stock : v);
+        answer(c, c->kind == CALL_OPEN ? 201 : 200, body, &m_admin_ok);
     }
     call_free(c);
 }
@@ -599,56 +603,28 @@ static void on_sale_exists(redisAsyncContext *ac, void *reply, void *data) {
     call_free(c);
 }
 
-static void post_sku(sp_order_api *api, struct evhttp_request *req) {
-    int64_t sku, stock, limit, timeout;
+/* Open and restock: admin only; the body fills c->ev; then Redis is asked
+ * whether the sale exists, and on_sale_exists goes on. */
+static void post_sale_change(sp_order_api *api, struct evhttp_request *req, call_kind kind,
+                             int64_t sku) {
+    int64_t stock, limit = 0, timeout = 0;
     char key[SP_STOCK_KEY_MAX];
-    call *c = call_new(api, req, CALL_OPEN);
+    call *c = call_new(api, req, kind);
     json_t *body = NULL;
     if (c == NULL) return;
     if (!authorized(c, api->cfg->admin_token) || (body = read_body(c)) == NULL) goto done;
-    if (int_field(c, body, "sku_id", 1, SP_ID_MAX, &sku) != 0 ||
-        int_field(c, body, "stock", 0, SP_STOCK_MAX, &stock) != 0 ||
-        int_field(c, body, "per_user_limit", 0, SP_PER_USER_MAX, &limit) != 0 ||
-        int_field(c, body, "pay_timeout_s", 1, SP_PAY_TIMEOUT_MAX, &timeout) != 0)
+    if (kind == CALL_OPEN) {
+        if (int_field(c, body, "sku_id", 1, SP_ID_MAX, &sku) != 0 ||
+            int_field(c, body, "stock", 0, SP_STOCK_MAX, &stock) != 0 ||
+            int_field(c, body, "per_user_limit", 0, SP_PER_USER_MAX, &limit) != 0 ||
+            int_field(c, body, "pay_timeout_s", 1, SP_PAY_TIMEOUT_MAX, &timeout) != 0)
+            goto done;
+    } else if (int_field(c, body, "add", 1, SP_STOCK_MAX, &stock) != 0) {
         goto done;
-    c->ev = (sp_event){.type = SP_EV_STOCK_SET, .sku_id = sku, .stock = stock,
-                       .per_user_limit = (int32_t)limit, .pay_timeout_s = (int32_t)timeout};
-    sp_stock_key(key, sku, "sale");
-    if (redis_command(c, on_sale_exists, "EXISTS %s", key) == 0) {
-        json_decref(body);
-        return;
     }
-done:
-    json_decref(body);
-    call_free(c);
-}
-
-static void on_restock(redisAsyncContext *ac, void *reply, void *data) {
-    call *c = data;
-    long long stock;
-    char err[256], body[200];
-    if (!redis_reply_usable(c, ac, reply, on_restock)) return;
-    if (sp_stock_integer_parse(reply, "restock", &stock, err, sizeof(err)) == 0 && stock >= 0) {
-        soldout_set(c->api, c->ev.sku_id, 0);
-        snprintf(body, sizeof(body), "{\"sku_id\":%" PRId64 ",\"available\":%lld}", c->ev.sku_id,
-                 stock);
-        answer(c, 200, body, &m_admin_ok);
-    } else {
-        /* Kafka has the stock.add, so PostgreSQL gets it; Redis lags until reconcile. */
-        sp_warn("restock sku %" PRId64 " in redis failed after the event was logged", c->ev.sku_id);
-    }
-    call_free(c);
-}
-
-static void post_restock(sp_order_api *api, struct evhttp_request *req, int64_t sku) {
-    int64_t add;
-    char key[SP_STOCK_KEY_MAX];
-    call *c = call_new(api, req, CALL_RESTOCK);
-    json_t *body = NULL;
-    if (c == NULL) return;
-    if (!authorized(c, api->cfg->admin_token) || (body = read_body(c)) == NULL) goto done;
-    if (int_field(c, body, "add", 1, SP_STOCK_MAX, &add) != 0) goto done;
-    c->ev = (sp_event){.type = SP_EV_STOCK_ADD, .sku_id = sku, .stock = add};
+    c->ev = (sp_event){.type = kind == CALL_OPEN ? SP_EV_STOCK_SET : SP_EV_STOCK_ADD,
+                       .sku_id = sku, .stock = stock, .per_user_limit = (int32_t)limit,
+                       .pay_timeout_s = (int32_t)timeout};
     sp_stock_key(key, sku, "sale");
     if (redis_command(c, on_sale_exists, "EXISTS %s", key) == 0) {
         json_decref(body);
@@ -720,7 +696,7 @@ static void route_orders(struct evhttp_request *req, void *arg) {
 }
 
 static void route_skus(struct evhttp_request *req, void *arg) {
-    if (is_post(req)) post_sku(arg, req);
+    if (is_post(req)) post_sale_change(arg, req, CALL_OPEN, 0);
 }
 
 /* Parses a positive decimal id of n bytes; 0 when it is not one. */
@@ -747,7 +723,7 @@ static void route_other(struct evhttp_request *req, void *arg) {
             return;
         }
         if (sku && slash && strcmp(slash, "/restock") == 0) {
-            if (is_post(req)) post_restock(api, req, sku);
+            if (is_post(req)) post_sale_change(api, req, CALL_RESTOCK, sku);
             return;
         }
     } else if (path && strncmp(path, "/v1/orders/", 11) == 0) {
