@@ -129,21 +129,24 @@ static int64_t mono_us(void) {
 
 /* ---- replies ---- */
 
-static void answer(call *c, int code, const char *json, sp_metric *outcome) {
-    if (c->req == NULL) return;
-    sp_http_reply_json(c->req, code, json);
+/* Bookkeeping of an answer just sent: the call has no request any more. */
+static void answered(call *c, sp_metric *outcome) {
     c->req = NULL;
     sp_metric_inc(outcome);
     if (c->kind == CALL_ORDER) sp_metric_observe(&m_latency, mono_us() - c->started_us);
+}
+
+static void answer(call *c, int code, const char *json, sp_metric *outcome) {
+    if (c->req == NULL) return;
+    sp_http_reply_json(c->req, code, json);
+    answered(c, outcome);
 }
 
 static void answer_error(call *c, int code, const char *error, const char *detail,
                          sp_metric *outcome) {
     if (c->req == NULL) return;
     sp_http_reply_error(c->req, code, error, detail);
-    c->req = NULL;
-    sp_metric_inc(outcome);
-    if (c->kind == CALL_ORDER) sp_metric_observe(&m_latency, mono_us() - c->started_us);
+    answered(c, outcome);
 }
 
 static void answer_order(call *c, int code, const char *order_id, const char *status,
@@ -292,6 +295,11 @@ static void redis_connect(sp_order_api *api) {
     sp_info("redis connected");
 }
 
+/* Counts a command sent; the stall watchdog measures from the first reply owed. */
+static void redis_sent(sp_order_api *api) {
+    if (api->redis_owed++ == 0) api->redis_last_reply_ms = now_ms();
+}
+
 /* A reply arrived (or the connection ended, r NULL). Returns 1 when the caller should go on with
  * r, 0 when it was handled here: re-sent after NOSCRIPT. A READONLY error means the server was
  * demoted in a failover: drop it, the next connect asks Sentinel again. */
@@ -300,10 +308,11 @@ static int redis_reply_usable(call *c, redisAsyncContext *ac, redisReply *r, red
     api->redis_owed--;
     api->redis_last_reply_ms = now_ms();
     if (r && sp_redis_is_noscript(r) && !c->resent && api->redis) {
+        /* The server lost its script cache (restart, failover, SCRIPT FLUSH). EVAL runs this call
+         * and puts the script back under the same SHA, so later calls keep using EVALSHA. */
         c->resent = 1;
-        c->script.script->sha[0] = '\0'; /* reload on the next connect; EVAL meanwhile */
         if (sp_redis_async_call_eval(api->redis, &c->script, fn, c) == 0) {
-            api->redis_owed++;
+            redis_sent(api);
             return 0;
         }
     }
@@ -323,7 +332,7 @@ static int redis_send(call *c, redisCallbackFn *fn) {
         sp_metric_inc(&m_redis_errors);
         return -1;
     }
-    if (api->redis_owed++ == 0) api->redis_last_reply_ms = now_ms();
+    redis_sent(api);
     return 0;
 }
 
@@ -433,7 +442,7 @@ static int redis_command(call *c, redisCallbackFn *fn, const char *fmt, const ch
         sp_metric_inc(&m_redis_errors);
         return -1;
     }
-    if (api->redis_owed++ == 0) api->redis_last_reply_ms = now_ms();
+    redis_sent(api);
     return 0;
 }
 

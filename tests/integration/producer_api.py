@@ -686,6 +686,39 @@ class Report:
         print("not ok - %s: %s" % (name, " ".join(str(detail).split())), flush=True)
 
 
+async def check_script_cache_lost(ctx):
+    """Redis forgets its scripts (SCRIPT FLUSH, as after a restart or failover) under running
+    producers: orders keep working, and afterwards the producers are back on EVALSHA (the
+    scripts are in the server's cache again) instead of sending every script body."""
+    sku = new_sku()
+    await must_open(ctx.a, sku, 10, 0)
+    url = os.environ["REDIS_URL"]
+    def redis_cli(*args):
+        p = subprocess.run(["redis-cli", "-u", url] + list(args), stdin=subprocess.DEVNULL,
+                           capture_output=True, timeout=10)
+        expect(p.returncode == 0, "redis-cli %s failed: %r" % (" ".join(args), p.stderr))
+        return p.stdout.decode().strip()
+    redis_cli("SCRIPT", "FLUSH")
+    for i, c in enumerate((ctx.a, ctx.b, ctx.a, ctx.b)):
+        r = await order(c, random.randint(1, 10**9), sku)
+        expect(accepted_id(r), "order %d after SCRIPT FLUSH answered %r, wanted 202" % (i, r))
+    expect(await available(ctx.a, sku) == 6, "available is not 6 after 4 orders of 10")
+    before = redis_cli("INFO", "commandstats")
+    for i in range(4):
+        r = await order(ctx.a if i % 2 else ctx.b, random.randint(1, 10**9), sku)
+        expect(accepted_id(r), "order %d answered %r, wanted 202" % (i + 4, r))
+    after = redis_cli("INFO", "commandstats")
+    def calls(text, cmd):
+        for line in text.splitlines():
+            if line.startswith("cmdstat_%s:" % cmd):
+                return int(line.split("calls=")[1].split(",")[0])
+        return 0
+    expect(calls(after, "eval") == calls(before, "eval"),
+           "producers still send EVAL with the script body after the cache was restored "
+           "(%d more EVAL calls)" % (calls(after, "eval") - calls(before, "eval")))
+    expect(calls(after, "evalsha") > calls(before, "evalsha"), "no EVALSHA was counted")
+
+
 CHECKS = [
     ("admin: open without or with a wrong token is 401 and opens nothing", check_admin, 20),
     ("admin: open is 201 and the sale is orderable at once on every producer", check_open, 20),
@@ -696,6 +729,7 @@ CHECKS = [
     ("limits: per_user_limit and stock are enforced and refusals deduct nothing", check_limits, 20),
     ("bad input: every hostile request gets a 4xx JSON error", check_bad_input, 40),
     ("bad input changes nothing and the producers stay healthy", check_bad_changed_nothing, 20),
+    ("redis script cache lost: orders go on and EVALSHA resumes", check_script_cache_lost, 30),
     ("metrics: /metrics is Prometheus text with stockpipe_ lines", check_metrics, 10),
 ]
 
