@@ -7,5 +7,6 @@ extern const char sp_lua_restock[];
 extern const char sp_lua_reserve[];
 extern const char sp_lua_confirm[];
 extern const char sp_lua_release[];
+extern const char sp_lua_cap[];
 
 #endif

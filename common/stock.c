@@ -1,5 +1,5 @@
 /* stock.c - the Redis side of a sale: its keys, and the Lua scripts that open, restock, reserve,
- *           confirm and release, each one atomic and one round trip.
+ *           confirm, release and cap, each one atomic and one round trip.
  *
  * Each call is built once (sp_stock_*_call) and parsed once (sp_stock_*_parse); the blocking
  * functions below and the producer's async path both use those, so there is one definition of
@@ -20,6 +20,7 @@ static sp_redis_script script_restock = {.name = "restock", .body = sp_lua_resto
 static sp_redis_script script_reserve = {.name = "reserve", .body = sp_lua_reserve};
 static sp_redis_script script_confirm = {.name = "confirm", .body = sp_lua_confirm};
 static sp_redis_script script_release = {.name = "release", .body = sp_lua_release};
+static sp_redis_script script_cap = {.name = "cap", .body = sp_lua_cap};
 
 int sp_idem_key_valid(const char *s) {
     size_t n = 0;
@@ -34,7 +35,7 @@ void sp_stock_key(char *buf, int64_t sku_id, const char *suffix) {
 
 int sp_stock_scripts_load(redisContext *c, char *errbuf, size_t errlen) {
     sp_redis_script *all[] = {&script_sale_open, &script_restock, &script_reserve,
-                              &script_confirm, &script_release};
+                              &script_confirm, &script_release, &script_cap};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
         if (sp_redis_script_load(c, all[i], errbuf, errlen) != 0) return -1;
     return 0;
@@ -77,9 +78,10 @@ void sp_stock_reserve_call(sp_script_call *call, const sp_reserve_request *req) 
 }
 
 void sp_stock_confirm_call(sp_script_call *call, int64_t sku_id, const char *order_id) {
-    sp_script_call_init(call, &script_confirm, 2);
+    sp_script_call_init(call, &script_confirm, 3);
     sp_script_call_arg(call, "{sku:%" PRId64 "}:resv", sku_id);
     sp_script_call_arg(call, "{sku:%" PRId64 "}:resv_by_ts", sku_id);
+    sp_script_call_arg(call, "{sku:%" PRId64 "}:accepted", sku_id);
     sp_script_call_arg(call, "%s", order_id);
 }
 
@@ -90,6 +92,13 @@ void sp_stock_release_call(sp_script_call *call, int64_t sku_id, const char *ord
     sp_script_call_arg(call, "{sku:%" PRId64 "}:resv", sku_id);
     sp_script_call_arg(call, "{sku:%" PRId64 "}:resv_by_ts", sku_id);
     sp_script_call_arg(call, "%s", order_id);
+}
+
+void sp_stock_cap_call(sp_script_call *call, int64_t sku_id, int64_t pg_stock, int64_t pg_supplied) {
+    sp_script_call_init(call, &script_cap, 1);
+    sp_script_call_arg(call, "{sku:%" PRId64 "}:sale", sku_id);
+    sp_script_call_arg(call, "%" PRId64, pg_stock);
+    sp_script_call_arg(call, "%" PRId64, pg_supplied);
 }
 
 /* ---- parsing replies ---- */
@@ -200,6 +209,38 @@ int sp_stock_release(redisContext *c, int64_t sku_id, const char *order_id, int 
     sp_stock_release_call(&call, sku_id, order_id);
     if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
     *qty_returned = (int)v;
+    return 0;
+}
+
+int sp_stock_cap(redisContext *c, int64_t sku_id, int64_t pg_stock, int64_t pg_supplied,
+                 int64_t *removed, char *errbuf, size_t errlen) {
+    sp_script_call call;
+    long long v;
+    sp_stock_cap_call(&call, sku_id, pg_stock, pg_supplied);
+    if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
+    *removed = v;
+    return 0;
+}
+
+int sp_stock_accepted_forget(redisContext *c, int64_t sku_id, const char *const *order_ids,
+                             size_t n, char *errbuf, size_t errlen) {
+    enum { CHUNK = 512 }; /* ids per HDEL: bounded argv, few round trips */
+    const char *argv[CHUNK + 2];
+    char key[SP_STOCK_KEY_MAX];
+    sp_stock_key(key, sku_id, "accepted");
+    argv[0] = "HDEL";
+    argv[1] = key;
+    for (size_t i = 0; i < n; i += CHUNK) {
+        size_t k = n - i < CHUNK ? n - i : CHUNK;
+        memcpy(&argv[2], &order_ids[i], k * sizeof(*argv));
+        redisReply *r = redisCommandArgv(c, (int)k + 2, argv, NULL);
+        if (r == NULL || r->type == REDIS_REPLY_ERROR) {
+            snprintf(errbuf, errlen, "HDEL %s: %s", key, r ? r->str : c->errstr);
+            if (r) freeReplyObject(r);
+            return -1;
+        }
+        freeReplyObject(r);
+    }
     return 0;
 }
 

@@ -1,12 +1,15 @@
 /* stock.h - the Redis side of a sale: its keys, and the Lua scripts that open, restock, reserve,
- *           confirm and release, each one atomic and one round trip.
+ *           confirm, release and cap, each one atomic and one round trip.
  *
  * Every key of one SKU carries the hash tag {sku:ID}, so a SKU lives in one Redis Cluster slot and
  * one script may touch all of its keys:
- *   {sku:ID}:sale          hash  stock (what may still be admitted), limit, pay_timeout_s
+ *   {sku:ID}:sale          hash  stock (what may still be admitted), limit, pay_timeout_s,
+ *                                supplied (units ever put on sale: open + restocks)
  *   {sku:ID}:users         hash  user_id -> units the user holds
  *   {sku:ID}:resv          hash  order_id -> "user:qty:ts_ms:idem_key" until Kafka answered
  *   {sku:ID}:resv_by_ts    zset  order_id by ts_ms, for the reaper's lost-reservation sweep
+ *   {sku:ID}:accepted      hash  order_id -> "user:qty:ts_ms": in Kafka, not yet in PostgreSQL
+ *                                (confirm adds, the consumer removes after its commit)
  *   {sku:ID}:idem:USER:KEY string "state:order_id" for an Idempotency-Key, with a TTL
  * See docs/reservation.md for the life of a reservation.
  */
@@ -67,8 +70,9 @@ int sp_stock_restock(redisContext *c, int64_t sku_id, int64_t add, int64_t *stoc
 int sp_stock_reserve(redisContext *c, const sp_reserve_request *req, sp_reserve_result *res,
                      char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
-/* Kafka acknowledged the order: drops the reservation (the units stay sold) and turns its
- * idempotency key to "accepted". *was_reserved is 1 when the reservation was still there. */
+/* Kafka acknowledged the order: drops the reservation (the units stay sold), records the order
+ * under {sku:ID}:accepted and turns its idempotency key to "accepted". *was_reserved is 1 when
+ * the reservation was still there. */
 int sp_stock_confirm(redisContext *c, int64_t sku_id, const char *order_id, int *was_reserved,
                      char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
@@ -76,6 +80,17 @@ int sp_stock_confirm(redisContext *c, int64_t sku_id, const char *order_id, int 
  * user, exactly once (a second call, or one after confirm, returns 0 units). *qty_returned. */
 int sp_stock_release(redisContext *c, int64_t sku_id, const char *order_id, int *qty_returned,
                      char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+
+/* After a committed batch: lowers the sale's Redis stock to at most pg_stock plus the restocks
+ * PostgreSQL has not applied yet (Redis `supplied` - pg_supplied); never raises it. *removed is
+ * the number of units taken away (0 normally; more after Redis over-admitted). */
+int sp_stock_cap(redisContext *c, int64_t sku_id, int64_t pg_stock, int64_t pg_supplied,
+                 int64_t *removed, char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+
+/* The consumer stored these orders: drops them from {sku:ID}:accepted (HDEL, chunked). */
+int sp_stock_accepted_forget(redisContext *c, int64_t sku_id, const char *const *order_ids,
+                             size_t n, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
 
 /* The stock Redis holds for a SKU: 0 and *stock, or 0 and *stock = -1 when the SKU is not open. */
 int sp_stock_available(redisContext *c, int64_t sku_id, int64_t *stock, char *errbuf,
@@ -93,6 +108,7 @@ void sp_stock_restock_call(sp_script_call *call, int64_t sku_id, int64_t add);
 void sp_stock_reserve_call(sp_script_call *call, const sp_reserve_request *req);
 void sp_stock_confirm_call(sp_script_call *call, int64_t sku_id, const char *order_id);
 void sp_stock_release_call(sp_script_call *call, int64_t sku_id, const char *order_id);
+void sp_stock_cap_call(sp_script_call *call, int64_t sku_id, int64_t pg_stock, int64_t pg_supplied);
 
 /* Reads a reserve reply into *res; -1 with errbuf for an error reply or an unexpected shape. */
 int sp_stock_reserve_parse(const redisReply *r, sp_reserve_result *res, char *errbuf,

@@ -5,4 +5,5 @@
 if redis.call('EXISTS', KEYS[1]) == 0 then
     return -1
 end
+redis.call('HINCRBY', KEYS[1], 'supplied', ARGV[1])
 return redis.call('HINCRBY', KEYS[1], 'stock', ARGV[1])

@@ -29,8 +29,8 @@ static redisContext *connect_redis(void) {
 /* A SKU of its own for each test, its keys deleted before use. */
 static int64_t fresh_sku(redisContext *c, int n) {
     int64_t sku = sku_base + n;
-    const char *suffixes[] = {"sale", "users", "resv", "resv_by_ts"};
-    for (size_t i = 0; i < 4; i++) {
+    const char *suffixes[] = {"sale", "users", "resv", "resv_by_ts", "accepted"};
+    for (size_t i = 0; i < 5; i++) {
         char key[SP_STOCK_KEY_MAX];
         sp_stock_key(key, sku, suffixes[i]);
         freeReplyObject(redisCommand(c, "DEL %s", key));
@@ -231,6 +231,68 @@ static void test_concurrent_admission_is_exact(void **state) {
     redisFree(c);
 }
 
+/* confirm moves an order from the reservations to {sku}:accepted; the consumer's forget drops it. */
+static void test_confirm_marks_accepted(void **state) {
+    (void)state;
+    redisContext *c = connect_redis();
+    int64_t sku = fresh_sku(c, 40);
+    int opened, was;
+    assert_int_equal(sp_stock_open(c, sku, 5, 0, 60, &opened, err, sizeof(err)), 0);
+    assert_int_equal(reserve(c, sku, 7, 2, "acc-1", NULL).outcome, SP_RESERVE_OK);
+    assert_int_equal(reserve(c, sku, 8, 1, "acc-2", NULL).outcome, SP_RESERVE_OK);
+    assert_int_equal(sp_stock_confirm(c, sku, "acc-1", &was, err, sizeof(err)), 0);
+    assert_int_equal(was, 1);
+    assert_int_equal(sp_stock_confirm(c, sku, "acc-2", &was, err, sizeof(err)), 0);
+    char key[SP_STOCK_KEY_MAX];
+    sp_stock_key(key, sku, "accepted");
+    redisReply *r = redisCommand(c, "HGET %s acc-1", key);
+    assert_non_null(r);
+    assert_int_equal(r->type, REDIS_REPLY_STRING);
+    assert_string_equal(r->str, "7:2:1700000000000");
+    freeReplyObject(r);
+    const char *ids[] = {"acc-1", "acc-2", "never-there"};
+    assert_int_equal(sp_stock_accepted_forget(c, sku, ids, 3, err, sizeof(err)), 0);
+    r = redisCommand(c, "HLEN %s", key);
+    assert_int_equal(r->integer, 0);
+    freeReplyObject(r);
+    assert_int_equal(hget_int(c, sku, "sale", "stock"), 2); /* forgetting returns nothing */
+    redisFree(c);
+}
+
+/* cap lowers Redis to PostgreSQL's stock plus the restocks PostgreSQL has not seen; never raises. */
+static void test_cap_only_lowers(void **state) {
+    (void)state;
+    redisContext *c = connect_redis();
+    int64_t sku = fresh_sku(c, 41), stock, removed;
+    int opened;
+    assert_int_equal(sp_stock_open(c, sku, 10, 0, 60, &opened, err, sizeof(err)), 0);
+    assert_int_equal(hget_int(c, sku, "sale", "supplied"), 10);
+    /* Redis holds 10, PostgreSQL only 6 (say a failover lost four decrements): down to 6. */
+    assert_int_equal(sp_stock_cap(c, sku, 6, 10, &removed, err, sizeof(err)), 0);
+    assert_int_equal(removed, 4);
+    assert_int_equal(hget_int(c, sku, "sale", "stock"), 6);
+    /* Orders in flight keep Redis below PostgreSQL: nothing changes, nothing is added. */
+    assert_int_equal(sp_stock_cap(c, sku, 9, 10, &removed, err, sizeof(err)), 0);
+    assert_int_equal(removed, 0);
+    assert_int_equal(hget_int(c, sku, "sale", "stock"), 6);
+    /* A restock Redis has and PostgreSQL has not applied yet is not taken away. */
+    assert_int_equal(sp_stock_restock(c, sku, 50, &stock, err, sizeof(err)), 0);
+    assert_int_equal(hget_int(c, sku, "sale", "supplied"), 60);
+    assert_int_equal(sp_stock_cap(c, sku, 6, 10, &removed, err, sizeof(err)), 0);
+    assert_int_equal(removed, 0);
+    assert_int_equal(hget_int(c, sku, "sale", "stock"), 56);
+    assert_int_equal(sp_stock_cap(c, sku, 3, 10, &removed, err, sizeof(err)), 0);
+    assert_int_equal(removed, 3);
+    assert_int_equal(hget_int(c, sku, "sale", "stock"), 53);
+    /* No sale: nothing is created. */
+    int64_t none = fresh_sku(c, 42);
+    assert_int_equal(sp_stock_cap(c, none, 0, 0, &removed, err, sizeof(err)), 0);
+    assert_int_equal(removed, 0);
+    assert_int_equal(sp_stock_available(c, none, &stock, err, sizeof(err)), 0);
+    assert_int_equal(stock, -1);
+    redisFree(c);
+}
+
 static void test_idem_key_validation(void **state) {
     (void)state;
     char big[SP_IDEM_KEY_MAX + 2];
@@ -262,6 +324,8 @@ int main(void) {
         cmocka_unit_test(test_release_exactly_once),
         cmocka_unit_test(test_concurrent_admission_is_exact),
         cmocka_unit_test(test_idem_key_validation),
+        cmocka_unit_test(test_confirm_marks_accepted),
+        cmocka_unit_test(test_cap_only_lowers),
     };
     return cmocka_run_group_tests_name("stock_redis", tests, NULL, NULL);
 }
