@@ -69,6 +69,19 @@ static const conf_opt conf_table[] = {
      1000, 300000, P|R, 0,
      "How long the producer waits for Kafka to acknowledge an event before it gives up; the "
      "reaper treats reservations older than this (plus a margin) as lost"},
+    {"order-rate-limit", "ORDER_RATE_LIMIT", INT(order_rate_limit), "0", 0, 10000000, P, 0,
+     "Orders per second this producer lets through to Redis (token bucket, burst = one second's "
+     "worth); above it POST /v1/orders answers 429. 0 = no limit"},
+    {"user-rate-limit", "USER_RATE_LIMIT", INT(user_rate_limit), "50", 0, 1000000, P, 0,
+     "Order requests per second one user_id may make on this producer (burst = one second's "
+     "worth); above it 429. 0 = no limit"},
+    {"max-inflight", "MAX_INFLIGHT", INT(max_inflight), "50000", 1, 10000000, P, 0,
+     "Orders under way at once (waiting for Redis or Kafka) before new ones are refused with 429; "
+     "bounds the producer's memory"},
+    {"batch-max", "BATCH_MAX", INT(batch_max), "5000", 1, 100000, C, 0,
+     "Most events the consumer applies in one PostgreSQL transaction"},
+    {"batch-wait-ms", "BATCH_WAIT_MS", INT(batch_wait_ms), "20", 0, 10000, C, 0,
+     "How long the consumer lets a batch fill up before applying it"},
     {"log-level", "LOG_LEVEL", STR(log_level), "info", 0, 0, P|C|R|T, 0,
      "debug, info, warn or error"},
 };
