@@ -33,6 +33,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "order_id.h"
+#include "pg_async.h"
 #include "redis_store.h"
 #include "stock.h"
 
@@ -40,6 +41,8 @@
 #define REDIS_STALL_MS           2000 /* replies owed for this long: the connection is dropped */
 #define SOLDOUT_SLOTS            1024 /* local sold-out flags, a direct-mapped table by sku */
 #define SOLDOUT_HOLD_MS          200  /* how long a flag answers without asking Redis */
+#define USER_SLOTS               65536 /* per-user rate buckets, a direct-mapped table by user */
+_Static_assert(USER_SLOTS == 1 << 16, "user_allowed() takes the top 16 bits of a hash");
 
 /* ---- metrics ---- */
 
@@ -57,10 +60,14 @@ static sp_metric m_in_progress = REQ("in_progress");
 static sp_metric m_admin_ok = REQ("admin_ok");
 static sp_metric m_paid = REQ("payment_recorded");
 static sp_metric m_not_found = REQ("not_found");
+static sp_metric m_rate_limited = REQ("rate_limited");
+static sp_metric m_lookup = REQ("lookup_ok");
 #undef REQ
 static sp_metric m_latency = SP_METRIC_HISTOGRAM(
     "stockpipe_producer_order_seconds", "Time from request to answer for POST /v1/orders.", NULL,
     sp_latency_us_bounds, 15, 1e-6);
+static sp_metric m_pg_errors = SP_METRIC_COUNTER(
+    "stockpipe_producer_pg_errors_total", "PostgreSQL lookups that failed (GET order / sku).", NULL);
 static sp_metric m_redis_errors =
     SP_METRIC_COUNTER("stockpipe_producer_redis_errors_total", "Redis failures.", NULL);
 static sp_metric m_kafka_errors = SP_METRIC_COUNTER(
@@ -78,11 +85,18 @@ static sp_metric *all_metrics[] = {&m_accepted,    &m_sold_out,     &m_limit,   
                                    &m_invalid,     &m_unauthorized, &m_unavailable,  &m_in_progress,
                                    &m_admin_ok,    &m_paid,         &m_not_found,    &m_latency,
                                    &m_redis_errors, &m_kafka_errors, &m_inflight,    &m_released,
-                                   &m_unknown};
+                                   &m_unknown,     &m_rate_limited, &m_lookup,     &m_pg_errors};
 
 /* ---- state ---- */
 
-typedef enum { CALL_ORDER, CALL_OPEN, CALL_RESTOCK, CALL_PAY } call_kind;
+typedef enum { CALL_ORDER, CALL_OPEN, CALL_RESTOCK, CALL_PAY, CALL_GET_ORDER, CALL_GET_SKU } call_kind;
+
+/* A token bucket: `rate` tokens a second, at most `rate` held. */
+typedef struct bucket {
+    int64_t owner;   /* the user it belongs to (user buckets); 0 for the worker's own */
+    double tokens;
+    int64_t last_us;
+} bucket;
 
 struct sp_order_api {
     struct event_base *base;
@@ -92,6 +106,7 @@ struct sp_order_api {
     int64_t redis_owed;         /* commands sent whose reply has not come */
     int64_t redis_last_reply_ms;
     int64_t redis_retry_ms;     /* next reconnect attempt */
+    sp_pg_async *pg;            /* lookups for GET; orders never wait on it */
     rd_kafka_t *kafka;
     int kafka_pipe[2];          /* librdkafka writes here when its queue becomes non-empty */
     struct event *kafka_wakeup;
@@ -102,6 +117,8 @@ struct sp_order_api {
     struct {
         int64_t sku_id, until_ms;
     } soldout[SOLDOUT_SLOTS];
+    bucket orders_bucket;       /* ORDER_RATE_LIMIT */
+    bucket users[USER_SLOTS];   /* USER_RATE_LIMIT; a colliding user takes the slot over */
 };
 
 typedef struct call {
@@ -113,6 +130,10 @@ typedef struct call {
     sp_event ev;                /* the event to publish */
     sp_script_call script;      /* the Redis call under way, kept for a NOSCRIPT re-send */
     int resent;
+    /* GET: what Redis said, kept for the PostgreSQL step */
+    int redis_failed;           /* Redis could not be asked: a "not found" is not trusted */
+    char accepted[64];          /* CALL_GET_ORDER: the {sku}:accepted entry "user:qty:ts", or "" */
+    char sale[3][24];           /* CALL_GET_SKU: stock, limit, pay_timeout_s; "" when absent */
 } call;
 
 static int64_t now_ms(void) {
@@ -263,6 +284,34 @@ static void soldout_set(sp_order_api *api, int64_t sku, int flagged) {
     }
 }
 
+/* ---- rate limits ---- */
+
+/* Takes one token from b (refilled at rate/s, holding at most rate); 0 when it is empty. */
+static int bucket_take(bucket *b, int rate, int64_t now_us) {
+    double refill = (double)(now_us - b->last_us) * rate / 1e6;
+    b->tokens = b->tokens + refill > rate ? rate : b->tokens + refill;
+    b->last_us = now_us;
+    if (b->tokens < 1.0) return 0;
+    b->tokens -= 1.0;
+    return 1;
+}
+
+/* USER_RATE_LIMIT: one user's requests on this worker. A slot another user held starts full. */
+static int user_allowed(sp_order_api *api, int64_t user, int64_t now_us) {
+    int rate = api->cfg->user_rate_limit;
+    if (rate == 0) return 1;
+    bucket *b = &api->users[(uint64_t)user * 0x9E3779B97F4A7C15u >> 48]; /* 16 bits: USER_SLOTS */
+    if (b->owner != user) *b = (bucket){.owner = user, .tokens = rate, .last_us = now_us};
+    return bucket_take(b, rate, now_us);
+}
+
+/* ORDER_RATE_LIMIT and MAX_INFLIGHT: what this worker sends on to Redis and Kafka. */
+static int worker_allowed(sp_order_api *api, int64_t now_us) {
+    if (api->inflight > api->cfg->max_inflight) return 0; /* this call is counted already */
+    return api->cfg->order_rate_limit == 0 ||
+           bucket_take(&api->orders_bucket, api->cfg->order_rate_limit, now_us);
+}
+
 /* ---- Redis ---- */
 
 static void on_redis_disconnect(const redisAsyncContext *ac, int status) {
@@ -399,6 +448,9 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
             answer_order(c, 202, c->ev.order_id, "payment_recorded", &m_paid);
             call_free(c);
             return;
+        case CALL_GET_ORDER:
+        case CALL_GET_SKU:
+            break; /* lookups publish nothing */
         }
     }
     sp_metric_inc(&m_kafka_errors);
@@ -544,9 +596,18 @@ static void post_order(sp_order_api *api, struct evhttp_request *req) {
                      &m_invalid);
         goto done;
     }
+    if (!user_allowed(api, user, c->started_us)) {
+        answer_error(c, 429, "rate_limited", "too many requests from this user", &m_rate_limited);
+        goto done;
+    }
     /* A retry must get its first answer, so only key-less requests take the local shortcut. */
     if (idem == NULL && soldout_flagged(api, sku)) {
         answer_error(c, 409, "sold_out", NULL, &m_sold_out);
+        goto done;
+    }
+    if (!worker_allowed(api, c->started_us)) {
+        answer_error(c, 429, "rate_limited", "this worker is at its order rate limit",
+                     &m_rate_limited);
         goto done;
     }
     if (api->kafka_down) {
@@ -644,34 +705,162 @@ done:
     call_free(c);
 }
 
+/* Answers a GET whose PostgreSQL step is done: json (owned, may be NULL) or the failure. */
+static void answer_lookup(call *c, json_t *json) {
+    char *text = json ? json_dumps(json, JSON_COMPACT) : NULL;
+    if (text) answer(c, 200, text, &m_lookup);
+    free(text);
+    json_decref(json);
+    call_free(c); /* 503 if nothing was answered */
+}
+
+/* PostgreSQL's inventory row (or none), joined with what Redis said. */
+static void on_inventory_row(const PGresult *res, const char *err, void *arg) {
+    call *c = arg;
+    int in_redis = c->sale[0][0] != '\0', in_pg = res && PQntuples(res) == 1;
+    if (res == NULL) {
+        sp_metric_inc(&m_pg_errors);
+        sp_warn("sku %" PRId64 ": inventory lookup failed: %s", c->ev.sku_id, err);
+    }
+    if (!in_redis && !in_pg) {
+        if (res && !c->redis_failed) answer_error(c, 404, "unknown_sku", NULL, &m_unknown_sku);
+        call_free(c);
+        return;
+    }
+    /* Either side may be missing (PostgreSQL down or behind, Redis down or reset): null then. */
+    json_t *j = json_pack("{sI}", "sku_id", (json_int_t)c->ev.sku_id);
+    const char *names[] = {"available", "per_user_limit", "pay_timeout_s"};
+    for (int i = 0; j && i < 3; i++)
+        json_object_set_new(j, names[i],
+                            in_redis ? json_integer(strtoll(c->sale[i], NULL, 10)) : json_null());
+    if (j) {
+        json_object_set_new(j, "stock", in_pg ? json_integer(strtoll(PQgetvalue(res, 0, 0), NULL, 10))
+                                              : json_null());
+        json_object_set_new(j, "supplied", in_pg ? json_integer(strtoll(PQgetvalue(res, 0, 1), NULL, 10))
+                                                 : json_null());
+    }
+    answer_lookup(c, j);
+}
+
+static void lookup_inventory(call *c) {
+    char sku[24];
+    snprintf(sku, sizeof(sku), "%" PRId64, c->ev.sku_id);
+    const char *params[] = {sku};
+    if (sp_pg_async_query(c->api->pg, "SELECT stock, supplied FROM inventory WHERE sku_id = $1",
+                          1, params, on_inventory_row, c) != 0)
+        on_inventory_row(NULL, "not connected", c);
+}
+
 static void on_sku_read(redisAsyncContext *ac, void *reply, void *data) {
     call *c = data;
     redisReply *r = reply;
-    char body[300];
     if (!redis_reply_usable(c, ac, r, on_sku_read)) return;
     if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 3) {
-        if (r->element[0]->type != REDIS_REPLY_STRING) {
-            answer_error(c, 404, "unknown_sku", NULL, &m_unknown_sku);
-        } else {
-            snprintf(body, sizeof(body),
-                     "{\"sku_id\":%" PRId64 ",\"available\":%s,\"per_user_limit\":%s,"
-                     "\"pay_timeout_s\":%s,\"stock\":null}",
-                     c->ev.sku_id, r->element[0]->str,
-                     r->element[1]->type == REDIS_REPLY_STRING ? r->element[1]->str : "0",
-                     r->element[2]->type == REDIS_REPLY_STRING ? r->element[2]->str : "0");
-            answer(c, 200, body, &m_admin_ok);
-        }
+        for (size_t i = 0; i < 3; i++)
+            if (r->element[i]->type == REDIS_REPLY_STRING)
+                snprintf(c->sale[i], sizeof(c->sale[i]), "%s", r->element[i]->str);
+    } else {
+        c->redis_failed = 1;
     }
-    call_free(c);
+    lookup_inventory(c);
 }
 
 static void get_sku(sp_order_api *api, struct evhttp_request *req, int64_t sku) {
     char key[SP_STOCK_KEY_MAX];
-    call *c = call_new(api, req, CALL_OPEN);
+    call *c = call_new(api, req, CALL_GET_SKU);
     if (c == NULL) return;
     c->ev.sku_id = sku;
     sp_stock_key(key, sku, "sale");
-    if (redis_command(c, on_sku_read, "HMGET %s stock limit pay_timeout_s", key) != 0) call_free(c);
+    if (redis_command(c, on_sku_read, "HMGET %s stock limit pay_timeout_s", key) != 0) {
+        c->redis_failed = 1;
+        lookup_inventory(c);
+    }
+}
+
+/* ---- GET /v1/orders/{order_id} ---- */
+
+/* Times are ms since the epoch, as in the events. */
+#define ORDER_SQL                                                                                  \
+    "SELECT status, user_id, sku_id, qty, reject_reason, refund_due,"                              \
+    " (extract(epoch FROM created_at) * 1000)::bigint, (extract(epoch FROM expires_at) * 1000)::bigint," \
+    " (extract(epoch FROM paid_at) * 1000)::bigint, (extract(epoch FROM closed_at) * 1000)::bigint" \
+    " FROM orders WHERE order_id = $1"
+
+static json_t *int_or_null(const PGresult *res, int col) {
+    return PQgetisnull(res, 0, col) ? json_null()
+                                    : json_integer(strtoll(PQgetvalue(res, 0, col), NULL, 10));
+}
+
+/* The order as PostgreSQL has it, or (not there yet) as the producer's accepted entry says. */
+static void on_order_row(const PGresult *res, const char *err, void *arg) {
+    call *c = arg;
+    json_t *j = NULL;
+    if (res == NULL) {
+        sp_metric_inc(&m_pg_errors);
+        sp_warn("order %s: lookup failed: %s", c->order.order_id, err);
+    }
+    if (res && PQntuples(res) == 1) {
+        j = json_pack("{ss ss so so so so so so so so so}", "order_id", c->order.order_id,
+                      "status", PQgetvalue(res, 0, 0), "sku_id", int_or_null(res, 2),
+                      "user_id", int_or_null(res, 1), "qty", int_or_null(res, 3),
+                      "created_ms", int_or_null(res, 6), "expires_ms", int_or_null(res, 7),
+                      "paid_ms", int_or_null(res, 8), "closed_ms", int_or_null(res, 9),
+                      "refund_due", json_boolean(PQgetvalue(res, 0, 5)[0] == 't'),
+                      "reject_reason", PQgetisnull(res, 0, 4) ? json_null()
+                                                               : json_string(PQgetvalue(res, 0, 4)));
+    } else if (c->accepted[0]) {
+        long long user = 0, qty = 0, ts = 0;
+        if (sscanf(c->accepted, "%lld:%lld:%lld", &user, &qty, &ts) == 3)
+            j = json_pack("{ss ss sI sI sI sI}", "order_id", c->order.order_id, "status",
+                          "accepted", "sku_id", (json_int_t)c->order.sku_id, "user_id",
+                          (json_int_t)user, "qty", (json_int_t)qty, "created_ms", (json_int_t)ts);
+    } else if (res && !c->redis_failed) {
+        answer_error(c, 404, "unknown_order", NULL, &m_not_found);
+    }
+    answer_lookup(c, j);
+}
+
+static void lookup_order(call *c) {
+    const char *params[] = {c->order.order_id};
+    if (sp_pg_async_query(c->api->pg, ORDER_SQL, 1, params, on_order_row, c) != 0)
+        on_order_row(NULL, "not connected", c);
+}
+
+/* Redis first, PostgreSQL second: the consumer removes an accepted entry only after its commit,
+ * so an order missing from the first look is found by the second. */
+static void on_accepted_read(redisAsyncContext *ac, void *reply, void *data) {
+    call *c = data;
+    redisReply *r = reply;
+    if (!redis_reply_usable(c, ac, r, on_accepted_read)) return;
+    if (r && r->type == REDIS_REPLY_STRING)
+        snprintf(c->accepted, sizeof(c->accepted), "%s", r->str);
+    else if (r == NULL || r->type != REDIS_REPLY_NIL)
+        c->redis_failed = 1;
+    lookup_order(c);
+}
+
+static void get_order(sp_order_api *api, struct evhttp_request *req, const char *order_id,
+                      size_t len) {
+    char key[SP_STOCK_KEY_MAX];
+    call *c = call_new(api, req, CALL_GET_ORDER);
+    if (c == NULL) return;
+    memcpy(c->order.order_id, order_id, len);
+    c->order.order_id[len] = '\0';
+    if (!sp_order_id_valid(c->order.order_id) ||
+        sp_order_id_sku(c->order.order_id, &c->order.sku_id) != 0) {
+        answer_error(c, 404, "unknown_order", NULL, &m_not_found);
+        call_free(c);
+        return;
+    }
+    sp_stock_key(key, c->order.sku_id, "accepted");
+    if (api->redis == NULL ||
+        redisAsyncCommand(api->redis, on_accepted_read, c, "HGET %s %s", key, c->order.order_id) != REDIS_OK) {
+        sp_metric_inc(&m_redis_errors);
+        c->redis_failed = 1;
+        lookup_order(c);
+        return;
+    }
+    redis_sent(api);
 }
 
 /* ---- POST /v1/orders/{order_id}/pay ---- */
@@ -737,6 +926,11 @@ static void route_other(struct evhttp_request *req, void *arg) {
         }
     } else if (path && strncmp(path, "/v1/orders/", 11) == 0) {
         const char *id = path + 11, *slash = strchr(id, '/');
+        if (slash == NULL && strlen(id) <= SP_ORDER_ID_MAX &&
+            evhttp_request_get_command(req) == EVHTTP_REQ_GET) {
+            get_order(api, req, id, strlen(id));
+            return;
+        }
         if (slash && strcmp(slash, "/pay") == 0 && (size_t)(slash - id) <= SP_ORDER_ID_MAX) {
             char order_id[SP_ORDER_ID_MAX + 1];
             memcpy(order_id, id, (size_t)(slash - id));
@@ -768,6 +962,7 @@ void sp_order_api_tick(sp_order_api *api) {
         api->redis = NULL;
         redisAsyncFree(ac);
     }
+    sp_pg_async_tick(api->pg);
     rd_kafka_poll(api->kafka, 0);
     if (api->kafka_down && now >= api->kafka_probe_ms) {
         api->kafka_probe_ms = now + 1000;
@@ -806,6 +1001,11 @@ sp_order_api *sp_order_api_new(struct event_base *base, sp_http *http, const sp_
         sp_metrics_register(all_metrics[i]);
     sp_order_ids_init(&api->ids, cfg->worker_id);
     if (sp_redis_parse_url(cfg->redis_url, &api->redis_target, errbuf, errlen) != 0) goto fail;
+    api->pg = sp_pg_async_new(base, cfg->pg_dsn, cfg->worker_id);
+    if (api->pg == NULL) {
+        snprintf(errbuf, errlen, "out of memory");
+        goto fail;
+    }
 
     conf = sp_kafka_conf_new(cfg->kafka_brokers, cfg->worker_id, errbuf, errlen);
     snprintf(timeout, sizeof(timeout), "%d", cfg->kafka_message_timeout_ms);
@@ -856,6 +1056,7 @@ void sp_order_api_free(sp_order_api *api) {
         api->redis = NULL;
         redisAsyncFree(ac); /* pending callbacks run with NULL and free their calls */
     }
+    sp_pg_async_free(api->pg); /* after Redis: a GET's Redis callback may still query */
     if (api->kafka_wakeup) event_free(api->kafka_wakeup);
     if (api->kafka) rd_kafka_destroy(api->kafka);
     if (api->kafka_pipe[0] >= 0) close(api->kafka_pipe[0]);

@@ -205,6 +205,18 @@ class Client:
 
 # ---- the producers under test ----------------------------------------------------------------
 
+def psql(sql, *params):
+    """Runs one statement against the stack's PostgreSQL with psql variables :'p1', :'p2', ...
+    (psql quotes them, so nothing is pasted into SQL text); returns the unaligned output."""
+    args = ["psql", os.environ["PG_DSN"], "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"]
+    for i, v in enumerate(params, 1):
+        args += ["-v", "p%d=%s" % (i, v)]
+    out = subprocess.run(args, input=sql, capture_output=True, text=True, timeout=20)
+    if out.returncode != 0:
+        raise Fail("psql failed: %s" % out.stderr.strip()[:300])
+    return out.stdout.strip()
+
+
 def load_stack_env():
     """Fills what `. var/stack.env` would have set, for a run outside tests/run-all.sh."""
     path = os.path.join(ROOT, "var", "stack.env")
@@ -225,13 +237,14 @@ def free_port():
 
 
 class Producer:
-    def __init__(self, name, binary, logdir):
+    def __init__(self, name, binary, logdir, **settings):
         self.name = name
         self.port = free_port()
         self.log_path = os.path.join(logdir, "producer-%s.log" % name)
         env = dict(os.environ, HTTP_ADDR=HOST, HTTP_PORT=str(self.port), ADMIN_TOKEN=ADMIN,
                    PAYMENT_TOKEN=PAYMENT,
-                   WORKER_ID="itest-%d-%s-%06x" % (os.getpid(), name, random.getrandbits(24)))
+                   WORKER_ID="itest-%d-%s-%06x" % (os.getpid(), name, random.getrandbits(24)),
+                   **settings)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([binary], env=env, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT)
@@ -658,6 +671,103 @@ async def check_bad_changed_nothing(ctx):
     return "available still %d; %d bad opens refused; both producers healthy" % (got, len(bad_opens))
 
 
+async def get_order(c, order_id):
+    return await c.request("GET", "/v1/orders/%s" % order_id)
+
+
+async def check_get_order(ctx):
+    sku = new_sku()
+    await must_open(ctx.a, sku, 10, 0)
+    user = random.randint(1, 10**9)
+    r = await order(ctx.a, user, sku, qty=2)
+    oid = accepted_id(r)
+    expect(oid, "an order answered %r, wanted 202" % r)
+    # In Kafka, not yet in PostgreSQL (no consumer runs here): "accepted", from either producer.
+    for c in (ctx.a, ctx.b):
+        g = await get_order(c, oid)
+        j = g.json() or {}
+        expect(g.status == 200 and j.get("status") == "accepted" and j.get("order_id") == oid
+               and j.get("sku_id") == sku and j.get("user_id") == user and j.get("qty") == 2,
+               "GET of a fresh order answered %r, wanted 200 accepted with its fields" % g)
+    # Once PostgreSQL has it, PostgreSQL's status wins.
+    psql("INSERT INTO orders (order_id, user_id, sku_id, qty, status, created_at, expires_at,"
+         " paid_at) VALUES (:'p1', :'p2', :'p3', 2, 'paid', now(), now() + interval '10 min',"
+         " now())", oid, user, sku)
+    try:
+        g = await get_order(ctx.b, oid)
+        j = g.json() or {}
+        expect(g.status == 200 and j.get("status") == "paid" and isinstance(j.get("paid_ms"), int)
+               and j.get("refund_due") is False,
+               "GET of a paid order answered %r, wanted 200 paid" % g)
+    finally:
+        psql("DELETE FROM orders WHERE order_id = :'p1'", oid)
+    # The consumer drops the accepted entry after its commit; with neither, the order is unknown.
+    subprocess.run(["redis-cli", "-u", os.environ["REDIS_URL"], "HDEL", "{sku:%d}:accepted" % sku,
+                    oid], capture_output=True, timeout=10, check=True)
+    g = await get_order(ctx.a, oid)
+    expect(g.status == 404 and g.error() == "unknown_order",
+           "GET of an order in neither place answered %r, wanted 404 unknown_order" % g)
+    for bad in ("not-an-order", "x" * 65, "%00", "0000000000000000-1-x-1"):
+        g = await get_order(ctx.a, bad)
+        expect(g.status == 404, "GET /v1/orders/%s answered %r, wanted 404" % (bad, g))
+    return "accepted -> paid from PostgreSQL -> 404 once gone"
+
+
+async def check_get_sku_stock(ctx):
+    sku = new_sku()
+    await must_open(ctx.a, sku, 7, 0)
+    r = await ctx.a.request("GET", "/v1/skus/%d" % sku)
+    j = r.json() or {}
+    expect(r.status == 200 and j.get("available") == 7 and "stock" in j and j["stock"] is None,
+           "GET of a sale PostgreSQL has not seen answered %r, wanted available 7, stock null" % r)
+    psql("INSERT INTO inventory (sku_id, stock, supplied, per_user_limit, pay_timeout_s,"
+         " created_at, updated_at) VALUES (:'p1', 5, 7, 0, 600, now(), now())", sku)
+    try:
+        r = await ctx.b.request("GET", "/v1/skus/%d" % sku)
+        j = r.json() or {}
+        expect(r.status == 200 and j.get("available") == 7 and j.get("stock") == 5
+               and j.get("supplied") == 7,
+               "GET answered %r, wanted available 7 (Redis) and stock 5 (PostgreSQL)" % r)
+    finally:
+        psql("DELETE FROM inventory WHERE sku_id = :'p1'", sku)
+    r = await ctx.a.request("GET", "/v1/skus/%d" % new_sku())
+    expect(r.status == 404 and r.error() == "unknown_sku", "an unknown SKU answered %r" % r)
+    return "available from Redis, stock from PostgreSQL"
+
+
+async def check_rate_limits(ctx):
+    """A third producer with USER_RATE_LIMIT=5 and ORDER_RATE_LIMIT=20."""
+    p = Producer("C", ctx.binary, ctx.logdir, USER_RATE_LIMIT="5", ORDER_RATE_LIMIT="20")
+    ctx.producers.append(p)
+    err = await p.wait_ready(time.monotonic() + 20)
+    expect(err is None, err)
+    c = p.client
+    sku = new_sku()
+    await must_open(c, sku, 1000, 0)
+    user = random.randint(1, 10**9)
+    t = time.monotonic()
+    rs = await asyncio.gather(*(order(c, user, sku) for _ in range(20)))
+    spent = time.monotonic() - t
+    ok = sum(1 for r in rs if accepted_id(r))
+    limited = sum(1 for r in rs if r.status == 429 and r.error() == "rate_limited")
+    expect(ok + limited == 20, "20 orders of one user: %d x 202, %d x 429, others %r"
+           % (ok, limited, [r for r in rs if r.status not in (202, 429)][:2]))
+    expect(5 <= ok <= 5 + int(5 * spent) + 1,
+           "one user got %d orders through a limit of 5/s in %.2f s" % (ok, spent))
+    expect(await available(c, sku) == 1000 - ok, "429s changed the stock")
+    await asyncio.sleep(1.1)  # the worker's bucket refills
+    t = time.monotonic()
+    rs = await asyncio.gather(*(order(c, user + 1 + i, sku) for i in range(60)))
+    spent = time.monotonic() - t
+    ok2 = sum(1 for r in rs if accepted_id(r))
+    limited2 = sum(1 for r in rs if r.status == 429 and r.error() == "rate_limited")
+    expect(ok2 + limited2 == 60, "60 users: %d x 202, %d x 429" % (ok2, limited2))
+    expect(20 <= ok2 <= 20 + int(20 * spent) + 1,
+           "%d orders through a worker limit of 20/s in %.2f s" % (ok2, spent))
+    expect(await available(c, sku) == 1000 - ok - ok2, "429s changed the stock")
+    return "one user: %d x 202, %d x 429; 60 users: %d x 202, %d x 429" % (ok, limited, ok2, limited2)
+
+
 async def check_metrics(ctx):
     for p in ctx.producers:
         r = await p.client.request("GET", "/metrics")
@@ -730,6 +840,9 @@ CHECKS = [
     ("bad input: every hostile request gets a 4xx JSON error", check_bad_input, 40),
     ("bad input changes nothing and the producers stay healthy", check_bad_changed_nothing, 20),
     ("redis script cache lost: orders go on and EVALSHA resumes", check_script_cache_lost, 30),
+    ("GET order: accepted until PostgreSQL has it, then PostgreSQL's status; 404 unknown", check_get_order, 30),
+    ("GET sku: available from Redis and stock from PostgreSQL", check_get_sku_stock, 20),
+    ("rate limits: per user and per worker answer 429 and deduct nothing", check_rate_limits, 40),
     ("metrics: /metrics is Prometheus text with stockpipe_ lines", check_metrics, 10),
 ]
 
@@ -737,6 +850,7 @@ CHECKS = [
 async def run(rep, binary, logdir):
     ctx = Ctx()
     ctx.producers = []
+    ctx.binary, ctx.logdir = binary, logdir
     try:
         ctx.pa, ctx.pb = Producer("A", binary, logdir), Producer("B", binary, logdir)
         ctx.producers = [ctx.pa, ctx.pb]
