@@ -113,6 +113,7 @@ struct sp_order_api {
     int kafka_down;             /* all brokers down (error callback), until one answers again */
     int64_t kafka_probe_ms;
     int inflight;               /* calls not yet freed */
+    struct call *confirm_head, *confirm_tail; /* delivered orders whose confirm is not sent yet */
     sp_order_ids ids;
     struct {
         int64_t sku_id, until_ms;
@@ -130,9 +131,10 @@ typedef struct call {
     sp_event ev;                /* the event to publish */
     sp_script_call script;      /* the Redis call under way, kept for a NOSCRIPT re-send */
     int resent;
+    struct call *next;          /* in the api's confirm list */
     /* GET: what Redis said, kept for the PostgreSQL step */
     int redis_failed;           /* Redis could not be asked: a "not found" is not trusted */
-    char accepted[64];          /* CALL_GET_ORDER: the {sku}:accepted entry "user:qty:ts", or "" */
+    char accepted[64];          /* CALL_GET_ORDER: an accepted {sku}:resv entry "user:qty:ts", or "" */
     char sale[3][24];           /* CALL_GET_SKU: stock, limit, pay_timeout_s; "" when absent */
 } call;
 
@@ -349,26 +351,34 @@ static void redis_sent(sp_order_api *api) {
     if (api->redis_owed++ == 0) api->redis_last_reply_ms = now_ms();
 }
 
-/* A reply arrived (or the connection ended, r NULL). Returns 1 when the caller should go on with
- * r, 0 when it was handled here: re-sent after NOSCRIPT. A READONLY error means the server was
- * demoted in a failover: drop it, the next connect asks Sentinel again. */
-static int redis_reply_usable(call *c, redisAsyncContext *ac, redisReply *r, redisCallbackFn *fn) {
-    sp_order_api *api = c->api;
+/* A reply arrived (or the connection ended, r NULL): counts it, and an error reply. A READONLY
+ * error means the server was demoted in a failover: drop it, the next connect asks Sentinel
+ * again. Returns 1 when r is NOSCRIPT and the call should be re-sent once as EVAL (*resent set). */
+static int reply_arrived(sp_order_api *api, redisAsyncContext *ac, redisReply *r, int *resent) {
     api->redis_owed--;
     api->redis_last_reply_ms = now_ms();
-    if (r && sp_redis_is_noscript(r) && !c->resent && api->redis) {
+    if (r && sp_redis_is_noscript(r) && !*resent && api->redis) {
         /* The server lost its script cache (restart, failover, SCRIPT FLUSH). EVAL runs this call
          * and puts the script back under the same SHA, so later calls keep using EVALSHA. */
-        c->resent = 1;
-        if (sp_redis_async_call_eval(api->redis, &c->script, fn, c) == 0) {
-            redis_sent(api);
-            return 0;
-        }
+        *resent = 1;
+        return 1;
     }
     if (r == NULL || r->type == REDIS_REPLY_ERROR) {
         sp_metric_inc(&m_redis_errors);
         if (r) sp_warn("redis error: %s", r->str);
         if (r && strncmp(r->str, "READONLY", 8) == 0 && api->redis == ac) redisAsyncDisconnect(ac);
+    }
+    return 0;
+}
+
+/* The same for a call c: 1 when the caller should go on with r, 0 when it was re-sent here. */
+static int redis_reply_usable(call *c, redisAsyncContext *ac, redisReply *r, redisCallbackFn *fn) {
+    if (reply_arrived(c->api, ac, r, &c->resent)) {
+        if (sp_redis_async_call_eval(c->api->redis, &c->script, fn, c) == 0) {
+            redis_sent(c->api);
+            return 0;
+        }
+        sp_metric_inc(&m_redis_errors);
     }
     return 1;
 }
@@ -401,7 +411,7 @@ static int publish(call *c) {
 }
 
 static void on_release(redisAsyncContext *ac, void *reply, void *data);
-static void on_confirm(redisAsyncContext *ac, void *reply, void *data);
+static void confirms_send(sp_order_api *api);
 static void on_sale_written(redisAsyncContext *ac, void *reply, void *data);
 
 /* Gives an order's reservation back (Kafka definitely did not take it), then frees the call. */
@@ -429,12 +439,12 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
              * Idempotency-Key on any producer must find "accepted", not "pending". A failed
              * confirm still answers 202 (Kafka has the order) and only leaves a reservation whose
              * order is in the log: the reaper's void for it changes nothing. */
-            sp_stock_confirm_call(&c->script, c->order.sku_id, c->order.order_id);
-            if (redis_send(c, on_confirm) != 0) {
-                answer_order(c, 202, c->order.order_id, "accepted", &m_accepted);
-                call_free(c);
-            }
-            return;
+            sp_stock_confirm_call(&c->script, &c->order);
+            c->next = NULL;
+            if (c->api->confirm_tail) c->api->confirm_tail->next = c;
+            else c->api->confirm_head = c;
+            c->api->confirm_tail = c;
+            return; /* confirms_send() after the poll sends them in batches */
         case CALL_OPEN:
         case CALL_RESTOCK:
             if (c->kind == CALL_OPEN)
@@ -485,6 +495,7 @@ static void on_kafka_wakeup(evutil_socket_t fd, short what, void *arg) {
     while (read(fd, drain, sizeof(drain)) > 0) {
     }
     rd_kafka_poll(api->kafka, 0);
+    confirms_send(api);
 }
 
 /* Sends a plain command (not a script) for call c; -1 when it could not be queued. */
@@ -498,11 +509,70 @@ static int redis_command(call *c, redisCallbackFn *fn, const char *fmt, const ch
     return 0;
 }
 
-static void on_confirm(redisAsyncContext *ac, void *reply, void *data) {
-    call *c = data;
-    if (!redis_reply_usable(c, ac, reply, on_confirm)) return;
-    answer_order(c, 202, c->order.order_id, "accepted", &m_accepted);
-    call_free(c);
+/* Confirms of one SKU sent together: Kafka acknowledges in bursts, so one script call per SKU
+ * per burst instead of one per order. */
+typedef struct confirm_batch {
+    sp_order_api *api;
+    int resent;
+    sp_confirm_batch b;
+    call *calls[SP_CONFIRM_BATCH_MAX];
+} confirm_batch;
+
+/* Every order of the batch gets its 202: Kafka has them. A failed confirm only leaves
+ * reservations whose orders are in the log (the consumer removes them; the reaper's void for one
+ * changes nothing). */
+static void confirm_batch_done(confirm_batch *cb) {
+    for (int i = 0; i < cb->b.n; i++) {
+        answer_order(cb->calls[i], 202, cb->calls[i]->order.order_id, "accepted", &m_accepted);
+        call_free(cb->calls[i]);
+    }
+    free(cb);
+}
+
+static void on_confirm_batch(redisAsyncContext *ac, void *reply, void *data) {
+    confirm_batch *cb = data;
+    sp_order_api *api = cb->api;
+    if (reply_arrived(api, ac, reply, &cb->resent)) {
+        if (sp_stock_confirm_batch_send(api->redis, &cb->b, 1, on_confirm_batch, cb) == 0) {
+            redis_sent(api);
+            return;
+        }
+        sp_metric_inc(&m_redis_errors);
+    }
+    confirm_batch_done(cb);
+}
+
+/* Sends the confirms queued by delivery reports, one script call per SKU (up to
+ * SP_CONFIRM_BATCH_MAX orders each). Called after every rd_kafka_poll. */
+static void confirms_send(sp_order_api *api) {
+    while (api->confirm_head) {
+        confirm_batch *cb = calloc(1, sizeof(*cb));
+        call *c = api->confirm_head, **link = &api->confirm_head, *last = NULL;
+        if (cb == NULL) { /* answer this one without a confirm; it stays a reservation */
+            api->confirm_head = c->next;
+            if (api->confirm_head == NULL) api->confirm_tail = NULL;
+            answer_order(c, 202, c->order.order_id, "accepted", &m_accepted);
+            call_free(c);
+            continue;
+        }
+        cb->api = api;
+        /* Take every queued call of the first call's SKU, in order, until the batch is full. */
+        while (c) {
+            if (sp_stock_confirm_batch_add(&cb->b, c->order.sku_id, &c->script) == 0) {
+                cb->calls[cb->b.n - 1] = c;
+                *link = c->next;
+            } else {
+                link = &c->next;
+                last = c;
+            }
+            c = *link;
+        }
+        api->confirm_tail = last;
+        if (api->redis && sp_stock_confirm_batch_send(api->redis, &cb->b, 0, on_confirm_batch, cb) == 0)
+            redis_sent(api);
+        else
+            confirm_batch_done(cb);
+    }
 }
 
 static void on_release(redisAsyncContext *ac, void *reply, void *data) {
@@ -832,9 +902,11 @@ static void on_accepted_read(redisAsyncContext *ac, void *reply, void *data) {
     call *c = data;
     redisReply *r = reply;
     if (!redis_reply_usable(c, ac, r, on_accepted_read)) return;
-    if (r && r->type == REDIS_REPLY_STRING)
-        snprintf(c->accepted, sizeof(c->accepted), "%s", r->str);
-    else if (r == NULL || r->type != REDIS_REPLY_NIL)
+    if (r && r->type == REDIS_REPLY_STRING) {
+        /* "a:user:qty:ts" is an accepted order; "r:…" is still waiting for Kafka: the buyer has
+         * no answer yet, so for GET it does not exist yet. */
+        if (strncmp(r->str, "a:", 2) == 0) snprintf(c->accepted, sizeof(c->accepted), "%s", r->str + 2);
+    } else if (r == NULL || r->type != REDIS_REPLY_NIL)
         c->redis_failed = 1;
     lookup_order(c);
 }
@@ -852,7 +924,7 @@ static void get_order(sp_order_api *api, struct evhttp_request *req, const char 
         call_free(c);
         return;
     }
-    sp_stock_key(key, c->order.sku_id, "accepted");
+    sp_stock_key(key, c->order.sku_id, "resv");
     if (api->redis == NULL ||
         redisAsyncCommand(api->redis, on_accepted_read, c, "HGET %s %s", key, c->order.order_id) != REDIS_OK) {
         sp_metric_inc(&m_redis_errors);
@@ -964,6 +1036,7 @@ void sp_order_api_tick(sp_order_api *api) {
     }
     sp_pg_async_tick(api->pg);
     rd_kafka_poll(api->kafka, 0);
+    confirms_send(api);
     if (api->kafka_down && now >= api->kafka_probe_ms) {
         api->kafka_probe_ms = now + 1000;
         if (sp_kafka_topic_partitions(api->kafka, api->cfg->kafka_topic, 200, &n, err, sizeof(err)) == 0) {
@@ -1050,6 +1123,7 @@ void sp_order_api_free(sp_order_api *api) {
          * possibly persisted if it was on the wire), so every call is answered and freed. */
         rd_kafka_purge(api->kafka, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
         rd_kafka_poll(api->kafka, 0);
+        confirms_send(api);
     }
     if (api->redis) {
         redisAsyncContext *ac = api->redis;

@@ -346,23 +346,31 @@ redisReply *sp_redis_call(redisContext *c, sp_script_call *call, char *errbuf, s
                             errbuf, errlen);
 }
 
-static int async_send(redisAsyncContext *ac, sp_script_call *call, redisCallbackFn *fn, void *data,
-                      int by_body) {
-    const char *av[SP_SCRIPT_ARGS_MAX + 3];
-    size_t avlen[SP_SCRIPT_ARGS_MAX + 3];
-    char nkeys[12];
-    if (call->overflow) return -1;
-    snprintf(nkeys, sizeof(nkeys), "%d", call->nkeys);
-    if (by_body || call->script->sha[0] == '\0') {
+int sp_redis_async_script(redisAsyncContext *ac, sp_redis_script *s, int by_body, int nkeys,
+                          int argc, const char *const *argv, const size_t *argvlen,
+                          redisCallbackFn *fn, void *data) {
+    const char *av[SP_REDIS_SCRIPT_ARGV_MAX + 3];
+    size_t avlen[SP_REDIS_SCRIPT_ARGV_MAX + 3];
+    char nk[12];
+    if (argc > SP_REDIS_SCRIPT_ARGV_MAX) return -1;
+    snprintf(nk, sizeof(nk), "%d", nkeys);
+    if (by_body || s->sha[0] == '\0') {
         av[0] = "EVAL", avlen[0] = 4;
-        av[1] = call->script->body, avlen[1] = strlen(call->script->body);
+        av[1] = s->body, avlen[1] = strlen(s->body);
     } else {
         av[0] = "EVALSHA", avlen[0] = 7;
-        av[1] = call->script->sha, avlen[1] = 40;
+        av[1] = s->sha, avlen[1] = 40;
     }
-    av[2] = nkeys, avlen[2] = strlen(nkeys);
-    for (int i = 0; i < call->argc; i++) av[3 + i] = call->argv[i], avlen[3 + i] = call->argvlen[i];
-    return redisAsyncCommandArgv(ac, fn, data, call->argc + 3, av, avlen) == REDIS_OK ? 0 : -1;
+    av[2] = nk, avlen[2] = strlen(nk);
+    for (int i = 0; i < argc; i++) av[3 + i] = argv[i], avlen[3 + i] = argvlen[i];
+    return redisAsyncCommandArgv(ac, fn, data, argc + 3, av, avlen) == REDIS_OK ? 0 : -1;
+}
+
+static int async_send(redisAsyncContext *ac, sp_script_call *call, redisCallbackFn *fn, void *data,
+                      int by_body) {
+    if (call->overflow) return -1;
+    return sp_redis_async_script(ac, call->script, by_body, call->nkeys, call->argc, call->argv,
+                                 call->argvlen, fn, data);
 }
 
 int sp_redis_async_call(redisAsyncContext *ac, sp_script_call *call, redisCallbackFn *fn,

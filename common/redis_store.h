@@ -89,6 +89,13 @@ int sp_redis_async_call(redisAsyncContext *ac, sp_script_call *call, redisCallba
 int sp_redis_async_call_eval(redisAsyncContext *ac, sp_script_call *call, redisCallbackFn *fn,
                              void *data) __attribute__((warn_unused_result));
 
+/* The same for argument lists built elsewhere (at most SP_REDIS_SCRIPT_ARGV_MAX keys + args, which
+ * must stay valid until this returns): by_body sends EVAL instead of EVALSHA. */
+#define SP_REDIS_SCRIPT_ARGV_MAX 512
+int sp_redis_async_script(redisAsyncContext *ac, sp_redis_script *s, int by_body, int nkeys,
+                          int argc, const char *const *argv, const size_t *argvlen,
+                          redisCallbackFn *fn, void *data) __attribute__((warn_unused_result));
+
 /* True for a NOSCRIPT error reply. */
 int sp_redis_is_noscript(const redisReply *r);
 

@@ -58,18 +58,22 @@ void sp_stock_restock_call(sp_script_call *call, int64_t sku_id, int64_t add) {
     sp_script_call_arg(call, "%" PRId64, add);
 }
 
-void sp_stock_reserve_call(sp_script_call *call, const sp_reserve_request *req) {
-    int64_t sku = req->sku_id;
-    sp_script_call_init(call, &script_reserve, 5);
-    sp_script_call_arg(call, "{sku:%" PRId64 "}:sale", sku);
-    sp_script_call_arg(call, "{sku:%" PRId64 "}:users", sku);
-    sp_script_call_arg(call, "{sku:%" PRId64 "}:resv", sku);
-    sp_script_call_arg(call, "{sku:%" PRId64 "}:resv_by_ts", sku);
+/* The request's idempotency key name, or "" without one. */
+static void idem_arg(sp_script_call *call, const sp_reserve_request *req) {
     if (req->idem_key[0])
-        sp_script_call_arg(call, "{sku:%" PRId64 "}:idem:%" PRId64 ":%s", sku, req->user_id,
+        sp_script_call_arg(call, "{sku:%" PRId64 "}:idem:%" PRId64 ":%s", req->sku_id, req->user_id,
                            req->idem_key);
     else
         sp_script_call_arg(call, "%s", "");
+}
+
+void sp_stock_reserve_call(sp_script_call *call, const sp_reserve_request *req) {
+    int64_t sku = req->sku_id;
+    sp_script_call_init(call, &script_reserve, 4);
+    sp_script_call_arg(call, "{sku:%" PRId64 "}:sale", sku);
+    sp_script_call_arg(call, "{sku:%" PRId64 "}:users", sku);
+    sp_script_call_arg(call, "{sku:%" PRId64 "}:resv", sku);
+    idem_arg(call, req);
     sp_script_call_arg(call, "%" PRId64, req->user_id);
     sp_script_call_arg(call, "%" PRId32, req->qty);
     sp_script_call_arg(call, "%s", req->order_id);
@@ -77,20 +81,18 @@ void sp_stock_reserve_call(sp_script_call *call, const sp_reserve_request *req) 
     sp_script_call_arg(call, "%d", SP_IDEM_TTL_S);
 }
 
-void sp_stock_confirm_call(sp_script_call *call, int64_t sku_id, const char *order_id) {
-    sp_script_call_init(call, &script_confirm, 3);
-    sp_script_call_arg(call, "{sku:%" PRId64 "}:resv", sku_id);
-    sp_script_call_arg(call, "{sku:%" PRId64 "}:resv_by_ts", sku_id);
-    sp_script_call_arg(call, "{sku:%" PRId64 "}:accepted", sku_id);
-    sp_script_call_arg(call, "%s", order_id);
+void sp_stock_confirm_call(sp_script_call *call, const sp_reserve_request *req) {
+    sp_script_call_init(call, &script_confirm, 1);
+    sp_script_call_arg(call, "{sku:%" PRId64 "}:resv", req->sku_id);
+    sp_script_call_arg(call, "%s", req->order_id);
+    idem_arg(call, req);
 }
 
 void sp_stock_release_call(sp_script_call *call, int64_t sku_id, const char *order_id) {
-    sp_script_call_init(call, &script_release, 4);
+    sp_script_call_init(call, &script_release, 3);
     sp_script_call_arg(call, "{sku:%" PRId64 "}:sale", sku_id);
     sp_script_call_arg(call, "{sku:%" PRId64 "}:users", sku_id);
     sp_script_call_arg(call, "{sku:%" PRId64 "}:resv", sku_id);
-    sp_script_call_arg(call, "{sku:%" PRId64 "}:resv_by_ts", sku_id);
     sp_script_call_arg(call, "%s", order_id);
 }
 
@@ -99,6 +101,30 @@ void sp_stock_cap_call(sp_script_call *call, int64_t sku_id, int64_t pg_stock, i
     sp_script_call_arg(call, "{sku:%" PRId64 "}:sale", sku_id);
     sp_script_call_arg(call, "%" PRId64, pg_stock);
     sp_script_call_arg(call, "%" PRId64, pg_supplied);
+}
+
+_Static_assert(1 + 2 * SP_CONFIRM_BATCH_MAX <= SP_REDIS_SCRIPT_ARGV_MAX, "a full batch must be sendable");
+
+int sp_stock_confirm_batch_add(sp_confirm_batch *b, int64_t sku_id, const sp_script_call *one) {
+    if (one->overflow || one->argc != 3 || b->n >= SP_CONFIRM_BATCH_MAX ||
+        (b->n > 0 && b->sku_id != sku_id))
+        return -1;
+    if (b->n == 0) {
+        b->sku_id = sku_id;
+        b->argv[0] = one->argv[0], b->argvlen[0] = one->argvlen[0];
+    }
+    for (int i = 1; i <= 2; i++) {
+        b->argv[2 * b->n + i] = one->argv[i];
+        b->argvlen[2 * b->n + i] = one->argvlen[i];
+    }
+    b->n++;
+    return 0;
+}
+
+int sp_stock_confirm_batch_send(redisAsyncContext *ac, sp_confirm_batch *b, int by_body,
+                                redisCallbackFn *fn, void *data) {
+    return sp_redis_async_script(ac, &script_confirm, by_body, 1, 1 + 2 * b->n, b->argv,
+                                 b->argvlen, fn, data);
 }
 
 /* ---- parsing replies ---- */
@@ -192,11 +218,11 @@ int sp_stock_reserve(redisContext *c, const sp_reserve_request *req, sp_reserve_
     return rc;
 }
 
-int sp_stock_confirm(redisContext *c, int64_t sku_id, const char *order_id, int *was_reserved,
+int sp_stock_confirm(redisContext *c, const sp_reserve_request *req, int *was_reserved,
                      char *errbuf, size_t errlen) {
     sp_script_call call;
     long long v;
-    sp_stock_confirm_call(&call, sku_id, order_id);
+    sp_stock_confirm_call(&call, req);
     if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
     *was_reserved = (int)v;
     return 0;
@@ -227,7 +253,7 @@ int sp_stock_accepted_forget(redisContext *c, int64_t sku_id, const char *const 
     enum { CHUNK = 512 }; /* ids per HDEL: bounded argv, few round trips */
     const char *argv[CHUNK + 2];
     char key[SP_STOCK_KEY_MAX];
-    sp_stock_key(key, sku_id, "accepted");
+    sp_stock_key(key, sku_id, "resv");
     argv[0] = "HDEL";
     argv[1] = key;
     for (size_t i = 0; i < n; i += CHUNK) {

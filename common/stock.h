@@ -6,10 +6,9 @@
  *   {sku:ID}:sale          hash  stock (what may still be admitted), limit, pay_timeout_s,
  *                                supplied (units ever put on sale: open + restocks)
  *   {sku:ID}:users         hash  user_id -> units the user holds
- *   {sku:ID}:resv          hash  order_id -> "user:qty:ts_ms:idem_key" until Kafka answered
- *   {sku:ID}:resv_by_ts    zset  order_id by ts_ms, for the reaper's lost-reservation sweep
- *   {sku:ID}:accepted      hash  order_id -> "user:qty:ts_ms": in Kafka, not yet in PostgreSQL
- *                                (confirm adds, the consumer removes after its commit)
+ *   {sku:ID}:resv          hash  order_id -> "r:user:qty:ts_ms:idem_key" while Kafka has not
+ *                                answered, then "a:user:qty:ts_ms" (accepted: in Kafka, maybe not
+ *                                yet in PostgreSQL) until the consumer has stored the order
  *   {sku:ID}:idem:USER:KEY string "state:order_id" for an Idempotency-Key, with a TTL
  * See docs/reservation.md for the life of a reservation.
  */
@@ -70,10 +69,11 @@ int sp_stock_restock(redisContext *c, int64_t sku_id, int64_t add, int64_t *stoc
 int sp_stock_reserve(redisContext *c, const sp_reserve_request *req, sp_reserve_result *res,
                      char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
-/* Kafka acknowledged the order: drops the reservation (the units stay sold), records the order
- * under {sku:ID}:accepted and turns its idempotency key to "accepted". *was_reserved is 1 when
- * the reservation was still there. */
-int sp_stock_confirm(redisContext *c, int64_t sku_id, const char *order_id, int *was_reserved,
+/* Kafka acknowledged the order req reserved: its reservation becomes accepted (the units stay
+ * sold; nothing can release them any more) and its idempotency key answers "accepted".
+ * *was_reserved is 1 when the reservation was still there (0: released, or already stored by the
+ * consumer). */
+int sp_stock_confirm(redisContext *c, const sp_reserve_request *req, int *was_reserved,
                      char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
 /* Kafka definitely refused the order: gives the reservation's units back to the stock and the
@@ -87,7 +87,8 @@ int sp_stock_release(redisContext *c, int64_t sku_id, const char *order_id, int 
 int sp_stock_cap(redisContext *c, int64_t sku_id, int64_t pg_stock, int64_t pg_supplied,
                  int64_t *removed, char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
-/* The consumer stored these orders: drops them from {sku:ID}:accepted (HDEL, chunked). */
+/* The consumer stored these orders: drops their entries from {sku:ID}:resv (HDEL, chunked), so
+ * the producer's confirm or release finds nothing left to do for them. */
 int sp_stock_accepted_forget(redisContext *c, int64_t sku_id, const char *const *order_ids,
                              size_t n, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
@@ -106,9 +107,27 @@ void sp_stock_open_call(sp_script_call *call, int64_t sku_id, int64_t stock,
                         int32_t per_user_limit, int32_t pay_timeout_s);
 void sp_stock_restock_call(sp_script_call *call, int64_t sku_id, int64_t add);
 void sp_stock_reserve_call(sp_script_call *call, const sp_reserve_request *req);
-void sp_stock_confirm_call(sp_script_call *call, int64_t sku_id, const char *order_id);
+void sp_stock_confirm_call(sp_script_call *call, const sp_reserve_request *req);
 void sp_stock_release_call(sp_script_call *call, int64_t sku_id, const char *order_id);
 void sp_stock_cap_call(sp_script_call *call, int64_t sku_id, int64_t pg_stock, int64_t pg_supplied);
+
+/* Several confirms of one SKU in one script call, for a producer that gets Kafka's
+ * acknowledgements in bursts. The batch points into the single calls it is given (built by
+ * sp_stock_confirm_call), which must outlive it. */
+#define SP_CONFIRM_BATCH_MAX 128
+typedef struct sp_confirm_batch {
+    int64_t sku_id;
+    int n;                      /* orders in the batch */
+    const char *argv[1 + 2 * SP_CONFIRM_BATCH_MAX]; /* the resv key, then (order_id, idem key)s */
+    size_t argvlen[1 + 2 * SP_CONFIRM_BATCH_MAX];
+} sp_confirm_batch;
+
+/* Adds one confirm (of sku_id) to b; -1 when b is full or holds another SKU's confirms. */
+int sp_stock_confirm_batch_add(sp_confirm_batch *b, int64_t sku_id, const sp_script_call *one);
+
+/* Sends b (EVALSHA, or EVAL when by_body); fn gets the integer reply (orders turned accepted). */
+int sp_stock_confirm_batch_send(redisAsyncContext *ac, sp_confirm_batch *b, int by_body,
+                                redisCallbackFn *fn, void *data) __attribute__((warn_unused_result));
 
 /* Reads a reserve reply into *res; -1 with errbuf for an error reply or an unexpected shape. */
 int sp_stock_reserve_parse(const redisReply *r, sp_reserve_result *res, char *errbuf,

@@ -1,15 +1,14 @@
 -- release.lua - Kafka definitely refused order.created: give the reservation back, exactly once.
--- KEYS[1] {sku:ID}:sale  KEYS[2] {sku:ID}:users  KEYS[3] {sku:ID}:resv  KEYS[4] {sku:ID}:resv_by_ts
+-- KEYS[1] {sku:ID}:sale  KEYS[2] {sku:ID}:users  KEYS[3] {sku:ID}:resv
 -- ARGV    order_id
--- Returns the qty given back, or 0 when there was no such reservation (already confirmed or
--- released): the reservation row is the guard, so a second call returns nothing.
+-- Returns the qty given back, or 0 when there was no such reservation (already released, or
+-- accepted): the reservation row is the guard, so a second call returns nothing.
 local r = redis.call('HGET', KEYS[3], ARGV[1])
-if not r then
+if not r or string.sub(r, 1, 2) ~= 'r:' then
     return 0
 end
-local user, qty, _, idem = string.match(r, '^([^:]*):([^:]*):([^:]*):(.*)$')
+local user, qty, _, idem = string.match(r, '^r:([^:]*):([^:]*):([^:]*):(.*)$')
 redis.call('HDEL', KEYS[3], ARGV[1])
-redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'stock', qty)
 local left = redis.call('HINCRBY', KEYS[2], user, -tonumber(qty))
 if left <= 0 then

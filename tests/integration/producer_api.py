@@ -702,7 +702,7 @@ async def check_get_order(ctx):
     finally:
         psql("DELETE FROM orders WHERE order_id = :'p1'", oid)
     # The consumer drops the accepted entry after its commit; with neither, the order is unknown.
-    subprocess.run(["redis-cli", "-u", os.environ["REDIS_URL"], "HDEL", "{sku:%d}:accepted" % sku,
+    subprocess.run(["redis-cli", "-u", os.environ["REDIS_URL"], "HDEL", "{sku:%d}:resv" % sku,
                     oid], capture_output=True, timeout=10, check=True)
     g = await get_order(ctx.a, oid)
     expect(g.status == 404 and g.error() == "unknown_order",

@@ -29,8 +29,8 @@ static redisContext *connect_redis(void) {
 /* A SKU of its own for each test, its keys deleted before use. */
 static int64_t fresh_sku(redisContext *c, int n) {
     int64_t sku = sku_base + n;
-    const char *suffixes[] = {"sale", "users", "resv", "resv_by_ts", "accepted"};
-    for (size_t i = 0; i < 5; i++) {
+    const char *suffixes[] = {"sale", "users", "resv"};
+    for (size_t i = 0; i < 3; i++) {
         char key[SP_STOCK_KEY_MAX];
         sp_stock_key(key, sku, suffixes[i]);
         freeReplyObject(redisCommand(c, "DEL %s", key));
@@ -56,6 +56,28 @@ static sp_reserve_result reserve(redisContext *c, int64_t sku, int64_t user, int
     snprintf(req.idem_key, sizeof(req.idem_key), "%s", idem ? idem : "");
     if (sp_stock_reserve(c, &req, &res, err, sizeof(err)) != 0) fail_msg("reserve: %s", err);
     return res;
+}
+
+/* Kafka acknowledged order_id, which user reserved with key idem (NULL: none). */
+static int confirm(redisContext *c, int64_t sku, int64_t user, const char *order_id,
+                   const char *idem) {
+    sp_reserve_request req = {.sku_id = sku, .user_id = user};
+    int was;
+    snprintf(req.order_id, sizeof(req.order_id), "%s", order_id);
+    snprintf(req.idem_key, sizeof(req.idem_key), "%s", idem ? idem : "");
+    if (sp_stock_confirm(c, &req, &was, err, sizeof(err)) != 0) fail_msg("confirm: %s", err);
+    return was;
+}
+
+static char *hget_str(redisContext *c, int64_t sku, const char *suffix, const char *field) {
+    static char v[256];
+    char key[SP_STOCK_KEY_MAX];
+    sp_stock_key(key, sku, suffix);
+    redisReply *r = redisCommand(c, "HGET %s %s", key, field);
+    assert_non_null(r);
+    snprintf(v, sizeof(v), "%s", r->type == REDIS_REPLY_STRING ? r->str : "(nil)");
+    freeReplyObject(r);
+    return v;
 }
 
 static void test_open_once_and_restock(void **state) {
@@ -119,7 +141,7 @@ static void test_idempotency_key(void **state) {
     (void)state;
     redisContext *c = connect_redis();
     int64_t sku = fresh_sku(c, 5), stock;
-    int opened, was;
+    int opened;
     assert_int_equal(sp_stock_open(c, sku, 5, 0, 600, &opened, err, sizeof(err)), 0);
 
     sp_reserve_result r = reserve(c, sku, 42, 1, "first", "key-A");
@@ -129,8 +151,7 @@ static void test_idempotency_key(void **state) {
     assert_int_equal(r.outcome, SP_RESERVE_DUP);
     assert_string_equal(r.order_id, "first");
     assert_string_equal(r.dup_state, "pending");
-    assert_int_equal(sp_stock_confirm(c, sku, "first", &was, err, sizeof(err)), 0);
-    assert_int_equal(was, 1);
+    assert_int_equal(confirm(c, sku, 42, "first", "key-A"), 1);
     r = reserve(c, sku, 42, 1, "third", "key-A");
     assert_int_equal(r.outcome, SP_RESERVE_DUP);
     assert_string_equal(r.order_id, "first");
@@ -153,7 +174,7 @@ static void test_release_exactly_once(void **state) {
     (void)state;
     redisContext *c = connect_redis();
     int64_t sku = fresh_sku(c, 6), stock;
-    int opened, qty, was;
+    int opened, qty;
     assert_int_equal(sp_stock_open(c, sku, 10, 3, 600, &opened, err, sizeof(err)), 0);
     assert_int_equal(reserve(c, sku, 5, 3, "r-1", "k").outcome, SP_RESERVE_OK);
     assert_int_equal(sp_stock_release(c, sku, "r-1", &qty, err, sizeof(err)), 0);
@@ -168,13 +189,12 @@ static void test_release_exactly_once(void **state) {
     assert_int_equal(r.outcome, SP_RESERVE_OK);
     assert_string_equal(r.order_id, "r-2");
     /* Confirmed first, then a late release: the units stay sold. */
-    assert_int_equal(sp_stock_confirm(c, sku, "r-2", &was, err, sizeof(err)), 0);
+    assert_int_equal(confirm(c, sku, 5, "r-2", "k"), 1);
     assert_int_equal(sp_stock_release(c, sku, "r-2", &qty, err, sizeof(err)), 0);
     assert_int_equal(qty, 0);
     assert_int_equal(sp_stock_available(c, sku, &stock, err, sizeof(err)), 0);
     assert_int_equal(stock, 7);
-    assert_int_equal(sp_stock_confirm(c, sku, "r-2", &was, err, sizeof(err)), 0);
-    assert_int_equal(was, 0);
+    assert_int_equal(confirm(c, sku, 5, "r-2", "k"), 0); /* accepted already */
     redisFree(c);
 }
 
@@ -231,31 +251,42 @@ static void test_concurrent_admission_is_exact(void **state) {
     redisFree(c);
 }
 
-/* confirm moves an order from the reservations to {sku}:accepted; the consumer's forget drops it. */
+/* confirm turns a reservation into an accepted entry; the consumer's forget drops it; a consumer
+ * quicker than confirm leaves nothing behind and the key still answers "accepted". */
 static void test_confirm_marks_accepted(void **state) {
     (void)state;
     redisContext *c = connect_redis();
     int64_t sku = fresh_sku(c, 40);
-    int opened, was;
+    int opened, qty;
     assert_int_equal(sp_stock_open(c, sku, 5, 0, 60, &opened, err, sizeof(err)), 0);
     assert_int_equal(reserve(c, sku, 7, 2, "acc-1", NULL).outcome, SP_RESERVE_OK);
     assert_int_equal(reserve(c, sku, 8, 1, "acc-2", NULL).outcome, SP_RESERVE_OK);
-    assert_int_equal(sp_stock_confirm(c, sku, "acc-1", &was, err, sizeof(err)), 0);
-    assert_int_equal(was, 1);
-    assert_int_equal(sp_stock_confirm(c, sku, "acc-2", &was, err, sizeof(err)), 0);
-    char key[SP_STOCK_KEY_MAX];
-    sp_stock_key(key, sku, "accepted");
-    redisReply *r = redisCommand(c, "HGET %s acc-1", key);
-    assert_non_null(r);
-    assert_int_equal(r->type, REDIS_REPLY_STRING);
-    assert_string_equal(r->str, "7:2:1700000000000");
-    freeReplyObject(r);
+    assert_string_equal(hget_str(c, sku, "resv", "acc-1"), "r:7:2:1700000000000:");
+    assert_int_equal(confirm(c, sku, 7, "acc-1", NULL), 1);
+    assert_int_equal(confirm(c, sku, 8, "acc-2", NULL), 1);
+    assert_string_equal(hget_str(c, sku, "resv", "acc-1"), "a:7:2:1700000000000");
+    /* An accepted order can no longer be released. */
+    assert_int_equal(sp_stock_release(c, sku, "acc-1", &qty, err, sizeof(err)), 0);
+    assert_int_equal(qty, 0);
     const char *ids[] = {"acc-1", "acc-2", "never-there"};
     assert_int_equal(sp_stock_accepted_forget(c, sku, ids, 3, err, sizeof(err)), 0);
-    r = redisCommand(c, "HLEN %s", key);
+    char key[SP_STOCK_KEY_MAX];
+    sp_stock_key(key, sku, "resv");
+    redisReply *r = redisCommand(c, "HLEN %s", key);
     assert_int_equal(r->integer, 0);
     freeReplyObject(r);
     assert_int_equal(hget_int(c, sku, "sale", "stock"), 2); /* forgetting returns nothing */
+
+    /* The consumer stored the order before the producer's confirm ran. */
+    assert_int_equal(reserve(c, sku, 9, 1, "acc-3", "key-3").outcome, SP_RESERVE_OK);
+    const char *id3[] = {"acc-3"};
+    assert_int_equal(sp_stock_accepted_forget(c, sku, id3, 1, err, sizeof(err)), 0);
+    assert_int_equal(confirm(c, sku, 9, "acc-3", "key-3"), 0);
+    assert_string_equal(hget_str(c, sku, "resv", "acc-3"), "(nil)"); /* not re-created */
+    sp_reserve_result again = reserve(c, sku, 9, 1, "acc-4", "key-3");
+    assert_int_equal(again.outcome, SP_RESERVE_DUP);
+    assert_string_equal(again.dup_state, "accepted");
+    assert_string_equal(again.order_id, "acc-3");
     redisFree(c);
 }
 
