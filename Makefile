@@ -5,7 +5,8 @@
 #   make test         install what is missing, unit tests, start the local stack, integration tests
 #                     (plain and sanitized builds), stop the stack; prints "N passed, N failed"
 #   make demo         the flash-sale demo (see README)
-#   make bench        benchmarks
+#   make bench        benchmarks: the event codec, then the producer under HTTP load on the local
+#                     stack (bench/producer_bench.sh; starts and stops the stack if it is not up)
 #   make stack-up / stack-down / stack-clean / stack-status   the local Redis, PostgreSQL, Kafka
 #   make format       clang-format the C sources
 
@@ -99,6 +100,7 @@ test: deps
 	@$(MAKE) --no-print-directory SAN=1 all tests
 	@tests/run-all.sh
 
+# The codec benchmarks, then the producer under wrk against the local stack (bench/run.sh).
 bench: deps all tests
 	@bench/run.sh $(BENCHES)
 

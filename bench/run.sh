@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# run.sh - runs each benchmark binary given (make bench) and prints its figures.
-# Benchmarks report medians of repeated runs; they are never timed tests.
+# run.sh - `make bench`: runs each benchmark binary given, then the producer's HTTP benchmark
+# against the local stack (bench/producer_bench.sh; its settings are at the top of that file).
+# Benchmarks report medians of repeated runs; they are never timed tests: a figure that misses a
+# target is printed as such and does not fail the run. A benchmark that cannot run does.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for b in "$@"; do
     echo "=== $(basename "$b")"
     "$b"
 done
+echo "=== producer_bench"
+bench/producer_bench.sh
