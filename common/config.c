@@ -69,6 +69,9 @@ static const conf_opt conf_table[] = {
      1000, 300000, P|R, 0,
      "How long the producer waits for Kafka to acknowledge an event before it gives up; the "
      "reaper treats reservations older than this (plus a margin) as lost"},
+    {"kafka-linger-ms", "KAFKA_LINGER_MS", INT(kafka_linger_ms), "1", 0, 1000, P|R, 0,
+     "How long librdkafka lets an event wait to share a request with others: more is bigger "
+     "batches for the broker, less is a quicker 202"},
     {"order-rate-limit", "ORDER_RATE_LIMIT", INT(order_rate_limit), "0", 0, 10000000, P, 0,
      "Orders per second this producer lets through to Redis (token bucket, burst = one second's "
      "worth); above it POST /v1/orders answers 429. 0 = no limit"},
@@ -82,6 +85,10 @@ static const conf_opt conf_table[] = {
      "Most events the consumer applies in one PostgreSQL transaction"},
     {"batch-wait-ms", "BATCH_WAIT_MS", INT(batch_wait_ms), "20", 0, 10000, C, 0,
      "How long the consumer lets a batch fill up before applying it"},
+    {"kafka-session-timeout-ms", "KAFKA_SESSION_TIMEOUT_MS", INT(kafka_session_timeout_ms),
+     "10000", 6000, 300000, C, 0,
+     "How long the consumer group waits for a member that stopped answering (crashed, killed, cut "
+     "off) before giving its partitions to the others"},
     {"log-level", "LOG_LEVEL", STR(log_level), "info", 0, 0, P|C|R|T, 0,
      "debug, info, warn or error"},
 };

@@ -110,7 +110,8 @@ struct sp_order_api {
     rd_kafka_t *kafka;
     int kafka_pipe[2];          /* librdkafka writes here when its queue becomes non-empty */
     struct event *kafka_wakeup;
-    int kafka_down;             /* all brokers down (error callback), until one answers again */
+    int kafka_down;             /* all brokers down (error callback), until one answers again;
+                                 * set at start, so /readyz waits for a first answer */
     int64_t kafka_probe_ms;
     int inflight;               /* calls not yet freed */
     struct call *confirm_head, *confirm_tail; /* delivered orders whose confirm is not sent yet */
@@ -351,9 +352,11 @@ static void redis_sent(sp_order_api *api) {
     if (api->redis_owed++ == 0) api->redis_last_reply_ms = now_ms();
 }
 
-/* A reply arrived (or the connection ended, r NULL): counts it, and an error reply. A READONLY
- * error means the server was demoted in a failover: drop it, the next connect asks Sentinel
- * again. Returns 1 when r is NOSCRIPT and the call should be re-sent once as EVAL (*resent set). */
+/* A reply arrived (or the connection ended, r NULL): counts it, and an error reply. READONLY
+ * means the server was demoted in a failover, NOREPLICAS that it lost its replicas (with
+ * min-replicas-to-write, what a primary Sentinel has just replaced sees until Sentinel demotes it,
+ * 8-18 s later): either way drop it, the next connect asks Sentinel again. Returns 1 when r is
+ * NOSCRIPT and the call should be re-sent once as EVAL (*resent set). */
 static int reply_arrived(sp_order_api *api, redisAsyncContext *ac, redisReply *r, int *resent) {
     api->redis_owed--;
     api->redis_last_reply_ms = now_ms();
@@ -366,7 +369,9 @@ static int reply_arrived(sp_order_api *api, redisAsyncContext *ac, redisReply *r
     if (r == NULL || r->type == REDIS_REPLY_ERROR) {
         sp_metric_inc(&m_redis_errors);
         if (r) sp_warn("redis error: %s", r->str);
-        if (r && strncmp(r->str, "READONLY", 8) == 0 && api->redis == ac) redisAsyncDisconnect(ac);
+        if (r && (strncmp(r->str, "READONLY", 8) == 0 || strncmp(r->str, "NOREPLICAS", 10) == 0) &&
+            api->redis == ac)
+            redisAsyncDisconnect(ac);
     }
     return 0;
 }
@@ -1059,7 +1064,7 @@ int sp_order_api_flush(sp_order_api *api, int timeout_ms) {
 
 sp_order_api *sp_order_api_new(struct event_base *base, sp_http *http, const sp_config *cfg,
                                char *errbuf, size_t errlen) {
-    char timeout[16];
+    char timeout[16], linger[16];
     rd_kafka_conf_t *conf = NULL;
     rd_kafka_queue_t *mainq = NULL;
     sp_order_api *api = calloc(1, sizeof(*api));
@@ -1070,6 +1075,7 @@ sp_order_api *sp_order_api_new(struct event_base *base, sp_http *http, const sp_
     api->base = base;
     api->cfg = cfg;
     api->kafka_pipe[0] = api->kafka_pipe[1] = -1;
+    api->kafka_down = 1; /* until the tick's probe has seen the topic (else ready before Kafka) */
     for (size_t i = 0; i < sizeof(all_metrics) / sizeof(all_metrics[0]); i++)
         sp_metrics_register(all_metrics[i]);
     sp_order_ids_init(&api->ids, cfg->worker_id);
@@ -1082,8 +1088,9 @@ sp_order_api *sp_order_api_new(struct event_base *base, sp_http *http, const sp_
 
     conf = sp_kafka_conf_new(cfg->kafka_brokers, cfg->worker_id, errbuf, errlen);
     snprintf(timeout, sizeof(timeout), "%d", cfg->kafka_message_timeout_ms);
+    snprintf(linger, sizeof(linger), "%d", cfg->kafka_linger_ms);
     if (conf == NULL || sp_kafka_conf_set(conf, "message.timeout.ms", timeout, errbuf, errlen) != 0 ||
-        sp_kafka_conf_set(conf, "linger.ms", "2", errbuf, errlen) != 0)
+        sp_kafka_conf_set(conf, "linger.ms", linger, errbuf, errlen) != 0)
         goto fail;
     rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
     rd_kafka_conf_set_error_cb(conf, on_kafka_error);

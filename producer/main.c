@@ -62,9 +62,14 @@ int main(int argc, char **argv) {
     if (cfg.admin_token[0] == '\0' || cfg.payment_token[0] == '\0')
         sp_warn("ADMIN_TOKEN or PAYMENT_TOKEN is not set: those endpoints refuse every call (401)");
     p.cfg = &cfg;
-    p.base = event_base_new();
+    /* The change list folds the add/remove pairs evhttp makes on every request's socket into one
+     * epoll_ctl per socket per loop turn (measured: 4 epoll_ctl calls per order without it). */
+    struct event_config *evcfg = event_config_new();
+    if (evcfg) event_config_set_flag(evcfg, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
+    p.base = evcfg ? event_base_new_with_config(evcfg) : NULL;
+    if (evcfg) event_config_free(evcfg);
     if (p.base == NULL) {
-        sp_error("cannot start: event_base_new failed");
+        sp_error("cannot start: cannot create the event loop");
         goto out;
     }
     p.http = sp_http_new(p.base, cfg.http_addr, cfg.http_port, &limits, err, sizeof(err));

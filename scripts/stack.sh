@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # stack.sh - the real local stack on loopback: Redis, PostgreSQL and a one-node Kafka (KRaft).
 #
-#   scripts/stack.sh up             start what is not running, create topics, migrate, write env
-#   scripts/stack.sh down [--purge] stop what `up` started (--purge: also delete all its data)
-#   scripts/stack.sh status         one line per server; exit 0 only if all three run
-#   scripts/stack.sh env            print the path of the env file written by `up`
+#   scripts/stack.sh up               start what is not running, create topics, migrate, write env
+#   scripts/stack.sh down [SERVER...] stop what `up` started, or only the named servers
+#                                     (redis, postgres, kafka); `up` starts them again
+#   scripts/stack.sh down --purge     stop everything and delete all its data
+#   scripts/stack.sh status           one line per server; exit 0 only if all three run
+#   scripts/stack.sh env              print the path of the env file written by `up`
 #
 # After `up`:  . var/stack.env   (REDIS_URL, KAFKA_BROKERS, KAFKA_TOPIC, KAFKA_DLQ_TOPIC, PG_DSN)
 #
 # Everything lives under var/ (ignored by git): var/redis, var/pg, var/kafka (data),
 # var/run/*.pid|*.port (what runs, on which port), var/log/*.log, var/stack.env.
+# STACK_VAR=/some/dir puts all of that under another directory instead, for a second, private
+# stack next to the shared one (give it other ports too); the Kafka jars stay in var/kafka-libs.
 # Every server listens on 127.0.0.1 only. Ports and topic settings come from the environment:
 #   STACK_REDIS_PORT=16379 STACK_PG_PORT=15432 STACK_KAFKA_PORT=19092
 #   STACK_KAFKA_CONTROLLER_PORT=19093 STACK_KAFKA_PARTITIONS=4 STACK_KAFKA_TOPIC=stockpipe.events
@@ -23,12 +27,13 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-VAR=$ROOT/var
+VAR=${STACK_VAR:-$ROOT/var}
+[[ $VAR == /* ]] || VAR=$PWD/$VAR
 RUN=$VAR/run
 LOGDIR=$VAR/log
 ENV_FILE=$VAR/stack.env
 DEPLOY=$ROOT/deploy/kafka-local
-KAFKA_LIBS=$VAR/kafka-libs
+KAFKA_LIBS=$ROOT/var/kafka-libs # installed by scripts/install-deps.sh, shared by every stack
 KAFKA_DIR=$VAR/kafka
 KAFKA_CONF=$KAFKA_DIR/server.properties
 REDIS_DIR=$VAR/redis
@@ -60,6 +65,7 @@ TOOL_JVM=(-XX:TieredStopAtLevel=1 -XX:+UseSerialGC -Xms32m -Xmx256m -XX:-UsePerf
     "-Dlog4j2.configurationFile=file:$DEPLOY/log4j2.properties")
 
 say() { printf 'stack: %s\n' "$*"; }
+rel() { printf '%s' "${1#"$ROOT"/}"; } # a path as messages show it: relative to the repo if inside
 warn() { printf 'stack: warning: %s\n' "$*" >&2; }
 die() {
     printf 'stack: error: %s\n' "$*" >&2
@@ -67,7 +73,7 @@ die() {
 }
 is_root() { ((EUID == 0)); }
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
 
 # --- processes -------------------------------------------------------------------------------
 
@@ -98,7 +104,7 @@ pid_from() {
         echo "$pid"
         return 0
     fi
-    say "removing stale pid file ${file#"$ROOT"/}" >&2 # stdout is the pid
+    say "removing stale pid file $(rel "$file")" >&2 # stdout is the pid
     rm -f "$file"
     return 1
 }
@@ -139,7 +145,7 @@ launch() {
     done
 }
 
-# running_port NAME REQUESTED VAR: the port a running server was started on (var/run/NAME.port);
+# running_port NAME REQUESTED VAR: the port a running server was started on ($RUN/NAME.port);
 # notes when the requested one differs, since a running server keeps its port until `down`.
 running_port() {
     local port
@@ -194,7 +200,13 @@ ensure_deps() {
 
 # --- Redis -------------------------------------------------------------------------------------
 
-redis_pid() { pid_from "$RUN/redis.pid" redis-server; }
+# Redis shows its address in its process title ("redis-server 127.0.0.1:PORT"); matching the port
+# keeps one stack's stale pid file from naming another stack's Redis.
+redis_pid() {
+    local port
+    port=$(cat "$RUN/redis.port" 2>/dev/null) || port=$REDIS_PORT
+    pid_from "$RUN/redis.pid" redis-server ":$port"
+}
 
 redis_up() {
     local pid
@@ -218,7 +230,7 @@ redis_up() {
     until [[ $(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]]; do
         if ! proc_is "$pid" redis-server; then
             tail_log "$LOGDIR/redis.log"
-            die "redis-server exited during start-up (log: var/log/redis.log)"
+            die "redis-server exited during start-up (log: $(rel "$LOGDIR/redis.log"))"
         fi
         ((SECONDS < deadline)) || { tail_log "$LOGDIR/redis.log"; die "redis did not answer PING within ${REDIS_TIMEOUT}s"; }
         sleep 0.1
@@ -277,7 +289,7 @@ pg_datadir_lookup() {
 
 # The data dir for `up`: var/pg/data, owned by postgres when we are root. If the postgres user
 # cannot reach it (a repo under a 0700 home directory, say), fall back to a directory under /tmp
-# named after the repo path, and record it in var/pg.datadir.
+# named after the stack's directory, and record it in var/pg.datadir.
 pg_datadir_prepare() {
     pg_datadir_lookup
     if [[ -f $PG_DATADIR_FILE ]]; then # decided on an earlier `up`
@@ -291,8 +303,9 @@ pg_datadir_prepare() {
     chmod 700 "$PG_BASE"
     if ! as_pg test -w "$PG_BASE" -a -x "$PG_BASE"; then
         local base
-        base=/tmp/stockpipe-pg-$(printf '%s' "$ROOT" | sha256sum | cut -c1-12)
-        warn "user postgres cannot reach $PG_BASE; using $base instead (recorded in var/pg.datadir)"
+        # Named after the stack's directory, so a private stack (STACK_VAR) gets its own.
+        base=/tmp/stockpipe-pg-$(printf '%s' "$VAR" | sha256sum | cut -c1-12)
+        warn "user postgres cannot reach $PG_BASE; using $base instead (recorded in $(rel "$PG_DATADIR_FILE"))"
         mkdir -p "$base"
         chown_pg "$base"
         PGDATA=$base/data
@@ -336,7 +349,7 @@ pg_up() {
             # Trust auth: this cluster listens on 127.0.0.1 only and is for development/tests.
             as_pg "$bin/initdb" -D "$PGDATA" -U postgres --auth=trust -E UTF8 --no-locale \
                 --no-instructions >>"$LOGDIR/postgres.log" 2>&1 ||
-                { tail_log "$LOGDIR/postgres.log"; die "initdb failed (log: var/log/postgres.log)"; }
+                { tail_log "$LOGDIR/postgres.log"; die "initdb failed (log: $(rel "$LOGDIR/postgres.log"))"; }
             # Only TCP from 127.0.0.1; no socket, no other address.
             cat >"$PGDATA/pg_hba.conf" <<'EOF'
 # stockpipe local stack: loopback TCP only, no password (throwaway development cluster).
@@ -366,7 +379,7 @@ EOF
         if ! as_pg "$bin/pg_ctl" -D "$PGDATA" -w -t "$PG_TIMEOUT" -s start \
             >>"$LOGDIR/postgres.log" 2>&1 9>&-; then
             tail_log "$LOGDIR/postgres.log"
-            die "PostgreSQL did not start (log: var/log/postgres.log)"
+            die "PostgreSQL did not start (log: $(rel "$LOGDIR/postgres.log"))"
         fi
         echo "$PG_PORT" >"$RUN/postgres.port"
         pid=$(pg_pid) || die "PostgreSQL started but its pid file is not readable"
@@ -397,7 +410,7 @@ pg_down() {
     if ! as_pg "$bin/pg_ctl" -D "$PGDATA" -m fast -w -t 30 -s stop >>"$LOGDIR/postgres.log" 2>&1; then
         warn "pg_ctl stop -m fast failed; trying -m immediate"
         as_pg "$bin/pg_ctl" -D "$PGDATA" -m immediate -w -t 30 -s stop >>"$LOGDIR/postgres.log" 2>&1 ||
-            die "could not stop PostgreSQL (pid $pid); see var/log/postgres.log"
+            die "could not stop PostgreSQL (pid $pid); see $(rel "$LOGDIR/postgres.log")"
     fi
     wait_gone "$pid" 10 || die "PostgreSQL (pid $pid) still there after pg_ctl stop"
     rm -f "$RUN/postgres.pid"
@@ -443,7 +456,7 @@ kafka_launch() {
     if [[ ! -s $KAFKA_DIR/cluster.id ]]; then
         local id
         id=$(kafka_tool kafka.tools.StorageTool random-uuid 2>>"$LOGDIR/kafka.log" | tail -n1)
-        [[ $id =~ ^[A-Za-z0-9_-]{22}$ ]] || die "StorageTool random-uuid gave '$id' (log: var/log/kafka.log)"
+        [[ $id =~ ^[A-Za-z0-9_-]{22}$ ]] || die "StorageTool random-uuid gave '$id' (log: $(rel "$LOGDIR/kafka.log"))"
         echo "$id" >"$KAFKA_DIR/cluster.id"
     fi
     if [[ ! -f $KAFKA_DIR/data/meta.properties ]]; then
@@ -451,7 +464,7 @@ kafka_launch() {
         # No --standalone: the voter set is static (controller.quorum.voters).
         kafka_tool kafka.tools.StorageTool format -t "$(cat "$KAFKA_DIR/cluster.id")" \
             -c "$KAFKA_CONF" >>"$LOGDIR/kafka.log" 2>&1 ||
-            { tail_log "$LOGDIR/kafka.log"; die "kafka storage format failed (log: var/log/kafka.log)"; }
+            { tail_log "$LOGDIR/kafka.log"; die "kafka storage format failed (log: $(rel "$LOGDIR/kafka.log"))"; }
     fi
 
     echo "--- kafka start $(date '+%F %T')" >>"$LOGDIR/kafka.log"
@@ -476,11 +489,11 @@ kafka_wait() {
         kcat -b "127.0.0.1:$KAFKA_PORT" -L -m 5 2>/dev/null | grep -q "broker 1 at 127.0.0.1:$KAFKA_PORT"; do
         if ! proc_is "$pid" kafka.Kafka; then
             tail_log "$LOGDIR/kafka.log" 40
-            die "the Kafka broker exited during start-up (log: var/log/kafka.log)"
+            die "the Kafka broker exited during start-up (log: $(rel "$LOGDIR/kafka.log"))"
         fi
         if ((SECONDS >= deadline)); then
             tail_log "$LOGDIR/kafka.log" 40
-            die "the Kafka broker did not answer a metadata request within ${KAFKA_START_TIMEOUT}s (pid $pid still running; log: var/log/kafka.log; scripts/stack.sh down stops it)"
+            die "the Kafka broker did not answer a metadata request within ${KAFKA_START_TIMEOUT}s (pid $pid still running; log: $(rel "$LOGDIR/kafka.log"); scripts/stack.sh down stops it)"
         fi
         sleep 0.5
     done
@@ -561,7 +574,7 @@ kafka_down() {
 write_env() {
     local tmp=$ENV_FILE.tmp.$$
     cat >"$tmp" <<EOF
-# Written by scripts/stack.sh up on $(date '+%F %T'); do not edit. Use: . var/stack.env
+# Written by scripts/stack.sh up on $(date '+%F %T'); do not edit. Use: . $(rel "$ENV_FILE")
 export STACK_REDIS_PORT=$REDIS_PORT
 export STACK_PG_PORT=$PG_PORT
 export STACK_KAFKA_PORT=$KAFKA_PORT
@@ -582,7 +595,7 @@ EOF
 take_lock() { # one up/down at a time (make -j, two terminals)
     mkdir -p "$RUN" "$LOGDIR"
     exec 9>"$RUN/stack.lock"
-    flock -w 300 9 || die "another scripts/stack.sh is still running (lock var/run/stack.lock)"
+    flock -w 300 9 || die "another scripts/stack.sh is still running (lock $(rel "$RUN/stack.lock"))"
 }
 
 # Before starting anything: every server that is not running must find its ports free, so a
@@ -614,37 +627,46 @@ cmd_up() {
     write_env
     say "up in $((SECONDS - t0))s: redis 127.0.0.1:$REDIS_PORT, postgres 127.0.0.1:$PG_PORT/$PG_DB," \
         "kafka 127.0.0.1:$KAFKA_PORT ($TOPIC x$PARTITIONS, $DLQ_TOPIC x1)"
-    say "env: . ${ENV_FILE#"$ROOT"/}"
+    say "env: . $(rel "$ENV_FILE")"
 }
 
+# down [--purge | SERVER...]: stop every server, or only the named ones (their data stays, and
+# `up` starts just those again on the ports in the environment).
 cmd_down() {
-    local purge=0
-    case "${1:-}" in
-        "") ;;
-        --purge) purge=1 ;;
-        *) die "down: unknown argument '$1' (only --purge)" ;;
-    esac
+    local purge=0 arg
+    local -A only=()
+    for arg in "$@"; do
+        case $arg in
+            --purge) purge=1 ;;
+            redis | postgres | kafka) only[$arg]=1 ;;
+            *) die "down: unknown argument '$arg' (--purge, or server names: redis postgres kafka)" ;;
+        esac
+    done
+    if ((purge && ${#only[@]})); then
+        die "down --purge deletes the whole stack's data; it takes no server names"
+    fi
     if [[ ! -d $VAR ]]; then
         say "nothing to stop"
         return 0
     fi
     take_lock
-    kafka_down
-    redis_down
-    pg_down
+    if ((${#only[@]} == 0)); then only=([kafka]=1 [redis]=1 [postgres]=1); fi
+    if [[ -n ${only[kafka]:-} ]]; then kafka_down; fi
+    if [[ -n ${only[redis]:-} ]]; then redis_down; fi
+    if [[ -n ${only[postgres]:-} ]]; then pg_down; fi
     if ((purge)); then
         pg_datadir_lookup
         local pgbase
         pgbase=$(dirname "$PGDATA")
         rm -rf "$REDIS_DIR" "$PG_BASE" "$KAFKA_DIR" "$ENV_FILE" "$RUN"/*.port
         local extra=""
-        # The /tmp fallback, only if it is ours (named after this repo).
+        # The /tmp fallback, only if it is ours (named after this stack's directory).
         if [[ -f $PG_DATADIR_FILE && $pgbase == /tmp/stockpipe-pg-* ]]; then
             rm -rf "$pgbase"
             extra=" $pgbase"
         fi
         rm -f "$PG_DATADIR_FILE"
-        say "purged var/redis var/pg var/kafka var/stack.env$extra (kept var/kafka-libs, var/log)"
+        say "purged $(rel "$REDIS_DIR") $(rel "$PG_BASE") $(rel "$KAFKA_DIR") $(rel "$ENV_FILE")$extra (kept $(rel "$KAFKA_LIBS"), $(rel "$LOGDIR"))"
     fi
 }
 

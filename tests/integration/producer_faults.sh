@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# producer_faults.sh - the producer when Kafka or Redis stops, and across a Sentinel failover
+# (see producer_faults.py). BIN_DIR picks the build. Needs the shared stack's env (its Kafka
+# serves the Sentinel scenario); for stopping servers it starts a private stack of its own
+# (scripts/stack.sh with STACK_VAR and other ports), so the shared stack is never disturbed.
+#
+# Whatever happens (a failed check, a crash, Ctrl-C, SIGTERM), the EXIT trap stops the helper,
+# every process it recorded in WORK/pids (only if its command line still matches) and the
+# private stack, and deletes their data; the logs are kept when something failed.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+work=$(mktemp -d "${TMPDIR:-/tmp}/sp-faults.XXXXXX") || exit 1
+chmod 755 "$work" # as root, PostgreSQL runs as `postgres` and must reach the private stack's data
+mkdir -p "$work/logs"
+rc=1
+helper=
+
+teardown() {
+    local f pid needle
+    if [ -n "$helper" ] && kill -0 "$helper" 2>/dev/null; then
+        kill -TERM "$helper" 2>/dev/null
+        wait "$helper" 2>/dev/null
+    fi
+    for f in "$work"/pids/*.pid; do
+        [ -f "$f" ] || continue
+        read -r pid needle <"$f"
+        if [[ $pid =~ ^[0-9]+$ ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$needle"; then
+            kill -KILL "$pid" 2>/dev/null
+        fi
+        rm -f "$f"
+    done
+    if [ -d "$work/stack" ]; then
+        STACK_VAR=$work/stack "$root/scripts/stack.sh" down --purge >>"$work/logs/stack.log" 2>&1
+    fi
+    if [ "$rc" -eq 0 ]; then
+        rm -rf "$work"
+    else # the helper named the directory before its last line, "N passed, M failed"
+        rm -rf "$work"/sentinel/primary "$work"/sentinel/replica
+    fi
+}
+trap teardown EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# In the background, so that a signal reaches the traps at once (bash runs them only between
+# commands, and `wait` is interruptible).
+python3 "$here/producer_faults.py" --workdir "$work" "$@" &
+helper=$!
+wait "$helper"
+rc=$?
+helper=
+exit "$rc"
