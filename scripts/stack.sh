@@ -7,6 +7,9 @@
 #   scripts/stack.sh down --purge     stop everything and delete all its data
 #   scripts/stack.sh status           one line per server; exit 0 only if all three run
 #   scripts/stack.sh env              print the path of the env file written by `up`
+#   scripts/stack.sh topic create NAME PARTITIONS | topic delete NAME
+#                                     a topic of its own for a test or benchmark run (unlimited
+#                                     retention like the others); the broker must be running
 #
 # After `up`:  . var/stack.env   (REDIS_URL, KAFKA_BROKERS, KAFKA_TOPIC, KAFKA_DLQ_TOPIC, PG_DSN)
 #
@@ -73,7 +76,7 @@ die() {
 }
 is_root() { ((EUID == 0)); }
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 
 # --- processes -------------------------------------------------------------------------------
 
@@ -697,7 +700,30 @@ cmd_status() {
     return "$all"
 }
 
+cmd_topic() { # cmd_topic create NAME PARTITIONS | delete NAME
+    local action=${1:-} name=${2:-} parts=${3:-}
+    [[ $name =~ ^[A-Za-z0-9._-]{1,200}$ ]] || die "topic: '$name' is not a valid Kafka topic name"
+    local pid
+    pid=$(kafka_pid) || die "topic: the Kafka broker is not running (scripts/stack.sh up)"
+    KAFKA_PORT=$(running_port kafka "$KAFKA_PORT" STACK_KAFKA_PORT)
+    case "$action" in
+        create)
+            [[ $parts =~ ^[1-9][0-9]*$ ]] || die "topic create: PARTITIONS must be a positive number"
+            kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" \
+                --create --topic "$name" --partitions "$parts" --replication-factor 1 \
+                --config retention.ms=-1 --config retention.bytes=-1 >/dev/null ||
+                die "topic create: TopicCommand failed for $name"
+            ;;
+        delete)
+            kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" \
+                --delete --topic "$name" >/dev/null || die "topic delete: TopicCommand failed for $name"
+            ;;
+        *) die "topic: say 'create NAME PARTITIONS' or 'delete NAME'" ;;
+    esac
+}
+
 case "${1:-}" in
+    topic) shift; cmd_topic "$@" ;;
     up) shift; (($# == 0)) || die "up takes no arguments"; cmd_up ;;
     down) shift; cmd_down "$@" ;;
     status) cmd_status ;;
