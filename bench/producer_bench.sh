@@ -4,7 +4,7 @@
 # Usage: bench/producer_bench.sh        (`make bench` runs it after bench_event)
 #
 # Settings (environment):
-#   BENCH_CONNS=64     wrk's connections, and redis-benchmark's clients for the ceiling
+#   BENCH_CONNS=256    wrk's connections, and redis-benchmark's clients for the ceiling
 #   BENCH_THREADS=2    wrk's threads
 #   BENCH_SECONDS=5    length of every measured run
 #   BENCH_RUNS=3       runs per measurement; every figure printed is the median of its runs
@@ -33,7 +33,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CONNS=${BENCH_CONNS:-64}
+CONNS=${BENCH_CONNS:-256}
 THREADS=${BENCH_THREADS:-2}
 SECONDS_PER_RUN=${BENCH_SECONDS:-5}
 RUNS=${BENCH_RUNS:-3}
