@@ -103,6 +103,7 @@ test: deps
 # The codec benchmarks, then the producer under wrk against the local stack (bench/run.sh).
 bench: deps all tests
 	@bench/run.sh $(BENCHES)
+	@bench/consumer_bench.sh
 
 demo: deps all
 	@scripts/demo.sh

@@ -128,3 +128,137 @@ int sp_kafka_produce_event(rd_kafka_t *rk, const char *topic, const sp_event *ev
     }
     return 0;
 }
+
+/* ---- the consumer side ---- */
+
+int sp_kafka_produce_dead_letter(rd_kafka_t *rk, const char *dlq_topic, const char *src_topic,
+                                 int32_t partition, int64_t offset, const void *key,
+                                 size_t keylen, const void *value, size_t len, const char *reason,
+                                 void *msg_opaque, char *errbuf, size_t errlen) {
+    char part[16], off[24];
+    rd_kafka_headers_t *hdrs = rd_kafka_headers_new(4);
+    if (hdrs == NULL) {
+        snprintf(errbuf, errlen, "out of memory");
+        return -1;
+    }
+    snprintf(part, sizeof(part), "%d", (int)partition);
+    snprintf(off, sizeof(off), "%lld", (long long)offset);
+    rd_kafka_header_add(hdrs, "reason", -1, reason, -1);
+    rd_kafka_header_add(hdrs, "topic", -1, src_topic, -1);
+    rd_kafka_header_add(hdrs, "partition", -1, part, -1);
+    rd_kafka_header_add(hdrs, "offset", -1, off, -1);
+    /* producev owns the headers only when it succeeds. */
+    rd_kafka_resp_err_t err =
+        rd_kafka_producev(rk, RD_KAFKA_V_TOPIC(dlq_topic), RD_KAFKA_V_KEY(key, key ? keylen : 0),
+                          RD_KAFKA_V_VALUE((void *)value, value ? len : 0),
+                          RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_HEADERS(hdrs),
+                          RD_KAFKA_V_OPAQUE(msg_opaque), RD_KAFKA_V_END);
+    if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        rd_kafka_headers_destroy(hdrs);
+        snprintf(errbuf, errlen, "kafka produce to %s: %s", dlq_topic, rd_kafka_err2str(err));
+        return -1;
+    }
+    return 0;
+}
+
+/* Runs one admin request already sent on queue q and checks the one topic result it returns. */
+static int admin_wait(rd_kafka_queue_t *q, rd_kafka_event_type_t want, const char *what,
+                      const char *topic, int timeout_ms, char *errbuf, size_t errlen) {
+    rd_kafka_event_t *ev = rd_kafka_queue_poll(q, timeout_ms + 1000);
+    const rd_kafka_topic_result_t **res = NULL;
+    size_t n = 0;
+    int rc = -1;
+    if (ev == NULL) {
+        snprintf(errbuf, errlen, "kafka %s %s: no answer within %d ms", what, topic, timeout_ms);
+        return -1;
+    }
+    if (rd_kafka_event_type(ev) != want) {
+        snprintf(errbuf, errlen, "kafka %s %s: unexpected event %s", what, topic,
+                 rd_kafka_event_name(ev));
+        goto out;
+    }
+    if (rd_kafka_event_error(ev) != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        snprintf(errbuf, errlen, "kafka %s %s: %s", what, topic, rd_kafka_event_error_string(ev));
+        goto out;
+    }
+    if (want == RD_KAFKA_EVENT_CREATETOPICS_RESULT)
+        res = rd_kafka_CreateTopics_result_topics(rd_kafka_event_CreateTopics_result(ev), &n);
+    else
+        res = rd_kafka_DeleteTopics_result_topics(rd_kafka_event_DeleteTopics_result(ev), &n);
+    if (n != 1) {
+        snprintf(errbuf, errlen, "kafka %s %s: %zu results", what, topic, n);
+        goto out;
+    }
+    if (rd_kafka_topic_result_error(res[0]) != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        const char *msg = rd_kafka_topic_result_error_string(res[0]);
+        snprintf(errbuf, errlen, "kafka %s %s: %s", what, topic,
+                 msg ? msg : rd_kafka_err2str(rd_kafka_topic_result_error(res[0])));
+        goto out;
+    }
+    rc = 0;
+out:
+    rd_kafka_event_destroy(ev);
+    return rc;
+}
+
+int sp_kafka_topic_create(rd_kafka_t *rk, const char *topic, int npartitions, int timeout_ms,
+                          char *errbuf, size_t errlen) {
+    char err[256];
+    rd_kafka_queue_t *q = NULL;
+    rd_kafka_AdminOptions_t *opts = NULL;
+    rd_kafka_NewTopic_t *nt = rd_kafka_NewTopic_new(topic, npartitions, 1, err, sizeof(err));
+    int rc = -1;
+    if (nt == NULL) {
+        snprintf(errbuf, errlen, "kafka create topic %s: %s", topic, err);
+        return -1;
+    }
+    q = rd_kafka_queue_new(rk);
+    opts = rd_kafka_AdminOptions_new(rk, RD_KAFKA_ADMIN_OP_CREATETOPICS);
+    if (q == NULL || opts == NULL) {
+        snprintf(errbuf, errlen, "out of memory");
+        goto out;
+    }
+    if (rd_kafka_AdminOptions_set_operation_timeout(opts, timeout_ms, err, sizeof(err)) != 0) {
+        snprintf(errbuf, errlen, "kafka create topic %s: %s", topic, err);
+        goto out;
+    }
+    rd_kafka_CreateTopics(rk, &nt, 1, opts, q);
+    rc = admin_wait(q, RD_KAFKA_EVENT_CREATETOPICS_RESULT, "create topic", topic, timeout_ms,
+                    errbuf, errlen);
+out:
+    if (opts) rd_kafka_AdminOptions_destroy(opts);
+    if (q) rd_kafka_queue_destroy(q);
+    rd_kafka_NewTopic_destroy(nt);
+    return rc;
+}
+
+int sp_kafka_topic_delete(rd_kafka_t *rk, const char *topic, int timeout_ms, char *errbuf,
+                          size_t errlen) {
+    char err[256];
+    rd_kafka_queue_t *q = NULL;
+    rd_kafka_AdminOptions_t *opts = NULL;
+    rd_kafka_DeleteTopic_t *dt = rd_kafka_DeleteTopic_new(topic);
+    int rc = -1;
+    if (dt == NULL) {
+        snprintf(errbuf, errlen, "out of memory");
+        return -1;
+    }
+    q = rd_kafka_queue_new(rk);
+    opts = rd_kafka_AdminOptions_new(rk, RD_KAFKA_ADMIN_OP_DELETETOPICS);
+    if (q == NULL || opts == NULL) {
+        snprintf(errbuf, errlen, "out of memory");
+        goto out;
+    }
+    if (rd_kafka_AdminOptions_set_operation_timeout(opts, timeout_ms, err, sizeof(err)) != 0) {
+        snprintf(errbuf, errlen, "kafka delete topic %s: %s", topic, err);
+        goto out;
+    }
+    rd_kafka_DeleteTopics(rk, &dt, 1, opts, q);
+    rc = admin_wait(q, RD_KAFKA_EVENT_DELETETOPICS_RESULT, "delete topic", topic, timeout_ms,
+                    errbuf, errlen);
+out:
+    if (opts) rd_kafka_AdminOptions_destroy(opts);
+    if (q) rd_kafka_queue_destroy(q);
+    rd_kafka_DeleteTopic_destroy(dt);
+    return rc;
+}

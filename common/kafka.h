@@ -39,4 +39,31 @@ int sp_kafka_topic_partitions(rd_kafka_t *rk, const char *topic, int timeout_ms,
 int sp_kafka_produce_event(rd_kafka_t *rk, const char *topic, const sp_event *ev, void *msg_opaque,
                            char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
+/* ---- the consumer side ---- */
+
+/* Sends a message the consumer could not apply to the dead-letter topic dlq_topic: the original
+ * key and value unchanged (either may be NULL), with headers that say why and where it came from:
+ *   reason     the reason, as text
+ *   topic      the topic it was read from
+ *   partition  decimal partition
+ *   offset     decimal offset
+ * msg_opaque comes back in the delivery report. 0 when queued (librdkafka copies everything);
+ * -1 with errbuf when the local queue refused it. */
+int sp_kafka_produce_dead_letter(rd_kafka_t *rk, const char *dlq_topic, const char *src_topic,
+                                 int32_t partition, int64_t offset, const void *key,
+                                 size_t keylen, const void *value, size_t len, const char *reason,
+                                 void *msg_opaque, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
+
+/* Creates topic with npartitions partitions and replication factor 1 through the admin API
+ * (tests and benchmarks make topics of their own; production topics are made by operators).
+ * Waits up to timeout_ms for the controller's answer. 0 when created; -1 with errbuf otherwise,
+ * including when it exists already. */
+int sp_kafka_topic_create(rd_kafka_t *rk, const char *topic, int npartitions, int timeout_ms,
+                          char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+
+/* Deletes topic through the admin API, waiting up to timeout_ms. 0 or -1 with errbuf. */
+int sp_kafka_topic_delete(rd_kafka_t *rk, const char *topic, int timeout_ms, char *errbuf,
+                          size_t errlen) __attribute__((warn_unused_result));
+
 #endif

@@ -1,0 +1,780 @@
+/* order_store.c - applies a batch of events to PostgreSQL in one transaction, exactly once: the
+ *                 oversell guard, the order state machine's writes and the partitions' offsets.
+ *
+ * Every statement is prepared once per connection and takes its values as parameters: arrays in
+ * PostgreSQL's text form expanded with unnest(), so a statement writes any number of rows in one
+ * round trip. The new orders, the bulk of the writes, go in by COPY in binary format, which skips
+ * both the SQL and the text parsing of each value. */
+#include "order_store.h"
+
+#include <inttypes.h>
+#include <libpq-fe.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "log.h"
+#include "pg_store.h"
+
+/* ---- statements ---- */
+
+enum {
+    ST_LOCK_OFFSETS,
+    ST_READ_INVENTORY,
+    ST_READ_ORDERS,
+    ST_OPEN_SKUS,
+    ST_TAKE_STOCK,
+    ST_UPDATE_ORDERS,
+    ST_INSERT_RETURNS,
+    ST_SAVE_OFFSETS,
+    ST_STORED_OFFSETS,
+    ST_NONEMPTY,
+    NSTATEMENTS
+};
+
+/* clang-format off */
+static const struct {
+    const char *name;
+    int nparams;
+    const char *sql;
+} statements[NSTATEMENTS] = {
+    /* Takes the partitions' row locks in partition order (so two consumers never deadlock here)
+     * and returns what is stored; a missing row is created at 0 (nothing applied yet). A consumer
+     * that lost the partition waits here for the new owner's transaction, then sees its offset. */
+    [ST_LOCK_OFFSETS] = {"sp_lock_offsets", 2,
+        "INSERT INTO consumer_offsets AS c (topic, partition, next_offset) "
+        "SELECT $1, p, 0 FROM unnest($2::integer[]) AS p ORDER BY p "
+        "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = c.next_offset "
+        "RETURNING partition, next_offset"},
+    [ST_READ_INVENTORY] = {"sp_read_inventory", 1,
+        "SELECT sku_id, stock, supplied, version FROM inventory WHERE sku_id = ANY($1::bigint[])"},
+    [ST_READ_ORDERS] = {"sp_read_orders", 1,
+        "SELECT order_id, sku_id, user_id, qty, status, refund_due FROM orders "
+        "WHERE order_id = ANY($1::text[])"},
+    /* stock.set: the row as the event opened it; a row that appeared meanwhile is a conflict. */
+    [ST_OPEN_SKUS] = {"sp_open_skus", 5,
+        "INSERT INTO inventory (sku_id, stock, version, supplied, per_user_limit, pay_timeout_s, "
+        "                       created_at, updated_at) "
+        "SELECT u.sku_id, u.stock, 0, u.stock, u.per_user_limit, u.pay_timeout_s, u.ts, u.ts "
+        "FROM unnest($1::bigint[], $2::bigint[], $3::integer[], $4::integer[], $5::timestamptz[]) "
+        "     AS u(sku_id, stock, per_user_limit, pay_timeout_s, ts) "
+        "ON CONFLICT (sku_id) DO NOTHING RETURNING sku_id"},
+    /* The guard: per SKU, the net units n leave only if the row is still the version that was
+     * read and still holds n. A row it does not return was touched by someone else. */
+    [ST_TAKE_STOCK] = {"sp_take_stock", 6,
+        "UPDATE inventory AS i SET stock = i.stock - u.n, version = i.version + u.changes, "
+        "       supplied = i.supplied + u.added, updated_at = u.ts "
+        "FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], "
+        "            $6::timestamptz[]) AS u(sku_id, version, n, added, changes, ts) "
+        "WHERE i.sku_id = u.sku_id AND i.version = u.version AND i.stock >= u.n "
+        "RETURNING i.sku_id, i.stock, i.supplied"},
+    /* Every status change is conditional on the status it was decided from. */
+    [ST_UPDATE_ORDERS] = {"sp_update_orders", 7,
+        "UPDATE orders AS o SET status = u.status, paid_at = coalesce(u.paid_at, o.paid_at), "
+        "       closed_at = coalesce(u.closed_at, o.closed_at), refund_due = u.refund_due "
+        "FROM unnest($1::text[], $2::text[], $3::boolean[], $4::text[], $5::timestamptz[], "
+        "            $6::timestamptz[], $7::boolean[]) "
+        "     AS u(order_id, old_status, old_refund_due, status, paid_at, closed_at, refund_due) "
+        "WHERE o.order_id = u.order_id AND o.status = u.old_status "
+        "  AND o.refund_due = u.old_refund_due"},
+    [ST_INSERT_RETURNS] = {"sp_insert_returns", 6,
+        "INSERT INTO stock_returns (order_id, sku_id, user_id, qty, reason, created_at) "
+        "SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::integer[], $5::text[], "
+        "                     $6::timestamptz[])"},
+    [ST_SAVE_OFFSETS] = {"sp_save_offsets", 3,
+        "UPDATE consumer_offsets AS c SET next_offset = u.next_offset, updated_at = now() "
+        "FROM unnest($2::integer[], $3::bigint[]) AS u(partition, next_offset) "
+        "WHERE c.topic = $1 AND c.partition = u.partition"},
+    [ST_STORED_OFFSETS] = {"sp_stored_offsets", 2,
+        "SELECT partition, next_offset FROM consumer_offsets "
+        "WHERE topic = $1 AND partition = ANY($2::integer[])"},
+    [ST_NONEMPTY] = {"sp_nonempty", 0,
+        "SELECT EXISTS (SELECT 1 FROM orders), EXISTS (SELECT 1 FROM inventory)"},
+};
+/* clang-format on */
+
+static const char copy_orders_sql[] =
+    "COPY orders (order_id, user_id, sku_id, qty, status, reject_reason, created_at, expires_at, "
+    "paid_at, closed_at, refund_due, kafka_partition, kafka_offset) FROM STDIN (FORMAT binary)";
+#define COPY_ORDER_FIELDS 13
+#define COPY_CHUNK        (256 * 1024) /* bytes handed to libpq at a time */
+#define MAX_PARAMS        8
+
+/* ---- growable buffers (array literals, COPY data) ---- */
+
+typedef struct sbuf {
+    char *p;
+    size_t len, cap;
+    int oom; /* an append failed: the content is incomplete and must not be used */
+} sbuf;
+
+static void sbuf_reserve(sbuf *b, size_t more) {
+    if (b->oom || b->len + more + 1 <= b->cap) return;
+    size_t cap = b->cap ? b->cap : 4096;
+    while (cap < b->len + more + 1) cap *= 2;
+    char *p = realloc(b->p, cap);
+    if (p == NULL) {
+        b->oom = 1;
+        return;
+    }
+    b->p = p;
+    b->cap = cap;
+}
+
+static void sbuf_put(sbuf *b, const void *data, size_t n) {
+    sbuf_reserve(b, n);
+    if (b->oom) return;
+    memcpy(b->p + b->len, data, n);
+    b->len += n;
+    b->p[b->len] = '\0';
+}
+
+static void sbuf_puts(sbuf *b, const char *s) { sbuf_put(b, s, strlen(s)); }
+
+static void sbuf_reset(sbuf *b) {
+    b->len = 0;
+    b->oom = 0;
+    if (b->p) b->p[0] = '\0';
+}
+
+/* ---- array literals: {1,2,3}, {"a","b"}, NULL elements ---- */
+
+static void arr_begin(sbuf *b) {
+    sbuf_reset(b);
+    sbuf_put(b, "{", 1);
+}
+
+static void arr_sep(sbuf *b) {
+    if (b->len > 1) sbuf_put(b, ",", 1);
+}
+
+static void arr_end(sbuf *b) { sbuf_put(b, "}", 1); }
+
+static void arr_int(sbuf *b, int64_t v) {
+    char num[24];
+    int n = snprintf(num, sizeof(num), "%" PRId64, v);
+    arr_sep(b);
+    sbuf_put(b, num, (size_t)n);
+}
+
+static void arr_null(sbuf *b) {
+    arr_sep(b);
+    sbuf_put(b, "NULL", 4);
+}
+
+/* A quoted element: backslash and double quote are escaped; anything else goes as it is. */
+static void arr_text(sbuf *b, const char *s) {
+    arr_sep(b);
+    sbuf_put(b, "\"", 1);
+    for (const char *start = s;; s++) {
+        if (*s == '"' || *s == '\\' || *s == '\0') {
+            sbuf_put(b, start, (size_t)(s - start));
+            if (*s == '\0') break;
+            sbuf_put(b, "\\", 1);
+            start = s;
+        }
+    }
+    sbuf_put(b, "\"", 1);
+}
+
+static void arr_bool(sbuf *b, int v) {
+    arr_sep(b);
+    sbuf_put(b, v ? "t" : "f", 1);
+}
+
+/* ms since the epoch as "YYYY-MM-DD HH:MM:SS.mmm+00", or NULL for ms < 0. */
+static void arr_ts(sbuf *b, int64_t ms) {
+    char text[48];
+    struct tm tm;
+    time_t secs = (time_t)(ms / 1000);
+    if (ms < 0) {
+        arr_null(b);
+        return;
+    }
+    gmtime_r(&secs, &tm);
+    snprintf(text, sizeof(text), "%04d-%02d-%02d %02d:%02d:%02d.%03d+00", tm.tm_year + 1900,
+             tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (int)(ms % 1000));
+    arr_text(b, text);
+}
+
+/* ---- binary COPY fields (network byte order) ---- */
+
+static void put_u16(sbuf *b, uint16_t v) {
+    unsigned char x[2] = {(unsigned char)(v >> 8), (unsigned char)v};
+    sbuf_put(b, x, 2);
+}
+
+static void put_u32(sbuf *b, uint32_t v) {
+    unsigned char x[4] = {(unsigned char)(v >> 24), (unsigned char)(v >> 16),
+                          (unsigned char)(v >> 8), (unsigned char)v};
+    sbuf_put(b, x, 4);
+}
+
+static void put_u64(sbuf *b, uint64_t v) {
+    put_u32(b, (uint32_t)(v >> 32));
+    put_u32(b, (uint32_t)v);
+}
+
+static void field_null(sbuf *b) { put_u32(b, UINT32_MAX); } /* length -1 */
+
+static void field_text(sbuf *b, const char *s) {
+    if (s == NULL) {
+        field_null(b);
+        return;
+    }
+    size_t n = strlen(s);
+    put_u32(b, (uint32_t)n);
+    sbuf_put(b, s, n);
+}
+
+static void field_i64(sbuf *b, int64_t v) {
+    put_u32(b, 8);
+    put_u64(b, (uint64_t)v);
+}
+
+static void field_i32(sbuf *b, int32_t v) {
+    put_u32(b, 4);
+    put_u32(b, (uint32_t)v);
+}
+
+static void field_bool(sbuf *b, int v) {
+    unsigned char x = v ? 1 : 0;
+    put_u32(b, 1);
+    sbuf_put(b, &x, 1);
+}
+
+/* timestamptz: microseconds since 2000-01-01 00:00:00 UTC; NULL for ms < 0. */
+#define PG_EPOCH_US INT64_C(946684800000000)
+static void field_ts(sbuf *b, int64_t ms) {
+    if (ms < 0) field_null(b);
+    else field_i64(b, ms * 1000 - PG_EPOCH_US);
+}
+
+/* ---- the store ---- */
+
+enum { RETRY_NONE = 0, RETRY_REDECIDE, RETRY_LOOKUP_ALL };
+
+struct sp_order_store {
+    char *dsn, *app, *topic;
+    PGconn *pg;     /* NULL while disconnected */
+    sp_rules *rules;
+    sbuf arg[MAX_PARAMS]; /* parameter texts of the statement being built */
+    sbuf copy;            /* COPY data */
+    char sqlstate[6];     /* of the last failed statement; "" when none */
+};
+
+sp_order_store *sp_order_store_new(const char *dsn, const char *application_name,
+                                   const char *topic, size_t batch_max) {
+    sp_order_store *s = calloc(1, sizeof(*s));
+    if (s == NULL) return NULL;
+    s->dsn = strdup(dsn);
+    s->app = strdup(application_name);
+    s->topic = strdup(topic);
+    s->rules = sp_rules_new(batch_max);
+    if (s->dsn == NULL || s->app == NULL || s->topic == NULL || s->rules == NULL) {
+        sp_order_store_free(s);
+        return NULL;
+    }
+    return s;
+}
+
+void sp_order_store_free(sp_order_store *s) {
+    if (s == NULL) return;
+    if (s->pg) PQfinish(s->pg);
+    sp_rules_free(s->rules);
+    for (int i = 0; i < MAX_PARAMS; i++) free(s->arg[i].p);
+    free(s->copy.p);
+    free(s->dsn);
+    free(s->app);
+    free(s->topic);
+    free(s);
+}
+
+/* libpq's messages end in a newline; a log line should not. */
+static void pg_error(sp_order_store *s, const PGresult *res, const char *what, char *errbuf,
+                     size_t errlen) {
+    const char *msg = res ? PQresultErrorMessage(res) : NULL;
+    const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    if (msg == NULL || *msg == '\0') msg = s->pg ? PQerrorMessage(s->pg) : "not connected";
+    snprintf(s->sqlstate, sizeof(s->sqlstate), "%s", state ? state : "");
+    snprintf(errbuf, errlen, "postgresql %s: %s", what, msg);
+    size_t n = strlen(errbuf);
+    while (n > 0 && (errbuf[n - 1] == '\n' || errbuf[n - 1] == ' ')) errbuf[--n] = '\0';
+}
+
+/* Connects and prepares every statement, unless the connection is up. */
+static int ensure_connected(sp_order_store *s, char *errbuf, size_t errlen) {
+    if (s->pg && PQstatus(s->pg) == CONNECTION_OK) return 0;
+    if (s->pg) {
+        PQfinish(s->pg);
+        s->pg = NULL;
+    }
+    s->pg = sp_pg_connect(s->dsn, s->app, errbuf, errlen);
+    if (s->pg == NULL) return -1;
+    for (int i = 0; i < NSTATEMENTS; i++) {
+        PGresult *res = PQprepare(s->pg, statements[i].name, statements[i].sql,
+                                  statements[i].nparams, NULL);
+        if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+            pg_error(s, res, statements[i].name, errbuf, errlen);
+            PQclear(res);
+            PQfinish(s->pg);
+            s->pg = NULL;
+            return -1;
+        }
+        PQclear(res);
+    }
+    return 0;
+}
+
+/* Runs prepared statement st with the texts in s->arg[0..nparams) (or params when given).
+ * Returns the result (caller PQclears) or NULL with errbuf and s->sqlstate. */
+static PGresult *run(sp_order_store *s, int st, const char *const *params, char *errbuf,
+                     size_t errlen) {
+    const char *texts[MAX_PARAMS];
+    int n = statements[st].nparams;
+    s->sqlstate[0] = '\0';
+    if (params == NULL) {
+        for (int i = 0; i < n; i++) {
+            if (s->arg[i].oom) {
+                snprintf(errbuf, errlen, "%s: out of memory", statements[st].name);
+                return NULL;
+            }
+            texts[i] = s->arg[i].p;
+        }
+        params = texts;
+    }
+    PGresult *res = PQexecPrepared(s->pg, statements[st].name, n, params, NULL, NULL, 0);
+    ExecStatusType rs = PQresultStatus(res);
+    if (rs != PGRES_TUPLES_OK && rs != PGRES_COMMAND_OK) {
+        pg_error(s, res, statements[st].name, errbuf, errlen);
+        PQclear(res);
+        return NULL;
+    }
+    return res;
+}
+
+static int run_simple(sp_order_store *s, const char *sql, char *errbuf, size_t errlen) {
+    PGresult *res = PQexec(s->pg, sql);
+    int rc = 0;
+    s->sqlstate[0] = '\0';
+    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+        pg_error(s, res, sql, errbuf, errlen);
+        rc = -1;
+    }
+    PQclear(res);
+    return rc;
+}
+
+int sp_order_store_ping(sp_order_store *s, char *errbuf, size_t errlen) {
+    if (ensure_connected(s, errbuf, errlen) != 0) return -1;
+    if (sp_pg_ping(s->pg, errbuf, errlen) != 0) {
+        if (PQstatus(s->pg) != CONNECTION_OK) {
+            PQfinish(s->pg);
+            s->pg = NULL;
+        }
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- the steps of one attempt ---- */
+
+/* Step 1: lock and read the stored offsets of the batch's partitions. */
+static int lock_offsets(sp_order_store *s, sp_batch *b, char *errbuf, size_t errlen) {
+    arr_begin(&s->arg[1]);
+    for (size_t i = 0; i < b->nparts; i++) arr_int(&s->arg[1], b->parts[i].partition);
+    arr_end(&s->arg[1]);
+    sbuf_reset(&s->arg[0]);
+    sbuf_puts(&s->arg[0], s->topic);
+    PGresult *res = run(s, ST_LOCK_OFFSETS, NULL, errbuf, errlen);
+    if (res == NULL) return -1;
+    if ((size_t)PQntuples(res) != b->nparts) {
+        snprintf(errbuf, errlen, "locking offsets: %d rows for %zu partitions", PQntuples(res),
+                 b->nparts);
+        PQclear(res);
+        return -1;
+    }
+    for (int row = 0; row < PQntuples(res); row++) {
+        int32_t p = (int32_t)strtol(PQgetvalue(res, row, 0), NULL, 10);
+        int64_t next = strtoll(PQgetvalue(res, row, 1), NULL, 10);
+        for (size_t i = 0; i < b->nparts; i++)
+            if (b->parts[i].partition == p) b->parts[i].stored = next;
+    }
+    PQclear(res);
+    for (size_t i = 0; i < b->nparts; i++) {
+        sp_batch_partition *p = &b->parts[i];
+        if (p->stored > 0 && p->first_offset > p->stored) {
+            sp_log_ctx ctx = {.has_kafka = 1, .partition = p->partition, .offset = p->stored};
+            SP_LOG_CTX(SP_LOG_WARN, &ctx,
+                       "offsets %" PRId64 "..%" PRId64 " of %s are not in the log (deleted by "
+                       "retention?); applying from %" PRId64,
+                       p->stored, p->first_offset - 1, s->topic, p->first_offset);
+        }
+    }
+    return 0;
+}
+
+/* Step 2a: the inventory rows of the batch's SKUs. */
+static int read_inventory(sp_order_store *s, char *errbuf, size_t errlen) {
+    sp_rules *r = s->rules;
+    if (r->nskus == 0) return 0;
+    arr_begin(&s->arg[0]);
+    for (size_t k = 0; k < r->nskus; k++) arr_int(&s->arg[0], r->skus[k].sku_id);
+    arr_end(&s->arg[0]);
+    PGresult *res = run(s, ST_READ_INVENTORY, NULL, errbuf, errlen);
+    if (res == NULL) return -1;
+    for (int row = 0; row < PQntuples(res); row++) {
+        sp_rules_sku *sk = sp_rules_find_sku(r, strtoll(PQgetvalue(res, row, 0), NULL, 10));
+        if (sk == NULL) continue;
+        sk->in_db = 1;
+        sk->stock = strtoll(PQgetvalue(res, row, 1), NULL, 10);
+        sk->supplied = strtoll(PQgetvalue(res, row, 2), NULL, 10);
+        sk->version = strtoll(PQgetvalue(res, row, 3), NULL, 10);
+    }
+    PQclear(res);
+    return 0;
+}
+
+static int names_order(const sp_batch_item *it) {
+    return it->ev.type == SP_EV_ORDER_CREATED || it->ev.type == SP_EV_ORDER_PAID ||
+           it->ev.type == SP_EV_ORDER_EXPIRED || it->ev.type == SP_EV_ORDER_VOIDED;
+}
+
+/* Step 2b: the existing orders the batch's events name (order.created's ids only when
+ * lookup_all: they are new unless the log repeats itself). */
+static int read_orders(sp_order_store *s, const sp_batch *b, int lookup_all, char *errbuf,
+                       size_t errlen) {
+    size_t nids = 0;
+    arr_begin(&s->arg[0]);
+    for (size_t i = 0; i < b->n; i++) {
+        const sp_batch_item *it = &b->items[i];
+        if (it->outcome != SP_ITEM_APPLIED || !names_order(it)) continue;
+        if (it->ev.type == SP_EV_ORDER_CREATED && !lookup_all) continue;
+        arr_text(&s->arg[0], it->ev.order_id);
+        nids++;
+    }
+    arr_end(&s->arg[0]);
+    if (nids == 0) return 0;
+    PGresult *res = run(s, ST_READ_ORDERS, NULL, errbuf, errlen);
+    if (res == NULL) return -1;
+    int rc = 0;
+    for (int row = 0; row < PQntuples(res) && rc == 0; row++) {
+        sp_order_status st = sp_order_status_parse(PQgetvalue(res, row, 4));
+        rc = sp_rules_add_order(s->rules, PQgetvalue(res, row, 0),
+                                strtoll(PQgetvalue(res, row, 1), NULL, 10),
+                                strtoll(PQgetvalue(res, row, 2), NULL, 10),
+                                (int32_t)strtol(PQgetvalue(res, row, 3), NULL, 10), st,
+                                PQgetvalue(res, row, 5)[0] == 't');
+        if (rc != 0) snprintf(errbuf, errlen, "more orders read than the batch can name");
+    }
+    PQclear(res);
+    return rc;
+}
+
+/* Checks that a statement touched exactly `want` rows; a shortfall is a conflict to redo. */
+static int expect_rows(PGresult *res, long want, const char *what, int *retry, char *errbuf,
+                       size_t errlen) {
+    const char *t = PQcmdTuples(res);
+    long got = t && *t ? strtol(t, NULL, 10) : PQntuples(res);
+    if (got == want) return 0;
+    snprintf(errbuf, errlen, "%s: %ld of %ld rows matched (another writer changed them)", what,
+             got, want);
+    *retry = RETRY_REDECIDE;
+    return -1;
+}
+
+/* Step 4a: the rows stock.set opened. */
+static int open_skus(sp_order_store *s, int *retry, char *errbuf, size_t errlen) {
+    sp_rules *r = s->rules;
+    long n = 0;
+    for (int i = 0; i < 5; i++) arr_begin(&s->arg[i]);
+    for (size_t k = 0; k < r->nskus; k++) {
+        const sp_rules_sku *sk = &r->skus[k];
+        if (!sk->opened) continue;
+        arr_int(&s->arg[0], sk->sku_id);
+        arr_int(&s->arg[1], sk->open_stock);
+        arr_int(&s->arg[2], sk->per_user_limit);
+        arr_int(&s->arg[3], sk->pay_timeout_s);
+        arr_ts(&s->arg[4], sk->open_ms);
+        n++;
+    }
+    if (n == 0) return 0;
+    for (int i = 0; i < 5; i++) arr_end(&s->arg[i]);
+    PGresult *res = run(s, ST_OPEN_SKUS, NULL, errbuf, errlen);
+    if (res == NULL) return -1;
+    int rc = expect_rows(res, n, "opening skus", retry, errbuf, errlen);
+    PQclear(res);
+    return rc;
+}
+
+/* Step 4b: the guarded, versioned update of every SKU whose row the batch changed. */
+static int take_stock(sp_order_store *s, sp_batch *b, int *retry, char *errbuf, size_t errlen) {
+    sp_rules *r = s->rules;
+    long n = 0;
+    for (int i = 0; i < 6; i++) arr_begin(&s->arg[i]);
+    for (size_t k = 0; k < r->nskus; k++) {
+        const sp_rules_sku *sk = &r->skus[k];
+        if (sk->changes == 0) continue;
+        arr_int(&s->arg[0], sk->sku_id);
+        arr_int(&s->arg[1], sk->opened ? 0 : sk->version);
+        arr_int(&s->arg[2], sk->taken - sk->returned - sk->added);
+        arr_int(&s->arg[3], sk->added);
+        arr_int(&s->arg[4], sk->changes);
+        arr_ts(&s->arg[5], sk->updated_ms);
+        n++;
+    }
+    if (n == 0) return 0;
+    for (int i = 0; i < 6; i++) arr_end(&s->arg[i]);
+    PGresult *res = run(s, ST_TAKE_STOCK, NULL, errbuf, errlen);
+    if (res == NULL) return -1;
+    int rc = expect_rows(res, n, "guarded stock update", retry, errbuf, errlen);
+    for (int row = 0; rc == 0 && row < PQntuples(res); row++) {
+        sp_rules_sku *sk = sp_rules_find_sku(r, strtoll(PQgetvalue(res, row, 0), NULL, 10));
+        if (sk == NULL) continue;
+        b->skus[sk - r->skus].stock = strtoll(PQgetvalue(res, row, 1), NULL, 10);
+        b->skus[sk - r->skus].supplied = strtoll(PQgetvalue(res, row, 2), NULL, 10);
+    }
+    PQclear(res);
+    return rc;
+}
+
+static int copy_flush(sp_order_store *s, char *errbuf, size_t errlen) {
+    if (s->copy.oom) {
+        snprintf(errbuf, errlen, "COPY orders: out of memory");
+        return -1;
+    }
+    if (s->copy.len > 0 && PQputCopyData(s->pg, s->copy.p, (int)s->copy.len) != 1) {
+        pg_error(s, NULL, "COPY orders", errbuf, errlen);
+        return -1;
+    }
+    sbuf_reset(&s->copy);
+    return 0;
+}
+
+/* Step 4c: the new orders, by binary COPY. A duplicate id (an order.created the log repeats, not
+ * looked up) fails it with unique_violation: the batch is redone with every id looked up. */
+static int copy_orders(sp_order_store *s, int *retry, char *errbuf, size_t errlen) {
+    static const char header[] = "PGCOPY\n\377\r\n"; /* + its NUL: 11 bytes */
+    const sp_rules *r = s->rules;
+    long n = 0;
+    for (size_t i = 0; i < r->norders; i++) n += r->orders[i].status_db == SP_ORDER_NONE;
+    if (n == 0) return 0;
+
+    PGresult *res = PQexec(s->pg, copy_orders_sql);
+    if (PQresultStatus(res) != PGRES_COPY_IN) {
+        pg_error(s, res, "COPY orders", errbuf, errlen);
+        PQclear(res);
+        return -1;
+    }
+    PQclear(res);
+    sbuf_reset(&s->copy);
+    sbuf_put(&s->copy, header, sizeof(header));
+    put_u32(&s->copy, 0); /* flags */
+    put_u32(&s->copy, 0); /* header extension */
+    int failed = 0;
+    for (size_t i = 0; i < r->norders && !failed; i++) {
+        const sp_rules_order *o = &r->orders[i];
+        if (o->status_db != SP_ORDER_NONE) continue;
+        sbuf *c = &s->copy;
+        put_u16(c, COPY_ORDER_FIELDS);
+        field_text(c, o->order_id);
+        field_i64(c, o->user_id);
+        field_i64(c, o->sku_id);
+        field_i32(c, o->qty);
+        field_text(c, sp_order_status_name(o->status));
+        field_text(c, o->reject_reason);
+        field_ts(c, o->created_ms);
+        field_ts(c, o->expires_ms);
+        field_ts(c, o->paid_ms);
+        field_ts(c, o->closed_ms);
+        field_bool(c, o->refund_due);
+        if (o->partition >= 0) {
+            field_i32(c, o->partition);
+            field_i64(c, o->offset);
+        } else {
+            field_null(c);
+            field_null(c);
+        }
+        if (c->len >= COPY_CHUNK && copy_flush(s, errbuf, errlen) != 0) failed = 1;
+    }
+    if (!failed) {
+        put_u16(&s->copy, UINT16_MAX); /* trailer: -1 */
+        if (copy_flush(s, errbuf, errlen) != 0) failed = 1;
+    }
+    if (PQputCopyEnd(s->pg, failed ? "the consumer gave up" : NULL) != 1 && !failed) {
+        pg_error(s, NULL, "COPY orders", errbuf, errlen);
+        failed = 1;
+    }
+    res = PQgetResult(s->pg);
+    if (!failed && PQresultStatus(res) != PGRES_COMMAND_OK) {
+        pg_error(s, res, "COPY orders", errbuf, errlen);
+        if (strcmp(s->sqlstate, "23505") == 0) *retry = RETRY_LOOKUP_ALL;
+        failed = 1;
+    }
+    if (!failed && expect_rows(res, n, "COPY orders", retry, errbuf, errlen) != 0) failed = 1;
+    PQclear(res);
+    while ((res = PQgetResult(s->pg)) != NULL) PQclear(res);
+    return failed ? -1 : 0;
+}
+
+/* Step 4d: status changes of orders that existed before the batch. */
+static int update_orders(sp_order_store *s, int *retry, char *errbuf, size_t errlen) {
+    const sp_rules *r = s->rules;
+    long n = 0;
+    for (int i = 0; i < 7; i++) arr_begin(&s->arg[i]);
+    for (size_t i = 0; i < r->norders; i++) {
+        const sp_rules_order *o = &r->orders[i];
+        if (o->status_db == SP_ORDER_NONE || !o->changed) continue;
+        arr_text(&s->arg[0], o->order_id);
+        arr_text(&s->arg[1], sp_order_status_name(o->status_db));
+        arr_bool(&s->arg[2], o->refund_due_db);
+        arr_text(&s->arg[3], sp_order_status_name(o->status));
+        arr_ts(&s->arg[4], o->paid_ms);
+        arr_ts(&s->arg[5], o->closed_ms);
+        arr_bool(&s->arg[6], o->refund_due);
+        n++;
+    }
+    if (n == 0) return 0;
+    for (int i = 0; i < 7; i++) arr_end(&s->arg[i]);
+    PGresult *res = run(s, ST_UPDATE_ORDERS, NULL, errbuf, errlen);
+    if (res == NULL) return -1;
+    int rc = expect_rows(res, n, "order status update", retry, errbuf, errlen);
+    PQclear(res);
+    return rc;
+}
+
+/* Step 4e: the return ledger. */
+static int insert_returns(sp_order_store *s, char *errbuf, size_t errlen) {
+    const sp_rules *r = s->rules;
+    if (r->nreturns == 0) return 0;
+    for (int i = 0; i < 6; i++) arr_begin(&s->arg[i]);
+    for (size_t i = 0; i < r->nreturns; i++) {
+        const sp_rules_return *ret = &r->returns[i];
+        const sp_rules_order *o = &r->orders[ret->order];
+        arr_text(&s->arg[0], o->order_id);
+        arr_int(&s->arg[1], o->sku_id);
+        arr_int(&s->arg[2], o->user_id);
+        arr_int(&s->arg[3], o->qty);
+        arr_text(&s->arg[4], ret->reason);
+        arr_ts(&s->arg[5], ret->ts_ms);
+    }
+    for (int i = 0; i < 6; i++) arr_end(&s->arg[i]);
+    PGresult *res = run(s, ST_INSERT_RETURNS, NULL, errbuf, errlen);
+    if (res == NULL) return -1;
+    PQclear(res);
+    return 0;
+}
+
+/* Step 6: each partition's next offset: past the batch, never backwards. */
+static int save_offsets(sp_order_store *s, sp_batch *b, char *errbuf, size_t errlen) {
+    sbuf_reset(&s->arg[0]);
+    sbuf_puts(&s->arg[0], s->topic);
+    arr_begin(&s->arg[1]);
+    arr_begin(&s->arg[2]);
+    for (size_t i = 0; i < b->nparts; i++) {
+        sp_batch_partition *p = &b->parts[i];
+        p->next_offset = p->last_offset + 1 > p->stored ? p->last_offset + 1 : p->stored;
+        arr_int(&s->arg[1], p->partition);
+        arr_int(&s->arg[2], p->next_offset);
+    }
+    arr_end(&s->arg[1]);
+    arr_end(&s->arg[2]);
+    PGresult *res = run(s, ST_SAVE_OFFSETS, NULL, errbuf, errlen);
+    if (res == NULL) return -1;
+    int ignored = 0;
+    int rc = expect_rows(res, (long)b->nparts, "saving offsets", &ignored, errbuf, errlen);
+    PQclear(res);
+    return rc;
+}
+
+/* One transaction. On failure *retry says whether deciding again may succeed. */
+static int attempt(sp_order_store *s, sp_batch *b, int lookup_all, sp_store_hook hook, void *arg,
+                   int *retry, char *errbuf, size_t errlen) {
+    *retry = RETRY_NONE;
+    if (run_simple(s, "BEGIN", errbuf, errlen) != 0) return -1;
+    if (lock_offsets(s, b, errbuf, errlen) != 0) return -1;
+    sp_rules_begin(s->rules, b);
+    if (read_inventory(s, errbuf, errlen) != 0 ||
+        read_orders(s, b, lookup_all, errbuf, errlen) != 0)
+        return -1;
+    sp_rules_decide(s->rules, b);
+    if (open_skus(s, retry, errbuf, errlen) != 0 || take_stock(s, b, retry, errbuf, errlen) != 0 ||
+        copy_orders(s, retry, errbuf, errlen) != 0 ||
+        update_orders(s, retry, errbuf, errlen) != 0 || insert_returns(s, errbuf, errlen) != 0)
+        return -1;
+    if (hook && hook(b, arg, errbuf, errlen) != 0) return -1;
+    if (save_offsets(s, b, errbuf, errlen) != 0) return -1;
+    return run_simple(s, "COMMIT", errbuf, errlen);
+}
+
+int sp_order_store_apply(sp_order_store *s, sp_batch *b, sp_store_hook before_commit, void *arg,
+                         char *errbuf, size_t errlen) {
+    int lookup_all = 0, retry = RETRY_NONE;
+    sp_batch_index_partitions(b);
+    b->attempts = b->conflicts = 0;
+    if (b->n == 0) return 0;
+    if (ensure_connected(s, errbuf, errlen) != 0) return -1;
+    for (;;) {
+        b->attempts++;
+        if (attempt(s, b, lookup_all, before_commit, arg, &retry, errbuf, errlen) == 0) return 0;
+        /* Deadlocks and serialization failures are worth another try as much as conflicts. */
+        if (retry == RETRY_NONE &&
+            (strcmp(s->sqlstate, "40P01") == 0 || strcmp(s->sqlstate, "40001") == 0))
+            retry = RETRY_REDECIDE;
+        if (PQstatus(s->pg) != CONNECTION_OK) {
+            PQfinish(s->pg);
+            s->pg = NULL;
+            return -1;
+        }
+        char ignored[256];
+        if (run_simple(s, "ROLLBACK", ignored, sizeof(ignored)) != 0) {
+            PQfinish(s->pg); /* a connection that cannot roll back is not trusted again */
+            s->pg = NULL;
+            return -1;
+        }
+        if (retry == RETRY_NONE || b->attempts >= SP_STORE_ATTEMPTS) return -1;
+        if (retry == RETRY_LOOKUP_ALL) lookup_all = 1;
+        b->conflicts++;
+        sp_debug("batch of %zu events redone (attempt %d): %s", b->n, b->attempts + 1, errbuf);
+    }
+}
+
+int sp_order_store_offsets(sp_order_store *s, const int32_t *partitions, size_t n, int64_t *next,
+                           char *errbuf, size_t errlen) {
+    if (ensure_connected(s, errbuf, errlen) != 0) return -1;
+    sbuf_reset(&s->arg[0]);
+    sbuf_puts(&s->arg[0], s->topic);
+    arr_begin(&s->arg[1]);
+    for (size_t i = 0; i < n; i++) {
+        next[i] = -1;
+        arr_int(&s->arg[1], partitions[i]);
+    }
+    arr_end(&s->arg[1]);
+    PGresult *res = run(s, ST_STORED_OFFSETS, NULL, errbuf, errlen);
+    if (res == NULL) {
+        if (PQstatus(s->pg) != CONNECTION_OK) {
+            PQfinish(s->pg);
+            s->pg = NULL;
+        }
+        return -1;
+    }
+    for (int row = 0; row < PQntuples(res); row++) {
+        int32_t p = (int32_t)strtol(PQgetvalue(res, row, 0), NULL, 10);
+        for (size_t i = 0; i < n; i++)
+            if (partitions[i] == p) next[i] = strtoll(PQgetvalue(res, row, 1), NULL, 10);
+    }
+    PQclear(res);
+    return 0;
+}
+
+int sp_order_store_nonempty(sp_order_store *s, int *has_orders, int *has_inventory, char *errbuf,
+                            size_t errlen) {
+    if (ensure_connected(s, errbuf, errlen) != 0) return -1;
+    PGresult *res = run(s, ST_NONEMPTY, (const char *const[]){NULL}, errbuf, errlen);
+    if (res == NULL) return -1;
+    *has_orders = PQgetvalue(res, 0, 0)[0] == 't';
+    *has_inventory = PQgetvalue(res, 0, 1)[0] == 't';
+    PQclear(res);
+    return 0;
+}

@@ -1,0 +1,1084 @@
+/* test_consumer.c - the consumer worker against the real stack: a scripted event log ends in
+ * exactly the expected tables and dead letters; Redis's over-admission is refused and capped; two
+ * consumers plus a third killed with kill -9 mid-run end in the very tables of one clean run; a
+ * replay into an empty database rebuilds them byte for byte; SIGTERM commits and exits 0.
+ *
+ * Each run uses topics and PostgreSQL databases of its own (created here, migrated with
+ * scripts/migrate.sh, dropped at the end) and SKU ids no other test uses, so runs never see each
+ * other. It runs bin/consumer, or bin/asan/consumer when built with AddressSanitizer. Needs
+ * var/stack.env loaded and the repository root as the working directory (tests/run-all.sh). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "event.h"
+#include "kafka.h"
+#include "log.h"
+#include "pg_store.h"
+#include "redis_store.h"
+#include "stock.h"
+
+#ifdef __SANITIZE_ADDRESS__
+#define CONSUMER_BIN "bin/asan/consumer"
+#else
+#define CONSUMER_BIN "bin/consumer"
+#endif
+
+#define T0          INT64_C(1767225600000) /* 2026-01-01: every event time is T0 + something */
+#define WAIT_S      180                    /* generous: a shared, loaded machine; ASan builds */
+#define MAX_EVENTS  40000
+#define MAX_DBS     8
+#define MAX_TOPICS  12
+#define NTESTS      5
+
+static char err[1024];
+
+/* Everything a run creates, removed by teardown. */
+static char tag[32]; /* unique per run: pid and time */
+
+static struct {
+    char tmp[128];       /* logs of the consumers */
+    int64_t sku_base;    /* SKUs of this run: sku_base + 1 ... */
+    rd_kafka_t *kafka;   /* producer and admin client */
+    char dbs[MAX_DBS][64];
+    int ndbs;
+    char topics[MAX_TOPICS][160];
+    int ntopics;
+    pid_t pids[16];
+    int npids;
+    int npassed; /* tests that got to their end: the logs are removed only when all did */
+} g;
+
+/* Where each produced message landed, from its delivery report. */
+typedef struct delivery {
+    int done;
+    rd_kafka_resp_err_t err;
+    int32_t partition;
+    int64_t offset;
+} delivery;
+
+static delivery deliveries[MAX_EVENTS];
+static int ndelivered;
+
+static const char *need_env(const char *name) {
+    const char *v = getenv(name);
+    if (v == NULL || *v == '\0') fail_msg("%s is not set: run `. var/stack.env` first", name);
+    return v;
+}
+
+static int64_t now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(int ms) {
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* ---- PostgreSQL ---- */
+
+static char *dsn_of(const char *db) {
+    static char dsn[MAX_DBS][1200];
+    static int next;
+    char *d = dsn[next++ % MAX_DBS];
+    /* In a conninfo string the last dbname wins. */
+    snprintf(d, 1200, "%s dbname=%s", need_env("PG_DSN"), db);
+    return d;
+}
+
+static PGconn *connect_pg(const char *dsn) {
+    PGconn *pg = sp_pg_connect(dsn, "test-consumer", err, sizeof(err));
+    if (pg == NULL) fail_msg("%s", err);
+    return pg;
+}
+
+/* Runs a program to completion with its output discarded; its exit status, or -1. */
+static int run_quiet(char *const argv[]) {
+    pid_t pid = fork();
+    if (pid < 0) return -1;
+    if (pid == 0) {
+        int null = open("/dev/null", O_WRONLY);
+        if (null >= 0) {
+            dup2(null, 1);
+            close(null);
+        }
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    int status;
+    if (waitpid(pid, &status, 0) != pid) return -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/* A fresh database with the schema migrated; returns its conninfo. */
+static const char *new_database(const char *what) {
+    assert_true(g.ndbs < MAX_DBS);
+    char *name = g.dbs[g.ndbs];
+    snprintf(name, sizeof(g.dbs[0]), "sp_test_%s_%s", tag, what);
+    PGconn *pg = connect_pg(need_env("PG_DSN"));
+    char *ident = PQescapeIdentifier(pg, name, strlen(name));
+    char sql[256];
+    snprintf(sql, sizeof(sql), "CREATE DATABASE %s", ident);
+    PQfreemem(ident);
+    if (sp_pg_exec(pg, sql, 0, NULL, err, sizeof(err)) != 0) fail_msg("%s: %s", sql, err);
+    PQfinish(pg);
+    g.ndbs++;
+    const char *dsn = dsn_of(name);
+    char prog[] = "scripts/migrate.sh", opt[] = "--dsn";
+    char *argv[] = {prog, opt, (char *)dsn, NULL};
+    assert_int_equal(run_quiet(argv), 0);
+    return dsn;
+}
+
+static void drop_databases(void) {
+    PGconn *pg = sp_pg_connect(getenv("PG_DSN"), "test-consumer", err, sizeof(err));
+    if (pg == NULL) return;
+    for (int i = 0; i < g.ndbs; i++) {
+        char *ident = PQescapeIdentifier(pg, g.dbs[i], strlen(g.dbs[i]));
+        char sql[256];
+        /* A plain DROP makes an autovacuum worker on the database leave (FORCE may not signal
+         * it as a non-superuser); FORCE is the last resort for a session left behind. */
+        snprintf(sql, sizeof(sql), "DROP DATABASE IF EXISTS %s", ident);
+        int tries = 0;
+        while (sp_pg_exec(pg, sql, 0, NULL, err, sizeof(err)) != 0 && ++tries < 5) sleep_ms(1000);
+        if (tries == 5) {
+            snprintf(sql, sizeof(sql), "DROP DATABASE IF EXISTS %s WITH (FORCE)", ident);
+            if (sp_pg_exec(pg, sql, 0, NULL, err, sizeof(err)) != 0) fprintf(stderr, "%s\n", err);
+        }
+        PQfreemem(ident);
+    }
+    PQfinish(pg);
+    g.ndbs = 0;
+}
+
+static int64_t query_int(const char *dsn, const char *sql, int n, const char *const *params) {
+    PGconn *pg = connect_pg(dsn);
+    PGresult *res = sp_pg_query(pg, sql, n, params, err, sizeof(err));
+    if (res == NULL) fail_msg("%s: %s", sql, err);
+    int64_t v = PQgetisnull(res, 0, 0) ? -1 : strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+    PQclear(res);
+    PQfinish(pg);
+    return v;
+}
+
+/* The one value a query without parameters returns. */
+static int64_t value(const char *dsn, const char *sql) { return query_int(dsn, sql, 0, NULL); }
+
+/* The rows of a query as text: fields joined by '|', NULL as "-", one line per row. The caller
+ * frees. Compared byte for byte between databases. */
+static char *dump(const char *dsn, const char *sql, int n, const char *const *params) {
+    PGconn *pg = connect_pg(dsn);
+    PGresult *res = sp_pg_query(pg, sql, n, params, err, sizeof(err));
+    if (res == NULL) fail_msg("%s: %s", sql, err);
+    size_t cap = 1024, len = 0;
+    for (int r = 0; r < PQntuples(res); r++)
+        for (int f = 0; f < PQnfields(res); f++) cap += (size_t)PQgetlength(res, r, f) + 2;
+    char *out = malloc(cap);
+    assert_non_null(out);
+    out[0] = '\0';
+    for (int r = 0; r < PQntuples(res); r++) {
+        for (int f = 0; f < PQnfields(res); f++)
+            len += (size_t)snprintf(out + len, cap - len, "%s%s", f ? "|" : "",
+                                    PQgetisnull(res, r, f) ? "-" : PQgetvalue(res, r, f));
+        len += (size_t)snprintf(out + len, cap - len, "\n");
+    }
+    PQclear(res);
+    PQfinish(pg);
+    return out;
+}
+
+static const char orders_sql[] = "SELECT * FROM orders ORDER BY order_id";
+static const char inventory_sql[] = "SELECT * FROM inventory ORDER BY sku_id";
+static const char returns_sql[] = "SELECT * FROM stock_returns ORDER BY order_id";
+
+static void assert_same_tables(const char *dsn_a, const char *dsn_b) {
+    const char *sqls[] = {orders_sql, inventory_sql, returns_sql};
+    for (size_t i = 0; i < 3; i++) {
+        char *a = dump(dsn_a, sqls[i], 0, NULL), *b = dump(dsn_b, sqls[i], 0, NULL);
+        if (strcmp(a, b) != 0) {
+            fprintf(stderr, "%s differs:\n--- %s\n%.2000s\n--- %s\n%.2000s\n", sqls[i], dsn_a, a,
+                    dsn_b, b);
+            free(a);
+            free(b);
+            fail_msg("%s differs between the two databases", sqls[i]);
+        }
+        free(a);
+        free(b);
+    }
+}
+
+/* ---- Kafka ---- */
+
+static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque) {
+    (void)rk, (void)opaque;
+    delivery *d = m->_private;
+    if (d == NULL) return;
+    d->done = 1;
+    d->err = m->err;
+    d->partition = m->partition;
+    d->offset = m->offset;
+}
+
+static const char *new_topic(const char *what, int partitions) {
+    assert_true(g.ntopics < MAX_TOPICS);
+    char *t = g.topics[g.ntopics];
+    snprintf(t, sizeof(g.topics[0]), "stockpipe.test.consumer.%s.%s", tag, what);
+    if (sp_kafka_topic_create(g.kafka, t, partitions, 30000, err, sizeof(err)) != 0)
+        fail_msg("%s", err);
+    g.ntopics++;
+    /* Wait until every partition has a leader, so produce and consume do not race creation. */
+    int n = 0;
+    for (int64_t deadline = now_ms() + 30000; now_ms() < deadline; sleep_ms(200))
+        if (sp_kafka_topic_partitions(g.kafka, t, 2000, &n, err, sizeof(err)) == 0 &&
+            n == partitions)
+            return t;
+    fail_msg("topic %s never got %d partitions with leaders: %s", t, partitions, err);
+    return NULL;
+}
+
+/* Queues one event (delivery recorded under deliveries[ndelivered]). */
+static delivery *produce(const char *topic, const sp_event *ev) {
+    assert_true(ndelivered < MAX_EVENTS);
+    delivery *d = &deliveries[ndelivered++];
+    memset(d, 0, sizeof(*d));
+    while (sp_kafka_produce_event(g.kafka, topic, ev, d, err, sizeof(err)) != 0) {
+        if (!strstr(err, "Queue full")) fail_msg("produce: %s", err);
+        rd_kafka_poll(g.kafka, 50);
+    }
+    return d;
+}
+
+/* Queues a message as it is, key and value, for what no valid event can express. */
+static delivery *produce_raw(const char *topic, const char *key, const char *value) {
+    assert_true(ndelivered < MAX_EVENTS);
+    delivery *d = &deliveries[ndelivered++];
+    memset(d, 0, sizeof(*d));
+    rd_kafka_resp_err_t e = rd_kafka_producev(
+        g.kafka, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_KEY(key, strlen(key)),
+        RD_KAFKA_V_VALUE((void *)value, strlen(value)), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+        RD_KAFKA_V_OPAQUE(d), RD_KAFKA_V_END);
+    assert_int_equal(e, RD_KAFKA_RESP_ERR_NO_ERROR);
+    return d;
+}
+
+/* Waits until Kafka acknowledged everything queued; every delivery must have succeeded. */
+static void flush_all(void) {
+    assert_int_equal(rd_kafka_flush(g.kafka, 60000), RD_KAFKA_RESP_ERR_NO_ERROR);
+    for (int i = 0; i < ndelivered; i++) {
+        assert_true(deliveries[i].done);
+        assert_int_equal(deliveries[i].err, RD_KAFKA_RESP_ERR_NO_ERROR);
+    }
+}
+
+/* The dead letters on topic: each message's headers reason/partition/offset. */
+typedef struct dead_letter {
+    char reason[256];
+    int32_t partition;
+    int64_t offset;
+    char value[SP_EVENT_MAX + 1];
+} dead_letter;
+
+static int read_dead_letters(const char *topic, dead_letter *out, int max, int want,
+                             int timeout_ms) {
+    rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "test-dlq", err,
+                                              sizeof(err));
+    assert_non_null(conf);
+    char group[200];
+    snprintf(group, sizeof(group), "test-dlq-%s", tag);
+    rd_kafka_t *rk = sp_kafka_consumer_new(&conf, group, err, sizeof(err));
+    if (rk == NULL) fail_msg("%s", err);
+    rd_kafka_topic_partition_list_t *parts = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(parts, topic, 0)->offset = RD_KAFKA_OFFSET_BEGINNING;
+    assert_int_equal(rd_kafka_assign(rk, parts), RD_KAFKA_RESP_ERR_NO_ERROR);
+    rd_kafka_topic_partition_list_destroy(parts);
+    int n = 0;
+    for (int64_t deadline = now_ms() + timeout_ms; n < max && now_ms() < deadline;) {
+        rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 200);
+        if (m == NULL) {
+            if (n >= want) break;
+            continue;
+        }
+        if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR) {
+            dead_letter *d = &out[n++];
+            rd_kafka_headers_t *h = NULL;
+            const void *v;
+            size_t len;
+            memset(d, 0, sizeof(*d));
+            snprintf(d->value, sizeof(d->value), "%.*s", (int)m->len, (const char *)m->payload);
+            assert_int_equal(rd_kafka_message_headers(m, &h), RD_KAFKA_RESP_ERR_NO_ERROR);
+            if (rd_kafka_header_get_last(h, "reason", &v, &len) == RD_KAFKA_RESP_ERR_NO_ERROR)
+                snprintf(d->reason, sizeof(d->reason), "%.*s", (int)len, (const char *)v);
+            if (rd_kafka_header_get_last(h, "partition", &v, &len) == RD_KAFKA_RESP_ERR_NO_ERROR)
+                d->partition = (int32_t)strtol(v, NULL, 10);
+            if (rd_kafka_header_get_last(h, "offset", &v, &len) == RD_KAFKA_RESP_ERR_NO_ERROR)
+                d->offset = strtoll(v, NULL, 10);
+        }
+        rd_kafka_message_destroy(m);
+    }
+    rd_kafka_consumer_close(rk);
+    rd_kafka_destroy(rk);
+    return n;
+}
+
+/* ---- consumer processes ---- */
+
+static int free_port(void) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t alen = sizeof(a);
+    assert_true(fd >= 0);
+    assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
+    assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &alen), 0);
+    close(fd);
+    return ntohs(a.sin_port);
+}
+
+typedef struct proc {
+    pid_t pid;
+    int port;
+    char log[256];
+} proc;
+
+/* Starts a consumer on dsn/topic/dlq/group with extra NAME=VALUE settings (NULL-terminated) and
+ * arguments (NULL-terminated, may be NULL). Its log goes to the run's directory. */
+static proc start_consumer(const char *name, const char *dsn, const char *topic, const char *dlq,
+                           const char *group, const char *const *settings,
+                           const char *const *args) {
+    proc p = {.port = free_port()};
+    snprintf(p.log, sizeof(p.log), "%s/%s.log", g.tmp, name);
+    p.pid = fork();
+    assert_true(p.pid >= 0);
+    if (p.pid == 0) {
+        char port[16], id[64];
+        snprintf(port, sizeof(port), "%d", p.port);
+        snprintf(id, sizeof(id), "test-%s", name);
+        setenv("PG_DSN", dsn, 1);
+        setenv("KAFKA_TOPIC", topic, 1);
+        setenv("KAFKA_DLQ_TOPIC", dlq, 1);
+        setenv("KAFKA_GROUP", group, 1);
+        setenv("HTTP_ADDR", "127.0.0.1", 1);
+        setenv("HTTP_PORT", port, 1);
+        setenv("WORKER_ID", id, 1);
+        setenv("KAFKA_SESSION_TIMEOUT_MS", "6000", 1);
+        setenv("LOG_LEVEL", "info", 1);
+        for (int i = 0; settings && settings[i]; i++) putenv((char *)settings[i]);
+        int fd = open(p.log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+        if (fd >= 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+            close(fd);
+        }
+        const char *argv[8] = {CONSUMER_BIN};
+        for (int i = 0; args && args[i] && i < 6; i++) argv[i + 1] = args[i];
+        execv(CONSUMER_BIN, (char *const *)argv);
+        _exit(127);
+    }
+    g.pids[g.npids++ % 16] = p.pid;
+    return p;
+}
+
+/* Waits for a process to end: its exit status, 128+signal when killed, -1 on timeout. */
+static int wait_exit(pid_t pid, int timeout_s) {
+    int status;
+    for (int64_t deadline = now_ms() + timeout_s * 1000; now_ms() < deadline; sleep_ms(50)) {
+        pid_t r = waitpid(pid, &status, WNOHANG);
+        if (r == pid) {
+            for (int i = 0; i < 16; i++)
+                if (g.pids[i] == pid) g.pids[i] = 0;
+            return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        }
+    }
+    return -1;
+}
+
+static void stop_consumer(const proc *p, const char *why) {
+    assert_int_equal(kill(p->pid, SIGTERM), 0);
+    int rc = wait_exit(p->pid, 60);
+    if (rc != 0) fail_msg("%s: consumer exited %d after SIGTERM (log %s)", why, rc, p->log);
+}
+
+/* GET path from the consumer's HTTP server; the body in buf (NUL-terminated), or "" on failure. */
+static void http_get(int port, const char *path, char *buf, size_t cap) {
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    char req[256];
+    size_t len = 0;
+    buf[0] = '\0';
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) return;
+    struct timeval tv = {2, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    if (connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0) {
+        close(fd);
+        return;
+    }
+    int n = snprintf(req, sizeof(req), "GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n", path);
+    if (write(fd, req, (size_t)n) != n) {
+        close(fd);
+        return;
+    }
+    for (ssize_t r; len + 1 < cap && (r = read(fd, buf + len, cap - len - 1)) > 0;)
+        len += (size_t)r;
+    buf[len] = '\0';
+    close(fd);
+    char *body = strstr(buf, "\r\n\r\n");
+    if (body) memmove(buf, body + 4, strlen(body + 4) + 1);
+    else buf[0] = '\0';
+}
+
+/* A series' value from the consumer's /metrics ("name" or "name{labels}"); -1 when absent. */
+static int64_t metric(int port, const char *series) {
+    static char body[256 * 1024];
+    http_get(port, "/metrics", body, sizeof(body));
+    size_t n = strlen(series);
+    for (char *line = body; line && *line; line = strchr(line, '\n'), line = line ? line + 1 : NULL)
+        if (strncmp(line, series, n) == 0 && line[n] == ' ') return strtoll(line + n + 1, NULL, 10);
+    return -1;
+}
+
+/* Waits until the database stores `total` as the sum of the topic's next offsets: every event
+ * applied. */
+static void wait_applied(const char *dsn, const char *topic, int64_t total, const proc *p) {
+    const char *params[] = {topic};
+    int64_t got = -1;
+    for (int64_t deadline = now_ms() + WAIT_S * 1000; now_ms() < deadline; sleep_ms(100)) {
+        got = query_int(dsn,
+                        "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets "
+                        "WHERE topic = $1",
+                        1, params);
+        if (got >= total) break;
+        if (p && waitpid(p->pid, NULL, WNOHANG) == p->pid)
+            fail_msg("the consumer died (log %s)", p->log);
+    }
+    if (got != total)
+        fail_msg("%s: %" PRId64 " of %" PRId64 " events applied after %d s (log %s)", topic, got,
+                 total, WAIT_S, p ? p->log : "-");
+}
+
+static int log_has(const char *path, const char *needle) {
+    FILE *f = fopen(path, "r");
+    char line[4096];
+    int found = 0;
+    if (f == NULL) return 0;
+    while (!found && fgets(line, sizeof(line), f)) found = strstr(line, needle) != NULL;
+    fclose(f);
+    return found;
+}
+
+/* ---- building events ---- */
+
+static sp_event ev_stock_set(int64_t sku, int64_t ts, int64_t stock, int limit, int timeout) {
+    return (sp_event){.type = SP_EV_STOCK_SET, .ts_ms = ts, .sku_id = sku, .stock = stock,
+                      .per_user_limit = limit, .pay_timeout_s = timeout};
+}
+
+static sp_event ev_stock_add(int64_t sku, int64_t ts, int64_t add) {
+    return (sp_event){.type = SP_EV_STOCK_ADD, .ts_ms = ts, .sku_id = sku, .stock = add};
+}
+
+static sp_event ev_order(sp_event_type type, int64_t sku, int64_t ts, const char *id,
+                         int64_t user, int qty) {
+    sp_event ev = {.type = type, .ts_ms = ts, .sku_id = sku};
+    snprintf(ev.order_id, sizeof(ev.order_id), "%s", id);
+    if (type == SP_EV_ORDER_CREATED || type == SP_EV_ORDER_VOIDED) {
+        ev.user_id = user;
+        ev.qty = qty;
+    }
+    if (type == SP_EV_ORDER_CREATED) ev.expires_ms = ts + 600000;
+    return ev;
+}
+
+/* ---- tests ---- */
+
+/* One log with every rule in it, checked row by row. Run twice: with batches of 3 events (so the
+ * rules meet across transactions, and duplicates across batches take the looked-up path) and
+ * with the default batches; both must give the same tables. */
+static void test_scripted_log(void **state) {
+    (void)state;
+    const char *topic = new_topic("script", 4), *dlq = new_topic("script.dlq", 1);
+    int64_t A = g.sku_base + 1, B = g.sku_base + 2, C = g.sku_base + 3;
+    char ka[24], kb[24], raw[512];
+    snprintf(ka, sizeof(ka), "%" PRId64, A);
+    snprintf(kb, sizeof(kb), "%" PRId64, B);
+    delivery *d[40];
+    int k = 0;
+#define AT(i) (T0 + (i))
+    ndelivered = 0;
+    sp_event evs[] = {
+        /* 0 */ ev_stock_set(A, AT(0), 3, 2, 600),
+        /* 1 */ ev_stock_set(B, AT(1), 10, 0, 60),
+        /* 2 */ ev_order(SP_EV_ORDER_CREATED, A, AT(2), "o1", 1, 1),
+        /* 3 */ ev_order(SP_EV_ORDER_CREATED, A, AT(3), "o2", 2, 1),
+        /* 4 */ ev_order(SP_EV_ORDER_CREATED, A, AT(2), "o1", 1, 1), /* duplicate */
+        /* 5 */ ev_order(SP_EV_ORDER_CREATED, A, AT(5), "o3", 3, 2), /* 1 left: rejected */
+        /* 6 */ ev_order(SP_EV_ORDER_CREATED, A, AT(6), "o4", 4, 1),
+        /* 7 */ ev_order(SP_EV_ORDER_CREATED, A, AT(7), "o5", 5, 1), /* none left */
+        /* 8 */ ev_order(SP_EV_ORDER_PAID, A, AT(8), "o1", 0, 0),
+        /* 9 */ ev_order(SP_EV_ORDER_EXPIRED, A, AT(9), "o2", 0, 0),
+        /* 10 */ ev_order(SP_EV_ORDER_PAID, A, AT(10), "o2", 0, 0),   /* late: refund */
+        /* 11 */ ev_order(SP_EV_ORDER_PAID, A, AT(11), "o1", 0, 0),   /* again: nothing */
+        /* 12 */ ev_order(SP_EV_ORDER_EXPIRED, A, AT(12), "o1", 0, 0), /* paid won */
+        /* 13 */ ev_stock_set(A, AT(13), 999, 9, 9),                 /* opened already */
+        /* 14 */ ev_stock_add(A, AT(14), 5),
+        /* 15 */ ev_order(SP_EV_ORDER_CREATED, A, AT(15), "o6", 6, 2),
+        /* 16 */ ev_order(SP_EV_ORDER_VOIDED, A, AT(16), "o7", 7, 1), /* never logged */
+        /* 17 */ ev_order(SP_EV_ORDER_CREATED, A, AT(17), "o7", 7, 1), /* after its void */
+        /* 18 */ ev_order(SP_EV_ORDER_VOIDED, A, AT(18), "o4", 4, 1), /* logged: stands */
+        /* 19 */ ev_order(SP_EV_ORDER_CREATED, C, AT(19), "o8", 8, 1), /* never opened */
+        /* 20 */ ev_stock_add(C, AT(20), 5),                        /* dead */
+        /* 21 */ ev_order(SP_EV_ORDER_PAID, A, AT(21), "o99", 0, 0),  /* dead */
+    };
+    snprintf(evs[16].reason, sizeof(evs[16].reason), "order.created not delivered");
+    for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++) d[k++] = produce(topic, &evs[i]);
+    /* 22..25: messages no consumer can apply */
+    d[k++] = produce_raw(topic, ka, "not json");
+    snprintf(raw, sizeof(raw),
+             "{\"v\":1,\"type\":\"order.refunded\",\"ts_ms\":%" PRId64 ",\"sku_id\":%" PRId64
+             ",\"order_id\":\"o1\"}",
+             AT(23), A);
+    d[k++] = produce_raw(topic, ka, raw);
+    snprintf(raw, sizeof(raw),
+             "{\"v\":2,\"type\":\"order.paid\",\"ts_ms\":%" PRId64 ",\"sku_id\":%" PRId64
+             ",\"order_id\":\"o1\"}",
+             AT(24), A);
+    d[k++] = produce_raw(topic, ka, raw);
+    snprintf(raw, sizeof(raw),
+             "{\"v\":1,\"type\":\"order.created\",\"ts_ms\":%" PRId64 ",\"sku_id\":%" PRId64
+             ",\"order_id\":\"o9\",\"user_id\":9,\"qty\":1,\"expires_ms\":%" PRId64 "}",
+             AT(25), A, AT(25) + 600000);
+    d[k++] = produce_raw(topic, kb, raw); /* keyed by another SKU */
+    /* 26..32: the partitions go on after the bad ones */
+    sp_event tail[] = {
+        /* 26 */ ev_order(SP_EV_ORDER_CREATED, B, AT(26), "o10", 10, 3),
+        /* 27 */ ev_order(SP_EV_ORDER_EXPIRED, B, AT(27), "o10", 0, 0),
+        /* 28 */ ev_order(SP_EV_ORDER_PAID, B, AT(28), "o10", 0, 0),
+        /* 29 */ ev_order(SP_EV_ORDER_EXPIRED, A, AT(29), "o3", 0, 0), /* rejected: nothing */
+        /* 30 */ ev_order(SP_EV_ORDER_CREATED, A, AT(30), "o11", 11, 4),
+        /* 31 */ ev_order(SP_EV_ORDER_CREATED, A, AT(31), "o12", 12, 1),
+        /* 32 */ ev_order(SP_EV_ORDER_PAID, A, AT(32), "o6", 0, 0),
+    };
+    for (size_t i = 0; i < sizeof(tail) / sizeof(tail[0]); i++) d[k++] = produce(topic, &tail[i]);
+    flush_all();
+    const int nevents = k;
+
+    const char *db1 = new_database("script1"), *db2 = new_database("script2");
+    const char *small[] = {"BATCH_MAX=3", NULL};
+    proc p = start_consumer("script-small", db1, topic, dlq, "script1", small, NULL);
+    wait_applied(db1, topic, nevents, &p);
+    /* What /metrics says about the run. */
+    assert_int_equal(metric(p.port, "stockpipe_consumer_dead_letters_total"), 6);
+    assert_int_equal(metric(p.port, "stockpipe_consumer_late_payments_total"), 2);
+    assert_int_equal(metric(p.port, "stockpipe_consumer_over_admissions_total"), 3);
+    assert_int_equal(
+        metric(p.port, "stockpipe_consumer_orders_rejected_total{reason=\"unknown_sku\"}"), 1);
+    assert_int_equal(
+        metric(p.port, "stockpipe_consumer_events_applied_total{type=\"order.created\"}"), 10);
+    assert_int_equal(
+        metric(p.port, "stockpipe_consumer_events_unchanged_total{type=\"order.created\"}"), 2);
+    /* The lag gauge follows within a second or so. */
+    for (int64_t until = now_ms() + 20000;
+         metric(p.port, "stockpipe_consumer_lag_events") != 0 && now_ms() < until;)
+        sleep_ms(100);
+    assert_int_equal(metric(p.port, "stockpipe_consumer_lag_events"), 0);
+    stop_consumer(&p, "scripted log, batches of 3");
+    assert_true(log_has(p.log, "left the group"));
+
+    /* The tables, exactly. Times are ms after T0; partition/offset those Kafka reported. */
+    char sku_a[24], t0[24];
+    snprintf(sku_a, sizeof(sku_a), "%" PRId64, g.sku_base);
+    snprintf(t0, sizeof(t0), "%" PRId64, T0);
+    const char *params[] = {sku_a, t0};
+    char *orders = dump(db1,
+                        "SELECT order_id, user_id, sku_id - $1::bigint, qty, status, "
+                        "reject_reason, "
+                        "(extract(epoch FROM created_at) * 1000)::bigint - $2::bigint, "
+                        "(extract(epoch FROM expires_at) * 1000)::bigint - $2::bigint, "
+                        "(extract(epoch FROM paid_at) * 1000)::bigint - $2::bigint, "
+                        "(extract(epoch FROM closed_at) * 1000)::bigint - $2::bigint, "
+                        "refund_due, kafka_partition, kafka_offset FROM orders ORDER BY order_id",
+                        2, params);
+    char want[4096];
+    size_t len = 0;
+#define ROW(...) len += (size_t)snprintf(want + len, sizeof(want) - len, __VA_ARGS__)
+#define POS(i) d[i]->partition, d[i]->offset
+    ROW("o1|1|1|1|paid|-|2|600002|8|-|f|%d|%" PRId64 "\n", POS(2));
+    ROW("o10|10|2|3|expired|-|26|600026|28|27|t|%d|%" PRId64 "\n", POS(26));
+    ROW("o11|11|1|4|pending|-|30|600030|-|-|f|%d|%" PRId64 "\n", POS(30));
+    ROW("o12|12|1|1|rejected|out_of_stock|31|600031|-|-|f|%d|%" PRId64 "\n", POS(31));
+    ROW("o2|2|1|1|expired|-|3|600003|10|9|t|%d|%" PRId64 "\n", POS(3));
+    ROW("o3|3|1|2|rejected|out_of_stock|5|600005|-|-|f|%d|%" PRId64 "\n", POS(5));
+    ROW("o4|4|1|1|pending|-|6|600006|-|-|f|%d|%" PRId64 "\n", POS(6));
+    ROW("o5|5|1|1|rejected|out_of_stock|7|600007|-|-|f|%d|%" PRId64 "\n", POS(7));
+    ROW("o6|6|1|2|paid|-|15|600015|32|-|f|%d|%" PRId64 "\n", POS(15));
+    ROW("o7|7|1|1|cancelled|order.created not delivered|16|16|-|16|f|-|-\n");
+    ROW("o8|8|3|1|rejected|unknown_sku|19|600019|-|-|f|%d|%" PRId64 "\n", POS(19));
+    assert_string_equal(orders, want);
+    free(orders);
+
+    char *inv = dump(db1,
+                     "SELECT sku_id - $1::bigint, stock, version, supplied, per_user_limit, "
+                     "pay_timeout_s, (extract(epoch FROM created_at) * 1000)::bigint - $2::bigint, "
+                     "(extract(epoch FROM updated_at) * 1000)::bigint - $2::bigint "
+                     "FROM inventory ORDER BY sku_id",
+                     2, params);
+    /* A: 3 opened, o1 o2 o4 took 3, o2 gave 1 back, +5, o6 took 2, o11 took 4: 0 of 8 left,
+     * 7 changes. B: o10 took 3 and gave them back: 2 changes. */
+    assert_string_equal(inv, "1|0|7|8|2|600|0|30\n2|10|2|10|0|60|1|27\n");
+    free(inv);
+
+    char *ret = dump(db1,
+                     "SELECT order_id, sku_id - $1::bigint, user_id, qty, reason, "
+                     "(extract(epoch FROM created_at) * 1000)::bigint - $2::bigint, "
+                     "returned_to_redis_at FROM stock_returns ORDER BY order_id",
+                     2, params);
+    assert_string_equal(ret, "o10|2|10|3|expired|27|-\no2|1|2|1|expired|9|-\n"
+                             "o7|1|7|1|voided|16|-\n");
+    free(ret);
+
+    /* The dead letters: each with its reason and where it came from. */
+    dead_letter dl[12];
+    int ndl = read_dead_letters(dlq, dl, 12, 6, 30000);
+    assert_int_equal(ndl, 6);
+    const struct {
+        int event;
+        const char *reason;
+    } dead[] = {
+        {20, "stock.add for sku"},      {21, "order.paid for order o99"},
+        {22, "undecodable"},            {23, "undecodable"},
+        {24, "undecodable"},            {25, "is not the event's sku_id"},
+    };
+    for (size_t i = 0; i < 6; i++) {
+        int found = 0;
+        for (int j = 0; j < ndl; j++)
+            if (dl[j].partition == d[dead[i].event]->partition &&
+                dl[j].offset == d[dead[i].event]->offset) {
+                if (strstr(dl[j].reason, dead[i].reason) == NULL)
+                    fail_msg("dead letter %d: reason \"%s\", wanted \"%s\"", dead[i].event,
+                             dl[j].reason, dead[i].reason);
+                found = 1;
+            }
+        if (!found) fail_msg("event %d is not in the dead-letter topic", dead[i].event);
+    }
+    /* The original message goes as it was. */
+    for (int j = 0; j < ndl; j++)
+        if (dl[j].offset == d[22]->offset && dl[j].partition == d[22]->partition)
+            assert_string_equal(dl[j].value, "not json");
+
+    /* The same log in default batches: the same tables, versions included. */
+    const char *none[] = {NULL};
+    proc p2 = start_consumer("script-default", db2, topic, dlq, "script2", none, NULL);
+    wait_applied(db2, topic, nevents, &p2);
+    stop_consumer(&p2, "scripted log, default batches");
+    assert_same_tables(db1, db2);
+#undef ROW
+#undef POS
+#undef AT
+    g.npassed++;
+}
+
+/* Redis admitted 150 orders for 100 units. PostgreSQL keeps 100 pending, rejects 50, ends at
+ * stock 0, and the consumer caps Redis's stock and clears the accepted markers. */
+static void test_over_admission(void **state) {
+    (void)state;
+    const char *topic = new_topic("over", 2), *dlq = new_topic("over.dlq", 1);
+    int64_t sku = g.sku_base + 4;
+    char key[SP_STOCK_KEY_MAX], id[64];
+    sp_redis_target target;
+    assert_int_equal(sp_redis_parse_url(need_env("REDIS_URL"), &target, err, sizeof(err)), 0);
+    redisContext *rc = sp_redis_connect(&target, 2000, err, sizeof(err));
+    if (rc == NULL) fail_msg("%s", err);
+    /* Redis's view after a failover lost decrements: it still thinks 7 units are left. */
+    sp_stock_key(key, sku, "sale");
+    freeReplyObject(
+        redisCommand(rc, "HSET %s stock 7 supplied 100 limit 0 pay_timeout_s 600", key));
+
+    ndelivered = 0;
+    produce(topic, &(sp_event){.type = SP_EV_STOCK_SET, .ts_ms = T0, .sku_id = sku, .stock = 100,
+                               .per_user_limit = 0, .pay_timeout_s = 600});
+    /* The producer's entries for orders Kafka acknowledged ("a:user:qty:ts"). */
+    sp_stock_key(key, sku, "resv");
+    for (int i = 0; i < 150; i++) {
+        snprintf(id, sizeof(id), "over-%s-%03d", tag, i);
+        sp_event ev = ev_order(SP_EV_ORDER_CREATED, sku, T0 + 1 + i, id, 1000 + i, 1);
+        produce(topic, &ev);
+        freeReplyObject(redisCommand(rc, "HSET %s %s a:%d:1:0", key, id, 1000 + i));
+    }
+    flush_all();
+
+    const char *db = new_database("over");
+    const char *settings[] = {"BATCH_MAX=40", NULL};
+    proc p = start_consumer("over", db, topic, dlq, "over", settings, NULL);
+    wait_applied(db, topic, 151, &p);
+    assert_int_equal(metric(p.port, "stockpipe_consumer_over_admissions_total"), 50);
+    assert_int_equal(metric(p.port, "stockpipe_consumer_redis_capped_units_total"), 7);
+    stop_consumer(&p, "over-admission");
+
+    assert_int_equal(value(db, "SELECT count(*) FROM orders WHERE status = 'pending'"), 100);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM orders WHERE status = 'rejected' "
+                                   "AND reject_reason = 'out_of_stock'", 0, NULL), 50);
+    /* In log order: the first hundred got the units. */
+    assert_int_equal(value(db, "SELECT max(user_id) FROM orders WHERE status = 'pending'"), 1099);
+    assert_int_equal(value(db, "SELECT stock FROM inventory"), 0);
+    assert_int_equal(value(db, "SELECT supplied FROM inventory"), 100);
+    assert_int_equal(value(db, "SELECT version FROM inventory"), 100);
+
+    /* Redis was capped to what PostgreSQL can still sell and dropped the stored orders' entries. */
+    int64_t stock = -2;
+    assert_int_equal(sp_stock_available(rc, sku, &stock, err, sizeof(err)), 0);
+    assert_int_equal(stock, 0);
+    redisReply *r = redisCommand(rc, "HLEN %s", key);
+    assert_non_null(r);
+    assert_int_equal(r->integer, 0);
+    freeReplyObject(r);
+    freeReplyObject(redisCommand(rc, "DEL %s", key));
+    sp_stock_key(key, sku, "sale");
+    freeReplyObject(redisCommand(rc, "DEL %s", key));
+    redisFree(rc);
+    g.npassed++;
+}
+
+/* A deterministic mixed log for n events over six SKUs: orders (mostly), payments, expiries,
+ * voids of logged and never-logged orders, duplicates, restocks, and a few dead letters. */
+static void produce_mixed_log(const char *topic, int from, int n, uint64_t *seed) {
+    static char ids[6][4000][24];
+    static int nids[6];
+    char id[24];
+    if (from == 0) {
+        memset(nids, 0, sizeof(nids));
+        for (int s = 0; s < 6; s++)
+            produce(topic, &(sp_event){.type = SP_EV_STOCK_SET, .ts_ms = T0,
+                                       .sku_id = g.sku_base + 10 + s, .stock = 300 + 100 * s,
+                                       .per_user_limit = 0, .pay_timeout_s = 600});
+    }
+    for (int i = from; i < from + n; i++) {
+        *seed = *seed * UINT64_C(6364136223846793005) + UINT64_C(1442695040888963407);
+        uint32_t r = (uint32_t)(*seed >> 33);
+        int s = r % 10 < 4 ? 0 : (int)(r % 6); /* SKU 0 is hot */
+        int64_t sku = g.sku_base + 10 + s, ts = T0 + 1 + i;
+        uint32_t kind = (r >> 8) % 100;
+        const char *old = nids[s] ? ids[s][(r >> 16) % (uint32_t)nids[s]] : NULL;
+        sp_event ev;
+        if (kind < 70 || old == NULL) {
+            snprintf(id, sizeof(id), "m%06d", i);
+            ev = ev_order(SP_EV_ORDER_CREATED, sku, ts, id, 1 + (r >> 12) % 5000, 1 + (int)(r % 3));
+            if (nids[s] < 4000) snprintf(ids[s][nids[s]++], 24, "%s", id);
+        } else if (kind < 80) {
+            ev = ev_order(SP_EV_ORDER_PAID, sku, ts, old, 0, 0);
+        } else if (kind < 88) {
+            ev = ev_order(SP_EV_ORDER_EXPIRED, sku, ts, old, 0, 0);
+        } else if (kind < 90) {
+            ev = ev_order(SP_EV_ORDER_VOIDED, sku, ts, old, 1, 1); /* logged: stands */
+        } else if (kind < 92) {
+            snprintf(id, sizeof(id), "v%06d", i);
+            ev = ev_order(SP_EV_ORDER_VOIDED, sku, ts, id, 2, 1);
+            snprintf(ev.reason, sizeof(ev.reason), "order.created not delivered");
+        } else if (kind < 96) {
+            ev = ev_order(SP_EV_ORDER_CREATED, sku, ts, old, 1, 1); /* the log repeats */
+        } else if (kind < 99) {
+            ev = ev_stock_add(sku, ts, 1 + r % 20);
+        } else {
+            snprintf(id, sizeof(id), "ghost%06d", i);
+            ev = ev_order(SP_EV_ORDER_PAID, sku, ts, id, 0, 0); /* dead letter */
+        }
+        produce(topic, &ev);
+    }
+}
+
+/* Sorted "partition:offset" lines of the dead letters on topic. */
+static char *dead_letter_positions(const char *topic, int want) {
+    static dead_letter dl[512];
+    int n = read_dead_letters(topic, dl, 512, want, 30000);
+    char *out = calloc((size_t)n + 1, 32);
+    assert_non_null(out);
+    /* Distinct and sorted: a batch that failed after sending its dead letters sends them again. */
+    int64_t keys[512];
+    int nk = 0;
+    for (int i = 0; i < n; i++) {
+        int64_t key = (int64_t)dl[i].partition << 40 | dl[i].offset;
+        int j = 0;
+        while (j < nk && keys[j] != key) j++;
+        if (j == nk) keys[nk++] = key;
+    }
+    for (int i = 1; i < nk; i++)
+        for (int j = i; j > 0 && keys[j - 1] > keys[j]; j--) {
+            int64_t t = keys[j];
+            keys[j] = keys[j - 1];
+            keys[j - 1] = t;
+        }
+    size_t len = 0;
+    for (int i = 0; i < nk; i++)
+        len += (size_t)sprintf(out + len, "%d:%" PRId64 "\n", (int)(keys[i] >> 40),
+                               keys[i] & ((INT64_C(1) << 40) - 1));
+    return out;
+}
+
+/* Two consumers, then a third that joins and is killed with kill -9 while applying: the final
+ * tables equal those of one clean run; then `consumer --replay` into an empty database rebuilds
+ * them byte for byte. */
+static void test_group_kill9_and_replay(void **state) {
+    (void)state;
+    const char *topic = new_topic("group", 4);
+    const char *dlq_group = new_topic("group.dlq", 1), *dlq_clean = new_topic("clean.dlq", 1);
+    const char *db_group = new_database("group"), *db_clean = new_database("clean");
+    const char *db_replay = new_database("replay");
+    const char *settings[] = {"BATCH_MAX=100", NULL};
+    uint64_t seed = 42;
+    const int half = 8000;
+
+    ndelivered = 0;
+    produce_mixed_log(topic, 0, half, &seed);
+    flush_all();
+    proc a = start_consumer("group-a", db_group, topic, dlq_group, "group", settings, NULL);
+    proc b = start_consumer("group-b", db_group, topic, dlq_group, "group", settings, NULL);
+    wait_applied(db_group, topic, ndelivered, &a);
+
+    /* The third joins; once it owns partitions, the second half arrives, and it dies while it is
+     * applying it. */
+    proc c = start_consumer("group-c", db_group, topic, dlq_group, "group", settings, NULL);
+    int64_t deadline = now_ms() + WAIT_S * 1000;
+    while (metric(c.port, "stockpipe_consumer_assigned_partitions") <= 0 && now_ms() < deadline)
+        sleep_ms(100);
+    assert_true(metric(c.port, "stockpipe_consumer_assigned_partitions") > 0);
+    int64_t before = metric(c.port, "stockpipe_consumer_batch_events_count");
+    produce_mixed_log(topic, half, half, &seed);
+    flush_all();
+    const char *params[] = {topic};
+    while (metric(c.port, "stockpipe_consumer_batch_events_count") < before + 3 &&
+           now_ms() < deadline &&
+           query_int(db_group, "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets "
+                               "WHERE topic = $1", 1, params) < ndelivered)
+        sleep_ms(10);
+    int64_t c_batches = metric(c.port, "stockpipe_consumer_batch_events_count") - before;
+    assert_int_equal(kill(c.pid, SIGKILL), 0);
+    assert_int_equal(wait_exit(c.pid, 30), 128 + SIGKILL);
+    int64_t left = ndelivered - query_int(db_group, "SELECT coalesce(sum(next_offset), 0) "
+                                                    "FROM consumer_offsets WHERE topic = $1",
+                                          1, params);
+    print_message("    the third consumer was killed after %" PRId64 " batches of the second "
+                  "half, with %" PRId64 " of %d events left to apply\n",
+                  c_batches, left, ndelivered);
+
+    wait_applied(db_group, topic, ndelivered, &a);
+    stop_consumer(&a, "group member a");
+    stop_consumer(&b, "group member b");
+
+    /* One clean run of the same log. */
+    proc d = start_consumer("clean", db_clean, topic, dlq_clean, "clean", settings, NULL);
+    wait_applied(db_clean, topic, ndelivered, &d);
+    stop_consumer(&d, "clean run");
+    assert_same_tables(db_group, db_clean);
+    assert_true(value(db_clean, "SELECT count(*) FROM orders WHERE status = 'rejected'") > 0);
+    assert_true(value(db_clean, "SELECT count(*) FROM orders WHERE refund_due") > 0);
+    assert_true(value(db_clean, "SELECT count(*) FROM stock_returns WHERE reason = 'voided'") > 0);
+    /* Every dead letter got out, whoever sent it. */
+    int ndead = 0;
+    char *dl_clean = dead_letter_positions(dlq_clean, 1), *dl_group = NULL;
+    for (char *s = dl_clean; *s; s++) ndead += *s == '\n';
+    assert_true(ndead > 0);
+    dl_group = dead_letter_positions(dlq_group, ndead);
+    assert_string_equal(dl_group, dl_clean);
+    free(dl_clean);
+    free(dl_group);
+
+    /* A full replay refuses a database that holds rows, and says how to go on. */
+    const char *replay[] = {"--replay", NULL};
+    proc r = start_consumer("replay-refused", db_clean, topic, dlq_clean, "replay", NULL, replay);
+    assert_int_equal(wait_exit(r.pid, 60), 2);
+    assert_true(log_has(r.log, "--replay-force"));
+    /* Into an empty database it rebuilds the same tables, byte for byte. */
+    r = start_consumer("replay", db_replay, topic, dlq_clean, "replay", settings, replay);
+    assert_int_equal(wait_exit(r.pid, WAIT_S), 0);
+    assert_true(log_has(r.log, "replay done"));
+    assert_same_tables(db_clean, db_replay);
+    /* From a time after the last event there is nothing to do. */
+    const char *late[] = {"--replay-from=2999-01-01T00:00:00Z", NULL};
+    r = start_consumer("replay-late", db_replay, topic, dlq_clean, "replay", NULL, late);
+    assert_int_equal(wait_exit(r.pid, 60), 0);
+    assert_same_tables(db_clean, db_replay);
+    const char *bad[] = {"--replay-from=yesterday", NULL};
+    r = start_consumer("replay-bad", db_replay, topic, dlq_clean, "replay", NULL, bad);
+    assert_int_equal(wait_exit(r.pid, 60), 2);
+    assert_true(log_has(r.log, "is not a time"));
+    g.npassed++;
+}
+
+/* SIGTERM in the middle of a stream: the batch in hand is committed, the offsets stored match
+ * the orders stored exactly, the exit status is 0; a restart finishes the rest, once. */
+static void test_sigterm_commits(void **state) {
+    (void)state;
+    const char *topic = new_topic("term", 1), *dlq = new_topic("term.dlq", 1);
+    const char *db = new_database("term");
+    int64_t sku = g.sku_base + 5;
+    const int n = 20000;
+    char id[32];
+    ndelivered = 0;
+    produce(topic, &(sp_event){.type = SP_EV_STOCK_SET, .ts_ms = T0, .sku_id = sku, .stock = n,
+                               .per_user_limit = 0, .pay_timeout_s = 600});
+    for (int i = 0; i < n; i++) {
+        snprintf(id, sizeof(id), "t%06d", i);
+        sp_event ev = ev_order(SP_EV_ORDER_CREATED, sku, T0 + 1 + i, id, 1 + i, 1);
+        produce(topic, &ev);
+    }
+    flush_all();
+    const char *settings[] = {"BATCH_MAX=50", NULL};
+    proc p = start_consumer("term-1", db, topic, dlq, "term", settings, NULL);
+    const char *params[] = {topic};
+    int64_t stored = 0;
+    for (int64_t deadline = now_ms() + WAIT_S * 1000; stored < 1000 && now_ms() < deadline;
+         sleep_ms(20))
+        stored = query_int(db, "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets "
+                               "WHERE topic = $1", 1, params);
+    stop_consumer(&p, "SIGTERM mid-stream");
+    stored = query_int(db, "SELECT sum(next_offset) FROM consumer_offsets WHERE topic = $1", 1,
+                       params);
+    int64_t orders = value(db, "SELECT count(*) FROM orders");
+    print_message("    stopped after %" PRId64 " of %d events\n", stored, n + 1);
+    assert_int_equal(orders, stored - 1); /* offset 0 is the stock.set */
+    assert_int_equal(value(db, "SELECT version FROM inventory"), orders);
+
+    proc p2 = start_consumer("term-2", db, topic, dlq, "term", settings, NULL);
+    wait_applied(db, topic, n + 1, &p2);
+    stop_consumer(&p2, "restart");
+    assert_int_equal(value(db, "SELECT count(*) FROM orders WHERE status = 'pending'"), n);
+    assert_int_equal(value(db, "SELECT stock FROM inventory"), 0);
+    assert_int_equal(value(db, "SELECT version FROM inventory"), n);
+    g.npassed++;
+}
+
+/* A batch that cannot be committed (here: a ledger row that is in the way) is rolled back and
+ * read again, and the batch read behind it is dropped and read again too: once the obstacle is
+ * gone every event is applied, each once, and the partition never skipped one. */
+static void test_failed_batch_is_read_again(void **state) {
+    (void)state;
+    const char *topic = new_topic("fail", 1), *dlq = new_topic("fail.dlq", 1);
+    const char *db = new_database("fail");
+    int64_t sku = g.sku_base + 6;
+    char id[32], sku_text[24];
+    ndelivered = 0;
+    produce(topic, &(sp_event){.type = SP_EV_STOCK_SET, .ts_ms = T0, .sku_id = sku, .stock = 100,
+                               .per_user_limit = 0, .pay_timeout_s = 600});
+    for (int i = 1; i <= 100; i++) {
+        snprintf(id, sizeof(id), "f%03d", i);
+        sp_event ev = ev_order(SP_EV_ORDER_CREATED, sku, T0 + i, id, i, 1);
+        produce(topic, &ev);
+        if (i == 50) {
+            sp_event exp = ev_order(SP_EV_ORDER_EXPIRED, sku, T0 + 1000, "f025", 0, 0);
+            produce(topic, &exp);
+        }
+    }
+    flush_all();
+    /* Someone else's ledger row for f025: the expiry's insert fails until it is gone. */
+    snprintf(sku_text, sizeof(sku_text), "%" PRId64, sku);
+    const char *params[] = {sku_text};
+    PGconn *pg = connect_pg(db);
+    if (sp_pg_exec(pg, "INSERT INTO stock_returns (order_id, sku_id, user_id, qty, reason, "
+                       "created_at) VALUES ('f025', $1, 25, 1, 'expired', now())",
+                   1, params, err, sizeof(err)) != 0)
+        fail_msg("%s", err);
+
+    const char *settings[] = {"BATCH_MAX=10", NULL};
+    proc p = start_consumer("fail", db, topic, dlq, "fail", settings, NULL);
+    int64_t deadline = now_ms() + WAIT_S * 1000;
+    while (metric(p.port, "stockpipe_consumer_batch_failures_total") < 2 && now_ms() < deadline)
+        sleep_ms(100);
+    assert_true(metric(p.port, "stockpipe_consumer_batch_failures_total") >= 2);
+    const char *tp[] = {topic};
+    /* Stuck before the expiry (offset 51), with everything before it applied. */
+    int64_t stored =
+        query_int(db, "SELECT next_offset FROM consumer_offsets WHERE topic = $1", 1, tp);
+    assert_true(stored <= 51);
+    assert_int_equal(value(db, "SELECT count(*) FROM orders"), stored - 1);
+
+    if (sp_pg_exec(pg, "DELETE FROM stock_returns", 0, NULL, err, sizeof(err)) != 0)
+        fail_msg("%s", err);
+    PQfinish(pg);
+    wait_applied(db, topic, ndelivered, &p);
+    stop_consumer(&p, "after the failures");
+    assert_int_equal(value(db, "SELECT count(*) FROM orders WHERE status = 'pending'"), 99);
+    assert_int_equal(value(db, "SELECT count(*) FROM orders WHERE status = 'expired'"), 1);
+    assert_int_equal(value(db, "SELECT stock FROM inventory"), 1);
+    assert_int_equal(value(db, "SELECT version FROM inventory"), 101);
+    assert_int_equal(value(db, "SELECT count(*) FROM stock_returns"), 1);
+    assert_int_equal(query_int(db, "SELECT (extract(epoch FROM created_at) * 1000)::bigint "
+                                   "FROM stock_returns", 0, NULL), T0 + 1000);
+    g.npassed++;
+}
+
+/* ---- set-up ---- */
+
+static int group_setup(void **state) {
+    (void)state;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    snprintf(tag, sizeof(tag), "%d_%lld", (int)getpid(), (long long)(ts.tv_sec % 1000000));
+    /* SKUs of their own, far from any other test's. */
+    g.sku_base = INT64_C(700000000000) + (int64_t)(getpid() % 100000) * 1000 + ts.tv_sec % 10 * 100;
+    snprintf(g.tmp, sizeof(g.tmp), "/tmp/stockpipe-test-consumer-%s", tag);
+    if (mkdir(g.tmp, 0755) != 0 && errno != EEXIST) return -1;
+    const char *brokers = getenv("KAFKA_BROKERS");
+    if (brokers == NULL || getenv("PG_DSN") == NULL || getenv("REDIS_URL") == NULL) {
+        fprintf(stderr, "KAFKA_BROKERS, PG_DSN, REDIS_URL are not set: run `. var/stack.env`\n");
+        return -1;
+    }
+    rd_kafka_conf_t *conf = sp_kafka_conf_new(brokers, "test-consumer", err, sizeof(err));
+    if (conf == NULL) return -1;
+    rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
+    if (sp_kafka_conf_set(conf, "linger.ms", "5", err, sizeof(err)) != 0) {
+        rd_kafka_conf_destroy(conf);
+        return -1;
+    }
+    g.kafka = sp_kafka_producer_new(&conf, err, sizeof(err));
+    if (g.kafka == NULL) fprintf(stderr, "%s\n", err);
+    return g.kafka ? 0 : -1;
+}
+
+static int group_teardown(void **state) {
+    (void)state;
+    for (int i = 0; i < 16; i++)
+        if (g.pids[i] > 0) {
+            kill(g.pids[i], SIGKILL);
+            waitpid(g.pids[i], NULL, 0);
+        }
+    drop_databases();
+    for (int i = 0; i < g.ntopics; i++)
+        if (sp_kafka_topic_delete(g.kafka, g.topics[i], 30000, err, sizeof(err)) != 0)
+            fprintf(stderr, "%s\n", err);
+    if (g.kafka) rd_kafka_destroy(g.kafka);
+    if (g.npassed == NTESTS) {
+        char *argv[] = {(char[]){"/bin/rm"}, (char[]){"-rf"}, g.tmp, NULL};
+        (void)run_quiet(argv);
+    } else {
+        fprintf(stderr, "the consumers' logs are in %s\n", g.tmp);
+    }
+    return 0;
+}
+
+int main(void) {
+    sp_log_init("test-consumer", NULL, SP_LOG_WARN);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_scripted_log),
+        cmocka_unit_test(test_over_admission),
+        cmocka_unit_test(test_group_kill9_and_replay),
+        cmocka_unit_test(test_sigterm_commits),
+        cmocka_unit_test(test_failed_batch_is_read_again),
+    };
+    return cmocka_run_group_tests_name("consumer", tests, group_setup, group_teardown);
+}
