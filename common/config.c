@@ -89,6 +89,33 @@ static const conf_opt conf_table[] = {
      "10000", 6000, 300000, C, 0,
      "How long the consumer group waits for a member that stopped answering (crashed, killed, cut "
      "off) before giving its partitions to the others"},
+    {"reaper-interval-ms", "REAPER_INTERVAL_MS", INT(reaper_interval_ms), "1000", 10, 600000, R, 0,
+     "Pause between two sweeps of the reaper (expire unpaid orders, give returns back to Redis, "
+     "check Redis for lost data)"},
+    {"reaper-batch", "REAPER_BATCH", INT(reaper_batch), "500", 1, 10000, R, 0,
+     "Orders expired, or ledger rows given back to Redis, per short PostgreSQL transaction"},
+    {"expiry-retry-ms", "EXPIRY_RETRY_MS", INT(expiry_retry_ms), "30000", 1000, 86400000, R, 0,
+     "How long the reaper waits for an order.expired or order.voided it published to be applied "
+     "before it publishes it again"},
+    {"resv-sweep-interval-ms", "RESV_SWEEP_INTERVAL_MS", INT(resv_sweep_interval_ms), "5000", 10,
+     600000, R, 0,
+     "Pause between two scans of every SKU's reservations in Redis (lost reservations, leftover "
+     "entries, vanished sales)"},
+    {"resv-lost-after-ms", "RESV_LOST_AFTER_MS", INT(resv_lost_after_ms), "40000", 2000,
+     86400000, R, 0,
+     "A reservation Kafka has not answered for this long is treated as lost and voided; must "
+     "exceed KAFKA_MESSAGE_TIMEOUT_MS by at least 1000 (clock skew between hosts adds to it)"},
+    {"accepted-stale-after-ms", "ACCEPTED_STALE_AFTER_MS", INT(accepted_stale_after_ms), "60000",
+     1000, 86400000, R, 0,
+     "An accepted entry in Redis whose order PostgreSQL stored this long ago is a leftover (the "
+     "consumer's clean-up was lost) and is dropped"},
+    {"reconcile-wait-ms", "RECONCILE_WAIT_MS", INT(reconcile_wait_ms), "60000", 1000, 3600000, R,
+     0,
+     "How long a reconcile waits for the consumer to store a paused SKU's partition up to its end "
+     "before it gives up (the SKU stays closed and is tried again)"},
+    {"audit-wait-ms", "AUDIT_WAIT_MS", INT(audit_wait_ms), "30000", 0, 3600000, R, 0,
+     "How long `reaper audit` waits for the system to become quiet before comparing Redis with "
+     "PostgreSQL"},
     {"log-level", "LOG_LEVEL", STR(log_level), "info", 0, 0, P|C|R|T, 0,
      "debug, info, warn or error"},
 };

@@ -36,6 +36,14 @@ typedef struct sp_config {
     int batch_max;         /* consumer: events applied in one PostgreSQL transaction */
     int batch_wait_ms;     /* consumer: how long a batch waits to fill up */
     int kafka_session_timeout_ms; /* consumer: how long the group waits for a silent member */
+    int reaper_interval_ms;       /* reaper: pause between two sweeps (expiry, returns) */
+    int reaper_batch;             /* reaper: orders / ledger rows per transaction */
+    int expiry_retry_ms;          /* reaper: re-publish an order.expired / order.voided after */
+    int resv_sweep_interval_ms;   /* reaper: pause between two scans of the reservations */
+    int resv_lost_after_ms;       /* reaper: an 'r:' reservation older than this is voided */
+    int accepted_stale_after_ms;  /* reaper: an 'a:' entry of a stored order older than this goes */
+    int reconcile_wait_ms;        /* reaper: how long reconcile waits for the consumer */
+    int audit_wait_ms;            /* reaper audit: how long to wait for a quiet system */
     /* Positional arguments left after the flags (sub-commands such as `reaper audit`); they point
      * into argv. */
     int nargs;

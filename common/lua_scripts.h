@@ -8,5 +8,11 @@ extern const char sp_lua_reserve[];
 extern const char sp_lua_confirm[];
 extern const char sp_lua_release[];
 extern const char sp_lua_cap[];
+/* the reaper's (docs/reaper.md) */
+extern const char sp_lua_give_back[];
+extern const char sp_lua_resv_drop[];
+extern const char sp_lua_reconcile_pause[];
+extern const char sp_lua_reconcile_apply[];
+extern const char sp_lua_reconcile_adjust[];
 
 #endif

@@ -21,6 +21,14 @@ static sp_redis_script script_reserve = {.name = "reserve", .body = sp_lua_reser
 static sp_redis_script script_confirm = {.name = "confirm", .body = sp_lua_confirm};
 static sp_redis_script script_release = {.name = "release", .body = sp_lua_release};
 static sp_redis_script script_cap = {.name = "cap", .body = sp_lua_cap};
+static sp_redis_script script_give_back = {.name = "give_back", .body = sp_lua_give_back};
+static sp_redis_script script_resv_drop = {.name = "resv_drop", .body = sp_lua_resv_drop};
+static sp_redis_script script_reconcile_pause = {.name = "reconcile_pause",
+                                                 .body = sp_lua_reconcile_pause};
+static sp_redis_script script_reconcile_apply = {.name = "reconcile_apply",
+                                                 .body = sp_lua_reconcile_apply};
+static sp_redis_script script_reconcile_adjust = {.name = "reconcile_adjust",
+                                                  .body = sp_lua_reconcile_adjust};
 
 int sp_idem_key_valid(const char *s) {
     size_t n = 0;
@@ -35,7 +43,9 @@ void sp_stock_key(char *buf, int64_t sku_id, const char *suffix) {
 
 int sp_stock_scripts_load(redisContext *c, char *errbuf, size_t errlen) {
     sp_redis_script *all[] = {&script_sale_open, &script_restock, &script_reserve,
-                              &script_confirm, &script_release, &script_cap};
+                              &script_confirm, &script_release, &script_cap,
+                              &script_give_back, &script_resv_drop, &script_reconcile_pause,
+                              &script_reconcile_apply, &script_reconcile_adjust};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
         if (sp_redis_script_load(c, all[i], errbuf, errlen) != 0) return -1;
     return 0;
@@ -288,4 +298,163 @@ int sp_stock_available(redisContext *c, int64_t sku_id, int64_t *stock, char *er
     }
     freeReplyObject(r);
     return rc;
+}
+
+/* ---- the reaper's scripts (docs/reaper.md) ---- */
+
+int sp_stock_give_back(redisContext *c, int64_t sku_id, const char *order_id, int64_t user_id,
+                       int32_t qty, const char *reason, int64_t now_ms, int *given, char *errbuf,
+                       size_t errlen) {
+    sp_script_call call;
+    long long v;
+    sp_script_call_init(&call, &script_give_back, 4);
+    sp_script_call_arg(&call, "{sku:%" PRId64 "}:sale", sku_id);
+    sp_script_call_arg(&call, "{sku:%" PRId64 "}:users", sku_id);
+    sp_script_call_arg(&call, "{sku:%" PRId64 "}:resv", sku_id);
+    sp_script_call_arg(&call, "{sku:%" PRId64 "}:returned", sku_id);
+    sp_script_call_arg(&call, "%s", order_id);
+    sp_script_call_arg(&call, "%" PRId64, user_id);
+    sp_script_call_arg(&call, "%" PRId32, qty);
+    sp_script_call_arg(&call, "%" PRId64, now_ms);
+    sp_script_call_arg(&call, "%s", reason);
+    if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
+    *given = (int)v;
+    return 0;
+}
+
+int sp_stock_resv_drop(redisContext *c, int64_t sku_id, const char *const *order_ids,
+                       const char *const *values, size_t n, int *dropped, char *errbuf,
+                       size_t errlen) {
+    enum { PAIRS = 31 }; /* 1 key + 2 * 31 arguments: within sp_redis_evalsha's bound */
+    const char *argv[1 + 2 * PAIRS];
+    size_t argvlen[1 + 2 * PAIRS];
+    char key[SP_STOCK_KEY_MAX];
+    int total = 0;
+    sp_stock_key(key, sku_id, "resv");
+    argv[0] = key, argvlen[0] = strlen(key);
+    for (size_t i = 0; i < n; i += PAIRS) {
+        size_t k = n - i < PAIRS ? n - i : PAIRS;
+        for (size_t j = 0; j < k; j++) {
+            argv[1 + 2 * j] = order_ids[i + j], argvlen[1 + 2 * j] = strlen(order_ids[i + j]);
+            argv[2 + 2 * j] = values[i + j], argvlen[2 + 2 * j] = strlen(values[i + j]);
+        }
+        redisReply *r = sp_redis_evalsha(c, &script_resv_drop, 1, 1 + 2 * (int)k, argv, argvlen,
+                                         errbuf, errlen);
+        if (r == NULL) return -1;
+        long long v;
+        int rc = sp_stock_integer_parse(r, "resv_drop", &v, errbuf, errlen);
+        freeReplyObject(r);
+        if (rc != 0) return -1;
+        total += (int)v;
+    }
+    *dropped = total;
+    return 0;
+}
+
+int sp_stock_reconcile_pause(redisContext *c, int64_t sku_id, const char *token,
+                             int32_t per_user_limit, int32_t pay_timeout_s, int64_t supplied,
+                             char *errbuf, size_t errlen) {
+    sp_script_call call;
+    long long v;
+    sp_script_call_init(&call, &script_reconcile_pause, 1);
+    sp_script_call_arg(&call, "{sku:%" PRId64 "}:sale", sku_id);
+    sp_script_call_arg(&call, "%s", token);
+    sp_script_call_arg(&call, "%" PRId32, per_user_limit);
+    sp_script_call_arg(&call, "%" PRId32, pay_timeout_s);
+    sp_script_call_arg(&call, "%" PRId64, supplied);
+    return run_integer(c, &call, &v, errbuf, errlen);
+}
+
+/* An integer element of a reply array (Lua numbers come back as integers, strings as strings). */
+static int reply_int(const redisReply *e, int64_t *v) {
+    char *end;
+    if (e->type == REDIS_REPLY_INTEGER) {
+        *v = e->integer;
+        return 0;
+    }
+    if (e->type != REDIS_REPLY_STRING) return -1;
+    long long x = strtoll(e->str, &end, 10);
+    if (end == e->str || *end != '\0') return -1;
+    *v = x;
+    return 0;
+}
+
+int sp_stock_reconcile_apply(redisContext *c, int64_t sku_id, const char *token, int64_t pg_stock,
+                             int64_t pg_supplied, int32_t per_user_limit, int32_t pay_timeout_s,
+                             int *owned, int64_t *stock, int64_t *inflight,
+                             sp_vanished **vanished, size_t *nvanished, char *errbuf,
+                             size_t errlen) {
+    sp_script_call call;
+    sp_vanished *list = NULL;
+    int64_t first = 0, second = 0;
+    int rc = -1;
+    sp_script_call_init(&call, &script_reconcile_apply, 5);
+    sp_script_call_arg(&call, "{sku:%" PRId64 "}:sale", sku_id);
+    sp_script_call_arg(&call, "{sku:%" PRId64 "}:users", sku_id);
+    sp_script_call_arg(&call, "{sku:%" PRId64 "}:resv", sku_id);
+    sp_script_call_arg(&call, "{sku:%" PRId64 "}:users_rebuild", sku_id);
+    sp_script_call_arg(&call, "{sku:%" PRId64 "}:resv_staged", sku_id);
+    sp_script_call_arg(&call, "%s", token);
+    sp_script_call_arg(&call, "%" PRId64, pg_stock);
+    sp_script_call_arg(&call, "%" PRId64, pg_supplied);
+    sp_script_call_arg(&call, "%" PRId32, per_user_limit);
+    sp_script_call_arg(&call, "%" PRId32, pay_timeout_s);
+    redisReply *r = sp_redis_call(c, &call, errbuf, errlen);
+    if (r == NULL) return -1;
+    if (r->type != REDIS_REPLY_ARRAY || r->elements < 1 || reply_int(r->element[0], &first) != 0) {
+        snprintf(errbuf, errlen, "script reconcile_apply: %s",
+                 r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+        goto out;
+    }
+    if (first < 0) { /* the pause is not ours any more */
+        *owned = 0;
+        rc = 0;
+        goto out;
+    }
+    if (r->elements < 2 || (r->elements - 2) % 3 != 0 || reply_int(r->element[1], &second) != 0) {
+        snprintf(errbuf, errlen, "script reconcile_apply: unexpected reply");
+        goto out;
+    }
+    size_t n = (r->elements - 2) / 3;
+    if (n > 0 && (list = calloc(n, sizeof(*list))) == NULL) {
+        snprintf(errbuf, errlen, "out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        const redisReply *id = r->element[2 + 3 * i];
+        int64_t user = 0, qty = 0;
+        if (id->type != REDIS_REPLY_STRING || reply_int(r->element[3 + 3 * i], &user) != 0 ||
+            reply_int(r->element[4 + 3 * i], &qty) != 0) {
+            snprintf(errbuf, errlen, "script reconcile_apply: unexpected vanished entry");
+            goto out;
+        }
+        snprintf(list[i].order_id, sizeof(list[i].order_id), "%s", id->str);
+        list[i].user_id = user;
+        list[i].qty = (int32_t)qty;
+    }
+    *owned = 1;
+    *stock = first;
+    *inflight = second;
+    *vanished = list;
+    *nvanished = n;
+    list = NULL;
+    rc = 0;
+out:
+    free(list);
+    freeReplyObject(r);
+    return rc;
+}
+
+int sp_stock_reconcile_adjust(redisContext *c, int64_t sku_id, int64_t user_id, int32_t qty,
+                              int64_t *stock, char *errbuf, size_t errlen) {
+    sp_script_call call;
+    long long v;
+    sp_script_call_init(&call, &script_reconcile_adjust, 2);
+    sp_script_call_arg(&call, "{sku:%" PRId64 "}:sale", sku_id);
+    sp_script_call_arg(&call, "{sku:%" PRId64 "}:users", sku_id);
+    sp_script_call_arg(&call, "%" PRId64, user_id);
+    sp_script_call_arg(&call, "%" PRId32, qty);
+    if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
+    *stock = v;
+    return 0;
 }

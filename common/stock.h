@@ -10,6 +10,11 @@
  *                                answered, then "a:user:qty:ts_ms" (accepted: in Kafka, maybe not
  *                                yet in PostgreSQL) until the consumer has stored the order
  *   {sku:ID}:idem:USER:KEY string "state:order_id" for an Idempotency-Key, with a TTL
+ * and the reaper's (docs/reaper.md):
+ *   {sku:ID}:returned      hash  order_id -> ms: return-ledger rows given back to Redis whose
+ *                                PostgreSQL stamp may still be missing (the exactly-once guard)
+ *   {sku:ID}:users_rebuild hash  a reconcile's per-user counts, before they replace users
+ *   {sku:ID}:resv_staged   hash  the resv entries a reconcile's snapshot did not know
  * See docs/reservation.md for the life of a reservation.
  */
 #ifndef SP_STOCK_H
@@ -136,6 +141,56 @@ int sp_stock_reserve_parse(const redisReply *r, sp_reserve_result *res, char *er
 /* Reads the integer reply of open/restock/confirm/release; -1 with errbuf otherwise. */
 int sp_stock_integer_parse(const redisReply *r, const char *what, long long *v, char *errbuf,
                            size_t errlen) __attribute__((warn_unused_result));
+
+/* ---- the reaper's scripts (docs/reaper.md) ---- */
+
+#define SP_GIVE_BACK_NO_SALE (-1) /* the sale is not in Redis: reconcile rebuilds it */
+#define SP_GIVE_BACK_PAUSED  (-2) /* a reconcile has the sale paused: try again later */
+
+/* Gives one return-ledger row (reason "expired" or "voided") back to Redis (give_back.lua):
+ * stock += qty, the user's count -= qty, the order's leftover 'r:' entry and its idempotency key
+ * dropped, all guarded by the order's marker in {sku:ID}:returned; a voided row gives only while
+ * its 'r:' entry is there. *given is qty, 0 when there was nothing (left) to give, or
+ * SP_GIVE_BACK_NO_SALE / SP_GIVE_BACK_PAUSED (nothing changed). */
+int sp_stock_give_back(redisContext *c, int64_t sku_id, const char *order_id, int64_t user_id,
+                       int32_t qty, const char *reason, int64_t now_ms, int *given, char *errbuf,
+                       size_t errlen) __attribute__((warn_unused_result));
+
+/* Drops the n entries of {sku:ID}:resv that still hold values[i], as the caller read them
+ * (resv_drop.lua); gives nothing back. *dropped counts them. */
+int sp_stock_resv_drop(redisContext *c, int64_t sku_id, const char *const *order_ids,
+                       const char *const *values, size_t n, int *dropped, char *errbuf,
+                       size_t errlen) __attribute__((warn_unused_result));
+
+/* Closes the sale to new orders for the reconcile that owns token (reconcile_pause.lua): stock 0,
+ * `paused` = token, the other fields from PostgreSQL's inventory row; a sale Redis lost comes
+ * back whole but closed. */
+int sp_stock_reconcile_pause(redisContext *c, int64_t sku_id, const char *token,
+                             int32_t per_user_limit, int32_t pay_timeout_s, int64_t supplied,
+                             char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+
+/* An entry a reconcile staged that was gone from resv when the sale was rebuilt. */
+typedef struct sp_vanished {
+    char order_id[SP_ORDER_ID_MAX + 1];
+    int64_t user_id;
+    int32_t qty;
+} sp_vanished;
+
+/* Rebuilds a paused sale from PostgreSQL's snapshot (pg_stock, pg_supplied, limit, timeout) and
+ * the staged keys, and reopens it (reconcile_apply.lua). *owned is 0 when the sale is not paused
+ * by token any more (nothing changed); else *stock and *inflight are set and *vanished is a
+ * malloc'd array of *nvanished entries the caller frees (NULL when none). */
+int sp_stock_reconcile_apply(redisContext *c, int64_t sku_id, const char *token, int64_t pg_stock,
+                             int64_t pg_supplied, int32_t per_user_limit, int32_t pay_timeout_s,
+                             int *owned, int64_t *stock, int64_t *inflight,
+                             sp_vanished **vanished, size_t *nvanished, char *errbuf,
+                             size_t errlen) __attribute__((warn_unused_result));
+
+/* Takes qty off a rebuilt sale's stock (not below 0) and counts them for user_id
+ * (reconcile_adjust.lua); *stock is the stock after, or -1 when the sale is not in Redis. */
+int sp_stock_reconcile_adjust(redisContext *c, int64_t sku_id, int64_t user_id, int32_t qty,
+                              int64_t *stock, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
 
 /* Key names for a SKU; each buffer is SP_STOCK_KEY_MAX bytes. */
 #define SP_STOCK_KEY_MAX 160

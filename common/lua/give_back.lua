@@ -1,0 +1,46 @@
+-- give_back.lua - gives one row of the return ledger (stock_returns) back to Redis, exactly once.
+-- KEYS[1] {sku:ID}:sale  KEYS[2] {sku:ID}:users  KEYS[3] {sku:ID}:resv  KEYS[4] {sku:ID}:returned
+-- ARGV    order_id, user_id, qty, now_ms, reason ("expired" or "voided")
+-- Returns the qty given back; 0 when this order was given back before (or, voided, its reservation
+-- is gone: its producer released it after all, or a reconcile counted it); -1 when the sale is not in
+-- Redis (Redis lost it: reconcile rebuilds the whole sale from PostgreSQL, nothing is created
+-- here); -2 while a reconcile has the sale paused (the row waits for the next drain).
+--
+-- The guard is the per-order marker in {sku:ID}:returned (order_id -> when): HSETNX sets it in
+-- the same atomic step as the give-back, so a second run, by this reaper after a crash or by
+-- another replica, finds it and returns 0. The reaper stamps the row in PostgreSQL afterwards and
+-- only then deletes the marker; a row stamped there is never given back again.
+local sale, users, resv, returned = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local order_id, user, qty, now, reason = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local s = redis.call('HMGET', sale, 'stock', 'paused')
+if not s[1] then
+    return -1
+end
+if s[2] then
+    return -2
+end
+if redis.call('HSETNX', returned, order_id, now) == 0 then
+    return 0
+end
+-- A voided reservation's units are in Redis's books only through its 'r:' entry: without it
+-- there is nothing to give (whoever removed the entry gave them back or counted them).
+local r = redis.call('HGET', resv, order_id)
+local reserved = r and string.sub(r, 1, 2) == 'r:'
+if reason == 'voided' and not reserved then
+    return 0
+end
+redis.call('HINCRBY', sale, 'stock', qty)
+local left = redis.call('HINCRBY', users, user, -qty)
+if left <= 0 then
+    redis.call('HDEL', users, user)
+end
+-- Drop the 'r:' entry, so nothing releases or voids it again, and free its Idempotency-Key (the
+-- buyer never heard 202) if it still names this order.
+if reserved then
+    redis.call('HDEL', resv, order_id)
+    local idem = string.match(r, '^r:[^:]*:[^:]*:[^:]*:(.*)$')
+    if idem and idem ~= '' and redis.call('GET', idem) == 'pending:' .. order_id then
+        redis.call('DEL', idem)
+    end
+end
+return qty

@@ -1,0 +1,61 @@
+-- reconcile_apply.lua - the last step of a reconcile: a sale's stock and per-user counts rebuilt
+-- from PostgreSQL plus what is still in flight, in one atomic step, and the sale reopened.
+-- KEYS[1] {sku:ID}:sale  KEYS[2] {sku:ID}:users  KEYS[3] {sku:ID}:resv
+-- KEYS[4] {sku:ID}:users_rebuild  KEYS[5] {sku:ID}:resv_staged
+-- ARGV    token, pg_stock, pg_supplied, per_user_limit, pay_timeout_s (PostgreSQL's snapshot)
+-- Returns {stock, inflight, order_id, user, qty, ...} with one triple per vanished entry, or {-1}
+-- when the sale is not paused by this token any more (nothing changed then).
+--
+-- users_rebuild holds each user's units in pending and paid orders as PostgreSQL's snapshot had
+-- them; resv_staged the entries of resv the snapshot did not know (entries it knew were dropped
+-- when staged). So every entry in resv now is in flight as far as the snapshot goes: its units
+-- come off the stock and count for its user. A staged entry that is gone was released by its
+-- producer (nothing to do) or stored by the consumer after the snapshot; the caller asks
+-- PostgreSQL which, and corrects the latter with reconcile_adjust.lua.
+local sale, users, resv, rebuilt, staged = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local s = redis.call('HMGET', sale, 'paused', 'supplied')
+if s[1] ~= ARGV[1] then
+    return {-1}
+end
+local inflight = 0
+local entries = redis.call('HGETALL', resv)
+for i = 1, #entries, 2 do
+    local user, qty = string.match(entries[i + 1], '^[ra]:([^:]*):([^:]*)')
+    if user and tonumber(qty) then
+        inflight = inflight + tonumber(qty)
+        redis.call('HINCRBY', rebuilt, user, qty)
+    end
+end
+local out = {0, inflight}
+local st = redis.call('HGETALL', staged)
+for i = 1, #st, 2 do
+    if redis.call('HEXISTS', resv, st[i]) == 0 then
+        local user, qty = string.match(st[i + 1], '^[ra]:([^:]*):([^:]*)')
+        out[#out + 1] = st[i]
+        out[#out + 1] = user or '0'
+        out[#out + 1] = qty or '0'
+    end
+end
+-- Restocks Redis applied during the pause that the snapshot does not hold yet, as in cap.lua.
+local pg_stock, pg_supplied = tonumber(ARGV[2]), tonumber(ARGV[3])
+local supplied = tonumber(s[2] or ARGV[3])
+local unseen = supplied - pg_supplied
+if unseen < 0 then
+    unseen = 0
+    supplied = pg_supplied
+end
+local stock = pg_stock - inflight + unseen
+if stock < 0 then
+    stock = 0 -- more in flight than PostgreSQL can cover: the excess will be rejected there
+end
+redis.call('HSET', sale, 'stock', stock, 'limit', ARGV[4], 'pay_timeout_s', ARGV[5],
+           'supplied', supplied)
+redis.call('HDEL', sale, 'paused')
+if redis.call('EXISTS', rebuilt) == 1 then
+    redis.call('RENAME', rebuilt, users)
+else
+    redis.call('DEL', users)
+end
+redis.call('DEL', staged)
+out[1] = stock
+return out

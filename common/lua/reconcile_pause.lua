@@ -1,0 +1,13 @@
+-- reconcile_pause.lua - closes a sale to new orders while reconcile rebuilds it.
+-- KEYS[1] {sku:ID}:sale
+-- ARGV    token, per_user_limit, pay_timeout_s, supplied (PostgreSQL's inventory row)
+-- Returns 1.
+--
+-- stock becomes 0, so reserve.lua answers sold_out, and `paused` holds the reconcile's token:
+-- give_back.lua leaves a paused sale alone and reconcile_apply.lua only finishes the reconcile
+-- that owns the token. The other fields come from PostgreSQL, so a sale Redis lost comes back
+-- whole (closed until the rebuild), never as a partial hash. `supplied` restarts from
+-- PostgreSQL's: restocks applied to Redis from here on are the ones the rebuild adds back.
+redis.call('HSET', KEYS[1], 'stock', 0, 'limit', ARGV[2], 'pay_timeout_s', ARGV[3],
+           'supplied', ARGV[4], 'paused', ARGV[1])
+return 1

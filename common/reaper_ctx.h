@@ -1,0 +1,129 @@
+/* reaper_ctx.h - what every step of the reaper shares: its settings, one Redis connection, one
+ *                PostgreSQL session, an idempotent Kafka producer with a bounded wait for its
+ *                acknowledgements, and the advisory locks that split the work among replicas.
+ *
+ * The steps (expiry.h, stock_return.h, resv_sweep.h, reconcile.h, audit.h) each take an
+ * sp_reaper and run to completion on the calling thread; the reaper's main loop (reaper.h) calls
+ * them in turn. Connections are made on demand and dropped after a failure, so a step that found a
+ * backend down fails (logged, counted) and the next sweep reconnects.
+ *
+ * Owned by one thread: the reaper's main thread.
+ */
+#ifndef SP_REAPER_CTX_H
+#define SP_REAPER_CTX_H
+
+#include <hiredis/hiredis.h>
+#include <libpq-fe.h>
+#include <librdkafka/rdkafka.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "config.h"
+#include "event.h"
+#include "metrics.h"
+#include "redis_store.h"
+
+/* Advisory lock classes (the first key of pg_advisory_lock(int, int)); the second key is a SKU
+ * (modulo 2^31: two SKUs sharing a key only take turns) or 0. */
+#define SP_LOCK_SKU       0x53500501 /* one SKU's Redis repairs: resv sweep, reconcile */
+#define SP_LOCK_RECONCILE 0x53500502 /* the reconcile of every SKU after Redis lost data */
+
+struct sp_reaper_batch; /* the publish batch waiting for its delivery reports */
+
+typedef struct sp_reaper {
+    const sp_config *cfg;
+    sp_redis_target redis_target;
+    redisContext *redis; /* NULL while disconnected: sp_reaper_redis() connects */
+    PGconn *pg;          /* NULL while disconnected: sp_reaper_pg() connects; a new session
+                          * has none of the old one's advisory locks */
+    uint64_t pg_session; /* counts the sessions made: a step holding a lock checks that it is
+                          * still on the session that took it */
+    rd_kafka_t *kafka;   /* NULL when the caller asked for no Kafka */
+    uint64_t next_seq;   /* numbers the messages published, for their delivery reports */
+    struct sp_reaper_batch *batch;
+    /* What reconcile.c last found Redis to be, after a check that needed no reconcile: while
+     * Redis still says the same, the check costs no PostgreSQL round trip. */
+    struct {
+        int known;
+        char epoch[64], run_id[64], replid[64];
+    } seen;
+} sp_reaper;
+
+/* Prepares rp for cfg (parses REDIS_URL; with_kafka: creates the producer, which also serves
+ * metadata and watermark queries). Connects nothing else yet. -1 with errbuf. */
+int sp_reaper_init(sp_reaper *rp, const sp_config *cfg, int with_kafka, char *errbuf,
+                   size_t errlen) __attribute__((warn_unused_result));
+
+/* Waits up to the message timeout for what Kafka still holds, then closes everything. Returns the
+ * number of events Kafka had not acknowledged (0 normally). */
+int sp_reaper_close(sp_reaper *rp);
+
+/* The Redis connection, connecting (and loading the scripts) when there is none; NULL with
+ * errbuf when Redis cannot be reached. */
+redisContext *sp_reaper_redis(sp_reaper *rp, char *errbuf, size_t errlen);
+
+/* The Redis connection failed mid-step: drop it (the next sp_reaper_redis reconnects). */
+void sp_reaper_redis_failed(sp_reaper *rp);
+
+/* The PostgreSQL session, connecting when there is none (with statement, lock and
+ * idle-in-transaction timeouts, so nothing the reaper does can hold a lock for long); NULL with
+ * errbuf when PostgreSQL cannot be reached. */
+PGconn *sp_reaper_pg(sp_reaper *rp, char *errbuf, size_t errlen);
+
+/* The session failed mid-step (or is in an unknown transaction state): drop it. Its advisory
+ * locks and any open transaction end with it. */
+void sp_reaper_pg_failed(sp_reaper *rp);
+
+/* Rolls back whatever transaction is open on the session (after a failed statement); drops the
+ * session when even that fails. */
+void sp_reaper_pg_rollback(sp_reaper *rp);
+
+/* Publishes n events (key = sku_id) with the acks=all idempotent producer and waits for their
+ * delivery reports, at most the message timeout plus a second. acked[i] is 1 when Kafka
+ * acknowledged evs[i], 0 when it did not or did not say in time (the event may still be
+ * delivered later: every event the reaper publishes is harmless twice). Returns how many were
+ * acknowledged. */
+size_t sp_reaper_publish(sp_reaper *rp, const sp_event *evs, size_t n, int *acked);
+
+/* The partition of the events topic that holds sku_id's events: librdkafka's default
+ * partitioner (CRC32 of the key, the decimal sku_id), which every producer uses. -1 with errbuf
+ * when the topic's metadata cannot be read. */
+int sp_reaper_partition_of(sp_reaper *rp, int64_t sku_id, int32_t *partition, char *errbuf,
+                           size_t errlen) __attribute__((warn_unused_result));
+
+/* Tries the session-level advisory lock (lock_class, key) without waiting: *got is 1 when this
+ * session holds it now. Session locks outlive transactions and end with the session, so a
+ * replica that dies releases them at once. -1 with errbuf when PostgreSQL failed. */
+int sp_reaper_lock_try(sp_reaper *rp, int32_t lock_class, int64_t key, int *got, char *errbuf,
+                       size_t errlen) __attribute__((warn_unused_result));
+
+/* Takes the lock, waiting up to the session's lock_timeout; *got as above. */
+int sp_reaper_lock(sp_reaper *rp, int32_t lock_class, int64_t key, int *got, char *errbuf,
+                   size_t errlen) __attribute__((warn_unused_result));
+
+/* Releases a lock this session holds (nothing when the session is gone: so is the lock). */
+void sp_reaper_unlock(sp_reaper *rp, int32_t lock_class, int64_t key);
+
+/* Wall clock and monotonic clock, in ms. */
+int64_t sp_reaper_now_ms(void);
+int64_t sp_reaper_mono_ms(void);
+
+/* Sleeps up to ms in short slices, beating /healthz; returns early (-1) once SIGTERM arrived. */
+int sp_reaper_sleep(int64_t ms);
+
+/* Every step counts its failures in one family, stockpipe_reaper_errors_total{step=...}. */
+#define SP_REAPER_ERRORS(step)                                                                     \
+    SP_METRIC_COUNTER("stockpipe_reaper_errors_total",                                             \
+                      "Steps of the reaper that failed (a backend down, a bad row); retried on "   \
+                      "the next sweep.",                                                           \
+                      "step=\"" step "\"")
+
+/* Formats a decimal int64 into buf (at least 24 bytes) and returns buf: text parameters. */
+const char *sp_reaper_i64(char *buf, int64_t v);
+
+/* A PostgreSQL text[] literal {"a","b"} of n strings, for `= ANY($1::text[])`; malloc'd (caller
+ * frees), NULL when out of memory. The strings must be order ids ([A-Za-z0-9._-]), which need no
+ * escaping inside quotes. */
+char *sp_reaper_text_array(const char *const *items, size_t n) __attribute__((warn_unused_result));
+
+#endif

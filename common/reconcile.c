@@ -1,0 +1,748 @@
+/* reconcile.c - notices that Redis lost data and rebuilds sales in Redis from PostgreSQL. */
+#include "reconcile.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+
+#include "http.h"
+#include "log.h"
+#include "metrics.h"
+#include "pg_store.h"
+#include "signals.h"
+#include "stock.h"
+#include "stock_return.h"
+
+#define EPOCH_KEY     "stockpipe:reaper:epoch"
+#define SKU_PAGE      500  /* SKUs per inventory page */
+#define USER_PAGE     1000 /* per-user counts per query and per HSET */
+#define LEDGER_PAGE   1000 /* ledger rows per query */
+#define RESV_SCAN     256  /* resv entries asked for per HSCAN step */
+#define STEP_MAX      1024 /* most resv entries looked up in one statement */
+#define WATERMARK_TIMEOUT_MS 5000
+
+static sp_metric m_reconciled = SP_METRIC_COUNTER(
+    "stockpipe_reaper_reconciled_total",
+    "SKUs whose Redis sale (stock, per-user counts) was rebuilt from PostgreSQL.", NULL);
+static sp_metric m_data_loss = SP_METRIC_COUNTER(
+    "stockpipe_reaper_redis_data_loss_total",
+    "Times Redis was found emptied, restarted or failed over since the last reconcile of every "
+    "SKU.",
+    NULL);
+static sp_metric m_errors = SP_REAPER_ERRORS("reconcile");
+
+void sp_reconcile_register_metrics(void) {
+    sp_metrics_register(&m_reconciled);
+    sp_metrics_register(&m_data_loss);
+    sp_metrics_register(&m_errors);
+}
+
+/* A SKU's inventory row. */
+typedef struct inv_row {
+    int64_t stock, supplied;
+    int32_t per_user_limit, pay_timeout_s;
+} inv_row;
+
+/* ---- Redis's identity ---- */
+
+typedef struct redis_identity {
+    char epoch[64]; /* "" when the key is missing */
+    char run_id[64], replid[64];
+} redis_identity;
+
+/* Copies the value of "name:" from an INFO text. */
+static void info_field(const char *info, const char *name, char *out, size_t outlen) {
+    const char *p = strstr(info, name);
+    size_t n = 0;
+    out[0] = '\0';
+    if (p == NULL) return;
+    p += strlen(name);
+    while (p[n] && p[n] != '\r' && p[n] != '\n' && n + 1 < outlen) n++;
+    memcpy(out, p, n);
+    out[n] = '\0';
+}
+
+static int read_identity(sp_reaper *rp, redis_identity *id, char *errbuf, size_t errlen) {
+    redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
+    if (redis == NULL) return -1;
+    memset(id, 0, sizeof(*id));
+    const char *what[] = {"INFO server", "INFO replication", "GET " EPOCH_KEY};
+    for (int i = 0; i < 3; i++) {
+        redisReply *r = redisCommand(redis, what[i]);
+        if (r == NULL || r->type == REDIS_REPLY_ERROR) {
+            snprintf(errbuf, errlen, "%s: %s", what[i], r ? r->str : redis->errstr);
+            if (r == NULL) sp_reaper_redis_failed(rp);
+            freeReplyObject(r);
+            return -1;
+        }
+        if (i == 0 && r->type == REDIS_REPLY_STRING)
+            info_field(r->str, "run_id:", id->run_id, sizeof(id->run_id));
+        else if (i == 1 && r->type == REDIS_REPLY_STRING)
+            info_field(r->str, "master_replid:", id->replid, sizeof(id->replid));
+        else if (i == 2 && r->type == REDIS_REPLY_STRING)
+            snprintf(id->epoch, sizeof(id->epoch), "%s", r->str);
+        freeReplyObject(r);
+    }
+    return 0;
+}
+
+/* What reaper_state recorded; *found = 0 when nothing (the first start). */
+static int read_state(sp_reaper *rp, redis_identity *id, int *found, char *errbuf, size_t errlen) {
+    PGconn *pg = sp_reaper_pg(rp, errbuf, errlen);
+    if (pg == NULL) return -1;
+    PGresult *res = sp_pg_query(pg,
+                                "SELECT name, value FROM reaper_state WHERE name IN "
+                                "('redis_epoch', 'redis_run_id', 'redis_replid')",
+                                0, NULL, errbuf, errlen);
+    if (res == NULL) {
+        sp_reaper_pg_failed(rp);
+        return -1;
+    }
+    memset(id, 0, sizeof(*id));
+    *found = PQntuples(res) > 0;
+    for (int r = 0; r < PQntuples(res); r++) {
+        const char *name = PQgetvalue(res, r, 0), *v = PQgetvalue(res, r, 1);
+        if (strcmp(name, "redis_epoch") == 0) snprintf(id->epoch, sizeof(id->epoch), "%s", v);
+        else if (strcmp(name, "redis_run_id") == 0) snprintf(id->run_id, sizeof(id->run_id), "%s", v);
+        else snprintf(id->replid, sizeof(id->replid), "%s", v);
+    }
+    PQclear(res);
+    return 0;
+}
+
+static int write_state(sp_reaper *rp, const redis_identity *id, char *errbuf, size_t errlen) {
+    const char *params[] = {id->epoch, id->run_id, id->replid};
+    PGconn *pg = sp_reaper_pg(rp, errbuf, errlen);
+    if (pg == NULL) return -1;
+    if (sp_pg_exec(pg,
+                   "INSERT INTO reaper_state (name, value, updated_at) VALUES"
+                   " ('redis_epoch', $1, now()), ('redis_run_id', $2, now()),"
+                   " ('redis_replid', $3, now())"
+                   " ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = now()",
+                   3, params, errbuf, errlen) != 0) {
+        sp_reaper_pg_failed(rp);
+        return -1;
+    }
+    return 0;
+}
+
+/* A fresh random epoch token, written to Redis. */
+static int new_epoch(sp_reaper *rp, char *epoch, size_t len, char *errbuf, size_t errlen) {
+    unsigned char raw[12];
+    if (getrandom(raw, sizeof(raw), 0) != (ssize_t)sizeof(raw)) {
+        snprintf(errbuf, errlen, "getrandom failed");
+        return -1;
+    }
+    size_t n = 0;
+    for (size_t i = 0; i < sizeof(raw) && n + 3 <= len; i++)
+        n += (size_t)snprintf(epoch + n, len - n, "%02x", raw[i]);
+    redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
+    if (redis == NULL) return -1;
+    redisReply *r = redisCommand(redis, "SET %s %s", EPOCH_KEY, epoch);
+    if (r == NULL || r->type == REDIS_REPLY_ERROR) {
+        snprintf(errbuf, errlen, "SET %s: %s", EPOCH_KEY, r ? r->str : redis->errstr);
+        if (r == NULL) sp_reaper_redis_failed(rp);
+        freeReplyObject(r);
+        return -1;
+    }
+    freeReplyObject(r);
+    return 0;
+}
+
+/* ---- one SKU ---- */
+
+static int read_inventory(sp_reaper *rp, int64_t sku_id, inv_row *inv, int *found, char *errbuf,
+                          size_t errlen) {
+    char sku[24];
+    const char *params[] = {sp_reaper_i64(sku, sku_id)};
+    PGconn *pg = sp_reaper_pg(rp, errbuf, errlen);
+    if (pg == NULL) return -1;
+    PGresult *res = sp_pg_query(pg,
+                                "SELECT stock, supplied, per_user_limit, pay_timeout_s"
+                                "  FROM inventory WHERE sku_id = $1::bigint",
+                                1, params, errbuf, errlen);
+    if (res == NULL) {
+        sp_reaper_pg_failed(rp);
+        return -1;
+    }
+    *found = PQntuples(res) == 1;
+    if (*found) {
+        inv->stock = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+        inv->supplied = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
+        inv->per_user_limit = (int32_t)strtol(PQgetvalue(res, 0, 2), NULL, 10);
+        inv->pay_timeout_s = (int32_t)strtol(PQgetvalue(res, 0, 3), NULL, 10);
+    }
+    PQclear(res);
+    return 0;
+}
+
+/* Waits until the consumer stored the SKU's partition up to its end as of now (bounded by
+ * RECONCILE_WAIT_MS; interrupted by SIGTERM). */
+static int wait_consumer(sp_reaper *rp, int64_t sku_id, char *errbuf, size_t errlen) {
+    int32_t partition = 0;
+    int64_t low = 0, high = 0, stored = -1;
+    char part[24];
+    if (sp_reaper_partition_of(rp, sku_id, &partition, errbuf, errlen) != 0) return -1;
+    rd_kafka_resp_err_t err = rd_kafka_query_watermark_offsets(
+        rp->kafka, rp->cfg->kafka_topic, partition, &low, &high, WATERMARK_TIMEOUT_MS);
+    if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        snprintf(errbuf, errlen, "watermarks of %s[%d]: %s", rp->cfg->kafka_topic, (int)partition,
+                 rd_kafka_err2str(err));
+        return -1;
+    }
+    const char *params[] = {rp->cfg->kafka_topic, sp_reaper_i64(part, partition)};
+    int64_t deadline = sp_reaper_mono_ms() + rp->cfg->reconcile_wait_ms;
+    for (;;) {
+        PGconn *pg = sp_reaper_pg(rp, errbuf, errlen);
+        if (pg == NULL) return -1;
+        PGresult *res = sp_pg_query(pg,
+                                    "SELECT next_offset FROM consumer_offsets"
+                                    " WHERE topic = $1 AND partition = $2::int",
+                                    2, params, errbuf, errlen);
+        if (res == NULL) {
+            sp_reaper_pg_failed(rp);
+            return -1;
+        }
+        stored = PQntuples(res) == 1 ? strtoll(PQgetvalue(res, 0, 0), NULL, 10) : 0;
+        PQclear(res);
+        if (stored >= high) return 0;
+        if (sp_reaper_mono_ms() >= deadline) {
+            snprintf(errbuf, errlen,
+                     "the consumer stored partition %d up to %" PRId64 ", not %" PRId64
+                     " within RECONCILE_WAIT_MS (%d ms)",
+                     (int)partition, stored, high, rp->cfg->reconcile_wait_ms);
+            return -1;
+        }
+        if (sp_reaper_sleep(100) != 0) {
+            snprintf(errbuf, errlen, "stopped while waiting for the consumer");
+            return -1;
+        }
+    }
+}
+
+/* Runs one Redis command from argv; -1 with errbuf on a failure or an error reply. */
+static int redis_argv(sp_reaper *rp, int argc, const char **argv, char *errbuf, size_t errlen) {
+    redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
+    if (redis == NULL) return -1;
+    redisReply *r = redisCommandArgv(redis, argc, argv, NULL);
+    if (r == NULL || r->type == REDIS_REPLY_ERROR) {
+        snprintf(errbuf, errlen, "%s %s: %s", argv[0], argc > 1 ? argv[1] : "",
+                 r ? r->str : redis->errstr);
+        if (r == NULL) sp_reaper_redis_failed(rp);
+        freeReplyObject(r);
+        return -1;
+    }
+    freeReplyObject(r);
+    return 0;
+}
+
+/* Per-user units of pending and paid orders into users_rebuild, a page at a time (inside the
+ * snapshot). */
+static int stage_users(sp_reaper *rp, int64_t sku_id, const char *key, char *errbuf,
+                       size_t errlen) {
+    char sku[24], after[24], limit[24];
+    const char **argv = malloc((2 + 2 * USER_PAGE) * sizeof(*argv));
+    int64_t last = 0;
+    int rc = -1;
+    if (argv == NULL) {
+        snprintf(errbuf, errlen, "out of memory");
+        return -1;
+    }
+    for (;;) {
+        const char *params[] = {sp_reaper_i64(sku, sku_id), sp_reaper_i64(after, last),
+                                sp_reaper_i64(limit, USER_PAGE)};
+        PGresult *res = sp_pg_query(rp->pg,
+                                    "SELECT user_id, sum(qty) FROM orders"
+                                    " WHERE sku_id = $1::bigint AND user_id > $2::bigint"
+                                    "   AND status IN ('pending', 'paid')"
+                                    " GROUP BY user_id ORDER BY user_id LIMIT $3::int",
+                                    3, params, errbuf, errlen);
+        if (res == NULL) goto out;
+        int n = PQntuples(res);
+        argv[0] = "HSET", argv[1] = key;
+        for (int i = 0; i < n; i++) {
+            argv[2 + 2 * i] = PQgetvalue(res, i, 0);
+            argv[3 + 2 * i] = PQgetvalue(res, i, 1);
+        }
+        if (n > 0) last = strtoll(PQgetvalue(res, n - 1, 0), NULL, 10);
+        int failed = n > 0 && redis_argv(rp, 2 + 2 * n, argv, errbuf, errlen) != 0;
+        PQclear(res);
+        if (failed) goto out;
+        if (n < USER_PAGE) break;
+    }
+    rc = 0;
+out:
+    free(argv);
+    return rc;
+}
+
+/* A marker for each ledger row not yet given back (inside the snapshot): the rebuild counts its
+ * units, so give_back.lua must not give them again. */
+static int mark_ledger(sp_reaper *rp, int64_t sku_id, char *errbuf, size_t errlen) {
+    char sku[24], limit[24], key[SP_STOCK_KEY_MAX], now[24];
+    char last[SP_ORDER_ID_MAX + 1] = "";
+    sp_stock_key(key, sku_id, "returned");
+    sp_reaper_i64(now, sp_reaper_now_ms());
+    for (;;) {
+        const char *params[] = {sp_reaper_i64(sku, sku_id), last, sp_reaper_i64(limit, LEDGER_PAGE)};
+        PGresult *res = sp_pg_query(rp->pg,
+                                    "SELECT order_id FROM stock_returns"
+                                    " WHERE sku_id = $1::bigint AND returned_to_redis_at IS NULL"
+                                    "   AND order_id > $2 ORDER BY order_id LIMIT $3::int",
+                                    3, params, errbuf, errlen);
+        if (res == NULL) return -1;
+        int n = PQntuples(res);
+        redisContext *redis = n > 0 ? sp_reaper_redis(rp, errbuf, errlen) : NULL;
+        if (n > 0 && redis == NULL) {
+            PQclear(res);
+            return -1;
+        }
+        for (int i = 0; i < n; i++)
+            if (redisAppendCommand(redis, "HSETNX %s %s %s", key, PQgetvalue(res, i, 0), now) !=
+                REDIS_OK) {
+                snprintf(errbuf, errlen, "HSETNX %s: out of memory", key);
+                PQclear(res);
+                return -1;
+            }
+        for (int i = 0; i < n; i++) {
+            redisReply *r = NULL;
+            if (redisGetReply(redis, (void **)&r) != REDIS_OK) {
+                snprintf(errbuf, errlen, "HSETNX %s: %s", key, redis->errstr);
+                sp_reaper_redis_failed(rp);
+                PQclear(res);
+                return -1;
+            }
+            freeReplyObject(r);
+        }
+        if (n > 0) snprintf(last, sizeof(last), "%s", PQgetvalue(res, n - 1, 0));
+        PQclear(res);
+        if (n < LEDGER_PAGE) return 0;
+    }
+}
+
+/* Splits n entries (field, value pairs of an HSCAN reply) of resv: entries the snapshot knows are
+ * dropped, the others staged. */
+static int stage_entries(sp_reaper *rp, int64_t sku_id, redisReply *const *kv, size_t n,
+                         const char *staged, char *errbuf, size_t errlen) {
+    if (n == 0) return 0;
+    const char **ids = calloc(n, sizeof(*ids)), **vals = calloc(n, sizeof(*vals));
+    const char **argv = calloc(2 + 2 * n, sizeof(*argv));
+    char *array = NULL;
+    PGresult *res = NULL;
+    size_t nknown = 0, nstage = 0;
+    int rc = -1, dropped = 0;
+    if (ids == NULL || vals == NULL || argv == NULL) {
+        snprintf(errbuf, errlen, "out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (kv[2 * i]->type != REDIS_REPLY_STRING || kv[2 * i + 1]->type != REDIS_REPLY_STRING) {
+            snprintf(errbuf, errlen, "HSCAN: unexpected element");
+            goto out;
+        }
+        ids[i] = kv[2 * i]->str;
+        vals[i] = kv[2 * i + 1]->str;
+    }
+    if ((array = sp_reaper_text_array(ids, n)) == NULL) {
+        snprintf(errbuf, errlen, "out of memory");
+        goto out;
+    }
+    const char *params[] = {array};
+    res = sp_pg_query(rp->pg, "SELECT order_id FROM orders WHERE order_id = ANY($1::text[])", 1,
+                      params, errbuf, errlen);
+    if (res == NULL) goto out;
+    /* Known entries go to the front of ids/vals (for the drop), the others into argv. */
+    argv[0] = "HSET", argv[1] = staged;
+    for (size_t i = 0; i < n; i++) {
+        int known = 0;
+        for (int r = 0; r < PQntuples(res) && !known; r++)
+            known = strcmp(ids[i], PQgetvalue(res, r, 0)) == 0;
+        if (known) {
+            ids[nknown] = ids[i], vals[nknown] = vals[i];
+            nknown++;
+        } else {
+            argv[2 + 2 * nstage] = ids[i], argv[3 + 2 * nstage] = vals[i];
+            nstage++;
+        }
+    }
+    if (nstage > 0 && redis_argv(rp, 2 + 2 * (int)nstage, argv, errbuf, errlen) != 0) goto out;
+    if (nknown > 0) {
+        redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
+        if (redis == NULL ||
+            sp_stock_resv_drop(redis, sku_id, ids, vals, nknown, &dropped, errbuf, errlen) != 0)
+            goto out;
+    }
+    rc = 0;
+out:
+    PQclear(res);
+    free(array);
+    free(ids);
+    free(vals);
+    free(argv);
+    return rc;
+}
+
+static int stage_resv(sp_reaper *rp, int64_t sku_id, const char *staged, char *errbuf,
+                      size_t errlen) {
+    char key[SP_STOCK_KEY_MAX], cursor[32] = "0", count[16];
+    sp_stock_key(key, sku_id, "resv");
+    snprintf(count, sizeof(count), "%d", RESV_SCAN);
+    do {
+        redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
+        if (redis == NULL) return -1;
+        const char *scan[] = {"HSCAN", key, cursor, "COUNT", count};
+        redisReply *r = redisCommandArgv(redis, 5, scan, NULL);
+        if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
+            r->element[0]->type != REDIS_REPLY_STRING || r->element[1]->type != REDIS_REPLY_ARRAY) {
+            snprintf(errbuf, errlen, "HSCAN %s: %s", key,
+                     r == NULL ? redis->errstr : r->type == REDIS_REPLY_ERROR ? r->str : "bad reply");
+            if (r == NULL) sp_reaper_redis_failed(rp);
+            freeReplyObject(r);
+            return -1;
+        }
+        snprintf(cursor, sizeof(cursor), "%s", r->element[0]->str);
+        /* A small hash answers whole in one step, however many entries it holds: chunks. */
+        size_t pairs = r->element[1]->elements / 2;
+        int rc = 0;
+        for (size_t off = 0; off < pairs && rc == 0; off += STEP_MAX)
+            rc = stage_entries(rp, sku_id, &r->element[1]->element[2 * off],
+                               pairs - off < STEP_MAX ? pairs - off : STEP_MAX, staged, errbuf,
+                               errlen);
+        freeReplyObject(r);
+        if (rc != 0) return -1;
+    } while (strcmp(cursor, "0") != 0);
+    return 0;
+}
+
+/* Step 4: one REPEATABLE READ snapshot; *snap is its inventory row. */
+static int stage(sp_reaper *rp, int64_t sku_id, inv_row *snap, char *errbuf, size_t errlen) {
+    char sku[24], users_key[SP_STOCK_KEY_MAX], staged_key[SP_STOCK_KEY_MAX];
+    const char *params[] = {sp_reaper_i64(sku, sku_id)};
+    PGresult *res = NULL;
+    sp_stock_key(users_key, sku_id, "users_rebuild");
+    sp_stock_key(staged_key, sku_id, "resv_staged");
+    const char *del[] = {"DEL", users_key, staged_key};
+    if (sp_reaper_pg(rp, errbuf, errlen) == NULL) return -1;
+    if (sp_pg_exec(rp->pg, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", 0, NULL, errbuf,
+                   errlen) != 0)
+        goto fail;
+    res = sp_pg_query(rp->pg,
+                      "SELECT stock, supplied, per_user_limit, pay_timeout_s"
+                      "  FROM inventory WHERE sku_id = $1::bigint",
+                      1, params, errbuf, errlen);
+    if (res == NULL) goto fail;
+    if (PQntuples(res) != 1) {
+        snprintf(errbuf, errlen, "the inventory row vanished");
+        goto fail;
+    }
+    snap->stock = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+    snap->supplied = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
+    snap->per_user_limit = (int32_t)strtol(PQgetvalue(res, 0, 2), NULL, 10);
+    snap->pay_timeout_s = (int32_t)strtol(PQgetvalue(res, 0, 3), NULL, 10);
+    PQclear(res);
+    res = NULL;
+    if (redis_argv(rp, 3, del, errbuf, errlen) != 0 ||
+        stage_users(rp, sku_id, users_key, errbuf, errlen) != 0 ||
+        mark_ledger(rp, sku_id, errbuf, errlen) != 0 ||
+        stage_resv(rp, sku_id, staged_key, errbuf, errlen) != 0)
+        goto fail;
+    if (sp_pg_exec(rp->pg, "COMMIT", 0, NULL, errbuf, errlen) != 0) goto fail;
+    return 0;
+fail:
+    PQclear(res);
+    sp_reaper_pg_rollback(rp);
+    return -1;
+}
+
+/* Step 6: staged entries that vanished before the rebuild and that the consumer stored after the
+ * snapshot took stock neither the snapshot nor the in-flight entries counted. */
+static int adjust_vanished(sp_reaper *rp, int64_t sku_id, const sp_vanished *v, size_t n,
+                           size_t *nadjusted, char *errbuf, size_t errlen) {
+    const char **ids = calloc(n, sizeof(*ids));
+    char *array = NULL;
+    PGresult *res = NULL;
+    int rc = -1;
+    *nadjusted = 0;
+    if (ids == NULL) {
+        snprintf(errbuf, errlen, "out of memory");
+        return -1;
+    }
+    for (size_t i = 0; i < n; i++) ids[i] = v[i].order_id;
+    if ((array = sp_reaper_text_array(ids, n)) == NULL) {
+        snprintf(errbuf, errlen, "out of memory");
+        goto out;
+    }
+    const char *params[] = {array};
+    PGconn *pg = sp_reaper_pg(rp, errbuf, errlen);
+    if (pg == NULL) goto out;
+    res = sp_pg_query(pg,
+                      "SELECT order_id FROM orders WHERE order_id = ANY($1::text[])"
+                      "   AND status IN ('pending', 'paid', 'expired')",
+                      1, params, errbuf, errlen);
+    if (res == NULL) {
+        sp_reaper_pg_failed(rp);
+        goto out;
+    }
+    for (int r = 0; r < PQntuples(res); r++)
+        for (size_t i = 0; i < n; i++) {
+            int64_t stock = 0;
+            if (strcmp(v[i].order_id, PQgetvalue(res, r, 0)) != 0) continue;
+            redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
+            if (redis == NULL ||
+                sp_stock_reconcile_adjust(redis, sku_id, v[i].user_id, v[i].qty, &stock, errbuf,
+                                          errlen) != 0)
+                goto out;
+            (*nadjusted)++;
+        }
+    rc = 0;
+out:
+    PQclear(res);
+    free(array);
+    free(ids);
+    return rc;
+}
+
+/* Steps 1-6 for one SKU whose lock the caller holds. settle_until: the monotonic time before which
+ * no high watermark may be taken (0: the pause's own time + the message timeout + 1 s). */
+static int rebuild(sp_reaper *rp, int64_t sku_id, int64_t settle_until, const char *why,
+                   char *errbuf, size_t errlen) {
+    inv_row inv, snap;
+    char token[128];
+    int found = 0, owned = 0;
+    int64_t stock = 0, inflight = 0;
+    sp_vanished *vanished = NULL;
+    size_t nvanished = 0, nadjusted = 0, nsettled = 0;
+    sp_log_ctx ctx = {.sku_id = sku_id};
+    int rc = -1;
+
+    uint64_t session = rp->pg_session; /* the one holding the SKU's lock */
+    if (read_inventory(rp, sku_id, &inv, &found, errbuf, errlen) != 0) return -1;
+    if (!found) {
+        SP_LOG_CTX(SP_LOG_INFO, &ctx, "reconcile: PostgreSQL has no inventory row; nothing to do");
+        return 0;
+    }
+    snprintf(token, sizeof(token), "%s:%" PRId64, rp->cfg->worker_id, sp_reaper_now_ms());
+    redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
+    if (redis == NULL ||
+        sp_stock_reconcile_pause(redis, sku_id, token, inv.per_user_limit, inv.pay_timeout_s,
+                                 inv.supplied, errbuf, errlen) != 0)
+        return -1;
+    SP_LOG_CTX(SP_LOG_INFO, &ctx, "reconcile: sale paused (%s)", why);
+    int64_t now = sp_reaper_mono_ms();
+    if (settle_until == 0) settle_until = now + rp->cfg->kafka_message_timeout_ms + 1000;
+    if (settle_until > now && sp_reaper_sleep(settle_until - now) != 0) {
+        snprintf(errbuf, errlen, "stopped while reservations settled; the sale stays paused");
+        return -1;
+    }
+    if (wait_consumer(rp, sku_id, errbuf, errlen) != 0) return -1;
+    if (stage(rp, sku_id, &snap, errbuf, errlen) != 0) return -1;
+    if (rp->pg_session != session) {
+        snprintf(errbuf, errlen, "the PostgreSQL session, and the SKU's lock, were lost");
+        return -1;
+    }
+    redis = sp_reaper_redis(rp, errbuf, errlen);
+    if (redis == NULL ||
+        sp_stock_reconcile_apply(redis, sku_id, token, snap.stock, snap.supplied,
+                                 snap.per_user_limit, snap.pay_timeout_s, &owned, &stock,
+                                 &inflight, &vanished, &nvanished, errbuf, errlen) != 0)
+        goto out;
+    if (!owned) {
+        snprintf(errbuf, errlen, "the pause was lost (Redis lost data again?); tried again later");
+        goto out;
+    }
+    if (nvanished > 0 &&
+        adjust_vanished(rp, sku_id, vanished, nvanished, &nadjusted, errbuf, errlen) != 0)
+        goto out;
+    if (sp_stock_return_settle_markers(rp, sku_id, &nsettled, errbuf, errlen) != 0) goto out;
+    sp_metric_inc(&m_reconciled);
+    SP_LOG_CTX(SP_LOG_INFO, &ctx,
+               "reconcile: sale rebuilt and reopened: stock %" PRId64 " (PostgreSQL %" PRId64
+               ", %" PRId64 " units in flight, %zu orders stored meanwhile), %zu ledger rows "
+               "counted as given back",
+               stock, snap.stock, inflight, nadjusted, nsettled);
+    rc = 0;
+out:
+    free(vanished);
+    return rc;
+}
+
+int sp_reconcile_sku(sp_reaper *rp, int64_t sku_id, const char *why, int wait_lock, int *busy,
+                     char *errbuf, size_t errlen) {
+    int got = 0;
+    *busy = 0;
+    int rc = wait_lock ? sp_reaper_lock(rp, SP_LOCK_SKU, sku_id, &got, errbuf, errlen)
+                       : sp_reaper_lock_try(rp, SP_LOCK_SKU, sku_id, &got, errbuf, errlen);
+    if (rc != 0) goto fail;
+    if (!got) {
+        *busy = 1;
+        return 0;
+    }
+    rc = rebuild(rp, sku_id, 0, why, errbuf, errlen);
+    sp_reaper_unlock(rp, SP_LOCK_SKU, sku_id);
+    if (rc == 0) return 0;
+fail:
+    sp_metric_inc(&m_errors);
+    return -1;
+}
+
+/* Every SKU, paused first, then rebuilt one by one; the caller holds SP_LOCK_RECONCILE. */
+static int reconcile_every_sku(sp_reaper *rp, const char *why, char *errbuf, size_t errlen) {
+    char after[24], limit[24], token[128], err[512] = "";
+    redis_identity before;
+    int64_t settle_until = sp_reaper_mono_ms() + rp->cfg->kafka_message_timeout_ms + 1000;
+    size_t nskus = 0, nfailed = 0;
+    /* A new epoch goes to Redis first: if Redis loses data again while this runs, the epoch goes
+     * with it and the next check starts over; reaper_state gets it only at the end. */
+    if (read_identity(rp, &before, errbuf, errlen) != 0 ||
+        new_epoch(rp, before.epoch, sizeof(before.epoch), errbuf, errlen) != 0)
+        return -1;
+    snprintf(token, sizeof(token), "all:%s:%" PRId64, rp->cfg->worker_id, sp_reaper_now_ms());
+    uint64_t session = rp->pg_session; /* the one holding SP_LOCK_RECONCILE */
+    sp_warn("reconcile of every SKU: %s", why);
+    for (int pass = 0; pass < 2; pass++) {
+        int64_t last = 0;
+        for (;;) {
+            const char *params[] = {sp_reaper_i64(after, last), sp_reaper_i64(limit, SKU_PAGE)};
+            PGconn *pg = sp_reaper_pg(rp, errbuf, errlen);
+            if (pg == NULL) return -1;
+            PGresult *res = sp_pg_query(pg,
+                                        "SELECT sku_id, supplied, per_user_limit, pay_timeout_s"
+                                        "  FROM inventory WHERE sku_id > $1::bigint"
+                                        " ORDER BY sku_id LIMIT $2::int",
+                                        2, params, errbuf, errlen);
+            if (res == NULL) {
+                sp_reaper_pg_failed(rp);
+                return -1;
+            }
+            int n = PQntuples(res);
+            for (int i = 0; i < n && !sp_signal_stop_requested(); i++) {
+                int64_t sku = strtoll(PQgetvalue(res, i, 0), NULL, 10);
+                sp_log_ctx ctx = {.sku_id = sku};
+                last = sku;
+                sp_health_beat();
+                if (rp->pg_session != session) {
+                    PQclear(res);
+                    snprintf(errbuf, errlen, "the PostgreSQL session, and the reconcile lock, "
+                                             "were lost; starting over on the next check");
+                    return -1;
+                }
+                if (pass == 0) {
+                    /* Pass 1 closes every sale at once, so none admits orders against what
+                     * Redis lost while pass 2 works through them. */
+                    redisContext *redis = sp_reaper_redis(rp, err, sizeof(err));
+                    if (redis == NULL ||
+                        sp_stock_reconcile_pause(
+                            redis, sku, token, (int32_t)strtol(PQgetvalue(res, i, 2), NULL, 10),
+                            (int32_t)strtol(PQgetvalue(res, i, 3), NULL, 10),
+                            strtoll(PQgetvalue(res, i, 1), NULL, 10), err, sizeof(err)) != 0) {
+                        SP_LOG_CTX(SP_LOG_WARN, &ctx, "reconcile: pause failed: %s", err);
+                        nfailed++;
+                    }
+                    continue;
+                }
+                int got = 0;
+                nskus++;
+                if (sp_reaper_lock(rp, SP_LOCK_SKU, sku, &got, err, sizeof(err)) != 0 || !got ||
+                    rebuild(rp, sku, settle_until, why, err, sizeof(err)) != 0) {
+                    if (!got && err[0] == '\0') snprintf(err, sizeof(err), "SKU lock not got");
+                    SP_LOG_CTX(SP_LOG_WARN, &ctx, "reconcile failed: %s", err);
+                    sp_metric_inc(&m_errors);
+                    nfailed++;
+                }
+                if (got) sp_reaper_unlock(rp, SP_LOCK_SKU, sku);
+                err[0] = '\0';
+            }
+            PQclear(res);
+            if (sp_signal_stop_requested()) {
+                snprintf(errbuf, errlen, "stopped half-way; the paused sales are finished later");
+                return -1;
+            }
+            if (n < SKU_PAGE) break;
+        }
+    }
+    if (nfailed > 0) {
+        snprintf(errbuf, errlen, "%zu of %zu SKUs not reconciled; tried again on the next check",
+                 nfailed, nskus);
+        return -1;
+    }
+    /* Only if Redis still holds the epoch written at the start did it keep everything since. */
+    redis_identity after_id;
+    if (read_identity(rp, &after_id, errbuf, errlen) != 0) return -1;
+    if (strcmp(after_id.epoch, before.epoch) != 0 || strcmp(after_id.run_id, before.run_id) != 0) {
+        snprintf(errbuf, errlen, "Redis changed again during the reconcile; starting over");
+        return -1;
+    }
+    if (write_state(rp, &before, errbuf, errlen) != 0) return -1;
+    rp->seen.known = 1;
+    snprintf(rp->seen.epoch, sizeof(rp->seen.epoch), "%s", before.epoch);
+    snprintf(rp->seen.run_id, sizeof(rp->seen.run_id), "%s", before.run_id);
+    snprintf(rp->seen.replid, sizeof(rp->seen.replid), "%s", before.replid);
+    sp_info("reconcile of every SKU done: %zu SKUs rebuilt; Redis epoch %s", nskus, before.epoch);
+    return 0;
+}
+
+int sp_reconcile_all(sp_reaper *rp, const char *why, int *busy, char *errbuf, size_t errlen) {
+    int got = 0;
+    *busy = 0;
+    if (sp_reaper_lock_try(rp, SP_LOCK_RECONCILE, 0, &got, errbuf, errlen) != 0) goto fail;
+    if (!got) {
+        *busy = 1;
+        return 0;
+    }
+    int rc = reconcile_every_sku(rp, why, errbuf, errlen);
+    sp_reaper_unlock(rp, SP_LOCK_RECONCILE, 0);
+    if (rc == 0) return 0;
+fail:
+    sp_metric_inc(&m_errors);
+    return -1;
+}
+
+int sp_reconcile_check(sp_reaper *rp, int *reconciled, char *errbuf, size_t errlen) {
+    redis_identity now, rec;
+    int got = 0, found = 0, rc = -1;
+    char why[256];
+    *reconciled = 0;
+    if (read_identity(rp, &now, errbuf, errlen) != 0) goto fail;
+    if (rp->seen.known && now.epoch[0] && strcmp(now.epoch, rp->seen.epoch) == 0 &&
+        strcmp(now.run_id, rp->seen.run_id) == 0 && strcmp(now.replid, rp->seen.replid) == 0)
+        return 0;
+    rp->seen.known = 0; /* until this check (or another replica's reconcile) says otherwise */
+    if (sp_reaper_lock_try(rp, SP_LOCK_RECONCILE, 0, &got, errbuf, errlen) != 0) goto fail;
+    if (!got) return 0; /* another replica is checking, or reconciling */
+    if (read_state(rp, &rec, &found, errbuf, errlen) != 0) goto out;
+    if (!found || strcmp(now.epoch, rec.epoch) != 0 || strcmp(now.run_id, rec.run_id) != 0 ||
+        strcmp(now.replid, rec.replid) != 0) {
+        /* Nothing recorded is a database the reaper never ran on: a new deployment (nothing to
+         * rebuild) or one rebuilt from the log, whose ledger rows have lost their stamps: Redis
+         * must be rebuilt from it before any row is given back again. */
+        snprintf(why, sizeof(why), "%s",
+                 !found ? "nothing recorded about Redis in this database (first start, or a "
+                          "database rebuilt from the log)"
+                 : strcmp(now.epoch, rec.epoch) != 0
+                     ? (now.epoch[0] ? "Redis holds another epoch than the last reconcile wrote"
+                                     : "Redis lost the epoch the last reconcile wrote: it was "
+                                       "emptied or replaced")
+                 : strcmp(now.run_id, rec.run_id) != 0
+                     ? "Redis restarted (new run_id): writes of its last moments may be lost"
+                     : "Redis failed over (new replication id): the new primary may have missed "
+                       "writes");
+        if (found) sp_metric_inc(&m_data_loss);
+        if (reconcile_every_sku(rp, why, errbuf, errlen) != 0) goto out;
+        *reconciled = 1;
+        rc = 0;
+        goto out;
+    }
+    rp->seen.known = 1;
+    snprintf(rp->seen.epoch, sizeof(rp->seen.epoch), "%s", now.epoch);
+    snprintf(rp->seen.run_id, sizeof(rp->seen.run_id), "%s", now.run_id);
+    snprintf(rp->seen.replid, sizeof(rp->seen.replid), "%s", now.replid);
+    rc = 0;
+out:
+    sp_reaper_unlock(rp, SP_LOCK_RECONCILE, 0);
+    if (rc == 0) return 0;
+fail:
+    sp_metric_inc(&m_errors);
+    return -1;
+}

@@ -1,0 +1,372 @@
+/* resv_sweep.c - keeps every SKU's reservations in Redis honest: voids the ones whose producer
+ *                died before Kafka answered, drops the entries of orders PostgreSQL holds,
+ *                settles leftover return markers, and notices sales Redis lost. */
+#include "resv_sweep.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "http.h"
+#include "log.h"
+#include "metrics.h"
+#include "pg_store.h"
+#include "reaper_requests.h"
+#include "reconcile.h"
+#include "signals.h"
+#include "stock.h"
+#include "stock_return.h"
+
+#define SKU_PAGE   500 /* SKUs listed per query */
+#define RESV_SCAN  256 /* entries asked for per HSCAN step */
+#define ENTRY_MAX  160 /* bytes of an entry we act on ("r:user:qty:ts:idem_key" is well below) */
+#define VOID_REASON "lost reservation"
+
+static sp_metric m_voided = SP_METRIC_COUNTER(
+    "stockpipe_reaper_voided_total",
+    "order.voided events published for reservations whose producer never heard from Kafka, and "
+    "acknowledged.",
+    NULL);
+static sp_metric m_dropped_r = SP_METRIC_COUNTER(
+    "stockpipe_reaper_entries_dropped_total",
+    "Leftover entries dropped from {sku:ID}:resv because PostgreSQL holds their orders.",
+    "entry=\"reserved\"");
+static sp_metric m_dropped_a = SP_METRIC_COUNTER(
+    "stockpipe_reaper_entries_dropped_total",
+    "Leftover entries dropped from {sku:ID}:resv because PostgreSQL holds their orders.",
+    "entry=\"accepted\"");
+static sp_metric m_settled = SP_METRIC_COUNTER(
+    "stockpipe_reaper_markers_settled_total",
+    "Return markers left in Redis by an interrupted give-back, settled by a sweep.", NULL);
+static sp_metric m_errors = SP_REAPER_ERRORS("resv");
+
+void sp_resv_sweep_register_metrics(void) {
+    sp_metrics_register(&m_voided);
+    sp_metrics_register(&m_dropped_r);
+    sp_metrics_register(&m_dropped_a);
+    sp_metrics_register(&m_settled);
+    sp_metrics_register(&m_errors);
+}
+
+/* One entry of {sku:ID}:resv, parsed: "r:user:qty:ts:idem" or "a:user:qty:ts". */
+typedef struct resv_entry {
+    const char *order_id; /* points into the HSCAN reply */
+    const char *value;
+    char state; /* 'r' or 'a' */
+    int64_t user_id, ts_ms;
+    int32_t qty;
+} resv_entry;
+
+/* Parses a decimal field ending at ':' or NUL; advances *p past the ':'. */
+static int field(const char **p, int64_t *v) {
+    char *end;
+    if (**p < '0' || **p > '9') return -1;
+    long long x = strtoll(*p, &end, 10);
+    if (*end != ':' && *end != '\0') return -1;
+    *v = x;
+    *p = *end ? end + 1 : end;
+    return 0;
+}
+
+static int parse_entry(const char *id, const char *value, resv_entry *e) {
+    const char *p = value + 2;
+    int64_t qty = 0;
+    if ((value[0] != 'r' && value[0] != 'a') || value[1] != ':' || strlen(value) > ENTRY_MAX ||
+        !sp_order_id_valid(id))
+        return -1;
+    if (field(&p, &e->user_id) != 0 || field(&p, &qty) != 0 || field(&p, &e->ts_ms) != 0)
+        return -1;
+    if (e->user_id < 1 || e->user_id > SP_ID_MAX || qty < 1 || qty > SP_QTY_MAX) return -1;
+    e->order_id = id;
+    e->value = value;
+    e->state = value[0];
+    e->qty = (int32_t)qty;
+    return 0;
+}
+
+/* The statuses PostgreSQL holds for ids: status[i] is the status text ("" when unknown), copied
+ * into caller storage of 16 bytes per id. */
+static int order_statuses(sp_reaper *rp, const char *const *ids, size_t n, char (*status)[16],
+                          char *errbuf, size_t errlen) {
+    for (size_t i = 0; i < n; i++) status[i][0] = '\0';
+    if (n == 0) return 0;
+    char *array = sp_reaper_text_array(ids, n);
+    const char *params[] = {array};
+    PGconn *pg = sp_reaper_pg(rp, errbuf, errlen);
+    if (array == NULL || pg == NULL) {
+        if (array == NULL) snprintf(errbuf, errlen, "out of memory");
+        free(array);
+        return -1;
+    }
+    PGresult *res = sp_pg_query(pg, "SELECT order_id, status FROM orders WHERE order_id = ANY($1::text[])",
+                                1, params, errbuf, errlen);
+    free(array);
+    if (res == NULL) {
+        sp_reaper_pg_failed(rp);
+        return -1;
+    }
+    for (int r = 0; r < PQntuples(res); r++)
+        for (size_t i = 0; i < n; i++)
+            if (strcmp(ids[i], PQgetvalue(res, r, 0)) == 0)
+                snprintf(status[i], 16, "%s", PQgetvalue(res, r, 1));
+    PQclear(res);
+    return 0;
+}
+
+/* Publishes the voids of n lost reservations this replica wins the claim of. */
+static int void_lost(sp_reaper *rp, int64_t sku_id, const resv_entry *const *lost, size_t n,
+                     sp_resv_sweep_stats *st, char *errbuf, size_t errlen) {
+    const char **ids = calloc(n, sizeof(*ids));
+    int *won = calloc(n, sizeof(*won)), *acked = calloc(n, sizeof(*acked));
+    sp_event *evs = calloc(n, sizeof(*evs));
+    size_t nev = 0, nfailed = 0;
+    int rc = -1;
+    if (ids == NULL || won == NULL || acked == NULL || evs == NULL) {
+        snprintf(errbuf, errlen, "out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) ids[i] = lost[i]->order_id;
+    if (sp_requests_claim_voids(rp, sku_id, ids, n, won, errbuf, errlen) != 0) goto out;
+    int64_t now = sp_reaper_now_ms();
+    for (size_t i = 0; i < n; i++) {
+        if (!won[i]) continue;
+        sp_event *ev = &evs[nev++];
+        ev->type = SP_EV_ORDER_VOIDED;
+        ev->ts_ms = now;
+        ev->sku_id = sku_id;
+        ev->user_id = lost[i]->user_id;
+        ev->qty = lost[i]->qty;
+        snprintf(ev->order_id, sizeof(ev->order_id), "%s", lost[i]->order_id);
+        snprintf(ev->reason, sizeof(ev->reason), "%s", VOID_REASON);
+        sp_log_ctx ctx = {.order_id = ev->order_id, .sku_id = sku_id};
+        SP_LOG_CTX(SP_LOG_INFO, &ctx,
+                   "reservation of user %" PRId64 " (%d units) unanswered for %" PRId64
+                   " ms: publishing order.voided",
+                   ev->user_id, (int)ev->qty, now - lost[i]->ts_ms);
+    }
+    if (nev > 0) {
+        size_t nacked = sp_reaper_publish(rp, evs, nev, acked);
+        sp_metric_add(&m_voided, (int64_t)nacked);
+        st->nvoided += nacked;
+        for (size_t i = 0; i < nev; i++)
+            if (!acked[i]) ids[nfailed++] = evs[i].order_id;
+        if (nfailed > 0) {
+            sp_metric_inc(&m_errors);
+            sp_warn("kafka did not acknowledge %zu order.voided; they are tried again", nfailed);
+            sp_requests_unclaim(rp, "void", ids, nfailed);
+        }
+    }
+    rc = 0;
+out:
+    free(ids);
+    free(won);
+    free(acked);
+    free(evs);
+    return rc;
+}
+
+/* Acts on one HSCAN step's worth of entries (see resv_sweep.h). */
+static int act_on_entries(sp_reaper *rp, int64_t sku_id, const redisReply *kv,
+                          sp_resv_sweep_stats *st, char *errbuf, size_t errlen) {
+    size_t n = kv->elements / 2, ncand = 0, ndrop = 0, nlost = 0;
+    int64_t now = sp_reaper_now_ms();
+    int64_t lost_before = now - rp->cfg->resv_lost_after_ms;
+    int64_t stale_before = now - rp->cfg->accepted_stale_after_ms;
+    resv_entry *cand = calloc(n ? n : 1, sizeof(*cand));
+    const char **ids = calloc(n ? n : 1, sizeof(*ids)), **vals = calloc(n ? n : 1, sizeof(*vals));
+    const resv_entry **lost = calloc(n ? n : 1, sizeof(*lost));
+    char(*status)[16] = calloc(n ? n : 1, sizeof(*status));
+    int rc = -1, dropped = 0;
+    if (cand == NULL || ids == NULL || vals == NULL || lost == NULL || status == NULL) {
+        snprintf(errbuf, errlen, "out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        const redisReply *k = kv->element[2 * i], *v = kv->element[2 * i + 1];
+        resv_entry e;
+        if (k->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING ||
+            parse_entry(k->str, v->str, &e) != 0) {
+            sp_log_ctx ctx = {.sku_id = sku_id};
+            SP_LOG_CTX(SP_LOG_WARN, &ctx, "malformed reservation entry left alone");
+            continue;
+        }
+        if ((e.state == 'r' && e.ts_ms < lost_before) || (e.state == 'a' && e.ts_ms < stale_before))
+            cand[ncand++] = e;
+    }
+    for (size_t i = 0; i < ncand; i++) ids[i] = cand[i].order_id;
+    if (order_statuses(rp, ids, ncand, status, errbuf, errlen) != 0) goto out;
+    size_t ndrop_r = 0;
+    for (size_t i = 0; i < ncand; i++) {
+        int known = status[i][0] != '\0';
+        if (cand[i].state == 'a' && known) {
+            ids[ndrop] = cand[i].order_id, vals[ndrop++] = cand[i].value;
+        } else if (cand[i].state == 'r' && known && strcmp(status[i], "cancelled") != 0) {
+            ids[ndrop] = cand[i].order_id, vals[ndrop++] = cand[i].value;
+            ndrop_r++;
+        } else if (cand[i].state == 'r' && !known) {
+            lost[nlost++] = &cand[i];
+        }
+        /* 'r:' of a cancelled order: its ledger row gives it back (give_back.lua drops it).
+         * 'a:' unknown to PostgreSQL: the consumer has not got there yet. */
+    }
+    if (ndrop > 0) {
+        redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
+        if (redis == NULL) goto out;
+        if (sp_stock_resv_drop(redis, sku_id, ids, vals, ndrop, &dropped, errbuf, errlen) != 0) {
+            sp_reaper_redis_failed(rp);
+            goto out;
+        }
+        sp_log_ctx ctx = {.sku_id = sku_id};
+        SP_LOG_CTX(SP_LOG_INFO, &ctx,
+                   "dropped %d leftover reservation entries of orders PostgreSQL holds", dropped);
+        sp_metric_add(&m_dropped_r, (int64_t)ndrop_r);
+        sp_metric_add(&m_dropped_a, (int64_t)(ndrop - ndrop_r));
+        st->ndropped += (size_t)dropped;
+    }
+    if (nlost > 0 && void_lost(rp, sku_id, lost, nlost, st, errbuf, errlen) != 0) goto out;
+    rc = 0;
+out:
+    free(cand);
+    free(ids);
+    free(vals);
+    free(lost);
+    free(status);
+    return rc;
+}
+
+/* Scans the SKU's resv hash (the caller holds the SKU's lock). */
+static int sweep_entries(sp_reaper *rp, int64_t sku_id, sp_resv_sweep_stats *st, char *errbuf,
+                         size_t errlen) {
+    char key[SP_STOCK_KEY_MAX], cursor[32] = "0", count[16];
+    sp_stock_key(key, sku_id, "resv");
+    snprintf(count, sizeof(count), "%d", RESV_SCAN);
+    do {
+        redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
+        if (redis == NULL) return -1;
+        const char *scan[] = {"HSCAN", key, cursor, "COUNT", count};
+        redisReply *r = redisCommandArgv(redis, 5, scan, NULL);
+        if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
+            r->element[0]->type != REDIS_REPLY_STRING || r->element[1]->type != REDIS_REPLY_ARRAY) {
+            snprintf(errbuf, errlen, "HSCAN %s: %s", key,
+                     r == NULL ? redis->errstr : r->type == REDIS_REPLY_ERROR ? r->str : "bad reply");
+            if (r == NULL) sp_reaper_redis_failed(rp);
+            freeReplyObject(r);
+            return -1;
+        }
+        snprintf(cursor, sizeof(cursor), "%s", r->element[0]->str);
+        int rc = act_on_entries(rp, sku_id, r->element[1], st, errbuf, errlen);
+        freeReplyObject(r);
+        if (rc != 0) return -1;
+    } while (strcmp(cursor, "0") != 0 && !sp_signal_stop_requested());
+    return 0;
+}
+
+/* What the SKU's sale looks like: 1 fine, 0 missing, 2 paused. */
+static int sale_state(sp_reaper *rp, int64_t sku_id, int *state, char *errbuf, size_t errlen) {
+    char key[SP_STOCK_KEY_MAX];
+    redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
+    if (redis == NULL) return -1;
+    sp_stock_key(key, sku_id, "sale");
+    redisReply *r = redisCommand(redis, "HMGET %s stock paused", key);
+    if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
+        snprintf(errbuf, errlen, "HMGET %s: %s", key,
+                 r == NULL ? redis->errstr : r->type == REDIS_REPLY_ERROR ? r->str : "bad reply");
+        if (r == NULL) sp_reaper_redis_failed(rp);
+        freeReplyObject(r);
+        return -1;
+    }
+    *state = r->element[0]->type == REDIS_REPLY_NIL ? 0
+             : r->element[1]->type != REDIS_REPLY_NIL ? 2
+                                                       : 1;
+    freeReplyObject(r);
+    return 0;
+}
+
+/* One SKU, under its lock; *reconcile says why it needs a reconcile ("" when it does not). */
+static int sweep_sku(sp_reaper *rp, int64_t sku_id, int64_t opened_ms, sp_resv_sweep_stats *st,
+                     const char **reconcile, char *errbuf, size_t errlen) {
+    int state = 1, got = 0, rc = -1;
+    size_t nsettled = 0;
+    *reconcile = "";
+    if (sp_reaper_lock_try(rp, SP_LOCK_SKU, sku_id, &got, errbuf, errlen) != 0) return -1;
+    if (!got) return 0; /* another replica is on it */
+    if (sale_state(rp, sku_id, &state, errbuf, errlen) != 0) goto out;
+    if (state != 1) {
+        int idle = 0;
+        /* Only while no reconcile of every SKU runs (it pauses them all first, then takes them
+         * one by one): this session holds the SKU's lock, so no reconcile of this one runs. */
+        if (sp_reaper_lock_try(rp, SP_LOCK_RECONCILE, 0, &idle, errbuf, errlen) != 0) goto out;
+        if (idle) {
+            sp_reaper_unlock(rp, SP_LOCK_RECONCILE, 0);
+            /* The producer opens the sale in Redis right after Kafka took stock.set, and the
+             * consumer may store it first: only a sale missing for long is lost. */
+            if (state == 2)
+                *reconcile = "it was left paused by a reconcile that did not finish";
+            else if (sp_reaper_now_ms() - opened_ms > rp->cfg->resv_lost_after_ms)
+                *reconcile = "its sale is missing from Redis";
+        }
+        rc = 0;
+        goto out;
+    }
+    if (sweep_entries(rp, sku_id, st, errbuf, errlen) != 0) goto out;
+    if (sp_stock_return_settle_markers(rp, sku_id, &nsettled, errbuf, errlen) != 0) goto out;
+    if (nsettled > 0) {
+        sp_log_ctx ctx = {.sku_id = sku_id};
+        SP_LOG_CTX(SP_LOG_INFO, &ctx, "settled %zu leftover return markers", nsettled);
+        sp_metric_add(&m_settled, (int64_t)nsettled);
+        st->nsettled += nsettled;
+    }
+    rc = 0;
+out:
+    sp_reaper_unlock(rp, SP_LOCK_SKU, sku_id);
+    return rc;
+}
+
+int sp_resv_sweep(sp_reaper *rp, sp_resv_sweep_stats *st, char *errbuf, size_t errlen) {
+    char after[24], limit[24], err[512];
+    int64_t last = 0;
+    memset(st, 0, sizeof(*st));
+    for (;;) {
+        const char *params[] = {sp_reaper_i64(after, last), sp_reaper_i64(limit, SKU_PAGE)};
+        PGconn *pg = sp_reaper_pg(rp, errbuf, errlen);
+        if (pg == NULL) goto fail;
+        PGresult *res = sp_pg_query(pg,
+                                    "SELECT sku_id, (extract(epoch FROM created_at) * 1000)::bigint"
+                                    "  FROM inventory WHERE sku_id > $1::bigint"
+                                    " ORDER BY sku_id LIMIT $2::int",
+                                    2, params, errbuf, errlen);
+        if (res == NULL) {
+            sp_reaper_pg_failed(rp);
+            goto fail;
+        }
+        int n = PQntuples(res);
+        for (int i = 0; i < n && !sp_signal_stop_requested(); i++) {
+            int64_t sku = strtoll(PQgetvalue(res, i, 0), NULL, 10);
+            int64_t opened = strtoll(PQgetvalue(res, i, 1), NULL, 10);
+            const char *why = "";
+            sp_log_ctx ctx = {.sku_id = sku};
+            last = sku;
+            st->nskus++;
+            sp_health_beat();
+            if (sweep_sku(rp, sku, opened, st, &why, err, sizeof(err)) != 0) {
+                sp_metric_inc(&m_errors);
+                SP_LOG_CTX(SP_LOG_WARN, &ctx, "reservation sweep failed: %s", err);
+                continue;
+            }
+            if (why[0]) {
+                int busy = 0;
+                SP_LOG_CTX(SP_LOG_WARN, &ctx, "reconciling the SKU: %s", why);
+                if (sp_reconcile_sku(rp, sku, why, 0, &busy, err, sizeof(err)) != 0)
+                    SP_LOG_CTX(SP_LOG_WARN, &ctx, "reconcile failed, tried again later: %s", err);
+                else if (!busy)
+                    st->nreconciled++;
+            }
+        }
+        PQclear(res);
+        if (n < SKU_PAGE || sp_signal_stop_requested()) return 0;
+    }
+fail:
+    sp_metric_inc(&m_errors);
+    return -1;
+}

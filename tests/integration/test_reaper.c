@@ -1,0 +1,1028 @@
+/* test_reaper.c - the reaper with all three workers running against real Redis, Kafka and
+ * PostgreSQL: unpaid orders expire and give their stock back exactly once to PostgreSQL and to
+ * Redis; payments around the deadline end paid or expired, never both; three reapers, one killed
+ * with kill -9 over and over, return every unit exactly once; a lost reservation is voided and its
+ * stock comes back; Redis flushed, or restarted empty, mid-sale is rebuilt from PostgreSQL and
+ * the sale goes on without overselling; `reaper reconcile --sku` and `reaper audit` by hand.
+ *
+ * Each run has its own Redis (a redis-server started here in a scratch directory, so it can be
+ * flushed and restarted), its own topics and consumer group, its own PostgreSQL database (created
+ * here, migrated with scripts/migrate.sh, dropped at the end) and fresh SKU ids. It runs
+ * bin/{producer,consumer,reaper}, or bin/asan/... when built with AddressSanitizer. Needs
+ * var/stack.env loaded and the repository root as the working directory (tests/run-all.sh). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "event.h"
+#include "kafka.h"
+#include "log.h"
+#include "order_id.h"
+#include "pg_store.h"
+#include "redis_store.h"
+#include "stock.h"
+
+#ifdef __SANITIZE_ADDRESS__
+#define BIN "bin/asan/"
+#else
+#define BIN "bin/"
+#endif
+
+#define WAIT_S      120 /* generous: a shared, loaded machine; ASan builds */
+#define MSG_TIMEOUT "2000"
+#define LOST_AFTER  "4000"
+#define MAX_PROCS   16
+#define NTESTS      7
+#define ADMIN       "test-admin-token"
+#define PAYMENT     "test-payment-token"
+
+static char err[1024];
+static char tag[32]; /* unique per run: pid and time */
+
+typedef struct proc {
+    pid_t pid;
+    int port;
+    char log[256];
+    char name[32];
+} proc;
+
+/* Everything a run creates, removed by teardown. */
+static struct {
+    char tmp[128];        /* logs, Redis's directory */
+    char db[64], dsn[1200];
+    char topic[160], dlq[160], group[160];
+    char redis_url[64];
+    int redis_port;
+    pid_t redis_pid;
+    int64_t sku_base;
+    proc producer, consumer, reapers[3];
+    pid_t pids[MAX_PROCS]; /* every child, for teardown */
+    int npassed;
+} g;
+
+static const char *need_env(const char *name) {
+    const char *v = getenv(name);
+    if (v == NULL || *v == '\0') fail_msg("%s is not set: run `. var/stack.env` first", name);
+    return v;
+}
+
+static int64_t now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t wall_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(int ms) {
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+static int free_port(void) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t alen = sizeof(a);
+    assert_true(fd >= 0);
+    assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
+    assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &alen), 0);
+    close(fd);
+    return ntohs(a.sin_port);
+}
+
+static void track(pid_t pid) {
+    for (int i = 0; i < MAX_PROCS; i++)
+        if (g.pids[i] == 0) {
+            g.pids[i] = pid;
+            return;
+        }
+    fail_msg("too many child processes");
+}
+
+static void untrack(pid_t pid) {
+    for (int i = 0; i < MAX_PROCS; i++)
+        if (g.pids[i] == pid) g.pids[i] = 0;
+}
+
+/* Waits for a process to end: its exit status, 128+signal when killed, -1 on timeout. */
+static int wait_exit(pid_t pid, int timeout_s) {
+    int status;
+    for (int64_t deadline = now_ms() + timeout_s * 1000; now_ms() < deadline; sleep_ms(20)) {
+        if (waitpid(pid, &status, WNOHANG) == pid) {
+            untrack(pid);
+            return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        }
+    }
+    return -1;
+}
+
+/* Runs argv to completion, its stdout into out (NUL-terminated, may be NULL) and its stderr into
+ * the run's log file `log`, with extra NAME=VALUE settings; returns its exit status or -1. */
+static int run_capture(char *const argv[], const char *const *settings, const char *log,
+                       char *out, size_t cap) {
+    int fds[2];
+    if (pipe(fds) != 0) return -1;
+    pid_t pid = fork();
+    if (pid < 0) return -1;
+    if (pid == 0) {
+        for (int i = 0; settings && settings[i]; i++) putenv((char *)settings[i]);
+        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+        dup2(fds[1], 1);
+        if (fd >= 0) dup2(fd, 2);
+        close(fds[0]);
+        close(fds[1]);
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    close(fds[1]);
+    size_t len = 0;
+    char sink[512];
+    for (ssize_t r;;) {
+        char *dst = out && len + 1 < cap ? out + len : sink;
+        size_t room = out && len + 1 < cap ? cap - len - 1 : sizeof(sink);
+        if ((r = read(fds[0], dst, room)) <= 0) break;
+        if (dst != sink) len += (size_t)r;
+    }
+    if (out) out[len] = '\0';
+    close(fds[0]);
+    int status;
+    if (waitpid(pid, &status, 0) != pid) return -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/* ---- PostgreSQL ---- */
+
+static PGconn *connect_pg(const char *dsn) {
+    PGconn *pg = sp_pg_connect(dsn, "test-reaper", err, sizeof(err));
+    if (pg == NULL) fail_msg("%s", err);
+    return pg;
+}
+
+static int64_t query_int(const char *sql, int n, const char *const *params) {
+    PGconn *pg = connect_pg(g.dsn);
+    PGresult *res = sp_pg_query(pg, sql, n, params, err, sizeof(err));
+    if (res == NULL) fail_msg("%s: %s", sql, err);
+    int64_t v = PQntuples(res) == 0 || PQgetisnull(res, 0, 0) ? -1
+                                                              : strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+    PQclear(res);
+    PQfinish(pg);
+    return v;
+}
+
+/* query_int with one parameter: a SKU id. */
+static int64_t sku_int(const char *sql, int64_t sku) {
+    char s[24];
+    snprintf(s, sizeof(s), "%" PRId64, sku);
+    const char *params[] = {s};
+    return query_int(sql, 1, params);
+}
+
+static void create_database(void) {
+    snprintf(g.db, sizeof(g.db), "sp_test_reaper_%s", tag);
+    PGconn *pg = connect_pg(need_env("PG_DSN"));
+    char *ident = PQescapeIdentifier(pg, g.db, strlen(g.db));
+    char sql[256];
+    snprintf(sql, sizeof(sql), "CREATE DATABASE %s", ident);
+    PQfreemem(ident);
+    if (sp_pg_exec(pg, sql, 0, NULL, err, sizeof(err)) != 0) fail_msg("%s: %s", sql, err);
+    PQfinish(pg);
+    /* In a conninfo string the last dbname wins. */
+    snprintf(g.dsn, sizeof(g.dsn), "%s dbname=%s", need_env("PG_DSN"), g.db);
+    char log[256];
+    snprintf(log, sizeof(log), "%s/migrate.log", g.tmp);
+    char *argv[] = {(char[]){"scripts/migrate.sh"}, (char[]){"--dsn"}, g.dsn, NULL};
+    assert_int_equal(run_capture(argv, NULL, log, NULL, 0), 0);
+}
+
+static void drop_database(void) {
+    if (g.db[0] == '\0') return;
+    PGconn *pg = sp_pg_connect(getenv("PG_DSN"), "test-reaper", err, sizeof(err));
+    if (pg == NULL) return;
+    char *ident = PQescapeIdentifier(pg, g.db, strlen(g.db));
+    char sql[256];
+    snprintf(sql, sizeof(sql), "DROP DATABASE IF EXISTS %s WITH (FORCE)", ident);
+    PQfreemem(ident);
+    if (sp_pg_exec(pg, sql, 0, NULL, err, sizeof(err)) != 0) fprintf(stderr, "%s\n", err);
+    PQfinish(pg);
+}
+
+/* ---- Redis: a private server ---- */
+
+static redisContext *rctx; /* the test's own connection to the private Redis */
+
+static redisContext *redis(void) {
+    sp_redis_target target;
+    if (rctx && rctx->err == 0) return rctx;
+    if (rctx) redisFree(rctx);
+    rctx = NULL;
+    if (sp_redis_parse_url(g.redis_url, &target, err, sizeof(err)) != 0) fail_msg("%s", err);
+    rctx = sp_redis_connect(&target, 2000, err, sizeof(err));
+    if (rctx == NULL) fail_msg("redis: %s", err);
+    return rctx;
+}
+
+static void redis_close(void) {
+    if (rctx) redisFree(rctx);
+    rctx = NULL;
+}
+
+static void start_redis(void) {
+    char port[16], log[256];
+    snprintf(port, sizeof(port), "%d", g.redis_port);
+    snprintf(log, sizeof(log), "%s/redis.log", g.tmp);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+        if (fd >= 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+        }
+        /* No persistence at all: a restart comes back empty, like a replica that lost it all. */
+        execlp("redis-server", "redis-server", "--port", port, "--bind", "127.0.0.1", "--save",
+               "", "--appendonly", "no", "--dir", g.tmp, (char *)NULL);
+        _exit(127);
+    }
+    g.redis_pid = pid;
+    track(pid);
+    sp_redis_target target;
+    if (sp_redis_parse_url(g.redis_url, &target, err, sizeof(err)) != 0) fail_msg("%s", err);
+    for (int64_t deadline = now_ms() + 20000; now_ms() < deadline; sleep_ms(50)) {
+        redisContext *c = sp_redis_connect(&target, 500, err, sizeof(err));
+        if (c) {
+            int ok = sp_redis_ping(c, err, sizeof(err)) == 0;
+            redisFree(c);
+            if (ok) return;
+        }
+    }
+    fail_msg("redis-server on port %d did not answer: %s", g.redis_port, err);
+}
+
+static int64_t hget(int64_t sku, const char *suffix, const char *field) {
+    char key[SP_STOCK_KEY_MAX];
+    sp_stock_key(key, sku, suffix);
+    redisReply *r = redisCommand(redis(), "HGET %s %s", key, field);
+    if (r == NULL) fail_msg("HGET %s: %s", key, redis()->errstr);
+    int64_t v = r->type == REDIS_REPLY_STRING ? strtoll(r->str, NULL, 10) : -1;
+    freeReplyObject(r);
+    return v;
+}
+
+static int64_t hget_user(int64_t sku, int64_t user) {
+    char u[24];
+    snprintf(u, sizeof(u), "%" PRId64, user);
+    return hget(sku, "users", u);
+}
+
+static int64_t redis_int(const char *fmt, const char *arg) {
+    redisReply *r = redisCommand(redis(), fmt, arg);
+    if (r == NULL) fail_msg("%s: %s", fmt, redis()->errstr);
+    int64_t v = r->type == REDIS_REPLY_INTEGER ? r->integer : -1;
+    freeReplyObject(r);
+    return v;
+}
+
+static int64_t hlen(int64_t sku, const char *suffix) {
+    char key[SP_STOCK_KEY_MAX];
+    sp_stock_key(key, sku, suffix);
+    return redis_int("HLEN %s", key);
+}
+
+/* A sale open and not paused by a reconcile. */
+static int sale_open(int64_t sku) {
+    char key[SP_STOCK_KEY_MAX];
+    sp_stock_key(key, sku, "sale");
+    return hget(sku, "sale", "stock") >= 0 && redis_int("HEXISTS %s paused", key) == 0;
+}
+
+/* ---- HTTP ---- */
+
+/* One request to 127.0.0.1:port; the status code (0 when the server could not be reached) and
+ * the body in buf. */
+static int http(int port, const char *method, const char *path, const char *token,
+                const char *idem, const char *body, char *buf, size_t cap) {
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    char req[2048], hdr[512] = "";
+    size_t len = 0;
+    buf[0] = '\0';
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) return 0;
+    struct timeval tv = {15, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    if (connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0) {
+        close(fd);
+        return 0;
+    }
+    if (token) snprintf(hdr, sizeof(hdr), "Authorization: Bearer %s\r\n", token);
+    if (idem) snprintf(hdr + strlen(hdr), sizeof(hdr) - strlen(hdr), "Idempotency-Key: %s\r\n", idem);
+    int n = snprintf(req, sizeof(req),
+                     "%s %s HTTP/1.0\r\nHost: 127.0.0.1\r\n%sContent-Type: application/json\r\n"
+                     "Content-Length: %zu\r\n\r\n%s",
+                     method, path, hdr, body ? strlen(body) : 0, body ? body : "");
+    if (write(fd, req, (size_t)n) != n) {
+        close(fd);
+        return 0;
+    }
+    for (ssize_t r; len + 1 < cap && (r = read(fd, buf + len, cap - len - 1)) > 0;)
+        len += (size_t)r;
+    buf[len] = '\0';
+    close(fd);
+    int code = 0;
+    if (sscanf(buf, "HTTP/1.%*d %d", &code) != 1) code = 0;
+    char *b = strstr(buf, "\r\n\r\n");
+    if (b) memmove(buf, b + 4, strlen(b + 4) + 1);
+    else buf[0] = '\0';
+    return code;
+}
+
+/* A string field of a JSON body into out; "" when absent. */
+static void json_field(const char *body, const char *name, char *out, size_t cap) {
+    json_error_t jerr;
+    json_t *j = json_loads(body, 0, &jerr);
+    const char *s = j ? json_string_value(json_object_get(j, name)) : NULL;
+    snprintf(out, cap, "%s", s ? s : "");
+    json_decref(j);
+}
+
+static void open_sale(int64_t sku, int stock, int limit, int timeout_s) {
+    char body[256], resp[1024];
+    snprintf(body, sizeof(body),
+             "{\"sku_id\":%" PRId64 ",\"stock\":%d,\"per_user_limit\":%d,\"pay_timeout_s\":%d}", sku,
+             stock, limit, timeout_s);
+    int code = http(g.producer.port, "POST", "/v1/skus", ADMIN, NULL, body, resp, sizeof(resp));
+    if (code != 201) fail_msg("open sku %" PRId64 ": %d %s", sku, code, resp);
+}
+
+/* POST /v1/orders; the status code, and the order id into id (when 202). */
+static int order(int64_t sku, int64_t user, int qty, const char *idem, char *id, size_t cap) {
+    char body[256], resp[1024];
+    snprintf(body, sizeof(body), "{\"user_id\":%" PRId64 ",\"sku_id\":%" PRId64 ",\"qty\":%d}",
+             user, sku, qty);
+    int code = http(g.producer.port, "POST", "/v1/orders", NULL, idem, body, resp, sizeof(resp));
+    if (id) json_field(resp, "order_id", id, cap);
+    return code;
+}
+
+static int pay(const char *order_id) {
+    char path[160], resp[1024];
+    snprintf(path, sizeof(path), "/v1/orders/%s/pay", order_id);
+    return http(g.producer.port, "POST", path, PAYMENT, NULL, "{}", resp, sizeof(resp));
+}
+
+/* The sum of a series over the running reapers' /metrics ("name" or "name{labels}"). */
+static int64_t reaper_metric(const char *series) {
+    static char body[256 * 1024];
+    int64_t sum = 0;
+    size_t n = strlen(series);
+    for (int i = 0; i < 3; i++) {
+        if (g.reapers[i].pid <= 0) continue;
+        if (http(g.reapers[i].port, "GET", "/metrics", NULL, NULL, NULL, body, sizeof(body)) != 200)
+            continue;
+        for (char *line = body; line && *line;
+             line = strchr(line, '\n'), line = line ? line + 1 : NULL)
+            if (strncmp(line, series, n) == 0 && line[n] == ' ') sum += strtoll(line + n + 1, NULL, 10);
+    }
+    return sum;
+}
+
+/* ---- the workers ---- */
+
+static proc start(const char *bin, const char *name, const char *const *settings) {
+    proc p = {.port = free_port()};
+    snprintf(p.name, sizeof(p.name), "%s", name);
+    snprintf(p.log, sizeof(p.log), "%s/%s.log", g.tmp, name);
+    p.pid = fork();
+    assert_true(p.pid >= 0);
+    if (p.pid == 0) {
+        char port[16], id[64];
+        snprintf(port, sizeof(port), "%d", p.port);
+        snprintf(id, sizeof(id), "test-%s-%s", name, tag);
+        setenv("PG_DSN", g.dsn, 1);
+        setenv("REDIS_URL", g.redis_url, 1);
+        setenv("KAFKA_TOPIC", g.topic, 1);
+        setenv("KAFKA_DLQ_TOPIC", g.dlq, 1);
+        setenv("KAFKA_GROUP", g.group, 1);
+        setenv("HTTP_ADDR", "127.0.0.1", 1);
+        setenv("HTTP_PORT", port, 1);
+        setenv("WORKER_ID", id, 1);
+        setenv("LOG_LEVEL", "info", 1);
+        for (int i = 0; settings && settings[i]; i++) putenv((char *)settings[i]);
+        int fd = open(p.log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+        if (fd >= 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+            close(fd);
+        }
+        execl(bin, bin, (char *)NULL);
+        _exit(127);
+    }
+    track(p.pid);
+    return p;
+}
+
+/* Waits until the process answers /readyz with 200. */
+static void wait_ready(const proc *p) {
+    char body[1024];
+    for (int64_t deadline = now_ms() + WAIT_S * 1000; now_ms() < deadline; sleep_ms(100)) {
+        if (http(p->port, "GET", "/readyz", NULL, NULL, NULL, body, sizeof(body)) == 200) return;
+        if (waitpid(p->pid, NULL, WNOHANG) == p->pid) fail_msg("%s died (log %s)", p->name, p->log);
+    }
+    fail_msg("%s never became ready (log %s)", p->name, p->log);
+}
+
+static const char *const reaper_settings[] = {
+    "KAFKA_MESSAGE_TIMEOUT_MS=" MSG_TIMEOUT, "RESV_LOST_AFTER_MS=" LOST_AFTER,
+    "REAPER_INTERVAL_MS=200", "RESV_SWEEP_INTERVAL_MS=500", "EXPIRY_RETRY_MS=5000",
+    "ACCEPTED_STALE_AFTER_MS=3000", "RECONCILE_WAIT_MS=60000", "AUDIT_WAIT_MS=60000", NULL};
+
+static proc start_reaper(int i, const char *batch) {
+    char name[32];
+    static char batch_setting[32];
+    const char *settings[16];
+    int n = 0;
+    for (; reaper_settings[n]; n++) settings[n] = reaper_settings[n];
+    if (batch) {
+        snprintf(batch_setting, sizeof(batch_setting), "REAPER_BATCH=%s", batch);
+        settings[n++] = batch_setting;
+    }
+    settings[n] = NULL;
+    snprintf(name, sizeof(name), "reaper%d", i + 1);
+    return start(BIN "reaper", name, settings);
+}
+
+static void stop(proc *p, const char *what) {
+    if (p->pid <= 0) return;
+    assert_int_equal(kill(p->pid, SIGTERM), 0);
+    int rc = wait_exit(p->pid, 60);
+    if (rc != 0) fail_msg("%s exited %d after SIGTERM (log %s)", what, rc, p->log);
+    p->pid = 0;
+}
+
+/* `reaper CMD...` with the run's settings; its exit status, stdout into out. */
+static int reaper_cmd(const char *a1, const char *a2, const char *a3, char *out, size_t cap) {
+    char log[256], dsn[1300], url[96], topic[200];
+    snprintf(log, sizeof(log), "%s/reaper-cmd.log", g.tmp);
+    snprintf(dsn, sizeof(dsn), "PG_DSN=%s", g.dsn);
+    snprintf(url, sizeof(url), "REDIS_URL=%s", g.redis_url);
+    snprintf(topic, sizeof(topic), "KAFKA_TOPIC=%s", g.topic);
+    const char *settings[] = {dsn, url, topic, "KAFKA_MESSAGE_TIMEOUT_MS=" MSG_TIMEOUT,
+                              "RESV_LOST_AFTER_MS=" LOST_AFTER, "AUDIT_WAIT_MS=60000", NULL};
+    char *argv[] = {(char *)BIN "reaper", (char *)a1, (char *)a2, (char *)a3, NULL};
+    return run_capture(argv, settings, log, out, cap);
+}
+
+static void assert_audit_passes(void) {
+    static char out[64 * 1024];
+    int rc = reaper_cmd("audit", NULL, NULL, out, sizeof(out));
+    if (rc != 0 || strstr(out, "audit passed") == NULL)
+        fail_msg("reaper audit exited %d:\n%s", rc, out);
+}
+
+/* Waits until cond() holds, failing with what after WAIT_S. */
+#define WAIT_FOR(cond, ...)                                                                        \
+    do {                                                                                           \
+        int64_t deadline_ = now_ms() + WAIT_S * 1000;                                              \
+        while (!(cond) && now_ms() < deadline_) sleep_ms(100);                                     \
+        if (!(cond)) fail_msg(__VA_ARGS__);                                                        \
+    } while (0)
+
+/* ---- tests ---- */
+
+/* pay_timeout_s 2: 300 orders, 100 of them paid. The other 200 expire; inventory and Redis each
+ * get exactly 200 units back, once; their buyers can buy again; the paid orders are untouched. */
+static void test_expiry_returns_stock_once(void **state) {
+    (void)state;
+    int64_t sku = g.sku_base + 1;
+    static char ids[300][SP_ORDER_ID_MAX + 1];
+    int64_t returned_before = reaper_metric("stockpipe_reaper_returned_total");
+    int64_t units_before = reaper_metric("stockpipe_reaper_returned_units_total");
+    open_sale(sku, 300, 1, 2);
+    /* Users 1..100 pay at once: well inside their 2 s. */
+    for (int u = 1; u <= 300; u++) {
+        if (order(sku, u, 1, NULL, ids[u - 1], sizeof(ids[0])) != 202)
+            fail_msg("order of user %d not accepted", u);
+        if (u <= 100) assert_int_equal(pay(ids[u - 1]), 202);
+    }
+
+    WAIT_FOR(sku_int("SELECT count(*) FROM stock_returns WHERE sku_id = $1::bigint"
+                     "   AND returned_to_redis_at IS NOT NULL", sku) == 200,
+             "200 returns never reached Redis (expired %" PRId64 ")",
+             sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint AND status = 'expired'", sku));
+    assert_int_equal(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
+                             " AND status = 'expired'", sku), 200);
+    assert_int_equal(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
+                             " AND status = 'paid' AND NOT refund_due AND closed_at IS NULL", sku), 100);
+    assert_int_equal(sku_int("SELECT stock FROM inventory WHERE sku_id = $1::bigint", sku), 200);
+    assert_int_equal(sku_int("SELECT sum(qty) FROM stock_returns WHERE sku_id = $1::bigint"
+                             " AND reason = 'expired'", sku), 200);
+    /* The paid orders kept their stock: no ledger row names one of them. */
+    assert_int_equal(sku_int("SELECT count(*) FROM stock_returns r JOIN orders o USING (order_id)"
+                             " WHERE r.sku_id = $1::bigint AND o.status <> 'expired'", sku), 0);
+    assert_int_equal(hget(sku, "sale", "stock"), 200);
+    assert_int_equal(hlen(sku, "users"), 100);
+    for (int u = 1; u <= 300; u++) assert_int_equal(hget_user(sku, u), u <= 100 ? 1 : -1);
+    /* Exactly once, as the reapers count it: 200 rows, 200 units (no give-back found a marker). */
+    assert_int_equal(reaper_metric("stockpipe_reaper_returned_total") - returned_before, 200);
+    assert_int_equal(reaper_metric("stockpipe_reaper_returned_units_total") - units_before, 200);
+    assert_true(reaper_metric("stockpipe_reaper_expiry_lateness_seconds_count") >= 200);
+
+    /* Their buyers can buy again (per_user_limit 1); the paid ones cannot. */
+    for (int u = 101; u <= 300; u++)
+        if (order(sku, u, 1, NULL, NULL, 0) != 202) fail_msg("user %d cannot buy again", u);
+    assert_int_equal(order(sku, 1, 1, NULL, NULL, 0), 409);
+    assert_int_equal(hget(sku, "sale", "stock"), 0);
+    g.npassed++;
+}
+
+/* Payments sent around the deadline: each order ends paid or expired, never both; only the
+ * expired ones gave stock back, to PostgreSQL and to Redis, once. */
+static void test_payments_around_the_deadline(void **state) {
+    (void)state;
+    int64_t sku = g.sku_base + 2;
+    static char ids[100][SP_ORDER_ID_MAX + 1];
+    open_sale(sku, 100, 0, 1);
+    /* Each payment is aimed at its own order's deadline (1 s after the order), 400 or 150 ms
+     * before it or after it, while the reapers sweep every 200 ms; sent in the order of their
+     * aims. */
+    int64_t aim[100];
+    int by_aim[100];
+    for (int i = 0; i < 100; i++) {
+        static const int offsets[] = {-400, -150, 150, 400};
+        if (order(sku, 1000 + i, 1, NULL, ids[i], sizeof(ids[0])) != 202)
+            fail_msg("order %d not accepted", i);
+        aim[i] = now_ms() + 1000 + offsets[i % 4];
+        by_aim[i] = i;
+        for (int j = i; j > 0 && aim[by_aim[j - 1]] > aim[by_aim[j]]; j--) {
+            int t = by_aim[j];
+            by_aim[j] = by_aim[j - 1];
+            by_aim[j - 1] = t;
+        }
+    }
+    for (int k = 0; k < 100; k++) {
+        int i = by_aim[k];
+        if (now_ms() < aim[i]) sleep_ms((int)(aim[i] - now_ms()));
+        assert_int_equal(pay(ids[i]), 202);
+    }
+    WAIT_FOR(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint AND status = 'pending'",
+                     sku) == 0 &&
+                 sku_int("SELECT count(*) FROM stock_returns WHERE sku_id = $1::bigint"
+                         " AND returned_to_redis_at IS NULL", sku) == 0,
+             "orders of sku %" PRId64 " still pending or owed to Redis", sku);
+    int64_t paid = sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
+                           " AND status = 'paid'", sku);
+    int64_t expired = sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
+                              " AND status = 'expired'", sku);
+    int64_t late = sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
+                           " AND status = 'expired' AND refund_due", sku);
+    print_message("    %" PRId64 " paid in time, %" PRId64 " expired (%" PRId64
+                  " of them paid too late: refund due)\n", paid, expired, late);
+    assert_int_equal(paid + expired, 100);
+    /* Never both: a paid order has no ledger row and no refund; an expired one exactly one row. */
+    assert_int_equal(sku_int("SELECT count(*) FROM orders o JOIN stock_returns r USING (order_id)"
+                             " WHERE o.sku_id = $1::bigint AND o.status = 'paid'", sku), 0);
+    assert_int_equal(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
+                             " AND status = 'paid' AND (refund_due OR closed_at IS NOT NULL)", sku), 0);
+    assert_int_equal(sku_int("SELECT count(*) FROM stock_returns WHERE sku_id = $1::bigint", sku), expired);
+    /* Every payment of an expired order is recorded as a refund, never as a sale. */
+    assert_int_equal(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
+                             " AND status = 'expired' AND paid_at IS NOT NULL AND NOT refund_due", sku), 0);
+    assert_int_equal(sku_int("SELECT stock FROM inventory WHERE sku_id = $1::bigint", sku), expired);
+    assert_int_equal(hget(sku, "sale", "stock"), expired);
+    g.npassed++;
+}
+
+/* Publishes order.expired for n orders of sku, as a reaper would, and waits for Kafka. */
+static void publish_expired(int64_t sku, char (*ids)[SP_ORDER_ID_MAX + 1], int n) {
+    rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "test-reaper", err,
+                                              sizeof(err));
+    assert_non_null(conf);
+    rd_kafka_t *rk = sp_kafka_producer_new(&conf, err, sizeof(err));
+    if (rk == NULL) fail_msg("%s", err);
+    for (int i = 0; i < n; i++) {
+        sp_event ev = {.type = SP_EV_ORDER_EXPIRED, .ts_ms = wall_ms(), .sku_id = sku};
+        snprintf(ev.order_id, sizeof(ev.order_id), "%.*s", SP_ORDER_ID_MAX, ids[i]);
+        if (sp_kafka_produce_event(rk, g.topic, &ev, NULL, err, sizeof(err)) != 0)
+            fail_msg("%s", err);
+    }
+    assert_int_equal(rd_kafka_flush(rk, 30000), RD_KAFKA_RESP_ERR_NO_ERROR);
+    rd_kafka_destroy(rk);
+}
+
+/* Three reapers, one of them killed with kill -9 over and over while 350 orders expire, after
+ * reapers "died" at the two awkward moments of a return (recreated exactly: given back but not
+ * stamped; stamped but its marker not removed): every return is applied exactly once; Redis
+ * equals PostgreSQL; the audit passes. */
+static void test_three_reapers_one_killed(void **state) {
+    (void)state;
+    int64_t sku = g.sku_base + 3;
+    static char ids[400][SP_ORDER_ID_MAX + 1], unpaid[15][SP_ORDER_ID_MAX + 1];
+    char key[SP_STOCK_KEY_MAX];
+    int given = 0;
+    open_sale(sku, 400, 0, 1);
+    /* No reaper while the orders come in and the awkward states are made. */
+    stop(&g.reapers[0], "reaper 1");
+    stop(&g.reapers[1], "reaper 2");
+    for (int i = 0; i < 400; i++) {
+        if (order(sku, 2000 + i, 1, NULL, ids[i], sizeof(ids[0])) != 202)
+            fail_msg("order %d not accepted", i);
+        if (i % 8 == 0) assert_int_equal(pay(ids[i]), 202); /* 50 paid, at once */
+    }
+    for (int i = 0; i < 15; i++) snprintf(unpaid[i], sizeof(unpaid[0]), "%s", ids[1 + i * 2]);
+    publish_expired(sku, unpaid, 15);
+    WAIT_FOR(sku_int("SELECT count(*) FROM stock_returns WHERE sku_id = $1::bigint", sku) == 15,
+             "the 15 expiries never reached the ledger");
+    assert_int_equal(hget(sku, "sale", "stock"), 0);
+    for (int i = 0; i < 15; i++) {
+        if (sp_stock_give_back(redis(), sku, unpaid[i], 2001 + i * 2, 1, "expired", wall_ms(),
+                               &given, err, sizeof(err)) != 0)
+            fail_msg("give_back: %s", err);
+        assert_int_equal(given, 1);
+    }
+    /* Running it again gives nothing: the marker guards it. */
+    if (sp_stock_give_back(redis(), sku, unpaid[0], 2001, 1, "expired", wall_ms(), &given, err,
+                           sizeof(err)) != 0)
+        fail_msg("give_back: %s", err);
+    assert_int_equal(given, 0);
+    /* A voided reservation whose entry is gone (its producer released it after all) gives
+     * nothing: those units came back with the release. */
+    if (sp_stock_give_back(redis(), sku, "no-such-reservation", 2001, 1, "voided", wall_ms(),
+                           &given, err, sizeof(err)) != 0)
+        fail_msg("give_back: %s", err);
+    assert_int_equal(given, 0);
+    /* Ten died before the stamp; five after it, before removing their markers. */
+    for (int i = 10; i < 15; i++) {
+        const char *params[] = {unpaid[i]};
+        assert_int_equal(query_int("WITH s AS (UPDATE stock_returns SET returned_to_redis_at = now()"
+                                   " WHERE order_id = $1 RETURNING 1) SELECT count(*) FROM s",
+                                   1, params), 1);
+    }
+    assert_int_equal(hget(sku, "sale", "stock"), 15);
+    sp_stock_key(key, sku, "returned");
+    assert_int_equal(redis_int("HLEN %s", key), 16);
+
+    g.reapers[0] = start_reaper(0, NULL);
+    g.reapers[1] = start_reaper(1, NULL);
+    /* The third works in small batches, so a kill often lands inside a drain. */
+    g.reapers[2] = start_reaper(2, "7");
+    int kills = 0;
+    uint32_t r = 12345;
+    for (int64_t until = now_ms() + 8000; now_ms() < until; kills++) {
+        r = r * 1103515245u + 12345u;
+        sleep_ms(150 + (int)((r >> 16) % 400));
+        assert_int_equal(kill(g.reapers[2].pid, SIGKILL), 0);
+        assert_int_equal(wait_exit(g.reapers[2].pid, 30), 128 + SIGKILL);
+        g.reapers[2] = start_reaper(2, "7");
+    }
+    print_message("    the third reaper was killed %d times\n", kills);
+    wait_ready(&g.reapers[0]);
+    wait_ready(&g.reapers[1]);
+    wait_ready(&g.reapers[2]);
+    WAIT_FOR(sku_int("SELECT count(*) FROM stock_returns WHERE sku_id = $1::bigint"
+                     " AND returned_to_redis_at IS NOT NULL", sku) == 350,
+             "350 returns never all reached Redis (%" PRId64 ")",
+             sku_int("SELECT count(*) FROM stock_returns WHERE sku_id = $1::bigint"
+                     " AND returned_to_redis_at IS NOT NULL", sku));
+    assert_int_equal(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
+                             " AND status = 'expired'", sku), 350);
+    assert_int_equal(sku_int("SELECT stock FROM inventory WHERE sku_id = $1::bigint", sku), 350);
+    /* Every marker is settled: none of the fifteen, nor any a kill left, stays behind. */
+    WAIT_FOR(redis_int("HLEN %s", key) == 0, "return markers of sku %" PRId64 " never settled", sku);
+    assert_int_equal(hget(sku, "sale", "stock"), 350);
+    assert_int_equal(hlen(sku, "users"), 50);
+    stop(&g.reapers[2], "the third reaper");
+    assert_audit_passes();
+    g.npassed++;
+}
+
+/* A producer that dies between the Redis decrement and Kafka's answer leaves an 'r:'
+ * reservation that nobody will confirm or release. Simulated faithfully: reserve.lua is run
+ * directly (as the producer does) and its order.created is never published. After
+ * RESV_LOST_AFTER_MS the sweep voids it, the consumer cancels it with a ledger row and the units
+ * and the buyer's Idempotency-Key come back. Leftover entries of stored orders are dropped
+ * without giving anything back. */
+static void test_lost_reservation(void **state) {
+    (void)state;
+    int64_t sku = g.sku_base + 4;
+    char real[3][SP_ORDER_ID_MAX + 1], key[SP_STOCK_KEY_MAX], entry[160];
+    open_sale(sku, 10, 2, 600);
+    for (int i = 0; i < 3; i++) assert_int_equal(order(sku, 3001 + i, 1, NULL, real[i], sizeof(real[0])), 202);
+    WAIT_FOR(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint", sku) == 3,
+             "the three orders never reached PostgreSQL");
+
+    sp_order_ids gen;
+    sp_order_ids_init(&gen, "test-dead-producer");
+    sp_reserve_request req = {.sku_id = sku, .user_id = 3100, .qty = 2, .ts_ms = wall_ms()};
+    sp_order_id_next(&gen, req.ts_ms, sku, req.order_id);
+    snprintf(req.idem_key, sizeof(req.idem_key), "lost-key-%s", tag);
+    sp_reserve_result res;
+    if (sp_stock_reserve(redis(), &req, &res, err, sizeof(err)) != 0) fail_msg("reserve: %s", err);
+    assert_int_equal(res.outcome, SP_RESERVE_OK);
+    assert_int_equal(hget(sku, "sale", "stock"), 5);
+    assert_int_equal(hget_user(sku, 3100), 2);
+    /* The consumer's clean-up of two stored orders was lost: an 'r:' whose order.created made it,
+     * an accepted entry; both old. */
+    sp_stock_key(key, sku, "resv");
+    snprintf(entry, sizeof(entry), "r:3001:1:%" PRId64 ":", wall_ms() - 60000);
+    freeReplyObject(redisCommand(redis(), "HSET %s %s %s", key, real[0], entry));
+    snprintf(entry, sizeof(entry), "a:3002:1:%" PRId64, wall_ms() - 60000);
+    freeReplyObject(redisCommand(redis(), "HSET %s %s %s", key, real[1], entry));
+    /* A retry of the buyer's key meanwhile is "in progress". */
+    assert_int_equal(order(sku, 3100, 2, req.idem_key, NULL, 0), 409);
+
+    WAIT_FOR(hlen(sku, "resv") == 0 &&
+                 sku_int("SELECT count(*) FROM stock_returns WHERE sku_id = $1::bigint"
+                         " AND returned_to_redis_at IS NOT NULL", sku) == 1,
+             "the lost reservation of sku %" PRId64 " was never given back (resv %" PRId64 ")", sku,
+             hlen(sku, "resv"));
+    const char *params[] = {req.order_id};
+    assert_int_equal(query_int("SELECT count(*) FROM orders WHERE order_id = $1"
+                               " AND status = 'cancelled' AND qty = 2 AND user_id = 3100",
+                               1, params), 1);
+    assert_int_equal(query_int("SELECT count(*) FROM stock_returns WHERE order_id = $1"
+                               " AND reason = 'voided'", 1, params), 1);
+    assert_int_equal(hget(sku, "sale", "stock"), 7);
+    assert_int_equal(sku_int("SELECT stock FROM inventory WHERE sku_id = $1::bigint", sku), 7);
+    assert_int_equal(hget_user(sku, 3100), -1);
+    assert_int_equal(hget_user(sku, 3001), 1); /* the stored orders keep their units */
+    assert_int_equal(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
+                             " AND status = 'pending'", sku), 3);
+    assert_true(reaper_metric("stockpipe_reaper_voided_total") >= 1);
+    /* The buyer heard nothing but 503 or nothing at all: the key is free for a retry. */
+    assert_int_equal(order(sku, 3100, 2, req.idem_key, NULL, 0), 202);
+    assert_int_equal(hget(sku, "sale", "stock"), 5);
+    assert_audit_passes();
+    g.npassed++;
+}
+
+/* Orders until the SKU answers sold_out for a while after its sale is open: *accepted counts the
+ * 202s. Other answers (404 while Redis has no sale, 409 while a reconcile pauses it) are fine. */
+static void sell_out(int64_t sku, int64_t first_user, int *accepted) {
+    int64_t user = first_user, deadline = now_ms() + WAIT_S * 1000;
+    int sold_out_in_a_row = 0;
+    while (sold_out_in_a_row < 5 && now_ms() < deadline) {
+        int code = order(sku, user++, 1, NULL, NULL, 0);
+        if (code == 202) {
+            (*accepted)++;
+            sold_out_in_a_row = 0;
+        } else if (code == 409 && sale_open(sku) && hget(sku, "sale", "stock") == 0) {
+            sold_out_in_a_row++;
+        } else {
+            sleep_ms(50);
+        }
+    }
+    if (sold_out_in_a_row < 5) fail_msg("sku %" PRId64 " never sold out", sku);
+}
+
+/* Waits until the consumer stored every order of sku and no reservation is in flight. */
+static void wait_quiet(int64_t sku, int accepted) {
+    WAIT_FOR(hlen(sku, "resv") == 0 &&
+                 sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint", sku) >= accepted,
+             "sku %" PRId64 " never became quiet", sku);
+}
+
+/* Redis flushed in the middle of a sale: the reapers notice, rebuild every SKU from PostgreSQL,
+ * and the sale goes on and sells exactly what exists. */
+static void test_redis_flushed_mid_sale(void **state) {
+    (void)state;
+    int64_t sku = g.sku_base + 5;
+    int accepted = 0;
+    int64_t losses = reaper_metric("stockpipe_reaper_redis_data_loss_total");
+    open_sale(sku, 200, 2, 600);
+    for (int64_t u = 4001; accepted < 60; u++)
+        if (order(sku, u, 1, NULL, NULL, 0) == 202) accepted++;
+    redisReply *r = redisCommand(redis(), "FLUSHALL");
+    freeReplyObject(r);
+    r = redisCommand(redis(), "SCRIPT FLUSH");
+    freeReplyObject(r);
+    sell_out(sku, 5001, &accepted);
+    assert_true(reaper_metric("stockpipe_reaper_redis_data_loss_total") > losses);
+    wait_quiet(sku, accepted);
+    print_message("    %d orders accepted around the flush\n", accepted);
+    assert_int_equal(accepted, 200);
+    assert_int_equal(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
+                             " AND status = 'pending'", sku), 200);
+    assert_int_equal(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
+                             " AND status = 'rejected'", sku), 0);
+    assert_int_equal(sku_int("SELECT stock FROM inventory WHERE sku_id = $1::bigint", sku), 0);
+    assert_int_equal(hget(sku, "sale", "stock"), 0);
+    /* Every other SKU was rebuilt too: Redis equals PostgreSQL everywhere. */
+    assert_audit_passes();
+    g.npassed++;
+}
+
+/* Redis restarted empty (no persistence) mid-sale: a new run_id and no epoch; the same. */
+static void test_redis_restarted_empty(void **state) {
+    (void)state;
+    int64_t sku = g.sku_base + 6;
+    int accepted = 0;
+    int64_t losses = reaper_metric("stockpipe_reaper_redis_data_loss_total");
+    open_sale(sku, 50, 1, 600);
+    for (int64_t u = 6001; accepted < 20; u++)
+        if (order(sku, u, 1, NULL, NULL, 0) == 202) accepted++;
+    redis_close();
+    assert_int_equal(kill(g.redis_pid, SIGKILL), 0);
+    assert_int_equal(wait_exit(g.redis_pid, 30), 128 + SIGKILL);
+    start_redis();
+    sell_out(sku, 7001, &accepted);
+    assert_true(reaper_metric("stockpipe_reaper_redis_data_loss_total") > losses);
+    wait_quiet(sku, accepted);
+    print_message("    %d orders accepted around the restart\n", accepted);
+    assert_int_equal(accepted, 50);
+    assert_int_equal(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
+                             " AND status = 'pending'", sku), 50);
+    assert_int_equal(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
+                             " AND status = 'rejected'", sku), 0);
+    assert_int_equal(hlen(sku, "users"), 50);
+    assert_audit_passes();
+    g.npassed++;
+}
+
+/* `reaper audit` names a SKU whose Redis stock is off; `reaper reconcile --sku` repairs it and
+ * its per-user counts. */
+static void test_audit_and_reconcile_by_hand(void **state) {
+    (void)state;
+    static char out[64 * 1024];
+    int64_t sku = g.sku_base + 4; /* the lost-reservation SKU: orders, a cancelled one, users */
+    char key[SP_STOCK_KEY_MAX], skutext[40], flag[48];
+    int64_t stock = hget(sku, "sale", "stock");
+    sp_stock_key(key, sku, "sale");
+    freeReplyObject(redisCommand(redis(), "HINCRBY %s stock 3", key));
+    sp_stock_key(key, sku, "users");
+    freeReplyObject(redisCommand(redis(), "HSET %s 999999 4", key));
+    int rc = reaper_cmd("audit", NULL, NULL, out, sizeof(out));
+    snprintf(skutext, sizeof(skutext), "sku %" PRId64 ":", sku);
+    if (rc != 1 || strstr(out, "audit FAILED") == NULL || strstr(out, skutext) == NULL)
+        fail_msg("the audit did not report sku %" PRId64 " (exit %d):\n%s", sku, rc, out);
+    print_message("    the audit, on purpose after corrupting Redis, said:\n");
+    for (char *line = strtok(out, "\n"); line; line = strtok(NULL, "\n"))
+        print_message("      | %s\n", line);
+    snprintf(flag, sizeof(flag), "--sku=%" PRId64, sku);
+    rc = reaper_cmd("reconcile", flag, NULL, out, sizeof(out));
+    if (rc != 0) fail_msg("reaper reconcile %s exited %d: %s", flag, rc, out);
+    assert_int_equal(hget(sku, "sale", "stock"), stock);
+    assert_int_equal(hget_user(sku, 999999), -1);
+    assert_int_equal(hget_user(sku, 3100), 2);
+    /* Bad arguments are a startup error. */
+    assert_int_equal(reaper_cmd("reconcile", "--sku=zero", NULL, NULL, 0), 2);
+    assert_int_equal(reaper_cmd("sweep", NULL, NULL, NULL, 0), 2);
+    assert_audit_passes();
+    g.npassed++;
+}
+
+/* ---- set-up ---- */
+
+static int make_topic(rd_kafka_t *rk, const char *topic, int partitions) {
+    if (sp_kafka_topic_create(rk, topic, partitions, 30000, err, sizeof(err)) != 0) return -1;
+    int n = 0;
+    for (int64_t deadline = now_ms() + 30000; now_ms() < deadline; sleep_ms(200))
+        if (sp_kafka_topic_partitions(rk, topic, 2000, &n, err, sizeof(err)) == 0 &&
+            n == partitions)
+            return 0;
+    return -1;
+}
+
+static int with_kafka(int (*fn)(rd_kafka_t *)) {
+    rd_kafka_conf_t *conf = sp_kafka_conf_new(getenv("KAFKA_BROKERS"), "test-reaper", err,
+                                              sizeof(err));
+    if (conf == NULL) return -1;
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof(err));
+    if (rk == NULL) {
+        rd_kafka_conf_destroy(conf);
+        return -1;
+    }
+    int rc = fn(rk);
+    rd_kafka_destroy(rk);
+    return rc;
+}
+
+static int create_topics(rd_kafka_t *rk) {
+    return make_topic(rk, g.topic, 4) == 0 && make_topic(rk, g.dlq, 1) == 0 ? 0 : -1;
+}
+
+static int delete_topics(rd_kafka_t *rk) {
+    const char *topics[] = {g.topic, g.dlq};
+    for (int i = 0; i < 2; i++)
+        if (sp_kafka_topic_delete(rk, topics[i], 30000, err, sizeof(err)) != 0)
+            fprintf(stderr, "%s\n", err);
+    return 0;
+}
+
+static int group_setup(void **state) {
+    (void)state;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    snprintf(tag, sizeof(tag), "%d_%lld", (int)getpid(), (long long)(ts.tv_sec % 1000000));
+    /* SKUs of their own, far from any other test's. */
+    g.sku_base = INT64_C(800000000000) + (int64_t)(getpid() % 100000) * 1000 + ts.tv_sec % 10 * 100;
+    snprintf(g.tmp, sizeof(g.tmp), "/tmp/stockpipe-test-reaper-%s", tag);
+    if (mkdir(g.tmp, 0755) != 0 && errno != EEXIST) return -1;
+    if (getenv("KAFKA_BROKERS") == NULL || getenv("PG_DSN") == NULL) {
+        fprintf(stderr, "KAFKA_BROKERS, PG_DSN are not set: run `. var/stack.env`\n");
+        return -1;
+    }
+    snprintf(g.topic, sizeof(g.topic), "stockpipe.test.reaper.%s", tag);
+    snprintf(g.dlq, sizeof(g.dlq), "stockpipe.test.reaper.%s.dlq", tag);
+    snprintf(g.group, sizeof(g.group), "test-reaper-%s", tag);
+    g.redis_port = free_port();
+    snprintf(g.redis_url, sizeof(g.redis_url), "redis://127.0.0.1:%d", g.redis_port);
+    if (with_kafka(create_topics) != 0) {
+        fprintf(stderr, "topics: %s\n", err);
+        return -1;
+    }
+    return 0;
+}
+
+/* Starts Redis, the database and the workers (inside a test, so a failure is reported). */
+static void test_start_the_stack(void **state) {
+    (void)state;
+    start_redis();
+    create_database();
+    const char *producer_settings[] = {"ADMIN_TOKEN=" ADMIN, "PAYMENT_TOKEN=" PAYMENT,
+                                       "KAFKA_MESSAGE_TIMEOUT_MS=" MSG_TIMEOUT,
+                                       "USER_RATE_LIMIT=0", NULL};
+    const char *consumer_settings[] = {"KAFKA_SESSION_TIMEOUT_MS=6000", NULL};
+    g.producer = start(BIN "producer", "producer", producer_settings);
+    g.consumer = start(BIN "consumer", "consumer", consumer_settings);
+    g.reapers[0] = start_reaper(0, NULL);
+    g.reapers[1] = start_reaper(1, NULL);
+    wait_ready(&g.producer);
+    wait_ready(&g.consumer);
+    wait_ready(&g.reapers[0]);
+    wait_ready(&g.reapers[1]);
+    /* The consumer must own its partitions before the first order is worth waiting for. */
+    char body[64 * 1024];
+    for (int64_t deadline = now_ms() + WAIT_S * 1000; now_ms() < deadline; sleep_ms(100)) {
+        http(g.consumer.port, "GET", "/metrics", NULL, NULL, NULL, body, sizeof(body));
+        if (strstr(body, "\nstockpipe_consumer_assigned_partitions 4")) break;
+    }
+    g.npassed++;
+}
+
+static int group_teardown(void **state) {
+    (void)state;
+    /* SIGTERM drains: each worker must exit 0. */
+    proc *all[] = {&g.reapers[0], &g.reapers[1], &g.reapers[2], &g.producer, &g.consumer};
+    int clean = 1;
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) {
+        if (all[i]->pid <= 0) continue;
+        kill(all[i]->pid, SIGTERM);
+        int rc = wait_exit(all[i]->pid, 60);
+        if (rc != 0) {
+            fprintf(stderr, "%s exited %d after SIGTERM (log %s)\n", all[i]->name, rc, all[i]->log);
+            clean = 0;
+        }
+        all[i]->pid = 0;
+    }
+    for (int i = 0; i < MAX_PROCS; i++)
+        if (g.pids[i] > 0) {
+            kill(g.pids[i], SIGKILL);
+            waitpid(g.pids[i], NULL, 0);
+        }
+    redis_close();
+    drop_database();
+    with_kafka(delete_topics);
+    if (g.npassed == NTESTS + 1 && clean && getenv("TEST_KEEP_LOGS") == NULL) {
+        char *argv[] = {(char[]){"/bin/rm"}, (char[]){"-rf"}, g.tmp, NULL};
+        (void)run_capture(argv, NULL, "/dev/null", NULL, 0);
+    } else {
+        fprintf(stderr, "the workers' logs are in %s\n", g.tmp);
+    }
+    return clean ? 0 : -1;
+}
+
+int main(void) {
+    sp_log_init("test-reaper", NULL, SP_LOG_WARN);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_start_the_stack),
+        cmocka_unit_test(test_expiry_returns_stock_once),
+        cmocka_unit_test(test_payments_around_the_deadline),
+        cmocka_unit_test(test_three_reapers_one_killed),
+        cmocka_unit_test(test_lost_reservation),
+        cmocka_unit_test(test_redis_flushed_mid_sale),
+        cmocka_unit_test(test_redis_restarted_empty),
+        cmocka_unit_test(test_audit_and_reconcile_by_hand),
+    };
+    return cmocka_run_group_tests_name("reaper", tests, group_setup, group_teardown);
+}
