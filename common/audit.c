@@ -211,15 +211,9 @@ static int global_quiet(sp_reaper *rp, char *why, size_t whylen, char *errbuf, s
 /* Runs a command that answers with an integer (HLEN); -1 with errbuf. */
 static int redis_int(sp_reaper *rp, const char *cmd, const char *key, long long *out, char *errbuf,
                      size_t errlen) {
-    redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
-    if (redis == NULL) return -1;
-    redisReply *r = redisCommand(redis, "%s %s", cmd, key);
-    if (r == NULL || r->type != REDIS_REPLY_INTEGER) {
-        snprintf(errbuf, errlen, "%s %s: %s", cmd, key, r ? "unexpected reply" : redis->errstr);
-        if (r == NULL) sp_reaper_redis_failed(rp);
-        freeReplyObject(r);
-        return -1;
-    }
+    const char *argv[] = {cmd, key};
+    redisReply *r = sp_reaper_redis_argv(rp, 2, argv, REDIS_REPLY_INTEGER, errbuf, errlen);
+    if (r == NULL) return -1;
     *out = r->integer;
     freeReplyObject(r);
     return 0;
@@ -251,13 +245,11 @@ static int compare_users(sp_reaper *rp, int64_t sku_id, report *rep, int *nbad, 
         int n = PQntuples(res);
         nusers += n;
         if (n > 0) {
-            redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
             argv[0] = "HMGET", argv[1] = key;
             for (int i = 0; i < n; i++) argv[2 + i] = v(res, i, 0);
-            redisReply *r = redis ? redisCommandArgv(redis, 2 + n, argv, NULL) : NULL;
-            if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != (size_t)n) {
-                snprintf(errbuf, errlen, "HMGET %s: %s", key, r ? "unexpected reply" : "failed");
-                if (redis && r == NULL) sp_reaper_redis_failed(rp);
+            redisReply *r = sp_reaper_redis_argv(rp, 2 + n, argv, REDIS_REPLY_ARRAY, errbuf, errlen);
+            if (r == NULL || r->elements != (size_t)n) {
+                if (r) snprintf(errbuf, errlen, "HMGET %s: unexpected reply", key);
                 freeReplyObject(r);
                 PQclear(res);
                 goto out;
@@ -311,12 +303,11 @@ static int compare_pass(sp_reaper *rp, report *rep, int *nbusy, int *nbad, char 
             int64_t sku = strtoll(v(res, i, 0), NULL, 10);
             long long inflight = 0;
             last = sku;
-            redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
             sp_stock_key(key, sku, "sale");
-            redisReply *r = redis ? redisCommand(redis, "HMGET %s stock supplied paused", key) : NULL;
-            if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != 3) {
-                snprintf(errbuf, errlen, "HMGET %s: %s", key, r ? "unexpected reply" : "failed");
-                if (redis && r == NULL) sp_reaper_redis_failed(rp);
+            const char *hmget[] = {"HMGET", key, "stock", "supplied", "paused"};
+            redisReply *r = sp_reaper_redis_argv(rp, 5, hmget, REDIS_REPLY_ARRAY, errbuf, errlen);
+            if (r == NULL || r->elements != 3) {
+                if (r) snprintf(errbuf, errlen, "HMGET %s: unexpected reply", key);
                 freeReplyObject(r);
                 PQclear(res);
                 return -1;
@@ -368,7 +359,7 @@ static int compare_pass(sp_reaper *rp, report *rep, int *nbusy, int *nbad, char 
 static int check_redis(sp_reaper *rp, report *rep, char *errbuf, size_t errlen) {
     char why[256];
     int nbusy = 0, nbad = 0;
-    int64_t deadline = sp_reaper_mono_ms() + rp->cfg->audit_wait_ms;
+    int64_t deadline = sp_clock_mono_ms() + rp->cfg->audit_wait_ms;
     int before = check_begin(rep);
     for (;;) {
         if (global_quiet(rp, why, sizeof(why), errbuf, errlen) != 0) return -1;
@@ -389,7 +380,7 @@ static int check_redis(sp_reaper *rp, report *rep, char *errbuf, size_t errlen) 
                 }
             }
         }
-        if (sp_reaper_mono_ms() >= deadline) {
+        if (sp_clock_mono_ms() >= deadline) {
             if (why[0]) violation(rep, "never quiet within AUDIT_WAIT_MS: %s", why);
             else if (compare_pass(rp, rep, &nbusy, &nbad, errbuf, errlen) != 0) return -1;
             break;

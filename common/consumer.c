@@ -33,6 +33,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "clock.h"
 #include "http.h"
 #include "kafka.h"
 #include "log.h"
@@ -209,18 +210,6 @@ struct consumer {
     _Atomic int64_t napplied, nunchanged, ndead, nstale, nbatches, nrejected;
 };
 
-static int64_t mono_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static int64_t mono_us(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
-}
-
 static void sleep_ms(int64_t ms) {
     struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L};
     nanosleep(&ts, NULL);
@@ -325,13 +314,13 @@ int sp_consumer_parse_args(int nargs, char *const *args, sp_consumer_opts *opts,
 static redisContext *redis_conn(consumer *c) {
     char err[256];
     if (c->redis) return c->redis;
-    if (mono_ms() < c->redis_retry_ms) return NULL;
+    if (sp_clock_mono_ms() < c->redis_retry_ms) return NULL;
     c->redis = sp_redis_connect(&c->redis_target, REDIS_TIMEOUT_MS, err, sizeof(err));
     if (c->redis == NULL) {
         sp_metric_inc(&m_redis_errors);
         sp_warn("redis unreachable, after-commit corrections skipped for %d ms: %s",
                 REDIS_RETRY_MS, err);
-        c->redis_retry_ms = mono_ms() + REDIS_RETRY_MS;
+        c->redis_retry_ms = sp_clock_mono_ms() + REDIS_RETRY_MS;
     }
     return c->redis;
 }
@@ -342,7 +331,7 @@ static void redis_failed(consumer *c, int64_t sku_id, const char *err) {
     SP_LOG_CTX(SP_LOG_WARN, &ctx, "after-commit redis correction failed: %s", err);
     redisFree(c->redis);
     c->redis = NULL;
-    c->redis_retry_ms = mono_ms() + REDIS_RETRY_MS;
+    c->redis_retry_ms = sp_clock_mono_ms() + REDIS_RETRY_MS;
 }
 
 /* For each SKU of the committed batch: where PostgreSQL refused orders, cap Redis's stock to what
@@ -494,9 +483,9 @@ static void account(consumer *c, const sp_batch *b, int64_t took_us) {
 static void apply_slot(consumer *c, slot *s) {
     char err[1024];
     sp_batch *b = s->batch;
-    int64_t t0 = mono_us();
+    int64_t t0 = sp_clock_mono_us();
     s->ok = sp_order_store_apply(c->store, b, send_dead_letters, s, err, sizeof(err)) == 0;
-    int64_t took = mono_us() - t0;
+    int64_t took = sp_clock_mono_us() - t0;
     if (s->ok) {
         account(c, b, took);
         if (!c->opts.replay) correct_redis(c, b);
@@ -614,7 +603,7 @@ static void add_message(consumer *c, rd_kafka_message_t *m) {
     char err[SP_ITEM_REASON_MAX - 16], key[24];
     slot *s = c->filling;
     sp_batch_item *it = sp_batch_add(s->batch, m->partition, m->offset);
-    if (s->batch->n == 1) s->started_ms = mono_ms();
+    if (s->batch->n == 1) s->started_ms = sp_clock_mono_ms();
     s->msgs[s->batch->n - 1] = m;
     const char *value = m->payload ? (const char *)m->payload : "";
     if (sp_event_decode(value, m->payload ? m->len : 0, &it->ev, err, sizeof(err)) != 0) {
@@ -734,7 +723,7 @@ static int settle(consumer *c, int wait, int seek_back) {
     int64_t backoff = BACKOFF_MIN_MS << (c->failures < 6 ? c->failures - 1 : 5);
     if (backoff > BACKOFF_MAX_MS) backoff = BACKOFF_MAX_MS;
     if (seek_back) {
-        c->backoff_until_ms = mono_ms() + backoff;
+        c->backoff_until_ms = sp_clock_mono_ms() + backoff;
         sp_warn("reading %zu + %zu events again in %" PRId64 " ms", b->n, c->filling->batch->n,
                 backoff);
         read_again(c, b);
@@ -858,7 +847,7 @@ static void update_lag(consumer *c) {
 }
 
 static void summary(consumer *c, const char *what) {
-    double secs = (double)(mono_ms() - c->started_ms) / 1000.0;
+    double secs = (double)(sp_clock_mono_ms() - c->started_ms) / 1000.0;
     sp_info("%s: %" PRId64 " events applied (%" PRId64 " orders rejected), %" PRId64
             " unchanged, %" PRId64 " dead letters, %" PRId64 " stale, in %" PRId64
             " batches over %.1f s",
@@ -867,7 +856,7 @@ static void summary(consumer *c, const char *what) {
 }
 
 static void housekeeping(consumer *c) {
-    int64_t now = mono_ms();
+    int64_t now = sp_clock_mono_ms();
     sp_health_beat();
     if (!c->opts.replay && now - c->last_ready_ms >= READY_EVERY_MS) {
         c->last_ready_ms = now;
@@ -894,7 +883,7 @@ static void collect(consumer *c) {
         const sp_batch *b = c->filling->batch;
         int64_t timeout = POLL_IDLE_MS;
         if (b->n > 0) {
-            timeout = c->filling->started_ms + c->cfg->batch_wait_ms - mono_ms();
+            timeout = c->filling->started_ms + c->cfg->batch_wait_ms - sp_clock_mono_ms();
             if (timeout <= 0) {
                 /* Due: hand it over as soon as the applier is free, filling it meanwhile. */
                 timeout = inflight_done(c) ? 0 : POLL_BUSY_MS;
@@ -923,9 +912,9 @@ static void collect(consumer *c) {
 
 /* Waits out the back-off after a failed batch, still beating for /healthz. */
 static void back_off(consumer *c) {
-    while (!sp_signal_stop_requested() && mono_ms() < c->backoff_until_ms) {
+    while (!sp_signal_stop_requested() && sp_clock_mono_ms() < c->backoff_until_ms) {
         housekeeping(c);
-        int64_t left = c->backoff_until_ms - mono_ms();
+        int64_t left = c->backoff_until_ms - sp_clock_mono_ms();
         sleep_ms(left < POLL_IDLE_MS ? (left > 0 ? left : 0) : POLL_IDLE_MS);
     }
 }
@@ -1128,7 +1117,7 @@ int sp_consumer_run(const sp_config *cfg, const sp_consumer_opts *opts) {
     pthread_mutex_init(&c.mu, NULL);
     pthread_cond_init(&c.cv, NULL);
     register_metrics();
-    c.started_ms = c.last_summary_ms = mono_ms();
+    c.started_ms = c.last_summary_ms = sp_clock_mono_ms();
     if (alloc_state(&c, cap) != 0) {
         sp_error("cannot start: out of memory for batches of %zu events; lower BATCH_MAX", cap);
         goto out;

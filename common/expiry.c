@@ -92,7 +92,7 @@ static int expire_batch(sp_reaper *rp, size_t *nclaimed, size_t *nacked, char *e
         snprintf(errbuf, errlen, "out of memory");
         goto out;
     }
-    int64_t now = sp_reaper_now_ms();
+    int64_t now = sp_clock_wall_ms();
     for (size_t i = 0; i < n; i++) {
         evs[i].type = SP_EV_ORDER_EXPIRED;
         evs[i].ts_ms = now;
@@ -102,7 +102,7 @@ static int expire_batch(sp_reaper *rp, size_t *nclaimed, size_t *nacked, char *e
     }
     *nclaimed = n;
     *nacked = sp_reaper_publish(rp, evs, n, acked);
-    int64_t acked_at = sp_reaper_now_ms();
+    int64_t acked_at = sp_clock_wall_ms();
     size_t nfailed = 0;
     for (size_t i = 0; i < n; i++) {
         if (acked[i]) {
@@ -131,7 +131,7 @@ out:
 
 int sp_expiry_sweep(sp_reaper *rp, int64_t budget_ms, size_t *nexpired, char *errbuf,
                     size_t errlen) {
-    int64_t until = sp_reaper_mono_ms() + budget_ms;
+    int64_t until = sp_clock_mono_ms() + budget_ms;
     size_t total = 0, nclaimed = 0, nacked = 0;
     do {
         sp_health_beat();
@@ -141,7 +141,7 @@ int sp_expiry_sweep(sp_reaper *rp, int64_t budget_ms, size_t *nexpired, char *er
             return -1;
         }
         total += nacked;
-    } while (nclaimed == (size_t)rp->cfg->reaper_batch && sp_reaper_mono_ms() < until &&
+    } while (nclaimed == (size_t)rp->cfg->reaper_batch && sp_clock_mono_ms() < until &&
              !sp_signal_stop_requested());
     *nexpired = total;
     return 0;

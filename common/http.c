@@ -13,6 +13,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "clock.h"
 #include "log.h"
 #include "metrics.h"
 
@@ -31,9 +32,7 @@ static char health_why[256] = "starting";
 static _Atomic long health_last_beat = 0; /* CLOCK_MONOTONIC seconds; 0 = no beat yet */
 
 static long monotonic_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long)ts.tv_sec + 1; /* never 0, which means "no beat yet" */
+    return (long)(sp_clock_mono_ms() / 1000) + 1; /* never 0, which means "no beat yet" */
 }
 
 void sp_health_set_ready(int ready, const char *why) {

@@ -28,6 +28,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "event.h"
 #include "kafka.h"
 #include "log.h"
@@ -139,25 +140,13 @@ typedef struct call {
     char sale[3][24];           /* CALL_GET_SKU: stock, limit, pay_timeout_s; "" when absent */
 } call;
 
-static int64_t now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static int64_t mono_us(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
-}
-
 /* ---- replies ---- */
 
 /* Bookkeeping of an answer just sent: the call has no request any more. */
 static void answered(call *c, sp_metric *outcome) {
     c->req = NULL;
     sp_metric_inc(outcome);
-    if (c->kind == CALL_ORDER) sp_metric_observe(&m_latency, mono_us() - c->started_us);
+    if (c->kind == CALL_ORDER) sp_metric_observe(&m_latency, sp_clock_mono_us() - c->started_us);
 }
 
 static void answer(call *c, int code, const char *json, sp_metric *outcome) {
@@ -190,7 +179,7 @@ static call *call_new(sp_order_api *api, struct evhttp_request *req, call_kind k
     c->api = api;
     c->req = req;
     c->kind = kind;
-    c->started_us = mono_us();
+    c->started_us = sp_clock_mono_us();
     api->inflight++;
     return c;
 }
@@ -274,14 +263,14 @@ static int authorized(call *c, const char *token) {
 
 static int soldout_flagged(sp_order_api *api, int64_t sku) {
     size_t i = (size_t)sku % SOLDOUT_SLOTS;
-    return api->soldout[i].sku_id == sku && api->soldout[i].until_ms > now_ms();
+    return api->soldout[i].sku_id == sku && api->soldout[i].until_ms > sp_clock_wall_ms();
 }
 
 static void soldout_set(sp_order_api *api, int64_t sku, int flagged) {
     size_t i = (size_t)sku % SOLDOUT_SLOTS;
     if (flagged) {
         api->soldout[i].sku_id = sku;
-        api->soldout[i].until_ms = now_ms() + SOLDOUT_HOLD_MS;
+        api->soldout[i].until_ms = sp_clock_wall_ms() + SOLDOUT_HOLD_MS;
     } else if (api->soldout[i].sku_id == sku) {
         api->soldout[i].until_ms = 0;
     }
@@ -343,13 +332,13 @@ static void redis_connect(sp_order_api *api) {
         return;
     }
     api->redis_owed = 0;
-    api->redis_last_reply_ms = now_ms();
+    api->redis_last_reply_ms = sp_clock_wall_ms();
     sp_info("redis connected");
 }
 
 /* Counts a command sent; the stall watchdog measures from the first reply owed. */
 static void redis_sent(sp_order_api *api) {
-    if (api->redis_owed++ == 0) api->redis_last_reply_ms = now_ms();
+    if (api->redis_owed++ == 0) api->redis_last_reply_ms = sp_clock_wall_ms();
 }
 
 /* A reply arrived (or the connection ended, r NULL): counts it, and an error reply. READONLY
@@ -359,7 +348,7 @@ static void redis_sent(sp_order_api *api) {
  * NOSCRIPT and the call should be re-sent once as EVAL (*resent set). */
 static int reply_arrived(sp_order_api *api, redisAsyncContext *ac, redisReply *r, int *resent) {
     api->redis_owed--;
-    api->redis_last_reply_ms = now_ms();
+    api->redis_last_reply_ms = sp_clock_wall_ms();
     if (r && sp_redis_is_noscript(r) && !*resent && api->redis) {
         /* The server lost its script cache (restart, failover, SCRIPT FLUSH). EVAL runs this call
          * and puts the script back under the same SHA, so later calls keep using EVALSHA. */
@@ -404,7 +393,7 @@ static int redis_send(call *c, redisCallbackFn *fn) {
 
 static int publish(call *c) {
     char err[256];
-    c->ev.ts_ms = c->ev.ts_ms ? c->ev.ts_ms : now_ms();
+    c->ev.ts_ms = c->ev.ts_ms ? c->ev.ts_ms : sp_clock_wall_ms();
     if (c->api->kafka_down ||
         sp_kafka_produce_event(c->api->kafka, c->api->cfg->kafka_topic, &c->ev, c, err, sizeof(err)) != 0) {
         sp_metric_inc(&m_kafka_errors);
@@ -690,7 +679,7 @@ static void post_order(sp_order_api *api, struct evhttp_request *req) {
         goto done;
     }
     c->order = (sp_reserve_request){.sku_id = sku, .user_id = user, .qty = (int32_t)qty,
-                                    .ts_ms = now_ms()};
+                                    .ts_ms = sp_clock_wall_ms()};
     if (idem) snprintf(c->order.idem_key, sizeof(c->order.idem_key), "%s", idem);
     sp_order_id_next(&api->ids, c->order.ts_ms, sku, c->order.order_id);
     sp_stock_reserve_call(&c->script, &c->order);
@@ -1023,7 +1012,7 @@ static void route_other(struct evhttp_request *req, void *arg) {
 /* ---- life cycle ---- */
 
 void sp_order_api_tick(sp_order_api *api) {
-    int64_t now = now_ms();
+    int64_t now = sp_clock_wall_ms();
     char why[300], err[256];
     int n;
     if (api->redis == NULL && now >= api->redis_retry_ms) {

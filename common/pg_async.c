@@ -14,6 +14,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "clock.h"
 #include "log.h"
 
 #define WAITING_MAX 4096  /* queries sent and not yet answered; more are refused */
@@ -38,12 +39,6 @@ struct sp_pg_async {
     waiting ring[WAITING_MAX];
     size_t head, n;
 };
-
-static int64_t mono_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static void on_socket(evutil_socket_t fd, short what, void *arg);
 
@@ -97,7 +92,7 @@ static void drop(sp_pg_async *pa, const char *why) {
     if (pa->conn) PQfinish(pa->conn);
     pa->conn = NULL;
     pa->connected = 0;
-    pa->retry_ms = mono_ms() + RETRY_MS;
+    pa->retry_ms = sp_clock_mono_ms() + RETRY_MS;
     while (pa->n > 0) {
         waiting w = pa->ring[pa->head];
         pop(pa);
@@ -203,7 +198,7 @@ sp_pg_async *sp_pg_async_new(struct event_base *base, const char *dsn,
 int sp_pg_async_ready(const sp_pg_async *pa) { return pa->connected; }
 
 void sp_pg_async_tick(sp_pg_async *pa) {
-    int64_t now = mono_ms();
+    int64_t now = sp_clock_mono_ms();
     if (pa->conn && !pa->connected && now > pa->connect_deadline_ms) {
         drop(pa, "connect timed out");
         return;

@@ -136,7 +136,7 @@ static int sweep(sp_reaper *rp, int resv_due) {
     int reconciled = 0;
     size_t n = 0;
     int64_t budget = rp->cfg->reaper_interval_ms > 2000 ? rp->cfg->reaper_interval_ms : 2000;
-    int64_t started = sp_reaper_mono_ms();
+    int64_t started = sp_clock_mono_ms();
 
     int checked = sp_reconcile_check(rp, &reconciled, err, sizeof(err)) == 0;
     if (!checked) sp_warn("redis data-loss check failed: %s", err);
@@ -169,7 +169,7 @@ static int sweep(sp_reaper *rp, int resv_due) {
         else
             sp_metric_add(&m_forgotten, (int64_t)n);
     }
-    sp_metric_observe(&m_sweep, (sp_reaper_mono_ms() - started) * 1000);
+    sp_metric_observe(&m_sweep, (sp_clock_mono_ms() - started) * 1000);
     return resv_due;
 }
 
@@ -185,7 +185,7 @@ static int run_worker(sp_reaper *rp) {
     }
     sp_info("reaper started; HTTP on %s:%d", rp->cfg->http_addr, rp->cfg->http_port);
     while (!sp_signal_stop_requested()) {
-        int64_t now = sp_reaper_mono_ms();
+        int64_t now = sp_clock_mono_ms();
         sp_health_beat();
         if (now >= next_ready) {
             check_ready(rp, &was_ready);
@@ -193,7 +193,7 @@ static int run_worker(sp_reaper *rp) {
         }
         if (now >= next_sweep) {
             int swept_resv = sweep(rp, now >= next_resv);
-            now = sp_reaper_mono_ms();
+            now = sp_clock_mono_ms();
             next_sweep = now + rp->cfg->reaper_interval_ms;
             if (swept_resv) next_resv = now + rp->cfg->resv_sweep_interval_ms;
         }

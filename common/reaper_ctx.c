@@ -32,24 +32,12 @@ typedef struct sp_reaper_batch {
     size_t nacked;
 } sp_reaper_batch;
 
-int64_t sp_reaper_now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-int64_t sp_reaper_mono_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 int sp_reaper_sleep(int64_t ms) {
-    int64_t until = sp_reaper_mono_ms() + ms;
+    int64_t until = sp_clock_mono_ms() + ms;
     for (;;) {
         sp_health_beat();
         if (sp_signal_stop_requested()) return -1;
-        int64_t left = until - sp_reaper_mono_ms();
+        int64_t left = until - sp_clock_mono_ms();
         if (left <= 0) return 0;
         if (left > 50) left = 50;
         struct timespec ts = {0, (long)left * 1000000L};
@@ -155,6 +143,51 @@ void sp_reaper_redis_failed(sp_reaper *rp) {
     rp->redis = NULL;
 }
 
+redisReply *sp_reaper_redis_argv(sp_reaper *rp, int argc, const char **argv, int want,
+                                 char *errbuf, size_t errlen) {
+    redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
+    if (redis == NULL) return NULL;
+    redisReply *r = redisCommandArgv(redis, argc, argv, NULL);
+    if (r == NULL) {
+        snprintf(errbuf, errlen, "%s %s: %s", argv[0], argc > 1 ? argv[1] : "", redis->errstr);
+        sp_reaper_redis_failed(rp);
+        return NULL;
+    }
+    if (r->type == REDIS_REPLY_ERROR || (want >= 0 && r->type != want)) {
+        snprintf(errbuf, errlen, "%s %s: %s", argv[0], argc > 1 ? argv[1] : "",
+                 r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+        freeReplyObject(r);
+        return NULL;
+    }
+    return r;
+}
+
+int sp_reaper_hscan(sp_reaper *rp, const char *key, int count, size_t max_pairs,
+                    sp_reaper_hscan_fn *fn, void *arg, char *errbuf, size_t errlen) {
+    char cursor[32] = "0", n[16];
+    snprintf(n, sizeof(n), "%d", count);
+    do {
+        const char *scan[] = {"HSCAN", key, cursor, "COUNT", n};
+        redisReply *r = sp_reaper_redis_argv(rp, 5, scan, REDIS_REPLY_ARRAY, errbuf, errlen);
+        if (r == NULL) return -1;
+        if (r->elements != 2 || r->element[0]->type != REDIS_REPLY_STRING ||
+            r->element[1]->type != REDIS_REPLY_ARRAY) {
+            snprintf(errbuf, errlen, "HSCAN %s: unexpected reply", key);
+            freeReplyObject(r);
+            return -1;
+        }
+        snprintf(cursor, sizeof(cursor), "%s", r->element[0]->str);
+        size_t pairs = r->element[1]->elements / 2;
+        int rc = 0;
+        for (size_t off = 0; off < pairs && rc == 0; off += max_pairs)
+            rc = fn(rp, &r->element[1]->element[2 * off],
+                    pairs - off < max_pairs ? pairs - off : max_pairs, arg, errbuf, errlen);
+        freeReplyObject(r);
+        if (rc != 0) return rc < 0 ? -1 : 0;
+    } while (strcmp(cursor, "0") != 0);
+    return 0;
+}
+
 PGconn *sp_reaper_pg(sp_reaper *rp, char *errbuf, size_t errlen) {
     if (rp->pg) {
         if (PQstatus(rp->pg) == CONNECTION_OK) return rp->pg;
@@ -193,14 +226,14 @@ size_t sp_reaper_publish(sp_reaper *rp, const sp_event *evs, size_t n, int *acke
     memset(acked, 0, n * sizeof(*acked));
     rp->next_seq += n;
     rp->batch = &b;
-    int64_t deadline = sp_reaper_mono_ms() + rp->cfg->kafka_message_timeout_ms + 1000;
+    int64_t deadline = sp_clock_mono_ms() + rp->cfg->kafka_message_timeout_ms + 1000;
     for (size_t i = 0; i < n; i++) {
         void *opaque = (void *)(uintptr_t)(b.first_seq + i);
         sp_log_ctx ctx = {.order_id = evs[i].order_id[0] ? evs[i].order_id : NULL,
                           .sku_id = evs[i].sku_id};
         while (sp_kafka_produce_event(rp->kafka, rp->cfg->kafka_topic, &evs[i], opaque, err,
                                       sizeof(err)) != 0) {
-            if (strstr(err, "Queue full") == NULL || sp_reaper_mono_ms() >= deadline) {
+            if (strstr(err, "Queue full") == NULL || sp_clock_mono_ms() >= deadline) {
                 SP_LOG_CTX(SP_LOG_WARN, &ctx, "cannot publish %s: %s",
                            sp_event_type_name(evs[i].type), err);
                 break;
@@ -208,7 +241,7 @@ size_t sp_reaper_publish(sp_reaper *rp, const sp_event *evs, size_t n, int *acke
             rd_kafka_poll(rp->kafka, 50);
         }
     }
-    while (b.nacked < n && sp_reaper_mono_ms() < deadline && rd_kafka_outq_len(rp->kafka) > 0) {
+    while (b.nacked < n && sp_clock_mono_ms() < deadline && rd_kafka_outq_len(rp->kafka) > 0) {
         sp_health_beat();
         rd_kafka_poll(rp->kafka, 50);
     }

@@ -18,6 +18,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "clock.h"
 #include "config.h"
 #include "event.h"
 #include "metrics.h"
@@ -65,6 +66,24 @@ redisContext *sp_reaper_redis(sp_reaper *rp, char *errbuf, size_t errlen);
 /* The Redis connection failed mid-step: drop it (the next sp_reaper_redis reconnects). */
 void sp_reaper_redis_failed(sp_reaper *rp);
 
+/* Runs one command (argv, argc words) on the reaper's Redis connection, connecting when needed.
+ * Returns the reply (caller frees) when it is of type want (a REDIS_REPLY_* value; -1: any type
+ * but an error). NULL with errbuf otherwise; a failed connection is dropped. */
+redisReply *sp_reaper_redis_argv(sp_reaper *rp, int argc, const char **argv, int want,
+                                 char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+
+/* One step's worth of a hash's entries: kv holds npairs (field, value) replies in turn, valid
+ * until fn returns. Return 0 to go on, 1 to end the scan early (not a failure), -1 with errbuf. */
+typedef int sp_reaper_hscan_fn(sp_reaper *rp, redisReply *const *kv, size_t npairs, void *arg,
+                               char *errbuf, size_t errlen);
+
+/* HSCANs key, asking for count entries per step, and hands them to fn in chunks of at most
+ * max_pairs (a small hash answers whole in one step, however many entries it holds). 0 when the
+ * scan ended (or fn ended it); -1 with errbuf when Redis or fn failed. */
+int sp_reaper_hscan(sp_reaper *rp, const char *key, int count, size_t max_pairs,
+                    sp_reaper_hscan_fn *fn, void *arg, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
+
 /* The PostgreSQL session, connecting when there is none (with statement, lock and
  * idle-in-transaction timeouts, so nothing the reaper does can hold a lock for long); NULL with
  * errbuf when PostgreSQL cannot be reached. */
@@ -103,10 +122,6 @@ int sp_reaper_lock(sp_reaper *rp, int32_t lock_class, int64_t key, int *got, cha
 
 /* Releases a lock this session holds (nothing when the session is gone: so is the lock). */
 void sp_reaper_unlock(sp_reaper *rp, int32_t lock_class, int64_t key);
-
-/* Wall clock and monotonic clock, in ms. */
-int64_t sp_reaper_now_ms(void);
-int64_t sp_reaper_mono_ms(void);
 
 /* Sleeps up to ms in short slices, beating /healthz; returns early (-1) once SIGTERM arrived. */
 int sp_reaper_sleep(int64_t ms);

@@ -64,19 +64,19 @@ static void info_field(const char *info, const char *name, char *out, size_t out
     out[n] = '\0';
 }
 
+/* Runs one Redis command from argv; -1 with errbuf on a failure or an error reply. */
+static int redis_argv(sp_reaper *rp, int argc, const char **argv, char *errbuf, size_t errlen) {
+    redisReply *r = sp_reaper_redis_argv(rp, argc, argv, -1, errbuf, errlen);
+    freeReplyObject(r);
+    return r ? 0 : -1;
+}
+
 static int read_identity(sp_reaper *rp, redis_identity *id, char *errbuf, size_t errlen) {
-    redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
-    if (redis == NULL) return -1;
     memset(id, 0, sizeof(*id));
-    const char *what[] = {"INFO server", "INFO replication", "GET " EPOCH_KEY};
+    const char *what[][2] = {{"INFO", "server"}, {"INFO", "replication"}, {"GET", EPOCH_KEY}};
     for (int i = 0; i < 3; i++) {
-        redisReply *r = redisCommand(redis, what[i]);
-        if (r == NULL || r->type == REDIS_REPLY_ERROR) {
-            snprintf(errbuf, errlen, "%s: %s", what[i], r ? r->str : redis->errstr);
-            if (r == NULL) sp_reaper_redis_failed(rp);
-            freeReplyObject(r);
-            return -1;
-        }
+        redisReply *r = sp_reaper_redis_argv(rp, 2, what[i], -1, errbuf, errlen);
+        if (r == NULL) return -1;
         if (i == 0 && r->type == REDIS_REPLY_STRING)
             info_field(r->str, "run_id:", id->run_id, sizeof(id->run_id));
         else if (i == 1 && r->type == REDIS_REPLY_STRING)
@@ -138,17 +138,8 @@ static int new_epoch(sp_reaper *rp, char *epoch, size_t len, char *errbuf, size_
     size_t n = 0;
     for (size_t i = 0; i < sizeof(raw) && n + 3 <= len; i++)
         n += (size_t)snprintf(epoch + n, len - n, "%02x", raw[i]);
-    redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
-    if (redis == NULL) return -1;
-    redisReply *r = redisCommand(redis, "SET %s %s", EPOCH_KEY, epoch);
-    if (r == NULL || r->type == REDIS_REPLY_ERROR) {
-        snprintf(errbuf, errlen, "SET %s: %s", EPOCH_KEY, r ? r->str : redis->errstr);
-        if (r == NULL) sp_reaper_redis_failed(rp);
-        freeReplyObject(r);
-        return -1;
-    }
-    freeReplyObject(r);
-    return 0;
+    const char *set[] = {"SET", EPOCH_KEY, epoch};
+    return redis_argv(rp, 3, set, errbuf, errlen);
 }
 
 /* ---- one SKU ---- */
@@ -193,7 +184,7 @@ static int wait_consumer(sp_reaper *rp, int64_t sku_id, char *errbuf, size_t err
         return -1;
     }
     const char *params[] = {rp->cfg->kafka_topic, sp_reaper_i64(part, partition)};
-    int64_t deadline = sp_reaper_mono_ms() + rp->cfg->reconcile_wait_ms;
+    int64_t deadline = sp_clock_mono_ms() + rp->cfg->reconcile_wait_ms;
     for (;;) {
         PGconn *pg = sp_reaper_pg(rp, errbuf, errlen);
         if (pg == NULL) return -1;
@@ -208,7 +199,7 @@ static int wait_consumer(sp_reaper *rp, int64_t sku_id, char *errbuf, size_t err
         stored = PQntuples(res) == 1 ? strtoll(PQgetvalue(res, 0, 0), NULL, 10) : 0;
         PQclear(res);
         if (stored >= high) return 0;
-        if (sp_reaper_mono_ms() >= deadline) {
+        if (sp_clock_mono_ms() >= deadline) {
             snprintf(errbuf, errlen,
                      "the consumer stored partition %d up to %" PRId64 ", not %" PRId64
                      " within RECONCILE_WAIT_MS (%d ms)",
@@ -220,22 +211,6 @@ static int wait_consumer(sp_reaper *rp, int64_t sku_id, char *errbuf, size_t err
             return -1;
         }
     }
-}
-
-/* Runs one Redis command from argv; -1 with errbuf on a failure or an error reply. */
-static int redis_argv(sp_reaper *rp, int argc, const char **argv, char *errbuf, size_t errlen) {
-    redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
-    if (redis == NULL) return -1;
-    redisReply *r = redisCommandArgv(redis, argc, argv, NULL);
-    if (r == NULL || r->type == REDIS_REPLY_ERROR) {
-        snprintf(errbuf, errlen, "%s %s: %s", argv[0], argc > 1 ? argv[1] : "",
-                 r ? r->str : redis->errstr);
-        if (r == NULL) sp_reaper_redis_failed(rp);
-        freeReplyObject(r);
-        return -1;
-    }
-    freeReplyObject(r);
-    return 0;
 }
 
 /* Per-user units of pending and paid orders into users_rebuild, a page at a time (inside the
@@ -284,7 +259,7 @@ static int mark_ledger(sp_reaper *rp, int64_t sku_id, char *errbuf, size_t errle
     char sku[24], limit[24], key[SP_STOCK_KEY_MAX], now[24];
     char last[SP_ORDER_ID_MAX + 1] = "";
     sp_stock_key(key, sku_id, "returned");
-    sp_reaper_i64(now, sp_reaper_now_ms());
+    sp_reaper_i64(now, sp_clock_wall_ms());
     for (;;) {
         const char *params[] = {sp_reaper_i64(sku, sku_id), last, sp_reaper_i64(limit, LEDGER_PAGE)};
         PGresult *res = sp_pg_query(rp->pg,
@@ -384,36 +359,23 @@ out:
     return rc;
 }
 
+typedef struct stage_ctx {
+    int64_t sku_id;
+    const char *staged;
+} stage_ctx;
+
+static int stage_step(sp_reaper *rp, redisReply *const *kv, size_t n, void *arg, char *errbuf,
+                      size_t errlen) {
+    const stage_ctx *sc = arg;
+    return stage_entries(rp, sc->sku_id, kv, n, sc->staged, errbuf, errlen);
+}
+
 static int stage_resv(sp_reaper *rp, int64_t sku_id, const char *staged, char *errbuf,
                       size_t errlen) {
-    char key[SP_STOCK_KEY_MAX], cursor[32] = "0", count[16];
+    char key[SP_STOCK_KEY_MAX];
+    stage_ctx sc = {.sku_id = sku_id, .staged = staged};
     sp_stock_key(key, sku_id, "resv");
-    snprintf(count, sizeof(count), "%d", RESV_SCAN);
-    do {
-        redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
-        if (redis == NULL) return -1;
-        const char *scan[] = {"HSCAN", key, cursor, "COUNT", count};
-        redisReply *r = redisCommandArgv(redis, 5, scan, NULL);
-        if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
-            r->element[0]->type != REDIS_REPLY_STRING || r->element[1]->type != REDIS_REPLY_ARRAY) {
-            snprintf(errbuf, errlen, "HSCAN %s: %s", key,
-                     r == NULL ? redis->errstr : r->type == REDIS_REPLY_ERROR ? r->str : "bad reply");
-            if (r == NULL) sp_reaper_redis_failed(rp);
-            freeReplyObject(r);
-            return -1;
-        }
-        snprintf(cursor, sizeof(cursor), "%s", r->element[0]->str);
-        /* A small hash answers whole in one step, however many entries it holds: chunks. */
-        size_t pairs = r->element[1]->elements / 2;
-        int rc = 0;
-        for (size_t off = 0; off < pairs && rc == 0; off += STEP_MAX)
-            rc = stage_entries(rp, sku_id, &r->element[1]->element[2 * off],
-                               pairs - off < STEP_MAX ? pairs - off : STEP_MAX, staged, errbuf,
-                               errlen);
-        freeReplyObject(r);
-        if (rc != 0) return -1;
-    } while (strcmp(cursor, "0") != 0);
-    return 0;
+    return sp_reaper_hscan(rp, key, RESV_SCAN, STEP_MAX, stage_step, &sc, errbuf, errlen);
 }
 
 /* Step 4: one REPEATABLE READ snapshot; *snap is its inventory row. */
@@ -523,14 +485,14 @@ static int rebuild(sp_reaper *rp, int64_t sku_id, int64_t settle_until, const ch
         SP_LOG_CTX(SP_LOG_INFO, &ctx, "reconcile: PostgreSQL has no inventory row; nothing to do");
         return 0;
     }
-    snprintf(token, sizeof(token), "%s:%" PRId64, rp->cfg->worker_id, sp_reaper_now_ms());
+    snprintf(token, sizeof(token), "%s:%" PRId64, rp->cfg->worker_id, sp_clock_wall_ms());
     redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
     if (redis == NULL ||
         sp_stock_reconcile_pause(redis, sku_id, token, inv.per_user_limit, inv.pay_timeout_s,
                                  inv.supplied, errbuf, errlen) != 0)
         return -1;
     SP_LOG_CTX(SP_LOG_INFO, &ctx, "reconcile: sale paused (%s)", why);
-    int64_t now = sp_reaper_mono_ms();
+    int64_t now = sp_clock_mono_ms();
     if (settle_until == 0) settle_until = now + rp->cfg->kafka_message_timeout_ms + 1000;
     if (settle_until > now && sp_reaper_sleep(settle_until - now) != 0) {
         snprintf(errbuf, errlen, "stopped while reservations settled; the sale stays paused");
@@ -591,14 +553,14 @@ fail:
 static int reconcile_every_sku(sp_reaper *rp, const char *why, char *errbuf, size_t errlen) {
     char after[24], limit[24], token[128], err[512] = "";
     redis_identity before;
-    int64_t settle_until = sp_reaper_mono_ms() + rp->cfg->kafka_message_timeout_ms + 1000;
+    int64_t settle_until = sp_clock_mono_ms() + rp->cfg->kafka_message_timeout_ms + 1000;
     size_t nskus = 0, nfailed = 0;
     /* A new epoch goes to Redis first: if Redis loses data again while this runs, the epoch goes
      * with it and the next check starts over; reaper_state gets it only at the end. */
     if (read_identity(rp, &before, errbuf, errlen) != 0 ||
         new_epoch(rp, before.epoch, sizeof(before.epoch), errbuf, errlen) != 0)
         return -1;
-    snprintf(token, sizeof(token), "all:%s:%" PRId64, rp->cfg->worker_id, sp_reaper_now_ms());
+    snprintf(token, sizeof(token), "all:%s:%" PRId64, rp->cfg->worker_id, sp_clock_wall_ms());
     uint64_t session = rp->pg_session; /* the one holding SP_LOCK_RECONCILE */
     sp_warn("reconcile of every SKU: %s", why);
     for (int pass = 0; pass < 2; pass++) {

@@ -19,7 +19,8 @@
 #include "stock_return.h"
 
 #define SKU_PAGE   500 /* SKUs listed per query */
-#define RESV_SCAN  256 /* entries asked for per HSCAN step */
+#define RESV_SCAN  256  /* entries asked for per HSCAN step */
+#define STEP_MAX   1024 /* most entries acted on at once (a small hash answers whole) */
 #define ENTRY_MAX  160 /* bytes of an entry we act on ("r:user:qty:ts:idem_key" is well below) */
 #define VOID_REASON "lost reservation"
 
@@ -128,7 +129,7 @@ static int void_lost(sp_reaper *rp, int64_t sku_id, const resv_entry *const *los
     }
     for (size_t i = 0; i < n; i++) ids[i] = lost[i]->order_id;
     if (sp_requests_claim_voids(rp, sku_id, ids, n, won, errbuf, errlen) != 0) goto out;
-    int64_t now = sp_reaper_now_ms();
+    int64_t now = sp_clock_wall_ms();
     for (size_t i = 0; i < n; i++) {
         if (!won[i]) continue;
         sp_event *ev = &evs[nev++];
@@ -167,10 +168,10 @@ out:
 }
 
 /* Acts on one HSCAN step's worth of entries (see resv_sweep.h). */
-static int act_on_entries(sp_reaper *rp, int64_t sku_id, const redisReply *kv,
+static int act_on_entries(sp_reaper *rp, int64_t sku_id, redisReply *const *kv, size_t n,
                           sp_resv_sweep_stats *st, char *errbuf, size_t errlen) {
-    size_t n = kv->elements / 2, ncand = 0, ndrop = 0, nlost = 0;
-    int64_t now = sp_reaper_now_ms();
+    size_t ncand = 0, ndrop = 0, nlost = 0;
+    int64_t now = sp_clock_wall_ms();
     int64_t lost_before = now - rp->cfg->resv_lost_after_ms;
     int64_t stale_before = now - rp->cfg->accepted_stale_after_ms;
     resv_entry *cand = calloc(n ? n : 1, sizeof(*cand));
@@ -183,7 +184,7 @@ static int act_on_entries(sp_reaper *rp, int64_t sku_id, const redisReply *kv,
         goto out;
     }
     for (size_t i = 0; i < n; i++) {
-        const redisReply *k = kv->element[2 * i], *v = kv->element[2 * i + 1];
+        const redisReply *k = kv[2 * i], *v = kv[2 * i + 1];
         resv_entry e;
         if (k->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING ||
             parse_entry(k->str, v->str, &e) != 0) {
@@ -235,44 +236,36 @@ out:
     return rc;
 }
 
+typedef struct sweep_ctx {
+    int64_t sku_id;
+    sp_resv_sweep_stats *st;
+} sweep_ctx;
+
+static int sweep_step(sp_reaper *rp, redisReply *const *kv, size_t n, void *arg, char *errbuf,
+                      size_t errlen) {
+    const sweep_ctx *sc = arg;
+    if (act_on_entries(rp, sc->sku_id, kv, n, sc->st, errbuf, errlen) != 0) return -1;
+    return sp_signal_stop_requested() ? 1 : 0;
+}
+
 /* Scans the SKU's resv hash (the caller holds the SKU's lock). */
 static int sweep_entries(sp_reaper *rp, int64_t sku_id, sp_resv_sweep_stats *st, char *errbuf,
                          size_t errlen) {
-    char key[SP_STOCK_KEY_MAX], cursor[32] = "0", count[16];
+    char key[SP_STOCK_KEY_MAX];
+    sweep_ctx sc = {.sku_id = sku_id, .st = st};
     sp_stock_key(key, sku_id, "resv");
-    snprintf(count, sizeof(count), "%d", RESV_SCAN);
-    do {
-        redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
-        if (redis == NULL) return -1;
-        const char *scan[] = {"HSCAN", key, cursor, "COUNT", count};
-        redisReply *r = redisCommandArgv(redis, 5, scan, NULL);
-        if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
-            r->element[0]->type != REDIS_REPLY_STRING || r->element[1]->type != REDIS_REPLY_ARRAY) {
-            snprintf(errbuf, errlen, "HSCAN %s: %s", key,
-                     r == NULL ? redis->errstr : r->type == REDIS_REPLY_ERROR ? r->str : "bad reply");
-            if (r == NULL) sp_reaper_redis_failed(rp);
-            freeReplyObject(r);
-            return -1;
-        }
-        snprintf(cursor, sizeof(cursor), "%s", r->element[0]->str);
-        int rc = act_on_entries(rp, sku_id, r->element[1], st, errbuf, errlen);
-        freeReplyObject(r);
-        if (rc != 0) return -1;
-    } while (strcmp(cursor, "0") != 0 && !sp_signal_stop_requested());
-    return 0;
+    return sp_reaper_hscan(rp, key, RESV_SCAN, STEP_MAX, sweep_step, &sc, errbuf, errlen);
 }
 
 /* What the SKU's sale looks like: 1 fine, 0 missing, 2 paused. */
 static int sale_state(sp_reaper *rp, int64_t sku_id, int *state, char *errbuf, size_t errlen) {
     char key[SP_STOCK_KEY_MAX];
-    redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
-    if (redis == NULL) return -1;
     sp_stock_key(key, sku_id, "sale");
-    redisReply *r = redisCommand(redis, "HMGET %s stock paused", key);
-    if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
-        snprintf(errbuf, errlen, "HMGET %s: %s", key,
-                 r == NULL ? redis->errstr : r->type == REDIS_REPLY_ERROR ? r->str : "bad reply");
-        if (r == NULL) sp_reaper_redis_failed(rp);
+    const char *hmget[] = {"HMGET", key, "stock", "paused"};
+    redisReply *r = sp_reaper_redis_argv(rp, 4, hmget, REDIS_REPLY_ARRAY, errbuf, errlen);
+    if (r == NULL) return -1;
+    if (r->elements != 2) {
+        snprintf(errbuf, errlen, "HMGET %s: unexpected reply", key);
         freeReplyObject(r);
         return -1;
     }
@@ -303,7 +296,7 @@ static int sweep_sku(sp_reaper *rp, int64_t sku_id, int64_t opened_ms, sp_resv_s
              * consumer may store it first: only a sale missing for long is lost. */
             if (state == 2)
                 *reconcile = "it was left paused by a reconcile that did not finish";
-            else if (sp_reaper_now_ms() - opened_ms > rp->cfg->resv_lost_after_ms)
+            else if (sp_clock_wall_ms() - opened_ms > rp->cfg->resv_lost_after_ms)
                 *reconcile = "its sale is missing from Redis";
         }
         rc = 0;

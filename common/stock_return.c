@@ -155,7 +155,7 @@ static int drain_batch(sp_reaper *rp, drain_pos *pos, size_t *nread, size_t *nst
     }
     if (read_batch(rp, pos, &rows, &n, errbuf, errlen) != 0) goto fail;
     *nread = n;
-    int64_t now = sp_reaper_now_ms();
+    int64_t now = sp_clock_wall_ms();
     for (size_t i = 0; i < n; i++) {
         sp_log_ctx ctx = {.order_id = rows[i].order_id, .sku_id = rows[i].sku_id};
         if (sp_stock_give_back(redis, rows[i].sku_id, rows[i].order_id, rows[i].user_id,
@@ -205,7 +205,7 @@ out:
 int sp_stock_return_drain(sp_reaper *rp, int64_t budget_ms, size_t *nreturned, char *errbuf,
                           size_t errlen) {
     drain_pos pos = {{0}, {0}};
-    int64_t until = sp_reaper_mono_ms() + budget_ms;
+    int64_t until = sp_clock_mono_ms() + budget_ms;
     size_t total = 0, nread = 0, nstamped = 0;
     do {
         sp_health_beat();
@@ -215,7 +215,7 @@ int sp_stock_return_drain(sp_reaper *rp, int64_t budget_ms, size_t *nreturned, c
             return -1;
         }
         total += nstamped;
-    } while (nread == (size_t)rp->cfg->reaper_batch && sp_reaper_mono_ms() < until &&
+    } while (nread == (size_t)rp->cfg->reaper_batch && sp_clock_mono_ms() < until &&
              !sp_signal_stop_requested());
     *nreturned = total;
     return 0;
@@ -245,60 +245,35 @@ static int settle_chunk(sp_reaper *rp, int64_t sku_id, const char *key, const ch
         return -1;
     }
     /* Every row of these markers is stamped now: the markers have done their job. */
-    redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
-    if (redis == NULL) return -1;
     hdel[0] = "HDEL", hdel[1] = key;
     memcpy(&hdel[2], ids, k * sizeof(*ids));
-    redisReply *d = redisCommandArgv(redis, (int)k + 2, hdel, NULL);
-    if (d == NULL || d->type != REDIS_REPLY_INTEGER) {
-        snprintf(errbuf, errlen, "HDEL %s: %s", key, d ? "bad reply" : redis->errstr);
-        if (d == NULL) sp_reaper_redis_failed(rp);
-        freeReplyObject(d);
-        return -1;
-    }
+    redisReply *d = sp_reaper_redis_argv(rp, (int)k + 2, hdel, REDIS_REPLY_INTEGER, errbuf, errlen);
+    if (d == NULL) return -1;
     *nremoved += (size_t)d->integer;
     freeReplyObject(d);
     return 0;
 }
 
+typedef struct settle_ctx {
+    int64_t sku_id;
+    const char *key;
+    size_t total;
+} settle_ctx;
+
+static int settle_step(sp_reaper *rp, redisReply *const *kv, size_t n, void *arg, char *errbuf,
+                       size_t errlen) {
+    settle_ctx *sc = arg;
+    const char *ids[MARKER_STEP_MAX];
+    for (size_t i = 0; i < n; i++) ids[i] = kv[2 * i]->str;
+    return n ? settle_chunk(rp, sc->sku_id, sc->key, ids, n, &sc->total, errbuf, errlen) : 0;
+}
+
 int sp_stock_return_settle_markers(sp_reaper *rp, int64_t sku_id, size_t *nsettled, char *errbuf,
                                    size_t errlen) {
-    char key[SP_STOCK_KEY_MAX], cursor[32] = "0", count[16];
-    const char *ids[MARKER_STEP_MAX];
-    size_t total = 0;
-    int rc = -1;
-    *nsettled = 0;
+    char key[SP_STOCK_KEY_MAX];
     sp_stock_key(key, sku_id, "returned");
-    snprintf(count, sizeof(count), "%d", MARKER_SCAN);
-    do {
-        redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
-        if (redis == NULL) goto out;
-        const char *scan[] = {"HSCAN", key, cursor, "COUNT", count};
-        redisReply *r = redisCommandArgv(redis, 5, scan, NULL);
-        if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
-            r->element[0]->type != REDIS_REPLY_STRING || r->element[1]->type != REDIS_REPLY_ARRAY) {
-            snprintf(errbuf, errlen, "HSCAN %s: %s", key,
-                     r == NULL ? redis->errstr : r->type == REDIS_REPLY_ERROR ? r->str : "bad reply");
-            if (r == NULL) sp_reaper_redis_failed(rp);
-            freeReplyObject(r);
-            goto out;
-        }
-        snprintf(cursor, sizeof(cursor), "%s", r->element[0]->str);
-        /* A small hash answers whole in one step, however many markers it holds: chunks. */
-        size_t k = 0;
-        int failed = 0;
-        for (size_t i = 0; i + 1 < r->element[1]->elements && !failed; i += 2) {
-            ids[k++] = r->element[1]->element[i]->str;
-            if (k == MARKER_STEP_MAX || i + 3 >= r->element[1]->elements) {
-                failed = settle_chunk(rp, sku_id, key, ids, k, &total, errbuf, errlen) != 0;
-                k = 0;
-            }
-        }
-        freeReplyObject(r);
-        if (failed) goto out;
-    } while (strcmp(cursor, "0") != 0);
-    rc = 0;
-out:
-    *nsettled = total;
+    settle_ctx sc = {.sku_id = sku_id, .key = key};
+    int rc = sp_reaper_hscan(rp, key, MARKER_SCAN, MARKER_STEP_MAX, settle_step, &sc, errbuf, errlen);
+    *nsettled = sc.total;
     return rc;
 }

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <time.h>
 
+#include "clock.h"
 #include "http.h"
 #include "log.h"
 #include "order_api.h"
@@ -23,12 +24,6 @@ typedef struct producer {
     int64_t drain_deadline_ms; /* 0 until SIGTERM */
 } producer;
 
-static int64_t mono_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 /* Every 100 ms: beat, Redis/Kafka upkeep, and the SIGTERM drain (the handler only counts). */
 static void on_tick(evutil_socket_t fd, short what, void *arg) {
     (void)fd, (void)what;
@@ -41,9 +36,9 @@ static void on_tick(evutil_socket_t fd, short what, void *arg) {
                 sp_order_api_inflight(p->api));
         sp_http_stop_accepting(p->http);
         sp_health_set_ready(0, "draining");
-        p->drain_deadline_ms = mono_ms() + DRAIN_MS;
+        p->drain_deadline_ms = sp_clock_mono_ms() + DRAIN_MS;
     }
-    if (sp_order_api_inflight(p->api) == 0 || mono_ms() >= p->drain_deadline_ms)
+    if (sp_order_api_inflight(p->api) == 0 || sp_clock_mono_ms() >= p->drain_deadline_ms)
         event_base_loopexit(p->base, NULL);
 }
 

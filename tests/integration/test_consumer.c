@@ -33,6 +33,7 @@
 #include "pg_store.h"
 #include "redis_store.h"
 #include "stock.h"
+#include "itest.h"
 
 #ifdef __SANITIZE_ADDRESS__
 #define CONSUMER_BIN "bin/asan/consumer"
@@ -75,23 +76,6 @@ typedef struct delivery {
 
 static delivery deliveries[MAX_EVENTS];
 static int ndelivered;
-
-static const char *need_env(const char *name) {
-    const char *v = getenv(name);
-    if (v == NULL || *v == '\0') fail_msg("%s is not set: run `. var/stack.env` first", name);
-    return v;
-}
-
-static int64_t now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static void sleep_ms(int ms) {
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
 
 /* ---- PostgreSQL ---- */
 
@@ -246,7 +230,7 @@ static const char *new_topic(const char *what, int partitions) {
     g.ntopics++;
     /* Wait until every partition has a leader, so produce and consume do not race creation. */
     int n = 0;
-    for (int64_t deadline = now_ms() + 30000; now_ms() < deadline; sleep_ms(200))
+    for (int64_t deadline = sp_clock_mono_ms() + 30000; sp_clock_mono_ms() < deadline; sleep_ms(200))
         if (sp_kafka_topic_partitions(g.kafka, t, 2000, &n, err, sizeof(err)) == 0 &&
             n == partitions)
             return t;
@@ -310,7 +294,7 @@ static int read_dead_letters(const char *topic, dead_letter *out, int max, int w
     assert_int_equal(rd_kafka_assign(rk, parts), RD_KAFKA_RESP_ERR_NO_ERROR);
     rd_kafka_topic_partition_list_destroy(parts);
     int n = 0;
-    for (int64_t deadline = now_ms() + timeout_ms; n < max && now_ms() < deadline;) {
+    for (int64_t deadline = sp_clock_mono_ms() + timeout_ms; n < max && sp_clock_mono_ms() < deadline;) {
         rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 200);
         if (m == NULL) {
             if (n >= want) break;
@@ -339,17 +323,6 @@ static int read_dead_letters(const char *topic, dead_letter *out, int max, int w
 }
 
 /* ---- consumer processes ---- */
-
-static int free_port(void) {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t alen = sizeof(a);
-    assert_true(fd >= 0);
-    assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
-    assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &alen), 0);
-    close(fd);
-    return ntohs(a.sin_port);
-}
 
 typedef struct proc {
     pid_t pid;
@@ -398,7 +371,7 @@ static proc start_consumer(const char *name, const char *dsn, const char *topic,
 /* Waits for a process to end: its exit status, 128+signal when killed, -1 on timeout. */
 static int wait_exit(pid_t pid, int timeout_s) {
     int status;
-    for (int64_t deadline = now_ms() + timeout_s * 1000; now_ms() < deadline; sleep_ms(50)) {
+    for (int64_t deadline = sp_clock_mono_ms() + timeout_s * 1000; sp_clock_mono_ms() < deadline; sleep_ms(50)) {
         pid_t r = waitpid(pid, &status, WNOHANG);
         if (r == pid) {
             for (int i = 0; i < 16; i++)
@@ -459,7 +432,7 @@ static int64_t metric(int port, const char *series) {
 static void wait_applied(const char *dsn, const char *topic, int64_t total, const proc *p) {
     const char *params[] = {topic};
     int64_t got = -1;
-    for (int64_t deadline = now_ms() + WAIT_S * 1000; now_ms() < deadline; sleep_ms(100)) {
+    for (int64_t deadline = sp_clock_mono_ms() + WAIT_S * 1000; sp_clock_mono_ms() < deadline; sleep_ms(100)) {
         got = query_int(dsn,
                         "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets "
                         "WHERE topic = $1",
@@ -594,8 +567,8 @@ static void test_scripted_log(void **state) {
     assert_int_equal(
         metric(p.port, "stockpipe_consumer_events_unchanged_total{type=\"order.created\"}"), 2);
     /* The lag gauge follows within a second or so. */
-    for (int64_t until = now_ms() + 20000;
-         metric(p.port, "stockpipe_consumer_lag_events") != 0 && now_ms() < until;)
+    for (int64_t until = sp_clock_mono_ms() + 20000;
+         metric(p.port, "stockpipe_consumer_lag_events") != 0 && sp_clock_mono_ms() < until;)
         sleep_ms(100);
     assert_int_equal(metric(p.port, "stockpipe_consumer_lag_events"), 0);
     stop_consumer(&p, "scripted log, batches of 3");
@@ -853,8 +826,8 @@ static void test_group_kill9_and_replay(void **state) {
     /* The third joins; once it owns partitions, the second half arrives, and it dies while it is
      * applying it. */
     proc c = start_consumer("group-c", db_group, topic, dlq_group, "group", settings, NULL);
-    int64_t deadline = now_ms() + WAIT_S * 1000;
-    while (metric(c.port, "stockpipe_consumer_assigned_partitions") <= 0 && now_ms() < deadline)
+    int64_t deadline = sp_clock_mono_ms() + WAIT_S * 1000;
+    while (metric(c.port, "stockpipe_consumer_assigned_partitions") <= 0 && sp_clock_mono_ms() < deadline)
         sleep_ms(100);
     assert_true(metric(c.port, "stockpipe_consumer_assigned_partitions") > 0);
     int64_t before = metric(c.port, "stockpipe_consumer_batch_events_count");
@@ -862,7 +835,7 @@ static void test_group_kill9_and_replay(void **state) {
     flush_all();
     const char *params[] = {topic};
     while (metric(c.port, "stockpipe_consumer_batch_events_count") < before + 3 &&
-           now_ms() < deadline &&
+           sp_clock_mono_ms() < deadline &&
            query_int(db_group, "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets "
                                "WHERE topic = $1", 1, params) < ndelivered)
         sleep_ms(10);
@@ -942,7 +915,7 @@ static void test_sigterm_commits(void **state) {
     proc p = start_consumer("term-1", db, topic, dlq, "term", settings, NULL);
     const char *params[] = {topic};
     int64_t stored = 0;
-    for (int64_t deadline = now_ms() + WAIT_S * 1000; stored < 1000 && now_ms() < deadline;
+    for (int64_t deadline = sp_clock_mono_ms() + WAIT_S * 1000; stored < 1000 && sp_clock_mono_ms() < deadline;
          sleep_ms(20))
         stored = query_int(db, "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets "
                                "WHERE topic = $1", 1, params);
@@ -996,8 +969,8 @@ static void test_failed_batch_is_read_again(void **state) {
 
     const char *settings[] = {"BATCH_MAX=10", NULL};
     proc p = start_consumer("fail", db, topic, dlq, "fail", settings, NULL);
-    int64_t deadline = now_ms() + WAIT_S * 1000;
-    while (metric(p.port, "stockpipe_consumer_batch_failures_total") < 2 && now_ms() < deadline)
+    int64_t deadline = sp_clock_mono_ms() + WAIT_S * 1000;
+    while (metric(p.port, "stockpipe_consumer_batch_failures_total") < 2 && sp_clock_mono_ms() < deadline)
         sleep_ms(100);
     assert_true(metric(p.port, "stockpipe_consumer_batch_failures_total") >= 2);
     const char *tp[] = {topic};

@@ -38,6 +38,7 @@
 #include "pg_store.h"
 #include "redis_store.h"
 #include "stock.h"
+#include "itest.h"
 
 #ifdef __SANITIZE_ADDRESS__
 #define BIN "bin/asan/"
@@ -77,40 +78,6 @@ static struct {
     int npassed;
 } g;
 
-static const char *need_env(const char *name) {
-    const char *v = getenv(name);
-    if (v == NULL || *v == '\0') fail_msg("%s is not set: run `. var/stack.env` first", name);
-    return v;
-}
-
-static int64_t now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static int64_t wall_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static void sleep_ms(int ms) {
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
-static int free_port(void) {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t alen = sizeof(a);
-    assert_true(fd >= 0);
-    assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
-    assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &alen), 0);
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
 static void track(pid_t pid) {
     for (int i = 0; i < MAX_PROCS; i++)
         if (g.pids[i] == 0) {
@@ -128,7 +95,7 @@ static void untrack(pid_t pid) {
 /* Waits for a process to end: its exit status, 128+signal when killed, -1 on timeout. */
 static int wait_exit(pid_t pid, int timeout_s) {
     int status;
-    for (int64_t deadline = now_ms() + timeout_s * 1000; now_ms() < deadline; sleep_ms(20)) {
+    for (int64_t deadline = sp_clock_mono_ms() + timeout_s * 1000; sp_clock_mono_ms() < deadline; sleep_ms(20)) {
         if (waitpid(pid, &status, WNOHANG) == pid) {
             untrack(pid);
             return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
@@ -268,7 +235,7 @@ static void start_redis(void) {
     track(pid);
     sp_redis_target target;
     if (sp_redis_parse_url(g.redis_url, &target, err, sizeof(err)) != 0) fail_msg("%s", err);
-    for (int64_t deadline = now_ms() + 20000; now_ms() < deadline; sleep_ms(50)) {
+    for (int64_t deadline = sp_clock_mono_ms() + 20000; sp_clock_mono_ms() < deadline; sleep_ms(50)) {
         redisContext *c = sp_redis_connect(&target, 500, err, sizeof(err));
         if (c) {
             int ok = sp_redis_ping(c, err, sizeof(err)) == 0;
@@ -445,7 +412,7 @@ static proc start(const char *bin, const char *name, const char *const *settings
 /* Waits until the process answers /readyz with 200. */
 static void wait_ready(const proc *p) {
     char body[1024];
-    for (int64_t deadline = now_ms() + WAIT_S * 1000; now_ms() < deadline; sleep_ms(100)) {
+    for (int64_t deadline = sp_clock_mono_ms() + WAIT_S * 1000; sp_clock_mono_ms() < deadline; sleep_ms(100)) {
         if (http(p->port, "GET", "/readyz", NULL, NULL, NULL, body, sizeof(body)) == 200) return;
         if (waitpid(p->pid, NULL, WNOHANG) == p->pid) fail_msg("%s died (log %s)", p->name, p->log);
     }
@@ -503,8 +470,8 @@ static void assert_audit_passes(void) {
 /* Waits until cond() holds, failing with what after WAIT_S. */
 #define WAIT_FOR(cond, ...)                                                                        \
     do {                                                                                           \
-        int64_t deadline_ = now_ms() + WAIT_S * 1000;                                              \
-        while (!(cond) && now_ms() < deadline_) sleep_ms(100);                                     \
+        int64_t deadline_ = sp_clock_mono_ms() + WAIT_S * 1000;                                              \
+        while (!(cond) && sp_clock_mono_ms() < deadline_) sleep_ms(100);                                     \
         if (!(cond)) fail_msg(__VA_ARGS__);                                                        \
     } while (0)
 
@@ -572,7 +539,7 @@ static void test_payments_around_the_deadline(void **state) {
         static const int offsets[] = {-400, -150, 150, 400};
         if (order(sku, 1000 + i, 1, NULL, ids[i], sizeof(ids[0])) != 202)
             fail_msg("order %d not accepted", i);
-        aim[i] = now_ms() + 1000 + offsets[i % 4];
+        aim[i] = sp_clock_mono_ms() + 1000 + offsets[i % 4];
         by_aim[i] = i;
         for (int j = i; j > 0 && aim[by_aim[j - 1]] > aim[by_aim[j]]; j--) {
             int t = by_aim[j];
@@ -582,7 +549,7 @@ static void test_payments_around_the_deadline(void **state) {
     }
     for (int k = 0; k < 100; k++) {
         int i = by_aim[k];
-        if (now_ms() < aim[i]) sleep_ms((int)(aim[i] - now_ms()));
+        if (sp_clock_mono_ms() < aim[i]) sleep_ms((int)(aim[i] - sp_clock_mono_ms()));
         assert_int_equal(pay(ids[i]), 202);
     }
     WAIT_FOR(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint AND status = 'pending'",
@@ -621,7 +588,7 @@ static void publish_expired(int64_t sku, char (*ids)[SP_ORDER_ID_MAX + 1], int n
     rd_kafka_t *rk = sp_kafka_producer_new(&conf, err, sizeof(err));
     if (rk == NULL) fail_msg("%s", err);
     for (int i = 0; i < n; i++) {
-        sp_event ev = {.type = SP_EV_ORDER_EXPIRED, .ts_ms = wall_ms(), .sku_id = sku};
+        sp_event ev = {.type = SP_EV_ORDER_EXPIRED, .ts_ms = sp_clock_wall_ms(), .sku_id = sku};
         snprintf(ev.order_id, sizeof(ev.order_id), "%.*s", SP_ORDER_ID_MAX, ids[i]);
         if (sp_kafka_produce_event(rk, g.topic, &ev, NULL, err, sizeof(err)) != 0)
             fail_msg("%s", err);
@@ -655,19 +622,19 @@ static void test_three_reapers_one_killed(void **state) {
              "the 15 expiries never reached the ledger");
     assert_int_equal(hget(sku, "sale", "stock"), 0);
     for (int i = 0; i < 15; i++) {
-        if (sp_stock_give_back(redis(), sku, unpaid[i], 2001 + i * 2, 1, "expired", wall_ms(),
+        if (sp_stock_give_back(redis(), sku, unpaid[i], 2001 + i * 2, 1, "expired", sp_clock_wall_ms(),
                                &given, err, sizeof(err)) != 0)
             fail_msg("give_back: %s", err);
         assert_int_equal(given, 1);
     }
     /* Running it again gives nothing: the marker guards it. */
-    if (sp_stock_give_back(redis(), sku, unpaid[0], 2001, 1, "expired", wall_ms(), &given, err,
+    if (sp_stock_give_back(redis(), sku, unpaid[0], 2001, 1, "expired", sp_clock_wall_ms(), &given, err,
                            sizeof(err)) != 0)
         fail_msg("give_back: %s", err);
     assert_int_equal(given, 0);
     /* A voided reservation whose entry is gone (its producer released it after all) gives
      * nothing: those units came back with the release. */
-    if (sp_stock_give_back(redis(), sku, "no-such-reservation", 2001, 1, "voided", wall_ms(),
+    if (sp_stock_give_back(redis(), sku, "no-such-reservation", 2001, 1, "voided", sp_clock_wall_ms(),
                            &given, err, sizeof(err)) != 0)
         fail_msg("give_back: %s", err);
     assert_int_equal(given, 0);
@@ -688,7 +655,7 @@ static void test_three_reapers_one_killed(void **state) {
     g.reapers[2] = start_reaper(2, "7");
     int kills = 0;
     uint32_t r = 12345;
-    for (int64_t until = now_ms() + 8000; now_ms() < until; kills++) {
+    for (int64_t until = sp_clock_mono_ms() + 8000; sp_clock_mono_ms() < until; kills++) {
         r = r * 1103515245u + 12345u;
         sleep_ms(150 + (int)((r >> 16) % 400));
         assert_int_equal(kill(g.reapers[2].pid, SIGKILL), 0);
@@ -733,7 +700,7 @@ static void test_lost_reservation(void **state) {
 
     sp_order_ids gen;
     sp_order_ids_init(&gen, "test-dead-producer");
-    sp_reserve_request req = {.sku_id = sku, .user_id = 3100, .qty = 2, .ts_ms = wall_ms()};
+    sp_reserve_request req = {.sku_id = sku, .user_id = 3100, .qty = 2, .ts_ms = sp_clock_wall_ms()};
     sp_order_id_next(&gen, req.ts_ms, sku, req.order_id);
     snprintf(req.idem_key, sizeof(req.idem_key), "lost-key-%s", tag);
     sp_reserve_result res;
@@ -744,9 +711,9 @@ static void test_lost_reservation(void **state) {
     /* The consumer's clean-up of two stored orders was lost: an 'r:' whose order.created made it,
      * an accepted entry; both old. */
     sp_stock_key(key, sku, "resv");
-    snprintf(entry, sizeof(entry), "r:3001:1:%" PRId64 ":", wall_ms() - 60000);
+    snprintf(entry, sizeof(entry), "r:3001:1:%" PRId64 ":", sp_clock_wall_ms() - 60000);
     freeReplyObject(redisCommand(redis(), "HSET %s %s %s", key, real[0], entry));
-    snprintf(entry, sizeof(entry), "a:3002:1:%" PRId64, wall_ms() - 60000);
+    snprintf(entry, sizeof(entry), "a:3002:1:%" PRId64, sp_clock_wall_ms() - 60000);
     freeReplyObject(redisCommand(redis(), "HSET %s %s %s", key, real[1], entry));
     /* A retry of the buyer's key meanwhile is "in progress". */
     assert_int_equal(order(sku, 3100, 2, req.idem_key, NULL, 0), 409);
@@ -779,9 +746,9 @@ static void test_lost_reservation(void **state) {
 /* Orders until the SKU answers sold_out for a while after its sale is open: *accepted counts the
  * 202s. Other answers (404 while Redis has no sale, 409 while a reconcile pauses it) are fine. */
 static void sell_out(int64_t sku, int64_t first_user, int *accepted) {
-    int64_t user = first_user, deadline = now_ms() + WAIT_S * 1000;
+    int64_t user = first_user, deadline = sp_clock_mono_ms() + WAIT_S * 1000;
     int sold_out_in_a_row = 0;
-    while (sold_out_in_a_row < 5 && now_ms() < deadline) {
+    while (sold_out_in_a_row < 5 && sp_clock_mono_ms() < deadline) {
         int code = order(sku, user++, 1, NULL, NULL, 0);
         if (code == 202) {
             (*accepted)++;
@@ -896,7 +863,7 @@ static void test_audit_and_reconcile_by_hand(void **state) {
 static int make_topic(rd_kafka_t *rk, const char *topic, int partitions) {
     if (sp_kafka_topic_create(rk, topic, partitions, 30000, err, sizeof(err)) != 0) return -1;
     int n = 0;
-    for (int64_t deadline = now_ms() + 30000; now_ms() < deadline; sleep_ms(200))
+    for (int64_t deadline = sp_clock_mono_ms() + 30000; sp_clock_mono_ms() < deadline; sleep_ms(200))
         if (sp_kafka_topic_partitions(rk, topic, 2000, &n, err, sizeof(err)) == 0 &&
             n == partitions)
             return 0;
@@ -973,7 +940,7 @@ static void test_start_the_stack(void **state) {
     wait_ready(&g.reapers[1]);
     /* The consumer must own its partitions before the first order is worth waiting for. */
     char body[64 * 1024];
-    for (int64_t deadline = now_ms() + WAIT_S * 1000; now_ms() < deadline; sleep_ms(100)) {
+    for (int64_t deadline = sp_clock_mono_ms() + WAIT_S * 1000; sp_clock_mono_ms() < deadline; sleep_ms(100)) {
         http(g.consumer.port, "GET", "/metrics", NULL, NULL, NULL, body, sizeof(body));
         if (strstr(body, "\nstockpipe_consumer_assigned_partitions 4")) break;
     }

@@ -17,20 +17,9 @@
 #include "log.h"
 #include "pg_store.h"
 #include "redis_store.h"
+#include "itest.h"
 
 static char err[1024];
-
-static const char *need_env(const char *name) {
-    const char *v = getenv(name);
-    if (v == NULL || *v == '\0') fail_msg("%s is not set: run `. var/stack.env` first", name);
-    return v;
-}
-
-static int64_t now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* ---- Redis ---- */
 
@@ -44,7 +33,7 @@ static void test_redis_key_and_script(void **state) {
     assert_int_equal(sp_redis_ping(c, err, sizeof(err)), 0);
 
     snprintf(key, sizeof(key), "{sku:smoke}:test:%d", (int)getpid());
-    snprintf(val, sizeof(val), "%lld", (long long)now_ms());
+    snprintf(val, sizeof(val), "%lld", (long long)sp_clock_wall_ms());
     redisReply *r = redisCommand(c, "SET %s %s", key, val);
     assert_non_null(r);
     assert_int_equal(r->type, REDIS_REPLY_STATUS);
@@ -137,7 +126,7 @@ static void test_kafka_event_round_trip(void **state) {
     assert_int_equal(sp_kafka_topic_partitions(producer, topic, 5000, &npartitions, err, sizeof(err)), 0);
     assert_true(npartitions >= 1);
 
-    sp_event ev = {.type = SP_EV_ORDER_CREATED, .ts_ms = now_ms(), .sku_id = 900000 + getpid() % 1000,
+    sp_event ev = {.type = SP_EV_ORDER_CREATED, .ts_ms = sp_clock_wall_ms(), .sku_id = 900000 + getpid() % 1000,
                    .user_id = 42, .qty = 2};
     ev.expires_ms = ev.ts_ms + 600000;
     snprintf(ev.order_id, sizeof(ev.order_id), "smoke-%lld-%d", (long long)ev.ts_ms, (int)getpid());
@@ -164,8 +153,8 @@ static void test_kafka_event_round_trip(void **state) {
     rd_kafka_topic_partition_list_destroy(parts);
 
     int found = 0;
-    int64_t deadline = now_ms() + 20000;
-    while (!found && now_ms() < deadline) {
+    int64_t deadline = sp_clock_wall_ms() + 20000;
+    while (!found && sp_clock_wall_ms() < deadline) {
         rd_kafka_message_t *m = rd_kafka_consumer_poll(consumer, 500);
         if (m == NULL) continue;
         if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR && m->offset == first.offset) {
@@ -211,13 +200,13 @@ static void test_kafka_consumer_group_commit_and_resume(void **state) {
     const char *topic = need_env("KAFKA_TOPIC");
     char group[64];
     delivery d;
-    snprintf(group, sizeof(group), "smoke-group-%d-%lld", (int)getpid(), (long long)now_ms());
+    snprintf(group, sizeof(group), "smoke-group-%d-%lld", (int)getpid(), (long long)sp_clock_wall_ms());
 
     /* Join first, so the event produced next is certainly ahead of the member. */
     rd_kafka_t *a = join_group(group);
-    int64_t deadline = now_ms() + 30000;
+    int64_t deadline = sp_clock_wall_ms() + 30000;
     rd_kafka_topic_partition_list_t *assigned = NULL;
-    while (now_ms() < deadline) {
+    while (sp_clock_wall_ms() < deadline) {
         rd_kafka_message_t *m = rd_kafka_consumer_poll(a, 200);
         if (m) rd_kafka_message_destroy(m);
         assert_int_equal(rd_kafka_assignment(a, &assigned), RD_KAFKA_RESP_ERR_NO_ERROR);
@@ -229,14 +218,14 @@ static void test_kafka_consumer_group_commit_and_resume(void **state) {
     rd_kafka_topic_partition_list_destroy(assigned);
 
     rd_kafka_t *producer = new_producer();
-    sp_event ev = {.type = SP_EV_ORDER_PAID, .ts_ms = now_ms(), .sku_id = 910000 + getpid() % 1000};
+    sp_event ev = {.type = SP_EV_ORDER_PAID, .ts_ms = sp_clock_wall_ms(), .sku_id = 910000 + getpid() % 1000};
     snprintf(ev.order_id, sizeof(ev.order_id), "smoke-group-%d", (int)getpid());
     produce_and_wait(producer, topic, &ev, &d);
     rd_kafka_destroy(producer);
 
     int got = 0;
-    deadline = now_ms() + 30000;
-    while (!got && now_ms() < deadline) {
+    deadline = sp_clock_wall_ms() + 30000;
+    while (!got && sp_clock_wall_ms() < deadline) {
         rd_kafka_message_t *m = rd_kafka_consumer_poll(a, 500);
         if (m == NULL) continue;
         if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR && m->partition == d.partition && m->offset == d.offset) {
