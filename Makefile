@@ -54,7 +54,7 @@ all: $(WORKERS:%=$(BIN)/%)
 sanitize:
 	$(MAKE) SAN=1 all tests
 
-tests: $(UNIT_TESTS) $(INT_TESTS) $(BENCHES)
+tests: $(UNIT_TESTS) $(INT_TESTS) $(BENCHES) $(BIN)/test/producer
 
 $(OBJ)/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -75,6 +75,16 @@ $(LIB): $(COMMON_OBJ)
 $(BIN)/%: $(OBJ)/%/main.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(SANFLAGS) $< $(LIB) $(LDLIBS) -o $@
+
+# The test build of the producer: order_api.c with -DSP_TEST_FAULTS, which honours fault points
+# set by the environment (SP_FAULT_*; see common/order_api.c). Only tests run it.
+$(OBJ)/faults/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) $(SANFLAGS) -DSP_TEST_FAULTS -c $< -o $@
+
+$(BIN)/test/producer: $(OBJ)/producer/main.o $(OBJ)/faults/common/order_api.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(SANFLAGS) $^ $(LDLIBS) -o $@
 
 $(OBJ)/tests/%: $(OBJ)/tests/unit/%.o $(LIB)
 	$(CC) $(SANFLAGS) $< $(LIB) $(LDLIBS) $(CMOCKA_LIBS) -o $@

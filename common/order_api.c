@@ -28,6 +28,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "api_request.h"
 #include "clock.h"
 #include "event.h"
 #include "kafka.h"
@@ -42,6 +43,7 @@
 #define REDIS_STALL_MS           2000 /* replies owed for this long: the connection is dropped */
 #define SOLDOUT_SLOTS            1024 /* local sold-out flags, a direct-mapped table by sku */
 #define SOLDOUT_HOLD_MS          200  /* how long a flag answers without asking Redis */
+#define SPARE_CALLS_MAX          1024 /* freed calls kept for reuse */
 #define USER_SLOTS               65536 /* per-user rate buckets, a direct-mapped table by user */
 _Static_assert(USER_SLOTS == 1 << 16, "user_allowed() takes the top 16 bits of a hash");
 
@@ -67,6 +69,14 @@ static sp_metric m_lookup = REQ("lookup_ok");
 static sp_metric m_latency = SP_METRIC_HISTOGRAM(
     "stockpipe_producer_order_seconds", "Time from request to answer for POST /v1/orders.", NULL,
     sp_latency_us_bounds, 15, 1e-6);
+static sp_metric m_redis_latency = SP_METRIC_HISTOGRAM(
+    "stockpipe_producer_reserve_seconds",
+    "Time from request to reserve.lua's answer for POST /v1/orders (parsing, queueing, Redis).",
+    NULL, sp_latency_us_bounds, 15, 1e-6);
+static sp_metric m_kafka_latency = SP_METRIC_HISTOGRAM(
+    "stockpipe_producer_kafka_ack_seconds",
+    "Time from handing order.created to librdkafka to its delivery report.", NULL,
+    sp_latency_us_bounds, 15, 1e-6);
 static sp_metric m_pg_errors = SP_METRIC_COUNTER(
     "stockpipe_producer_pg_errors_total", "PostgreSQL lookups that failed (GET order / sku).", NULL);
 static sp_metric m_redis_errors =
@@ -86,7 +96,8 @@ static sp_metric *all_metrics[] = {&m_accepted,    &m_sold_out,     &m_limit,   
                                    &m_invalid,     &m_unauthorized, &m_unavailable,  &m_in_progress,
                                    &m_admin_ok,    &m_paid,         &m_not_found,    &m_latency,
                                    &m_redis_errors, &m_kafka_errors, &m_inflight,    &m_released,
-                                   &m_unknown,     &m_rate_limited, &m_lookup,     &m_pg_errors};
+                                   &m_unknown,     &m_rate_limited, &m_lookup,     &m_pg_errors,
+                                   &m_redis_latency, &m_kafka_latency};
 
 /* ---- state ---- */
 
@@ -116,6 +127,9 @@ struct sp_order_api {
     int64_t kafka_probe_ms;
     int inflight;               /* calls not yet freed */
     struct call *confirm_head, *confirm_tail; /* delivered orders whose confirm is not sent yet */
+    struct call *spare;         /* freed calls kept for reuse (a call is ~2 KiB: allocating one
+                                 * per request made malloc consolidate its free lists each time) */
+    int nspare;
     sp_order_ids ids;
     struct {
         int64_t sku_id, until_ms;
@@ -129,6 +143,7 @@ typedef struct call {
     struct evhttp_request *req; /* NULL once answered */
     call_kind kind;
     int64_t started_us;
+    int64_t published_us;       /* when the event went to librdkafka */
     sp_reserve_request order;   /* CALL_ORDER */
     sp_event ev;                /* the event to publish */
     sp_script_call script;      /* the Redis call under way, kept for a NOSCRIPT re-send */
@@ -170,7 +185,14 @@ static void answer_order(call *c, int code, const char *order_id, const char *st
 }
 
 static call *call_new(sp_order_api *api, struct evhttp_request *req, call_kind kind) {
-    call *c = calloc(1, sizeof(*c));
+    call *c = api->spare;
+    if (c != NULL) {
+        api->spare = c->next;
+        api->nspare--;
+        memset(c, 0, sizeof(*c));
+    } else {
+        c = calloc(1, sizeof(*c));
+    }
     if (c == NULL) {
         sp_http_reply_error(req, 503, "unavailable", "out of memory");
         sp_metric_inc(&m_unavailable);
@@ -187,66 +209,27 @@ static call *call_new(sp_order_api *api, struct evhttp_request *req, call_kind k
 static void call_free(call *c) {
     if (c == NULL) return;
     answer_error(c, 503, "unavailable", NULL, &m_unavailable); /* never leave a buyer hanging */
-    c->api->inflight--;
-    free(c);
+    sp_order_api *api = c->api;
+    api->inflight--;
+    if (api->nspare < SPARE_CALLS_MAX) {
+        c->next = api->spare;
+        api->spare = c;
+        api->nspare++;
+    } else {
+        free(c);
+    }
 }
 
 /* ---- request bodies ---- */
 
-/* Reads the JSON object of req's body; NULL after answering 400 with the reason. */
-static json_t *read_body(call *c) {
-    struct evhttp_request *req = c->req;
-    const char *ctype = evhttp_find_header(evhttp_request_get_input_headers(req), "Content-Type");
-    if (ctype == NULL || strncasecmp(ctype, "application/json", 16) != 0 ||
-        (ctype[16] != '\0' && ctype[16] != ';')) {
-        answer_error(c, 400, "invalid_request", "Content-Type must be application/json",
-                     &m_invalid);
-        return NULL;
-    }
+/* The request's Content-Type and its body as one contiguous run of bytes (evhttp bounds the body;
+ * a pullup of a single-chain buffer copies nothing). */
+static const char *body_of(struct evhttp_request *req, const char **ctype, size_t *len) {
     struct evbuffer *in = evhttp_request_get_input_buffer(req);
-    size_t len = evbuffer_get_length(in);
-    char buf[8192]; /* bodies are bounded by evhttp's max body size (4 KiB) well below this */
-    if (len == 0 || len >= sizeof(buf)) {
-        answer_error(c, 400, "invalid_request", len ? "body too large" : "empty body", &m_invalid);
-        return NULL;
-    }
-    evbuffer_copyout(in, buf, len);
-    if (memchr(buf, '\0', len) != NULL) { /* jansson lets some NULs through silently */
-        answer_error(c, 400, "invalid_request", "body contains a NUL byte", &m_invalid);
-        return NULL;
-    }
-    json_error_t jerr;
-    json_t *root = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
-    if (root == NULL) {
-        char detail[200];
-        snprintf(detail, sizeof(detail), "malformed JSON at column %d: %s", jerr.column, jerr.text);
-        answer_error(c, 400, "invalid_request", detail, &m_invalid);
-        return NULL;
-    }
-    if (!json_is_object(root)) {
-        json_decref(root);
-        answer_error(c, 400, "invalid_request", "body must be a JSON object", &m_invalid);
-        return NULL;
-    }
-    return root;
-}
-
-/* Reads integer field name of obj within [min, max]; -1 after answering 400. */
-static int int_field(call *c, json_t *obj, const char *name, int64_t min, int64_t max,
-                     int64_t *out) {
-    json_t *v = json_object_get(obj, name);
-    char detail[160];
-    if (v == NULL) {
-        snprintf(detail, sizeof(detail), "field \"%s\" is missing", name);
-    } else if (!json_is_integer(v) || json_integer_value(v) < min || json_integer_value(v) > max) {
-        snprintf(detail, sizeof(detail), "field \"%s\" must be an integer in %" PRId64 "..%" PRId64,
-                 name, min, max);
-    } else {
-        *out = json_integer_value(v);
-        return 0;
-    }
-    answer_error(c, 400, "invalid_request", detail, &m_invalid);
-    return -1;
+    *ctype = evhttp_find_header(evhttp_request_get_input_headers(req), "Content-Type");
+    *len = evbuffer_get_length(in);
+    const char *p = (const char *)evbuffer_pullup(in, -1);
+    return p ? p : "";
 }
 
 /* Checks "Authorization: Bearer <token>"; answers 401 when it is not so. An unset token refuses
@@ -401,6 +384,7 @@ static int publish(call *c) {
         return -1;
     }
     sp_metric_inc(&m_inflight);
+    c->published_us = sp_clock_mono_us();
     return 0;
 }
 
@@ -425,6 +409,7 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
                       .sku_id = c->ev.sku_id, .has_kafka = 1, .partition = m->partition,
                       .offset = m->offset};
     sp_metric_add(&m_inflight, -1);
+    sp_metric_observe(&m_kafka_latency, sp_clock_mono_us() - c->published_us);
     if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR) {
         c->api->kafka_down = 0;
         switch (c->kind) {
@@ -586,6 +571,21 @@ static void on_release(redisAsyncContext *ac, void *reply, void *data) {
 
 /* ---- POST /v1/orders ---- */
 
+#ifdef SP_TEST_FAULTS
+/* Test builds only (bin/test/producer, built with -DSP_TEST_FAULTS; never the shipped binary):
+ * SP_FAULT_DIE_AFTER_RESERVE=N kills the process with SIGKILL right after the N-th successful
+ * reserve.lua, before its order.created reaches librdkafka: the crash the reaper's lost-
+ * reservation sweep exists for. */
+#include <signal.h>
+static void fault_after_reserve(void) {
+    static long seen;
+    const char *n = getenv("SP_FAULT_DIE_AFTER_RESERVE");
+    if (n != NULL && ++seen == strtol(n, NULL, 10)) raise(SIGKILL);
+}
+#else
+static void fault_after_reserve(void) {}
+#endif
+
 static void on_reserve(redisAsyncContext *ac, void *reply, void *data) {
     call *c = data;
     redisReply *r = reply;
@@ -602,6 +602,7 @@ static void on_reserve(redisAsyncContext *ac, void *reply, void *data) {
         call_free(c);
         return;
     }
+    sp_metric_observe(&m_redis_latency, sp_clock_mono_us() - c->started_us);
     switch (res.outcome) {
     case SP_RESERVE_OK:
         if (res.stock_left == 0) soldout_set(c->api, c->order.sku_id, 1);
@@ -610,6 +611,7 @@ static void on_reserve(redisAsyncContext *ac, void *reply, void *data) {
                            .qty = c->order.qty,
                            .expires_ms = c->order.ts_ms + (int64_t)res.pay_timeout_s * 1000};
         memcpy(c->ev.order_id, c->order.order_id, sizeof(c->ev.order_id));
+        fault_after_reserve();
         if (publish(c) != 0) {
             answer_error(c, 503, "unavailable", "the event log is unreachable", &m_unavailable);
             release_order(c);
@@ -647,12 +649,16 @@ static void post_order(sp_order_api *api, struct evhttp_request *req) {
     int64_t user, sku, qty;
     call *c = call_new(api, req, CALL_ORDER);
     if (c == NULL) return;
-    json_t *body = read_body(c);
-    if (body == NULL) goto done;
-    if (int_field(c, body, "user_id", 1, SP_ID_MAX, &user) != 0 ||
-        int_field(c, body, "sku_id", 1, SP_ID_MAX, &sku) != 0 ||
-        int_field(c, body, "qty", 1, SP_QTY_MAX, &qty) != 0)
+    const char *ctype;
+    size_t len;
+    const char *bytes = body_of(req, &ctype, &len);
+    sp_order_body body;
+    char detail[SP_API_DETAIL_MAX];
+    if (sp_order_body_parse(ctype, bytes, len, &body, detail, sizeof(detail)) != 0) {
+        answer_error(c, 400, "invalid_request", detail, &m_invalid);
         goto done;
+    }
+    user = body.user_id, sku = body.sku_id, qty = body.qty;
     const char *idem = evhttp_find_header(evhttp_request_get_input_headers(req), "Idempotency-Key");
     if (idem != NULL && !sp_idem_key_valid(idem)) {
         answer_error(c, 400, "invalid_request",
@@ -687,10 +693,8 @@ static void post_order(sp_order_api *api, struct evhttp_request *req) {
         answer_error(c, 503, "unavailable", "stock store is unreachable", &m_unavailable);
         goto done;
     }
-    json_decref(body);
     return; /* on_reserve goes on */
 done:
-    json_decref(body);
     call_free(c);
 }
 
@@ -742,30 +746,31 @@ static void on_sale_exists(redisAsyncContext *ac, void *reply, void *data) {
 static void post_sale_change(sp_order_api *api, struct evhttp_request *req, call_kind kind,
                              int64_t sku) {
     int64_t stock, limit = 0, timeout = 0;
-    char key[SP_STOCK_KEY_MAX];
+    char key[SP_STOCK_KEY_MAX], detail[SP_API_DETAIL_MAX];
     call *c = call_new(api, req, kind);
-    json_t *body = NULL;
     if (c == NULL) return;
-    if (!authorized(c, api->cfg->admin_token) || (body = read_body(c)) == NULL) goto done;
+    if (!authorized(c, api->cfg->admin_token)) goto done;
+    const char *ctype;
+    size_t len;
+    const char *bytes = body_of(req, &ctype, &len);
+    int rc;
     if (kind == CALL_OPEN) {
-        if (int_field(c, body, "sku_id", 1, SP_ID_MAX, &sku) != 0 ||
-            int_field(c, body, "stock", 0, SP_STOCK_MAX, &stock) != 0 ||
-            int_field(c, body, "per_user_limit", 0, SP_PER_USER_MAX, &limit) != 0 ||
-            int_field(c, body, "pay_timeout_s", 1, SP_PAY_TIMEOUT_MAX, &timeout) != 0)
-            goto done;
-    } else if (int_field(c, body, "add", 1, SP_STOCK_MAX, &stock) != 0) {
+        sp_sale_body b;
+        rc = sp_sale_body_parse(ctype, bytes, len, &b, detail, sizeof(detail));
+        if (rc == 0) sku = b.sku_id, stock = b.stock, limit = b.per_user_limit, timeout = b.pay_timeout_s;
+    } else {
+        rc = sp_restock_body_parse(ctype, bytes, len, &stock, detail, sizeof(detail));
+    }
+    if (rc != 0) {
+        answer_error(c, 400, "invalid_request", detail, &m_invalid);
         goto done;
     }
     c->ev = (sp_event){.type = kind == CALL_OPEN ? SP_EV_STOCK_SET : SP_EV_STOCK_ADD,
                        .sku_id = sku, .stock = stock, .per_user_limit = (int32_t)limit,
                        .pay_timeout_s = (int32_t)timeout};
     sp_stock_key(key, sku, "sale");
-    if (redis_command(c, on_sale_exists, "EXISTS %s", key) == 0) {
-        json_decref(body);
-        return;
-    }
+    if (redis_command(c, on_sale_exists, "EXISTS %s", key) == 0) return;
 done:
-    json_decref(body);
     call_free(c);
 }
 
@@ -1131,5 +1136,10 @@ void sp_order_api_free(sp_order_api *api) {
     if (api->kafka) rd_kafka_destroy(api->kafka);
     if (api->kafka_pipe[0] >= 0) close(api->kafka_pipe[0]);
     if (api->kafka_pipe[1] >= 0) close(api->kafka_pipe[1]);
+    while (api->spare) {
+        call *c = api->spare;
+        api->spare = c->next;
+        free(c);
+    }
     free(api);
 }

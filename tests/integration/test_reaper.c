@@ -50,7 +50,7 @@
 #define MSG_TIMEOUT "2000"
 #define LOST_AFTER  "4000"
 #define MAX_PROCS   16
-#define NTESTS      7
+#define NTESTS      8
 #define ADMIN       "test-admin-token"
 #define PAYMENT     "test-payment-token"
 
@@ -743,6 +743,56 @@ static void test_lost_reservation(void **state) {
     g.npassed++;
 }
 
+/* The same crash for real: the test build of the producer (bin/test/producer) is told to SIGKILL
+ * itself right after its second successful reserve.lua, before the order.created reaches
+ * librdkafka. The buyer gets no answer; Redis holds a reservation nobody will confirm or release.
+ * After RESV_LOST_AFTER_MS the sweep voids it and the units come back, once. */
+static void test_producer_killed_after_reserve(void **state) {
+    (void)state;
+    int64_t sku = g.sku_base + 8;
+    char first[SP_ORDER_ID_MAX + 1], key[SP_STOCK_KEY_MAX];
+    open_sale(sku, 6, 3, 600);
+    const char *settings[] = {"ADMIN_TOKEN=" ADMIN, "PAYMENT_TOKEN=" PAYMENT,
+                              "KAFKA_MESSAGE_TIMEOUT_MS=" MSG_TIMEOUT, "USER_RATE_LIMIT=0",
+                              "SP_FAULT_DIE_AFTER_RESERVE=2", NULL};
+    proc doomed = start(BIN "test/producer", "producer-doomed", settings);
+    wait_ready(&doomed);
+    proc saved = g.producer;
+    g.producer = doomed; /* order() talks to g.producer */
+    int code1 = order(sku, 4001, 1, NULL, first, sizeof(first));
+    int code2 = order(sku, 4002, 2, "doomed-key", NULL, 0);
+    g.producer = saved;
+    assert_int_equal(code1, 202);
+    assert_int_equal(code2, 0); /* no answer: the process died mid-request */
+    assert_int_equal(wait_exit(doomed.pid, 30), 128 + SIGKILL);
+    /* The decrement happened and its reservation is left behind, unconfirmed. */
+    assert_int_equal(hget(sku, "sale", "stock"), 3);
+    assert_int_equal(hget_user(sku, 4002), 2);
+    sp_stock_key(key, sku, "resv");
+    WAIT_FOR(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint", sku) == 1,
+             "the first order never reached PostgreSQL");
+
+    WAIT_FOR(hlen(sku, "resv") == 0 && hget(sku, "sale", "stock") == 5 &&
+                 sku_int("SELECT count(*) FROM stock_returns WHERE sku_id = $1::bigint"
+                         " AND reason = 'voided' AND returned_to_redis_at IS NOT NULL", sku) == 1,
+             "the dead producer's reservation of sku %" PRId64 " was never given back (stock %"
+             PRId64 ", resv %" PRId64 ")", sku, hget(sku, "sale", "stock"), hlen(sku, "resv"));
+    assert_int_equal(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
+                             " AND status = 'cancelled' AND user_id = 4002 AND qty = 2", sku), 1);
+    assert_int_equal(sku_int("SELECT stock FROM inventory WHERE sku_id = $1::bigint", sku), 5);
+    assert_int_equal(hget_user(sku, 4002), -1);
+    assert_int_equal(hget_user(sku, 4001), 1);
+    /* Given back once: later sweeps change nothing. */
+    sleep_ms(1500);
+    assert_int_equal(hget(sku, "sale", "stock"), 5);
+    assert_int_equal(sku_int("SELECT count(*) FROM stock_returns WHERE sku_id = $1::bigint", sku), 1);
+    /* The buyer's key is free again, and the units sell. */
+    assert_int_equal(order(sku, 4002, 2, "doomed-key", NULL, 0), 202);
+    assert_int_equal(hget(sku, "sale", "stock"), 3);
+    assert_audit_passes();
+    g.npassed++;
+}
+
 /* Orders until the SKU answers sold_out for a while after its sale is open: *accepted counts the
  * 202s. Other answers (404 while Redis has no sale, 409 while a reconcile pauses it) are fine. */
 static void sell_out(int64_t sku, int64_t first_user, int *accepted) {
@@ -987,6 +1037,7 @@ int main(void) {
         cmocka_unit_test(test_payments_around_the_deadline),
         cmocka_unit_test(test_three_reapers_one_killed),
         cmocka_unit_test(test_lost_reservation),
+        cmocka_unit_test(test_producer_killed_after_reserve),
         cmocka_unit_test(test_redis_flushed_mid_sale),
         cmocka_unit_test(test_redis_restarted_empty),
         cmocka_unit_test(test_audit_and_reconcile_by_hand),
