@@ -58,45 +58,51 @@ static int int_field(json_t *obj, const char *name, int64_t min, int64_t max, in
     return 0;
 }
 
+/* One integer field of a body: its name, its range, where it goes. */
+typedef struct field {
+    const char *name;
+    int64_t min, max;
+    int64_t *out;
+} field;
+
+#define FIELDS_MAX 4
+
+/* Parses the body and reads every field of f; the outputs are written only when all are good. */
+static int parse_fields(const char *content_type, const char *body, size_t len, const field *f,
+                        int n, char *detail, size_t detail_len) {
+    int64_t v[FIELDS_MAX];
+    json_t *root = body_object(content_type, body, len, detail, detail_len);
+    if (root == NULL) return -1;
+    for (int i = 0; i < n; i++) {
+        if (int_field(root, f[i].name, f[i].min, f[i].max, &v[i], detail, detail_len) != 0) {
+            json_decref(root);
+            return -1;
+        }
+    }
+    json_decref(root);
+    for (int i = 0; i < n; i++) *f[i].out = v[i];
+    return 0;
+}
+
 int sp_order_body_parse(const char *content_type, const char *body, size_t len, sp_order_body *out,
                         char *detail, size_t detail_len) {
-    sp_order_body b;
-    json_t *root = body_object(content_type, body, len, detail, detail_len);
-    int rc = root == NULL ||
-                     int_field(root, "user_id", 1, SP_ID_MAX, &b.user_id, detail, detail_len) ||
-                     int_field(root, "sku_id", 1, SP_ID_MAX, &b.sku_id, detail, detail_len) ||
-                     int_field(root, "qty", 1, SP_QTY_MAX, &b.qty, detail, detail_len)
-                 ? -1
-                 : 0;
-    json_decref(root);
-    if (rc == 0) *out = b;
-    return rc;
+    const field f[] = {{"user_id", 1, SP_ID_MAX, &out->user_id},
+                       {"sku_id", 1, SP_ID_MAX, &out->sku_id},
+                       {"qty", 1, SP_QTY_MAX, &out->qty}};
+    return parse_fields(content_type, body, len, f, 3, detail, detail_len);
 }
 
 int sp_sale_body_parse(const char *content_type, const char *body, size_t len, sp_sale_body *out,
                        char *detail, size_t detail_len) {
-    sp_sale_body b;
-    json_t *root = body_object(content_type, body, len, detail, detail_len);
-    int rc = root == NULL ||
-                     int_field(root, "sku_id", 1, SP_ID_MAX, &b.sku_id, detail, detail_len) ||
-                     int_field(root, "stock", 0, SP_STOCK_MAX, &b.stock, detail, detail_len) ||
-                     int_field(root, "per_user_limit", 0, SP_PER_USER_MAX, &b.per_user_limit,
-                               detail, detail_len) ||
-                     int_field(root, "pay_timeout_s", 1, SP_PAY_TIMEOUT_MAX, &b.pay_timeout_s,
-                               detail, detail_len)
-                 ? -1
-                 : 0;
-    json_decref(root);
-    if (rc == 0) *out = b;
-    return rc;
+    const field f[] = {{"sku_id", 1, SP_ID_MAX, &out->sku_id},
+                       {"stock", 0, SP_STOCK_MAX, &out->stock},
+                       {"per_user_limit", 0, SP_PER_USER_MAX, &out->per_user_limit},
+                       {"pay_timeout_s", 1, SP_PAY_TIMEOUT_MAX, &out->pay_timeout_s}};
+    return parse_fields(content_type, body, len, f, 4, detail, detail_len);
 }
 
 int sp_restock_body_parse(const char *content_type, const char *body, size_t len, int64_t *add,
                           char *detail, size_t detail_len) {
-    int64_t a;
-    json_t *root = body_object(content_type, body, len, detail, detail_len);
-    int rc = root == NULL || int_field(root, "add", 1, SP_STOCK_MAX, &a, detail, detail_len) ? -1 : 0;
-    json_decref(root);
-    if (rc == 0) *add = a;
-    return rc;
+    const field f[] = {{"add", 1, SP_STOCK_MAX, add}};
+    return parse_fields(content_type, body, len, f, 1, detail, detail_len);
 }

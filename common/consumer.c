@@ -113,10 +113,9 @@ static const int64_t batch_size_bounds[] = {1,    10,   50,    100,   250,   500
 static sp_metric m_batch_size = SP_METRIC_HISTOGRAM(
     "stockpipe_consumer_batch_events", "Events per committed batch.", NULL, batch_size_bounds,
     (int)(sizeof(batch_size_bounds) / sizeof(batch_size_bounds[0])), 1);
-static sp_metric m_batch_latency = SP_METRIC_HISTOGRAM(
+static sp_metric m_batch_latency = SP_METRIC_LATENCY(
     "stockpipe_consumer_batch_seconds",
-    "Time to apply and commit one batch (PostgreSQL transaction and dead letters).", NULL,
-    sp_latency_us_bounds, 15, 1e-6);
+    "Time to apply and commit one batch (PostgreSQL transaction, dead letters).");
 static sp_metric m_batch_failures = SP_METRIC_COUNTER(
     "stockpipe_consumer_batch_failures_total",
     "Batches rolled back and read again later (PostgreSQL or the dead-letter topic failed).",

@@ -35,8 +35,13 @@ typedef struct sp_metric {
      .nbounds = (nb), .scale = (sc)}
 
 /* Latency buckets in microseconds (rendered in seconds): 100us .. 5s. */
-extern const int64_t sp_latency_us_bounds[];
+#define SP_LATENCY_US_NBOUNDS 15
+extern const int64_t sp_latency_us_bounds[SP_LATENCY_US_NBOUNDS];
 extern const int sp_latency_us_nbounds;
+
+/* A latency histogram observed in microseconds, rendered in seconds. */
+#define SP_METRIC_LATENCY(n, h)                                                                    \
+    SP_METRIC_HISTOGRAM(n, h, NULL, sp_latency_us_bounds, SP_LATENCY_US_NBOUNDS, 1e-6)
 
 /* Adds m to the registry. Call during startup, before threads that render run. Registering the
  * same object twice is a no-op. */

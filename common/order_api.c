@@ -66,17 +66,15 @@ static sp_metric m_not_found = REQ("not_found");
 static sp_metric m_rate_limited = REQ("rate_limited");
 static sp_metric m_lookup = REQ("lookup_ok");
 #undef REQ
-static sp_metric m_latency = SP_METRIC_HISTOGRAM(
-    "stockpipe_producer_order_seconds", "Time from request to answer for POST /v1/orders.", NULL,
-    sp_latency_us_bounds, 15, 1e-6);
-static sp_metric m_redis_latency = SP_METRIC_HISTOGRAM(
+static sp_metric m_latency = SP_METRIC_LATENCY(
+    "stockpipe_producer_order_seconds",
+    "Time from request to answer for POST /v1/orders.");
+static sp_metric m_redis_latency = SP_METRIC_LATENCY(
     "stockpipe_producer_reserve_seconds",
-    "Time from request to reserve.lua's answer for POST /v1/orders (parsing, queueing, Redis).",
-    NULL, sp_latency_us_bounds, 15, 1e-6);
-static sp_metric m_kafka_latency = SP_METRIC_HISTOGRAM(
+    "Time from request to reserve.lua's answer for POST /v1/orders (parse, queue, Redis).");
+static sp_metric m_kafka_latency = SP_METRIC_LATENCY(
     "stockpipe_producer_kafka_ack_seconds",
-    "Time from handing order.created to librdkafka to its delivery report.", NULL,
-    sp_latency_us_bounds, 15, 1e-6);
+    "Time from handing order.created to librdkafka to its delivery report.");
 static sp_metric m_pg_errors = SP_METRIC_COUNTER(
     "stockpipe_producer_pg_errors_total", "PostgreSQL lookups that failed (GET order / sku).", NULL);
 static sp_metric m_redis_errors =

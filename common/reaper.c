@@ -26,10 +26,9 @@
 #define CHECK_TIMEOUT_MS 1000
 #define FORGET_LIMIT    5000 /* decided requests deleted per sweep */
 
-static sp_metric m_sweep = SP_METRIC_HISTOGRAM(
+static sp_metric m_sweep = SP_METRIC_LATENCY(
     "stockpipe_reaper_sweep_seconds",
-    "Time one sweep took (data-loss check, expiry, ledger drain; the reservation sweep when due).",
-    NULL, sp_latency_us_bounds, 15, 1e-6);
+    "Time one sweep took (data-loss check, expiry, ledger drain; reservation sweep when due).");
 static sp_metric m_forgotten = SP_METRIC_COUNTER(
     "stockpipe_reaper_requests_forgotten_total",
     "Requests (order.expired, order.voided) deleted from reaper_requests once decided.", NULL);
