@@ -334,8 +334,9 @@ static void redis_failed(consumer *c, int64_t sku_id, const char *err) {
 }
 
 /* For each SKU of the committed batch: where PostgreSQL refused orders, cap Redis's stock to what
- * PostgreSQL can still sell, so the producers stop admitting; then drop the batch's orders from
- * their entries in Redis's `resv` hash (they are in PostgreSQL now: no reservation is needed). */
+ * PostgreSQL can still sell, so the producers stop admitting; give the buyers of refused orders
+ * their per-user units back (with the order's `resv` entry, once); then drop the batch's other
+ * orders from `resv` (they are in PostgreSQL now: no reservation is needed). */
 static void correct_redis(consumer *c, const sp_batch *b) {
     char err[256];
     for (size_t k = 0; k < b->nskus; k++) {
@@ -359,9 +360,20 @@ static void correct_redis(consumer *c, const sp_batch *b) {
         size_t n = 0;
         for (int32_t i = sku->first_item; i >= 0; i = b->items[i].next_same_sku) {
             const sp_batch_item *it = &b->items[i];
-            if (it->ev.type == SP_EV_ORDER_CREATED &&
-                (it->outcome == SP_ITEM_APPLIED || it->outcome == SP_ITEM_UNCHANGED))
-                c->ids[n++] = it->ev.order_id;
+            if (it->ev.type != SP_EV_ORDER_CREATED ||
+                (it->outcome != SP_ITEM_APPLIED && it->outcome != SP_ITEM_UNCHANGED))
+                continue;
+            if (it->outcome == SP_ITEM_APPLIED && it->effect == SP_EFFECT_REJECTED_STOCK) {
+                /* Refused here: the buyer's units in Redis come back with the entry. */
+                int units = 0;
+                if (sp_stock_rejected_forget(rc, sku->sku_id, it->ev.order_id, it->ev.user_id,
+                                             it->ev.qty, &units, err, sizeof(err)) != 0) {
+                    redis_failed(c, sku->sku_id, err);
+                    return;
+                }
+                continue;
+            }
+            c->ids[n++] = it->ev.order_id;
         }
         if (n > 0 && sp_stock_accepted_forget(rc, sku->sku_id, c->ids, n, err, sizeof(err)) != 0) {
             redis_failed(c, sku->sku_id, err);

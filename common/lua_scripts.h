@@ -8,6 +8,7 @@ extern const char sp_lua_reserve[];
 extern const char sp_lua_confirm[];
 extern const char sp_lua_release[];
 extern const char sp_lua_cap[];
+extern const char sp_lua_rejected_forget[];
 /* the reaper's (docs/reaper.md) */
 extern const char sp_lua_give_back[];
 extern const char sp_lua_resv_drop[];

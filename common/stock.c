@@ -21,6 +21,8 @@ static sp_redis_script script_reserve = {.name = "reserve", .body = sp_lua_reser
 static sp_redis_script script_confirm = {.name = "confirm", .body = sp_lua_confirm};
 static sp_redis_script script_release = {.name = "release", .body = sp_lua_release};
 static sp_redis_script script_cap = {.name = "cap", .body = sp_lua_cap};
+static sp_redis_script script_rejected_forget = {.name = "rejected_forget",
+                                                 .body = sp_lua_rejected_forget};
 static sp_redis_script script_give_back = {.name = "give_back", .body = sp_lua_give_back};
 static sp_redis_script script_resv_drop = {.name = "resv_drop", .body = sp_lua_resv_drop};
 static sp_redis_script script_reconcile_pause = {.name = "reconcile_pause",
@@ -255,6 +257,22 @@ int sp_stock_cap(redisContext *c, int64_t sku_id, int64_t pg_stock, int64_t pg_s
     sp_stock_cap_call(&call, sku_id, pg_stock, pg_supplied);
     if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
     *removed = v;
+    return 0;
+}
+
+int sp_stock_rejected_forget(redisContext *c, int64_t sku_id, const char *order_id,
+                             int64_t user_id, int32_t qty, int *units, char *errbuf,
+                             size_t errlen) {
+    sp_script_call call;
+    long long v;
+    sp_script_call_init(&call, &script_rejected_forget, 2);
+    sp_script_call_arg(&call, "{sku:%" PRId64 "}:resv", sku_id);
+    sp_script_call_arg(&call, "{sku:%" PRId64 "}:users", sku_id);
+    sp_script_call_arg(&call, "%s", order_id);
+    sp_script_call_arg(&call, "%" PRId64, user_id);
+    sp_script_call_arg(&call, "%" PRId32, qty);
+    if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
+    *units = (int)v;
     return 0;
 }
 

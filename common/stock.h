@@ -92,6 +92,13 @@ int sp_stock_release(redisContext *c, int64_t sku_id, const char *order_id, int 
 int sp_stock_cap(redisContext *c, int64_t sku_id, int64_t pg_stock, int64_t pg_supplied,
                  int64_t *removed, char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
+/* PostgreSQL refused order_id (out of stock: Redis over-admitted): drops its `resv` entry and,
+ * only if the entry was still there, gives user_id's qty units back in `users`
+ * (rejected_forget.lua). *units is what came back (0 the second time). */
+int sp_stock_rejected_forget(redisContext *c, int64_t sku_id, const char *order_id,
+                             int64_t user_id, int32_t qty, int *units, char *errbuf,
+                             size_t errlen) __attribute__((warn_unused_result));
+
 /* The consumer stored these orders: drops their entries from {sku:ID}:resv (HDEL, chunked), so
  * the producer's confirm or release finds nothing left to do for them. */
 int sp_stock_accepted_forget(redisContext *c, int64_t sku_id, const char *const *order_ids,

@@ -668,7 +668,8 @@ static void test_scripted_log(void **state) {
 }
 
 /* Redis admitted 150 orders for 100 units. PostgreSQL keeps 100 pending, rejects 50, ends at
- * stock 0, and the consumer caps Redis's stock and clears the accepted markers. */
+ * stock 0, and the consumer caps Redis's stock, clears the accepted markers and gives the 50
+ * refused buyers their per-user units back (only theirs, and only once). */
 static void test_over_admission(void **state) {
     (void)state;
     const char *topic = new_topic("over", 2), *dlq = new_topic("over.dlq", 1);
@@ -686,13 +687,17 @@ static void test_over_admission(void **state) {
     ndelivered = 0;
     produce(topic, &(sp_event){.type = SP_EV_STOCK_SET, .ts_ms = T0, .sku_id = sku, .stock = 100,
                                .per_user_limit = 0, .pay_timeout_s = 600});
-    /* The producer's entries for orders Kafka acknowledged ("a:user:qty:ts"). */
+    /* The producer's entries for orders Kafka acknowledged ("a:user:qty:ts"), and each buyer's
+     * unit in the per-user counts; user 1149 holds 2 units (one from an earlier order). */
+    char users[SP_STOCK_KEY_MAX];
     sp_stock_key(key, sku, "resv");
+    sp_stock_key(users, sku, "users");
     for (int i = 0; i < 150; i++) {
         snprintf(id, sizeof(id), "over-%s-%03d", tag, i);
         sp_event ev = ev_order(SP_EV_ORDER_CREATED, sku, T0 + 1 + i, id, 1000 + i, 1);
         produce(topic, &ev);
         freeReplyObject(redisCommand(rc, "HSET %s %s a:%d:1:0", key, id, 1000 + i));
+        freeReplyObject(redisCommand(rc, "HSET %s %d %d", users, 1000 + i, i == 149 ? 2 : 1));
     }
     flush_all();
 
@@ -721,7 +726,25 @@ static void test_over_admission(void **state) {
     assert_non_null(r);
     assert_int_equal(r->integer, 0);
     freeReplyObject(r);
-    freeReplyObject(redisCommand(rc, "DEL %s", key));
+    /* The 100 stored buyers keep their unit; of the 50 refused, only user 1149's earlier one is
+     * left. */
+    r = redisCommand(rc, "HLEN %s", users);
+    assert_non_null(r);
+    assert_int_equal(r->integer, 101);
+    freeReplyObject(r);
+    r = redisCommand(rc, "HGET %s 1149", users);
+    assert_non_null(r);
+    assert_string_equal(r->str, "1");
+    freeReplyObject(r);
+    r = redisCommand(rc, "HEXISTS %s 1100", users);
+    assert_non_null(r);
+    assert_int_equal(r->integer, 0);
+    freeReplyObject(r);
+    r = redisCommand(rc, "HGET %s 1099", users);
+    assert_non_null(r);
+    assert_string_equal(r->str, "1");
+    freeReplyObject(r);
+    freeReplyObject(redisCommand(rc, "DEL %s %s", key, users));
     sp_stock_key(key, sku, "sale");
     freeReplyObject(redisCommand(rc, "DEL %s", key));
     redisFree(rc);
