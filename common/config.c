@@ -59,6 +59,10 @@ static const conf_opt conf_table[] = {
      "Address the HTTP server binds"},
     {"http-port", "HTTP_PORT", INT(http_port), "8080", 1, 65535, P|C|R, 0,
      "HTTP port: the API on the producer; /healthz /readyz /metrics on every worker"},
+    {"http-max-connections", "HTTP_MAX_CONNECTIONS", INT(http_max_connections), "10000", 1,
+     1000000, P, 0,
+     "HTTP connections open at once; one more is answered 503 and closed at once (slow or idle "
+     "clients cannot take the server from the others; keep it below the open-files limit)"},
     {"worker-id", "WORKER_ID", STR(worker_id), "", 0, 0, P|C|R, 0,
      "Unique name of this worker in the fleet (default: the host name, i.e. the pod name)"},
     {"admin-token", "ADMIN_TOKEN", STR(admin_token), "", 0, 0, P, CONF_SECRET,

@@ -24,6 +24,7 @@ typedef struct sp_config {
     char pg_dsn[1024];
     char http_addr[64];
     int http_port;
+    int http_max_connections; /* producer: HTTP connections open at once */
     char worker_id[64];
     char admin_token[256];
     char payment_token[256];

@@ -3,6 +3,7 @@
 #include "http.h"
 
 #include <event2/buffer.h>
+#include <event2/bufferevent.h>
 #include <event2/event.h>
 #include <event2/http.h>
 #include <event2/keyvalq_struct.h>
@@ -11,17 +12,28 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 
 #include "clock.h"
 #include "log.h"
 #include "metrics.h"
 
+typedef struct conn conn;
+typedef struct route route;
+
 struct sp_http {
     struct evhttp *evh;
     struct evhttp_bound_socket *listener;
     sp_http_handler fallback;
     void *fallback_arg;
+    struct timeval timeout;  /* limits.timeout_s: to receive a whole request */
+    int max_connections;
+    int nopen;               /* connections open and admitted (refused ones are not counted) */
+    conn *conns;             /* every record, so that sp_http_free can free them all */
+    conn **slots;            /* attached records by socket: a request finds its connection */
+    size_t nslots;
+    route *routes;           /* every handler, behind dispatch() */
 };
 
 /* ---- health state ---- */
@@ -43,6 +55,212 @@ void sp_health_set_ready(int ready, const char *why) {
 }
 
 void sp_health_beat(void) { atomic_store_explicit(&health_last_beat, monotonic_s(), memory_order_relaxed); }
+
+/* ---- connections: the bound and the request deadline ----
+ *
+ * libevent 2.1's evhttp has neither a bound on connections nor a deadline for a whole request
+ * (its timeout is an idle timeout: a client trickling one byte a second keeps it from firing), and
+ * it tells a server nothing when a connection opens or closes. So the server hands evhttp each
+ * connection's bufferevent itself (evhttp_set_bevcb) and keeps a record (conn) per connection:
+ *   1. evhttp asks for the bufferevent right after accept(): the connection is counted, or refused
+ *      when max_connections are open, and an event is made active;
+ *   2. that event runs once evhttp has set the connection up (same loop turn): the record learns
+ *      its evhttp_connection, whose close callback is the exact moment it ends (un-counted), and
+ *      the deadline is armed, or the refused connection gets its 503 and is closed;
+ *   3. a request reaching a handler (dispatch) stops the deadline; its answer sent re-arms it.
+ * When the deadline passes, the connection is closed as evhttp closes one it timed out itself. */
+
+static sp_metric m_conns_open = SP_METRIC_GAUGE(
+    "stockpipe_http_connections", "HTTP connections open (HTTP_MAX_CONNECTIONS bounds them)", NULL);
+static sp_metric m_conns_refused = SP_METRIC_COUNTER(
+    "stockpipe_http_connections_refused_total",
+    "HTTP connections answered 503 and closed at once because the most allowed were open", NULL);
+static sp_metric m_request_timeouts = SP_METRIC_COUNTER(
+    "stockpipe_http_request_timeouts_total",
+    "HTTP connections closed because a request did not arrive in full in time (slow or silent "
+    "clients)",
+    NULL);
+
+struct route {
+    sp_http *h;
+    sp_http_handler cb;
+    void *arg;
+    route *next;
+};
+
+struct conn {
+    sp_http *h;
+    struct bufferevent *bev;          /* ours until attached (we hold a reference), then evhttp's */
+    struct event *timer;              /* first attaches (made active), then the request deadline */
+    int attached;                     /* evhttp's close callback is set; bev is in h->slots */
+    int refused;                      /* over the bound: not in h->nopen, closed once attached */
+    conn *prev, *next;                /* h->conns */
+};
+
+/* Sent to a connection over the bound, straight to its socket, before it is closed. */
+static const char refused_reply[] =
+    "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    "Cache-Control: no-store\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: 33\r\n\r\n"
+    "{\"error\":\"too_many_connections\"}\n";
+
+/* Forgets c and frees it: counts, slot, list. evhttp no longer knows its bufferevent. */
+static void conn_free(conn *c) {
+    sp_http *h = c->h;
+    evutil_socket_t fd = c->attached ? bufferevent_getfd(c->bev) : -1;
+    if (fd >= 0 && (size_t)fd < h->nslots && h->slots[fd] == c) h->slots[fd] = NULL;
+    if (!c->refused) {
+        h->nopen--;
+        sp_metric_add(&m_conns_open, -1);
+    }
+    if (c->prev) c->prev->next = c->next;
+    else h->conns = c->next;
+    if (c->next) c->next->prev = c->prev;
+    if (!c->attached) bufferevent_decref(c->bev); /* the reference taken in on_conn_new */
+    event_free(c->timer);
+    free(c);
+}
+
+/* evhttp frees the connection (a close, an error, a timeout, or the server freed). */
+static void on_conn_closed(struct evhttp_connection *evcon, void *arg) {
+    (void)evcon;
+    conn_free(arg);
+}
+
+/* Closes the connection the way evhttp closes one it timed out itself: its error callback, run
+ * deferred (never inside our own callback), frees it, which calls on_conn_closed. */
+static void conn_close(conn *c) {
+    bufferevent_trigger_event(c->bev, BEV_EVENT_READING | BEV_EVENT_TIMEOUT,
+                              BEV_TRIG_DEFER_CALLBACKS);
+}
+
+/* Step 2: evhttp has set the connection up, with the connection as its bufferevent's callback
+ * argument (every libevent since 1.4 does; checked below through the public getter). */
+static void conn_attach(conn *c) {
+    sp_http *h = c->h;
+    bufferevent_event_cb eventcb = NULL;
+    void *cbarg = NULL;
+    bufferevent_getcb(c->bev, NULL, NULL, &eventcb, &cbarg);
+    struct evhttp_connection *evcon = cbarg;
+    evutil_socket_t fd = bufferevent_getfd(c->bev);
+    if (eventcb == NULL || evcon == NULL || evhttp_connection_get_bufferevent(evcon) != c->bev ||
+        fd < 0) {
+        conn_free(c); /* evhttp gave the connection up before it was set up: it is gone */
+        return;
+    }
+    if ((size_t)fd >= h->nslots) {
+        size_t n = h->nslots ? h->nslots : 1024;
+        while (n <= (size_t)fd) n *= 2;
+        conn **slots = realloc(h->slots, n * sizeof(*slots));
+        if (slots == NULL) {
+            if (!c->refused) { /* no room to watch it: refuse it rather than serve it unbounded */
+                c->refused = 1;
+                h->nopen--;
+                sp_metric_add(&m_conns_open, -1);
+            }
+        } else {
+            memset(slots + h->nslots, 0, (n - h->nslots) * sizeof(*slots));
+            h->slots = slots;
+            h->nslots = n;
+        }
+    }
+    if ((size_t)fd < h->nslots) h->slots[fd] = c;
+    evhttp_connection_set_closecb(evcon, on_conn_closed, c);
+    c->attached = 1;
+    bufferevent_decref(c->bev); /* evhttp's now; on_conn_closed tells when it goes */
+    if (c->refused) {
+        sp_metric_inc(&m_conns_refused);
+        /* Best effort on a fresh socket (its send buffer is empty); what the client sent so far
+         * is read and dropped, so that closing sends a FIN rather than a reset. */
+        char sink[2048];
+        (void)send(fd, refused_reply, sizeof(refused_reply) - 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+        for (int i = 0; i < 8 && recv(fd, sink, sizeof(sink), MSG_DONTWAIT) > 0; i++) continue;
+        conn_close(c);
+        return;
+    }
+    evtimer_add(c->timer, &h->timeout);
+}
+
+static void on_conn_timer(evutil_socket_t fd, short what, void *arg) {
+    (void)fd, (void)what;
+    conn *c = arg;
+    if (!c->attached) {
+        conn_attach(c);
+        return;
+    }
+    /* The deadline: no whole request within the timeout. */
+    sp_metric_inc(&m_request_timeouts);
+    conn_close(c);
+}
+
+/* Step 1: evhttp accepted a connection and asks for its bufferevent (it sets the socket later).
+ * Returning NULL makes evhttp make its own: on out of memory the connection is served, unbounded,
+ * rather than dropped. */
+static struct bufferevent *on_conn_new(struct event_base *base, void *arg) {
+    sp_http *h = arg;
+    conn *c = calloc(1, sizeof(*c));
+    if (c == NULL) return NULL;
+    /* Options 0 as evhttp's own: evhttp closes the socket itself when it frees the connection. */
+    c->bev = bufferevent_socket_new(base, -1, 0);
+    c->timer = evtimer_new(base, on_conn_timer, c);
+    if (c->bev == NULL || c->timer == NULL) {
+        if (c->bev) bufferevent_free(c->bev);
+        if (c->timer) event_free(c->timer);
+        free(c);
+        return NULL;
+    }
+    bufferevent_incref(c->bev); /* valid in conn_attach even if evhttp freed it meanwhile */
+    c->h = h;
+    c->next = h->conns;
+    if (h->conns) h->conns->prev = c;
+    h->conns = c;
+    if (h->nopen >= h->max_connections) {
+        c->refused = 1;
+    } else {
+        h->nopen++;
+        sp_metric_add(&m_conns_open, 1);
+    }
+    event_active(c->timer, EV_TIMEOUT, 1);
+    return c->bev;
+}
+
+/* An answer went out in full: the client has the timeout for its next request (keep-alive). */
+static void on_reply_sent(struct evhttp_request *req, void *arg) {
+    (void)req;
+    conn *c = arg;
+    evtimer_add(c->timer, &c->h->timeout);
+}
+
+/* Step 3, in front of every handler: the request arrived in time, so its connection's deadline
+ * stops until the answer is sent. */
+static void dispatch(struct evhttp_request *req, void *arg) {
+    route *r = arg;
+    sp_http *h = r->h;
+    struct evhttp_connection *evcon = evhttp_request_get_connection(req);
+    struct bufferevent *bev = evcon ? evhttp_connection_get_bufferevent(evcon) : NULL;
+    evutil_socket_t fd = bev ? bufferevent_getfd(bev) : -1;
+    conn *c = fd >= 0 && (size_t)fd < h->nslots ? h->slots[fd] : NULL;
+    if (c != NULL && c->bev == bev) {
+        evtimer_del(c->timer);
+        evhttp_request_set_on_complete_cb(req, on_reply_sent, c);
+    }
+    r->cb(req, r->arg);
+}
+
+/* Registers cb for path (NULL: every path no route matched) behind dispatch(); -1 if the path is
+ * taken or out of memory. */
+static int add_route(sp_http *h, const char *path, sp_http_handler cb, void *arg) {
+    route *r = calloc(1, sizeof(*r));
+    if (r == NULL) return -1;
+    *r = (route){.h = h, .cb = cb, .arg = arg, .next = h->routes};
+    if (path == NULL) {
+        evhttp_set_gencb(h->evh, dispatch, r);
+    } else if (evhttp_set_cb(h->evh, path, dispatch, r) != 0) {
+        free(r);
+        return -1;
+    }
+    h->routes = r;
+    return 0;
+}
 
 /* ---- replies ---- */
 
@@ -142,16 +360,24 @@ sp_http *sp_http_new(struct event_base *base, const char *addr, int port,
     }
     evhttp_set_max_body_size(h->evh, (ev_ssize_t)limits->max_body);
     evhttp_set_max_headers_size(h->evh, (ev_ssize_t)limits->max_headers);
-    evhttp_set_timeout(h->evh, limits->timeout_s);
+    /* evhttp's own timeout is an idle one (reading or writing); one second longer than the
+     * request deadline, so that while a request is awaited the deadline always fires first and
+     * is counted, and it still bounds writing an answer. */
+    evhttp_set_timeout(h->evh, limits->timeout_s + 1);
+    h->timeout = (struct timeval){.tv_sec = limits->timeout_s};
+    h->max_connections = limits->max_connections;
+    evhttp_set_bevcb(h->evh, on_conn_new, h);
+    sp_metrics_register(&m_conns_open);
+    sp_metrics_register(&m_conns_refused);
+    sp_metrics_register(&m_request_timeouts);
     evhttp_set_allowed_methods(h->evh, EVHTTP_REQ_GET | EVHTTP_REQ_POST | EVHTTP_REQ_HEAD);
     evhttp_set_default_content_type(h->evh, "application/json");
-    if (evhttp_set_cb(h->evh, "/healthz", on_healthz, NULL) != 0 ||
-        evhttp_set_cb(h->evh, "/readyz", on_readyz, NULL) != 0 ||
-        evhttp_set_cb(h->evh, "/metrics", on_metrics, NULL) != 0) {
+    if (add_route(h, "/healthz", on_healthz, NULL) != 0 ||
+        add_route(h, "/readyz", on_readyz, NULL) != 0 ||
+        add_route(h, "/metrics", on_metrics, NULL) != 0 || add_route(h, NULL, on_unrouted, h) != 0) {
         snprintf(errbuf, errlen, "cannot register the health endpoints");
         goto fail;
     }
-    evhttp_set_gencb(h->evh, on_unrouted, h);
     h->listener = evhttp_bind_socket_with_handle(h->evh, addr, (ev_uint16_t)port);
     if (h->listener == NULL) {
         snprintf(errbuf, errlen,
@@ -167,7 +393,7 @@ fail:
 }
 
 int sp_http_route(sp_http *h, const char *path, sp_http_handler cb, void *arg) {
-    return evhttp_set_cb(h->evh, path, cb, arg) == 0 ? 0 : -1;
+    return add_route(h, path, cb, arg);
 }
 
 void sp_http_route_default(sp_http *h, sp_http_handler cb, void *arg) {
@@ -184,7 +410,15 @@ void sp_http_stop_accepting(sp_http *h) {
 
 void sp_http_free(sp_http *h) {
     if (h == NULL) return;
+    /* evhttp_free frees every connection, whose close callbacks free their records; those left
+     * were not attached yet (their connection is gone with the rest). */
     if (h->evh) evhttp_free(h->evh);
+    while (h->conns) conn_free(h->conns);
+    free(h->slots);
+    for (route *r = h->routes, *next; r; r = next) {
+        next = r->next;
+        free(r);
+    }
     free(h);
 }
 

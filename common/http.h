@@ -12,15 +12,24 @@ struct evhttp_request;
 typedef struct sp_http sp_http;
 typedef void (*sp_http_handler)(struct evhttp_request *req, void *arg);
 
-/* Bounds of every server; a request over them is refused by evhttp before a handler runs
- * (413 for a body, 400 for headers) and a silent client is dropped after the timeout. */
+/* Bounds of every server, so that hostile clients cannot take it from well-behaved ones:
+ *   - a request over max_body / max_headers is refused by evhttp before a handler runs (413 for a
+ *     body, 400 for headers);
+ *   - a client has timeout_s to send each request in full, counted from when the connection opens
+ *     or its previous answer went out: a silent client, or a slow one trickling bytes (slowloris),
+ *     is dropped then, however steadily it sends (stockpipe_http_request_timeouts_total); evhttp's
+ *     idle timeout, one second longer, bounds writing an answer;
+ *   - at most max_connections are open at once; one more is answered 503 and closed at once.
+ * Handlers may take as long as they need: the clock stops while one runs. */
 typedef struct sp_http_limits {
-    size_t max_body;    /* bytes */
-    size_t max_headers; /* bytes */
-    int timeout_s;      /* read/write timeout of a connection */
+    size_t max_body;     /* bytes */
+    size_t max_headers;  /* bytes */
+    int timeout_s;       /* to receive a whole request; (+1) idle, to write an answer */
+    int max_connections; /* open at once */
 } sp_http_limits;
 
-#define SP_HTTP_LIMITS_DEFAULT {.max_body = 4096, .max_headers = 8192, .timeout_s = 10}
+#define SP_HTTP_LIMITS_DEFAULT                                                                     \
+    {.max_body = 4096, .max_headers = 8192, .timeout_s = 10, .max_connections = 10000}
 
 /* Serves /healthz, /readyz and /metrics on addr:port, driven by base (which the caller keeps
  * owning and must outlive the server). NULL with the reason in errbuf, e.g. a port in use. */

@@ -67,6 +67,7 @@ int main(int argc, char **argv) {
         sp_error("cannot start: cannot create the event loop");
         goto out;
     }
+    limits.max_connections = cfg.http_max_connections;
     p.http = sp_http_new(p.base, cfg.http_addr, cfg.http_port, &limits, err, sizeof(err));
     if (p.http == NULL) {
         sp_error("cannot start: %s", err);
