@@ -1,0 +1,705 @@
+/* test_replay.c - PostgreSQL rebuilt from the Kafka log alone: a sale runs with all three workers
+ * (two SKUs, a restock, a few hundred orders from distinct users, payments, expiries, a second
+ * wave buying the returned stock, a late payment on an expired order); once it is quiet, `orders`,
+ * `inventory`, `stock_returns` and `consumer_offsets` are dumped, the database is dropped and
+ * recreated empty (scripts/migrate.sh), `consumer --replay` rebuilds it from the log, and the
+ * dumps are identical, byte for byte.
+ *
+ * What replay cannot reproduce, and is left out of the comparison on purpose (docs/consumer.md):
+ * stock_returns.returned_to_redis_at, stamped by the reaper (wall clock) when it gives a ledger
+ * row back to Redis, which a replay does not touch; consumer_offsets.updated_at, the wall clock of
+ * the commit. Every other column of those four tables is compared.
+ *
+ * The run has its own Redis (a redis-server started here in a scratch directory), its own topics
+ * and consumer group, its own PostgreSQL database (created and migrated here, dropped at the end)
+ * and fresh SKU ids. It runs bin/{producer,consumer,reaper}, or bin/asan/... when built with
+ * AddressSanitizer. Needs var/stack.env loaded and the repository root as the working directory
+ * (tests/run-all.sh). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "event.h"
+#include "kafka.h"
+#include "log.h"
+#include "pg_store.h"
+#include "redis_store.h"
+#include "itest.h"
+
+#ifdef __SANITIZE_ADDRESS__
+#define BIN "bin/asan/"
+#else
+#define BIN "bin/"
+#endif
+
+#define WAIT_S      120 /* generous: a shared, loaded machine; ASan builds */
+#define PARTITIONS  4
+#define MAX_PROCS   8
+#define NTESTS      3
+#define ADMIN       "test-admin-token"
+#define PAYMENT     "test-payment-token"
+#define MAX_ORDERS  512
+
+static char err[1024];
+static char tag[32]; /* unique per run: pid and time */
+
+typedef struct proc {
+    pid_t pid;
+    int port;
+    char log[256];
+    char name[32];
+} proc;
+
+/* Everything a run creates, removed by teardown. */
+static struct {
+    char tmp[128]; /* logs, Redis's directory */
+    char db[64], dsn[1200];
+    char topic[160], dlq[160], group[160];
+    char redis_url[64];
+    int redis_port;
+    int64_t sku_a, sku_b;
+    proc producer, consumer, reaper;
+    pid_t pids[MAX_PROCS]; /* every child, for teardown */
+    char ids[MAX_ORDERS][SP_ORDER_ID_MAX + 1]; /* every order answered 202 */
+    int naccepted;
+    int npassed;
+} g;
+
+static void track(pid_t pid) {
+    for (int i = 0; i < MAX_PROCS; i++)
+        if (g.pids[i] == 0) {
+            g.pids[i] = pid;
+            return;
+        }
+    fail_msg("too many child processes");
+}
+
+static void untrack(pid_t pid) {
+    for (int i = 0; i < MAX_PROCS; i++)
+        if (g.pids[i] == pid) g.pids[i] = 0;
+}
+
+/* Waits for a process to end: its exit status, 128+signal when killed, -1 on timeout. */
+static int wait_exit(pid_t pid, int timeout_s) {
+    int status;
+    for (int64_t deadline = sp_clock_mono_ms() + timeout_s * 1000; sp_clock_mono_ms() < deadline;
+         sleep_ms(20)) {
+        if (waitpid(pid, &status, WNOHANG) == pid) {
+            untrack(pid);
+            return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        }
+    }
+    return -1;
+}
+
+/* Runs argv to completion with extra NAME=VALUE settings, stdout and stderr into log; its exit
+ * status or -1. */
+static int run(char *const argv[], const char *const *settings, const char *log) {
+    pid_t pid = fork();
+    if (pid < 0) return -1;
+    if (pid == 0) {
+        for (int i = 0; settings && settings[i]; i++) putenv((char *)settings[i]);
+        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+        if (fd >= 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+        }
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    int status;
+    if (waitpid(pid, &status, 0) != pid) return -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+static int log_has(const char *path, const char *needle) {
+    FILE *f = fopen(path, "r");
+    char line[4096];
+    int found = 0;
+    while (f && !found && fgets(line, sizeof(line), f)) found = strstr(line, needle) != NULL;
+    if (f) fclose(f);
+    return found;
+}
+
+/* ---- PostgreSQL ---- */
+
+static PGconn *connect_pg(const char *dsn) {
+    PGconn *pg = sp_pg_connect(dsn, "test-replay", err, sizeof(err));
+    if (pg == NULL) fail_msg("%s", err);
+    return pg;
+}
+
+static int64_t value(const char *sql) {
+    PGconn *pg = connect_pg(g.dsn);
+    PGresult *res = sp_pg_query(pg, sql, 0, NULL, err, sizeof(err));
+    if (res == NULL) fail_msg("%s: %s", sql, err);
+    int64_t v = PQntuples(res) == 0 || PQgetisnull(res, 0, 0)
+                    ? -1
+                    : strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+    PQclear(res);
+    PQfinish(pg);
+    return v;
+}
+
+/* The rows of a query as text: fields joined by '|', NULL as "-", one line per row; *nrows gets
+ * the row count. The caller frees. */
+static char *dump(const char *sql, int *nrows) {
+    PGconn *pg = connect_pg(g.dsn);
+    PGresult *res = sp_pg_query(pg, sql, 0, NULL, err, sizeof(err));
+    if (res == NULL) fail_msg("%s: %s", sql, err);
+    size_t cap = 1024, len = 0;
+    for (int r = 0; r < PQntuples(res); r++)
+        for (int f = 0; f < PQnfields(res); f++) cap += (size_t)PQgetlength(res, r, f) + 2;
+    char *out = malloc(cap);
+    assert_non_null(out);
+    out[0] = '\0';
+    for (int r = 0; r < PQntuples(res); r++) {
+        for (int f = 0; f < PQnfields(res); f++)
+            len += (size_t)snprintf(out + len, cap - len, "%s%s", f ? "|" : "",
+                                    PQgetisnull(res, r, f) ? "-" : PQgetvalue(res, r, f));
+        len += (size_t)snprintf(out + len, cap - len, "\n");
+    }
+    *nrows = PQntuples(res);
+    PQclear(res);
+    PQfinish(pg);
+    return out;
+}
+
+/* `VERB DATABASE g.db TAIL` on the stack's own database (CREATE, DROP ... WITH (FORCE)). */
+static void admin_sql(const char *verb, const char *tail, int must) {
+    PGconn *pg = connect_pg(need_env("PG_DSN"));
+    char *ident = PQescapeIdentifier(pg, g.db, strlen(g.db));
+    char sql[256];
+    snprintf(sql, sizeof(sql), "%s DATABASE %s%s", verb, ident, tail);
+    PQfreemem(ident);
+    if (sp_pg_exec(pg, sql, 0, NULL, err, sizeof(err)) != 0) {
+        if (must) fail_msg("%s: %s", sql, err);
+        fprintf(stderr, "%s: %s\n", sql, err);
+    }
+    PQfinish(pg);
+}
+
+/* Creates g.db and applies the migrations with scripts/migrate.sh. */
+static void create_database(void) {
+    admin_sql("CREATE", "", 1);
+    /* In a conninfo string the last dbname wins. */
+    snprintf(g.dsn, sizeof(g.dsn), "%s dbname=%s", need_env("PG_DSN"), g.db);
+    char log[256];
+    snprintf(log, sizeof(log), "%s/migrate.log", g.tmp);
+    char *argv[] = {(char[]){"scripts/migrate.sh"}, (char[]){"--dsn"}, g.dsn, NULL};
+    assert_int_equal(run(argv, NULL, log), 0);
+}
+
+/* ---- Redis: a private server ---- */
+
+static void start_redis(void) {
+    char port[16], log[256];
+    snprintf(port, sizeof(port), "%d", g.redis_port);
+    snprintf(log, sizeof(log), "%s/redis.log", g.tmp);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+        if (fd >= 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+        }
+        execlp("redis-server", "redis-server", "--port", port, "--bind", "127.0.0.1", "--save",
+               "", "--appendonly", "no", "--dir", g.tmp, (char *)NULL);
+        _exit(127);
+    }
+    track(pid);
+    sp_redis_target target;
+    if (sp_redis_parse_url(g.redis_url, &target, err, sizeof(err)) != 0) fail_msg("%s", err);
+    for (int64_t deadline = sp_clock_mono_ms() + 20000; sp_clock_mono_ms() < deadline;
+         sleep_ms(50)) {
+        redisContext *c = sp_redis_connect(&target, 500, err, sizeof(err));
+        if (c) {
+            int ok = sp_redis_ping(c, err, sizeof(err)) == 0;
+            redisFree(c);
+            if (ok) return;
+        }
+    }
+    fail_msg("redis-server on port %d did not answer: %s", g.redis_port, err);
+}
+
+/* ---- HTTP ---- */
+
+/* One request to 127.0.0.1:port; the status code (0 when the server could not be reached) and
+ * the body in buf. */
+static int http(int port, const char *method, const char *path, const char *token,
+                const char *body, char *buf, size_t cap) {
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    char req[2048], hdr[256] = "";
+    size_t len = 0;
+    buf[0] = '\0';
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) return 0;
+    struct timeval tv = {15, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    if (connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0) {
+        close(fd);
+        return 0;
+    }
+    if (token) snprintf(hdr, sizeof(hdr), "Authorization: Bearer %s\r\n", token);
+    int n = snprintf(req, sizeof(req),
+                     "%s %s HTTP/1.0\r\nHost: 127.0.0.1\r\n%sContent-Type: application/json\r\n"
+                     "Content-Length: %zu\r\n\r\n%s",
+                     method, path, hdr, body ? strlen(body) : 0, body ? body : "");
+    if (write(fd, req, (size_t)n) != n) {
+        close(fd);
+        return 0;
+    }
+    for (ssize_t r; len + 1 < cap && (r = read(fd, buf + len, cap - len - 1)) > 0;)
+        len += (size_t)r;
+    buf[len] = '\0';
+    close(fd);
+    int code = 0;
+    if (sscanf(buf, "HTTP/1.%*d %d", &code) != 1) code = 0;
+    char *b = strstr(buf, "\r\n\r\n");
+    if (b) memmove(buf, b + 4, strlen(b + 4) + 1);
+    else buf[0] = '\0';
+    return code;
+}
+
+static int64_t metric(int port, const char *series) {
+    static char body[256 * 1024];
+    if (http(port, "GET", "/metrics", NULL, NULL, body, sizeof(body)) != 200) return -1;
+    size_t n = strlen(series);
+    for (char *line = body; line && *line;
+         line = strchr(line, '\n'), line = line ? line + 1 : NULL)
+        if (strncmp(line, series, n) == 0 && line[n] == ' ') return strtoll(line + n + 1, NULL, 10);
+    return -1;
+}
+
+static void admin_post(const char *path, const char *body, int want) {
+    char resp[1024];
+    int code = http(g.producer.port, "POST", path, ADMIN, body, resp, sizeof(resp));
+    if (code != want) fail_msg("POST %s %s: %d %s", path, body, code, resp);
+}
+
+static void open_sale(int64_t sku, int stock, int limit, int timeout_s) {
+    char body[256];
+    snprintf(body, sizeof(body),
+             "{\"sku_id\":%" PRId64 ",\"stock\":%d,\"per_user_limit\":%d,\"pay_timeout_s\":%d}",
+             sku, stock, limit, timeout_s);
+    admin_post("/v1/skus", body, 201);
+}
+
+/* POST /v1/orders; the status code. A 202's order id is kept in g.ids. */
+static int order(int64_t sku, int64_t user, int qty) {
+    char body[256], resp[1024];
+    snprintf(body, sizeof(body), "{\"user_id\":%" PRId64 ",\"sku_id\":%" PRId64 ",\"qty\":%d}",
+             user, sku, qty);
+    int code = http(g.producer.port, "POST", "/v1/orders", NULL, body, resp, sizeof(resp));
+    if (code == 202) {
+        json_error_t jerr;
+        json_t *j = json_loads(resp, 0, &jerr);
+        const char *id = j ? json_string_value(json_object_get(j, "order_id")) : NULL;
+        if (id != NULL && g.naccepted < MAX_ORDERS)
+            snprintf(g.ids[g.naccepted++], sizeof(g.ids[0]), "%s", id);
+        json_decref(j);
+        if (id == NULL) fail_msg("a 202 without an order id: %s", resp);
+    } else if (code != 409) {
+        fail_msg("order of user %" PRId64 " for sku %" PRId64 ": %d %s", user, sku, code, resp);
+    }
+    return code;
+}
+
+static void pay(const char *order_id) {
+    char path[160], resp[1024];
+    snprintf(path, sizeof(path), "/v1/orders/%s/pay", order_id);
+    int code = http(g.producer.port, "POST", path, PAYMENT, "{}", resp, sizeof(resp));
+    if (code != 202) fail_msg("pay %s: %d %s", order_id, code, resp);
+}
+
+/* ---- the workers ---- */
+
+static proc start(const char *bin, const char *name, const char *const *settings,
+                  const char *arg) {
+    proc p = {.port = free_port()};
+    snprintf(p.name, sizeof(p.name), "%s", name);
+    snprintf(p.log, sizeof(p.log), "%s/%s.log", g.tmp, name);
+    p.pid = fork();
+    assert_true(p.pid >= 0);
+    if (p.pid == 0) {
+        char port[16], id[64];
+        snprintf(port, sizeof(port), "%d", p.port);
+        snprintf(id, sizeof(id), "test-%s-%s", name, tag);
+        setenv("PG_DSN", g.dsn, 1);
+        setenv("REDIS_URL", g.redis_url, 1);
+        setenv("KAFKA_TOPIC", g.topic, 1);
+        setenv("KAFKA_DLQ_TOPIC", g.dlq, 1);
+        setenv("KAFKA_GROUP", g.group, 1);
+        setenv("HTTP_ADDR", "127.0.0.1", 1);
+        setenv("HTTP_PORT", port, 1);
+        setenv("WORKER_ID", id, 1);
+        setenv("LOG_LEVEL", "info", 1);
+        for (int i = 0; settings && settings[i]; i++) putenv((char *)settings[i]);
+        int fd = open(p.log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+        if (fd >= 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+            close(fd);
+        }
+        execl(bin, bin, arg, (char *)NULL);
+        _exit(127);
+    }
+    track(p.pid);
+    return p;
+}
+
+static void wait_ready(const proc *p) {
+    char body[1024];
+    for (int64_t deadline = sp_clock_mono_ms() + WAIT_S * 1000; sp_clock_mono_ms() < deadline;
+         sleep_ms(100)) {
+        if (http(p->port, "GET", "/readyz", NULL, NULL, body, sizeof(body)) == 200) return;
+        if (waitpid(p->pid, NULL, WNOHANG) == p->pid) fail_msg("%s died (log %s)", p->name, p->log);
+    }
+    fail_msg("%s never became ready (log %s)", p->name, p->log);
+}
+
+/* SIGTERM; the worker must drain and exit 0. */
+static void stop(proc *p) {
+    if (p->pid <= 0) return;
+    assert_int_equal(kill(p->pid, SIGTERM), 0);
+    int rc = wait_exit(p->pid, 60);
+    if (rc != 0) fail_msg("%s exited %d after SIGTERM (log %s)", p->name, rc, p->log);
+    p->pid = 0;
+}
+
+/* Waits until cond holds, failing with the message after WAIT_S. */
+#define WAIT_FOR(cond, ...)                                                                        \
+    do {                                                                                           \
+        int64_t deadline_ = sp_clock_mono_ms() + WAIT_S * 1000;                                    \
+        while (!(cond) && sp_clock_mono_ms() < deadline_) sleep_ms(100);                           \
+        if (!(cond)) fail_msg(__VA_ARGS__);                                                        \
+    } while (0)
+
+/* ---- Kafka ---- */
+
+static int with_kafka(int (*fn)(rd_kafka_t *)) {
+    rd_kafka_conf_t *conf = sp_kafka_conf_new(getenv("KAFKA_BROKERS"), "test-replay", err,
+                                              sizeof(err));
+    if (conf == NULL) return -1;
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof(err));
+    if (rk == NULL) {
+        rd_kafka_conf_destroy(conf);
+        return -1;
+    }
+    int rc = fn(rk);
+    rd_kafka_destroy(rk);
+    return rc;
+}
+
+static int make_topic(rd_kafka_t *rk, const char *topic, int partitions) {
+    if (sp_kafka_topic_create(rk, topic, partitions, 30000, err, sizeof(err)) != 0) return -1;
+    int n = 0;
+    for (int64_t deadline = sp_clock_mono_ms() + 30000; sp_clock_mono_ms() < deadline;
+         sleep_ms(200))
+        if (sp_kafka_topic_partitions(rk, topic, 2000, &n, err, sizeof(err)) == 0 &&
+            n == partitions)
+            return 0;
+    return -1;
+}
+
+static int create_topics(rd_kafka_t *rk) {
+    return make_topic(rk, g.topic, PARTITIONS) == 0 && make_topic(rk, g.dlq, 1) == 0 ? 0 : -1;
+}
+
+static int delete_topics(rd_kafka_t *rk) {
+    const char *topics[] = {g.topic, g.dlq};
+    for (int i = 0; i < 2; i++)
+        if (sp_kafka_topic_delete(rk, topics[i], 30000, err, sizeof(err)) != 0)
+            fprintf(stderr, "%s\n", err);
+    return 0;
+}
+
+static int64_t log_end; /* set by read_log_end */
+
+/* The events in the topic: the sum of its partitions' end offsets (no transactions, so every
+ * offset is an event). */
+static int read_log_end(rd_kafka_t *rk) {
+    int64_t sum = 0;
+    for (int p = 0; p < PARTITIONS; p++) {
+        int64_t lo = 0, hi = 0;
+        if (rd_kafka_query_watermark_offsets(rk, g.topic, p, &lo, &hi, 10000) !=
+            RD_KAFKA_RESP_ERR_NO_ERROR)
+            return -1;
+        sum += hi;
+    }
+    log_end = sum;
+    return 0;
+}
+
+static int64_t events_in_log(void) {
+    if (with_kafka(read_log_end) != 0) fail_msg("cannot read the end offsets of %s", g.topic);
+    return log_end;
+}
+
+static int64_t events_applied(void) {
+    return value("SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets");
+}
+
+/* ---- tests ---- */
+
+static void test_start_the_stack(void **state) {
+    (void)state;
+    start_redis();
+    create_database();
+    const char *producer_settings[] = {"ADMIN_TOKEN=" ADMIN, "PAYMENT_TOKEN=" PAYMENT,
+                                       "KAFKA_MESSAGE_TIMEOUT_MS=2000", "USER_RATE_LIMIT=0", NULL};
+    const char *consumer_settings[] = {"KAFKA_SESSION_TIMEOUT_MS=6000", NULL};
+    const char *reaper_settings[] = {"KAFKA_MESSAGE_TIMEOUT_MS=2000", "RESV_LOST_AFTER_MS=4000",
+                                     "REAPER_INTERVAL_MS=200", "RESV_SWEEP_INTERVAL_MS=500",
+                                     "EXPIRY_RETRY_MS=5000", "ACCEPTED_STALE_AFTER_MS=3000", NULL};
+    g.producer = start(BIN "producer", "producer", producer_settings, NULL);
+    g.consumer = start(BIN "consumer", "consumer", consumer_settings, NULL);
+    g.reaper = start(BIN "reaper", "reaper", reaper_settings, NULL);
+    wait_ready(&g.producer);
+    wait_ready(&g.consumer);
+    wait_ready(&g.reaper);
+    WAIT_FOR(metric(g.consumer.port, "stockpipe_consumer_assigned_partitions") == PARTITIONS,
+             "the consumer never owned the %d partitions", PARTITIONS);
+    g.npassed++;
+}
+
+/* Counts orders of the run in one status. */
+static int64_t orders_in(const char *status) {
+    char sql[160];
+    snprintf(sql, sizeof(sql), "SELECT count(*) FROM orders WHERE status = '%s'", status);
+    return value(sql);
+}
+
+/* The sale: A opens with 100 units (one per user, 2 s to pay) and is restocked with 50; B opens
+ * with 80 (two per user). 200 users want one A each, 60 want two B each: A and B sell out. Every
+ * third A order and every other B order is paid at once; the rest expire and their units go back.
+ * A second wave of 120 users buys what came back, every other one paying. One expired order is
+ * paid late (refund_due). Then the system is left to become quiet. */
+static void test_a_sale_with_payments_and_expiries(void **state) {
+    (void)state;
+    int64_t user = 1;
+    open_sale(g.sku_a, 100, 1, 2);
+    char path[96];
+    snprintf(path, sizeof(path), "/v1/skus/%" PRId64 "/restock", g.sku_a);
+    admin_post(path, "{\"add\":50}", 200);
+    open_sale(g.sku_b, 80, 2, 2);
+
+    int a_ok = 0, b_ok = 0, sold_out = 0, paid = 0;
+    for (int i = 0; i < 200; i++, user++) {
+        if (order(g.sku_a, user, 1) != 202) {
+            sold_out++;
+            continue;
+        }
+        if (a_ok++ % 3 == 0) pay(g.ids[g.naccepted - 1]), paid++;
+    }
+    for (int i = 0; i < 60; i++, user++) {
+        if (order(g.sku_b, user, 2) != 202) {
+            sold_out++;
+            continue;
+        }
+        if (b_ok++ % 2 == 0) pay(g.ids[g.naccepted - 1]), paid++;
+    }
+    assert_int_equal(a_ok, 150);
+    assert_int_equal(b_ok, 40);
+    int first_wave = g.naccepted;
+
+    /* The unpaid ones expire; once their units are back in Redis a second wave buys them. */
+    int expired_a = 150 - 50, expired_b = 40 - 20;
+    WAIT_FOR(value("SELECT count(*) FROM stock_returns WHERE returned_to_redis_at IS NOT NULL") ==
+                 expired_a + expired_b,
+             "the first wave's %d expiries never all reached Redis (%" PRId64 " did)",
+             expired_a + expired_b,
+             value("SELECT count(*) FROM stock_returns WHERE returned_to_redis_at IS NOT NULL"));
+    int wave2 = 0;
+    for (int i = 0; i < 120; i++, user++) {
+        int64_t sku = i % 2 ? g.sku_b : g.sku_a;
+        if (order(sku, user, 1) != 202) {
+            sold_out++;
+            continue;
+        }
+        if (wave2++ % 2 == 0) pay(g.ids[g.naccepted - 1]), paid++;
+    }
+    assert_true(wave2 >= 100); /* 100 A units and 40 B units came back */
+
+    /* A late payment: the first unpaid order of the first wave has expired by now. */
+    const char *late = g.ids[1];
+    WAIT_FOR(value("SELECT count(*) FROM orders WHERE status = 'expired'") >= expired_a,
+             "the first wave never expired");
+    pay(late);
+
+    /* Quiet: every 202 order is stored, nothing pending is left (the second wave's unpaid ones
+     * expired), every ledger row went back to Redis, the late payment is recorded, and the
+     * consumer applied the whole log. */
+    WAIT_FOR(value("SELECT count(*) FROM orders") == g.naccepted && orders_in("pending") == 0 &&
+                 value("SELECT count(*) FROM stock_returns WHERE returned_to_redis_at IS NULL") ==
+                     0 &&
+                 value("SELECT count(*) FROM orders WHERE refund_due") == 1 &&
+                 events_applied() == events_in_log(),
+             "the sale never became quiet: %" PRId64 " of %d orders stored, %" PRId64
+             " pending, %" PRId64 " of %" PRId64 " events applied",
+             value("SELECT count(*) FROM orders"), g.naccepted, orders_in("pending"),
+             events_applied(), events_in_log());
+    assert_int_equal(orders_in("paid"), paid);
+    assert_int_equal(orders_in("expired"), g.naccepted - paid);
+    assert_int_equal(value("SELECT count(*) FROM stock_returns"), g.naccepted - paid);
+    assert_int_equal(value("SELECT count(*) FROM orders WHERE refund_due AND status = 'expired'"
+                           " AND paid_at IS NOT NULL"),
+                     1);
+    print_message("    %d orders accepted (%d in the first wave, %d in the second), %d refused"
+                  " sold out; %d paid, %d expired, 1 paid late; %" PRId64 " events in the log\n",
+                  g.naccepted, first_wave, wave2, sold_out, paid, g.naccepted - paid,
+                  events_in_log());
+    g.npassed++;
+}
+
+/* Every column replay must reproduce, in a fixed order (see the file's first comment for the two
+ * left out). */
+static const struct {
+    const char *name, *sql;
+} tables[] = {
+    {"orders", "SELECT * FROM orders ORDER BY order_id"},
+    {"inventory", "SELECT * FROM inventory ORDER BY sku_id"},
+    {"stock_returns", "SELECT order_id, sku_id, user_id, qty, reason, created_at"
+                      " FROM stock_returns ORDER BY order_id"},
+    {"consumer_offsets", "SELECT topic, partition, next_offset FROM consumer_offsets"
+                         " ORDER BY topic, partition"},
+};
+#define NTABLES (sizeof(tables) / sizeof(tables[0]))
+
+static void test_replay_rebuilds_the_same_tables(void **state) {
+    (void)state;
+    char *before[NTABLES];
+    int rows[NTABLES];
+
+    /* The log is final once no worker runs: the producer and the reaper stop first, the
+     * consumer once it applied everything they published. */
+    stop(&g.producer);
+    stop(&g.reaper);
+    WAIT_FOR(events_applied() == events_in_log(), "the consumer never applied the whole log");
+    stop(&g.consumer);
+    for (size_t i = 0; i < NTABLES; i++) before[i] = dump(tables[i].sql, &rows[i]);
+
+    /* Drop the database; recreate it empty and migrated. */
+    admin_sql("DROP", " WITH (FORCE)", 1);
+    create_database();
+    assert_int_equal(value("SELECT count(*) FROM orders"), 0);
+
+    /* Rebuild it from the log alone. */
+    int64_t t0 = sp_clock_mono_ms();
+    proc r = start(BIN "consumer", "consumer-replay", NULL, "--replay");
+    int rc = wait_exit(r.pid, WAIT_S);
+    if (rc != 0) fail_msg("consumer --replay exited %d (log %s)", rc, r.log);
+    assert_true(log_has(r.log, "replay done"));
+    int64_t replay_ms = sp_clock_mono_ms() - t0;
+
+    int same = 1;
+    for (size_t i = 0; i < NTABLES; i++) {
+        int n = 0;
+        char *after = dump(tables[i].sql, &n);
+        int eq = strcmp(before[i], after) == 0;
+        print_message("    %-16s %5d rows, %6zu bytes: %s\n", tables[i].name, rows[i],
+                      strlen(before[i]), eq ? "identical after replay" : "DIFFERENT");
+        if (!eq) {
+            fprintf(stderr, "%s before:\n%.3000s\n%s after replay (%d rows):\n%.3000s\n",
+                    tables[i].name, before[i], tables[i].name, n, after);
+            same = 0;
+        }
+        free(after);
+        free(before[i]);
+    }
+    print_message("    consumer --replay rebuilt the database in %" PRId64 " ms\n", replay_ms);
+    assert_true(same);
+    assert_int_equal(rows[0], g.naccepted);
+    assert_int_equal(rows[1], 2);
+    assert_int_equal(rows[2], value("SELECT count(*) FROM orders WHERE status = 'expired'"));
+    assert_true(rows[3] >= 1 && rows[3] <= PARTITIONS); /* the partitions the two SKUs hash to */
+    g.npassed++;
+}
+
+/* ---- set-up ---- */
+
+static int group_setup(void **state) {
+    (void)state;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    snprintf(tag, sizeof(tag), "%d_%lld", (int)getpid(), (long long)(ts.tv_sec % 1000000));
+    /* SKUs of their own, far from any other test's. */
+    g.sku_a = INT64_C(700000000000) + (int64_t)(getpid() % 100000) * 1000 + ts.tv_sec % 10 * 100;
+    g.sku_b = g.sku_a + 1;
+    snprintf(g.tmp, sizeof(g.tmp), "/tmp/stockpipe-test-replay-%s", tag);
+    if (mkdir(g.tmp, 0755) != 0 && errno != EEXIST) return -1;
+    if (getenv("KAFKA_BROKERS") == NULL || getenv("PG_DSN") == NULL) {
+        fprintf(stderr, "KAFKA_BROKERS, PG_DSN are not set: run `. var/stack.env`\n");
+        return -1;
+    }
+    snprintf(g.db, sizeof(g.db), "sp_test_replay_%s", tag);
+    snprintf(g.topic, sizeof(g.topic), "stockpipe.test.replay.%s", tag);
+    snprintf(g.dlq, sizeof(g.dlq), "stockpipe.test.replay.%s.dlq", tag);
+    snprintf(g.group, sizeof(g.group), "test-replay-%s", tag);
+    g.redis_port = free_port();
+    snprintf(g.redis_url, sizeof(g.redis_url), "redis://127.0.0.1:%d", g.redis_port);
+    if (with_kafka(create_topics) != 0) {
+        fprintf(stderr, "topics: %s\n", err);
+        return -1;
+    }
+    return 0;
+}
+
+static int group_teardown(void **state) {
+    (void)state;
+    proc *all[] = {&g.reaper, &g.producer, &g.consumer};
+    int clean = 1;
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) {
+        if (all[i]->pid <= 0) continue;
+        kill(all[i]->pid, SIGTERM);
+        int rc = wait_exit(all[i]->pid, 60);
+        if (rc != 0) {
+            fprintf(stderr, "%s exited %d after SIGTERM (log %s)\n", all[i]->name, rc, all[i]->log);
+            clean = 0;
+        }
+        all[i]->pid = 0;
+    }
+    for (int i = 0; i < MAX_PROCS; i++)
+        if (g.pids[i] > 0) { /* Redis, and anything left */
+            kill(g.pids[i], SIGKILL);
+            waitpid(g.pids[i], NULL, 0);
+        }
+    if (getenv("PG_DSN") && g.dsn[0]) admin_sql("DROP", " WITH (FORCE)", 0);
+    with_kafka(delete_topics);
+    if (g.npassed == NTESTS && clean && getenv("TEST_KEEP_LOGS") == NULL) {
+        char *argv[] = {(char[]){"/bin/rm"}, (char[]){"-rf"}, g.tmp, NULL};
+        (void)run(argv, NULL, "/dev/null");
+    } else {
+        fprintf(stderr, "the workers' logs are in %s\n", g.tmp);
+    }
+    return clean ? 0 : -1;
+}
+
+int main(void) {
+    sp_log_init("test-replay", NULL, SP_LOG_WARN);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_start_the_stack),
+        cmocka_unit_test(test_a_sale_with_payments_and_expiries),
+        cmocka_unit_test(test_replay_rebuilds_the_same_tables),
+    };
+    return cmocka_run_group_tests_name("replay", tests, group_setup, group_teardown);
+}
