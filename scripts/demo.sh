@@ -1,45 +1,76 @@
 #!/usr/bin/env bash
-# demo.sh - `make demo`: starts the local stack and the three workers, shows that each is up and
-# ready, then stops what it started.
+# demo.sh - `make demo`: a flash sale on the local stack, watched live, checked at the end.
 #
-# Foundation stage: the workers serve health and metrics and check their backends; the flash-sale
-# drive (a burst of orders, payments, expiries and the final table) arrives with the order API.
-set -euo pipefail
+# Starts the local stack if it is not running (scripts/stack.sh up), then tests/e2e/demo.py:
+# two producers, two consumers and a reaper; a sale of 1,000 units, one per user, five seconds
+# to pay; 30,000 orders from 20,000 users at once; 60% of the accepted orders paid, the rest
+# left to expire; a live line while it runs; a table at the end (units sold, orders by status,
+# oversold, leaked, Redis = PostgreSQL, throughput, latency, `reaper audit`). Exit status 0 only
+# if every check held.
+#
+# Stops what it started: the workers always, the stack only if this script started it. The
+# stack honours STACK_VAR and the STACK_*_PORT variables (see scripts/stack.sh), so
+#   STACK_VAR=/tmp/mystack STACK_REDIS_PORT=28379 STACK_PG_PORT=28432 \
+#   STACK_KAFKA_PORT=28092 STACK_KAFKA_CONTROLLER_PORT=28093 scripts/demo.sh
+# runs it on a private stack. Options after the script name go to demo.py (--help lists them).
+# The workers' logs are kept in $STACK_VAR/log/demo/logs (var/log/demo/logs).
+set -uo pipefail
 cd "$(dirname "$0")/.."
+case "${1:-}" in
+    -h | --help)
+        awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"
+        echo
+        exec python3 tests/e2e/demo.py --help
+        ;;
+esac
+root=$PWD
+var=${STACK_VAR:-$root/var}
+[[ $var == /* ]] || var=$root/$var
+work=$var/log/demo
+started_stack=0
+helper=
+rc=1
 
-scripts/stack.sh up
-# shellcheck disable=SC1091
-. var/stack.env
-
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-    scripts/stack.sh down
-}
-trap cleanup EXIT
-
-mkdir -p var/log
-port=${DEMO_HTTP_PORT:-18080}
-for w in producer consumer reaper; do
-    HTTP_ADDR=127.0.0.1 HTTP_PORT=$port WORKER_ID="demo-$w" bin/$w >"var/log/demo-$w.log" 2>&1 &
-    pids+=($!)
-    eval "port_$w=$port"
-    port=$((port + 1))
-done
-
-printf '\n%-10s %-6s %-8s %s\n' worker port ready reason
-for w in producer consumer reaper; do
-    eval "p=\$port_$w"
-    body=""
-    for _ in $(seq 1 50); do
-        body=$(curl -s --max-time 2 "http://127.0.0.1:$p/readyz" || true)
-        case $body in *'"ready"'*) break ;; esac
-        sleep 0.2
+teardown() {
+    local f pid needle
+    if [[ -n $helper ]] && kill -0 "$helper" 2>/dev/null; then
+        kill -TERM "$helper" 2>/dev/null # demo.py stops its workers on the way out
+        wait "$helper" 2>/dev/null
+    fi
+    # Whatever a crashed demo.py left behind: only the pids it recorded, only if the process
+    # is still the worker binary it started.
+    for f in "$work"/pids/*.pid; do
+        [[ -f $f ]] || continue
+        read -r pid needle <"$f"
+        if [[ $pid =~ ^[0-9]+$ ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$needle"; then
+            kill -KILL "$pid" 2>/dev/null
+        fi
+        rm -f "$f"
     done
-    status=$(sed -n 's/.*"status":"\([a-z_]*\)".*/\1/p' <<<"$body")
-    reason=$(sed -n 's/.*"reason":"\([^"]*\)".*/\1/p' <<<"$body")
-    printf '%-10s %-6s %-8s %s\n' "$w" "$p" "${status:-down}" "$reason"
-done
-echo
-echo "Logs: var/log/demo-*.log. Metrics: curl http://127.0.0.1:$port_producer/metrics"
+    if ((started_stack)); then
+        echo "demo: stopping the stack it started (data kept; make stack-clean deletes it)"
+        scripts/stack.sh down >/dev/null || echo "demo: warning: scripts/stack.sh down failed"
+    fi
+    exit "$rc"
+}
+trap teardown EXIT
+trap 'rc=130; exit 130' INT
+trap 'rc=143; exit 143' TERM
+
+if ! scripts/stack.sh status >/dev/null 2>&1; then
+    echo "demo: starting the local stack (scripts/stack.sh up)"
+    started_stack=1
+    scripts/stack.sh up || exit 1
+else
+    echo "demo: the local stack is running; using it"
+fi
+mkdir -p "$work/pids"
+
+# In the background, so that Ctrl-C reaches the traps at once (bash runs them only between
+# commands; `wait` is interruptible).
+python3 tests/e2e/demo.py --workdir "$work" "$@" &
+helper=$!
+wait "$helper"
+rc=$?
+helper=
+exit "$rc"

@@ -1,0 +1,615 @@
+#!/usr/bin/env python3
+"""chaos.py - flash sales under injected faults, each checked once the system is quiet again.
+
+Run by tests/chaos/chaos.sh (`make chaos`, and `make test` with --short), which makes the work
+directory and, however this script ends, kills what it recorded there and purges its stack.
+
+Every case drives the same kind of sale (tests/e2e/flashsale.py): two producers, two consumers
+and two reapers on a world of the case's own (a database, a topic, a Redis), a sale of a few
+hundred units with one unit per user and a pay timeout of a few seconds, a paced stream of
+orders from thousands of users spread over both producers (a buyer whose order gets 503 or no
+answer retries once with the same Idempotency-Key), half of the accepted orders paid within
+seconds, the rest left to expire - and one kind of fault in the middle of it:
+
+  kill-producer     kill -9 of a random producer at a random moment, a few ms after a crowd of
+                    80 orders reached it (so it dies with reservations of unknown fate),
+                    restarted after a while
+  kill-consumer     the same for a consumer (its partitions wait for the group's session timeout)
+  kill-reaper       the same for a reaper (mid-sweep: expiring, giving back, voiding)
+  kafka-restart     the broker stopped (scripts/stack.sh down kafka) and started again
+  postgres-restart  PostgreSQL stopped (fast shutdown) and started again
+  redis-failover    a primary, a replica and three Sentinels of the case's own (redis-sentinel);
+                    replication is cut (the primary's ACL refuses PSYNC and the replica's link
+                    is killed), the primary sells out alone - writes the replica never sees -
+                    and is killed with -9; Sentinel promotes the replica, which believes in more stock than
+                    exists; the workers follow it (sentinel://); the old primary comes back as
+                    a replica. PostgreSQL rejects what Redis over-admitted, and the reaper,
+                    seeing the new replication id, rebuilds Redis from PostgreSQL.
+
+Then the stream stops, the system is let go quiet (no order pending, no reservation in Redis,
+no ledger row owed, the consumer at the end of the log, no reconcile due) and the case checks:
+  - `reaper audit` exits 0 (supply, paid/expired, ledger, Redis = PostgreSQL per SKU and user);
+  - every order answered 202 is in PostgreSQL, and none of them was cancelled as lost;
+  - PostgreSQL never held more units pending+paid than were put on sale (sampled every second
+    during the sale, and at the end), and nothing leaked: supplied = stock + pending + paid;
+  - Redis equals PostgreSQL for the sale: stock, supplied, every user's units;
+  - every payment answered 202 left its order paid, or refund_due if the expiry came first;
+  - answers are only 202, 409 (sold_out, limit_exceeded, in_progress), 503 or no answer;
+    without a Redis failover an Idempotency-Key's 202s name one order and no order is rejected
+    (Redis never admitted more than PostgreSQL could take);
+  - every worker drains and exits 0 on SIGTERM at the end.
+redis-failover also checks that writes really were lost and that the reaper noticed.
+
+The random choices come from one seed, printed first and last; `--seed N` (make chaos SEED=N)
+replays them: the faults exactly (which worker, at which moment of the sale, down for how long),
+the sale's SKU and users too; which buyer orders or pays when also depends on the machine's
+timing, as does everything the workers do.
+--short is the pass `make test` runs: a shorter sale, one fault per case. Without it every case
+runs a longer sale (kill cases kill three times). Prints `ok - CASE (details)` or
+`not ok - CASE: problems` per case, progress lines starting with `#`, and last
+`N passed, M failed (seed S ...)`. Standard library only.
+"""
+import argparse
+import asyncio
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "e2e"))
+import flashsale as fs  # noqa: E402
+from flashsale import Fail, expect, fmt_int  # noqa: E402
+
+CASES = ["kill-producer", "kill-consumer", "kill-reaper", "kafka-restart", "postgres-restart",
+         "redis-failover"]
+PREFERRED_PORTS = {"STACK_REDIS_PORT": 27379, "STACK_PG_PORT": 27432, "STACK_KAFKA_PORT": 27092,
+                   "STACK_KAFKA_CONTROLLER_PORT": 27093}
+MASTER = "chaos"
+
+# Shorter timeouts than the demo's, so that a case goes quiet within seconds of its fault: Kafka
+# gives up on an event after 2 s, the reaper voids a lost reservation 3.5 s after it was made.
+CHAOS_SETTINGS = {
+    "producer": {"KAFKA_MESSAGE_TIMEOUT_MS": "2000"},
+    "consumer": {"KAFKA_SESSION_TIMEOUT_MS": "6000"},
+    "reaper": {"KAFKA_MESSAGE_TIMEOUT_MS": "2000", "RESV_LOST_AFTER_MS": "3500",
+               "REAPER_INTERVAL_MS": "250", "RESV_SWEEP_INTERVAL_MS": "1000",
+               "EXPIRY_RETRY_MS": "3000", "ACCEPTED_STALE_AFTER_MS": "3000"},
+}
+
+
+class Plan:
+    """The sale each case drives; --short makes it shorter."""
+
+    def __init__(self, short):
+        self.short = short
+        self.stock = 300 if short else 1000
+        self.pay_timeout = 3
+        self.rate = 250 if short else 400          # orders per second offered
+        self.duration = 7.0 if short else 25.0     # seconds of ordering (longer if a fault lasts)
+        self.tail = 2.5                            # seconds of ordering after a fault is over
+        self.users = 3000 if short else 12000
+        self.conns = 32 if short else 64
+        self.pay_fraction = 0.5
+        self.pay_delay = (0.2, 2.5)
+        self.kills = 1 if short else 3
+        self.settle_timeout = 90
+
+
+def say(text):
+    print(text, flush=True)
+
+
+# ---- the Sentinel trio of the redis-failover case -------------------------------------------------
+
+class Trio:
+    """A primary, a replica and three Sentinels (quorum 2) on loopback ports of their own."""
+
+    def __init__(self, workdir, piddir):
+        self.dir = os.path.join(workdir, "sentinel")
+        self.piddir = piddir
+        self.procs = {}
+        self.primary, self.replica, *self.sentinels = fs.pick_ports(
+            5, set(fs.SHARED_PORTS.values()) | set(PREFERRED_PORTS.values()))
+
+    def url(self):
+        return "sentinel://%s/%s" % (",".join("%s:%d" % (fs.HOST, p) for p in self.sentinels),
+                                     MASTER)
+
+    def _start(self, name, argv, needle):
+        log = open(os.path.join(self.dir, name + ".log"), "ab")
+        try:
+            p = fs.subprocess.Popen(argv, stdin=fs.subprocess.DEVNULL, stdout=log,
+                                    stderr=fs.subprocess.STDOUT)
+        finally:
+            log.close()
+        with open(os.path.join(self.piddir, "trio-%s.pid" % name), "w") as f:
+            f.write("%d %s\n" % (p.pid, needle))
+        self.procs[name] = p
+        return p
+
+    def start_redis(self, name, port, extra=()):
+        sub = os.path.join(self.dir, name + "-data-%d" % int(time.time() * 1000))
+        os.makedirs(sub, exist_ok=True)
+        self._start(name, ["redis-server", "--port", str(port), "--bind", fs.HOST, "--dir", sub,
+                           "--save", "", "--appendonly", "no", "--daemonize", "no",
+                           "--repl-diskless-sync-delay", "0"] + list(extra),
+                    "redis-server %s:%d" % (fs.HOST, port))
+
+    def cli(self, port, *args, timeout=10):
+        return fs.command(["redis-cli", "-h", fs.HOST, "-p", str(port)] + [str(a) for a in args],
+                          timeout=timeout).strip()
+
+    async def acli(self, port, *args):
+        return await asyncio.to_thread(self.cli, port, *args)
+
+    def info(self, port, section="replication"):
+        return dict(l.strip().split(":", 1) for l in self.cli(port, "INFO", section).splitlines()
+                    if ":" in l)
+
+    async def start(self):
+        os.makedirs(self.dir, exist_ok=True)
+        self.start_redis("primary", self.primary)
+        self.start_redis("replica", self.replica, ["--replicaof", fs.HOST, str(self.primary)])
+        await self.wait(lambda: self.info(self.replica).get("master_link_status") == "up", 30,
+                        "the replica did not sync")
+        for i, port in enumerate(self.sentinels):
+            sdir = os.path.join(self.dir, "sentinel-%d" % i)
+            os.makedirs(sdir, exist_ok=True)
+            conf = os.path.join(sdir, "sentinel.conf")
+            with open(conf, "w") as f:
+                f.write("port %d\nbind %s\ndaemonize no\ndir %s\n"
+                        "sentinel monitor %s %s %d 2\n"
+                        "sentinel down-after-milliseconds %s 1000\n"
+                        "sentinel failover-timeout %s 10000\n"
+                        "sentinel parallel-syncs %s 1\n"
+                        % (port, fs.HOST, sdir, MASTER, fs.HOST, self.primary, MASTER, MASTER,
+                           MASTER))
+            self._start("sentinel-%d" % i, ["redis-sentinel", conf],
+                        "redis-sentinel %s:%d" % (fs.HOST, port))
+
+        def known():
+            for port in self.sentinels:
+                m = self.cli(port, "SENTINEL", "MASTER", MASTER).split("\n")
+                if int(dict(zip(m[0::2], m[1::2])).get("num-other-sentinels", 0)) < 2:
+                    return False
+                reps = self.cli(port, "SENTINEL", "REPLICAS", MASTER).split("\n")
+                f = dict(zip(reps[0::2], reps[1::2]))
+                if f.get("port") != str(self.replica) or f.get("master-link-status") != "ok":
+                    return False
+            return True
+        await self.wait(known, 40, "the Sentinels do not all know the replica and each other")
+
+    async def wait(self, cond, timeout, what):
+        end = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < end:
+            try:
+                if await asyncio.to_thread(cond):
+                    return
+            except (Fail, ValueError, IndexError) as e:
+                last = e
+            await asyncio.sleep(0.2)
+        raise Fail("%s within %d s (%s)" % (what, timeout, last))
+
+    def master_port(self):
+        out = self.cli(self.sentinels[0], "SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER).split()
+        return int(out[1]) if len(out) == 2 else None
+
+    def stop(self):
+        for name, p in self.procs.items():
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            try:
+                os.unlink(os.path.join(self.piddir, "trio-%s.pid" % name))
+            except OSError:
+                pass
+        self.procs = {}
+
+
+# ---- one case ----------------------------------------------------------------------------------------
+
+class Case:
+    def __init__(self, name, index, suite):
+        self.name, self.index, self.suite = name, index, suite
+        self.plan = suite.plan
+        # One stream of random numbers per purpose, so that the faults (which worker, when, for
+        # how long) replay exactly from the seed whatever the buyers' timing does to theirs.
+        self.rng = random.Random("%d-%s" % (suite.seed, name))             # the sale
+        self.fault_rng = random.Random("%d-%s-fault" % (suite.seed, name))
+        self.buyer_rng = random.Random("%d-%s-buyers" % (suite.seed, name))
+        self.events = []   # what the fault did, for the report
+        self.facts = {}
+        self.trio = None
+        self.t0 = None
+
+    def note(self, text):
+        t = time.monotonic() - self.t0 if self.t0 else 0.0
+        self.events.append("%.1fs %s" % (t, text))
+        say("#   %5.1fs %s" % (t, text))
+
+    def world(self):
+        s = self.suite
+        tag = self.name.replace("-", "_")
+        url = self.trio.url() if self.trio else "%s/%d" % (s.stack_env["REDIS_URL"], self.index)
+        return fs.World(s.stack, s.stack_env, "chaos_" + tag, "chaos.%s" % self.name, url,
+                        "chaos-%s" % self.name, dlq="chaos.dlq")
+
+    # -- faults ------------------------------------------------------------------------------
+
+    def moments(self, n, lo=0.15, hi=0.7):
+        return sorted(self.fault_rng.uniform(lo, hi) * self.plan.duration for _ in range(n))
+
+    async def at(self, t):
+        await asyncio.sleep(max(0.0, self.t0 + t - time.monotonic()))
+
+    async def fault_kill(self, fleet, kind, buyers, pool):
+        for t in self.moments(self.plan.kills):
+            victim = self.fault_rng.choice(fleet.of(kind))
+            down = self.fault_rng.uniform(0.5, 3.0)
+            spike_wait = self.fault_rng.uniform(0.005, 0.04)
+            await self.at(t)
+            if not victim.alive():
+                continue
+            spike = None
+            if kind == "producer":
+                # A crowd arrives at the victim just before it dies, so that it dies with
+                # reservations whose fate it never learnt: Kafka may or may not have their
+                # order.created; the reaper must settle each exactly once.
+                spike = asyncio.ensure_future(buyers.spike(fleet.producers.index(victim), 80,
+                                                           pool))
+                await asyncio.sleep(spike_wait)
+            self.note("kill -9 %s (pid %d)%s; back in %.1f s" % (
+                victim.name, victim.proc.pid, " %.0f ms into a crowd of 80 orders"
+                % (1000 * spike_wait) if spike else "", down))
+            victim.kill9()
+            if spike:
+                await spike
+            await asyncio.sleep(down)
+            t1 = time.monotonic()
+            await fleet.restart(victim)
+            self.note("%s restarted, ready in %.1f s" % (victim.name, time.monotonic() - t1))
+
+    async def fault_server(self, fleet, server):
+        t = self.moments(1, 0.2, 0.45)[0]
+        down = self.fault_rng.uniform(1.0, 4.0)
+        await self.at(t)
+        t1 = time.monotonic()
+        await self.suite.stack.ash("down", server)
+        self.note("%s stopped (scripts/stack.sh down %s, %.1f s); up again in %.1f s"
+                  % (server, server, time.monotonic() - t1, down))
+        await asyncio.sleep(down)
+        t1 = time.monotonic()
+        await self.suite.stack.ash("up")
+        self.note("%s started again (scripts/stack.sh up, %.1f s)" % (server, time.monotonic() - t1))
+
+    async def fault_failover(self, fleet, sku):
+        trio = self.trio
+        t = self.fault_rng.uniform(0.3, 0.8)
+        extra = self.fault_rng.uniform(0.0, 0.3)
+        await self.at(t)
+        # Cut replication: the replica's link is killed and its PSYNC refused from now on, so
+        # everything the primary takes from here is lost with it.
+        await trio.acli(trio.primary, "ACL", "SETUSER", "default", "-psync", "-sync")
+        await trio.acli(trio.primary, "CLIENT", "KILL", "TYPE", "replica")
+        left = await trio.acli(trio.primary, "HGET", "{sku:%d}:sale" % sku, "stock")
+        self.note("replication cut with %s units left (the primary :%d refuses PSYNC); the "
+                  "primary goes on alone until it sold out, +%.1f s" % (left, trio.primary, extra))
+        # Alone until the sale is sold out there (at most 4 s), so that the replica believes in
+        # units PostgreSQL no longer has.
+        end = time.monotonic() + 4.0
+        while time.monotonic() < end and \
+                await trio.acli(trio.primary, "HGET", "{sku:%d}:sale" % sku, "stock") != "0":
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(extra)
+        p_off = int((await asyncio.to_thread(trio.info, trio.primary))["master_repl_offset"])
+        r_info = await asyncio.to_thread(trio.info, trio.replica)
+        r_off = int(r_info.get("slave_repl_offset") or r_info.get("master_repl_offset") or 0)
+        trio.procs["primary"].kill()
+        trio.procs["primary"].wait()
+        t_kill = time.monotonic()
+        self.facts["lost_bytes"] = p_off - r_off
+        r_left = await trio.acli(trio.replica, "HGET", "{sku:%d}:sale" % sku, "stock")
+        self.facts["replica_stock"] = r_left
+        self.note("kill -9 primary :%d; the replica :%d is %s bytes of writes behind and "
+                  "believes %s units are left" % (trio.primary, trio.replica,
+                                                  fmt_int(p_off - r_off), r_left))
+        await trio.wait(lambda: trio.master_port() == trio.replica, 60,
+                        "Sentinel did not promote the replica")
+        self.note("Sentinel promoted the replica :%d (%.1f s after the kill)"
+                  % (trio.replica, time.monotonic() - t_kill))
+        await asyncio.sleep(2.0)
+        trio.start_redis("primary", trio.primary)
+        await trio.wait(lambda: trio.info(trio.primary).get("role") == "slave", 60,
+                        "the old primary was not made a replica of the new one")
+        self.note("the old primary :%d came back empty; Sentinel made it a replica"
+                  % trio.primary)
+
+    async def fault(self, fleet, buyers, pool):
+        if self.name.startswith("kill-"):
+            await self.fault_kill(fleet, self.name[len("kill-"):], buyers, pool)
+        elif self.name == "kafka-restart":
+            await self.fault_server(fleet, "kafka")
+        elif self.name == "postgres-restart":
+            await self.fault_server(fleet, "postgres")
+        elif self.name == "redis-failover":
+            await self.fault_failover(fleet, self.sku)
+
+    # -- the run -----------------------------------------------------------------------------
+
+    async def run(self):
+        """Returns (ok, detail, problems)."""
+        s, plan = self.suite, self.plan
+        problems = []
+        failover = self.name == "redis-failover"
+        if failover:
+            self.trio = Trio(os.path.join(s.workdir, self.name), s.piddir)
+            t = time.monotonic()
+            await self.trio.start()
+            say("#   primary :%d, replica :%d, Sentinels %s up in %.1f s" % (
+                self.trio.primary, self.trio.replica, self.trio.sentinels,
+                time.monotonic() - t))
+        world = self.world()
+        await asyncio.to_thread(world.prepare_db)
+        await asyncio.to_thread(world.prepare_topics)
+        settings = dict((k, dict(v)) for k, v in CHAOS_SETTINGS.items())
+        pay_timeout = plan.pay_timeout
+        if failover:
+            # The reapers check Redis at the production default pace (once a second), and the
+            # first orders stay unpaid a little longer, so that the new primary admits orders
+            # against the stock it wrongly believes in before a reaper notices and closes the
+            # sale, and PostgreSQL is still full when they arrive: they end rejected.
+            settings["reaper"]["REAPER_INTERVAL_MS"] = "1000"
+            pay_timeout = 6
+        fleet = fs.Fleet(world, s.bin_dir, os.path.join(s.workdir, self.name, "logs"), s.piddir,
+                         {"producer": 2, "consumer": 2, "reaper": 2}, settings=settings,
+                         tag="chaos-%s" % self.name)
+        self.fleet = fleet
+        try:
+            await fleet.start()
+            await fs.settle(world, [], 60)
+            sku = self.sku = self.rng.randrange(10**6, 10**9)
+            r = await fleet.producers[0].client.request(
+                "POST", "/v1/skus", {"sku_id": sku, "stock": plan.stock, "per_user_limit": 1,
+                                     "pay_timeout_s": pay_timeout},
+                {"Authorization": "Bearer " + fs.ADMIN})
+            expect(r.status == 201, "opening the sale answered %r" % r)
+            if failover:  # the sale must be on the replica before replication is cut
+                await self.trio.wait(lambda: self.trio.cli(self.trio.replica, "EXISTS",
+                                                           "{sku:%d}:sale" % sku) == "1",
+                                     10, "the sale did not reach the replica")
+            buyers = fs.Buyers(fleet, sku, self.buyer_rng, pay_fraction=plan.pay_fraction,
+                               pay_delay=plan.pay_delay, retry=True)
+            prog = fs.Progress(world, sku, buyers, live=False, every=2.0, prefix="#   ")
+            base = self.rng.randrange(10**6, 10**9)
+            pool = [base + i for i in range(plan.users)]
+            self.t0 = prog.t0 = time.monotonic()
+            prog.phase = "sale"
+            prog.start()
+            await buyers.stream(plan.rate, plan.conns, pool)
+            fault = asyncio.ensure_future(self.fault(fleet, buyers, pool))
+            try:
+                await fault
+                await asyncio.sleep(max(plan.tail, self.t0 + plan.duration - time.monotonic()))
+            finally:
+                if not fault.done():
+                    fault.cancel()
+                prog.phase = "stopping"
+                await buyers.stop()
+            prog.phase = "settling"
+            t = time.monotonic()
+            try:
+                await fs.settle(world, [sku], plan.settle_timeout)
+                self.note("quiet %.1f s after the sale" % (time.monotonic() - t))
+            except Fail as e:
+                problems.append(str(e))
+            finally:
+                await prog.stop()
+            rc, report = await asyncio.to_thread(fs.audit, world, s.bin_dir, fleet.reaper_env())
+            if rc != 0:
+                problems.append("reaper audit exited %d:\n%s" % (rc, "\n".join(
+                    "#     " + l for l in report.splitlines()[:30])))
+            facts, found = await asyncio.to_thread(fs.outcome, world, sku, buyers, plan.stock)
+            problems += found
+            if prog.max_held > plan.stock:
+                problems.append("OVERSOLD during the sale: PostgreSQL held %d units pending+paid "
+                                "of %d" % (prog.max_held, plan.stock))
+            allowed = {"accepted", "sold_out", "limit_exceeded", "in_progress", "unavailable",
+                       "no answer"}
+            if failover:
+                allowed.add("unknown_sku")  # a sale the new primary lost, until reconciled
+            odd = buyers.odd_answers(allowed)
+            if odd:
+                problems.append("%d unexpected order answers, e.g. %s" % (
+                    len(odd), "; ".join(a.text or a.word for a in odd[:3])))
+            if not failover:
+                if facts["orders"]["rejected"]:
+                    problems.append("%d orders rejected by PostgreSQL: Redis admitted more than "
+                                    "it could take without losing data"
+                                    % facts["orders"]["rejected"])
+                keys = {}
+                for a in buyers.answers:
+                    if a.kind == "order" and a.status == 202:
+                        keys.setdefault(a.key, set()).add(a.order_id)
+                doubled = [k for k, ids in keys.items() if len(ids) > 1]
+                if doubled:
+                    problems.append("%d Idempotency-Keys got 202s naming different orders, e.g. "
+                                    "%s: %s" % (len(doubled), doubled[0], keys[doubled[0]]))
+            else:
+                loss = 0
+                for w in fleet.of("reaper"):
+                    try:
+                        m = await w.metrics()
+                        loss += m.get("stockpipe_reaper_redis_data_loss_total", 0)
+                    except fs.TransportError:
+                        pass
+                facts["data_loss_seen"] = int(loss)
+                if self.facts.get("lost_bytes", 0) <= 0:
+                    problems.append("the failover lost no writes (the replica was not behind): "
+                                    "the case did not test what it claims")
+                if loss < 1:
+                    problems.append("no reaper counted the failover as a Redis data loss")
+            if buyers.n("order", "accepted") == 0:
+                problems.append("no order was accepted at all")
+        finally:
+            codes = await fleet.stop()
+            if self.trio:
+                self.trio.stop()
+        bad = dict((n, c) for n, c in codes.items() if c != 0)
+        if bad:
+            problems.append("workers that did not exit 0 on SIGTERM: %s" % bad)
+        detail = ("%s orders (answers with retries: %s); %s payments; PostgreSQL: %s; max held "
+                  "%d of %d; stock %s = Redis %s" % (
+                      fmt_int(buyers.n_orders), buyers.summary(), fmt_int(facts["payments"]),
+                      ", ".join("%s %d" % (k, v) for k, v in facts["orders"].items() if v),
+                      max(prog.max_held, facts["held"]), plan.stock, facts["stock"],
+                      facts["redis_stock"]))
+        if failover:
+            n_rej = facts["orders"]["rejected"]
+            detail += ("; the new primary missed %s bytes of writes and believed %s units were "
+                       "left; it over-admitted %d orders, rejected by PostgreSQL%s; reapers "
+                       "counted %d Redis data loss" % (
+                           fmt_int(self.facts.get("lost_bytes", 0)),
+                           self.facts.get("replica_stock"), n_rej,
+                           "" if n_rej else " (none this time: a reaper closed the sale before "
+                           "the producers followed)", facts.get("data_loss_seen", 0)))
+        detail += "; audit %s" % ("passed" if rc == 0 else "FAILED")
+        return not problems, detail, problems
+
+
+# ---- the suite ----------------------------------------------------------------------------------------
+
+class Suite:
+    def __init__(self, args):
+        self.seed = args.seed
+        self.plan = Plan(args.short)
+        self.workdir = args.workdir
+        self.piddir = os.path.join(args.workdir, "pids")
+        os.makedirs(self.piddir, exist_ok=True)
+        self.bin_dir = args.bin_dir
+        self.cases = args.only or CASES
+        ports = dict(PREFERRED_PORTS)
+        if not all(fs.port_free(p) for p in ports.values()):
+            ports = dict(zip(ports, fs.pick_ports(4, set(fs.SHARED_PORTS.values()))))
+        self.ports = ports
+        self.stack = fs.Stack(os.path.join(args.workdir, "stack"), ports,
+                              log=os.path.join(args.workdir, "stack.log"))
+        self.passed = self.failed = 0
+
+    def ok(self, name, detail):
+        self.passed += 1
+        say("ok - %s (%s)" % (name, detail))
+
+    def not_ok(self, name, problems):
+        self.failed += 1
+        say("not ok - %s: %s" % (name, problems[0].splitlines()[0] if problems else "?"))
+        for p in problems:
+            for line in p.splitlines():
+                say("#   " + line if not line.startswith("#") else line)
+
+    async def run(self):
+        t = time.monotonic()
+        try:
+            await self.stack.ash("up")
+        except Fail as e:
+            for c in self.cases:
+                self.not_ok("chaos " + c, ["the private stack did not come up: %s" % e])
+            return
+        self.stack_env = self.stack.stack_env()
+        say("# private stack up in %.0f s: ports %s (STACK_VAR=%s)" % (
+            time.monotonic() - t, ", ".join(str(p) for p in self.ports.values()), self.stack.var))
+        # Every case's events topic and the dead-letter topic they share, up front (each is a
+        # JVM start; three at a time).
+        t = time.monotonic()
+        cases = [Case(name, i + 1, self) for i, name in enumerate(self.cases)]
+        try:
+            await asyncio.to_thread(fs.create_topics, self.stack, [("chaos.dlq", 1)] + [
+                (c.world().topic, 4) for c in cases])
+        except Fail as e:
+            say("# creating the topics failed: %s" % e)
+        say("# topics of %d cases ready in %.0f s" % (len(cases), time.monotonic() - t))
+        previous_ok = True
+        for case in cases:
+            t = time.monotonic()
+            say("# --- %s" % case.name)
+            if not previous_ok:  # a case that failed half-way may have left a server down
+                try:
+                    await self.stack.ash("up")
+                except Fail as e:
+                    say("# scripts/stack.sh up failed: %s" % e)
+            try:
+                ok, detail, problems = await case.run()
+            except Fail as e:
+                ok, detail, problems = False, "", [str(e)]
+            except Exception as e:  # a bug here must not hide the other cases
+                ok, detail, problems = False, "", ["%s: %s" % (type(e).__name__, e)]
+                if case.__dict__.get("fleet"):
+                    case.fleet.kill_all()
+                if case.trio:
+                    case.trio.stop()
+            label = "chaos %s" % case.name
+            previous_ok = ok
+            if ok:
+                self.ok(label, "%s; %.0f s" % (detail, time.monotonic() - t))
+            else:
+                if detail:
+                    problems.append("(%s)" % detail)
+                self.not_ok(label, problems + ["seed %d; logs in %s" % (
+                    self.seed, os.path.join(self.workdir, case.name, "logs"))])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", help="where the private stack, logs and pids go")
+    ap.add_argument("--seed", type=int, default=None, help="replay the random choices of a run")
+    ap.add_argument("--short", action="store_true", help="the shorter pass of `make test`")
+    ap.add_argument("--only", choices=CASES, action="append", help="run one case; repeatable")
+    ap.add_argument("--bin-dir", default=None)
+    args = ap.parse_args()
+    if args.seed is None:
+        args.seed = int.from_bytes(os.urandom(4), "big") % 1000000
+    bin_dir = args.bin_dir or os.environ.get("BIN_DIR", "bin")
+    if not os.path.isabs(bin_dir):
+        bin_dir = os.path.join(fs.ROOT, bin_dir)
+    args.bin_dir = os.path.abspath(bin_dir)
+    own_workdir = args.workdir is None
+    if own_workdir:
+        args.workdir = tempfile.mkdtemp(prefix="sp-chaos-")
+    os.chmod(args.workdir, 0o755)  # as root, PostgreSQL runs as `postgres` and must reach it
+    fs.raise_nofile(8192)
+    say("# chaos: seed %d (replay: make chaos SEED=%d%s); %s pass; cases: %s" % (
+        args.seed, args.seed, "" if not args.short else ", or tests/chaos/chaos.sh --short --seed %d"
+        % args.seed, "short" if args.short else "full", ", ".join(args.only or CASES)))
+    missing = [b for b in ("producer", "consumer", "reaper")
+               if not os.access(os.path.join(args.bin_dir, b), os.X_OK)]
+    suite = Suite(args)
+    t0 = time.monotonic()
+    if missing:
+        suite.not_ok("setup", ["missing %s in %s (make)" % (", ".join(missing), args.bin_dir)])
+    else:
+        def interrupted(signum, frame):  # chaos.sh's trap: stop the workers on the way out
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, interrupted)
+        try:
+            asyncio.run(suite.run())
+        except KeyboardInterrupt:
+            suite.not_ok("interrupted", ["stopped by a signal"])
+        finally:
+            if own_workdir:  # without chaos.sh: tear down here
+                suite.stack.sh("down", "--purge", timeout=180)
+                if not suite.failed:
+                    shutil.rmtree(args.workdir, ignore_errors=True)
+    secs = time.monotonic() - t0
+    if suite.failed:
+        say("# logs kept in %s" % args.workdir)
+    say("%d passed, %d failed (chaos, seed %d, %.0f s; replay: make chaos SEED=%d)"
+        % (suite.passed, suite.failed, args.seed, secs, args.seed))
+    return 0 if suite.failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

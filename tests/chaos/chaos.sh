@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# chaos.sh - the chaos suite (tests/chaos/chaos.py): flash sales under kill -9 of workers, Kafka
+# and PostgreSQL restarts and a Redis failover that loses writes, each audited once quiet.
+#
+#   tests/chaos/chaos.sh [--short] [--seed N] [--only CASE]...     (make chaos [SEED=N])
+#
+# BIN_DIR picks the build (default bin). Everything runs on a private stack of its own
+# (scripts/stack.sh with STACK_VAR in a scratch directory and ports of its own), so the shared
+# stack is never touched. Whatever happens (a failed case, a crash, Ctrl-C, SIGTERM), the EXIT
+# trap stops the helper, every process it recorded in WORK/pids (only if its command line still
+# matches) and the private stack, and deletes their data; the logs are kept when a case failed.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+work=$(mktemp -d "${TMPDIR:-/tmp}/sp-chaos.XXXXXX") || exit 1
+chmod 755 "$work" # as root, PostgreSQL runs as `postgres` and must reach the private stack's data
+rc=1
+helper=
+
+teardown() {
+    local f pid needle
+    if [[ -n $helper ]] && kill -0 "$helper" 2>/dev/null; then
+        kill -TERM "$helper" 2>/dev/null
+        wait "$helper" 2>/dev/null
+    fi
+    for f in "$work"/pids/*.pid; do
+        [[ -f $f ]] || continue
+        read -r pid needle <"$f"
+        if [[ $pid =~ ^[0-9]+$ ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$needle"; then
+            kill -KILL "$pid" 2>/dev/null
+        fi
+        rm -f "$f"
+    done
+    if [[ -d $work/stack ]]; then
+        STACK_VAR=$work/stack "$root/scripts/stack.sh" down --purge >>"$work/stack.log" 2>&1
+    fi
+    if [[ $rc -eq 0 ]]; then
+        rm -rf "$work"
+    else # keep the logs (the helper named the directory); drop the data
+        rm -rf "$work"/stack/redis "$work"/stack/kafka "$work"/*/sentinel/*-data-*
+    fi
+    exit "$rc"
+}
+trap teardown EXIT
+trap 'rc=130; exit 130' INT
+trap 'rc=143; exit 143' TERM
+
+# In the background, so that a signal reaches the traps at once (bash runs them only between
+# commands, and `wait` is interruptible).
+python3 "$here/chaos.py" --workdir "$work" "$@" &
+helper=$!
+wait "$helper"
+rc=$?
+helper=
+exit "$rc"
