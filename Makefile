@@ -5,18 +5,26 @@
 #   make test         install what is missing, unit tests, start the local stack, integration tests
 #                     (plain and sanitized builds), stop the stack; prints "N passed, N failed"
 #   make demo         the flash-sale demo (see README)
+#   make chaos        the chaos suite: sales under injected faults, each audited (SEED=N replays)
 #   make bench        benchmarks: the event codec, then the producer under HTTP load on the local
 #                     stack (bench/producer_bench.sh; starts and stops the stack if it is not up)
 #   make stack-up / stack-down / stack-clean / stack-status   the local Redis, PostgreSQL, Kafka
 #   make format       clang-format the C sources
+#   make fuzz         the libFuzzer targets of tests/fuzz/ (clang), FUZZ_SECONDS (60) each; a
+#                     20 s run of each is part of make test
+#   make deploy-check the container image's build stage (on the host, no engine) and the Kubernetes
+#                     manifests of deploy/k8s, validated offline (also part of make test)
 
 VERSION := 0.1.0
 ifeq ($(origin CC),default)
   CC := gcc
 endif
-PKGS    := rdkafka hiredis jansson libevent libpq cmocka
-PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-PKG_LIBS   := $(shell pkg-config --libs rdkafka hiredis jansson libevent libpq 2>/dev/null)
+# The workers' libraries; cmocka (the tests' only) is asked for apart, so that a build of the
+# workers alone (the container image's build stage) does not need it.
+PKGS    := rdkafka hiredis jansson libevent libpq
+PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null) \
+              $(shell pkg-config --cflags cmocka 2>/dev/null)
+PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 CMOCKA_LIBS := $(shell pkg-config --libs cmocka 2>/dev/null)
 
 WARN    := -Wall -Wextra -Werror -Wstrict-prototypes -Wwrite-strings -Wshadow -Wformat=2
@@ -46,7 +54,7 @@ UNIT_TESTS := $(patsubst tests/unit/%.c,$(OBJ)/tests/%,$(wildcard tests/unit/tes
 INT_TESTS  := $(patsubst tests/integration/%.c,$(OBJ)/tests/%,$(wildcard tests/integration/test_*.c))
 BENCHES    := $(patsubst bench/%.c,$(OBJ)/bench/%,$(wildcard bench/bench_*.c))
 
-.PHONY: all sanitize tests test test-unit test-integration bench demo deps clean format \
+.PHONY: all sanitize tests test test-unit test-integration bench demo chaos deps clean format \
         stack-up stack-down stack-clean stack-status
 
 all: $(WORKERS:%=$(BIN)/%)
@@ -95,9 +103,44 @@ $(OBJ)/tests/%: $(OBJ)/tests/integration/%.o $(LIB)
 $(OBJ)/bench/%: $(OBJ)/bench/%.o $(LIB)
 	$(CC) $(SANFLAGS) $< $(LIB) $(LDLIBS) -o $@
 
+# Fuzz targets (tests/fuzz/fuzz_*.c): libFuzzer with Debian's clang, on the pure parsers only
+# (api_request.c, event.c: no libevent, Redis or Kafka), into build/fuzz/. The ordinary build
+# also links each target with tests/fuzz/replay.c (gcc, ASan under SAN=1), which runs the kept
+# corpus and regression inputs once each without libFuzzer.
+FUZZ_CC      := clang-14
+FUZZ_SECONDS ?= 60
+FUZZ_NAMES   := $(patsubst tests/fuzz/%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_SRC     := common/api_request.c common/event.c
+FUZZ_FLAGS   := -std=c17 $(WARN) -g -O1 -fno-omit-frame-pointer -D_GNU_SOURCE -iquote common \
+                -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
+
+.PHONY: fuzz fuzz-targets
+fuzz-targets: $(FUZZ_NAMES:%=build/fuzz/%)
+
+build/fuzz/%: tests/fuzz/%.c $(FUZZ_SRC) $(wildcard common/*.h)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_FLAGS) $(shell pkg-config --cflags jansson) $< $(FUZZ_SRC) \
+	    $(shell pkg-config --libs jansson) -o $@
+
+tests: $(FUZZ_NAMES:%=$(OBJ)/fuzz/%)
+
+$(OBJ)/fuzz/%: $(OBJ)/tests/fuzz/%.o $(OBJ)/tests/fuzz/replay.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(SANFLAGS) $^ $(LDLIBS) -o $@
+
+fuzz: deps fuzz-targets
+	@$(MAKE) --no-print-directory SAN=1 $(FUZZ_NAMES:%=build/asan/fuzz/%)
+	@FUZZ_SECONDS=$(FUZZ_SECONDS) tests/fuzz/run.sh
+
 # Installs missing packages and the Kafka jars; a no-op when everything is there.
 deps:
 	@scripts/install-deps.sh
+
+# tests/deploy/*.sh alone: deploy/Dockerfile's build stage done on the host and checked with ldd
+# against its runtime stage, and deploy/k8s rendered by kustomize and validated offline.
+.PHONY: deploy-check
+deploy-check: deps
+	@rc=0; for s in tests/deploy/*.sh; do bash "$$s" || rc=1; done; exit $$rc
 
 # Unit tests: no servers needed.
 test-unit: all tests
@@ -108,6 +151,7 @@ test-unit: all tests
 test: deps
 	@$(MAKE) --no-print-directory all tests
 	@$(MAKE) --no-print-directory SAN=1 all tests
+	@$(MAKE) --no-print-directory fuzz-targets
 	@tests/run-all.sh
 
 # The codec benchmarks, then the producer under wrk against the local stack (bench/run.sh).
@@ -117,6 +161,12 @@ bench: deps all tests
 
 demo: deps all
 	@scripts/demo.sh
+
+# Flash sales under kill -9 of workers, Kafka and PostgreSQL restarts and a Redis failover that
+# loses writes, on a private stack of its own; every fault kind with a long sale. SEED=N replays
+# the random choices of an earlier run (its seed is printed first and last).
+chaos: deps all
+	@tests/chaos/chaos.sh $(if $(SEED),--seed $(SEED))
 
 stack-up: deps
 	@scripts/stack.sh up

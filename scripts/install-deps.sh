@@ -12,6 +12,10 @@
 # resolved from Maven Central into var/kafka-libs/, stamped with the Kafka version and the pom's
 # checksum so that editing the pom re-resolves them. Maven settings such as a local repository
 # can be passed through MAVEN_OPTS, e.g. MAVEN_OPTS=-Dmaven.repo.local=/tmp/m2 (a cold download).
+#
+# The checks of deploy/ (tests/deploy/) need pinned tools, kept under var/tools/ and stamped with
+# their versions: kustomize, built by `go install` from the Go module proxy, and from PyPI into a
+# Python venv kubernetes-validate (with the Kubernetes schemas it ships) and hadolint.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -19,6 +23,10 @@ KAFKA_VERSION=4.2.0 # keep in step with <kafka.version> in deploy/kafka-local/po
 KAFKA_POM=$ROOT/deploy/kafka-local/pom.xml
 KAFKA_LIBS=$ROOT/var/kafka-libs
 KAFKA_STAMP=$KAFKA_LIBS/.stockpipe-stamp
+# v5.8.2 is the newest kustomize that this machine's Go (1.26) builds: v5.8.3 asks for Go 1.27.
+KUSTOMIZE_VERSION=v5.8.2
+TOOLS=$ROOT/var/tools
+VALIDATE_REQS=$ROOT/tests/deploy/requirements.txt
 
 CHECK_ONLY=0
 case "${1:-}" in
@@ -47,7 +55,7 @@ die() {
 ALL_PKGS=(build-essential pkg-config librdkafka-dev libhiredis-dev libpq-dev libjansson-dev
     libevent-dev libcmocka-dev redis-server redis-tools redis-sentinel postgresql
     postgresql-client kcat openjdk-17-jre-headless maven wrk clang-format valgrind procps
-    util-linux)
+    util-linux python3 python3-venv clang-14 libclang-rt-14-dev)
 declare -A INSTALLED=()
 while read -r pkg status; do
     [[ $status == installed ]] && INSTALLED[${pkg%%:*}]=1
@@ -100,9 +108,25 @@ need openjdk-17-jre-headless have_java17
 need maven have_cmd mvn
 need wrk have_cmd wrk
 need clang-format have_cmd clang-format
+# The fuzz targets (tests/fuzz/): Debian's clang 14 and its libFuzzer and sanitizer runtimes.
+need clang-14 have_cmd clang-14
+need libclang-rt-14-dev have_pkg libclang-rt-14-dev
 need valgrind have_cmd valgrind
 need procps eval 'have_cmd ps && have_cmd pgrep'
 need util-linux have_cmd runuser
+need python3 have_cmd python3
+# The venv module needs ensurepip, which Debian ships apart (python3-venv). Asked only while the
+# deploy tools' venv is not there yet: it costs a Python start.
+[[ -f $TOOLS/venv/.stockpipe-stamp ]] ||
+    need python3-venv eval 'have_pkg python3-venv || python3 -c "import ensurepip" 2>/dev/null'
+
+kustomize_ok() {
+    [[ -x $TOOLS/bin/kustomize ]] && [[ $(cat "$TOOLS/bin/.kustomize-version" 2>/dev/null) == "$KUSTOMIZE_VERSION" ]]
+}
+validator_stamp() { printf 'requirements=%s\n' "$(sha256sum <"$VALIDATE_REQS" | cut -d' ' -f1)"; }
+validator_ok() {
+    [[ -x $TOOLS/venv/bin/python ]] && [[ $(cat "$TOOLS/venv/.stockpipe-stamp" 2>/dev/null) == "$(validator_stamp)" ]]
+}
 
 kafka_stamp() { printf 'kafka=%s pom=%s\n' "$KAFKA_VERSION" "$(sha256sum <"$KAFKA_POM" | cut -d' ' -f1)"; }
 kafka_jars_ok() {
@@ -118,6 +142,14 @@ if ((CHECK_ONLY)); then
     fi
     if ! kafka_jars_ok; then
         say "missing Kafka $KAFKA_VERSION jars in ${KAFKA_LIBS#"$ROOT"/}"
+        rc=1
+    fi
+    if ! kustomize_ok; then
+        say "missing kustomize $KUSTOMIZE_VERSION in ${TOOLS#"$ROOT"/}/bin"
+        rc=1
+    fi
+    if ! validator_ok; then
+        say "missing the checkers of ${VALIDATE_REQS#"$ROOT"/} in ${TOOLS#"$ROOT"/}/venv"
         rc=1
     fi
     ((rc == 0)) && say "all present"
@@ -140,6 +172,38 @@ if ((${#MISSING[@]})); then
         apt-get install -y -q --no-install-recommends "${MISSING[@]}"
 else
     say "Debian packages: all present"
+fi
+
+# --- deploy tools: kustomize; kubernetes-validate and hadolint --------------------------------
+
+if kustomize_ok; then
+    say "kustomize $KUSTOMIZE_VERSION: present"
+else
+    have_cmd go || die "go not found: kustomize $KUSTOMIZE_VERSION is built with Go >= 1.26 (go install)"
+    say "building kustomize $KUSTOMIZE_VERSION (go install from the Go module proxy) into ${TOOLS#"$ROOT"/}/bin ..."
+    start=$SECONDS
+    mkdir -p "$TOOLS/bin"
+    rm -f "$TOOLS/bin/.kustomize-version"
+    # GOTOOLCHAIN=local: build with this Go or fail, never fetch another toolchain.
+    GOBIN=$TOOLS/bin GOTOOLCHAIN=local go install "sigs.k8s.io/kustomize/kustomize/v5@$KUSTOMIZE_VERSION" ||
+        die "go install of kustomize $KUSTOMIZE_VERSION failed (is the Go module proxy reachable? Go >= 1.26?)"
+    echo "$KUSTOMIZE_VERSION" >"$TOOLS/bin/.kustomize-version"
+    say "kustomize $KUSTOMIZE_VERSION: built in $((SECONDS - start)) s"
+fi
+
+if validator_ok; then
+    say "kubernetes-validate, hadolint: present"
+else
+    say "installing kubernetes-validate, hadolint (${VALIDATE_REQS#"$ROOT"/}, from PyPI) into ${TOOLS#"$ROOT"/}/venv ..."
+    start=$SECONDS
+    # The stamp is written last: an interrupted install is redone from scratch next time.
+    rm -rf "$TOOLS/venv"
+    python3 -m venv "$TOOLS/venv" || die "python3 -m venv failed (on Debian: apt-get install python3-venv)"
+    # --no-deps: exactly the pinned list, nothing the resolver would pick; wheels only, no builds.
+    "$TOOLS/venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps \
+        --only-binary=:all: -r "$VALIDATE_REQS" || die "pip could not install ${VALIDATE_REQS#"$ROOT"/} (is PyPI reachable?)"
+    validator_stamp >"$TOOLS/venv/.stockpipe-stamp"
+    say "kubernetes-validate, hadolint: installed in $((SECONDS - start)) s"
 fi
 
 # --- Kafka broker jars -------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # run-all.sh - the whole test suite, as `make test` runs it.
 #
-# Unit tests, then (with the real local stack) integration tests, each for the plain build and
-# the ASan+UBSan build. Starts the stack if it is not running and stops it again at the end; a
-# stack that was already up is left up. Prints every suite's own output and, last, one line:
+# Unit tests, then the checks of deploy/ (the image's build, the Kubernetes manifests), then (with
+# the real local stack) integration tests; unit and integration tests run for the plain build and
+# the ASan+UBSan build; last the chaos suite's short pass (release build, a private stack).
+# Starts the stack if it is not running and stops it again at the end; a stack that was already
+# up is left up. Prints every suite's own output and, last, one line:
 #   tests: N passed, M failed
 # Usage: tests/run-all.sh [--unit-only]
 set -uo pipefail
@@ -56,6 +58,15 @@ for build in release asan; do
     done
 done
 
+# The container image and the Kubernetes manifests (deploy/): once, not per build; no stack.
+for s in tests/deploy/*.sh; do
+    [ -f "$s" ] && run_suite "deploy $(basename "$s" .sh)" bash "$s"
+done
+
+# The fuzz targets (tests/fuzz/run.sh): every kept corpus and regression input once, then a short
+# libFuzzer run per target (FUZZ_SECONDS, 20 by default); once, not per build; no stack.
+[ "${1:-}" != "--unit-only" ] && run_suite "fuzz (${FUZZ_SECONDS:-20} s per target)" tests/fuzz/run.sh
+
 if [ "${1:-}" != "--unit-only" ]; then
     started_stack=0
     if ! scripts/stack.sh status >/dev/null 2>&1; then
@@ -78,6 +89,9 @@ if [ "${1:-}" != "--unit-only" ]; then
         done
     fi
     [ "$started_stack" = 1 ] && scripts/stack.sh down
+    # The chaos suite's short pass (every fault kind, a short sale each): once, with the release
+    # build, on a private stack of its own (about 2.5 minutes). `make chaos` runs the long one.
+    run_suite "chaos short pass (release)" env BIN_DIR=bin bash tests/chaos/chaos.sh --short
 fi
 
 echo
