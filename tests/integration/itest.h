@@ -1,15 +1,31 @@
-/* itest.h - small helpers the C integration tests share (include after <cmocka.h>). */
+/* itest.h - small helpers the C integration tests share (include after <cmocka.h>).
+ *
+ * Header-only: each test program is one file, so the functions are `static inline` (a test that
+ * does not use one gets no warning) and the little state they keep (the children to clean up, the
+ * last error) is the including program's own. A helper that fails the test does it with
+ * fail_msg(); one meant for group teardown reports on stderr instead. The settings of a run (its
+ * directory, database, topics...) are passed in, never read from a test's globals. */
 #ifndef SP_ITEST_H
 #define SP_ITEST_H
 
 #include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "clock.h"
+#include "kafka.h"
+#include "pg_store.h"
+#include "redis_store.h"
 
 /* The stack's setting name (from `. var/stack.env`); fails the test when it is unset. */
 static inline const char *need_env(const char *name) {
@@ -33,6 +49,413 @@ static inline int free_port(void) {
     assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &alen), 0);
     close(fd);
     return ntohs(a.sin_port);
+}
+
+/* Waits until cond holds, failing with the message (printf-like) after WAIT_S seconds, which the
+ * including test defines. */
+#define WAIT_FOR(cond, ...)                                                                        \
+    do {                                                                                           \
+        int64_t deadline_ = sp_clock_mono_ms() + WAIT_S * 1000;                                    \
+        while (!(cond) && sp_clock_mono_ms() < deadline_) sleep_ms(100);                           \
+        if (!(cond)) fail_msg(__VA_ARGS__);                                                        \
+    } while (0)
+
+/* The message of the last helper that failed without failing the test. */
+static __attribute__((unused)) char itest_err[1024];
+
+/* ---- child processes ---- */
+
+#define ITEST_MAX_PROCS 16
+
+/* Every child still running, killed by kill_tracked() in teardown. */
+static __attribute__((unused)) pid_t itest_pids[ITEST_MAX_PROCS];
+
+static inline void track(pid_t pid) {
+    for (int i = 0; i < ITEST_MAX_PROCS; i++)
+        if (itest_pids[i] == 0) {
+            itest_pids[i] = pid;
+            return;
+        }
+    fail_msg("too many child processes");
+}
+
+static inline void untrack(pid_t pid) {
+    for (int i = 0; i < ITEST_MAX_PROCS; i++)
+        if (itest_pids[i] == pid) itest_pids[i] = 0;
+}
+
+/* SIGKILL to every tracked child, reaped; for group teardown. */
+static inline void kill_tracked(void) {
+    for (int i = 0; i < ITEST_MAX_PROCS; i++)
+        if (itest_pids[i] > 0) {
+            kill(itest_pids[i], SIGKILL);
+            waitpid(itest_pids[i], NULL, 0);
+            itest_pids[i] = 0;
+        }
+}
+
+/* Waits for a tracked process to end: its exit status, 128+signal when killed, -1 on timeout. */
+static inline int wait_exit(pid_t pid, int timeout_s) {
+    int status;
+    for (int64_t deadline = sp_clock_mono_ms() + timeout_s * 1000; sp_clock_mono_ms() < deadline;
+         sleep_ms(20)) {
+        if (waitpid(pid, &status, WNOHANG) == pid) {
+            untrack(pid);
+            return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        }
+    }
+    return -1;
+}
+
+/* Runs argv to completion with extra NAME=VALUE settings (NULL-terminated, may be NULL). Its
+ * stderr is appended to the file log (inherited when log is NULL); its stdout goes into out
+ * (NUL-terminated) when out is not NULL, else into log, else nowhere. Its exit status or -1. */
+static inline int run(char *const argv[], const char *const *settings, const char *log, char *out,
+                      size_t cap) {
+    int fds[2];
+    if (pipe(fds) != 0) return -1;
+    pid_t pid = fork();
+    if (pid < 0) {
+        close(fds[0]);
+        close(fds[1]);
+        return -1;
+    }
+    if (pid == 0) {
+        for (int i = 0; settings && settings[i]; i++) putenv((char *)settings[i]);
+        int fd = log ? open(log, O_WRONLY | O_CREAT | O_APPEND, 0644) : -1;
+        dup2(out || fd < 0 ? fds[1] : fd, 1);
+        if (fd >= 0) dup2(fd, 2);
+        close(fds[0]);
+        close(fds[1]);
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    close(fds[1]);
+    size_t len = 0;
+    char sink[512];
+    for (ssize_t r;;) {
+        char *dst = out && len + 1 < cap ? out + len : sink;
+        size_t room = out && len + 1 < cap ? cap - len - 1 : sizeof(sink);
+        if ((r = read(fds[0], dst, room)) <= 0) break;
+        if (dst != sink) len += (size_t)r;
+    }
+    if (out) out[len] = '\0';
+    close(fds[0]);
+    int status;
+    if (waitpid(pid, &status, 0) != pid) return -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/* Whether a line of the file at path contains needle (0 when it cannot be read). */
+static inline int log_has(const char *path, const char *needle) {
+    FILE *f = fopen(path, "r");
+    char line[4096];
+    int found = 0;
+    if (f == NULL) return 0;
+    while (!found && fgets(line, sizeof(line), f)) found = strstr(line, needle) != NULL;
+    fclose(f);
+    return found;
+}
+
+/* ---- PostgreSQL ---- */
+
+/* A connection named after the test program; fails the test when there is none. */
+static inline PGconn *connect_pg(const char *dsn) {
+    PGconn *pg = sp_pg_connect(dsn, program_invocation_short_name, itest_err, sizeof(itest_err));
+    if (pg == NULL) fail_msg("%s", itest_err);
+    return pg;
+}
+
+/* The first value a query returns as an integer; -1 when there is no row or it is NULL. */
+static inline int64_t query_int(const char *dsn, const char *sql, int n,
+                                const char *const *params) {
+    PGconn *pg = connect_pg(dsn);
+    PGresult *res = sp_pg_query(pg, sql, n, params, itest_err, sizeof(itest_err));
+    if (res == NULL) fail_msg("%s: %s", sql, itest_err);
+    int64_t v = PQntuples(res) == 0 || PQgetisnull(res, 0, 0)
+                    ? -1
+                    : strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+    PQclear(res);
+    PQfinish(pg);
+    return v;
+}
+
+/* The rows of a query as text: fields joined by '|', NULL as "-", one line per row; *nrows (when
+ * not NULL) gets the row count. The caller frees. Compared byte for byte between databases. */
+static inline char *dump(const char *dsn, const char *sql, int n, const char *const *params,
+                         int *nrows) {
+    PGconn *pg = connect_pg(dsn);
+    PGresult *res = sp_pg_query(pg, sql, n, params, itest_err, sizeof(itest_err));
+    if (res == NULL) fail_msg("%s: %s", sql, itest_err);
+    size_t cap = 1024, len = 0;
+    for (int r = 0; r < PQntuples(res); r++)
+        for (int f = 0; f < PQnfields(res); f++) cap += (size_t)PQgetlength(res, r, f) + 2;
+    char *out = malloc(cap);
+    assert_non_null(out);
+    out[0] = '\0';
+    for (int r = 0; r < PQntuples(res); r++) {
+        for (int f = 0; f < PQnfields(res); f++)
+            len += (size_t)snprintf(out + len, cap - len, "%s%s", f ? "|" : "",
+                                    PQgetisnull(res, r, f) ? "-" : PQgetvalue(res, r, f));
+        len += (size_t)snprintf(out + len, cap - len, "\n");
+    }
+    if (nrows) *nrows = PQntuples(res);
+    PQclear(res);
+    PQfinish(pg);
+    return out;
+}
+
+/* Creates database db on the stack's server (PG_DSN) and migrates it with scripts/migrate.sh
+ * (its output appended to log; see run()); its conninfo into dsn. Fails the test on error. */
+static inline void create_database(const char *db, char *dsn, size_t cap, const char *log) {
+    PGconn *pg = connect_pg(need_env("PG_DSN"));
+    char *ident = PQescapeIdentifier(pg, db, strlen(db));
+    char sql[256];
+    snprintf(sql, sizeof(sql), "CREATE DATABASE %s", ident);
+    PQfreemem(ident);
+    if (sp_pg_exec(pg, sql, 0, NULL, itest_err, sizeof(itest_err)) != 0) {
+        PQfinish(pg);
+        fail_msg("%s: %s", sql, itest_err);
+    }
+    PQfinish(pg);
+    /* In a conninfo string the last dbname wins. */
+    snprintf(dsn, cap, "%s dbname=%s", need_env("PG_DSN"), db);
+    char *argv[] = {(char[]){"scripts/migrate.sh"}, (char[]){"--dsn"}, dsn, NULL};
+    assert_int_equal(run(argv, NULL, log, NULL, 0), 0);
+}
+
+/* DROP DATABASE IF EXISTS db WITH (FORCE) on the stack's server; 0, or -1 with the error on
+ * stderr (for teardown, where it must not fail the test). */
+static inline int drop_database(const char *db) {
+    PGconn *pg = sp_pg_connect(getenv("PG_DSN"), program_invocation_short_name, itest_err,
+                               sizeof(itest_err));
+    if (pg == NULL) {
+        fprintf(stderr, "%s\n", itest_err);
+        return -1;
+    }
+    char *ident = PQescapeIdentifier(pg, db, strlen(db));
+    char sql[256];
+    snprintf(sql, sizeof(sql), "DROP DATABASE IF EXISTS %s WITH (FORCE)", ident);
+    PQfreemem(ident);
+    int rc = sp_pg_exec(pg, sql, 0, NULL, itest_err, sizeof(itest_err));
+    if (rc != 0) fprintf(stderr, "%s: %s\n", sql, itest_err);
+    PQfinish(pg);
+    return rc == 0 ? 0 : -1;
+}
+
+/* ---- Redis: a private server ---- */
+
+/* Starts a redis-server on 127.0.0.1:port with no persistence at all (a restart comes back
+ * empty, like a replica that lost it all), its files and log (redis.log) in dir, and waits until
+ * it answers PING. Its pid, tracked. */
+static inline pid_t start_redis(int port, const char *dir) {
+    char portstr[16], log[256], url[64];
+    snprintf(portstr, sizeof(portstr), "%d", port);
+    snprintf(log, sizeof(log), "%s/redis.log", dir);
+    snprintf(url, sizeof(url), "redis://127.0.0.1:%d", port);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+        if (fd >= 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+        }
+        execlp("redis-server", "redis-server", "--port", portstr, "--bind", "127.0.0.1", "--save",
+               "", "--appendonly", "no", "--dir", dir, (char *)NULL);
+        _exit(127);
+    }
+    track(pid);
+    sp_redis_target target;
+    if (sp_redis_parse_url(url, &target, itest_err, sizeof(itest_err)) != 0)
+        fail_msg("%s", itest_err);
+    for (int64_t deadline = sp_clock_mono_ms() + 20000; sp_clock_mono_ms() < deadline;
+         sleep_ms(50)) {
+        redisContext *c = sp_redis_connect(&target, 500, itest_err, sizeof(itest_err));
+        if (c) {
+            int ok = sp_redis_ping(c, itest_err, sizeof(itest_err)) == 0;
+            redisFree(c);
+            if (ok) return pid;
+        }
+    }
+    fail_msg("redis-server on port %d did not answer: %s", port, itest_err);
+    return -1;
+}
+
+/* ---- HTTP ---- */
+
+/* One request to 127.0.0.1:port, with an Authorization: Bearer token and an Idempotency-Key
+ * when not NULL; the status code (0 when the server could not be reached) and the body in buf. */
+static inline int http(int port, const char *method, const char *path, const char *token,
+                       const char *idem, const char *body, char *buf, size_t cap) {
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    char req[2048], hdr[512] = "";
+    size_t len = 0;
+    buf[0] = '\0';
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) return 0;
+    struct timeval tv = {15, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    if (connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0) {
+        close(fd);
+        return 0;
+    }
+    if (token) snprintf(hdr, sizeof(hdr), "Authorization: Bearer %s\r\n", token);
+    if (idem)
+        snprintf(hdr + strlen(hdr), sizeof(hdr) - strlen(hdr), "Idempotency-Key: %s\r\n", idem);
+    int n = snprintf(req, sizeof(req),
+                     "%s %s HTTP/1.0\r\nHost: 127.0.0.1\r\n%sContent-Type: application/json\r\n"
+                     "Content-Length: %zu\r\n\r\n%s",
+                     method, path, hdr, body ? strlen(body) : 0, body ? body : "");
+    if (write(fd, req, (size_t)n) != n) {
+        close(fd);
+        return 0;
+    }
+    for (ssize_t r; len + 1 < cap && (r = read(fd, buf + len, cap - len - 1)) > 0;)
+        len += (size_t)r;
+    buf[len] = '\0';
+    close(fd);
+    int code = 0;
+    if (sscanf(buf, "HTTP/1.%*d %d", &code) != 1) code = 0;
+    char *b = strstr(buf, "\r\n\r\n");
+    if (b) memmove(buf, b + 4, strlen(b + 4) + 1);
+    else buf[0] = '\0';
+    return code;
+}
+
+/* A series' value from the /metrics of 127.0.0.1:port ("name" or "name{labels}"); -1 when it is
+ * absent or the server does not answer. */
+static inline int64_t metric(int port, const char *series) {
+    static char body[256 * 1024];
+    if (http(port, "GET", "/metrics", NULL, NULL, NULL, body, sizeof(body)) != 200) return -1;
+    size_t n = strlen(series);
+    for (char *line = body; line && *line;
+         line = strchr(line, '\n'), line = line ? line + 1 : NULL)
+        if (strncmp(line, series, n) == 0 && line[n] == ' ') return strtoll(line + n + 1, NULL, 10);
+    return -1;
+}
+
+/* ---- worker processes ---- */
+
+typedef struct proc {
+    pid_t pid;
+    int port;      /* its HTTP_PORT */
+    char log[256]; /* its stdout and stderr */
+    char name[32];
+} proc;
+
+/* Where a run's workers find the stack; start() hands it to them as their settings. */
+typedef struct itest_stack {
+    const char *dir; /* the run's directory: each worker logs to dir/<name>.log */
+    const char *tag; /* unique per run: in each WORKER_ID */
+    const char *dsn, *redis_url, *topic, *dlq, *group;
+} itest_stack;
+
+/* Starts `bin [arg]` as worker name on stack s, on a free port, with extra NAME=VALUE settings
+ * (NULL-terminated, may be NULL); tracked. */
+static inline proc start(const itest_stack *s, const char *bin, const char *name,
+                         const char *const *settings, const char *arg) {
+    proc p = {.port = free_port()};
+    snprintf(p.name, sizeof(p.name), "%s", name);
+    snprintf(p.log, sizeof(p.log), "%s/%s.log", s->dir, name);
+    p.pid = fork();
+    assert_true(p.pid >= 0);
+    if (p.pid == 0) {
+        char port[16], id[64];
+        snprintf(port, sizeof(port), "%d", p.port);
+        snprintf(id, sizeof(id), "test-%s-%s", name, s->tag);
+        setenv("PG_DSN", s->dsn, 1);
+        setenv("REDIS_URL", s->redis_url, 1);
+        setenv("KAFKA_TOPIC", s->topic, 1);
+        setenv("KAFKA_DLQ_TOPIC", s->dlq, 1);
+        setenv("KAFKA_GROUP", s->group, 1);
+        setenv("HTTP_ADDR", "127.0.0.1", 1);
+        setenv("HTTP_PORT", port, 1);
+        setenv("WORKER_ID", id, 1);
+        setenv("LOG_LEVEL", "info", 1);
+        for (int i = 0; settings && settings[i]; i++) putenv((char *)settings[i]);
+        int fd = open(p.log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+        if (fd >= 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+            close(fd);
+        }
+        execl(bin, bin, arg, (char *)NULL);
+        _exit(127);
+    }
+    track(p.pid);
+    return p;
+}
+
+/* Waits up to timeout_s until the process answers /readyz with 200; fails when it dies. */
+static inline void wait_ready(const proc *p, int timeout_s) {
+    char body[1024];
+    for (int64_t deadline = sp_clock_mono_ms() + timeout_s * 1000; sp_clock_mono_ms() < deadline;
+         sleep_ms(100)) {
+        if (http(p->port, "GET", "/readyz", NULL, NULL, NULL, body, sizeof(body)) == 200) return;
+        if (waitpid(p->pid, NULL, WNOHANG) == p->pid) fail_msg("%s died (log %s)", p->name, p->log);
+    }
+    fail_msg("%s never became ready (log %s)", p->name, p->log);
+}
+
+/* SIGTERM; the worker must drain and exit 0 within 60 s. */
+static inline void stop(proc *p) {
+    if (p->pid <= 0) return;
+    assert_int_equal(kill(p->pid, SIGTERM), 0);
+    int rc = wait_exit(p->pid, 60);
+    if (rc != 0) fail_msg("%s exited %d after SIGTERM (log %s)", p->name, rc, p->log);
+    p->pid = 0;
+}
+
+/* stop() for group teardown: each running process of all[0..n) gets SIGTERM and 60 s to exit 0,
+ * failures reported on stderr. 1 when all exited 0. */
+static inline int stop_all(proc *const *all, size_t n) {
+    int clean = 1;
+    for (size_t i = 0; i < n; i++) {
+        if (all[i]->pid <= 0) continue;
+        kill(all[i]->pid, SIGTERM);
+        int rc = wait_exit(all[i]->pid, 60);
+        if (rc != 0) {
+            fprintf(stderr, "%s exited %d after SIGTERM (log %s)\n", all[i]->name, rc, all[i]->log);
+            clean = 0;
+        }
+        all[i]->pid = 0;
+    }
+    return clean;
+}
+
+/* ---- Kafka ---- */
+
+/* Runs fn with a short-lived Kafka client (producer and admin) of KAFKA_BROKERS; fn's result, or
+ * -1 with the message in errbuf when there is no client. */
+static inline int with_kafka(int (*fn)(rd_kafka_t *), char *errbuf, size_t errlen) {
+    rd_kafka_conf_t *conf = sp_kafka_conf_new(getenv("KAFKA_BROKERS"),
+                                              program_invocation_short_name, errbuf, errlen);
+    if (conf == NULL) return -1;
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errbuf, errlen);
+    if (rk == NULL) {
+        rd_kafka_conf_destroy(conf);
+        return -1;
+    }
+    int rc = fn(rk);
+    rd_kafka_destroy(rk);
+    return rc;
+}
+
+/* Creates topic and waits until each of its partitions has a leader, so that producing and
+ * consuming do not race its creation; 0, or -1 with the message in errbuf. */
+static inline int make_topic(rd_kafka_t *rk, const char *topic, int partitions, char *errbuf,
+                             size_t errlen) {
+    if (sp_kafka_topic_create(rk, topic, partitions, 30000, errbuf, errlen) != 0) return -1;
+    int n = 0;
+    for (int64_t deadline = sp_clock_mono_ms() + 30000; sp_clock_mono_ms() < deadline;
+         sleep_ms(200))
+        if (sp_kafka_topic_partitions(rk, topic, 2000, &n, errbuf, errlen) == 0 &&
+            n == partitions)
+            return 0;
+    snprintf(errbuf, errlen, "topic %s never got %d partitions with leaders", topic, partitions);
+    return -1;
 }
 
 #endif

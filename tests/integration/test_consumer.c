@@ -12,16 +12,13 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <cmocka.h>
-#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
-#include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -58,11 +55,10 @@ static struct {
     int64_t sku_base;    /* SKUs of this run: sku_base + 1 ... */
     rd_kafka_t *kafka;   /* producer and admin client */
     char dbs[MAX_DBS][64];
+    char dsns[MAX_DBS][1200]; /* their conninfo strings */
     int ndbs;
     char topics[MAX_TOPICS][160];
     int ntopics;
-    pid_t pids[16];
-    int npids;
     int npassed; /* tests that got to their end: the logs are removed only when all did */
 } g;
 
@@ -79,56 +75,14 @@ static int ndelivered;
 
 /* ---- PostgreSQL ---- */
 
-static char *dsn_of(const char *db) {
-    static char dsn[MAX_DBS][1200];
-    static int next;
-    char *d = dsn[next++ % MAX_DBS];
-    /* In a conninfo string the last dbname wins. */
-    snprintf(d, 1200, "%s dbname=%s", need_env("PG_DSN"), db);
-    return d;
-}
-
-static PGconn *connect_pg(const char *dsn) {
-    PGconn *pg = sp_pg_connect(dsn, "test-consumer", err, sizeof(err));
-    if (pg == NULL) fail_msg("%s", err);
-    return pg;
-}
-
-/* Runs a program to completion with its output discarded; its exit status, or -1. */
-static int run_quiet(char *const argv[]) {
-    pid_t pid = fork();
-    if (pid < 0) return -1;
-    if (pid == 0) {
-        int null = open("/dev/null", O_WRONLY);
-        if (null >= 0) {
-            dup2(null, 1);
-            close(null);
-        }
-        execv(argv[0], argv);
-        _exit(127);
-    }
-    int status;
-    if (waitpid(pid, &status, 0) != pid) return -1;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
 /* A fresh database with the schema migrated; returns its conninfo. */
 static const char *new_database(const char *what) {
     assert_true(g.ndbs < MAX_DBS);
     char *name = g.dbs[g.ndbs];
     snprintf(name, sizeof(g.dbs[0]), "sp_test_%s_%s", tag, what);
-    PGconn *pg = connect_pg(need_env("PG_DSN"));
-    char *ident = PQescapeIdentifier(pg, name, strlen(name));
-    char sql[256];
-    snprintf(sql, sizeof(sql), "CREATE DATABASE %s", ident);
-    PQfreemem(ident);
-    if (sp_pg_exec(pg, sql, 0, NULL, err, sizeof(err)) != 0) fail_msg("%s: %s", sql, err);
-    PQfinish(pg);
-    g.ndbs++;
-    const char *dsn = dsn_of(name);
-    char prog[] = "scripts/migrate.sh", opt[] = "--dsn";
-    char *argv[] = {prog, opt, (char *)dsn, NULL};
-    assert_int_equal(run_quiet(argv), 0);
+    /* Counted first: teardown drops it even when the migration fails. */
+    char *dsn = g.dsns[g.ndbs++];
+    create_database(name, dsn, sizeof(g.dsns[0]), NULL);
     return dsn;
 }
 
@@ -153,41 +107,8 @@ static void drop_databases(void) {
     g.ndbs = 0;
 }
 
-static int64_t query_int(const char *dsn, const char *sql, int n, const char *const *params) {
-    PGconn *pg = connect_pg(dsn);
-    PGresult *res = sp_pg_query(pg, sql, n, params, err, sizeof(err));
-    if (res == NULL) fail_msg("%s: %s", sql, err);
-    int64_t v = PQgetisnull(res, 0, 0) ? -1 : strtoll(PQgetvalue(res, 0, 0), NULL, 10);
-    PQclear(res);
-    PQfinish(pg);
-    return v;
-}
-
 /* The one value a query without parameters returns. */
 static int64_t value(const char *dsn, const char *sql) { return query_int(dsn, sql, 0, NULL); }
-
-/* The rows of a query as text: fields joined by '|', NULL as "-", one line per row. The caller
- * frees. Compared byte for byte between databases. */
-static char *dump(const char *dsn, const char *sql, int n, const char *const *params) {
-    PGconn *pg = connect_pg(dsn);
-    PGresult *res = sp_pg_query(pg, sql, n, params, err, sizeof(err));
-    if (res == NULL) fail_msg("%s: %s", sql, err);
-    size_t cap = 1024, len = 0;
-    for (int r = 0; r < PQntuples(res); r++)
-        for (int f = 0; f < PQnfields(res); f++) cap += (size_t)PQgetlength(res, r, f) + 2;
-    char *out = malloc(cap);
-    assert_non_null(out);
-    out[0] = '\0';
-    for (int r = 0; r < PQntuples(res); r++) {
-        for (int f = 0; f < PQnfields(res); f++)
-            len += (size_t)snprintf(out + len, cap - len, "%s%s", f ? "|" : "",
-                                    PQgetisnull(res, r, f) ? "-" : PQgetvalue(res, r, f));
-        len += (size_t)snprintf(out + len, cap - len, "\n");
-    }
-    PQclear(res);
-    PQfinish(pg);
-    return out;
-}
 
 static const char orders_sql[] = "SELECT * FROM orders ORDER BY order_id";
 static const char inventory_sql[] = "SELECT * FROM inventory ORDER BY sku_id";
@@ -196,7 +117,7 @@ static const char returns_sql[] = "SELECT * FROM stock_returns ORDER BY order_id
 static void assert_same_tables(const char *dsn_a, const char *dsn_b) {
     const char *sqls[] = {orders_sql, inventory_sql, returns_sql};
     for (size_t i = 0; i < 3; i++) {
-        char *a = dump(dsn_a, sqls[i], 0, NULL), *b = dump(dsn_b, sqls[i], 0, NULL);
+        char *a = dump(dsn_a, sqls[i], 0, NULL, NULL), *b = dump(dsn_b, sqls[i], 0, NULL, NULL);
         if (strcmp(a, b) != 0) {
             fprintf(stderr, "%s differs:\n--- %s\n%.2000s\n--- %s\n%.2000s\n", sqls[i], dsn_a, a,
                     dsn_b, b);
@@ -225,17 +146,9 @@ static const char *new_topic(const char *what, int partitions) {
     assert_true(g.ntopics < MAX_TOPICS);
     char *t = g.topics[g.ntopics];
     snprintf(t, sizeof(g.topics[0]), "stockpipe.test.consumer.%s.%s", tag, what);
-    if (sp_kafka_topic_create(g.kafka, t, partitions, 30000, err, sizeof(err)) != 0)
-        fail_msg("%s", err);
-    g.ntopics++;
-    /* Wait until every partition has a leader, so produce and consume do not race creation. */
-    int n = 0;
-    for (int64_t deadline = sp_clock_mono_ms() + 30000; sp_clock_mono_ms() < deadline; sleep_ms(200))
-        if (sp_kafka_topic_partitions(g.kafka, t, 2000, &n, err, sizeof(err)) == 0 &&
-            n == partitions)
-            return t;
-    fail_msg("topic %s never got %d partitions with leaders: %s", t, partitions, err);
-    return NULL;
+    g.ntopics++; /* counted first: teardown deletes it even when it half exists */
+    if (make_topic(g.kafka, t, partitions, err, sizeof(err)) != 0) fail_msg("%s", err);
+    return t;
 }
 
 /* Queues one event (delivery recorded under deliveries[ndelivered]). */
@@ -324,18 +237,13 @@ static int read_dead_letters(const char *topic, dead_letter *out, int max, int w
 
 /* ---- consumer processes ---- */
 
-typedef struct proc {
-    pid_t pid;
-    int port;
-    char log[256];
-} proc;
-
 /* Starts a consumer on dsn/topic/dlq/group with extra NAME=VALUE settings (NULL-terminated) and
  * arguments (NULL-terminated, may be NULL). Its log goes to the run's directory. */
 static proc start_consumer(const char *name, const char *dsn, const char *topic, const char *dlq,
                            const char *group, const char *const *settings,
                            const char *const *args) {
     proc p = {.port = free_port()};
+    snprintf(p.name, sizeof(p.name), "%s", name);
     snprintf(p.log, sizeof(p.log), "%s/%s.log", g.tmp, name);
     p.pid = fork();
     assert_true(p.pid >= 0);
@@ -364,67 +272,14 @@ static proc start_consumer(const char *name, const char *dsn, const char *topic,
         execv(CONSUMER_BIN, (char *const *)argv);
         _exit(127);
     }
-    g.pids[g.npids++ % 16] = p.pid;
+    track(p.pid);
     return p;
-}
-
-/* Waits for a process to end: its exit status, 128+signal when killed, -1 on timeout. */
-static int wait_exit(pid_t pid, int timeout_s) {
-    int status;
-    for (int64_t deadline = sp_clock_mono_ms() + timeout_s * 1000; sp_clock_mono_ms() < deadline; sleep_ms(50)) {
-        pid_t r = waitpid(pid, &status, WNOHANG);
-        if (r == pid) {
-            for (int i = 0; i < 16; i++)
-                if (g.pids[i] == pid) g.pids[i] = 0;
-            return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-        }
-    }
-    return -1;
 }
 
 static void stop_consumer(const proc *p, const char *why) {
     assert_int_equal(kill(p->pid, SIGTERM), 0);
     int rc = wait_exit(p->pid, 60);
     if (rc != 0) fail_msg("%s: consumer exited %d after SIGTERM (log %s)", why, rc, p->log);
-}
-
-/* GET path from the consumer's HTTP server; the body in buf (NUL-terminated), or "" on failure. */
-static void http_get(int port, const char *path, char *buf, size_t cap) {
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
-                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    char req[256];
-    size_t len = 0;
-    buf[0] = '\0';
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0) return;
-    struct timeval tv = {2, 0};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    if (connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0) {
-        close(fd);
-        return;
-    }
-    int n = snprintf(req, sizeof(req), "GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n", path);
-    if (write(fd, req, (size_t)n) != n) {
-        close(fd);
-        return;
-    }
-    for (ssize_t r; len + 1 < cap && (r = read(fd, buf + len, cap - len - 1)) > 0;)
-        len += (size_t)r;
-    buf[len] = '\0';
-    close(fd);
-    char *body = strstr(buf, "\r\n\r\n");
-    if (body) memmove(buf, body + 4, strlen(body + 4) + 1);
-    else buf[0] = '\0';
-}
-
-/* A series' value from the consumer's /metrics ("name" or "name{labels}"); -1 when absent. */
-static int64_t metric(int port, const char *series) {
-    static char body[256 * 1024];
-    http_get(port, "/metrics", body, sizeof(body));
-    size_t n = strlen(series);
-    for (char *line = body; line && *line; line = strchr(line, '\n'), line = line ? line + 1 : NULL)
-        if (strncmp(line, series, n) == 0 && line[n] == ' ') return strtoll(line + n + 1, NULL, 10);
-    return -1;
 }
 
 /* Waits until the database stores `total` as the sum of the topic's next offsets: every event
@@ -444,16 +299,6 @@ static void wait_applied(const char *dsn, const char *topic, int64_t total, cons
     if (got != total)
         fail_msg("%s: %" PRId64 " of %" PRId64 " events applied after %d s (log %s)", topic, got,
                  total, WAIT_S, p ? p->log : "-");
-}
-
-static int log_has(const char *path, const char *needle) {
-    FILE *f = fopen(path, "r");
-    char line[4096];
-    int found = 0;
-    if (f == NULL) return 0;
-    while (!found && fgets(line, sizeof(line), f)) found = strstr(line, needle) != NULL;
-    fclose(f);
-    return found;
 }
 
 /* ---- building events ---- */
@@ -587,7 +432,7 @@ static void test_scripted_log(void **state) {
                         "(extract(epoch FROM paid_at) * 1000)::bigint - $2::bigint, "
                         "(extract(epoch FROM closed_at) * 1000)::bigint - $2::bigint, "
                         "refund_due, kafka_partition, kafka_offset FROM orders ORDER BY order_id",
-                        2, params);
+                        2, params, NULL);
     char want[4096];
     size_t len = 0;
 #define ROW(...) len += (size_t)snprintf(want + len, sizeof(want) - len, __VA_ARGS__)
@@ -611,7 +456,7 @@ static void test_scripted_log(void **state) {
                      "pay_timeout_s, (extract(epoch FROM created_at) * 1000)::bigint - $2::bigint, "
                      "(extract(epoch FROM updated_at) * 1000)::bigint - $2::bigint "
                      "FROM inventory ORDER BY sku_id",
-                     2, params);
+                     2, params, NULL);
     /* A: 3 opened, o1 o2 o4 took 3, o2 gave 1 back, +5, o6 took 2, o11 took 4: 0 of 8 left,
      * 7 changes. B: o10 took 3 and gave them back: 2 changes. */
     assert_string_equal(inv, "1|0|7|8|2|600|0|30\n2|10|2|10|0|60|1|27\n");
@@ -621,7 +466,7 @@ static void test_scripted_log(void **state) {
                      "SELECT order_id, sku_id - $1::bigint, user_id, qty, reason, "
                      "(extract(epoch FROM created_at) * 1000)::bigint - $2::bigint, "
                      "returned_to_redis_at FROM stock_returns ORDER BY order_id",
-                     2, params);
+                     2, params, NULL);
     assert_string_equal(ret, "o10|2|10|3|expired|27|-\no2|1|2|1|expired|9|-\n"
                              "o7|1|7|1|voided|16|-\n");
     free(ret);
@@ -1048,11 +893,7 @@ static int group_setup(void **state) {
 
 static int group_teardown(void **state) {
     (void)state;
-    for (int i = 0; i < 16; i++)
-        if (g.pids[i] > 0) {
-            kill(g.pids[i], SIGKILL);
-            waitpid(g.pids[i], NULL, 0);
-        }
+    kill_tracked();
     drop_databases();
     for (int i = 0; i < g.ntopics; i++)
         if (sp_kafka_topic_delete(g.kafka, g.topics[i], 30000, err, sizeof(err)) != 0)
@@ -1060,7 +901,7 @@ static int group_teardown(void **state) {
     if (g.kafka) rd_kafka_destroy(g.kafka);
     if (g.npassed == NTESTS) {
         char *argv[] = {(char[]){"/bin/rm"}, (char[]){"-rf"}, g.tmp, NULL};
-        (void)run_quiet(argv);
+        (void)run(argv, NULL, NULL, NULL, 0);
     } else {
         fprintf(stderr, "the consumers' logs are in %s\n", g.tmp);
     }

@@ -15,19 +15,14 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <cmocka.h>
-#include <arpa/inet.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
 #include <jansson.h>
-#include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -49,20 +44,12 @@
 #define WAIT_S      120 /* generous: a shared, loaded machine; ASan builds */
 #define MSG_TIMEOUT "2000"
 #define LOST_AFTER  "4000"
-#define MAX_PROCS   16
 #define NTESTS      8
 #define ADMIN       "test-admin-token"
 #define PAYMENT     "test-payment-token"
 
 static char err[1024];
 static char tag[32]; /* unique per run: pid and time */
-
-typedef struct proc {
-    pid_t pid;
-    int port;
-    char log[256];
-    char name[32];
-} proc;
 
 /* Everything a run creates, removed by teardown. */
 static struct {
@@ -74,124 +61,28 @@ static struct {
     pid_t redis_pid;
     int64_t sku_base;
     proc producer, consumer, reapers[3];
-    pid_t pids[MAX_PROCS]; /* every child, for teardown */
     int npassed;
 } g;
 
-static void track(pid_t pid) {
-    for (int i = 0; i < MAX_PROCS; i++)
-        if (g.pids[i] == 0) {
-            g.pids[i] = pid;
-            return;
-        }
-    fail_msg("too many child processes");
-}
-
-static void untrack(pid_t pid) {
-    for (int i = 0; i < MAX_PROCS; i++)
-        if (g.pids[i] == pid) g.pids[i] = 0;
-}
-
-/* Waits for a process to end: its exit status, 128+signal when killed, -1 on timeout. */
-static int wait_exit(pid_t pid, int timeout_s) {
-    int status;
-    for (int64_t deadline = sp_clock_mono_ms() + timeout_s * 1000; sp_clock_mono_ms() < deadline; sleep_ms(20)) {
-        if (waitpid(pid, &status, WNOHANG) == pid) {
-            untrack(pid);
-            return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-        }
-    }
-    return -1;
-}
-
-/* Runs argv to completion, its stdout into out (NUL-terminated, may be NULL) and its stderr into
- * the run's log file `log`, with extra NAME=VALUE settings; returns its exit status or -1. */
-static int run_capture(char *const argv[], const char *const *settings, const char *log,
-                       char *out, size_t cap) {
-    int fds[2];
-    if (pipe(fds) != 0) return -1;
-    pid_t pid = fork();
-    if (pid < 0) return -1;
-    if (pid == 0) {
-        for (int i = 0; settings && settings[i]; i++) putenv((char *)settings[i]);
-        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
-        dup2(fds[1], 1);
-        if (fd >= 0) dup2(fd, 2);
-        close(fds[0]);
-        close(fds[1]);
-        execv(argv[0], argv);
-        _exit(127);
-    }
-    close(fds[1]);
-    size_t len = 0;
-    char sink[512];
-    for (ssize_t r;;) {
-        char *dst = out && len + 1 < cap ? out + len : sink;
-        size_t room = out && len + 1 < cap ? cap - len - 1 : sizeof(sink);
-        if ((r = read(fds[0], dst, room)) <= 0) break;
-        if (dst != sink) len += (size_t)r;
-    }
-    if (out) out[len] = '\0';
-    close(fds[0]);
-    int status;
-    if (waitpid(pid, &status, 0) != pid) return -1;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
+/* What start() gives each worker. */
+static const itest_stack stack = {.dir = g.tmp, .tag = tag, .dsn = g.dsn, .redis_url = g.redis_url,
+                                  .topic = g.topic, .dlq = g.dlq, .group = g.group};
 
 /* ---- PostgreSQL ---- */
-
-static PGconn *connect_pg(const char *dsn) {
-    PGconn *pg = sp_pg_connect(dsn, "test-reaper", err, sizeof(err));
-    if (pg == NULL) fail_msg("%s", err);
-    return pg;
-}
-
-static int64_t query_int(const char *sql, int n, const char *const *params) {
-    PGconn *pg = connect_pg(g.dsn);
-    PGresult *res = sp_pg_query(pg, sql, n, params, err, sizeof(err));
-    if (res == NULL) fail_msg("%s: %s", sql, err);
-    int64_t v = PQntuples(res) == 0 || PQgetisnull(res, 0, 0) ? -1
-                                                              : strtoll(PQgetvalue(res, 0, 0), NULL, 10);
-    PQclear(res);
-    PQfinish(pg);
-    return v;
-}
 
 /* query_int with one parameter: a SKU id. */
 static int64_t sku_int(const char *sql, int64_t sku) {
     char s[24];
     snprintf(s, sizeof(s), "%" PRId64, sku);
     const char *params[] = {s};
-    return query_int(sql, 1, params);
+    return query_int(g.dsn, sql, 1, params);
 }
 
-static void create_database(void) {
-    snprintf(g.db, sizeof(g.db), "sp_test_reaper_%s", tag);
-    PGconn *pg = connect_pg(need_env("PG_DSN"));
-    char *ident = PQescapeIdentifier(pg, g.db, strlen(g.db));
-    char sql[256];
-    snprintf(sql, sizeof(sql), "CREATE DATABASE %s", ident);
-    PQfreemem(ident);
-    if (sp_pg_exec(pg, sql, 0, NULL, err, sizeof(err)) != 0) fail_msg("%s: %s", sql, err);
-    PQfinish(pg);
-    /* In a conninfo string the last dbname wins. */
-    snprintf(g.dsn, sizeof(g.dsn), "%s dbname=%s", need_env("PG_DSN"), g.db);
+static void create_db(void) {
     char log[256];
+    snprintf(g.db, sizeof(g.db), "sp_test_reaper_%s", tag);
     snprintf(log, sizeof(log), "%s/migrate.log", g.tmp);
-    char *argv[] = {(char[]){"scripts/migrate.sh"}, (char[]){"--dsn"}, g.dsn, NULL};
-    assert_int_equal(run_capture(argv, NULL, log, NULL, 0), 0);
-}
-
-static void drop_database(void) {
-    if (g.db[0] == '\0') return;
-    PGconn *pg = sp_pg_connect(getenv("PG_DSN"), "test-reaper", err, sizeof(err));
-    if (pg == NULL) return;
-    char *ident = PQescapeIdentifier(pg, g.db, strlen(g.db));
-    char sql[256];
-    snprintf(sql, sizeof(sql), "DROP DATABASE IF EXISTS %s WITH (FORCE)", ident);
-    PQfreemem(ident);
-    if (sp_pg_exec(pg, sql, 0, NULL, err, sizeof(err)) != 0) fprintf(stderr, "%s\n", err);
-    PQfinish(pg);
+    create_database(g.db, g.dsn, sizeof(g.dsn), log);
 }
 
 /* ---- Redis: a private server ---- */
@@ -212,38 +103,6 @@ static redisContext *redis(void) {
 static void redis_close(void) {
     if (rctx) redisFree(rctx);
     rctx = NULL;
-}
-
-static void start_redis(void) {
-    char port[16], log[256];
-    snprintf(port, sizeof(port), "%d", g.redis_port);
-    snprintf(log, sizeof(log), "%s/redis.log", g.tmp);
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
-        if (fd >= 0) {
-            dup2(fd, 1);
-            dup2(fd, 2);
-        }
-        /* No persistence at all: a restart comes back empty, like a replica that lost it all. */
-        execlp("redis-server", "redis-server", "--port", port, "--bind", "127.0.0.1", "--save",
-               "", "--appendonly", "no", "--dir", g.tmp, (char *)NULL);
-        _exit(127);
-    }
-    g.redis_pid = pid;
-    track(pid);
-    sp_redis_target target;
-    if (sp_redis_parse_url(g.redis_url, &target, err, sizeof(err)) != 0) fail_msg("%s", err);
-    for (int64_t deadline = sp_clock_mono_ms() + 20000; sp_clock_mono_ms() < deadline; sleep_ms(50)) {
-        redisContext *c = sp_redis_connect(&target, 500, err, sizeof(err));
-        if (c) {
-            int ok = sp_redis_ping(c, err, sizeof(err)) == 0;
-            redisFree(c);
-            if (ok) return;
-        }
-    }
-    fail_msg("redis-server on port %d did not answer: %s", g.redis_port, err);
 }
 
 static int64_t hget(int64_t sku, const char *suffix, const char *field) {
@@ -285,45 +144,6 @@ static int sale_open(int64_t sku) {
 
 /* ---- HTTP ---- */
 
-/* One request to 127.0.0.1:port; the status code (0 when the server could not be reached) and
- * the body in buf. */
-static int http(int port, const char *method, const char *path, const char *token,
-                const char *idem, const char *body, char *buf, size_t cap) {
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
-                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    char req[2048], hdr[512] = "";
-    size_t len = 0;
-    buf[0] = '\0';
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0) return 0;
-    struct timeval tv = {15, 0};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    if (connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0) {
-        close(fd);
-        return 0;
-    }
-    if (token) snprintf(hdr, sizeof(hdr), "Authorization: Bearer %s\r\n", token);
-    if (idem) snprintf(hdr + strlen(hdr), sizeof(hdr) - strlen(hdr), "Idempotency-Key: %s\r\n", idem);
-    int n = snprintf(req, sizeof(req),
-                     "%s %s HTTP/1.0\r\nHost: 127.0.0.1\r\n%sContent-Type: application/json\r\n"
-                     "Content-Length: %zu\r\n\r\n%s",
-                     method, path, hdr, body ? strlen(body) : 0, body ? body : "");
-    if (write(fd, req, (size_t)n) != n) {
-        close(fd);
-        return 0;
-    }
-    for (ssize_t r; len + 1 < cap && (r = read(fd, buf + len, cap - len - 1)) > 0;)
-        len += (size_t)r;
-    buf[len] = '\0';
-    close(fd);
-    int code = 0;
-    if (sscanf(buf, "HTTP/1.%*d %d", &code) != 1) code = 0;
-    char *b = strstr(buf, "\r\n\r\n");
-    if (b) memmove(buf, b + 4, strlen(b + 4) + 1);
-    else buf[0] = '\0';
-    return code;
-}
-
 /* A string field of a JSON body into out; "" when absent. */
 static void json_field(const char *body, const char *name, char *out, size_t cap) {
     json_error_t jerr;
@@ -360,64 +180,15 @@ static int pay(const char *order_id) {
 
 /* The sum of a series over the running reapers' /metrics ("name" or "name{labels}"). */
 static int64_t reaper_metric(const char *series) {
-    static char body[256 * 1024];
     int64_t sum = 0;
-    size_t n = strlen(series);
     for (int i = 0; i < 3; i++) {
-        if (g.reapers[i].pid <= 0) continue;
-        if (http(g.reapers[i].port, "GET", "/metrics", NULL, NULL, NULL, body, sizeof(body)) != 200)
-            continue;
-        for (char *line = body; line && *line;
-             line = strchr(line, '\n'), line = line ? line + 1 : NULL)
-            if (strncmp(line, series, n) == 0 && line[n] == ' ') sum += strtoll(line + n + 1, NULL, 10);
+        int64_t v = g.reapers[i].pid > 0 ? metric(g.reapers[i].port, series) : -1;
+        if (v > 0) sum += v;
     }
     return sum;
 }
 
 /* ---- the workers ---- */
-
-static proc start(const char *bin, const char *name, const char *const *settings) {
-    proc p = {.port = free_port()};
-    snprintf(p.name, sizeof(p.name), "%s", name);
-    snprintf(p.log, sizeof(p.log), "%s/%s.log", g.tmp, name);
-    p.pid = fork();
-    assert_true(p.pid >= 0);
-    if (p.pid == 0) {
-        char port[16], id[64];
-        snprintf(port, sizeof(port), "%d", p.port);
-        snprintf(id, sizeof(id), "test-%s-%s", name, tag);
-        setenv("PG_DSN", g.dsn, 1);
-        setenv("REDIS_URL", g.redis_url, 1);
-        setenv("KAFKA_TOPIC", g.topic, 1);
-        setenv("KAFKA_DLQ_TOPIC", g.dlq, 1);
-        setenv("KAFKA_GROUP", g.group, 1);
-        setenv("HTTP_ADDR", "127.0.0.1", 1);
-        setenv("HTTP_PORT", port, 1);
-        setenv("WORKER_ID", id, 1);
-        setenv("LOG_LEVEL", "info", 1);
-        for (int i = 0; settings && settings[i]; i++) putenv((char *)settings[i]);
-        int fd = open(p.log, O_WRONLY | O_CREAT | O_APPEND, 0644);
-        if (fd >= 0) {
-            dup2(fd, 1);
-            dup2(fd, 2);
-            close(fd);
-        }
-        execl(bin, bin, (char *)NULL);
-        _exit(127);
-    }
-    track(p.pid);
-    return p;
-}
-
-/* Waits until the process answers /readyz with 200. */
-static void wait_ready(const proc *p) {
-    char body[1024];
-    for (int64_t deadline = sp_clock_mono_ms() + WAIT_S * 1000; sp_clock_mono_ms() < deadline; sleep_ms(100)) {
-        if (http(p->port, "GET", "/readyz", NULL, NULL, NULL, body, sizeof(body)) == 200) return;
-        if (waitpid(p->pid, NULL, WNOHANG) == p->pid) fail_msg("%s died (log %s)", p->name, p->log);
-    }
-    fail_msg("%s never became ready (log %s)", p->name, p->log);
-}
 
 static const char *const reaper_settings[] = {
     "KAFKA_MESSAGE_TIMEOUT_MS=" MSG_TIMEOUT, "RESV_LOST_AFTER_MS=" LOST_AFTER,
@@ -436,15 +207,7 @@ static proc start_reaper(int i, const char *batch) {
     }
     settings[n] = NULL;
     snprintf(name, sizeof(name), "reaper%d", i + 1);
-    return start(BIN "reaper", name, settings);
-}
-
-static void stop(proc *p, const char *what) {
-    if (p->pid <= 0) return;
-    assert_int_equal(kill(p->pid, SIGTERM), 0);
-    int rc = wait_exit(p->pid, 60);
-    if (rc != 0) fail_msg("%s exited %d after SIGTERM (log %s)", what, rc, p->log);
-    p->pid = 0;
+    return start(&stack, BIN "reaper", name, settings, NULL);
 }
 
 /* `reaper CMD...` with the run's settings; its exit status, stdout into out. */
@@ -457,7 +220,7 @@ static int reaper_cmd(const char *a1, const char *a2, const char *a3, char *out,
     const char *settings[] = {dsn, url, topic, "KAFKA_MESSAGE_TIMEOUT_MS=" MSG_TIMEOUT,
                               "RESV_LOST_AFTER_MS=" LOST_AFTER, "AUDIT_WAIT_MS=60000", NULL};
     char *argv[] = {(char *)BIN "reaper", (char *)a1, (char *)a2, (char *)a3, NULL};
-    return run_capture(argv, settings, log, out, cap);
+    return run(argv, settings, log, out, cap);
 }
 
 static void assert_audit_passes(void) {
@@ -466,14 +229,6 @@ static void assert_audit_passes(void) {
     if (rc != 0 || strstr(out, "audit passed") == NULL)
         fail_msg("reaper audit exited %d:\n%s", rc, out);
 }
-
-/* Waits until cond() holds, failing with what after WAIT_S. */
-#define WAIT_FOR(cond, ...)                                                                        \
-    do {                                                                                           \
-        int64_t deadline_ = sp_clock_mono_ms() + WAIT_S * 1000;                                              \
-        while (!(cond) && sp_clock_mono_ms() < deadline_) sleep_ms(100);                                     \
-        if (!(cond)) fail_msg(__VA_ARGS__);                                                        \
-    } while (0)
 
 /* ---- tests ---- */
 
@@ -609,8 +364,8 @@ static void test_three_reapers_one_killed(void **state) {
     int given = 0;
     open_sale(sku, 400, 0, 1);
     /* No reaper while the orders come in and the awkward states are made. */
-    stop(&g.reapers[0], "reaper 1");
-    stop(&g.reapers[1], "reaper 2");
+    stop(&g.reapers[0]);
+    stop(&g.reapers[1]);
     for (int i = 0; i < 400; i++) {
         if (order(sku, 2000 + i, 1, NULL, ids[i], sizeof(ids[0])) != 202)
             fail_msg("order %d not accepted", i);
@@ -641,9 +396,11 @@ static void test_three_reapers_one_killed(void **state) {
     /* Ten died before the stamp; five after it, before removing their markers. */
     for (int i = 10; i < 15; i++) {
         const char *params[] = {unpaid[i]};
-        assert_int_equal(query_int("WITH s AS (UPDATE stock_returns SET returned_to_redis_at = now()"
+        assert_int_equal(query_int(g.dsn,
+                                   "WITH s AS (UPDATE stock_returns SET returned_to_redis_at = now()"
                                    " WHERE order_id = $1 RETURNING 1) SELECT count(*) FROM s",
-                                   1, params), 1);
+                                   1, params),
+                         1);
     }
     assert_int_equal(hget(sku, "sale", "stock"), 15);
     sp_stock_key(key, sku, "returned");
@@ -663,9 +420,9 @@ static void test_three_reapers_one_killed(void **state) {
         g.reapers[2] = start_reaper(2, "7");
     }
     print_message("    the third reaper was killed %d times\n", kills);
-    wait_ready(&g.reapers[0]);
-    wait_ready(&g.reapers[1]);
-    wait_ready(&g.reapers[2]);
+    wait_ready(&g.reapers[0], WAIT_S);
+    wait_ready(&g.reapers[1], WAIT_S);
+    wait_ready(&g.reapers[2], WAIT_S);
     WAIT_FOR(sku_int("SELECT count(*) FROM stock_returns WHERE sku_id = $1::bigint"
                      " AND returned_to_redis_at IS NOT NULL", sku) == 350,
              "350 returns never all reached Redis (%" PRId64 ")",
@@ -678,7 +435,7 @@ static void test_three_reapers_one_killed(void **state) {
     WAIT_FOR(redis_int("HLEN %s", key) == 0, "return markers of sku %" PRId64 " never settled", sku);
     assert_int_equal(hget(sku, "sale", "stock"), 350);
     assert_int_equal(hlen(sku, "users"), 50);
-    stop(&g.reapers[2], "the third reaper");
+    stop(&g.reapers[2]);
     assert_audit_passes();
     g.npassed++;
 }
@@ -724,11 +481,16 @@ static void test_lost_reservation(void **state) {
              "the lost reservation of sku %" PRId64 " was never given back (resv %" PRId64 ")", sku,
              hlen(sku, "resv"));
     const char *params[] = {req.order_id};
-    assert_int_equal(query_int("SELECT count(*) FROM orders WHERE order_id = $1"
+    assert_int_equal(query_int(g.dsn,
+                               "SELECT count(*) FROM orders WHERE order_id = $1"
                                " AND status = 'cancelled' AND qty = 2 AND user_id = 3100",
-                               1, params), 1);
-    assert_int_equal(query_int("SELECT count(*) FROM stock_returns WHERE order_id = $1"
-                               " AND reason = 'voided'", 1, params), 1);
+                               1, params),
+                     1);
+    assert_int_equal(query_int(g.dsn,
+                               "SELECT count(*) FROM stock_returns WHERE order_id = $1"
+                               " AND reason = 'voided'",
+                               1, params),
+                     1);
     assert_int_equal(hget(sku, "sale", "stock"), 7);
     assert_int_equal(sku_int("SELECT stock FROM inventory WHERE sku_id = $1::bigint", sku), 7);
     assert_int_equal(hget_user(sku, 3100), -1);
@@ -755,8 +517,8 @@ static void test_producer_killed_after_reserve(void **state) {
     const char *settings[] = {"ADMIN_TOKEN=" ADMIN, "PAYMENT_TOKEN=" PAYMENT,
                               "KAFKA_MESSAGE_TIMEOUT_MS=" MSG_TIMEOUT, "USER_RATE_LIMIT=0",
                               "SP_FAULT_DIE_AFTER_RESERVE=2", NULL};
-    proc doomed = start(BIN "test/producer", "producer-doomed", settings);
-    wait_ready(&doomed);
+    proc doomed = start(&stack, BIN "test/producer", "producer-doomed", settings, NULL);
+    wait_ready(&doomed, WAIT_S);
     proc saved = g.producer;
     g.producer = doomed; /* order() talks to g.producer */
     int code1 = order(sku, 4001, 1, NULL, first, sizeof(first));
@@ -861,7 +623,7 @@ static void test_redis_restarted_empty(void **state) {
     redis_close();
     assert_int_equal(kill(g.redis_pid, SIGKILL), 0);
     assert_int_equal(wait_exit(g.redis_pid, 30), 128 + SIGKILL);
-    start_redis();
+    g.redis_pid = start_redis(g.redis_port, g.tmp);
     sell_out(sku, 7001, &accepted);
     assert_true(reaper_metric("stockpipe_reaper_redis_data_loss_total") > losses);
     wait_quiet(sku, accepted);
@@ -910,32 +672,11 @@ static void test_audit_and_reconcile_by_hand(void **state) {
 
 /* ---- set-up ---- */
 
-static int make_topic(rd_kafka_t *rk, const char *topic, int partitions) {
-    if (sp_kafka_topic_create(rk, topic, partitions, 30000, err, sizeof(err)) != 0) return -1;
-    int n = 0;
-    for (int64_t deadline = sp_clock_mono_ms() + 30000; sp_clock_mono_ms() < deadline; sleep_ms(200))
-        if (sp_kafka_topic_partitions(rk, topic, 2000, &n, err, sizeof(err)) == 0 &&
-            n == partitions)
-            return 0;
-    return -1;
-}
-
-static int with_kafka(int (*fn)(rd_kafka_t *)) {
-    rd_kafka_conf_t *conf = sp_kafka_conf_new(getenv("KAFKA_BROKERS"), "test-reaper", err,
-                                              sizeof(err));
-    if (conf == NULL) return -1;
-    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof(err));
-    if (rk == NULL) {
-        rd_kafka_conf_destroy(conf);
-        return -1;
-    }
-    int rc = fn(rk);
-    rd_kafka_destroy(rk);
-    return rc;
-}
-
 static int create_topics(rd_kafka_t *rk) {
-    return make_topic(rk, g.topic, 4) == 0 && make_topic(rk, g.dlq, 1) == 0 ? 0 : -1;
+    return make_topic(rk, g.topic, 4, err, sizeof(err)) == 0 &&
+                   make_topic(rk, g.dlq, 1, err, sizeof(err)) == 0
+               ? 0
+               : -1;
 }
 
 static int delete_topics(rd_kafka_t *rk) {
@@ -964,7 +705,7 @@ static int group_setup(void **state) {
     snprintf(g.group, sizeof(g.group), "test-reaper-%s", tag);
     g.redis_port = free_port();
     snprintf(g.redis_url, sizeof(g.redis_url), "redis://127.0.0.1:%d", g.redis_port);
-    if (with_kafka(create_topics) != 0) {
+    if (with_kafka(create_topics, err, sizeof(err)) != 0) {
         fprintf(stderr, "topics: %s\n", err);
         return -1;
     }
@@ -974,25 +715,23 @@ static int group_setup(void **state) {
 /* Starts Redis, the database and the workers (inside a test, so a failure is reported). */
 static void test_start_the_stack(void **state) {
     (void)state;
-    start_redis();
-    create_database();
+    g.redis_pid = start_redis(g.redis_port, g.tmp);
+    create_db();
     const char *producer_settings[] = {"ADMIN_TOKEN=" ADMIN, "PAYMENT_TOKEN=" PAYMENT,
                                        "KAFKA_MESSAGE_TIMEOUT_MS=" MSG_TIMEOUT,
                                        "USER_RATE_LIMIT=0", NULL};
     const char *consumer_settings[] = {"KAFKA_SESSION_TIMEOUT_MS=6000", NULL};
-    g.producer = start(BIN "producer", "producer", producer_settings);
-    g.consumer = start(BIN "consumer", "consumer", consumer_settings);
+    g.producer = start(&stack, BIN "producer", "producer", producer_settings, NULL);
+    g.consumer = start(&stack, BIN "consumer", "consumer", consumer_settings, NULL);
     g.reapers[0] = start_reaper(0, NULL);
     g.reapers[1] = start_reaper(1, NULL);
-    wait_ready(&g.producer);
-    wait_ready(&g.consumer);
-    wait_ready(&g.reapers[0]);
-    wait_ready(&g.reapers[1]);
+    wait_ready(&g.producer, WAIT_S);
+    wait_ready(&g.consumer, WAIT_S);
+    wait_ready(&g.reapers[0], WAIT_S);
+    wait_ready(&g.reapers[1], WAIT_S);
     /* The consumer must own its partitions before the first order is worth waiting for. */
-    char body[64 * 1024];
     for (int64_t deadline = sp_clock_mono_ms() + WAIT_S * 1000; sp_clock_mono_ms() < deadline; sleep_ms(100)) {
-        http(g.consumer.port, "GET", "/metrics", NULL, NULL, NULL, body, sizeof(body));
-        if (strstr(body, "\nstockpipe_consumer_assigned_partitions 4")) break;
+        if (metric(g.consumer.port, "stockpipe_consumer_assigned_partitions") == 4) break;
     }
     g.npassed++;
 }
@@ -1001,28 +740,14 @@ static int group_teardown(void **state) {
     (void)state;
     /* SIGTERM drains: each worker must exit 0. */
     proc *all[] = {&g.reapers[0], &g.reapers[1], &g.reapers[2], &g.producer, &g.consumer};
-    int clean = 1;
-    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) {
-        if (all[i]->pid <= 0) continue;
-        kill(all[i]->pid, SIGTERM);
-        int rc = wait_exit(all[i]->pid, 60);
-        if (rc != 0) {
-            fprintf(stderr, "%s exited %d after SIGTERM (log %s)\n", all[i]->name, rc, all[i]->log);
-            clean = 0;
-        }
-        all[i]->pid = 0;
-    }
-    for (int i = 0; i < MAX_PROCS; i++)
-        if (g.pids[i] > 0) {
-            kill(g.pids[i], SIGKILL);
-            waitpid(g.pids[i], NULL, 0);
-        }
+    int clean = stop_all(all, sizeof(all) / sizeof(all[0]));
+    kill_tracked();
     redis_close();
-    drop_database();
-    with_kafka(delete_topics);
+    if (g.db[0]) drop_database(g.db);
+    with_kafka(delete_topics, err, sizeof(err));
     if (g.npassed == NTESTS + 1 && clean && getenv("TEST_KEEP_LOGS") == NULL) {
         char *argv[] = {(char[]){"/bin/rm"}, (char[]){"-rf"}, g.tmp, NULL};
-        (void)run_capture(argv, NULL, "/dev/null", NULL, 0);
+        (void)run(argv, NULL, "/dev/null", NULL, 0);
     } else {
         fprintf(stderr, "the workers' logs are in %s\n", g.tmp);
     }

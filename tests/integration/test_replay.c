@@ -20,19 +20,14 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <cmocka.h>
-#include <arpa/inet.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
 #include <jansson.h>
-#include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -51,7 +46,6 @@
 
 #define WAIT_S      120 /* generous: a shared, loaded machine; ASan builds */
 #define PARTITIONS  4
-#define MAX_PROCS   8
 #define NTESTS      3
 #define ADMIN       "test-admin-token"
 #define PAYMENT     "test-payment-token"
@@ -59,13 +53,6 @@
 
 static char err[1024];
 static char tag[32]; /* unique per run: pid and time */
-
-typedef struct proc {
-    pid_t pid;
-    int port;
-    char log[256];
-    char name[32];
-} proc;
 
 /* Everything a run creates, removed by teardown. */
 static struct {
@@ -76,223 +63,31 @@ static struct {
     int redis_port;
     int64_t sku_a, sku_b;
     proc producer, consumer, reaper;
-    pid_t pids[MAX_PROCS]; /* every child, for teardown */
     char ids[MAX_ORDERS][SP_ORDER_ID_MAX + 1]; /* every order answered 202 */
     int naccepted;
     int npassed;
 } g;
 
-static void track(pid_t pid) {
-    for (int i = 0; i < MAX_PROCS; i++)
-        if (g.pids[i] == 0) {
-            g.pids[i] = pid;
-            return;
-        }
-    fail_msg("too many child processes");
-}
-
-static void untrack(pid_t pid) {
-    for (int i = 0; i < MAX_PROCS; i++)
-        if (g.pids[i] == pid) g.pids[i] = 0;
-}
-
-/* Waits for a process to end: its exit status, 128+signal when killed, -1 on timeout. */
-static int wait_exit(pid_t pid, int timeout_s) {
-    int status;
-    for (int64_t deadline = sp_clock_mono_ms() + timeout_s * 1000; sp_clock_mono_ms() < deadline;
-         sleep_ms(20)) {
-        if (waitpid(pid, &status, WNOHANG) == pid) {
-            untrack(pid);
-            return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-        }
-    }
-    return -1;
-}
-
-/* Runs argv to completion with extra NAME=VALUE settings, stdout and stderr into log; its exit
- * status or -1. */
-static int run(char *const argv[], const char *const *settings, const char *log) {
-    pid_t pid = fork();
-    if (pid < 0) return -1;
-    if (pid == 0) {
-        for (int i = 0; settings && settings[i]; i++) putenv((char *)settings[i]);
-        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
-        if (fd >= 0) {
-            dup2(fd, 1);
-            dup2(fd, 2);
-        }
-        execv(argv[0], argv);
-        _exit(127);
-    }
-    int status;
-    if (waitpid(pid, &status, 0) != pid) return -1;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
-static int log_has(const char *path, const char *needle) {
-    FILE *f = fopen(path, "r");
-    char line[4096];
-    int found = 0;
-    while (f && !found && fgets(line, sizeof(line), f)) found = strstr(line, needle) != NULL;
-    if (f) fclose(f);
-    return found;
-}
+/* What start() gives each worker. */
+static const itest_stack stack = {.dir = g.tmp, .tag = tag, .dsn = g.dsn, .redis_url = g.redis_url,
+                                  .topic = g.topic, .dlq = g.dlq, .group = g.group};
 
 /* ---- PostgreSQL ---- */
 
-static PGconn *connect_pg(const char *dsn) {
-    PGconn *pg = sp_pg_connect(dsn, "test-replay", err, sizeof(err));
-    if (pg == NULL) fail_msg("%s", err);
-    return pg;
-}
+static int64_t value(const char *sql) { return query_int(g.dsn, sql, 0, NULL); }
 
-static int64_t value(const char *sql) {
-    PGconn *pg = connect_pg(g.dsn);
-    PGresult *res = sp_pg_query(pg, sql, 0, NULL, err, sizeof(err));
-    if (res == NULL) fail_msg("%s: %s", sql, err);
-    int64_t v = PQntuples(res) == 0 || PQgetisnull(res, 0, 0)
-                    ? -1
-                    : strtoll(PQgetvalue(res, 0, 0), NULL, 10);
-    PQclear(res);
-    PQfinish(pg);
-    return v;
-}
-
-/* The rows of a query as text: fields joined by '|', NULL as "-", one line per row; *nrows gets
- * the row count. The caller frees. */
-static char *dump(const char *sql, int *nrows) {
-    PGconn *pg = connect_pg(g.dsn);
-    PGresult *res = sp_pg_query(pg, sql, 0, NULL, err, sizeof(err));
-    if (res == NULL) fail_msg("%s: %s", sql, err);
-    size_t cap = 1024, len = 0;
-    for (int r = 0; r < PQntuples(res); r++)
-        for (int f = 0; f < PQnfields(res); f++) cap += (size_t)PQgetlength(res, r, f) + 2;
-    char *out = malloc(cap);
-    assert_non_null(out);
-    out[0] = '\0';
-    for (int r = 0; r < PQntuples(res); r++) {
-        for (int f = 0; f < PQnfields(res); f++)
-            len += (size_t)snprintf(out + len, cap - len, "%s%s", f ? "|" : "",
-                                    PQgetisnull(res, r, f) ? "-" : PQgetvalue(res, r, f));
-        len += (size_t)snprintf(out + len, cap - len, "\n");
-    }
-    *nrows = PQntuples(res);
-    PQclear(res);
-    PQfinish(pg);
-    return out;
-}
-
-/* `VERB DATABASE g.db TAIL` on the stack's own database (CREATE, DROP ... WITH (FORCE)). */
-static void admin_sql(const char *verb, const char *tail, int must) {
-    PGconn *pg = connect_pg(need_env("PG_DSN"));
-    char *ident = PQescapeIdentifier(pg, g.db, strlen(g.db));
-    char sql[256];
-    snprintf(sql, sizeof(sql), "%s DATABASE %s%s", verb, ident, tail);
-    PQfreemem(ident);
-    if (sp_pg_exec(pg, sql, 0, NULL, err, sizeof(err)) != 0) {
-        if (must) fail_msg("%s: %s", sql, err);
-        fprintf(stderr, "%s: %s\n", sql, err);
-    }
-    PQfinish(pg);
-}
-
-/* Creates g.db and applies the migrations with scripts/migrate.sh. */
-static void create_database(void) {
-    admin_sql("CREATE", "", 1);
-    /* In a conninfo string the last dbname wins. */
-    snprintf(g.dsn, sizeof(g.dsn), "%s dbname=%s", need_env("PG_DSN"), g.db);
+/* Creates g.db, migrated; its conninfo into g.dsn. */
+static void create_db(void) {
     char log[256];
     snprintf(log, sizeof(log), "%s/migrate.log", g.tmp);
-    char *argv[] = {(char[]){"scripts/migrate.sh"}, (char[]){"--dsn"}, g.dsn, NULL};
-    assert_int_equal(run(argv, NULL, log), 0);
-}
-
-/* ---- Redis: a private server ---- */
-
-static void start_redis(void) {
-    char port[16], log[256];
-    snprintf(port, sizeof(port), "%d", g.redis_port);
-    snprintf(log, sizeof(log), "%s/redis.log", g.tmp);
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
-        if (fd >= 0) {
-            dup2(fd, 1);
-            dup2(fd, 2);
-        }
-        execlp("redis-server", "redis-server", "--port", port, "--bind", "127.0.0.1", "--save",
-               "", "--appendonly", "no", "--dir", g.tmp, (char *)NULL);
-        _exit(127);
-    }
-    track(pid);
-    sp_redis_target target;
-    if (sp_redis_parse_url(g.redis_url, &target, err, sizeof(err)) != 0) fail_msg("%s", err);
-    for (int64_t deadline = sp_clock_mono_ms() + 20000; sp_clock_mono_ms() < deadline;
-         sleep_ms(50)) {
-        redisContext *c = sp_redis_connect(&target, 500, err, sizeof(err));
-        if (c) {
-            int ok = sp_redis_ping(c, err, sizeof(err)) == 0;
-            redisFree(c);
-            if (ok) return;
-        }
-    }
-    fail_msg("redis-server on port %d did not answer: %s", g.redis_port, err);
+    create_database(g.db, g.dsn, sizeof(g.dsn), log);
 }
 
 /* ---- HTTP ---- */
 
-/* One request to 127.0.0.1:port; the status code (0 when the server could not be reached) and
- * the body in buf. */
-static int http(int port, const char *method, const char *path, const char *token,
-                const char *body, char *buf, size_t cap) {
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
-                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    char req[2048], hdr[256] = "";
-    size_t len = 0;
-    buf[0] = '\0';
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0) return 0;
-    struct timeval tv = {15, 0};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    if (connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0) {
-        close(fd);
-        return 0;
-    }
-    if (token) snprintf(hdr, sizeof(hdr), "Authorization: Bearer %s\r\n", token);
-    int n = snprintf(req, sizeof(req),
-                     "%s %s HTTP/1.0\r\nHost: 127.0.0.1\r\n%sContent-Type: application/json\r\n"
-                     "Content-Length: %zu\r\n\r\n%s",
-                     method, path, hdr, body ? strlen(body) : 0, body ? body : "");
-    if (write(fd, req, (size_t)n) != n) {
-        close(fd);
-        return 0;
-    }
-    for (ssize_t r; len + 1 < cap && (r = read(fd, buf + len, cap - len - 1)) > 0;)
-        len += (size_t)r;
-    buf[len] = '\0';
-    close(fd);
-    int code = 0;
-    if (sscanf(buf, "HTTP/1.%*d %d", &code) != 1) code = 0;
-    char *b = strstr(buf, "\r\n\r\n");
-    if (b) memmove(buf, b + 4, strlen(b + 4) + 1);
-    else buf[0] = '\0';
-    return code;
-}
-
-static int64_t metric(int port, const char *series) {
-    static char body[256 * 1024];
-    if (http(port, "GET", "/metrics", NULL, NULL, body, sizeof(body)) != 200) return -1;
-    size_t n = strlen(series);
-    for (char *line = body; line && *line;
-         line = strchr(line, '\n'), line = line ? line + 1 : NULL)
-        if (strncmp(line, series, n) == 0 && line[n] == ' ') return strtoll(line + n + 1, NULL, 10);
-    return -1;
-}
-
 static void admin_post(const char *path, const char *body, int want) {
     char resp[1024];
-    int code = http(g.producer.port, "POST", path, ADMIN, body, resp, sizeof(resp));
+    int code = http(g.producer.port, "POST", path, ADMIN, NULL, body, resp, sizeof(resp));
     if (code != want) fail_msg("POST %s %s: %d %s", path, body, code, resp);
 }
 
@@ -309,7 +104,7 @@ static int order(int64_t sku, int64_t user, int qty) {
     char body[256], resp[1024];
     snprintf(body, sizeof(body), "{\"user_id\":%" PRId64 ",\"sku_id\":%" PRId64 ",\"qty\":%d}",
              user, sku, qty);
-    int code = http(g.producer.port, "POST", "/v1/orders", NULL, body, resp, sizeof(resp));
+    int code = http(g.producer.port, "POST", "/v1/orders", NULL, NULL, body, resp, sizeof(resp));
     if (code == 202) {
         json_error_t jerr;
         json_t *j = json_loads(resp, 0, &jerr);
@@ -327,102 +122,17 @@ static int order(int64_t sku, int64_t user, int qty) {
 static void pay(const char *order_id) {
     char path[160], resp[1024];
     snprintf(path, sizeof(path), "/v1/orders/%s/pay", order_id);
-    int code = http(g.producer.port, "POST", path, PAYMENT, "{}", resp, sizeof(resp));
+    int code = http(g.producer.port, "POST", path, PAYMENT, NULL, "{}", resp, sizeof(resp));
     if (code != 202) fail_msg("pay %s: %d %s", order_id, code, resp);
 }
 
-/* ---- the workers ---- */
-
-static proc start(const char *bin, const char *name, const char *const *settings,
-                  const char *arg) {
-    proc p = {.port = free_port()};
-    snprintf(p.name, sizeof(p.name), "%s", name);
-    snprintf(p.log, sizeof(p.log), "%s/%s.log", g.tmp, name);
-    p.pid = fork();
-    assert_true(p.pid >= 0);
-    if (p.pid == 0) {
-        char port[16], id[64];
-        snprintf(port, sizeof(port), "%d", p.port);
-        snprintf(id, sizeof(id), "test-%s-%s", name, tag);
-        setenv("PG_DSN", g.dsn, 1);
-        setenv("REDIS_URL", g.redis_url, 1);
-        setenv("KAFKA_TOPIC", g.topic, 1);
-        setenv("KAFKA_DLQ_TOPIC", g.dlq, 1);
-        setenv("KAFKA_GROUP", g.group, 1);
-        setenv("HTTP_ADDR", "127.0.0.1", 1);
-        setenv("HTTP_PORT", port, 1);
-        setenv("WORKER_ID", id, 1);
-        setenv("LOG_LEVEL", "info", 1);
-        for (int i = 0; settings && settings[i]; i++) putenv((char *)settings[i]);
-        int fd = open(p.log, O_WRONLY | O_CREAT | O_APPEND, 0644);
-        if (fd >= 0) {
-            dup2(fd, 1);
-            dup2(fd, 2);
-            close(fd);
-        }
-        execl(bin, bin, arg, (char *)NULL);
-        _exit(127);
-    }
-    track(p.pid);
-    return p;
-}
-
-static void wait_ready(const proc *p) {
-    char body[1024];
-    for (int64_t deadline = sp_clock_mono_ms() + WAIT_S * 1000; sp_clock_mono_ms() < deadline;
-         sleep_ms(100)) {
-        if (http(p->port, "GET", "/readyz", NULL, NULL, body, sizeof(body)) == 200) return;
-        if (waitpid(p->pid, NULL, WNOHANG) == p->pid) fail_msg("%s died (log %s)", p->name, p->log);
-    }
-    fail_msg("%s never became ready (log %s)", p->name, p->log);
-}
-
-/* SIGTERM; the worker must drain and exit 0. */
-static void stop(proc *p) {
-    if (p->pid <= 0) return;
-    assert_int_equal(kill(p->pid, SIGTERM), 0);
-    int rc = wait_exit(p->pid, 60);
-    if (rc != 0) fail_msg("%s exited %d after SIGTERM (log %s)", p->name, rc, p->log);
-    p->pid = 0;
-}
-
-/* Waits until cond holds, failing with the message after WAIT_S. */
-#define WAIT_FOR(cond, ...)                                                                        \
-    do {                                                                                           \
-        int64_t deadline_ = sp_clock_mono_ms() + WAIT_S * 1000;                                    \
-        while (!(cond) && sp_clock_mono_ms() < deadline_) sleep_ms(100);                           \
-        if (!(cond)) fail_msg(__VA_ARGS__);                                                        \
-    } while (0)
-
 /* ---- Kafka ---- */
 
-static int with_kafka(int (*fn)(rd_kafka_t *)) {
-    rd_kafka_conf_t *conf = sp_kafka_conf_new(getenv("KAFKA_BROKERS"), "test-replay", err,
-                                              sizeof(err));
-    if (conf == NULL) return -1;
-    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof(err));
-    if (rk == NULL) {
-        rd_kafka_conf_destroy(conf);
-        return -1;
-    }
-    int rc = fn(rk);
-    rd_kafka_destroy(rk);
-    return rc;
-}
-
-static int make_topic(rd_kafka_t *rk, const char *topic, int partitions) {
-    if (sp_kafka_topic_create(rk, topic, partitions, 30000, err, sizeof(err)) != 0) return -1;
-    int n = 0;
-    for (int64_t deadline = sp_clock_mono_ms() + 30000; sp_clock_mono_ms() < deadline;
-         sleep_ms(200))
-        if (sp_kafka_topic_partitions(rk, topic, 2000, &n, err, sizeof(err)) == 0 &&
-            n == partitions)
-            return 0;
-    return -1;
-}
-
 static int create_topics(rd_kafka_t *rk) {
-    return make_topic(rk, g.topic, PARTITIONS) == 0 && make_topic(rk, g.dlq, 1) == 0 ? 0 : -1;
+    return make_topic(rk, g.topic, PARTITIONS, err, sizeof(err)) == 0 &&
+                   make_topic(rk, g.dlq, 1, err, sizeof(err)) == 0
+               ? 0
+               : -1;
 }
 
 static int delete_topics(rd_kafka_t *rk) {
@@ -451,7 +161,8 @@ static int read_log_end(rd_kafka_t *rk) {
 }
 
 static int64_t events_in_log(void) {
-    if (with_kafka(read_log_end) != 0) fail_msg("cannot read the end offsets of %s", g.topic);
+    if (with_kafka(read_log_end, err, sizeof(err)) != 0)
+        fail_msg("cannot read the end offsets of %s", g.topic);
     return log_end;
 }
 
@@ -463,20 +174,20 @@ static int64_t events_applied(void) {
 
 static void test_start_the_stack(void **state) {
     (void)state;
-    start_redis();
-    create_database();
+    start_redis(g.redis_port, g.tmp);
+    create_db();
     const char *producer_settings[] = {"ADMIN_TOKEN=" ADMIN, "PAYMENT_TOKEN=" PAYMENT,
                                        "KAFKA_MESSAGE_TIMEOUT_MS=2000", "USER_RATE_LIMIT=0", NULL};
     const char *consumer_settings[] = {"KAFKA_SESSION_TIMEOUT_MS=6000", NULL};
     const char *reaper_settings[] = {"KAFKA_MESSAGE_TIMEOUT_MS=2000", "RESV_LOST_AFTER_MS=4000",
                                      "REAPER_INTERVAL_MS=200", "RESV_SWEEP_INTERVAL_MS=500",
                                      "EXPIRY_RETRY_MS=5000", "ACCEPTED_STALE_AFTER_MS=3000", NULL};
-    g.producer = start(BIN "producer", "producer", producer_settings, NULL);
-    g.consumer = start(BIN "consumer", "consumer", consumer_settings, NULL);
-    g.reaper = start(BIN "reaper", "reaper", reaper_settings, NULL);
-    wait_ready(&g.producer);
-    wait_ready(&g.consumer);
-    wait_ready(&g.reaper);
+    g.producer = start(&stack, BIN "producer", "producer", producer_settings, NULL);
+    g.consumer = start(&stack, BIN "consumer", "consumer", consumer_settings, NULL);
+    g.reaper = start(&stack, BIN "reaper", "reaper", reaper_settings, NULL);
+    wait_ready(&g.producer, WAIT_S);
+    wait_ready(&g.consumer, WAIT_S);
+    wait_ready(&g.reaper, WAIT_S);
     WAIT_FOR(metric(g.consumer.port, "stockpipe_consumer_assigned_partitions") == PARTITIONS,
              "the consumer never owned the %d partitions", PARTITIONS);
     g.npassed++;
@@ -596,16 +307,16 @@ static void test_replay_rebuilds_the_same_tables(void **state) {
     stop(&g.reaper);
     WAIT_FOR(events_applied() == events_in_log(), "the consumer never applied the whole log");
     stop(&g.consumer);
-    for (size_t i = 0; i < NTABLES; i++) before[i] = dump(tables[i].sql, &rows[i]);
+    for (size_t i = 0; i < NTABLES; i++) before[i] = dump(g.dsn, tables[i].sql, 0, NULL, &rows[i]);
 
     /* Drop the database; recreate it empty and migrated. */
-    admin_sql("DROP", " WITH (FORCE)", 1);
-    create_database();
+    if (drop_database(g.db) != 0) fail_msg("cannot drop %s", g.db);
+    create_db();
     assert_int_equal(value("SELECT count(*) FROM orders"), 0);
 
     /* Rebuild it from the log alone. */
     int64_t t0 = sp_clock_mono_ms();
-    proc r = start(BIN "consumer", "consumer-replay", NULL, "--replay");
+    proc r = start(&stack, BIN "consumer", "consumer-replay", NULL, "--replay");
     int rc = wait_exit(r.pid, WAIT_S);
     if (rc != 0) fail_msg("consumer --replay exited %d (log %s)", rc, r.log);
     assert_true(log_has(r.log, "replay done"));
@@ -614,7 +325,7 @@ static void test_replay_rebuilds_the_same_tables(void **state) {
     int same = 1;
     for (size_t i = 0; i < NTABLES; i++) {
         int n = 0;
-        char *after = dump(tables[i].sql, &n);
+        char *after = dump(g.dsn, tables[i].sql, 0, NULL, &n);
         int eq = strcmp(before[i], after) == 0;
         print_message("    %-16s %5d rows, %6zu bytes: %s\n", tables[i].name, rows[i],
                       strlen(before[i]), eq ? "identical after replay" : "DIFFERENT");
@@ -657,7 +368,7 @@ static int group_setup(void **state) {
     snprintf(g.group, sizeof(g.group), "test-replay-%s", tag);
     g.redis_port = free_port();
     snprintf(g.redis_url, sizeof(g.redis_url), "redis://127.0.0.1:%d", g.redis_port);
-    if (with_kafka(create_topics) != 0) {
+    if (with_kafka(create_topics, err, sizeof(err)) != 0) {
         fprintf(stderr, "topics: %s\n", err);
         return -1;
     }
@@ -667,27 +378,13 @@ static int group_setup(void **state) {
 static int group_teardown(void **state) {
     (void)state;
     proc *all[] = {&g.reaper, &g.producer, &g.consumer};
-    int clean = 1;
-    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) {
-        if (all[i]->pid <= 0) continue;
-        kill(all[i]->pid, SIGTERM);
-        int rc = wait_exit(all[i]->pid, 60);
-        if (rc != 0) {
-            fprintf(stderr, "%s exited %d after SIGTERM (log %s)\n", all[i]->name, rc, all[i]->log);
-            clean = 0;
-        }
-        all[i]->pid = 0;
-    }
-    for (int i = 0; i < MAX_PROCS; i++)
-        if (g.pids[i] > 0) { /* Redis, and anything left */
-            kill(g.pids[i], SIGKILL);
-            waitpid(g.pids[i], NULL, 0);
-        }
-    if (getenv("PG_DSN") && g.dsn[0]) admin_sql("DROP", " WITH (FORCE)", 0);
-    with_kafka(delete_topics);
+    int clean = stop_all(all, sizeof(all) / sizeof(all[0]));
+    kill_tracked(); /* Redis, and anything left */
+    if (getenv("PG_DSN") && g.dsn[0]) drop_database(g.db);
+    with_kafka(delete_topics, err, sizeof(err));
     if (g.npassed == NTESTS && clean && getenv("TEST_KEEP_LOGS") == NULL) {
         char *argv[] = {(char[]){"/bin/rm"}, (char[]){"-rf"}, g.tmp, NULL};
-        (void)run(argv, NULL, "/dev/null");
+        (void)run(argv, NULL, "/dev/null", NULL, 0);
     } else {
         fprintf(stderr, "the workers' logs are in %s\n", g.tmp);
     }
