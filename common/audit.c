@@ -15,7 +15,6 @@
 
 #define SHOWN_MAX   100  /* violations printed per check */
 #define SKU_PAGE    500
-#define USER_PAGE   1000
 #define WATERMARK_TIMEOUT_MS 5000
 
 typedef struct report {
@@ -105,7 +104,7 @@ static int check_payments(sp_reaper *rp, report *rep, char *errbuf, size_t errle
     if (res == NULL) return -1;
     for (int r = 0; r < PQntuples(res); r++) {
         const char *status = v(res, r, 2);
-        int refund = v(res, r, 3)[0] == 't', paid_at = v(res, r, 4)[0] == 't';
+        int refund = v(res, r, 3)[0] == 't';
         int closed = v(res, r, 5)[0] == 't', returned = !PQgetisnull(res, r, 6);
         if (strcmp(status, "paid") == 0)
             violation(rep, "order %s (sku %s) is paid and also %s", v(res, r, 0), v(res, r, 1),
@@ -118,7 +117,6 @@ static int check_payments(sp_reaper *rp, report *rep, char *errbuf, size_t errle
         else
             violation(rep, "order %s (sku %s) is %s with a payment (paid_at) not marked refund_due",
                       v(res, r, 0), v(res, r, 1), status);
-        (void)paid_at;
     }
     PQclear(res);
     check_end(rep, before, "no order is both paid and expired; late payments are refund_due");
@@ -222,10 +220,10 @@ static int redis_int(sp_reaper *rp, const char *cmd, const char *key, long long 
 /* Compares one SKU's per-user counts; *nbad counts mismatches, printed only when rep. */
 static int compare_users(sp_reaper *rp, int64_t sku_id, report *rep, int *nbad, char *errbuf,
                          size_t errlen) {
-    char sku[24], after[24], limit[24], key[SP_STOCK_KEY_MAX];
+    char key[SP_STOCK_KEY_MAX];
     int64_t last = 0, nusers = 0;
     long long hlen = 0;
-    const char **argv = malloc((2 + USER_PAGE) * sizeof(*argv));
+    const char **argv = malloc((2 + SP_REAPER_USER_PAGE) * sizeof(*argv));
     int rc = -1;
     if (argv == NULL) {
         snprintf(errbuf, errlen, "out of memory");
@@ -233,14 +231,9 @@ static int compare_users(sp_reaper *rp, int64_t sku_id, report *rep, int *nbad, 
     }
     sp_stock_key(key, sku_id, "users");
     for (;;) {
-        const char *params[] = {sp_reaper_i64(sku, sku_id), sp_reaper_i64(after, last),
-                                sp_reaper_i64(limit, USER_PAGE)};
-        PGresult *res = query(rp,
-                              "SELECT user_id, sum(qty) FROM orders"
-                              " WHERE sku_id = $1::bigint AND user_id > $2::bigint"
-                              "   AND status IN ('pending', 'paid')"
-                              " GROUP BY user_id ORDER BY user_id LIMIT $3::int",
-                              3, params, errbuf, errlen);
+        PGconn *pg = sp_reaper_pg(rp, errbuf, errlen);
+        PGresult *res = pg ? sp_reaper_user_units_page(pg, sku_id, last, errbuf, errlen) : NULL;
+        if (res == NULL && pg) sp_reaper_pg_failed(rp);
         if (res == NULL) goto out;
         int n = PQntuples(res);
         nusers += n;
@@ -268,7 +261,7 @@ static int compare_users(sp_reaper *rp, int64_t sku_id, report *rep, int *nbad, 
             last = strtoll(v(res, n - 1, 0), NULL, 10);
         }
         PQclear(res);
-        if (n < USER_PAGE) break;
+        if (n < SP_REAPER_USER_PAGE) break;
     }
     if (redis_int(rp, "HLEN", key, &hlen, errbuf, errlen) != 0) goto out;
     if (hlen != nusers) {

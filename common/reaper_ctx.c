@@ -50,6 +50,19 @@ const char *sp_reaper_i64(char *buf, int64_t v) {
     return buf;
 }
 
+PGresult *sp_reaper_user_units_page(PGconn *pg, int64_t sku_id, int64_t after_user, char *errbuf,
+                                    size_t errlen) {
+    char sku[24], after[24], limit[24];
+    const char *params[] = {sp_reaper_i64(sku, sku_id), sp_reaper_i64(after, after_user),
+                            sp_reaper_i64(limit, SP_REAPER_USER_PAGE)};
+    return sp_pg_query(pg,
+                       "SELECT user_id, sum(qty) FROM orders"
+                       " WHERE sku_id = $1::bigint AND user_id > $2::bigint"
+                       "   AND status IN ('pending', 'paid')"
+                       " GROUP BY user_id ORDER BY user_id LIMIT $3::int",
+                       3, params, errbuf, errlen);
+}
+
 char *sp_reaper_text_array(const char *const *items, size_t n) {
     size_t cap = 3, len = 0;
     for (size_t i = 0; i < n; i++) cap += 2 * strlen(items[i]) + 3;

@@ -136,6 +136,14 @@ int sp_reaper_sleep(int64_t ms);
 /* Formats a decimal int64 into buf (at least 24 bytes) and returns buf: text parameters. */
 const char *sp_reaper_i64(char *buf, int64_t v);
 
+/* The per-user units of a SKU's pending and paid orders, what Redis's {sku:ID}:users must hold:
+ * one page of (user_id, units) rows with user_id > after_user, by user_id, at most
+ * SP_REAPER_USER_PAGE of them (fewer: the last page). Used by the reconcile's rebuild and by the
+ * audit. NULL with errbuf when the query failed (the connection is left to the caller). */
+#define SP_REAPER_USER_PAGE 1000
+PGresult *sp_reaper_user_units_page(PGconn *pg, int64_t sku_id, int64_t after_user, char *errbuf,
+                                    size_t errlen) __attribute__((warn_unused_result));
+
 /* A PostgreSQL text[] literal {"a","b"} of n strings, for `= ANY($1::text[])`; malloc'd (caller
  * frees), NULL when out of memory. The strings must be order ids ([A-Za-z0-9._-]), which need no
  * escaping inside quotes. */

@@ -17,7 +17,6 @@
 
 #define EPOCH_KEY     "stockpipe:reaper:epoch"
 #define SKU_PAGE      500  /* SKUs per inventory page */
-#define USER_PAGE     1000 /* per-user counts per query and per HSET */
 #define LEDGER_PAGE   1000 /* ledger rows per query */
 #define RESV_SCAN     256  /* resv entries asked for per HSCAN step */
 #define STEP_MAX      1024 /* most resv entries looked up in one statement */
@@ -217,8 +216,7 @@ static int wait_consumer(sp_reaper *rp, int64_t sku_id, char *errbuf, size_t err
  * snapshot). */
 static int stage_users(sp_reaper *rp, int64_t sku_id, const char *key, char *errbuf,
                        size_t errlen) {
-    char sku[24], after[24], limit[24];
-    const char **argv = malloc((2 + 2 * USER_PAGE) * sizeof(*argv));
+    const char **argv = malloc((2 + 2 * SP_REAPER_USER_PAGE) * sizeof(*argv));
     int64_t last = 0;
     int rc = -1;
     if (argv == NULL) {
@@ -226,14 +224,7 @@ static int stage_users(sp_reaper *rp, int64_t sku_id, const char *key, char *err
         return -1;
     }
     for (;;) {
-        const char *params[] = {sp_reaper_i64(sku, sku_id), sp_reaper_i64(after, last),
-                                sp_reaper_i64(limit, USER_PAGE)};
-        PGresult *res = sp_pg_query(rp->pg,
-                                    "SELECT user_id, sum(qty) FROM orders"
-                                    " WHERE sku_id = $1::bigint AND user_id > $2::bigint"
-                                    "   AND status IN ('pending', 'paid')"
-                                    " GROUP BY user_id ORDER BY user_id LIMIT $3::int",
-                                    3, params, errbuf, errlen);
+        PGresult *res = sp_reaper_user_units_page(rp->pg, sku_id, last, errbuf, errlen);
         if (res == NULL) goto out;
         int n = PQntuples(res);
         argv[0] = "HSET", argv[1] = key;
@@ -245,7 +236,7 @@ static int stage_users(sp_reaper *rp, int64_t sku_id, const char *key, char *err
         int failed = n > 0 && redis_argv(rp, 2 + 2 * n, argv, errbuf, errlen) != 0;
         PQclear(res);
         if (failed) goto out;
-        if (n < USER_PAGE) break;
+        if (n < SP_REAPER_USER_PAGE) break;
     }
     rc = 0;
 out:

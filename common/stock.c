@@ -43,6 +43,11 @@ void sp_stock_key(char *buf, int64_t sku_id, const char *suffix) {
     snprintf(buf, SP_STOCK_KEY_MAX, "{sku:%" PRId64 "}:%s", sku_id, suffix);
 }
 
+/* A SKU's key as the next script argument: {sku:ID}:suffix. */
+static void key_arg(sp_script_call *call, int64_t sku_id, const char *suffix) {
+    sp_script_call_arg(call, "{sku:%" PRId64 "}:%s", sku_id, suffix);
+}
+
 int sp_stock_scripts_load(redisContext *c, char *errbuf, size_t errlen) {
     sp_redis_script *all[] = {&script_sale_open, &script_restock, &script_reserve,
                               &script_confirm, &script_release, &script_cap,
@@ -58,7 +63,7 @@ int sp_stock_scripts_load(redisContext *c, char *errbuf, size_t errlen) {
 void sp_stock_open_call(sp_script_call *call, int64_t sku_id, int64_t stock,
                         int32_t per_user_limit, int32_t pay_timeout_s) {
     sp_script_call_init(call, &script_sale_open, 1);
-    sp_script_call_arg(call, "{sku:%" PRId64 "}:sale", sku_id);
+    key_arg(call, sku_id, "sale");
     sp_script_call_arg(call, "%" PRId64, stock);
     sp_script_call_arg(call, "%" PRId32, per_user_limit);
     sp_script_call_arg(call, "%" PRId32, pay_timeout_s);
@@ -66,7 +71,7 @@ void sp_stock_open_call(sp_script_call *call, int64_t sku_id, int64_t stock,
 
 void sp_stock_restock_call(sp_script_call *call, int64_t sku_id, int64_t add) {
     sp_script_call_init(call, &script_restock, 1);
-    sp_script_call_arg(call, "{sku:%" PRId64 "}:sale", sku_id);
+    key_arg(call, sku_id, "sale");
     sp_script_call_arg(call, "%" PRId64, add);
 }
 
@@ -82,9 +87,9 @@ static void idem_arg(sp_script_call *call, const sp_reserve_request *req) {
 void sp_stock_reserve_call(sp_script_call *call, const sp_reserve_request *req) {
     int64_t sku = req->sku_id;
     sp_script_call_init(call, &script_reserve, 4);
-    sp_script_call_arg(call, "{sku:%" PRId64 "}:sale", sku);
-    sp_script_call_arg(call, "{sku:%" PRId64 "}:users", sku);
-    sp_script_call_arg(call, "{sku:%" PRId64 "}:resv", sku);
+    key_arg(call, sku, "sale");
+    key_arg(call, sku, "users");
+    key_arg(call, sku, "resv");
     idem_arg(call, req);
     sp_script_call_arg(call, "%" PRId64, req->user_id);
     sp_script_call_arg(call, "%" PRId32, req->qty);
@@ -95,22 +100,22 @@ void sp_stock_reserve_call(sp_script_call *call, const sp_reserve_request *req) 
 
 void sp_stock_confirm_call(sp_script_call *call, const sp_reserve_request *req) {
     sp_script_call_init(call, &script_confirm, 1);
-    sp_script_call_arg(call, "{sku:%" PRId64 "}:resv", req->sku_id);
+    key_arg(call, req->sku_id, "resv");
     sp_script_call_arg(call, "%s", req->order_id);
     idem_arg(call, req);
 }
 
 void sp_stock_release_call(sp_script_call *call, int64_t sku_id, const char *order_id) {
     sp_script_call_init(call, &script_release, 3);
-    sp_script_call_arg(call, "{sku:%" PRId64 "}:sale", sku_id);
-    sp_script_call_arg(call, "{sku:%" PRId64 "}:users", sku_id);
-    sp_script_call_arg(call, "{sku:%" PRId64 "}:resv", sku_id);
+    key_arg(call, sku_id, "sale");
+    key_arg(call, sku_id, "users");
+    key_arg(call, sku_id, "resv");
     sp_script_call_arg(call, "%s", order_id);
 }
 
 void sp_stock_cap_call(sp_script_call *call, int64_t sku_id, int64_t pg_stock, int64_t pg_supplied) {
     sp_script_call_init(call, &script_cap, 1);
-    sp_script_call_arg(call, "{sku:%" PRId64 "}:sale", sku_id);
+    key_arg(call, sku_id, "sale");
     sp_script_call_arg(call, "%" PRId64, pg_stock);
     sp_script_call_arg(call, "%" PRId64, pg_supplied);
 }
@@ -266,8 +271,8 @@ int sp_stock_rejected_forget(redisContext *c, int64_t sku_id, const char *order_
     sp_script_call call;
     long long v;
     sp_script_call_init(&call, &script_rejected_forget, 2);
-    sp_script_call_arg(&call, "{sku:%" PRId64 "}:resv", sku_id);
-    sp_script_call_arg(&call, "{sku:%" PRId64 "}:users", sku_id);
+    key_arg(&call, sku_id, "resv");
+    key_arg(&call, sku_id, "users");
     sp_script_call_arg(&call, "%s", order_id);
     sp_script_call_arg(&call, "%" PRId64, user_id);
     sp_script_call_arg(&call, "%" PRId32, qty);
@@ -326,10 +331,10 @@ int sp_stock_give_back(redisContext *c, int64_t sku_id, const char *order_id, in
     sp_script_call call;
     long long v;
     sp_script_call_init(&call, &script_give_back, 4);
-    sp_script_call_arg(&call, "{sku:%" PRId64 "}:sale", sku_id);
-    sp_script_call_arg(&call, "{sku:%" PRId64 "}:users", sku_id);
-    sp_script_call_arg(&call, "{sku:%" PRId64 "}:resv", sku_id);
-    sp_script_call_arg(&call, "{sku:%" PRId64 "}:returned", sku_id);
+    key_arg(&call, sku_id, "sale");
+    key_arg(&call, sku_id, "users");
+    key_arg(&call, sku_id, "resv");
+    key_arg(&call, sku_id, "returned");
     sp_script_call_arg(&call, "%s", order_id);
     sp_script_call_arg(&call, "%" PRId64, user_id);
     sp_script_call_arg(&call, "%" PRId32, qty);
@@ -375,7 +380,7 @@ int sp_stock_reconcile_pause(redisContext *c, int64_t sku_id, const char *token,
     sp_script_call call;
     long long v;
     sp_script_call_init(&call, &script_reconcile_pause, 1);
-    sp_script_call_arg(&call, "{sku:%" PRId64 "}:sale", sku_id);
+    key_arg(&call, sku_id, "sale");
     sp_script_call_arg(&call, "%s", token);
     sp_script_call_arg(&call, "%" PRId32, per_user_limit);
     sp_script_call_arg(&call, "%" PRId32, pay_timeout_s);
@@ -407,11 +412,11 @@ int sp_stock_reconcile_apply(redisContext *c, int64_t sku_id, const char *token,
     int64_t first = 0, second = 0;
     int rc = -1;
     sp_script_call_init(&call, &script_reconcile_apply, 5);
-    sp_script_call_arg(&call, "{sku:%" PRId64 "}:sale", sku_id);
-    sp_script_call_arg(&call, "{sku:%" PRId64 "}:users", sku_id);
-    sp_script_call_arg(&call, "{sku:%" PRId64 "}:resv", sku_id);
-    sp_script_call_arg(&call, "{sku:%" PRId64 "}:users_rebuild", sku_id);
-    sp_script_call_arg(&call, "{sku:%" PRId64 "}:resv_staged", sku_id);
+    key_arg(&call, sku_id, "sale");
+    key_arg(&call, sku_id, "users");
+    key_arg(&call, sku_id, "resv");
+    key_arg(&call, sku_id, "users_rebuild");
+    key_arg(&call, sku_id, "resv_staged");
     sp_script_call_arg(&call, "%s", token);
     sp_script_call_arg(&call, "%" PRId64, pg_stock);
     sp_script_call_arg(&call, "%" PRId64, pg_supplied);
@@ -468,8 +473,8 @@ int sp_stock_reconcile_adjust(redisContext *c, int64_t sku_id, int64_t user_id, 
     sp_script_call call;
     long long v;
     sp_script_call_init(&call, &script_reconcile_adjust, 2);
-    sp_script_call_arg(&call, "{sku:%" PRId64 "}:sale", sku_id);
-    sp_script_call_arg(&call, "{sku:%" PRId64 "}:users", sku_id);
+    key_arg(&call, sku_id, "sale");
+    key_arg(&call, sku_id, "users");
     sp_script_call_arg(&call, "%" PRId64, user_id);
     sp_script_call_arg(&call, "%" PRId32, qty);
     if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
