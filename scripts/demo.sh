@@ -24,6 +24,7 @@ case "${1:-}" in
         ;;
 esac
 root=$PWD
+. tests/lib/procs.sh
 var=${STACK_VAR:-$root/var}
 [[ $var == /* ]] || var=$root/$var
 work=$var/log/demo
@@ -32,21 +33,8 @@ helper=
 rc=1
 
 teardown() {
-    local f pid needle
-    if [[ -n $helper ]] && kill -0 "$helper" 2>/dev/null; then
-        kill -TERM "$helper" 2>/dev/null # demo.py stops its workers on the way out
-        wait "$helper" 2>/dev/null
-    fi
-    # Whatever a crashed demo.py left behind: only the pids it recorded, only if the process
-    # is still the worker binary it started.
-    for f in "$work"/pids/*.pid; do
-        [[ -f $f ]] || continue
-        read -r pid needle <"$f"
-        if [[ $pid =~ ^[0-9]+$ ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$needle"; then
-            kill -KILL "$pid" 2>/dev/null
-        fi
-        rm -f "$f"
-    done
+    stop_helper "$helper" # demo.py stops its workers on the way out
+    kill_recorded "$work/pids" # whatever a crashed demo.py left behind
     if ((started_stack)); then
         echo "demo: stopping the stack it started (data kept; make stack-clean deletes it)"
         scripts/stack.sh down >/dev/null || echo "demo: warning: scripts/stack.sh down failed"

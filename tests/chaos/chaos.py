@@ -61,8 +61,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "e2e"))
+sys.path.insert(0, os.path.join(HERE, "..", "lib"))
 import flashsale as fs  # noqa: E402
-from flashsale import Fail, expect, fmt_int  # noqa: E402
+from flashsale import fmt_int  # noqa: E402
+from testkit import Fail, expect, pick_ports, port_free  # noqa: E402
 
 CASES = ["kill-producer", "kill-consumer", "kill-reaper", "kafka-restart", "postgres-restart",
          "redis-failover"]
@@ -112,7 +114,7 @@ class Trio:
         self.dir = os.path.join(workdir, "sentinel")
         self.piddir = piddir
         self.procs = {}
-        self.primary, self.replica, *self.sentinels = fs.pick_ports(
+        self.primary, self.replica, *self.sentinels = pick_ports(
             5, set(fs.SHARED_PORTS.values()) | set(PREFERRED_PORTS.values()))
 
     def url(self):
@@ -493,8 +495,8 @@ class Suite:
         self.bin_dir = args.bin_dir
         self.cases = args.only or CASES
         ports = dict(PREFERRED_PORTS)
-        if not all(fs.port_free(p) for p in ports.values()):
-            ports = dict(zip(ports, fs.pick_ports(4, set(fs.SHARED_PORTS.values()))))
+        if not all(port_free(p) for p in ports.values()):
+            ports = dict(zip(ports, pick_ports(4, set(fs.SHARED_PORTS.values()))))
         self.ports = ports
         self.stack = fs.Stack(os.path.join(args.workdir, "stack"), ports,
                               log=os.path.join(args.workdir, "stack.log"))

@@ -22,11 +22,8 @@ Shared by the demo (tests/e2e/demo.py, `make demo`) and the chaos suite (tests/c
 """
 import asyncio
 import os
-import random
 import re
-import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +31,7 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 sys.path.insert(0, os.path.join(ROOT, "tests", "lib"))
 from http11 import HOST, Client, Conn, TransportError, prepare  # noqa: E402
+from testkit import Fail, expect, free_port, log_tail, read_env_file  # noqa: E402
 
 STACK_SH = os.path.join(ROOT, "scripts", "stack.sh")
 MIGRATE_SH = os.path.join(ROOT, "scripts", "migrate.sh")
@@ -41,24 +39,6 @@ ADMIN = "flashsale-admin"
 PAYMENT = "flashsale-pay"
 ORDER_TIMEOUT = 20.0  # an order unanswered for this long counts as a hang (status 0)
 EPOCH_KEY = "stockpipe:reaper:epoch"
-
-
-class Fail(Exception):
-    """A check that did not hold, or a step that could not be done; the text says which."""
-
-
-def expect(cond, detail):
-    if not cond:
-        raise Fail(detail)
-
-
-def log_tail(path, n=15, prefix="#   "):
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return "%s(no log at %s)" % (prefix, path)
-    return "\n".join(prefix + l[:300] for l in lines[-n:])
 
 
 def command(argv, timeout=30, env=None, input_text=None, check=True):
@@ -73,47 +53,6 @@ def command(argv, timeout=30, env=None, input_text=None, check=True):
         raise Fail("%s exited %d: %s" % (" ".join(argv[:3]), p.returncode,
                                          (p.stderr or p.stdout).strip()[-500:]))
     return p.stdout
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def port_free(port):
-    """Nothing listens on 127.0.0.1:port and we could bind it."""
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        if s.connect_ex((HOST, port)) == 0:
-            return False
-    with socket.socket() as s:
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-def pick_ports(n, avoid=()):
-    """n free loopback ports below 32768 (out of Linux's ephemeral range)."""
-    out = []
-    while len(out) < n:
-        p = random.randrange(20000, 32000)
-        if p not in avoid and p not in out and port_free(p):
-            out.append(p)
-    return out
-
-
-def read_env_file(path):
-    env = {}
-    with open(path) as f:
-        for line in f:
-            words = shlex.split(line, comments=True)
-            if len(words) == 2 and words[0] == "export" and "=" in words[1]:
-                k, _, v = words[1].partition("=")
-                env[k] = v
-    return env
 
 
 def raise_nofile(want=8192):

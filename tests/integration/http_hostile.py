@@ -21,17 +21,19 @@ import asyncio
 import json
 import os
 import random
-import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-HOST = "127.0.0.1"
+sys.path.insert(0, os.path.join(ROOT, "tests", "lib"))
+
+from http11 import HOST  # noqa: E402
+from testkit import Fail, Report, free_port, load_stack_env  # noqa: E402
+
 ADMIN = "test-admin"
 BOUND = 200           # HTTP_MAX_CONNECTIONS of the producer under test
 TIMEOUT_S = 10        # SP_HTTP_LIMITS_DEFAULT.timeout_s: to send a whole request
@@ -42,43 +44,9 @@ FLOOD_WORKERS = 4
 P99_MAX = 1.0         # seconds, the buyer's bound
 
 
-class Fail(Exception):
-    pass
-
-
-class Report:
-    def __init__(self):
-        self.passed = self.failed = 0
-
-    def check(self, name, cond, detail=""):
-        if cond:
-            self.passed += 1
-            print("ok - %s%s" % (name, " (%s)" % detail if detail else ""), flush=True)
-        else:
-            self.failed += 1
-            print("not ok - %s: %s" % (name, " ".join(str(detail).split())), flush=True)
-
-
-def load_stack_env():
-    """Fills what `. var/stack.env` would have set, for a run outside tests/run-all.sh."""
-    path = os.path.join(ROOT, "var", "stack.env")
-    if os.environ.get("REDIS_URL") or not os.path.exists(path):
-        return
-    with open(path) as f:
-        for line in f:
-            words = shlex.split(line, comments=True)
-            if len(words) == 2 and words[0] == "export" and "=" in words[1]:
-                k, _, v = words[1].partition("=")
-                os.environ.setdefault(k, v)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def percentile(values, p):
+    """The p-th percentile, p in 0..100 (flashsale.percentile takes a fraction and
+    interpolates the rank differently: the bound below was set with this one)."""
     if not values:
         return float("nan")
     v = sorted(values)

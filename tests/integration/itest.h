@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -144,6 +145,46 @@ static inline int run(char *const argv[], const char *const *settings, const cha
     int status;
     if (waitpid(pid, &status, 0) != pid) return -1;
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/* ---- the run ---- */
+
+/* Sets up what one run of the test program `name` owns, so that runs side by side never meet:
+ * tag, unique per pid and time (for its databases, topics, consumer groups); *sku_base, SKUs of
+ * its own (sku_origin + pid % 100000 * 1000 + seconds % 10 * 100: each program picks an origin far
+ * from the others'); tmp, the directory /tmp/stockpipe-test-NAME-TAG for logs and Redis's files,
+ * created here. Then checks that the stack's settings in env (NULL-terminated) are set. For group
+ * setup: 0, or -1 with the reason on stderr. */
+static inline int begin_run(const char *name, int64_t sku_origin, const char *const *env, char *tag,
+                            size_t tagcap, int64_t *sku_base, char *tmp, size_t tmpcap) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    snprintf(tag, tagcap, "%d_%lld", (int)getpid(), (long long)(ts.tv_sec % 1000000));
+    *sku_base = sku_origin + (int64_t)(getpid() % 100000) * 1000 + ts.tv_sec % 10 * 100;
+    snprintf(tmp, tmpcap, "/tmp/stockpipe-test-%s-%s", name, tag);
+    if (mkdir(tmp, 0755) != 0 && errno != EEXIST) {
+        fprintf(stderr, "cannot create %s: %s\n", tmp, strerror(errno));
+        return -1;
+    }
+    int missing = 0;
+    for (int i = 0; env[i]; i++) missing |= getenv(env[i]) == NULL;
+    if (missing) {
+        for (int i = 0; env[i]; i++) fprintf(stderr, "%s%s", i ? ", " : "", env[i]);
+        fprintf(stderr, " are not set: run `. var/stack.env`\n");
+        return -1;
+    }
+    return 0;
+}
+
+/* For group teardown: removes the run's directory tmp when clean, else says where the logs of
+ * `whose` ("workers'") are, for a look at what went wrong. */
+static inline void end_run(char *tmp, int clean, const char *whose) {
+    if (clean) {
+        char *argv[] = {(char[]){"/bin/rm"}, (char[]){"-rf"}, tmp, NULL};
+        (void)run(argv, NULL, "/dev/null", NULL, 0);
+    } else {
+        fprintf(stderr, "the %s logs are in %s\n", whose, tmp);
+    }
 }
 
 /* Whether a line of the file at path contains needle (0 when it cannot be read). */

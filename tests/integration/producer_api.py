@@ -23,10 +23,8 @@ import json
 import os
 import random
 import resource
-import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +34,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 sys.path.insert(0, os.path.join(ROOT, "tests", "lib"))
 # The HTTP client (producer_faults.py uses it through this module).
 from http11 import HOST, REQ_TIMEOUT, Client, Conn, TransportError  # noqa: E402
+from testkit import Fail, Report, expect, free_port, load_stack_env  # noqa: E402
 
 ADMIN = "test-admin"
 PAYMENT = "test-pay"
@@ -56,25 +55,6 @@ def psql(sql, *params):
     if out.returncode != 0:
         raise Fail("psql failed: %s" % out.stderr.strip()[:300])
     return out.stdout.strip()
-
-
-def load_stack_env():
-    """Fills what `. var/stack.env` would have set, for a run outside tests/run-all.sh."""
-    path = os.path.join(ROOT, "var", "stack.env")
-    if os.environ.get("REDIS_URL") or not os.path.exists(path):
-        return
-    with open(path) as f:
-        for line in f:
-            words = shlex.split(line, comments=True)
-            if len(words) == 2 and words[0] == "export" and "=" in words[1]:
-                k, _, v = words[1].partition("=")
-                os.environ.setdefault(k, v)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 class Producer:
@@ -131,15 +111,6 @@ class Producer:
 
 
 # ---- helpers for the checks ------------------------------------------------------------------
-
-class Fail(Exception):
-    pass
-
-
-def expect(cond, detail):
-    if not cond:
-        raise Fail(detail)
-
 
 def new_sku():
     return random.randint(10**9, MAX_ID)
@@ -622,19 +593,6 @@ async def check_metrics(ctx):
 
 class Ctx:
     admin_sku = bad_sku = bad_before = None
-
-
-class Report:
-    def __init__(self):
-        self.passed = self.failed = 0
-
-    def ok(self, name, detail=None):
-        self.passed += 1
-        print("ok - %s%s" % (name, " (%s)" % detail if detail else ""), flush=True)
-
-    def not_ok(self, name, detail):
-        self.failed += 1
-        print("not ok - %s: %s" % (name, " ".join(str(detail).split())), flush=True)
 
 
 async def check_script_cache_lost(ctx):

@@ -28,25 +28,27 @@ recorded there). Three scenarios, against real servers:
 
 Prints `ok - NAME (figures)` / `not ok - NAME: DETAIL` per check and, last, `N passed, M failed`.
 The private stack boots (about 15 s) while the sentinel scenario runs. Standard library only;
-the HTTP client and reporting come from producer_api.py.
+the HTTP client and sale helpers come from producer_api.py, reporting and ports from
+tests/lib/testkit.py.
 """
 import argparse
 import asyncio
 import json
 import os
 import random
-import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import producer_api as api  # noqa: E402  (the HTTP client, Report, sale helpers)
-from producer_api import Fail, TransportError, accepted_id, expect  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+import producer_api as api  # noqa: E402  (the HTTP client, sale helpers)
+from producer_api import TransportError, accepted_id  # noqa: E402
+from testkit import (Fail, Report, expect, free_port, load_stack_env, log_tail,  # noqa: E402
+                     pick_ports, port_free, read_env_file)
 
 ROOT = api.ROOT
 HOST = api.HOST
@@ -62,30 +64,6 @@ FOLLOW_MAX_S = 5          # a failover may cost buyers this long of 503s, counte
 
 
 # ---- processes, ports, commands ---------------------------------------------------------------
-
-def port_free(port):
-    """Nothing listens on 127.0.0.1:port and we could bind it."""
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        if s.connect_ex((HOST, port)) == 0:
-            return False
-    with socket.socket() as s:
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-def pick_ports(n, taken):
-    """n free loopback ports below 32768 (out of Linux's ephemeral range), none in `taken`."""
-    out = []
-    while len(out) < n:
-        p = random.randrange(20000, 32000)
-        if p not in taken and p not in out and port_free(p):
-            out.append(p)
-    return out
-
 
 def proc_matches(pid, needle):
     try:
@@ -160,26 +138,6 @@ async def arcli(port, *args):
     return await asyncio.to_thread(rcli, port, *args)
 
 
-def read_env_file(path):
-    env = {}
-    with open(path) as f:
-        for line in f:
-            words = shlex.split(line, comments=True)
-            if len(words) == 2 and words[0] == "export" and "=" in words[1]:
-                k, _, v = words[1].partition("=")
-                env[k] = v
-    return env
-
-
-def log_tail(path, n=15):
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return "#   (no log at %s)" % path
-    return "\n".join("#   %s" % l[:300] for l in lines[-n:])
-
-
 # ---- the producer, on the environment we choose -------------------------------------------------
 
 class Producer(api.Producer):
@@ -187,7 +145,7 @@ class Producer(api.Producer):
 
     def __init__(self, name, binary, logdir, procs, env):
         self.name = name
-        self.port = api.free_port()
+        self.port = free_port()
         self.log_path = os.path.join(logdir, "producer-%s.log" % name)
         penv = dict(os.environ, **env)
         penv.update(HTTP_ADDR=HOST, HTTP_PORT=str(self.port), ADMIN_TOKEN=api.ADMIN,
@@ -997,12 +955,12 @@ def main():
     ap.add_argument("--only", choices=("kafka", "sentinel"), action="append",
                     help="run one scenario (kafka includes redis); repeatable")
     args = ap.parse_args()
-    api.load_stack_env()
+    load_stack_env()
     bin_dir = os.environ.get("BIN_DIR", "bin")
     if not os.path.isabs(bin_dir) and not os.path.isdir(bin_dir):
         bin_dir = os.path.join(ROOT, bin_dir)
     binary = os.path.abspath(os.path.join(bin_dir, "producer"))
-    rep = api.Report()
+    rep = Report()
     missing = [v for v in ("KAFKA_BROKERS", "KAFKA_TOPIC", "PG_DSN") if not os.environ.get(v)]
     if missing or not os.access(binary, os.X_OK):
         rep.not_ok("setup", "missing %s" % (", ".join(missing) if missing else binary))

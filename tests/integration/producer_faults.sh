@@ -10,6 +10,7 @@
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
+. "$root/tests/lib/procs.sh"
 work=$(mktemp -d "${TMPDIR:-/tmp}/sp-faults.XXXXXX") || exit 1
 chmod 755 "$work" # as root, PostgreSQL runs as `postgres` and must reach the private stack's data
 mkdir -p "$work/logs"
@@ -17,19 +18,8 @@ rc=1
 helper=
 
 teardown() {
-    local f pid needle
-    if [ -n "$helper" ] && kill -0 "$helper" 2>/dev/null; then
-        kill -TERM "$helper" 2>/dev/null
-        wait "$helper" 2>/dev/null
-    fi
-    for f in "$work"/pids/*.pid; do
-        [ -f "$f" ] || continue
-        read -r pid needle <"$f"
-        if [[ $pid =~ ^[0-9]+$ ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$needle"; then
-            kill -KILL "$pid" 2>/dev/null
-        fi
-        rm -f "$f"
-    done
+    stop_helper "$helper"
+    kill_recorded "$work/pids"
     if [ -d "$work/stack" ]; then
         STACK_VAR=$work/stack "$root/scripts/stack.sh" down --purge >>"$work/logs/stack.log" 2>&1
     fi

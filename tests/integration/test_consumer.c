@@ -12,16 +12,13 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <cmocka.h>
-#include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "event.h"
@@ -867,18 +864,11 @@ static void test_failed_batch_is_read_again(void **state) {
 
 static int group_setup(void **state) {
     (void)state;
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    snprintf(tag, sizeof(tag), "%d_%lld", (int)getpid(), (long long)(ts.tv_sec % 1000000));
-    /* SKUs of their own, far from any other test's. */
-    g.sku_base = INT64_C(700000000000) + (int64_t)(getpid() % 100000) * 1000 + ts.tv_sec % 10 * 100;
-    snprintf(g.tmp, sizeof(g.tmp), "/tmp/stockpipe-test-consumer-%s", tag);
-    if (mkdir(g.tmp, 0755) != 0 && errno != EEXIST) return -1;
-    const char *brokers = getenv("KAFKA_BROKERS");
-    if (brokers == NULL || getenv("PG_DSN") == NULL || getenv("REDIS_URL") == NULL) {
-        fprintf(stderr, "KAFKA_BROKERS, PG_DSN, REDIS_URL are not set: run `. var/stack.env`\n");
+    const char *env[] = {"KAFKA_BROKERS", "PG_DSN", "REDIS_URL", NULL};
+    if (begin_run("consumer", INT64_C(700000000000), env, tag, sizeof(tag), &g.sku_base, g.tmp,
+                  sizeof(g.tmp)) != 0)
         return -1;
-    }
+    const char *brokers = getenv("KAFKA_BROKERS");
     rd_kafka_conf_t *conf = sp_kafka_conf_new(brokers, "test-consumer", err, sizeof(err));
     if (conf == NULL) return -1;
     rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
@@ -899,12 +889,7 @@ static int group_teardown(void **state) {
         if (sp_kafka_topic_delete(g.kafka, g.topics[i], 30000, err, sizeof(err)) != 0)
             fprintf(stderr, "%s\n", err);
     if (g.kafka) rd_kafka_destroy(g.kafka);
-    if (g.npassed == NTESTS) {
-        char *argv[] = {(char[]){"/bin/rm"}, (char[]){"-rf"}, g.tmp, NULL};
-        (void)run(argv, NULL, NULL, NULL, 0);
-    } else {
-        fprintf(stderr, "the consumers' logs are in %s\n", g.tmp);
-    }
+    end_run(g.tmp, g.npassed == NTESTS, "consumers'");
     return 0;
 }
 

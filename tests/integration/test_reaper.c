@@ -15,15 +15,12 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <cmocka.h>
-#include <errno.h>
 #include <inttypes.h>
 #include <jansson.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "event.h"
@@ -689,17 +686,10 @@ static int delete_topics(rd_kafka_t *rk) {
 
 static int group_setup(void **state) {
     (void)state;
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    snprintf(tag, sizeof(tag), "%d_%lld", (int)getpid(), (long long)(ts.tv_sec % 1000000));
-    /* SKUs of their own, far from any other test's. */
-    g.sku_base = INT64_C(800000000000) + (int64_t)(getpid() % 100000) * 1000 + ts.tv_sec % 10 * 100;
-    snprintf(g.tmp, sizeof(g.tmp), "/tmp/stockpipe-test-reaper-%s", tag);
-    if (mkdir(g.tmp, 0755) != 0 && errno != EEXIST) return -1;
-    if (getenv("KAFKA_BROKERS") == NULL || getenv("PG_DSN") == NULL) {
-        fprintf(stderr, "KAFKA_BROKERS, PG_DSN are not set: run `. var/stack.env`\n");
+    const char *env[] = {"KAFKA_BROKERS", "PG_DSN", NULL};
+    if (begin_run("reaper", INT64_C(800000000000), env, tag, sizeof(tag), &g.sku_base, g.tmp,
+                  sizeof(g.tmp)) != 0)
         return -1;
-    }
     snprintf(g.topic, sizeof(g.topic), "stockpipe.test.reaper.%s", tag);
     snprintf(g.dlq, sizeof(g.dlq), "stockpipe.test.reaper.%s.dlq", tag);
     snprintf(g.group, sizeof(g.group), "test-reaper-%s", tag);
@@ -745,12 +735,8 @@ static int group_teardown(void **state) {
     redis_close();
     if (g.db[0]) drop_database(g.db);
     with_kafka(delete_topics, err, sizeof(err));
-    if (g.npassed == NTESTS + 1 && clean && getenv("TEST_KEEP_LOGS") == NULL) {
-        char *argv[] = {(char[]){"/bin/rm"}, (char[]){"-rf"}, g.tmp, NULL};
-        (void)run(argv, NULL, "/dev/null", NULL, 0);
-    } else {
-        fprintf(stderr, "the workers' logs are in %s\n", g.tmp);
-    }
+    end_run(g.tmp, g.npassed == NTESTS + 1 && clean && getenv("TEST_KEEP_LOGS") == NULL,
+            "workers'");
     return clean ? 0 : -1;
 }
 

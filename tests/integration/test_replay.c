@@ -20,15 +20,12 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <cmocka.h>
-#include <errno.h>
 #include <inttypes.h>
 #include <jansson.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "event.h"
@@ -350,18 +347,11 @@ static void test_replay_rebuilds_the_same_tables(void **state) {
 
 static int group_setup(void **state) {
     (void)state;
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    snprintf(tag, sizeof(tag), "%d_%lld", (int)getpid(), (long long)(ts.tv_sec % 1000000));
-    /* SKUs of their own, far from any other test's. */
-    g.sku_a = INT64_C(700000000000) + (int64_t)(getpid() % 100000) * 1000 + ts.tv_sec % 10 * 100;
-    g.sku_b = g.sku_a + 1;
-    snprintf(g.tmp, sizeof(g.tmp), "/tmp/stockpipe-test-replay-%s", tag);
-    if (mkdir(g.tmp, 0755) != 0 && errno != EEXIST) return -1;
-    if (getenv("KAFKA_BROKERS") == NULL || getenv("PG_DSN") == NULL) {
-        fprintf(stderr, "KAFKA_BROKERS, PG_DSN are not set: run `. var/stack.env`\n");
+    const char *env[] = {"KAFKA_BROKERS", "PG_DSN", NULL};
+    if (begin_run("replay", INT64_C(700000000000), env, tag, sizeof(tag), &g.sku_a, g.tmp,
+                  sizeof(g.tmp)) != 0)
         return -1;
-    }
+    g.sku_b = g.sku_a + 1;
     snprintf(g.db, sizeof(g.db), "sp_test_replay_%s", tag);
     snprintf(g.topic, sizeof(g.topic), "stockpipe.test.replay.%s", tag);
     snprintf(g.dlq, sizeof(g.dlq), "stockpipe.test.replay.%s.dlq", tag);
@@ -382,12 +372,7 @@ static int group_teardown(void **state) {
     kill_tracked(); /* Redis, and anything left */
     if (getenv("PG_DSN") && g.dsn[0]) drop_database(g.db);
     with_kafka(delete_topics, err, sizeof(err));
-    if (g.npassed == NTESTS && clean && getenv("TEST_KEEP_LOGS") == NULL) {
-        char *argv[] = {(char[]){"/bin/rm"}, (char[]){"-rf"}, g.tmp, NULL};
-        (void)run(argv, NULL, "/dev/null", NULL, 0);
-    } else {
-        fprintf(stderr, "the workers' logs are in %s\n", g.tmp);
-    }
+    end_run(g.tmp, g.npassed == NTESTS && clean && getenv("TEST_KEEP_LOGS") == NULL, "workers'");
     return clean ? 0 : -1;
 }
 

@@ -1,0 +1,112 @@
+"""testkit.py - what every Python test driver needs: failures, reporting, ports, env files, logs.
+
+Shared by tests/integration/{producer_api,producer_faults,http_hostile}.py and by the sale driver
+tests/e2e/flashsale.py (the demo and the chaos suite). Standard library only.
+
+  Fail, expect(cond, detail)      a check that did not hold, or a step that could not be done
+  Report()                        prints `ok - NAME` / `not ok - NAME: DETAIL`, counts both
+  read_env_file(path) -> dict     the `export K=V` lines of a stack.env
+  load_stack_env()                fills os.environ from var/stack.env when REDIS_URL is unset
+  free_port(), port_free(port), pick_ports(n, avoid)
+  log_tail(path, n, prefix)       the last lines of a log, indented for a TAP diagnostic
+"""
+import os
+import random
+import shlex
+import socket
+
+from http11 import HOST
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+
+class Fail(Exception):
+    """A check that did not hold, or a step that could not be done; the text says which."""
+
+
+def expect(cond, detail):
+    if not cond:
+        raise Fail(detail)
+
+
+class Report:
+    """Counts and prints the checks of one run; the caller prints `N passed, M failed`."""
+
+    def __init__(self):
+        self.passed = self.failed = 0
+
+    def ok(self, name, detail=None):
+        self.passed += 1
+        print("ok - %s%s" % (name, " (%s)" % detail if detail else ""), flush=True)
+
+    def not_ok(self, name, detail):
+        self.failed += 1
+        print("not ok - %s: %s" % (name, " ".join(str(detail).split())), flush=True)
+
+    def check(self, name, cond, detail=""):
+        if cond:
+            self.ok(name, detail)
+        else:
+            self.not_ok(name, detail)
+
+
+def read_env_file(path):
+    """The `export K=V` lines of a shell env file (var/stack.env) as a dict."""
+    env = {}
+    with open(path) as f:
+        for line in f:
+            words = shlex.split(line, comments=True)
+            if len(words) == 2 and words[0] == "export" and "=" in words[1]:
+                k, _, v = words[1].partition("=")
+                env[k] = v
+    return env
+
+
+def load_stack_env():
+    """Fills what `. var/stack.env` would have set, for a run outside tests/run-all.sh."""
+    path = os.path.join(ROOT, "var", "stack.env")
+    if os.environ.get("REDIS_URL") or not os.path.exists(path):
+        return
+    for k, v in read_env_file(path).items():
+        os.environ.setdefault(k, v)
+
+
+def free_port():
+    """A loopback port the kernel just handed out (ephemeral range)."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def port_free(port):
+    """Nothing listens on 127.0.0.1:port and we could bind it."""
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        if s.connect_ex((HOST, port)) == 0:
+            return False
+    with socket.socket() as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_ports(n, avoid=()):
+    """n free loopback ports below 32768 (out of Linux's ephemeral range), none in `avoid`."""
+    out = []
+    while len(out) < n:
+        p = random.randrange(20000, 32000)
+        if p not in avoid and p not in out and port_free(p):
+            out.append(p)
+    return out
+
+
+def log_tail(path, n=15, prefix="#   "):
+    """The last n lines of the log at path, each cut to 300 characters and prefixed."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return "%s(no log at %s)" % (prefix, path)
+    return "\n".join(prefix + l[:300] for l in lines[-n:])
