@@ -23,7 +23,6 @@
 #define DECODE_FLAGS (JSON_REJECT_DUPLICATES | JSON_DECODE_ANY)
 
 /* Keys in insertion order, no whitespace: the output is deterministic, byte for byte. */
-#define ENCODE_FLAGS (JSON_COMPACT | JSON_PRESERVE_ORDER)
 
 /* The one type <-> name table, used by encode, decode and sp_event_type_name. */
 static const struct {
@@ -200,93 +199,124 @@ static int check_event(const sp_event *ev, char *errbuf, size_t errlen) {
 
 /* ---- encode ---- */
 
-/* Keys are our own ASCII literals and string values have been validated as printable ASCII, so
- * the _nocheck variants (which skip jansson's UTF-8 scan) are safe here. json_object_set_new
- * steals the value, and frees it even when it fails. */
-static int put_int(json_t *obj, const char *key, int64_t v) {
-    return json_object_set_new_nocheck(obj, key, json_integer((json_int_t)v));
+/* Events are written directly, not built as a jansson object and dumped: the producer encodes
+ * one per accepted order, and the object with its allocations, key sorting and printf-formatted
+ * numbers cost more than everything else it does for an order in user space. The output is
+ * exactly jansson's compact form (JSON_COMPACT | JSON_PRESERVE_ORDER) of the same object: keys in
+ * docs/events.md's order, "," and ":" without blanks, integers in decimal, strings with '"' and
+ * '\\' escaped (every string value was checked to be printable ASCII, and an order id holds
+ * neither). The unit tests compare it with jansson's dump. */
+typedef struct json_writer {
+    char *p, *end; /* end: one past the last byte usable */
+    int nkeys;     /* keys written so far */
+    int overflow;
+} json_writer;
+
+static void w_bytes(json_writer *w, const char *s, size_t n) {
+    if (w->overflow || (size_t)(w->end - w->p) < n) {
+        w->overflow = 1;
+        return;
+    }
+    memcpy(w->p, s, n);
+    w->p += n;
 }
 
-static int put_str(json_t *obj, const char *key, const char *s) {
-    return json_object_set_new_nocheck(obj, key, json_string_nocheck(s));
+/* '{' before the first key, ',' before the others, then "key": */
+static void w_key(json_writer *w, const char *key) {
+    w_bytes(w, w->nkeys++ == 0 ? "{\"" : ",\"", 2);
+    w_bytes(w, key, strlen(key));
+    w_bytes(w, "\":", 2);
+}
+
+static void w_int(json_writer *w, const char *key, int64_t v) {
+    char digits[24], *d = digits + sizeof(digits);
+    uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+    do {
+        *--d = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0) *--d = '-';
+    w_key(w, key);
+    w_bytes(w, d, (size_t)(digits + sizeof(digits) - d));
+}
+
+static void w_str(json_writer *w, const char *key, const char *s) {
+    w_key(w, key);
+    w_bytes(w, "\"", 1);
+    for (const char *run = s;; s++) {
+        if (*s == '"' || *s == '\\' || *s == '\0') {
+            w_bytes(w, run, (size_t)(s - run));
+            if (*s == '\0') break;
+            w_bytes(w, *s == '"' ? "\\\"" : "\\\\", 2);
+            run = s + 1;
+        }
+    }
+    w_bytes(w, "\"", 1);
 }
 
 int sp_event_encode(const sp_event *ev, char *buf, size_t buflen, size_t *len, char *errbuf,
                     size_t errlen) {
-    json_t *obj = NULL;
     char tmp[SP_EVENT_MAX];
-    size_t n;
-    int rc = -1, bad = 0;
+    json_writer w = {.p = tmp, .end = tmp + sizeof(tmp)};
 
     if (ev == NULL || buf == NULL || len == NULL) {
         seterr(errbuf, errlen, "encode: NULL argument");
-        goto out;
+        return -1;
     }
     if (check_event(ev, errbuf, errlen) != 0)
-        goto out;
+        return -1;
 
-    if ((obj = json_object()) == NULL) {
-        seterr(errbuf, errlen, "encode: out of memory");
-        goto out;
-    }
     /* Key order follows docs/events.md: envelope first, then the type's fields. */
-    bad |= put_int(obj, "v", SP_EVENT_VERSION);
-    bad |= put_str(obj, "type", type_name(ev->type));
-    bad |= put_int(obj, "ts_ms", ev->ts_ms);
-    bad |= put_int(obj, "sku_id", ev->sku_id);
+    w_int(&w, "v", SP_EVENT_VERSION);
+    w_str(&w, "type", type_name(ev->type));
+    w_int(&w, "ts_ms", ev->ts_ms);
+    w_int(&w, "sku_id", ev->sku_id);
     switch (ev->type) {
     case SP_EV_STOCK_SET:
-        bad |= put_int(obj, "stock", ev->stock);
-        bad |= put_int(obj, "per_user_limit", ev->per_user_limit);
-        bad |= put_int(obj, "pay_timeout_s", ev->pay_timeout_s);
+        w_int(&w, "stock", ev->stock);
+        w_int(&w, "per_user_limit", ev->per_user_limit);
+        w_int(&w, "pay_timeout_s", ev->pay_timeout_s);
         break;
     case SP_EV_STOCK_ADD:
-        bad |= put_int(obj, "add", ev->stock);
+        w_int(&w, "add", ev->stock);
         break;
     case SP_EV_ORDER_CREATED:
-        bad |= put_str(obj, "order_id", ev->order_id);
-        bad |= put_int(obj, "user_id", ev->user_id);
-        bad |= put_int(obj, "qty", ev->qty);
-        bad |= put_int(obj, "expires_ms", ev->expires_ms);
+        w_str(&w, "order_id", ev->order_id);
+        w_int(&w, "user_id", ev->user_id);
+        w_int(&w, "qty", ev->qty);
+        w_int(&w, "expires_ms", ev->expires_ms);
         break;
     case SP_EV_ORDER_PAID:
     case SP_EV_ORDER_EXPIRED:
-        bad |= put_str(obj, "order_id", ev->order_id);
+        w_str(&w, "order_id", ev->order_id);
         break;
     case SP_EV_ORDER_VOIDED:
-        bad |= put_str(obj, "order_id", ev->order_id);
-        bad |= put_int(obj, "user_id", ev->user_id);
-        bad |= put_int(obj, "qty", ev->qty);
+        w_str(&w, "order_id", ev->order_id);
+        w_int(&w, "user_id", ev->user_id);
+        w_int(&w, "qty", ev->qty);
         if (ev->reason[0] != '\0')
-            bad |= put_str(obj, "reason", ev->reason);
+            w_str(&w, "reason", ev->reason);
         break;
     case SP_EV_NONE:
         break; /* refused by check_event */
     }
-    if (bad) {
-        seterr(errbuf, errlen, "encode: out of memory");
-        goto out;
-    }
+    w_bytes(&w, "}", 1);
 
-    /* Dump into a local buffer first so that buf is only written on success. The bounds keep
-     * every event well under SP_EVENT_MAX; n > sizeof(tmp) would be a bug in those bounds. */
-    n = json_dumpb(obj, tmp, sizeof(tmp), ENCODE_FLAGS);
-    if (n == 0 || n > sizeof(tmp)) {
+    /* Written into a local buffer first so that buf is only written on success. The bounds keep
+     * every event well under SP_EVENT_MAX; an overflow would be a bug in those bounds. */
+    size_t n = (size_t)(w.p - tmp);
+    if (w.overflow) {
         seterr(errbuf, errlen, "encode: event exceeds %d bytes", SP_EVENT_MAX);
-        goto out;
+        return -1;
     }
     if (n >= buflen) {
         seterr(errbuf, errlen, "encode: buffer too small (%zu bytes, need %zu)", buflen, n + 1);
-        goto out;
+        return -1;
     }
     memcpy(buf, tmp, n);
     buf[n] = '\0';
     *len = n;
-    rc = 0;
-
-out:
-    json_decref(obj);
-    return rc;
+    return 0;
 }
 
 /* ---- decode ---- */

@@ -11,6 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <jansson.h>
+
 #include "event.h"
 
 #define DECODE_MAX (SP_EVENT_MAX * 4) /* the input bound documented in docs/events.md */
@@ -321,6 +323,89 @@ static void test_encode_exact_json(void **state) {
     encode_ok(&ev, buf, sizeof(buf));
     assert_string_equal(buf, "{\"v\":1,\"type\":\"order.paid\",\"ts_ms\":1732240000000,"
                              "\"sku_id\":1001,\"order_id\":\"o-1\"}");
+}
+
+/* The encoder writes JSON itself; jansson's compact dump of the same object (the encoder's
+ * former implementation) is the oracle, over every type, the ranges' ends, and every printable
+ * character in a reason (the only field that can hold '"' or '\\'). */
+static json_t *oracle_object(const sp_event *ev) {
+    json_t *o = json_object();
+    json_object_set_new(o, "v", json_integer(SP_EVENT_VERSION));
+    json_object_set_new(o, "type", json_string(sp_event_type_name(ev->type)));
+    json_object_set_new(o, "ts_ms", json_integer(ev->ts_ms));
+    json_object_set_new(o, "sku_id", json_integer(ev->sku_id));
+    switch (ev->type) {
+    case SP_EV_STOCK_SET:
+        json_object_set_new(o, "stock", json_integer(ev->stock));
+        json_object_set_new(o, "per_user_limit", json_integer(ev->per_user_limit));
+        json_object_set_new(o, "pay_timeout_s", json_integer(ev->pay_timeout_s));
+        break;
+    case SP_EV_STOCK_ADD:
+        json_object_set_new(o, "add", json_integer(ev->stock));
+        break;
+    case SP_EV_ORDER_CREATED:
+        json_object_set_new(o, "order_id", json_string(ev->order_id));
+        json_object_set_new(o, "user_id", json_integer(ev->user_id));
+        json_object_set_new(o, "qty", json_integer(ev->qty));
+        json_object_set_new(o, "expires_ms", json_integer(ev->expires_ms));
+        break;
+    case SP_EV_ORDER_PAID:
+    case SP_EV_ORDER_EXPIRED:
+        json_object_set_new(o, "order_id", json_string(ev->order_id));
+        break;
+    case SP_EV_ORDER_VOIDED:
+        json_object_set_new(o, "order_id", json_string(ev->order_id));
+        json_object_set_new(o, "user_id", json_integer(ev->user_id));
+        json_object_set_new(o, "qty", json_integer(ev->qty));
+        if (ev->reason[0]) json_object_set_new(o, "reason", json_string(ev->reason));
+        break;
+    case SP_EV_NONE:
+        break;
+    }
+    return o;
+}
+
+static void assert_encodes_as_jansson(const sp_event *ev) {
+    char buf[SP_EVENT_MAX];
+    json_t *o = oracle_object(ev);
+    char *want = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    assert_non_null(want);
+    encode_ok(ev, buf, sizeof(buf));
+    assert_string_equal(buf, want);
+    free(want);
+    json_decref(o);
+}
+
+static void test_encode_matches_jansson(void **state) {
+    static const sp_event_type types[] = {SP_EV_STOCK_SET,    SP_EV_STOCK_ADD,
+                                          SP_EV_ORDER_CREATED, SP_EV_ORDER_PAID,
+                                          SP_EV_ORDER_EXPIRED, SP_EV_ORDER_VOIDED};
+    (void)state;
+    for (size_t t = 0; t < sizeof(types) / sizeof(types[0]); t++) {
+        sp_event ev = sample(types[t]);
+        assert_encodes_as_jansson(&ev);
+        /* the ranges' low and high ends */
+        ev.ts_ms = 0, ev.expires_ms = 0, ev.sku_id = 1, ev.user_id = 1, ev.qty = 1;
+        ev.stock = types[t] == SP_EV_STOCK_ADD ? 1 : 0, ev.per_user_limit = 0, ev.pay_timeout_s = 1;
+        assert_encodes_as_jansson(&ev);
+        ev.ts_ms = SP_TS_MAX, ev.expires_ms = SP_TS_MAX, ev.sku_id = SP_ID_MAX;
+        ev.user_id = SP_ID_MAX, ev.qty = SP_QTY_MAX, ev.stock = SP_STOCK_MAX;
+        ev.per_user_limit = SP_PER_USER_MAX, ev.pay_timeout_s = SP_PAY_TIMEOUT_MAX;
+        memset(ev.order_id, 0, sizeof(ev.order_id));
+        for (int i = 0; i < SP_ORDER_ID_MAX; i++) ev.order_id[i] = "aZ09._-"[i % 7];
+        assert_encodes_as_jansson(&ev);
+    }
+    /* every printable character in a reason, in runs of up to SP_REASON_MAX */
+    sp_event ev = sample(SP_EV_ORDER_VOIDED);
+    for (int c = 0x20; c <= 0x7e; c += SP_REASON_MAX) {
+        memset(ev.reason, 0, sizeof(ev.reason));
+        for (int i = 0; i < SP_REASON_MAX && c + i <= 0x7e; i++) ev.reason[i] = (char)(c + i);
+        assert_encodes_as_jansson(&ev);
+    }
+    strcpy(ev.reason, "\"\\\"\\\\");
+    assert_encodes_as_jansson(&ev);
+    ev.reason[0] = '\0';
+    assert_encodes_as_jansson(&ev);
 }
 
 static void test_decode_example(void **state) {
@@ -972,6 +1057,7 @@ int main(void) {
         cmocka_unit_test(test_round_trip_every_type),
         cmocka_unit_test(test_round_trip_extremes),
         cmocka_unit_test(test_encode_exact_json),
+        cmocka_unit_test(test_encode_matches_jansson),
         cmocka_unit_test(test_decode_example),
         cmocka_unit_test(test_every_shape_decodes),
         cmocka_unit_test(test_field_missing),
