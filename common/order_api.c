@@ -3,6 +3,7 @@
  * The life of one POST /v1/orders (one `call`):
  *   parse and check the body ── 400 ──────────────────────────────────────────────► reply
  *   reserve.lua in Redis ────── sold_out / limit / unknown / duplicate ───────────► reply
+ *        │ (one call per SKU for the orders of one event-loop turn: see reserves_send)
  *        │ ok (units reserved under the new order id)
  *   produce order.created ───── refused at once ── release.lua ──────────────────► 503
  *        │ delivery report
@@ -131,6 +132,9 @@ struct sp_order_api {
     int64_t kafka_probe_ms;
     int inflight;               /* calls not yet freed */
     struct call *confirm_head, *confirm_tail; /* delivered orders whose confirm is not sent yet */
+    struct call *reserve_head, *reserve_tail; /* orders of this loop turn, not sent to Redis yet */
+    struct event *reserve_flush; /* made active by the turn's first order: reserves_send() runs
+                                  * after every connection that was readable in the turn */
     struct call *spare;         /* freed calls kept for reuse (a call is ~2 KiB: allocating one
                                  * per request made malloc consolidate its free lists each time) */
     int nspare;
@@ -590,18 +594,16 @@ static void fault_after_reserve(void) {
 static void fault_after_reserve(void) {}
 #endif
 
-static void on_reserve(redisAsyncContext *ac, void *reply, void *data) {
-    call *c = data;
-    redisReply *r = reply;
+/* The i-th answer of a reserve reply r, for the order of call c. */
+static void reserve_answered(call *c, const redisReply *r, size_t i) {
     sp_reserve_result res;
     char err[256];
-    if (!redis_reply_usable(c, ac, r, on_reserve)) return;
     if (r == NULL) { /* the connection ended: the script may or may not have run */
         sp_metric_inc(&m_unknown);
         call_free(c);
         return;
     }
-    if (sp_stock_reserve_parse(r, &res, err, sizeof(err)) != 0) {
+    if (sp_stock_reserve_parse(r, i, &res, err, sizeof(err)) != 0) {
         sp_warn("reserve: %s", err);
         call_free(c);
         return;
@@ -649,6 +651,93 @@ static void on_reserve(redisAsyncContext *ac, void *reply, void *data) {
     call_free(c);
 }
 
+/* The orders of one SKU sent in one reserve.lua call. */
+typedef struct reserve_batch {
+    sp_order_api *api;
+    int resent;
+    sp_reserve_batch b;
+    call *calls[SP_RESERVE_BATCH_MAX];
+} reserve_batch;
+
+static void on_reserve_batch(redisAsyncContext *ac, void *reply, void *data) {
+    reserve_batch *rb = data;
+    redisReply *r = reply;
+    if (reply_arrived(rb->api, ac, r, &rb->resent)) {
+        if (sp_stock_reserve_batch_send(rb->api->redis, &rb->b, 1, on_reserve_batch, rb) == 0) {
+            redis_sent(rb->api);
+            return;
+        }
+        sp_metric_inc(&m_redis_errors);
+        r = NULL; /* not re-sent: nothing ran */
+        for (int i = 0; i < rb->b.n; i++) {
+            answer_error(rb->calls[i], 503, "unavailable", "stock store is unreachable",
+                         &m_unavailable);
+            call_free(rb->calls[i]);
+        }
+        free(rb);
+        return;
+    }
+    for (int i = 0; i < rb->b.n; i++) reserve_answered(rb->calls[i], r, (size_t)i);
+    free(rb);
+}
+
+/* Sends the orders queued in this loop turn: one reserve.lua call per SKU (up to
+ * SP_RESERVE_BATCH_MAX orders each), in arrival order within a SKU. A flash sale sends most of
+ * its orders to one SKU, so Redis runs a script per turn instead of one per order. */
+static void reserves_send(sp_order_api *api) {
+    while (api->reserve_head) {
+        call *c = api->reserve_head, **link = &api->reserve_head, *last = NULL;
+        reserve_batch *rb = malloc(sizeof(*rb));
+        if (rb == NULL) { /* refuse this one; nothing was reserved for it */
+            api->reserve_head = c->next;
+            if (api->reserve_head == NULL) api->reserve_tail = NULL;
+            answer_error(c, 503, "unavailable", "out of memory", &m_unavailable);
+            call_free(c);
+            continue;
+        }
+        rb->api = api;
+        rb->resent = 0;
+        rb->b.n = 0;
+        /* Take every queued call of the first call's SKU, in order, until the batch is full. */
+        while (c) {
+            if (sp_stock_reserve_batch_add(&rb->b, &c->order, &c->script) == 0) {
+                rb->calls[rb->b.n - 1] = c;
+                *link = c->next;
+            } else {
+                link = &c->next;
+                last = c;
+            }
+            c = *link;
+        }
+        api->reserve_tail = last;
+        if (rb->b.n == 0) { /* cannot happen (the first call always fits); never loop on it */
+            c = api->reserve_head;
+            api->reserve_head = c->next;
+            if (api->reserve_head == NULL) api->reserve_tail = NULL;
+            sp_warn("reserve: order %s could not be batched", c->order.order_id);
+            call_free(c);
+            free(rb);
+            continue;
+        }
+        if (api->redis && sp_stock_reserve_batch_send(api->redis, &rb->b, 0, on_reserve_batch, rb) == 0) {
+            redis_sent(api);
+            continue;
+        }
+        sp_metric_inc(&m_redis_errors);
+        for (int i = 0; i < rb->b.n; i++) {
+            answer_error(rb->calls[i], 503, "unavailable", "stock store is unreachable",
+                         &m_unavailable);
+            call_free(rb->calls[i]);
+        }
+        free(rb);
+    }
+}
+
+static void on_reserve_flush(evutil_socket_t fd, short what, void *arg) {
+    (void)fd, (void)what;
+    reserves_send(arg);
+}
+
 static void post_order(sp_order_api *api, struct evhttp_request *req) {
     int64_t user, sku, qty;
     call *c = call_new(api, req, CALL_ORDER);
@@ -693,11 +782,19 @@ static void post_order(sp_order_api *api, struct evhttp_request *req) {
     if (idem) snprintf(c->order.idem_key, sizeof(c->order.idem_key), "%s", idem);
     sp_order_id_next(&api->ids, c->order.ts_ms, sku, c->order.order_id);
     sp_stock_reserve_call(&c->script, &c->order);
-    if (redis_send(c, on_reserve) != 0) {
+    if (api->redis == NULL) {
+        sp_metric_inc(&m_redis_errors);
         answer_error(c, 503, "unavailable", "stock store is unreachable", &m_unavailable);
         goto done;
     }
-    return; /* on_reserve goes on */
+    c->next = NULL;
+    if (api->reserve_tail) api->reserve_tail->next = c;
+    else {
+        api->reserve_head = c;
+        event_active(api->reserve_flush, EV_TIMEOUT, 0);
+    }
+    api->reserve_tail = c;
+    return; /* reserves_send, then on_reserve_batch go on */
 done:
     call_free(c);
 }
@@ -1108,6 +1205,11 @@ sp_order_api *sp_order_api_new(struct event_base *base, sp_http *http, const sp_
         snprintf(errbuf, errlen, "cannot watch the kafka pipe");
         goto fail;
     }
+    api->reserve_flush = event_new(base, -1, 0, on_reserve_flush, api);
+    if (api->reserve_flush == NULL) {
+        snprintf(errbuf, errlen, "out of memory");
+        goto fail;
+    }
     if (sp_http_route(http, "/v1/orders", route_orders, api) != 0 ||
         sp_http_route(http, "/v1/skus", route_skus, api) != 0) {
         snprintf(errbuf, errlen, "cannot route the API");
@@ -1130,6 +1232,11 @@ void sp_order_api_free(sp_order_api *api) {
         rd_kafka_poll(api->kafka, 0);
         confirms_send(api);
     }
+    while (api->reserve_head) { /* orders not sent to Redis yet: nothing reserved for them */
+        call *c = api->reserve_head;
+        api->reserve_head = c->next;
+        call_free(c);
+    }
     if (api->redis) {
         redisAsyncContext *ac = api->redis;
         api->redis = NULL;
@@ -1137,6 +1244,7 @@ void sp_order_api_free(sp_order_api *api) {
     }
     sp_pg_async_free(api->pg); /* after Redis: a GET's Redis callback may still query */
     if (api->kafka_wakeup) event_free(api->kafka_wakeup);
+    if (api->reserve_flush) event_free(api->reserve_flush);
     if (api->kafka) rd_kafka_destroy(api->kafka);
     if (api->kafka_pipe[0] >= 0) close(api->kafka_pipe[0]);
     if (api->kafka_pipe[1] >= 0) close(api->kafka_pipe[1]);

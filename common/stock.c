@@ -84,18 +84,23 @@ static void idem_arg(sp_script_call *call, const sp_reserve_request *req) {
         sp_script_call_arg(call, "%s", "");
 }
 
+/* One order in reserve.lua's batch layout (a batch of one): KEYS sale, users, resv and the
+ * idempotency key if there is one; ARGV the key's TTL, then user, qty, order id, ts and the key's
+ * index in KEYS (4, or 0 without a key). sp_stock_reserve_batch_add relies on this layout. */
 void sp_stock_reserve_call(sp_script_call *call, const sp_reserve_request *req) {
     int64_t sku = req->sku_id;
-    sp_script_call_init(call, &script_reserve, 4);
+    int has_idem = req->idem_key[0] != '\0';
+    sp_script_call_init(call, &script_reserve, has_idem ? 4 : 3);
     key_arg(call, sku, "sale");
     key_arg(call, sku, "users");
     key_arg(call, sku, "resv");
-    idem_arg(call, req);
+    if (has_idem) idem_arg(call, req);
+    sp_script_call_arg(call, "%d", SP_IDEM_TTL_S);
     sp_script_call_arg(call, "%" PRId64, req->user_id);
     sp_script_call_arg(call, "%" PRId32, req->qty);
     sp_script_call_arg(call, "%s", req->order_id);
     sp_script_call_arg(call, "%" PRId64, req->ts_ms);
-    sp_script_call_arg(call, "%d", SP_IDEM_TTL_S);
+    sp_script_call_arg(call, "%s", has_idem ? "4" : "0");
 }
 
 void sp_stock_confirm_call(sp_script_call *call, const sp_reserve_request *req) {
@@ -121,6 +126,71 @@ void sp_stock_cap_call(sp_script_call *call, int64_t sku_id, int64_t pg_stock, i
 }
 
 _Static_assert(1 + 2 * SP_CONFIRM_BATCH_MAX <= SP_REDIS_SCRIPT_ARGV_MAX, "a full batch must be sendable");
+_Static_assert(3 + SP_RESERVE_BATCH_MAX + 1 + 5 * SP_RESERVE_BATCH_MAX <= SP_REDIS_SCRIPT_ARGV_MAX,
+               "a full reserve batch must be sendable");
+
+int sp_stock_reserve_batch_add(sp_reserve_batch *b, const sp_reserve_request *req,
+                               const sp_script_call *one) {
+    int nk = one->nkeys;
+    if (one->overflow || one->script != &script_reserve || (nk != 3 && nk != 4) ||
+        one->argc != nk + 6 || b->n >= SP_RESERVE_BATCH_MAX ||
+        (b->n > 0 && b->sku_id != req->sku_id))
+        return -1;
+    if (b->n == 0) {
+        b->sku_id = req->sku_id;
+        b->nkeys = 3;
+        for (int i = 0; i < 3; i++) b->keys[i] = one->argv[i], b->keyslen[i] = one->argvlen[i];
+        b->args[0] = one->argv[nk], b->argslen[0] = one->argvlen[nk]; /* the TTL */
+        b->nargs = 1;
+    }
+    char *idx = b->index[b->n];
+    if (nk == 4) {
+        b->keys[b->nkeys] = one->argv[3], b->keyslen[b->nkeys] = one->argvlen[3];
+        snprintf(idx, sizeof(b->index[0]), "%d", ++b->nkeys);
+    } else {
+        idx[0] = '0', idx[1] = '\0';
+    }
+    for (int i = nk + 1; i < nk + 5; i++) { /* user, qty, order id, ts */
+        b->args[b->nargs] = one->argv[i], b->argslen[b->nargs] = one->argvlen[i];
+        b->nargs++;
+    }
+    b->args[b->nargs] = idx, b->argslen[b->nargs] = strlen(idx);
+    b->nargs++;
+    b->n++;
+    return 0;
+}
+
+/* b's command line: its keys, then its arguments; returns how many. */
+static int reserve_batch_argv(const sp_reserve_batch *b, const char **argv, size_t *argvlen) {
+    int argc = 0;
+    for (int i = 0; i < b->nkeys; i++, argc++) argv[argc] = b->keys[i], argvlen[argc] = b->keyslen[i];
+    for (int i = 0; i < b->nargs; i++, argc++) argv[argc] = b->args[i], argvlen[argc] = b->argslen[i];
+    return argc;
+}
+
+int sp_stock_reserve_batch_send(redisAsyncContext *ac, const sp_reserve_batch *b, int by_body,
+                                redisCallbackFn *fn, void *data) {
+    const char *argv[SP_REDIS_SCRIPT_ARGV_MAX];
+    size_t argvlen[SP_REDIS_SCRIPT_ARGV_MAX];
+    int argc = reserve_batch_argv(b, argv, argvlen);
+    return sp_redis_async_script(ac, &script_reserve, by_body, b->nkeys, argc, argv, argvlen, fn,
+                                 data);
+}
+
+int sp_stock_reserve_batch(redisContext *c, const sp_reserve_batch *b, sp_reserve_result *res,
+                           char *errbuf, size_t errlen) {
+    const char *argv[SP_REDIS_SCRIPT_ARGV_MAX];
+    size_t argvlen[SP_REDIS_SCRIPT_ARGV_MAX];
+    int argc = reserve_batch_argv(b, argv, argvlen);
+    redisReply *r = sp_redis_evalsha(c, &script_reserve, b->nkeys, argc, argv, argvlen, errbuf,
+                                     errlen);
+    if (r == NULL) return -1;
+    int rc = 0;
+    for (int i = 0; i < b->n && rc == 0; i++)
+        rc = sp_stock_reserve_parse(r, (size_t)i, &res[i], errbuf, errlen);
+    freeReplyObject(r);
+    return rc;
+}
 
 int sp_stock_confirm_batch_add(sp_confirm_batch *b, int64_t sku_id, const sp_script_call *one) {
     if (one->overflow || one->argc != 3 || b->n >= SP_CONFIRM_BATCH_MAX ||
@@ -157,8 +227,8 @@ int sp_stock_integer_parse(const redisReply *r, const char *what, long long *v, 
     return 0;
 }
 
-int sp_stock_reserve_parse(const redisReply *r, sp_reserve_result *res, char *errbuf,
-                           size_t errlen) {
+int sp_stock_reserve_parse(const redisReply *all, size_t i, sp_reserve_result *res,
+                           char *errbuf, size_t errlen) {
     static const struct {
         const char *name;
         sp_reserve_outcome outcome;
@@ -167,21 +237,26 @@ int sp_stock_reserve_parse(const redisReply *r, sp_reserve_result *res, char *er
                     {"unknown_sku", SP_RESERVE_UNKNOWN_SKU},
                     {"sold_out", SP_RESERVE_SOLD_OUT},
                     {"limit_exceeded", SP_RESERVE_LIMIT}};
-    if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != 4 ||
-        r->element[0]->type != REDIS_REPLY_STRING || r->element[1]->type != REDIS_REPLY_STRING) {
+    if (all == NULL || all->type != REDIS_REPLY_ARRAY || i >= all->elements) {
         snprintf(errbuf, errlen, "script reserve: %s",
-                 r && r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+                 all && all->type == REDIS_REPLY_ERROR ? all->str : "unexpected reply");
+        return -1;
+    }
+    const redisReply *r = all->element[i];
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 4 ||
+        r->element[0]->type != REDIS_REPLY_STRING || r->element[1]->type != REDIS_REPLY_STRING) {
+        snprintf(errbuf, errlen, "script reserve: unexpected answer for order %zu", i + 1);
         return -1;
     }
     memset(res, 0, sizeof(*res));
-    size_t i, n = sizeof(outcomes) / sizeof(outcomes[0]);
-    for (i = 0; i < n; i++)
-        if (strcmp(r->element[0]->str, outcomes[i].name) == 0) break;
-    if (i == n) {
+    size_t k, n = sizeof(outcomes) / sizeof(outcomes[0]);
+    for (k = 0; k < n; k++)
+        if (strcmp(r->element[0]->str, outcomes[k].name) == 0) break;
+    if (k == n) {
         snprintf(errbuf, errlen, "script reserve: unknown outcome \"%.32s\"", r->element[0]->str);
         return -1;
     }
-    res->outcome = outcomes[i].outcome;
+    res->outcome = outcomes[k].outcome;
     snprintf(res->order_id, sizeof(res->order_id), "%s", r->element[1]->str);
     const redisReply *third = r->element[2];
     if (res->outcome == SP_RESERVE_DUP && third->type == REDIS_REPLY_STRING)
@@ -230,7 +305,7 @@ int sp_stock_reserve(redisContext *c, const sp_reserve_request *req, sp_reserve_
     sp_stock_reserve_call(&call, req);
     redisReply *r = sp_redis_call(c, &call, errbuf, errlen);
     if (r == NULL) return -1;
-    int rc = sp_stock_reserve_parse(r, res, errbuf, errlen);
+    int rc = sp_stock_reserve_parse(r, 0, res, errbuf, errlen);
     freeReplyObject(r);
     return rc;
 }

@@ -141,8 +141,38 @@ int sp_stock_confirm_batch_add(sp_confirm_batch *b, int64_t sku_id, const sp_scr
 int sp_stock_confirm_batch_send(redisAsyncContext *ac, sp_confirm_batch *b, int by_body,
                                 redisCallbackFn *fn, void *data) __attribute__((warn_unused_result));
 
-/* Reads a reserve reply into *res; -1 with errbuf for an error reply or an unexpected shape. */
-int sp_stock_reserve_parse(const redisReply *r, sp_reserve_result *res, char *errbuf,
+/* Several orders of one SKU in one reserve.lua call, for a producer that takes many orders in one
+ * event-loop turn: Redis runs one script instead of one per order. The batch points into the
+ * requests' single calls (built by sp_stock_reserve_call), which must outlive it. */
+#define SP_RESERVE_BATCH_MAX 64
+typedef struct sp_reserve_batch {
+    int64_t sku_id;
+    int n;                                        /* orders in the batch */
+    int nkeys, nargs;
+    const char *keys[3 + SP_RESERVE_BATCH_MAX];   /* sale, users, resv, the idempotency keys */
+    size_t keyslen[3 + SP_RESERVE_BATCH_MAX];
+    const char *args[1 + 5 * SP_RESERVE_BATCH_MAX]; /* TTL, then five per order */
+    size_t argslen[1 + 5 * SP_RESERVE_BATCH_MAX];
+    char index[SP_RESERVE_BATCH_MAX][12];         /* each order's key index, as text */
+} sp_reserve_batch;
+
+/* Adds the order req (its call one) to b; -1 when b is full or holds another SKU's orders. */
+int sp_stock_reserve_batch_add(sp_reserve_batch *b, const sp_reserve_request *req,
+                               const sp_script_call *one);
+
+/* Sends b (EVALSHA, or EVAL when by_body); fn gets the reply that sp_stock_reserve_parse reads,
+ * one answer per order in the order they were added. */
+int sp_stock_reserve_batch_send(redisAsyncContext *ac, const sp_reserve_batch *b, int by_body,
+                                redisCallbackFn *fn, void *data) __attribute__((warn_unused_result));
+
+/* The same on a blocking connection: res[i] for the i-th order of b. -1 with errbuf when Redis
+ * failed or answered with an error. */
+int sp_stock_reserve_batch(redisContext *c, const sp_reserve_batch *b, sp_reserve_result *res,
+                           char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+
+/* Reads the answer for the i-th order (from 0) of a reserve reply into *res; -1 with errbuf for
+ * an error reply or an unexpected shape. */
+int sp_stock_reserve_parse(const redisReply *r, size_t i, sp_reserve_result *res, char *errbuf,
                            size_t errlen) __attribute__((warn_unused_result));
 
 /* Reads the integer reply of open/restock/confirm/release; -1 with errbuf otherwise. */

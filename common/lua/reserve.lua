@@ -1,49 +1,63 @@
--- reserve.lua - the admission of one order, atomically and in one round trip.
+-- reserve.lua - the admission of orders for one SKU, atomically and in one round trip.
+--
+-- A producer sends the orders of one SKU that arrived in the same event-loop turn together (a
+-- batch of one is the plain case). Each order is decided in turn exactly as if it had come alone:
+-- the ones before it in the batch have already taken their units and their users' counts.
 --
 -- KEYS[1] {sku:ID}:sale        hash: stock, limit, pay_timeout_s, supplied
 -- KEYS[2] {sku:ID}:users       hash: user_id -> units the user holds (reserved or ordered)
 -- KEYS[3] {sku:ID}:resv        hash: order_id -> "r:user_id:qty:ts_ms:idem_key_or_empty"
--- KEYS[4] {sku:ID}:idem:USER:KEY  string "state:order_id", or "" when no Idempotency-Key
--- ARGV    user_id, qty, order_id (fresh, unique), ts_ms, idem_ttl_s
+-- KEYS[4..] {sku:ID}:idem:USER:KEY  the batch's idempotency keys (strings "state:order_id")
+-- ARGV[1] idem_ttl_s, then five per order:
+--         user_id, qty, order_id (fresh, unique), ts_ms, index in KEYS of its idempotency key
+--         (0: the order has none)
 --
--- Returns {outcome, order_id, stock_left, pay_timeout_s}:
+-- Returns one {outcome, order_id, stock_left, pay_timeout_s} per order, in the orders' order:
 --   "ok"           reserved: stock decremented, user's count raised, reservation recorded
 --   "dup"          the idempotency key was seen: order_id and its state ("pending", "accepted",
---                  "sold_out", "limit_exceeded") of the first attempt; nothing changes
+--                  "sold_out", "limit_exceeded") of the first attempt in place of stock_left;
+--                  nothing changes
 --   "unknown_sku", "sold_out", "limit_exceeded": nothing changes (sold_out and limit_exceeded
 --                  are remembered under the idempotency key so a retry gets the same answer)
-local sale, users, resv, idem = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local user, qty, order_id, ts, idem_ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
-
-if idem ~= '' then
-    local prev = redis.call('GET', idem)
-    if prev then
-        local sep = string.find(prev, ':', 1, true)
-        return {'dup', string.sub(prev, sep + 1), string.sub(prev, 1, sep - 1), 0}
-    end
-end
+-- Every write of an order is done before the next order is looked at, so a script stopped by an
+-- error leaves whole reservations only (whose orders the reaper's lost-reservation sweep voids).
+local sale, users, resv = KEYS[1], KEYS[2], KEYS[3]
+local idem_ttl = ARGV[1]
+local out = {}
 
 local s = redis.call('HMGET', sale, 'stock', 'limit', 'pay_timeout_s')
-if not s[1] then
-    return {'unknown_sku', '', 0, 0}
-end
 local stock, limit, pay_timeout = tonumber(s[1]), tonumber(s[2]), tonumber(s[3])
 
-local held = 0
-if limit > 0 then
-    held = tonumber(redis.call('HGET', users, user) or '0')
+for i = 2, #ARGV, 5 do
+    local user, qty, order_id, ts = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3]
+    local k = tonumber(ARGV[i + 4])
+    local idem = k > 0 and KEYS[k] or nil
+    local prev = idem and redis.call('GET', idem)
+    if prev then
+        local sep = string.find(prev, ':', 1, true)
+        out[#out + 1] = {'dup', string.sub(prev, sep + 1), string.sub(prev, 1, sep - 1), 0}
+    elseif not stock then
+        out[#out + 1] = {'unknown_sku', '', 0, 0}
+    else
+        local held = 0
+        if limit > 0 then
+            held = tonumber(redis.call('HGET', users, user) or '0')
+        end
+        if limit > 0 and held + qty > limit then
+            if idem then redis.call('SET', idem, 'limit_exceeded:', 'EX', idem_ttl) end
+            out[#out + 1] = {'limit_exceeded', '', stock, pay_timeout}
+        elseif stock < qty then
+            if idem then redis.call('SET', idem, 'sold_out:', 'EX', idem_ttl) end
+            out[#out + 1] = {'sold_out', '', stock, pay_timeout}
+        else
+            stock = stock - qty
+            redis.call('HINCRBY', sale, 'stock', -qty)
+            redis.call('HINCRBY', users, user, qty)
+            redis.call('HSET', resv, order_id, 'r:' .. user .. ':' .. qty .. ':' .. ts .. ':' ..
+                (idem or ''))
+            if idem then redis.call('SET', idem, 'pending:' .. order_id, 'EX', idem_ttl) end
+            out[#out + 1] = {'ok', order_id, stock, pay_timeout}
+        end
+    end
 end
-if limit > 0 and held + qty > limit then
-    if idem ~= '' then redis.call('SET', idem, 'limit_exceeded:', 'EX', idem_ttl) end
-    return {'limit_exceeded', '', stock, pay_timeout}
-end
-if stock < qty then
-    if idem ~= '' then redis.call('SET', idem, 'sold_out:', 'EX', idem_ttl) end
-    return {'sold_out', '', stock, pay_timeout}
-end
-
-redis.call('HINCRBY', sale, 'stock', -qty)
-redis.call('HINCRBY', users, user, qty)
-redis.call('HSET', resv, order_id, 'r:' .. user .. ':' .. qty .. ':' .. ts .. ':' .. idem)
-if idem ~= '' then redis.call('SET', idem, 'pending:' .. order_id, 'EX', idem_ttl) end
-return {'ok', order_id, stock - qty, pay_timeout}
+return out

@@ -324,6 +324,81 @@ static void test_cap_only_lowers(void **state) {
     redisFree(c);
 }
 
+/* Orders of one SKU in one reserve.lua call are decided one after the other, each seeing what the
+ * ones before it took: the user's limit, the stock running out, a key repeated in the batch. */
+static void test_reserve_batch_in_order(void **state) {
+    (void)state;
+    redisContext *c = connect_redis();
+    int64_t sku = fresh_sku(c, 9);
+    int opened;
+    if (sp_stock_open(c, sku, 5, 2, 600, &opened, err, sizeof(err)) != 0) fail_msg("open: %s", err);
+    freeReplyObject(redisCommand(c, "DEL {sku:%lld}:idem:2:K {sku:%lld}:idem:3:L", (long long)sku,
+                                 (long long)sku));
+    struct {
+        int64_t user;
+        int qty;
+        const char *idem;
+    } orders[] = {{1, 1, NULL}, {1, 1, NULL}, {1, 1, NULL}, {2, 2, "K"},
+                  {3, 1, "L"},  {2, 2, "K"},  {4, 1, NULL}};
+    enum { N = sizeof(orders) / sizeof(orders[0]) };
+    sp_reserve_request req[N];
+    sp_script_call calls[N];
+    sp_reserve_result res[N];
+    sp_reserve_batch b = {0};
+    for (int i = 0; i < N; i++) {
+        req[i] = (sp_reserve_request){.sku_id = sku, .user_id = orders[i].user,
+                                      .qty = orders[i].qty, .ts_ms = 1700000000000 + i};
+        snprintf(req[i].order_id, sizeof(req[i].order_id), "b-%d", i);
+        snprintf(req[i].idem_key, sizeof(req[i].idem_key), "%s", orders[i].idem ? orders[i].idem : "");
+        sp_stock_reserve_call(&calls[i], &req[i]);
+        assert_int_equal(sp_stock_reserve_batch_add(&b, &req[i], &calls[i]), 0);
+    }
+    /* another SKU's order does not join the batch */
+    sp_reserve_request other = req[0];
+    sp_script_call other_call;
+    other.sku_id = sku + 1;
+    sp_stock_reserve_call(&other_call, &other);
+    assert_int_equal(sp_stock_reserve_batch_add(&b, &other, &other_call), -1);
+    assert_int_equal(b.n, N);
+
+    if (sp_stock_reserve_batch(c, &b, res, err, sizeof(err)) != 0) fail_msg("batch: %s", err);
+    sp_reserve_outcome want[N] = {SP_RESERVE_OK,  SP_RESERVE_OK,  SP_RESERVE_LIMIT,
+                                  SP_RESERVE_OK,  SP_RESERVE_OK,  SP_RESERVE_DUP,
+                                  SP_RESERVE_SOLD_OUT};
+    int64_t left[N] = {4, 3, 3, 1, 0, 0, 0};
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(res[i].outcome, want[i]);
+        if (want[i] != SP_RESERVE_DUP) assert_int_equal(res[i].stock_left, left[i]);
+    }
+    assert_string_equal(res[0].order_id, "b-0");
+    assert_string_equal(res[4].order_id, "b-4");
+    assert_string_equal(res[5].order_id, "b-3"); /* the key's first order */
+    assert_string_equal(res[5].dup_state, "pending");
+    assert_int_equal(res[0].pay_timeout_s, 600);
+
+    assert_int_equal(hget_int(c, sku, "sale", "stock"), 0);
+    assert_int_equal(hget_int(c, sku, "users", "1"), 2);
+    assert_int_equal(hget_int(c, sku, "users", "2"), 2);
+    assert_int_equal(hget_int(c, sku, "users", "3"), 1);
+    assert_int_equal(hget_int(c, sku, "users", "4"), -1);
+    char want_entry[128];
+    snprintf(want_entry, sizeof(want_entry), "r:2:2:1700000000003:{sku:%lld}:idem:2:K",
+             (long long)sku);
+    assert_string_equal(hget_str(c, sku, "resv", "b-3"), want_entry);
+    assert_string_equal(hget_str(c, sku, "resv", "b-1"), "r:1:1:1700000000001:");
+    assert_string_equal(hget_str(c, sku, "resv", "b-2"), "(nil)");
+    assert_string_equal(hget_str(c, sku, "resv", "b-6"), "(nil)");
+
+    /* an unknown SKU: every order of the batch hears so, nothing is written */
+    sp_reserve_batch u = {0};
+    assert_int_equal(sp_stock_reserve_batch_add(&u, &other, &other_call), 0);
+    freeReplyObject(redisCommand(c, "DEL {sku:%lld}:sale", (long long)other.sku_id));
+    if (sp_stock_reserve_batch(c, &u, res, err, sizeof(err)) != 0) fail_msg("batch: %s", err);
+    assert_int_equal(res[0].outcome, SP_RESERVE_UNKNOWN_SKU);
+    assert_string_equal(hget_str(c, other.sku_id, "resv", "b-0"), "(nil)");
+    redisFree(c);
+}
+
 static void test_idem_key_validation(void **state) {
     (void)state;
     char big[SP_IDEM_KEY_MAX + 2];
@@ -355,6 +430,7 @@ int main(void) {
         cmocka_unit_test(test_release_exactly_once),
         cmocka_unit_test(test_concurrent_admission_is_exact),
         cmocka_unit_test(test_idem_key_validation),
+        cmocka_unit_test(test_reserve_batch_in_order),
         cmocka_unit_test(test_confirm_marks_accepted),
         cmocka_unit_test(test_cap_only_lowers),
     };
