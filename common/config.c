@@ -63,6 +63,9 @@ static const conf_opt conf_table[] = {
      1000000, P, 0,
      "HTTP connections open at once; one more is answered 503 and closed at once (slow or idle "
      "clients cannot take the server from the others; keep it below the open-files limit)"},
+    {"http-reuse-port", "HTTP_REUSE_PORT", INT(http_reuse_port), "0", 0, 1, P, 0,
+     "1: listen with SO_REUSEPORT, so several producers on one host share HTTP_PORT and the "
+     "kernel spreads connections over them (one per core, like pgbouncer's so_reuseport)"},
     {"worker-id", "WORKER_ID", STR(worker_id), "", 0, 0, P|C|R, 0,
      "Unique name of this worker in the fleet (default: the host name, i.e. the pod name)"},
     {"admin-token", "ADMIN_TOKEN", STR(admin_token), "", 0, 0, P, CONF_SECRET,

@@ -25,6 +25,7 @@ typedef struct sp_config {
     char http_addr[64];
     int http_port;
     int http_max_connections; /* producer: HTTP connections open at once */
+    int http_reuse_port;      /* producer: SO_REUSEPORT on the HTTP port */
     char worker_id[64];
     char admin_token[256];
     char payment_token[256];

@@ -7,6 +7,8 @@
 #include <event2/event.h>
 #include <event2/http.h>
 #include <event2/keyvalq_struct.h>
+#include <event2/listener.h>
+#include <event2/util.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -27,7 +29,7 @@ struct sp_http {
     struct evhttp_bound_socket *listener;
     sp_http_handler fallback;
     void *fallback_arg;
-    struct timeval timeout;  /* limits.timeout_s: to receive a whole request */
+    struct timeval timeout;  /* options.timeout_s: to receive a whole request */
     int max_connections;
     int nopen;               /* connections open and admitted (refused ones are not counted) */
     conn *conns;             /* every record, so that sp_http_free can free them all */
@@ -344,28 +346,48 @@ static void on_unrouted(struct evhttp_request *req, void *arg) {
 
 /* ---- server ---- */
 
+/* Listens on addr:port with SO_REUSEPORT (and SO_REUSEADDR, as evhttp's own bind does): other
+ * processes that do the same may listen there too. NULL when addr is not an address or the port
+ * is taken by a socket without SO_REUSEPORT. */
+static struct evhttp_bound_socket *bind_shared(struct evhttp *evh, struct event_base *base,
+                                               const char *addr, int port) {
+    char where[128];
+    struct sockaddr_storage ss;
+    int sslen = (int)sizeof(ss);
+    snprintf(where, sizeof(where), strchr(addr, ':') ? "[%s]:%d" : "%s:%d", addr, port);
+    if (evutil_parse_sockaddr_port(where, (struct sockaddr *)&ss, &sslen) != 0) return NULL;
+    struct evconnlistener *l = evconnlistener_new_bind(
+        base, NULL, NULL,
+        LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC | LEV_OPT_REUSEABLE | LEV_OPT_REUSEABLE_PORT,
+        -1, (struct sockaddr *)&ss, sslen);
+    if (l == NULL) return NULL;
+    struct evhttp_bound_socket *bound = evhttp_bind_listener(evh, l);
+    if (bound == NULL) evconnlistener_free(l);
+    return bound;
+}
+
 sp_http *sp_http_new(struct event_base *base, const char *addr, int port,
-                     const sp_http_limits *limits, char *errbuf, size_t errlen) {
-    sp_http_limits def = SP_HTTP_LIMITS_DEFAULT;
+                     const sp_http_options *options, char *errbuf, size_t errlen) {
+    sp_http_options def = SP_HTTP_OPTIONS_DEFAULT;
     sp_http *h = calloc(1, sizeof(*h));
     if (h == NULL) {
         snprintf(errbuf, errlen, "out of memory");
         goto fail;
     }
-    if (limits == NULL) limits = &def;
+    if (options == NULL) options = &def;
     h->evh = evhttp_new(base);
     if (h->evh == NULL) {
         snprintf(errbuf, errlen, "evhttp_new failed");
         goto fail;
     }
-    evhttp_set_max_body_size(h->evh, (ev_ssize_t)limits->max_body);
-    evhttp_set_max_headers_size(h->evh, (ev_ssize_t)limits->max_headers);
+    evhttp_set_max_body_size(h->evh, (ev_ssize_t)options->max_body);
+    evhttp_set_max_headers_size(h->evh, (ev_ssize_t)options->max_headers);
     /* evhttp's own timeout is an idle one (reading or writing); one second longer than the
      * request deadline, so that while a request is awaited the deadline always fires first and
      * is counted, and it still bounds writing an answer. */
-    evhttp_set_timeout(h->evh, limits->timeout_s + 1);
-    h->timeout = (struct timeval){.tv_sec = limits->timeout_s};
-    h->max_connections = limits->max_connections;
+    evhttp_set_timeout(h->evh, options->timeout_s + 1);
+    h->timeout = (struct timeval){.tv_sec = options->timeout_s};
+    h->max_connections = options->max_connections;
     evhttp_set_bevcb(h->evh, on_conn_new, h);
     sp_metrics_register(&m_conns_open);
     sp_metrics_register(&m_conns_refused);
@@ -378,12 +400,14 @@ sp_http *sp_http_new(struct event_base *base, const char *addr, int port,
         snprintf(errbuf, errlen, "cannot register the health endpoints");
         goto fail;
     }
-    h->listener = evhttp_bind_socket_with_handle(h->evh, addr, (ev_uint16_t)port);
+    h->listener = options->reuse_port ? bind_shared(h->evh, base, addr, port)
+                                      : evhttp_bind_socket_with_handle(h->evh, addr, (ev_uint16_t)port);
     if (h->listener == NULL) {
         snprintf(errbuf, errlen,
-                 "cannot listen on %s:%d (in use, or not an address of this host); "
+                 "cannot listen on %s:%d (in use, or not an address of this host%s); "
                  "set HTTP_PORT / HTTP_ADDR",
-                 addr, port);
+                 addr, port,
+                 options->reuse_port ? "; to share a port, every process on it must set HTTP_REUSE_PORT=1" : "");
         goto fail;
     }
     return h;

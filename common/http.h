@@ -12,7 +12,7 @@ struct evhttp_request;
 typedef struct sp_http sp_http;
 typedef void (*sp_http_handler)(struct evhttp_request *req, void *arg);
 
-/* Bounds of every server, so that hostile clients cannot take it from well-behaved ones:
+/* How a server listens. Its bounds, so that hostile clients cannot take it from well-behaved ones:
  *   - a request over max_body / max_headers is refused by evhttp before a handler runs (413 for a
  *     body, 400 for headers);
  *   - a client has timeout_s to send each request in full, counted from when the connection opens
@@ -21,20 +21,23 @@ typedef void (*sp_http_handler)(struct evhttp_request *req, void *arg);
  *     idle timeout, one second longer, bounds writing an answer;
  *   - at most max_connections are open at once; one more is answered 503 and closed at once.
  * Handlers may take as long as they need: the clock stops while one runs. */
-typedef struct sp_http_limits {
+typedef struct sp_http_options {
     size_t max_body;     /* bytes */
     size_t max_headers;  /* bytes */
     int timeout_s;       /* to receive a whole request; (+1) idle, to write an answer */
     int max_connections; /* open at once */
-} sp_http_limits;
+    int reuse_port;      /* 1: SO_REUSEPORT, so several processes on one host share addr:port and
+                          * the kernel spreads new connections over them (one per core) */
+} sp_http_options;
 
-#define SP_HTTP_LIMITS_DEFAULT                                                                     \
-    {.max_body = 4096, .max_headers = 8192, .timeout_s = 10, .max_connections = 10000}
+#define SP_HTTP_OPTIONS_DEFAULT                                                                    \
+    {.max_body = 4096, .max_headers = 8192, .timeout_s = 10, .max_connections = 10000,          \
+     .reuse_port = 0}
 
 /* Serves /healthz, /readyz and /metrics on addr:port, driven by base (which the caller keeps
  * owning and must outlive the server). NULL with the reason in errbuf, e.g. a port in use. */
 sp_http *sp_http_new(struct event_base *base, const char *addr, int port,
-                     const sp_http_limits *limits, char *errbuf, size_t errlen)
+                     const sp_http_options *options, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 
 /* Routes an exact path to cb; -1 if the path is taken. */

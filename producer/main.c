@@ -47,7 +47,7 @@ int main(int argc, char **argv) {
     sp_config cfg;
     struct event *tick = NULL;
     struct timeval every = {0, 100 * 1000};
-    sp_http_limits limits = SP_HTTP_LIMITS_DEFAULT;
+    sp_http_options http_options = SP_HTTP_OPTIONS_DEFAULT;
     char err[512];
     int status = 2;
 
@@ -67,8 +67,9 @@ int main(int argc, char **argv) {
         sp_error("cannot start: cannot create the event loop");
         goto out;
     }
-    limits.max_connections = cfg.http_max_connections;
-    p.http = sp_http_new(p.base, cfg.http_addr, cfg.http_port, &limits, err, sizeof(err));
+    http_options.max_connections = cfg.http_max_connections;
+    http_options.reuse_port = cfg.http_reuse_port;
+    p.http = sp_http_new(p.base, cfg.http_addr, cfg.http_port, &http_options, err, sizeof(err));
     if (p.http == NULL) {
         sp_error("cannot start: %s", err);
         goto out;

@@ -58,9 +58,9 @@ def psql(sql, *params):
 
 
 class Producer:
-    def __init__(self, name, binary, logdir, **settings):
+    def __init__(self, name, binary, logdir, port=None, **settings):
         self.name = name
-        self.port = free_port()
+        self.port = port or free_port()
         self.log_path = os.path.join(logdir, "producer-%s.log" % name)
         env = dict(os.environ, HTTP_ADDR=HOST, HTTP_PORT=str(self.port), ADMIN_TOKEN=ADMIN,
                    PAYMENT_TOKEN=PAYMENT,
@@ -628,6 +628,46 @@ async def check_script_cache_lost(ctx):
     expect(calls(after, "evalsha") > calls(before, "evalsha"), "no EVALSHA was counted")
 
 
+async def check_reuse_port(ctx):
+    """HTTP_REUSE_PORT=1: two producers listen on one port and the kernel spreads new connections
+    over both; a producer without it cannot take the port and exits with a clear error."""
+    port = free_port()
+    pair = [Producer(n, ctx.binary, ctx.logdir, port=port, HTTP_REUSE_PORT="1") for n in ("D", "E")]
+    ctx.producers.extend(pair)
+    deadline = time.monotonic() + 20
+    errs = [e for e in await asyncio.gather(*(p.wait_ready(deadline) for p in pair)) if e]
+    expect(not errs, "; ".join(errs))
+    sku = new_sku()
+    await must_open(pair[0].client, sku, 1000, 0)
+    by_worker = {}
+    for i in range(60):  # a new connection per order, as many buyers would
+        c = Client(port)
+        try:
+            r = await order(c, random.randint(1, 10**9), sku)
+        finally:
+            c.close()
+        oid = accepted_id(r)
+        expect(oid, "order %d on the shared port answered %r, wanted 202" % (i, r))
+        worker = oid.split("-")[2]
+        by_worker[worker] = by_worker.get(worker, 0) + 1
+    expect(len(by_worker) == 2,
+           "60 connections all reached one producer (%r): the port is not shared" % by_worker)
+    lone = Producer("F", ctx.binary, ctx.logdir, port=port)
+    try:
+        code = await asyncio.get_running_loop().run_in_executor(None, lone.proc.wait, 10)
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
+        lone.kill()
+    expect(code not in (None, 0), "a producer without HTTP_REUSE_PORT started on the shared port")
+    with open(lone.log_path, "rb") as f:
+        log = f.read().decode("utf-8", "replace")
+    expect("cannot listen on" in log,
+           "the refused producer's log does not say it cannot listen: %s" % log[-300:])
+    return "60 orders over new connections: %s to the two; one without the option exits %s" % (
+        " and ".join(str(n) for n in sorted(by_worker.values())), code)
+
+
 CHECKS = [
     ("admin: open without or with a wrong token is 401 and opens nothing", check_admin, 20),
     ("admin: open is 201 and the sale is orderable at once on every producer", check_open, 20),
@@ -643,6 +683,7 @@ CHECKS = [
     ("GET sku: available from Redis and stock from PostgreSQL", check_get_sku_stock, 20),
     ("rate limits: per user and per worker answer 429 and deduct nothing", check_rate_limits, 40),
     ("metrics: /metrics is Prometheus text with stockpipe_ lines", check_metrics, 10),
+    ("reuse port: two producers share one port with HTTP_REUSE_PORT=1", check_reuse_port, 40),
 ]
 
 
