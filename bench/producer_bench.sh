@@ -8,13 +8,16 @@
 #   BENCH_THREADS=2    wrk's threads
 #   BENCH_SECONDS=5    length of every measured run
 #   BENCH_RUNS=3       runs per measurement; every figure printed is the median of its runs
+#   BENCH_PRODUCERS=2  producer processes sharing one port (HTTP_REUSE_PORT=1: the kernel spreads
+#                      wrk's connections over them; one event loop per core of the 2-core box);
+#                      1 measures a single producer
 #   BENCH_RATE=        orders/s offered in the latency run; default a quarter of the -P 16
 #                      ceiling (half of the throughput target, as issue #3 asks); when set,
 #                      the run at half the producer's own accepted rate is left out
 #
 # What it does, all against the local stack (scripts/stack.sh; started here and stopped at the
 # end only if it was not running):
-#   1. starts bin/producer on a free loopback port, waits for /readyz, opens two fresh SKUs
+#   1. starts BENCH_PRODUCERS bin/producer processes on one free loopback port, waits for /readyz, opens two fresh SKUs
 #      through POST /v1/skus: one with stock 10^12 and no per-user limit, one with stock 0;
 #   2. sends one probe order while `redis-cli MONITOR` watches, and takes the producer's own
 #      EVALSHA of common/lua/reserve.lua as the ceiling's call (on a third SKU, in Redis only);
@@ -37,6 +40,7 @@ CONNS=${BENCH_CONNS:-256}
 THREADS=${BENCH_THREADS:-2}
 SECONDS_PER_RUN=${BENCH_SECONDS:-5}
 RUNS=${BENCH_RUNS:-3}
+PRODUCERS=${BENCH_PRODUCERS:-2}
 RATE=${BENCH_RATE:-}
 PIPELINE=16          # redis-benchmark -P of the ceiling the target refers to
 USERS=1000000        # user ids are drawn from 1..USERS, by wrk and by redis-benchmark
@@ -56,7 +60,7 @@ die() {
     exit 1
 }
 
-for v in CONNS THREADS SECONDS_PER_RUN RUNS; do
+for v in CONNS THREADS SECONDS_PER_RUN RUNS PRODUCERS; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "BENCH_${v/SECONDS_PER_RUN/SECONDS} must be a positive integer (got '${!v}')"
 done
 [[ -z $RATE || $RATE =~ ^[1-9][0-9]*$ ]] || die "BENCH_RATE must be a positive integer (got '$RATE')"
@@ -72,31 +76,36 @@ started_stack=0
 topic_made=0
 bench_topic=stockpipe.bench.producer.$$
 producer_keys=()
-producer_pid=""
+producer_pids=() # every producer process, in start order
 mon_pid=""
 ceiling_keys=()
 
 # ---- clean-up on every exit -------------------------------------------------------------------
 
-# Stops the producer with SIGTERM, bounded; sets producer_rc to its exit status (or a word).
+# Stops the producers with SIGTERM, bounded; sets producer_rc to 0 when every one exited 0, else
+# to what went wrong.
 producer_rc=""
 stop_producer() {
-    local pid=$producer_pid i
-    [[ -n $pid ]] || return 0
-    producer_pid=""
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 150; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        producer_rc="still running 15 s after SIGTERM (killed)"
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-        return 0
-    fi
+    local pid i rc
+    ((${#producer_pids[@]})) || return 0
+    kill -TERM "${producer_pids[@]}" 2>/dev/null || true
     producer_rc=0
-    wait "$pid" || producer_rc=$?
+    for pid in "${producer_pids[@]}"; do
+        for ((i = 0; i < 150; i++)); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            producer_rc="still running 15 s after SIGTERM (killed)"
+            kill -KILL "$pid" 2>/dev/null || true
+            wait "$pid" 2>/dev/null || true
+            continue
+        fi
+        rc=0
+        wait "$pid" || rc=$?
+        [[ $rc == 0 ]] || producer_rc=$rc
+    done
+    producer_pids=()
 }
 
 cleanup() {
@@ -174,7 +183,9 @@ machine_ticks() {
 # snapshot: one line "wall_us producer redis kafka tool busy steal idle".
 snapshot() {
     local t=${EPOCHREALTIME//[!0-9]/}
-    echo "$t $(proc_ticks "$producer_pid") $(proc_ticks "$redis_pid") $(proc_ticks "$kafka_pid") $(children_ticks) $(machine_ticks)"
+    local pid prod=0
+    for pid in "${producer_pids[@]}"; do prod=$((prod + $(proc_ticks "$pid"))); done
+    echo "$t $prod $(proc_ticks "$redis_pid") $(proc_ticks "$kafka_pid") $(children_ticks) $(machine_ticks)"
 }
 
 # measured KIND CMD...: runs CMD and appends the CPU used meanwhile to $tmp/cpu.KIND.
@@ -270,25 +281,39 @@ port=$(free_port)
 admin_token=$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
 payment_token=$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
 api=http://127.0.0.1:$port
-HTTP_ADDR=127.0.0.1 HTTP_PORT=$port ADMIN_TOKEN=$admin_token PAYMENT_TOKEN=$payment_token \
-    WORKER_ID=bench-$$ KAFKA_TOPIC=$bench_topic bin/producer >"$tmp/producer.log" 2>&1 &
-producer_pid=$!
+reuse=0
+((PRODUCERS == 1)) || reuse=1
+for ((i = 1; i <= PRODUCERS; i++)); do
+    HTTP_ADDR=127.0.0.1 HTTP_PORT=$port HTTP_REUSE_PORT=$reuse ADMIN_TOKEN=$admin_token \
+        PAYMENT_TOKEN=$payment_token WORKER_ID=bench-$$-$i KAFKA_TOPIC=$bench_topic \
+        bin/producer >"$tmp/producer$i.log" 2>&1 &
+    producer_pids+=($!)
+done
 t_start=${EPOCHREALTIME//[!0-9]/}
 
 producer_failed() {
-    say "--- the producer's log (last 20 lines):" >&2
-    tail -n 20 "$tmp/producer.log" >&2 || true
+    local i
+    for ((i = 1; i <= PRODUCERS; i++)); do
+        say "--- producer $i's log (last 20 lines):" >&2
+        tail -n 20 "$tmp/producer$i.log" >&2 || true
+    done
     die "$1"
 }
+producers_alive() {
+    local pid
+    for pid in "${producer_pids[@]}"; do kill -0 "$pid" 2>/dev/null || return 1; done
+}
 
+# Ready when /readyz answers 200 on 8 new connections in a row: with several producers on the
+# port each connection reaches one of them, so one that is not ready yet would be seen.
 code=""
-for ((i = 0; i < 150; i++)); do
-    kill -0 "$producer_pid" 2>/dev/null || producer_failed "bin/producer exited at start"
+ok_in_row=0
+for ((i = 0; i < 300 && ok_in_row < 8; i++)); do
+    producers_alive || producer_failed "bin/producer exited at start"
     code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$api/readyz" || true)
-    [[ $code == 200 ]] && break
-    sleep 0.2
+    if [[ $code == 200 ]]; then ok_in_row=$((ok_in_row + 1)); else ok_in_row=0; sleep 0.2; fi
 done
-[[ $code == 200 ]] || producer_failed "bin/producer not ready within 30 s (/readyz: $code)"
+((ok_in_row >= 8)) || producer_failed "the producers not ready within 60 s (/readyz: $code)"
 
 # Fresh ids every run: milliseconds since the epoch x 10 stays far below 2^53.
 base=$((${EPOCHREALTIME//[!0-9]/} / 1000 * 10))
@@ -593,20 +618,31 @@ fi
 
 # ---- the producer's memory and CPU, then its shutdown ---------------------------------------------
 
-kill -0 "$producer_pid" 2>/dev/null || producer_failed "the producer exited during the benchmark"
-hwm_kib=$(sed -n 's/^VmHWM:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$producer_pid/status")
-rss_kib=$(sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$producer_pid/status")
-read -r -a pstat <<<"$(sed 's/.*) //' "/proc/$producer_pid/stat")"
-prod_user=$(calc "${pstat[11]} / $HZ" %.2f)
-prod_sys=$(calc "${pstat[12]} / $HZ" %.2f)
+producers_alive || producer_failed "a producer exited during the benchmark"
+# Memory: the largest producer's (the goal is per process). CPU: all of them together.
+hwm_kib=0
+rss_kib=0
+utime=0
+stime=0
+for pid in "${producer_pids[@]}"; do
+    h=$(sed -n 's/^VmHWM:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$pid/status")
+    r=$(sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$pid/status")
+    ((h > hwm_kib)) && hwm_kib=$h
+    ((r > rss_kib)) && rss_kib=$r
+    read -r -a pstat <<<"$(sed 's/.*) //' "/proc/$pid/stat")"
+    utime=$((utime + pstat[11]))
+    stime=$((stime + pstat[12]))
+done
+prod_user=$(calc "$utime / $HZ" %.2f)
+prod_sys=$(calc "$stime / $HZ" %.2f)
 prod_life=$(calc "(${EPOCHREALTIME//[!0-9]/} - $t_start) / 1e6" %.1f)
 # CPU seconds per thread name (the event loop is "producer", librdkafka's threads are "rdk:...").
-prod_threads=$(for t in "/proc/$producer_pid"/task/*; do
+prod_threads=$(for t in "${producer_pids[@]/#//proc/}"; do for t in "$t"/task/*; do
     read -r name <"$t/comm" || continue
     read -r line <"$t/stat" || continue
     read -r -a f <<<"${line##*) }"
     echo "$name $((f[11] + f[12]))"
-done | awk -v hz="$HZ" '{ t[$1] += $2 } END {
+done; done | awk -v hz="$HZ" '{ t[$1] += $2 } END {
     for (n in t) if (t[n] > 0) printf "%s %.2f\n", n, t[n] / hz }' | sort -k2 -gr | awk '{ printf "%s%s %s s", sep, $1, $2; sep = ", " }')
 total_accepted=$(sum_of c202 "$tmp/warmup" "$tmp/accepted" "$tmp/paced_target" "$tmp/paced_half")
 stop_producer
@@ -623,6 +659,7 @@ done
 
 # hist_line FILE0 FILE1: the producer's own latency between two snapshots, when it has one.
 hist_line() {
+    ((PRODUCERS == 1)) || return 0 # /metrics on the shared port is one producer's, not all
     [[ -s $1 && -s $2 ]] || return 0
     local q
     q=$(hist_quantiles "$1" "$2")
@@ -649,7 +686,12 @@ fi
 say "  check: every counted run reserved one unit per call ($ceiling_calls calls in all);" \
     "runs discarded because calls failed: $ceiling_discarded"
 say ""
-say "producer: wrk -t $THREADS -c $CONNS, POST /v1/orders {user_id 1..$USERS, qty 1}, no Idempotency-Key"
+if ((PRODUCERS == 1)); then
+    say "producer: one process"
+else
+    say "producer: $PRODUCERS processes sharing port $port (HTTP_REUSE_PORT=1; the kernel spreads the connections)"
+fi
+say "  wrk -t $THREADS -c $CONNS, POST /v1/orders {user_id 1..$USERS, qty 1}, no Idempotency-Key"
 say "  accepted (stock 10^12): $(calc "$acc_rate")/s answered 202 (all answers $(calc "$acc_req")/s; 409 $(calc "$acc_409")/s, other $(calc "$acc_other")/s, socket errors $(sock_errors "$tmp/accepted") in all runs)"
 say "    latency p50 $acc_p50 ms, p99 $acc_p99 ms (closed loop, $CONNS in flight)"
 say "    ratio to the ceiling: $(calc "d($acc_rate, $ceil16)" %.3f) of -P $PIPELINE, $(calc "d($acc_rate, $ceil1)" %.3f) of unpipelined"
@@ -672,16 +714,16 @@ if [[ -s $tmp/paced_half ]]; then
 fi
 say "  (paced runs: wrk is closed-loop; bench/orders.lua's delay() spaces the sends to offer the"
 say "   rate approximately open-loop, and latency counts from the send, not from the scheduled slot)"
-say "  memory: peak RSS (VmHWM) $(calc "$hwm_kib / 1024" %.1f) MiB, RSS at the end $(calc "$rss_kib / 1024" %.1f) MiB"
-say "  CPU: user $prod_user s + system $prod_sys s over $prod_life s of life ($total_accepted orders accepted)"
+say "  memory: peak RSS (VmHWM) $(calc "$hwm_kib / 1024" %.1f) MiB, RSS at the end $(calc "$rss_kib / 1024" %.1f) MiB (the largest of $PRODUCERS)"
+say "  CPU (all producers): user $prod_user s + system $prod_sys s over $prod_life s of life ($total_accepted orders accepted)"
 say "    by thread: ${prod_threads:-?}"
 say "  left in Redis: $(calc "$left_bytes / 1048576" %.1f) MiB under sku $sku_open's keys (${producer_keys[*]});" \
     "deleted at exit with the bench's own topic $bench_topic"
 if [[ $producer_rc == 0 ]]; then
     say "  shutdown: SIGTERM, exit status 0"
 else
-    say "  SHUTDOWN PROBLEM: after SIGTERM the producer's exit status is $producer_rc"
-    tail -n 20 "$tmp/producer.log" | sed 's/^/    log: /'
+    say "  SHUTDOWN PROBLEM: after SIGTERM a producer's exit status is $producer_rc"
+    for ((i = 1; i <= PRODUCERS; i++)); do tail -n 20 "$tmp/producer$i.log" | sed "s/^/    log $i: /"; done
 fi
 say ""
 say "where the CPU went (cores, of $(nproc); medians over the runs; 'rest' = everything else busy on the machine):"
@@ -694,7 +736,7 @@ cpu_line paced_half wrk
 
 verdict() { if [[ $(calc "($1) ? 1 : 0") == 1 ]]; then echo PASS; else echo MISS; fi; }
 say ""
-say "==== producer benchmark: targets of issue #3 (medians of $RUNS runs of ${SECONDS_PER_RUN}s, $CONNS connections) ===="
+say "==== producer benchmark: targets of issue #3 (medians of $RUNS runs of ${SECONDS_PER_RUN}s, $CONNS connections, $PRODUCERS producer(s)) ===="
 printf '%-42s %-44s %-10s %s\n' "target" "measured" "goal" "result"
 printf '%-42s %-44s %-10s %s\n' "accepted orders/s vs ceiling (-P $PIPELINE)" \
     "$(calc "$acc_rate") / $(calc "$ceil16") = $(calc "d($acc_rate, $ceil16)" %.2f)" ">= $GOAL_RATIO" \
