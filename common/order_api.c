@@ -667,8 +667,7 @@ static void on_reserve_batch(redisAsyncContext *ac, void *reply, void *data) {
             redis_sent(rb->api);
             return;
         }
-        sp_metric_inc(&m_redis_errors);
-        r = NULL; /* not re-sent: nothing ran */
+        sp_metric_inc(&m_redis_errors); /* NOSCRIPT and not re-sent: nothing ran */
         for (int i = 0; i < rb->b.n; i++) {
             answer_error(rb->calls[i], 503, "unavailable", "stock store is unreachable",
                          &m_unavailable);
