@@ -115,6 +115,11 @@ typedef struct bucket {
     int64_t last_us;
 } bucket;
 
+/* Calls waiting to be sent to Redis in batches, in arrival order (linked by call.next). */
+typedef struct call_queue {
+    struct call *head, *tail;
+} call_queue;
+
 struct sp_order_api {
     struct event_base *base;
     const sp_config *cfg;
@@ -131,8 +136,8 @@ struct sp_order_api {
                                  * set at start, so /readyz waits for a first answer */
     int64_t kafka_probe_ms;
     int inflight;               /* calls not yet freed */
-    struct call *confirm_head, *confirm_tail; /* delivered orders whose confirm is not sent yet */
-    struct call *reserve_head, *reserve_tail; /* orders of this loop turn, not sent to Redis yet */
+    call_queue confirms;        /* delivered orders whose confirm is not sent yet */
+    call_queue reserves;        /* orders of this loop turn, not sent to Redis yet */
     struct event *reserve_flush; /* made active by the turn's first order: reserves_send() runs
                                   * after every connection that was readable in the turn */
     struct call *spare;         /* freed calls kept for reuse (a call is ~2 KiB: allocating one
@@ -162,6 +167,35 @@ typedef struct call {
     char accepted[64];          /* CALL_GET_ORDER: an accepted {sku}:resv entry "user:qty:ts", or "" */
     char sale[3][24];           /* CALL_GET_SKU: stock, limit, pay_timeout_s; "" when absent */
 } call;
+
+/* Appends c; returns 1 when the queue was empty before. */
+static int queue_push(call_queue *q, call *c) {
+    int was_empty = q->head == NULL;
+    c->next = NULL;
+    if (q->tail) q->tail->next = c;
+    else q->head = c;
+    q->tail = c;
+    return was_empty;
+}
+
+/* Takes the first call of q and the later ones of the same SKU, in order, at most max of them,
+ * into out; returns how many (0 only when q is empty). One SKU's keys go in one script call. */
+static int queue_take_sku(call_queue *q, call **out, int max) {
+    int n = 0;
+    call **link = &q->head;
+    int64_t sku = q->head ? q->head->order.sku_id : 0;
+    q->tail = NULL;
+    for (call *c = q->head; c != NULL; c = *link) {
+        if (n < max && c->order.sku_id == sku) {
+            out[n++] = c;
+            *link = c->next;
+        } else {
+            q->tail = c;
+            link = &c->next;
+        }
+    }
+    return n;
+}
 
 /* ---- replies ---- */
 
@@ -427,10 +461,7 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
              * confirm still answers 202 (Kafka has the order) and only leaves a reservation whose
              * order is in the log: the reaper's void for it changes nothing. */
             sp_stock_confirm_call(&c->script, &c->order);
-            c->next = NULL;
-            if (c->api->confirm_tail) c->api->confirm_tail->next = c;
-            else c->api->confirm_head = c;
-            c->api->confirm_tail = c;
+            queue_push(&c->api->confirms, c);
             return; /* confirms_send() after the poll sends them in batches */
         case CALL_OPEN:
         case CALL_RESTOCK:
@@ -532,29 +563,25 @@ static void on_confirm_batch(redisAsyncContext *ac, void *reply, void *data) {
 /* Sends the confirms queued by delivery reports, one script call per SKU (up to
  * SP_CONFIRM_BATCH_MAX orders each). Called after every rd_kafka_poll. */
 static void confirms_send(sp_order_api *api) {
-    while (api->confirm_head) {
-        confirm_batch *cb = calloc(1, sizeof(*cb));
-        call *c = api->confirm_head, **link = &api->confirm_head, *last = NULL;
-        if (cb == NULL) { /* answer this one without a confirm; it stays a reservation */
-            api->confirm_head = c->next;
-            if (api->confirm_head == NULL) api->confirm_tail = NULL;
-            answer_order(c, 202, c->order.order_id, "accepted", &m_accepted);
-            call_free(c);
-            continue;
+    call *taken[SP_CONFIRM_BATCH_MAX];
+    int n;
+    while ((n = queue_take_sku(&api->confirms, taken, SP_CONFIRM_BATCH_MAX)) > 0) {
+        confirm_batch *cb = malloc(sizeof(*cb));
+        if (cb != NULL) {
+            cb->api = api;
+            cb->resent = 0;
+            cb->b.n = 0;
         }
-        cb->api = api;
-        /* Take every queued call of the first call's SKU, in order, until the batch is full. */
-        while (c) {
-            if (sp_stock_confirm_batch_add(&cb->b, c->order.sku_id, &c->script) == 0) {
-                cb->calls[cb->b.n - 1] = c;
-                *link = c->next;
-            } else {
-                link = &c->next;
-                last = c;
+        for (int i = 0; i < n; i++) {
+            if (cb && sp_stock_confirm_batch_add(&cb->b, taken[i]->order.sku_id, &taken[i]->script) == 0) {
+                cb->calls[cb->b.n - 1] = taken[i];
+                continue;
             }
-            c = *link;
+            /* answered without a confirm: it stays a reservation whose order is in the log */
+            answer_order(taken[i], 202, taken[i]->order.order_id, "accepted", &m_accepted);
+            call_free(taken[i]);
         }
-        api->confirm_tail = last;
+        if (cb == NULL) continue;
         if (api->redis && sp_stock_confirm_batch_send(api->redis, &cb->b, 0, on_confirm_batch, cb) == 0)
             redis_sent(api);
         else
@@ -659,21 +686,25 @@ typedef struct reserve_batch {
     call *calls[SP_RESERVE_BATCH_MAX];
 } reserve_batch;
 
+/* The batch could not run in Redis (never sent, or NOSCRIPT and not re-sent): nothing was
+ * reserved for its orders; each is answered 503. */
+static void reserve_batch_refused(reserve_batch *rb) {
+    sp_metric_inc(&m_redis_errors);
+    for (int i = 0; i < rb->b.n; i++) {
+        answer_error(rb->calls[i], 503, "unavailable", "stock store is unreachable", &m_unavailable);
+        call_free(rb->calls[i]);
+    }
+    free(rb);
+}
+
 static void on_reserve_batch(redisAsyncContext *ac, void *reply, void *data) {
     reserve_batch *rb = data;
     redisReply *r = reply;
     if (reply_arrived(rb->api, ac, r, &rb->resent)) {
-        if (sp_stock_reserve_batch_send(rb->api->redis, &rb->b, 1, on_reserve_batch, rb) == 0) {
+        if (sp_stock_reserve_batch_send(rb->api->redis, &rb->b, 1, on_reserve_batch, rb) == 0)
             redis_sent(rb->api);
-            return;
-        }
-        sp_metric_inc(&m_redis_errors); /* NOSCRIPT and not re-sent: nothing ran */
-        for (int i = 0; i < rb->b.n; i++) {
-            answer_error(rb->calls[i], 503, "unavailable", "stock store is unreachable",
-                         &m_unavailable);
-            call_free(rb->calls[i]);
-        }
-        free(rb);
+        else
+            reserve_batch_refused(rb);
         return;
     }
     for (int i = 0; i < rb->b.n; i++) reserve_answered(rb->calls[i], r, (size_t)i);
@@ -684,51 +715,30 @@ static void on_reserve_batch(redisAsyncContext *ac, void *reply, void *data) {
  * SP_RESERVE_BATCH_MAX orders each), in arrival order within a SKU. A flash sale sends most of
  * its orders to one SKU, so Redis runs a script per turn instead of one per order. */
 static void reserves_send(sp_order_api *api) {
-    while (api->reserve_head) {
-        call *c = api->reserve_head, **link = &api->reserve_head, *last = NULL;
+    call *taken[SP_RESERVE_BATCH_MAX];
+    int n;
+    while ((n = queue_take_sku(&api->reserves, taken, SP_RESERVE_BATCH_MAX)) > 0) {
         reserve_batch *rb = malloc(sizeof(*rb));
-        if (rb == NULL) { /* refuse this one; nothing was reserved for it */
-            api->reserve_head = c->next;
-            if (api->reserve_head == NULL) api->reserve_tail = NULL;
-            answer_error(c, 503, "unavailable", "out of memory", &m_unavailable);
-            call_free(c);
-            continue;
+        if (rb != NULL) {
+            rb->api = api;
+            rb->resent = 0;
+            rb->b.n = 0;
         }
-        rb->api = api;
-        rb->resent = 0;
-        rb->b.n = 0;
-        /* Take every queued call of the first call's SKU, in order, until the batch is full. */
-        while (c) {
-            if (sp_stock_reserve_batch_add(&rb->b, &c->order, &c->script) == 0) {
-                rb->calls[rb->b.n - 1] = c;
-                *link = c->next;
-            } else {
-                link = &c->next;
-                last = c;
+        for (int i = 0; i < n; i++) {
+            if (rb && sp_stock_reserve_batch_add(&rb->b, &taken[i]->order, &taken[i]->script) == 0) {
+                rb->calls[rb->b.n - 1] = taken[i];
+                continue;
             }
-            c = *link;
-        }
-        api->reserve_tail = last;
-        if (rb->b.n == 0) { /* cannot happen (the first call always fits); never loop on it */
-            c = api->reserve_head;
-            api->reserve_head = c->next;
-            if (api->reserve_head == NULL) api->reserve_tail = NULL;
-            sp_warn("reserve: order %s could not be batched", c->order.order_id);
-            call_free(c);
-            free(rb);
-            continue;
-        }
-        if (api->redis && sp_stock_reserve_batch_send(api->redis, &rb->b, 0, on_reserve_batch, rb) == 0) {
-            redis_sent(api);
-            continue;
-        }
-        sp_metric_inc(&m_redis_errors);
-        for (int i = 0; i < rb->b.n; i++) {
-            answer_error(rb->calls[i], 503, "unavailable", "stock store is unreachable",
+            /* out of memory, or a call over the script's bounds: nothing reserved for it */
+            answer_error(taken[i], 503, "unavailable", rb ? "order not sendable" : "out of memory",
                          &m_unavailable);
-            call_free(rb->calls[i]);
+            call_free(taken[i]);
         }
-        free(rb);
+        if (rb == NULL) continue;
+        if (api->redis && sp_stock_reserve_batch_send(api->redis, &rb->b, 0, on_reserve_batch, rb) == 0)
+            redis_sent(api);
+        else
+            reserve_batch_refused(rb);
     }
 }
 
@@ -786,13 +796,7 @@ static void post_order(sp_order_api *api, struct evhttp_request *req) {
         answer_error(c, 503, "unavailable", "stock store is unreachable", &m_unavailable);
         goto done;
     }
-    c->next = NULL;
-    if (api->reserve_tail) api->reserve_tail->next = c;
-    else {
-        api->reserve_head = c;
-        event_active(api->reserve_flush, EV_TIMEOUT, 0);
-    }
-    api->reserve_tail = c;
+    if (queue_push(&api->reserves, c)) event_active(api->reserve_flush, EV_TIMEOUT, 0);
     return; /* reserves_send, then on_reserve_batch go on */
 done:
     call_free(c);
@@ -1231,9 +1235,9 @@ void sp_order_api_free(sp_order_api *api) {
         rd_kafka_poll(api->kafka, 0);
         confirms_send(api);
     }
-    while (api->reserve_head) { /* orders not sent to Redis yet: nothing reserved for them */
-        call *c = api->reserve_head;
-        api->reserve_head = c->next;
+    while (api->reserves.head) { /* orders not sent to Redis yet: nothing reserved for them */
+        call *c = api->reserves.head;
+        api->reserves.head = c->next;
         call_free(c);
     }
     if (api->redis) {
