@@ -15,5 +15,6 @@ extern const char sp_lua_resv_drop[];
 extern const char sp_lua_reconcile_pause[];
 extern const char sp_lua_reconcile_apply[];
 extern const char sp_lua_reconcile_adjust[];
+extern const char sp_lua_reconcile_open[];
 
 #endif

@@ -509,6 +509,14 @@ static int rebuild(sp_reaper *rp, int64_t sku_id, int64_t settle_until, const ch
         adjust_vanished(rp, sku_id, vanished, nvanished, &nadjusted, errbuf, errlen) != 0)
         goto out;
     if (sp_stock_return_settle_markers(rp, sku_id, &nsettled, errbuf, errlen) != 0) goto out;
+    /* Only now: until here a failure leaves the sale paused, and it is rebuilt again. */
+    redis = sp_reaper_redis(rp, errbuf, errlen);
+    if (redis == NULL || sp_stock_reconcile_open(redis, sku_id, token, &owned, errbuf, errlen) != 0)
+        goto out;
+    if (!owned) {
+        snprintf(errbuf, errlen, "the pause was lost before the sale reopened; tried again later");
+        goto out;
+    }
     sp_metric_inc(&m_reconciled);
     SP_LOG_CTX(SP_LOG_INFO, &ctx,
                "reconcile: sale rebuilt and reopened: stock %" PRId64 " (PostgreSQL %" PRId64

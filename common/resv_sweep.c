@@ -177,9 +177,11 @@ static int act_on_entries(sp_reaper *rp, int64_t sku_id, redisReply *const *kv, 
     resv_entry *cand = calloc(n ? n : 1, sizeof(*cand));
     const char **ids = calloc(n ? n : 1, sizeof(*ids)), **vals = calloc(n ? n : 1, sizeof(*vals));
     const resv_entry **lost = calloc(n ? n : 1, sizeof(*lost));
+    const resv_entry **rejected = calloc(n ? n : 1, sizeof(*rejected));
     char(*status)[16] = calloc(n ? n : 1, sizeof(*status));
     int rc = -1, dropped = 0;
-    if (cand == NULL || ids == NULL || vals == NULL || lost == NULL || status == NULL) {
+    if (cand == NULL || ids == NULL || vals == NULL || lost == NULL || rejected == NULL ||
+        status == NULL) {
         snprintf(errbuf, errlen, "out of memory");
         goto out;
     }
@@ -197,10 +199,15 @@ static int act_on_entries(sp_reaper *rp, int64_t sku_id, redisReply *const *kv, 
     }
     for (size_t i = 0; i < ncand; i++) ids[i] = cand[i].order_id;
     if (order_statuses(rp, ids, ncand, status, errbuf, errlen) != 0) goto out;
-    size_t ndrop_r = 0;
+    size_t ndrop_r = 0, nrejected = 0;
     for (size_t i = 0; i < ncand; i++) {
         int known = status[i][0] != '\0';
-        if (cand[i].state == 'a' && known) {
+        if (known && strcmp(status[i], "rejected") == 0) {
+            /* PostgreSQL refused it: the buyer's units come back with the entry, once
+             * (rejected_forget.lua), as the consumer does when it refuses one. Here when the
+             * consumer could not (killed after its commit, or Redis unreachable then). */
+            rejected[nrejected++] = &cand[i];
+        } else if (cand[i].state == 'a' && known) {
             ids[ndrop] = cand[i].order_id, vals[ndrop++] = cand[i].value;
         } else if (cand[i].state == 'r' && known && strcmp(status[i], "cancelled") != 0) {
             ids[ndrop] = cand[i].order_id, vals[ndrop++] = cand[i].value;
@@ -225,6 +232,17 @@ static int act_on_entries(sp_reaper *rp, int64_t sku_id, redisReply *const *kv, 
         sp_metric_add(&m_dropped_a, (int64_t)(ndrop - ndrop_r));
         st->ndropped += (size_t)dropped;
     }
+    for (size_t i = 0; i < nrejected; i++) {
+        int units = 0;
+        redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
+        if (redis == NULL) goto out;
+        if (sp_stock_rejected_forget(redis, sku_id, rejected[i]->order_id, rejected[i]->user_id,
+                                     rejected[i]->qty, &units, errbuf, errlen) != 0) {
+            sp_reaper_redis_failed(rp);
+            goto out;
+        }
+        st->ndropped += units > 0;
+    }
     if (nlost > 0 && void_lost(rp, sku_id, lost, nlost, st, errbuf, errlen) != 0) goto out;
     rc = 0;
 out:
@@ -232,6 +250,7 @@ out:
     free(ids);
     free(vals);
     free(lost);
+    free(rejected);
     free(status);
     return rc;
 }

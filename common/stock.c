@@ -31,6 +31,8 @@ static sp_redis_script script_reconcile_apply = {.name = "reconcile_apply",
                                                  .body = sp_lua_reconcile_apply};
 static sp_redis_script script_reconcile_adjust = {.name = "reconcile_adjust",
                                                   .body = sp_lua_reconcile_adjust};
+static sp_redis_script script_reconcile_open = {.name = "reconcile_open",
+                                                .body = sp_lua_reconcile_open};
 
 int sp_idem_key_valid(const char *s) {
     size_t n = 0;
@@ -52,7 +54,8 @@ int sp_stock_scripts_load(redisContext *c, char *errbuf, size_t errlen) {
     sp_redis_script *all[] = {&script_sale_open, &script_restock, &script_reserve,
                               &script_confirm, &script_release, &script_cap,
                               &script_give_back, &script_resv_drop, &script_reconcile_pause,
-                              &script_reconcile_apply, &script_reconcile_adjust};
+                              &script_reconcile_apply, &script_reconcile_adjust,
+                              &script_reconcile_open, &script_rejected_forget};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
         if (sp_redis_script_load(c, all[i], errbuf, errlen) != 0) return -1;
     return 0;
@@ -541,6 +544,18 @@ out:
     free(list);
     freeReplyObject(r);
     return rc;
+}
+
+int sp_stock_reconcile_open(redisContext *c, int64_t sku_id, const char *token, int *owned,
+                            char *errbuf, size_t errlen) {
+    sp_script_call call;
+    long long v;
+    sp_script_call_init(&call, &script_reconcile_open, 1);
+    key_arg(&call, sku_id, "sale");
+    sp_script_call_arg(&call, "%s", token);
+    if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
+    *owned = (int)v;
+    return 0;
 }
 
 int sp_stock_reconcile_adjust(redisContext *c, int64_t sku_id, int64_t user_id, int32_t qty,

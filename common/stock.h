@@ -223,6 +223,11 @@ int sp_stock_reconcile_apply(redisContext *c, int64_t sku_id, const char *token,
                              sp_vanished **vanished, size_t *nvanished, char *errbuf,
                              size_t errlen) __attribute__((warn_unused_result));
 
+/* Lifts the pause of the reconcile that owns token (reconcile_open.lua), after its mend; *owned
+ * is 0 when another reconcile (or a data loss) took the sale meanwhile (nothing changed). */
+int sp_stock_reconcile_open(redisContext *c, int64_t sku_id, const char *token, int *owned,
+                            char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+
 /* Takes qty off a rebuilt sale's stock (not below 0) and counts them for user_id
  * (reconcile_adjust.lua); *stock is the stock after, or -1 when the sale is not in Redis. */
 int sp_stock_reconcile_adjust(redisContext *c, int64_t sku_id, int64_t user_id, int32_t qty,

@@ -399,6 +399,42 @@ static void test_reserve_batch_in_order(void **state) {
     redisFree(c);
 }
 
+/* A reconcile's apply sets the stock but keeps the pause; only its own token's open lifts it. So
+ * a reaper dying between the apply and the mend leaves the sale paused (the sweep rebuilds a
+ * paused sale again) instead of open with the mend skipped. */
+static void test_reconcile_open_after_apply(void **state) {
+    (void)state;
+    redisContext *c = connect_redis();
+    int64_t sku = fresh_sku(c, 10);
+    int owned = -1;
+    int64_t stock = -1, inflight = -1;
+    sp_vanished *vanished = NULL;
+    size_t nvanished = 0;
+    char key[SP_STOCK_KEY_MAX];
+    sp_stock_key(key, sku, "sale");
+    if (sp_stock_reconcile_pause(c, sku, "tok-1", 2, 600, 10, err, sizeof(err)) != 0)
+        fail_msg("pause: %s", err);
+    assert_string_equal(hget_str(c, sku, "sale", "paused"), "tok-1");
+    if (sp_stock_reconcile_apply(c, sku, "tok-1", 7, 10, 2, 600, &owned, &stock, &inflight,
+                                 &vanished, &nvanished, err, sizeof(err)) != 0)
+        fail_msg("apply: %s", err);
+    free(vanished);
+    assert_int_equal(owned, 1);
+    assert_int_equal(stock, 7);
+    assert_int_equal(hget_int(c, sku, "sale", "stock"), 7);
+    assert_string_equal(hget_str(c, sku, "sale", "paused"), "tok-1"); /* still paused */
+    if (sp_stock_reconcile_open(c, sku, "tok-2", &owned, err, sizeof(err)) != 0)
+        fail_msg("open: %s", err);
+    assert_int_equal(owned, 0); /* another token changes nothing */
+    assert_string_equal(hget_str(c, sku, "sale", "paused"), "tok-1");
+    if (sp_stock_reconcile_open(c, sku, "tok-1", &owned, err, sizeof(err)) != 0)
+        fail_msg("open: %s", err);
+    assert_int_equal(owned, 1);
+    assert_string_equal(hget_str(c, sku, "sale", "paused"), "(nil)");
+    assert_int_equal(hget_int(c, sku, "sale", "stock"), 7);
+    redisFree(c);
+}
+
 static void test_idem_key_validation(void **state) {
     (void)state;
     char big[SP_IDEM_KEY_MAX + 2];
@@ -431,6 +467,7 @@ int main(void) {
         cmocka_unit_test(test_concurrent_admission_is_exact),
         cmocka_unit_test(test_idem_key_validation),
         cmocka_unit_test(test_reserve_batch_in_order),
+        cmocka_unit_test(test_reconcile_open_after_apply),
         cmocka_unit_test(test_confirm_marks_accepted),
         cmocka_unit_test(test_cap_only_lowers),
     };
