@@ -22,8 +22,6 @@
  * through the parser so that we can refuse it with a clear message of our own. */
 #define DECODE_FLAGS (JSON_REJECT_DUPLICATES | JSON_DECODE_ANY)
 
-/* Keys in insertion order, no whitespace: the output is deterministic, byte for byte. */
-
 /* The one type <-> name table, used by encode, decode and sp_event_type_name. */
 static const struct {
     sp_event_type type;

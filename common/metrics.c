@@ -8,10 +8,9 @@
 #define SP_VERSION "dev"
 #endif
 
-const int64_t sp_latency_us_bounds[SP_LATENCY_US_NBOUNDS] = {100,   250,    500,    1000,   2500,    5000,
-                                        10000, 25000,  50000,  100000, 250000,  500000,
-                                        1000000, 2500000, 5000000};
-const int sp_latency_us_nbounds = sizeof(sp_latency_us_bounds) / sizeof(sp_latency_us_bounds[0]);
+const int64_t sp_latency_us_bounds[SP_LATENCY_US_NBOUNDS] = {
+    100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 500000,
+    1000000, 2500000, 5000000};
 
 static sp_metric *registry = NULL;
 

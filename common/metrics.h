@@ -37,7 +37,6 @@ typedef struct sp_metric {
 /* Latency buckets in microseconds (rendered in seconds): 100us .. 5s. */
 #define SP_LATENCY_US_NBOUNDS 15
 extern const int64_t sp_latency_us_bounds[SP_LATENCY_US_NBOUNDS];
-extern const int sp_latency_us_nbounds;
 
 /* A latency histogram observed in microseconds, rendered in seconds. */
 #define SP_METRIC_LATENCY(n, h)                                                                    \
