@@ -64,7 +64,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "e2e"))
 sys.path.insert(0, os.path.join(HERE, "..", "lib"))
 import flashsale as fs  # noqa: E402
 from flashsale import fmt_int  # noqa: E402
-from testkit import Fail, expect, pick_ports, port_free  # noqa: E402
+from testkit import Fail, expect, pick_ports, port_free, sentinel_conf  # noqa: E402
 
 CASES = ["kill-producer", "kill-consumer", "kill-reaper", "kafka-restart", "postgres-restart",
          "redis-failover"]
@@ -163,13 +163,7 @@ class Trio:
             os.makedirs(sdir, exist_ok=True)
             conf = os.path.join(sdir, "sentinel.conf")
             with open(conf, "w") as f:
-                f.write("port %d\nbind %s\ndaemonize no\ndir %s\n"
-                        "sentinel monitor %s %s %d 2\n"
-                        "sentinel down-after-milliseconds %s 1000\n"
-                        "sentinel failover-timeout %s 10000\n"
-                        "sentinel parallel-syncs %s 1\n"
-                        % (port, fs.HOST, sdir, MASTER, fs.HOST, self.primary, MASTER, MASTER,
-                           MASTER))
+                f.write(sentinel_conf(port, sdir, MASTER, self.primary, 2, 10000))
             self._start("sentinel-%d" % i, ["redis-sentinel", conf],
                         "redis-sentinel %s:%d" % (fs.HOST, port))
 

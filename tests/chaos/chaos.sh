@@ -35,11 +35,5 @@ trap teardown EXIT
 trap 'rc=130; exit 130' INT
 trap 'rc=143; exit 143' TERM
 
-# In the background, so that a signal reaches the traps at once (bash runs them only between
-# commands, and `wait` is interruptible).
-python3 "$here/chaos.py" --workdir "$work" "$@" &
-helper=$!
-wait "$helper"
-rc=$?
-helper=
+run_helper python3 "$here/chaos.py" --workdir "$work" "$@"
 exit "$rc"

@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +31,8 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 sys.path.insert(0, os.path.join(ROOT, "tests", "lib"))
 
 from http11 import HOST  # noqa: E402
-from testkit import Fail, Report, free_port, load_stack_env  # noqa: E402
+from testkit import (Fail, Report, free_port, load_stack_env, setup_missing,  # noqa: E402
+                     worker_binary)
 
 ADMIN = "test-admin"
 BOUND = 200           # HTTP_MAX_CONNECTIONS of the producer under test
@@ -383,25 +383,18 @@ async def run(rep, binary, logdir):
 
 def main():
     load_stack_env()
-    missing = [v for v in ("REDIS_URL", "KAFKA_BROKERS", "KAFKA_TOPIC", "PG_DSN") if not os.environ.get(v)]
-    bin_dir = os.environ.get("BIN_DIR", "bin")
-    if not os.path.isabs(bin_dir) and not os.path.isdir(bin_dir):
-        bin_dir = os.path.join(ROOT, bin_dir)
-    binary = os.path.abspath(os.path.join(bin_dir, "producer"))
+    binary = worker_binary("producer")
+    missing = setup_missing(("REDIS_URL", "KAFKA_BROKERS", "KAFKA_TOPIC", "PG_DSN"), binary)
     rep = Report()
-    if missing or not os.access(binary, os.X_OK):
-        rep.check("setup", False, "missing %s" % (", ".join(missing) if missing else binary))
+    if missing:
+        rep.check("setup", False, "missing %s" % missing)
     else:
         logdir = tempfile.mkdtemp(prefix="sp-http-hostile-")
         t = time.monotonic()
         asyncio.run(run(rep, binary, logdir))
         print("# %.1f s" % (time.monotonic() - t), flush=True)
-        if rep.failed:
-            print("# the producer's log is kept in %s" % logdir, flush=True)
-        else:
-            shutil.rmtree(logdir, ignore_errors=True)
-    print("%d passed, %d failed" % (rep.passed, rep.failed), flush=True)
-    return 0 if rep.failed == 0 else 1
+        rep.keep_if_failed(logdir, "the producer's log is")
+    return rep.summary()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,14 @@
 #include "pg_store.h"
 #include "redis_store.h"
 
+/* Where the workers under test are: bin/, or bin/asan/ in a build with AddressSanitizer (the
+ * tests run from the repository root). */
+#ifdef __SANITIZE_ADDRESS__
+#define BIN "bin/asan/"
+#else
+#define BIN "bin/"
+#endif
+
 /* The stack's setting name (from `. var/stack.env`); fails the test when it is unset. */
 static inline const char *need_env(const char *name) {
     const char *v = getenv(name);
@@ -468,17 +476,22 @@ static inline int stop_all(proc *const *all, size_t n) {
 
 /* ---- Kafka ---- */
 
-/* Runs fn with a short-lived Kafka client (producer and admin) of KAFKA_BROKERS; fn's result, or
- * -1 with the message in errbuf when there is no client. */
-static inline int with_kafka(int (*fn)(rd_kafka_t *), char *errbuf, size_t errlen) {
+/* A short-lived Kafka client (producer and admin) of KAFKA_BROKERS, or NULL with the message in
+ * errbuf. */
+static inline rd_kafka_t *kafka_client(char *errbuf, size_t errlen) {
     rd_kafka_conf_t *conf = sp_kafka_conf_new(getenv("KAFKA_BROKERS"),
                                               program_invocation_short_name, errbuf, errlen);
-    if (conf == NULL) return -1;
+    if (conf == NULL) return NULL;
     rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errbuf, errlen);
-    if (rk == NULL) {
-        rd_kafka_conf_destroy(conf);
-        return -1;
-    }
+    if (rk == NULL) rd_kafka_conf_destroy(conf);
+    return rk;
+}
+
+/* Runs fn with a short-lived Kafka client (kafka_client()); fn's result, or -1 with the message
+ * in errbuf when there is no client. */
+static inline int with_kafka(int (*fn)(rd_kafka_t *), char *errbuf, size_t errlen) {
+    rd_kafka_t *rk = kafka_client(errbuf, errlen);
+    if (rk == NULL) return -1;
     int rc = fn(rk);
     rd_kafka_destroy(rk);
     return rc;
@@ -497,6 +510,61 @@ static inline int make_topic(rd_kafka_t *rk, const char *topic, int partitions, 
             return 0;
     snprintf(errbuf, errlen, "topic %s never got %d partitions with leaders", topic, partitions);
     return -1;
+}
+
+/* Names the topics and consumer group of a run of the test program `name` (tag from begin_run):
+ * topic "stockpipe.test.NAME.TAG", dlq the same with ".dlq", group "test-NAME-TAG"; each buffer
+ * holds cap bytes. */
+static inline void name_topics(const char *name, const char *tag, char *topic, char *dlq,
+                               char *group, size_t cap) {
+    snprintf(topic, cap, "stockpipe.test.%s.%s", name, tag);
+    snprintf(dlq, cap, "stockpipe.test.%s.%s.dlq", name, tag);
+    snprintf(group, cap, "test-%s-%s", name, tag);
+}
+
+/* For group setup: creates the run's topic s->topic with `partitions` partitions and its
+ * dead-letter topic s->dlq with one (make_topic); 0, or -1 with the reason on stderr. */
+static inline int create_run_topics(const itest_stack *s, int partitions) {
+    rd_kafka_t *rk = kafka_client(itest_err, sizeof(itest_err));
+    int rc = rk && make_topic(rk, s->topic, partitions, itest_err, sizeof(itest_err)) == 0 &&
+                     make_topic(rk, s->dlq, 1, itest_err, sizeof(itest_err)) == 0
+                 ? 0
+                 : -1;
+    if (rk) rd_kafka_destroy(rk);
+    if (rc != 0) fprintf(stderr, "topics: %s\n", itest_err);
+    return rc;
+}
+
+/* For group teardown: deletes s->topic and s->dlq, failures reported on stderr (nothing is said
+ * when there is no Kafka client). */
+static inline void delete_run_topics(const itest_stack *s) {
+    rd_kafka_t *rk = kafka_client(itest_err, sizeof(itest_err));
+    if (rk == NULL) return;
+    const char *topics[] = {s->topic, s->dlq};
+    for (int i = 0; i < 2; i++)
+        if (sp_kafka_topic_delete(rk, topics[i], 30000, itest_err, sizeof(itest_err)) != 0)
+            fprintf(stderr, "%s\n", itest_err);
+    rd_kafka_destroy(rk);
+}
+
+/* Where a produced message landed, from its delivery report. */
+typedef struct delivery {
+    int done;
+    rd_kafka_resp_err_t err;
+    int32_t partition;
+    int64_t offset;
+} delivery;
+
+/* The delivery report callback (rd_kafka_conf_set_dr_msg_cb): fills the delivery passed as the
+ * message's opaque, if any. */
+static inline void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque) {
+    (void)rk, (void)opaque;
+    delivery *d = m->_private;
+    if (d == NULL) return;
+    d->done = 1;
+    d->err = m->err;
+    d->partition = m->partition;
+    d->offset = m->offset;
 }
 
 #endif

@@ -23,7 +23,6 @@ import json
 import os
 import random
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,7 +33,8 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 sys.path.insert(0, os.path.join(ROOT, "tests", "lib"))
 # The HTTP client (producer_faults.py uses it through this module).
 from http11 import HOST, REQ_TIMEOUT, Client, Conn, TransportError  # noqa: E402
-from testkit import Fail, Report, expect, free_port, load_stack_env  # noqa: E402
+from testkit import (Fail, Report, expect, free_port, load_stack_env, setup_missing,  # noqa: E402
+                     worker_binary)
 
 ADMIN = "test-admin"
 PAYMENT = "test-pay"
@@ -739,14 +739,11 @@ async def run(rep, binary, logdir):
 
 def main():
     load_stack_env()
-    missing = [v for v in ("REDIS_URL", "KAFKA_BROKERS", "KAFKA_TOPIC", "PG_DSN") if not os.environ.get(v)]
-    bin_dir = os.environ.get("BIN_DIR", "bin")
-    if not os.path.isabs(bin_dir) and not os.path.isdir(bin_dir):
-        bin_dir = os.path.join(ROOT, bin_dir)
-    binary = os.path.abspath(os.path.join(bin_dir, "producer"))
+    binary = worker_binary("producer")
+    missing = setup_missing(("REDIS_URL", "KAFKA_BROKERS", "KAFKA_TOPIC", "PG_DSN"), binary)
     rep = Report()
-    if missing or not os.access(binary, os.X_OK):
-        rep.not_ok("setup", "missing %s" % (", ".join(missing) if missing else binary))
+    if missing:
+        rep.not_ok("setup", "missing %s" % missing)
     else:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != resource.RLIM_INFINITY and soft < 4096:
@@ -754,12 +751,8 @@ def main():
             resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
         logdir = tempfile.mkdtemp(prefix="sp-producer-api-")
         asyncio.run(run(rep, binary, logdir))
-        if rep.failed:
-            print("# the producers' logs are kept in %s" % logdir, flush=True)
-        else:
-            shutil.rmtree(logdir, ignore_errors=True)
-    print("%d passed, %d failed" % (rep.passed, rep.failed), flush=True)
-    return 0 if rep.failed == 0 else 1
+        rep.keep_if_failed(logdir, "the producers' logs are")
+    return rep.summary()
 
 
 if __name__ == "__main__":

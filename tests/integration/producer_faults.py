@@ -48,7 +48,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import producer_api as api  # noqa: E402  (the HTTP client, sale helpers)
 from producer_api import TransportError, accepted_id  # noqa: E402
 from testkit import (Fail, Report, expect, free_port, load_stack_env, log_tail,  # noqa: E402
-                     pick_ports, port_free, read_env_file)
+                     pick_ports, port_free, read_env_file, sentinel_conf, setup_missing,
+                     worker_binary)
 
 ROOT = api.ROOT
 HOST = api.HOST
@@ -768,12 +769,7 @@ async def start_sentinel_trio(workdir, procs):
                     + extra, os.path.join(d, name + ".log"), "redis-server %s:%d" % (HOST, port))
     conf = os.path.join(d, "sentinel.conf")
     with open(conf, "w") as f:
-        f.write("port %d\nbind %s\ndaemonize no\ndir %s\n"
-                "sentinel monitor %s %s %d 1\n"
-                "sentinel down-after-milliseconds %s 1000\n"
-                "sentinel failover-timeout %s 5000\n"
-                "sentinel parallel-syncs %s 1\n" % (sentinel, HOST, d, MASTER, HOST, primary,
-                                                     MASTER, MASTER, MASTER))
+        f.write(sentinel_conf(sentinel, d, MASTER, primary, 1, 5000))
     # Started once the replica is in sync, so the first INFO of the primary lists it.
     end = time.monotonic() + 30
     while True:
@@ -956,14 +952,11 @@ def main():
                     help="run one scenario (kafka includes redis); repeatable")
     args = ap.parse_args()
     load_stack_env()
-    bin_dir = os.environ.get("BIN_DIR", "bin")
-    if not os.path.isabs(bin_dir) and not os.path.isdir(bin_dir):
-        bin_dir = os.path.join(ROOT, bin_dir)
-    binary = os.path.abspath(os.path.join(bin_dir, "producer"))
+    binary = worker_binary("producer")
     rep = Report()
-    missing = [v for v in ("KAFKA_BROKERS", "KAFKA_TOPIC", "PG_DSN") if not os.environ.get(v)]
-    if missing or not os.access(binary, os.X_OK):
-        rep.not_ok("setup", "missing %s" % (", ".join(missing) if missing else binary))
+    missing = setup_missing(("KAFKA_BROKERS", "KAFKA_TOPIC", "PG_DSN"), binary)
+    if missing:
+        rep.not_ok("setup", "missing %s" % missing)
     else:
         workdir = args.workdir or tempfile.mkdtemp(prefix="sp-faults-")
         os.chmod(workdir, 0o755)  # as root, PostgreSQL runs as `postgres` and must reach its data
@@ -973,8 +966,7 @@ def main():
                               if rep.failed else ""), flush=True)
         if not args.workdir and not rep.failed:  # run without producer_faults.sh
             shutil.rmtree(workdir, ignore_errors=True)
-    print("%d passed, %d failed" % (rep.passed, rep.failed), flush=True)
-    return 0 if rep.failed == 0 else 1
+    return rep.summary()
 
 
 if __name__ == "__main__":

@@ -33,11 +33,5 @@ trap teardown EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# In the background, so that a signal reaches the traps at once (bash runs them only between
-# commands, and `wait` is interruptible).
-python3 "$here/producer_faults.py" --workdir "$work" "$@" &
-helper=$!
-wait "$helper"
-rc=$?
-helper=
+run_helper python3 "$here/producer_faults.py" --workdir "$work" "$@"
 exit "$rc"

@@ -29,12 +29,6 @@
 #include "stock.h"
 #include "itest.h"
 
-#ifdef __SANITIZE_ADDRESS__
-#define CONSUMER_BIN "bin/asan/consumer"
-#else
-#define CONSUMER_BIN "bin/consumer"
-#endif
-
 #define T0          INT64_C(1767225600000) /* 2026-01-01: every event time is T0 + something */
 #define WAIT_S      180                    /* generous: a shared, loaded machine; ASan builds */
 #define MAX_EVENTS  40000
@@ -59,14 +53,7 @@ static struct {
     int npassed; /* tests that got to their end: the logs are removed only when all did */
 } g;
 
-/* Where each produced message landed, from its delivery report. */
-typedef struct delivery {
-    int done;
-    rd_kafka_resp_err_t err;
-    int32_t partition;
-    int64_t offset;
-} delivery;
-
+/* Where each produced message landed (itest.h's on_delivery). */
 static delivery deliveries[MAX_EVENTS];
 static int ndelivered;
 
@@ -128,16 +115,6 @@ static void assert_same_tables(const char *dsn_a, const char *dsn_b) {
 }
 
 /* ---- Kafka ---- */
-
-static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque) {
-    (void)rk, (void)opaque;
-    delivery *d = m->_private;
-    if (d == NULL) return;
-    d->done = 1;
-    d->err = m->err;
-    d->partition = m->partition;
-    d->offset = m->offset;
-}
 
 static const char *new_topic(const char *what, int partitions) {
     assert_true(g.ntopics < MAX_TOPICS);
@@ -234,43 +211,20 @@ static int read_dead_letters(const char *topic, dead_letter *out, int max, int w
 
 /* ---- consumer processes ---- */
 
-/* Starts a consumer on dsn/topic/dlq/group with extra NAME=VALUE settings (NULL-terminated) and
- * arguments (NULL-terminated, may be NULL). Its log goes to the run's directory. */
+/* Starts a consumer (start()) on dsn/topic/dlq/group with KAFKA_SESSION_TIMEOUT_MS=6000, extra
+ * NAME=VALUE settings (NULL-terminated, may be NULL) and an argument (may be NULL). Its log goes
+ * to the run's directory. */
 static proc start_consumer(const char *name, const char *dsn, const char *topic, const char *dlq,
-                           const char *group, const char *const *settings,
-                           const char *const *args) {
-    proc p = {.port = free_port()};
-    snprintf(p.name, sizeof(p.name), "%s", name);
-    snprintf(p.log, sizeof(p.log), "%s/%s.log", g.tmp, name);
-    p.pid = fork();
-    assert_true(p.pid >= 0);
-    if (p.pid == 0) {
-        char port[16], id[64];
-        snprintf(port, sizeof(port), "%d", p.port);
-        snprintf(id, sizeof(id), "test-%s", name);
-        setenv("PG_DSN", dsn, 1);
-        setenv("KAFKA_TOPIC", topic, 1);
-        setenv("KAFKA_DLQ_TOPIC", dlq, 1);
-        setenv("KAFKA_GROUP", group, 1);
-        setenv("HTTP_ADDR", "127.0.0.1", 1);
-        setenv("HTTP_PORT", port, 1);
-        setenv("WORKER_ID", id, 1);
-        setenv("KAFKA_SESSION_TIMEOUT_MS", "6000", 1);
-        setenv("LOG_LEVEL", "info", 1);
-        for (int i = 0; settings && settings[i]; i++) putenv((char *)settings[i]);
-        int fd = open(p.log, O_WRONLY | O_CREAT | O_APPEND, 0644);
-        if (fd >= 0) {
-            dup2(fd, 1);
-            dup2(fd, 2);
-            close(fd);
-        }
-        const char *argv[8] = {CONSUMER_BIN};
-        for (int i = 0; args && args[i] && i < 6; i++) argv[i + 1] = args[i];
-        execv(CONSUMER_BIN, (char *const *)argv);
-        _exit(127);
+                           const char *group, const char *const *settings, const char *arg) {
+    const itest_stack s = {.dir = g.tmp, .tag = tag, .dsn = dsn, .redis_url = getenv("REDIS_URL"),
+                           .topic = topic, .dlq = dlq, .group = group};
+    const char *all[8] = {"KAFKA_SESSION_TIMEOUT_MS=6000"};
+    int n = 1;
+    for (int i = 0; settings && settings[i]; i++) {
+        assert_true(n < 7);
+        all[n++] = settings[i];
     }
-    track(p.pid);
-    return p;
+    return start(&s, BIN "consumer", name, all, arg);
 }
 
 static void stop_consumer(const proc *p, const char *why) {
@@ -737,22 +691,22 @@ static void test_group_kill9_and_replay(void **state) {
     free(dl_group);
 
     /* A full replay refuses a database that holds rows, and says how to go on. */
-    const char *replay[] = {"--replay", NULL};
-    proc r = start_consumer("replay-refused", db_clean, topic, dlq_clean, "replay", NULL, replay);
+    proc r = start_consumer("replay-refused", db_clean, topic, dlq_clean, "replay", NULL,
+                            "--replay");
     assert_int_equal(wait_exit(r.pid, 60), 2);
     assert_true(log_has(r.log, "--replay-force"));
     /* Into an empty database it rebuilds the same tables, byte for byte. */
-    r = start_consumer("replay", db_replay, topic, dlq_clean, "replay", settings, replay);
+    r = start_consumer("replay", db_replay, topic, dlq_clean, "replay", settings, "--replay");
     assert_int_equal(wait_exit(r.pid, WAIT_S), 0);
     assert_true(log_has(r.log, "replay done"));
     assert_same_tables(db_clean, db_replay);
     /* From a time after the last event there is nothing to do. */
-    const char *late[] = {"--replay-from=2999-01-01T00:00:00Z", NULL};
-    r = start_consumer("replay-late", db_replay, topic, dlq_clean, "replay", NULL, late);
+    r = start_consumer("replay-late", db_replay, topic, dlq_clean, "replay", NULL,
+                       "--replay-from=2999-01-01T00:00:00Z");
     assert_int_equal(wait_exit(r.pid, 60), 0);
     assert_same_tables(db_clean, db_replay);
-    const char *bad[] = {"--replay-from=yesterday", NULL};
-    r = start_consumer("replay-bad", db_replay, topic, dlq_clean, "replay", NULL, bad);
+    r = start_consumer("replay-bad", db_replay, topic, dlq_clean, "replay", NULL,
+                       "--replay-from=yesterday");
     assert_int_equal(wait_exit(r.pid, 60), 2);
     assert_true(log_has(r.log, "is not a time"));
     g.npassed++;

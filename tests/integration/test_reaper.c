@@ -32,12 +32,6 @@
 #include "stock.h"
 #include "itest.h"
 
-#ifdef __SANITIZE_ADDRESS__
-#define BIN "bin/asan/"
-#else
-#define BIN "bin/"
-#endif
-
 #define WAIT_S      120 /* generous: a shared, loaded machine; ASan builds */
 #define MSG_TIMEOUT "2000"
 #define LOST_AFTER  "4000"
@@ -634,23 +628,37 @@ static void wait_quiet(int64_t sku, int accepted) {
              "sku %" PRId64 " never became quiet", sku);
 }
 
+/* Opens a sale of sku (stock units, limit per user, 600 s to pay), takes `before` orders of one
+ * unit from user first_user on, has lose_redis() make Redis lose its data, then sells out from
+ * user later_user on: the reapers must have counted a data loss, and the consumer stores every
+ * order (wait_quiet). The orders accepted. */
+static int sell_across_redis_loss(int64_t sku, int stock, int limit, int64_t first_user, int before,
+                                  void (*lose_redis)(void), int64_t later_user) {
+    int accepted = 0;
+    int64_t losses = reaper_metric("stockpipe_reaper_redis_data_loss_total");
+    open_sale(sku, stock, limit, 600);
+    for (int64_t u = first_user; accepted < before; u++)
+        if (order(sku, u, 1, NULL, NULL, 0) == 202) accepted++;
+    lose_redis();
+    sell_out(sku, later_user, &accepted);
+    assert_true(reaper_metric("stockpipe_reaper_redis_data_loss_total") > losses);
+    wait_quiet(sku, accepted);
+    return accepted;
+}
+
+static void flush_redis(void) {
+    redisReply *r = redisCommand(redis(), "FLUSHALL");
+    freeReplyObject(r);
+    r = redisCommand(redis(), "SCRIPT FLUSH");
+    freeReplyObject(r);
+}
+
 /* Redis flushed in the middle of a sale: the reapers notice, rebuild every SKU from PostgreSQL,
  * and the sale goes on and sells exactly what exists. */
 static void test_redis_flushed_mid_sale(void **state) {
     (void)state;
     int64_t sku = g.sku_base + 5;
-    int accepted = 0;
-    int64_t losses = reaper_metric("stockpipe_reaper_redis_data_loss_total");
-    open_sale(sku, 200, 2, 600);
-    for (int64_t u = 4001; accepted < 60; u++)
-        if (order(sku, u, 1, NULL, NULL, 0) == 202) accepted++;
-    redisReply *r = redisCommand(redis(), "FLUSHALL");
-    freeReplyObject(r);
-    r = redisCommand(redis(), "SCRIPT FLUSH");
-    freeReplyObject(r);
-    sell_out(sku, 5001, &accepted);
-    assert_true(reaper_metric("stockpipe_reaper_redis_data_loss_total") > losses);
-    wait_quiet(sku, accepted);
+    int accepted = sell_across_redis_loss(sku, 200, 2, 4001, 60, flush_redis, 5001);
     print_message("    %d orders accepted around the flush\n", accepted);
     assert_int_equal(accepted, 200);
     assert_int_equal(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
@@ -664,22 +672,19 @@ static void test_redis_flushed_mid_sale(void **state) {
     g.npassed++;
 }
 
-/* Redis restarted empty (no persistence) mid-sale: a new run_id and no epoch; the same. */
-static void test_redis_restarted_empty(void **state) {
-    (void)state;
-    int64_t sku = g.sku_base + 6;
-    int accepted = 0;
-    int64_t losses = reaper_metric("stockpipe_reaper_redis_data_loss_total");
-    open_sale(sku, 50, 1, 600);
-    for (int64_t u = 6001; accepted < 20; u++)
-        if (order(sku, u, 1, NULL, NULL, 0) == 202) accepted++;
+/* kill -9 of the private Redis and a restart, empty (it keeps nothing on disk). */
+static void restart_redis_empty(void) {
     redis_close();
     assert_int_equal(kill(g.redis_pid, SIGKILL), 0);
     assert_int_equal(wait_exit(g.redis_pid, 30), 128 + SIGKILL);
     g.redis_pid = start_redis(g.redis_port, g.tmp);
-    sell_out(sku, 7001, &accepted);
-    assert_true(reaper_metric("stockpipe_reaper_redis_data_loss_total") > losses);
-    wait_quiet(sku, accepted);
+}
+
+/* Redis restarted empty (no persistence) mid-sale: a new run_id and no epoch; the same. */
+static void test_redis_restarted_empty(void **state) {
+    (void)state;
+    int64_t sku = g.sku_base + 6;
+    int accepted = sell_across_redis_loss(sku, 50, 1, 6001, 20, restart_redis_empty, 7001);
     print_message("    %d orders accepted around the restart\n", accepted);
     assert_int_equal(accepted, 50);
     assert_int_equal(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
@@ -725,37 +730,16 @@ static void test_audit_and_reconcile_by_hand(void **state) {
 
 /* ---- set-up ---- */
 
-static int create_topics(rd_kafka_t *rk) {
-    return make_topic(rk, g.topic, 4, err, sizeof(err)) == 0 &&
-                   make_topic(rk, g.dlq, 1, err, sizeof(err)) == 0
-               ? 0
-               : -1;
-}
-
-static int delete_topics(rd_kafka_t *rk) {
-    const char *topics[] = {g.topic, g.dlq};
-    for (int i = 0; i < 2; i++)
-        if (sp_kafka_topic_delete(rk, topics[i], 30000, err, sizeof(err)) != 0)
-            fprintf(stderr, "%s\n", err);
-    return 0;
-}
-
 static int group_setup(void **state) {
     (void)state;
     const char *env[] = {"KAFKA_BROKERS", "PG_DSN", NULL};
     if (begin_run("reaper", INT64_C(800000000000), env, tag, sizeof(tag), &g.sku_base, g.tmp,
                   sizeof(g.tmp)) != 0)
         return -1;
-    snprintf(g.topic, sizeof(g.topic), "stockpipe.test.reaper.%s", tag);
-    snprintf(g.dlq, sizeof(g.dlq), "stockpipe.test.reaper.%s.dlq", tag);
-    snprintf(g.group, sizeof(g.group), "test-reaper-%s", tag);
+    name_topics("reaper", tag, g.topic, g.dlq, g.group, sizeof(g.topic));
     g.redis_port = free_port();
     snprintf(g.redis_url, sizeof(g.redis_url), "redis://127.0.0.1:%d", g.redis_port);
-    if (with_kafka(create_topics, err, sizeof(err)) != 0) {
-        fprintf(stderr, "topics: %s\n", err);
-        return -1;
-    }
-    return 0;
+    return create_run_topics(&stack, 4);
 }
 
 /* Starts Redis, the database and the workers (inside a test, so a failure is reported). */
@@ -790,7 +774,7 @@ static int group_teardown(void **state) {
     kill_tracked();
     redis_close();
     if (g.db[0]) drop_database(g.db);
-    with_kafka(delete_topics, err, sizeof(err));
+    delete_run_topics(&stack);
     end_run(g.tmp, g.npassed == NTESTS + 1 && clean && getenv("TEST_KEEP_LOGS") == NULL,
             "workers'");
     return clean ? 0 : -1;

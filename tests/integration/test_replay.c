@@ -35,12 +35,6 @@
 #include "redis_store.h"
 #include "itest.h"
 
-#ifdef __SANITIZE_ADDRESS__
-#define BIN "bin/asan/"
-#else
-#define BIN "bin/"
-#endif
-
 #define WAIT_S      120 /* generous: a shared, loaded machine; ASan builds */
 #define PARTITIONS  4
 #define NTESTS      3
@@ -124,21 +118,6 @@ static void pay(const char *order_id) {
 }
 
 /* ---- Kafka ---- */
-
-static int create_topics(rd_kafka_t *rk) {
-    return make_topic(rk, g.topic, PARTITIONS, err, sizeof(err)) == 0 &&
-                   make_topic(rk, g.dlq, 1, err, sizeof(err)) == 0
-               ? 0
-               : -1;
-}
-
-static int delete_topics(rd_kafka_t *rk) {
-    const char *topics[] = {g.topic, g.dlq};
-    for (int i = 0; i < 2; i++)
-        if (sp_kafka_topic_delete(rk, topics[i], 30000, err, sizeof(err)) != 0)
-            fprintf(stderr, "%s\n", err);
-    return 0;
-}
 
 static int64_t log_end; /* set by read_log_end */
 
@@ -353,16 +332,10 @@ static int group_setup(void **state) {
         return -1;
     g.sku_b = g.sku_a + 1;
     snprintf(g.db, sizeof(g.db), "sp_test_replay_%s", tag);
-    snprintf(g.topic, sizeof(g.topic), "stockpipe.test.replay.%s", tag);
-    snprintf(g.dlq, sizeof(g.dlq), "stockpipe.test.replay.%s.dlq", tag);
-    snprintf(g.group, sizeof(g.group), "test-replay-%s", tag);
+    name_topics("replay", tag, g.topic, g.dlq, g.group, sizeof(g.topic));
     g.redis_port = free_port();
     snprintf(g.redis_url, sizeof(g.redis_url), "redis://127.0.0.1:%d", g.redis_port);
-    if (with_kafka(create_topics, err, sizeof(err)) != 0) {
-        fprintf(stderr, "topics: %s\n", err);
-        return -1;
-    }
-    return 0;
+    return create_run_topics(&stack, PARTITIONS);
 }
 
 static int group_teardown(void **state) {
@@ -371,7 +344,7 @@ static int group_teardown(void **state) {
     int clean = stop_all(all, sizeof(all) / sizeof(all[0]));
     kill_tracked(); /* Redis, and anything left */
     if (getenv("PG_DSN") && g.dsn[0]) drop_database(g.db);
-    with_kafka(delete_topics, err, sizeof(err));
+    delete_run_topics(&stack);
     end_run(g.tmp, g.npassed == NTESTS && clean && getenv("TEST_KEEP_LOGS") == NULL, "workers'");
     return clean ? 0 : -1;
 }

@@ -83,22 +83,6 @@ static void test_redis_unreachable_is_an_error(void **state) {
 
 /* ---- Kafka ---- */
 
-typedef struct delivery {
-    int done;
-    rd_kafka_resp_err_t err;
-    int32_t partition;
-    int64_t offset;
-} delivery;
-
-static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque) {
-    (void)rk, (void)opaque;
-    delivery *d = m->_private;
-    d->done = 1;
-    d->err = m->err;
-    d->partition = m->partition;
-    d->offset = m->offset;
-}
-
 static rd_kafka_t *new_producer(void) {
     rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "smoke-test", err, sizeof(err));
     if (conf == NULL) fail_msg("conf: %s", err);

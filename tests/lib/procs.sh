@@ -1,5 +1,17 @@
-# procs.sh - stops a Python helper and the processes it recorded; sourced by the EXIT traps of
-# tests/chaos/chaos.sh, tests/integration/producer_faults.sh and scripts/demo.sh.
+# procs.sh - runs a Python helper, and stops it and the processes it recorded; sourced by
+# tests/chaos/chaos.sh, tests/integration/producer_faults.sh and scripts/demo.sh (their EXIT traps).
+
+# run_helper COMMAND [ARG...]: runs the helper in the background, so that a signal reaches the
+# caller's traps at once (bash runs them only between commands, and `wait` is interruptible), and
+# waits for it. While it runs its pid is in $helper (for stop_helper in the EXIT trap); its exit
+# status ends up in $rc.
+run_helper() {
+    "$@" &
+    helper=$!
+    wait "$helper"
+    rc=$?
+    helper=
+}
 
 # stop_helper PID: SIGTERM to the helper if it still runs (it stops its own children on the way
 # out), then waits for it. PID must be a child of this shell; empty does nothing.

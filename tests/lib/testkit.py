@@ -4,15 +4,20 @@ Shared by tests/integration/{producer_api,producer_faults,http_hostile}.py and b
 tests/e2e/flashsale.py (the demo and the chaos suite). Standard library only.
 
   Fail, expect(cond, detail)      a check that did not hold, or a step that could not be done
-  Report()                        prints `ok - NAME` / `not ok - NAME: DETAIL`, counts both
+  Report()                        prints `ok - NAME` / `not ok - NAME: DETAIL`, counts both;
+                                  keep_if_failed(dir, what), summary() -> exit status
   read_env_file(path) -> dict     the `export K=V` lines of a stack.env
   load_stack_env()                fills os.environ from var/stack.env when REDIS_URL is unset
   free_port(), port_free(port), pick_ports(n, avoid)
   log_tail(path, n, prefix)       the last lines of a log, indented for a TAP diagnostic
+  worker_binary(name)             $BIN_DIR/NAME (default bin/NAME), as an absolute path
+  setup_missing(env, binary)      what a driver lacks to run: unset settings, or the binary
+  sentinel_conf(...)              the sentinel.conf of a Sentinel watching one primary
 """
 import os
 import random
 import shlex
+import shutil
 import socket
 
 from http11 import HOST
@@ -30,7 +35,7 @@ def expect(cond, detail):
 
 
 class Report:
-    """Counts and prints the checks of one run; the caller prints `N passed, M failed`."""
+    """Counts and prints the checks of one run; summary() prints `N passed, M failed` at the end."""
 
     def __init__(self):
         self.passed = self.failed = 0
@@ -48,6 +53,19 @@ class Report:
             self.ok(name, detail)
         else:
             self.not_ok(name, detail)
+
+    def keep_if_failed(self, logdir, what):
+        """After the run: removes logdir when every check passed, else keeps it and says so,
+        `# WHAT kept in LOGDIR` (what: e.g. "the producer's log is")."""
+        if self.failed:
+            print("# %s kept in %s" % (what, logdir), flush=True)
+        else:
+            shutil.rmtree(logdir, ignore_errors=True)
+
+    def summary(self):
+        """Prints `N passed, M failed`; the exit status of the run (0 when nothing failed)."""
+        print("%d passed, %d failed" % (self.passed, self.failed), flush=True)
+        return 0 if self.failed == 0 else 1
 
 
 def read_env_file(path):
@@ -110,3 +128,36 @@ def log_tail(path, n=15, prefix="#   "):
     except OSError:
         return "%s(no log at %s)" % (prefix, path)
     return "\n".join(prefix + l[:300] for l in lines[-n:])
+
+
+def worker_binary(name):
+    """$BIN_DIR/NAME (BIN_DIR defaults to bin; a relative one that is not a directory here is taken
+    from the repository root), as an absolute path."""
+    bin_dir = os.environ.get("BIN_DIR", "bin")
+    if not os.path.isabs(bin_dir) and not os.path.isdir(bin_dir):
+        bin_dir = os.path.join(ROOT, bin_dir)
+    return os.path.abspath(os.path.join(bin_dir, name))
+
+
+def setup_missing(env, binary):
+    """What a driver lacks to run: the names in env that are unset or empty, comma-separated, or
+    else binary when it is not executable; None when nothing is missing."""
+    missing = [v for v in env if not os.environ.get(v)]
+    if missing:
+        return ", ".join(missing)
+    if not os.access(binary, os.X_OK):
+        return binary
+    return None
+
+
+def sentinel_conf(port, workdir, master, master_port, quorum, failover_timeout_ms):
+    """The sentinel.conf of a Sentinel on HOST:port (its directory workdir) that watches the
+    primary HOST:master_port under the name master: down after 1 s without an answer, failed over
+    with `quorum` Sentinels agreeing, one replica at a time."""
+    return ("port %d\nbind %s\ndaemonize no\ndir %s\n"
+            "sentinel monitor %s %s %d %d\n"
+            "sentinel down-after-milliseconds %s 1000\n"
+            "sentinel failover-timeout %s %d\n"
+            "sentinel parallel-syncs %s 1\n"
+            % (port, HOST, workdir, master, HOST, master_port, quorum, master, master,
+               failover_timeout_ms, master))
