@@ -11,6 +11,9 @@
 #   BENCH_PRODUCERS=2  producer processes sharing one port (HTTP_REUSE_PORT=1: the kernel spreads
 #                      wrk's connections over them; one event loop per core of the 2-core box);
 #                      1 measures a single producer
+#   BENCH_WARMUP_S=10  closed-loop orders before anything is measured (not counted): the
+#                      broker's JVM compiles its hot paths in the first seconds under load, and a
+#                      stack this script has just started would otherwise be measured cold
 #   BENCH_RATE=        orders/s offered in the latency run; default a quarter of the -P 16
 #                      ceiling (half of the throughput target, as issue #3 asks); when set,
 #                      the run at half the producer's own accepted rate is left out
@@ -41,6 +44,7 @@ THREADS=${BENCH_THREADS:-2}
 SECONDS_PER_RUN=${BENCH_SECONDS:-5}
 RUNS=${BENCH_RUNS:-3}
 PRODUCERS=${BENCH_PRODUCERS:-2}
+WARMUP_S=${BENCH_WARMUP_S:-10}
 RATE=${BENCH_RATE:-}
 PIPELINE=16          # redis-benchmark -P of the ceiling the target refers to
 USERS=1000000        # user ids are drawn from 1..USERS, by wrk and by redis-benchmark
@@ -60,8 +64,9 @@ die() {
     exit 1
 }
 
-for v in CONNS THREADS SECONDS_PER_RUN RUNS PRODUCERS; do
-    [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "BENCH_${v/SECONDS_PER_RUN/SECONDS} must be a positive integer (got '${!v}')"
+for v in CONNS THREADS SECONDS_PER_RUN RUNS PRODUCERS WARMUP_S; do
+    name=${v/SECONDS_PER_RUN/SECONDS}
+    [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "BENCH_${name} must be a positive integer (got '${!v}')"
 done
 [[ -z $RATE || $RATE =~ ^[1-9][0-9]*$ ]] || die "BENCH_RATE must be a positive integer (got '$RATE')"
 ((CONNS >= THREADS)) || die "BENCH_CONNS ($CONNS) must be at least BENCH_THREADS ($THREADS)"
@@ -490,8 +495,8 @@ n_p16=$(calc "$(<"$tmp/ceiling.out") * $SECONDS_PER_RUN + 1000")
 run_ceiling 5000 1
 n_p1=$(calc "$(<"$tmp/ceiling.out") * $SECONDS_PER_RUN + 1000")
 
-# Warm-up: Kafka's producer id, connections, caches. Not counted.
-run_wrk "$tmp/warmup" "$sku_open" 2
+# Warm-up: Kafka's producer id, connections, caches, the broker's JIT. Not counted.
+run_wrk "$tmp/warmup" "$sku_open" "$WARMUP_S"
 [[ $(kv "$(<"$tmp/warmup")" c202) -gt 0 ]] || producer_failed "no order was accepted during the warm-up: $(<"$tmp/warmup")"
 
 # ---- the measured rounds -------------------------------------------------------------------------
