@@ -48,30 +48,21 @@ static void check_end(report *rep, int before, const char *title) {
     fprintf(rep->out, "%s %s\n", n ? "[FAIL]" : "[ok]  ", title);
 }
 
-static PGresult *query(sp_reaper *rp, const char *sql, int nparams, const char *const *params,
-                       char *errbuf, size_t errlen) {
-    PGconn *pg = sp_reaper_pg(rp, errbuf, errlen);
-    if (pg == NULL) return NULL;
-    PGresult *res = sp_pg_query(pg, sql, nparams, params, errbuf, errlen);
-    if (res == NULL) sp_reaper_pg_failed(rp);
-    return res;
-}
-
 static const char *v(const PGresult *res, int r, int f) { return PQgetvalue(res, r, f); }
 
 /* ---- PostgreSQL ---- */
 
 static int check_supply(sp_reaper *rp, report *rep, char *errbuf, size_t errlen) {
     int before = check_begin(rep);
-    PGresult *res = query(rp,
-                          "SELECT i.sku_id, i.supplied, i.stock, coalesce(h.held, 0)"
-                          "  FROM inventory i LEFT JOIN ("
-                          "    SELECT sku_id, sum(qty) AS held FROM orders"
-                          "     WHERE status IN ('pending', 'paid') GROUP BY sku_id) h"
-                          "    ON h.sku_id = i.sku_id"
-                          " WHERE i.supplied <> i.stock + coalesce(h.held, 0)"
-                          " ORDER BY i.sku_id LIMIT 1000",
-                          0, NULL, errbuf, errlen);
+    PGresult *res = sp_reaper_query(rp,
+                                    "SELECT i.sku_id, i.supplied, i.stock, coalesce(h.held, 0)"
+                                    "  FROM inventory i LEFT JOIN ("
+                                    "    SELECT sku_id, sum(qty) AS held FROM orders"
+                                    "     WHERE status IN ('pending', 'paid') GROUP BY sku_id) h"
+                                    "    ON h.sku_id = i.sku_id"
+                                    " WHERE i.supplied <> i.stock + coalesce(h.held, 0)"
+                                    " ORDER BY i.sku_id LIMIT 1000",
+                                    0, NULL, errbuf, errlen);
     if (res == NULL) return -1;
     for (int r = 0; r < PQntuples(res); r++) {
         int64_t supplied = strtoll(v(res, r, 1), NULL, 10), stock = strtoll(v(res, r, 2), NULL, 10);
@@ -89,7 +80,7 @@ static int check_supply(sp_reaper *rp, report *rep, char *errbuf, size_t errlen)
 
 static int check_payments(sp_reaper *rp, report *rep, char *errbuf, size_t errlen) {
     int before = check_begin(rep);
-    PGresult *res = query(
+    PGresult *res = sp_reaper_query(
         rp,
         "SELECT o.order_id, o.sku_id, o.status, o.refund_due, o.paid_at IS NOT NULL,"
         "       o.closed_at IS NOT NULL, r.reason"
@@ -125,29 +116,29 @@ static int check_payments(sp_reaper *rp, report *rep, char *errbuf, size_t errle
 
 static int check_ledger(sp_reaper *rp, report *rep, char *errbuf, size_t errlen) {
     int before = check_begin(rep);
-    PGresult *res = query(rp,
-                          "SELECT o.order_id, o.sku_id, o.status FROM orders o"
-                          " WHERE o.status IN ('expired', 'cancelled')"
-                          "   AND NOT EXISTS (SELECT 1 FROM stock_returns r"
-                          "                    WHERE r.order_id = o.order_id)"
-                          " ORDER BY o.order_id LIMIT 1000",
-                          0, NULL, errbuf, errlen);
+    PGresult *res = sp_reaper_query(rp,
+                                    "SELECT o.order_id, o.sku_id, o.status FROM orders o"
+                                    " WHERE o.status IN ('expired', 'cancelled')"
+                                    "   AND NOT EXISTS (SELECT 1 FROM stock_returns r"
+                                    "                    WHERE r.order_id = o.order_id)"
+                                    " ORDER BY o.order_id LIMIT 1000",
+                                    0, NULL, errbuf, errlen);
     if (res == NULL) return -1;
     for (int r = 0; r < PQntuples(res); r++)
         violation(rep, "order %s (sku %s) is %s but has no row in the return ledger: its stock "
                        "never went back",
                   v(res, r, 0), v(res, r, 1), v(res, r, 2));
     PQclear(res);
-    res = query(rp,
-                "SELECT r.order_id, r.sku_id, r.reason, coalesce(o.status, '(no order)'),"
-                "       r.qty, o.qty, r.user_id, o.user_id, o.sku_id"
-                "  FROM stock_returns r LEFT JOIN orders o ON o.order_id = r.order_id"
-                " WHERE o.order_id IS NULL"
-                "    OR NOT ((o.status = 'expired' AND r.reason = 'expired')"
-                "         OR (o.status = 'cancelled' AND r.reason = 'voided'))"
-                "    OR o.qty <> r.qty OR o.user_id <> r.user_id OR o.sku_id <> r.sku_id"
-                " ORDER BY r.order_id LIMIT 1000",
-                0, NULL, errbuf, errlen);
+    res = sp_reaper_query(rp,
+                          "SELECT r.order_id, r.sku_id, r.reason, coalesce(o.status, '(no order)'),"
+                          "       r.qty, o.qty, r.user_id, o.user_id, o.sku_id"
+                          "  FROM stock_returns r LEFT JOIN orders o ON o.order_id = r.order_id"
+                          " WHERE o.order_id IS NULL"
+                          "    OR NOT ((o.status = 'expired' AND r.reason = 'expired')"
+                          "         OR (o.status = 'cancelled' AND r.reason = 'voided'))"
+                          "    OR o.qty <> r.qty OR o.user_id <> r.user_id OR o.sku_id <> r.sku_id"
+                          " ORDER BY r.order_id LIMIT 1000",
+                          0, NULL, errbuf, errlen);
     if (res == NULL) return -1;
     for (int r = 0; r < PQntuples(res); r++)
         violation(rep,
@@ -174,8 +165,9 @@ static int global_quiet(sp_reaper *rp, char *why, size_t whylen, char *errbuf, s
                                   errlen) != 0)
         return -1;
     const char *params[] = {rp->cfg->kafka_topic};
-    PGresult *res = query(rp, "SELECT partition, next_offset FROM consumer_offsets WHERE topic = $1",
-                          1, params, errbuf, errlen);
+    PGresult *res = sp_reaper_query(
+        rp, "SELECT partition, next_offset FROM consumer_offsets WHERE topic = $1", 1, params,
+        errbuf, errlen);
     if (res == NULL) return -1;
     for (int p = 0; p < n; p++) {
         int64_t low = 0, high = 0, stored = 0;
@@ -196,8 +188,9 @@ static int global_quiet(sp_reaper *rp, char *why, size_t whylen, char *errbuf, s
         snprintf(why, whylen, "the consumer has %" PRId64 " events to apply", lag);
         return 0;
     }
-    res = query(rp, "SELECT count(*) FROM stock_returns WHERE returned_to_redis_at IS NULL", 0, NULL,
-                errbuf, errlen);
+    res = sp_reaper_query(
+        rp, "SELECT count(*) FROM stock_returns WHERE returned_to_redis_at IS NULL", 0, NULL,
+        errbuf, errlen);
     if (res == NULL) return -1;
     int64_t owed = strtoll(v(res, 0, 0), NULL, 10);
     PQclear(res);
@@ -286,10 +279,10 @@ static int compare_pass(sp_reaper *rp, report *rep, int *nbusy, int *nbad, char 
     *nbusy = *nbad = 0;
     for (;;) {
         const char *params[] = {sp_reaper_i64(after, last), sp_reaper_i64(limit, SKU_PAGE)};
-        PGresult *res = query(rp,
-                              "SELECT sku_id, stock, supplied FROM inventory"
-                              " WHERE sku_id > $1::bigint ORDER BY sku_id LIMIT $2::int",
-                              2, params, errbuf, errlen);
+        PGresult *res = sp_reaper_query(rp,
+                                        "SELECT sku_id, stock, supplied FROM inventory"
+                                        " WHERE sku_id > $1::bigint ORDER BY sku_id LIMIT $2::int",
+                                        2, params, errbuf, errlen);
         if (res == NULL) return -1;
         int n = PQntuples(res);
         for (int i = 0; i < n; i++) {
@@ -391,10 +384,11 @@ static int check_redis(sp_reaper *rp, report *rep, char *errbuf, size_t errlen) 
 int sp_audit_run(sp_reaper *rp, const sp_audit_opts *opts, FILE *out, char *errbuf,
                  size_t errlen) {
     report rep = {.out = out};
-    PGresult *res = query(rp,
-                          "SELECT (SELECT count(*) FROM inventory), (SELECT count(*) FROM orders),"
-                          "       (SELECT count(*) FROM stock_returns)",
-                          0, NULL, errbuf, errlen);
+    PGresult *res = sp_reaper_query(
+        rp,
+        "SELECT (SELECT count(*) FROM inventory), (SELECT count(*) FROM orders),"
+        "       (SELECT count(*) FROM stock_returns)",
+        0, NULL, errbuf, errlen);
     if (res == NULL) goto failed;
     fprintf(out, "reaper audit: %s SKUs, %s orders, %s ledger rows (topic %s)\n", v(res, 0, 0),
             v(res, 0, 1), v(res, 0, 2), rp->cfg->kafka_topic);

@@ -72,13 +72,8 @@ static int expire_batch(sp_reaper *rp, size_t *nclaimed, size_t *nacked, char *e
     int rc = -1;
     *nclaimed = *nacked = 0;
 
-    PGconn *pg = sp_reaper_pg(rp, errbuf, errlen);
-    if (pg == NULL) return -1;
-    res = sp_pg_query(pg, claim_sql, 3, params, errbuf, errlen);
-    if (res == NULL) {
-        sp_reaper_pg_failed(rp);
-        return -1;
-    }
+    res = sp_reaper_query(rp, claim_sql, 3, params, errbuf, errlen);
+    if (res == NULL) return -1;
     size_t n = (size_t)PQntuples(res);
     if (n == 0) {
         rc = 0;

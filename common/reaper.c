@@ -132,12 +132,11 @@ not_ready:
  * reservation sweep ran. */
 static int sweep(sp_reaper *rp, int resv_due) {
     char err[512];
-    int reconciled = 0;
     size_t n = 0;
     int64_t budget = rp->cfg->reaper_interval_ms > 2000 ? rp->cfg->reaper_interval_ms : 2000;
     int64_t started = sp_clock_mono_ms();
 
-    int checked = sp_reconcile_check(rp, &reconciled, err, sizeof(err)) == 0;
+    int checked = sp_reconcile_check(rp, err, sizeof(err)) == 0;
     if (!checked) sp_warn("redis data-loss check failed: %s", err);
     if (!sp_signal_stop_requested() && sp_expiry_sweep(rp, budget, &n, err, sizeof(err)) != 0)
         sp_warn("expiry sweep failed: %s", err);

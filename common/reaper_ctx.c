@@ -233,6 +233,23 @@ void sp_reaper_pg_rollback(sp_reaper *rp) {
     if (sp_pg_exec(rp->pg, "ROLLBACK", 0, NULL, err, sizeof(err)) != 0) sp_reaper_pg_failed(rp);
 }
 
+PGresult *sp_reaper_query(sp_reaper *rp, const char *sql, int nparams, const char *const *params,
+                          char *errbuf, size_t errlen) {
+    PGconn *pg = sp_reaper_pg(rp, errbuf, errlen);
+    if (pg == NULL) return NULL;
+    PGresult *res = sp_pg_query(pg, sql, nparams, params, errbuf, errlen);
+    if (res == NULL) sp_reaper_pg_failed(rp);
+    return res;
+}
+
+int sp_reaper_exec(sp_reaper *rp, const char *sql, int nparams, const char *const *params,
+                   char *errbuf, size_t errlen) {
+    PGresult *res = sp_reaper_query(rp, sql, nparams, params, errbuf, errlen);
+    if (res == NULL) return -1;
+    PQclear(res);
+    return 0;
+}
+
 size_t sp_reaper_publish(sp_reaper *rp, const sp_event *evs, size_t n, int *acked) {
     char err[256];
     sp_reaper_batch b = {.first_seq = rp->next_seq, .n = n, .acked = acked};

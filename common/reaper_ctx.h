@@ -97,6 +97,17 @@ void sp_reaper_pg_failed(sp_reaper *rp);
  * session when even that fails. */
 void sp_reaper_pg_rollback(sp_reaper *rp);
 
+/* Runs one parameterized statement (sp_pg_query) on the session, connecting when there is none.
+ * Returns its rows (caller PQclears), or NULL with errbuf; a session the statement failed on is
+ * dropped. Not for the statements of an open transaction (BEGIN is fine): a session that had
+ * gone would be replaced by a new one, outside the transaction. */
+PGresult *sp_reaper_query(sp_reaper *rp, const char *sql, int nparams, const char *const *params,
+                          char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+
+/* The same for a statement whose rows are not wanted: 0, or -1 with errbuf. */
+int sp_reaper_exec(sp_reaper *rp, const char *sql, int nparams, const char *const *params,
+                   char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+
 /* Publishes n events (key = sku_id) with the acks=all idempotent producer and waits for their
  * delivery reports, at most the message timeout plus a second. acked[i] is 1 when Kafka
  * acknowledged evs[i], 0 when it did not or did not say in time (the event may still be

@@ -17,8 +17,6 @@ int sp_requests_claim_voids(sp_reaper *rp, int64_t sku_id, const char *const *id
     int rc = -1;
     memset(won, 0, n * sizeof(*won));
     if (n == 0) return 0;
-    PGconn *pg = sp_reaper_pg(rp, errbuf, errlen);
-    if (pg == NULL) return -1;
     if ((array = sp_reaper_text_array(ids, n)) == NULL) {
         snprintf(errbuf, errlen, "out of memory");
         return -1;
@@ -27,20 +25,17 @@ int sp_requests_claim_voids(sp_reaper *rp, int64_t sku_id, const char *const *id
                             sp_reaper_i64(retry, rp->cfg->expiry_retry_ms), rp->cfg->worker_id};
     /* As the expiry's claim: a conflicting insert waits for the other replica's commit, then its
      * WHERE is false and the row is not returned. */
-    res = sp_pg_query(pg,
-                      "INSERT INTO reaper_requests AS r"
-                      "  (order_id, kind, sku_id, requested_at, requested_by) "
-                      "SELECT DISTINCT unnest($1::text[]), 'void', $2::bigint, now(), $4 "
-                      "ON CONFLICT (order_id, kind) DO UPDATE"
-                      "   SET requested_at = now(), requested_by = excluded.requested_by,"
-                      "       attempts = r.attempts + 1"
-                      " WHERE r.requested_at <= now() - $3::bigint * interval '1 millisecond' "
-                      "RETURNING r.order_id",
-                      4, params, errbuf, errlen);
-    if (res == NULL) {
-        sp_reaper_pg_failed(rp);
-        goto out;
-    }
+    res = sp_reaper_query(rp,
+                          "INSERT INTO reaper_requests AS r"
+                          "  (order_id, kind, sku_id, requested_at, requested_by) "
+                          "SELECT DISTINCT unnest($1::text[]), 'void', $2::bigint, now(), $4 "
+                          "ON CONFLICT (order_id, kind) DO UPDATE"
+                          "   SET requested_at = now(), requested_by = excluded.requested_by,"
+                          "       attempts = r.attempts + 1"
+                          " WHERE r.requested_at <= now() - $3::bigint * interval '1 millisecond' "
+                          "RETURNING r.order_id",
+                          4, params, errbuf, errlen);
+    if (res == NULL) goto out;
     for (int r = 0; r < PQntuples(res); r++)
         for (size_t i = 0; i < n; i++)
             if (strcmp(ids[i], PQgetvalue(res, r, 0)) == 0) won[i] = 1;
@@ -68,10 +63,8 @@ int sp_requests_forget_decided(sp_reaper *rp, int limit, size_t *ndeleted, char 
                                size_t errlen) {
     char n[24];
     const char *params[] = {sp_reaper_i64(n, limit)};
-    PGconn *pg = sp_reaper_pg(rp, errbuf, errlen);
-    if (pg == NULL) return -1;
-    PGresult *res = sp_pg_query(
-        pg,
+    PGresult *res = sp_reaper_query(
+        rp,
         "DELETE FROM reaper_requests WHERE (order_id, kind) IN ("
         "  SELECT q.order_id, q.kind FROM reaper_requests q"
         "    LEFT JOIN orders o ON o.order_id = q.order_id"
@@ -80,10 +73,7 @@ int sp_requests_forget_decided(sp_reaper *rp, int limit, size_t *ndeleted, char 
         "                               OR q.requested_at < now() - interval '1 day'))"
         "   LIMIT $1::int)",
         1, params, errbuf, errlen);
-    if (res == NULL) {
-        sp_reaper_pg_failed(rp);
-        return -1;
-    }
+    if (res == NULL) return -1;
     *ndeleted = (size_t)strtoull(PQcmdTuples(res), NULL, 10);
     PQclear(res);
     return 0;

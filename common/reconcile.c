@@ -89,16 +89,11 @@ static int read_identity(sp_reaper *rp, redis_identity *id, char *errbuf, size_t
 
 /* What reaper_state recorded; *found = 0 when nothing (the first start). */
 static int read_state(sp_reaper *rp, redis_identity *id, int *found, char *errbuf, size_t errlen) {
-    PGconn *pg = sp_reaper_pg(rp, errbuf, errlen);
-    if (pg == NULL) return -1;
-    PGresult *res = sp_pg_query(pg,
-                                "SELECT name, value FROM reaper_state WHERE name IN "
-                                "('redis_epoch', 'redis_run_id', 'redis_replid')",
-                                0, NULL, errbuf, errlen);
-    if (res == NULL) {
-        sp_reaper_pg_failed(rp);
-        return -1;
-    }
+    PGresult *res = sp_reaper_query(rp,
+                                    "SELECT name, value FROM reaper_state WHERE name IN "
+                                    "('redis_epoch', 'redis_run_id', 'redis_replid')",
+                                    0, NULL, errbuf, errlen);
+    if (res == NULL) return -1;
     memset(id, 0, sizeof(*id));
     *found = PQntuples(res) > 0;
     for (int r = 0; r < PQntuples(res); r++) {
@@ -113,18 +108,13 @@ static int read_state(sp_reaper *rp, redis_identity *id, int *found, char *errbu
 
 static int write_state(sp_reaper *rp, const redis_identity *id, char *errbuf, size_t errlen) {
     const char *params[] = {id->epoch, id->run_id, id->replid};
-    PGconn *pg = sp_reaper_pg(rp, errbuf, errlen);
-    if (pg == NULL) return -1;
-    if (sp_pg_exec(pg,
-                   "INSERT INTO reaper_state (name, value, updated_at) VALUES"
-                   " ('redis_epoch', $1, now()), ('redis_run_id', $2, now()),"
-                   " ('redis_replid', $3, now())"
-                   " ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = now()",
-                   3, params, errbuf, errlen) != 0) {
-        sp_reaper_pg_failed(rp);
-        return -1;
-    }
-    return 0;
+    return sp_reaper_exec(
+        rp,
+        "INSERT INTO reaper_state (name, value, updated_at) VALUES"
+        " ('redis_epoch', $1, now()), ('redis_run_id', $2, now()),"
+        " ('redis_replid', $3, now())"
+        " ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = now()",
+        3, params, errbuf, errlen);
 }
 
 /* A fresh random epoch token, written to Redis. */
@@ -147,16 +137,11 @@ static int read_inventory(sp_reaper *rp, int64_t sku_id, inv_row *inv, int *foun
                           size_t errlen) {
     char sku[24];
     const char *params[] = {sp_reaper_i64(sku, sku_id)};
-    PGconn *pg = sp_reaper_pg(rp, errbuf, errlen);
-    if (pg == NULL) return -1;
-    PGresult *res = sp_pg_query(pg,
-                                "SELECT stock, supplied, per_user_limit, pay_timeout_s"
-                                "  FROM inventory WHERE sku_id = $1::bigint",
-                                1, params, errbuf, errlen);
-    if (res == NULL) {
-        sp_reaper_pg_failed(rp);
-        return -1;
-    }
+    PGresult *res = sp_reaper_query(rp,
+                                    "SELECT stock, supplied, per_user_limit, pay_timeout_s"
+                                    "  FROM inventory WHERE sku_id = $1::bigint",
+                                    1, params, errbuf, errlen);
+    if (res == NULL) return -1;
     *found = PQntuples(res) == 1;
     if (*found) {
         inv->stock = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
@@ -185,16 +170,11 @@ static int wait_consumer(sp_reaper *rp, int64_t sku_id, char *errbuf, size_t err
     const char *params[] = {rp->cfg->kafka_topic, sp_reaper_i64(part, partition)};
     int64_t deadline = sp_clock_mono_ms() + rp->cfg->reconcile_wait_ms;
     for (;;) {
-        PGconn *pg = sp_reaper_pg(rp, errbuf, errlen);
-        if (pg == NULL) return -1;
-        PGresult *res = sp_pg_query(pg,
-                                    "SELECT next_offset FROM consumer_offsets"
-                                    " WHERE topic = $1 AND partition = $2::int",
-                                    2, params, errbuf, errlen);
-        if (res == NULL) {
-            sp_reaper_pg_failed(rp);
-            return -1;
-        }
+        PGresult *res = sp_reaper_query(rp,
+                                        "SELECT next_offset FROM consumer_offsets"
+                                        " WHERE topic = $1 AND partition = $2::int",
+                                        2, params, errbuf, errlen);
+        if (res == NULL) return -1;
         stored = PQntuples(res) == 1 ? strtoll(PQgetvalue(res, 0, 0), NULL, 10) : 0;
         PQclear(res);
         if (stored >= high) return 0;
@@ -428,16 +408,11 @@ static int adjust_vanished(sp_reaper *rp, int64_t sku_id, const sp_vanished *v, 
         goto out;
     }
     const char *params[] = {array};
-    PGconn *pg = sp_reaper_pg(rp, errbuf, errlen);
-    if (pg == NULL) goto out;
-    res = sp_pg_query(pg,
-                      "SELECT order_id FROM orders WHERE order_id = ANY($1::text[])"
-                      "   AND status IN ('pending', 'paid', 'expired')",
-                      1, params, errbuf, errlen);
-    if (res == NULL) {
-        sp_reaper_pg_failed(rp);
-        goto out;
-    }
+    res = sp_reaper_query(rp,
+                          "SELECT order_id FROM orders WHERE order_id = ANY($1::text[])"
+                          "   AND status IN ('pending', 'paid', 'expired')",
+                          1, params, errbuf, errlen);
+    if (res == NULL) goto out;
     for (int r = 0; r < PQntuples(res); r++)
         for (size_t i = 0; i < n; i++) {
             int64_t stock = 0;
@@ -566,17 +541,12 @@ static int reconcile_every_sku(sp_reaper *rp, const char *why, char *errbuf, siz
         int64_t last = 0;
         for (;;) {
             const char *params[] = {sp_reaper_i64(after, last), sp_reaper_i64(limit, SKU_PAGE)};
-            PGconn *pg = sp_reaper_pg(rp, errbuf, errlen);
-            if (pg == NULL) return -1;
-            PGresult *res = sp_pg_query(pg,
-                                        "SELECT sku_id, supplied, per_user_limit, pay_timeout_s"
-                                        "  FROM inventory WHERE sku_id > $1::bigint"
-                                        " ORDER BY sku_id LIMIT $2::int",
-                                        2, params, errbuf, errlen);
-            if (res == NULL) {
-                sp_reaper_pg_failed(rp);
-                return -1;
-            }
+            PGresult *res = sp_reaper_query(rp,
+                                            "SELECT sku_id, supplied, per_user_limit, pay_timeout_s"
+                                            "  FROM inventory WHERE sku_id > $1::bigint"
+                                            " ORDER BY sku_id LIMIT $2::int",
+                                            2, params, errbuf, errlen);
+            if (res == NULL) return -1;
             int n = PQntuples(res);
             for (int i = 0; i < n && !sp_signal_stop_requested(); i++) {
                 int64_t sku = strtoll(PQgetvalue(res, i, 0), NULL, 10);
@@ -660,11 +630,10 @@ fail:
     return -1;
 }
 
-int sp_reconcile_check(sp_reaper *rp, int *reconciled, char *errbuf, size_t errlen) {
+int sp_reconcile_check(sp_reaper *rp, char *errbuf, size_t errlen) {
     redis_identity now, rec;
     int got = 0, found = 0, rc = -1;
     char why[256];
-    *reconciled = 0;
     if (read_identity(rp, &now, errbuf, errlen) != 0) goto fail;
     if (rp->seen.known && now.epoch[0] && strcmp(now.epoch, rp->seen.epoch) == 0 &&
         strcmp(now.run_id, rp->seen.run_id) == 0 && strcmp(now.replid, rp->seen.replid) == 0)
@@ -691,7 +660,6 @@ int sp_reconcile_check(sp_reaper *rp, int *reconciled, char *errbuf, size_t errl
                        "writes");
         if (found) sp_metric_inc(&m_data_loss);
         if (reconcile_every_sku(rp, why, errbuf, errlen) != 0) goto out;
-        *reconciled = 1;
         rc = 0;
         goto out;
     }

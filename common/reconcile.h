@@ -40,9 +40,8 @@ void sp_reconcile_register_metrics(void);
  * not, and no other replica is on it, reconciles every SKU and records the new epoch. Nothing
  * recorded (the first start on a database, or one rebuilt from the log) counts as not. Afterwards
  * rp->seen.known says whether Redis is confirmed: until it is, nothing may be given back to it
- * (the ledger's stamps may not describe this Redis). *reconciled is 1 when a reconcile of every
- * SKU completed. 0, or -1 with errbuf. */
-int sp_reconcile_check(sp_reaper *rp, int *reconciled, char *errbuf, size_t errlen)
+ * (the ledger's stamps may not describe this Redis). 0, or -1 with errbuf. */
+int sp_reconcile_check(sp_reaper *rp, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 
 /* Reconciles every SKU of PostgreSQL's inventory (all paused first, then rebuilt one by one) and

@@ -94,19 +94,15 @@ static int order_statuses(sp_reaper *rp, const char *const *ids, size_t n, char 
     if (n == 0) return 0;
     char *array = sp_reaper_text_array(ids, n);
     const char *params[] = {array};
-    PGconn *pg = sp_reaper_pg(rp, errbuf, errlen);
-    if (array == NULL || pg == NULL) {
-        if (array == NULL) snprintf(errbuf, errlen, "out of memory");
-        free(array);
+    if (array == NULL) {
+        snprintf(errbuf, errlen, "out of memory");
         return -1;
     }
-    PGresult *res = sp_pg_query(pg, "SELECT order_id, status FROM orders WHERE order_id = ANY($1::text[])",
-                                1, params, errbuf, errlen);
+    PGresult *res = sp_reaper_query(
+        rp, "SELECT order_id, status FROM orders WHERE order_id = ANY($1::text[])", 1, params,
+        errbuf, errlen);
     free(array);
-    if (res == NULL) {
-        sp_reaper_pg_failed(rp);
-        return -1;
-    }
+    if (res == NULL) return -1;
     for (int r = 0; r < PQntuples(res); r++)
         for (size_t i = 0; i < n; i++)
             if (strcmp(ids[i], PQgetvalue(res, r, 0)) == 0)
@@ -341,17 +337,13 @@ int sp_resv_sweep(sp_reaper *rp, sp_resv_sweep_stats *st, char *errbuf, size_t e
     memset(st, 0, sizeof(*st));
     for (;;) {
         const char *params[] = {sp_reaper_i64(after, last), sp_reaper_i64(limit, SKU_PAGE)};
-        PGconn *pg = sp_reaper_pg(rp, errbuf, errlen);
-        if (pg == NULL) goto fail;
-        PGresult *res = sp_pg_query(pg,
-                                    "SELECT sku_id, (extract(epoch FROM created_at) * 1000)::bigint"
-                                    "  FROM inventory WHERE sku_id > $1::bigint"
-                                    " ORDER BY sku_id LIMIT $2::int",
-                                    2, params, errbuf, errlen);
-        if (res == NULL) {
-            sp_reaper_pg_failed(rp);
-            goto fail;
-        }
+        PGresult *res = sp_reaper_query(
+            rp,
+            "SELECT sku_id, (extract(epoch FROM created_at) * 1000)::bigint"
+            "  FROM inventory WHERE sku_id > $1::bigint"
+            " ORDER BY sku_id LIMIT $2::int",
+            2, params, errbuf, errlen);
+        if (res == NULL) goto fail;
         int n = PQntuples(res);
         for (int i = 0; i < n && !sp_signal_stop_requested(); i++) {
             int64_t sku = strtoll(PQgetvalue(res, i, 0), NULL, 10);

@@ -148,11 +148,7 @@ static int drain_batch(sp_reaper *rp, drain_pos *pos, size_t *nread, size_t *nst
 
     redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
     if (redis == NULL) return -1;
-    if (sp_reaper_pg(rp, errbuf, errlen) == NULL) return -1;
-    if (sp_pg_exec(rp->pg, "BEGIN", 0, NULL, errbuf, errlen) != 0) {
-        sp_reaper_pg_failed(rp);
-        return -1;
-    }
+    if (sp_reaper_exec(rp, "BEGIN", 0, NULL, errbuf, errlen) != 0) return -1;
     if (read_batch(rp, pos, &rows, &n, errbuf, errlen) != 0) goto fail;
     *nread = n;
     int64_t now = sp_clock_wall_ms();
@@ -232,18 +228,13 @@ static int settle_chunk(sp_reaper *rp, int64_t sku_id, const char *key, const ch
         snprintf(errbuf, errlen, "out of memory");
         return -1;
     }
-    PGconn *pg = sp_reaper_pg(rp, errbuf, errlen);
-    int rc = pg ? sp_pg_exec(pg,
-                             "UPDATE stock_returns SET returned_to_redis_at = now()"
-                             " WHERE order_id = ANY($1::text[]) AND sku_id = $2::bigint"
-                             "   AND returned_to_redis_at IS NULL",
-                             2, params, errbuf, errlen)
-                : -1;
+    int rc = sp_reaper_exec(rp,
+                            "UPDATE stock_returns SET returned_to_redis_at = now()"
+                            " WHERE order_id = ANY($1::text[]) AND sku_id = $2::bigint"
+                            "   AND returned_to_redis_at IS NULL",
+                            2, params, errbuf, errlen);
     free(array);
-    if (rc != 0) {
-        if (pg) sp_reaper_pg_failed(rp);
-        return -1;
-    }
+    if (rc != 0) return -1;
     /* Every row of these markers is stamped now: the markers have done their job. */
     hdel[0] = "HDEL", hdel[1] = key;
     memcpy(&hdel[2], ids, k * sizeof(*ids));
