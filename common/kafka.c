@@ -204,64 +204,67 @@ out:
     return rc;
 }
 
+/* The queue and options of one admin request on topic, with its operation timeout set; both NULL
+ * and -1 with errbuf when they cannot be made. admin_end() frees them. */
+static int admin_begin(rd_kafka_t *rk, rd_kafka_admin_op_t op, const char *what, const char *topic,
+                       int timeout_ms, rd_kafka_queue_t **q, rd_kafka_AdminOptions_t **opts,
+                       char *errbuf, size_t errlen) {
+    char err[256];
+    *q = rd_kafka_queue_new(rk);
+    *opts = rd_kafka_AdminOptions_new(rk, op);
+    if (*q == NULL || *opts == NULL)
+        snprintf(errbuf, errlen, "out of memory");
+    else if (rd_kafka_AdminOptions_set_operation_timeout(*opts, timeout_ms, err, sizeof(err)) != 0)
+        snprintf(errbuf, errlen, "kafka %s %s: %s", what, topic, err);
+    else
+        return 0;
+    return -1;
+}
+
+static void admin_end(rd_kafka_queue_t *q, rd_kafka_AdminOptions_t *opts) {
+    if (opts) rd_kafka_AdminOptions_destroy(opts);
+    if (q) rd_kafka_queue_destroy(q);
+}
+
 int sp_kafka_topic_create(rd_kafka_t *rk, const char *topic, int npartitions, int timeout_ms,
                           char *errbuf, size_t errlen) {
     char err[256];
-    rd_kafka_queue_t *q = NULL;
-    rd_kafka_AdminOptions_t *opts = NULL;
+    rd_kafka_queue_t *q;
+    rd_kafka_AdminOptions_t *opts;
     rd_kafka_NewTopic_t *nt = rd_kafka_NewTopic_new(topic, npartitions, 1, err, sizeof(err));
     int rc = -1;
     if (nt == NULL) {
         snprintf(errbuf, errlen, "kafka create topic %s: %s", topic, err);
         return -1;
     }
-    q = rd_kafka_queue_new(rk);
-    opts = rd_kafka_AdminOptions_new(rk, RD_KAFKA_ADMIN_OP_CREATETOPICS);
-    if (q == NULL || opts == NULL) {
-        snprintf(errbuf, errlen, "out of memory");
-        goto out;
+    if (admin_begin(rk, RD_KAFKA_ADMIN_OP_CREATETOPICS, "create topic", topic, timeout_ms, &q,
+                    &opts, errbuf, errlen) == 0) {
+        rd_kafka_CreateTopics(rk, &nt, 1, opts, q);
+        rc = admin_wait(q, RD_KAFKA_EVENT_CREATETOPICS_RESULT, "create topic", topic, timeout_ms,
+                        errbuf, errlen);
     }
-    if (rd_kafka_AdminOptions_set_operation_timeout(opts, timeout_ms, err, sizeof(err)) != 0) {
-        snprintf(errbuf, errlen, "kafka create topic %s: %s", topic, err);
-        goto out;
-    }
-    rd_kafka_CreateTopics(rk, &nt, 1, opts, q);
-    rc = admin_wait(q, RD_KAFKA_EVENT_CREATETOPICS_RESULT, "create topic", topic, timeout_ms,
-                    errbuf, errlen);
-out:
-    if (opts) rd_kafka_AdminOptions_destroy(opts);
-    if (q) rd_kafka_queue_destroy(q);
+    admin_end(q, opts);
     rd_kafka_NewTopic_destroy(nt);
     return rc;
 }
 
 int sp_kafka_topic_delete(rd_kafka_t *rk, const char *topic, int timeout_ms, char *errbuf,
                           size_t errlen) {
-    char err[256];
-    rd_kafka_queue_t *q = NULL;
-    rd_kafka_AdminOptions_t *opts = NULL;
+    rd_kafka_queue_t *q;
+    rd_kafka_AdminOptions_t *opts;
     rd_kafka_DeleteTopic_t *dt = rd_kafka_DeleteTopic_new(topic);
     int rc = -1;
     if (dt == NULL) {
         snprintf(errbuf, errlen, "out of memory");
         return -1;
     }
-    q = rd_kafka_queue_new(rk);
-    opts = rd_kafka_AdminOptions_new(rk, RD_KAFKA_ADMIN_OP_DELETETOPICS);
-    if (q == NULL || opts == NULL) {
-        snprintf(errbuf, errlen, "out of memory");
-        goto out;
+    if (admin_begin(rk, RD_KAFKA_ADMIN_OP_DELETETOPICS, "delete topic", topic, timeout_ms, &q,
+                    &opts, errbuf, errlen) == 0) {
+        rd_kafka_DeleteTopics(rk, &dt, 1, opts, q);
+        rc = admin_wait(q, RD_KAFKA_EVENT_DELETETOPICS_RESULT, "delete topic", topic, timeout_ms,
+                        errbuf, errlen);
     }
-    if (rd_kafka_AdminOptions_set_operation_timeout(opts, timeout_ms, err, sizeof(err)) != 0) {
-        snprintf(errbuf, errlen, "kafka delete topic %s: %s", topic, err);
-        goto out;
-    }
-    rd_kafka_DeleteTopics(rk, &dt, 1, opts, q);
-    rc = admin_wait(q, RD_KAFKA_EVENT_DELETETOPICS_RESULT, "delete topic", topic, timeout_ms,
-                    errbuf, errlen);
-out:
-    if (opts) rd_kafka_AdminOptions_destroy(opts);
-    if (q) rd_kafka_queue_destroy(q);
+    admin_end(q, opts);
     rd_kafka_DeleteTopic_destroy(dt);
     return rc;
 }
