@@ -16,9 +16,15 @@
  *   assignment     the offset stored in PostgreSQL (Kafka's committed offset only if PostgreSQL
  *                  cannot be reached: it never passes PostgreSQL's, so at worst events are read
  *                  again and dropped as stale);
- *   failed batch   a seek back to the smallest offset of the failed batch and the dropped one;
+ *   failed batch   a seek back to the smallest offset of the failed batch and the dropped one; when
+ *                  the store refused the batch because it started past PostgreSQL's stored offset
+ *                  (this consumer's position was ahead of PostgreSQL's: the offsets in between were
+ *                  never applied), a seek back to the stored offset;
  *   an offset gap  (a message beyond the one expected) a seek back to the expected offset, unless
- *                  the broker no longer has it (retention).
+ *                  the broker no longer has it (retention) or it was read again from there already
+ *                  and the gap stayed (offsets with no message); in_sequence decides, and only
+ *                  then does the message carry the gap (gap_from) that lets the store accept a
+ *                  batch starting past its stored offset.
  * So no event is skipped, and one read twice is dropped by the stored offset.
  */
 #include "consumer.h"
@@ -136,7 +142,8 @@ static sp_metric m_kafka_errors = SP_METRIC_COUNTER(
     "stockpipe_consumer_kafka_errors_total", "Errors the consumer's Kafka client reported.", NULL);
 static sp_metric m_gaps = SP_METRIC_COUNTER(
     "stockpipe_consumer_offset_gaps_total",
-    "Messages that came past the offset expected; the partition was read again from there.",
+    "Gaps that made the consumer read a partition again: a message past the offset expected, or "
+    "a batch refused for starting past PostgreSQL's stored offset.",
     NULL);
 
 static void register_metrics(void) {
@@ -155,7 +162,9 @@ static void register_metrics(void) {
 typedef struct part {
     int32_t partition;
     int64_t expect; /* the offset the next message should have; < 0: any (logical start) */
-    int64_t reread; /* the offset last read again after a gap: a second gap there is real */
+    int64_t reread; /* the offset last read again after a gap: a second gap there is real (also
+                     * after a batch the store refused: read again from the stored offset, a gap
+                     * that stays there ends the same way, not in a loop) */
     int64_t next;   /* the next offset stored in PostgreSQL, as far as this consumer knows; -1 */
     int64_t end;    /* replay: the end offset taken at start */
 } part;
@@ -503,6 +512,8 @@ static void apply_slot(consumer *c, slot *s) {
         return;
     }
     sp_metric_inc(&m_batch_failures);
+    for (size_t i = 0; i < b->nparts; i++)
+        if (b->parts[i].read_again_from >= 0) sp_metric_inc(&m_gaps);
     sp_log_ctx ctx = {.has_kafka = 1, .partition = b->parts[0].partition,
                       .offset = b->parts[0].first_offset};
     SP_LOG_CTX(SP_LOG_ERROR, &ctx, "batch of %zu events not applied (rolled back): %s", b->n, err);
@@ -575,9 +586,12 @@ static int seek_to(consumer *c, rd_kafka_topic_partition_list_t *list) {
  * partition's start is not known exactly). A message past the expected offset means something
  * was skipped: the partition is read again from the expected offset and the message is dropped,
  * unless the broker deleted that offset (retention) or it was read again from there already and
- * the gap stayed (offsets that hold no message, such as transaction markers). */
-static int in_sequence(consumer *c, const rd_kafka_message_t *m) {
+ * the gap stayed (offsets that hold no message, such as transaction markers). *gap_from gets where
+ * the empty offsets before an accepted message begin: its own offset, or the expected one when a
+ * gap was accepted (the store accepts a batch past its stored offset only so). */
+static int in_sequence(consumer *c, const rd_kafka_message_t *m, int64_t *gap_from) {
     part *p = find_part(c, m->partition);
+    *gap_from = m->offset;
     if (p == NULL) return 1; /* not ours any more: the store decides by the stored offset */
     if (p->expect < 0 || m->offset <= p->expect) {
         p->expect = m->offset + 1;
@@ -591,6 +605,7 @@ static int in_sequence(consumer *c, const rd_kafka_message_t *m) {
                    p->expect, m->offset - 1,
                    lo > p->expect ? "deleted by retention" : "still missing when read again",
                    m->offset);
+        *gap_from = p->expect;
         p->expect = m->offset + 1;
         return 1;
     }
@@ -608,12 +623,14 @@ static int in_sequence(consumer *c, const rd_kafka_message_t *m) {
     return 0;
 }
 
-/* Decodes a message into the filling batch (which takes it over). The key must be the event's
- * sku_id: a SKU's events stay in order only within one partition. */
-static void add_message(consumer *c, rd_kafka_message_t *m) {
+/* Decodes a message into the filling batch (which takes it over), with the gap in_sequence found
+ * before it. The key must be the event's sku_id: a SKU's events stay in order only within one
+ * partition. */
+static void add_message(consumer *c, rd_kafka_message_t *m, int64_t gap_from) {
     char err[SP_ITEM_REASON_MAX - 16], key[24];
     slot *s = c->filling;
     sp_batch_item *it = sp_batch_add(s->batch, m->partition, m->offset);
+    it->gap_from = gap_from;
     if (s->batch->n == 1) s->started_ms = sp_clock_mono_ms();
     s->msgs[s->batch->n - 1] = m;
     const char *value = m->payload ? (const char *)m->payload : "";
@@ -647,8 +664,10 @@ static void commit_to_kafka(consumer *c, const sp_batch *b) {
 }
 
 /* After a failed batch: every partition of it and of the batch being filled (dropped with it) is
- * read again from the smallest offset either holds, after a back-off. When the seek itself fails
- * the consumer leaves and rejoins the group, which assigns from PostgreSQL's offsets. */
+ * read again from the smallest offset either holds, or from PostgreSQL's stored offset where the
+ * store refused the batch for starting past it (read_again_from), after a back-off. When the seek
+ * itself fails the consumer leaves and rejoins the group, which assigns from PostgreSQL's
+ * offsets. */
 static void read_again(consumer *c, const sp_batch *failed) {
     sp_batch *filling = c->filling->batch;
     rd_kafka_topic_partition_list_t *list =
@@ -660,13 +679,23 @@ static void read_again(consumer *c, const sp_batch *failed) {
         for (size_t i = 0; i < both[k]->nparts; i++) {
             const sp_batch_partition *bp = &both[k]->parts[i];
             if (find_part(c, bp->partition) == NULL) continue; /* not ours any more */
+            int64_t from = bp->first_offset;
+            if (bp->read_again_from >= 0 && bp->read_again_from < from) {
+                sp_log_ctx ctx = {.has_kafka = 1, .partition = bp->partition,
+                                  .offset = bp->read_again_from};
+                SP_LOG_CTX(SP_LOG_WARN, &ctx,
+                           "this consumer was ahead of PostgreSQL's stored offset %" PRId64
+                           " (batch from %" PRId64 "); reading the partition again from there",
+                           bp->read_again_from, bp->first_offset);
+                from = bp->read_again_from;
+            }
             rd_kafka_topic_partition_t *tp =
                 rd_kafka_topic_partition_list_find(list, c->cfg->kafka_topic, bp->partition);
             if (tp == NULL)
                 rd_kafka_topic_partition_list_add(list, c->cfg->kafka_topic, bp->partition)
-                    ->offset = bp->first_offset;
-            else if (bp->first_offset < tp->offset)
-                tp->offset = bp->first_offset;
+                    ->offset = from;
+            else if (from < tp->offset)
+                tp->offset = from;
         }
     if (list->cnt > 0 && seek_to(c, list) != 0 && !c->opts.replay) {
         sp_error("re-joining the group to read again from PostgreSQL's offsets");
@@ -913,11 +942,12 @@ static void collect(consumer *c) {
             rd_kafka_message_destroy(m);
             continue;
         }
-        if (!in_sequence(c, m)) {
+        int64_t gap_from;
+        if (!in_sequence(c, m, &gap_from)) {
             rd_kafka_message_destroy(m);
             continue;
         }
-        add_message(c, m);
+        add_message(c, m, gap_from);
     }
 }
 
@@ -1043,7 +1073,10 @@ static int replay_setup(consumer *c, char *errbuf, size_t errlen) {
             snprintf(errbuf, errlen, "out of memory");
             goto out;
         }
-        p->expect = from;
+        /* Expected from what PostgreSQL stored when that is below where reading starts: the
+         * offsets in between are then judged like any gap (in_sequence): deleted by retention,
+         * or still in the log and read (a batch past the stored offset would be refused). */
+        p->expect = stored[i] >= 0 && stored[i] < from ? stored[i] : from;
         p->next = stored[i] > from ? stored[i] : from;
         p->end = hi;
         sp_log_ctx ctx = {.has_kafka = 1, .partition = i, .offset = from};

@@ -43,6 +43,7 @@ sp_batch_item *sp_batch_add(sp_batch *b, int32_t partition, int64_t offset) {
     memset(it, 0, sizeof(*it));
     it->partition = partition;
     it->offset = offset;
+    it->gap_from = offset;
     it->next_same_sku = -1;
     return it;
 }
@@ -59,14 +60,19 @@ void sp_batch_index_partitions(sp_batch *b) {
             if (last == b->nparts) {
                 b->parts[b->nparts++] = (sp_batch_partition){.partition = it->partition,
                                                              .first_offset = it->offset,
+                                                             .gap_from = it->gap_from,
                                                              .last_offset = it->offset,
                                                              .stored = -1,
-                                                             .next_offset = -1};
+                                                             .next_offset = -1,
+                                                             .read_again_from = -1};
                 continue;
             }
         }
         sp_batch_partition *p = &b->parts[last];
-        if (it->offset < p->first_offset) p->first_offset = it->offset;
+        if (it->offset < p->first_offset) {
+            p->first_offset = it->offset;
+            p->gap_from = it->gap_from;
+        }
         if (it->offset > p->last_offset) p->last_offset = it->offset;
     }
 }

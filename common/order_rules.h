@@ -60,6 +60,11 @@ typedef struct sp_batch_item {
     /* Filled by the caller. */
     int32_t partition;
     int64_t offset;
+    /* The caller read the partition's offsets gap_from..offset-1 and found no event there (the
+     * broker deleted them, or they hold no message); sp_batch_add sets it to offset: nothing is
+     * known of the offsets before. Only what makes the store accept a batch that starts past the
+     * partition's stored offset (order_store.h), so it must never claim more than was read. */
+    int64_t gap_from;
     int bad;     /* the message could not be decoded: reason says why, ev is zeroed */
     sp_event ev; /* the decoded event */
     /* Filled by sp_rules_decide (reason also by the caller for a bad item). */
@@ -83,9 +88,14 @@ typedef struct sp_batch_sku {
 typedef struct sp_batch_partition {
     int32_t partition;
     int64_t first_offset; /* the batch's smallest offset on it: where to re-read after a failure */
+    int64_t gap_from;     /* that item's gap_from: offsets gap_from..first_offset-1 hold no event */
     int64_t last_offset;  /* its largest */
     int64_t stored;       /* the next offset stored in PostgreSQL before the batch; -1 unknown */
     int64_t next_offset;  /* after a commit: the next offset stored with it */
+    /* After the store refused the batch because offsets stored..first_offset-1 were neither
+     * applied nor known to hold no event: the stored offset, where the partition must be read
+     * again (not first_offset: that would skip them). -1 otherwise. */
+    int64_t read_again_from;
 } sp_batch_partition;
 
 /* Events in the order they were read (offset order within each partition), and what became of
@@ -111,7 +121,8 @@ void sp_batch_clear(sp_batch *b);
 /* Appends an item, zeroed, for the caller to fill; NULL when the batch is full. */
 sp_batch_item *sp_batch_add(sp_batch *b, int32_t partition, int64_t offset);
 
-/* Recomputes b->parts from the items: each partition once, with its first and last offset. */
+/* Recomputes b->parts from the items: each partition once, with its first and last offset (and
+ * the first item's gap_from); stored, next_offset and read_again_from -1. */
 void sp_batch_index_partitions(sp_batch *b);
 
 /* ---- the decisions ---- */

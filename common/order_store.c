@@ -380,7 +380,12 @@ int sp_order_store_ping(sp_order_store *s, char *errbuf, size_t errlen) {
 
 /* ---- the steps of one attempt ---- */
 
-/* Step 1: lock and read the stored offsets of the batch's partitions. */
+/* Step 1: lock and read the stored offsets of the batch's partitions. A batch may start past a
+ * partition's stored offset only where its reader found the offsets in between empty (gap_from):
+ * otherwise they are events nobody applied (the reader's position was ahead of PostgreSQL's, as
+ * after a restore or with a stale position), and applying the batch would skip them for good.
+ * Such a batch is refused (-1), with read_again_from set on each partition where it happened. A
+ * partition with nothing stored yet (0) may start anywhere: the log may begin past offset 0. */
 static int lock_offsets(sp_order_store *s, sp_batch *b, char *errbuf, size_t errlen) {
     arr_begin(&s->arg[1]);
     for (size_t i = 0; i < b->nparts; i++) arr_int(&s->arg[1], b->parts[i].partition);
@@ -402,17 +407,25 @@ static int lock_offsets(sp_order_store *s, sp_batch *b, char *errbuf, size_t err
             if (b->parts[i].partition == p) b->parts[i].stored = next;
     }
     PQclear(res);
+    int refused = 0;
     for (size_t i = 0; i < b->nparts; i++) {
         sp_batch_partition *p = &b->parts[i];
-        if (p->stored > 0 && p->first_offset > p->stored) {
-            sp_log_ctx ctx = {.has_kafka = 1, .partition = p->partition, .offset = p->stored};
-            SP_LOG_CTX(SP_LOG_WARN, &ctx,
-                       "offsets %" PRId64 "..%" PRId64 " of %s are not in the log (deleted by "
-                       "retention?); applying from %" PRId64,
-                       p->stored, p->first_offset - 1, s->topic, p->first_offset);
-        }
+        p->read_again_from = -1;
+        if (p->stored <= 0 || p->first_offset <= p->stored || p->gap_from <= p->stored) continue;
+        p->read_again_from = p->stored;
+        if (refused++ == 0)
+            snprintf(errbuf, errlen,
+                     "offsets %" PRId64 "..%" PRId64 " of %s [%" PRId32 "] were never applied "
+                     "(the batch starts at %" PRId64 ", PostgreSQL's stored offset is %" PRId64
+                     "): refused, to be read again from %" PRId64,
+                     p->stored, p->first_offset - 1, s->topic, p->partition, p->first_offset,
+                     p->stored, p->stored);
     }
-    return 0;
+    if (refused > 1) {
+        size_t n = strlen(errbuf);
+        snprintf(errbuf + n, errlen - n, " (and %d more partitions)", refused - 1);
+    }
+    return refused ? -1 : 0;
 }
 
 /* Step 2a: the inventory rows of the batch's SKUs. */

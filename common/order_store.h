@@ -4,7 +4,9 @@
  * sp_order_store_apply runs, in one transaction (docs/consumer.md):
  *   1. lock the batch's partitions' rows in consumer_offsets (inserting missing ones) and read the
  *      next offset stored there; every item below it is STALE: applied before, by this consumer or
- *      by one that owned the partition until a rebalance (a zombie cannot apply twice);
+ *      by one that owned the partition until a rebalance (a zombie cannot apply twice). A batch
+ *      that starts past a partition's stored offset is refused unless the caller found the
+ *      offsets in between empty (sp_batch_item.gap_from): they would never be applied;
  *   2. read the inventory rows of the batch's SKUs and the orders its events name;
  *   3. decide every event in log order in memory (order_rules.h);
  *   4. write: new inventory rows; per touched SKU one guarded, versioned update
@@ -56,8 +58,10 @@ int sp_order_store_ping(sp_order_store *s, char *errbuf, size_t errlen)
 /* Applies b as described above. 0 when committed: every item has its outcome, b->skus their stock
  * and supplied after the batch, b->parts their next_offset. -1 with errbuf when it was rolled back
  * (or its COMMIT's outcome is unknown because the connection broke): nothing of it may be assumed
- * applied, and the caller reads its events again from b->parts[].first_offset; applying them again
- * is safe, since whatever did commit is then STALE. */
+ * applied, and the caller reads its events again from b->parts[].first_offset, or from
+ * b->parts[].read_again_from where that is set (>= 0: the batch was refused because the offsets
+ * from there to first_offset were never applied); applying them again is safe, since whatever did
+ * commit is then STALE. */
 int sp_order_store_apply(sp_order_store *s, sp_batch *b, sp_store_hook before_commit, void *arg,
                          char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 

@@ -1,7 +1,8 @@
 /* test_consumer.c - the consumer worker against the real stack: a scripted event log ends in
  * exactly the expected tables and dead letters; Redis's over-admission is refused and capped; two
  * consumers plus a third killed with kill -9 mid-run end in the very tables of one clean run; a
- * replay into an empty database rebuilds them byte for byte; SIGTERM commits and exits 0.
+ * replay into an empty database rebuilds them byte for byte; SIGTERM commits and exits 0; a batch
+ * that starts past PostgreSQL's stored offset skips no event that is still in the log.
  *
  * Each run uses topics and PostgreSQL databases of its own (created here, migrated with
  * scripts/migrate.sh, dropped at the end) and SKU ids no other test uses, so runs never see each
@@ -24,6 +25,7 @@
 #include "event.h"
 #include "kafka.h"
 #include "log.h"
+#include "order_store.h"
 #include "pg_store.h"
 #include "redis_store.h"
 #include "stock.h"
@@ -32,9 +34,9 @@
 #define T0          INT64_C(1767225600000) /* 2026-01-01: every event time is T0 + something */
 #define WAIT_S      180                    /* generous: a shared, loaded machine; ASan builds */
 #define MAX_EVENTS  40000
-#define MAX_DBS     8
-#define MAX_TOPICS  12
-#define NTESTS      5
+#define MAX_DBS     10
+#define MAX_TOPICS  16
+#define NTESTS      7
 
 static char err[1024];
 
@@ -125,16 +127,20 @@ static const char *new_topic(const char *what, int partitions) {
     return t;
 }
 
-/* Queues one event (delivery recorded under deliveries[ndelivered]). */
-static delivery *produce(const char *topic, const sp_event *ev) {
+/* Queues one event with producer rk (delivery recorded under deliveries[ndelivered]). */
+static delivery *produce_with(rd_kafka_t *rk, const char *topic, const sp_event *ev) {
     assert_true(ndelivered < MAX_EVENTS);
     delivery *d = &deliveries[ndelivered++];
     memset(d, 0, sizeof(*d));
-    while (sp_kafka_produce_event(g.kafka, topic, ev, d, err, sizeof(err)) != 0) {
+    while (sp_kafka_produce_event(rk, topic, ev, d, err, sizeof(err)) != 0) {
         if (!strstr(err, "Queue full")) fail_msg("produce: %s", err);
-        rd_kafka_poll(g.kafka, 50);
+        rd_kafka_poll(rk, 50);
     }
     return d;
+}
+
+static delivery *produce(const char *topic, const sp_event *ev) {
+    return produce_with(g.kafka, topic, ev);
 }
 
 /* Queues a message as it is, key and value, for what no valid event can express. */
@@ -814,6 +820,254 @@ static void test_failed_batch_is_read_again(void **state) {
     g.npassed++;
 }
 
+/* ---- a batch past PostgreSQL's stored offset ---- */
+
+/* Deletes the records of partition 0 of topic below offset `before`, as retention would. */
+static void delete_records(const char *topic, int64_t before) {
+    rd_kafka_topic_partition_list_t *offsets = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(offsets, topic, 0)->offset = before;
+    rd_kafka_DeleteRecords_t *del = rd_kafka_DeleteRecords_new(offsets);
+    rd_kafka_topic_partition_list_destroy(offsets);
+    rd_kafka_queue_t *q = rd_kafka_queue_new(g.kafka);
+    rd_kafka_DeleteRecords(g.kafka, &del, 1, NULL, q);
+    rd_kafka_DeleteRecords_destroy(del);
+    rd_kafka_event_t *ev = rd_kafka_queue_poll(q, 60000);
+    if (ev == NULL) fail_msg("delete records of %s: no answer", topic);
+    if (rd_kafka_event_error(ev)) fail_msg("delete records: %s", rd_kafka_event_error_string(ev));
+    const rd_kafka_topic_partition_list_t *res =
+        rd_kafka_DeleteRecords_result_offsets(rd_kafka_event_DeleteRecords_result(ev));
+    assert_int_equal(res->cnt, 1);
+    if (res->elems[0].err) fail_msg("delete records: %s", rd_kafka_err2str(res->elems[0].err));
+    assert_int_equal(res->elems[0].offset, before);
+    rd_kafka_event_destroy(ev);
+    rd_kafka_queue_destroy(q);
+}
+
+/* The store's batch: events[from..to] at the offsets Kafka gave them (d). */
+static void fill_batch(sp_batch *b, const sp_event *evs, delivery *const *d, int from, int to) {
+    sp_batch_clear(b);
+    for (int i = from; i <= to; i++) {
+        sp_batch_item *it = sp_batch_add(b, d[i]->partition, d[i]->offset);
+        assert_non_null(it);
+        it->ev = evs[i];
+    }
+}
+
+/* Everything the consumer writes: orders, inventory, the ledger and the stored offsets. */
+static char *pg_state(const char *dsn) {
+    const char *sqls[] = {orders_sql, inventory_sql, returns_sql,
+                          "SELECT topic, partition, next_offset FROM consumer_offsets "
+                          "ORDER BY topic, partition"};
+    size_t len = 0;
+    char *all = NULL;
+    for (size_t i = 0; i < 4; i++) {
+        char *part = dump(dsn, sqls[i], 0, NULL, NULL);
+        size_t n = strlen(part);
+        all = realloc(all, len + n + 2);
+        assert_non_null(all);
+        memcpy(all + len, part, n);
+        len += n;
+        all[len++] = '#';
+        all[len] = '\0';
+        free(part);
+    }
+    return all;
+}
+
+/* The store refuses a batch that starts past a partition's stored offset while the offsets in
+ * between are events nobody applied (the reader's position was ahead of PostgreSQL's: applying it
+ * would lose those orders), and changes nothing; read again from the stored offset, it is
+ * applied. A batch may start past the stored offset only where its reader found the offsets in
+ * between empty (here deleted, as by retention): then it applies from its first offset. */
+static void test_store_refuses_batch_past_stored_offset(void **state) {
+    (void)state;
+    const char *topic = new_topic("gapstore", 1);
+    const char *db = new_database("gapstore");
+    int64_t sku = g.sku_base + 7;
+    enum { N = 13 };
+    sp_event evs[N];
+    delivery *d[N];
+    char id[32];
+    const char *tp[] = {topic};
+    ndelivered = 0;
+    evs[0] = ev_stock_set(sku, T0, 100, 0, 600);
+    for (int i = 1; i < N; i++) {
+        snprintf(id, sizeof(id), "g%02d", i);
+        evs[i] = ev_order(SP_EV_ORDER_CREATED, sku, T0 + i, id, i, 1);
+    }
+    for (int i = 0; i < N; i++) d[i] = produce(topic, &evs[i]);
+    flush_all();
+    for (int i = 0; i < N; i++) assert_int_equal(d[i]->offset, i); /* all in the log, in order */
+
+    sp_order_store *s = sp_order_store_new(db, "test-consumer", topic, 16);
+    sp_batch *b = sp_batch_new(16);
+    assert_non_null(s);
+    assert_non_null(b);
+    fill_batch(b, evs, d, 0, 4);
+    if (sp_order_store_apply(s, b, NULL, NULL, err, sizeof(err)) != 0) fail_msg("%s", err);
+    assert_int_equal(query_int(db, "SELECT next_offset FROM consumer_offsets WHERE topic = $1",
+                               1, tp),
+                     5);
+
+    /* 7..9 while 5 and 6 are in the log and not applied: refused, nothing changed. */
+    char *before = pg_state(db);
+    fill_batch(b, evs, d, 7, 9);
+    assert_int_equal(sp_order_store_apply(s, b, NULL, NULL, err, sizeof(err)), -1);
+    if (strstr(err, "offsets 5..6 of") == NULL || strstr(err, "read again from 5") == NULL)
+        fail_msg("unclear refusal: %s", err);
+    assert_int_equal(b->nparts, 1);
+    assert_int_equal(b->parts[0].read_again_from, 5);
+    char *after = pg_state(db);
+    assert_string_equal(after, before);
+    free(before);
+    free(after);
+
+    /* Read again from the stored offset: every order is there. */
+    fill_batch(b, evs, d, 5, 9);
+    if (sp_order_store_apply(s, b, NULL, NULL, err, sizeof(err)) != 0) fail_msg("%s", err);
+    assert_int_equal(b->parts[0].read_again_from, -1);
+    assert_int_equal(query_int(db, "SELECT next_offset FROM consumer_offsets WHERE topic = $1",
+                               1, tp),
+                     10);
+    assert_int_equal(value(db, "SELECT count(*) FROM orders WHERE status = 'pending'"), 9);
+    assert_int_equal(value(db, "SELECT stock FROM inventory"), 91);
+
+    /* 10 and 11 deleted from the log: a batch from 12 is still refused unless its reader says
+     * it found 10..11 empty; then it is applied from 12, as before. */
+    delete_records(topic, 12);
+    fill_batch(b, evs, d, 12, 12);
+    assert_int_equal(sp_order_store_apply(s, b, NULL, NULL, err, sizeof(err)), -1);
+    assert_int_equal(b->parts[0].read_again_from, 10);
+    fill_batch(b, evs, d, 12, 12);
+    b->items[0].gap_from = 10;
+    if (sp_order_store_apply(s, b, NULL, NULL, err, sizeof(err)) != 0) fail_msg("%s", err);
+    assert_int_equal(query_int(db, "SELECT next_offset FROM consumer_offsets WHERE topic = $1",
+                               1, tp),
+                     13);
+    assert_int_equal(value(db, "SELECT count(*) FROM orders"), 10);
+    assert_int_equal(value(db, "SELECT count(*) FROM orders WHERE order_id IN ('g10', 'g11')"), 0);
+    assert_int_equal(value(db, "SELECT stock FROM inventory"), 90);
+    sp_batch_free(b);
+    sp_order_store_free(s);
+    g.npassed++;
+}
+
+/* PostgreSQL taken back to an earlier state (a restore) under a running consumer: its orders of
+ * sku from offset `next` on are gone with their stock and versions, and the partition's stored
+ * offset is `next` again, while the consumer's position stays where it was. */
+static void rewind_database(const char *dsn, const char *topic, int64_t sku, int64_t next) {
+    char sku_text[24], next_text[24];
+    snprintf(sku_text, sizeof(sku_text), "%" PRId64, sku);
+    snprintf(next_text, sizeof(next_text), "%" PRId64, next);
+    const char *params[] = {sku_text, next_text}, *offset_params[] = {topic, next_text};
+    PGconn *pg = connect_pg(dsn);
+    if (sp_pg_exec(pg, "BEGIN", 0, NULL, err, sizeof(err)) != 0 ||
+        sp_pg_exec(pg, "SELECT 1 FROM consumer_offsets WHERE topic = $1 FOR UPDATE", 1,
+                   offset_params, err, sizeof(err)) != 0 ||
+        sp_pg_exec(pg,
+                   "WITH gone AS (DELETE FROM orders WHERE sku_id = $1::bigint "
+                   "              AND kafka_offset >= $2::bigint RETURNING qty) "
+                   "UPDATE inventory SET stock = stock + (SELECT coalesce(sum(qty), 0) FROM gone), "
+                   "       version = version - (SELECT count(*) FROM gone) "
+                   "WHERE sku_id = $1::bigint",
+                   2, params, err, sizeof(err)) != 0 ||
+        sp_pg_exec(pg, "UPDATE consumer_offsets SET next_offset = $2::bigint WHERE topic = $1",
+                   2, offset_params, err, sizeof(err)) != 0 ||
+        sp_pg_exec(pg, "COMMIT", 0, NULL, err, sizeof(err)) != 0)
+        fail_msg("rewinding the database: %s", err);
+    PQfinish(pg);
+}
+
+/* Orders b<from>..b<to> of sku, one unit each, at T0 + their number, produced by rk. */
+static void produce_orders(rd_kafka_t *rk, const char *topic, int64_t sku, int from, int to) {
+    char id[32];
+    for (int i = from; i <= to; i++) {
+        snprintf(id, sizeof(id), "b%02d", i);
+        sp_event ev = ev_order(SP_EV_ORDER_CREATED, sku, T0 + i, id, i, 1);
+        produce_with(rk, topic, &ev);
+    }
+}
+
+/* The consumer's position ahead of PostgreSQL's stored offset (the database was restored under
+ * it): the batch from its position is refused and the partition read again from the stored
+ * offset, so every order still in the log is applied. Stored at a transaction marker (an offset
+ * with no message), that read ends in the gap a second read confirms, not in a loop; stored below
+ * what retention deleted, it goes on from the oldest offset left, warning. */
+static void test_consumer_ahead_of_stored_offset(void **state) {
+    (void)state;
+    const char *topic = new_topic("ahead", 1), *dlq = new_topic("ahead.dlq", 1);
+    const char *db = new_database("ahead");
+    int64_t sku = g.sku_base + 8;
+    const char *tp[] = {topic};
+    ndelivered = 0;
+
+    /* Offsets 0..10 in one transaction (its commit marker takes offset 11), 12..21 plain. */
+    rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "test-consumer-tx", err,
+                                              sizeof(err));
+    assert_non_null(conf);
+    char txid[96];
+    snprintf(txid, sizeof(txid), "test-consumer-ahead-%s", tag);
+    rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
+    if (sp_kafka_conf_set(conf, "transactional.id", txid, err, sizeof(err)) != 0)
+        fail_msg("%s", err);
+    rd_kafka_t *tx = sp_kafka_producer_new(&conf, err, sizeof(err));
+    if (tx == NULL) fail_msg("%s", err);
+    rd_kafka_error_t *e = rd_kafka_init_transactions(tx, 60000);
+    if (e == NULL) e = rd_kafka_begin_transaction(tx);
+    if (e) fail_msg("transaction: %s", rd_kafka_error_string(e));
+    sp_event open = ev_stock_set(sku, T0, 1000, 0, 600);
+    produce_with(tx, topic, &open);
+    produce_orders(tx, topic, sku, 1, 10);
+    if ((e = rd_kafka_commit_transaction(tx, 60000)) != NULL)
+        fail_msg("commit: %s", rd_kafka_error_string(e));
+    rd_kafka_destroy(tx);
+    /* The coordinator writes the marker after the commit returns: wait until it is in place. */
+    int64_t lo = -1, hi = -1;
+    for (int64_t deadline = sp_clock_mono_ms() + 30000; hi < 12 && sp_clock_mono_ms() < deadline;
+         sleep_ms(50))
+        if (rd_kafka_query_watermark_offsets(g.kafka, topic, 0, &lo, &hi, 5000) != 0) hi = -1;
+    assert_int_equal(hi, 12);
+    produce_orders(g.kafka, topic, sku, 11, 20);
+    flush_all();
+    assert_int_equal(deliveries[10].offset, 10);
+    assert_int_equal(deliveries[11].offset, 12);
+
+    proc p = start_consumer("ahead", db, topic, dlq, "ahead", NULL, NULL);
+    wait_applied(db, topic, 22, &p);
+    assert_int_equal(value(db, "SELECT count(*) FROM orders"), 20);
+
+    /* Back to 11 (the marker), the consumer still at 22: 12..21 must not be skipped. */
+    rewind_database(db, topic, sku, 11);
+    assert_int_equal(value(db, "SELECT count(*) FROM orders"), 10);
+    int64_t gaps = metric(p.port, "stockpipe_consumer_offset_gaps_total");
+    produce_orders(g.kafka, topic, sku, 21, 30); /* 22..31 */
+    flush_all();
+    wait_applied(db, topic, 32, &p);
+    assert_int_equal(value(db, "SELECT count(*) FROM orders WHERE status = 'pending'"), 30);
+    assert_int_equal(value(db, "SELECT stock FROM inventory"), 970);
+    assert_int_equal(value(db, "SELECT version FROM inventory"), 30);
+    assert_true(metric(p.port, "stockpipe_consumer_offset_gaps_total") > gaps);
+    assert_true(log_has(p.log, "ahead of PostgreSQL's stored offset 11"));
+
+    /* Back to 22, and 22..26 deleted by retention: what is left from 27 on is applied. */
+    rewind_database(db, topic, sku, 22);
+    delete_records(topic, 27);
+    produce_orders(g.kafka, topic, sku, 31, 35); /* 32..36 */
+    flush_all();
+    wait_applied(db, topic, 37, &p);
+    stop_consumer(&p, "consumer ahead of the stored offset");
+    assert_true(log_has(p.log, "deleted by retention"));
+    assert_int_equal(value(db, "SELECT count(*) FROM orders"), 30);
+    assert_int_equal(value(db, "SELECT count(*) FROM orders WHERE order_id BETWEEN 'b21' AND "
+                               "'b25'"),
+                     0);
+    assert_int_equal(query_int(db, "SELECT next_offset FROM consumer_offsets WHERE topic = $1",
+                               1, tp),
+                     37);
+    assert_int_equal(value(db, "SELECT stock FROM inventory"), 970);
+    g.npassed++;
+}
+
 /* ---- set-up ---- */
 
 static int group_setup(void **state) {
@@ -855,6 +1109,8 @@ int main(void) {
         cmocka_unit_test(test_group_kill9_and_replay),
         cmocka_unit_test(test_sigterm_commits),
         cmocka_unit_test(test_failed_batch_is_read_again),
+        cmocka_unit_test(test_store_refuses_batch_past_stored_offset),
+        cmocka_unit_test(test_consumer_ahead_of_stored_offset),
     };
     return cmocka_run_group_tests_name("consumer", tests, group_setup, group_teardown);
 }
