@@ -372,8 +372,10 @@ static void correct_redis(consumer *c, const sp_batch *b) {
             if (it->ev.type != SP_EV_ORDER_CREATED ||
                 (it->outcome != SP_ITEM_APPLIED && it->outcome != SP_ITEM_UNCHANGED))
                 continue;
-            if (it->outcome == SP_ITEM_APPLIED && it->effect == SP_EFFECT_REJECTED_STOCK) {
-                /* Refused here: the buyer's units in Redis come back with the entry. */
+            if (it->outcome == SP_ITEM_APPLIED && (it->effect == SP_EFFECT_REJECTED_STOCK ||
+                                                   it->effect == SP_EFFECT_REJECTED_NO_SKU)) {
+                /* Refused here (status rejected, whatever the reason, as the reaper's sweep and
+                 * reconcile read it): the buyer's units in Redis come back with the entry. */
                 int units = 0;
                 if (sp_stock_rejected_forget(rc, sku->sku_id, it->ev.order_id, it->ev.user_id,
                                              it->ev.qty, &units, err, sizeof(err)) != 0) {
@@ -609,7 +611,6 @@ static int in_sequence(consumer *c, const rd_kafka_message_t *m, int64_t *gap_fr
         p->expect = m->offset + 1;
         return 1;
     }
-    p->reread = p->expect;
     sp_metric_inc(&m_gaps);
     SP_LOG_CTX(SP_LOG_WARN, &ctx, "message past the expected offset %" PRId64 "; reading again",
                p->expect);
@@ -617,7 +618,10 @@ static int in_sequence(consumer *c, const rd_kafka_message_t *m, int64_t *gap_fr
     if (list) {
         rd_kafka_topic_partition_list_add(list, c->cfg->kafka_topic, m->partition)->offset =
             p->expect;
-        (void)seek_to(c, list);
+        /* Marked as read again only once the seek is made: after a failed one the next message
+         * still comes from the old position and must not pass for "still missing when read
+         * again" (it is tried again instead; the messages meanwhile are dropped, not applied). */
+        if (seek_to(c, list) == 0) p->reread = p->expect;
         rd_kafka_topic_partition_list_destroy(list);
     }
     return 0;
