@@ -54,11 +54,6 @@ else
 fi
 mkdir -p "$work/pids"
 
-# In the background, so that Ctrl-C reaches the traps at once (bash runs them only between
-# commands; `wait` is interruptible).
-python3 tests/e2e/demo.py --workdir "$work" "$@" &
-helper=$!
-wait "$helper"
-rc=$?
-helper=
+# In the background (run_helper), so that Ctrl-C reaches the traps at once.
+run_helper python3 tests/e2e/demo.py --workdir "$work" "$@"
 exit "$rc"

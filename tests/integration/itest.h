@@ -184,10 +184,10 @@ static inline int begin_run(const char *name, int64_t sku_origin, const char *co
     return 0;
 }
 
-/* For group teardown: removes the run's directory tmp when clean, else says where the logs of
- * `whose` ("workers'") are, for a look at what went wrong. */
+/* For group teardown: removes the run's directory tmp when clean (unless TEST_KEEP_LOGS is set),
+ * else says where the logs of `whose` ("workers'") are, for a look at what went wrong. */
 static inline void end_run(char *tmp, int clean, const char *whose) {
-    if (clean) {
+    if (clean && getenv("TEST_KEEP_LOGS") == NULL) {
         char *argv[] = {(char[]){"/bin/rm"}, (char[]){"-rf"}, tmp, NULL};
         (void)run(argv, NULL, "/dev/null", NULL, 0);
     } else {

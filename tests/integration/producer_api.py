@@ -39,7 +39,7 @@ from testkit import (Fail, Report, expect, free_port, load_stack_env, setup_miss
 ADMIN = "test-admin"
 PAYMENT = "test-pay"
 MAX_ID = 2**53 - 1
-TOTAL_BUDGET = 170.0  # seconds for the whole run, shutdown included
+TOTAL_BUDGET = 200.0  # seconds for the whole run, shutdown included
 T0 = time.monotonic()
 
 
