@@ -19,19 +19,34 @@ VERSION := 0.1.0
 ifeq ($(origin CC),default)
   CC := gcc
 endif
-# The workers' libraries; cmocka (the tests' only) is asked for apart, so that a build of the
-# workers alone (the container image's build stage) does not need it.
+# The workers' libraries, by pkg-config module, and the Debian package that brings each. The flags
+# are asked for when a recipe first needs them, never while make reads this file: on a fresh
+# machine `make demo` reads it before `deps` has installed anything (the flags came out empty and
+# the first compile failed). A module pkg-config cannot find stops the build with a sentence
+# naming its package. cmocka (the tests' only) is asked for apart, so that a build of the workers
+# alone (the container image's build stage) does not need it.
 PKGS    := rdkafka hiredis jansson libevent libpq
-PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null) \
-              $(shell pkg-config --cflags cmocka 2>/dev/null)
-PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
-CMOCKA_LIBS := $(shell pkg-config --libs cmocka 2>/dev/null)
+DEB_rdkafka := librdkafka-dev
+DEB_hiredis := libhiredis-dev
+DEB_jansson := libjansson-dev
+DEB_libevent := libevent-dev
+DEB_libpq   := libpq-dev
+DEB_cmocka  := libcmocka-dev
+# $(call pkg_config,--cflags|--libs,MODULES): the flags, or a stop naming the first missing package.
+pkg_config = $(foreach m,$(2),$(if $(shell pkg-config --exists $(m) 2>/dev/null && echo y),,\
+    $(error pkg-config cannot find '$(m)': install the Debian package $(DEB_$(m)) (make deps \
+    installs everything stockpipe needs))))$(shell pkg-config $(1) $(2))
+# Each is computed once, on first use (the eval replaces the variable with its value).
+PKG_CFLAGS   = $(eval PKG_CFLAGS := $(call pkg_config,--cflags,$(PKGS)))$(PKG_CFLAGS)
+PKG_LIBS     = $(eval PKG_LIBS := $(call pkg_config,--libs,$(PKGS)))$(PKG_LIBS)
+CMOCKA_CFLAGS = $(eval CMOCKA_CFLAGS := $(call pkg_config,--cflags,cmocka))$(CMOCKA_CFLAGS)
+CMOCKA_LIBS  = $(eval CMOCKA_LIBS := $(call pkg_config,--libs,cmocka))$(CMOCKA_LIBS)
 
 WARN    := -Wall -Wextra -Werror -Wstrict-prototypes -Wwrite-strings -Wshadow -Wformat=2
 CFLAGS  ?= -O2 -g
 ALL_CFLAGS = -std=c17 $(WARN) $(CFLAGS) -D_GNU_SOURCE -DSP_VERSION='"$(VERSION)"' \
              -MMD -MP -iquote common $(PKG_CFLAGS)
-LDLIBS  := $(PKG_LIBS) -lpthread
+LDLIBS   = $(PKG_LIBS) -lpthread
 
 # SAN=1 builds everything with AddressSanitizer + UndefinedBehaviorSanitizer, in its own tree.
 ifeq ($(SAN),1)
@@ -94,6 +109,9 @@ $(BIN)/test/producer: $(OBJ)/producer/main.o $(OBJ)/faults/common/order_api.o $(
 	@mkdir -p $(dir $@)
 	$(CC) $(SANFLAGS) $^ $(LDLIBS) -o $@
 
+# Only the tests include cmocka.
+$(OBJ)/tests/%.o: ALL_CFLAGS += $(CMOCKA_CFLAGS)
+
 $(OBJ)/tests/%: $(OBJ)/tests/unit/%.o $(LIB)
 	$(CC) $(SANFLAGS) $< $(LIB) $(LDLIBS) $(CMOCKA_LIBS) -o $@
 
@@ -119,8 +137,8 @@ fuzz-targets: $(FUZZ_NAMES:%=build/fuzz/%)
 
 build/fuzz/%: tests/fuzz/%.c $(FUZZ_SRC) $(wildcard common/*.h)
 	@mkdir -p $(dir $@)
-	$(FUZZ_CC) $(FUZZ_FLAGS) $(shell pkg-config --cflags jansson) $< $(FUZZ_SRC) \
-	    $(shell pkg-config --libs jansson) -o $@
+	$(FUZZ_CC) $(FUZZ_FLAGS) $(call pkg_config,--cflags,jansson) $< $(FUZZ_SRC) \
+	    $(call pkg_config,--libs,jansson) -o $@
 
 tests: $(FUZZ_NAMES:%=$(OBJ)/fuzz/%)
 
@@ -128,11 +146,14 @@ $(OBJ)/fuzz/%: $(OBJ)/tests/fuzz/%.o $(OBJ)/tests/fuzz/replay.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(SANFLAGS) $^ $(LDLIBS) -o $@
 
-fuzz: deps fuzz-targets
+fuzz: deps
+	@$(MAKE) --no-print-directory fuzz-targets
 	@$(MAKE) --no-print-directory SAN=1 $(FUZZ_NAMES:%=build/asan/fuzz/%)
 	@FUZZ_SECONDS=$(FUZZ_SECONDS) tests/fuzz/run.sh
 
-# Installs missing packages and the Kafka jars; a no-op when everything is there.
+# Installs missing packages and the Kafka jars; a no-op when everything is there. Every target
+# that depends on it builds in a new make run after it ($(MAKE) ...), so that the flags are read
+# from packages that are there by then.
 deps:
 	@scripts/install-deps.sh
 
@@ -155,17 +176,20 @@ test: deps
 	@tests/run-all.sh
 
 # The codec benchmarks, then the producer under wrk against the local stack (bench/run.sh).
-bench: deps all tests
+bench: deps
+	@$(MAKE) --no-print-directory all tests
 	@bench/run.sh $(BENCHES)
 	@bench/consumer_bench.sh
 
-demo: deps all
+demo: deps
+	@$(MAKE) --no-print-directory all
 	@scripts/demo.sh
 
 # Flash sales under kill -9 of workers, Kafka and PostgreSQL restarts and a Redis failover that
 # loses writes, on a private stack of its own; every fault kind with a long sale. SEED=N replays
 # the random choices of an earlier run (its seed is printed first and last).
-chaos: deps all
+chaos: deps
+	@$(MAKE) --no-print-directory all
 	@tests/chaos/chaos.sh $(if $(SEED),--seed $(SEED))
 
 stack-up: deps

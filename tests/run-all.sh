@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # run-all.sh - the whole test suite, as `make test` runs it.
 #
-# Unit tests, then the checks of deploy/ (the image's build, the Kubernetes manifests), then (with
+# The build on a simulated fresh machine, unit tests, then the checks of deploy/ (the image's build, the Kubernetes manifests), then (with
 # the real local stack) integration tests; unit and integration tests run for the plain build and
 # the ASan+UBSan build; last the chaos suite's short pass (release build, a private stack).
 # Starts the stack if it is not running and stops it again at the end; a stack that was already
@@ -56,6 +56,12 @@ for build in release asan; do
         t=build/$build/tests/$name
         [ -x "$t" ] && run_suite "unit $name ($build)" "$t"
     done
+done
+
+# The build itself (tests/build/): `make demo` and `make test` on a simulated fresh machine; once,
+# not per build; no stack.
+for s in tests/build/*.sh; do
+    [ -f "$s" ] && run_suite "build $(basename "$s" .sh)" bash "$s"
 done
 
 # The container image and the Kubernetes manifests (deploy/): once, not per build; no stack.
