@@ -60,13 +60,22 @@ else
   BIN      := bin
 endif
 
+# common/ is what two or more workers use (libstockpipe.a); each worker's directory holds its
+# main.c and the modules only it uses (lib<worker>.a). A worker's sources find their own headers
+# beside them and the shared ones through -iquote common; a common module never includes a
+# worker's header.
 COMMON_SRC := $(wildcard common/*.c)
 LUA_SRC    := $(sort $(wildcard common/lua/*.lua))
 COMMON_OBJ := $(COMMON_SRC:%.c=$(OBJ)/%.o) $(OBJ)/gen/lua_scripts.o
 LIB        := $(OBJ)/libstockpipe.a
 WORKERS    := producer consumer reaper
-UNIT_TESTS := $(patsubst tests/unit/%.c,$(OBJ)/tests/%,$(wildcard tests/unit/test_*.c))
-INT_TESTS  := $(patsubst tests/integration/%.c,$(OBJ)/tests/%,$(wildcard tests/integration/test_*.c))
+WORKER_LIBS := $(WORKERS:%=$(OBJ)/lib%.a)
+worker_objs = $(patsubst %.c,$(OBJ)/%.o,$(filter-out $(1)/main.c,$(wildcard $(1)/*.c)))
+# Tests live by what they test: tests/common/, tests/producer/, tests/consumer/, tests/reaper/;
+# unit_*.c need no server, integration_*.c (and integration_*.sh) run against the local stack.
+TEST_AREAS := common $(WORKERS)
+UNIT_TESTS := $(patsubst %.c,$(OBJ)/%,$(wildcard $(TEST_AREAS:%=tests/%/unit_*.c)))
+INT_TESTS  := $(patsubst %.c,$(OBJ)/%,$(wildcard $(TEST_AREAS:%=tests/%/integration_*.c)))
 BENCHES    := $(patsubst bench/%.c,$(OBJ)/bench/%,$(wildcard bench/bench_*.c))
 
 .PHONY: all sanitize tests test test-unit test-integration bench demo chaos deps clean format \
@@ -92,31 +101,33 @@ $(OBJ)/gen/lua_scripts.o: $(OBJ)/gen/lua_scripts.c
 	$(CC) $(ALL_CFLAGS) $(SANFLAGS) -c $< -o $@
 
 $(LIB): $(COMMON_OBJ)
+$(OBJ)/libproducer.a: $(call worker_objs,producer)
+$(OBJ)/libconsumer.a: $(call worker_objs,consumer)
+$(OBJ)/libreaper.a: $(call worker_objs,reaper)
+$(LIB) $(WORKER_LIBS):
 	@rm -f $@
 	ar rcs $@ $^
 
-$(BIN)/%: $(OBJ)/%/main.o $(LIB)
+$(BIN)/%: $(OBJ)/%/main.o $(OBJ)/lib%.a $(LIB)
 	@mkdir -p $(dir $@)
-	$(CC) $(SANFLAGS) $< $(LIB) $(LDLIBS) -o $@
+	$(CC) $(SANFLAGS) $^ $(LDLIBS) -o $@
 
 # The test build of the producer: order_api.c with -DSP_TEST_FAULTS, which honours fault points
-# set by the environment (SP_FAULT_*; see common/order_api.c). Only tests run it.
+# set by the environment (SP_FAULT_*; see producer/order_api.c). Only tests run it.
 $(OBJ)/faults/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) $(SANFLAGS) -DSP_TEST_FAULTS -c $< -o $@
 
-$(BIN)/test/producer: $(OBJ)/producer/main.o $(OBJ)/faults/common/order_api.o $(LIB)
+$(BIN)/test/producer: $(OBJ)/producer/main.o $(OBJ)/faults/producer/order_api.o \
+                      $(OBJ)/libproducer.a $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(SANFLAGS) $^ $(LDLIBS) -o $@
 
-# Only the tests include cmocka.
-$(OBJ)/tests/%.o: ALL_CFLAGS += $(CMOCKA_CFLAGS)
+# Only the tests include cmocka; a test may include any worker's headers and tests/lib/itest.h.
+$(OBJ)/tests/%.o: ALL_CFLAGS += $(CMOCKA_CFLAGS) -iquote tests/lib $(WORKERS:%=-iquote %)
 
-$(OBJ)/tests/%: $(OBJ)/tests/unit/%.o $(LIB)
-	$(CC) $(SANFLAGS) $< $(LIB) $(LDLIBS) $(CMOCKA_LIBS) -o $@
-
-$(OBJ)/tests/%: $(OBJ)/tests/integration/%.o $(LIB)
-	$(CC) $(SANFLAGS) $< $(LIB) $(LDLIBS) $(CMOCKA_LIBS) -o $@
+$(UNIT_TESTS) $(INT_TESTS): $(OBJ)/%: $(OBJ)/%.o $(WORKER_LIBS) $(LIB)
+	$(CC) $(SANFLAGS) $^ $(LDLIBS) $(CMOCKA_LIBS) -o $@
 
 $(OBJ)/bench/%: $(OBJ)/bench/%.o $(LIB)
 	$(CC) $(SANFLAGS) $< $(LIB) $(LDLIBS) -o $@
@@ -128,21 +139,21 @@ $(OBJ)/bench/%: $(OBJ)/bench/%.o $(LIB)
 FUZZ_CC      := clang-14
 FUZZ_SECONDS ?= 60
 FUZZ_NAMES   := $(patsubst tests/fuzz/%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
-FUZZ_SRC     := common/api_request.c common/event.c
+FUZZ_SRC     := producer/api_request.c common/event.c
 FUZZ_FLAGS   := -std=c17 $(WARN) -g -O1 -fno-omit-frame-pointer -D_GNU_SOURCE -iquote common \
-                -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
+                -iquote producer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
 
 .PHONY: fuzz fuzz-targets
 fuzz-targets: $(FUZZ_NAMES:%=build/fuzz/%)
 
-build/fuzz/%: tests/fuzz/%.c $(FUZZ_SRC) $(wildcard common/*.h)
+build/fuzz/%: tests/fuzz/%.c $(FUZZ_SRC) $(wildcard common/*.h producer/*.h)
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) $(FUZZ_FLAGS) $(call pkg_config,--cflags,jansson) $< $(FUZZ_SRC) \
 	    $(call pkg_config,--libs,jansson) -o $@
 
 tests: $(FUZZ_NAMES:%=$(OBJ)/fuzz/%)
 
-$(OBJ)/fuzz/%: $(OBJ)/tests/fuzz/%.o $(OBJ)/tests/fuzz/replay.o $(LIB)
+$(OBJ)/fuzz/%: $(OBJ)/tests/fuzz/%.o $(OBJ)/tests/fuzz/replay.o $(OBJ)/libproducer.a $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(SANFLAGS) $^ $(LDLIBS) -o $@
 

@@ -141,7 +141,7 @@ for i in range(n):
     # hot_percent of each hundred orders go to the hot SKU, the rest spread over the others
     s = skus[0] if i % 100 < hot_percent else skus[1 + i % (nskus - 1)]
     ts = ts0 + 1 + i // 50  # 50 orders a millisecond
-    oid = '%012x-%d-bench-%08x' % (ts, s, i)  # the shape of common/order_id.h
+    oid = '%012x-%d-bench-%08x' % (ts, s, i)  # the shape of producer/order_id.h
     out.append('%d\t{"v":1,"type":"order.created","ts_ms":%d,"sku_id":%d,"order_id":"%s",'
                '"user_id":%d,"qty":1,"expires_ms":%d}' % (s, ts, s, oid, 1 + i, ts + 600000))
     if len(out) >= 100000:

@@ -1,6 +1,6 @@
 /* consumer/main.c - the consumer worker: applies the events topic to PostgreSQL exactly once,
  * behind the oversell guard; `consumer --replay` rebuilds a database from the log
- * (common/consumer.c, docs/consumer.md). */
+ * (consumer/consumer.c, docs/consumer.md). */
 #include "consumer.h"
 #include "log.h"
 #include "worker.h"

@@ -1,6 +1,6 @@
 /* producer/main.c - the producer worker: the HTTP order API in front of Redis and Kafka.
  *
- * One libevent loop serves the API (common/order_api.c) and /healthz /readyz /metrics. SIGTERM
+ * One libevent loop serves the API (producer/order_api.c) and /healthz /readyz /metrics. SIGTERM
  * stops accepting connections, lets the requests under way finish (bounded), flushes Kafka and
  * exits 0. */
 #include <event2/event.h>

@@ -1,6 +1,6 @@
 /* reaper/main.c - the reaper worker: expires unpaid orders, gives their stock back to Redis
  * exactly once, voids lost reservations and rebuilds Redis after it lost data; `reaper reconcile`
- * and `reaper audit` by hand (common/reaper.c, docs/reaper.md). */
+ * and `reaper audit` by hand (reaper/reaper.c, docs/reaper.md). */
 #include "log.h"
 #include "reaper.h"
 #include "worker.h"

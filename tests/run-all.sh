@@ -48,13 +48,24 @@ run_suite() {
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 
-# A test's kind is where its source lives: tests/unit/ or tests/integration/.
-tests_in() { for src in tests/$1/test_*.c; do [ -f "$src" ] && basename "$src" .c; done; }
+# Tests sit with what they test (tests/common/, tests/producer/, tests/consumer/, tests/reaper/);
+# a test's kind is its name: unit_*.c need no server, integration_*.c and integration_*.sh run
+# against the local stack. tests_of KIND EXT lists them as AREA/NAME.
+AREAS=(common producer consumer reaper)
+tests_of() {
+    local area src
+    for area in "${AREAS[@]}"; do
+        for src in tests/"$area"/"$1"_*."$2"; do [ -f "$src" ] && echo "$area/$(basename "$src" ."$2")"; done
+    done
+}
 
 for build in release asan; do
-    for name in $(tests_in unit); do
+    for name in $(tests_of unit c); do
         t=build/$build/tests/$name
-        [ -x "$t" ] && run_suite "unit $name ($build)" "$t"
+        if [ -x "$t" ]; then run_suite "unit $name ($build)" "$t"; else
+            echo "!!! $t was not built"
+            failed=$((failed + 1))
+        fi
     done
 done
 
@@ -83,14 +94,17 @@ if [ "${1:-}" != "--unit-only" ]; then
         # shellcheck disable=SC1091
         . var/stack.env
         for build in release asan; do
-            for name in $(tests_in integration); do
+            for name in $(tests_of integration c); do
                 t=build/$build/tests/$name
-                [ -x "$t" ] && run_suite "integration $name ($build)" "$t"
+                if [ -x "$t" ]; then run_suite "integration $name ($build)" "$t"; else
+                    echo "!!! $t was not built"
+                    failed=$((failed + 1))
+                fi
             done
             bindir=bin
             [ "$build" = asan ] && bindir=bin/asan
-            for s in tests/integration/*.sh; do
-                [ -f "$s" ] && run_suite "integration $(basename "$s" .sh) ($build)" env BIN_DIR="$bindir" bash "$s"
+            for name in $(tests_of integration sh); do
+                run_suite "integration $name ($build)" env BIN_DIR="$bindir" bash "tests/$name.sh"
             done
         done
     fi

@@ -37,7 +37,7 @@ SAFE_VOLUMES = {"emptyDir", "configMap", "secret", "projected", "downwardAPI"}
 PRODUCER_FLUSH_S = 5
 # A Deployment's pods are named NAME-<10-character hash>-<5 random>, at most 63 characters; when
 # NAME is longer than this the name is cut and the order id's last 20 characters of WORKER_ID
-# (common/order_id.h) would no longer hold the hash and the random suffix whole.
+# (producer/order_id.h) would no longer hold the hash and the random suffix whole.
 MAX_DEPLOYMENT_NAME = 63 - 1 - 10 - 1 - 5
 
 results = []

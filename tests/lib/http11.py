@@ -1,6 +1,6 @@
 """http11.py - a small HTTP/1.1 keep-alive client over asyncio streams, for the tests.
 
-Shared by tests/integration/producer_api.py (and through it producer_faults.py) and by the sale
+Shared by tests/producer/integration_api.py (and through it integration_faults.py) and by the sale
 driver tests/e2e/flashsale.py (the demo and the chaos suite). Standard library only.
 
   Client(port).request(method, path, body=None, headers=None, timeout=REQ_TIMEOUT) -> Response

@@ -1,5 +1,5 @@
 # procs.sh - runs a Python helper, and stops it and the processes it recorded; sourced by
-# tests/chaos/chaos.sh, tests/integration/producer_faults.sh and scripts/demo.sh (their EXIT traps).
+# tests/chaos/chaos.sh, tests/producer/integration_faults.sh and scripts/demo.sh (their EXIT traps).
 
 # run_helper COMMAND [ARG...]: runs the helper in the background, so that a signal reaches the
 # caller's traps at once (bash runs them only between commands, and `wait` is interruptible), and

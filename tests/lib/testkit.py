@@ -1,6 +1,6 @@
 """testkit.py - what every Python test driver needs: failures, reporting, ports, env files, logs.
 
-Shared by tests/integration/{producer_api,producer_faults,http_hostile}.py and by the sale driver
+Shared by tests/producer/integration_{api,faults,http_hostile}.py and by the sale driver
 tests/e2e/flashsale.py (the demo and the chaos suite). Standard library only.
 
   Fail, expect(cond, detail)      a check that did not hold, or a step that could not be done

@@ -1,4 +1,4 @@
-/* test_stock_redis.c - the sale's Lua scripts against the real Redis of the local stack: admission
+/* integration_stock_redis.c - the sale's Lua scripts against the real Redis of the local stack: admission
  * is atomic and exact under concurrency, limits and idempotency hold, a release gives back exactly
  * once. Needs var/stack.env loaded. */
 #include <setjmp.h>

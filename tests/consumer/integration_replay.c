@@ -1,4 +1,4 @@
-/* test_replay.c - PostgreSQL rebuilt from the Kafka log alone: a sale runs with all three workers
+/* integration_replay.c - PostgreSQL rebuilt from the Kafka log alone: a sale runs with all three workers
  * (two SKUs, a restock, a few hundred orders from distinct users, payments, expiries, a second
  * wave buying the returned stock, a late payment on an expired order); once it is quiet, `orders`,
  * `inventory`, `stock_returns` and `consumer_offsets` are dumped, the database is dropped and

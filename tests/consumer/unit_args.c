@@ -1,4 +1,4 @@
-/* test_consumer_args.c - unit tests for the consumer's arguments: --replay, --replay-force and
+/* unit_args.c - unit tests for the consumer's arguments: --replay, --replay-force and
  * the times --replay-from takes. */
 #include <stdarg.h>
 #include <stddef.h>

@@ -1,4 +1,4 @@
-/* test_consumer.c - the consumer worker against the real stack: a scripted event log ends in
+/* integration_consumer.c - the consumer worker against the real stack: a scripted event log ends in
  * exactly the expected tables and dead letters; Redis's over-admission is refused and capped; two
  * consumers plus a third killed with kill -9 mid-run end in the very tables of one clean run; a
  * replay into an empty database rebuilds them byte for byte; SIGTERM commits and exits 0; a batch

@@ -1,4 +1,4 @@
-/* test_order_id.c - unit tests of order ids: valid, unique, sortable by time, carrying the SKU. */
+/* unit_order_id.c - unit tests of order ids: valid, unique, sortable by time, carrying the SKU. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""http_hostile.py - hostile clients do not hurt service for a well-behaved one (a real producer).
+"""integration_http_hostile.py - hostile clients do not hurt service for a well-behaved one (a real producer).
 
 Starts $BIN_DIR/producer (default bin/) on a free loopback port with HTTP_MAX_CONNECTIONS=200,
 opens a sale of its own, and while a well-behaved buyer orders on its keep-alive connection:

@@ -1,4 +1,4 @@
-/* test_config.c - unit tests of the settings loader: defaults, environment, flags, bounds. */
+/* unit_config.c - unit tests of the settings loader: defaults, environment, flags, bounds. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>

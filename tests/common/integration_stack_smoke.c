@@ -1,4 +1,4 @@
-/* test_stack_smoke.c - the local stack is real and the shared helpers work against it: an event
+/* integration_stack_smoke.c - the local stack is real and the shared helpers work against it: an event
  * goes through the real Kafka broker and comes back decoded, a row goes through PostgreSQL's
  * guarded update, a key and a Lua script go through Redis. Needs var/stack.env loaded. */
 #include <setjmp.h>

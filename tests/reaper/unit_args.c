@@ -1,4 +1,4 @@
-/* test_reaper_args.c - unit tests of the reaper's command line and of the settings it checks
+/* unit_args.c - unit tests of the reaper's command line and of the settings it checks
  * against each other: `reaper reconcile [--sku ID]`, `reaper audit [--pg-only]`, and
  * RESV_LOST_AFTER_MS against KAFKA_MESSAGE_TIMEOUT_MS. */
 #include <setjmp.h>

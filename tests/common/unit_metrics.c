@@ -1,4 +1,4 @@
-/* test_metrics.c - unit tests of the Prometheus text rendering and of the JSON log line. */
+/* unit_metrics.c - unit tests of the Prometheus text rendering and of the JSON log line. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>

@@ -1,4 +1,4 @@
-/* test_redis_url.c - unit tests of REDIS_URL parsing (single server and Sentinel forms). */
+/* unit_redis_url.c - unit tests of REDIS_URL parsing (single server and Sentinel forms). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>

@@ -1,4 +1,4 @@
-/* test_order_rules.c - unit tests for the order state machine: every rule of docs/consumer.md,
+/* unit_order_rules.c - unit tests for the order state machine: every rule of docs/consumer.md,
  * decided in memory the way the consumer decides a batch, with no database. */
 #include <stdarg.h>
 #include <stddef.h>

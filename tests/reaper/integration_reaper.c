@@ -1,4 +1,4 @@
-/* test_reaper.c - the reaper with all three workers running against real Redis, Kafka and
+/* integration_reaper.c - the reaper with all three workers running against real Redis, Kafka and
  * PostgreSQL: unpaid orders expire and give their stock back exactly once to PostgreSQL and to
  * Redis; payments around the deadline end paid or expired, never both; three reapers, one killed
  * with kill -9 over and over, return every unit exactly once; a lost reservation is voided and its

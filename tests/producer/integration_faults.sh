@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# producer_faults.sh - the producer when Kafka or Redis stops, and across a Sentinel failover
-# (see producer_faults.py). BIN_DIR picks the build. Needs the shared stack's env (its Kafka
+# integration_faults.sh - the producer when Kafka or Redis stops, and across a Sentinel failover
+# (see integration_faults.py). BIN_DIR picks the build. Needs the shared stack's env (its Kafka
 # serves the Sentinel scenario); for stopping servers it starts a private stack of its own
 # (scripts/stack.sh with STACK_VAR and other ports), so the shared stack is never disturbed.
 #
@@ -33,5 +33,5 @@ trap teardown EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-run_helper python3 "$here/producer_faults.py" --workdir "$work" "$@"
+run_helper python3 "$here/integration_faults.py" --workdir "$work" "$@"
 exit "$rc"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""producer_faults.py - the producer when Kafka or Redis fails, and across a Sentinel failover.
+"""integration_faults.py - the producer when Kafka or Redis fails, and across a Sentinel failover.
 
-Run by producer_faults.sh (which makes the work directory and, on exit, tears down everything
+Run by integration_faults.sh (which makes the work directory and, on exit, tears down everything
 recorded there). Three scenarios, against real servers:
 
   kafka     A private stack (scripts/stack.sh with STACK_VAR under the work directory and its
@@ -28,7 +28,7 @@ recorded there). Three scenarios, against real servers:
 
 Prints `ok - NAME (figures)` / `not ok - NAME: DETAIL` per check and, last, `N passed, M failed`.
 The private stack boots (about 15 s) while the sentinel scenario runs. Standard library only;
-the HTTP client and sale helpers come from producer_api.py, reporting and ports from
+the HTTP client and sale helpers come from integration_api.py, reporting and ports from
 tests/lib/testkit.py.
 """
 import argparse
@@ -45,8 +45,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-import producer_api as api  # noqa: E402  (the HTTP client, sale helpers)
-from producer_api import TransportError, accepted_id  # noqa: E402
+import integration_api as api  # noqa: E402  (the HTTP client, sale helpers)
+from integration_api import TransportError, accepted_id  # noqa: E402
 from testkit import (Fail, Report, expect, free_port, load_stack_env, log_tail,  # noqa: E402
                      pick_ports, port_free, read_env_file, sentinel_conf, setup_missing,
                      worker_binary)
@@ -79,7 +79,7 @@ def proc_matches(pid, needle):
 
 class Procs:
     """Processes this test started. Each is recorded in WORKDIR/pids/NAME.pid as "PID NEEDLE" so
-    producer_faults.sh can kill it (only if its command line still contains NEEDLE) even when
+    integration_faults.sh can kill it (only if its command line still contains NEEDLE) even when
     this script dies."""
 
     def __init__(self, workdir):
@@ -142,7 +142,7 @@ async def arcli(port, *args):
 # ---- the producer, on the environment we choose -------------------------------------------------
 
 class Producer(api.Producer):
-    """producer_api's Producer (client, wait_ready, stop, kill, log_tail) started with our env."""
+    """integration_api's Producer (client, wait_ready, stop, kill, log_tail) started with our env."""
 
     def __init__(self, name, binary, logdir, procs, env):
         self.name = name
@@ -947,7 +947,7 @@ async def main_async(rep, binary, workdir, only):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workdir", help="where everything goes (made by producer_faults.sh)")
+    ap.add_argument("--workdir", help="where everything goes (made by integration_faults.sh)")
     ap.add_argument("--only", choices=("kafka", "sentinel"), action="append",
                     help="run one scenario (kafka includes redis); repeatable")
     args = ap.parse_args()
@@ -964,7 +964,7 @@ def main():
         asyncio.run(main_async(rep, binary, workdir, args.only or ["kafka", "sentinel"]))
         print("# %.0f s%s" % (time.monotonic() - t0, "; logs kept in %s" % workdir
                               if rep.failed else ""), flush=True)
-        if not args.workdir and not rep.failed:  # run without producer_faults.sh
+        if not args.workdir and not rep.failed:  # run without integration_faults.sh
             shutil.rmtree(workdir, ignore_errors=True)
     return rep.summary()
 

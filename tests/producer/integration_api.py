@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""producer_api.py - the producer's HTTP order API against the real local stack.
+"""integration_api.py - the producer's HTTP order API against the real local stack.
 
 Starts two producers ($BIN_DIR/producer, default bin/) on free loopback ports and proves:
   1. the admin API: opening a sale needs the admin token (401 otherwise, and nothing opens), a
@@ -31,7 +31,7 @@ import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 sys.path.insert(0, os.path.join(ROOT, "tests", "lib"))
-# The HTTP client (producer_faults.py uses it through this module).
+# The HTTP client (integration_faults.py uses it through this module).
 from http11 import HOST, REQ_TIMEOUT, Client, Conn, TransportError  # noqa: E402
 from testkit import (Fail, Report, expect, free_port, load_stack_env, setup_missing,  # noqa: E402
                      worker_binary)

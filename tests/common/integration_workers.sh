@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# workers.sh - each worker binary starts against the real local stack, answers /healthz, /readyz
+# integration_workers.sh - each worker binary starts against the real local stack, answers /healthz, /readyz
 # and /metrics, refuses bad settings with one clear sentence, and drains on SIGTERM with exit 0.
 # Needs var/stack.env loaded; BIN_DIR picks the build (bin or bin/asan).
 set -uo pipefail

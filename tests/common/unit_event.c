@@ -1,4 +1,4 @@
-/* test_event.c - unit tests for the event codec: round trips, exact output, and every way an
+/* unit_event.c - unit tests for the event codec: round trips, exact output, and every way an
  * event on the wire can be wrong. */
 #include <stdarg.h>
 #include <stddef.h>
