@@ -15,6 +15,7 @@
 #include "log.h"
 #include "redis_store.h"
 #include "stock.h"
+#include "itest.h"
 
 static char err[512];
 static sp_redis_target target;
@@ -38,16 +39,6 @@ static int64_t fresh_sku(redisContext *c, int n) {
     return sku;
 }
 
-static int64_t hget_int(redisContext *c, int64_t sku, const char *suffix, const char *field) {
-    char key[SP_STOCK_KEY_MAX];
-    sp_stock_key(key, sku, suffix);
-    redisReply *r = redisCommand(c, "HGET %s %s", key, field);
-    assert_non_null(r);
-    int64_t v = r->type == REDIS_REPLY_STRING ? strtoll(r->str, NULL, 10) : -1;
-    freeReplyObject(r);
-    return v;
-}
-
 static sp_reserve_result reserve(redisContext *c, int64_t sku, int64_t user, int qty,
                                  const char *order_id, const char *idem) {
     sp_reserve_request req = {.sku_id = sku, .user_id = user, .qty = qty, .ts_ms = 1700000000000};
@@ -69,17 +60,6 @@ static int confirm(redisContext *c, int64_t sku, int64_t user, const char *order
     return was;
 }
 
-static char *hget_str(redisContext *c, int64_t sku, const char *suffix, const char *field) {
-    static char v[256];
-    char key[SP_STOCK_KEY_MAX];
-    sp_stock_key(key, sku, suffix);
-    redisReply *r = redisCommand(c, "HGET %s %s", key, field);
-    assert_non_null(r);
-    snprintf(v, sizeof(v), "%s", r->type == REDIS_REPLY_STRING ? r->str : "(nil)");
-    freeReplyObject(r);
-    return v;
-}
-
 static void test_open_once_and_restock(void **state) {
     (void)state;
     redisContext *c = connect_redis();
@@ -91,7 +71,7 @@ static void test_open_once_and_restock(void **state) {
     assert_int_equal(opened, 0); /* the second open changes nothing */
     assert_int_equal(sp_stock_available(c, sku, &stock, err, sizeof(err)), 0);
     assert_int_equal(stock, 10);
-    assert_int_equal(hget_int(c, sku, "sale", "limit"), 1);
+    assert_int_equal(sale_hget_int(c, sku, "sale", "limit"), 1);
     assert_int_equal(sp_stock_restock(c, sku, 5, &stock, err, sizeof(err)), 0);
     assert_int_equal(stock, 15);
     int64_t other = fresh_sku(c, 2);
@@ -114,7 +94,7 @@ static void test_reserve_outcomes(void **state) {
     assert_string_equal(r.order_id, "o-1");
     assert_int_equal(r.stock_left, 1);
     assert_int_equal(r.pay_timeout_s, 600);
-    assert_int_equal(hget_int(c, sku, "users", "7"), 2);
+    assert_int_equal(sale_hget_int(c, sku, "users", "7"), 2);
     /* The user holds 2 of a limit of 2. */
     r = reserve(c, sku, 7, 1, "o-2", NULL);
     assert_int_equal(r.outcome, SP_RESERVE_LIMIT);
@@ -129,8 +109,8 @@ static void test_reserve_outcomes(void **state) {
     assert_int_equal(sp_stock_available(c, sku, &stock, err, sizeof(err)), 0);
     assert_int_equal(stock, 0);
     /* Refused attempts left no reservation behind. */
-    assert_int_equal(hget_int(c, sku, "resv", "o-3"), -1);
-    assert_int_equal(hget_int(c, sku, "users", "9"), -1);
+    assert_int_equal(sale_hget_int(c, sku, "resv", "o-3"), -1);
+    assert_int_equal(sale_hget_int(c, sku, "users", "9"), -1);
 
     r = reserve(c, fresh_sku(c, 4), 1, 1, "o-6", NULL);
     assert_int_equal(r.outcome, SP_RESERVE_UNKNOWN_SKU);
@@ -183,7 +163,7 @@ static void test_release_exactly_once(void **state) {
     assert_int_equal(qty, 0); /* the second release returns nothing */
     assert_int_equal(sp_stock_available(c, sku, &stock, err, sizeof(err)), 0);
     assert_int_equal(stock, 10);
-    assert_int_equal(hget_int(c, sku, "users", "5"), -1);
+    assert_int_equal(sale_hget_int(c, sku, "users", "5"), -1);
     /* The key was freed: the buyer's retry is a fresh attempt. */
     sp_reserve_result r = reserve(c, sku, 5, 3, "r-2", "k");
     assert_int_equal(r.outcome, SP_RESERVE_OK);
@@ -261,10 +241,10 @@ static void test_confirm_marks_accepted(void **state) {
     assert_int_equal(sp_stock_open(c, sku, 5, 0, 60, &opened, err, sizeof(err)), 0);
     assert_int_equal(reserve(c, sku, 7, 2, "acc-1", NULL).outcome, SP_RESERVE_OK);
     assert_int_equal(reserve(c, sku, 8, 1, "acc-2", NULL).outcome, SP_RESERVE_OK);
-    assert_string_equal(hget_str(c, sku, "resv", "acc-1"), "r:7:2:1700000000000:");
+    assert_string_equal(sale_hget_str(c, sku, "resv", "acc-1"), "r:7:2:1700000000000:");
     assert_int_equal(confirm(c, sku, 7, "acc-1", NULL), 1);
     assert_int_equal(confirm(c, sku, 8, "acc-2", NULL), 1);
-    assert_string_equal(hget_str(c, sku, "resv", "acc-1"), "a:7:2:1700000000000");
+    assert_string_equal(sale_hget_str(c, sku, "resv", "acc-1"), "a:7:2:1700000000000");
     /* An accepted order can no longer be released. */
     assert_int_equal(sp_stock_release(c, sku, "acc-1", &qty, err, sizeof(err)), 0);
     assert_int_equal(qty, 0);
@@ -275,14 +255,14 @@ static void test_confirm_marks_accepted(void **state) {
     redisReply *r = redisCommand(c, "HLEN %s", key);
     assert_int_equal(r->integer, 0);
     freeReplyObject(r);
-    assert_int_equal(hget_int(c, sku, "sale", "stock"), 2); /* forgetting returns nothing */
+    assert_int_equal(sale_hget_int(c, sku, "sale", "stock"), 2); /* forgetting returns nothing */
 
     /* The consumer stored the order before the producer's confirm ran. */
     assert_int_equal(reserve(c, sku, 9, 1, "acc-3", "key-3").outcome, SP_RESERVE_OK);
     const char *id3[] = {"acc-3"};
     assert_int_equal(sp_stock_accepted_forget(c, sku, id3, 1, err, sizeof(err)), 0);
     assert_int_equal(confirm(c, sku, 9, "acc-3", "key-3"), 0);
-    assert_string_equal(hget_str(c, sku, "resv", "acc-3"), "(nil)"); /* not re-created */
+    assert_string_equal(sale_hget_str(c, sku, "resv", "acc-3"), "(nil)"); /* not re-created */
     sp_reserve_result again = reserve(c, sku, 9, 1, "acc-4", "key-3");
     assert_int_equal(again.outcome, SP_RESERVE_DUP);
     assert_string_equal(again.dup_state, "accepted");
@@ -297,24 +277,24 @@ static void test_cap_only_lowers(void **state) {
     int64_t sku = fresh_sku(c, 41), stock, removed;
     int opened;
     assert_int_equal(sp_stock_open(c, sku, 10, 0, 60, &opened, err, sizeof(err)), 0);
-    assert_int_equal(hget_int(c, sku, "sale", "supplied"), 10);
+    assert_int_equal(sale_hget_int(c, sku, "sale", "supplied"), 10);
     /* Redis holds 10, PostgreSQL only 6 (say a failover lost four decrements): down to 6. */
     assert_int_equal(sp_stock_cap(c, sku, 6, 10, &removed, err, sizeof(err)), 0);
     assert_int_equal(removed, 4);
-    assert_int_equal(hget_int(c, sku, "sale", "stock"), 6);
+    assert_int_equal(sale_hget_int(c, sku, "sale", "stock"), 6);
     /* Orders in flight keep Redis below PostgreSQL: nothing changes, nothing is added. */
     assert_int_equal(sp_stock_cap(c, sku, 9, 10, &removed, err, sizeof(err)), 0);
     assert_int_equal(removed, 0);
-    assert_int_equal(hget_int(c, sku, "sale", "stock"), 6);
+    assert_int_equal(sale_hget_int(c, sku, "sale", "stock"), 6);
     /* A restock Redis has and PostgreSQL has not applied yet is not taken away. */
     assert_int_equal(sp_stock_restock(c, sku, 50, &stock, err, sizeof(err)), 0);
-    assert_int_equal(hget_int(c, sku, "sale", "supplied"), 60);
+    assert_int_equal(sale_hget_int(c, sku, "sale", "supplied"), 60);
     assert_int_equal(sp_stock_cap(c, sku, 6, 10, &removed, err, sizeof(err)), 0);
     assert_int_equal(removed, 0);
-    assert_int_equal(hget_int(c, sku, "sale", "stock"), 56);
+    assert_int_equal(sale_hget_int(c, sku, "sale", "stock"), 56);
     assert_int_equal(sp_stock_cap(c, sku, 3, 10, &removed, err, sizeof(err)), 0);
     assert_int_equal(removed, 3);
-    assert_int_equal(hget_int(c, sku, "sale", "stock"), 53);
+    assert_int_equal(sale_hget_int(c, sku, "sale", "stock"), 53);
     /* No sale: nothing is created. */
     int64_t none = fresh_sku(c, 42);
     assert_int_equal(sp_stock_cap(c, none, 0, 0, &removed, err, sizeof(err)), 0);
@@ -376,18 +356,18 @@ static void test_reserve_batch_in_order(void **state) {
     assert_string_equal(res[5].dup_state, "pending");
     assert_int_equal(res[0].pay_timeout_s, 600);
 
-    assert_int_equal(hget_int(c, sku, "sale", "stock"), 0);
-    assert_int_equal(hget_int(c, sku, "users", "1"), 2);
-    assert_int_equal(hget_int(c, sku, "users", "2"), 2);
-    assert_int_equal(hget_int(c, sku, "users", "3"), 1);
-    assert_int_equal(hget_int(c, sku, "users", "4"), -1);
+    assert_int_equal(sale_hget_int(c, sku, "sale", "stock"), 0);
+    assert_int_equal(sale_hget_int(c, sku, "users", "1"), 2);
+    assert_int_equal(sale_hget_int(c, sku, "users", "2"), 2);
+    assert_int_equal(sale_hget_int(c, sku, "users", "3"), 1);
+    assert_int_equal(sale_hget_int(c, sku, "users", "4"), -1);
     char want_entry[128];
     snprintf(want_entry, sizeof(want_entry), "r:2:2:1700000000003:{sku:%lld}:idem:2:K",
              (long long)sku);
-    assert_string_equal(hget_str(c, sku, "resv", "b-3"), want_entry);
-    assert_string_equal(hget_str(c, sku, "resv", "b-1"), "r:1:1:1700000000001:");
-    assert_string_equal(hget_str(c, sku, "resv", "b-2"), "(nil)");
-    assert_string_equal(hget_str(c, sku, "resv", "b-6"), "(nil)");
+    assert_string_equal(sale_hget_str(c, sku, "resv", "b-3"), want_entry);
+    assert_string_equal(sale_hget_str(c, sku, "resv", "b-1"), "r:1:1:1700000000001:");
+    assert_string_equal(sale_hget_str(c, sku, "resv", "b-2"), "(nil)");
+    assert_string_equal(sale_hget_str(c, sku, "resv", "b-6"), "(nil)");
 
     /* an unknown SKU: every order of the batch hears so, nothing is written */
     sp_reserve_batch u = {0};
@@ -395,7 +375,7 @@ static void test_reserve_batch_in_order(void **state) {
     freeReplyObject(redisCommand(c, "DEL {sku:%lld}:sale", (long long)other.sku_id));
     if (sp_stock_reserve_batch(c, &u, res, err, sizeof(err)) != 0) fail_msg("batch: %s", err);
     assert_int_equal(res[0].outcome, SP_RESERVE_UNKNOWN_SKU);
-    assert_string_equal(hget_str(c, other.sku_id, "resv", "b-0"), "(nil)");
+    assert_string_equal(sale_hget_str(c, other.sku_id, "resv", "b-0"), "(nil)");
     redisFree(c);
 }
 
@@ -414,24 +394,24 @@ static void test_reconcile_open_after_apply(void **state) {
     sp_stock_key(key, sku, "sale");
     if (sp_stock_reconcile_pause(c, sku, "tok-1", 2, 600, 10, err, sizeof(err)) != 0)
         fail_msg("pause: %s", err);
-    assert_string_equal(hget_str(c, sku, "sale", "paused"), "tok-1");
+    assert_string_equal(sale_hget_str(c, sku, "sale", "paused"), "tok-1");
     if (sp_stock_reconcile_apply(c, sku, "tok-1", 7, 10, 2, 600, &owned, &stock, &inflight,
                                  &vanished, &nvanished, err, sizeof(err)) != 0)
         fail_msg("apply: %s", err);
     free(vanished);
     assert_int_equal(owned, 1);
     assert_int_equal(stock, 7);
-    assert_int_equal(hget_int(c, sku, "sale", "stock"), 7);
-    assert_string_equal(hget_str(c, sku, "sale", "paused"), "tok-1"); /* still paused */
+    assert_int_equal(sale_hget_int(c, sku, "sale", "stock"), 7);
+    assert_string_equal(sale_hget_str(c, sku, "sale", "paused"), "tok-1"); /* still paused */
     if (sp_stock_reconcile_open(c, sku, "tok-2", &owned, err, sizeof(err)) != 0)
         fail_msg("open: %s", err);
     assert_int_equal(owned, 0); /* another token changes nothing */
-    assert_string_equal(hget_str(c, sku, "sale", "paused"), "tok-1");
+    assert_string_equal(sale_hget_str(c, sku, "sale", "paused"), "tok-1");
     if (sp_stock_reconcile_open(c, sku, "tok-1", &owned, err, sizeof(err)) != 0)
         fail_msg("open: %s", err);
     assert_int_equal(owned, 1);
-    assert_string_equal(hget_str(c, sku, "sale", "paused"), "(nil)");
-    assert_int_equal(hget_int(c, sku, "sale", "stock"), 7);
+    assert_string_equal(sale_hget_str(c, sku, "sale", "paused"), "(nil)");
+    assert_int_equal(sale_hget_int(c, sku, "sale", "stock"), 7);
     redisFree(c);
 }
 

@@ -27,6 +27,7 @@
 #include "kafka.h"
 #include "pg_store.h"
 #include "redis_store.h"
+#include "stock.h"
 
 /* Where the workers under test are: bin/, or bin/asan/ in a build with AddressSanitizer (the
  * tests run from the repository root). */
@@ -329,6 +330,38 @@ static inline pid_t start_redis(int port, const char *dir) {
     }
     fail_msg("redis-server on port %d did not answer: %s", port, itest_err);
     return -1;
+}
+
+/* ---- the sale's hashes in Redis ---- */
+
+/* The reply to HGET {sku:N}:suffix field on c; fails the test when Redis does not answer. */
+static inline redisReply *sale_hget(redisContext *c, int64_t sku, const char *suffix,
+                                    const char *field) {
+    char key[SP_STOCK_KEY_MAX];
+    sp_stock_key(key, sku, suffix);
+    redisReply *r = redisCommand(c, "HGET %s %s", key, field);
+    if (r == NULL) fail_msg("HGET %s %s: %s", key, field, c->errstr);
+    return r;
+}
+
+/* The field of the sale's hash as an integer; -1 when the field is absent. */
+static inline int64_t sale_hget_int(redisContext *c, int64_t sku, const char *suffix,
+                                    const char *field) {
+    redisReply *r = sale_hget(c, sku, suffix, field);
+    int64_t v = r->type == REDIS_REPLY_STRING ? strtoll(r->str, NULL, 10) : -1;
+    freeReplyObject(r);
+    return v;
+}
+
+/* The field of the sale's hash as text, "(nil)" when absent; in a static buffer that the next
+ * call overwrites. */
+static inline const char *sale_hget_str(redisContext *c, int64_t sku, const char *suffix,
+                                        const char *field) {
+    static char v[256];
+    redisReply *r = sale_hget(c, sku, suffix, field);
+    snprintf(v, sizeof(v), "%s", r->type == REDIS_REPLY_STRING ? r->str : "(nil)");
+    freeReplyObject(r);
+    return v;
 }
 
 /* ---- HTTP ---- */

@@ -96,14 +96,9 @@ static void redis_close(void) {
     rctx = NULL;
 }
 
+/* The sale's hash field as an integer on the test's connection; -1 when absent. */
 static int64_t hget(int64_t sku, const char *suffix, const char *field) {
-    char key[SP_STOCK_KEY_MAX];
-    sp_stock_key(key, sku, suffix);
-    redisReply *r = redisCommand(redis(), "HGET %s %s", key, field);
-    if (r == NULL) fail_msg("HGET %s: %s", key, redis()->errstr);
-    int64_t v = r->type == REDIS_REPLY_STRING ? strtoll(r->str, NULL, 10) : -1;
-    freeReplyObject(r);
-    return v;
+    return sale_hget_int(redis(), sku, suffix, field);
 }
 
 static int64_t hget_user(int64_t sku, int64_t user) {
