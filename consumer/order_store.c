@@ -385,7 +385,10 @@ int sp_order_store_ping(sp_order_store *s, char *errbuf, size_t errlen) {
  * otherwise they are events nobody applied (the reader's position was ahead of PostgreSQL's, as
  * after a restore or with a stale position), and applying the batch would skip them for good.
  * Such a batch is refused (-1), with read_again_from set on each partition where it happened. A
- * partition with nothing stored yet (0) may start anywhere: the log may begin past offset 0. */
+ * partition with nothing stored yet (0) is no exception: its batch must start at offset 0, or
+ * where its reader found everything before empty (the log's start, past what retention deleted).
+ * A new or restored database under a running consumer, or a consumer that started from Kafka's
+ * committed offset, would otherwise skip the partition's early events for good. */
 static int lock_offsets(sp_order_store *s, sp_batch *b, char *errbuf, size_t errlen) {
     arr_begin(&s->arg[1]);
     for (size_t i = 0; i < b->nparts; i++) arr_int(&s->arg[1], b->parts[i].partition);
@@ -411,7 +414,7 @@ static int lock_offsets(sp_order_store *s, sp_batch *b, char *errbuf, size_t err
     for (size_t i = 0; i < b->nparts; i++) {
         sp_batch_partition *p = &b->parts[i];
         p->read_again_from = -1;
-        if (p->stored <= 0 || p->first_offset <= p->stored || p->gap_from <= p->stored) continue;
+        if (p->first_offset <= p->stored || p->gap_from <= p->stored) continue;
         p->read_again_from = p->stored;
         if (refused++ == 0)
             snprintf(errbuf, errlen,

@@ -34,9 +34,9 @@
 #define T0          INT64_C(1767225600000) /* 2026-01-01: every event time is T0 + something */
 #define WAIT_S      180                    /* generous: a shared, loaded machine; ASan builds */
 #define MAX_EVENTS  40000
-#define MAX_DBS     10
+#define MAX_DBS     16
 #define MAX_TOPICS  16
-#define NTESTS      7
+#define NTESTS      8
 
 static char err[1024];
 
@@ -1062,6 +1062,46 @@ static void test_consumer_ahead_of_stored_offset(void **state) {
     g.npassed++;
 }
 
+/* A partition with nothing stored in PostgreSQL (hole 4 of issue 15): an empty database restored
+ * under a running consumer, whose position is past offset 0. Its first batch must be refused and
+ * the partition read again from offset 0 (or from the log's start where retention deleted what
+ * came before), so the events before its position are applied too. Before, a partition with
+ * nothing stored took a batch starting anywhere, and those events were skipped for good. */
+static void test_empty_database_under_running_consumer(void **state) {
+    (void)state;
+    const char *topic = new_topic("emptydb", 1), *dlq = new_topic("emptydb.dlq", 1);
+    const char *db = new_database("emptydb");
+    int64_t sku = g.sku_base + 9;
+    const char *tp[] = {topic};
+    ndelivered = 0;
+    sp_event open = ev_stock_set(sku, T0, 1000, 0, 600);
+    produce_with(g.kafka, topic, &open); /* offset 0 */
+    produce_orders(g.kafka, topic, sku, 1, 10); /* 1..10 */
+    flush_all();
+    proc p = start_consumer("emptydb", db, topic, dlq, "emptydb", NULL, NULL);
+    wait_applied(db, topic, 11, &p);
+
+    /* The restore: every table empty, the consumer still at 11. */
+    PGconn *pg = connect_pg(db);
+    if (sp_pg_exec(pg,
+                   "TRUNCATE inventory, orders, consumer_offsets, stock_returns, reaper_requests, "
+                   "reaper_state",
+                   0, NULL, err, sizeof(err)) != 0)
+        fail_msg("emptying the database: %s", err);
+    PQfinish(pg);
+    produce_orders(g.kafka, topic, sku, 11, 15); /* 11..15 */
+    flush_all();
+    wait_applied(db, topic, 16, &p);
+    stop_consumer(&p, "consumer under an emptied database");
+    assert_int_equal(value(db, "SELECT count(*) FROM orders WHERE status = 'pending'"), 15);
+    assert_int_equal(value(db, "SELECT stock FROM inventory"), 985);
+    assert_int_equal(value(db, "SELECT version FROM inventory"), 15);
+    assert_int_equal(query_int(db, "SELECT next_offset FROM consumer_offsets WHERE topic = $1",
+                               1, tp),
+                     16);
+    g.npassed++;
+}
+
 /* ---- set-up ---- */
 
 static int group_setup(void **state) {
@@ -1105,6 +1145,7 @@ int main(void) {
         cmocka_unit_test(test_failed_batch_is_read_again),
         cmocka_unit_test(test_store_refuses_batch_past_stored_offset),
         cmocka_unit_test(test_consumer_ahead_of_stored_offset),
+        cmocka_unit_test(test_empty_database_under_running_consumer),
     };
     return cmocka_run_group_tests_name("consumer", tests, group_setup, group_teardown);
 }
