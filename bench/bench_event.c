@@ -13,7 +13,7 @@
 
 #include "event.h"
 
-#define RUNS 5
+#define RUNS     5
 #define NSAMPLES 1024 /* distinct encoded events cycled through by the decode benchmark */
 
 static double now_s(void) {

@@ -36,10 +36,10 @@ typedef struct conf_opt {
 
 #define STR(field) CONF_STR, offsetof(sp_config, field), sizeof(((sp_config *)0)->field)
 #define INT(field) CONF_INT, offsetof(sp_config, field), sizeof(int)
-#define P SP_WORKER_PRODUCER
-#define C SP_WORKER_CONSUMER
-#define R SP_WORKER_REAPER
-#define T SP_WORKER_TOOL
+#define P          SP_WORKER_PRODUCER
+#define C          SP_WORKER_CONSUMER
+#define R          SP_WORKER_REAPER
+#define T          SP_WORKER_TOOL
 
 /* clang-format off */
 static const conf_opt conf_table[] = {
@@ -187,11 +187,14 @@ void sp_config_usage(FILE *out, unsigned worker, const char *prog, const char *s
         fprintf(out, "  --%s=%s  (env %s)\n      %s", o->flag, o->type == CONF_INT ? "N" : "VALUE",
                 o->env, o->help);
         if (o->type == CONF_INT) fprintf(out, "; %lld..%lld", o->min, o->max);
-        if (o->flags & CONF_REQUIRED) fprintf(out, "; required");
-        else if (o->def[0]) fprintf(out, "; default %s", o->def);
+        if (o->flags & CONF_REQUIRED)
+            fprintf(out, "; required");
+        else if (o->def[0])
+            fprintf(out, "; default %s", o->def);
         fprintf(out, "\n");
     }
-    fprintf(out, "  --help     print this text and exit\n  --version  print the version and exit\n");
+    fprintf(out,
+            "  --help     print this text and exit\n  --version  print the version and exit\n");
 }
 
 int sp_config_load(sp_config *cfg, unsigned worker, int argc, char **argv, const char *synopsis,
@@ -246,7 +249,8 @@ int sp_config_load(sp_config *cfg, unsigned worker, int argc, char **argv, const
         const char *value = eq ? eq + 1 : NULL;
         if (value == NULL) {
             if (i + 1 >= argc) {
-                snprintf(errbuf, errlen, "option --%s needs a value (--%s=VALUE)", o->flag, o->flag);
+                snprintf(errbuf, errlen, "option --%s needs a value (--%s=VALUE)", o->flag,
+                         o->flag);
                 return -1;
             }
             value = argv[++i];

@@ -31,12 +31,12 @@ typedef struct sp_config {
     char payment_token[256];
     char log_level[16];
     int kafka_message_timeout_ms;
-    int kafka_linger_ms;   /* producer, reaper: librdkafka linger.ms */
-    int order_rate_limit;  /* producer: orders/s this worker admits to Redis; 0 = no limit */
-    int user_rate_limit;   /* producer: order requests/s one user may make; 0 = no limit */
-    int max_inflight;      /* producer: orders under way at once before answering 429 */
-    int batch_max;         /* consumer: events applied in one PostgreSQL transaction */
-    int batch_wait_ms;     /* consumer: how long a batch waits to fill up */
+    int kafka_linger_ms;          /* producer, reaper: librdkafka linger.ms */
+    int order_rate_limit;         /* producer: orders/s this worker admits to Redis; 0 = no limit */
+    int user_rate_limit;          /* producer: order requests/s one user may make; 0 = no limit */
+    int max_inflight;             /* producer: orders under way at once before answering 429 */
+    int batch_max;                /* consumer: events applied in one PostgreSQL transaction */
+    int batch_wait_ms;            /* consumer: how long a batch waits to fill up */
     int kafka_session_timeout_ms; /* consumer: how long the group waits for a silent member */
     int reaper_interval_ms;       /* reaper: pause between two sweeps (expiry, returns) */
     int reaper_batch;             /* reaper: orders / ledger rows per transaction */

@@ -40,8 +40,7 @@ static void seterr(char *errbuf, size_t errlen, const char *fmt, ...)
 static void seterr(char *errbuf, size_t errlen, const char *fmt, ...) {
     va_list ap;
 
-    if (errbuf == NULL || errlen == 0)
-        return;
+    if (errbuf == NULL || errlen == 0) return;
     va_start(ap, fmt);
     vsnprintf(errbuf, errlen, fmt, ap);
     va_end(ap);
@@ -53,10 +52,8 @@ static void seterr(char *errbuf, size_t errlen, const char *fmt, ...) {
 static void printable(char *dst, size_t dstlen, const char *src, size_t srclen) {
     size_t i;
 
-    if (srclen > dstlen - 1)
-        srclen = dstlen - 1;
-    for (i = 0; i < srclen; i++)
-        dst[i] = (src[i] >= 0x20 && src[i] <= 0x7e) ? src[i] : '?';
+    if (srclen > dstlen - 1) srclen = dstlen - 1;
+    for (i = 0; i < srclen; i++) dst[i] = (src[i] >= 0x20 && src[i] <= 0x7e) ? src[i] : '?';
     dst[i] = '\0';
 }
 
@@ -64,8 +61,7 @@ static const char *type_name(sp_event_type type) {
     size_t i;
 
     for (i = 0; i < NTYPES; i++)
-        if (types[i].type == type)
-            return types[i].name;
+        if (types[i].type == type) return types[i].name;
     return NULL;
 }
 
@@ -73,26 +69,21 @@ static sp_event_type type_from_name(const char *name) {
     size_t i;
 
     for (i = 0; i < NTYPES; i++)
-        if (strcmp(types[i].name, name) == 0)
-            return types[i].type;
+        if (strcmp(types[i].name, name) == 0) return types[i].type;
     return SP_EV_NONE;
 }
 
-const char *sp_event_type_name(sp_event_type type) {
-    return type_name(type);
-}
+const char *sp_event_type_name(sp_event_type type) { return type_name(type); }
 
 int sp_order_id_valid(const char *s) {
     size_t n;
 
-    if (s == NULL)
-        return 0;
+    if (s == NULL) return 0;
     /* Stops at the first bad byte, so it never reads past SP_ORDER_ID_MAX + 1 bytes. */
     for (n = 0; s[n] != '\0'; n++) {
         char c = s[n];
 
-        if (n == SP_ORDER_ID_MAX)
-            return 0;
+        if (n == SP_ORDER_ID_MAX) return 0;
         if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
               c == '.' || c == '_' || c == '-'))
             return 0;
@@ -106,8 +97,7 @@ static int reason_valid(const char *s) {
     size_t n;
 
     for (n = 0; s[n] != '\0'; n++)
-        if (n == SP_REASON_MAX || s[n] < 0x20 || s[n] > 0x7e)
-            return 0;
+        if (n == SP_REASON_MAX || s[n] < 0x20 || s[n] > 0x7e) return 0;
     return 1;
 }
 
@@ -167,8 +157,7 @@ static int check_event(const sp_event *ev, char *errbuf, size_t errlen) {
         break;
     case SP_EV_STOCK_ADD:
         /* stored in ev->stock, called "add" on the wire */
-        if (check_int("add", ev->stock, 1, SP_STOCK_MAX, errbuf, errlen) != 0)
-            return -1;
+        if (check_int("add", ev->stock, 1, SP_STOCK_MAX, errbuf, errlen) != 0) return -1;
         break;
     case SP_EV_ORDER_CREATED:
         if (check_order_id(ev->order_id, errbuf, errlen) != 0 ||
@@ -179,8 +168,7 @@ static int check_event(const sp_event *ev, char *errbuf, size_t errlen) {
         break;
     case SP_EV_ORDER_PAID:
     case SP_EV_ORDER_EXPIRED:
-        if (check_order_id(ev->order_id, errbuf, errlen) != 0)
-            return -1;
+        if (check_order_id(ev->order_id, errbuf, errlen) != 0) return -1;
         break;
     case SP_EV_ORDER_VOIDED:
         if (check_order_id(ev->order_id, errbuf, errlen) != 0 ||
@@ -261,8 +249,7 @@ int sp_event_encode(const sp_event *ev, char *buf, size_t buflen, size_t *len, c
         seterr(errbuf, errlen, "encode: NULL argument");
         return -1;
     }
-    if (check_event(ev, errbuf, errlen) != 0)
-        return -1;
+    if (check_event(ev, errbuf, errlen) != 0) return -1;
 
     /* Key order follows docs/events.md: envelope first, then the type's fields. */
     w_int(&w, "v", SP_EVENT_VERSION);
@@ -292,8 +279,7 @@ int sp_event_encode(const sp_event *ev, char *buf, size_t buflen, size_t *len, c
         w_str(&w, "order_id", ev->order_id);
         w_int(&w, "user_id", ev->user_id);
         w_int(&w, "qty", ev->qty);
-        if (ev->reason[0] != '\0')
-            w_str(&w, "reason", ev->reason);
+        if (ev->reason[0] != '\0') w_str(&w, "reason", ev->reason);
         break;
     case SP_EV_NONE:
         break; /* refused by check_event */
@@ -333,8 +319,7 @@ static int get_int(const json_t *obj, const char *key, int64_t min, int64_t max,
     if (!json_is_integer(val))
         return int_error(key, min, max, errbuf, errlen); /* same message as a range miss */
     v = (int64_t)json_integer_value(val);
-    if (check_int(key, v, min, max, errbuf, errlen) != 0)
-        return -1;
+    if (check_int(key, v, min, max, errbuf, errlen) != 0) return -1;
     *out = v;
     return 0;
 }
@@ -344,8 +329,7 @@ static int get_int32(const json_t *obj, const char *key, int64_t min, int64_t ma
                      char *errbuf, size_t errlen) {
     int64_t v;
 
-    if (get_int(obj, key, min, max, &v, errbuf, errlen) != 0)
-        return -1;
+    if (get_int(obj, key, min, max, &v, errbuf, errlen) != 0) return -1;
     *out = (int32_t)v;
     return 0;
 }
@@ -374,8 +358,7 @@ static int get_order_id(const json_t *obj, sp_event *ev, char *errbuf, size_t er
 static int get_reason(const json_t *obj, sp_event *ev, char *errbuf, size_t errlen) {
     const json_t *val = json_object_get(obj, "reason");
 
-    if (val == NULL)
-        return 0;
+    if (val == NULL) return 0;
     if (!json_is_string(val)) {
         seterr(errbuf, errlen, "field \"reason\": must be a string");
         return -1;
@@ -444,8 +427,10 @@ int sp_event_decode(const char *data, size_t len, sp_event *ev, char *errbuf, si
         goto out;
     }
     if (json_integer_value(val) > SP_EVENT_VERSION) {
-        seterr(errbuf, errlen, "field \"v\": unsupported version %" JSON_INTEGER_FORMAT
-               " (this build reads up to %d)", json_integer_value(val), SP_EVENT_VERSION);
+        seterr(errbuf, errlen,
+               "field \"v\": unsupported version %" JSON_INTEGER_FORMAT
+               " (this build reads up to %d)",
+               json_integer_value(val), SP_EVENT_VERSION);
         goto out;
     }
 
@@ -477,21 +462,18 @@ int sp_event_decode(const char *data, size_t len, sp_event *ev, char *errbuf, si
             goto out;
         break;
     case SP_EV_STOCK_ADD:
-        if (get_int(obj, "add", 1, SP_STOCK_MAX, &ev->stock, errbuf, errlen) != 0)
-            goto out;
+        if (get_int(obj, "add", 1, SP_STOCK_MAX, &ev->stock, errbuf, errlen) != 0) goto out;
         break;
     case SP_EV_ORDER_CREATED:
         if (get_order_id(obj, ev, errbuf, errlen) != 0 ||
             get_int(obj, "user_id", 1, SP_ID_MAX, &ev->user_id, errbuf, errlen) != 0 ||
             get_int32(obj, "qty", 1, SP_QTY_MAX, &ev->qty, errbuf, errlen) != 0 ||
-            get_int(obj, "expires_ms", ev->ts_ms, SP_TS_MAX, &ev->expires_ms, errbuf, errlen) !=
-                0)
+            get_int(obj, "expires_ms", ev->ts_ms, SP_TS_MAX, &ev->expires_ms, errbuf, errlen) != 0)
             goto out;
         break;
     case SP_EV_ORDER_PAID:
     case SP_EV_ORDER_EXPIRED:
-        if (get_order_id(obj, ev, errbuf, errlen) != 0)
-            goto out;
+        if (get_order_id(obj, ev, errbuf, errlen) != 0) goto out;
         break;
     case SP_EV_ORDER_VOIDED:
         if (get_order_id(obj, ev, errbuf, errlen) != 0 ||
@@ -506,8 +488,7 @@ int sp_event_decode(const char *data, size_t len, sp_event *ev, char *errbuf, si
     rc = 0;
 
 out:
-    if (rc != 0)
-        memset(ev, 0, sizeof(*ev)); /* never hand back a partly filled event */
+    if (rc != 0) memset(ev, 0, sizeof(*ev)); /* never hand back a partly filled event */
     json_decref(obj);
     return rc;
 }

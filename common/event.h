@@ -42,13 +42,13 @@ typedef enum sp_event_type {
 /* One decoded event. Fields a type does not carry are zero / empty. */
 typedef struct sp_event {
     sp_event_type type;
-    int64_t ts_ms;        /* when the event was made (producer's clock), ms since the epoch */
-    int64_t sku_id;       /* every event */
+    int64_t ts_ms;  /* when the event was made (producer's clock), ms since the epoch */
+    int64_t sku_id; /* every event */
     char order_id[SP_ORDER_ID_MAX + 1]; /* order.* */
-    int64_t user_id;      /* order.created, order.voided */
-    int32_t qty;          /* order.created, order.voided */
-    int64_t expires_ms;   /* order.created: pay-by deadline, ms since the epoch, >= ts_ms */
-    int64_t stock;        /* stock.set: units put on sale; stock.add: units added (>= 1) */
+    int64_t user_id;                    /* order.created, order.voided */
+    int32_t qty;                        /* order.created, order.voided */
+    int64_t expires_ms;     /* order.created: pay-by deadline, ms since the epoch, >= ts_ms */
+    int64_t stock;          /* stock.set: units put on sale; stock.add: units added (>= 1) */
     int32_t per_user_limit; /* stock.set */
     int32_t pay_timeout_s;  /* stock.set, >= 1 */
     char reason[SP_REASON_MAX + 1]; /* order.voided: why (optional on decode, may be empty) */

@@ -29,13 +29,13 @@ struct sp_http {
     struct evhttp_bound_socket *listener;
     sp_http_handler fallback;
     void *fallback_arg;
-    struct timeval timeout;  /* options.timeout_s: to receive a whole request */
+    struct timeval timeout; /* options.timeout_s: to receive a whole request */
     int max_connections;
-    int nopen;               /* connections open and admitted (refused ones are not counted) */
-    conn *conns;             /* every record, so that sp_http_free can free them all */
-    conn **slots;            /* attached records by socket: a request finds its connection */
+    int nopen;    /* connections open and admitted (refused ones are not counted) */
+    conn *conns;  /* every record, so that sp_http_free can free them all */
+    conn **slots; /* attached records by socket: a request finds its connection */
     size_t nslots;
-    route *routes;           /* every handler, behind dispatch() */
+    route *routes; /* every handler, behind dispatch() */
 };
 
 /* ---- health state ---- */
@@ -56,7 +56,9 @@ void sp_health_set_ready(int ready, const char *why) {
     pthread_mutex_unlock(&health_lock);
 }
 
-void sp_health_beat(void) { atomic_store_explicit(&health_last_beat, monotonic_s(), memory_order_relaxed); }
+void sp_health_beat(void) {
+    atomic_store_explicit(&health_last_beat, monotonic_s(), memory_order_relaxed);
+}
 
 /* ---- connections: the bound and the request deadline ----
  *
@@ -92,11 +94,11 @@ struct route {
 
 struct conn {
     sp_http *h;
-    struct bufferevent *bev;          /* ours until attached (we hold a reference), then evhttp's */
-    struct event *timer;              /* first attaches (made active), then the request deadline */
-    int attached;                     /* evhttp's close callback is set; bev is in h->slots */
-    int refused;                      /* over the bound: not in h->nopen, closed once attached */
-    conn *prev, *next;                /* h->conns */
+    struct bufferevent *bev; /* ours until attached (we hold a reference), then evhttp's */
+    struct event *timer;     /* first attaches (made active), then the request deadline */
+    int attached;            /* evhttp's close callback is set; bev is in h->slots */
+    int refused;             /* over the bound: not in h->nopen, closed once attached */
+    conn *prev, *next;       /* h->conns */
 };
 
 /* Sent to a connection over the bound, straight to its socket, before it is closed. */
@@ -114,8 +116,10 @@ static void conn_free(conn *c) {
         h->nopen--;
         sp_metric_add(&m_conns_open, -1);
     }
-    if (c->prev) c->prev->next = c->next;
-    else h->conns = c->next;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        h->conns = c->next;
     if (c->next) c->next->prev = c->prev;
     if (!c->attached) bufferevent_decref(c->bev); /* the reference taken in on_conn_new */
     event_free(c->timer);
@@ -340,8 +344,10 @@ static void on_metrics(struct evhttp_request *req, void *arg) {
 
 static void on_unrouted(struct evhttp_request *req, void *arg) {
     sp_http *h = arg;
-    if (h->fallback) h->fallback(req, h->fallback_arg);
-    else sp_http_reply_error(req, 404, "not_found", NULL);
+    if (h->fallback)
+        h->fallback(req, h->fallback_arg);
+    else
+        sp_http_reply_error(req, 404, "not_found", NULL);
 }
 
 /* ---- server ---- */
@@ -396,18 +402,22 @@ sp_http *sp_http_new(struct event_base *base, const char *addr, int port,
     evhttp_set_default_content_type(h->evh, "application/json");
     if (add_route(h, "/healthz", on_healthz, NULL) != 0 ||
         add_route(h, "/readyz", on_readyz, NULL) != 0 ||
-        add_route(h, "/metrics", on_metrics, NULL) != 0 || add_route(h, NULL, on_unrouted, h) != 0) {
+        add_route(h, "/metrics", on_metrics, NULL) != 0 ||
+        add_route(h, NULL, on_unrouted, h) != 0) {
         snprintf(errbuf, errlen, "cannot register the health endpoints");
         goto fail;
     }
-    h->listener = options->reuse_port ? bind_shared(h->evh, base, addr, port)
-                                      : evhttp_bind_socket_with_handle(h->evh, addr, (ev_uint16_t)port);
+    h->listener = options->reuse_port
+                      ? bind_shared(h->evh, base, addr, port)
+                      : evhttp_bind_socket_with_handle(h->evh, addr, (ev_uint16_t)port);
     if (h->listener == NULL) {
         snprintf(errbuf, errlen,
                  "cannot listen on %s:%d (in use, or not an address of this host%s); "
                  "set HTTP_PORT / HTTP_ADDR",
                  addr, port,
-                 options->reuse_port ? "; to share a port, every process on it must set HTTP_REUSE_PORT=1" : "");
+                 options->reuse_port
+                     ? "; to share a port, every process on it must set HTTP_REUSE_PORT=1"
+                     : "");
         goto fail;
     }
     return h;

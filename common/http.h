@@ -30,9 +30,12 @@ typedef struct sp_http_options {
                           * the kernel spreads new connections over them (one per core) */
 } sp_http_options;
 
+/* clang-format 14 reads a braced initializer in a #define as a block: kept as written */
+/* clang-format off */
 #define SP_HTTP_OPTIONS_DEFAULT                                                                    \
     {.max_body = 4096, .max_headers = 8192, .timeout_s = 10, .max_connections = 10000,          \
      .reuse_port = 0}
+/* clang-format on */
 
 /* Serves /healthz, /readyz and /metrics on addr:port, driven by base (which the caller keeps
  * owning and must outlive the server). NULL with the reason in errbuf, e.g. a port in use. */

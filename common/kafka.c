@@ -9,7 +9,10 @@
 /* librdkafka's log lines (syslog levels) into the JSON logger. Called from librdkafka's threads;
  * sp_log_write is thread-safe. */
 static void on_kafka_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf) {
-    sp_log_level l = level <= 3 ? SP_LOG_ERROR : level <= 4 ? SP_LOG_WARN : level <= 6 ? SP_LOG_INFO : SP_LOG_DEBUG;
+    sp_log_level l = level <= 3   ? SP_LOG_ERROR
+                     : level <= 4 ? SP_LOG_WARN
+                     : level <= 6 ? SP_LOG_INFO
+                                  : SP_LOG_DEBUG;
     SP_LOG(l, "kafka %s %s: %s", rd_kafka_name(rk), fac, buf);
 }
 
@@ -121,10 +124,10 @@ int sp_kafka_produce_event(rd_kafka_t *rk, const char *topic, const sp_event *ev
     size_t len = 0;
     if (sp_event_encode(ev, buf, sizeof(buf), &len, errbuf, errlen) != 0) return -1;
     int keylen = snprintf(key, sizeof(key), "%lld", (long long)ev->sku_id);
-    rd_kafka_resp_err_t err =
-        rd_kafka_producev(rk, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_KEY(key, (size_t)keylen),
-                          RD_KAFKA_V_VALUE(buf, len), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
-                          RD_KAFKA_V_OPAQUE(msg_opaque), RD_KAFKA_V_END);
+    rd_kafka_resp_err_t err = rd_kafka_producev(
+        rk, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_KEY(key, (size_t)keylen),
+        RD_KAFKA_V_VALUE(buf, len), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+        RD_KAFKA_V_OPAQUE(msg_opaque), RD_KAFKA_V_END);
     if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
         snprintf(errbuf, errlen, "kafka produce to %s: %s", topic, rd_kafka_err2str(err));
         return -1;
@@ -135,8 +138,8 @@ int sp_kafka_produce_event(rd_kafka_t *rk, const char *topic, const sp_event *ev
 /* ---- the consumer side ---- */
 
 int sp_kafka_produce_dead_letter(rd_kafka_t *rk, const char *dlq_topic, const char *src_topic,
-                                 int32_t partition, int64_t offset, const void *key,
-                                 size_t keylen, const void *value, size_t len, const char *reason,
+                                 int32_t partition, int64_t offset, const void *key, size_t keylen,
+                                 const void *value, size_t len, const char *reason,
                                  void *msg_opaque, char *errbuf, size_t errlen) {
     char part[16], off[24];
     rd_kafka_headers_t *hdrs = rd_kafka_headers_new(4);
@@ -151,11 +154,10 @@ int sp_kafka_produce_dead_letter(rd_kafka_t *rk, const char *dlq_topic, const ch
     rd_kafka_header_add(hdrs, "partition", -1, part, -1);
     rd_kafka_header_add(hdrs, "offset", -1, off, -1);
     /* producev owns the headers only when it succeeds. */
-    rd_kafka_resp_err_t err =
-        rd_kafka_producev(rk, RD_KAFKA_V_TOPIC(dlq_topic), RD_KAFKA_V_KEY(key, key ? keylen : 0),
-                          RD_KAFKA_V_VALUE((void *)value, value ? len : 0),
-                          RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_HEADERS(hdrs),
-                          RD_KAFKA_V_OPAQUE(msg_opaque), RD_KAFKA_V_END);
+    rd_kafka_resp_err_t err = rd_kafka_producev(
+        rk, RD_KAFKA_V_TOPIC(dlq_topic), RD_KAFKA_V_KEY(key, key ? keylen : 0),
+        RD_KAFKA_V_VALUE((void *)value, value ? len : 0), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+        RD_KAFKA_V_HEADERS(hdrs), RD_KAFKA_V_OPAQUE(msg_opaque), RD_KAFKA_V_END);
     if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
         rd_kafka_headers_destroy(hdrs);
         snprintf(errbuf, errlen, "kafka produce to %s: %s", dlq_topic, rd_kafka_err2str(err));

@@ -50,8 +50,8 @@ int sp_kafka_produce_event(rd_kafka_t *rk, const char *topic, const sp_event *ev
  * msg_opaque comes back in the delivery report. 0 when queued (librdkafka copies everything);
  * -1 with errbuf when the local queue refused it. */
 int sp_kafka_produce_dead_letter(rd_kafka_t *rk, const char *dlq_topic, const char *src_topic,
-                                 int32_t partition, int64_t offset, const void *key,
-                                 size_t keylen, const void *value, size_t len, const char *reason,
+                                 int32_t partition, int64_t offset, const void *key, size_t keylen,
+                                 const void *value, size_t len, const char *reason,
                                  void *msg_opaque, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 

@@ -26,11 +26,16 @@ void sp_log_init(const char *worker, const char *worker_id, sp_log_level min_lev
 
 int sp_log_level_parse(const char *name, sp_log_level *level) {
     if (name == NULL) return -1;
-    if (strcasecmp(name, "debug") == 0) *level = SP_LOG_DEBUG;
-    else if (strcasecmp(name, "info") == 0) *level = SP_LOG_INFO;
-    else if (strcasecmp(name, "warn") == 0 || strcasecmp(name, "warning") == 0) *level = SP_LOG_WARN;
-    else if (strcasecmp(name, "error") == 0) *level = SP_LOG_ERROR;
-    else return -1;
+    if (strcasecmp(name, "debug") == 0)
+        *level = SP_LOG_DEBUG;
+    else if (strcasecmp(name, "info") == 0)
+        *level = SP_LOG_INFO;
+    else if (strcasecmp(name, "warn") == 0 || strcasecmp(name, "warning") == 0)
+        *level = SP_LOG_WARN;
+    else if (strcasecmp(name, "error") == 0)
+        *level = SP_LOG_ERROR;
+    else
+        return -1;
     return 0;
 }
 
@@ -110,7 +115,8 @@ void sp_log_write(sp_log_level level, const sp_log_ctx *ctx, const char *fmt, ..
             sp_json_escape_append(line, sizeof(line), &pos, ctx->order_id);
             appendf(line, sizeof(line), &pos, "\"");
         }
-        if (ctx->sku_id) appendf(line, sizeof(line), &pos, ",\"sku_id\":%lld", (long long)ctx->sku_id);
+        if (ctx->sku_id)
+            appendf(line, sizeof(line), &pos, ",\"sku_id\":%lld", (long long)ctx->sku_id);
         if (ctx->has_kafka)
             appendf(line, sizeof(line), &pos, ",\"partition\":%d,\"offset\":%lld",
                     (int)ctx->partition, (long long)ctx->offset);

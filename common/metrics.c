@@ -9,15 +9,16 @@
 #endif
 
 const int64_t sp_latency_us_bounds[SP_LATENCY_US_NBOUNDS] = {
-    100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 500000,
-    1000000, 2500000, 5000000};
+    100,   250,    500,    1000,   2500,    5000,    10000,  25000,
+    50000, 100000, 250000, 500000, 1000000, 2500000, 5000000};
 
 static sp_metric *registry = NULL;
 
 void sp_metrics_register(sp_metric *m) {
     for (sp_metric *it = registry; it; it = it->next)
         if (it == m) return;
-    if (m->kind == SP_HISTOGRAM && m->nbounds > SP_HIST_BUCKETS_MAX) m->nbounds = SP_HIST_BUCKETS_MAX;
+    if (m->kind == SP_HISTOGRAM && m->nbounds > SP_HIST_BUCKETS_MAX)
+        m->nbounds = SP_HIST_BUCKETS_MAX;
     /* Append, so families render in the order the program declared them. */
     sp_metric **tail = &registry;
     while (*tail) tail = &(*tail)->next;
@@ -84,13 +85,15 @@ int sp_metrics_render(FILE *out) {
         for (sp_metric *s = m; s; s = s->next)
             if (strcmp(s->name, m->name) == 0) render_series(out, s);
     }
-    fprintf(out, "# HELP process_resident_memory_bytes Resident memory size in bytes.\n"
-                 "# TYPE process_resident_memory_bytes gauge\n"
-                 "process_resident_memory_bytes %ld\n",
+    fprintf(out,
+            "# HELP process_resident_memory_bytes Resident memory size in bytes.\n"
+            "# TYPE process_resident_memory_bytes gauge\n"
+            "process_resident_memory_bytes %ld\n",
             resident_bytes());
-    fprintf(out, "# HELP stockpipe_build_info Build of this worker.\n"
-                 "# TYPE stockpipe_build_info gauge\n"
-                 "stockpipe_build_info{version=\"%s\"} 1\n",
+    fprintf(out,
+            "# HELP stockpipe_build_info Build of this worker.\n"
+            "# TYPE stockpipe_build_info gauge\n"
+            "stockpipe_build_info{version=\"%s\"} 1\n",
             SP_VERSION);
     return ferror(out) ? -1 : 0;
 }

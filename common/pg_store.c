@@ -34,7 +34,8 @@ PGresult *sp_pg_query(PGconn *pg, const char *sql, int nparams, const char *cons
     PGresult *res = PQexecParams(pg, sql, nparams, NULL, params, NULL, NULL, 0);
     ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
     if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) {
-        set_error(errbuf, errlen, "postgresql", res ? PQresultErrorMessage(res) : PQerrorMessage(pg));
+        set_error(errbuf, errlen, "postgresql",
+                  res ? PQresultErrorMessage(res) : PQerrorMessage(pg));
         PQclear(res);
         return NULL;
     }

@@ -155,7 +155,8 @@ static int sentinel_lookup(const sp_redis_target *t, int i, int timeout_ms, char
     if (s == NULL) return -1;
     r = redisCommand(s, "SENTINEL get-master-addr-by-name %s", t->master);
     if (r == NULL) {
-        snprintf(errbuf, errlen, "sentinel %s:%d: %s", t->hosts[i].host, t->hosts[i].port, s->errstr);
+        snprintf(errbuf, errlen, "sentinel %s:%d: %s", t->hosts[i].host, t->hosts[i].port,
+                 s->errstr);
         goto out;
     }
     if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
@@ -252,8 +253,11 @@ int sp_redis_ping(redisContext *c, char *errbuf, size_t errlen) {
         snprintf(errbuf, errlen, "PING: %s", c->errstr);
         return -1;
     }
-    if (r->type == REDIS_REPLY_STATUS && strcmp(r->str, "PONG") == 0) rc = 0;
-    else snprintf(errbuf, errlen, "PING: unexpected reply %s", r->type == REDIS_REPLY_ERROR ? r->str : "");
+    if (r->type == REDIS_REPLY_STATUS && strcmp(r->str, "PONG") == 0)
+        rc = 0;
+    else
+        snprintf(errbuf, errlen, "PING: unexpected reply %s",
+                 r->type == REDIS_REPLY_ERROR ? r->str : "");
     freeReplyObject(r);
     return rc;
 }
@@ -278,7 +282,8 @@ int sp_redis_script_load(redisContext *c, sp_redis_script *s, char *errbuf, size
 }
 
 redisReply *sp_redis_evalsha(redisContext *c, sp_redis_script *s, int nkeys, int argc,
-                             const char **argv, const size_t *argvlen, char *errbuf, size_t errlen) {
+                             const char **argv, const size_t *argvlen, char *errbuf,
+                             size_t errlen) {
     const char *av[EVALSHA_ARGS_MAX + 3];
     size_t avlen[EVALSHA_ARGS_MAX + 3];
     char nkeystext[12];

@@ -1,4 +1,5 @@
-/* signals.c - SIGTERM/SIGINT handling: the first asks for a graceful drain, the second exits now. */
+/* signals.c - SIGTERM/SIGINT handling: the first asks for a graceful drain, the second exits
+ * now. */
 #include "signals.h"
 
 #include <signal.h>

@@ -1,4 +1,5 @@
-/* signals.h - SIGTERM/SIGINT handling: the first asks for a graceful drain, the second exits now. */
+/* signals.h - SIGTERM/SIGINT handling: the first asks for a graceful drain, the second exits
+ * now. */
 #ifndef SP_SIGNALS_H
 #define SP_SIGNALS_H
 

@@ -51,11 +51,12 @@ static void key_arg(sp_script_call *call, int64_t sku_id, const char *suffix) {
 }
 
 int sp_stock_scripts_load(redisContext *c, char *errbuf, size_t errlen) {
-    sp_redis_script *all[] = {&script_sale_open, &script_restock, &script_reserve,
-                              &script_confirm, &script_release, &script_cap,
-                              &script_give_back, &script_resv_drop, &script_reconcile_pause,
-                              &script_reconcile_apply, &script_reconcile_adjust,
-                              &script_reconcile_open, &script_rejected_forget};
+    sp_redis_script *all[] = {
+        &script_sale_open,       &script_restock,          &script_reserve,
+        &script_confirm,         &script_release,          &script_cap,
+        &script_give_back,       &script_resv_drop,        &script_reconcile_pause,
+        &script_reconcile_apply, &script_reconcile_adjust, &script_reconcile_open,
+        &script_rejected_forget};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
         if (sp_redis_script_load(c, all[i], errbuf, errlen) != 0) return -1;
     return 0;
@@ -63,8 +64,8 @@ int sp_stock_scripts_load(redisContext *c, char *errbuf, size_t errlen) {
 
 /* ---- building calls ---- */
 
-void sp_stock_open_call(sp_script_call *call, int64_t sku_id, int64_t stock,
-                        int32_t per_user_limit, int32_t pay_timeout_s) {
+void sp_stock_open_call(sp_script_call *call, int64_t sku_id, int64_t stock, int32_t per_user_limit,
+                        int32_t pay_timeout_s) {
     sp_script_call_init(call, &script_sale_open, 1);
     key_arg(call, sku_id, "sale");
     sp_script_call_arg(call, "%" PRId64, stock);
@@ -121,14 +122,16 @@ void sp_stock_release_call(sp_script_call *call, int64_t sku_id, const char *ord
     sp_script_call_arg(call, "%s", order_id);
 }
 
-void sp_stock_cap_call(sp_script_call *call, int64_t sku_id, int64_t pg_stock, int64_t pg_supplied) {
+void sp_stock_cap_call(sp_script_call *call, int64_t sku_id, int64_t pg_stock,
+                       int64_t pg_supplied) {
     sp_script_call_init(call, &script_cap, 1);
     key_arg(call, sku_id, "sale");
     sp_script_call_arg(call, "%" PRId64, pg_stock);
     sp_script_call_arg(call, "%" PRId64, pg_supplied);
 }
 
-_Static_assert(1 + 2 * SP_CONFIRM_BATCH_MAX <= SP_REDIS_SCRIPT_ARGV_MAX, "a full batch must be sendable");
+_Static_assert(1 + 2 * SP_CONFIRM_BATCH_MAX <= SP_REDIS_SCRIPT_ARGV_MAX,
+               "a full batch must be sendable");
 _Static_assert(3 + SP_RESERVE_BATCH_MAX + 1 + 5 * SP_RESERVE_BATCH_MAX <= SP_REDIS_SCRIPT_ARGV_MAX,
                "a full reserve batch must be sendable");
 
@@ -166,8 +169,10 @@ int sp_stock_reserve_batch_add(sp_reserve_batch *b, const sp_reserve_request *re
 /* b's command line: its keys, then its arguments; returns how many. */
 static int reserve_batch_argv(const sp_reserve_batch *b, const char **argv, size_t *argvlen) {
     int argc = 0;
-    for (int i = 0; i < b->nkeys; i++, argc++) argv[argc] = b->keys[i], argvlen[argc] = b->keyslen[i];
-    for (int i = 0; i < b->nargs; i++, argc++) argv[argc] = b->args[i], argvlen[argc] = b->argslen[i];
+    for (int i = 0; i < b->nkeys; i++, argc++)
+        argv[argc] = b->keys[i], argvlen[argc] = b->keyslen[i];
+    for (int i = 0; i < b->nargs; i++, argc++)
+        argv[argc] = b->args[i], argvlen[argc] = b->argslen[i];
     return argc;
 }
 
@@ -213,8 +218,8 @@ int sp_stock_confirm_batch_add(sp_confirm_batch *b, int64_t sku_id, const sp_scr
 
 int sp_stock_confirm_batch_send(redisAsyncContext *ac, sp_confirm_batch *b, int by_body,
                                 redisCallbackFn *fn, void *data) {
-    return sp_redis_async_script(ac, &script_confirm, by_body, 1, 1 + 2 * b->n, b->argv,
-                                 b->argvlen, fn, data);
+    return sp_redis_async_script(ac, &script_confirm, by_body, 1, 1 + 2 * b->n, b->argv, b->argvlen,
+                                 fn, data);
 }
 
 /* ---- parsing replies ---- */
@@ -223,15 +228,17 @@ int sp_stock_integer_parse(const redisReply *r, const char *what, long long *v, 
                            size_t errlen) {
     if (r == NULL || r->type != REDIS_REPLY_INTEGER) {
         snprintf(errbuf, errlen, "script %s: %s", what,
-                 r == NULL ? "no reply" : r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+                 r == NULL                      ? "no reply"
+                 : r->type == REDIS_REPLY_ERROR ? r->str
+                                                : "unexpected reply");
         return -1;
     }
     *v = r->integer;
     return 0;
 }
 
-int sp_stock_reserve_parse(const redisReply *all, size_t i, sp_reserve_result *res,
-                           char *errbuf, size_t errlen) {
+int sp_stock_reserve_parse(const redisReply *all, size_t i, sp_reserve_result *res, char *errbuf,
+                           size_t errlen) {
     static const struct {
         const char *name;
         sp_reserve_outcome outcome;
@@ -266,7 +273,8 @@ int sp_stock_reserve_parse(const redisReply *all, size_t i, sp_reserve_result *r
         snprintf(res->dup_state, sizeof(res->dup_state), "%s", third->str);
     else if (third->type == REDIS_REPLY_INTEGER)
         res->stock_left = third->integer;
-    if (r->element[3]->type == REDIS_REPLY_INTEGER) res->pay_timeout_s = (int32_t)r->element[3]->integer;
+    if (r->element[3]->type == REDIS_REPLY_INTEGER)
+        res->pay_timeout_s = (int32_t)r->element[3]->integer;
     return 0;
 }
 
@@ -343,9 +351,8 @@ int sp_stock_cap(redisContext *c, int64_t sku_id, int64_t pg_stock, int64_t pg_s
     return 0;
 }
 
-int sp_stock_rejected_forget(redisContext *c, int64_t sku_id, const char *order_id,
-                             int64_t user_id, int32_t qty, int *units, char *errbuf,
-                             size_t errlen) {
+int sp_stock_rejected_forget(redisContext *c, int64_t sku_id, const char *order_id, int64_t user_id,
+                             int32_t qty, int *units, char *errbuf, size_t errlen) {
     sp_script_call call;
     long long v;
     sp_script_call_init(&call, &script_rejected_forget, 2);
@@ -391,8 +398,10 @@ int sp_stock_available(redisContext *c, int64_t sku_id, int64_t *stock, char *er
         return -1;
     }
     int rc = 0;
-    if (r->type == REDIS_REPLY_NIL) *stock = -1;
-    else if (r->type == REDIS_REPLY_STRING) *stock = strtoll(r->str, NULL, 10);
+    if (r->type == REDIS_REPLY_NIL)
+        *stock = -1;
+    else if (r->type == REDIS_REPLY_STRING)
+        *stock = strtoll(r->str, NULL, 10);
     else {
         snprintf(errbuf, errlen, "HGET %s: unexpected reply", sale);
         rc = -1;
@@ -482,9 +491,8 @@ static int reply_int(const redisReply *e, int64_t *v) {
 
 int sp_stock_reconcile_apply(redisContext *c, int64_t sku_id, const char *token, int64_t pg_stock,
                              int64_t pg_supplied, int32_t per_user_limit, int32_t pay_timeout_s,
-                             int *owned, int64_t *stock, int64_t *inflight,
-                             sp_vanished **vanished, size_t *nvanished, char *errbuf,
-                             size_t errlen) {
+                             int *owned, int64_t *stock, int64_t *inflight, sp_vanished **vanished,
+                             size_t *nvanished, char *errbuf, size_t errlen) {
     sp_script_call call;
     sp_vanished *list = NULL;
     int64_t first = 0, second = 0;

@@ -27,15 +27,15 @@
 #include "event.h"
 #include "redis_store.h"
 
-#define SP_IDEM_KEY_MAX 64             /* bytes of an Idempotency-Key: printable ASCII, no blanks */
-#define SP_IDEM_TTL_S   (24 * 3600)    /* how long a key is remembered */
+#define SP_IDEM_KEY_MAX 64          /* bytes of an Idempotency-Key: printable ASCII, no blanks */
+#define SP_IDEM_TTL_S   (24 * 3600) /* how long a key is remembered */
 
 typedef enum sp_reserve_outcome {
     SP_RESERVE_OK = 0,      /* reserved under the new order id */
     SP_RESERVE_DUP,         /* the idempotency key was used before: see dup_state, order_id */
     SP_RESERVE_UNKNOWN_SKU, /* no sale open for this SKU */
     SP_RESERVE_SOLD_OUT,
-    SP_RESERVE_LIMIT,       /* the user's units would pass per_user_limit */
+    SP_RESERVE_LIMIT, /* the user's units would pass per_user_limit */
 } sp_reserve_outcome;
 
 typedef struct sp_reserve_request {
@@ -49,9 +49,10 @@ typedef struct sp_reserve_request {
 
 typedef struct sp_reserve_result {
     sp_reserve_outcome outcome;
-    char order_id[SP_ORDER_ID_MAX + 1]; /* OK: the new order; DUP: the first attempt's (may be empty) */
-    char dup_state[16]; /* DUP: "pending", "accepted", "sold_out" or "limit_exceeded" */
-    int64_t stock_left; /* OK, SOLD_OUT, LIMIT: stock after the call */
+    char order_id[SP_ORDER_ID_MAX + 1]; /* OK: the new order; DUP: the first attempt's (may be
+                                         * empty) */
+    char dup_state[16];    /* DUP: "pending", "accepted", "sold_out" or "limit_exceeded" */
+    int64_t stock_left;    /* OK, SOLD_OUT, LIMIT: stock after the call */
     int32_t pay_timeout_s; /* OK: the sale's, for the order's deadline */
 } sp_reserve_result;
 
@@ -95,9 +96,9 @@ int sp_stock_cap(redisContext *c, int64_t sku_id, int64_t pg_stock, int64_t pg_s
 /* PostgreSQL refused order_id (out of stock: Redis over-admitted): drops its `resv` entry and,
  * only if the entry was still there, gives user_id's qty units back in `users`
  * (rejected_forget.lua). *units is what came back (0 the second time). */
-int sp_stock_rejected_forget(redisContext *c, int64_t sku_id, const char *order_id,
-                             int64_t user_id, int32_t qty, int *units, char *errbuf,
-                             size_t errlen) __attribute__((warn_unused_result));
+int sp_stock_rejected_forget(redisContext *c, int64_t sku_id, const char *order_id, int64_t user_id,
+                             int32_t qty, int *units, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
 
 /* The consumer stored these orders: drops their entries from {sku:ID}:resv (HDEL, chunked), so
  * the producer's confirm or release finds nothing left to do for them. */
@@ -106,8 +107,8 @@ int sp_stock_accepted_forget(redisContext *c, int64_t sku_id, const char *const 
     __attribute__((warn_unused_result));
 
 /* The stock Redis holds for a SKU: 0 and *stock, or 0 and *stock = -1 when the SKU is not open. */
-int sp_stock_available(redisContext *c, int64_t sku_id, int64_t *stock, char *errbuf,
-                       size_t errlen) __attribute__((warn_unused_result));
+int sp_stock_available(redisContext *c, int64_t sku_id, int64_t *stock, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
 
 /* ---- the same calls, split for an async connection: build, send, parse ---- */
 
@@ -115,8 +116,8 @@ int sp_stock_available(redisContext *c, int64_t sku_id, int64_t *stock, char *er
 int sp_stock_scripts_load(redisContext *c, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 
-void sp_stock_open_call(sp_script_call *call, int64_t sku_id, int64_t stock,
-                        int32_t per_user_limit, int32_t pay_timeout_s);
+void sp_stock_open_call(sp_script_call *call, int64_t sku_id, int64_t stock, int32_t per_user_limit,
+                        int32_t pay_timeout_s);
 void sp_stock_restock_call(sp_script_call *call, int64_t sku_id, int64_t add);
 void sp_stock_reserve_call(sp_script_call *call, const sp_reserve_request *req);
 void sp_stock_confirm_call(sp_script_call *call, const sp_reserve_request *req);
@@ -129,7 +130,7 @@ void sp_stock_cap_call(sp_script_call *call, int64_t sku_id, int64_t pg_stock, i
 #define SP_CONFIRM_BATCH_MAX 128
 typedef struct sp_confirm_batch {
     int64_t sku_id;
-    int n;                      /* orders in the batch */
+    int n;                                          /* orders in the batch */
     const char *argv[1 + 2 * SP_CONFIRM_BATCH_MAX]; /* the resv key, then (order_id, idem key)s */
     size_t argvlen[1 + 2 * SP_CONFIRM_BATCH_MAX];
 } sp_confirm_batch;
@@ -139,7 +140,8 @@ int sp_stock_confirm_batch_add(sp_confirm_batch *b, int64_t sku_id, const sp_scr
 
 /* Sends b (EVALSHA, or EVAL when by_body); fn gets the integer reply (orders turned accepted). */
 int sp_stock_confirm_batch_send(redisAsyncContext *ac, sp_confirm_batch *b, int by_body,
-                                redisCallbackFn *fn, void *data) __attribute__((warn_unused_result));
+                                redisCallbackFn *fn, void *data)
+    __attribute__((warn_unused_result));
 
 /* Several orders of one SKU in one reserve.lua call, for a producer that takes many orders in one
  * event-loop turn: Redis runs one script instead of one per order. The batch points into the
@@ -147,13 +149,13 @@ int sp_stock_confirm_batch_send(redisAsyncContext *ac, sp_confirm_batch *b, int 
 #define SP_RESERVE_BATCH_MAX 64
 typedef struct sp_reserve_batch {
     int64_t sku_id;
-    int n;                                        /* orders in the batch */
+    int n; /* orders in the batch */
     int nkeys, nargs;
-    const char *keys[3 + SP_RESERVE_BATCH_MAX];   /* sale, users, resv, the idempotency keys */
+    const char *keys[3 + SP_RESERVE_BATCH_MAX]; /* sale, users, resv, the idempotency keys */
     size_t keyslen[3 + SP_RESERVE_BATCH_MAX];
     const char *args[1 + 5 * SP_RESERVE_BATCH_MAX]; /* TTL, then five per order */
     size_t argslen[1 + 5 * SP_RESERVE_BATCH_MAX];
-    char index[SP_RESERVE_BATCH_MAX][12];         /* each order's key index, as text */
+    char index[SP_RESERVE_BATCH_MAX][12]; /* each order's key index, as text */
 } sp_reserve_batch;
 
 /* Adds the order req (its call one) to b; -1 when b is full or holds another SKU's orders. */
@@ -163,7 +165,8 @@ int sp_stock_reserve_batch_add(sp_reserve_batch *b, const sp_reserve_request *re
 /* Sends b (EVALSHA, or EVAL when by_body); fn gets the reply that sp_stock_reserve_parse reads,
  * one answer per order in the order they were added. */
 int sp_stock_reserve_batch_send(redisAsyncContext *ac, const sp_reserve_batch *b, int by_body,
-                                redisCallbackFn *fn, void *data) __attribute__((warn_unused_result));
+                                redisCallbackFn *fn, void *data)
+    __attribute__((warn_unused_result));
 
 /* The same on a blocking connection: res[i] for the i-th order of b. -1 with errbuf when Redis
  * failed or answered with an error. */
@@ -219,9 +222,9 @@ typedef struct sp_vanished {
  * malloc'd array of *nvanished entries the caller frees (NULL when none). */
 int sp_stock_reconcile_apply(redisContext *c, int64_t sku_id, const char *token, int64_t pg_stock,
                              int64_t pg_supplied, int32_t per_user_limit, int32_t pay_timeout_s,
-                             int *owned, int64_t *stock, int64_t *inflight,
-                             sp_vanished **vanished, size_t *nvanished, char *errbuf,
-                             size_t errlen) __attribute__((warn_unused_result));
+                             int *owned, int64_t *stock, int64_t *inflight, sp_vanished **vanished,
+                             size_t *nvanished, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
 
 /* Lifts the pause of the reconcile that owns token (reconcile_open.lua), after its mend; *owned
  * is 0 when another reconcile (or a data loss) took the sale meanwhile (nothing changed). */

@@ -53,7 +53,8 @@ int sp_backends_init(sp_backends *b, const sp_config *cfg, unsigned want, char *
         sp_redis_parse_url(cfg->redis_url, &b->redis_target, errbuf, errlen) != 0)
         return -1;
     if (want & SP_BACKEND_KAFKA) {
-        rd_kafka_conf_t *conf = sp_kafka_conf_new(cfg->kafka_brokers, cfg->worker_id, errbuf, errlen);
+        rd_kafka_conf_t *conf = sp_kafka_conf_new(cfg->kafka_brokers, cfg->worker_id, errbuf,
+                                                  errlen);
         if (conf == NULL) return -1;
         /* A producer handle makes no group membership; it is only asked for metadata. */
         b->kafka = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errbuf, errlen);
@@ -85,7 +86,8 @@ int sp_backends_check(sp_backends *b, char *why, size_t whylen) {
             PQfinish(b->pg);
             b->pg = NULL;
         }
-        if (b->pg == NULL) b->pg = sp_pg_connect(b->cfg->pg_dsn, b->cfg->worker_id, err, sizeof(err));
+        if (b->pg == NULL)
+            b->pg = sp_pg_connect(b->cfg->pg_dsn, b->cfg->worker_id, err, sizeof(err));
         if (b->pg == NULL) {
             snprintf(why, whylen, "postgresql unreachable: %s", err);
             goto not_ready;
@@ -137,8 +139,10 @@ int sp_worker_run_idle(const char *name, unsigned worker, unsigned want, int arg
         if (n % 10 == 0) {
             int ready = sp_backends_check(&backends, why, sizeof(why)) == 0;
             if (ready != was_ready) {
-                if (ready) sp_info("ready: every backend answers");
-                else sp_warn("not ready: %s", why);
+                if (ready)
+                    sp_info("ready: every backend answers");
+                else
+                    sp_warn("not ready: %s", why);
                 was_ready = ready;
             }
         }

@@ -49,28 +49,28 @@
 #include "signals.h"
 #include "stock.h"
 
-#define POLL_IDLE_MS        100   /* longest poll while no batch is open: the loop's tick */
-#define POLL_BUSY_MS        5     /* poll while a due batch waits for the applier */
-#define READY_EVERY_MS      2000  /* how often /readyz's backends are checked */
-#define LAG_EVERY_MS        1000
-#define SUMMARY_EVERY_MS    10000 /* an info line with the totals */
-#define BACKOFF_MIN_MS      200   /* after a failed batch; doubles up to BACKOFF_MAX_MS */
-#define BACKOFF_MAX_MS      5000
-#define SEEK_TIMEOUT_MS     10000
-#define DLQ_FLUSH_MS        15000
-#define KAFKA_TIMEOUT_MS    10000 /* metadata, watermarks, offsets for times */
-#define REDIS_TIMEOUT_MS    500
-#define REDIS_RETRY_MS      1000  /* after a Redis failure, the next attempt waits this long */
-#define ASSIGN_PG_TRIES     3
+#define POLL_IDLE_MS     100  /* longest poll while no batch is open: the loop's tick */
+#define POLL_BUSY_MS     5    /* poll while a due batch waits for the applier */
+#define READY_EVERY_MS   2000 /* how often /readyz's backends are checked */
+#define LAG_EVERY_MS     1000
+#define SUMMARY_EVERY_MS 10000 /* an info line with the totals */
+#define BACKOFF_MIN_MS   200   /* after a failed batch; doubles up to BACKOFF_MAX_MS */
+#define BACKOFF_MAX_MS   5000
+#define SEEK_TIMEOUT_MS  10000
+#define DLQ_FLUSH_MS     15000
+#define KAFKA_TIMEOUT_MS 10000 /* metadata, watermarks, offsets for times */
+#define REDIS_TIMEOUT_MS 500
+#define REDIS_RETRY_MS   1000 /* after a Redis failure, the next attempt waits this long */
+#define ASSIGN_PG_TRIES  3
 
 /* ---- metrics ---- */
 
 #define BY_TYPE(name, help, type) SP_METRIC_COUNTER(name, help, "type=\"" type "\"")
 #define APPLIED(type)                                                                              \
-    BY_TYPE("stockpipe_consumer_events_applied_total",                                           \
+    BY_TYPE("stockpipe_consumer_events_applied_total",                                             \
             "Events that changed the database, by type.", type)
 #define UNCHANGED(type)                                                                            \
-    BY_TYPE("stockpipe_consumer_events_unchanged_total",                                         \
+    BY_TYPE("stockpipe_consumer_events_unchanged_total",                                           \
             "Events the rules made a no-op (duplicates, races already decided), by type.", type)
 static sp_metric m_applied[] = {
     [SP_EV_STOCK_SET] = APPLIED("stock.set"),
@@ -93,7 +93,7 @@ static sp_metric m_unchanged[] = {
 #undef BY_TYPE
 #define NTYPES ((int)(sizeof(m_applied) / sizeof(m_applied[0])))
 #define REJECTED(reason)                                                                           \
-    SP_METRIC_COUNTER("stockpipe_consumer_orders_rejected_total",                                \
+    SP_METRIC_COUNTER("stockpipe_consumer_orders_rejected_total",                                  \
                       "Orders stored rejected, by reason.", "reason=\"" reason "\"")
 static sp_metric m_rejected_stock = REJECTED("out_of_stock");
 static sp_metric m_rejected_sku = REJECTED("unknown_sku");
@@ -109,8 +109,7 @@ static sp_metric m_late = SP_METRIC_COUNTER(
     "Payments for orders already expired, rejected or cancelled: stored refund_due.", NULL);
 static sp_metric m_dead = SP_METRIC_COUNTER(
     "stockpipe_consumer_dead_letters_total",
-    "Events that could not be applied (sent to the dead-letter topic, or logged on replay).",
-    NULL);
+    "Events that could not be applied (sent to the dead-letter topic, or logged on replay).", NULL);
 static sp_metric m_stale = SP_METRIC_COUNTER(
     "stockpipe_consumer_stale_events_total",
     "Events read again below their partition's stored offset, and skipped.", NULL);
@@ -124,16 +123,15 @@ static sp_metric m_batch_latency = SP_METRIC_LATENCY(
     "Time to apply and commit one batch (PostgreSQL transaction, dead letters).");
 static sp_metric m_batch_failures = SP_METRIC_COUNTER(
     "stockpipe_consumer_batch_failures_total",
-    "Batches rolled back and read again later (PostgreSQL or the dead-letter topic failed).",
-    NULL);
+    "Batches rolled back and read again later (PostgreSQL or the dead-letter topic failed).", NULL);
 static sp_metric m_redos = SP_METRIC_COUNTER(
     "stockpipe_consumer_batch_redos_total",
     "Transactions redone inside a batch: version conflicts, lost insert races, deadlocks.", NULL);
 static sp_metric m_lag = SP_METRIC_GAUGE(
     "stockpipe_consumer_lag_events",
     "Events in the assigned partitions not yet applied (end offset minus stored offset).", NULL);
-static sp_metric m_assigned = SP_METRIC_GAUGE(
-    "stockpipe_consumer_assigned_partitions", "Partitions this consumer owns.", NULL);
+static sp_metric m_assigned = SP_METRIC_GAUGE("stockpipe_consumer_assigned_partitions",
+                                              "Partitions this consumer owns.", NULL);
 static sp_metric m_redis_errors = SP_METRIC_COUNTER(
     "stockpipe_consumer_redis_errors_total",
     "After-commit Redis corrections that failed (logged; the reaper's reconcile is the backstop).",
@@ -149,10 +147,10 @@ static sp_metric m_gaps = SP_METRIC_COUNTER(
 static void register_metrics(void) {
     for (int t = 1; t < NTYPES; t++) sp_metrics_register(&m_applied[t]);
     for (int t = 1; t < NTYPES; t++) sp_metrics_register(&m_unchanged[t]);
-    sp_metric *all[] = {&m_rejected_stock, &m_rejected_sku, &m_over_admitted, &m_capped,
-                        &m_late,           &m_dead,         &m_stale,         &m_batch_size,
-                        &m_batch_latency,  &m_batch_failures, &m_redos,       &m_lag,
-                        &m_assigned,       &m_redis_errors, &m_kafka_errors, &m_gaps};
+    sp_metric *all[] = {&m_rejected_stock, &m_rejected_sku,   &m_over_admitted, &m_capped,
+                        &m_late,           &m_dead,           &m_stale,         &m_batch_size,
+                        &m_batch_latency,  &m_batch_failures, &m_redos,         &m_lag,
+                        &m_assigned,       &m_redis_errors,   &m_kafka_errors,  &m_gaps};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) sp_metrics_register(all[i]);
 }
 
@@ -184,33 +182,33 @@ typedef struct slot {
 struct consumer {
     const sp_config *cfg;
     sp_consumer_opts opts;
-    rd_kafka_t *rk;  /* the group member (live), or a consumer with a manual assignment (replay) */
+    rd_kafka_t *rk; /* the group member (live), or a consumer with a manual assignment (replay) */
     /* The pipeline. */
     slot slots[2];
-    slot *filling;   /* the poller's */
-    slot *inflight;  /* handed to the applier, its outcome not taken back yet; NULL when none */
+    slot *filling;  /* the poller's */
+    slot *inflight; /* handed to the applier, its outcome not taken back yet; NULL when none */
     pthread_t applier;
     int applier_started;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    slot *job;       /* the slot the applier is to apply (guarded by mu) */
-    int quit;        /* the applier is to end (guarded by mu) */
+    slot *job; /* the slot the applier is to apply (guarded by mu) */
+    int quit;  /* the applier is to end (guarded by mu) */
     /* The poller's. */
     sp_order_store *probe; /* a connection of its own for stored offsets and /readyz */
     part *parts;
     size_t nparts, partcap;
-    int failures;          /* consecutive failed batches */
+    int failures; /* consecutive failed batches */
     int64_t backoff_until_ms;
-    int last_ok;           /* the last batch committed (the exit status on stop) */
+    int last_ok; /* the last batch committed (the exit status on stop) */
     int64_t started_ms, last_summary_ms, last_ready_ms, last_lag_ms;
     int64_t summarized_batches; /* nbatches at the last summary line */
     int was_ready;
     /* The applier's. */
     sp_order_store *store;
-    rd_kafka_t *dlq;       /* the dead-letter producer; NULL on replay */
-    int dlq_failed;        /* failed deliveries of the batch being committed (delivery callback) */
+    rd_kafka_t *dlq; /* the dead-letter producer; NULL on replay */
+    int dlq_failed;  /* failed deliveries of the batch being committed (delivery callback) */
     char dlq_error[256];
-    const char **ids;      /* scratch: one SKU's order ids for HDEL */
+    const char **ids;             /* scratch: one SKU's order ids for HDEL */
     sp_redis_target redis_target; /* Redis, live only, best effort */
     redisContext *redis;
     int64_t redis_retry_ms;
@@ -270,8 +268,12 @@ static int parse_time(const char *s, int64_t *ms) {
     if (strcmp(rest, "Z") != 0 && strcmp(rest, "+00:00") != 0 && *rest != '\0') return -1;
     if (y < 1970 || mo < 1 || mo > 12 || d < 1 || d > 31 || h > 23 || mi > 59 || sec > 60)
         return -1;
-    struct tm tm = {.tm_year = y - 1900, .tm_mon = mo - 1, .tm_mday = d,
-                    .tm_hour = h, .tm_min = mi, .tm_sec = sec};
+    struct tm tm = {.tm_year = y - 1900,
+                    .tm_mon = mo - 1,
+                    .tm_mday = d,
+                    .tm_hour = h,
+                    .tm_min = mi,
+                    .tm_sec = sec};
     time_t t = timegm(&tm);
     if (t == (time_t)-1) return -1;
     *ms = (int64_t)t * 1000 + frac;
@@ -326,8 +328,8 @@ static redisContext *redis_conn(consumer *c) {
     c->redis = sp_redis_connect(&c->redis_target, REDIS_TIMEOUT_MS, err, sizeof(err));
     if (c->redis == NULL) {
         sp_metric_inc(&m_redis_errors);
-        sp_warn("redis unreachable, after-commit corrections skipped for %d ms: %s",
-                REDIS_RETRY_MS, err);
+        sp_warn("redis unreachable, after-commit corrections skipped for %d ms: %s", REDIS_RETRY_MS,
+                err);
         c->redis_retry_ms = sp_clock_mono_ms() + REDIS_RETRY_MS;
     }
     return c->redis;
@@ -418,10 +420,9 @@ static int send_dead_letters(sp_batch *b, void *arg, char *errbuf, size_t errlen
         const rd_kafka_message_t *m = s->msgs[i];
         if (it->outcome != SP_ITEM_DEAD) continue;
         for (int tries = 0;; tries++) {
-            if (sp_kafka_produce_dead_letter(c->dlq, c->cfg->kafka_dlq_topic, c->cfg->kafka_topic,
-                                             it->partition, it->offset, m->key, m->key_len,
-                                             m->payload, m->len, it->reason, c, errbuf,
-                                             errlen) == 0)
+            if (sp_kafka_produce_dead_letter(
+                    c->dlq, c->cfg->kafka_dlq_topic, c->cfg->kafka_topic, it->partition, it->offset,
+                    m->key, m->key_len, m->payload, m->len, it->reason, c, errbuf, errlen) == 0)
                 break;
             if (tries >= 50) return -1; /* the local queue stays full: the broker is gone */
             rd_kafka_poll(c->dlq, 100);
@@ -457,11 +458,15 @@ static void account(consumer *c, const sp_batch *b, int64_t took_us) {
                 sp_metric_inc(&m_rejected_sku);
                 nrejected++;
             } else if (it->effect == SP_EFFECT_LATE_PAYMENT) {
-                sp_log_ctx ctx = {.order_id = it->ev.order_id, .sku_id = it->ev.sku_id,
-                                  .has_kafka = 1, .partition = it->partition, .offset = it->offset};
+                sp_log_ctx ctx = {.order_id = it->ev.order_id,
+                                  .sku_id = it->ev.sku_id,
+                                  .has_kafka = 1,
+                                  .partition = it->partition,
+                                  .offset = it->offset};
                 sp_metric_inc(&m_late);
-                SP_LOG_CTX(SP_LOG_INFO, &ctx, "payment for an order that can no longer be "
-                                              "paid: stored refund_due");
+                SP_LOG_CTX(SP_LOG_INFO, &ctx,
+                           "payment for an order that can no longer be "
+                           "paid: stored refund_due");
             }
             break;
         case SP_ITEM_UNCHANGED:
@@ -470,8 +475,10 @@ static void account(consumer *c, const sp_batch *b, int64_t took_us) {
             break;
         case SP_ITEM_DEAD: {
             sp_log_ctx ctx = {.order_id = it->ev.order_id[0] ? it->ev.order_id : NULL,
-                              .sku_id = it->ev.sku_id, .has_kafka = 1,
-                              .partition = it->partition, .offset = it->offset};
+                              .sku_id = it->ev.sku_id,
+                              .has_kafka = 1,
+                              .partition = it->partition,
+                              .offset = it->offset};
             ndead++;
             sp_metric_inc(&m_dead);
             SP_LOG_CTX(SP_LOG_WARN, &ctx, "dead letter%s: %s",
@@ -516,7 +523,8 @@ static void apply_slot(consumer *c, slot *s) {
     sp_metric_inc(&m_batch_failures);
     for (size_t i = 0; i < b->nparts; i++)
         if (b->parts[i].read_again_from >= 0) sp_metric_inc(&m_gaps);
-    sp_log_ctx ctx = {.has_kafka = 1, .partition = b->parts[0].partition,
+    sp_log_ctx ctx = {.has_kafka = 1,
+                      .partition = b->parts[0].partition,
                       .offset = b->parts[0].first_offset};
     SP_LOG_CTX(SP_LOG_ERROR, &ctx, "batch of %zu events not applied (rolled back): %s", b->n, err);
 }
@@ -674,8 +682,8 @@ static void commit_to_kafka(consumer *c, const sp_batch *b) {
  * offsets. */
 static void read_again(consumer *c, const sp_batch *failed) {
     sp_batch *filling = c->filling->batch;
-    rd_kafka_topic_partition_list_t *list =
-        rd_kafka_topic_partition_list_new((int)(failed->nparts + filling->n) + 1);
+    rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(
+        (int)(failed->nparts + filling->n) + 1);
     if (list == NULL) return;
     sp_batch_index_partitions(filling);
     const sp_batch *both[] = {failed, filling};
@@ -685,7 +693,8 @@ static void read_again(consumer *c, const sp_batch *failed) {
             if (find_part(c, bp->partition) == NULL) continue; /* not ours any more */
             int64_t from = bp->first_offset;
             if (bp->read_again_from >= 0 && bp->read_again_from < from) {
-                sp_log_ctx ctx = {.has_kafka = 1, .partition = bp->partition,
+                sp_log_ctx ctx = {.has_kafka = 1,
+                                  .partition = bp->partition,
                                   .offset = bp->read_again_from};
                 SP_LOG_CTX(SP_LOG_WARN, &ctx,
                            "this consumer was ahead of PostgreSQL's stored offset %" PRId64
@@ -693,8 +702,8 @@ static void read_again(consumer *c, const sp_batch *failed) {
                            bp->read_again_from, bp->first_offset);
                 from = bp->read_again_from;
             }
-            rd_kafka_topic_partition_t *tp =
-                rd_kafka_topic_partition_list_find(list, c->cfg->kafka_topic, bp->partition);
+            rd_kafka_topic_partition_t *tp = rd_kafka_topic_partition_list_find(
+                list, c->cfg->kafka_topic, bp->partition);
             if (tp == NULL)
                 rd_kafka_topic_partition_list_add(list, c->cfg->kafka_topic, bp->partition)
                     ->offset = from;
@@ -801,8 +810,10 @@ static void offsets_from_store(consumer *c, rd_kafka_topic_partition_list_t *lis
             break;
         sp_warn("reading the stored offsets failed (try %d of %d): %s", tries, ASSIGN_PG_TRIES,
                 err);
-        if (tries >= ASSIGN_PG_TRIES) ok = 0;
-        else sleep_ms(1000);
+        if (tries >= ASSIGN_PG_TRIES)
+            ok = 0;
+        else
+            sleep_ms(1000);
     }
     for (int i = 0; i < list->cnt; i++) {
         rd_kafka_topic_partition_t *tp = &list->elems[i];
@@ -819,7 +830,7 @@ static void offsets_from_store(consumer *c, rd_kafka_topic_partition_list_t *lis
         }
         sp_log_ctx ctx = {.has_kafka = 1, .partition = tp->partition, .offset = tp->offset};
         SP_LOG_CTX(SP_LOG_INFO, &ctx, "assigned; reading from %s",
-                   !ok ? "Kafka's committed offset (PostgreSQL unreachable)"
+                   !ok            ? "Kafka's committed offset (PostgreSQL unreachable)"
                    : next[i] >= 0 ? "the offset stored in PostgreSQL"
                                   : "the beginning (nothing stored yet)");
     }
@@ -868,8 +879,10 @@ static void check_ready(consumer *c) {
         ready = 1;
     sp_health_set_ready(ready, ready ? "" : why);
     if (ready != c->was_ready) {
-        if (ready) sp_info("ready: PostgreSQL and Kafka answer");
-        else sp_warn("not ready: %s", why);
+        if (ready)
+            sp_info("ready: PostgreSQL and Kafka answer");
+        else
+            sp_warn("not ready: %s", why);
         c->was_ready = ready;
     }
 }
@@ -1047,8 +1060,7 @@ static int replay_setup(consumer *c, char *errbuf, size_t errlen) {
         ids[i] = i;
         rd_kafka_topic_partition_list_add(list, topic, i)->offset = c->opts.replay_from_ms;
     }
-    if (sp_order_store_offsets(c->probe, ids, (size_t)npart, stored, errbuf, errlen) != 0)
-        goto out;
+    if (sp_order_store_offsets(c->probe, ids, (size_t)npart, stored, errbuf, errlen) != 0) goto out;
     if (c->opts.replay_from_ms >= 0) {
         rd_kafka_resp_err_t err = rd_kafka_offsets_for_times(c->rk, list, KAFKA_TIMEOUT_MS);
         if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {

@@ -32,13 +32,13 @@ typedef struct sp_consumer_opts {
 
 /* The arguments as --help shows them, under the usage line. */
 #define SP_CONSUMER_SYNOPSIS                                                                       \
-    "[--replay [--replay-force] | --replay-from=TIME]\n\n"                                        \
+    "[--replay [--replay-force] | --replay-from=TIME]\n\n"                                         \
     "Without arguments: consume the events topic as a member of KAFKA_GROUP until SIGTERM.\n"      \
     "  --replay            apply the whole log to PG_DSN (an empty database), up to the end\n"     \
-    "                      offsets taken at start, then exit; see docs/consumer.md\n"             \
-    "  --replay-force      with --replay: also into a database that holds rows (events below\n"  \
-    "                      its stored offsets are skipped)\n"                                     \
-    "  --replay-from=TIME  replay from the first event at or after TIME: ms since the epoch or\n" \
+    "                      offsets taken at start, then exit; see docs/consumer.md\n"              \
+    "  --replay-force      with --replay: also into a database that holds rows (events below\n"    \
+    "                      its stored offsets are skipped)\n"                                      \
+    "  --replay-from=TIME  replay from the first event at or after TIME: ms since the epoch or\n"  \
     "                      an ISO 8601 UTC time such as 2026-11-22T10:00:00Z"
 
 /* Reads the positional arguments (`consumer --replay` etc.): TIME is milliseconds since the epoch

@@ -80,8 +80,8 @@ void sp_batch_index_partitions(sp_batch *b) {
 /* ---- statuses ---- */
 
 static const char *const status_names[] = {
-    [SP_ORDER_PENDING] = "pending",   [SP_ORDER_PAID] = "paid",
-    [SP_ORDER_EXPIRED] = "expired",   [SP_ORDER_REJECTED] = "rejected",
+    [SP_ORDER_PENDING] = "pending",     [SP_ORDER_PAID] = "paid",
+    [SP_ORDER_EXPIRED] = "expired",     [SP_ORDER_REJECTED] = "rejected",
     [SP_ORDER_CANCELLED] = "cancelled",
 };
 #define NSTATUS (sizeof(status_names) / sizeof(status_names[0]))
@@ -257,8 +257,8 @@ static sp_rules_order *named_order(sp_rules *r, sp_batch_item *it, int required,
     *found = o != NULL;
     if (o == NULL) {
         if (required)
-            dead(it, "%s for order %s, which no order.created or order.voided before it made",
-                 type, it->ev.order_id);
+            dead(it, "%s for order %s, which no order.created or order.voided before it made", type,
+                 it->ev.order_id);
         return NULL;
     }
     if (o->sku_id != it->ev.sku_id) {
@@ -327,8 +327,9 @@ static void decide_paid(sp_rules *r, sp_batch_item *it) {
 
 static void add_return(sp_rules *r, const sp_rules_order *o, const char *reason, int64_t ts_ms) {
     /* At most one return per order and one order per item: never more than cap. */
-    r->returns[r->nreturns++] =
-        (sp_rules_return){.order = (int32_t)(o - r->orders), .reason = reason, .ts_ms = ts_ms};
+    r->returns[r->nreturns++] = (sp_rules_return){.order = (int32_t)(o - r->orders),
+                                                  .reason = reason,
+                                                  .ts_ms = ts_ms};
 }
 
 static void decide_expired(sp_rules *r, sp_rules_sku *sk, sp_batch_item *it) {

@@ -78,9 +78,9 @@ typedef struct sp_batch_item {
  * (filled in by the store after its guarded update). */
 typedef struct sp_batch_sku {
     int64_t sku_id;
-    int exists;        /* has an inventory row */
+    int exists; /* has an inventory row */
     int64_t stock, supplied;
-    int32_t nrejected; /* orders refused for lack of stock: Redis admitted more than there is */
+    int32_t nrejected;  /* orders refused for lack of stock: Redis admitted more than there is */
     int32_t first_item; /* its first item; the others follow through next_same_sku */
 } sp_batch_sku;
 
@@ -146,17 +146,17 @@ sp_order_status sp_order_status_parse(const char *s);
 /* A SKU as read and as decided. */
 typedef struct sp_rules_sku {
     int64_t sku_id;
-    int in_db;                 /* its inventory row was read */
-    int64_t version;           /* as read (0 for a row opened in this batch) */
-    int64_t stock, supplied;   /* as read, then after each decision */
-    int opened;                /* stock.set created the row in this batch */
-    int64_t open_stock;        /* the stock.set that opened it: */
+    int in_db;               /* its inventory row was read */
+    int64_t version;         /* as read (0 for a row opened in this batch) */
+    int64_t stock, supplied; /* as read, then after each decision */
+    int opened;              /* stock.set created the row in this batch */
+    int64_t open_stock;      /* the stock.set that opened it: */
     int32_t per_user_limit, pay_timeout_s;
     int64_t open_ms;
     int64_t taken, returned, added; /* units, since the row was read or opened */
-    int64_t changes;           /* events that changed the row: the version moves by this much */
-    int64_t updated_ms;        /* ts of the last of them */
-    int32_t last_item;         /* the SKU's last item so far, while sp_rules_begin links them */
+    int64_t changes;    /* events that changed the row: the version moves by this much */
+    int64_t updated_ms; /* ts of the last of them */
+    int32_t last_item;  /* the SKU's last item so far, while sp_rules_begin links them */
 } sp_rules_sku;
 
 /* An order as read and as decided. */
@@ -166,9 +166,9 @@ typedef struct sp_rules_order {
     int32_t qty;
     sp_order_status status_db; /* as read; SP_ORDER_NONE when the batch creates it */
     int refund_due_db;
-    sp_order_status status;    /* after the decisions so far */
+    sp_order_status status; /* after the decisions so far */
     int refund_due;
-    int changed;               /* an existing row must be updated */
+    int changed;                    /* an existing row must be updated */
     int64_t created_ms, expires_ms; /* new orders */
     int64_t paid_ms, closed_ms;     /* -1: unchanged (existing) or NULL (new) */
     const char *reject_reason;      /* new orders: "out_of_stock", "unknown_sku", a void's reason */

@@ -247,8 +247,10 @@ static void field_bool(sbuf *b, int v) {
 /* timestamptz: microseconds since 2000-01-01 00:00:00 UTC; NULL for ms < 0. */
 #define PG_EPOCH_US INT64_C(946684800000000)
 static void field_ts(sbuf *b, int64_t ms) {
-    if (ms < 0) field_null(b);
-    else field_i64(b, ms * 1000 - PG_EPOCH_US);
+    if (ms < 0)
+        field_null(b);
+    else
+        field_i64(b, ms * 1000 - PG_EPOCH_US);
 }
 
 /* ---- the store ---- */
@@ -257,15 +259,15 @@ enum { RETRY_NONE = 0, RETRY_REDECIDE, RETRY_LOOKUP_ALL };
 
 struct sp_order_store {
     char *dsn, *app, *topic;
-    PGconn *pg;     /* NULL while disconnected */
+    PGconn *pg; /* NULL while disconnected */
     sp_rules *rules;
     sbuf arg[MAX_PARAMS]; /* parameter texts of the statement being built */
     sbuf copy;            /* COPY data */
     char sqlstate[6];     /* of the last failed statement; "" when none */
 };
 
-sp_order_store *sp_order_store_new(const char *dsn, const char *application_name,
-                                   const char *topic, size_t batch_max) {
+sp_order_store *sp_order_store_new(const char *dsn, const char *application_name, const char *topic,
+                                   size_t batch_max) {
     sp_order_store *s = calloc(1, sizeof(*s));
     if (s == NULL) return NULL;
     s->dsn = strdup(dsn);
@@ -494,8 +496,8 @@ static int expect_rows(PGresult *res, long want, const char *what, int *retry, c
     const char *t = PQcmdTuples(res);
     long got = t && *t ? strtol(t, NULL, 10) : PQntuples(res);
     if (got == want) return 0;
-    snprintf(errbuf, errlen, "%s: %ld of %ld rows matched (another writer changed them)", what,
-             got, want);
+    snprintf(errbuf, errlen, "%s: %ld of %ld rows matched (another writer changed them)", what, got,
+             want);
     *retry = RETRY_REDECIDE;
     return -1;
 }

@@ -44,9 +44,8 @@ typedef int (*sp_store_hook)(sp_batch *b, void *arg, char *errbuf, size_t errlen
 /* A store for batches of up to batch_max events of `topic`, on the database dsn (libpq conninfo),
  * tagged application_name. Connects nothing yet. NULL when out of memory. dsn and topic are
  * copied. */
-sp_order_store *sp_order_store_new(const char *dsn, const char *application_name,
-                                   const char *topic, size_t batch_max)
-    __attribute__((warn_unused_result));
+sp_order_store *sp_order_store_new(const char *dsn, const char *application_name, const char *topic,
+                                   size_t batch_max) __attribute__((warn_unused_result));
 
 void sp_order_store_free(sp_order_store *s);
 

@@ -88,7 +88,9 @@ int main(int argc, char **argv) {
     sp_info("producer started; HTTP on %s:%d", cfg.http_addr, cfg.http_port);
     event_base_dispatch(p.base);
     int left = sp_order_api_flush(p.api, 5000);
-    if (left > 0) sp_warn("%d events still undelivered at exit; their reservations wait for the reaper", left);
+    if (left > 0)
+        sp_warn("%d events still undelivered at exit; their reservations wait for the reaper",
+                left);
     status = 0;
 out:
     if (tick) event_free(tick);

@@ -47,11 +47,11 @@
 /* Freed calls kept for reuse; none under AddressSanitizer, so that it still sees a call used
  * after it was freed. */
 #ifdef __SANITIZE_ADDRESS__
-#define SPARE_CALLS_MAX          0
+#define SPARE_CALLS_MAX 0
 #else
-#define SPARE_CALLS_MAX          1024
+#define SPARE_CALLS_MAX 1024
 #endif
-#define USER_SLOTS               65536 /* per-user rate buckets, a direct-mapped table by user */
+#define USER_SLOTS 65536 /* per-user rate buckets, a direct-mapped table by user */
 _Static_assert(USER_SLOTS == 1 << 16, "user_allowed() takes the top 16 bits of a hash");
 
 /* ---- metrics ---- */
@@ -73,9 +73,8 @@ static sp_metric m_not_found = REQ("not_found");
 static sp_metric m_rate_limited = REQ("rate_limited");
 static sp_metric m_lookup = REQ("lookup_ok");
 #undef REQ
-static sp_metric m_latency = SP_METRIC_LATENCY(
-    "stockpipe_producer_order_seconds",
-    "Time from request to answer for POST /v1/orders.");
+static sp_metric m_latency = SP_METRIC_LATENCY("stockpipe_producer_order_seconds",
+                                               "Time from request to answer for POST /v1/orders.");
 static sp_metric m_redis_latency = SP_METRIC_LATENCY(
     "stockpipe_producer_reserve_seconds",
     "Time from request to reserve.lua's answer for POST /v1/orders (parse, queue, Redis).");
@@ -83,13 +82,14 @@ static sp_metric m_kafka_latency = SP_METRIC_LATENCY(
     "stockpipe_producer_kafka_ack_seconds",
     "Time from handing order.created to librdkafka to its delivery report.");
 static sp_metric m_pg_errors = SP_METRIC_COUNTER(
-    "stockpipe_producer_pg_errors_total", "PostgreSQL lookups that failed (GET order / sku).", NULL);
-static sp_metric m_redis_errors =
-    SP_METRIC_COUNTER("stockpipe_producer_redis_errors_total", "Redis failures.", NULL);
-static sp_metric m_kafka_errors = SP_METRIC_COUNTER(
-    "stockpipe_producer_kafka_errors_total", "Events Kafka did not take.", NULL);
-static sp_metric m_inflight = SP_METRIC_GAUGE(
-    "stockpipe_producer_inflight_publishes", "Events waiting for Kafka's acknowledgement.", NULL);
+    "stockpipe_producer_pg_errors_total", "PostgreSQL lookups that failed (GET order / sku).",
+    NULL);
+static sp_metric m_redis_errors = SP_METRIC_COUNTER("stockpipe_producer_redis_errors_total",
+                                                    "Redis failures.", NULL);
+static sp_metric m_kafka_errors = SP_METRIC_COUNTER("stockpipe_producer_kafka_errors_total",
+                                                    "Events Kafka did not take.", NULL);
+static sp_metric m_inflight = SP_METRIC_GAUGE("stockpipe_producer_inflight_publishes",
+                                              "Events waiting for Kafka's acknowledgement.", NULL);
 static sp_metric m_released = SP_METRIC_COUNTER(
     "stockpipe_producer_reservations_released_total",
     "Reservations given back because Kafka definitely refused the order.", NULL);
@@ -97,20 +97,27 @@ static sp_metric m_unknown = SP_METRIC_COUNTER(
     "stockpipe_producer_outcome_unknown_total",
     "Orders whose fate Kafka or Redis left unknown; their reservations wait for the reaper.", NULL);
 
-static sp_metric *all_metrics[] = {&m_accepted,    &m_sold_out,     &m_limit,        &m_unknown_sku,
-                                   &m_invalid,     &m_unauthorized, &m_unavailable,  &m_in_progress,
-                                   &m_admin_ok,    &m_paid,         &m_not_found,    &m_latency,
-                                   &m_redis_errors, &m_kafka_errors, &m_inflight,    &m_released,
-                                   &m_unknown,     &m_rate_limited, &m_lookup,     &m_pg_errors,
-                                   &m_redis_latency, &m_kafka_latency};
+static sp_metric *all_metrics[] = {
+    &m_accepted,      &m_sold_out,     &m_limit,        &m_unknown_sku,  &m_invalid,
+    &m_unauthorized,  &m_unavailable,  &m_in_progress,  &m_admin_ok,     &m_paid,
+    &m_not_found,     &m_latency,      &m_redis_errors, &m_kafka_errors, &m_inflight,
+    &m_released,      &m_unknown,      &m_rate_limited, &m_lookup,       &m_pg_errors,
+    &m_redis_latency, &m_kafka_latency};
 
 /* ---- state ---- */
 
-typedef enum { CALL_ORDER, CALL_OPEN, CALL_RESTOCK, CALL_PAY, CALL_GET_ORDER, CALL_GET_SKU } call_kind;
+typedef enum {
+    CALL_ORDER,
+    CALL_OPEN,
+    CALL_RESTOCK,
+    CALL_PAY,
+    CALL_GET_ORDER,
+    CALL_GET_SKU
+} call_kind;
 
 /* A token bucket: `rate` tokens a second, at most `rate` held. */
 typedef struct bucket {
-    int64_t owner;   /* the user it belongs to (user buckets); 0 for the worker's own */
+    int64_t owner; /* the user it belongs to (user buckets); 0 for the worker's own */
     double tokens;
     int64_t last_us;
 } bucket;
@@ -124,31 +131,31 @@ struct sp_order_api {
     struct event_base *base;
     const sp_config *cfg;
     sp_redis_target redis_target;
-    redisAsyncContext *redis;   /* NULL while disconnected */
-    int64_t redis_owed;         /* commands sent whose reply has not come */
+    redisAsyncContext *redis; /* NULL while disconnected */
+    int64_t redis_owed;       /* commands sent whose reply has not come */
     int64_t redis_last_reply_ms;
-    int64_t redis_retry_ms;     /* next reconnect attempt */
-    sp_pg_async *pg;            /* lookups for GET; orders never wait on it */
+    int64_t redis_retry_ms; /* next reconnect attempt */
+    sp_pg_async *pg;        /* lookups for GET; orders never wait on it */
     rd_kafka_t *kafka;
-    int kafka_pipe[2];          /* librdkafka writes here when its queue becomes non-empty */
+    int kafka_pipe[2]; /* librdkafka writes here when its queue becomes non-empty */
     struct event *kafka_wakeup;
-    int kafka_down;             /* all brokers down (error callback), until one answers again;
-                                 * set at start, so /readyz waits for a first answer */
+    int kafka_down; /* all brokers down (error callback), until one answers again;
+                     * set at start, so /readyz waits for a first answer */
     int64_t kafka_probe_ms;
-    int inflight;               /* calls not yet freed */
-    call_queue confirms;        /* delivered orders whose confirm is not sent yet */
-    call_queue reserves;        /* orders of this loop turn, not sent to Redis yet */
+    int inflight;                /* calls not yet freed */
+    call_queue confirms;         /* delivered orders whose confirm is not sent yet */
+    call_queue reserves;         /* orders of this loop turn, not sent to Redis yet */
     struct event *reserve_flush; /* made active by the turn's first order: reserves_send() runs
                                   * after every connection that was readable in the turn */
-    struct call *spare;         /* freed calls kept for reuse (a call is ~2 KiB: allocating one
-                                 * per request made malloc consolidate its free lists each time) */
+    struct call *spare;          /* freed calls kept for reuse (a call is ~2 KiB: allocating one
+                                  * per request made malloc consolidate its free lists each time) */
     int nspare;
     sp_order_ids ids;
     struct {
         int64_t sku_id, until_ms;
     } soldout[SOLDOUT_SLOTS];
-    bucket orders_bucket;       /* ORDER_RATE_LIMIT */
-    bucket users[USER_SLOTS];   /* USER_RATE_LIMIT; a colliding user takes the slot over */
+    bucket orders_bucket;     /* ORDER_RATE_LIMIT */
+    bucket users[USER_SLOTS]; /* USER_RATE_LIMIT; a colliding user takes the slot over */
 };
 
 typedef struct call {
@@ -156,24 +163,26 @@ typedef struct call {
     struct evhttp_request *req; /* NULL once answered */
     call_kind kind;
     int64_t started_us;
-    int64_t published_us;       /* when the event went to librdkafka */
-    sp_reserve_request order;   /* CALL_ORDER */
-    sp_event ev;                /* the event to publish */
-    sp_script_call script;      /* the Redis call under way, kept for a NOSCRIPT re-send */
+    int64_t published_us;     /* when the event went to librdkafka */
+    sp_reserve_request order; /* CALL_ORDER */
+    sp_event ev;              /* the event to publish */
+    sp_script_call script;    /* the Redis call under way, kept for a NOSCRIPT re-send */
     int resent;
-    struct call *next;          /* in the api's confirm list */
+    struct call *next; /* in the api's confirm list */
     /* GET: what Redis said, kept for the PostgreSQL step */
-    int redis_failed;           /* Redis could not be asked: a "not found" is not trusted */
-    char accepted[64];          /* CALL_GET_ORDER: an accepted {sku}:resv entry "user:qty:ts", or "" */
-    char sale[3][24];           /* CALL_GET_SKU: stock, limit, pay_timeout_s; "" when absent */
+    int redis_failed;  /* Redis could not be asked: a "not found" is not trusted */
+    char accepted[64]; /* CALL_GET_ORDER: an accepted {sku}:resv entry "user:qty:ts", or "" */
+    char sale[3][24];  /* CALL_GET_SKU: stock, limit, pay_timeout_s; "" when absent */
 } call;
 
 /* Appends c; returns 1 when the queue was empty before. */
 static int queue_push(call_queue *q, call *c) {
     int was_empty = q->head == NULL;
     c->next = NULL;
-    if (q->tail) q->tail->next = c;
-    else q->head = c;
+    if (q->tail)
+        q->tail->next = c;
+    else
+        q->head = c;
     q->tail = c;
     return was_empty;
 }
@@ -341,7 +350,8 @@ static void on_redis_disconnect(const redisAsyncContext *ac, int status) {
 
 static void redis_connect(sp_order_api *api) {
     char err[512];
-    redisContext *probe = sp_redis_connect(&api->redis_target, REDIS_CONNECT_TIMEOUT_MS, err, sizeof(err));
+    redisContext *probe = sp_redis_connect(&api->redis_target, REDIS_CONNECT_TIMEOUT_MS, err,
+                                           sizeof(err));
     if (probe == NULL || sp_stock_scripts_load(probe, err, sizeof(err)) != 0) {
         if (probe) redisFree(probe);
         sp_metric_inc(&m_redis_errors);
@@ -419,8 +429,8 @@ static int redis_send(call *c, redisCallbackFn *fn) {
 static int publish(call *c) {
     char err[256];
     c->ev.ts_ms = c->ev.ts_ms ? c->ev.ts_ms : sp_clock_wall_ms();
-    if (c->api->kafka_down ||
-        sp_kafka_produce_event(c->api->kafka, c->api->cfg->kafka_topic, &c->ev, c, err, sizeof(err)) != 0) {
+    if (c->api->kafka_down || sp_kafka_produce_event(c->api->kafka, c->api->cfg->kafka_topic,
+                                                     &c->ev, c, err, sizeof(err)) != 0) {
         sp_metric_inc(&m_kafka_errors);
         if (!c->api->kafka_down) sp_warn("publish %s: %s", sp_event_type_name(c->ev.type), err);
         return -1;
@@ -448,7 +458,9 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
     (void)rk, (void)opaque;
     call *c = m->_private;
     sp_log_ctx ctx = {.order_id = c->order.order_id[0] ? c->order.order_id : NULL,
-                      .sku_id = c->ev.sku_id, .has_kafka = 1, .partition = m->partition,
+                      .sku_id = c->ev.sku_id,
+                      .has_kafka = 1,
+                      .partition = m->partition,
                       .offset = m->offset};
     sp_metric_add(&m_inflight, -1);
     sp_metric_observe(&m_kafka_latency, sp_clock_mono_us() - c->published_us);
@@ -485,7 +497,8 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
     rd_kafka_msg_status_t status = rd_kafka_message_status(m);
     SP_LOG_CTX(SP_LOG_WARN, &ctx, "kafka did not take %s: %s (%s)", sp_event_type_name(c->ev.type),
                rd_kafka_err2str(m->err),
-               status == RD_KAFKA_MSG_STATUS_NOT_PERSISTED ? "not persisted" : "possibly persisted");
+               status == RD_KAFKA_MSG_STATUS_NOT_PERSISTED ? "not persisted"
+                                                           : "possibly persisted");
     answer_error(c, 503, "unavailable", "the event log did not acknowledge the request",
                  &m_unavailable);
     if (c->kind == CALL_ORDER && status == RD_KAFKA_MSG_STATUS_NOT_PERSISTED) {
@@ -510,8 +523,7 @@ static void on_kafka_wakeup(evutil_socket_t fd, short what, void *arg) {
     (void)what;
     sp_order_api *api = arg;
     char drain[64];
-    while (read(fd, drain, sizeof(drain)) > 0) {
-    }
+    while (read(fd, drain, sizeof(drain)) > 0) {}
     rd_kafka_poll(api->kafka, 0);
     confirms_send(api);
 }
@@ -573,7 +585,8 @@ static void confirms_send(sp_order_api *api) {
             cb->b.n = 0;
         }
         for (int i = 0; i < n; i++) {
-            if (cb && sp_stock_confirm_batch_add(&cb->b, taken[i]->order.sku_id, &taken[i]->script) == 0) {
+            if (cb && sp_stock_confirm_batch_add(&cb->b, taken[i]->order.sku_id,
+                                                 &taken[i]->script) == 0) {
                 cb->calls[cb->b.n - 1] = taken[i];
                 continue;
             }
@@ -582,7 +595,8 @@ static void confirms_send(sp_order_api *api) {
             call_free(taken[i]);
         }
         if (cb == NULL) continue;
-        if (api->redis && sp_stock_confirm_batch_send(api->redis, &cb->b, 0, on_confirm_batch, cb) == 0)
+        if (api->redis &&
+            sp_stock_confirm_batch_send(api->redis, &cb->b, 0, on_confirm_batch, cb) == 0)
             redis_sent(api);
         else
             confirm_batch_done(cb);
@@ -639,8 +653,10 @@ static void reserve_answered(call *c, const redisReply *r, size_t i) {
     switch (res.outcome) {
     case SP_RESERVE_OK:
         if (res.stock_left == 0) soldout_set(c->api, c->order.sku_id, 1);
-        c->ev = (sp_event){.type = SP_EV_ORDER_CREATED, .ts_ms = c->order.ts_ms,
-                           .sku_id = c->order.sku_id, .user_id = c->order.user_id,
+        c->ev = (sp_event){.type = SP_EV_ORDER_CREATED,
+                           .ts_ms = c->order.ts_ms,
+                           .sku_id = c->order.sku_id,
+                           .user_id = c->order.user_id,
                            .qty = c->order.qty,
                            .expires_ms = c->order.ts_ms + (int64_t)res.pay_timeout_s * 1000};
         memcpy(c->ev.order_id, c->order.order_id, sizeof(c->ev.order_id));
@@ -658,8 +674,7 @@ static void reserve_answered(call *c, const redisReply *r, size_t i) {
             snprintf(body, sizeof(body), "{\"error\":\"in_progress\",\"order_id\":\"%s\"}",
                      res.order_id);
             answer(c, 409, body, &m_in_progress);
-        }
-        else if (strcmp(res.dup_state, "limit_exceeded") == 0)
+        } else if (strcmp(res.dup_state, "limit_exceeded") == 0)
             answer_error(c, 409, "limit_exceeded", NULL, &m_limit);
         else
             answer_error(c, 409, "sold_out", NULL, &m_sold_out);
@@ -691,7 +706,8 @@ typedef struct reserve_batch {
 static void reserve_batch_refused(reserve_batch *rb) {
     sp_metric_inc(&m_redis_errors);
     for (int i = 0; i < rb->b.n; i++) {
-        answer_error(rb->calls[i], 503, "unavailable", "stock store is unreachable", &m_unavailable);
+        answer_error(rb->calls[i], 503, "unavailable", "stock store is unreachable",
+                     &m_unavailable);
         call_free(rb->calls[i]);
     }
     free(rb);
@@ -725,7 +741,8 @@ static void reserves_send(sp_order_api *api) {
             rb->b.n = 0;
         }
         for (int i = 0; i < n; i++) {
-            if (rb && sp_stock_reserve_batch_add(&rb->b, &taken[i]->order, &taken[i]->script) == 0) {
+            if (rb &&
+                sp_stock_reserve_batch_add(&rb->b, &taken[i]->order, &taken[i]->script) == 0) {
                 rb->calls[rb->b.n - 1] = taken[i];
                 continue;
             }
@@ -735,7 +752,8 @@ static void reserves_send(sp_order_api *api) {
             call_free(taken[i]);
         }
         if (rb == NULL) continue;
-        if (api->redis && sp_stock_reserve_batch_send(api->redis, &rb->b, 0, on_reserve_batch, rb) == 0)
+        if (api->redis &&
+            sp_stock_reserve_batch_send(api->redis, &rb->b, 0, on_reserve_batch, rb) == 0)
             redis_sent(api);
         else
             reserve_batch_refused(rb);
@@ -786,7 +804,9 @@ static void post_order(sp_order_api *api, struct evhttp_request *req) {
         answer_error(c, 503, "unavailable", "the event log is unreachable", &m_unavailable);
         goto done;
     }
-    c->order = (sp_reserve_request){.sku_id = sku, .user_id = user, .qty = (int32_t)qty,
+    c->order = (sp_reserve_request){.sku_id = sku,
+                                    .user_id = user,
+                                    .qty = (int32_t)qty,
                                     .ts_ms = sp_clock_wall_ms()};
     if (idem) snprintf(c->order.idem_key, sizeof(c->order.idem_key), "%s", idem);
     sp_order_id_next(&api->ids, c->order.ts_ms, sku, c->order.order_id);
@@ -861,7 +881,8 @@ static void post_sale_change(sp_order_api *api, struct evhttp_request *req, call
     if (kind == CALL_OPEN) {
         sp_sale_body b;
         rc = sp_sale_body_parse(ctype, bytes, len, &b, detail, sizeof(detail));
-        if (rc == 0) sku = b.sku_id, stock = b.stock, limit = b.per_user_limit, timeout = b.pay_timeout_s;
+        if (rc == 0)
+            sku = b.sku_id, stock = b.stock, limit = b.per_user_limit, timeout = b.pay_timeout_s;
     } else {
         rc = sp_restock_body_parse(ctype, bytes, len, &stock, detail, sizeof(detail));
     }
@@ -870,7 +891,9 @@ static void post_sale_change(sp_order_api *api, struct evhttp_request *req, call
         goto done;
     }
     c->ev = (sp_event){.type = kind == CALL_OPEN ? SP_EV_STOCK_SET : SP_EV_STOCK_ADD,
-                       .sku_id = sku, .stock = stock, .per_user_limit = (int32_t)limit,
+                       .sku_id = sku,
+                       .stock = stock,
+                       .per_user_limit = (int32_t)limit,
                        .pay_timeout_s = (int32_t)timeout};
     sp_stock_key(key, sku, "sale");
     if (redis_command(c, on_sale_exists, "EXISTS %s", key) == 0) return;
@@ -907,10 +930,12 @@ static void on_inventory_row(const PGresult *res, const char *err, void *arg) {
         json_object_set_new(j, names[i],
                             in_redis ? json_integer(strtoll(c->sale[i], NULL, 10)) : json_null());
     if (j) {
-        json_object_set_new(j, "stock", in_pg ? json_integer(strtoll(PQgetvalue(res, 0, 0), NULL, 10))
-                                              : json_null());
-        json_object_set_new(j, "supplied", in_pg ? json_integer(strtoll(PQgetvalue(res, 0, 1), NULL, 10))
-                                                 : json_null());
+        json_object_set_new(j, "stock",
+                            in_pg ? json_integer(strtoll(PQgetvalue(res, 0, 0), NULL, 10))
+                                  : json_null());
+        json_object_set_new(j, "supplied",
+                            in_pg ? json_integer(strtoll(PQgetvalue(res, 0, 1), NULL, 10))
+                                  : json_null());
     }
     answer_lookup(c, j);
 }
@@ -919,8 +944,8 @@ static void lookup_inventory(call *c) {
     char sku[24];
     snprintf(sku, sizeof(sku), "%" PRId64, c->ev.sku_id);
     const char *params[] = {sku};
-    if (sp_pg_async_query(c->api->pg, "SELECT stock, supplied FROM inventory WHERE sku_id = $1",
-                          1, params, on_inventory_row, c) != 0)
+    if (sp_pg_async_query(c->api->pg, "SELECT stock, supplied FROM inventory WHERE sku_id = $1", 1,
+                          params, on_inventory_row, c) != 0)
         on_inventory_row(NULL, "not connected", c);
 }
 
@@ -955,8 +980,10 @@ static void get_sku(sp_order_api *api, struct evhttp_request *req, int64_t sku) 
 /* Times are ms since the epoch, as in the events. */
 #define ORDER_SQL                                                                                  \
     "SELECT status, user_id, sku_id, qty, reject_reason, refund_due,"                              \
-    " (extract(epoch FROM created_at) * 1000)::bigint, (extract(epoch FROM expires_at) * 1000)::bigint," \
-    " (extract(epoch FROM paid_at) * 1000)::bigint, (extract(epoch FROM closed_at) * 1000)::bigint" \
+    " (extract(epoch FROM created_at) * 1000)::bigint,"                                            \
+    " (extract(epoch FROM expires_at) * 1000)::bigint,"                                            \
+    " (extract(epoch FROM paid_at) * 1000)::bigint,"                                               \
+    " (extract(epoch FROM closed_at) * 1000)::bigint"                                              \
     " FROM orders WHERE order_id = $1"
 
 static json_t *int_or_null(const PGresult *res, int col) {
@@ -973,14 +1000,13 @@ static void on_order_row(const PGresult *res, const char *err, void *arg) {
         sp_warn("order %s: lookup failed: %s", c->order.order_id, err);
     }
     if (res && PQntuples(res) == 1) {
-        j = json_pack("{ss ss so so so so so so so so so}", "order_id", c->order.order_id,
-                      "status", PQgetvalue(res, 0, 0), "sku_id", int_or_null(res, 2),
-                      "user_id", int_or_null(res, 1), "qty", int_or_null(res, 3),
-                      "created_ms", int_or_null(res, 6), "expires_ms", int_or_null(res, 7),
-                      "paid_ms", int_or_null(res, 8), "closed_ms", int_or_null(res, 9),
-                      "refund_due", json_boolean(PQgetvalue(res, 0, 5)[0] == 't'),
-                      "reject_reason", PQgetisnull(res, 0, 4) ? json_null()
-                                                               : json_string(PQgetvalue(res, 0, 4)));
+        j = json_pack("{ss ss so so so so so so so so so}", "order_id", c->order.order_id, "status",
+                      PQgetvalue(res, 0, 0), "sku_id", int_or_null(res, 2), "user_id",
+                      int_or_null(res, 1), "qty", int_or_null(res, 3), "created_ms",
+                      int_or_null(res, 6), "expires_ms", int_or_null(res, 7), "paid_ms",
+                      int_or_null(res, 8), "closed_ms", int_or_null(res, 9), "refund_due",
+                      json_boolean(PQgetvalue(res, 0, 5)[0] == 't'), "reject_reason",
+                      PQgetisnull(res, 0, 4) ? json_null() : json_string(PQgetvalue(res, 0, 4)));
     } else if (c->accepted[0]) {
         long long user = 0, qty = 0, ts = 0;
         if (sscanf(c->accepted, "%lld:%lld:%lld", &user, &qty, &ts) == 3)
@@ -1008,7 +1034,8 @@ static void on_accepted_read(redisAsyncContext *ac, void *reply, void *data) {
     if (r && r->type == REDIS_REPLY_STRING) {
         /* "a:user:qty:ts" is an accepted order; "r:…" is still waiting for Kafka: the buyer has
          * no answer yet, so for GET it does not exist yet. */
-        if (strncmp(r->str, "a:", 2) == 0) snprintf(c->accepted, sizeof(c->accepted), "%s", r->str + 2);
+        if (strncmp(r->str, "a:", 2) == 0)
+            snprintf(c->accepted, sizeof(c->accepted), "%s", r->str + 2);
     } else if (r == NULL || r->type != REDIS_REPLY_NIL)
         c->redis_failed = 1;
     lookup_order(c);
@@ -1028,8 +1055,8 @@ static void get_order(sp_order_api *api, struct evhttp_request *req, const char 
         return;
     }
     sp_stock_key(key, c->order.sku_id, "resv");
-    if (api->redis == NULL ||
-        redisAsyncCommand(api->redis, on_accepted_read, c, "HGET %s %s", key, c->order.order_id) != REDIS_OK) {
+    if (api->redis == NULL || redisAsyncCommand(api->redis, on_accepted_read, c, "HGET %s %s", key,
+                                                c->order.order_id) != REDIS_OK) {
         sp_metric_inc(&m_redis_errors);
         c->redis_failed = 1;
         lookup_order(c);
@@ -1142,14 +1169,18 @@ void sp_order_api_tick(sp_order_api *api) {
     confirms_send(api);
     if (api->kafka_down && now >= api->kafka_probe_ms) {
         api->kafka_probe_ms = now + 1000;
-        if (sp_kafka_topic_partitions(api->kafka, api->cfg->kafka_topic, 200, &n, err, sizeof(err)) == 0) {
+        if (sp_kafka_topic_partitions(api->kafka, api->cfg->kafka_topic, 200, &n, err,
+                                      sizeof(err)) == 0) {
             api->kafka_down = 0;
             sp_info("kafka reachable again");
         }
     }
-    if (api->redis == NULL) snprintf(why, sizeof(why), "redis unreachable");
-    else if (api->kafka_down) snprintf(why, sizeof(why), "kafka unreachable");
-    else why[0] = '\0';
+    if (api->redis == NULL)
+        snprintf(why, sizeof(why), "redis unreachable");
+    else if (api->kafka_down)
+        snprintf(why, sizeof(why), "kafka unreachable");
+    else
+        why[0] = '\0';
     sp_health_set_ready(why[0] == '\0', why);
 }
 
@@ -1187,7 +1218,8 @@ sp_order_api *sp_order_api_new(struct event_base *base, sp_http *http, const sp_
     conf = sp_kafka_conf_new(cfg->kafka_brokers, cfg->worker_id, errbuf, errlen);
     snprintf(timeout, sizeof(timeout), "%d", cfg->kafka_message_timeout_ms);
     snprintf(linger, sizeof(linger), "%d", cfg->kafka_linger_ms);
-    if (conf == NULL || sp_kafka_conf_set(conf, "message.timeout.ms", timeout, errbuf, errlen) != 0 ||
+    if (conf == NULL ||
+        sp_kafka_conf_set(conf, "message.timeout.ms", timeout, errbuf, errlen) != 0 ||
         sp_kafka_conf_set(conf, "linger.ms", linger, errbuf, errlen) != 0)
         goto fail;
     rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
@@ -1203,7 +1235,8 @@ sp_order_api *sp_order_api_new(struct event_base *base, sp_http *http, const sp_
     mainq = rd_kafka_queue_get_main(api->kafka);
     rd_kafka_queue_io_event_enable(mainq, api->kafka_pipe[1], "1", 1);
     rd_kafka_queue_destroy(mainq);
-    api->kafka_wakeup = event_new(base, api->kafka_pipe[0], EV_READ | EV_PERSIST, on_kafka_wakeup, api);
+    api->kafka_wakeup = event_new(base, api->kafka_pipe[0], EV_READ | EV_PERSIST, on_kafka_wakeup,
+                                  api);
     if (api->kafka_wakeup == NULL || event_add(api->kafka_wakeup, NULL) != 0) {
         snprintf(errbuf, errlen, "cannot watch the kafka pipe");
         goto fail;

@@ -1,4 +1,5 @@
-/* order_id.c - order ids: unique across a fleet of producers, sortable by time, carrying the SKU. */
+/* order_id.c - order ids: unique across a fleet of producers, sortable by time, carrying the
+ * SKU. */
 #include "order_id.h"
 
 #include <inttypes.h>
@@ -18,7 +19,8 @@ void sp_order_ids_init(sp_order_ids *g, const char *worker_id) {
     }
     if (o == 0) g->worker[o++] = 'w';
     g->worker[o] = '\0';
-    /* A random start keeps a restarted worker (same WORKER_ID, same millisecond) from reusing ids. */
+    /* A random start keeps a restarted worker (same WORKER_ID, same millisecond) from reusing
+     * ids. */
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     g->seq = (uint32_t)ts.tv_nsec ^ ((uint32_t)getpid() << 16);
@@ -26,8 +28,8 @@ void sp_order_ids_init(sp_order_ids *g, const char *worker_id) {
 
 void sp_order_id_next(sp_order_ids *g, int64_t now_ms, int64_t sku_id,
                       char out[SP_ORDER_ID_MAX + 1]) {
-    snprintf(out, SP_ORDER_ID_MAX + 1, "%012" PRIx64 "-%" PRId64 "-%s-%08" PRIx32,
-             (uint64_t)now_ms, sku_id, g->worker, g->seq++);
+    snprintf(out, SP_ORDER_ID_MAX + 1, "%012" PRIx64 "-%" PRId64 "-%s-%08" PRIx32, (uint64_t)now_ms,
+             sku_id, g->worker, g->seq++);
 }
 
 int sp_order_id_sku(const char *s, int64_t *sku_id) {

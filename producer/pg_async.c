@@ -17,9 +17,9 @@
 #include "clock.h"
 #include "log.h"
 
-#define WAITING_MAX 4096  /* queries sent and not yet answered; more are refused */
-#define RETRY_MS    1000  /* between connection attempts */
-#define CONNECT_MS  3000  /* a connection attempt that takes longer is abandoned */
+#define WAITING_MAX 4096 /* queries sent and not yet answered; more are refused */
+#define RETRY_MS    1000 /* between connection attempts */
+#define CONNECT_MS  3000 /* a connection attempt that takes longer is abandoned */
 
 typedef struct waiting {
     sp_pg_async_fn *fn;
@@ -30,11 +30,11 @@ typedef struct waiting {
 struct sp_pg_async {
     struct event_base *base;
     char *dsn, *app;
-    PGconn *conn;            /* NULL when there is none */
-    int connected;           /* 1 after PQconnectPoll said OK, until dropped */
-    int failing;             /* a connect failed and was logged: the next failures are not */
-    struct event *ev_read;   /* the socket: connect steps, then results */
-    struct event *ev_write;  /* armed while libpq has output it could not send */
+    PGconn *conn;           /* NULL when there is none */
+    int connected;          /* 1 after PQconnectPoll said OK, until dropped */
+    int failing;            /* a connect failed and was logged: the next failures are not */
+    struct event *ev_read;  /* the socket: connect steps, then results */
+    struct event *ev_write; /* armed while libpq has output it could not send */
     int64_t retry_ms, connect_deadline_ms;
     waiting ring[WAITING_MAX];
     size_t head, n;

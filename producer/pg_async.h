@@ -21,8 +21,8 @@ typedef struct sp_pg_async sp_pg_async;
 typedef void sp_pg_async_fn(const PGresult *res, const char *err, void *arg);
 
 /* Prepares a client for dsn (connects from the first tick). NULL when out of memory. */
-sp_pg_async *sp_pg_async_new(struct event_base *base, const char *dsn,
-                             const char *application_name) __attribute__((warn_unused_result));
+sp_pg_async *sp_pg_async_new(struct event_base *base, const char *dsn, const char *application_name)
+    __attribute__((warn_unused_result));
 
 /* Sends one parameterized query (text parameters; copied before returning). 0 when sent: fn will
  * run. -1 when not connected or too many queries wait (fn will not run): the caller answers. */

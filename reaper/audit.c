@@ -13,8 +13,8 @@
 #include "pg_store.h"
 #include "stock.h"
 
-#define SHOWN_MAX   100  /* violations printed per check */
-#define SKU_PAGE    500
+#define SHOWN_MAX            100 /* violations printed per check */
+#define SKU_PAGE             500
 #define WATERMARK_TIMEOUT_MS 5000
 
 typedef struct report {
@@ -43,8 +43,7 @@ static int check_begin(report *rep) {
 
 static void check_end(report *rep, int before, const char *title) {
     int n = rep->nviolations - before;
-    if (rep->shown > SHOWN_MAX)
-        fprintf(rep->out, "  ... and %d more\n", rep->shown - SHOWN_MAX);
+    if (rep->shown > SHOWN_MAX) fprintf(rep->out, "  ... and %d more\n", rep->shown - SHOWN_MAX);
     fprintf(rep->out, "%s %s\n", n ? "[FAIL]" : "[ok]  ", title);
 }
 
@@ -99,9 +98,9 @@ static int check_payments(sp_reaper *rp, report *rep, char *errbuf, size_t errle
         int closed = v(res, r, 5)[0] == 't', returned = !PQgetisnull(res, r, 6);
         if (strcmp(status, "paid") == 0)
             violation(rep, "order %s (sku %s) is paid and also %s", v(res, r, 0), v(res, r, 1),
-                      returned  ? "returned its stock (ledger row): paid and expired"
-                      : closed  ? "closed (closed_at set)"
-                                : "marked refund_due");
+                      returned ? "returned its stock (ledger row): paid and expired"
+                      : closed ? "closed (closed_at set)"
+                               : "marked refund_due");
         else if (strcmp(status, "pending") == 0)
             violation(rep, "order %s (sku %s) is pending but has a payment recorded%s",
                       v(res, r, 0), v(res, r, 1), refund ? " as refund_due" : "");
@@ -125,8 +124,9 @@ static int check_ledger(sp_reaper *rp, report *rep, char *errbuf, size_t errlen)
                                     0, NULL, errbuf, errlen);
     if (res == NULL) return -1;
     for (int r = 0; r < PQntuples(res); r++)
-        violation(rep, "order %s (sku %s) is %s but has no row in the return ledger: its stock "
-                       "never went back",
+        violation(rep,
+                  "order %s (sku %s) is %s but has no row in the return ledger: its stock "
+                  "never went back",
                   v(res, r, 0), v(res, r, 1), v(res, r, 2));
     PQclear(res);
     res = sp_reaper_query(rp,
@@ -149,8 +149,7 @@ static int check_ledger(sp_reaper *rp, report *rep, char *errbuf, size_t errlen)
                   PQgetisnull(res, r, 7) ? "-" : v(res, r, 7),
                   PQgetisnull(res, r, 8) ? "-" : v(res, r, 8));
     PQclear(res);
-    check_end(rep, before,
-              "every expired or cancelled order has exactly one matching ledger row");
+    check_end(rep, before, "every expired or cancelled order has exactly one matching ledger row");
     return 0;
 }
 
@@ -188,9 +187,9 @@ static int global_quiet(sp_reaper *rp, char *why, size_t whylen, char *errbuf, s
         snprintf(why, whylen, "the consumer has %" PRId64 " events to apply", lag);
         return 0;
     }
-    res = sp_reaper_query(
-        rp, "SELECT count(*) FROM stock_returns WHERE returned_to_redis_at IS NULL", 0, NULL,
-        errbuf, errlen);
+    res = sp_reaper_query(rp,
+                          "SELECT count(*) FROM stock_returns WHERE returned_to_redis_at IS NULL",
+                          0, NULL, errbuf, errlen);
     if (res == NULL) return -1;
     int64_t owed = strtoll(v(res, 0, 0), NULL, 10);
     PQclear(res);
@@ -233,7 +232,8 @@ static int compare_users(sp_reaper *rp, int64_t sku_id, report *rep, int *nbad, 
         if (n > 0) {
             argv[0] = "HMGET", argv[1] = key;
             for (int i = 0; i < n; i++) argv[2 + i] = v(res, i, 0);
-            redisReply *r = sp_reaper_redis_argv(rp, 2 + n, argv, REDIS_REPLY_ARRAY, errbuf, errlen);
+            redisReply *r = sp_reaper_redis_argv(rp, 2 + n, argv, REDIS_REPLY_ARRAY, errbuf,
+                                                 errlen);
             if (r == NULL || r->elements != (size_t)n) {
                 if (r) snprintf(errbuf, errlen, "HMGET %s: unexpected reply", key);
                 freeReplyObject(r);
@@ -241,12 +241,14 @@ static int compare_users(sp_reaper *rp, int64_t sku_id, report *rep, int *nbad, 
                 goto out;
             }
             for (int i = 0; i < n; i++) {
-                const char *got = r->element[i]->type == REDIS_REPLY_STRING ? r->element[i]->str : "0";
+                const char *got = r->element[i]->type == REDIS_REPLY_STRING ? r->element[i]->str
+                                                                            : "0";
                 if (strcmp(got, v(res, i, 1)) != 0) {
                     (*nbad)++;
                     if (rep)
-                        violation(rep, "sku %" PRId64 ": Redis counts %s units for user %s, "
-                                       "PostgreSQL's pending and paid orders %s",
+                        violation(rep,
+                                  "sku %" PRId64 ": Redis counts %s units for user %s, "
+                                  "PostgreSQL's pending and paid orders %s",
                                   sku_id, got, v(res, i, 0), v(res, i, 1));
                 }
             }
@@ -260,8 +262,9 @@ static int compare_users(sp_reaper *rp, int64_t sku_id, report *rep, int *nbad, 
     if (hlen != nusers) {
         (*nbad)++;
         if (rep)
-            violation(rep, "sku %" PRId64 ": Redis counts units for %lld users, PostgreSQL's "
-                           "pending and paid orders belong to %" PRId64 " users",
+            violation(rep,
+                      "sku %" PRId64 ": Redis counts units for %lld users, PostgreSQL's "
+                      "pending and paid orders belong to %" PRId64 " users",
                       sku_id, hlen, nusers);
     }
     rc = 0;
@@ -367,8 +370,10 @@ static int check_redis(sp_reaper *rp, report *rep, char *errbuf, size_t errlen) 
             }
         }
         if (sp_clock_mono_ms() >= deadline) {
-            if (why[0]) violation(rep, "never quiet within AUDIT_WAIT_MS: %s", why);
-            else if (compare_pass(rp, rep, &nbusy, &nbad, errbuf, errlen) != 0) return -1;
+            if (why[0])
+                violation(rep, "never quiet within AUDIT_WAIT_MS: %s", why);
+            else if (compare_pass(rp, rep, &nbusy, &nbad, errbuf, errlen) != 0)
+                return -1;
             break;
         }
         if (sp_reaper_sleep(500) != 0) {
@@ -381,8 +386,7 @@ static int check_redis(sp_reaper *rp, report *rep, char *errbuf, size_t errlen) 
     return 0;
 }
 
-int sp_audit_run(sp_reaper *rp, const sp_audit_opts *opts, FILE *out, char *errbuf,
-                 size_t errlen) {
+int sp_audit_run(sp_reaper *rp, const sp_audit_opts *opts, FILE *out, char *errbuf, size_t errlen) {
     report rep = {.out = out};
     PGresult *res = sp_reaper_query(
         rp,
@@ -397,11 +401,14 @@ int sp_audit_run(sp_reaper *rp, const sp_audit_opts *opts, FILE *out, char *errb
         check_payments(rp, &rep, errbuf, errlen) != 0 ||
         check_ledger(rp, &rep, errbuf, errlen) != 0)
         goto failed;
-    if (opts->pg_only) fprintf(out, "[skip] Redis not compared (--pg-only)\n");
+    if (opts->pg_only)
+        fprintf(out, "[skip] Redis not compared (--pg-only)\n");
     else if (check_redis(rp, &rep, errbuf, errlen) != 0)
         goto failed;
-    if (rep.nviolations == 0) fprintf(out, "audit passed\n");
-    else fprintf(out, "audit FAILED: %d violations\n", rep.nviolations);
+    if (rep.nviolations == 0)
+        fprintf(out, "audit passed\n");
+    else
+        fprintf(out, "audit FAILED: %d violations\n", rep.nviolations);
     fflush(out);
     return rep.nviolations;
 failed:

@@ -33,7 +33,7 @@ typedef struct sp_audit_opts {
  * hundred per check, then how many more), then "audit passed" or "audit FAILED: N violations".
  * Returns the number of violations (0: passed), or -1 with errbuf when a backend could not be
  * read (the report then says so too). Memory is bounded: everything is read in pages. */
-int sp_audit_run(sp_reaper *rp, const sp_audit_opts *opts, FILE *out, char *errbuf,
-                 size_t errlen) __attribute__((warn_unused_result));
+int sp_audit_run(sp_reaper *rp, const sp_audit_opts *opts, FILE *out, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
 
 #endif

@@ -14,8 +14,8 @@
 #include "signals.h"
 
 /* How late an order's expiry was, in ms (rendered in seconds): 100 ms .. 1 h. */
-static const int64_t lateness_ms_bounds[] = {100,   250,   500,    1000,   2500,   5000,
-                                             10000, 30000, 60000,  300000, 900000, 3600000};
+static const int64_t lateness_ms_bounds[] = {100,   250,   500,   1000,   2500,   5000,
+                                             10000, 30000, 60000, 300000, 900000, 3600000};
 
 static sp_metric m_expired = SP_METRIC_COUNTER(
     "stockpipe_reaper_expired_total",
@@ -93,7 +93,8 @@ static int expire_batch(sp_reaper *rp, size_t *nclaimed, size_t *nacked, char *e
         evs[i].ts_ms = now;
         evs[i].sku_id = strtoll(PQgetvalue(res, (int)i, 1), NULL, 10);
         snprintf(evs[i].order_id, sizeof(evs[i].order_id), "%s", PQgetvalue(res, (int)i, 0));
-        due_ms[i] = PQgetisnull(res, (int)i, 2) ? now : strtoll(PQgetvalue(res, (int)i, 2), NULL, 10);
+        due_ms[i] = PQgetisnull(res, (int)i, 2) ? now
+                                                : strtoll(PQgetvalue(res, (int)i, 2), NULL, 10);
     }
     *nclaimed = n;
     *nacked = sp_reaper_publish(rp, evs, n, acked);

@@ -25,7 +25,7 @@ void sp_expiry_register_metrics(void);
  * waits for the acknowledgements; goes on while batches come back full, for at most budget_ms or
  * until SIGTERM. *nexpired counts the events Kafka acknowledged. 0, or -1 with errbuf when
  * PostgreSQL failed (counted in the errors metric; the next sweep retries). */
-int sp_expiry_sweep(sp_reaper *rp, int64_t budget_ms, size_t *nexpired, char *errbuf,
-                    size_t errlen) __attribute__((warn_unused_result));
+int sp_expiry_sweep(sp_reaper *rp, int64_t budget_ms, size_t *nexpired, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
 
 #endif

@@ -22,9 +22,9 @@
 #include "signals.h"
 #include "stock_return.h"
 
-#define READY_EVERY_MS  1000 /* how often /readyz is brought up to date */
+#define READY_EVERY_MS   1000 /* how often /readyz is brought up to date */
 #define CHECK_TIMEOUT_MS 1000
-#define FORGET_LIMIT    5000 /* decided requests deleted per sweep */
+#define FORGET_LIMIT     5000 /* decided requests deleted per sweep */
 
 static sp_metric m_sweep = SP_METRIC_LATENCY(
     "stockpipe_reaper_sweep_seconds",
@@ -41,8 +41,10 @@ int sp_reaper_parse_args(int nargs, char *const *args, sp_reaper_opts *opts, cha
         opts->cmd = SP_REAPER_CMD_RECONCILE;
         for (int i = 1; i < nargs; i++) {
             const char *value = NULL;
-            if (strncmp(args[i], "--sku=", 6) == 0) value = args[i] + 6;
-            else if (strcmp(args[i], "--sku") == 0 && i + 1 < nargs) value = args[++i];
+            if (strncmp(args[i], "--sku=", 6) == 0)
+                value = args[i] + 6;
+            else if (strcmp(args[i], "--sku") == 0 && i + 1 < nargs)
+                value = args[++i];
             if (value == NULL) {
                 snprintf(errbuf, errlen, "reconcile takes only --sku=ID (got \"%.40s\")", args[i]);
                 return -1;
@@ -219,8 +221,10 @@ static int run_reconcile(sp_reaper *rp, const sp_reaper_opts *opts) {
                opts->sku_id ? "SKU's" : "reconcile");
         return 1;
     }
-    if (opts->sku_id) printf("reconcile done: SKU %" PRId64 " rebuilt from PostgreSQL\n", opts->sku_id);
-    else printf("reconcile done: every SKU rebuilt from PostgreSQL\n");
+    if (opts->sku_id)
+        printf("reconcile done: SKU %" PRId64 " rebuilt from PostgreSQL\n", opts->sku_id);
+    else
+        printf("reconcile done: every SKU rebuilt from PostgreSQL\n");
     return 0;
 }
 

@@ -16,7 +16,7 @@
 #include "signals.h"
 #include "stock.h"
 
-#define REDIS_TIMEOUT_MS 2000
+#define REDIS_TIMEOUT_MS    2000
 #define METADATA_TIMEOUT_MS 5000
 
 /* Statement and lock bounds of the reaper's session: a sweep never waits long on a lock another
@@ -156,8 +156,8 @@ void sp_reaper_redis_failed(sp_reaper *rp) {
     rp->redis = NULL;
 }
 
-redisReply *sp_reaper_redis_argv(sp_reaper *rp, int argc, const char **argv, int want,
-                                 char *errbuf, size_t errlen) {
+redisReply *sp_reaper_redis_argv(sp_reaper *rp, int argc, const char **argv, int want, char *errbuf,
+                                 size_t errlen) {
     redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
     if (redis == NULL) return NULL;
     redisReply *r = redisCommandArgv(redis, argc, argv, NULL);
@@ -295,7 +295,7 @@ int sp_reaper_partition_of(sp_reaper *rp, int64_t sku_id, int32_t *partition, ch
     /* The partitioner ignores its topic argument; this is what librdkafka does for every keyed
      * message of a producer that sets no partitioner of its own (none of ours does). */
     *partition = rd_kafka_msg_partitioner_consistent_random(NULL, key, (size_t)keylen, npartitions,
-                                                           NULL, NULL);
+                                                            NULL, NULL);
     return 0;
 }
 
@@ -329,8 +329,8 @@ int sp_reaper_lock_try(sp_reaper *rp, int32_t lock_class, int64_t key, int *got,
 
 int sp_reaper_lock(sp_reaper *rp, int32_t lock_class, int64_t key, int *got, char *errbuf,
                    size_t errlen) {
-    return lock_call(rp, "SELECT true FROM pg_advisory_lock($1::int, $2::int)", lock_class, key, got,
-                     errbuf, errlen);
+    return lock_call(rp, "SELECT true FROM pg_advisory_lock($1::int, $2::int)", lock_class, key,
+                     got, errbuf, errlen);
 }
 
 void sp_reaper_unlock(sp_reaper *rp, int32_t lock_class, int64_t key) {

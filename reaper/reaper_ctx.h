@@ -52,8 +52,8 @@ typedef struct sp_reaper {
 
 /* Prepares rp for cfg (parses REDIS_URL; with_kafka: creates the producer, which also serves
  * metadata and watermark queries). Connects nothing else yet. -1 with errbuf. */
-int sp_reaper_init(sp_reaper *rp, const sp_config *cfg, int with_kafka, char *errbuf,
-                   size_t errlen) __attribute__((warn_unused_result));
+int sp_reaper_init(sp_reaper *rp, const sp_config *cfg, int with_kafka, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
 
 /* Waits up to the message timeout for what Kafka still holds, then closes everything. Returns the
  * number of events Kafka had not acknowledged (0 normally). */
@@ -69,8 +69,8 @@ void sp_reaper_redis_failed(sp_reaper *rp);
 /* Runs one command (argv, argc words) on the reaper's Redis connection, connecting when needed.
  * Returns the reply (caller frees) when it is of type want (a REDIS_REPLY_* value; -1: any type
  * but an error). NULL with errbuf otherwise; a failed connection is dropped. */
-redisReply *sp_reaper_redis_argv(sp_reaper *rp, int argc, const char **argv, int want,
-                                 char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+redisReply *sp_reaper_redis_argv(sp_reaper *rp, int argc, const char **argv, int want, char *errbuf,
+                                 size_t errlen) __attribute__((warn_unused_result));
 
 /* One step's worth of a hash's entries: kv holds npairs (field, value) replies in turn, valid
  * until fn returns. Return 0 to go on, 1 to end the scan early (not a failure), -1 with errbuf. */

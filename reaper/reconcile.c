@@ -15,11 +15,11 @@
 #include "stock.h"
 #include "stock_return.h"
 
-#define EPOCH_KEY     "stockpipe:reaper:epoch"
-#define SKU_PAGE      500  /* SKUs per inventory page */
-#define LEDGER_PAGE   1000 /* ledger rows per query */
-#define RESV_SCAN     256  /* resv entries asked for per HSCAN step */
-#define STEP_MAX      1024 /* most resv entries looked up in one statement */
+#define EPOCH_KEY            "stockpipe:reaper:epoch"
+#define SKU_PAGE             500  /* SKUs per inventory page */
+#define LEDGER_PAGE          1000 /* ledger rows per query */
+#define RESV_SCAN            256  /* resv entries asked for per HSCAN step */
+#define STEP_MAX             1024 /* most resv entries looked up in one statement */
 #define WATERMARK_TIMEOUT_MS 5000
 
 static sp_metric m_reconciled = SP_METRIC_COUNTER(
@@ -98,9 +98,12 @@ static int read_state(sp_reaper *rp, redis_identity *id, int *found, char *errbu
     *found = PQntuples(res) > 0;
     for (int r = 0; r < PQntuples(res); r++) {
         const char *name = PQgetvalue(res, r, 0), *v = PQgetvalue(res, r, 1);
-        if (strcmp(name, "redis_epoch") == 0) snprintf(id->epoch, sizeof(id->epoch), "%s", v);
-        else if (strcmp(name, "redis_run_id") == 0) snprintf(id->run_id, sizeof(id->run_id), "%s", v);
-        else snprintf(id->replid, sizeof(id->replid), "%s", v);
+        if (strcmp(name, "redis_epoch") == 0)
+            snprintf(id->epoch, sizeof(id->epoch), "%s", v);
+        else if (strcmp(name, "redis_run_id") == 0)
+            snprintf(id->run_id, sizeof(id->run_id), "%s", v);
+        else
+            snprintf(id->replid, sizeof(id->replid), "%s", v);
     }
     PQclear(res);
     return 0;
@@ -232,7 +235,8 @@ static int mark_ledger(sp_reaper *rp, int64_t sku_id, char *errbuf, size_t errle
     sp_stock_key(key, sku_id, "returned");
     sp_reaper_i64(now, sp_clock_wall_ms());
     for (;;) {
-        const char *params[] = {sp_reaper_i64(sku, sku_id), last, sp_reaper_i64(limit, LEDGER_PAGE)};
+        const char *params[] = {sp_reaper_i64(sku, sku_id), last,
+                                sp_reaper_i64(limit, LEDGER_PAGE)};
         PGresult *res = sp_pg_query(rp->pg,
                                     "SELECT order_id FROM stock_returns"
                                     " WHERE sku_id = $1::bigint AND returned_to_redis_at IS NULL"
@@ -418,9 +422,8 @@ static int adjust_vanished(sp_reaper *rp, int64_t sku_id, const sp_vanished *v, 
             int64_t stock = 0;
             if (strcmp(v[i].order_id, PQgetvalue(res, r, 0)) != 0) continue;
             redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
-            if (redis == NULL ||
-                sp_stock_reconcile_adjust(redis, sku_id, v[i].user_id, v[i].qty, &stock, errbuf,
-                                          errlen) != 0)
+            if (redis == NULL || sp_stock_reconcile_adjust(redis, sku_id, v[i].user_id, v[i].qty,
+                                                           &stock, errbuf, errlen) != 0)
                 goto out;
             (*nadjusted)++;
         }
@@ -473,8 +476,8 @@ static int rebuild(sp_reaper *rp, int64_t sku_id, int64_t settle_until, const ch
     redis = sp_reaper_redis(rp, errbuf, errlen);
     if (redis == NULL ||
         sp_stock_reconcile_apply(redis, sku_id, token, snap.stock, snap.supplied,
-                                 snap.per_user_limit, snap.pay_timeout_s, &owned, &stock,
-                                 &inflight, &vanished, &nvanished, errbuf, errlen) != 0)
+                                 snap.per_user_limit, snap.pay_timeout_s, &owned, &stock, &inflight,
+                                 &vanished, &nvanished, errbuf, errlen) != 0)
         goto out;
     if (!owned) {
         snprintf(errbuf, errlen, "the pause was lost (Redis lost data again?); tried again later");
@@ -555,8 +558,9 @@ static int reconcile_every_sku(sp_reaper *rp, const char *why, char *errbuf, siz
                 sp_health_beat();
                 if (rp->pg_session != session) {
                     PQclear(res);
-                    snprintf(errbuf, errlen, "the PostgreSQL session, and the reconcile lock, "
-                                             "were lost; starting over on the next check");
+                    snprintf(errbuf, errlen,
+                             "the PostgreSQL session, and the reconcile lock, "
+                             "were lost; starting over on the next check");
                     return -1;
                 }
                 if (pass == 0) {

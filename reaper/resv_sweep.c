@@ -18,10 +18,10 @@
 #include "stock.h"
 #include "stock_return.h"
 
-#define SKU_PAGE   500 /* SKUs listed per query */
-#define RESV_SCAN  256  /* entries asked for per HSCAN step */
-#define STEP_MAX   1024 /* most entries acted on at once (a small hash answers whole) */
-#define ENTRY_MAX  160 /* bytes of an entry we act on ("r:user:qty:ts:idem_key" is well below) */
+#define SKU_PAGE    500  /* SKUs listed per query */
+#define RESV_SCAN   256  /* entries asked for per HSCAN step */
+#define STEP_MAX    1024 /* most entries acted on at once (a small hash answers whole) */
+#define ENTRY_MAX   160  /* bytes of an entry we act on ("r:user:qty:ts:idem_key" is well below) */
 #define VOID_REASON "lost reservation"
 
 static sp_metric m_voided = SP_METRIC_COUNTER(
@@ -76,8 +76,7 @@ static int parse_entry(const char *id, const char *value, resv_entry *e) {
     if ((value[0] != 'r' && value[0] != 'a') || value[1] != ':' || strlen(value) > ENTRY_MAX ||
         !sp_order_id_valid(id))
         return -1;
-    if (field(&p, &e->user_id) != 0 || field(&p, &qty) != 0 || field(&p, &e->ts_ms) != 0)
-        return -1;
+    if (field(&p, &e->user_id) != 0 || field(&p, &qty) != 0 || field(&p, &e->ts_ms) != 0) return -1;
     if (e->user_id < 1 || e->user_id > SP_ID_MAX || qty < 1 || qty > SP_QTY_MAX) return -1;
     e->order_id = id;
     e->value = value;
@@ -284,9 +283,9 @@ static int sale_state(sp_reaper *rp, int64_t sku_id, int *state, char *errbuf, s
         freeReplyObject(r);
         return -1;
     }
-    *state = r->element[0]->type == REDIS_REPLY_NIL ? 0
+    *state = r->element[0]->type == REDIS_REPLY_NIL   ? 0
              : r->element[1]->type != REDIS_REPLY_NIL ? 2
-                                                       : 1;
+                                                      : 1;
     freeReplyObject(r);
     return 0;
 }

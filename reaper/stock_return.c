@@ -13,8 +13,9 @@
 #include "signals.h"
 #include "stock.h"
 
-#define MARKER_SCAN 200   /* markers asked for per HSCAN step */
-#define MARKER_STEP_MAX 1024 /* most markers handled per step (HSCAN may return more than asked) */
+#define MARKER_SCAN 200 /* markers asked for per HSCAN step */
+/* most markers handled per step (HSCAN may return more than asked) */
+#define MARKER_STEP_MAX 1024
 
 static sp_metric m_returned = SP_METRIC_COUNTER(
     "stockpipe_reaper_returned_total",
@@ -104,7 +105,8 @@ static int stamp_rows(sp_reaper *rp, const ledger_row *rows, size_t n, char *err
     }
     char *array = sp_reaper_text_array(ids, k);
     const char *params[] = {array};
-    if (array == NULL) snprintf(errbuf, errlen, "out of memory");
+    if (array == NULL)
+        snprintf(errbuf, errlen, "out of memory");
     else if (sp_pg_exec(rp->pg,
                         "UPDATE stock_returns SET returned_to_redis_at = now()"
                         " WHERE order_id = ANY($1::text[]) AND returned_to_redis_at IS NULL",
@@ -138,8 +140,8 @@ static void remove_markers(sp_reaper *rp, const ledger_row *rows, size_t n) {
 }
 
 /* One batch: BEGIN, read and lock, give back, stamp, COMMIT, remove markers. *nread, *nstamped. */
-static int drain_batch(sp_reaper *rp, drain_pos *pos, size_t *nread, size_t *nstamped,
-                       char *errbuf, size_t errlen) {
+static int drain_batch(sp_reaper *rp, drain_pos *pos, size_t *nread, size_t *nstamped, char *errbuf,
+                       size_t errlen) {
     ledger_row *rows = NULL;
     size_t n = 0, nstamp = 0, nblocked = 0;
     int64_t units = 0, blocked_sku = 0;
@@ -167,8 +169,9 @@ static int drain_batch(sp_reaper *rp, drain_pos *pos, size_t *nread, size_t *nst
             nstamp++;
             units += given;
             if (given == 0)
-                SP_LOG_CTX(SP_LOG_INFO, &ctx, "ledger row given back before (marker found, or "
-                                              "its reservation gone); stamping it");
+                SP_LOG_CTX(SP_LOG_INFO, &ctx,
+                           "ledger row given back before (marker found, or "
+                           "its reservation gone); stamping it");
         } else {
             nblocked++;
             blocked_sku = rows[i].sku_id;
@@ -264,7 +267,8 @@ int sp_stock_return_settle_markers(sp_reaper *rp, int64_t sku_id, size_t *nsettl
     char key[SP_STOCK_KEY_MAX];
     sp_stock_key(key, sku_id, "returned");
     settle_ctx sc = {.sku_id = sku_id, .key = key};
-    int rc = sp_reaper_hscan(rp, key, MARKER_SCAN, MARKER_STEP_MAX, settle_step, &sc, errbuf, errlen);
+    int rc = sp_reaper_hscan(rp, key, MARKER_SCAN, MARKER_STEP_MAX, settle_step, &sc, errbuf,
+                             errlen);
     *nsettled = sc.total;
     return rc;
 }

@@ -31,7 +31,8 @@ int sp_stock_return_drain(sp_reaper *rp, int64_t budget_ms, size_t *nreturned, c
 
 /* Settles sku_id's leftover markers: a marker means the units are in Redis, so its row is stamped
  * (when it is not yet) and the marker removed. Needs the SKU's lock (SP_LOCK_SKU), so no
- * reconcile of the SKU runs meanwhile. *nsettled counts the markers removed. 0 or -1 with errbuf. */
+ * reconcile of the SKU runs meanwhile. *nsettled counts the markers removed. 0 or -1 with
+ * errbuf. */
 int sp_stock_return_settle_markers(sp_reaper *rp, int64_t sku_id, size_t *nsettled, char *errbuf,
                                    size_t errlen) __attribute__((warn_unused_result));
 

@@ -1,5 +1,5 @@
-/* integration_stack_smoke.c - the local stack is real and the shared helpers work against it: an event
- * goes through the real Kafka broker and comes back decoded, a row goes through PostgreSQL's
+/* integration_stack_smoke.c - the local stack is real and the shared helpers work against it: an
+ * event goes through the real Kafka broker and comes back decoded, a row goes through PostgreSQL's
  * guarded update, a key and a Lua script go through Redis. Needs var/stack.env loaded. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -84,7 +84,8 @@ static void test_redis_unreachable_is_an_error(void **state) {
 /* ---- Kafka ---- */
 
 static rd_kafka_t *new_producer(void) {
-    rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "smoke-test", err, sizeof(err));
+    rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "smoke-test", err,
+                                              sizeof(err));
     if (conf == NULL) fail_msg("conf: %s", err);
     rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
     rd_kafka_t *rk = sp_kafka_producer_new(&conf, err, sizeof(err));
@@ -95,7 +96,8 @@ static rd_kafka_t *new_producer(void) {
 
 static void produce_and_wait(rd_kafka_t *rk, const char *topic, const sp_event *ev, delivery *d) {
     memset(d, 0, sizeof(*d));
-    if (sp_kafka_produce_event(rk, topic, ev, d, err, sizeof(err)) != 0) fail_msg("produce: %s", err);
+    if (sp_kafka_produce_event(rk, topic, ev, d, err, sizeof(err)) != 0)
+        fail_msg("produce: %s", err);
     assert_int_equal(rd_kafka_flush(rk, 15000), RD_KAFKA_RESP_ERR_NO_ERROR);
     assert_true(d->done);
     assert_int_equal(d->err, RD_KAFKA_RESP_ERR_NO_ERROR);
@@ -107,11 +109,15 @@ static void test_kafka_event_round_trip(void **state) {
     const char *topic = need_env("KAFKA_TOPIC");
     rd_kafka_t *producer = new_producer();
     int npartitions = 0;
-    assert_int_equal(sp_kafka_topic_partitions(producer, topic, 5000, &npartitions, err, sizeof(err)), 0);
+    assert_int_equal(
+        sp_kafka_topic_partitions(producer, topic, 5000, &npartitions, err, sizeof(err)), 0);
     assert_true(npartitions >= 1);
 
-    sp_event ev = {.type = SP_EV_ORDER_CREATED, .ts_ms = sp_clock_wall_ms(), .sku_id = 900000 + getpid() % 1000,
-                   .user_id = 42, .qty = 2};
+    sp_event ev = {.type = SP_EV_ORDER_CREATED,
+                   .ts_ms = sp_clock_wall_ms(),
+                   .sku_id = 900000 + getpid() % 1000,
+                   .user_id = 42,
+                   .qty = 2};
     ev.expires_ms = ev.ts_ms + 600000;
     snprintf(ev.order_id, sizeof(ev.order_id), "smoke-%lld-%d", (long long)ev.ts_ms, (int)getpid());
     delivery first, second;
@@ -125,7 +131,8 @@ static void test_kafka_event_round_trip(void **state) {
     rd_kafka_destroy(producer);
 
     /* Read it back from exactly where the broker said it is. */
-    rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "smoke-test", err, sizeof(err));
+    rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "smoke-test", err,
+                                              sizeof(err));
     assert_non_null(conf);
     char group[64];
     snprintf(group, sizeof(group), "smoke-%d", (int)getpid());
@@ -168,7 +175,8 @@ static void test_kafka_event_round_trip(void **state) {
  * (OffsetCommit), and a later member of the same group finds the committed position
  * (OffsetFetch). This is what keeps the README's compatibility claim for the broker honest. */
 static rd_kafka_t *join_group(const char *group) {
-    rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "smoke-group", err, sizeof(err));
+    rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "smoke-group", err,
+                                              sizeof(err));
     assert_non_null(conf);
     rd_kafka_t *rk = sp_kafka_consumer_new(&conf, group, err, sizeof(err));
     if (rk == NULL) fail_msg("consumer: %s", err);
@@ -184,7 +192,8 @@ static void test_kafka_consumer_group_commit_and_resume(void **state) {
     const char *topic = need_env("KAFKA_TOPIC");
     char group[64];
     delivery d;
-    snprintf(group, sizeof(group), "smoke-group-%d-%lld", (int)getpid(), (long long)sp_clock_wall_ms());
+    snprintf(group, sizeof(group), "smoke-group-%d-%lld", (int)getpid(),
+             (long long)sp_clock_wall_ms());
 
     /* Join first, so the event produced next is certainly ahead of the member. */
     rd_kafka_t *a = join_group(group);
@@ -202,7 +211,9 @@ static void test_kafka_consumer_group_commit_and_resume(void **state) {
     rd_kafka_topic_partition_list_destroy(assigned);
 
     rd_kafka_t *producer = new_producer();
-    sp_event ev = {.type = SP_EV_ORDER_PAID, .ts_ms = sp_clock_wall_ms(), .sku_id = 910000 + getpid() % 1000};
+    sp_event ev = {.type = SP_EV_ORDER_PAID,
+                   .ts_ms = sp_clock_wall_ms(),
+                   .sku_id = 910000 + getpid() % 1000};
     snprintf(ev.order_id, sizeof(ev.order_id), "smoke-group-%d", (int)getpid());
     produce_and_wait(producer, topic, &ev, &d);
     rd_kafka_destroy(producer);
@@ -212,7 +223,8 @@ static void test_kafka_consumer_group_commit_and_resume(void **state) {
     while (!got && sp_clock_wall_ms() < deadline) {
         rd_kafka_message_t *m = rd_kafka_consumer_poll(a, 500);
         if (m == NULL) continue;
-        if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR && m->partition == d.partition && m->offset == d.offset) {
+        if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR && m->partition == d.partition &&
+            m->offset == d.offset) {
             assert_int_equal(rd_kafka_commit_message(a, m, 0), RD_KAFKA_RESP_ERR_NO_ERROR);
             got = 1;
         }
@@ -254,8 +266,11 @@ static void test_pg_schema_and_guarded_update(void **state) {
                             "schema_migrations"};
     for (size_t i = 0; i < sizeof(tables) / sizeof(tables[0]); i++) {
         const char *p[] = {tables[i]};
-        assert_int_equal(count_rows(pg, "SELECT count(*) FROM information_schema.tables "
-                                        "WHERE table_schema = 'public' AND table_name = $1", 1, p), 1);
+        assert_int_equal(count_rows(pg,
+                                    "SELECT count(*) FROM information_schema.tables "
+                                    "WHERE table_schema = 'public' AND table_name = $1",
+                                    1, p),
+                         1);
     }
     assert_true(count_rows(pg, "SELECT count(*) FROM schema_migrations", 0, NULL) >= 1);
 
@@ -264,9 +279,11 @@ static void test_pg_schema_and_guarded_update(void **state) {
     char sku[24];
     snprintf(sku, sizeof(sku), "%d", 800000000 + (int)getpid());
     const char *ins[] = {sku};
-    if (sp_pg_exec(pg, "INSERT INTO inventory (sku_id, stock, version, supplied, per_user_limit, "
-                       "pay_timeout_s, created_at, updated_at) VALUES ($1, 3, 0, 3, 1, 600, now(), now())",
-                   1, ins, err, sizeof(err)) != 0)
+    if (sp_pg_exec(
+            pg,
+            "INSERT INTO inventory (sku_id, stock, version, supplied, per_user_limit, "
+            "pay_timeout_s, created_at, updated_at) VALUES ($1, 3, 0, 3, 1, 600, now(), now())",
+            1, ins, err, sizeof(err)) != 0)
         fail_msg("%s", err);
 
     static const char guarded[] = "UPDATE inventory SET stock = stock - $3, version = version + 1 "
@@ -293,15 +310,19 @@ static void test_pg_schema_and_guarded_update(void **state) {
     /* Even an unguarded write cannot take stock below zero: the schema refuses it. */
     assert_int_equal(sp_pg_exec(pg, "SAVEPOINT s", 0, NULL, err, sizeof(err)), 0);
     assert_int_equal(sp_pg_exec(pg, "UPDATE inventory SET stock = stock - 5 WHERE sku_id = $1", 1,
-                                ins, err, sizeof(err)), -1);
+                                ins, err, sizeof(err)),
+                     -1);
     assert_non_null(strstr(err, "inventory_stock_check"));
     assert_int_equal(sp_pg_exec(pg, "ROLLBACK TO SAVEPOINT s", 0, NULL, err, sizeof(err)), 0);
 
     /* An order row with a status outside the state machine is refused. */
     const char *bad_order[] = {sku};
-    assert_int_equal(sp_pg_exec(pg, "INSERT INTO orders (order_id, user_id, sku_id, qty, status, "
-                                    "created_at, expires_at) VALUES ('smoke-x', 1, $1, 1, 'shipped', now(), now())",
-                                1, bad_order, err, sizeof(err)), -1);
+    assert_int_equal(
+        sp_pg_exec(pg,
+                   "INSERT INTO orders (order_id, user_id, sku_id, qty, status, "
+                   "created_at, expires_at) VALUES ('smoke-x', 1, $1, 1, 'shipped', now(), now())",
+                   1, bad_order, err, sizeof(err)),
+        -1);
     assert_non_null(strstr(err, "orders_status_check"));
 
     assert_int_equal(sp_pg_exec(pg, "ROLLBACK", 0, NULL, err, sizeof(err)), 0);

@@ -1,6 +1,6 @@
-/* integration_stock_redis.c - the sale's Lua scripts against the real Redis of the local stack: admission
- * is atomic and exact under concurrency, limits and idempotency hold, a release gives back exactly
- * once. Needs var/stack.env loaded. */
+/* integration_stock_redis.c - the sale's Lua scripts against the real Redis of the local stack:
+ * admission is atomic and exact under concurrency, limits and idempotency hold, a release gives
+ * back exactly once. Needs var/stack.env loaded. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -179,7 +179,7 @@ static void test_release_exactly_once(void **state) {
 }
 
 /* Many connections race for few units: exactly the stock is admitted, never more. */
-#define RACERS 8
+#define RACERS          8
 #define TRIES_PER_RACER 250
 typedef struct racer {
     int64_t sku;
@@ -193,7 +193,9 @@ static void *race(void *arg) {
     redisContext *c = sp_redis_connect(&target, 2000, e, sizeof(e));
     if (c == NULL) return NULL;
     for (int i = 0; i < TRIES_PER_RACER; i++) {
-        sp_reserve_request req = {.sku_id = rc->sku, .user_id = rc->id * 1000 + i + 1, .qty = 1,
+        sp_reserve_request req = {.sku_id = rc->sku,
+                                  .user_id = rc->id * 1000 + i + 1,
+                                  .qty = 1,
                                   .ts_ms = 1};
         sp_reserve_result res;
         snprintf(req.order_id, sizeof(req.order_id), "race-%d-%d", rc->id, i);
@@ -270,7 +272,8 @@ static void test_confirm_marks_accepted(void **state) {
     redisFree(c);
 }
 
-/* cap lowers Redis to PostgreSQL's stock plus the restocks PostgreSQL has not seen; never raises. */
+/* cap lowers Redis to PostgreSQL's stock plus the restocks PostgreSQL has not seen; never
+ * raises. */
 static void test_cap_only_lowers(void **state) {
     (void)state;
     redisContext *c = connect_redis();
@@ -326,10 +329,13 @@ static void test_reserve_batch_in_order(void **state) {
     sp_reserve_result res[N];
     sp_reserve_batch b = {0};
     for (int i = 0; i < N; i++) {
-        req[i] = (sp_reserve_request){.sku_id = sku, .user_id = orders[i].user,
-                                      .qty = orders[i].qty, .ts_ms = 1700000000000 + i};
+        req[i] = (sp_reserve_request){.sku_id = sku,
+                                      .user_id = orders[i].user,
+                                      .qty = orders[i].qty,
+                                      .ts_ms = 1700000000000 + i};
         snprintf(req[i].order_id, sizeof(req[i].order_id), "b-%d", i);
-        snprintf(req[i].idem_key, sizeof(req[i].idem_key), "%s", orders[i].idem ? orders[i].idem : "");
+        snprintf(req[i].idem_key, sizeof(req[i].idem_key), "%s",
+                 orders[i].idem ? orders[i].idem : "");
         sp_stock_reserve_call(&calls[i], &req[i]);
         assert_int_equal(sp_stock_reserve_batch_add(&b, &req[i], &calls[i]), 0);
     }
@@ -342,9 +348,8 @@ static void test_reserve_batch_in_order(void **state) {
     assert_int_equal(b.n, N);
 
     if (sp_stock_reserve_batch(c, &b, res, err, sizeof(err)) != 0) fail_msg("batch: %s", err);
-    sp_reserve_outcome want[N] = {SP_RESERVE_OK,  SP_RESERVE_OK,  SP_RESERVE_LIMIT,
-                                  SP_RESERVE_OK,  SP_RESERVE_OK,  SP_RESERVE_DUP,
-                                  SP_RESERVE_SOLD_OUT};
+    sp_reserve_outcome want[N] = {SP_RESERVE_OK, SP_RESERVE_OK,  SP_RESERVE_LIMIT,   SP_RESERVE_OK,
+                                  SP_RESERVE_OK, SP_RESERVE_DUP, SP_RESERVE_SOLD_OUT};
     int64_t left[N] = {4, 3, 3, 1, 0, 0, 0};
     for (int i = 0; i < N; i++) {
         assert_int_equal(res[i].outcome, want[i]);

@@ -26,9 +26,10 @@ static char **args(const char *first, ...) {
 }
 
 static void clear_env(void) {
-    static const char *const vars[] = {"REDIS_URL", "KAFKA_BROKERS", "KAFKA_TOPIC", "KAFKA_DLQ_TOPIC",
-                                       "KAFKA_GROUP", "PG_DSN", "HTTP_ADDR", "HTTP_PORT",
-                                       "WORKER_ID", "ADMIN_TOKEN", "PAYMENT_TOKEN", "LOG_LEVEL"};
+    static const char *const vars[] = {"REDIS_URL",       "KAFKA_BROKERS", "KAFKA_TOPIC",
+                                       "KAFKA_DLQ_TOPIC", "KAFKA_GROUP",   "PG_DSN",
+                                       "HTTP_ADDR",       "HTTP_PORT",     "WORKER_ID",
+                                       "ADMIN_TOKEN",     "PAYMENT_TOKEN", "LOG_LEVEL"};
     for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++) unsetenv(vars[i]);
 }
 
@@ -142,7 +143,8 @@ static void test_setting_of_other_worker_ignored(void **state) {
 static void test_positional_args(void **state) {
     (void)state;
     sp_config cfg;
-    char **argv = args("reaper", "reconcile", "--sku", "--http-port=9100", "--", "--not-a-flag", NULL);
+    char **argv = args("reaper", "reconcile", "--sku", "--http-port=9100", "--", "--not-a-flag",
+                       NULL);
     assert_int_equal(load(&cfg, SP_WORKER_REAPER, 6, argv), SP_CONFIG_OK);
     assert_int_equal(cfg.http_port, 9100);
     assert_int_equal(cfg.nargs, 3);

@@ -42,9 +42,9 @@ static void test_render(void **state) {
     sp_metric_add(&accepted, 3);
     sp_metric_inc(&sold_out);
     sp_metric_set(&inflight, 7);
-    sp_metric_observe(&latency, 500);    /* <= 1ms */
-    sp_metric_observe(&latency, 5000);   /* <= 10ms */
-    sp_metric_observe(&latency, 50000);  /* +Inf only */
+    sp_metric_observe(&latency, 500);   /* <= 1ms */
+    sp_metric_observe(&latency, 5000);  /* <= 10ms */
+    sp_metric_observe(&latency, 50000); /* +Inf only */
     char *t = render();
     /* One HELP/TYPE per family, its series together. */
     const char *fam = "# HELP sp_test_requests_total Requests by outcome.\n"

@@ -36,7 +36,8 @@ static void test_sentinel(void **state) {
     (void)state;
     sp_redis_target t;
     assert_int_equal(sp_redis_parse_url("sentinel://10.0.0.1:26379,10.0.0.2,s3:5000/mymaster", &t,
-                                        err, sizeof(err)), 0);
+                                        err, sizeof(err)),
+                     0);
     assert_true(t.sentinel);
     assert_int_equal(t.nhosts, 3);
     assert_string_equal(t.hosts[1].host, "10.0.0.2");
@@ -51,20 +52,20 @@ static void test_refused(void **state) {
     (void)state;
     sp_redis_target t;
     const char *bad[] = {
-        "",                          /* no scheme */
-        "http://x:1",                /* wrong scheme */
-        "redis://",                  /* no host */
-        "redis://h:0",               /* port out of range */
+        "",            /* no scheme */
+        "http://x:1",  /* wrong scheme */
+        "redis://",    /* no host */
+        "redis://h:0", /* port out of range */
         "redis://h:65536",
         "redis://h:12ab",
-        "redis://h:1/16",            /* db out of range */
+        "redis://h:1/16", /* db out of range */
         "redis://h:1/x",
-        "redis://a:1,b:2",           /* several hosts without Sentinel */
-        "sentinel://a:1",            /* no master name */
+        "redis://a:1,b:2", /* several hosts without Sentinel */
+        "sentinel://a:1",  /* no master name */
         "sentinel://a:1/",
-        "redis://user@h:1",          /* credentials without ':' */
+        "redis://user@h:1",               /* credentials without ':' */
         "sentinel://a,b,c,d,e,f,g,h,i/m", /* more hosts than the bound */
-        "redis://:1",                /* empty host */
+        "redis://:1",                     /* empty host */
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         err[0] = '\0';

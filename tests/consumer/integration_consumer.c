@@ -31,12 +31,12 @@
 #include "stock.h"
 #include "itest.h"
 
-#define T0          INT64_C(1767225600000) /* 2026-01-01: every event time is T0 + something */
-#define WAIT_S      180                    /* generous: a shared, loaded machine; ASan builds */
-#define MAX_EVENTS  40000
-#define MAX_DBS     16
-#define MAX_TOPICS  16
-#define NTESTS      8
+#define T0         INT64_C(1767225600000) /* 2026-01-01: every event time is T0 + something */
+#define WAIT_S     180                    /* generous: a shared, loaded machine; ASan builds */
+#define MAX_EVENTS 40000
+#define MAX_DBS    16
+#define MAX_TOPICS 16
+#define NTESTS     8
 
 static char err[1024];
 
@@ -44,9 +44,9 @@ static char err[1024];
 static char tag[32]; /* unique per run: pid and time */
 
 static struct {
-    char tmp[128];       /* logs of the consumers */
-    int64_t sku_base;    /* SKUs of this run: sku_base + 1 ... */
-    rd_kafka_t *kafka;   /* producer and admin client */
+    char tmp[128];     /* logs of the consumers */
+    int64_t sku_base;  /* SKUs of this run: sku_base + 1 ... */
+    rd_kafka_t *kafka; /* producer and admin client */
     char dbs[MAX_DBS][64];
     char dsns[MAX_DBS][1200]; /* their conninfo strings */
     int ndbs;
@@ -187,7 +187,8 @@ static int read_dead_letters(const char *topic, dead_letter *out, int max, int w
     assert_int_equal(rd_kafka_assign(rk, parts), RD_KAFKA_RESP_ERR_NO_ERROR);
     rd_kafka_topic_partition_list_destroy(parts);
     int n = 0;
-    for (int64_t deadline = sp_clock_mono_ms() + timeout_ms; n < max && sp_clock_mono_ms() < deadline;) {
+    for (int64_t deadline = sp_clock_mono_ms() + timeout_ms;
+         n < max && sp_clock_mono_ms() < deadline;) {
         rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 200);
         if (m == NULL) {
             if (n >= want) break;
@@ -222,8 +223,13 @@ static int read_dead_letters(const char *topic, dead_letter *out, int max, int w
  * to the run's directory. */
 static proc start_consumer(const char *name, const char *dsn, const char *topic, const char *dlq,
                            const char *group, const char *const *settings, const char *arg) {
-    const itest_stack s = {.dir = g.tmp, .tag = tag, .dsn = dsn, .redis_url = getenv("REDIS_URL"),
-                           .topic = topic, .dlq = dlq, .group = group};
+    const itest_stack s = {.dir = g.tmp,
+                           .tag = tag,
+                           .dsn = dsn,
+                           .redis_url = getenv("REDIS_URL"),
+                           .topic = topic,
+                           .dlq = dlq,
+                           .group = group};
     const char *all[8] = {"KAFKA_SESSION_TIMEOUT_MS=6000"};
     int n = 1;
     for (int i = 0; settings && settings[i]; i++) {
@@ -244,7 +250,8 @@ static void stop_consumer(const proc *p, const char *why) {
 static void wait_applied(const char *dsn, const char *topic, int64_t total, const proc *p) {
     const char *params[] = {topic};
     int64_t got = -1;
-    for (int64_t deadline = sp_clock_mono_ms() + WAIT_S * 1000; sp_clock_mono_ms() < deadline; sleep_ms(100)) {
+    for (int64_t deadline = sp_clock_mono_ms() + WAIT_S * 1000; sp_clock_mono_ms() < deadline;
+         sleep_ms(100)) {
         got = query_int(dsn,
                         "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets "
                         "WHERE topic = $1",
@@ -261,16 +268,20 @@ static void wait_applied(const char *dsn, const char *topic, int64_t total, cons
 /* ---- building events ---- */
 
 static sp_event ev_stock_set(int64_t sku, int64_t ts, int64_t stock, int limit, int timeout) {
-    return (sp_event){.type = SP_EV_STOCK_SET, .ts_ms = ts, .sku_id = sku, .stock = stock,
-                      .per_user_limit = limit, .pay_timeout_s = timeout};
+    return (sp_event){.type = SP_EV_STOCK_SET,
+                      .ts_ms = ts,
+                      .sku_id = sku,
+                      .stock = stock,
+                      .per_user_limit = limit,
+                      .pay_timeout_s = timeout};
 }
 
 static sp_event ev_stock_add(int64_t sku, int64_t ts, int64_t add) {
     return (sp_event){.type = SP_EV_STOCK_ADD, .ts_ms = ts, .sku_id = sku, .stock = add};
 }
 
-static sp_event ev_order(sp_event_type type, int64_t sku, int64_t ts, const char *id,
-                         int64_t user, int qty) {
+static sp_event ev_order(sp_event_type type, int64_t sku, int64_t ts, const char *id, int64_t user,
+                         int qty) {
     sp_event ev = {.type = type, .ts_ms = ts, .sku_id = sku};
     snprintf(ev.order_id, sizeof(ev.order_id), "%s", id);
     if (type == SP_EV_ORDER_CREATED || type == SP_EV_ORDER_VOIDED) {
@@ -308,18 +319,18 @@ static void test_scripted_log(void **state) {
         /* 7 */ ev_order(SP_EV_ORDER_CREATED, A, AT(7), "o5", 5, 1), /* none left */
         /* 8 */ ev_order(SP_EV_ORDER_PAID, A, AT(8), "o1", 0, 0),
         /* 9 */ ev_order(SP_EV_ORDER_EXPIRED, A, AT(9), "o2", 0, 0),
-        /* 10 */ ev_order(SP_EV_ORDER_PAID, A, AT(10), "o2", 0, 0),   /* late: refund */
-        /* 11 */ ev_order(SP_EV_ORDER_PAID, A, AT(11), "o1", 0, 0),   /* again: nothing */
+        /* 10 */ ev_order(SP_EV_ORDER_PAID, A, AT(10), "o2", 0, 0),    /* late: refund */
+        /* 11 */ ev_order(SP_EV_ORDER_PAID, A, AT(11), "o1", 0, 0),    /* again: nothing */
         /* 12 */ ev_order(SP_EV_ORDER_EXPIRED, A, AT(12), "o1", 0, 0), /* paid won */
-        /* 13 */ ev_stock_set(A, AT(13), 999, 9, 9),                 /* opened already */
+        /* 13 */ ev_stock_set(A, AT(13), 999, 9, 9),                   /* opened already */
         /* 14 */ ev_stock_add(A, AT(14), 5),
         /* 15 */ ev_order(SP_EV_ORDER_CREATED, A, AT(15), "o6", 6, 2),
-        /* 16 */ ev_order(SP_EV_ORDER_VOIDED, A, AT(16), "o7", 7, 1), /* never logged */
+        /* 16 */ ev_order(SP_EV_ORDER_VOIDED, A, AT(16), "o7", 7, 1),  /* never logged */
         /* 17 */ ev_order(SP_EV_ORDER_CREATED, A, AT(17), "o7", 7, 1), /* after its void */
-        /* 18 */ ev_order(SP_EV_ORDER_VOIDED, A, AT(18), "o4", 4, 1), /* logged: stands */
+        /* 18 */ ev_order(SP_EV_ORDER_VOIDED, A, AT(18), "o4", 4, 1),  /* logged: stands */
         /* 19 */ ev_order(SP_EV_ORDER_CREATED, C, AT(19), "o8", 8, 1), /* never opened */
-        /* 20 */ ev_stock_add(C, AT(20), 5),                        /* dead */
-        /* 21 */ ev_order(SP_EV_ORDER_PAID, A, AT(21), "o99", 0, 0),  /* dead */
+        /* 20 */ ev_stock_add(C, AT(20), 5),                           /* dead */
+        /* 21 */ ev_order(SP_EV_ORDER_PAID, A, AT(21), "o99", 0, 0),   /* dead */
     };
     snprintf(evs[16].reason, sizeof(evs[16].reason), "order.created not delivered");
     for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++) d[k++] = produce(topic, &evs[i]);
@@ -393,7 +404,7 @@ static void test_scripted_log(void **state) {
     char want[4096];
     size_t len = 0;
 #define ROW(...) len += (size_t)snprintf(want + len, sizeof(want) - len, __VA_ARGS__)
-#define POS(i) d[i]->partition, d[i]->offset
+#define POS(i)   d[i]->partition, d[i]->offset
     ROW("o1|1|1|1|paid|-|2|600002|8|-|f|%d|%" PRId64 "\n", POS(2));
     ROW("o10|10|2|3|expired|-|26|600026|28|27|t|%d|%" PRId64 "\n", POS(26));
     ROW("o11|11|1|4|pending|-|30|600030|-|-|f|%d|%" PRId64 "\n", POS(30));
@@ -436,9 +447,9 @@ static void test_scripted_log(void **state) {
         int event;
         const char *reason;
     } dead[] = {
-        {20, "stock.add for sku"},      {21, "order.paid for order o99"},
-        {22, "undecodable"},            {23, "undecodable"},
-        {24, "undecodable"},            {25, "is not the event's sku_id"},
+        {20, "stock.add for sku"}, {21, "order.paid for order o99"},
+        {22, "undecodable"},       {23, "undecodable"},
+        {24, "undecodable"},       {25, "is not the event's sku_id"},
     };
     for (size_t i = 0; i < 6; i++) {
         int found = 0;
@@ -487,8 +498,12 @@ static void test_over_admission(void **state) {
         redisCommand(rc, "HSET %s stock 7 supplied 100 limit 0 pay_timeout_s 600", key));
 
     ndelivered = 0;
-    produce(topic, &(sp_event){.type = SP_EV_STOCK_SET, .ts_ms = T0, .sku_id = sku, .stock = 100,
-                               .per_user_limit = 0, .pay_timeout_s = 600});
+    produce(topic, &(sp_event){.type = SP_EV_STOCK_SET,
+                               .ts_ms = T0,
+                               .sku_id = sku,
+                               .stock = 100,
+                               .per_user_limit = 0,
+                               .pay_timeout_s = 600});
     /* The producer's entries for orders Kafka acknowledged ("a:user:qty:ts"), and each buyer's
      * unit in the per-user counts; user 1149 holds 2 units (one from an earlier order). */
     char users[SP_STOCK_KEY_MAX];
@@ -512,8 +527,11 @@ static void test_over_admission(void **state) {
     stop_consumer(&p, "over-admission");
 
     assert_int_equal(value(db, "SELECT count(*) FROM orders WHERE status = 'pending'"), 100);
-    assert_int_equal(query_int(db, "SELECT count(*) FROM orders WHERE status = 'rejected' "
-                                   "AND reject_reason = 'out_of_stock'", 0, NULL), 50);
+    assert_int_equal(query_int(db,
+                               "SELECT count(*) FROM orders WHERE status = 'rejected' "
+                               "AND reject_reason = 'out_of_stock'",
+                               0, NULL),
+                     50);
     /* In log order: the first hundred got the units. */
     assert_int_equal(value(db, "SELECT max(user_id) FROM orders WHERE status = 'pending'"), 1099);
     assert_int_equal(value(db, "SELECT stock FROM inventory"), 0);
@@ -556,9 +574,12 @@ static void produce_mixed_log(const char *topic, int from, int n, uint64_t *seed
     if (from == 0) {
         memset(nids, 0, sizeof(nids));
         for (int s = 0; s < 6; s++)
-            produce(topic, &(sp_event){.type = SP_EV_STOCK_SET, .ts_ms = T0,
-                                       .sku_id = g.sku_base + 10 + s, .stock = 300 + 100 * s,
-                                       .per_user_limit = 0, .pay_timeout_s = 600});
+            produce(topic, &(sp_event){.type = SP_EV_STOCK_SET,
+                                       .ts_ms = T0,
+                                       .sku_id = g.sku_base + 10 + s,
+                                       .stock = 300 + 100 * s,
+                                       .per_user_limit = 0,
+                                       .pay_timeout_s = 600});
     }
     for (int i = from; i < from + n; i++) {
         *seed = *seed * UINT64_C(6364136223846793005) + UINT64_C(1442695040888963407);
@@ -646,7 +667,8 @@ static void test_group_kill9_and_replay(void **state) {
      * applying it. */
     proc c = start_consumer("group-c", db_group, topic, dlq_group, "group", settings, NULL);
     int64_t deadline = sp_clock_mono_ms() + WAIT_S * 1000;
-    while (metric(c.port, "stockpipe_consumer_assigned_partitions") <= 0 && sp_clock_mono_ms() < deadline)
+    while (metric(c.port, "stockpipe_consumer_assigned_partitions") <= 0 &&
+           sp_clock_mono_ms() < deadline)
         sleep_ms(100);
     assert_true(metric(c.port, "stockpipe_consumer_assigned_partitions") > 0);
     int64_t before = metric(c.port, "stockpipe_consumer_batch_events_count");
@@ -655,14 +677,17 @@ static void test_group_kill9_and_replay(void **state) {
     const char *params[] = {topic};
     while (metric(c.port, "stockpipe_consumer_batch_events_count") < before + 3 &&
            sp_clock_mono_ms() < deadline &&
-           query_int(db_group, "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets "
-                               "WHERE topic = $1", 1, params) < ndelivered)
+           query_int(db_group,
+                     "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets "
+                     "WHERE topic = $1",
+                     1, params) < ndelivered)
         sleep_ms(10);
     int64_t c_batches = metric(c.port, "stockpipe_consumer_batch_events_count") - before;
     assert_int_equal(kill(c.pid, SIGKILL), 0);
     assert_int_equal(wait_exit(c.pid, 30), 128 + SIGKILL);
-    int64_t left = ndelivered - query_int(db_group, "SELECT coalesce(sum(next_offset), 0) "
-                                                    "FROM consumer_offsets WHERE topic = $1",
+    int64_t left = ndelivered - query_int(db_group,
+                                          "SELECT coalesce(sum(next_offset), 0) "
+                                          "FROM consumer_offsets WHERE topic = $1",
                                           1, params);
     print_message("    the third consumer was killed after %" PRId64 " batches of the second "
                   "half, with %" PRId64 " of %d events left to apply\n",
@@ -722,8 +747,12 @@ static void test_sigterm_commits(void **state) {
     const int n = 20000;
     char id[32];
     ndelivered = 0;
-    produce(topic, &(sp_event){.type = SP_EV_STOCK_SET, .ts_ms = T0, .sku_id = sku, .stock = n,
-                               .per_user_limit = 0, .pay_timeout_s = 600});
+    produce(topic, &(sp_event){.type = SP_EV_STOCK_SET,
+                               .ts_ms = T0,
+                               .sku_id = sku,
+                               .stock = n,
+                               .per_user_limit = 0,
+                               .pay_timeout_s = 600});
     for (int i = 0; i < n; i++) {
         snprintf(id, sizeof(id), "t%06d", i);
         sp_event ev = ev_order(SP_EV_ORDER_CREATED, sku, T0 + 1 + i, id, 1 + i, 1);
@@ -734,10 +763,12 @@ static void test_sigterm_commits(void **state) {
     proc p = start_consumer("term-1", db, topic, dlq, "term", settings, NULL);
     const char *params[] = {topic};
     int64_t stored = 0;
-    for (int64_t deadline = sp_clock_mono_ms() + WAIT_S * 1000; stored < 1000 && sp_clock_mono_ms() < deadline;
-         sleep_ms(20))
-        stored = query_int(db, "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets "
-                               "WHERE topic = $1", 1, params);
+    for (int64_t deadline = sp_clock_mono_ms() + WAIT_S * 1000;
+         stored < 1000 && sp_clock_mono_ms() < deadline; sleep_ms(20))
+        stored = query_int(db,
+                           "SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets "
+                           "WHERE topic = $1",
+                           1, params);
     stop_consumer(&p, "SIGTERM mid-stream");
     stored = query_int(db, "SELECT sum(next_offset) FROM consumer_offsets WHERE topic = $1", 1,
                        params);
@@ -765,8 +796,12 @@ static void test_failed_batch_is_read_again(void **state) {
     int64_t sku = g.sku_base + 6;
     char id[32], sku_text[24];
     ndelivered = 0;
-    produce(topic, &(sp_event){.type = SP_EV_STOCK_SET, .ts_ms = T0, .sku_id = sku, .stock = 100,
-                               .per_user_limit = 0, .pay_timeout_s = 600});
+    produce(topic, &(sp_event){.type = SP_EV_STOCK_SET,
+                               .ts_ms = T0,
+                               .sku_id = sku,
+                               .stock = 100,
+                               .per_user_limit = 0,
+                               .pay_timeout_s = 600});
     for (int i = 1; i <= 100; i++) {
         snprintf(id, sizeof(id), "f%03d", i);
         sp_event ev = ev_order(SP_EV_ORDER_CREATED, sku, T0 + i, id, i, 1);
@@ -781,21 +816,23 @@ static void test_failed_batch_is_read_again(void **state) {
     snprintf(sku_text, sizeof(sku_text), "%" PRId64, sku);
     const char *params[] = {sku_text};
     PGconn *pg = connect_pg(db);
-    if (sp_pg_exec(pg, "INSERT INTO stock_returns (order_id, sku_id, user_id, qty, reason, "
-                       "created_at) VALUES ('f025', $1, 25, 1, 'expired', now())",
+    if (sp_pg_exec(pg,
+                   "INSERT INTO stock_returns (order_id, sku_id, user_id, qty, reason, "
+                   "created_at) VALUES ('f025', $1, 25, 1, 'expired', now())",
                    1, params, err, sizeof(err)) != 0)
         fail_msg("%s", err);
 
     const char *settings[] = {"BATCH_MAX=10", NULL};
     proc p = start_consumer("fail", db, topic, dlq, "fail", settings, NULL);
     int64_t deadline = sp_clock_mono_ms() + WAIT_S * 1000;
-    while (metric(p.port, "stockpipe_consumer_batch_failures_total") < 2 && sp_clock_mono_ms() < deadline)
+    while (metric(p.port, "stockpipe_consumer_batch_failures_total") < 2 &&
+           sp_clock_mono_ms() < deadline)
         sleep_ms(100);
     assert_true(metric(p.port, "stockpipe_consumer_batch_failures_total") >= 2);
     const char *tp[] = {topic};
     /* Stuck before the expiry (offset 51), with everything before it applied. */
-    int64_t stored =
-        query_int(db, "SELECT next_offset FROM consumer_offsets WHERE topic = $1", 1, tp);
+    int64_t stored = query_int(db, "SELECT next_offset FROM consumer_offsets WHERE topic = $1", 1,
+                               tp);
     assert_true(stored <= 51);
     assert_int_equal(value(db, "SELECT count(*) FROM orders"), stored - 1);
 
@@ -809,8 +846,11 @@ static void test_failed_batch_is_read_again(void **state) {
     assert_int_equal(value(db, "SELECT stock FROM inventory"), 1);
     assert_int_equal(value(db, "SELECT version FROM inventory"), 101);
     assert_int_equal(value(db, "SELECT count(*) FROM stock_returns"), 1);
-    assert_int_equal(query_int(db, "SELECT (extract(epoch FROM created_at) * 1000)::bigint "
-                                   "FROM stock_returns", 0, NULL), T0 + 1000);
+    assert_int_equal(query_int(db,
+                               "SELECT (extract(epoch FROM created_at) * 1000)::bigint "
+                               "FROM stock_returns",
+                               0, NULL),
+                     T0 + 1000);
     g.npassed++;
 }
 
@@ -828,8 +868,8 @@ static void delete_records(const char *topic, int64_t before) {
     rd_kafka_event_t *ev = rd_kafka_queue_poll(q, 60000);
     if (ev == NULL) fail_msg("delete records of %s: no answer", topic);
     if (rd_kafka_event_error(ev)) fail_msg("delete records: %s", rd_kafka_event_error_string(ev));
-    const rd_kafka_topic_partition_list_t *res =
-        rd_kafka_DeleteRecords_result_offsets(rd_kafka_event_DeleteRecords_result(ev));
+    const rd_kafka_topic_partition_list_t *res = rd_kafka_DeleteRecords_result_offsets(
+        rd_kafka_event_DeleteRecords_result(ev));
     assert_int_equal(res->cnt, 1);
     if (res->elems[0].err) fail_msg("delete records: %s", rd_kafka_err2str(res->elems[0].err));
     assert_int_equal(res->elems[0].offset, before);
@@ -899,9 +939,8 @@ static void test_store_refuses_batch_past_stored_offset(void **state) {
     assert_non_null(b);
     fill_batch(b, evs, d, 0, 4);
     if (sp_order_store_apply(s, b, NULL, NULL, err, sizeof(err)) != 0) fail_msg("%s", err);
-    assert_int_equal(query_int(db, "SELECT next_offset FROM consumer_offsets WHERE topic = $1",
-                               1, tp),
-                     5);
+    assert_int_equal(
+        query_int(db, "SELECT next_offset FROM consumer_offsets WHERE topic = $1", 1, tp), 5);
 
     /* 7..9 while 5 and 6 are in the log and not applied: refused, nothing changed. */
     char *before = pg_state(db);
@@ -920,9 +959,8 @@ static void test_store_refuses_batch_past_stored_offset(void **state) {
     fill_batch(b, evs, d, 5, 9);
     if (sp_order_store_apply(s, b, NULL, NULL, err, sizeof(err)) != 0) fail_msg("%s", err);
     assert_int_equal(b->parts[0].read_again_from, -1);
-    assert_int_equal(query_int(db, "SELECT next_offset FROM consumer_offsets WHERE topic = $1",
-                               1, tp),
-                     10);
+    assert_int_equal(
+        query_int(db, "SELECT next_offset FROM consumer_offsets WHERE topic = $1", 1, tp), 10);
     assert_int_equal(value(db, "SELECT count(*) FROM orders WHERE status = 'pending'"), 9);
     assert_int_equal(value(db, "SELECT stock FROM inventory"), 91);
 
@@ -935,9 +973,8 @@ static void test_store_refuses_batch_past_stored_offset(void **state) {
     fill_batch(b, evs, d, 12, 12);
     b->items[0].gap_from = 10;
     if (sp_order_store_apply(s, b, NULL, NULL, err, sizeof(err)) != 0) fail_msg("%s", err);
-    assert_int_equal(query_int(db, "SELECT next_offset FROM consumer_offsets WHERE topic = $1",
-                               1, tp),
-                     13);
+    assert_int_equal(
+        query_int(db, "SELECT next_offset FROM consumer_offsets WHERE topic = $1", 1, tp), 13);
     assert_int_equal(value(db, "SELECT count(*) FROM orders"), 10);
     assert_int_equal(value(db, "SELECT count(*) FROM orders WHERE order_id IN ('g10', 'g11')"), 0);
     assert_int_equal(value(db, "SELECT stock FROM inventory"), 90);
@@ -965,8 +1002,8 @@ static void rewind_database(const char *dsn, const char *topic, int64_t sku, int
                    "       version = version - (SELECT count(*) FROM gone) "
                    "WHERE sku_id = $1::bigint",
                    2, params, err, sizeof(err)) != 0 ||
-        sp_pg_exec(pg, "UPDATE consumer_offsets SET next_offset = $2::bigint WHERE topic = $1",
-                   2, offset_params, err, sizeof(err)) != 0 ||
+        sp_pg_exec(pg, "UPDATE consumer_offsets SET next_offset = $2::bigint WHERE topic = $1", 2,
+                   offset_params, err, sizeof(err)) != 0 ||
         sp_pg_exec(pg, "COMMIT", 0, NULL, err, sizeof(err)) != 0)
         fail_msg("rewinding the database: %s", err);
     PQfinish(pg);
@@ -1055,9 +1092,8 @@ static void test_consumer_ahead_of_stored_offset(void **state) {
     assert_int_equal(value(db, "SELECT count(*) FROM orders WHERE order_id BETWEEN 'b21' AND "
                                "'b25'"),
                      0);
-    assert_int_equal(query_int(db, "SELECT next_offset FROM consumer_offsets WHERE topic = $1",
-                               1, tp),
-                     37);
+    assert_int_equal(
+        query_int(db, "SELECT next_offset FROM consumer_offsets WHERE topic = $1", 1, tp), 37);
     assert_int_equal(value(db, "SELECT stock FROM inventory"), 970);
     g.npassed++;
 }
@@ -1075,7 +1111,7 @@ static void test_empty_database_under_running_consumer(void **state) {
     const char *tp[] = {topic};
     ndelivered = 0;
     sp_event open = ev_stock_set(sku, T0, 1000, 0, 600);
-    produce_with(g.kafka, topic, &open); /* offset 0 */
+    produce_with(g.kafka, topic, &open);        /* offset 0 */
     produce_orders(g.kafka, topic, sku, 1, 10); /* 1..10 */
     flush_all();
     proc p = start_consumer("emptydb", db, topic, dlq, "emptydb", NULL, NULL);
@@ -1096,9 +1132,8 @@ static void test_empty_database_under_running_consumer(void **state) {
     assert_int_equal(value(db, "SELECT count(*) FROM orders WHERE status = 'pending'"), 15);
     assert_int_equal(value(db, "SELECT stock FROM inventory"), 985);
     assert_int_equal(value(db, "SELECT version FROM inventory"), 15);
-    assert_int_equal(query_int(db, "SELECT next_offset FROM consumer_offsets WHERE topic = $1",
-                               1, tp),
-                     16);
+    assert_int_equal(
+        query_int(db, "SELECT next_offset FROM consumer_offsets WHERE topic = $1", 1, tp), 16);
     g.npassed++;
 }
 

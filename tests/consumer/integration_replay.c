@@ -1,8 +1,8 @@
-/* integration_replay.c - PostgreSQL rebuilt from the Kafka log alone: a sale runs with all three workers
- * (two SKUs, a restock, a few hundred orders from distinct users, payments, expiries, a second
- * wave buying the returned stock, a late payment on an expired order); once it is quiet, `orders`,
- * `inventory`, `stock_returns` and `consumer_offsets` are dumped, the database is dropped and
- * recreated empty (scripts/migrate.sh), `consumer --replay` rebuilds it from the log, and the
+/* integration_replay.c - PostgreSQL rebuilt from the Kafka log alone: a sale runs with all three
+ * workers (two SKUs, a restock, a few hundred orders from distinct users, payments, expiries, a
+ * second wave buying the returned stock, a late payment on an expired order); once it is quiet,
+ * `orders`, `inventory`, `stock_returns` and `consumer_offsets` are dumped, the database is dropped
+ * and recreated empty (scripts/migrate.sh), `consumer --replay` rebuilds it from the log, and the
  * dumps are identical, byte for byte.
  *
  * What replay cannot reproduce, and is left out of the comparison on purpose (docs/consumer.md):
@@ -35,12 +35,12 @@
 #include "redis_store.h"
 #include "itest.h"
 
-#define WAIT_S      120 /* generous: a shared, loaded machine; ASan builds */
-#define PARTITIONS  4
-#define NTESTS      3
-#define ADMIN       "test-admin-token"
-#define PAYMENT     "test-payment-token"
-#define MAX_ORDERS  512
+#define WAIT_S     120 /* generous: a shared, loaded machine; ASan builds */
+#define PARTITIONS 4
+#define NTESTS     3
+#define ADMIN      "test-admin-token"
+#define PAYMENT    "test-payment-token"
+#define MAX_ORDERS 512
 
 static char err[1024];
 static char tag[32]; /* unique per run: pid and time */
@@ -60,8 +60,13 @@ static struct {
 } g;
 
 /* What start() gives each worker. */
-static const itest_stack stack = {.dir = g.tmp, .tag = tag, .dsn = g.dsn, .redis_url = g.redis_url,
-                                  .topic = g.topic, .dlq = g.dlq, .group = g.group};
+static const itest_stack stack = {.dir = g.tmp,
+                                  .tag = tag,
+                                  .dsn = g.dsn,
+                                  .redis_url = g.redis_url,
+                                  .topic = g.topic,
+                                  .dlq = g.dlq,
+                                  .group = g.group};
 
 /* ---- PostgreSQL ---- */
 
@@ -155,9 +160,13 @@ static void test_start_the_stack(void **state) {
     const char *producer_settings[] = {"ADMIN_TOKEN=" ADMIN, "PAYMENT_TOKEN=" PAYMENT,
                                        "KAFKA_MESSAGE_TIMEOUT_MS=2000", "USER_RATE_LIMIT=0", NULL};
     const char *consumer_settings[] = {"KAFKA_SESSION_TIMEOUT_MS=6000", NULL};
-    const char *reaper_settings[] = {"KAFKA_MESSAGE_TIMEOUT_MS=2000", "RESV_LOST_AFTER_MS=4000",
-                                     "REAPER_INTERVAL_MS=200", "RESV_SWEEP_INTERVAL_MS=500",
-                                     "EXPIRY_RETRY_MS=5000", "ACCEPTED_STALE_AFTER_MS=3000", NULL};
+    const char *reaper_settings[] = {"KAFKA_MESSAGE_TIMEOUT_MS=2000",
+                                     "RESV_LOST_AFTER_MS=4000",
+                                     "REAPER_INTERVAL_MS=200",
+                                     "RESV_SWEEP_INTERVAL_MS=500",
+                                     "EXPIRY_RETRY_MS=5000",
+                                     "ACCEPTED_STALE_AFTER_MS=3000",
+                                     NULL};
     g.producer = start(&stack, BIN "producer", "producer", producer_settings, NULL);
     g.consumer = start(&stack, BIN "consumer", "consumer", consumer_settings, NULL);
     g.reaper = start(&stack, BIN "reaper", "reaper", reaper_settings, NULL);
@@ -178,10 +187,10 @@ static int64_t orders_in(const char *status) {
 
 /* The sale: A opens with 100 units (one per user, 5 s to pay: longer than the first wave takes to
  * send even in the ASan build, so no unit comes back while it still buys) and is restocked with
- * 50; B opens with 80 (two per user). 200 users want one A each, 60 want two B each: A and B sell out. Every
- * third A order and every other B order is paid at once; the rest expire and their units go back.
- * A second wave of 120 users buys what came back, every other one paying. One expired order is
- * paid late (refund_due). Then the system is left to become quiet. */
+ * 50; B opens with 80 (two per user). 200 users want one A each, 60 want two B each: A and B sell
+ * out. Every third A order and every other B order is paid at once; the rest expire and their units
+ * go back. A second wave of 120 users buys what came back, every other one paying. One expired
+ * order is paid late (refund_due). Then the system is left to become quiet. */
 static void test_a_sale_with_payments_and_expiries(void **state) {
     (void)state;
     int64_t user = 1;

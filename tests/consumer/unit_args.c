@@ -59,9 +59,12 @@ static void test_replay_from_times(void **state) {
 static void test_bad_arguments(void **state) {
     (void)state;
     sp_consumer_opts o = {.replay = 7};
-    const char *bad[] = {"--replay-from=yesterday", "--replay-from=2024-13-01T00:00:00Z",
-                         "--replay-from=2024-11-22T01:46:40+02:00", "--replay-from=-5",
-                         "--replay-from=99999999999999999999", "--replay-from="};
+    const char *bad[] = {"--replay-from=yesterday",
+                         "--replay-from=2024-13-01T00:00:00Z",
+                         "--replay-from=2024-11-22T01:46:40+02:00",
+                         "--replay-from=-5",
+                         "--replay-from=99999999999999999999",
+                         "--replay-from="};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         assert_int_equal(parse(&o, 1, bad[i], NULL), -1);
         assert_non_null(strstr(err, "is not a time"));

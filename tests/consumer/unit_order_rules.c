@@ -104,7 +104,7 @@ static void test_created_takes_stock_until_it_runs_out(void **state) {
     created(f, SKU, "o1", 2);
     created(f, SKU, "o2", 2); /* 1 left: refused */
     created(f, SKU, "o3", 1);
-    created(f, SKU, "o1", 2); /* the log repeats itself */
+    created(f, SKU, "o1", 2);  /* the log repeats itself */
     created(f, SKU2, "o4", 1); /* never opened */
     decide(f);
     assert_int_equal(item(f, 0)->effect, SP_EFFECT_OPENED);
@@ -199,7 +199,7 @@ static void test_voids(void **state) {
     voided(f, SKU, "lost", 2, "order.created not delivered");
     created(f, SKU, "lost", 2); /* arrived after its void: nothing */
     voided(f, SKU, "lost", 2, "");
-    voided(f, SKU2, "no-reason", 1, ""); /* a SKU PostgreSQL never saw */
+    voided(f, SKU2, "no-reason", 1, "");     /* a SKU PostgreSQL never saw */
     by_id(f, SP_EV_ORDER_PAID, SKU, "lost"); /* paid for a cancelled order: refund */
     decide(f);
     assert_int_equal(item(f, 2)->outcome, SP_ITEM_UNCHANGED);
@@ -228,8 +228,8 @@ static void test_voids(void **state) {
 static void test_dead_letters(void **state) {
     fixture *f = *state;
     stock_set(f, SKU, 5);
-    stock_set(f, SKU, 99);   /* opened already: nothing */
-    stock_add(f, SKU2, 10);  /* never opened */
+    stock_set(f, SKU, 99);  /* opened already: nothing */
+    stock_add(f, SKU2, 10); /* never opened */
     by_id(f, SP_EV_ORDER_PAID, SKU, "ghost");
     by_id(f, SP_EV_ORDER_EXPIRED, SKU, "ghost");
     created(f, SKU, "mine", 1);
@@ -261,8 +261,8 @@ static void test_existing_rows_and_stale_items(void **state) {
     f->offset = 100;
     by_id(f, SP_EV_ORDER_EXPIRED, SKU, "old"); /* offset 100: applied before */
     by_id(f, SP_EV_ORDER_EXPIRED, SKU, "old"); /* 101 */
-    created(f, SKU, "new", 4);                  /* 102 */
-    created(f, SKU, "dup", 1);                  /* 103: its row exists */
+    created(f, SKU, "new", 4);                 /* 102 */
+    created(f, SKU, "dup", 1);                 /* 103: its row exists */
     sp_batch_index_partitions(f->b);
     assert_int_equal(f->b->nparts, 1);
     assert_int_equal(f->b->parts[0].first_offset, 100);
@@ -305,8 +305,10 @@ static void test_batch_boundaries_do_not_matter(void **state) {
             int from = cut ? part * 10 : 0, to = cut ? from + 10 : 20;
             for (int i = from; i < to; i++) {
                 snprintf(id, sizeof(id), "o%d", i);
-                if (i % 5 == 4) by_id(f, SP_EV_ORDER_EXPIRED, SKU, "o0");
-                else created(f, SKU, id, 1);
+                if (i % 5 == 4)
+                    by_id(f, SP_EV_ORDER_EXPIRED, SKU, "o0");
+                else
+                    created(f, SKU, id, 1);
             }
             sp_batch_index_partitions(f->b);
             f->b->parts[0].stored = 0;
@@ -328,7 +330,7 @@ static void test_batch_boundaries_do_not_matter(void **state) {
             assert_int_equal(changes, changes_split);
         }
     }
-    assert_int_equal(stock_split, 0);   /* 16 orders for 10 units + 1 returned: 11 taken */
+    assert_int_equal(stock_split, 0);    /* 16 orders for 10 units + 1 returned: 11 taken */
     assert_int_equal(changes_split, 12); /* 11 taken + 1 returned */
 }
 

@@ -38,7 +38,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
     } while (0)
 
 static const char *const content_types[7] = {
-    "application/json", "application/json; charset=utf-8", "Application/JSON", NULL,
+    "application/json", "application/json; charset=utf-8", "Application/JSON",  NULL,
     "text/plain",       "application/json-patch+json",     "application/jsonx",
 };
 
@@ -144,9 +144,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (nrest) memcpy(body, rest, nrest);
 
     switch (sel & 3) {
-    case 0: run_order(ct, body, nrest, detail, dlen); break;
-    case 1: run_sale(ct, body, nrest, detail, dlen); break;
-    case 2: run_restock(ct, body, nrest, detail, dlen); break;
+    case 0:
+        run_order(ct, body, nrest, detail, dlen);
+        break;
+    case 1:
+        run_sale(ct, body, nrest, detail, dlen);
+        break;
+    case 2:
+        run_restock(ct, body, nrest, detail, dlen);
+        break;
     default:
         run_order(ct, body, nrest, detail, dlen);
         run_sale(ct, body, nrest, detail, dlen);

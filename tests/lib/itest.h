@@ -370,7 +370,8 @@ static inline const char *sale_hget_str(redisContext *c, int64_t sku, const char
  * when not NULL; the status code (0 when the server could not be reached) and the body in buf. */
 static inline int http(int port, const char *method, const char *path, const char *token,
                        const char *idem, const char *body, char *buf, size_t cap) {
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+    struct sockaddr_in a = {.sin_family = AF_INET,
+                            .sin_port = htons((uint16_t)port),
                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     char req[2048], hdr[512] = "";
     size_t len = 0;
@@ -401,8 +402,10 @@ static inline int http(int port, const char *method, const char *path, const cha
     int code = 0;
     if (sscanf(buf, "HTTP/1.%*d %d", &code) != 1) code = 0;
     char *b = strstr(buf, "\r\n\r\n");
-    if (b) memmove(buf, b + 4, strlen(b + 4) + 1);
-    else buf[0] = '\0';
+    if (b)
+        memmove(buf, b + 4, strlen(b + 4) + 1);
+    else
+        buf[0] = '\0';
     return code;
 }
 
@@ -412,8 +415,7 @@ static inline int64_t metric(int port, const char *series) {
     static char body[256 * 1024];
     if (http(port, "GET", "/metrics", NULL, NULL, NULL, body, sizeof(body)) != 200) return -1;
     size_t n = strlen(series);
-    for (char *line = body; line && *line;
-         line = strchr(line, '\n'), line = line ? line + 1 : NULL)
+    for (char *line = body; line && *line; line = strchr(line, '\n'), line = line ? line + 1 : NULL)
         if (strncmp(line, series, n) == 0 && line[n] == ' ') return strtoll(line + n + 1, NULL, 10);
     return -1;
 }
@@ -538,8 +540,7 @@ static inline int make_topic(rd_kafka_t *rk, const char *topic, int partitions, 
     int n = 0;
     for (int64_t deadline = sp_clock_mono_ms() + 30000; sp_clock_mono_ms() < deadline;
          sleep_ms(200))
-        if (sp_kafka_topic_partitions(rk, topic, 2000, &n, errbuf, errlen) == 0 &&
-            n == partitions)
+        if (sp_kafka_topic_partitions(rk, topic, 2000, &n, errbuf, errlen) == 0 && n == partitions)
             return 0;
     snprintf(errbuf, errlen, "topic %s never got %d partitions with leaders", topic, partitions);
     return -1;

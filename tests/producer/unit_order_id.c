@@ -60,9 +60,16 @@ static void test_odd_worker_ids(void **state) {
 static void test_not_an_order_id(void **state) {
     (void)state;
     int64_t sku;
-    const char *bad[] = {"", "abc", "0193505e87b0", "0193505e87b0-", "0193505e87b0-0-w-1",
-                         "0193505e87b0-x-w-1", "0193505e87b0-12", "193505e87b0-1-w-1",
-                         "0193505e87b0-9007199254740992-w-1", "0193505e87b0-1 -w-1"};
+    const char *bad[] = {"",
+                         "abc",
+                         "0193505e87b0",
+                         "0193505e87b0-",
+                         "0193505e87b0-0-w-1",
+                         "0193505e87b0-x-w-1",
+                         "0193505e87b0-12",
+                         "193505e87b0-1-w-1",
+                         "0193505e87b0-9007199254740992-w-1",
+                         "0193505e87b0-1 -w-1"};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
         if (sp_order_id_sku(bad[i], &sku) != -1) fail_msg("accepted \"%s\"", bad[i]);
 }

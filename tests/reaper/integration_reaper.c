@@ -44,7 +44,7 @@ static char tag[32]; /* unique per run: pid and time */
 
 /* Everything a run creates, removed by teardown. */
 static struct {
-    char tmp[128];        /* logs, Redis's directory */
+    char tmp[128]; /* logs, Redis's directory */
     char db[64], dsn[1200];
     char topic[160], dlq[160], group[160];
     char redis_url[64];
@@ -56,8 +56,13 @@ static struct {
 } g;
 
 /* What start() gives each worker. */
-static const itest_stack stack = {.dir = g.tmp, .tag = tag, .dsn = g.dsn, .redis_url = g.redis_url,
-                                  .topic = g.topic, .dlq = g.dlq, .group = g.group};
+static const itest_stack stack = {.dir = g.tmp,
+                                  .tag = tag,
+                                  .dsn = g.dsn,
+                                  .redis_url = g.redis_url,
+                                  .topic = g.topic,
+                                  .dlq = g.dlq,
+                                  .group = g.group};
 
 /* ---- PostgreSQL ---- */
 
@@ -142,8 +147,8 @@ static void json_field(const char *body, const char *name, char *out, size_t cap
 static void open_sale(int64_t sku, int stock, int limit, int timeout_s) {
     char body[256], resp[1024];
     snprintf(body, sizeof(body),
-             "{\"sku_id\":%" PRId64 ",\"stock\":%d,\"per_user_limit\":%d,\"pay_timeout_s\":%d}", sku,
-             stock, limit, timeout_s);
+             "{\"sku_id\":%" PRId64 ",\"stock\":%d,\"per_user_limit\":%d,\"pay_timeout_s\":%d}",
+             sku, stock, limit, timeout_s);
     int code = http(g.producer.port, "POST", "/v1/skus", ADMIN, NULL, body, resp, sizeof(resp));
     if (code != 201) fail_msg("open sku %" PRId64 ": %d %s", sku, code, resp);
 }
@@ -176,10 +181,15 @@ static int64_t reaper_metric(const char *series) {
 
 /* ---- the workers ---- */
 
-static const char *const reaper_settings[] = {
-    "KAFKA_MESSAGE_TIMEOUT_MS=" MSG_TIMEOUT, "RESV_LOST_AFTER_MS=" LOST_AFTER,
-    "REAPER_INTERVAL_MS=200", "RESV_SWEEP_INTERVAL_MS=500", "EXPIRY_RETRY_MS=5000",
-    "ACCEPTED_STALE_AFTER_MS=3000", "RECONCILE_WAIT_MS=60000", "AUDIT_WAIT_MS=60000", NULL};
+static const char *const reaper_settings[] = {"KAFKA_MESSAGE_TIMEOUT_MS=" MSG_TIMEOUT,
+                                              "RESV_LOST_AFTER_MS=" LOST_AFTER,
+                                              "REAPER_INTERVAL_MS=200",
+                                              "RESV_SWEEP_INTERVAL_MS=500",
+                                              "EXPIRY_RETRY_MS=5000",
+                                              "ACCEPTED_STALE_AFTER_MS=3000",
+                                              "RECONCILE_WAIT_MS=60000",
+                                              "AUDIT_WAIT_MS=60000",
+                                              NULL};
 
 static proc start_reaper(int i, const char *batch) {
     char name[32];
@@ -203,8 +213,13 @@ static int reaper_cmd(const char *a1, const char *a2, const char *a3, char *out,
     snprintf(dsn, sizeof(dsn), "PG_DSN=%s", g.dsn);
     snprintf(url, sizeof(url), "REDIS_URL=%s", g.redis_url);
     snprintf(topic, sizeof(topic), "KAFKA_TOPIC=%s", g.topic);
-    const char *settings[] = {dsn, url, topic, "KAFKA_MESSAGE_TIMEOUT_MS=" MSG_TIMEOUT,
-                              "RESV_LOST_AFTER_MS=" LOST_AFTER, "AUDIT_WAIT_MS=60000", NULL};
+    const char *settings[] = {dsn,
+                              url,
+                              topic,
+                              "KAFKA_MESSAGE_TIMEOUT_MS=" MSG_TIMEOUT,
+                              "RESV_LOST_AFTER_MS=" LOST_AFTER,
+                              "AUDIT_WAIT_MS=60000",
+                              NULL};
     char *argv[] = {(char *)BIN "reaper", (char *)a1, (char *)a2, (char *)a3, NULL};
     return run(argv, settings, log, out, cap);
 }
@@ -235,19 +250,29 @@ static void test_expiry_returns_stock_once(void **state) {
     }
 
     WAIT_FOR(sku_int("SELECT count(*) FROM stock_returns WHERE sku_id = $1::bigint"
-                     "   AND returned_to_redis_at IS NOT NULL", sku) == 200,
+                     "   AND returned_to_redis_at IS NOT NULL",
+                     sku) == 200,
              "200 returns never reached Redis (expired %" PRId64 ")",
-             sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint AND status = 'expired'", sku));
+             sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint AND status = 'expired'",
+                     sku));
     assert_int_equal(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
-                             " AND status = 'expired'", sku), 200);
+                             " AND status = 'expired'",
+                             sku),
+                     200);
     assert_int_equal(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
-                             " AND status = 'paid' AND NOT refund_due AND closed_at IS NULL", sku), 100);
+                             " AND status = 'paid' AND NOT refund_due AND closed_at IS NULL",
+                             sku),
+                     100);
     assert_int_equal(sku_int("SELECT stock FROM inventory WHERE sku_id = $1::bigint", sku), 200);
     assert_int_equal(sku_int("SELECT sum(qty) FROM stock_returns WHERE sku_id = $1::bigint"
-                             " AND reason = 'expired'", sku), 200);
+                             " AND reason = 'expired'",
+                             sku),
+                     200);
     /* The paid orders kept their stock: no ledger row names one of them. */
     assert_int_equal(sku_int("SELECT count(*) FROM stock_returns r JOIN orders o USING (order_id)"
-                             " WHERE r.sku_id = $1::bigint AND o.status <> 'expired'", sku), 0);
+                             " WHERE r.sku_id = $1::bigint AND o.status <> 'expired'",
+                             sku),
+                     0);
     assert_int_equal(hget(sku, "sale", "stock"), 200);
     assert_int_equal(hlen(sku, "users"), 100);
     for (int u = 1; u <= 300; u++) assert_int_equal(hget_user(sku, u), u <= 100 ? 1 : -1);
@@ -296,27 +321,40 @@ static void test_payments_around_the_deadline(void **state) {
     WAIT_FOR(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint AND status = 'pending'",
                      sku) == 0 &&
                  sku_int("SELECT count(*) FROM stock_returns WHERE sku_id = $1::bigint"
-                         " AND returned_to_redis_at IS NULL", sku) == 0,
+                         " AND returned_to_redis_at IS NULL",
+                         sku) == 0,
              "orders of sku %" PRId64 " still pending or owed to Redis", sku);
     int64_t paid = sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
-                           " AND status = 'paid'", sku);
+                           " AND status = 'paid'",
+                           sku);
     int64_t expired = sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
-                              " AND status = 'expired'", sku);
+                              " AND status = 'expired'",
+                              sku);
     int64_t late = sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
-                           " AND status = 'expired' AND refund_due", sku);
+                           " AND status = 'expired' AND refund_due",
+                           sku);
     print_message("    %" PRId64 " paid in time, %" PRId64 " expired (%" PRId64
-                  " of them paid too late: refund due)\n", paid, expired, late);
+                  " of them paid too late: refund due)\n",
+                  paid, expired, late);
     assert_int_equal(paid + expired, 100);
     /* Never both: a paid order has no ledger row and no refund; an expired one exactly one row. */
     assert_int_equal(sku_int("SELECT count(*) FROM orders o JOIN stock_returns r USING (order_id)"
-                             " WHERE o.sku_id = $1::bigint AND o.status = 'paid'", sku), 0);
+                             " WHERE o.sku_id = $1::bigint AND o.status = 'paid'",
+                             sku),
+                     0);
     assert_int_equal(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
-                             " AND status = 'paid' AND (refund_due OR closed_at IS NOT NULL)", sku), 0);
-    assert_int_equal(sku_int("SELECT count(*) FROM stock_returns WHERE sku_id = $1::bigint", sku), expired);
+                             " AND status = 'paid' AND (refund_due OR closed_at IS NOT NULL)",
+                             sku),
+                     0);
+    assert_int_equal(sku_int("SELECT count(*) FROM stock_returns WHERE sku_id = $1::bigint", sku),
+                     expired);
     /* Every payment of an expired order is recorded as a refund, never as a sale. */
     assert_int_equal(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
-                             " AND status = 'expired' AND paid_at IS NOT NULL AND NOT refund_due", sku), 0);
-    assert_int_equal(sku_int("SELECT stock FROM inventory WHERE sku_id = $1::bigint", sku), expired);
+                             " AND status = 'expired' AND paid_at IS NOT NULL AND NOT refund_due",
+                             sku),
+                     0);
+    assert_int_equal(sku_int("SELECT stock FROM inventory WHERE sku_id = $1::bigint", sku),
+                     expired);
     assert_int_equal(hget(sku, "sale", "stock"), expired);
     g.npassed++;
 }
@@ -363,30 +401,31 @@ static void test_three_reapers_one_killed(void **state) {
              "the 15 expiries never reached the ledger");
     assert_int_equal(hget(sku, "sale", "stock"), 0);
     for (int i = 0; i < 15; i++) {
-        if (sp_stock_give_back(redis(), sku, unpaid[i], 2001 + i * 2, 1, "expired", sp_clock_wall_ms(),
-                               &given, err, sizeof(err)) != 0)
+        if (sp_stock_give_back(redis(), sku, unpaid[i], 2001 + i * 2, 1, "expired",
+                               sp_clock_wall_ms(), &given, err, sizeof(err)) != 0)
             fail_msg("give_back: %s", err);
         assert_int_equal(given, 1);
     }
     /* Running it again gives nothing: the marker guards it. */
-    if (sp_stock_give_back(redis(), sku, unpaid[0], 2001, 1, "expired", sp_clock_wall_ms(), &given, err,
-                           sizeof(err)) != 0)
+    if (sp_stock_give_back(redis(), sku, unpaid[0], 2001, 1, "expired", sp_clock_wall_ms(), &given,
+                           err, sizeof(err)) != 0)
         fail_msg("give_back: %s", err);
     assert_int_equal(given, 0);
     /* A voided reservation whose entry is gone (its producer released it after all) gives
      * nothing: those units came back with the release. */
-    if (sp_stock_give_back(redis(), sku, "no-such-reservation", 2001, 1, "voided", sp_clock_wall_ms(),
-                           &given, err, sizeof(err)) != 0)
+    if (sp_stock_give_back(redis(), sku, "no-such-reservation", 2001, 1, "voided",
+                           sp_clock_wall_ms(), &given, err, sizeof(err)) != 0)
         fail_msg("give_back: %s", err);
     assert_int_equal(given, 0);
     /* Ten died before the stamp; five after it, before removing their markers. */
     for (int i = 10; i < 15; i++) {
         const char *params[] = {unpaid[i]};
-        assert_int_equal(query_int(g.dsn,
-                                   "WITH s AS (UPDATE stock_returns SET returned_to_redis_at = now()"
-                                   " WHERE order_id = $1 RETURNING 1) SELECT count(*) FROM s",
-                                   1, params),
-                         1);
+        assert_int_equal(
+            query_int(g.dsn,
+                      "WITH s AS (UPDATE stock_returns SET returned_to_redis_at = now()"
+                      " WHERE order_id = $1 RETURNING 1) SELECT count(*) FROM s",
+                      1, params),
+            1);
     }
     assert_int_equal(hget(sku, "sale", "stock"), 15);
     sp_stock_key(key, sku, "returned");
@@ -410,15 +449,20 @@ static void test_three_reapers_one_killed(void **state) {
     wait_ready(&g.reapers[1], WAIT_S);
     wait_ready(&g.reapers[2], WAIT_S);
     WAIT_FOR(sku_int("SELECT count(*) FROM stock_returns WHERE sku_id = $1::bigint"
-                     " AND returned_to_redis_at IS NOT NULL", sku) == 350,
+                     " AND returned_to_redis_at IS NOT NULL",
+                     sku) == 350,
              "350 returns never all reached Redis (%" PRId64 ")",
              sku_int("SELECT count(*) FROM stock_returns WHERE sku_id = $1::bigint"
-                     " AND returned_to_redis_at IS NOT NULL", sku));
+                     " AND returned_to_redis_at IS NOT NULL",
+                     sku));
     assert_int_equal(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
-                             " AND status = 'expired'", sku), 350);
+                             " AND status = 'expired'",
+                             sku),
+                     350);
     assert_int_equal(sku_int("SELECT stock FROM inventory WHERE sku_id = $1::bigint", sku), 350);
     /* Every marker is settled: none of the fifteen, nor any a kill left, stays behind. */
-    WAIT_FOR(redis_int("HLEN %s", key) == 0, "return markers of sku %" PRId64 " never settled", sku);
+    WAIT_FOR(redis_int("HLEN %s", key) == 0, "return markers of sku %" PRId64 " never settled",
+             sku);
     assert_int_equal(hget(sku, "sale", "stock"), 350);
     assert_int_equal(hlen(sku, "users"), 50);
     stop(&g.reapers[2]);
@@ -437,13 +481,17 @@ static void test_lost_reservation(void **state) {
     int64_t sku = g.sku_base + 4;
     char real[3][SP_ORDER_ID_MAX + 1], key[SP_STOCK_KEY_MAX], entry[160];
     open_sale(sku, 10, 2, 600);
-    for (int i = 0; i < 3; i++) assert_int_equal(order(sku, 3001 + i, 1, NULL, real[i], sizeof(real[0])), 202);
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(order(sku, 3001 + i, 1, NULL, real[i], sizeof(real[0])), 202);
     WAIT_FOR(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint", sku) == 3,
              "the three orders never reached PostgreSQL");
 
     sp_order_ids gen;
     sp_order_ids_init(&gen, "test-dead-producer");
-    sp_reserve_request req = {.sku_id = sku, .user_id = 3100, .qty = 2, .ts_ms = sp_clock_wall_ms()};
+    sp_reserve_request req = {.sku_id = sku,
+                              .user_id = 3100,
+                              .qty = 2,
+                              .ts_ms = sp_clock_wall_ms()};
     sp_order_id_next(&gen, req.ts_ms, sku, req.order_id);
     snprintf(req.idem_key, sizeof(req.idem_key), "lost-key-%s", tag);
     sp_reserve_result res;
@@ -463,7 +511,8 @@ static void test_lost_reservation(void **state) {
 
     WAIT_FOR(hlen(sku, "resv") == 0 &&
                  sku_int("SELECT count(*) FROM stock_returns WHERE sku_id = $1::bigint"
-                         " AND returned_to_redis_at IS NOT NULL", sku) == 1,
+                         " AND returned_to_redis_at IS NOT NULL",
+                         sku) == 1,
              "the lost reservation of sku %" PRId64 " was never given back (resv %" PRId64 ")", sku,
              hlen(sku, "resv"));
     const char *params[] = {req.order_id};
@@ -482,7 +531,9 @@ static void test_lost_reservation(void **state) {
     assert_int_equal(hget_user(sku, 3100), -1);
     assert_int_equal(hget_user(sku, 3001), 1); /* the stored orders keep their units */
     assert_int_equal(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
-                             " AND status = 'pending'", sku), 3);
+                             " AND status = 'pending'",
+                             sku),
+                     3);
     assert_true(reaper_metric("stockpipe_reaper_voided_total") >= 1);
     /* The buyer heard nothing but 503 or nothing at all: the key is free for a retry. */
     assert_int_equal(order(sku, 3100, 2, req.idem_key, NULL, 0), 202);
@@ -503,12 +554,17 @@ static void test_rejected_entry_left_behind(void **state) {
     freeReplyObject(redisCommand(redis(), "HSET %s stock 2", key)); /* Redis believes 2 */
     assert_int_equal(order(sku, 4001, 1, NULL, a, sizeof(a)), 202);
     assert_int_equal(order(sku, 4002, 1, NULL, b, sizeof(b)), 202);
-    WAIT_FOR(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint AND status = 'rejected'",
-                     sku) == 1 && hlen(sku, "resv") == 0,
-             "one of the two orders of sku %" PRId64 " was never rejected and forgotten", sku);
+    WAIT_FOR(
+        sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint AND status = 'rejected'",
+                sku) == 1 &&
+            hlen(sku, "resv") == 0,
+        "one of the two orders of sku %" PRId64 " was never rejected and forgotten", sku);
     const char *rejected_id =
         sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint AND status = 'rejected'"
-                " AND user_id = 4001", sku) == 1 ? a : b;
+                " AND user_id = 4001",
+                sku) == 1
+            ? a
+            : b;
     int64_t user = rejected_id == a ? 4001 : 4002;
     assert_int_equal(hget_user(sku, user), -1); /* the consumer gave it back */
     /* As if the consumer had been killed between its commit and that: entry and count back. */
@@ -555,9 +611,12 @@ static void test_producer_killed_after_reserve(void **state) {
     (void)state;
     int64_t sku = g.sku_base + 8;
     open_sale(sku, 6, 3, 600);
-    const char *settings[] = {"ADMIN_TOKEN=" ADMIN, "PAYMENT_TOKEN=" PAYMENT,
-                              "KAFKA_MESSAGE_TIMEOUT_MS=" MSG_TIMEOUT, "USER_RATE_LIMIT=0",
-                              "SP_FAULT_DIE_AFTER_RESERVE=2", NULL};
+    const char *settings[] = {"ADMIN_TOKEN=" ADMIN,
+                              "PAYMENT_TOKEN=" PAYMENT,
+                              "KAFKA_MESSAGE_TIMEOUT_MS=" MSG_TIMEOUT,
+                              "USER_RATE_LIMIT=0",
+                              "SP_FAULT_DIE_AFTER_RESERVE=2",
+                              NULL};
     proc doomed = start(&stack, BIN "test/producer", "producer-doomed", settings, NULL);
     wait_ready(&doomed, WAIT_S);
     proc saved = g.producer;
@@ -576,18 +635,23 @@ static void test_producer_killed_after_reserve(void **state) {
 
     WAIT_FOR(hlen(sku, "resv") == 0 && hget(sku, "sale", "stock") == 5 &&
                  sku_int("SELECT count(*) FROM stock_returns WHERE sku_id = $1::bigint"
-                         " AND reason = 'voided' AND returned_to_redis_at IS NOT NULL", sku) == 1,
-             "the dead producer's reservation of sku %" PRId64 " was never given back (stock %"
-             PRId64 ", resv %" PRId64 ")", sku, hget(sku, "sale", "stock"), hlen(sku, "resv"));
+                         " AND reason = 'voided' AND returned_to_redis_at IS NOT NULL",
+                         sku) == 1,
+             "the dead producer's reservation of sku %" PRId64
+             " was never given back (stock %" PRId64 ", resv %" PRId64 ")",
+             sku, hget(sku, "sale", "stock"), hlen(sku, "resv"));
     assert_int_equal(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
-                             " AND status = 'cancelled' AND user_id = 4002 AND qty = 2", sku), 1);
+                             " AND status = 'cancelled' AND user_id = 4002 AND qty = 2",
+                             sku),
+                     1);
     assert_int_equal(sku_int("SELECT stock FROM inventory WHERE sku_id = $1::bigint", sku), 5);
     assert_int_equal(hget_user(sku, 4002), -1);
     assert_int_equal(hget_user(sku, 4001), 1);
     /* Given back once: later sweeps change nothing. */
     sleep_ms(1500);
     assert_int_equal(hget(sku, "sale", "stock"), 5);
-    assert_int_equal(sku_int("SELECT count(*) FROM stock_returns WHERE sku_id = $1::bigint", sku), 1);
+    assert_int_equal(sku_int("SELECT count(*) FROM stock_returns WHERE sku_id = $1::bigint", sku),
+                     1);
     /* The buyer's key is free again, and the units sell. */
     assert_int_equal(order(sku, 4002, 2, "doomed-key", NULL, 0), 202);
     assert_int_equal(hget(sku, "sale", "stock"), 3);
@@ -655,9 +719,13 @@ static void test_redis_flushed_mid_sale(void **state) {
     print_message("    %d orders accepted around the flush\n", accepted);
     assert_int_equal(accepted, 200);
     assert_int_equal(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
-                             " AND status = 'pending'", sku), 200);
+                             " AND status = 'pending'",
+                             sku),
+                     200);
     assert_int_equal(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
-                             " AND status = 'rejected'", sku), 0);
+                             " AND status = 'rejected'",
+                             sku),
+                     0);
     assert_int_equal(sku_int("SELECT stock FROM inventory WHERE sku_id = $1::bigint", sku), 0);
     assert_int_equal(hget(sku, "sale", "stock"), 0);
     /* Every other SKU was rebuilt too: Redis equals PostgreSQL everywhere. */
@@ -681,9 +749,13 @@ static void test_redis_restarted_empty(void **state) {
     print_message("    %d orders accepted around the restart\n", accepted);
     assert_int_equal(accepted, 50);
     assert_int_equal(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
-                             " AND status = 'pending'", sku), 50);
+                             " AND status = 'pending'",
+                             sku),
+                     50);
     assert_int_equal(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
-                             " AND status = 'rejected'", sku), 0);
+                             " AND status = 'rejected'",
+                             sku),
+                     0);
     assert_int_equal(hlen(sku, "users"), 50);
     assert_audit_passes();
     g.npassed++;
@@ -741,8 +813,8 @@ static void test_start_the_stack(void **state) {
     g.redis_pid = start_redis(g.redis_port, g.tmp);
     create_db();
     const char *producer_settings[] = {"ADMIN_TOKEN=" ADMIN, "PAYMENT_TOKEN=" PAYMENT,
-                                       "KAFKA_MESSAGE_TIMEOUT_MS=" MSG_TIMEOUT,
-                                       "USER_RATE_LIMIT=0", NULL};
+                                       "KAFKA_MESSAGE_TIMEOUT_MS=" MSG_TIMEOUT, "USER_RATE_LIMIT=0",
+                                       NULL};
     const char *consumer_settings[] = {"KAFKA_SESSION_TIMEOUT_MS=6000", NULL};
     g.producer = start(&stack, BIN "producer", "producer", producer_settings, NULL);
     g.consumer = start(&stack, BIN "consumer", "consumer", consumer_settings, NULL);

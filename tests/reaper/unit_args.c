@@ -41,8 +41,9 @@ static void test_reconcile(void **state) {
 static void test_reconcile_refuses_bad_skus(void **state) {
     (void)state;
     sp_reaper_opts opts;
-    const char *bad[] = {"--sku=0", "--sku=-5", "--sku=12x", "--sku=", "--sku=007",
-                         "--sku=9007199254740992", "--sku"};
+    const char *bad[] = {"--sku=0", "--sku=-5",  "--sku=12x",
+                         "--sku=",  "--sku=007", "--sku=9007199254740992",
+                         "--sku"};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         assert_int_equal(parse(2, "reconcile", bad[i], NULL, &opts), -1);
         assert_non_null(strstr(err, "sku"));
