@@ -2,7 +2,9 @@
 #ifndef SP_LUA_SCRIPTS_H
 #define SP_LUA_SCRIPTS_H
 
+extern const char sp_lua_sale_claim[];
 extern const char sp_lua_sale_open[];
+extern const char sp_lua_sale_unclaim[];
 extern const char sp_lua_restock[];
 extern const char sp_lua_reserve[];
 extern const char sp_lua_confirm[];

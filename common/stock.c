@@ -15,7 +15,9 @@
 
 /* One loaded SHA per script per process. Only the thread that owns the Redis connection uses
  * them (the producer's event loop, the reaper's main loop). */
+static sp_redis_script script_sale_claim = {.name = "sale_claim", .body = sp_lua_sale_claim};
 static sp_redis_script script_sale_open = {.name = "sale_open", .body = sp_lua_sale_open};
+static sp_redis_script script_sale_unclaim = {.name = "sale_unclaim", .body = sp_lua_sale_unclaim};
 static sp_redis_script script_restock = {.name = "restock", .body = sp_lua_restock};
 static sp_redis_script script_reserve = {.name = "reserve", .body = sp_lua_reserve};
 static sp_redis_script script_confirm = {.name = "confirm", .body = sp_lua_confirm};
@@ -51,12 +53,14 @@ static void key_arg(sp_script_call *call, int64_t sku_id, const char *suffix) {
 }
 
 int sp_stock_scripts_load(redisContext *c, char *errbuf, size_t errlen) {
-    sp_redis_script *all[] = {
-        &script_sale_open,       &script_restock,          &script_reserve,
-        &script_confirm,         &script_release,          &script_cap,
-        &script_give_back,       &script_resv_drop,        &script_reconcile_pause,
-        &script_reconcile_apply, &script_reconcile_adjust, &script_reconcile_open,
-        &script_rejected_forget};
+    sp_redis_script *all[] = {&script_sale_claim,       &script_sale_open,
+                              &script_sale_unclaim,     &script_restock,
+                              &script_reserve,          &script_confirm,
+                              &script_release,          &script_cap,
+                              &script_give_back,        &script_resv_drop,
+                              &script_reconcile_pause,  &script_reconcile_apply,
+                              &script_reconcile_adjust, &script_reconcile_open,
+                              &script_rejected_forget};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
         if (sp_redis_script_load(c, all[i], errbuf, errlen) != 0) return -1;
     return 0;
@@ -64,13 +68,30 @@ int sp_stock_scripts_load(redisContext *c, char *errbuf, size_t errlen) {
 
 /* ---- building calls ---- */
 
-void sp_stock_open_call(sp_script_call *call, int64_t sku_id, int64_t stock, int32_t per_user_limit,
-                        int32_t pay_timeout_s) {
-    sp_script_call_init(call, &script_sale_open, 1);
+void sp_stock_claim_call(sp_script_call *call, int64_t sku_id, const char *token,
+                         int64_t claim_ms) {
+    sp_script_call_init(call, &script_sale_claim, 2);
     key_arg(call, sku_id, "sale");
+    key_arg(call, sku_id, "opening");
+    sp_script_call_arg(call, "%s", token);
+    sp_script_call_arg(call, "%" PRId64, claim_ms);
+}
+
+void sp_stock_open_call(sp_script_call *call, int64_t sku_id, int64_t stock, int32_t per_user_limit,
+                        int32_t pay_timeout_s, const char *token) {
+    sp_script_call_init(call, &script_sale_open, 2);
+    key_arg(call, sku_id, "sale");
+    key_arg(call, sku_id, "opening");
     sp_script_call_arg(call, "%" PRId64, stock);
     sp_script_call_arg(call, "%" PRId32, per_user_limit);
     sp_script_call_arg(call, "%" PRId32, pay_timeout_s);
+    sp_script_call_arg(call, "%s", token);
+}
+
+void sp_stock_unclaim_call(sp_script_call *call, int64_t sku_id, const char *token) {
+    sp_script_call_init(call, &script_sale_unclaim, 1);
+    key_arg(call, sku_id, "opening");
+    sp_script_call_arg(call, "%s", token);
 }
 
 void sp_stock_restock_call(sp_script_call *call, int64_t sku_id, int64_t add) {
@@ -294,7 +315,7 @@ int sp_stock_open(redisContext *c, int64_t sku_id, int64_t stock, int32_t per_us
                   int32_t pay_timeout_s, int *opened, char *errbuf, size_t errlen) {
     sp_script_call call;
     long long v;
-    sp_stock_open_call(&call, sku_id, stock, per_user_limit, pay_timeout_s);
+    sp_stock_open_call(&call, sku_id, stock, per_user_limit, pay_timeout_s, "");
     if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
     *opened = (int)v;
     return 0;

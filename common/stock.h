@@ -10,6 +10,8 @@
  *                                answered, then "a:user:qty:ts_ms" (accepted: in Kafka, maybe not
  *                                yet in PostgreSQL) until the consumer has stored the order
  *   {sku:ID}:idem:USER:KEY string "state:order_id" for an Idempotency-Key, with a TTL
+ *   {sku:ID}:opening       string the token of the open that may publish the SKU's stock.set,
+ *                                with a TTL (sale_claim.lua), until the sale is open
  * and the reaper's (docs/reaper.md):
  *   {sku:ID}:returned      hash  order_id -> ms: return-ledger rows given back to Redis whose
  *                                PostgreSQL stamp may still be missing (the exactly-once guard)
@@ -116,8 +118,14 @@ int sp_stock_available(redisContext *c, int64_t sku_id, int64_t *stock, char *er
 int sp_stock_scripts_load(redisContext *c, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 
+/* An open is claimed before its stock.set is published (sale_claim.lua: 1 claimed, 0 the sale is
+ * open already, -1 another open holds the claim), opened once the event is in the log with the
+ * claim's token (sale_open.lua drops the claim), and unclaimed when Kafka definitely did not take
+ * the event. Only the claim's holder publishes: two racing opens leave one stock.set. */
+void sp_stock_claim_call(sp_script_call *call, int64_t sku_id, const char *token, int64_t claim_ms);
 void sp_stock_open_call(sp_script_call *call, int64_t sku_id, int64_t stock, int32_t per_user_limit,
-                        int32_t pay_timeout_s);
+                        int32_t pay_timeout_s, const char *token);
+void sp_stock_unclaim_call(sp_script_call *call, int64_t sku_id, const char *token);
 void sp_stock_restock_call(sp_script_call *call, int64_t sku_id, int64_t add);
 void sp_stock_reserve_call(sp_script_call *call, const sp_reserve_request *req);
 void sp_stock_confirm_call(sp_script_call *call, const sp_reserve_request *req);

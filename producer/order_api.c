@@ -441,6 +441,7 @@ static int publish(call *c) {
 }
 
 static void on_release(redisAsyncContext *ac, void *reply, void *data);
+static void on_unclaimed(redisAsyncContext *ac, void *reply, void *data);
 static void confirms_send(sp_order_api *api);
 static void on_sale_written(redisAsyncContext *ac, void *reply, void *data);
 
@@ -479,7 +480,7 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
         case CALL_RESTOCK:
             if (c->kind == CALL_OPEN)
                 sp_stock_open_call(&c->script, c->ev.sku_id, c->ev.stock, c->ev.per_user_limit,
-                                   c->ev.pay_timeout_s);
+                                   c->ev.pay_timeout_s, c->order.order_id);
             else
                 sp_stock_restock_call(&c->script, c->ev.sku_id, c->ev.stock);
             if (redis_send(c, on_sale_written) != 0) call_free(c);
@@ -504,6 +505,12 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
     if (c->kind == CALL_ORDER && status == RD_KAFKA_MSG_STATUS_NOT_PERSISTED) {
         release_order(c);
         return;
+    }
+    /* An open whose stock.set is definitely not in the log gives its claim up, so a retry need
+     * not wait for it to expire; one that may be in the log keeps it until it expires. */
+    if (c->kind == CALL_OPEN && status == RD_KAFKA_MSG_STATUS_NOT_PERSISTED) {
+        sp_stock_unclaim_call(&c->script, c->ev.sku_id, c->order.order_id);
+        if (redis_send(c, on_unclaimed) == 0) return;
     }
     if (c->kind == CALL_ORDER) sp_metric_inc(&m_unknown);
     call_free(c);
@@ -846,7 +853,34 @@ static void on_sale_written(redisAsyncContext *ac, void *reply, void *data) {
     call_free(c);
 }
 
-/* The SKU's sale exists or not; decides whether an open or restock goes on to Kafka. */
+/* The open's claim is given up (Kafka definitely did not take its stock.set; answered already). */
+static void on_unclaimed(redisAsyncContext *ac, void *reply, void *data) {
+    call *c = data;
+    if (!redis_reply_usable(c, ac, reply, on_unclaimed)) return;
+    call_free(c);
+}
+
+/* An open goes on to Kafka only with the claim (sale_claim.lua): of two opens racing, the one
+ * without it is answered 409 and publishes nothing, so the log holds one stock.set. */
+static void on_sale_claimed(redisAsyncContext *ac, void *reply, void *data) {
+    call *c = data;
+    long long v;
+    char err[256];
+    if (!redis_reply_usable(c, ac, reply, on_sale_claimed)) return;
+    if (sp_stock_integer_parse(reply, c->script.script->name, &v, err, sizeof(err)) != 0) {
+        sp_metric_inc(&m_redis_errors);
+        sp_warn("sku %" PRId64 ": open not claimed: %s", c->ev.sku_id, err);
+    } else if (v == 0) {
+        answer_error(c, 409, "exists", NULL, &m_admin_ok);
+    } else if (v < 0) {
+        answer_error(c, 409, "exists", "another open of this SKU is under way", &m_admin_ok);
+    } else if (publish(c) == 0) {
+        return; /* the delivery report goes on */
+    }
+    call_free(c); /* 503 if nothing was answered */
+}
+
+/* The SKU's sale exists or not; decides whether a restock goes on to Kafka. */
 static void on_sale_exists(redisAsyncContext *ac, void *reply, void *data) {
     call *c = data;
     redisReply *r = reply;
@@ -855,9 +889,7 @@ static void on_sale_exists(redisAsyncContext *ac, void *reply, void *data) {
         call_free(c);
         return;
     }
-    if (c->kind == CALL_OPEN && r->integer == 1) {
-        answer_error(c, 409, "exists", NULL, &m_admin_ok);
-    } else if (c->kind == CALL_RESTOCK && r->integer == 0) {
+    if (r->integer == 0) {
         answer_error(c, 404, "unknown_sku", NULL, &m_unknown_sku);
     } else if (publish(c) == 0) {
         return; /* the delivery report goes on */
@@ -865,8 +897,8 @@ static void on_sale_exists(redisAsyncContext *ac, void *reply, void *data) {
     call_free(c);
 }
 
-/* Open and restock: admin only; the body fills c->ev; then Redis is asked
- * whether the sale exists, and on_sale_exists goes on. */
+/* Open and restock: admin only; the body fills c->ev; then an open claims the SKU
+ * (on_sale_claimed goes on) and a restock asks Redis whether the sale exists (on_sale_exists). */
 static void post_sale_change(sp_order_api *api, struct evhttp_request *req, call_kind kind,
                              int64_t sku) {
     int64_t stock, limit = 0, timeout = 0;
@@ -895,6 +927,14 @@ static void post_sale_change(sp_order_api *api, struct evhttp_request *req, call
                        .stock = stock,
                        .per_user_limit = (int32_t)limit,
                        .pay_timeout_s = (int32_t)timeout};
+    if (kind == CALL_OPEN) {
+        /* The claim's token: unique to this call (an order id of this worker). */
+        sp_order_id_next(&api->ids, sp_clock_wall_ms(), sku, c->order.order_id);
+        int64_t claim_ms = 2 * (int64_t)api->cfg->kafka_message_timeout_ms + 5000;
+        sp_stock_claim_call(&c->script, sku, c->order.order_id, claim_ms);
+        if (redis_send(c, on_sale_claimed) == 0) return;
+        goto done;
+    }
     sp_stock_key(key, sku, "sale");
     if (redis_command(c, on_sale_exists, "EXISTS %s", key) == 0) return;
 done:

@@ -332,6 +332,21 @@ static inline pid_t start_redis(int port, const char *dir) {
     return -1;
 }
 
+/* ---- the stack's Redis ---- */
+
+/* A blocking connection to the stack's Redis (REDIS_URL), or NULL with the reason on stderr. */
+static inline redisContext *redis_connect_env(void) {
+    sp_redis_target target;
+    const char *url = getenv("REDIS_URL");
+    if (url == NULL || sp_redis_parse_url(url, &target, itest_err, sizeof(itest_err)) != 0) {
+        fprintf(stderr, "REDIS_URL: %s\n", url ? itest_err : "not set");
+        return NULL;
+    }
+    redisContext *c = sp_redis_connect(&target, 2000, itest_err, sizeof(itest_err));
+    if (c == NULL) fprintf(stderr, "redis: %s\n", itest_err);
+    return c;
+}
+
 /* ---- the sale's hashes in Redis ---- */
 
 /* The reply to HGET {sku:N}:suffix field on c; fails the test when Redis does not answer. */
@@ -554,6 +569,25 @@ static inline void name_topics(const char *name, const char *tag, char *topic, c
     snprintf(topic, cap, "stockpipe.test.%s.%s", name, tag);
     snprintf(dlq, cap, "stockpipe.test.%s.%s.dlq", name, tag);
     snprintf(group, cap, "test-%s-%s", name, tag);
+}
+
+/* The events in topic's first `partitions` partitions: the sum of their end offsets (every offset
+ * is an event where no transaction wrote). Fails the test when Kafka does not answer. */
+static inline int64_t topic_end(const char *topic, int partitions) {
+    rd_kafka_t *rk = kafka_client(itest_err, sizeof(itest_err));
+    if (rk == NULL) fail_msg("kafka: %s", itest_err);
+    int64_t sum = 0;
+    for (int p = 0; p < partitions; p++) {
+        int64_t lo = 0, hi = 0;
+        rd_kafka_resp_err_t e = rd_kafka_query_watermark_offsets(rk, topic, p, &lo, &hi, 10000);
+        if (e != RD_KAFKA_RESP_ERR_NO_ERROR) {
+            rd_kafka_destroy(rk);
+            fail_msg("end offsets of %s [%d]: %s", topic, p, rd_kafka_err2str(e));
+        }
+        sum += hi;
+    }
+    rd_kafka_destroy(rk);
+    return sum;
 }
 
 /* For group setup: creates the run's topic s->topic with `partitions` partitions and its
