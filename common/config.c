@@ -111,7 +111,12 @@ static const conf_opt conf_table[] = {
     {"resv-lost-after-ms", "RESV_LOST_AFTER_MS", INT(resv_lost_after_ms), "40000", 2000,
      86400000, R, 0,
      "A reservation Kafka has not answered for this long is treated as lost and voided; must "
-     "exceed KAFKA_MESSAGE_TIMEOUT_MS by at least 1000 (clock skew between hosts adds to it)"},
+     "exceed KAFKA_MESSAGE_TIMEOUT_MS by at least 1000 (its age is measured on Redis's clock, "
+     "whatever the hosts' clocks say)"},
+    {"clock-skew-max-ms", "CLOCK_SKEW_MAX_MS", INT(clock_skew_max_ms), "1000", 10, 3600000, P|R,
+     0,
+     "How far this worker's clock may be from Redis's (measured every second with TIME) before "
+     "it says so in its log and /readyz: an order's pay deadline comes from the producer's clock"},
     {"accepted-stale-after-ms", "ACCEPTED_STALE_AFTER_MS", INT(accepted_stale_after_ms), "60000",
      1000, 86400000, R, 0,
      "An accepted entry in Redis whose order PostgreSQL stored this long ago is a leftover (the "

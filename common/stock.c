@@ -110,8 +110,9 @@ static void idem_arg(sp_script_call *call, const sp_reserve_request *req) {
 }
 
 /* One order in reserve.lua's batch layout (a batch of one): KEYS sale, users, resv and the
- * idempotency key if there is one; ARGV the key's TTL, then user, qty, order id, ts and the key's
- * index in KEYS (4, or 0 without a key). sp_stock_reserve_batch_add relies on this layout. */
+ * idempotency key if there is one; ARGV the key's TTL, then user, qty, order id and the key's
+ * index in KEYS (4, or 0 without a key). sp_stock_reserve_batch_add relies on this layout. The
+ * reservation's time is Redis's (reserve.lua), not req->ts_ms. */
 void sp_stock_reserve_call(sp_script_call *call, const sp_reserve_request *req) {
     int64_t sku = req->sku_id;
     int has_idem = req->idem_key[0] != '\0';
@@ -124,7 +125,6 @@ void sp_stock_reserve_call(sp_script_call *call, const sp_reserve_request *req) 
     sp_script_call_arg(call, "%" PRId64, req->user_id);
     sp_script_call_arg(call, "%" PRId32, req->qty);
     sp_script_call_arg(call, "%s", req->order_id);
-    sp_script_call_arg(call, "%" PRId64, req->ts_ms);
     sp_script_call_arg(call, "%s", has_idem ? "4" : "0");
 }
 
@@ -153,14 +153,14 @@ void sp_stock_cap_call(sp_script_call *call, int64_t sku_id, int64_t pg_stock,
 
 _Static_assert(1 + 2 * SP_CONFIRM_BATCH_MAX <= SP_REDIS_SCRIPT_ARGV_MAX,
                "a full batch must be sendable");
-_Static_assert(3 + SP_RESERVE_BATCH_MAX + 1 + 5 * SP_RESERVE_BATCH_MAX <= SP_REDIS_SCRIPT_ARGV_MAX,
+_Static_assert(3 + SP_RESERVE_BATCH_MAX + 1 + 4 * SP_RESERVE_BATCH_MAX <= SP_REDIS_SCRIPT_ARGV_MAX,
                "a full reserve batch must be sendable");
 
 int sp_stock_reserve_batch_add(sp_reserve_batch *b, const sp_reserve_request *req,
                                const sp_script_call *one) {
     int nk = one->nkeys;
     if (one->overflow || one->script != &script_reserve || (nk != 3 && nk != 4) ||
-        one->argc != nk + 6 || b->n >= SP_RESERVE_BATCH_MAX ||
+        one->argc != nk + 5 || b->n >= SP_RESERVE_BATCH_MAX ||
         (b->n > 0 && b->sku_id != req->sku_id))
         return -1;
     if (b->n == 0) {
@@ -177,7 +177,7 @@ int sp_stock_reserve_batch_add(sp_reserve_batch *b, const sp_reserve_request *re
     } else {
         idx[0] = '0', idx[1] = '\0';
     }
-    for (int i = nk + 1; i < nk + 5; i++) { /* user, qty, order id, ts */
+    for (int i = nk + 1; i < nk + 4; i++) { /* user, qty, order id */
         b->args[b->nargs] = one->argv[i], b->argslen[b->nargs] = one->argvlen[i];
         b->nargs++;
     }

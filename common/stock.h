@@ -6,17 +6,15 @@
  *   {sku:ID}:sale          hash  stock (what may still be admitted), limit, pay_timeout_s,
  *                                supplied (units ever put on sale: open + restocks)
  *   {sku:ID}:users         hash  user_id -> units the user holds
- *   {sku:ID}:resv          hash  order_id -> "r:user:qty:ts_ms:idem_key" while Kafka has not
- *                                answered, then "a:user:qty:ts_ms" (accepted: in Kafka, maybe not
- *                                yet in PostgreSQL) until the consumer has stored the order
- *   {sku:ID}:idem:USER:KEY string "state:order_id" for an Idempotency-Key, with a TTL
- *   {sku:ID}:opening       string the token of the open that may publish the SKU's stock.set,
- *                                with a TTL (sale_claim.lua), until the sale is open
- * and the reaper's (docs/reaper.md):
- *   {sku:ID}:returned      hash  order_id -> ms: return-ledger rows given back to Redis whose
- *                                PostgreSQL stamp may still be missing (the exactly-once guard)
- *   {sku:ID}:users_rebuild hash  a reconcile's per-user counts, before they replace users
- *   {sku:ID}:resv_staged   hash  the resv entries a reconcile's snapshot did not know
+ *   {sku:ID}:resv          hash  order_id -> "r:user:qty:ts_ms:idem_key" (ts_ms: Redis's TIME)
+ * while Kafka has not answered, then "a:user:qty:ts_ms" (accepted: in Kafka, maybe not yet in
+ * PostgreSQL) until the consumer has stored the order {sku:ID}:idem:USER:KEY string
+ * "state:order_id" for an Idempotency-Key, with a TTL {sku:ID}:opening       string the token of
+ * the open that may publish the SKU's stock.set, with a TTL (sale_claim.lua), until the sale is
+ * open and the reaper's (docs/reaper.md): {sku:ID}:returned      hash  order_id -> ms:
+ * return-ledger rows given back to Redis whose PostgreSQL stamp may still be missing (the
+ * exactly-once guard) {sku:ID}:users_rebuild hash  a reconcile's per-user counts, before they
+ * replace users {sku:ID}:resv_staged   hash  the resv entries a reconcile's snapshot did not know
  * See docs/reservation.md for the life of a reservation.
  */
 #ifndef SP_STOCK_H
@@ -44,7 +42,8 @@ typedef struct sp_reserve_request {
     int64_t sku_id;
     int64_t user_id;
     int32_t qty;
-    int64_t ts_ms;
+    int64_t ts_ms; /* the producer's clock: the order's time in its event (the reservation entry
+                    * carries Redis's own time instead, see reserve.lua) */
     char order_id[SP_ORDER_ID_MAX + 1]; /* fresh, unique: used only if the outcome is OK */
     char idem_key[SP_IDEM_KEY_MAX + 1]; /* empty: no Idempotency-Key */
 } sp_reserve_request;

@@ -31,6 +31,7 @@
 
 #include "api_request.h"
 #include "clock.h"
+#include "clock_skew.h"
 #include "event.h"
 #include "kafka.h"
 #include "log.h"
@@ -135,6 +136,8 @@ struct sp_order_api {
     int64_t redis_owed;       /* commands sent whose reply has not come */
     int64_t redis_last_reply_ms;
     int64_t redis_retry_ms; /* next reconnect attempt */
+    int64_t time_sent_ms;   /* when the clock-skew TIME went out; 0: none under way */
+    int64_t time_next_ms;   /* when the next one goes */
     sp_pg_async *pg;        /* lookups for GET; orders never wait on it */
     rd_kafka_t *kafka;
     int kafka_pipe[2]; /* librdkafka writes here when its queue becomes non-empty */
@@ -1187,6 +1190,26 @@ static void route_other(struct evhttp_request *req, void *arg) {
 
 /* ---- life cycle ---- */
 
+/* Redis's TIME, asked once a second: this host's offset from Redis's clock (clock_skew.h). */
+static void on_redis_time(redisAsyncContext *ac, void *reply, void *data) {
+    sp_order_api *api = data;
+    int resent = 0;
+    int64_t redis_ms;
+    reply_arrived(api, ac, reply, &resent);
+    if (reply && api->time_sent_ms > 0 && sp_clock_redis_time_ms(reply, &redis_ms) == 0)
+        sp_clock_skew_record(api->time_sent_ms, sp_clock_wall_ms(), redis_ms);
+    api->time_sent_ms = 0;
+}
+
+static void clock_skew_tick(sp_order_api *api, int64_t now) {
+    if (api->redis == NULL || now < api->time_next_ms) return;
+    if (api->time_sent_ms > 0 && now - api->time_sent_ms < REDIS_STALL_MS) return;
+    api->time_next_ms = now + 1000;
+    if (redisAsyncCommand(api->redis, on_redis_time, api, "TIME") != REDIS_OK) return;
+    api->time_sent_ms = now;
+    redis_sent(api);
+}
+
 void sp_order_api_tick(sp_order_api *api) {
     int64_t now = sp_clock_wall_ms();
     char why[300], err[256];
@@ -1204,6 +1227,7 @@ void sp_order_api_tick(sp_order_api *api) {
         api->redis = NULL;
         redisAsyncFree(ac);
     }
+    clock_skew_tick(api, now);
     sp_pg_async_tick(api->pg);
     rd_kafka_poll(api->kafka, 0);
     confirms_send(api);
@@ -1219,7 +1243,7 @@ void sp_order_api_tick(sp_order_api *api) {
         snprintf(why, sizeof(why), "redis unreachable");
     else if (api->kafka_down)
         snprintf(why, sizeof(why), "kafka unreachable");
-    else
+    else if (!sp_clock_skew_exceeded(api->cfg->clock_skew_max_ms, why, sizeof(why)))
         why[0] = '\0';
     sp_health_set_ready(why[0] == '\0', why);
 }
@@ -1247,6 +1271,7 @@ sp_order_api *sp_order_api_new(struct event_base *base, sp_http *http, const sp_
     api->kafka_down = 1; /* until the tick's probe has seen the topic (else ready before Kafka) */
     for (size_t i = 0; i < sizeof(all_metrics) / sizeof(all_metrics[0]); i++)
         sp_metrics_register(all_metrics[i]);
+    sp_clock_skew_register_metrics();
     sp_order_ids_init(&api->ids, cfg->worker_id);
     if (sp_redis_parse_url(cfg->redis_url, &api->redis_target, errbuf, errlen) != 0) goto fail;
     api->pg = sp_pg_async_new(base, cfg->pg_dsn, cfg->worker_id);

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "audit.h"
+#include "clock_skew.h"
 #include "expiry.h"
 #include "http.h"
 #include "kafka.h"
@@ -95,6 +96,7 @@ static void register_metrics(void) {
     sp_stock_return_register_metrics();
     sp_resv_sweep_register_metrics();
     sp_reconcile_register_metrics();
+    sp_clock_skew_register_metrics();
 }
 
 /* /readyz: Redis, PostgreSQL and Kafka each answer (each bounded by a short timeout). */
@@ -103,7 +105,8 @@ static void check_ready(sp_reaper *rp, int *was_ready) {
     int npartitions = 0;
     redisContext *redis = sp_reaper_redis(rp, err, sizeof(err));
     PGconn *pg = NULL;
-    if (redis == NULL || sp_redis_ping(redis, err, sizeof(err)) != 0) {
+    int64_t redis_now;
+    if (redis == NULL || sp_clock_redis_now_ms(redis, &redis_now, err, sizeof(err)) != 0) {
         if (redis) sp_reaper_redis_failed(rp);
         snprintf(why, sizeof(why), "redis unreachable: %s", err);
         goto not_ready;
@@ -119,6 +122,9 @@ static void check_ready(sp_reaper *rp, int *was_ready) {
         snprintf(why, sizeof(why), "kafka unreachable: %s", err);
         goto not_ready;
     }
+    /* The reaper's own decisions do not read its clock (Redis's and PostgreSQL's decide), but a
+     * host whose clock is off is worth an operator's look. */
+    if (sp_clock_skew_exceeded(rp->cfg->clock_skew_max_ms, why, sizeof(why))) goto not_ready;
     sp_health_set_ready(1, "");
     if (*was_ready != 1) sp_info("ready: Redis, PostgreSQL and Kafka answer");
     *was_ready = 1;

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "clock_skew.h"
 #include "http.h"
 #include "log.h"
 #include "metrics.h"
@@ -110,9 +111,10 @@ static int order_statuses(sp_reaper *rp, const char *const *ids, size_t n, char 
     return 0;
 }
 
-/* Publishes the voids of n lost reservations this replica wins the claim of. */
+/* Publishes the voids of n lost reservations this replica wins the claim of; redis_now is Redis's
+ * clock, which their stamps are on (for the log). */
 static int void_lost(sp_reaper *rp, int64_t sku_id, const resv_entry *const *lost, size_t n,
-                     sp_resv_sweep_stats *st, char *errbuf, size_t errlen) {
+                     int64_t redis_now, sp_resv_sweep_stats *st, char *errbuf, size_t errlen) {
     const char **ids = calloc(n, sizeof(*ids));
     int *won = calloc(n, sizeof(*won)), *acked = calloc(n, sizeof(*acked));
     sp_event *evs = calloc(n, sizeof(*evs));
@@ -139,7 +141,7 @@ static int void_lost(sp_reaper *rp, int64_t sku_id, const resv_entry *const *los
         SP_LOG_CTX(SP_LOG_INFO, &ctx,
                    "reservation of user %" PRId64 " (%d units) unanswered for %" PRId64
                    " ms: publishing order.voided",
-                   ev->user_id, (int)ev->qty, now - lost[i]->ts_ms);
+                   ev->user_id, (int)ev->qty, redis_now - lost[i]->ts_ms);
     }
     if (nev > 0) {
         size_t nacked = sp_reaper_publish(rp, evs, nev, acked);
@@ -162,11 +164,19 @@ out:
     return rc;
 }
 
-/* Acts on one HSCAN step's worth of entries (see resv_sweep.h). */
+/* Acts on one HSCAN step's worth of entries (see resv_sweep.h). An entry's age is Redis's clock
+ * now minus its stamp, which reserve.lua took from the same clock: no host's clock enters it, so a
+ * reaper whose clock runs ahead cannot take a reservation still waiting for Kafka for lost. */
 static int act_on_entries(sp_reaper *rp, int64_t sku_id, redisReply *const *kv, size_t n,
                           sp_resv_sweep_stats *st, char *errbuf, size_t errlen) {
     size_t ncand = 0, ndrop = 0, nlost = 0;
-    int64_t now = sp_clock_wall_ms();
+    int64_t now;
+    redisContext *clock = sp_reaper_redis(rp, errbuf, errlen);
+    if (clock == NULL) return -1;
+    if (sp_clock_redis_now_ms(clock, &now, errbuf, errlen) != 0) {
+        sp_reaper_redis_failed(rp);
+        return -1;
+    }
     int64_t lost_before = now - rp->cfg->resv_lost_after_ms;
     int64_t stale_before = now - rp->cfg->accepted_stale_after_ms;
     resv_entry *cand = calloc(n ? n : 1, sizeof(*cand));
@@ -238,7 +248,7 @@ static int act_on_entries(sp_reaper *rp, int64_t sku_id, redisReply *const *kv, 
         }
         st->ndropped += units > 0;
     }
-    if (nlost > 0 && void_lost(rp, sku_id, lost, nlost, st, errbuf, errlen) != 0) goto out;
+    if (nlost > 0 && void_lost(rp, sku_id, lost, nlost, now, st, errbuf, errlen) != 0) goto out;
     rc = 0;
 out:
     free(cand);
@@ -291,7 +301,7 @@ static int sale_state(sp_reaper *rp, int64_t sku_id, int *state, char *errbuf, s
 }
 
 /* One SKU, under its lock; *reconcile says why it needs a reconcile ("" when it does not). */
-static int sweep_sku(sp_reaper *rp, int64_t sku_id, int64_t opened_ms, sp_resv_sweep_stats *st,
+static int sweep_sku(sp_reaper *rp, int64_t sku_id, int64_t open_for_ms, sp_resv_sweep_stats *st,
                      const char **reconcile, char *errbuf, size_t errlen) {
     int state = 1, got = 0, rc = -1;
     size_t nsettled = 0;
@@ -310,7 +320,7 @@ static int sweep_sku(sp_reaper *rp, int64_t sku_id, int64_t opened_ms, sp_resv_s
              * consumer may store it first: only a sale missing for long is lost. */
             if (state == 2)
                 *reconcile = "it was left paused by a reconcile that did not finish";
-            else if (sp_clock_wall_ms() - opened_ms > rp->cfg->resv_lost_after_ms)
+            else if (open_for_ms > rp->cfg->resv_lost_after_ms)
                 *reconcile = "its sale is missing from Redis";
         }
         rc = 0;
@@ -338,7 +348,7 @@ int sp_resv_sweep(sp_reaper *rp, sp_resv_sweep_stats *st, char *errbuf, size_t e
         const char *params[] = {sp_reaper_i64(after, last), sp_reaper_i64(limit, SKU_PAGE)};
         PGresult *res = sp_reaper_query(
             rp,
-            "SELECT sku_id, (extract(epoch FROM created_at) * 1000)::bigint"
+            "SELECT sku_id, (extract(epoch FROM now() - created_at) * 1000)::bigint"
             "  FROM inventory WHERE sku_id > $1::bigint"
             " ORDER BY sku_id LIMIT $2::int",
             2, params, errbuf, errlen);
@@ -346,13 +356,14 @@ int sp_resv_sweep(sp_reaper *rp, sp_resv_sweep_stats *st, char *errbuf, size_t e
         int n = PQntuples(res);
         for (int i = 0; i < n && !sp_signal_stop_requested(); i++) {
             int64_t sku = strtoll(PQgetvalue(res, i, 0), NULL, 10);
-            int64_t opened = strtoll(PQgetvalue(res, i, 1), NULL, 10);
+            /* How long the sale has been open, on PostgreSQL's clock: not this host's. */
+            int64_t open_for = strtoll(PQgetvalue(res, i, 1), NULL, 10);
             const char *why = "";
             sp_log_ctx ctx = {.sku_id = sku};
             last = sku;
             st->nskus++;
             sp_health_beat();
-            if (sweep_sku(rp, sku, opened, st, &why, err, sizeof(err)) != 0) {
+            if (sweep_sku(rp, sku, open_for, st, &why, err, sizeof(err)) != 0) {
                 sp_metric_inc(&m_errors);
                 SP_LOG_CTX(SP_LOG_WARN, &ctx, "reservation sweep failed: %s", err);
                 continue;

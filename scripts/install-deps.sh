@@ -55,7 +55,7 @@ die() {
 ALL_PKGS=(build-essential pkg-config librdkafka-dev libhiredis-dev libpq-dev libjansson-dev
     libevent-dev libcmocka-dev redis-server redis-tools redis-sentinel postgresql
     postgresql-client kcat openjdk-17-jre-headless maven wrk clang-format valgrind procps
-    util-linux python3 python3-venv clang-14 libclang-rt-14-dev)
+    util-linux python3 python3-venv clang-14 libclang-rt-14-dev faketime)
 declare -A INSTALLED=()
 while read -r pkg status; do
     [[ $status == installed ]] && INSTALLED[${pkg%%:*}]=1
@@ -112,6 +112,8 @@ need clang-format have_cmd clang-format
 need clang-14 have_cmd clang-14
 need libclang-rt-14-dev have_pkg libclang-rt-14-dev
 need valgrind have_cmd valgrind
+# libfaketime: the clock-skew tests run workers with a shifted clock (tests/reaper/).
+need faketime have_pkg faketime
 need procps eval 'have_cmd ps && have_cmd pgrep'
 need util-linux have_cmd runuser
 need python3 have_cmd python3

@@ -8,9 +8,13 @@
 -- KEYS[2] {sku:ID}:users       hash: user_id -> units the user holds (reserved or ordered)
 -- KEYS[3] {sku:ID}:resv        hash: order_id -> "r:user_id:qty:ts_ms:idem_key_or_empty"
 -- KEYS[4..] {sku:ID}:idem:USER:KEY  the batch's idempotency keys (strings "state:order_id")
--- ARGV[1] idem_ttl_s, then five per order:
---         user_id, qty, order_id (fresh, unique), ts_ms, index in KEYS of its idempotency key
+-- ARGV[1] idem_ttl_s, then four per order:
+--         user_id, qty, order_id (fresh, unique), index in KEYS of its idempotency key
 --         (0: the order has none)
+--
+-- A reservation's ts_ms is Redis's own clock (TIME), never a producer's: the reaper measures a
+-- reservation's age on the same clock (resv_sweep.c), so hosts whose clocks differ cannot make a
+-- reservation still waiting for Kafka look lost.
 --
 -- Returns one {outcome, order_id, stock_left, pay_timeout_s} per order, in the orders' order:
 --   "ok"           reserved: stock decremented, user's count raised, reservation recorded
@@ -25,12 +29,14 @@ local sale, users, resv = KEYS[1], KEYS[2], KEYS[3]
 local idem_ttl = ARGV[1]
 local out = {}
 
+local t = redis.call('TIME')
+local ts = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local s = redis.call('HMGET', sale, 'stock', 'limit', 'pay_timeout_s')
 local stock, limit, pay_timeout = tonumber(s[1]), tonumber(s[2]), tonumber(s[3])
 
-for i = 2, #ARGV, 5 do
-    local user, qty, order_id, ts = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3]
-    local k = tonumber(ARGV[i + 4])
+for i = 2, #ARGV, 4 do
+    local user, qty, order_id = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+    local k = tonumber(ARGV[i + 3])
     local idem = k > 0 and KEYS[k] or nil
     local prev = idem and redis.call('GET', idem)
     if prev then
@@ -53,8 +59,8 @@ for i = 2, #ARGV, 5 do
             stock = stock - qty
             redis.call('HINCRBY', sale, 'stock', -qty)
             redis.call('HINCRBY', users, user, qty)
-            redis.call('HSET', resv, order_id, 'r:' .. user .. ':' .. qty .. ':' .. ts .. ':' ..
-                (idem or ''))
+            redis.call('HSET', resv, order_id, 'r:' .. user .. ':' .. qty .. ':' ..
+                string.format('%d', ts) .. ':' .. (idem or ''))
             if idem then redis.call('SET', idem, 'pending:' .. order_id, 'EX', idem_ttl) end
             out[#out + 1] = {'ok', order_id, stock, pay_timeout}
         end
