@@ -33,6 +33,8 @@ typedef struct sp_config {
     int kafka_message_timeout_ms;
     int kafka_linger_ms;          /* producer, reaper: librdkafka linger.ms */
     int clock_skew_max_ms;        /* producer, reaper: bound on the offset from Redis's clock */
+    int idem_ttl_s;               /* producer: how long an Idempotency-Key pins an order */
+    int idem_refusal_ttl_s;       /* producer: how long it pins sold_out / limit_exceeded */
     int order_rate_limit;         /* producer: orders/s this worker admits to Redis; 0 = no limit */
     int user_rate_limit;          /* producer: order requests/s one user may make; 0 = no limit */
     int max_inflight;             /* producer: orders under way at once before answering 429 */

@@ -109,10 +109,17 @@ static void idem_arg(sp_script_call *call, const sp_reserve_request *req) {
         sp_script_call_arg(call, "%s", "");
 }
 
+static int32_t idem_ttl_s = SP_IDEM_TTL_S, idem_refusal_ttl_s = SP_IDEM_REFUSAL_TTL_S;
+
+void sp_stock_idem_ttls(int32_t ttl_s, int32_t refusal_ttl_s) {
+    idem_ttl_s = ttl_s;
+    idem_refusal_ttl_s = refusal_ttl_s;
+}
+
 /* One order in reserve.lua's batch layout (a batch of one): KEYS sale, users, resv and the
- * idempotency key if there is one; ARGV the key's TTL, then user, qty, order id and the key's
- * index in KEYS (4, or 0 without a key). sp_stock_reserve_batch_add relies on this layout. The
- * reservation's time is Redis's (reserve.lua), not req->ts_ms. */
+ * idempotency key if there is one; ARGV the key's two TTLs (order, refusal), then user, qty, order
+ * id and the key's index in KEYS (4, or 0 without a key). sp_stock_reserve_batch_add relies on this
+ * layout. The reservation's time is Redis's (reserve.lua), not req->ts_ms. */
 void sp_stock_reserve_call(sp_script_call *call, const sp_reserve_request *req) {
     int64_t sku = req->sku_id;
     int has_idem = req->idem_key[0] != '\0';
@@ -121,7 +128,8 @@ void sp_stock_reserve_call(sp_script_call *call, const sp_reserve_request *req) 
     key_arg(call, sku, "users");
     key_arg(call, sku, "resv");
     if (has_idem) idem_arg(call, req);
-    sp_script_call_arg(call, "%d", SP_IDEM_TTL_S);
+    sp_script_call_arg(call, "%" PRId32, idem_ttl_s);
+    sp_script_call_arg(call, "%" PRId32, idem_refusal_ttl_s);
     sp_script_call_arg(call, "%" PRId64, req->user_id);
     sp_script_call_arg(call, "%" PRId32, req->qty);
     sp_script_call_arg(call, "%s", req->order_id);
@@ -153,22 +161,23 @@ void sp_stock_cap_call(sp_script_call *call, int64_t sku_id, int64_t pg_stock,
 
 _Static_assert(1 + 2 * SP_CONFIRM_BATCH_MAX <= SP_REDIS_SCRIPT_ARGV_MAX,
                "a full batch must be sendable");
-_Static_assert(3 + SP_RESERVE_BATCH_MAX + 1 + 4 * SP_RESERVE_BATCH_MAX <= SP_REDIS_SCRIPT_ARGV_MAX,
+_Static_assert(3 + SP_RESERVE_BATCH_MAX + 2 + 4 * SP_RESERVE_BATCH_MAX <= SP_REDIS_SCRIPT_ARGV_MAX,
                "a full reserve batch must be sendable");
 
 int sp_stock_reserve_batch_add(sp_reserve_batch *b, const sp_reserve_request *req,
                                const sp_script_call *one) {
     int nk = one->nkeys;
     if (one->overflow || one->script != &script_reserve || (nk != 3 && nk != 4) ||
-        one->argc != nk + 5 || b->n >= SP_RESERVE_BATCH_MAX ||
+        one->argc != nk + 6 || b->n >= SP_RESERVE_BATCH_MAX ||
         (b->n > 0 && b->sku_id != req->sku_id))
         return -1;
     if (b->n == 0) {
         b->sku_id = req->sku_id;
         b->nkeys = 3;
         for (int i = 0; i < 3; i++) b->keys[i] = one->argv[i], b->keyslen[i] = one->argvlen[i];
-        b->args[0] = one->argv[nk], b->argslen[0] = one->argvlen[nk]; /* the TTL */
-        b->nargs = 1;
+        for (int i = 0; i < 2; i++) /* the TTLs */
+            b->args[i] = one->argv[nk + i], b->argslen[i] = one->argvlen[nk + i];
+        b->nargs = 2;
     }
     char *idx = b->index[b->n];
     if (nk == 4) {
@@ -177,7 +186,7 @@ int sp_stock_reserve_batch_add(sp_reserve_batch *b, const sp_reserve_request *re
     } else {
         idx[0] = '0', idx[1] = '\0';
     }
-    for (int i = nk + 1; i < nk + 4; i++) { /* user, qty, order id */
+    for (int i = nk + 2; i < nk + 5; i++) { /* user, qty, order id */
         b->args[b->nargs] = one->argv[i], b->argslen[b->nargs] = one->argvlen[i];
         b->nargs++;
     }
@@ -387,18 +396,53 @@ int sp_stock_rejected_forget(redisContext *c, int64_t sku_id, const char *order_
     return 0;
 }
 
+/* The Idempotency-Key an 'r:' entry names ("r:user:qty:ts:KEY", KEY itself holding colons), or
+ * NULL: an 'a:' entry, or an 'r:' one without a key. */
+static const char *entry_idem_key(const char *entry) {
+    if (strncmp(entry, "r:", 2) != 0) return NULL;
+    const char *p = entry;
+    for (int i = 0; i < 4 && p; i++) p = strchr(p + 1, ':');
+    return p && p[1] ? p + 1 : NULL;
+}
+
 int sp_stock_accepted_forget(redisContext *c, int64_t sku_id, const char *const *order_ids,
                              size_t n, char *errbuf, size_t errlen) {
-    enum { CHUNK = 512 }; /* ids per HDEL: bounded argv, few round trips */
-    const char *argv[CHUNK + 2];
+    enum { CHUNK = 512 }; /* ids per HMGET / HDEL: bounded argv, few round trips */
+    const char *argv[CHUNK + 2], *pending_ids[CHUNK], *pending_vals[CHUNK];
     char key[SP_STOCK_KEY_MAX];
     sp_stock_key(key, sku_id, "resv");
-    argv[0] = "HDEL";
     argv[1] = key;
     for (size_t i = 0; i < n; i += CHUNK) {
-        size_t k = n - i < CHUNK ? n - i : CHUNK;
+        size_t k = n - i < CHUNK ? n - i : CHUNK, npending = 0, ndel = 0;
+        /* Which entries are still 'r:' with a key: their producers died between Kafka's ack and
+         * the confirm, and the keys still say pending. resv_drop.lua settles those. */
+        argv[0] = "HMGET";
         memcpy(&argv[2], &order_ids[i], k * sizeof(*argv));
-        redisReply *r = redisCommandArgv(c, (int)k + 2, argv, NULL);
+        redisReply *got = redisCommandArgv(c, (int)k + 2, argv, NULL);
+        if (got == NULL || got->type != REDIS_REPLY_ARRAY || got->elements != k) {
+            snprintf(errbuf, errlen, "HMGET %s: %s", key,
+                     got == NULL                      ? c->errstr
+                     : got->type == REDIS_REPLY_ERROR ? got->str
+                                                      : "unexpected reply");
+            if (got) freeReplyObject(got);
+            return -1;
+        }
+        argv[0] = "HDEL";
+        for (size_t j = 0; j < k; j++) {
+            const redisReply *e = got->element[j];
+            if (e->type == REDIS_REPLY_STRING && entry_idem_key(e->str) != NULL)
+                pending_ids[npending] = order_ids[i + j], pending_vals[npending++] = e->str;
+            else
+                argv[2 + ndel++] = order_ids[i + j];
+        }
+        int dropped, rc = 0;
+        if (npending > 0)
+            rc = sp_stock_resv_drop(c, sku_id, pending_ids, pending_vals, npending, &dropped,
+                                    errbuf, errlen);
+        freeReplyObject(got);
+        if (rc != 0) return -1;
+        if (ndel == 0) continue;
+        redisReply *r = redisCommandArgv(c, (int)ndel + 2, argv, NULL);
         if (r == NULL || r->type == REDIS_REPLY_ERROR) {
             snprintf(errbuf, errlen, "HDEL %s: %s", key, r ? r->str : c->errstr);
             if (r) freeReplyObject(r);
@@ -456,21 +500,31 @@ int sp_stock_give_back(redisContext *c, int64_t sku_id, const char *order_id, in
 int sp_stock_resv_drop(redisContext *c, int64_t sku_id, const char *const *order_ids,
                        const char *const *values, size_t n, int *dropped, char *errbuf,
                        size_t errlen) {
-    enum { PAIRS = 31 }; /* 1 key + 2 * 31 arguments: within sp_redis_evalsha's bound */
-    const char *argv[1 + 2 * PAIRS];
-    size_t argvlen[1 + 2 * PAIRS];
-    char key[SP_STOCK_KEY_MAX];
+    enum { CHUNK = 100 }; /* 1 + 100 keys + 3 * 100 arguments: within SP_REDIS_SCRIPT_ARGV_MAX */
+    const char *keys[1 + CHUNK], *args[3 * CHUNK];
+    size_t keyslen[1 + CHUNK], argslen[3 * CHUNK];
+    char key[SP_STOCK_KEY_MAX], index[CHUNK][12];
+    const char *argv[1 + 4 * CHUNK];
+    size_t argvlen[1 + 4 * CHUNK];
     int total = 0;
     sp_stock_key(key, sku_id, "resv");
-    argv[0] = key, argvlen[0] = strlen(key);
-    for (size_t i = 0; i < n; i += PAIRS) {
-        size_t k = n - i < PAIRS ? n - i : PAIRS;
+    for (size_t i = 0; i < n; i += CHUNK) {
+        size_t k = n - i < CHUNK ? n - i : CHUNK;
+        int nkeys = 1, nargs = 0;
+        keys[0] = key, keyslen[0] = strlen(key);
         for (size_t j = 0; j < k; j++) {
-            argv[1 + 2 * j] = order_ids[i + j], argvlen[1 + 2 * j] = strlen(order_ids[i + j]);
-            argv[2 + 2 * j] = values[i + j], argvlen[2 + 2 * j] = strlen(values[i + j]);
+            const char *idem = entry_idem_key(values[i + j]);
+            if (idem) keys[nkeys] = idem, keyslen[nkeys] = strlen(idem), nkeys++;
+            snprintf(index[j], sizeof(index[j]), "%d", idem ? nkeys : 0);
+            args[nargs] = order_ids[i + j], argslen[nargs++] = strlen(order_ids[i + j]);
+            args[nargs] = values[i + j], argslen[nargs++] = strlen(values[i + j]);
+            args[nargs] = index[j], argslen[nargs++] = strlen(index[j]);
         }
-        redisReply *r = sp_redis_evalsha(c, &script_resv_drop, 1, 1 + 2 * (int)k, argv, argvlen,
-                                         errbuf, errlen);
+        int argc = 0;
+        for (int x = 0; x < nkeys; x++, argc++) argv[argc] = keys[x], argvlen[argc] = keyslen[x];
+        for (int x = 0; x < nargs; x++, argc++) argv[argc] = args[x], argvlen[argc] = argslen[x];
+        redisReply *r = sp_redis_evalsha(c, &script_resv_drop, nkeys, argc, argv, argvlen, errbuf,
+                                         errlen);
         if (r == NULL) return -1;
         long long v;
         int rc = sp_stock_integer_parse(r, "resv_drop", &v, errbuf, errlen);

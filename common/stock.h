@@ -27,8 +27,14 @@
 #include "event.h"
 #include "redis_store.h"
 
-#define SP_IDEM_KEY_MAX 64          /* bytes of an Idempotency-Key: printable ASCII, no blanks */
-#define SP_IDEM_TTL_S   (24 * 3600) /* how long a key is remembered */
+#define SP_IDEM_KEY_MAX       64 /* bytes of an Idempotency-Key: printable ASCII, no blanks */
+#define SP_IDEM_TTL_S         (24 * 3600) /* default IDEM_TTL_S: how long a key pins an order */
+#define SP_IDEM_REFUSAL_TTL_S 30 /* default IDEM_REFUSAL_TTL_S: how long it pins a refusal */
+
+/* How long an Idempotency-Key pins its answer: ttl_s for an order (pending, then accepted),
+ * refusal_ttl_s for sold_out and limit_exceeded (0: a refusal is not pinned, a retry is decided
+ * afresh, e.g. after a restock). Process-wide; set once at start-up, before other threads run. */
+void sp_stock_idem_ttls(int32_t ttl_s, int32_t refusal_ttl_s);
 
 typedef enum sp_reserve_outcome {
     SP_RESERVE_OK = 0,      /* reserved under the new order id */
@@ -102,7 +108,10 @@ int sp_stock_rejected_forget(redisContext *c, int64_t sku_id, const char *order_
     __attribute__((warn_unused_result));
 
 /* The consumer stored these orders: drops their entries from {sku:ID}:resv (HDEL, chunked), so
- * the producer's confirm or release finds nothing left to do for them. */
+ * the producer's confirm or release finds nothing left to do for them. An entry still 'r:' with an
+ * Idempotency-Key (its producer died between Kafka's ack and the confirm) goes through
+ * resv_drop.lua instead, which turns the key's "pending" into "accepted": a retry is answered with
+ * the order at once, not in_progress until the key expires. */
 int sp_stock_accepted_forget(redisContext *c, int64_t sku_id, const char *const *order_ids,
                              size_t n, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
@@ -160,8 +169,8 @@ typedef struct sp_reserve_batch {
     int nkeys, nargs;
     const char *keys[3 + SP_RESERVE_BATCH_MAX]; /* sale, users, resv, the idempotency keys */
     size_t keyslen[3 + SP_RESERVE_BATCH_MAX];
-    const char *args[1 + 5 * SP_RESERVE_BATCH_MAX]; /* TTL, then five per order */
-    size_t argslen[1 + 5 * SP_RESERVE_BATCH_MAX];
+    const char *args[2 + 4 * SP_RESERVE_BATCH_MAX]; /* the two TTLs, then four per order */
+    size_t argslen[2 + 4 * SP_RESERVE_BATCH_MAX];
     char index[SP_RESERVE_BATCH_MAX][12]; /* each order's key index, as text */
 } sp_reserve_batch;
 
@@ -204,7 +213,9 @@ int sp_stock_give_back(redisContext *c, int64_t sku_id, const char *order_id, in
                        size_t errlen) __attribute__((warn_unused_result));
 
 /* Drops the n entries of {sku:ID}:resv that still hold values[i], as the caller read them
- * (resv_drop.lua); gives nothing back. *dropped counts them. */
+ * (resv_drop.lua); gives nothing back. *dropped counts them. The callers drop entries of orders
+ * PostgreSQL holds: an 'r:' entry's Idempotency-Key still pending on its order then answers
+ * accepted (its producer died between Kafka's ack and the confirm). */
 int sp_stock_resv_drop(redisContext *c, int64_t sku_id, const char *const *order_ids,
                        const char *const *values, size_t n, int *dropped, char *errbuf,
                        size_t errlen) __attribute__((warn_unused_result));

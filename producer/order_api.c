@@ -427,6 +427,31 @@ static int redis_send(call *c, redisCallbackFn *fn) {
     return 0;
 }
 
+#ifdef SP_TEST_FAULTS
+/* Test builds only (bin/test/producer, built with -DSP_TEST_FAULTS; never the shipped binary):
+ * SP_FAULT_DIE_AFTER_RESERVE=N kills the process with SIGKILL right after the N-th successful
+ * reserve.lua, before its order.created reaches librdkafka: the crash the reaper's lost-
+ * reservation sweep exists for. SP_FAULT_DIE_AFTER_ACK=N kills it when Kafka has acknowledged
+ * the N-th order, before its confirm and its answer: the order is in the log, its reservation
+ * and Idempotency-Key still say pending. */
+#include <signal.h>
+static void fault_die_at(const char *setting, long *seen) {
+    const char *n = getenv(setting);
+    if (n != NULL && ++*seen == strtol(n, NULL, 10)) raise(SIGKILL);
+}
+static void fault_after_reserve(void) {
+    static long seen;
+    fault_die_at("SP_FAULT_DIE_AFTER_RESERVE", &seen);
+}
+static void fault_after_ack(void) {
+    static long seen;
+    fault_die_at("SP_FAULT_DIE_AFTER_ACK", &seen);
+}
+#else
+static void fault_after_reserve(void) {}
+static void fault_after_ack(void) {}
+#endif
+
 /* ---- Kafka ---- */
 
 static int publish(call *c) {
@@ -472,6 +497,7 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
         c->api->kafka_down = 0;
         switch (c->kind) {
         case CALL_ORDER:
+            fault_after_ack();
             /* Confirm before answering: once the buyer holds a 202, a replay of its
              * Idempotency-Key on any producer must find "accepted", not "pending". A failed
              * confirm still answers 202 (Kafka has the order) and only leaves a reservation whose
@@ -629,21 +655,6 @@ static void on_release(redisAsyncContext *ac, void *reply, void *data) {
 }
 
 /* ---- POST /v1/orders ---- */
-
-#ifdef SP_TEST_FAULTS
-/* Test builds only (bin/test/producer, built with -DSP_TEST_FAULTS; never the shipped binary):
- * SP_FAULT_DIE_AFTER_RESERVE=N kills the process with SIGKILL right after the N-th successful
- * reserve.lua, before its order.created reaches librdkafka: the crash the reaper's lost-
- * reservation sweep exists for. */
-#include <signal.h>
-static void fault_after_reserve(void) {
-    static long seen;
-    const char *n = getenv("SP_FAULT_DIE_AFTER_RESERVE");
-    if (n != NULL && ++seen == strtol(n, NULL, 10)) raise(SIGKILL);
-}
-#else
-static void fault_after_reserve(void) {}
-#endif
 
 /* The i-th answer of a reserve reply r, for the order of call c. */
 static void reserve_answered(call *c, const redisReply *r, size_t i) {
@@ -1272,6 +1283,7 @@ sp_order_api *sp_order_api_new(struct event_base *base, sp_http *http, const sp_
     for (size_t i = 0; i < sizeof(all_metrics) / sizeof(all_metrics[0]); i++)
         sp_metrics_register(all_metrics[i]);
     sp_clock_skew_register_metrics();
+    sp_stock_idem_ttls(cfg->idem_ttl_s, cfg->idem_refusal_ttl_s);
     sp_order_ids_init(&api->ids, cfg->worker_id);
     if (sp_redis_parse_url(cfg->redis_url, &api->redis_target, errbuf, errlen) != 0) goto fail;
     api->pg = sp_pg_async_new(base, cfg->pg_dsn, cfg->worker_id);

@@ -8,7 +8,10 @@
 -- KEYS[2] {sku:ID}:users       hash: user_id -> units the user holds (reserved or ordered)
 -- KEYS[3] {sku:ID}:resv        hash: order_id -> "r:user_id:qty:ts_ms:idem_key_or_empty"
 -- KEYS[4..] {sku:ID}:idem:USER:KEY  the batch's idempotency keys (strings "state:order_id")
--- ARGV[1] idem_ttl_s, then four per order:
+-- ARGV[1] idem_ttl_s: how long a key pins an order (pending, then accepted)
+-- ARGV[2] idem_refusal_ttl_s: how long it pins sold_out / limit_exceeded (0: not at all, so a
+--         retry after a restock is decided afresh)
+-- then four per order:
 --         user_id, qty, order_id (fresh, unique), index in KEYS of its idempotency key
 --         (0: the order has none)
 --
@@ -22,11 +25,12 @@
 --                  "sold_out", "limit_exceeded") of the first attempt in place of stock_left;
 --                  nothing changes
 --   "unknown_sku", "sold_out", "limit_exceeded": nothing changes (sold_out and limit_exceeded
---                  are remembered under the idempotency key so a retry gets the same answer)
+--                  are remembered under the idempotency key for idem_refusal_ttl_s, so a retry
+--                  meanwhile gets the same answer)
 -- Every write of an order is done before the next order is looked at, so a script stopped by an
 -- error leaves whole reservations only (whose orders the reaper's lost-reservation sweep voids).
 local sale, users, resv = KEYS[1], KEYS[2], KEYS[3]
-local idem_ttl = ARGV[1]
+local idem_ttl, refusal_ttl = ARGV[1], tonumber(ARGV[2])
 local out = {}
 
 local t = redis.call('TIME')
@@ -34,7 +38,7 @@ local ts = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local s = redis.call('HMGET', sale, 'stock', 'limit', 'pay_timeout_s')
 local stock, limit, pay_timeout = tonumber(s[1]), tonumber(s[2]), tonumber(s[3])
 
-for i = 2, #ARGV, 4 do
+for i = 3, #ARGV, 4 do
     local user, qty, order_id = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
     local k = tonumber(ARGV[i + 3])
     local idem = k > 0 and KEYS[k] or nil
@@ -50,10 +54,14 @@ for i = 2, #ARGV, 4 do
             held = tonumber(redis.call('HGET', users, user) or '0')
         end
         if limit > 0 and held + qty > limit then
-            if idem then redis.call('SET', idem, 'limit_exceeded:', 'EX', idem_ttl) end
+            if idem and refusal_ttl > 0 then
+                redis.call('SET', idem, 'limit_exceeded:', 'EX', refusal_ttl)
+            end
             out[#out + 1] = {'limit_exceeded', '', stock, pay_timeout}
         elseif stock < qty then
-            if idem then redis.call('SET', idem, 'sold_out:', 'EX', idem_ttl) end
+            if idem and refusal_ttl > 0 then
+                redis.call('SET', idem, 'sold_out:', 'EX', refusal_ttl)
+            end
             out[#out + 1] = {'sold_out', '', stock, pay_timeout}
         else
             stock = stock - qty

@@ -454,6 +454,39 @@ static void test_idem_key_validation(void **state) {
     assert_true(sp_idem_key_valid(big));
 }
 
+/* How long a key pins its answer: an order for IDEM_TTL_S, a refusal for IDEM_REFUSAL_TTL_S, and
+ * with 0 a refusal not at all (a retry after a restock is decided afresh). */
+static int64_t idem_ttl(redisContext *c, int64_t sku, int64_t user, const char *key) {
+    redisReply *r = redisCommand(c, "TTL {sku:%lld}:idem:%lld:%s", (long long)sku, (long long)user,
+                                 key);
+    assert_non_null(r);
+    int64_t ttl = r->integer;
+    freeReplyObject(r);
+    return ttl;
+}
+
+static void test_idem_ttls(void **state) {
+    (void)state;
+    redisContext *c = connect_redis();
+    int64_t sku = fresh_sku(c, 50), stock;
+    int opened;
+    assert_int_equal(sp_stock_open(c, sku, 1, 0, 600, &opened, err, sizeof(err)), 0);
+    sp_stock_idem_ttls(86400, 5);
+    assert_int_equal(reserve(c, sku, 50, 2, "t-1", "key-T").outcome, SP_RESERVE_SOLD_OUT);
+    assert_in_range(idem_ttl(c, sku, 50, "key-T"), 1, 5);
+    assert_int_equal(reserve(c, sku, 51, 1, "t-2", "key-U").outcome, SP_RESERVE_OK);
+    assert_in_range(idem_ttl(c, sku, 51, "key-U"), 86000, 86400);
+    sp_stock_idem_ttls(86400, 0);
+    assert_int_equal(reserve(c, sku, 52, 2, "t-3", "key-V").outcome, SP_RESERVE_SOLD_OUT);
+    assert_int_equal(idem_ttl(c, sku, 52, "key-V"), -2); /* no key */
+    assert_int_equal(sp_stock_restock(c, sku, 5, &stock, err, sizeof(err)), 0);
+    sp_reserve_result r = reserve(c, sku, 52, 2, "t-4", "key-V");
+    assert_int_equal(r.outcome, SP_RESERVE_OK);
+    assert_string_equal(r.order_id, "t-4");
+    sp_stock_idem_ttls(SP_IDEM_TTL_S, SP_IDEM_REFUSAL_TTL_S);
+    redisFree(c);
+}
+
 int main(void) {
     char e[256];
     const char *url = getenv("REDIS_URL");
@@ -474,6 +507,7 @@ int main(void) {
         cmocka_unit_test(test_reconcile_open_after_apply),
         cmocka_unit_test(test_confirm_marks_accepted),
         cmocka_unit_test(test_cap_only_lowers),
+        cmocka_unit_test(test_idem_ttls),
     };
     return cmocka_run_group_tests_name("stock_redis", tests, NULL, NULL);
 }
