@@ -18,5 +18,6 @@ extern const char sp_lua_reconcile_pause[];
 extern const char sp_lua_reconcile_apply[];
 extern const char sp_lua_reconcile_adjust[];
 extern const char sp_lua_reconcile_open[];
+extern const char sp_lua_reconcile_stage[];
 
 #endif

@@ -35,6 +35,8 @@ static sp_redis_script script_reconcile_adjust = {.name = "reconcile_adjust",
                                                   .body = sp_lua_reconcile_adjust};
 static sp_redis_script script_reconcile_open = {.name = "reconcile_open",
                                                 .body = sp_lua_reconcile_open};
+static sp_redis_script script_reconcile_stage = {.name = "reconcile_stage",
+                                                 .body = sp_lua_reconcile_stage};
 
 int sp_idem_key_valid(const char *s) {
     size_t n = 0;
@@ -60,7 +62,7 @@ int sp_stock_scripts_load(redisContext *c, char *errbuf, size_t errlen) {
                               &script_give_back,        &script_resv_drop,
                               &script_reconcile_pause,  &script_reconcile_apply,
                               &script_reconcile_adjust, &script_reconcile_open,
-                              &script_rejected_forget};
+                              &script_reconcile_stage,  &script_rejected_forget};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
         if (sp_redis_script_load(c, all[i], errbuf, errlen) != 0) return -1;
     return 0;
@@ -641,16 +643,61 @@ int sp_stock_reconcile_open(redisContext *c, int64_t sku_id, const char *token, 
     return 0;
 }
 
-int sp_stock_reconcile_adjust(redisContext *c, int64_t sku_id, int64_t user_id, int32_t qty,
-                              int64_t *stock, char *errbuf, size_t errlen) {
+int sp_stock_reconcile_adjust(redisContext *c, int64_t sku_id, const char *token, int64_t user_id,
+                              int32_t qty, int *owned, int64_t *stock, char *errbuf,
+                              size_t errlen) {
     sp_script_call call;
     long long v;
     sp_script_call_init(&call, &script_reconcile_adjust, 2);
     key_arg(&call, sku_id, "sale");
     key_arg(&call, sku_id, "users");
+    sp_script_call_arg(&call, "%s", token);
     sp_script_call_arg(&call, "%" PRId64, user_id);
     sp_script_call_arg(&call, "%" PRId32, qty);
     if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
-    *stock = v;
+    *owned = v >= 0;
+    if (v >= 0) *stock = v;
+    return 0;
+}
+
+int sp_stock_reconcile_stage(redisContext *c, int64_t sku_id, const char *token, sp_stage_what what,
+                             const char *const *fields, const char *const *values, size_t n,
+                             int *owned, char *errbuf, size_t errlen) {
+    enum { PAIRS = 30 }; /* 3 keys + 2 + 2 * 30 arguments: within sp_redis_evalsha's bound of 64 */
+    static const char *const target[] = {"users_rebuild", "users_rebuild", "resv_staged",
+                                         "returned"};
+    static const char *const op[] = {"clear", "hset", "hset", "hsetnx"};
+    char key1[SP_STOCK_KEY_MAX], key2[SP_STOCK_KEY_MAX], key3[SP_STOCK_KEY_MAX];
+    const char *argv[3 + 2 + 2 * PAIRS];
+    size_t argvlen[3 + 2 + 2 * PAIRS];
+    int nkeys = what == SP_STAGE_CLEAR ? 3 : 2;
+    sp_stock_key(key1, sku_id, "sale");
+    sp_stock_key(key2, sku_id, target[what]);
+    sp_stock_key(key3, sku_id, "resv_staged");
+    argv[0] = key1, argv[1] = key2, argv[2] = key3;
+    argv[nkeys] = token, argv[nkeys + 1] = op[what];
+    *owned = 1;
+    size_t i = 0;
+    do { /* at least once: a clear has no pairs */
+        size_t k = n - i < PAIRS ? n - i : PAIRS;
+        int argc = nkeys + 2;
+        for (size_t j = 0; j < k; j++) {
+            argv[argc++] = fields[i + j];
+            argv[argc++] = values[i + j];
+        }
+        for (int a = 0; a < argc; a++) argvlen[a] = strlen(argv[a]);
+        redisReply *r = sp_redis_evalsha(c, &script_reconcile_stage, nkeys, argc, argv, argvlen,
+                                         errbuf, errlen);
+        if (r == NULL) return -1;
+        long long v;
+        int rc = sp_stock_integer_parse(r, "reconcile_stage", &v, errbuf, errlen);
+        freeReplyObject(r);
+        if (rc != 0) return -1;
+        if (v < 0) {
+            *owned = 0;
+            return 0;
+        }
+        i += k;
+    } while (i < n);
     return 0;
 }

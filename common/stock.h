@@ -250,9 +250,27 @@ int sp_stock_reconcile_open(redisContext *c, int64_t sku_id, const char *token, 
                             char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
 /* Takes qty off a rebuilt sale's stock (not below 0) and counts them for user_id
- * (reconcile_adjust.lua); *stock is the stock after, or -1 when the sale is not in Redis. */
-int sp_stock_reconcile_adjust(redisContext *c, int64_t sku_id, int64_t user_id, int32_t qty,
-                              int64_t *stock, char *errbuf, size_t errlen)
+ * (reconcile_adjust.lua), only while the sale is paused by token. *owned is 0 when it is not (a
+ * reconcile that lost its SKU lock: nothing changed); else *stock is the stock after. */
+int sp_stock_reconcile_adjust(redisContext *c, int64_t sku_id, const char *token, int64_t user_id,
+                              int32_t qty, int *owned, int64_t *stock, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
+
+/* What a reconcile's snapshot writes into Redis (reconcile_stage.lua), each write only while the
+ * sale is paused by its token. */
+typedef enum sp_stage_what {
+    SP_STAGE_CLEAR,   /* delete users_rebuild and resv_staged (n = 0) */
+    SP_STAGE_USERS,   /* users_rebuild: user -> units in pending and paid orders */
+    SP_STAGE_ENTRIES, /* resv_staged: order -> the resv entries the snapshot did not know */
+    SP_STAGE_MARKERS, /* returned: order -> ms, unless set: ledger rows the rebuild counts */
+} sp_stage_what;
+
+/* Writes n pairs (in as many calls as the script's argument bound needs). *owned is 0 when the
+ * sale is not paused by token any more: another reconcile took it over, and the writes from that
+ * point on were refused (the caller gives up; the owner's rebuild does not see them). */
+int sp_stock_reconcile_stage(redisContext *c, int64_t sku_id, const char *token, sp_stage_what what,
+                             const char *const *fields, const char *const *values, size_t n,
+                             int *owned, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 
 /* Key names for a SKU; each buffer is SP_STOCK_KEY_MAX bytes. */

@@ -175,6 +175,13 @@ static int sweep(sp_reaper *rp, int resv_due) {
         else
             sp_metric_add(&m_forgotten, (int64_t)n);
     }
+    if (rp->nlocks != 0) {
+        /* Every step releases what it took; one that did not would keep the reaper from ever
+         * opening a new session. */
+        sp_error("a step left %d advisory locks counted; dropping the session", rp->nlocks);
+        rp->nlocks = 0;
+        sp_reaper_pg_failed(rp);
+    }
     sp_metric_observe(&m_sweep, (sp_clock_mono_ms() - started) * 1000);
     return resv_due;
 }

@@ -206,6 +206,13 @@ PGconn *sp_reaper_pg(sp_reaper *rp, char *errbuf, size_t errlen) {
         if (PQstatus(rp->pg) == CONNECTION_OK) return rp->pg;
         sp_reaper_pg_failed(rp);
     }
+    if (rp->nlocks > 0) {
+        snprintf(errbuf, errlen,
+                 "the PostgreSQL session that held %d advisory lock(s) is gone, and the locks "
+                 "with it; the step stops here",
+                 rp->nlocks);
+        return NULL;
+    }
     sp_health_beat(); /* a connect may take its whole connect_timeout */
     PGconn *pg = sp_pg_connect(rp->cfg->pg_dsn, rp->cfg->worker_id, errbuf, errlen);
     if (pg == NULL) return NULL;
@@ -318,6 +325,7 @@ static int lock_call(sp_reaper *rp, const char *sql, int32_t lock_class, int64_t
     }
     *got = PQntuples(res) == 1 && PQgetvalue(res, 0, 0)[0] == 't';
     PQclear(res);
+    if (*got) rp->nlocks++;
     return 0;
 }
 
@@ -336,8 +344,39 @@ int sp_reaper_lock(sp_reaper *rp, int32_t lock_class, int64_t key, int *got, cha
 void sp_reaper_unlock(sp_reaper *rp, int32_t lock_class, int64_t key) {
     char c[24], k[24], err[256];
     const char *params[] = {sp_reaper_i64(c, lock_class), sp_reaper_i64(k, key & 0x7fffffff)};
+    if (rp->nlocks > 0) rp->nlocks--;
     if (rp->pg == NULL) return; /* the session, and its locks, are gone */
     if (sp_pg_exec(rp->pg, "SELECT pg_advisory_unlock($1::int, $2::int)", 2, params, err,
                    sizeof(err)) != 0)
         sp_reaper_pg_failed(rp);
+}
+
+int sp_reaper_lock_held(sp_reaper *rp, uint64_t session, int32_t lock_class, int64_t key,
+                        char *errbuf, size_t errlen) {
+    char c[24], k[24];
+    const char *params[] = {sp_reaper_i64(c, lock_class), sp_reaper_i64(k, key & 0x7fffffff)};
+    if (!sp_reaper_on_session(rp, session)) {
+        snprintf(errbuf, errlen,
+                 "the PostgreSQL session that took the lock is gone, and the lock "
+                 "with it");
+        return -1;
+    }
+    /* pg_advisory_lock(int, int) shows as classid = the first key, objid = the second,
+     * objsubid = 2. */
+    PGresult *res = sp_pg_query(rp->pg,
+                                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                                "   AND pid = pg_backend_pid() AND granted AND objsubid = 2"
+                                "   AND classid = $1::int::oid AND objid = $2::int::oid",
+                                2, params, errbuf, errlen);
+    if (res == NULL) {
+        sp_reaper_pg_failed(rp);
+        return -1;
+    }
+    int held = strtoll(PQgetvalue(res, 0, 0), NULL, 10) > 0;
+    PQclear(res);
+    if (!held) {
+        snprintf(errbuf, errlen, "this PostgreSQL session no longer holds the lock");
+        return -1;
+    }
+    return 0;
 }

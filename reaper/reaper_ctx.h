@@ -39,6 +39,10 @@ typedef struct sp_reaper {
                           * has none of the old one's advisory locks */
     uint64_t pg_session; /* counts the sessions made: a step holding a lock checks that it is
                           * still on the session that took it */
+    int nlocks;          /* advisory locks taken and not yet released. While it is not 0 no new
+                          * session is made: a step under a lock whose session died must fail,
+                          * not go on without the lock on a new one (another replica may hold
+                          * it by then) */
     rd_kafka_t *kafka;   /* NULL when the caller asked for no Kafka */
     uint64_t next_seq;   /* numbers the messages published, for their delivery reports */
     struct sp_reaper_batch *batch;
@@ -86,7 +90,9 @@ int sp_reaper_hscan(sp_reaper *rp, const char *key, int count, size_t max_pairs,
 
 /* The PostgreSQL session, connecting when there is none (with statement, lock and
  * idle-in-transaction timeouts, so nothing the reaper does can hold a lock for long); NULL with
- * errbuf when PostgreSQL cannot be reached. */
+ * errbuf when PostgreSQL cannot be reached, or when the session is gone while advisory locks
+ * taken on it are not released yet (rp->nlocks): the step that holds them stops there instead of
+ * going on without them. */
 PGconn *sp_reaper_pg(sp_reaper *rp, char *errbuf, size_t errlen);
 
 /* The session failed mid-step (or is in an unknown transaction state): drop it. Its advisory
@@ -131,8 +137,22 @@ int sp_reaper_lock_try(sp_reaper *rp, int32_t lock_class, int64_t key, int *got,
 int sp_reaper_lock(sp_reaper *rp, int32_t lock_class, int64_t key, int *got, char *errbuf,
                    size_t errlen) __attribute__((warn_unused_result));
 
-/* Releases a lock this session holds (nothing when the session is gone: so is the lock). */
+/* Releases a lock this session holds (nothing when the session is gone: so is the lock). Every
+ * lock taken is released by its step, whatever happened, so that rp->nlocks goes back to 0. */
 void sp_reaper_unlock(sp_reaper *rp, int32_t lock_class, int64_t key);
+
+/* Whether the session that took a lock (session: rp->pg_session then) is still the one open, with
+ * no round trip. */
+static inline int sp_reaper_on_session(const sp_reaper *rp, uint64_t session) {
+    return rp->pg != NULL && rp->pg_session == session;
+}
+
+/* Asks PostgreSQL whether this session (which must be session) still holds the advisory lock
+ * (lock_class, key), without ever connecting anew: 0 when it does; -1 with errbuf when it does not
+ * or the session is gone (dropped then). A step checks this before it writes what only the lock's
+ * holder may write. */
+int sp_reaper_lock_held(sp_reaper *rp, uint64_t session, int32_t lock_class, int64_t key,
+                        char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
 /* Sleeps up to ms in short slices, beating /healthz; returns early (-1) once SIGTERM arrived. */
 int sp_reaper_sleep(int64_t ms);

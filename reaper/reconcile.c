@@ -70,6 +70,29 @@ static int redis_argv(sp_reaper *rp, int argc, const char **argv, char *errbuf, 
     return r ? 0 : -1;
 }
 
+/* Writes n pairs of a reconcile's snapshot into Redis (reconcile_stage.lua) for the reconcile that
+ * owns the sale by token; -1 with errbuf when Redis failed or another reconcile paused the sale
+ * since (this one lost its SKU lock: it must not write into the other one's rebuild). */
+static int stage_write(sp_reaper *rp, int64_t sku_id, const char *token, sp_stage_what what,
+                       const char *const *fields, const char *const *values, size_t n, char *errbuf,
+                       size_t errlen) {
+    int owned = 0;
+    redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
+    if (redis == NULL) return -1;
+    if (sp_stock_reconcile_stage(redis, sku_id, token, what, fields, values, n, &owned, errbuf,
+                                 errlen) != 0) {
+        sp_reaper_redis_failed(rp);
+        return -1;
+    }
+    if (!owned) {
+        snprintf(errbuf, errlen,
+                 "another reconcile paused the sale since (this one lost its SKU lock?); its "
+                 "snapshot is not written");
+        return -1;
+    }
+    return 0;
+}
+
 static int read_identity(sp_reaper *rp, redis_identity *id, char *errbuf, size_t errlen) {
     memset(id, 0, sizeof(*id));
     const char *what[][2] = {{"INFO", "server"}, {"INFO", "replication"}, {"GET", EPOCH_KEY}};
@@ -197,12 +220,13 @@ static int wait_consumer(sp_reaper *rp, int64_t sku_id, char *errbuf, size_t err
 
 /* Per-user units of pending and paid orders into users_rebuild, a page at a time (inside the
  * snapshot). */
-static int stage_users(sp_reaper *rp, int64_t sku_id, const char *key, char *errbuf,
+static int stage_users(sp_reaper *rp, int64_t sku_id, const char *token, char *errbuf,
                        size_t errlen) {
-    const char **argv = malloc((2 + 2 * SP_REAPER_USER_PAGE) * sizeof(*argv));
+    const char **users = malloc(2 * SP_REAPER_USER_PAGE * sizeof(*users));
+    const char **units = users + SP_REAPER_USER_PAGE;
     int64_t last = 0;
     int rc = -1;
-    if (argv == NULL) {
+    if (users == NULL) {
         snprintf(errbuf, errlen, "out of memory");
         return -1;
     }
@@ -210,29 +234,36 @@ static int stage_users(sp_reaper *rp, int64_t sku_id, const char *key, char *err
         PGresult *res = sp_reaper_user_units_page(rp->pg, sku_id, last, errbuf, errlen);
         if (res == NULL) goto out;
         int n = PQntuples(res);
-        argv[0] = "HSET", argv[1] = key;
         for (int i = 0; i < n; i++) {
-            argv[2 + 2 * i] = PQgetvalue(res, i, 0);
-            argv[3 + 2 * i] = PQgetvalue(res, i, 1);
+            users[i] = PQgetvalue(res, i, 0);
+            units[i] = PQgetvalue(res, i, 1);
         }
         if (n > 0) last = strtoll(PQgetvalue(res, n - 1, 0), NULL, 10);
-        int failed = n > 0 && redis_argv(rp, 2 + 2 * n, argv, errbuf, errlen) != 0;
+        int failed = n > 0 && stage_write(rp, sku_id, token, SP_STAGE_USERS, users, units,
+                                          (size_t)n, errbuf, errlen) != 0;
         PQclear(res);
         if (failed) goto out;
         if (n < SP_REAPER_USER_PAGE) break;
     }
     rc = 0;
 out:
-    free(argv);
+    free(users);
     return rc;
 }
 
 /* A marker for each ledger row not yet given back (inside the snapshot): the rebuild counts its
  * units, so give_back.lua must not give them again. */
-static int mark_ledger(sp_reaper *rp, int64_t sku_id, char *errbuf, size_t errlen) {
-    char sku[24], limit[24], key[SP_STOCK_KEY_MAX], now[24];
+static int mark_ledger(sp_reaper *rp, int64_t sku_id, const char *token, char *errbuf,
+                       size_t errlen) {
+    char sku[24], limit[24], now[24];
     char last[SP_ORDER_ID_MAX + 1] = "";
-    sp_stock_key(key, sku_id, "returned");
+    const char **ids = malloc(2 * LEDGER_PAGE * sizeof(*ids));
+    const char **nows = ids + LEDGER_PAGE;
+    int rc = -1;
+    if (ids == NULL) {
+        snprintf(errbuf, errlen, "out of memory");
+        return -1;
+    }
     sp_reaper_i64(now, sp_clock_wall_ms());
     for (;;) {
         const char *params[] = {sp_reaper_i64(sku, sku_id), last,
@@ -242,48 +273,34 @@ static int mark_ledger(sp_reaper *rp, int64_t sku_id, char *errbuf, size_t errle
                                     " WHERE sku_id = $1::bigint AND returned_to_redis_at IS NULL"
                                     "   AND order_id > $2 ORDER BY order_id LIMIT $3::int",
                                     3, params, errbuf, errlen);
-        if (res == NULL) return -1;
+        if (res == NULL) goto out;
         int n = PQntuples(res);
-        redisContext *redis = n > 0 ? sp_reaper_redis(rp, errbuf, errlen) : NULL;
-        if (n > 0 && redis == NULL) {
-            PQclear(res);
-            return -1;
-        }
-        for (int i = 0; i < n; i++)
-            if (redisAppendCommand(redis, "HSETNX %s %s %s", key, PQgetvalue(res, i, 0), now) !=
-                REDIS_OK) {
-                snprintf(errbuf, errlen, "HSETNX %s: out of memory", key);
-                PQclear(res);
-                return -1;
-            }
-        for (int i = 0; i < n; i++) {
-            redisReply *r = NULL;
-            if (redisGetReply(redis, (void **)&r) != REDIS_OK) {
-                snprintf(errbuf, errlen, "HSETNX %s: %s", key, redis->errstr);
-                sp_reaper_redis_failed(rp);
-                PQclear(res);
-                return -1;
-            }
-            freeReplyObject(r);
-        }
+        for (int i = 0; i < n; i++) ids[i] = PQgetvalue(res, i, 0), nows[i] = now;
+        int failed = n > 0 && stage_write(rp, sku_id, token, SP_STAGE_MARKERS, ids, nows, (size_t)n,
+                                          errbuf, errlen) != 0;
         if (n > 0) snprintf(last, sizeof(last), "%s", PQgetvalue(res, n - 1, 0));
         PQclear(res);
-        if (n < LEDGER_PAGE) return 0;
+        if (failed) goto out;
+        if (n < LEDGER_PAGE) break;
     }
+    rc = 0;
+out:
+    free(ids);
+    return rc;
 }
 
 /* Splits n entries (field, value pairs of an HSCAN reply) of resv: entries the snapshot knows are
  * dropped, the others staged. */
 static int stage_entries(sp_reaper *rp, int64_t sku_id, redisReply *const *kv, size_t n,
-                         const char *staged, char *errbuf, size_t errlen) {
+                         const char *token, char *errbuf, size_t errlen) {
     if (n == 0) return 0;
     const char **ids = calloc(n, sizeof(*ids)), **vals = calloc(n, sizeof(*vals));
-    const char **argv = calloc(2 + 2 * n, sizeof(*argv));
+    const char **sids = calloc(n, sizeof(*sids)), **svals = calloc(n, sizeof(*svals));
     char *array = NULL;
     PGresult *res = NULL;
     size_t nknown = 0, nstage = 0;
     int rc = -1, dropped = 0;
-    if (ids == NULL || vals == NULL || argv == NULL) {
+    if (ids == NULL || vals == NULL || sids == NULL || svals == NULL) {
         snprintf(errbuf, errlen, "out of memory");
         goto out;
     }
@@ -303,8 +320,7 @@ static int stage_entries(sp_reaper *rp, int64_t sku_id, redisReply *const *kv, s
     res = sp_pg_query(rp->pg, "SELECT order_id FROM orders WHERE order_id = ANY($1::text[])", 1,
                       params, errbuf, errlen);
     if (res == NULL) goto out;
-    /* Known entries go to the front of ids/vals (for the drop), the others into argv. */
-    argv[0] = "HSET", argv[1] = staged;
+    /* Known entries go to the front of ids/vals (for the drop), the others into sids/svals. */
     for (size_t i = 0; i < n; i++) {
         int known = 0;
         for (int r = 0; r < PQntuples(res) && !known; r++)
@@ -313,11 +329,13 @@ static int stage_entries(sp_reaper *rp, int64_t sku_id, redisReply *const *kv, s
             ids[nknown] = ids[i], vals[nknown] = vals[i];
             nknown++;
         } else {
-            argv[2 + 2 * nstage] = ids[i], argv[3 + 2 * nstage] = vals[i];
+            sids[nstage] = ids[i], svals[nstage] = vals[i];
             nstage++;
         }
     }
-    if (nstage > 0 && redis_argv(rp, 2 + 2 * (int)nstage, argv, errbuf, errlen) != 0) goto out;
+    if (nstage > 0 &&
+        stage_write(rp, sku_id, token, SP_STAGE_ENTRIES, sids, svals, nstage, errbuf, errlen) != 0)
+        goto out;
     if (nknown > 0) {
         redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
         if (redis == NULL ||
@@ -330,37 +348,37 @@ out:
     free(array);
     free(ids);
     free(vals);
-    free(argv);
+    free(sids);
+    free(svals);
     return rc;
 }
 
 typedef struct stage_ctx {
     int64_t sku_id;
-    const char *staged;
+    const char *token;
 } stage_ctx;
 
 static int stage_step(sp_reaper *rp, redisReply *const *kv, size_t n, void *arg, char *errbuf,
                       size_t errlen) {
     const stage_ctx *sc = arg;
-    return stage_entries(rp, sc->sku_id, kv, n, sc->staged, errbuf, errlen);
+    return stage_entries(rp, sc->sku_id, kv, n, sc->token, errbuf, errlen);
 }
 
-static int stage_resv(sp_reaper *rp, int64_t sku_id, const char *staged, char *errbuf,
+static int stage_resv(sp_reaper *rp, int64_t sku_id, const char *token, char *errbuf,
                       size_t errlen) {
     char key[SP_STOCK_KEY_MAX];
-    stage_ctx sc = {.sku_id = sku_id, .staged = staged};
+    stage_ctx sc = {.sku_id = sku_id, .token = token};
     sp_stock_key(key, sku_id, "resv");
     return sp_reaper_hscan(rp, key, RESV_SCAN, STEP_MAX, stage_step, &sc, errbuf, errlen);
 }
 
-/* Step 4: one REPEATABLE READ snapshot; *snap is its inventory row. */
-static int stage(sp_reaper *rp, int64_t sku_id, inv_row *snap, char *errbuf, size_t errlen) {
-    char sku[24], users_key[SP_STOCK_KEY_MAX], staged_key[SP_STOCK_KEY_MAX];
+/* Step 4: one REPEATABLE READ snapshot, written into Redis for the reconcile of token; *snap is its
+ * inventory row. */
+static int stage(sp_reaper *rp, int64_t sku_id, const char *token, inv_row *snap, char *errbuf,
+                 size_t errlen) {
+    char sku[24];
     const char *params[] = {sp_reaper_i64(sku, sku_id)};
     PGresult *res = NULL;
-    sp_stock_key(users_key, sku_id, "users_rebuild");
-    sp_stock_key(staged_key, sku_id, "resv_staged");
-    const char *del[] = {"DEL", users_key, staged_key};
     if (sp_reaper_pg(rp, errbuf, errlen) == NULL) return -1;
     if (sp_pg_exec(rp->pg, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", 0, NULL, errbuf,
                    errlen) != 0)
@@ -380,10 +398,10 @@ static int stage(sp_reaper *rp, int64_t sku_id, inv_row *snap, char *errbuf, siz
     snap->pay_timeout_s = (int32_t)strtol(PQgetvalue(res, 0, 3), NULL, 10);
     PQclear(res);
     res = NULL;
-    if (redis_argv(rp, 3, del, errbuf, errlen) != 0 ||
-        stage_users(rp, sku_id, users_key, errbuf, errlen) != 0 ||
-        mark_ledger(rp, sku_id, errbuf, errlen) != 0 ||
-        stage_resv(rp, sku_id, staged_key, errbuf, errlen) != 0)
+    if (stage_write(rp, sku_id, token, SP_STAGE_CLEAR, NULL, NULL, 0, errbuf, errlen) != 0 ||
+        stage_users(rp, sku_id, token, errbuf, errlen) != 0 ||
+        mark_ledger(rp, sku_id, token, errbuf, errlen) != 0 ||
+        stage_resv(rp, sku_id, token, errbuf, errlen) != 0)
         goto fail;
     if (sp_pg_exec(rp->pg, "COMMIT", 0, NULL, errbuf, errlen) != 0) goto fail;
     return 0;
@@ -395,8 +413,8 @@ fail:
 
 /* Step 6: staged entries that vanished before the rebuild and that the consumer stored after the
  * snapshot took stock neither the snapshot nor the in-flight entries counted. */
-static int adjust_vanished(sp_reaper *rp, int64_t sku_id, const sp_vanished *v, size_t n,
-                           size_t *nadjusted, char *errbuf, size_t errlen) {
+static int adjust_vanished(sp_reaper *rp, int64_t sku_id, const char *token, const sp_vanished *v,
+                           size_t n, size_t *nadjusted, char *errbuf, size_t errlen) {
     const char **ids = calloc(n, sizeof(*ids));
     char *array = NULL;
     PGresult *res = NULL;
@@ -420,11 +438,21 @@ static int adjust_vanished(sp_reaper *rp, int64_t sku_id, const sp_vanished *v, 
     for (int r = 0; r < PQntuples(res); r++)
         for (size_t i = 0; i < n; i++) {
             int64_t stock = 0;
+            int owned = 0;
             if (strcmp(v[i].order_id, PQgetvalue(res, r, 0)) != 0) continue;
             redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
-            if (redis == NULL || sp_stock_reconcile_adjust(redis, sku_id, v[i].user_id, v[i].qty,
-                                                           &stock, errbuf, errlen) != 0)
+            if (redis == NULL) goto out;
+            if (sp_stock_reconcile_adjust(redis, sku_id, token, v[i].user_id, v[i].qty, &owned,
+                                          &stock, errbuf, errlen) != 0) {
+                sp_reaper_redis_failed(rp);
                 goto out;
+            }
+            if (!owned) {
+                snprintf(errbuf, errlen,
+                         "another reconcile paused the sale since (this one lost its SKU "
+                         "lock?); its mend is not applied");
+                goto out;
+            }
             (*nadjusted)++;
         }
     rc = 0;
@@ -435,8 +463,12 @@ out:
     return rc;
 }
 
-/* Steps 1-6 for one SKU whose lock the caller holds. settle_until: the monotonic time before which
- * no high watermark may be taken (0: the pause's own time + the message timeout + 1 s). */
+/* Steps 1-6 for one SKU whose lock the caller holds, taken on the session open now. settle_until:
+ * the monotonic time before which no high watermark may be taken (0: the pause's own time + the
+ * message timeout + 1 s). Every write into Redis from the pause on is refused once another
+ * reconcile has paused the sale with its own token (the scripts check it), and the lock is asked
+ * for again before the apply and before the mend: a reaper whose session died mid-rebuild (the
+ * lock went with it, another replica may be rebuilding the sale) stops, writing nothing. */
 static int rebuild(sp_reaper *rp, int64_t sku_id, int64_t settle_until, const char *why,
                    char *errbuf, size_t errlen) {
     inv_row inv, snap;
@@ -468,11 +500,8 @@ static int rebuild(sp_reaper *rp, int64_t sku_id, int64_t settle_until, const ch
         return -1;
     }
     if (wait_consumer(rp, sku_id, errbuf, errlen) != 0) return -1;
-    if (stage(rp, sku_id, &snap, errbuf, errlen) != 0) return -1;
-    if (rp->pg_session != session) {
-        snprintf(errbuf, errlen, "the PostgreSQL session, and the SKU's lock, were lost");
-        return -1;
-    }
+    if (stage(rp, sku_id, token, &snap, errbuf, errlen) != 0) return -1;
+    if (sp_reaper_lock_held(rp, session, SP_LOCK_SKU, sku_id, errbuf, errlen) != 0) return -1;
     redis = sp_reaper_redis(rp, errbuf, errlen);
     if (redis == NULL ||
         sp_stock_reconcile_apply(redis, sku_id, token, snap.stock, snap.supplied,
@@ -483,8 +512,10 @@ static int rebuild(sp_reaper *rp, int64_t sku_id, int64_t settle_until, const ch
         snprintf(errbuf, errlen, "the pause was lost (Redis lost data again?); tried again later");
         goto out;
     }
+    /* The mend writes what only the lock's holder may write: the lock first. */
+    if (sp_reaper_lock_held(rp, session, SP_LOCK_SKU, sku_id, errbuf, errlen) != 0) goto out;
     if (nvanished > 0 &&
-        adjust_vanished(rp, sku_id, vanished, nvanished, &nadjusted, errbuf, errlen) != 0)
+        adjust_vanished(rp, sku_id, token, vanished, nvanished, &nadjusted, errbuf, errlen) != 0)
         goto out;
     if (sp_stock_return_settle_markers(rp, sku_id, &nsettled, errbuf, errlen) != 0) goto out;
     /* Only now: until here a failure leaves the sale paused, and it is rebuilt again. */
@@ -556,7 +587,7 @@ static int reconcile_every_sku(sp_reaper *rp, const char *why, char *errbuf, siz
                 sp_log_ctx ctx = {.sku_id = sku};
                 last = sku;
                 sp_health_beat();
-                if (rp->pg_session != session) {
+                if (!sp_reaper_on_session(rp, session)) {
                     PQclear(res);
                     snprintf(errbuf, errlen,
                              "the PostgreSQL session, and the reconcile lock, "

@@ -439,6 +439,117 @@ static void test_reconcile_open_after_apply(void **state) {
     redisFree(c);
 }
 
+/* Two reconciles of one SKU interleaved (issue 15 hole 8): the first paused the sale and staged,
+ * then lost its SKU lock; the second paused it again. From then on every write of the first
+ * (staging, markers, the mend's adjust) is refused and the second's rebuild holds only its own
+ * snapshot. */
+static void test_reconcile_writes_need_the_token(void **state) {
+    (void)state;
+    redisContext *c = connect_redis();
+    int64_t sku = fresh_sku(c, 11);
+    int owned = -1;
+    int64_t stock = -1, inflight = -1;
+    sp_vanished *vanished = NULL;
+    size_t nvanished = 0;
+    const char *old_users[] = {"7", "8"}, *old_units[] = {"5", "1"};
+    const char *users[] = {"7"}, *units[] = {"2"};
+    const char *entry_ids[] = {"o-gone"}, *entries[] = {"a:9:3:1700000000000"};
+    const char *marker_ids[] = {"o-ledger"}, *marker_ms[] = {"1700000000000"};
+    const char *suffixes[] = {"users_rebuild", "resv_staged", "returned"};
+    for (size_t i = 0; i < 3; i++) {
+        char key[SP_STOCK_KEY_MAX];
+        sp_stock_key(key, sku, suffixes[i]);
+        freeReplyObject(redisCommand(c, "DEL %s", key));
+    }
+    /* The first reconcile pauses and stages per-user units. */
+    if (sp_stock_reconcile_pause(c, sku, "tok-1", 0, 600, 10, err, sizeof(err)) != 0 ||
+        sp_stock_reconcile_stage(c, sku, "tok-1", SP_STAGE_CLEAR, NULL, NULL, 0, &owned, err,
+                                 sizeof(err)) != 0)
+        fail_msg("%s", err);
+    assert_int_equal(owned, 1);
+    if (sp_stock_reconcile_stage(c, sku, "tok-1", SP_STAGE_USERS, old_users, old_units, 2, &owned,
+                                 err, sizeof(err)) != 0)
+        fail_msg("stage: %s", err);
+    assert_int_equal(owned, 1);
+    assert_int_equal(sale_hget_int(c, sku, "users_rebuild", "8"), 1);
+    /* More pairs than one script call takes go in several. */
+    char many[75][12];
+    const char *many_users[75], *many_units[75];
+    for (int i = 0; i < 75; i++) {
+        snprintf(many[i], sizeof(many[i]), "%d", 100 + i);
+        many_users[i] = many[i], many_units[i] = "1";
+    }
+    if (sp_stock_reconcile_stage(c, sku, "tok-1", SP_STAGE_USERS, many_users, many_units, 75,
+                                 &owned, err, sizeof(err)) != 0)
+        fail_msg("stage: %s", err);
+    char rebuild_key[SP_STOCK_KEY_MAX];
+    sp_stock_key(rebuild_key, sku, "users_rebuild");
+    redisReply *hlen = redisCommand(c, "HLEN %s", rebuild_key);
+    assert_int_equal(hlen->integer, 77);
+    freeReplyObject(hlen);
+    /* The second takes over: pause, clear, its own snapshot. */
+    if (sp_stock_reconcile_pause(c, sku, "tok-2", 0, 600, 10, err, sizeof(err)) != 0 ||
+        sp_stock_reconcile_stage(c, sku, "tok-2", SP_STAGE_CLEAR, NULL, NULL, 0, &owned, err,
+                                 sizeof(err)) != 0)
+        fail_msg("%s", err);
+    assert_int_equal(owned, 1);
+    if (sp_stock_reconcile_stage(c, sku, "tok-2", SP_STAGE_USERS, users, units, 1, &owned, err,
+                                 sizeof(err)) != 0 ||
+        sp_stock_reconcile_stage(c, sku, "tok-2", SP_STAGE_ENTRIES, entry_ids, entries, 1, &owned,
+                                 err, sizeof(err)) != 0)
+        fail_msg("stage: %s", err);
+    assert_int_equal(owned, 1);
+    /* The first one's late writes change nothing. */
+    const char *stages[] = {"clear", "users", "entries", "markers"};
+    for (int what = SP_STAGE_CLEAR; what <= SP_STAGE_MARKERS; what++) {
+        owned = -1;
+        const char *const *f = what == SP_STAGE_USERS     ? old_users
+                               : what == SP_STAGE_ENTRIES ? entry_ids
+                                                          : marker_ids;
+        const char *const *v = what == SP_STAGE_USERS     ? old_units
+                               : what == SP_STAGE_ENTRIES ? entries
+                                                          : marker_ms;
+        if (sp_stock_reconcile_stage(c, sku, "tok-1", (sp_stage_what)what, f, v,
+                                     what == SP_STAGE_CLEAR ? 0 : 1, &owned, err, sizeof(err)) != 0)
+            fail_msg("stage %s: %s", stages[what], err);
+        if (owned != 0) fail_msg("the stale reconcile's %s was written", stages[what]);
+    }
+    assert_int_equal(sale_hget_int(c, sku, "users_rebuild", "7"), 2);
+    assert_int_equal(sale_hget_int(c, sku, "users_rebuild", "8"), -1);
+    assert_int_equal(sale_hget_int(c, sku, "users_rebuild", "150"), -1);
+    assert_string_equal(sale_hget_str(c, sku, "returned", "o-ledger"), "(nil)");
+    /* The second applies: the staged entry is gone from resv (stored meanwhile), and its mend
+     * takes its 3 units; the first one's adjust of the same order is refused. */
+    if (sp_stock_reconcile_apply(c, sku, "tok-2", 8, 10, 0, 600, &owned, &stock, &inflight,
+                                 &vanished, &nvanished, err, sizeof(err)) != 0)
+        fail_msg("apply: %s", err);
+    assert_int_equal(owned, 1);
+    assert_int_equal(stock, 8);
+    assert_int_equal(nvanished, 1);
+    assert_string_equal(vanished[0].order_id, "o-gone");
+    free(vanished);
+    if (sp_stock_reconcile_adjust(c, sku, "tok-1", 9, 3, &owned, &stock, err, sizeof(err)) != 0)
+        fail_msg("adjust: %s", err);
+    assert_int_equal(owned, 0);
+    assert_int_equal(sale_hget_int(c, sku, "sale", "stock"), 8);
+    if (sp_stock_reconcile_adjust(c, sku, "tok-2", 9, 3, &owned, &stock, err, sizeof(err)) != 0)
+        fail_msg("adjust: %s", err);
+    assert_int_equal(owned, 1);
+    assert_int_equal(stock, 5);
+    assert_int_equal(sale_hget_int(c, sku, "users", "9"), 3);
+    assert_int_equal(sale_hget_int(c, sku, "users", "7"), 2);
+    assert_int_equal(sale_hget_int(c, sku, "users", "8"), -1);
+    /* Once the sale is reopened no token owns it: a late adjust still changes nothing. */
+    if (sp_stock_reconcile_open(c, sku, "tok-2", &owned, err, sizeof(err)) != 0)
+        fail_msg("open: %s", err);
+    assert_int_equal(owned, 1);
+    if (sp_stock_reconcile_adjust(c, sku, "tok-2", 9, 3, &owned, &stock, err, sizeof(err)) != 0)
+        fail_msg("adjust: %s", err);
+    assert_int_equal(owned, 0);
+    assert_int_equal(sale_hget_int(c, sku, "sale", "stock"), 5);
+    redisFree(c);
+}
+
 static void test_idem_key_validation(void **state) {
     (void)state;
     char big[SP_IDEM_KEY_MAX + 2];
@@ -505,6 +616,7 @@ int main(void) {
         cmocka_unit_test(test_idem_key_validation),
         cmocka_unit_test(test_reserve_batch_in_order),
         cmocka_unit_test(test_reconcile_open_after_apply),
+        cmocka_unit_test(test_reconcile_writes_need_the_token),
         cmocka_unit_test(test_confirm_marks_accepted),
         cmocka_unit_test(test_cap_only_lowers),
         cmocka_unit_test(test_idem_ttls),

@@ -28,14 +28,16 @@
 #include "log.h"
 #include "order_id.h"
 #include "pg_store.h"
+#include "reaper_ctx.h"
 #include "redis_store.h"
 #include "stock.h"
+#include "stock_return.h"
 #include "itest.h"
 
 #define WAIT_S      120 /* generous: a shared, loaded machine; ASan builds */
 #define MSG_TIMEOUT "2000"
 #define LOST_AFTER  "4000"
-#define NTESTS      10
+#define NTESTS      11
 #define ADMIN       "test-admin-token"
 #define PAYMENT     "test-payment-token"
 
@@ -603,6 +605,101 @@ static void test_sale_left_paused_is_rebuilt(void **state) {
     g.npassed++;
 }
 
+/* A reaper in this process, as the workers are, on the run's Redis and database (no Kafka). */
+static void reaper_in_process(sp_reaper *rp, sp_config *cfg, const char *name) {
+    memset(cfg, 0, sizeof(*cfg));
+    snprintf(cfg->redis_url, sizeof(cfg->redis_url), "%s", g.redis_url);
+    snprintf(cfg->pg_dsn, sizeof(cfg->pg_dsn), "%.*s", (int)sizeof(cfg->pg_dsn) - 1, g.dsn);
+    snprintf(cfg->kafka_topic, sizeof(cfg->kafka_topic), "%s", g.topic);
+    snprintf(cfg->worker_id, sizeof(cfg->worker_id), "test-%s-%s", name, tag);
+    cfg->kafka_message_timeout_ms = atoi(MSG_TIMEOUT);
+    cfg->resv_lost_after_ms = atoi(LOST_AFTER);
+    cfg->reconcile_wait_ms = 60000;
+    if (sp_reaper_init(rp, cfg, 0, err, sizeof(err)) != 0) fail_msg("reaper: %s", err);
+}
+
+/* Issue 15 hole 8, "reconcile adjust without its token". Reaper A reconciles a SKU: it paused the
+ * sale, took its snapshot before an order of 2 units was stored, rebuilt the sale (stock 10) and
+ * found the order's entry gone, so its mend must take the 2 units off. Before it does, its
+ * PostgreSQL session dies (and with it the SKU's lock); a running reaper finds the sale paused,
+ * takes the lock and reconciles it whole (stock 8, the order counted). Then A's mend goes on: its
+ * adjust must be refused (the sale is no longer paused by A's token), and A, having lost the
+ * session that held the lock, must not write to PostgreSQL on a new one. Redis ends equal to
+ * PostgreSQL. */
+static void test_reconcile_that_lost_its_lock_writes_nothing(void **state) {
+    (void)state;
+    int64_t sku = g.sku_base + 11, user = 4301;
+    char order_id[SP_ORDER_ID_MAX + 1], key[SP_STOCK_KEY_MAX], entry[96], token[128], pid[24];
+    sp_config cfg;
+    sp_reaper a;
+    int got = 0, owned = 0;
+    int64_t stock = 0, inflight = 0;
+    sp_vanished *vanished = NULL;
+    size_t nvanished = 0, nsettled = 0;
+    open_sale(sku, 10, 0, 600);
+    assert_int_equal(order(sku, user, 2, NULL, order_id, sizeof(order_id)), 202);
+    WAIT_FOR(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint", sku) == 1 &&
+                 hlen(sku, "resv") == 0,
+             "the order of sku %" PRId64 " never reached PostgreSQL", sku);
+
+    /* A: the SKU's lock, the pause, and the rebuild from its (older) snapshot. */
+    reaper_in_process(&a, &cfg, "reaper-a");
+    if (sp_reaper_lock(&a, SP_LOCK_SKU, sku, &got, err, sizeof(err)) != 0) fail_msg("%s", err);
+    assert_int_equal(got, 1);
+    uint64_t session = a.pg_session;
+    snprintf(token, sizeof(token), "%s:%" PRId64, cfg.worker_id, sp_clock_wall_ms());
+    redisContext *ra = sp_reaper_redis(&a, err, sizeof(err));
+    if (ra == NULL || sp_stock_reconcile_pause(ra, sku, token, 0, 600, 10, err, sizeof(err)) != 0)
+        fail_msg("pause: %s", err);
+    sp_stock_key(key, sku, "resv_staged");
+    snprintf(entry, sizeof(entry), "a:%" PRId64 ":2:%" PRId64, user, sp_clock_wall_ms());
+    freeReplyObject(redisCommand(redis(), "HSET %s %s %s", key, order_id, entry));
+    if (sp_stock_reconcile_apply(ra, sku, token, 10, 10, 0, 600, &owned, &stock, &inflight,
+                                 &vanished, &nvanished, err, sizeof(err)) != 0)
+        fail_msg("apply: %s", err);
+    assert_int_equal(owned, 1);
+    assert_int_equal(stock, 10);
+    assert_int_equal(nvanished, 1);
+    assert_string_equal(vanished[0].order_id, order_id);
+
+    /* A's session dies: its lock is free, and a running reaper's sweep rebuilds the sale. */
+    snprintf(pid, sizeof(pid), "%d", PQbackendPID(a.pg));
+    const char *params[] = {pid};
+    assert_int_equal(query_int(g.dsn, "SELECT pg_terminate_backend($1::int)::int", 1, params), 1);
+    WAIT_FOR(sale_open(sku), "the sale of sku %" PRId64 " was never rebuilt by another reaper",
+             sku);
+    assert_int_equal(hget(sku, "sale", "stock"), 8);
+
+    /* A's mend, late: the adjust of the vanished order, then its markers. A statement of its
+     * mend finds the session gone first. */
+    int64_t after = -1;
+    int adjusted = -1;
+    int adjust_rc = sp_stock_reconcile_adjust(ra, sku, token, vanished[0].user_id, vanished[0].qty,
+                                              &adjusted, &after, err, sizeof(err));
+    PGresult *res = sp_reaper_query(&a, "SELECT 1", 0, NULL, err, sizeof(err));
+    PQclear(res);
+    sp_stock_key(key, sku, "returned");
+    freeReplyObject(redisCommand(redis(), "HSET %s stale-marker 1", key));
+    int settle_rc = sp_stock_return_settle_markers(&a, sku, &nsettled, err, sizeof(err));
+    uint64_t sessions = a.pg_session - session;
+    sp_reaper_unlock(&a, SP_LOCK_SKU, sku);
+    free(vanished);
+    sp_reaper_close(&a);
+    int64_t pg_stock = sku_int("SELECT stock FROM inventory WHERE sku_id = $1::bigint", sku);
+    if (hget(sku, "sale", "stock") != pg_stock || hget_user(sku, user) != 2 || adjust_rc != 0 ||
+        adjusted != 0 || settle_rc == 0 || sessions != 0)
+        fail_msg("the reconcile that lost its lock still wrote: its adjust answered %d, applied "
+                 "%d (stock after %" PRId64 "); Redis stock %" PRId64 ", PostgreSQL %" PRId64
+                 ", user %" PRId64 " counts %" PRId64 " units (2 in PostgreSQL); its marker "
+                 "settle answered %d on %" PRIu64 " new sessions",
+                 adjust_rc, adjusted, after, hget(sku, "sale", "stock"), pg_stock, user,
+                 hget_user(sku, user), settle_rc, sessions);
+    WAIT_FOR(redis_int("HLEN %s", key) == 0, "the marker of sku %" PRId64 " was never settled",
+             sku);
+    assert_audit_passes();
+    g.npassed++;
+}
+
 /* The same crash for real: the test build of the producer (bin/test/producer) is told to SIGKILL
  * itself right after its second successful reserve.lua, before the order.created reaches
  * librdkafka. The buyer gets no answer; Redis holds a reservation nobody will confirm or release.
@@ -853,6 +950,7 @@ int main(void) {
         cmocka_unit_test(test_lost_reservation),
         cmocka_unit_test(test_rejected_entry_left_behind),
         cmocka_unit_test(test_sale_left_paused_is_rebuilt),
+        cmocka_unit_test(test_reconcile_that_lost_its_lock_writes_nothing),
         cmocka_unit_test(test_producer_killed_after_reserve),
         cmocka_unit_test(test_redis_flushed_mid_sale),
         cmocka_unit_test(test_redis_restarted_empty),
