@@ -54,7 +54,6 @@ import asyncio
 import os
 import random
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -64,7 +63,10 @@ sys.path.insert(0, os.path.join(HERE, "..", "e2e"))
 sys.path.insert(0, os.path.join(HERE, "..", "lib"))
 import flashsale as fs  # noqa: E402
 from flashsale import fmt_int  # noqa: E402
-from testkit import Fail, expect, pick_ports, port_free, sentinel_conf  # noqa: E402
+from http11 import HOST  # noqa: E402
+from testkit import (SHARED_PORTS, Fail, Procs, Report, Stack, expect,  # noqa: E402
+                     interrupt_on_sigterm, pick_ports, private_ports, raise_nofile, redis_cli,
+                     redis_sentinel, redis_server, sentinel_conf)
 
 CASES = ["kill-producer", "kill-consumer", "kill-reaper", "kafka-restart", "postgres-restart",
          "redis-failover"]
@@ -112,38 +114,21 @@ class Trio:
 
     def __init__(self, workdir, piddir):
         self.dir = os.path.join(workdir, "sentinel")
-        self.piddir = piddir
-        self.procs = {}
+        self.procs = Procs(piddir)  # named trio-NAME
         self.primary, self.replica, *self.sentinels = pick_ports(
-            5, set(fs.SHARED_PORTS.values()) | set(PREFERRED_PORTS.values()))
+            5, set(SHARED_PORTS.values()) | set(PREFERRED_PORTS.values()))
 
     def url(self):
-        return "sentinel://%s/%s" % (",".join("%s:%d" % (fs.HOST, p) for p in self.sentinels),
+        return "sentinel://%s/%s" % (",".join("%s:%d" % (HOST, p) for p in self.sentinels),
                                      MASTER)
 
-    def _start(self, name, argv, needle):
-        log = open(os.path.join(self.dir, name + ".log"), "ab")
-        try:
-            p = fs.subprocess.Popen(argv, stdin=fs.subprocess.DEVNULL, stdout=log,
-                                    stderr=fs.subprocess.STDOUT)
-        finally:
-            log.close()
-        with open(os.path.join(self.piddir, "trio-%s.pid" % name), "w") as f:
-            f.write("%d %s\n" % (p.pid, needle))
-        self.procs[name] = p
-        return p
-
     def start_redis(self, name, port, extra=()):
-        sub = os.path.join(self.dir, name + "-data-%d" % int(time.time() * 1000))
-        os.makedirs(sub, exist_ok=True)
-        self._start(name, ["redis-server", "--port", str(port), "--bind", fs.HOST, "--dir", sub,
-                           "--save", "", "--appendonly", "no", "--daemonize", "no",
-                           "--repl-diskless-sync-delay", "0"] + list(extra),
-                    "redis-server %s:%d" % (fs.HOST, port))
+        redis_server(self.procs, "trio-" + name, port,
+                     os.path.join(self.dir, name + "-data-%d" % int(time.time() * 1000)),
+                     os.path.join(self.dir, name + ".log"), extra)
 
     def cli(self, port, *args, timeout=10):
-        return fs.command(["redis-cli", "-h", fs.HOST, "-p", str(port)] + [str(a) for a in args],
-                          timeout=timeout).strip()
+        return redis_cli(port, *args, timeout=timeout)
 
     async def acli(self, port, *args):
         return await asyncio.to_thread(self.cli, port, *args)
@@ -155,7 +140,7 @@ class Trio:
     async def start(self):
         os.makedirs(self.dir, exist_ok=True)
         self.start_redis("primary", self.primary)
-        self.start_redis("replica", self.replica, ["--replicaof", fs.HOST, str(self.primary)])
+        self.start_redis("replica", self.replica, ["--replicaof", HOST, str(self.primary)])
         await self.wait(lambda: self.info(self.replica).get("master_link_status") == "up", 30,
                         "the replica did not sync")
         for i, port in enumerate(self.sentinels):
@@ -164,8 +149,8 @@ class Trio:
             conf = os.path.join(sdir, "sentinel.conf")
             with open(conf, "w") as f:
                 f.write(sentinel_conf(port, sdir, MASTER, self.primary, 2, 10000))
-            self._start("sentinel-%d" % i, ["redis-sentinel", conf],
-                        "redis-sentinel %s:%d" % (fs.HOST, port))
+            redis_sentinel(self.procs, "trio-sentinel-%d" % i, port, conf,
+                           os.path.join(self.dir, "sentinel-%d.log" % i))
 
         def known():
             for port in self.sentinels:
@@ -196,15 +181,7 @@ class Trio:
         return int(out[1]) if len(out) == 2 else None
 
     def stop(self):
-        for name, p in self.procs.items():
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-            try:
-                os.unlink(os.path.join(self.piddir, "trio-%s.pid" % name))
-            except OSError:
-                pass
-        self.procs = {}
+        self.procs.stop_all()
 
 
 # ---- one case ----------------------------------------------------------------------------------------
@@ -262,7 +239,7 @@ class Case:
             self.note("kill -9 %s (pid %d)%s; back in %.1f s" % (
                 victim.name, victim.proc.pid, " %.0f ms into a crowd of 80 orders"
                 % (1000 * spike_wait) if spike else "", down))
-            victim.kill9()
+            victim.kill()
             if spike:
                 await spike
             await asyncio.sleep(down)
@@ -305,8 +282,7 @@ class Case:
         p_off = int((await asyncio.to_thread(trio.info, trio.primary))["master_repl_offset"])
         r_info = await asyncio.to_thread(trio.info, trio.replica)
         r_off = int(r_info.get("slave_repl_offset") or r_info.get("master_repl_offset") or 0)
-        trio.procs["primary"].kill()
-        trio.procs["primary"].wait()
+        trio.procs.kill("trio-primary")
         t_kill = time.monotonic()
         self.facts["lost_bytes"] = p_off - r_off
         r_left = await trio.acli(trio.replica, "HGET", "{sku:%d}:sale" % sku, "stock")
@@ -488,24 +464,14 @@ class Suite:
         os.makedirs(self.piddir, exist_ok=True)
         self.bin_dir = args.bin_dir
         self.cases = args.only or CASES
-        ports = dict(PREFERRED_PORTS)
-        if not all(port_free(p) for p in ports.values()):
-            ports = dict(zip(ports, pick_ports(4, set(fs.SHARED_PORTS.values()))))
-        self.ports = ports
-        self.stack = fs.Stack(os.path.join(args.workdir, "stack"), ports,
-                              log=os.path.join(args.workdir, "stack.log"))
-        self.passed = self.failed = 0
-
-    def ok(self, name, detail):
-        self.passed += 1
-        say("ok - %s (%s)" % (name, detail))
+        self.ports = private_ports(PREFERRED_PORTS)
+        self.stack = Stack(os.path.join(args.workdir, "stack"), self.ports,
+                           log=os.path.join(args.workdir, "stack.log"))
+        self.rep = Report()
 
     def not_ok(self, name, problems):
-        self.failed += 1
-        say("not ok - %s: %s" % (name, problems[0].splitlines()[0] if problems else "?"))
-        for p in problems:
-            for line in p.splitlines():
-                say("#   " + line if not line.startswith("#") else line)
+        """`not ok - NAME: ` the first line of the first problem, then every line of them."""
+        self.rep.not_ok(name, problems[0].splitlines()[0], problems)
 
     async def run(self):
         t = time.monotonic()
@@ -550,7 +516,7 @@ class Suite:
             label = "chaos %s" % case.name
             previous_ok = ok
             if ok:
-                self.ok(label, "%s; %.0f s" % (detail, time.monotonic() - t))
+                self.rep.ok(label, "%s; %.0f s" % (detail, time.monotonic() - t))
             else:
                 if detail:
                     problems.append("(%s)" % detail)
@@ -576,7 +542,7 @@ def main():
     if own_workdir:
         args.workdir = tempfile.mkdtemp(prefix="sp-chaos-")
     os.chmod(args.workdir, 0o755)  # as root, PostgreSQL runs as `postgres` and must reach it
-    fs.raise_nofile(8192)
+    raise_nofile(8192)
     say("# chaos: seed %d (replay: make chaos SEED=%d%s); %s pass; cases: %s" % (
         args.seed, args.seed, "" if not args.short else ", or tests/chaos/chaos.sh --short --seed %d"
         % args.seed, "short" if args.short else "full", ", ".join(args.only or CASES)))
@@ -587,9 +553,7 @@ def main():
     if missing:
         suite.not_ok("setup", ["missing %s in %s (make)" % (", ".join(missing), args.bin_dir)])
     else:
-        def interrupted(signum, frame):  # chaos.sh's trap: stop the workers on the way out
-            raise KeyboardInterrupt
-        signal.signal(signal.SIGTERM, interrupted)
+        interrupt_on_sigterm()  # chaos.sh's trap: stop the workers on the way out
         try:
             asyncio.run(suite.run())
         except KeyboardInterrupt:
@@ -597,14 +561,13 @@ def main():
         finally:
             if own_workdir:  # without chaos.sh: tear down here
                 suite.stack.sh("down", "--purge", timeout=180)
-                if not suite.failed:
+                if not suite.rep.failed:
                     shutil.rmtree(args.workdir, ignore_errors=True)
     secs = time.monotonic() - t0
-    if suite.failed:
+    if suite.rep.failed:
         say("# logs kept in %s" % args.workdir)
-    say("%d passed, %d failed (chaos, seed %d, %.0f s; replay: make chaos SEED=%d)"
-        % (suite.passed, suite.failed, args.seed, secs, args.seed))
-    return 0 if suite.failed == 0 else 1
+    return suite.rep.summary("chaos, seed %d, %.0f s; replay: make chaos SEED=%d"
+                             % (args.seed, secs, args.seed))
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ import argparse
 import asyncio
 import os
 import random
-import signal
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import flashsale as fs  # noqa: E402
 from flashsale import Fail, fmt_int  # noqa: E402
+from testkit import Stack, interrupt_on_sigterm, raise_nofile  # noqa: E402
 
 DEMO_DB = "stockpipe_demo"
 DEMO_TOPIC = "stockpipe.demo"
@@ -215,12 +215,9 @@ def main():
     args = ap.parse_args()
     if args.users > args.orders:
         ap.error("--users must not exceed --orders")
-    fs.raise_nofile(args.conns * 2 + 1024)
-    stack = fs.Stack()
-
-    def interrupted(signum, frame):  # demo.sh's trap: stop the workers on the way out
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, interrupted)
+    raise_nofile(args.conns * 2 + 1024)
+    stack = Stack()
+    interrupt_on_sigterm()  # demo.sh's trap: stop the workers on the way out
     try:
         rc = asyncio.run(run(args, stack, args.workdir))
     except Fail as e:

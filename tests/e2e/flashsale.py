@@ -3,14 +3,13 @@
 Shared by the demo (tests/e2e/demo.py, `make demo`) and the chaos suite (tests/chaos/chaos.py,
 `make chaos`). Standard library only; the HTTP client is tests/lib/http11.py.
 
-  Stack      a scripts/stack.sh stack: the shared one under var/, or a private one (STACK_VAR and
-             ports of its own); up, down SERVER, topics
   World      what one sale runs against: a PostgreSQL database, an events topic and its
              dead-letter topic, a Redis URL (a db number, or sentinel://) and a consumer group;
              made (database migrated, topics created) when missing
   Fleet      the workers (bin/producer, bin/consumer, bin/reaper) on one World: started,
-             SIGKILLed, restarted, stopped with SIGTERM; every pid is recorded in a directory so a
-             shell trap can kill what a crashed driver left behind
+             SIGKILLed, restarted, stopped with SIGTERM (testkit.Worker); every pid is recorded
+             in a directory (testkit.Procs) so a shell trap can kill what a crashed driver left
+             behind
   Buyers     order traffic against one SKU: a burst (every order at once) or a paced stream, over
              many keep-alive connections spread across the producers, with payments; keeps every
              HTTP answer
@@ -23,17 +22,16 @@ Shared by the demo (tests/e2e/demo.py, `make demo`) and the chaos suite (tests/c
 import asyncio
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 sys.path.insert(0, os.path.join(ROOT, "tests", "lib"))
-from http11 import HOST, Client, Conn, TransportError, prepare  # noqa: E402
-from testkit import Fail, expect, free_port, log_tail, read_env_file  # noqa: E402
+from http11 import Client, Conn, TransportError, prepare  # noqa: E402
+import testkit  # noqa: E402
+from testkit import STACK_SH, Fail, Procs, command, expect, redis_cli  # noqa: E402
 
-STACK_SH = os.path.join(ROOT, "scripts", "stack.sh")
 MIGRATE_SH = os.path.join(ROOT, "scripts", "migrate.sh")
 ADMIN = "flashsale-admin"
 PAYMENT = "flashsale-pay"
@@ -41,86 +39,11 @@ ORDER_TIMEOUT = 20.0  # an order unanswered for this long counts as a hang (stat
 EPOCH_KEY = "stockpipe:reaper:epoch"
 
 
-def command(argv, timeout=30, env=None, input_text=None, check=True):
-    """Runs a short client command (psql, redis-cli, kcat, stack.sh); its stdout, or Fail."""
-    try:
-        p = subprocess.run(argv, input=input_text, capture_output=True, text=True,
-                           timeout=timeout, env=env,
-                           stdin=None if input_text is not None else subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise Fail("%s did not finish within %d s" % (" ".join(argv[:3]), timeout))
-    if check and p.returncode != 0:
-        raise Fail("%s exited %d: %s" % (" ".join(argv[:3]), p.returncode,
-                                         (p.stderr or p.stdout).strip()[-500:]))
-    return p.stdout
-
-
-def raise_nofile(want=8192):
-    import resource
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE,
-                           (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
-
-
 def fmt_int(n):
     return "{:,}".format(n)
 
 
 # ---- the stack ---------------------------------------------------------------------------------
-
-SHARED_PORTS = {"STACK_REDIS_PORT": 16379, "STACK_PG_PORT": 15432, "STACK_KAFKA_PORT": 19092,
-                "STACK_KAFKA_CONTROLLER_PORT": 19093}
-
-
-class Stack:
-    """scripts/stack.sh with a fixed environment. var=None is the stack the caller's environment
-    names (STACK_VAR, STACK_*_PORT, or the shared one under var/); var=DIR with ports={...} is a
-    private one."""
-
-    def __init__(self, var=None, ports=None, log=None):
-        self.env = dict(os.environ)
-        if var is not None:
-            self.env["STACK_VAR"] = var
-        for k, v in (ports or {}).items():
-            self.env[k] = str(v)
-        self.var = self.env.get("STACK_VAR") or os.path.join(ROOT, "var")
-        self.log = log  # a file for stack.sh's output, or None for ours
-
-    def sh(self, *args, timeout=300):
-        if self.log:
-            with open(self.log, "ab") as out:
-                p = subprocess.run([STACK_SH] + list(args), env=self.env,
-                                   stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                   timeout=timeout)
-            expect(p.returncode == 0, "scripts/stack.sh %s failed (%d):\n%s"
-                   % (" ".join(args), p.returncode, log_tail(self.log)))
-        else:
-            p = subprocess.run([STACK_SH] + list(args), env=self.env, stdin=subprocess.DEVNULL,
-                               timeout=timeout)
-            expect(p.returncode == 0, "scripts/stack.sh %s failed (%d)" % (" ".join(args),
-                                                                         p.returncode))
-
-    async def ash(self, *args, timeout=300):
-        await asyncio.to_thread(self.sh, *args, timeout=timeout)
-
-    def running(self):
-        return subprocess.run([STACK_SH, "status"], env=self.env, stdin=subprocess.DEVNULL,
-                              capture_output=True, timeout=60).returncode == 0
-
-    def stack_env(self):
-        """What `up` wrote to the env file: REDIS_URL, KAFKA_BROKERS, PG_DSN, ports."""
-        path = os.path.join(self.var, "stack.env")
-        expect(os.path.exists(path), "no %s: is the stack up? (scripts/stack.sh up)" % path)
-        return read_env_file(path)
-
-    def pid_of(self, server):
-        try:
-            with open(os.path.join(self.var, "run", server + ".pid")) as f:
-                return int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-
 
 def topic_exists(brokers, topic):
     out = command(["kcat", "-b", brokers, "-L", "-t", topic, "-m", "5"], timeout=20, check=False)
@@ -228,8 +151,8 @@ class World:
             for hp in hosts.split(","):
                 h, _, p = hp.rpartition(":")
                 try:
-                    out = command(["redis-cli", "-h", h, "-p", p, "SENTINEL",
-                                   "GET-MASTER-ADDR-BY-NAME", name], timeout=5).split()
+                    out = redis_cli(p, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", name, host=h,
+                                    timeout=5).split()
                     if len(out) == 2:
                         return out[0], int(out[1]), 0
                     last = out
@@ -242,8 +165,7 @@ class World:
 
     def redis(self, *args, timeout=10):
         h, p, db = self.redis_addr()
-        return command(["redis-cli", "-h", h, "-p", str(p), "-n", str(db)]
-                       + [str(a) for a in args], timeout=timeout).strip()
+        return redis_cli(p, *args, host=h, db=db, timeout=timeout)
 
     def redis_lines(self, *args):
         out = self.redis(*args)
@@ -273,99 +195,24 @@ class World:
 
 # ---- the workers ---------------------------------------------------------------------------------
 
-class Worker:
+class Worker(testkit.Worker):
+    """A worker of the fleet on its World, with the fleet's settings for its kind."""
+
     def __init__(self, fleet, kind, index, env):
+        name = "%s-%d" % (kind, index)
+        super().__init__(fleet.procs, name, os.path.join(fleet.bin_dir, kind),
+                         os.path.join(fleet.logdir, name + ".log"))
         self.fleet, self.kind, self.index = fleet, kind, index
-        self.name = "%s-%d" % (kind, index)
         self.env = env
-        self.port = None
-        self.proc = None
-        self.log_path = os.path.join(fleet.logdir, self.name + ".log")
-        self.client = None
-        self.starts = 0
 
     def start(self):
-        if self.port is None:  # kept across restarts, like a Service in front of a pod
-            self.port = free_port()
-        env = dict(os.environ, **self.fleet.world.env())
+        env = dict(self.fleet.world.env())
         env.update(self.env)
-        env.update(HTTP_ADDR=HOST, HTTP_PORT=str(self.port),
-                   WORKER_ID="%s-%s-%d" % (self.fleet.tag, self.name, self.starts))
-        binary = os.path.join(self.fleet.bin_dir, self.kind)
-        with open(self.log_path, "ab" if self.starts else "wb") as log:  # a new run: a new log
-            log.write(b"--- start %d\n" % self.starts)
-            log.flush()
-            self.proc = subprocess.Popen([binary], env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT)
-        with open(os.path.join(self.fleet.piddir, self.name + ".pid"), "w") as f:
-            f.write("%d %s\n" % (self.proc.pid, binary))
-        self.client = Client(self.port)
-        self.starts += 1
-
-    def alive(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill9(self):
-        if self.alive():
-            self.proc.kill()
-        if self.proc is not None:
-            self.proc.wait()
-        if self.client:
-            self.client.close()
-
-    async def stop(self, timeout=30.0):
-        """SIGTERM; the exit status, or None if it did not exit within timeout (then killed)."""
-        if self.client:
-            self.client.close()
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        end = time.monotonic() + timeout
-        while self.proc.poll() is None and time.monotonic() < end:
-            await asyncio.sleep(0.05)
-        code = self.proc.poll()
-        if code is None:
-            self.proc.kill()
-            self.proc.wait()
-        try:
-            os.unlink(os.path.join(self.fleet.piddir, self.name + ".pid"))
-        except OSError:
-            pass
-        return code
-
-    async def readyz(self):
-        try:
-            r = await self.client.request("GET", "/readyz", timeout=3)
-            return r.status, r.body.decode("utf-8", "replace").strip()
-        except TransportError as e:
-            return 0, str(e)
+        env["WORKER_ID"] = "%s-%s-%d" % (self.fleet.tag, self.name, self.starts)
+        super().start(env, banner=b"--- start %d\n" % self.starts)
 
     async def wait_ready(self, timeout=60):
-        end = time.monotonic() + timeout
-        last = (0, "")
-        while time.monotonic() < end:
-            expect(self.alive(), "%s exited with status %s:\n%s"
-                   % (self.name, self.proc.returncode, log_tail(self.log_path)))
-            last = await self.readyz()
-            if last[0] == 200:
-                return
-            await asyncio.sleep(0.1)
-        raise Fail("%s not ready within %d s (last /readyz: %s %s)\n%s"
-                   % (self.name, timeout, last[0], last[1][:200], log_tail(self.log_path)))
-
-    async def metrics(self):
-        """The worker's /metrics as {series: value} (series with labels as written)."""
-        r = await self.client.request("GET", "/metrics", timeout=5)
-        out = {}
-        for line in r.body.decode("utf-8", "replace").splitlines():
-            if line and not line.startswith("#"):
-                k, _, v = line.rpartition(" ")
-                try:
-                    out[k] = float(v)
-                except ValueError:
-                    pass
-        return out
+        await super().wait_ready(timeout=timeout, with_log=True)
 
 
 # Settings that make a sale short enough to watch: expiries and returns within a second of being
@@ -384,10 +231,10 @@ class Fleet:
     """The workers of one World. counts: {"producer": 2, "consumer": 2, "reaper": 1}."""
 
     def __init__(self, world, bin_dir, logdir, piddir, counts, settings=None, tag="sale"):
-        self.world, self.bin_dir, self.logdir, self.piddir = world, bin_dir, logdir, piddir
+        self.world, self.bin_dir, self.logdir = world, bin_dir, logdir
         self.tag = tag
         os.makedirs(logdir, exist_ok=True)
-        os.makedirs(piddir, exist_ok=True)
+        self.procs = Procs(piddir)
         self.workers = []
         for kind in ("producer", "consumer", "reaper"):
             env = dict(FAST_SETTINGS[kind])
@@ -429,7 +276,7 @@ class Fleet:
 
     def kill_all(self):
         for w in self.workers:
-            w.kill9()
+            w.kill()
 
 
 def audit(world, bin_dir, env_extra, timeout=120):

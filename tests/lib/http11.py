@@ -1,15 +1,21 @@
 """http11.py - a small HTTP/1.1 keep-alive client over asyncio streams, for the tests.
 
-Shared by tests/producer/integration_api.py (and through it integration_faults.py) and by the sale
-driver tests/e2e/flashsale.py (the demo and the chaos suite). Standard library only.
+Shared by tests/producer/integration_api.py (and through it integration_faults.py),
+integration_http_hostile.py, tests/lib/testkit.py (its Worker's client) and the sale driver
+tests/e2e/flashsale.py (the demo and the chaos suite). Standard library only.
 
   Client(port).request(method, path, body=None, headers=None, timeout=REQ_TIMEOUT) -> Response
       from a pool of keep-alive connections to 127.0.0.1:port; raises TransportError when there
       is no answer (a GET is replayed once on a kept-alive connection the server had closed).
   Conn(port).exchange(method, path, body=None, headers=None) -> Response
       one connection, for callers that manage their own; raises OSError and friends.
+  Conn(port).request(method, path, body=None, headers=None, timeout=REQ_TIMEOUT) -> Response
+      the same within a timeout; on any failure the connection is closed and the error raised.
   Conn(port).exchange_prepared(prepare(method, path, ...), timeout) -> Response
-      the same for a request encoded once, with a minimal parser: for bursts.
+      a request encoded once, with a minimal parser: for bursts.
+  Conn(port).exchange_raw(data) -> Response
+      bytes sent as they are (malformed, partial, or none when the server speaks first), then
+      one response read with the parser of exchange().
 A body that is not bytes or str is sent as JSON.
 """
 import asyncio
@@ -54,12 +60,17 @@ def encode_body(body):
 
 
 def prepare(method, path, body=None, headers=None, port=0):
-    """A request encoded once, for Conn.exchange_prepared()."""
+    """A request encoded once, for Conn.exchange_prepared() and Conn.exchange_raw(). A header
+    given as None is left out (Host, Content-Type)."""
     data = encode_body(body)
     hdrs = {"Host": "%s:%d" % (HOST, port)}
     if data is not None:
         hdrs["Content-Type"] = "application/json"
-    hdrs.update(headers or {})
+    for k, v in (headers or {}).items():
+        if v is None:
+            hdrs.pop(k, None)
+        else:
+            hdrs[k] = v
     if data is not None or method in ("POST", "PUT"):
         hdrs["Content-Length"] = str(len(data or b""))
     head = "%s %s HTTP/1.1\r\n%s\r\n" % (method, path,
@@ -89,16 +100,20 @@ class Conn:
         self.reader, self.writer = await asyncio.open_connection(HOST, self.port)
         self.last = time.monotonic()
 
+    async def ensure_connected(self):
+        """Closes a connection no longer usable (see usable()), connects when there is none."""
+        if self.writer is not None and not self.usable():
+            self.close()
+        if self.writer is None:
+            await self.connect()
+
     async def exchange_prepared(self, data, timeout):
         """Sends one request already encoded (see prepare()) and reads the response with a
         minimal parser: the status line, Content-Length and Connection: close (the workers
         always send a length). For bursts, where the client's own CPU bounds the rate: about
         half the cost of exchange() under asyncio.wait_for. No answer within `timeout` s aborts
         the connection and raises TimeoutError; otherwise raises like exchange()."""
-        if self.writer is not None and not self.usable():
-            self.close()
-        if self.writer is None:
-            await self.connect()
+        await self.ensure_connected()
         self.got_bytes = False
         transport = self.writer.transport
         timer = asyncio.get_running_loop().call_later(timeout, transport.abort)
@@ -126,26 +141,27 @@ class Conn:
 
     async def exchange(self, method, path, body=None, headers=None):
         """Sends one request and reads its response; raises OSError/IncompleteReadError."""
-        if self.writer is not None and not self.usable():
+        return await self.exchange_raw(prepare(method, path, body, headers, self.port), method)
+
+    async def request(self, method, path, body=None, headers=None, timeout=REQ_TIMEOUT):
+        """exchange() within `timeout` s; on any failure (the timeout too) the connection is
+        closed, the next request makes a new one, and the error is raised."""
+        try:
+            return await asyncio.wait_for(self.exchange(method, path, body, headers), timeout)
+        except BaseException:
             self.close()
-        if self.writer is None:
-            await self.connect()
+            raise
+
+    async def exchange_raw(self, data, method="GET"):
+        """Sends `data` as it is - a request prepare() made, or bytes no client would send
+        (malformed, partial; b"" sends nothing, for an answer the server gives unasked) - and
+        reads one response (to `method`, which decides whether it has a body) with the parser
+        of exchange(). Raises OSError/IncompleteReadError when the server closes instead."""
+        await self.ensure_connected()
         self.got_bytes = False
-        data = encode_body(body)
-        hdrs = {"Host": "%s:%d" % (HOST, self.port)}
-        if data is not None:
-            hdrs["Content-Type"] = "application/json"
-        for k, v in (headers or {}).items():
-            if v is None:
-                hdrs.pop(k, None)
-            else:
-                hdrs[k] = v
-        if data is not None or method in ("POST", "PUT"):
-            hdrs["Content-Length"] = str(len(data or b""))
-        head = "%s %s HTTP/1.1\r\n%s\r\n" % (
-            method, path, "".join("%s: %s\r\n" % kv for kv in hdrs.items()))
-        self.writer.write(head.encode("latin-1") + (data or b""))
-        await self.writer.drain()
+        if data:
+            self.writer.write(data)
+            await self.writer.drain()
         raw = await self.reader.readuntil(b"\r\n\r\n")
         self.got_bytes = True
         lines = raw.decode("latin-1").split("\r\n")

@@ -1,28 +1,56 @@
-"""testkit.py - what every Python test driver needs: failures, reporting, ports, env files, logs.
+"""testkit.py - what every Python test driver needs: failures, reporting, ports, env files, logs,
+processes, the stack.
 
-Shared by tests/producer/integration_{api,faults,http_hostile}.py and by the sale driver
-tests/e2e/flashsale.py (the demo and the chaos suite). Standard library only.
+Shared by tests/producer/integration_{api,faults,http_hostile}.py, by the sale driver
+tests/e2e/flashsale.py (the demo and the chaos suite) and by tests/chaos/chaos.py. Standard
+library only.
 
   Fail, expect(cond, detail)      a check that did not hold, or a step that could not be done
-  Report()                        prints `ok - NAME` / `not ok - NAME: DETAIL`, counts both;
-                                  keep_if_failed(dir, what), summary() -> exit status
+  Report()                        prints `ok - NAME` / `not ok - NAME: DETAIL` (and diagnostic
+                                  lines), counts both; check(), skip(names, why),
+                                  await run_check(name, fn, budget), keep_if_failed(dir, what),
+                                  summary(note) -> exit status
+  run_driver(run, needs, prefix, kept)
+                                  the main() of a driver against the shared stack
   read_env_file(path) -> dict     the `export K=V` lines of a stack.env
   load_stack_env()                fills os.environ from var/stack.env when REDIS_URL is unset
-  free_port(), port_free(port), pick_ports(n, avoid)
+  free_port(), port_free(port), pick_ports(n, avoid), private_ports(preferred)
   log_tail(path, n, prefix)       the last lines of a log, indented for a TAP diagnostic
   worker_binary(name)             $BIN_DIR/NAME (default bin/NAME), as an absolute path
   setup_missing(env, binary)      what a driver lacks to run: unset settings, or the binary
-  sentinel_conf(...)              the sentinel.conf of a Sentinel watching one primary
+  raise_nofile(want), interrupt_on_sigterm()
+  command(argv), redis_cli(port, *args)
+                                  a short client command's output, or Fail
+  Procs(piddir)                   processes started, each recorded in PIDDIR/NAME.pid as
+                                  "PID NEEDLE" (what kill_recorded of tests/lib/procs.sh reads);
+                                  start, kill, stop (SIGTERM, wait, SIGKILL), stop_all;
+                                  proc_matches(pid, needle)
+  Worker(procs, name, binary, log_path)
+                                  a worker binary on a loopback port of its own, with an http11
+                                  Client: start(env), alive, kill, stop, readyz, wait_ready,
+                                  metrics, log_tail
+  redis_server(...), redis_sentinel(...), sentinel_conf(...)
+                                  Redis servers and Sentinels of a test's own
+  Stack(var, ports, log)          scripts/stack.sh on the shared stack or a private one
 """
+import asyncio
 import os
 import random
 import shlex
 import shutil
+import signal
 import socket
+import subprocess
+import tempfile
+import time
 
-from http11 import HOST
+from http11 import HOST, Client, TransportError
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+STACK_SH = os.path.join(ROOT, "scripts", "stack.sh")
+# The shared stack's ports (scripts/stack.sh's defaults), which a private stack must not take.
+SHARED_PORTS = {"STACK_REDIS_PORT": 16379, "STACK_PG_PORT": 15432, "STACK_KAFKA_PORT": 19092,
+                "STACK_KAFKA_CONTROLLER_PORT": 19093}
 
 
 class Fail(Exception):
@@ -44,15 +72,45 @@ class Report:
         self.passed += 1
         print("ok - %s%s" % (name, " (%s)" % detail if detail else ""), flush=True)
 
-    def not_ok(self, name, detail):
+    def not_ok(self, name, detail, notes=()):
+        """Prints `not ok - NAME: DETAIL` (white space folded to one line), then each line of
+        `notes` (texts that may span lines) as a diagnostic, `#   LINE` (a line that already
+        starts with # as it is)."""
         self.failed += 1
         print("not ok - %s: %s" % (name, " ".join(str(detail).split())), flush=True)
+        for note in notes:
+            for line in str(note).splitlines():
+                print(line if line.startswith("#") else "#   " + line, flush=True)
 
     def check(self, name, cond, detail=""):
         if cond:
             self.ok(name, detail)
         else:
             self.not_ok(name, detail)
+
+    def skip(self, names, why):
+        """Each of `names` is not ok: `skipped: WHY` (a check that could not run counts as
+        failed)."""
+        for n in names:
+            self.not_ok(n, "skipped: " + why)
+
+    async def run_check(self, name, fn, budget):
+        """Awaits fn() within `budget` seconds: ok with the detail it returns, else not ok with
+        the Fail, the timeout or the error (a bug in one check must not hide the others nor skip
+        the teardown). True when it passed."""
+        try:
+            detail = await asyncio.wait_for(fn(), budget)
+            self.ok(name, detail)
+            return True
+        except Fail as e:
+            self.not_ok(name, e)
+        except asyncio.TimeoutError:
+            self.not_ok(name, "did not finish within %.0f s" % budget)
+        except TransportError as e:
+            self.not_ok(name, "transport error: %s" % e)
+        except Exception as e:
+            self.not_ok(name, "%s: %s" % (type(e).__name__, e))
+        return False
 
     def keep_if_failed(self, logdir, what):
         """After the run: removes logdir when every check passed, else keeps it and says so,
@@ -62,10 +120,33 @@ class Report:
         else:
             shutil.rmtree(logdir, ignore_errors=True)
 
-    def summary(self):
-        """Prints `N passed, M failed`; the exit status of the run (0 when nothing failed)."""
-        print("%d passed, %d failed" % (self.passed, self.failed), flush=True)
+    def summary(self, note=None):
+        """Prints `N passed, M failed` (and ` (NOTE)`); the exit status of the run (0 when
+        nothing failed)."""
+        print("%d passed, %d failed%s" % (self.passed, self.failed,
+                                          " (%s)" % note if note else ""), flush=True)
         return 0 if self.failed == 0 else 1
+
+
+def run_driver(run, needs, prefix, kept, worker="producer"):
+    """The main() of a driver that runs one worker binary against the shared stack: fills the
+    stack env (load_stack_env), checks that the settings `needs` and $BIN_DIR/WORKER are there (a
+    failed `setup` check otherwise), then asyncio.run(run(rep, binary, logdir)) with a new
+    scratch directory named PREFIX..., kept only when a check failed (`# KEPT kept in DIR`).
+    Prints the time it took and, last, `N passed, M failed`; returns the exit status."""
+    load_stack_env()
+    binary = worker_binary(worker)
+    missing = setup_missing(needs, binary)
+    rep = Report()
+    if missing:
+        rep.not_ok("setup", "missing %s" % missing)
+    else:
+        logdir = tempfile.mkdtemp(prefix=prefix)
+        t = time.monotonic()
+        asyncio.run(run(rep, binary, logdir))
+        print("# %.1f s" % (time.monotonic() - t), flush=True)
+        rep.keep_if_failed(logdir, kept)
+    return rep.summary()
 
 
 def read_env_file(path):
@@ -120,6 +201,15 @@ def pick_ports(n, avoid=()):
     return out
 
 
+def private_ports(preferred):
+    """The ports of a private stack: `preferred` ({STACK_*_PORT: port}) when all of them are
+    free, else as many picked by pick_ports, none of the shared stack's nor the preferred."""
+    if all(port_free(p) for p in preferred.values()):
+        return dict(preferred)
+    return dict(zip(preferred, pick_ports(len(preferred), set(SHARED_PORTS.values())
+                                          | set(preferred.values()))))
+
+
 def log_tail(path, n=15, prefix="#   "):
     """The last n lines of the log at path, each cut to 300 characters and prefixed."""
     try:
@@ -161,3 +251,292 @@ def sentinel_conf(port, workdir, master, master_port, quorum, failover_timeout_m
             "sentinel parallel-syncs %s 1\n"
             % (port, HOST, workdir, master, HOST, master_port, quorum, master, master,
                failover_timeout_ms, master))
+
+
+def raise_nofile(want=8192):
+    """Raises the soft limit of open files to `want` (at most the hard limit)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE,
+                           (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
+
+
+def interrupt_on_sigterm():
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does: the shell wrapper's trap (stop_helper)
+    makes the driver stop what it started on the way out."""
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupted)
+
+
+def command(argv, timeout=30, env=None, input_text=None, check=True):
+    """Runs a short client command (psql, redis-cli, kcat, stack.sh); its stdout, or Fail."""
+    try:
+        p = subprocess.run(argv, input=input_text, capture_output=True, text=True,
+                           errors="replace", timeout=timeout, env=env,
+                           stdin=None if input_text is not None else subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise Fail("%s did not finish within %d s" % (" ".join(argv[:4]), timeout))
+    if check and p.returncode != 0:
+        raise Fail("%s exited %d: %s" % (" ".join(argv[:4]), p.returncode,
+                                         (p.stderr or p.stdout).strip()[-500:]))
+    return p.stdout
+
+
+def redis_cli(port, *args, host=HOST, db=None, timeout=10):
+    """One redis-cli command on host:port (database db); its output, stripped, or Fail."""
+    argv = ["redis-cli", "-h", host, "-p", str(port)]
+    if db is not None:
+        argv += ["-n", str(db)]
+    return command(argv + [str(a) for a in args], timeout=timeout).strip()
+
+
+# ---- processes ----------------------------------------------------------------------------------
+
+def proc_matches(pid, needle):
+    """The process pid runs (not a zombie) and its command line contains needle."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+        with open("/proc/%d/status" % pid) as f:
+            state = [l for l in f if l.startswith("State:")][0].split()[1]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X") and needle in cmd
+
+
+class Procs:
+    """The processes a driver started, by name. Each is recorded in PIDDIR/NAME.pid as
+    "PID NEEDLE", the format kill_recorded of tests/lib/procs.sh reads, so that the driver's
+    shell wrapper kills it (only while its command line still contains NEEDLE) even when the
+    driver died; the file goes when the process is stopped or killed here. piddir None records
+    nothing (a driver without such a wrapper)."""
+
+    def __init__(self, piddir=None):
+        self.dir = piddir
+        if piddir:
+            os.makedirs(piddir, exist_ok=True)
+        self.procs = {}
+
+    def start(self, name, argv, log_path, needle=None, env=None, append=True, banner=None):
+        """Starts argv (env: the whole environment, None for ours) with stdout and stderr to
+        log_path (appended to, or a new file with append=False; `banner` bytes written first)
+        and records it with needle (default argv[0]); the Popen."""
+        with open(log_path, "ab" if append else "wb") as log:
+            if banner:
+                log.write(banner)
+                log.flush()
+            p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                 stderr=subprocess.STDOUT)
+        if self.dir:
+            with open(os.path.join(self.dir, name + ".pid"), "w") as f:
+                f.write("%d %s\n" % (p.pid, needle or argv[0]))
+        self.procs[name] = p
+        return p
+
+    def get(self, name):
+        return self.procs.get(name)
+
+    def forget(self, name):
+        self.procs.pop(name, None)
+        if self.dir:
+            try:
+                os.unlink(os.path.join(self.dir, name + ".pid"))
+            except OSError:
+                pass
+
+    def kill(self, name):
+        """SIGKILL (if it still runs), waits for it (10 s at most) and forgets it."""
+        p = self.procs.get(name)
+        if p is not None:
+            if p.poll() is None:
+                p.kill()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        self.forget(name)
+
+    async def stop(self, name, timeout):
+        """SIGTERM, then waits up to `timeout` s; SIGKILL if it is still there. Forgets it;
+        returns its exit status, None when it did not exit in time (0 for none started)."""
+        p = self.procs.get(name)
+        if p is None:
+            return 0
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+        end = time.monotonic() + timeout
+        while p.poll() is None and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        code = p.poll()
+        self.kill(name)
+        return code
+
+    def stop_all(self, prefix=""):
+        """kill() of every process whose name starts with prefix."""
+        for name in [n for n in self.procs if n.startswith(prefix)]:
+            self.kill(name)
+
+
+class Worker:
+    """A worker binary (producer, consumer, reaper) serving HTTP on 127.0.0.1:port (a free port
+    unless given, kept across restarts like a Service in front of a pod), started through procs
+    under `name`, with an http11.Client to it. Its messages call it `label` (`KIND NAME` unless
+    the name starts with the binary's name)."""
+
+    def __init__(self, procs, name, binary, log_path, port=None):
+        self.procs, self.name, self.binary, self.log_path = procs, name, binary, log_path
+        kind = os.path.basename(binary)
+        self.label = name if name.startswith(kind) else "%s %s" % (kind, name)
+        self.port = port or free_port()
+        self.proc = None
+        self.client = None
+        self.starts = 0
+
+    def start(self, env, banner=None):
+        """Starts it with our environment, `env` on top, and HTTP_ADDR/HTTP_PORT; the log is
+        new at the first start and appended to at a restart (banner bytes written first)."""
+        full = dict(os.environ)
+        full.update(env)
+        full.update(HTTP_ADDR=HOST, HTTP_PORT=str(self.port))
+        self.proc = self.procs.start(self.name, [self.binary], self.log_path, env=full,
+                                     append=self.starts > 0, banner=banner)
+        self.client = Client(self.port)
+        self.starts += 1
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self):
+        """SIGKILL; waits for it."""
+        if self.client:
+            self.client.close()
+        self.procs.kill(self.name)
+
+    async def stop(self, timeout=30.0):
+        """SIGTERM; the exit status, or None if it did not exit within timeout (then killed)."""
+        if self.client:
+            self.client.close()
+        if self.proc is None:
+            return 0
+        if self.procs.get(self.name) is not self.proc:  # killed (and not started again) already
+            return self.proc.wait()
+        return await self.procs.stop(self.name, timeout)
+
+    def log_tail(self, n=12):
+        return log_tail(self.log_path, n, "#   %s: " % self.name)
+
+    async def readyz(self, timeout=5):
+        """(status, body) of GET /readyz; (0, what went wrong) without an answer."""
+        try:
+            r = await self.client.request("GET", "/readyz", timeout=timeout)
+            return r.status, r.body.decode("utf-8", "replace").strip()
+        except TransportError as e:
+            return 0, str(e)
+
+    async def wait_ready(self, want=200, timeout=60, contains=None, with_log=False):
+        """Polls /readyz until it answers `want` (with `contains` in its body); the seconds it
+        took. Fail when the process exits or after `timeout` s, with the last answer (and the
+        log's last lines with with_log)."""
+        t0 = time.monotonic()
+        while True:
+            if not self.alive():
+                raise Fail("%s exited with status %s%s" % (
+                    self.label, self.proc.returncode, "\n" + self.log_tail() if with_log else ""))
+            last = await self.readyz()
+            if last[0] == want and (contains is None or contains in last[1]):
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                raise Fail("%s: /readyz still answers %s %s after %.0f s, wanted %d%s%s" % (
+                    self.label, last[0], last[1][:200], timeout, want,
+                    " mentioning %r" % contains if contains else "",
+                    "\n" + self.log_tail() if with_log else ""))
+            await asyncio.sleep(0.1)
+
+    async def metrics(self):
+        """Its /metrics as {series: value}."""
+        r = await self.client.request("GET", "/metrics", timeout=5)
+        return parse_metrics(r.body)
+
+
+def parse_metrics(body):
+    """Prometheus text (bytes) as {series: value}, a series with its labels as written."""
+    out = {}
+    for line in body.decode("utf-8", "replace").splitlines():
+        if line and not line.startswith("#"):
+            k, _, v = line.rpartition(" ")
+            try:
+                out[k] = float(v)
+            except ValueError:
+                pass
+    return out
+
+
+# ---- Redis servers and Sentinels of a test's own -----------------------------------------------
+
+def redis_server(procs, name, port, datadir, log_path, extra=()):
+    """redis-server on HOST:port, its files in datadir (made), no persistence, replication
+    without waiting; recorded in procs as name. The Popen."""
+    os.makedirs(datadir, exist_ok=True)
+    return procs.start(name, ["redis-server", "--port", str(port), "--bind", HOST, "--dir",
+                              datadir, "--save", "", "--appendonly", "no", "--daemonize", "no",
+                              "--repl-diskless-sync-delay", "0"] + list(extra),
+                       log_path, "redis-server %s:%d" % (HOST, port))
+
+
+def redis_sentinel(procs, name, port, conf, log_path):
+    """redis-sentinel with the conf file (sentinel_conf) of one listening on HOST:port."""
+    return procs.start(name, ["redis-sentinel", conf], log_path,
+                       "redis-sentinel %s:%d" % (HOST, port))
+
+
+# ---- the stack ---------------------------------------------------------------------------------
+
+class Stack:
+    """scripts/stack.sh with a fixed environment. var=None is the stack the caller's environment
+    names (STACK_VAR, STACK_*_PORT, or the shared one under var/); var=DIR with ports={...} is a
+    private one. log: a file for stack.sh's output, or None for ours."""
+
+    def __init__(self, var=None, ports=None, log=None):
+        self.env = dict(os.environ)
+        if var is not None:
+            self.env["STACK_VAR"] = var
+        for k, v in (ports or {}).items():
+            self.env[k] = str(v)
+        self.var = self.env.get("STACK_VAR") or os.path.join(ROOT, "var")
+        self.log = log
+
+    def sh(self, *args, timeout=300):
+        if self.log:
+            with open(self.log, "ab") as out:
+                p = subprocess.run([STACK_SH] + list(args), env=self.env,
+                                   stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                   timeout=timeout)
+            expect(p.returncode == 0, "scripts/stack.sh %s failed (%d):\n%s"
+                   % (" ".join(args), p.returncode, log_tail(self.log)))
+        else:
+            p = subprocess.run([STACK_SH] + list(args), env=self.env, stdin=subprocess.DEVNULL,
+                               timeout=timeout)
+            expect(p.returncode == 0, "scripts/stack.sh %s failed (%d)" % (" ".join(args),
+                                                                         p.returncode))
+
+    async def ash(self, *args, timeout=300):
+        await asyncio.to_thread(self.sh, *args, timeout=timeout)
+
+    def running(self):
+        return subprocess.run([STACK_SH, "status"], env=self.env, stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=60).returncode == 0
+
+    def stack_env(self):
+        """What `up` wrote to the env file: REDIS_URL, KAFKA_BROKERS, PG_DSN, ports."""
+        path = os.path.join(self.var, "stack.env")
+        expect(os.path.exists(path), "no %s: is the stack up? (scripts/stack.sh up)" % path)
+        return read_env_file(path)
+
+    def pid_of(self, server):
+        try:
+            with open(os.path.join(self.var, "run", server + ".pid")) as f:
+                return int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None

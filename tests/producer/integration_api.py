@@ -19,22 +19,19 @@ non-zero on any failure. Needs the stack env (REDIS_URL, KAFKA_BROKERS, KAFKA_TO
 from var/stack.env when unset) and kcat. Standard library only.
 """
 import asyncio
+import functools
 import json
 import os
 import random
-import resource
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 sys.path.insert(0, os.path.join(ROOT, "tests", "lib"))
-# The HTTP client (integration_faults.py uses it through this module).
-from http11 import HOST, REQ_TIMEOUT, Client, Conn, TransportError  # noqa: E402
-from testkit import (Fail, Report, expect, free_port, load_stack_env, setup_missing,  # noqa: E402
-                     worker_binary)
+from http11 import REQ_TIMEOUT, Client, Conn, TransportError  # noqa: E402
+from testkit import (Fail, Procs, Worker, command, expect, free_port,  # noqa: E402
+                     raise_nofile, run_driver)
 
 ADMIN = "test-admin"
 PAYMENT = "test-pay"
@@ -57,57 +54,25 @@ def psql(sql, *params):
     return out.stdout.strip()
 
 
-class Producer:
-    def __init__(self, name, binary, logdir, port=None, **settings):
-        self.name = name
-        self.port = port or free_port()
-        self.log_path = os.path.join(logdir, "producer-%s.log" % name)
-        env = dict(os.environ, HTTP_ADDR=HOST, HTTP_PORT=str(self.port), ADMIN_TOKEN=ADMIN,
-                   PAYMENT_TOKEN=PAYMENT,
-                   WORKER_ID="itest-%d-%s-%06x" % (os.getpid(), name, random.getrandbits(24)),
-                   **settings)
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen([binary], env=env, stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT)
-        self.client = Client(self.port)
+class Producer(Worker):
+    """A producer under test (testkit.Worker), started at once: the tokens of these tests and
+    `settings` on top of our environment, HTTP on a free port or `port`, the log
+    LOGDIR/producer-NAME.log; its pid recorded in procs when given."""
 
-    def log_tail(self, n=12):
-        try:
-            with open(self.log_path, "rb") as f:
-                lines = f.read().decode("utf-8", "replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join("#   %s: %s" % (self.name, l[:300]) for l in lines[-n:])
+    def __init__(self, name, binary, logdir, port=None, procs=None, **settings):
+        super().__init__(procs or Procs(), name, binary,
+                         os.path.join(logdir, "producer-%s.log" % name), port)
+        env = dict(ADMIN_TOKEN=ADMIN, PAYMENT_TOKEN=PAYMENT,
+                   WORKER_ID="itest-%d-%s-%06x" % (os.getpid(), name, random.getrandbits(24)))
+        env.update(settings)
+        self.start(env)
 
-    async def wait_ready(self, deadline):
-        last = "no answer"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return "producer %s exited with status %s" % (self.name, self.proc.returncode)
-            try:
-                r = await self.client.request("GET", "/readyz", timeout=2)
-                if r.status == 200:
-                    return None
-                last = repr(r)
-            except TransportError as e:
-                last = str(e)
-            await asyncio.sleep(0.2)
-        return "producer %s not ready within 20 s (last: %s)" % (self.name, last)
 
-    async def stop(self, timeout=10.0):
-        """SIGTERM, then the exit status within `timeout` seconds (None if it did not exit)."""
-        self.client.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        end = time.monotonic() + timeout
-        while self.proc.poll() is None and time.monotonic() < end:
-            await asyncio.sleep(0.05)
-        return self.proc.poll()
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+async def ready_errors(producers, timeout=20):
+    """Waits until every producer answers /readyz 200; what went wrong, one text each."""
+    got = await asyncio.gather(*(p.wait_ready(timeout=timeout) for p in producers),
+                               return_exceptions=True)
+    return [str(e) for e in got if isinstance(e, Exception)]
 
 
 # ---- helpers for the checks ------------------------------------------------------------------
@@ -239,15 +204,14 @@ async def burst_worker(conn, producer_idx, jobs, sku, results, start, connected)
     conn.close()
 
 
-def read_kafka(sku):
-    """Events of `sku` in the topic, via kcat (bounded)."""
-    cmd = ["kcat", "-b", os.environ["KAFKA_BROKERS"], "-C", "-t", os.environ["KAFKA_TOPIC"],
-           "-o", "beginning", "-e", "-q", "-f", "%k\t%s\n"]
-    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
-    if p.returncode != 0:
-        raise Fail("kcat failed (%d): %s" % (p.returncode, p.stderr.decode("utf-8", "replace")[:300]))
+def read_kafka(sku, brokers=None, topic=None):
+    """Events of `sku` in the topic (default: the stack env's), via kcat (bounded); a line that
+    is no JSON as {"unparsable": ...}."""
+    out = command(["kcat", "-b", brokers or os.environ["KAFKA_BROKERS"], "-C", "-t",
+                   topic or os.environ["KAFKA_TOPIC"], "-o", "beginning", "-e", "-q",
+                   "-f", "%k\t%s\n"], timeout=60)
     events, key = [], str(sku)
-    for line in p.stdout.decode("utf-8", "replace").splitlines():
+    for line in out.splitlines():
         k, _, v = line.partition("\t")
         if k == key:
             try:
@@ -551,8 +515,7 @@ async def check_rate_limits(ctx):
     """A third producer with USER_RATE_LIMIT=5 and ORDER_RATE_LIMIT=20."""
     p = Producer("C", ctx.binary, ctx.logdir, USER_RATE_LIMIT="5", ORDER_RATE_LIMIT="20")
     ctx.producers.append(p)
-    err = await p.wait_ready(time.monotonic() + 20)
-    expect(err is None, err)
+    await p.wait_ready(timeout=20)
     c = p.client
     sku = new_sku()
     await must_open(c, sku, 1000, 0)
@@ -634,8 +597,7 @@ async def check_reuse_port(ctx):
     port = free_port()
     pair = [Producer(n, ctx.binary, ctx.logdir, port=port, HTTP_REUSE_PORT="1") for n in ("D", "E")]
     ctx.producers.extend(pair)
-    deadline = time.monotonic() + 20
-    errs = [e for e in await asyncio.gather(*(p.wait_ready(deadline) for p in pair)) if e]
+    errs = await ready_errors(pair)
     expect(not errs, "; ".join(errs))
     sku = new_sku()
     await must_open(pair[0].client, sku, 1000, 0)
@@ -695,33 +657,21 @@ async def run(rep, binary, logdir):
         ctx.pa, ctx.pb = Producer("A", binary, logdir), Producer("B", binary, logdir)
         ctx.producers = [ctx.pa, ctx.pb]
         ctx.a, ctx.b = ctx.pa.client, ctx.pb.client
-        deadline = time.monotonic() + 20
-        errs = [e for e in await asyncio.gather(*(p.wait_ready(deadline) for p in ctx.producers)) if e]
+        errs = await ready_errors(ctx.producers)
         if errs:
             rep.not_ok("two producers start and answer /readyz 200 within 20 s", "; ".join(errs))
             for p in ctx.producers:
                 print(p.log_tail(), flush=True)
-            for name, _, _ in CHECKS:
-                rep.not_ok(name, "skipped: the producers are not ready")
+            rep.skip([name for name, _, _ in CHECKS], "the producers are not ready")
         else:
             rep.ok("two producers start and answer /readyz 200 within 20 s",
                    "ports %d, %d" % (ctx.pa.port, ctx.pb.port))
             for name, fn, budget in CHECKS:
                 left = TOTAL_BUDGET - 15 - (time.monotonic() - T0)
                 if left < 1:
-                    rep.not_ok(name, "skipped: out of time")
+                    rep.skip([name], "out of time")
                     continue
-                try:
-                    detail = await asyncio.wait_for(fn(ctx), min(budget, left))
-                    rep.ok(name, detail)
-                except Fail as e:
-                    rep.not_ok(name, e)
-                except asyncio.TimeoutError:
-                    rep.not_ok(name, "did not finish within %.0f s" % min(budget, left))
-                except TransportError as e:
-                    rep.not_ok(name, "transport error: %s" % e)
-                except Exception as e:  # a bug here must not hide the other checks
-                    rep.not_ok(name, "%s: %s" % (type(e).__name__, e))
+                await rep.run_check(name, functools.partial(fn, ctx), min(budget, left))
         if ctx.producers:
             codes = await asyncio.gather(*(p.stop(10.0) for p in ctx.producers))
             for p, code in zip(ctx.producers, codes):
@@ -738,21 +688,9 @@ async def run(rep, binary, logdir):
 
 
 def main():
-    load_stack_env()
-    binary = worker_binary("producer")
-    missing = setup_missing(("REDIS_URL", "KAFKA_BROKERS", "KAFKA_TOPIC", "PG_DSN"), binary)
-    rep = Report()
-    if missing:
-        rep.not_ok("setup", "missing %s" % missing)
-    else:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != resource.RLIM_INFINITY and soft < 4096:
-            want = 4096 if hard == resource.RLIM_INFINITY else min(4096, hard)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
-        logdir = tempfile.mkdtemp(prefix="sp-producer-api-")
-        asyncio.run(run(rep, binary, logdir))
-        rep.keep_if_failed(logdir, "the producers' logs are")
-    return rep.summary()
+    raise_nofile(4096)
+    return run_driver(run, ("REDIS_URL", "KAFKA_BROKERS", "KAFKA_TOPIC", "PG_DSN"),
+                      "sp-producer-api-", "the producers' logs are")
 
 
 if __name__ == "__main__":

@@ -28,12 +28,11 @@ recorded there). Three scenarios, against real servers:
 
 Prints `ok - NAME (figures)` / `not ok - NAME: DETAIL` per check and, last, `N passed, M failed`.
 The private stack boots (about 15 s) while the sentinel scenario runs. Standard library only;
-the HTTP client and sale helpers come from integration_api.py, reporting and ports from
-tests/lib/testkit.py.
+the producer and sale helpers come from integration_api.py, reporting, ports, processes and the
+stack from tests/lib/testkit.py.
 """
 import argparse
 import asyncio
-import json
 import os
 import random
 import shutil
@@ -45,146 +44,36 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-import integration_api as api  # noqa: E402  (the HTTP client, sale helpers)
-from integration_api import TransportError, accepted_id  # noqa: E402
-from testkit import (Fail, Report, expect, free_port, load_stack_env, log_tail,  # noqa: E402
-                     pick_ports, port_free, read_env_file, sentinel_conf, setup_missing,
+import integration_api as api  # noqa: E402  (the producer, sale helpers)
+from http11 import HOST, TransportError  # noqa: E402
+from integration_api import accepted_id  # noqa: E402
+from testkit import (SHARED_PORTS, STACK_SH, Fail, Procs, Report, Stack, expect,  # noqa: E402
+                     load_stack_env, log_tail, pick_ports, private_ports, proc_matches,
+                     redis_cli, redis_sentinel, redis_server, sentinel_conf, setup_missing,
                      worker_binary)
 
-ROOT = api.ROOT
-HOST = api.HOST
-STACK_SH = os.path.join(ROOT, "scripts", "stack.sh")
 MSG_TIMEOUT_MS = 3000     # the producers' KAFKA_MESSAGE_TIMEOUT_MS: delivery fails within a test
 REQ_TIMEOUT = 20.0        # an order unanswered for this long counts as a hang
 # Ports of the private stack; others are picked when one of these is taken.
 PRIVATE_PORTS = {"STACK_REDIS_PORT": 26379, "STACK_PG_PORT": 25432, "STACK_KAFKA_PORT": 29092,
                  "STACK_KAFKA_CONTROLLER_PORT": 29093}
-SHARED_PORTS = {16379, 15432, 19092, 19093}
 MASTER = "spfaults"
 FOLLOW_MAX_S = 5          # a failover may cost buyers this long of 503s, counted from the switch
 
 
-# ---- processes, ports, commands ---------------------------------------------------------------
-
-def proc_matches(pid, needle):
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as f:
-            cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
-        with open("/proc/%d/status" % pid) as f:
-            state = [l for l in f if l.startswith("State:")][0].split()[1]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X") and needle in cmd
-
-
-class Procs:
-    """Processes this test started. Each is recorded in WORKDIR/pids/NAME.pid as "PID NEEDLE" so
-    integration_faults.sh can kill it (only if its command line still contains NEEDLE) even when
-    this script dies."""
-
-    def __init__(self, workdir):
-        self.dir = os.path.join(workdir, "pids")
-        os.makedirs(self.dir, exist_ok=True)
-        self.procs = {}
-
-    def start(self, name, argv, log_path, needle, env=None):
-        log = open(log_path, "ab")
-        try:
-            p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                 stderr=subprocess.STDOUT)
-        finally:
-            log.close()
-        with open(os.path.join(self.dir, name + ".pid"), "w") as f:
-            f.write("%d %s\n" % (p.pid, needle))
-        self.procs[name] = (p, needle)
-        return p
-
-    def forget(self, name):
-        self.procs.pop(name, None)
-        try:
-            os.unlink(os.path.join(self.dir, name + ".pid"))
-        except OSError:
-            pass
-
-    def stop_all(self, prefix=""):
-        for name, (p, _) in list(self.procs.items()):
-            if not name.startswith(prefix):
-                continue
-            if p.poll() is None:
-                p.kill()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-            self.forget(name)
-
-
-def command(argv, timeout=30):
-    """Runs a short client command (redis-cli, kcat); its output, or Fail."""
-    p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
-    out = p.stdout.decode("utf-8", "replace")
-    if p.returncode != 0:
-        raise Fail("%s exited %d: %s" % (" ".join(argv[:4]), p.returncode,
-                                         (p.stderr.decode("utf-8", "replace") or out)[-400:]))
-    return out
-
-
-def rcli(port, *args, timeout=10):
-    """One redis-cli command; its raw output, stripped."""
-    return command(["redis-cli", "-h", HOST, "-p", str(port)] + [str(a) for a in args],
-                   timeout=timeout).strip()
-
+# ---- Redis, and the producer on the environment we choose ---------------------------------------
 
 async def arcli(port, *args):
-    return await asyncio.to_thread(rcli, port, *args)
+    return await asyncio.to_thread(redis_cli, port, *args)
 
 
-# ---- the producer, on the environment we choose -------------------------------------------------
-
-class Producer(api.Producer):
-    """integration_api's Producer (client, wait_ready, stop, kill, log_tail) started with our env."""
-
-    def __init__(self, name, binary, logdir, procs, env):
-        self.name = name
-        self.port = free_port()
-        self.log_path = os.path.join(logdir, "producer-%s.log" % name)
-        penv = dict(os.environ, **env)
-        penv.update(HTTP_ADDR=HOST, HTTP_PORT=str(self.port), ADMIN_TOKEN=api.ADMIN,
-                    PAYMENT_TOKEN=api.PAYMENT, KAFKA_MESSAGE_TIMEOUT_MS=str(MSG_TIMEOUT_MS),
-                    WORKER_ID="ftest-%d-%s-%06x" % (os.getpid(), name, random.getrandbits(24)))
-        self.procs, self.pname = procs, "producer-" + name
-        self.proc = procs.start(self.pname, [binary], self.log_path, binary, penv)
-        self.client = api.Client(self.port)
-
-    async def readyz(self):
-        try:
-            r = await self.client.request("GET", "/readyz", timeout=5)
-            return r.status, r.body.decode("utf-8", "replace")
-        except TransportError as e:
-            return 0, str(e)
-
-    async def wait_readyz(self, want, timeout, contains=None):
-        """Polls /readyz until it answers `want` (and its body contains `contains`); returns the
-        seconds it took. Fails with the last answer after `timeout` s."""
-        t0 = time.monotonic()
-        last = None
-        while True:
-            expect(self.proc.poll() is None, "producer %s exited with status %s"
-                   % (self.name, self.proc.returncode))
-            last = await self.readyz()
-            if last[0] == want and (contains is None or contains in last[1]):
-                return time.monotonic() - t0
-            if time.monotonic() - t0 > timeout:
-                raise Fail("/readyz still answers %s %s after %.0f s, wanted %d%s"
-                           % (last[0], last[1].strip()[:120], timeout, want,
-                              " mentioning %r" % contains if contains else ""))
-            await asyncio.sleep(0.1)
-
-    async def stop(self, timeout=20.0):
-        code = await super().stop(timeout)
-        if code is not None:
-            self.procs.forget(self.pname)
-        return code
+def producer(name, binary, logdir, procs, env):
+    """integration_api's Producer, recorded in procs, on `env` (REDIS_URL, KAFKA_*, PG_DSN) with
+    KAFKA_MESSAGE_TIMEOUT_MS=MSG_TIMEOUT_MS."""
+    return api.Producer(name, binary, logdir, procs=procs,
+                        KAFKA_MESSAGE_TIMEOUT_MS=str(MSG_TIMEOUT_MS),
+                        WORKER_ID="ftest-%d-%s-%06x" % (os.getpid(), name, random.getrandbits(24)),
+                        **env)
 
 
 # ---- orders, and reading the sale's state --------------------------------------------------------
@@ -283,9 +172,9 @@ def sale_state(port, sku):
     """The sale's Redis keys, read directly: stock, the users' counts and the reservations
     (order id -> (state, user, qty, idem key); state "r" reserved, Kafka has not answered, or
     "a" accepted, in Kafka and waiting for the consumer, docs/reservation.md)."""
-    stock = rcli(port, "HGET", "{sku:%d}:sale" % sku, "stock")
-    users = rcli(port, "HGETALL", "{sku:%d}:users" % sku).split("\n")
-    resv = rcli(port, "HGETALL", "{sku:%d}:resv" % sku).split("\n")
+    stock = redis_cli(port, "HGET", "{sku:%d}:sale" % sku, "stock")
+    users = redis_cli(port, "HGETALL", "{sku:%d}:users" % sku).split("\n")
+    resv = redis_cli(port, "HGETALL", "{sku:%d}:resv" % sku).split("\n")
     counts = {int(users[i]): int(users[i + 1]) for i in range(0, len(users) - 1, 2)}
     reservations = {}
     for i in range(0, len(resv) - 1, 2):
@@ -335,7 +224,7 @@ def check_ledger(state, initial, results, what):
 
 
 def idem_state(port, sku, user, key):
-    return rcli(port, "GET", "{sku:%d}:idem:%d:%s" % (sku, user, key))
+    return redis_cli(port, "GET", "{sku:%d}:idem:%d:%s" % (sku, user, key))
 
 
 def check_refused_keys(port, sku, results, reservations):
@@ -352,20 +241,8 @@ def check_refused_keys(port, sku, results, reservations):
 
 
 def read_kafka(brokers, topic, sku):
-    """order.created events of `sku` in the topic, via kcat (bounded)."""
-    out = command(["kcat", "-b", brokers, "-C", "-t", topic, "-o", "beginning", "-e", "-q",
-               "-f", "%k\t%s\n"], timeout=60)
-    events = []
-    for line in out.splitlines():
-        k, _, v = line.partition("\t")
-        if k == str(sku):
-            try:
-                e = json.loads(v)
-            except ValueError:
-                continue
-            if e.get("type") == "order.created":
-                events.append(e)
-    return events
+    """order.created events of `sku` in the topic (integration_api.read_kafka)."""
+    return [e for e in api.read_kafka(sku, brokers, topic) if e.get("type") == "order.created"]
 
 
 def check_kafka(events, results, state):
@@ -387,23 +264,21 @@ def check_kafka(events, results, state):
 
 # ---- the private stack -------------------------------------------------------------------------
 
-class PrivateStack:
+class PrivateStack(Stack):
+    """testkit.Stack on WORKDIR/stack and ports of its own, that boots in the background."""
+
     def __init__(self, workdir):
-        self.var = os.path.join(workdir, "stack")
-        self.log = os.path.join(workdir, "logs", "stack.log")
-        ports = dict(PRIVATE_PORTS)
-        if not all(port_free(p) for p in ports.values()):
-            ports = dict(zip(ports, pick_ports(4, SHARED_PORTS | set(PRIVATE_PORTS.values()))))
-        self.ports = ports
-        self.env = dict(os.environ, STACK_VAR=self.var, **{k: str(v) for k, v in ports.items()})
+        self.ports = private_ports(PRIVATE_PORTS)
+        super().__init__(os.path.join(workdir, "stack"), self.ports,
+                         log=os.path.join(workdir, "logs", "stack.log"))
         self.booting = None
 
     def start_boot(self):
         """`stack.sh up` in the background (the JVMs start while other scenarios run)."""
-        log = open(self.log, "ab")
-        self.booting = subprocess.Popen([STACK_SH, "up"], env=self.env, stdin=subprocess.DEVNULL,
-                                        stdout=log, stderr=subprocess.STDOUT)
-        log.close()
+        with open(self.log, "ab") as log:
+            self.booting = subprocess.Popen([STACK_SH, "up"], env=self.env,
+                                            stdin=subprocess.DEVNULL, stdout=log,
+                                            stderr=subprocess.STDOUT)
 
     async def wait_boot(self, timeout=240):
         end = time.monotonic() + timeout
@@ -416,25 +291,14 @@ class PrivateStack:
                        % (timeout, log_tail(self.log)))
         expect(self.booting.returncode == 0, "scripts/stack.sh up failed (%d):\n%s"
                % (self.booting.returncode, log_tail(self.log)))
-        self.stack_env = read_env_file(os.path.join(self.var, "stack.env"))
-
-    def sh(self, *args, timeout=240):
-        with open(self.log, "ab") as log:
-            p = subprocess.run([STACK_SH] + list(args), env=self.env, stdin=subprocess.DEVNULL,
-                               stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-        expect(p.returncode == 0, "scripts/stack.sh %s failed (%d):\n%s"
-               % (" ".join(args), p.returncode, log_tail(self.log)))
-
-    async def ash(self, *args, timeout=240):
-        await asyncio.to_thread(self.sh, *args, timeout=timeout)
 
     def signal_kafka(self, sig):
         """Signals the private broker by the pid stack.sh recorded (checked against its command
         line, which names this stack's server.properties); after SIGKILL, waits until it is gone."""
-        with open(os.path.join(self.var, "run", "kafka.pid")) as f:
-            pid = int(f.read().split()[0])
+        pid = self.pid_of("kafka")
         conf = os.path.join(self.var, "kafka", "server.properties")
-        expect(proc_matches(pid, conf), "pid %d is not this stack's broker" % pid)
+        expect(pid is not None and proc_matches(pid, conf), "pid %s is not this stack's broker"
+               % pid)
         os.kill(pid, sig)
         end = time.monotonic() + 20
         while sig == signal.SIGKILL and proc_matches(pid, conf):
@@ -446,44 +310,18 @@ class PrivateStack:
             self.booting.kill()
             self.booting.wait()
         if os.path.isdir(self.var):
-            with open(self.log, "ab") as log:
-                subprocess.run([STACK_SH, "down", "--purge"], env=self.env, stdin=subprocess.DEVNULL,
-                               stdout=log, stderr=subprocess.STDOUT, timeout=120)
+            try:
+                self.sh("down", "--purge", timeout=120)
+            except Fail:
+                pass
 
 
-# ---- the runner --------------------------------------------------------------------------------
-
-class Runner:
-    def __init__(self, rep):
-        self.rep = rep
-
-    async def check(self, name, fn, budget):
-        """Runs one check; True when it passed."""
-        try:
-            detail = await asyncio.wait_for(fn(), budget)
-            self.rep.ok(name, detail)
-            return True
-        except Fail as e:
-            self.rep.not_ok(name, e)
-        except asyncio.TimeoutError:
-            self.rep.not_ok(name, "did not finish within %.0f s" % budget)
-        except TransportError as e:
-            self.rep.not_ok(name, "transport error: %s" % e)
-        except Exception as e:  # a bug here must not hide the other checks or skip the teardown
-            self.rep.not_ok(name, "%s: %s" % (type(e).__name__, e))
-        return False
-
-    def skip(self, names, why):
-        for n in names:
-            self.rep.not_ok(n, "skipped: " + why)
-
-
-async def stop_producer(run, p, label):
+async def stop_producer(rep, p, label):
     async def fn():
         code = await p.stop(20.0)
         expect(code == 0, "exit status %s%s" % ("none within 20 s" if code is None else code,
                                                  "\n" + p.log_tail() if code != 0 else ""))
-    await run.check("%s: the producer drains and exits 0 on SIGTERM" % label, fn, 30)
+    await rep.run_check("%s: the producer drains and exits 0 on SIGTERM" % label, fn, 30)
 
 
 # ---- scenario: Kafka -----------------------------------------------------------------------------
@@ -502,25 +340,25 @@ REDIS_CHECKS = [
 ]
 
 
-async def scenario_kafka_redis(run, stack, binary, logdir, procs):
+async def scenario_kafka_redis(rep, stack, binary, logdir, procs):
     st = None
     try:
         await stack.wait_boot()
-        st = stack.stack_env
+        st = stack.stack_env()
     except Fail as e:
-        run.rep.not_ok("the private stack comes up (scripts/stack.sh up, STACK_VAR)", e)
-        run.skip(KAFKA_CHECKS + REDIS_CHECKS, "no private stack")
+        rep.not_ok("the private stack comes up (scripts/stack.sh up, STACK_VAR)", e)
+        rep.skip(KAFKA_CHECKS + REDIS_CHECKS, "no private stack")
         return
-    run.rep.ok("the private stack comes up (scripts/stack.sh up, STACK_VAR)",
+    rep.ok("the private stack comes up (scripts/stack.sh up, STACK_VAR)",
                "ports %s" % ", ".join("%d" % v for v in stack.ports.values()))
     rport = stack.ports["STACK_REDIS_PORT"]
-    p = Producer("K", binary, logdir, procs, {k: st[k] for k in
+    p = producer("K", binary, logdir, procs, {k: st[k] for k in
                                               ("REDIS_URL", "KAFKA_BROKERS", "KAFKA_TOPIC", "PG_DSN")})
     c = p.client
     ctx = {}
 
     async def ready():
-        secs = await p.wait_readyz(200, 30)
+        secs = await p.wait_ready(200, 30)
         ctx["sku_load"], ctx["sku_quiet"] = api.new_sku(), api.new_sku()
         await api.must_open(c, ctx["sku_load"], 100000, 1)
         await api.must_open(c, ctx["sku_quiet"], 100, 5)
@@ -529,10 +367,10 @@ async def scenario_kafka_redis(run, stack, binary, logdir, procs):
         expect(o.accepted(), "a first order answered %s, wanted 202" % o.text)
         return "ready in %.1f s, port %d" % (secs, p.port)
 
-    if not await run.check(KAFKA_CHECKS[0], ready, 60):
+    if not await rep.run_check(KAFKA_CHECKS[0], ready, 60):
         print(p.log_tail(), flush=True)
-        run.skip(KAFKA_CHECKS[1:] + REDIS_CHECKS, "the producer is not ready")
-        await stop_producer(run, p, "kafka/redis")
+        rep.skip(KAFKA_CHECKS[1:] + REDIS_CHECKS, "the producer is not ready")
+        await stop_producer(rep, p, "kafka/redis")
         return
 
     async def killed_under_load():
@@ -559,7 +397,7 @@ async def scenario_kafka_redis(run, stack, binary, logdir, procs):
             frozen = False
             # Keep ordering until the producer knows, past the message timeout, and until 20
             # orders sent after the kill are answered: both kinds are covered.
-            await p.wait_readyz(503, 30, "kafka")
+            await p.wait_ready(503, 30, "kafka")
             while time.monotonic() - t_kill < MSG_TIMEOUT_MS / 1000 + 0.5 or \
                     sum(1 for o in flow.results if o.sent > t_kill) < 20:
                 expect(time.monotonic() - t_kill < 30, "fewer than 20 orders sent after the kill "
@@ -593,11 +431,11 @@ async def scenario_kafka_redis(run, stack, binary, logdir, procs):
                     figures, len(res), summary(res), len(refused_in_flight), released,
                     len(refused_in_flight) - released, nkeys))
 
-    await run.check(KAFKA_CHECKS[1], killed_under_load, 90)
+    await rep.run_check(KAFKA_CHECKS[1], killed_under_load, 90)
 
     async def down_fast():
         sku, u = ctx["sku_quiet"], ctx["quiet_user"]
-        await p.wait_readyz(503, 30, "kafka")
+        await p.wait_ready(503, 30, "kafka")
         before = await asale_state(rport, sku)
         avail_before = await api.available(c, sku)
         key = "down-%x" % random.getrandbits(32)
@@ -619,7 +457,7 @@ async def scenario_kafka_redis(run, stack, binary, logdir, procs):
         return "5 orders: 503 in at most %.3f s; available %d, user's count %d, unchanged" % (
             slowest, got, after["users"].get(u, 0))
 
-    await run.check(KAFKA_CHECKS[2], down_fast, 60)
+    await rep.run_check(KAFKA_CHECKS[2], down_fast, 60)
 
     async def open_refused():
         sku = api.new_sku()
@@ -630,13 +468,13 @@ async def scenario_kafka_redis(run, stack, binary, logdir, procs):
         expect(r.status == 404, "after the refused open GET answered %r, wanted 404" % r)
         return "503, then GET 404"
 
-    await run.check(KAFKA_CHECKS[3], open_refused, 30)
+    await rep.run_check(KAFKA_CHECKS[3], open_refused, 30)
 
     async def back():
         t0 = time.monotonic()
         await stack.ash("up")
         t_up = time.monotonic() - t0
-        secs = await p.wait_readyz(200, 60)
+        secs = await p.wait_ready(200, 60)
         sku, u = ctx["sku_quiet"], ctx["quiet_user"]
         before = await api.available(c, sku)
         o = await place(c, u, sku, key=ctx["retry_key"])
@@ -652,7 +490,7 @@ async def scenario_kafka_redis(run, stack, binary, logdir, procs):
         return ("broker up in %.1f s; producer ready %.1f s later; the refused key and a new "
                 "order are 202; available %d -> %d" % (t_up, secs, before, got))
 
-    kafka_back = await run.check(KAFKA_CHECKS[4], back, 150)
+    kafka_back = await rep.run_check(KAFKA_CHECKS[4], back, 150)
 
     async def log_agrees():
         expect("load_results" in ctx and "load_state" in ctx, "skipped: no load results")
@@ -664,9 +502,9 @@ async def scenario_kafka_redis(run, stack, binary, logdir, procs):
         return check_kafka(events, ctx["load_results"], state)
 
     if kafka_back:
-        await run.check(KAFKA_CHECKS[5], log_agrees, 90)
+        await rep.run_check(KAFKA_CHECKS[5], log_agrees, 90)
     else:
-        run.skip(KAFKA_CHECKS[5:], "Kafka is not back")
+        rep.skip(KAFKA_CHECKS[5:], "Kafka is not back")
 
     async def redis_down():
         sku = api.new_sku()
@@ -690,7 +528,7 @@ async def scenario_kafka_redis(run, stack, binary, logdir, procs):
             raise Fail("GET /v1/skus while Redis is down: %s" % e)
         expect(r.status == 503, "GET /v1/skus answered %r, wanted 503" % r)
         get_secs = time.monotonic() - t0
-        await p.wait_readyz(503, 10, "redis")
+        await p.wait_ready(503, 10, "redis")
         return "5 orders: 503 in at most %.3f s; GET 503 in %.3f s; /readyz 503 (%s)" % (
             slowest, get_secs, (await p.readyz())[1].strip()[:80])
 
@@ -699,7 +537,7 @@ async def scenario_kafka_redis(run, stack, binary, logdir, procs):
         t0 = time.monotonic()
         await stack.ash("up")
         t_up = time.monotonic() - t0
-        secs = await p.wait_readyz(200, 30)
+        secs = await p.wait_ready(200, 30)
         sku, u = ctx["sku_r"], ctx["r_user"]
         state = await asale_state(rport, sku)
         expect(state == ctx["r_before"], "the sale changed across the restart: %s -> %s"
@@ -718,15 +556,15 @@ async def scenario_kafka_redis(run, stack, binary, logdir, procs):
             t_up, secs)
 
     if kafka_back:
-        if await run.check(REDIS_CHECKS[0], redis_down, 60):
-            await run.check(REDIS_CHECKS[1], redis_back, 90)
+        if await rep.run_check(REDIS_CHECKS[0], redis_down, 60):
+            await rep.run_check(REDIS_CHECKS[1], redis_back, 90)
         else:
             if "r_before" in ctx:
                 await stack.ash("up")
-            run.skip(REDIS_CHECKS[1:], "the stop check failed")
+            rep.skip(REDIS_CHECKS[1:], "the stop check failed")
     else:
-        run.skip(REDIS_CHECKS, "Kafka is not back")
-    await stop_producer(run, p, "kafka/redis")
+        rep.skip(REDIS_CHECKS, "Kafka is not back")
+    await stop_producer(rep, p, "kafka/redis")
 
 
 # ---- scenario: Sentinel failover -----------------------------------------------------------------
@@ -756,17 +594,13 @@ def repl_info(text):
 async def start_sentinel_trio(workdir, procs):
     d = os.path.join(workdir, "sentinel")
     os.makedirs(d, exist_ok=True)
-    taken = SHARED_PORTS | set(PRIVATE_PORTS.values()) | {26379}
+    taken = set(SHARED_PORTS.values()) | set(PRIVATE_PORTS.values()) | {26379}
     primary, replica, sentinel = pick_ports(3, taken)
-    common = ["--bind", HOST, "--save", "", "--appendonly", "no", "--daemonize", "no",
-              "--repl-diskless-sync-delay", "0"]
     for name, port, extra in (("primary", primary, ["--min-replicas-to-write", "1",
                                                     "--min-replicas-max-lag", "10"]),
                               ("replica", replica, ["--replicaof", HOST, str(primary)])):
-        sub = os.path.join(d, name)
-        os.makedirs(sub, exist_ok=True)
-        procs.start("redis-" + name, ["redis-server", "--port", str(port), "--dir", sub] + common
-                    + extra, os.path.join(d, name + ".log"), "redis-server %s:%d" % (HOST, port))
+        redis_server(procs, "redis-" + name, port, os.path.join(d, name),
+                     os.path.join(d, name + ".log"), extra)
     conf = os.path.join(d, "sentinel.conf")
     with open(conf, "w") as f:
         f.write(sentinel_conf(sentinel, d, MASTER, primary, 1, 5000))
@@ -783,8 +617,7 @@ async def start_sentinel_trio(workdir, procs):
         expect(time.monotonic() < end, "the replica did not sync within 30 s:\n%s"
                % log_tail(os.path.join(d, "replica.log")))
         await asyncio.sleep(0.1)
-    procs.start("redis-sentinel", ["redis-sentinel", conf], os.path.join(d, "sentinel.log"),
-                "redis-sentinel %s:%d" % (HOST, sentinel))
+    redis_sentinel(procs, "redis-sentinel", sentinel, conf, os.path.join(d, "sentinel.log"))
     # Wait until the Sentinel knows the replica well enough to promote it.
     end = time.monotonic() + 30
     while True:
@@ -804,7 +637,7 @@ async def start_sentinel_trio(workdir, procs):
     return primary, replica, sentinel
 
 
-async def scenario_sentinel(run, binary, logdir, workdir, procs):
+async def scenario_sentinel(rep, binary, logdir, workdir, procs):
     ctx = {}
     p = None
 
@@ -815,16 +648,16 @@ async def scenario_sentinel(run, binary, logdir, workdir, procs):
         env = {"REDIS_URL": "sentinel://%s:%d/%s" % (HOST, ctx["sentinel"], MASTER)}
         for k in ("KAFKA_BROKERS", "KAFKA_TOPIC", "PG_DSN"):
             env[k] = os.environ[k]
-        p = Producer("S", binary, logdir, procs, env)
-        secs = await p.wait_readyz(200, 30)
+        p = producer("S", binary, logdir, procs, env)
+        secs = await p.wait_ready(200, 30)
         return "primary %d, replica %d, sentinel %d up in %.1f s; producer ready in %.1f s" % (
             ctx["primary"], ctx["replica"], ctx["sentinel"], time.monotonic() - t0 - secs, secs)
 
-    if not await run.check(SENTINEL_CHECKS[0], setup, 90):
+    if not await rep.run_check(SENTINEL_CHECKS[0], setup, 90):
         if p is not None:
             print(p.log_tail(), flush=True)
-            await stop_producer(run, p, "sentinel")
-        run.skip(SENTINEL_CHECKS[1:], "no Sentinel setup")
+            await stop_producer(rep, p, "sentinel")
+        rep.skip(SENTINEL_CHECKS[1:], "no Sentinel setup")
         procs.stop_all("redis-")
         return
 
@@ -871,7 +704,7 @@ async def scenario_sentinel(run, binary, logdir, workdir, procs):
             await flow.wait_accepted(n + 50, 45)  # the producer takes orders again
         finally:
             await flow.stop()
-        secs = await p.wait_readyz(200, 10)
+        secs = await p.wait_ready(200, 10)
         o = await place(p.client, next(flow.users), sku)
         expect(o.accepted(), "an order after the failover answered %s, wanted 202" % o.text)
         flow.results.append(o)
@@ -885,7 +718,7 @@ async def scenario_sentinel(run, binary, logdir, workdir, procs):
                     t_unpause - t_fo, t_switch - t_fo, ctx["follow_secs"], len(during),
                     summary(during), len(after), summary(after), secs))
 
-    followed = await run.check(SENTINEL_CHECKS[1], failover, 120)
+    followed = await rep.run_check(SENTINEL_CHECKS[1], failover, 120)
 
     async def prompt():
         expect("follow_secs" in ctx, "skipped: no failover")
@@ -895,7 +728,7 @@ async def scenario_sentinel(run, binary, logdir, workdir, procs):
                "reconfigured it" % ctx["follow_secs"])
         return "%.1f s" % ctx["follow_secs"]
 
-    await run.check(SENTINEL_CHECKS[2], prompt, 5)
+    await rep.run_check(SENTINEL_CHECKS[2], prompt, 5)
 
     async def consistent():
         flow = ctx.get("flow")
@@ -911,17 +744,17 @@ async def scenario_sentinel(run, binary, logdir, workdir, procs):
             figures, len(res), summary(res), nkeys)
 
     if followed:
-        if await run.check(SENTINEL_CHECKS[3], consistent, 60):
+        if await rep.run_check(SENTINEL_CHECKS[3], consistent, 60):
             async def kafka():
                 events = await asyncio.to_thread(read_kafka, os.environ["KAFKA_BROKERS"],
                                                  os.environ["KAFKA_TOPIC"], sku)
                 return check_kafka(events, ctx["flow"].results, ctx["state"])
-            await run.check(SENTINEL_CHECKS[4], kafka, 90)
+            await rep.run_check(SENTINEL_CHECKS[4], kafka, 90)
         else:
-            run.skip(SENTINEL_CHECKS[4:], "Redis is not consistent")
+            rep.skip(SENTINEL_CHECKS[4:], "Redis is not consistent")
     else:
-        run.skip(SENTINEL_CHECKS[3:], "the producer did not follow the failover")
-    await stop_producer(run, p, "sentinel")
+        rep.skip(SENTINEL_CHECKS[3:], "the producer did not follow the failover")
+    await stop_producer(rep, p, "sentinel")
     procs.stop_all("redis-")
 
 
@@ -930,16 +763,15 @@ async def scenario_sentinel(run, binary, logdir, workdir, procs):
 async def main_async(rep, binary, workdir, only):
     logdir = os.path.join(workdir, "logs")
     os.makedirs(logdir, exist_ok=True)
-    procs = Procs(workdir)
+    procs = Procs(os.path.join(workdir, "pids"))
     stack = PrivateStack(workdir)
-    run_ = Runner(rep)
     try:
         if "kafka" in only:
             stack.start_boot()  # boots while the sentinel scenario runs
         if "sentinel" in only:
-            await scenario_sentinel(run_, binary, logdir, workdir, procs)
+            await scenario_sentinel(rep, binary, logdir, workdir, procs)
         if "kafka" in only:
-            await scenario_kafka_redis(run_, stack, binary, logdir, procs)
+            await scenario_kafka_redis(rep, stack, binary, logdir, procs)
     finally:
         procs.stop_all()
         await asyncio.to_thread(stack.down)

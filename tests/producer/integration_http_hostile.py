@@ -15,24 +15,20 @@ opens a sale of its own, and while a well-behaved buyer orders on its keep-alive
 The buyer gets every answer, 202, with p99 under 1 s; the invalid requests deducted nothing; the
 producer stays healthy and exits 0 on SIGTERM. Prints `ok - NAME` / `not ok - NAME: DETAIL` per
 check and, last, `N passed, M failed`. Needs the stack env (REDIS_URL, KAFKA_BROKERS, KAFKA_TOPIC,
-PG_DSN; read from var/stack.env when unset). Standard library only.
+PG_DSN; read from var/stack.env when unset). Standard library only: well-formed exchanges and the
+answers to raw bytes go through tests/lib/http11.py; the slow-loris requests are written raw.
 """
 import asyncio
-import json
 import os
 import random
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 sys.path.insert(0, os.path.join(ROOT, "tests", "lib"))
 
-from http11 import HOST  # noqa: E402
-from testkit import (Fail, Report, free_port, load_stack_env, setup_missing,  # noqa: E402
-                     worker_binary)
+from http11 import HOST, Conn, prepare  # noqa: E402
+from testkit import Fail, Procs, Worker, parse_metrics, run_driver  # noqa: E402
 
 ADMIN = "test-admin"
 BOUND = 200           # HTTP_MAX_CONNECTIONS of the producer under test
@@ -42,6 +38,7 @@ EXTRA = 30            # connections over the bound
 FLOOD_S = 4.0         # how long the flood of invalid requests lasts
 FLOOD_WORKERS = 4
 P99_MAX = 1.0         # seconds, the buyer's bound
+ANSWER_S = 5.0        # seconds for an answer
 
 
 def percentile(values, p):
@@ -53,70 +50,21 @@ def percentile(values, p):
     return v[min(len(v) - 1, int(p / 100.0 * len(v)))]
 
 
-# ---- raw HTTP/1.1 over asyncio streams -------------------------------------------------------
+# ---- raw bytes, answers read by http11 ------------------------------------------------------
 
-async def read_response(reader, timeout=5.0):
-    """(status, body bytes) of one response; raises on EOF or a malformed answer."""
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    length = 0
-    for l in lines[1:]:
-        k, _, v = l.partition(":")
-        if k.strip().lower() == "content-length":
-            length = int(v.strip())
-    body = await asyncio.wait_for(reader.readexactly(length), timeout) if length else b""
-    return status, body
-
-
-def request_bytes(method, path, body=None, headers=None):
-    data = b"" if body is None else (body if isinstance(body, bytes) else
-                                     json.dumps(body, separators=(",", ":")).encode())
-    h = {"Host": HOST, "Content-Type": "application/json", "Content-Length": str(len(data))}
-    h.update(headers or {})
-    head = "%s %s HTTP/1.1\r\n%s\r\n" % (method, path, "".join("%s: %s\r\n" % kv for kv in h.items()))
-    return head.encode() + data
-
-
-class Conn:
-    """One keep-alive connection."""
-
-    def __init__(self, port):
-        self.port = port
-        self.reader = self.writer = None
-
-    async def connect(self):
-        self.reader, self.writer = await asyncio.open_connection(HOST, self.port)
-
-    async def request(self, method, path, body=None, headers=None, timeout=5.0):
-        if self.writer is None:
-            await self.connect()
-        self.writer.write(request_bytes(method, path, body, headers))
-        try:
-            return await read_response(self.reader, timeout)
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self):
-        if self.writer is not None:
-            self.writer.transport.abort()
-        self.reader = self.writer = None
-
-
-async def one_shot(port, raw, timeout=5.0):
-    """Sends raw bytes on a new connection; the answer's status, or 0 if the server closed it
-    without one."""
-    reader, writer = await asyncio.open_connection(HOST, port)
+async def one_shot(port, raw, timeout=ANSWER_S):
+    """Sends raw bytes on a new connection (b"": nothing); the answer as a Response, or None if
+    the server closed the connection without one. Raises when it cannot connect, or with
+    TimeoutError when no answer comes within `timeout` s."""
+    c = Conn(port)
     try:
-        writer.write(raw)
+        await c.connect()
         try:
-            status, _ = await read_response(reader, timeout)
-            return status
+            return await asyncio.wait_for(c.exchange_raw(raw), timeout)
         except (asyncio.IncompleteReadError, ConnectionError):
-            return 0
+            return None
     finally:
-        writer.transport.abort()
+        c.close()
 
 
 # ---- the actors ------------------------------------------------------------------------------
@@ -130,13 +78,13 @@ class Ctx:
         self.monitor = Conn(port)
 
     async def metric(self, name):
-        status, body = await self.monitor.request("GET", "/metrics")
-        if status != 200:
-            raise Fail("/metrics answered %d" % status)
-        for line in body.decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise Fail("/metrics has no %s" % name)
+        r = await self.monitor.request("GET", "/metrics", timeout=ANSWER_S)
+        if r.status != 200:
+            raise Fail("/metrics answered %d" % r.status)
+        value = parse_metrics(r.body).get(name)
+        if value is None:
+            raise Fail("/metrics has no %s" % name)
+        return value
 
 
 async def buyer(ctx):
@@ -147,11 +95,11 @@ async def buyer(ctx):
         user += 1
         t = time.monotonic()
         try:
-            status, body = await c.request("POST", "/v1/orders",
-                                           {"user_id": user, "sku_id": ctx.sku, "qty": 1})
+            r = await c.request("POST", "/v1/orders",
+                                {"user_id": user, "sku_id": ctx.sku, "qty": 1}, timeout=ANSWER_S)
             ctx.latencies.append(time.monotonic() - t)
-            ctx.codes[status] = ctx.codes.get(status, 0) + 1
-            if status == 202:
+            ctx.codes[r.status] = ctx.codes.get(r.status, 0) + 1
+            if r.status == 202:
                 ctx.accepted += 1
         except Exception as e:  # a missing answer is what this test is about: counted
             ctx.buyer_errors.append("%.1f s: %s %s" % (time.monotonic() - t, type(e).__name__, e))
@@ -184,7 +132,7 @@ async def slowloris(port, results):
     results.append((time.monotonic() - opened, sent, got))
 
 
-def hostile_requests(sku):
+def hostile_requests(sku, port=0):
     """(label, raw request, answers allowed)."""
     big = "x" * 9000
     return [
@@ -201,21 +149,22 @@ def hostile_requests(sku):
         ("9000-byte header", ("GET /healthz HTTP/1.1\r\nHost: h\r\nX-Big: %s\r\n\r\n" % big).encode(),
          {400, 413, 431}),
         ("9000-byte URI", ("GET /%s HTTP/1.1\r\nHost: h\r\n\r\n" % big).encode(), {400, 413, 414}),
-        ("bad JSON", request_bytes("POST", "/v1/orders", b'{"user_id":1,"sku_id":'), {400}),
-        ("an order for qty 0", request_bytes("POST", "/v1/orders",
-                                             {"user_id": 1, "sku_id": sku, "qty": 0}), {400}),
-        ("method PUT", request_bytes("PUT", "/v1/orders", {"user_id": 1}), {405, 501}),
+        ("bad JSON", prepare("POST", "/v1/orders", b'{"user_id":1,"sku_id":', port=port), {400}),
+        ("an order for qty 0", prepare("POST", "/v1/orders",
+                                       {"user_id": 1, "sku_id": sku, "qty": 0}, port=port), {400}),
+        ("method PUT", prepare("PUT", "/v1/orders", {"user_id": 1}, port=port), {405, 501}),
     ]
 
 
 async def flood(port, sku, until, tally):
-    kinds = hostile_requests(sku)
+    kinds = hostile_requests(sku, port)
     i = random.randrange(len(kinds))
     while time.monotonic() < until:
         label, raw, want = kinds[i % len(kinds)]
         i += 1
         try:
-            status = await one_shot(port, raw)
+            r = await one_shot(port, raw)
+            status = r.status if r else 0
         except Exception as e:
             status = "%s" % type(e).__name__
         key = (label, status in want)
@@ -226,53 +175,41 @@ async def flood(port, sku, until, tally):
 
 async def over_the_bound(port):
     """A connection made while the server is full: its answer (503 expected), or 0 if closed."""
-    reader, writer = await asyncio.open_connection(HOST, port)
     try:
-        status, body = await read_response(reader, 3.0)
-        return status, body
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return 0, b""
+        r = await one_shot(port, b"", 3.0)  # the server speaks first
     except asyncio.TimeoutError:
         return -1, b""  # left open: the bound did not hold
-    finally:
-        writer.transport.abort()
+    return (r.status, r.body) if r else (0, b"")
 
 
 # ---- the run ---------------------------------------------------------------------------------
 
 async def run(rep, binary, logdir):
-    port = free_port()
-    log = open(os.path.join(logdir, "producer.log"), "wb")
-    env = dict(os.environ, HTTP_ADDR=HOST, HTTP_PORT=str(port), ADMIN_TOKEN=ADMIN,
-               PAYMENT_TOKEN="test-pay", USER_RATE_LIMIT="0", HTTP_MAX_CONNECTIONS=str(BOUND),
-               WORKER_ID="itest-hostile-%d" % os.getpid())
-    proc = subprocess.Popen([binary], env=env, stdin=subprocess.DEVNULL, stdout=log,
-                            stderr=subprocess.STDOUT)
+    producer = Worker(Procs(), "producer", binary, os.path.join(logdir, "producer.log"))
+    port = producer.port
+    producer.start({"ADMIN_TOKEN": ADMIN, "PAYMENT_TOKEN": "test-pay", "USER_RATE_LIMIT": "0",
+                    "HTTP_MAX_CONNECTIONS": str(BOUND),
+                    "WORKER_ID": "itest-hostile-%d" % os.getpid()})
     ctx = None
     try:
-        probe = Conn(port)
-        deadline = time.monotonic() + 30
-        ready = False
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if (await probe.request("GET", "/readyz", timeout=2))[0] == 200:
-                    ready = True
-                    break
-            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
-                probe.close()
-            await asyncio.sleep(0.2)
-        probe.close()
+        try:
+            await producer.wait_ready(timeout=30)
+            ready = True
+        except Fail as e:
+            ready, why = False, e
+        producer.client.close()  # the probe's connection: the buyer and the monitor are counted
         rep.check("the producer starts with HTTP_MAX_CONNECTIONS=%d and is ready" % BOUND, ready,
-                  "port %d" % port if ready else "not ready within 30 s (log %s)" % log.name)
+                  "port %d" % port if ready else "%s (log %s)" % (why, producer.log_path))
         if not ready:
             return
         sku = random.randint(10**9, 2**53 - 1)
         ctx = Ctx(port, sku)
-        status, body = await ctx.monitor.request(
+        r = await ctx.monitor.request(
             "POST", "/v1/skus", {"sku_id": sku, "stock": 1000000, "per_user_limit": 0,
-                                 "pay_timeout_s": 600}, {"Authorization": "Bearer " + ADMIN})
-        rep.check("a sale of its own opens", status == 201, "sku %d" % sku if status == 201
-                  else "%d %s" % (status, body[:200]))
+                                 "pay_timeout_s": 600}, {"Authorization": "Bearer " + ADMIN},
+            timeout=ANSWER_S)
+        rep.check("a sale of its own opens", r.status == 201, "sku %d" % sku if r.status == 201
+                  else repr(r))
         refused0 = await ctx.metric("stockpipe_http_connections_refused_total")
         timeouts0 = await ctx.metric("stockpipe_http_request_timeouts_total")
 
@@ -350,9 +287,9 @@ async def run(rep, binary, logdir):
             c.close()
 
         fresh = Conn(port)
-        status, _ = await fresh.request("GET", "/healthz")
+        r = await fresh.request("GET", "/healthz", timeout=ANSWER_S)
         fresh.close()
-        rep.check("a new connection is served again", status == 200, "healthz %d" % status)
+        rep.check("a new connection is served again", r.status == 200, "healthz %d" % r.status)
 
         ctx.stop_buyer = True
         await buying
@@ -366,8 +303,8 @@ async def run(rep, binary, logdir):
         rep.check("the buyer's latency stayed low: p99 under %.1f s" % P99_MAX, p99 < P99_MAX,
                   "p50 %.1f ms, p99 %.1f ms, max %.1f ms over %d orders"
                   % (p50 * 1000, p99 * 1000, max(lat) * 1000 if lat else 0, len(lat)))
-        status, body = await ctx.monitor.request("GET", "/v1/skus/%d" % sku)
-        avail = json.loads(body).get("available") if status == 200 else None
+        r = await ctx.monitor.request("GET", "/v1/skus/%d" % sku, timeout=ANSWER_S)
+        avail = (r.json() or {}).get("available") if r.status == 200 else None
         rep.check("the invalid requests deducted nothing", avail == 1000000 - ctx.accepted,
                   "available %s after %d accepted orders" % (avail, ctx.accepted))
     except Exception as e:
@@ -375,31 +312,14 @@ async def run(rep, binary, logdir):
     finally:
         if ctx:
             ctx.monitor.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = "none within 15 s"
-        rep.check("the producer drains and exits 0 on SIGTERM", rc == 0, "exit %s" % rc)
-        log.close()
+        rc = await producer.stop(15)
+        rep.check("the producer drains and exits 0 on SIGTERM", rc == 0,
+                  "exit %s" % ("none within 15 s" if rc is None else rc))
 
 
 def main():
-    load_stack_env()
-    binary = worker_binary("producer")
-    missing = setup_missing(("REDIS_URL", "KAFKA_BROKERS", "KAFKA_TOPIC", "PG_DSN"), binary)
-    rep = Report()
-    if missing:
-        rep.check("setup", False, "missing %s" % missing)
-    else:
-        logdir = tempfile.mkdtemp(prefix="sp-http-hostile-")
-        t = time.monotonic()
-        asyncio.run(run(rep, binary, logdir))
-        print("# %.1f s" % (time.monotonic() - t), flush=True)
-        rep.keep_if_failed(logdir, "the producer's log is")
-    return rep.summary()
+    return run_driver(run, ("REDIS_URL", "KAFKA_BROKERS", "KAFKA_TOPIC", "PG_DSN"),
+                      "sp-http-hostile-", "the producer's log is")
 
 
 if __name__ == "__main__":
