@@ -127,6 +127,11 @@ static const conf_opt conf_table[] = {
      1000, 86400000, R, 0,
      "An accepted entry in Redis whose order PostgreSQL stored this long ago is a leftover (the "
      "consumer's clean-up was lost) and is dropped"},
+    {"accepted-lost-after-ms", "ACCEPTED_LOST_AFTER_MS", INT(accepted_lost_after_ms), "300000",
+     1000, 86400000, R, 0,
+     "An accepted entry whose order PostgreSQL still lacks after this long is checked against "
+     "the log: if the consumer has passed its offset, the event is gone (retention, a lost "
+     "disk) and the order is voided, its units given back"},
     {"reconcile-wait-ms", "RECONCILE_WAIT_MS", INT(reconcile_wait_ms), "60000", 1000, 3600000, R,
      0,
      "How long a reconcile waits for the consumer to store a paused SKU's partition up to its end "

@@ -47,6 +47,7 @@ typedef struct sp_config {
     int resv_sweep_interval_ms;   /* reaper: pause between two scans of the reservations */
     int resv_lost_after_ms;       /* reaper: an 'r:' reservation older than this is voided */
     int accepted_stale_after_ms;  /* reaper: an 'a:' entry of a stored order older than this goes */
+    int accepted_lost_after_ms;   /* reaper: an 'a:' entry of no stored order is checked after */
     int reconcile_wait_ms;        /* reaper: how long reconcile waits for the consumer */
     int audit_wait_ms;            /* reaper audit: how long to wait for a quiet system */
     /* Positional arguments left after the flags (sub-commands such as `reaper audit`); they point

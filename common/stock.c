@@ -138,11 +138,18 @@ void sp_stock_reserve_call(sp_script_call *call, const sp_reserve_request *req) 
     sp_script_call_arg(call, "%s", has_idem ? "4" : "0");
 }
 
-void sp_stock_confirm_call(sp_script_call *call, const sp_reserve_request *req) {
-    sp_script_call_init(call, &script_confirm, 1);
+/* confirm.lua's layout for one order: KEYS resv and the idempotency key if there is one; ARGV the
+ * order id, the key's index in KEYS (2, or 0) and "partition:offset". sp_stock_confirm_batch_add
+ * relies on it. */
+void sp_stock_confirm_call(sp_script_call *call, const sp_reserve_request *req, int32_t partition,
+                           int64_t offset) {
+    int has_idem = req->idem_key[0] != '\0';
+    sp_script_call_init(call, &script_confirm, has_idem ? 2 : 1);
     key_arg(call, req->sku_id, "resv");
+    if (has_idem) idem_arg(call, req);
     sp_script_call_arg(call, "%s", req->order_id);
-    idem_arg(call, req);
+    sp_script_call_arg(call, "%s", has_idem ? "2" : "0");
+    sp_script_call_arg(call, "%" PRId32 ":%" PRId64, partition, offset);
 }
 
 void sp_stock_release_call(sp_script_call *call, int64_t sku_id, const char *order_id) {
@@ -161,7 +168,7 @@ void sp_stock_cap_call(sp_script_call *call, int64_t sku_id, int64_t pg_stock,
     sp_script_call_arg(call, "%" PRId64, pg_supplied);
 }
 
-_Static_assert(1 + 2 * SP_CONFIRM_BATCH_MAX <= SP_REDIS_SCRIPT_ARGV_MAX,
+_Static_assert(1 + 4 * SP_CONFIRM_BATCH_MAX <= SP_REDIS_SCRIPT_ARGV_MAX,
                "a full batch must be sendable");
 _Static_assert(3 + SP_RESERVE_BATCH_MAX + 2 + 4 * SP_RESERVE_BATCH_MAX <= SP_REDIS_SCRIPT_ARGV_MAX,
                "a full reserve batch must be sendable");
@@ -233,25 +240,40 @@ int sp_stock_reserve_batch(redisContext *c, const sp_reserve_batch *b, sp_reserv
 }
 
 int sp_stock_confirm_batch_add(sp_confirm_batch *b, int64_t sku_id, const sp_script_call *one) {
-    if (one->overflow || one->argc != 3 || b->n >= SP_CONFIRM_BATCH_MAX ||
-        (b->n > 0 && b->sku_id != sku_id))
+    int nk = one->nkeys;
+    if (one->overflow || one->script != &script_confirm || (nk != 1 && nk != 2) ||
+        one->argc != nk + 3 || b->n >= SP_CONFIRM_BATCH_MAX || (b->n > 0 && b->sku_id != sku_id))
         return -1;
     if (b->n == 0) {
         b->sku_id = sku_id;
-        b->argv[0] = one->argv[0], b->argvlen[0] = one->argvlen[0];
+        b->keys[0] = one->argv[0], b->keyslen[0] = one->argvlen[0];
+        b->nkeys = 1, b->nargs = 0;
     }
-    for (int i = 1; i <= 2; i++) {
-        b->argv[2 * b->n + i] = one->argv[i];
-        b->argvlen[2 * b->n + i] = one->argvlen[i];
+    char *idx = b->index[b->n];
+    if (nk == 2) {
+        b->keys[b->nkeys] = one->argv[1], b->keyslen[b->nkeys] = one->argvlen[1];
+        snprintf(idx, sizeof(b->index[0]), "%d", ++b->nkeys);
+    } else {
+        idx[0] = '0', idx[1] = '\0';
     }
+    b->args[b->nargs] = one->argv[nk], b->argslen[b->nargs++] = one->argvlen[nk];
+    b->args[b->nargs] = idx, b->argslen[b->nargs++] = strlen(idx);
+    b->args[b->nargs] = one->argv[nk + 2], b->argslen[b->nargs++] = one->argvlen[nk + 2];
     b->n++;
     return 0;
 }
 
 int sp_stock_confirm_batch_send(redisAsyncContext *ac, sp_confirm_batch *b, int by_body,
                                 redisCallbackFn *fn, void *data) {
-    return sp_redis_async_script(ac, &script_confirm, by_body, 1, 1 + 2 * b->n, b->argv, b->argvlen,
-                                 fn, data);
+    const char *argv[1 + 4 * SP_CONFIRM_BATCH_MAX];
+    size_t argvlen[1 + 4 * SP_CONFIRM_BATCH_MAX];
+    int argc = 0;
+    for (int i = 0; i < b->nkeys; i++, argc++)
+        argv[argc] = b->keys[i], argvlen[argc] = b->keyslen[i];
+    for (int i = 0; i < b->nargs; i++, argc++)
+        argv[argc] = b->args[i], argvlen[argc] = b->argslen[i];
+    return sp_redis_async_script(ac, &script_confirm, by_body, b->nkeys, argc, argv, argvlen, fn,
+                                 data);
 }
 
 /* ---- parsing replies ---- */
@@ -353,11 +375,11 @@ int sp_stock_reserve(redisContext *c, const sp_reserve_request *req, sp_reserve_
     return rc;
 }
 
-int sp_stock_confirm(redisContext *c, const sp_reserve_request *req, int *was_reserved,
-                     char *errbuf, size_t errlen) {
+int sp_stock_confirm(redisContext *c, const sp_reserve_request *req, int32_t partition,
+                     int64_t offset, int *was_reserved, char *errbuf, size_t errlen) {
     sp_script_call call;
     long long v;
-    sp_stock_confirm_call(&call, req);
+    sp_stock_confirm_call(&call, req, partition, offset);
     if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
     *was_reserved = (int)v;
     return 0;

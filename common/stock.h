@@ -86,8 +86,9 @@ int sp_stock_reserve(redisContext *c, const sp_reserve_request *req, sp_reserve_
  * sold; nothing can release them any more) and its idempotency key answers "accepted".
  * *was_reserved is 1 when the reservation was still there (0: released, or already stored by the
  * consumer). */
-int sp_stock_confirm(redisContext *c, const sp_reserve_request *req, int *was_reserved,
-                     char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+int sp_stock_confirm(redisContext *c, const sp_reserve_request *req, int32_t partition,
+                     int64_t offset, int *was_reserved, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
 
 /* Kafka definitely refused the order: gives the reservation's units back to the stock and the
  * user, exactly once (a second call, or one after confirm, returns 0 units). *qty_returned. */
@@ -136,19 +137,24 @@ void sp_stock_open_call(sp_script_call *call, int64_t sku_id, int64_t stock, int
 void sp_stock_unclaim_call(sp_script_call *call, int64_t sku_id, const char *token);
 void sp_stock_restock_call(sp_script_call *call, int64_t sku_id, int64_t add);
 void sp_stock_reserve_call(sp_script_call *call, const sp_reserve_request *req);
-void sp_stock_confirm_call(sp_script_call *call, const sp_reserve_request *req);
+/* Kafka put req's order.created at partition/offset: the accepted entry keeps that position. */
+void sp_stock_confirm_call(sp_script_call *call, const sp_reserve_request *req, int32_t partition,
+                           int64_t offset);
 void sp_stock_release_call(sp_script_call *call, int64_t sku_id, const char *order_id);
 void sp_stock_cap_call(sp_script_call *call, int64_t sku_id, int64_t pg_stock, int64_t pg_supplied);
 
 /* Several confirms of one SKU in one script call, for a producer that gets Kafka's
  * acknowledgements in bursts. The batch points into the single calls it is given (built by
  * sp_stock_confirm_call), which must outlive it. */
-#define SP_CONFIRM_BATCH_MAX 128
+#define SP_CONFIRM_BATCH_MAX 120 /* 1 + 4 * 120 argv: within SP_REDIS_SCRIPT_ARGV_MAX */
 typedef struct sp_confirm_batch {
     int64_t sku_id;
-    int n;                                          /* orders in the batch */
-    const char *argv[1 + 2 * SP_CONFIRM_BATCH_MAX]; /* the resv key, then (order_id, idem key)s */
-    size_t argvlen[1 + 2 * SP_CONFIRM_BATCH_MAX];
+    int n, nkeys, nargs;                        /* orders; keys and arguments so far */
+    const char *keys[1 + SP_CONFIRM_BATCH_MAX]; /* the resv key, then the idempotency keys */
+    size_t keyslen[1 + SP_CONFIRM_BATCH_MAX];
+    const char *args[3 * SP_CONFIRM_BATCH_MAX]; /* (order_id, key index, position) per order */
+    size_t argslen[3 * SP_CONFIRM_BATCH_MAX];
+    char index[SP_CONFIRM_BATCH_MAX][12]; /* each order's key index, as text */
 } sp_confirm_batch;
 
 /* Adds one confirm (of sku_id) to b; -1 when b is full or holds another SKU's confirms. */

@@ -502,7 +502,7 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
              * Idempotency-Key on any producer must find "accepted", not "pending". A failed
              * confirm still answers 202 (Kafka has the order) and only leaves a reservation whose
              * order is in the log: the reaper's void for it changes nothing. */
-            sp_stock_confirm_call(&c->script, &c->order);
+            sp_stock_confirm_call(&c->script, &c->order, m->partition, m->offset);
             queue_push(&c->api->confirms, c);
             return; /* confirms_send() after the poll sends them in batches */
         case CALL_OPEN:

@@ -24,7 +24,13 @@
 #define STEP_MAX    1024 /* most entries acted on at once (a small hash answers whole) */
 #define ENTRY_MAX   160  /* bytes of an entry we act on ("r:user:qty:ts:idem_key" is well below) */
 #define VOID_REASON "lost reservation"
+#define GONE_REASON "accepted order missing from the log"
 
+static sp_metric m_gone = SP_METRIC_COUNTER(
+    "stockpipe_reaper_accepted_gone_total",
+    "Accepted orders voided because the consumer passed their offset without storing them (the log "
+    "no longer holds them: retention, a lost broker disk, a topic made anew).",
+    NULL);
 static sp_metric m_voided = SP_METRIC_COUNTER(
     "stockpipe_reaper_voided_total",
     "order.voided events published for reservations whose producer never heard from Kafka, and "
@@ -45,19 +51,22 @@ static sp_metric m_errors = SP_REAPER_ERRORS("resv");
 
 void sp_resv_sweep_register_metrics(void) {
     sp_metrics_register(&m_voided);
+    sp_metrics_register(&m_gone);
     sp_metrics_register(&m_dropped_r);
     sp_metrics_register(&m_dropped_a);
     sp_metrics_register(&m_settled);
     sp_metrics_register(&m_errors);
 }
 
-/* One entry of {sku:ID}:resv, parsed: "r:user:qty:ts:idem" or "a:user:qty:ts". */
+/* One entry of {sku:ID}:resv, parsed: "r:user:qty:ts:idem" or "a:user:qty:ts:partition:offset"
+ * ("a:user:qty:ts" as entries confirmed before the position was kept). */
 typedef struct resv_entry {
     const char *order_id; /* points into the HSCAN reply */
     const char *value;
     char state; /* 'r' or 'a' */
     int64_t user_id, ts_ms;
     int32_t qty;
+    int64_t partition, offset; /* 'a:': where Kafka put its order.created; -1 when not kept */
 } resv_entry;
 
 /* Parses a decimal field ending at ':' or NUL; advances *p past the ':'. */
@@ -79,6 +88,10 @@ static int parse_entry(const char *id, const char *value, resv_entry *e) {
         return -1;
     if (field(&p, &e->user_id) != 0 || field(&p, &qty) != 0 || field(&p, &e->ts_ms) != 0) return -1;
     if (e->user_id < 1 || e->user_id > SP_ID_MAX || qty < 1 || qty > SP_QTY_MAX) return -1;
+    e->partition = e->offset = -1;
+    if (value[0] == 'a' && *p != '\0' &&
+        (field(&p, &e->partition) != 0 || field(&p, &e->offset) != 0 || *p != '\0'))
+        return -1;
     e->order_id = id;
     e->value = value;
     e->state = value[0];
@@ -111,10 +124,11 @@ static int order_statuses(sp_reaper *rp, const char *const *ids, size_t n, char 
     return 0;
 }
 
-/* Publishes the voids of n lost reservations this replica wins the claim of; redis_now is Redis's
- * clock, which their stamps are on (for the log). */
+/* Publishes the voids of n lost reservations this replica wins the claim of, with reason; redis_now
+ * is Redis's clock, which their stamps are on (for the log). */
 static int void_lost(sp_reaper *rp, int64_t sku_id, const resv_entry *const *lost, size_t n,
-                     int64_t redis_now, sp_resv_sweep_stats *st, char *errbuf, size_t errlen) {
+                     const char *reason, int64_t redis_now, sp_resv_sweep_stats *st, char *errbuf,
+                     size_t errlen) {
     const char **ids = calloc(n, sizeof(*ids));
     int *won = calloc(n, sizeof(*won)), *acked = calloc(n, sizeof(*acked));
     sp_event *evs = calloc(n, sizeof(*evs));
@@ -136,12 +150,11 @@ static int void_lost(sp_reaper *rp, int64_t sku_id, const resv_entry *const *los
         ev->user_id = lost[i]->user_id;
         ev->qty = lost[i]->qty;
         snprintf(ev->order_id, sizeof(ev->order_id), "%s", lost[i]->order_id);
-        snprintf(ev->reason, sizeof(ev->reason), "%s", VOID_REASON);
+        snprintf(ev->reason, sizeof(ev->reason), "%s", reason);
         sp_log_ctx ctx = {.order_id = ev->order_id, .sku_id = sku_id};
         SP_LOG_CTX(SP_LOG_INFO, &ctx,
-                   "reservation of user %" PRId64 " (%d units) unanswered for %" PRId64
-                   " ms: publishing order.voided",
-                   ev->user_id, (int)ev->qty, redis_now - lost[i]->ts_ms);
+                   "%s: user %" PRId64 " (%d units), %" PRId64 " ms old: publishing order.voided",
+                   reason, ev->user_id, (int)ev->qty, redis_now - lost[i]->ts_ms);
     }
     if (nev > 0) {
         size_t nacked = sp_reaper_publish(rp, evs, nev, acked);
@@ -164,6 +177,27 @@ out:
     return rc;
 }
 
+/* Which of the n accepted entries the consumer has passed: PostgreSQL stores a next offset beyond
+ * the one Kafka gave its order.created, and yet the order is not stored (the caller asked). Their
+ * events are not in the log the consumer reads any more. gone[i] is 1 for those. */
+static int passed_by_consumer(sp_reaper *rp, const resv_entry *const *e, size_t n, int *gone,
+                              char *errbuf, size_t errlen) {
+    const char *params[] = {rp->cfg->kafka_topic};
+    PGresult *res = sp_reaper_query(
+        rp, "SELECT partition, next_offset FROM consumer_offsets WHERE topic = $1", 1, params,
+        errbuf, errlen);
+    if (res == NULL) return -1;
+    for (size_t i = 0; i < n; i++) {
+        gone[i] = 0;
+        for (int r = 0; r < PQntuples(res); r++)
+            if (strtoll(PQgetvalue(res, r, 0), NULL, 10) == e[i]->partition &&
+                strtoll(PQgetvalue(res, r, 1), NULL, 10) > e[i]->offset)
+                gone[i] = 1;
+    }
+    PQclear(res);
+    return 0;
+}
+
 /* Acts on one HSCAN step's worth of entries (see resv_sweep.h). An entry's age is Redis's clock
  * now minus its stamp, which reserve.lua took from the same clock: no host's clock enters it, so a
  * reaper whose clock runs ahead cannot take a reservation still waiting for Kafka for lost. */
@@ -179,14 +213,18 @@ static int act_on_entries(sp_reaper *rp, int64_t sku_id, redisReply *const *kv, 
     }
     int64_t lost_before = now - rp->cfg->resv_lost_after_ms;
     int64_t stale_before = now - rp->cfg->accepted_stale_after_ms;
+    int64_t gone_before = now - rp->cfg->accepted_lost_after_ms;
+    size_t nwaiting = 0, ngone = 0;
     resv_entry *cand = calloc(n ? n : 1, sizeof(*cand));
     const char **ids = calloc(n ? n : 1, sizeof(*ids)), **vals = calloc(n ? n : 1, sizeof(*vals));
     const resv_entry **lost = calloc(n ? n : 1, sizeof(*lost));
     const resv_entry **rejected = calloc(n ? n : 1, sizeof(*rejected));
+    const resv_entry **waiting = calloc(n ? n : 1, sizeof(*waiting));
+    int *gone = calloc(n ? n : 1, sizeof(*gone));
     char(*status)[16] = calloc(n ? n : 1, sizeof(*status));
     int rc = -1, dropped = 0;
     if (cand == NULL || ids == NULL || vals == NULL || lost == NULL || rejected == NULL ||
-        status == NULL) {
+        status == NULL || waiting == NULL || gone == NULL) {
         snprintf(errbuf, errlen, "out of memory");
         goto out;
     }
@@ -219,9 +257,21 @@ static int act_on_entries(sp_reaper *rp, int64_t sku_id, redisReply *const *kv, 
             ndrop_r++;
         } else if (cand[i].state == 'r' && !known) {
             lost[nlost++] = &cand[i];
+        } else if (cand[i].state == 'a' && !known && cand[i].offset >= 0 &&
+                   cand[i].ts_ms < gone_before) {
+            waiting[nwaiting++] = &cand[i];
         }
         /* 'r:' of a cancelled order: its ledger row gives it back (give_back.lua drops it).
-         * 'a:' unknown to PostgreSQL: the consumer has not got there yet. */
+         * 'a:' unknown to PostgreSQL: the consumer has not got there yet, unless it has passed
+         * the order's offset (below). */
+    }
+    /* An accepted order PostgreSQL still lacks after ACCEPTED_LOST_AFTER_MS, whose offset the
+     * consumer has passed, will never come: its event is gone from the log. Voided, its units
+     * come back through the ledger (give_back.lua takes an 'a:' entry for a voided row too). */
+    if (nwaiting > 0) {
+        if (passed_by_consumer(rp, waiting, nwaiting, gone, errbuf, errlen) != 0) goto out;
+        for (size_t i = 0; i < nwaiting; i++)
+            if (gone[i]) waiting[ngone++] = waiting[i];
     }
     if (ndrop > 0) {
         redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
@@ -248,12 +298,20 @@ static int act_on_entries(sp_reaper *rp, int64_t sku_id, redisReply *const *kv, 
         }
         st->ndropped += units > 0;
     }
-    if (nlost > 0 && void_lost(rp, sku_id, lost, nlost, now, st, errbuf, errlen) != 0) goto out;
+    if (nlost > 0 && void_lost(rp, sku_id, lost, nlost, VOID_REASON, now, st, errbuf, errlen) != 0)
+        goto out;
+    if (ngone > 0) {
+        if (void_lost(rp, sku_id, waiting, ngone, GONE_REASON, now, st, errbuf, errlen) != 0)
+            goto out;
+        sp_metric_add(&m_gone, (int64_t)ngone);
+    }
     rc = 0;
 out:
     free(cand);
     free(ids);
     free(vals);
+    free(waiting);
+    free(gone);
     free(lost);
     free(rejected);
     free(status);

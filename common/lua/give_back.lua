@@ -22,11 +22,13 @@ end
 if redis.call('HSETNX', returned, order_id, now) == 0 then
     return 0
 end
--- A voided reservation's units are in Redis's books only through its 'r:' entry: without it
--- there is nothing to give (whoever removed the entry gave them back or counted them).
+-- A voided order's units are in Redis's books only through its entry: an 'r:' one (a lost
+-- reservation), or an 'a:' one (an accepted order whose event the log lost, resv_sweep.c).
+-- Without it there is nothing to give (whoever removed the entry gave them back or counted them).
 local r = redis.call('HGET', resv, order_id)
 local reserved = r and string.sub(r, 1, 2) == 'r:'
-if reason == 'voided' and not reserved then
+local accepted = r and string.sub(r, 1, 2) == 'a:'
+if reason == 'voided' and not reserved and not accepted then
     return 0
 end
 redis.call('HINCRBY', sale, 'stock', qty)
@@ -36,6 +38,9 @@ if left <= 0 then
 end
 -- Drop the 'r:' entry, so nothing releases or voids it again, and free its Idempotency-Key (the
 -- buyer never heard 202) if it still names this order.
+if accepted and reason == 'voided' then
+    redis.call('HDEL', resv, order_id)
+end
 if reserved then
     redis.call('HDEL', resv, order_id)
     local idem = string.match(r, '^r:[^:]*:[^:]*:[^:]*:(.*)$')

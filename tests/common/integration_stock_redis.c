@@ -58,7 +58,7 @@ static int confirm(redisContext *c, int64_t sku, int64_t user, const char *order
     int was;
     snprintf(req.order_id, sizeof(req.order_id), "%s", order_id);
     snprintf(req.idem_key, sizeof(req.idem_key), "%s", idem ? idem : "");
-    if (sp_stock_confirm(c, &req, &was, err, sizeof(err)) != 0) fail_msg("confirm: %s", err);
+    if (sp_stock_confirm(c, &req, 3, 17, &was, err, sizeof(err)) != 0) fail_msg("confirm: %s", err);
     return was;
 }
 
@@ -266,7 +266,7 @@ static void test_confirm_marks_accepted(void **state) {
     assert_string_equal(timeless(c, sale_hget_str(c, sku, "resv", "acc-1")), "r:7:2:T:");
     assert_int_equal(confirm(c, sku, 7, "acc-1", NULL), 1);
     assert_int_equal(confirm(c, sku, 8, "acc-2", NULL), 1);
-    assert_string_equal(timeless(c, sale_hget_str(c, sku, "resv", "acc-1")), "a:7:2:T");
+    assert_string_equal(timeless(c, sale_hget_str(c, sku, "resv", "acc-1")), "a:7:2:T:3:17");
     /* An accepted order can no longer be released. */
     assert_int_equal(sp_stock_release(c, sku, "acc-1", &qty, err, sizeof(err)), 0);
     assert_int_equal(qty, 0);

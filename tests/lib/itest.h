@@ -590,6 +590,36 @@ static inline int64_t topic_end(const char *topic, int partitions) {
     return sum;
 }
 
+/* Deletes the records of topic's partition below offset `before` (DeleteRecords, as retention
+ * would); fails the test when Kafka refuses. */
+static inline void delete_records_before(const char *topic, int32_t partition, int64_t before) {
+    rd_kafka_t *rk = kafka_client(itest_err, sizeof(itest_err));
+    if (rk == NULL) fail_msg("kafka: %s", itest_err);
+    rd_kafka_topic_partition_list_t *offsets = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(offsets, topic, partition)->offset = before;
+    rd_kafka_DeleteRecords_t *del = rd_kafka_DeleteRecords_new(offsets);
+    rd_kafka_topic_partition_list_destroy(offsets);
+    rd_kafka_queue_t *q = rd_kafka_queue_new(rk);
+    rd_kafka_DeleteRecords(rk, &del, 1, NULL, q);
+    rd_kafka_DeleteRecords_destroy(del);
+    rd_kafka_event_t *ev = rd_kafka_queue_poll(q, 60000);
+    const char *err = ev == NULL ? "no answer" : rd_kafka_event_error_string(ev);
+    int failed = ev == NULL || rd_kafka_event_error(ev) != RD_KAFKA_RESP_ERR_NO_ERROR;
+    if (!failed) {
+        const rd_kafka_topic_partition_list_t *res = rd_kafka_DeleteRecords_result_offsets(
+            rd_kafka_event_DeleteRecords_result(ev));
+        failed = res == NULL || res->cnt != 1 || res->elems[0].err != RD_KAFKA_RESP_ERR_NO_ERROR;
+        if (failed) err = res && res->cnt == 1 ? rd_kafka_err2str(res->elems[0].err) : "no result";
+    }
+    if (failed) snprintf(itest_err, sizeof(itest_err), "%s", err);
+    if (ev) rd_kafka_event_destroy(ev);
+    rd_kafka_queue_destroy(q);
+    rd_kafka_destroy(rk);
+    if (failed)
+        fail_msg("delete records of %s [%d] below %lld: %s", topic, (int)partition,
+                 (long long)before, itest_err);
+}
+
 /* For group setup: creates the run's topic s->topic with `partitions` partitions and its
  * dead-letter topic s->dlq with one (make_topic); 0, or -1 with the reason on stderr. */
 static inline int create_run_topics(const itest_stack *s, int partitions) {
