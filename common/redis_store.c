@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define EVALSHA_ARGS_MAX 64
+#define EVALSHA_ARGS_MAX SP_REDIS_SCRIPT_ARGV_MAX /* the same bound as the async calls */
 
 /* Parses "host[:port]" of length n. */
 static int parse_hostport(const char *s, size_t n, sp_redis_target *t, int defport, char *errbuf,

@@ -598,6 +598,39 @@ static void test_idem_ttls(void **state) {
     redisFree(c);
 }
 
+/* The consumer's forget after a commit, for a whole batch whose confirms have not come yet: every
+ * entry goes, and every key still pending on its order answers accepted (more entries than one
+ * script call's bound on the old path: the demo left 500 entries behind). */
+static void test_forget_settles_a_batch_of_keys(void **state) {
+    (void)state;
+    enum { N = 300 };
+    redisContext *c = connect_redis();
+    int64_t sku = fresh_sku(c, 60);
+    int opened;
+    static char ids[N][16], keys[N][16];
+    const char *id_ptrs[N];
+    assert_int_equal(sp_stock_open(c, sku, N, 0, 600, &opened, err, sizeof(err)), 0);
+    for (int i = 0; i < N; i++) {
+        snprintf(ids[i], sizeof(ids[i]), "f-%d", i);
+        snprintf(keys[i], sizeof(keys[i]), "k-%d", i);
+        id_ptrs[i] = ids[i];
+        assert_int_equal(reserve(c, sku, 1000 + i, 1, ids[i], i % 2 ? keys[i] : NULL).outcome,
+                         SP_RESERVE_OK);
+    }
+    if (sp_stock_accepted_forget(c, sku, id_ptrs, N, err, sizeof(err)) != 0) fail_msg("%s", err);
+    redisReply *r = redisCommand(c, "HLEN {sku:%lld}:resv", (long long)sku);
+    assert_non_null(r);
+    assert_int_equal(r->integer, 0);
+    freeReplyObject(r);
+    for (int i = 1; i < N; i += 2) {
+        sp_reserve_result again = reserve(c, sku, 1000 + i, 1, "f-again", keys[i]);
+        assert_int_equal(again.outcome, SP_RESERVE_DUP);
+        assert_string_equal(again.dup_state, "accepted");
+        assert_string_equal(again.order_id, ids[i]);
+    }
+    redisFree(c);
+}
+
 int main(void) {
     char e[256];
     const char *url = getenv("REDIS_URL");
@@ -620,6 +653,7 @@ int main(void) {
         cmocka_unit_test(test_confirm_marks_accepted),
         cmocka_unit_test(test_cap_only_lowers),
         cmocka_unit_test(test_idem_ttls),
+        cmocka_unit_test(test_forget_settles_a_batch_of_keys),
     };
     return cmocka_run_group_tests_name("stock_redis", tests, NULL, NULL);
 }
