@@ -101,6 +101,12 @@ int sp_sale_body_parse(const char *content_type, const char *body, size_t len, s
     return parse_fields(content_type, body, len, f, 4, detail, detail_len);
 }
 
+int sp_pay_body_parse(const char *content_type, const char *body, size_t len, int64_t *qty,
+                      char *detail, size_t detail_len) {
+    const field f[] = {{"qty", 1, SP_QTY_MAX, qty}};
+    return parse_fields(content_type, body, len, f, 1, detail, detail_len);
+}
+
 int sp_restock_body_parse(const char *content_type, const char *body, size_t len, int64_t *add,
                           char *detail, size_t detail_len) {
     const field f[] = {{"add", 1, SP_STOCK_MAX, add}};

@@ -29,6 +29,9 @@ int sp_order_body_parse(const char *content_type, const char *body, size_t len, 
                         char *detail, size_t detail_len);
 int sp_sale_body_parse(const char *content_type, const char *body, size_t len, sp_sale_body *out,
                        char *detail, size_t detail_len);
+/* POST /v1/orders/{id}/pay {"qty":…}: the units paid for, which must be the order's */
+int sp_pay_body_parse(const char *content_type, const char *body, size_t len, int64_t *qty,
+                      char *detail, size_t detail_len);
 /* POST /v1/skus/{id}/restock {"add":…} */
 int sp_restock_body_parse(const char *content_type, const char *body, size_t len, int64_t *add,
                           char *detail, size_t detail_len);

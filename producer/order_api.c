@@ -70,6 +70,8 @@ static sp_metric m_unavailable = REQ("unavailable");
 static sp_metric m_in_progress = REQ("in_progress");
 static sp_metric m_admin_ok = REQ("admin_ok");
 static sp_metric m_paid = REQ("payment_recorded");
+static sp_metric m_pay_closed = REQ("order_closed");
+static sp_metric m_pay_mismatch = REQ("qty_mismatch");
 static sp_metric m_not_found = REQ("not_found");
 static sp_metric m_rate_limited = REQ("rate_limited");
 static sp_metric m_lookup = REQ("lookup_ok");
@@ -99,11 +101,11 @@ static sp_metric m_unknown = SP_METRIC_COUNTER(
     "Orders whose fate Kafka or Redis left unknown; their reservations wait for the reaper.", NULL);
 
 static sp_metric *all_metrics[] = {
-    &m_accepted,      &m_sold_out,     &m_limit,        &m_unknown_sku,  &m_invalid,
-    &m_unauthorized,  &m_unavailable,  &m_in_progress,  &m_admin_ok,     &m_paid,
-    &m_not_found,     &m_latency,      &m_redis_errors, &m_kafka_errors, &m_inflight,
-    &m_released,      &m_unknown,      &m_rate_limited, &m_lookup,       &m_pg_errors,
-    &m_redis_latency, &m_kafka_latency};
+    &m_accepted,     &m_sold_out,     &m_limit,         &m_unknown_sku,  &m_invalid,
+    &m_unauthorized, &m_unavailable,  &m_in_progress,   &m_admin_ok,     &m_paid,
+    &m_pay_closed,   &m_pay_mismatch, &m_not_found,     &m_latency,      &m_redis_errors,
+    &m_kafka_errors, &m_inflight,     &m_released,      &m_unknown,      &m_rate_limited,
+    &m_lookup,       &m_pg_errors,    &m_redis_latency, &m_kafka_latency};
 
 /* ---- state ---- */
 
@@ -176,6 +178,7 @@ typedef struct call {
     int redis_failed;  /* Redis could not be asked: a "not found" is not trusted */
     char accepted[64]; /* CALL_GET_ORDER: an accepted {sku}:resv entry "user:qty:ts", or "" */
     char sale[3][24];  /* CALL_GET_SKU: stock, limit, pay_timeout_s; "" when absent */
+    char closed[16];   /* CALL_PAY: the status of an order closed before its payment, or "" */
 } call;
 
 /* Appends c; returns 1 when the queue was empty before. */
@@ -515,7 +518,17 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
             if (redis_send(c, on_sale_written) != 0) call_free(c);
             return;
         case CALL_PAY:
-            answer_order(c, 202, c->ev.order_id, "payment_recorded", &m_paid);
+            if (c->closed[0]) {
+                /* Recorded (refund_due) and refused: the order was closed before it. */
+                char body[256];
+                snprintf(body, sizeof(body),
+                         "{\"error\":\"order_closed\",\"order_id\":\"%s\",\"status\":\"%s\","
+                         "\"refund_due\":true}",
+                         c->ev.order_id, c->closed);
+                answer(c, 409, body, &m_pay_closed);
+            } else {
+                answer_order(c, 202, c->ev.order_id, "payment_recorded", &m_paid);
+            }
             call_free(c);
             return;
         case CALL_GET_ORDER:
@@ -1045,6 +1058,8 @@ static json_t *int_or_null(const PGresult *res, int col) {
                                     : json_integer(strtoll(PQgetvalue(res, 0, col), NULL, 10));
 }
 
+static void decide_pay(call *c, const PGresult *res);
+
 /* The order as PostgreSQL has it, or (not there yet) as the producer's accepted entry says. */
 static void on_order_row(const PGresult *res, const char *err, void *arg) {
     call *c = arg;
@@ -1052,6 +1067,10 @@ static void on_order_row(const PGresult *res, const char *err, void *arg) {
     if (res == NULL) {
         sp_metric_inc(&m_pg_errors);
         sp_warn("order %s: lookup failed: %s", c->order.order_id, err);
+    }
+    if (c->kind == CALL_PAY) {
+        decide_pay(c, res);
+        return;
     }
     if (res && PQntuples(res) == 1) {
         j = json_pack("{ss ss so so so so so so so so so}", "order_id", c->order.order_id, "status",
@@ -1095,19 +1114,10 @@ static void on_accepted_read(redisAsyncContext *ac, void *reply, void *data) {
     lookup_order(c);
 }
 
-static void get_order(sp_order_api *api, struct evhttp_request *req, const char *order_id,
-                      size_t len) {
+/* Looks c->order up: Redis's accepted entry (on_accepted_read), then PostgreSQL (on_order_row,
+ * which answers a GET or hands a payment to decide_pay). */
+static void look_up_order(sp_order_api *api, call *c) {
     char key[SP_STOCK_KEY_MAX];
-    call *c = call_new(api, req, CALL_GET_ORDER);
-    if (c == NULL) return;
-    memcpy(c->order.order_id, order_id, len);
-    c->order.order_id[len] = '\0';
-    if (!sp_order_id_valid(c->order.order_id) ||
-        sp_order_id_sku(c->order.order_id, &c->order.sku_id) != 0) {
-        answer_error(c, 404, "unknown_order", NULL, &m_not_found);
-        call_free(c);
-        return;
-    }
     sp_stock_key(key, c->order.sku_id, "resv");
     if (api->redis == NULL || redisAsyncCommand(api->redis, on_accepted_read, c, "HGET %s %s", key,
                                                 c->order.order_id) != REDIS_OK) {
@@ -1119,20 +1129,84 @@ static void get_order(sp_order_api *api, struct evhttp_request *req, const char 
     redis_sent(api);
 }
 
+static void get_order(sp_order_api *api, struct evhttp_request *req, const char *order_id,
+                      size_t len) {
+    call *c = call_new(api, req, CALL_GET_ORDER);
+    if (c == NULL) return;
+    memcpy(c->order.order_id, order_id, len);
+    c->order.order_id[len] = '\0';
+    if (!sp_order_id_valid(c->order.order_id) ||
+        sp_order_id_sku(c->order.order_id, &c->order.sku_id) != 0) {
+        answer_error(c, 404, "unknown_order", NULL, &m_not_found);
+        call_free(c);
+        return;
+    }
+    look_up_order(api, c);
+}
+
 /* ---- POST /v1/orders/{order_id}/pay ---- */
 
+/* A payment names its order and its units; it is looked up as GET does (Redis's accepted entry,
+ * then PostgreSQL). Unknown: 404, nothing published. Other units than the order's: 409
+ * qty_mismatch, nothing published. Open (accepted, pending, paid): order.paid is published and
+ * the answer is 202 once Kafka has it (whether it beat an expiry racing it is decided in log order
+ * downstream: then it is recorded refund_due). Closed before it (expired, cancelled, rejected):
+ * order.paid is published all the same, so PostgreSQL records the payment as refund_due, and the
+ * answer is 409 order_closed. */
+static void decide_pay(call *c, const PGresult *res) {
+    char status[16] = "";
+    long long qty = -1;
+    if (res && PQntuples(res) == 1) {
+        snprintf(status, sizeof(status), "%s", PQgetvalue(res, 0, 0));
+        qty = PQgetisnull(res, 0, 3) ? -1 : strtoll(PQgetvalue(res, 0, 3), NULL, 10);
+    } else if (c->accepted[0]) {
+        long long user;
+        if (sscanf(c->accepted, "%lld:%lld", &user, &qty) == 2)
+            snprintf(status, sizeof(status), "accepted");
+    } else if (res && !c->redis_failed) {
+        answer_error(c, 404, "unknown_order", NULL, &m_not_found);
+    }
+    if (status[0] == '\0') {
+        call_free(c); /* 503 if nothing was answered: neither store could say */
+        return;
+    }
+    if (qty != c->order.qty) {
+        char detail[96];
+        snprintf(detail, sizeof(detail), "the order is for %lld units", qty);
+        answer_error(c, 409, "qty_mismatch", detail, &m_pay_mismatch);
+        call_free(c);
+        return;
+    }
+    if (strcmp(status, "expired") == 0 || strcmp(status, "cancelled") == 0 ||
+        strcmp(status, "rejected") == 0)
+        snprintf(c->closed, sizeof(c->closed), "%s", status);
+    if (publish(c) == 0) return; /* the delivery report answers */
+    call_free(c);
+}
+
 static void post_pay(sp_order_api *api, struct evhttp_request *req, const char *order_id) {
-    int64_t sku;
+    char detail[SP_API_DETAIL_MAX];
+    int64_t qty;
+    const char *ctype;
+    size_t len;
     call *c = call_new(api, req, CALL_PAY);
     if (c == NULL) return;
     if (!authorized(c, api->cfg->payment_token)) goto done;
-    if (sp_order_id_sku(order_id, &sku) != 0) {
+    const char *bytes = body_of(req, &ctype, &len);
+    if (sp_pay_body_parse(ctype, bytes, len, &qty, detail, sizeof(detail)) != 0) {
+        answer_error(c, 400, "invalid_request", detail, &m_invalid);
+        goto done;
+    }
+    snprintf(c->order.order_id, sizeof(c->order.order_id), "%s", order_id);
+    if (!sp_order_id_valid(order_id) || sp_order_id_sku(order_id, &c->order.sku_id) != 0) {
         answer_error(c, 404, "unknown_order", NULL, &m_not_found);
         goto done;
     }
-    c->ev = (sp_event){.type = SP_EV_ORDER_PAID, .sku_id = sku};
+    c->order.qty = (int32_t)qty;
+    c->ev = (sp_event){.type = SP_EV_ORDER_PAID, .sku_id = c->order.sku_id};
     snprintf(c->ev.order_id, sizeof(c->ev.order_id), "%s", order_id);
-    if (publish(c) == 0) return; /* the delivery report answers */
+    look_up_order(api, c);
+    return; /* on_accepted_read, lookup_order, decide_pay go on */
 done:
     call_free(c);
 }

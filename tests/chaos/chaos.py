@@ -34,6 +34,7 @@ no ledger row owed, the consumer at the end of the log, no reconcile due) and th
     during the sale, and at the end), and nothing leaked: supplied = stock + pending + paid;
   - Redis equals PostgreSQL for the sale: stock, supplied, every user's units;
   - every payment answered 202 left its order paid, or refund_due if the expiry came first;
+    every payment answered 409 order_closed left its closed order refund_due;
   - answers are only 202, 409 (sold_out, limit_exceeded, in_progress), 503 or no answer;
     without a Redis failover an Idempotency-Key's 202s name one order and no order is rejected
     (Redis never admitted more than PostgreSQL could take);

@@ -115,11 +115,13 @@ static int order(int64_t sku, int64_t user, int qty) {
     return code;
 }
 
-static void pay(const char *order_id) {
-    char path[160], resp[1024];
+/* Pays for an order of qty units; the answer must be want (202, or 409 for a closed order). */
+static void pay(const char *order_id, int qty, int want) {
+    char path[160], body[32], resp[1024];
     snprintf(path, sizeof(path), "/v1/orders/%s/pay", order_id);
-    int code = http(g.producer.port, "POST", path, PAYMENT, NULL, "{}", resp, sizeof(resp));
-    if (code != 202) fail_msg("pay %s: %d %s", order_id, code, resp);
+    snprintf(body, sizeof(body), "{\"qty\":%d}", qty);
+    int code = http(g.producer.port, "POST", path, PAYMENT, NULL, body, resp, sizeof(resp));
+    if (code != want) fail_msg("pay %s: %d %s (want %d)", order_id, code, resp, want);
 }
 
 /* ---- Kafka ---- */
@@ -206,14 +208,14 @@ static void test_a_sale_with_payments_and_expiries(void **state) {
             sold_out++;
             continue;
         }
-        if (a_ok++ % 3 == 0) pay(g.ids[g.naccepted - 1]), paid++;
+        if (a_ok++ % 3 == 0) pay(g.ids[g.naccepted - 1], 1, 202), paid++;
     }
     for (int i = 0; i < 60; i++, user++) {
         if (order(g.sku_b, user, 2) != 202) {
             sold_out++;
             continue;
         }
-        if (b_ok++ % 2 == 0) pay(g.ids[g.naccepted - 1]), paid++;
+        if (b_ok++ % 2 == 0) pay(g.ids[g.naccepted - 1], 2, 202), paid++;
     }
     assert_int_equal(a_ok, 150);
     assert_int_equal(b_ok, 40);
@@ -233,7 +235,7 @@ static void test_a_sale_with_payments_and_expiries(void **state) {
             sold_out++;
             continue;
         }
-        if (wave2++ % 2 == 0) pay(g.ids[g.naccepted - 1]), paid++;
+        if (wave2++ % 2 == 0) pay(g.ids[g.naccepted - 1], 1, 202), paid++;
     }
     assert_true(wave2 >= 100); /* 100 A units and 40 B units came back */
 
@@ -241,7 +243,12 @@ static void test_a_sale_with_payments_and_expiries(void **state) {
     const char *late = g.ids[1];
     WAIT_FOR(value("SELECT count(*) FROM orders WHERE status = 'expired'") >= expired_a,
              "the first wave never expired");
-    pay(late);
+    const char *late_param[] = {late};
+    WAIT_FOR(query_int(g.dsn,
+                       "SELECT count(*) FROM orders WHERE order_id = $1 AND status = 'expired'", 1,
+                       late_param) == 1,
+             "order %s never expired", late);
+    pay(late, 1, 409); /* recorded, refund due; the buyer hears the order was closed */
 
     /* Quiet: every 202 order is stored, nothing pending is left (the second wave's unpaid ones
      * expired), every ledger row went back to Redis, the late payment is recorded, and the

@@ -157,9 +157,11 @@ async def sale(args, world, fleet):
         ("latency, 202s", "p50 %.1f ms, p99 %.1f ms (Kafka acknowledged each)"
          % (1000 * fs.percentile(lat, 0.5), 1000 * fs.percentile(lat, 0.99))),
         ("payments", "%s of %s accepted orders paid (%s): %s in time, %s after the expiry "
-         "(refund due)" % (fmt_int(facts["payments"]), fmt_int(len(accepted)),
-                           buyers.summary("pay"), fmt_int(facts["paid_from_answers"]),
-                           fmt_int(facts["payments"] - facts["paid_from_answers"]))),
+         "(refund due)" % (fmt_int(facts["payments"] + facts["payments_closed"]),
+                           fmt_int(len(accepted)), buyers.summary("pay"),
+                           fmt_int(facts["paid_from_answers"]),
+                           fmt_int(facts["payments"] + facts["payments_closed"]
+                                   - facts["paid_from_answers"]))),
         ("orders in PostgreSQL", "%s: %s" % (fmt_int(st["persisted"]), ", ".join(
             "%s %s" % (s, fmt_int(st["orders"][s])) for s in fs.STATUSES))),
         ("units sold (paid)", "%s of %s" % (fmt_int(st["units"]["paid"]), fmt_int(st["supplied"]))),

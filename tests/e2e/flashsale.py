@@ -405,7 +405,8 @@ class Buyers:
             client = self.pay_clients[port] = Client(port)
         t0 = time.monotonic()
         try:
-            r = await client.request("POST", "/v1/orders/%s/pay" % order_id, None,
+            # Every order of the drive is of one unit: the payment names them.
+            r = await client.request("POST", "/v1/orders/%s/pay" % order_id, {"qty": 1},
                                      {"Authorization": "Bearer " + PAYMENT}, timeout=ORDER_TIMEOUT)
             a = Answer("pay", user, None, t0, time.monotonic(), r.status,
                        (r.json() or {}).get("error") if r.status != 202 else None,
@@ -518,6 +519,11 @@ class Buyers:
 
     def paid(self):
         return set(a.order_id for a in self.answers if a.kind == "pay" and a.status == 202)
+
+    def paid_closed(self):
+        """Payments answered 409 order_closed: their orders had expired (or were cancelled)."""
+        return set(a.order_id for a in self.answers
+                   if a.kind == "pay" and a.status == 409 and a.error == "order_closed")
 
     def summary(self, kind="order"):
         items = sorted(((w, n) for (k, w), n in self.counts.items() if k == kind),
@@ -747,4 +753,13 @@ def outcome(world, sku, buyers, supplied_expected=None):
         problems.append("%d payments answered 202 left their order neither paid nor "
                         "refund_due, e.g. %s" % (len(unpaid), [(o, found[o]) for o in unpaid[:3]]))
     f["paid_from_answers"] = sum(1 for o in paid if found.get(o, ("",))[0] == "paid")
+    closed = buyers.paid_closed()
+    f["payments_closed"] = len(closed)
+    not_refunded = [o for o in closed
+                    if not (o in found and found[o][0] in ("expired", "cancelled", "rejected")
+                            and found[o][1])]
+    if not_refunded:
+        problems.append("%d payments answered order_closed left their order without a refund due, "
+                        "e.g. %s" % (len(not_refunded),
+                                     [(o, found.get(o)) for o in not_refunded[:3]]))
     return f, problems

@@ -1,7 +1,8 @@
 /* fuzz_api_request.c - libFuzzer target: the producer API's request-body parsers (api_request.h).
  *
  * Input layout: one selector byte, then the body.
- *   bits 0-1  which parser: 0 order, 1 sale, 2 restock, 3 all three on the same body
+ *   bits 0-1  which parser: 0 order, 1 sale, 2 restock, 3 all of them (and the payment's) on the
+ *             same body
  *   bits 2-4  the Content-Type: one of seven fixed values, or 7 = taken from the input (the bytes
  *             up to the first '\n', which then ends it; the body is what follows)
  *   bit 5     a small detail buffer (24 bytes) instead of SP_API_DETAIL_MAX
@@ -116,6 +117,19 @@ static void run_restock(const char *ct, const char *body, size_t len, char *deta
     }
 }
 
+static void run_pay(const char *ct, const char *body, size_t len, char *detail, size_t dlen) {
+    int64_t qty;
+    memset(&qty, POISON, sizeof(qty));
+    memset(detail, POISON, dlen);
+    if (sp_pay_body_parse(ct, body, len, &qty, detail, dlen) == 0) {
+        check_accepted_input(ct, body, len);
+        CHECK(qty >= 1 && qty <= SP_QTY_MAX, "qty out of range");
+    } else {
+        check_detail(detail, dlen);
+        CHECK(poisoned(&qty, sizeof(qty)), "a failed payment parse wrote its output");
+    }
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     char ct_buf[CT_MAX + 1];
     const char *ct;
@@ -157,6 +171,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         run_order(ct, body, nrest, detail, dlen);
         run_sale(ct, body, nrest, detail, dlen);
         run_restock(ct, body, nrest, detail, dlen);
+        run_pay(ct, body, nrest, detail, dlen);
         break;
     }
     free(detail);

@@ -1,11 +1,15 @@
-/* integration_admin.c - the admin calls against the real stack: a sale is opened once, in both
- * stores, whatever races or fails.
+/* integration_admin.c - the calls that need a token (admin, payment) against the real stack.
  *
  * Racing opens (issue 15, hole 3): one SKU opened at the same instant through two producers with
  * different stock. Exactly one answer is 201 and the other 409, and the loser leaves no trace: the
  * log holds one stock.set, and Redis and PostgreSQL both hold the winner's stock. Before, both
  * producers saw "no sale" (EXISTS), both published, and PostgreSQL kept whichever stock.set came
  * first in the log while Redis kept whichever script ran first.
+ *
+ * Payments (issue 15, hole 9): a payment names its order and units. An unknown order is 404 and
+ * other units than the order's 409 qty_mismatch, neither publishing anything; an open order is
+ * 202; an order closed before the payment (expired) is 409 order_closed, and the payment is still
+ * recorded (refund_due). Before, every well-formed id was answered 202.
  *
  * The run has its own topics, consumer group and PostgreSQL database (created and migrated here,
  * dropped at the end) and fresh SKU ids on the stack's Redis. It runs bin/{producer,consumer}, or
@@ -32,8 +36,9 @@
 
 #define WAIT_S     120 /* generous: a shared, loaded machine; ASan builds */
 #define PARTITIONS 2
-#define NTESTS     2
+#define NTESTS     3
 #define ADMIN      "test-admin-token"
+#define PAYMENT    "test-payment-token"
 #define RACES      12 /* racing pairs of opens, one SKU each */
 
 static char tag[32]; /* unique per run: pid and time */
@@ -43,7 +48,7 @@ static struct {
     char db[64], dsn[1200];
     char topic[160], dlq[160], group[160];
     int64_t sku_base;
-    proc producers[2], consumer;
+    proc producers[2], consumer, reaper;
     int npassed;
 } g;
 
@@ -62,14 +67,18 @@ static void test_start_the_workers(void **state) {
     char log[256];
     snprintf(log, sizeof(log), "%s/migrate.log", g.tmp);
     create_database(g.db, g.dsn, sizeof(g.dsn), log);
-    const char *producer_settings[] = {"ADMIN_TOKEN=" ADMIN, "KAFKA_MESSAGE_TIMEOUT_MS=5000",
-                                       "KAFKA_LINGER_MS=20", NULL};
+    const char *producer_settings[] = {"ADMIN_TOKEN=" ADMIN, "PAYMENT_TOKEN=" PAYMENT,
+                                       "KAFKA_MESSAGE_TIMEOUT_MS=5000", "KAFKA_LINGER_MS=20", NULL};
+    const char *reaper_settings[] = {"KAFKA_MESSAGE_TIMEOUT_MS=5000", "REAPER_INTERVAL_MS=200",
+                                     NULL};
     const char *consumer_settings[] = {"KAFKA_SESSION_TIMEOUT_MS=6000", NULL};
     g.producers[0] = start(&stack, BIN "producer", "producer-1", producer_settings, NULL);
     g.producers[1] = start(&stack, BIN "producer", "producer-2", producer_settings, NULL);
     g.consumer = start(&stack, BIN "consumer", "consumer", consumer_settings, NULL);
+    g.reaper = start(&stack, BIN "reaper", "reaper", reaper_settings, NULL);
     for (int i = 0; i < 2; i++) wait_ready(&g.producers[i], WAIT_S);
     wait_ready(&g.consumer, WAIT_S);
+    wait_ready(&g.reaper, WAIT_S);
     WAIT_FOR(metric(g.consumer.port, "stockpipe_consumer_assigned_partitions") == PARTITIONS,
              "the consumer never owned the %d partitions", PARTITIONS);
     g.npassed++;
@@ -147,6 +156,82 @@ static void test_racing_opens_leave_one_sale(void **state) {
     g.npassed++;
 }
 
+/* POST /v1/orders/{id}/pay with body; the status, the answer in resp. */
+static int pay(const char *order_id, const char *body, char *resp, size_t cap) {
+    char path[160];
+    snprintf(path, sizeof(path), "/v1/orders/%s/pay", order_id);
+    return http(g.producers[0].port, "POST", path, PAYMENT, NULL, body, resp, cap);
+}
+
+static void order_id_of(const char *resp, char *id, size_t cap) {
+    const char *p = strstr(resp, "\"order_id\":\"");
+    if (p == NULL) fail_msg("no order_id in %s", resp);
+    p += strlen("\"order_id\":\"");
+    size_t n = strcspn(p, "\"");
+    if (n >= cap) fail_msg("order_id too long in %s", resp);
+    memcpy(id, p, n);
+    id[n] = '\0';
+}
+
+static void test_payments_name_their_order(void **state) {
+    (void)state;
+    int64_t sku = g.sku_base + RACES; /* a SKU of its own, after the races' */
+    char body[200], resp[1024], a[SP_ORDER_ID_MAX + 1], b[SP_ORDER_ID_MAX + 1];
+    snprintf(body, sizeof(body),
+             "{\"sku_id\":%" PRId64 ",\"stock\":5,\"per_user_limit\":0,\"pay_timeout_s\":1}", sku);
+    int code = http(g.producers[0].port, "POST", "/v1/skus", ADMIN, NULL, body, resp, sizeof(resp));
+    if (code != 201) fail_msg("open: %d %s", code, resp);
+    const struct {
+        int64_t user;
+        int qty;
+        char *id;
+    } orders[] = {{1, 2, a}, {2, 1, b}};
+    for (int i = 0; i < 2; i++) {
+        snprintf(body, sizeof(body), "{\"user_id\":%" PRId64 ",\"sku_id\":%" PRId64 ",\"qty\":%d}",
+                 orders[i].user, sku, orders[i].qty);
+        code = http(g.producers[0].port, "POST", "/v1/orders", NULL, NULL, body, resp,
+                    sizeof(resp));
+        if (code != 202) fail_msg("order: %d %s", code, resp);
+        order_id_of(resp, orders[i].id, SP_ORDER_ID_MAX + 1);
+    }
+    /* Pay for a right away, while it may still be only Redis's accepted entry: the units must be
+     * its own, and then it is 202. */
+    int64_t in_log = topic_end(g.topic, PARTITIONS);
+    assert_int_equal(pay(a, "{}", resp, sizeof(resp)), 400);
+    code = pay(a, "{\"qty\":1}", resp, sizeof(resp));
+    if (code != 409 || strstr(resp, "qty_mismatch") == NULL)
+        fail_msg("wrong units: %d %s", code, resp);
+    /* An id of the right form that names no order. */
+    char unknown[SP_ORDER_ID_MAX + 1];
+    snprintf(unknown, sizeof(unknown), "%s", a);
+    size_t n = strlen(unknown);
+    unknown[n - 1] = unknown[n - 1] == '0' ? '1' : '0';
+    code = pay(unknown, "{\"qty\":2}", resp, sizeof(resp));
+    if (code != 404 || strstr(resp, "unknown_order") == NULL)
+        fail_msg("unknown order: %d %s", code, resp);
+    assert_int_equal(topic_end(g.topic, PARTITIONS), in_log); /* none of them published anything */
+    code = pay(a, "{\"qty\":2}", resp, sizeof(resp));
+    if (code != 202 || strstr(resp, "payment_recorded") == NULL)
+        fail_msg("pay a: %d %s", code, resp);
+    /* b is left to expire (1 s to pay); paid afterwards it is closed, its payment recorded. */
+    const char *params[] = {b};
+    WAIT_FOR(query_int(g.dsn,
+                       "SELECT count(*) FROM orders WHERE order_id = $1 AND status = 'expired'", 1,
+                       params) == 1,
+             "order %s never expired", b);
+    code = pay(b, "{\"qty\":1}", resp, sizeof(resp));
+    if (code != 409 || strstr(resp, "order_closed") == NULL || strstr(resp, "expired") == NULL)
+        fail_msg("pay after the expiry: %d %s", code, resp);
+    WAIT_FOR(query_int(g.dsn, "SELECT count(*) FROM orders WHERE order_id = $1 AND refund_due", 1,
+                       params) == 1,
+             "the late payment of %s was not recorded as a refund due", b);
+    const char *a_param[] = {a};
+    WAIT_FOR(query_int(g.dsn, "SELECT count(*) FROM orders WHERE order_id = $1 AND status = 'paid'",
+                       1, a_param) == 1,
+             "order %s never paid", a);
+    g.npassed++;
+}
+
 /* ---- set-up ---- */
 
 static int group_setup(void **state) {
@@ -163,13 +248,13 @@ static int group_setup(void **state) {
 
 static int group_teardown(void **state) {
     (void)state;
-    proc *all[] = {&g.producers[0], &g.producers[1], &g.consumer};
+    proc *all[] = {&g.producers[0], &g.producers[1], &g.consumer, &g.reaper};
     int clean = stop_all(all, sizeof(all) / sizeof(all[0]));
     kill_tracked();
     redisContext *rc = redis_connect_env();
     if (rc) {
         char key[SP_STOCK_KEY_MAX];
-        for (int r = 0; r < RACES; r++) {
+        for (int r = 0; r <= RACES; r++) {
             const char *suffixes[] = {"sale", "opening", "users", "resv"};
             for (int i = 0; i < 4; i++) {
                 sp_stock_key(key, g.sku_base + r, suffixes[i]);
@@ -189,6 +274,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_start_the_workers),
         cmocka_unit_test(test_racing_opens_leave_one_sale),
+        cmocka_unit_test(test_payments_name_their_order),
     };
     return cmocka_run_group_tests_name("admin", tests, group_setup, group_teardown);
 }
