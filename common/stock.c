@@ -152,12 +152,14 @@ void sp_stock_confirm_call(sp_script_call *call, const sp_reserve_request *req, 
     sp_script_call_arg(call, "%" PRId32 ":%" PRId64, partition, offset);
 }
 
-void sp_stock_release_call(sp_script_call *call, int64_t sku_id, const char *order_id) {
-    sp_script_call_init(call, &script_release, 3);
-    key_arg(call, sku_id, "sale");
-    key_arg(call, sku_id, "users");
-    key_arg(call, sku_id, "resv");
-    sp_script_call_arg(call, "%s", order_id);
+void sp_stock_release_call(sp_script_call *call, const sp_reserve_request *req) {
+    int has_idem = req->idem_key[0] != '\0';
+    sp_script_call_init(call, &script_release, has_idem ? 4 : 3);
+    key_arg(call, req->sku_id, "sale");
+    key_arg(call, req->sku_id, "users");
+    key_arg(call, req->sku_id, "resv");
+    if (has_idem) idem_arg(call, req);
+    sp_script_call_arg(call, "%s", req->order_id);
 }
 
 void sp_stock_cap_call(sp_script_call *call, int64_t sku_id, int64_t pg_stock,
@@ -385,11 +387,11 @@ int sp_stock_confirm(redisContext *c, const sp_reserve_request *req, int32_t par
     return 0;
 }
 
-int sp_stock_release(redisContext *c, int64_t sku_id, const char *order_id, int *qty_returned,
+int sp_stock_release(redisContext *c, const sp_reserve_request *req, int *qty_returned,
                      char *errbuf, size_t errlen) {
     sp_script_call call;
     long long v;
-    sp_stock_release_call(&call, sku_id, order_id);
+    sp_stock_release_call(&call, req);
     if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
     *qty_returned = (int)v;
     return 0;
@@ -506,11 +508,23 @@ int sp_stock_give_back(redisContext *c, int64_t sku_id, const char *order_id, in
                        size_t errlen) {
     sp_script_call call;
     long long v;
-    sp_script_call_init(&call, &script_give_back, 4);
+    char resv[SP_STOCK_KEY_MAX];
+    /* The Idempotency-Key the entry names, read first so the script can declare it. */
+    sp_stock_key(resv, sku_id, "resv");
+    redisReply *entry = redisCommand(c, "HGET %s %s", resv, order_id);
+    if (entry == NULL || entry->type == REDIS_REPLY_ERROR) {
+        snprintf(errbuf, errlen, "HGET %s: %s", resv, entry ? entry->str : c->errstr);
+        if (entry) freeReplyObject(entry);
+        return -1;
+    }
+    const char *idem = entry->type == REDIS_REPLY_STRING ? entry_idem_key(entry->str) : NULL;
+    sp_script_call_init(&call, &script_give_back, idem ? 5 : 4);
     key_arg(&call, sku_id, "sale");
     key_arg(&call, sku_id, "users");
     key_arg(&call, sku_id, "resv");
     key_arg(&call, sku_id, "returned");
+    if (idem) sp_script_call_arg(&call, "%s", idem);
+    freeReplyObject(entry);
     sp_script_call_arg(&call, "%s", order_id);
     sp_script_call_arg(&call, "%" PRId64, user_id);
     sp_script_call_arg(&call, "%" PRId32, qty);

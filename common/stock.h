@@ -92,7 +92,7 @@ int sp_stock_confirm(redisContext *c, const sp_reserve_request *req, int32_t par
 
 /* Kafka definitely refused the order: gives the reservation's units back to the stock and the
  * user, exactly once (a second call, or one after confirm, returns 0 units). *qty_returned. */
-int sp_stock_release(redisContext *c, int64_t sku_id, const char *order_id, int *qty_returned,
+int sp_stock_release(redisContext *c, const sp_reserve_request *req, int *qty_returned,
                      char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
 /* After a committed batch: lowers the sale's Redis stock to at most pg_stock plus the restocks
@@ -140,7 +140,7 @@ void sp_stock_reserve_call(sp_script_call *call, const sp_reserve_request *req);
 /* Kafka put req's order.created at partition/offset: the accepted entry keeps that position. */
 void sp_stock_confirm_call(sp_script_call *call, const sp_reserve_request *req, int32_t partition,
                            int64_t offset);
-void sp_stock_release_call(sp_script_call *call, int64_t sku_id, const char *order_id);
+void sp_stock_release_call(sp_script_call *call, const sp_reserve_request *req);
 void sp_stock_cap_call(sp_script_call *call, int64_t sku_id, int64_t pg_stock, int64_t pg_supplied);
 
 /* Several confirms of one SKU in one script call, for a producer that gets Kafka's

@@ -478,7 +478,7 @@ static void on_sale_written(redisAsyncContext *ac, void *reply, void *data);
 
 /* Gives an order's reservation back (Kafka definitely did not take it), then frees the call. */
 static void release_order(call *c) {
-    sp_stock_release_call(&c->script, c->order.sku_id, c->order.order_id);
+    sp_stock_release_call(&c->script, &c->order);
     if (redis_send(c, on_release) != 0) {
         sp_metric_inc(&m_unknown); /* the reaper will find the reservation */
         call_free(c);

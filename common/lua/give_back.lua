@@ -1,5 +1,6 @@
 -- give_back.lua - gives one row of the return ledger (stock_returns) back to Redis, exactly once.
 -- KEYS[1] {sku:ID}:sale  KEYS[2] {sku:ID}:users  KEYS[3] {sku:ID}:resv  KEYS[4] {sku:ID}:returned
+-- KEYS[5] the Idempotency-Key the order's 'r:' entry named when the caller read it (absent: none)
 -- ARGV    order_id, user_id, qty, now_ms, reason ("expired" or "voided")
 -- Returns the qty given back; 0 when this order was given back before (or, voided, its reservation
 -- is gone: its producer released it after all, or a reconcile counted it); -1 when the sale is not in
@@ -44,8 +45,8 @@ end
 if reserved then
     redis.call('HDEL', resv, order_id)
     local idem = string.match(r, '^r:[^:]*:[^:]*:[^:]*:(.*)$')
-    if idem and idem ~= '' and redis.call('GET', idem) == 'pending:' .. order_id then
-        redis.call('DEL', idem)
+    if idem and idem ~= '' and idem == KEYS[5] and redis.call('GET', KEYS[5]) == 'pending:' .. order_id then
+        redis.call('DEL', KEYS[5])
     end
 end
 return qty

@@ -1,5 +1,6 @@
 -- release.lua - Kafka definitely refused order.created: give the reservation back, exactly once.
 -- KEYS[1] {sku:ID}:sale  KEYS[2] {sku:ID}:users  KEYS[3] {sku:ID}:resv
+-- KEYS[4] {sku:ID}:idem:USER:KEY, the order's Idempotency-Key (absent when it had none)
 -- ARGV    order_id
 -- Returns the qty given back, or 0 when there was no such reservation (already released, or
 -- accepted): the reservation row is the guard, so a second call returns nothing.
@@ -15,7 +16,7 @@ if left <= 0 then
     redis.call('HDEL', KEYS[2], user)
 end
 -- The buyer was told 503: a retry with the same key must be free to try again.
-if idem ~= '' then
-    redis.call('DEL', idem)
+if idem ~= '' and idem == KEYS[4] then
+    redis.call('DEL', KEYS[4])
 end
 return tonumber(qty)

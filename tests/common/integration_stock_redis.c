@@ -177,9 +177,14 @@ static void test_release_exactly_once(void **state) {
     int opened, qty;
     assert_int_equal(sp_stock_open(c, sku, 10, 3, 600, &opened, err, sizeof(err)), 0);
     assert_int_equal(reserve(c, sku, 5, 3, "r-1", "k").outcome, SP_RESERVE_OK);
-    assert_int_equal(sp_stock_release(c, sku, "r-1", &qty, err, sizeof(err)), 0);
+    sp_reserve_request req = {.sku_id = sku,
+                              .user_id = 5,
+                              .qty = 3,
+                              .order_id = "r-1",
+                              .idem_key = "k"};
+    assert_int_equal(sp_stock_release(c, &req, &qty, err, sizeof(err)), 0);
     assert_int_equal(qty, 3);
-    assert_int_equal(sp_stock_release(c, sku, "r-1", &qty, err, sizeof(err)), 0);
+    assert_int_equal(sp_stock_release(c, &req, &qty, err, sizeof(err)), 0);
     assert_int_equal(qty, 0); /* the second release returns nothing */
     assert_int_equal(sp_stock_available(c, sku, &stock, err, sizeof(err)), 0);
     assert_int_equal(stock, 10);
@@ -190,7 +195,12 @@ static void test_release_exactly_once(void **state) {
     assert_string_equal(r.order_id, "r-2");
     /* Confirmed first, then a late release: the units stay sold. */
     assert_int_equal(confirm(c, sku, 5, "r-2", "k"), 1);
-    assert_int_equal(sp_stock_release(c, sku, "r-2", &qty, err, sizeof(err)), 0);
+    sp_reserve_request late = {.sku_id = sku,
+                               .user_id = 5,
+                               .qty = 3,
+                               .order_id = "r-2",
+                               .idem_key = "k"};
+    assert_int_equal(sp_stock_release(c, &late, &qty, err, sizeof(err)), 0);
     assert_int_equal(qty, 0);
     assert_int_equal(sp_stock_available(c, sku, &stock, err, sizeof(err)), 0);
     assert_int_equal(stock, 7);
@@ -268,7 +278,8 @@ static void test_confirm_marks_accepted(void **state) {
     assert_int_equal(confirm(c, sku, 8, "acc-2", NULL), 1);
     assert_string_equal(timeless(c, sale_hget_str(c, sku, "resv", "acc-1")), "a:7:2:T:3:17");
     /* An accepted order can no longer be released. */
-    assert_int_equal(sp_stock_release(c, sku, "acc-1", &qty, err, sizeof(err)), 0);
+    sp_reserve_request acc = {.sku_id = sku, .user_id = 7, .qty = 2, .order_id = "acc-1"};
+    assert_int_equal(sp_stock_release(c, &acc, &qty, err, sizeof(err)), 0);
     assert_int_equal(qty, 0);
     const char *ids[] = {"acc-1", "acc-2", "never-there"};
     assert_int_equal(sp_stock_accepted_forget(c, sku, ids, 3, err, sizeof(err)), 0);
