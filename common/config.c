@@ -96,6 +96,25 @@ static const conf_opt conf_table[] = {
      "10000", 6000, 300000, C, 0,
      "How long the consumer group waits for a member that stopped answering (crashed, killed, cut "
      "off) before giving its partitions to the others"},
+    {"rebalance-drain-ms", "REBALANCE_DRAIN_MS", INT(rebalance_drain_ms), "10000", 100, 240000,
+     C, 0,
+     "How long a consumer losing its partitions in a rebalance waits for the batches it read to "
+     "commit; the whole group waits for it meanwhile. A batch PostgreSQL has not committed by "
+     "then is let go (the partitions' next owner reads it again; nothing is applied twice)"},
+    {"pg-statement-timeout-ms", "PG_STATEMENT_TIMEOUT_MS", INT(pg_statement_timeout_ms), "30000",
+     100, 3600000, C, 0,
+     "PostgreSQL's statement_timeout on the consumer's sessions; the consumer itself gives up on "
+     "a statement not answered 2 s past it (a stalled server) and closes the connection"},
+    {"pg-lock-timeout-ms", "PG_LOCK_TIMEOUT_MS", INT(pg_lock_timeout_ms), "10000", 100, 3600000,
+     C, 0,
+     "PostgreSQL's lock_timeout on the consumer's sessions: how long a batch waits for a row "
+     "another session holds (a partition's offsets row of its previous owner) before it is "
+     "rolled back and read again later"},
+    {"pg-idle-in-transaction-timeout-ms", "PG_IDLE_IN_TRANSACTION_TIMEOUT_MS",
+     INT(pg_idle_tx_timeout_ms), "60000", 1000, 3600000, C, 0,
+     "PostgreSQL's idle_in_transaction_session_timeout on the consumer's sessions: the server "
+     "ends a session left inside a transaction this long (a hung or cut-off consumer), so its "
+     "row locks go; keep it above 20000 (dead letters are sent inside the transaction)"},
     {"reaper-interval-ms", "REAPER_INTERVAL_MS", INT(reaper_interval_ms), "1000", 10, 600000, R, 0,
      "Pause between two sweeps of the reaper (expire unpaid orders, give returns back to Redis, "
      "check Redis for lost data)"},

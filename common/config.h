@@ -41,6 +41,10 @@ typedef struct sp_config {
     int batch_max;                /* consumer: events applied in one PostgreSQL transaction */
     int batch_wait_ms;            /* consumer: how long a batch waits to fill up */
     int kafka_session_timeout_ms; /* consumer: how long the group waits for a silent member */
+    int rebalance_drain_ms;       /* consumer: how long a revocation waits for batches to commit */
+    int pg_statement_timeout_ms;  /* consumer: statement_timeout of its PostgreSQL sessions */
+    int pg_lock_timeout_ms;       /* consumer: lock_timeout of its PostgreSQL sessions */
+    int pg_idle_tx_timeout_ms;    /* consumer: idle_in_transaction_session_timeout of them */
     int reaper_interval_ms;       /* reaper: pause between two sweeps (expiry, returns) */
     int reaper_batch;             /* reaper: orders / ledger rows per transaction */
     int expiry_retry_ms;          /* reaper: re-publish an order.expired / order.voided after */

@@ -13,10 +13,20 @@ static void set_error(char *errbuf, size_t errlen, const char *what, const char 
 }
 
 PGconn *sp_pg_connect(const char *dsn, const char *application_name, char *errbuf, size_t errlen) {
-    /* expand_dbname=1: "dbname" holds the whole conninfo; application_name is added beside it. */
-    const char *const keys[] = {"dbname", "application_name", NULL};
-    const char *const values[] = {dsn, application_name, NULL};
-    PGconn *pg = PQconnectdbParams(keys, values, 1);
+    return sp_pg_connect_timeout(dsn, application_name, 0, errbuf, errlen);
+}
+
+PGconn *sp_pg_connect_timeout(const char *dsn, const char *application_name, int timeout_s,
+                              char *errbuf, size_t errlen) {
+    /* expand_dbname=1: "dbname" holds the whole conninfo; application_name is added beside it and
+     * wins, connect_timeout is put before it, so the conninfo's own wins (libpq: the last value
+     * of a repeated key word is used). */
+    char timeout[16];
+    snprintf(timeout, sizeof(timeout), "%d", timeout_s);
+    const char *const keys[] = {"connect_timeout", "dbname", "application_name", NULL};
+    const char *const values[] = {timeout, dsn, application_name, NULL};
+    int first = timeout_s > 0 ? 0 : 1;
+    PGconn *pg = PQconnectdbParams(keys + first, values + first, 1);
     if (pg == NULL) {
         snprintf(errbuf, errlen, "postgresql: out of memory");
         return NULL;

@@ -11,6 +11,12 @@
 PGconn *sp_pg_connect(const char *dsn, const char *application_name, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 
+/* sp_pg_connect, giving up after timeout_s seconds (libpq's connect_timeout, per address tried)
+ * unless dsn sets its own connect_timeout, which wins: without one a server that does not answer
+ * (down, cut off) holds the caller for as long as TCP retries, minutes. */
+PGconn *sp_pg_connect_timeout(const char *dsn, const char *application_name, int timeout_s,
+                              char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+
 /* Runs one parameterized statement (text parameters, NULL for SQL NULL) that returns no rows, or
  * whose rows are not wanted. 0 on success; -1 with errbuf. */
 int sp_pg_exec(PGconn *pg, const char *sql, int nparams, const char *const *params, char *errbuf,

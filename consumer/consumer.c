@@ -26,6 +26,13 @@
  *                  then does the message carry the gap (gap_from) that lets the store accept a
  *                  batch starting past its stored offset.
  * So no event is skipped, and one read twice is dropped by the stored offset.
+ *
+ * No wait on PostgreSQL is unbounded (docs/consumer.md, "Bounded waits"): the sessions carry
+ * statement, lock and idle-in-transaction timeouts and the stores give up on a round trip the
+ * server does not answer (order_store.h); the poller's own queries (readiness, offsets at an
+ * assignment) have a shorter bound, since the group waits on the poller; and a revocation waits
+ * at most REBALANCE_DRAIN_MS for the batches read to commit, then lets the partitions go with the
+ * batch in flight still running (orphaned): whatever it commits later is stale for the next owner.
  */
 #include "consumer.h"
 
@@ -62,6 +69,9 @@
 #define REDIS_TIMEOUT_MS 500
 #define REDIS_RETRY_MS   1000 /* after a Redis failure, the next attempt waits this long */
 #define ASSIGN_PG_TRIES  3
+#define PG_CONNECT_S     5    /* libpq's connect_timeout, unless PG_DSN sets one */
+#define PG_ANSWER_MS     2000 /* past PG_STATEMENT_TIMEOUT_MS, a round trip is given up */
+#define PROBE_ANSWER_MS  3000 /* at most, for the poller's queries: the group waits on it */
 
 /* ---- metrics ---- */
 
@@ -138,6 +148,11 @@ static sp_metric m_redis_errors = SP_METRIC_COUNTER(
     NULL);
 static sp_metric m_kafka_errors = SP_METRIC_COUNTER(
     "stockpipe_consumer_kafka_errors_total", "Errors the consumer's Kafka client reported.", NULL);
+static sp_metric m_drain_timeouts = SP_METRIC_COUNTER(
+    "stockpipe_consumer_rebalance_drain_timeouts_total",
+    "Revocations that let the partitions go with a batch PostgreSQL had not committed within "
+    "REBALANCE_DRAIN_MS (its events are read again by the next owner).",
+    NULL);
 static sp_metric m_gaps = SP_METRIC_COUNTER(
     "stockpipe_consumer_offset_gaps_total",
     "Gaps that made the consumer read a partition again: a message past the offset expected, or "
@@ -150,7 +165,8 @@ static void register_metrics(void) {
     sp_metric *all[] = {&m_rejected_stock, &m_rejected_sku,   &m_over_admitted, &m_capped,
                         &m_late,           &m_dead,           &m_stale,         &m_batch_size,
                         &m_batch_latency,  &m_batch_failures, &m_redos,         &m_lag,
-                        &m_assigned,       &m_redis_errors,   &m_kafka_errors,  &m_gaps};
+                        &m_assigned,       &m_redis_errors,   &m_kafka_errors,  &m_gaps,
+                        &m_drain_timeouts};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) sp_metrics_register(all[i]);
 }
 
@@ -177,6 +193,8 @@ typedef struct slot {
     int64_t started_ms;        /* when the batch got its first message */
     int done;                  /* the applier finished it (guarded by consumer.mu) */
     int ok;                    /* ... and committed it */
+    int orphan; /* given up on at a revocation: its partitions went before it committed, so its
+                 * outcome moves nothing (no seek, no back-off); the poller's */
 } slot;
 
 struct consumer {
@@ -759,6 +777,21 @@ static int settle(consumer *c, int wait, int seek_back) {
     if (!done) return 0;
     c->inflight = NULL;
     sp_batch *b = s->batch;
+    if (s->orphan) {
+        /* Its partitions were let go, and read from PostgreSQL's offsets at the assignment since:
+         * if it committed after all, its events are stale there; if not, they are read again. */
+        s->orphan = 0;
+        if (s->ok)
+            for (size_t i = 0; i < b->nparts; i++) {
+                part *p = find_part(c, b->parts[i].partition);
+                if (p && b->parts[i].next_offset > p->next) p->next = b->parts[i].next_offset;
+            }
+        sp_info("the batch of %zu events let go at a rebalance was %s", b->n,
+                s->ok ? "committed after all (stale for whoever reads its events now)"
+                      : "rolled back (its events are read again by their partitions' owner)");
+        free_messages(s);
+        return 0;
+    }
     if (s->ok) {
         for (size_t i = 0; i < b->nparts; i++) {
             part *p = find_part(c, b->parts[i].partition);
@@ -787,12 +820,62 @@ static int settle(consumer *c, int wait, int seek_back) {
 }
 
 /* Applies everything read so far, synchronously: the batch in flight, then the one being filled.
- * For a revocation and for a stop: afterwards nothing is held. 0 when all of it committed. */
+ * For a stop: afterwards nothing is held (the applier's waits are bounded). 0 when all of it
+ * committed. */
 static int drain(consumer *c) {
     if (settle(c, 1, 0) != 0) return -1;
     if (c->filling->batch->n == 0) return 0;
     submit(c);
     return settle(c, 1, 0);
+}
+
+/* Waits until the batch in flight (if any) is applied, at most until deadline (monotonic ms);
+ * 1 when it is. */
+static int wait_inflight(consumer *c, int64_t deadline) {
+    slot *s = c->inflight;
+    if (s == NULL) return 1;
+    pthread_mutex_lock(&c->mu);
+    while (!s->done) {
+        int64_t left = deadline - sp_clock_mono_ms();
+        if (left <= 0) break;
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts); /* the condition variable's clock (sp_consumer_run) */
+        ts.tv_sec += (time_t)(left / 1000);
+        ts.tv_nsec += (long)(left % 1000) * 1000000L;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&c->cv, &c->mu, &ts);
+    }
+    int done = s->done;
+    pthread_mutex_unlock(&c->mu);
+    return done;
+}
+
+/* drain() for a revocation, bounded: the whole group waits while a member lets its partitions go,
+ * so at most REBALANCE_DRAIN_MS. A batch PostgreSQL has not committed by then stays with the
+ * applier, orphaned (settle takes its outcome later and moves nothing), and the one being filled is
+ * dropped: the partitions' next owner reads both again from PostgreSQL's offsets. Should the
+ * orphan still commit, the owner's transaction waits for its offsets rows, then finds those
+ * events stale; nothing is applied twice. 0 when everything committed. */
+static int drain_for_revocation(consumer *c) {
+    int64_t deadline = sp_clock_mono_ms() + c->cfg->rebalance_drain_ms;
+    if (!wait_inflight(c, deadline)) goto let_go;
+    if (settle(c, 0, 0) != 0) return -1;
+    if (c->filling->batch->n == 0) return 0;
+    submit(c);
+    if (!wait_inflight(c, deadline)) goto let_go;
+    return settle(c, 0, 0);
+let_go:
+    sp_metric_inc(&m_drain_timeouts);
+    sp_warn("the batch of %zu events in flight did not commit within REBALANCE_DRAIN_MS (%d ms); "
+            "letting the partitions go without it (dropping %zu events read behind it): their "
+            "next owner reads them again",
+            c->inflight->batch->n, c->cfg->rebalance_drain_ms, c->filling->batch->n);
+    c->inflight->orphan = 1;
+    free_messages(c->filling);
+    return -1;
 }
 
 /* ---- the group ---- */
@@ -849,8 +932,9 @@ static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
         rerr = rd_kafka_assign(rk, list);
     } else {
         /* Revoked (or lost): what was read from these partitions is committed first, while this
-         * consumer still owns them. If that fails the new owner reads it again: nothing is lost. */
-        (void)drain(c);
+         * consumer still owns them, for REBALANCE_DRAIN_MS at most. If that fails, or PostgreSQL
+         * takes longer, the new owner reads it again: nothing is lost. */
+        (void)drain_for_revocation(c);
         if (err != RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS)
             sp_warn("rebalance error: %s", rd_kafka_err2str(err));
         for (int i = 0; i < list->cnt; i++) {
@@ -1131,8 +1215,15 @@ static int subscribe(consumer *c, char *errbuf, size_t errlen) {
 
 /* The two slots, the stores and the scratch; -1 when out of memory. */
 static int alloc_state(consumer *c, size_t cap) {
-    c->store = sp_order_store_new(c->cfg->pg_dsn, c->cfg->worker_id, c->cfg->kafka_topic, cap);
-    c->probe = sp_order_store_new(c->cfg->pg_dsn, c->cfg->worker_id, c->cfg->kafka_topic, 1);
+    const sp_config *cfg = c->cfg;
+    sp_store_bounds bounds = {.connect_timeout_s = PG_CONNECT_S,
+                              .statement_timeout_ms = cfg->pg_statement_timeout_ms,
+                              .lock_timeout_ms = cfg->pg_lock_timeout_ms,
+                              .idle_in_tx_ms = cfg->pg_idle_tx_timeout_ms,
+                              .answer_ms = cfg->pg_statement_timeout_ms + PG_ANSWER_MS};
+    c->store = sp_order_store_new(cfg->pg_dsn, cfg->worker_id, cfg->kafka_topic, cap, &bounds);
+    if (bounds.answer_ms > PROBE_ANSWER_MS) bounds.answer_ms = PROBE_ANSWER_MS;
+    c->probe = sp_order_store_new(cfg->pg_dsn, cfg->worker_id, cfg->kafka_topic, 1, &bounds);
     c->ids = calloc(cap, sizeof(*c->ids));
     if (c->store == NULL || c->probe == NULL || c->ids == NULL) return -1;
     for (int i = 0; i < 2; i++) {
@@ -1174,8 +1265,12 @@ int sp_consumer_run(const sp_config *cfg, const sp_consumer_opts *opts) {
     int status = 2;
     size_t cap = (size_t)cfg->batch_max;
 
+    pthread_condattr_t cv_attr;
+    pthread_condattr_init(&cv_attr);
+    pthread_condattr_setclock(&cv_attr, CLOCK_MONOTONIC); /* wait_inflight's deadlines */
     pthread_mutex_init(&c.mu, NULL);
-    pthread_cond_init(&c.cv, NULL);
+    pthread_cond_init(&c.cv, &cv_attr);
+    pthread_condattr_destroy(&cv_attr);
     register_metrics();
     c.started_ms = c.last_summary_ms = sp_clock_mono_ms();
     if (alloc_state(&c, cap) != 0) {

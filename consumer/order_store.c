@@ -7,13 +7,16 @@
  * both the SQL and the text parsing of each value. */
 #include "order_store.h"
 
+#include <errno.h>
 #include <inttypes.h>
 #include <libpq-fe.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
+#include "clock.h"
 #include "log.h"
 #include "pg_store.h"
 
@@ -93,6 +96,11 @@ static const struct {
         "SELECT EXISTS (SELECT 1 FROM orders), EXISTS (SELECT 1 FROM inventory)"},
 };
 /* clang-format on */
+
+/* The session's bounds, set once per connection (parameterized: set_config, not SET). */
+static const char session_sql[] =
+    "SELECT set_config('statement_timeout', $1, false), set_config('lock_timeout', $2, false), "
+    "set_config('idle_in_transaction_session_timeout', $3, false)";
 
 static const char copy_orders_sql[] =
     "COPY orders (order_id, user_id, sku_id, qty, status, reject_reason, created_at, expires_at, "
@@ -259,7 +267,8 @@ enum { RETRY_NONE = 0, RETRY_REDECIDE, RETRY_LOOKUP_ALL };
 
 struct sp_order_store {
     char *dsn, *app, *topic;
-    PGconn *pg; /* NULL while disconnected */
+    sp_store_bounds bounds;
+    PGconn *pg; /* NULL while disconnected; in libpq's nonblocking mode, so no wait is unbounded */
     sp_rules *rules;
     sbuf arg[MAX_PARAMS]; /* parameter texts of the statement being built */
     sbuf copy;            /* COPY data */
@@ -267,9 +276,10 @@ struct sp_order_store {
 };
 
 sp_order_store *sp_order_store_new(const char *dsn, const char *application_name, const char *topic,
-                                   size_t batch_max) {
+                                   size_t batch_max, const sp_store_bounds *bounds) {
     sp_order_store *s = calloc(1, sizeof(*s));
     if (s == NULL) return NULL;
+    s->bounds = *bounds;
     s->dsn = strdup(dsn);
     s->app = strdup(application_name);
     s->topic = strdup(topic);
@@ -305,26 +315,142 @@ static void pg_error(sp_order_store *s, const PGresult *res, const char *what, c
     while (n > 0 && (errbuf[n - 1] == '\n' || errbuf[n - 1] == ' ')) errbuf[--n] = '\0';
 }
 
-/* Connects and prepares every statement, unless the connection is up. */
-static int ensure_connected(sp_order_store *s, char *errbuf, size_t errlen) {
-    if (s->pg && PQstatus(s->pg) == CONNECTION_OK) return 0;
-    if (s->pg) {
-        PQfinish(s->pg);
-        s->pg = NULL;
-    }
-    s->pg = sp_pg_connect(s->dsn, s->app, errbuf, errlen);
-    if (s->pg == NULL) return -1;
-    for (int i = 0; i < NSTATEMENTS; i++) {
-        PGresult *res = PQprepare(s->pg, statements[i].name, statements[i].sql,
-                                  statements[i].nparams, NULL);
-        if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-            pg_error(s, res, statements[i].name, errbuf, errlen);
-            PQclear(res);
-            PQfinish(s->pg);
-            s->pg = NULL;
+static void disconnect(sp_order_store *s) {
+    if (s->pg) PQfinish(s->pg);
+    s->pg = NULL;
+}
+
+static int64_t deadline_of(const sp_order_store *s) {
+    return sp_clock_mono_ms() + s->bounds.answer_ms;
+}
+
+/* Sends what libpq holds for the server and, with until_result, reads until a result can be taken
+ * without blocking, never past deadline (monotonic ms). 0; or -1 with errbuf and the connection
+ * closed: it broke, or the server did not answer in time. That is the one bound on a server that
+ * does not run (stopped, hung, cut off while the kernel still holds the connection): its own
+ * timeouts need it to run, and TCP sees nothing wrong. A session whose round trip was given up is
+ * in an unknown state and never used again; if it held a transaction the server rolls it back
+ * once it runs (the client is gone; its timeouts expired meanwhile). */
+static int pump(sp_order_store *s, int until_result, int64_t deadline, const char *what,
+                char *errbuf, size_t errlen) {
+    for (;;) {
+        int pending = PQflush(s->pg);
+        if (pending < 0 || PQsocket(s->pg) < 0) break;
+        if (pending == 0 && (!until_result || !PQisBusy(s->pg))) return 0;
+        int64_t left = deadline - sp_clock_mono_ms();
+        if (left <= 0) {
+            snprintf(errbuf, errlen,
+                     "postgresql %s: no answer within %d ms (the server is stalled or cut off); "
+                     "connection closed",
+                     what, s->bounds.answer_ms);
+            s->sqlstate[0] = '\0';
+            disconnect(s);
             return -1;
         }
+        /* Readable too while sending: libpq must read what the server says meanwhile. */
+        struct pollfd pfd = {.fd = PQsocket(s->pg),
+                             .events = (short)(POLLIN | (pending ? POLLOUT : 0))};
+        int n = poll(&pfd, 1, (int)(left < 60000 ? left : 60000));
+        if (n < 0 && errno != EINTR) break;
+        if (n > 0 && (pfd.revents & (POLLIN | POLLERR | POLLHUP | POLLNVAL)) &&
+            !PQconsumeInput(s->pg))
+            break;
+    }
+    pg_error(s, NULL, what, errbuf, errlen);
+    disconnect(s);
+    return -1;
+}
+
+static int result_ok(const PGresult *res) {
+    ExecStatusType st = PQresultStatus(res);
+    return st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK;
+}
+
+/* The result of the command sent last, once the server has sent all of it (the first failed one
+ * when there are several), or COPY's PGRES_COPY_IN, after which the server waits for the data.
+ * NULL with errbuf when the connection broke or the deadline passed (it is closed then); else
+ * the caller PQclears. */
+static PGresult *take_result(sp_order_store *s, int64_t deadline, const char *what, char *errbuf,
+                             size_t errlen) {
+    PGresult *kept = NULL, *res;
+    for (;;) {
+        if (pump(s, 1, deadline, what, errbuf, errlen) != 0) {
+            PQclear(kept);
+            return NULL;
+        }
+        if ((res = PQgetResult(s->pg)) == NULL) break;
+        if (PQresultStatus(res) == PGRES_COPY_IN) {
+            PQclear(kept);
+            return res;
+        }
+        if (kept == NULL || result_ok(kept)) {
+            PQclear(kept);
+            kept = res;
+        } else {
+            PQclear(res);
+        }
+    }
+    if (kept == NULL) pg_error(s, NULL, what, errbuf, errlen);
+    return kept;
+}
+
+/* Sends sql (no parameters but params, may be NULL) and takes its result: 0 when it succeeded,
+ * -1 with errbuf and s->sqlstate. */
+static int exec_bounded(sp_order_store *s, const char *sql, int nparams, const char *const *params,
+                        const char *what, char *errbuf, size_t errlen) {
+    int64_t deadline = deadline_of(s);
+    s->sqlstate[0] = '\0';
+    if (!PQsendQueryParams(s->pg, sql, nparams, NULL, params, NULL, NULL, 0)) {
+        pg_error(s, NULL, what, errbuf, errlen);
+        return -1;
+    }
+    PGresult *res = take_result(s, deadline, what, errbuf, errlen);
+    if (res == NULL) return -1;
+    int rc = 0;
+    if (!result_ok(res)) {
+        pg_error(s, res, what, errbuf, errlen);
+        rc = -1;
+    }
+    PQclear(res);
+    return rc;
+}
+
+/* Connects (within bounds.connect_timeout_s), bounds the session and prepares every statement,
+ * unless the connection is up. */
+static int ensure_connected(sp_order_store *s, char *errbuf, size_t errlen) {
+    char statement[16], lock[16], idle[16];
+    if (s->pg && PQstatus(s->pg) == CONNECTION_OK) return 0;
+    disconnect(s);
+    s->pg = sp_pg_connect_timeout(s->dsn, s->app, s->bounds.connect_timeout_s, errbuf, errlen);
+    if (s->pg == NULL) return -1;
+    if (PQsetnonblocking(s->pg, 1) != 0) {
+        pg_error(s, NULL, "nonblocking mode", errbuf, errlen);
+        disconnect(s);
+        return -1;
+    }
+    snprintf(statement, sizeof(statement), "%d", s->bounds.statement_timeout_ms);
+    snprintf(lock, sizeof(lock), "%d", s->bounds.lock_timeout_ms);
+    snprintf(idle, sizeof(idle), "%d", s->bounds.idle_in_tx_ms);
+    const char *bounds[] = {statement, lock, idle};
+    if (exec_bounded(s, session_sql, 3, bounds, "session timeouts", errbuf, errlen) != 0) {
+        disconnect(s);
+        return -1;
+    }
+    for (int i = 0; i < NSTATEMENTS; i++) {
+        int64_t deadline = deadline_of(s);
+        PGresult *res = NULL;
+        if (!PQsendPrepare(s->pg, statements[i].name, statements[i].sql, statements[i].nparams,
+                           NULL))
+            pg_error(s, NULL, statements[i].name, errbuf, errlen);
+        else if ((res = take_result(s, deadline, statements[i].name, errbuf, errlen)) != NULL &&
+                 !result_ok(res))
+            pg_error(s, res, statements[i].name, errbuf, errlen);
+        int ok = res != NULL && result_ok(res);
         PQclear(res);
+        if (!ok) {
+            disconnect(s);
+            return -1;
+        }
     }
     return 0;
 }
@@ -346,9 +472,13 @@ static PGresult *run(sp_order_store *s, int st, const char *const *params, char 
         }
         params = texts;
     }
-    PGresult *res = PQexecPrepared(s->pg, statements[st].name, n, params, NULL, NULL, 0);
-    ExecStatusType rs = PQresultStatus(res);
-    if (rs != PGRES_TUPLES_OK && rs != PGRES_COMMAND_OK) {
+    int64_t deadline = deadline_of(s);
+    if (!PQsendQueryPrepared(s->pg, statements[st].name, n, params, NULL, NULL, 0)) {
+        pg_error(s, NULL, statements[st].name, errbuf, errlen);
+        return NULL;
+    }
+    PGresult *res = take_result(s, deadline, statements[st].name, errbuf, errlen);
+    if (res != NULL && !result_ok(res)) {
         pg_error(s, res, statements[st].name, errbuf, errlen);
         PQclear(res);
         return NULL;
@@ -357,24 +487,13 @@ static PGresult *run(sp_order_store *s, int st, const char *const *params, char 
 }
 
 static int run_simple(sp_order_store *s, const char *sql, char *errbuf, size_t errlen) {
-    PGresult *res = PQexec(s->pg, sql);
-    int rc = 0;
-    s->sqlstate[0] = '\0';
-    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-        pg_error(s, res, sql, errbuf, errlen);
-        rc = -1;
-    }
-    PQclear(res);
-    return rc;
+    return exec_bounded(s, sql, 0, NULL, sql, errbuf, errlen);
 }
 
 int sp_order_store_ping(sp_order_store *s, char *errbuf, size_t errlen) {
     if (ensure_connected(s, errbuf, errlen) != 0) return -1;
-    if (sp_pg_ping(s->pg, errbuf, errlen) != 0) {
-        if (PQstatus(s->pg) != CONNECTION_OK) {
-            PQfinish(s->pg);
-            s->pg = NULL;
-        }
+    if (run_simple(s, "SELECT 1", errbuf, errlen) != 0) {
+        if (PQstatus(s->pg) != CONNECTION_OK) disconnect(s);
         return -1;
     }
     return 0;
@@ -557,17 +676,25 @@ static int take_stock(sp_order_store *s, sp_batch *b, int *retry, char *errbuf, 
     return rc;
 }
 
-static int copy_flush(sp_order_store *s, char *errbuf, size_t errlen) {
+/* Hands the COPY data gathered so far to libpq and sends it, by the deadline. -1 with errbuf
+ * (s->pg is NULL then when the connection was closed). */
+static int copy_flush(sp_order_store *s, int64_t deadline, char *errbuf, size_t errlen) {
     if (s->copy.oom) {
         snprintf(errbuf, errlen, "COPY orders: out of memory");
         return -1;
     }
-    if (s->copy.len > 0 && PQputCopyData(s->pg, s->copy.p, (int)s->copy.len) != 1) {
-        pg_error(s, NULL, "COPY orders", errbuf, errlen);
-        return -1;
+    if (s->copy.len > 0) {
+        /* Nonblocking: 0 is "buffers full, try again once some was sent". */
+        int rc;
+        while ((rc = PQputCopyData(s->pg, s->copy.p, (int)s->copy.len)) == 0)
+            if (pump(s, 0, deadline, "COPY orders", errbuf, errlen) != 0) return -1;
+        if (rc < 0) {
+            pg_error(s, NULL, "COPY orders", errbuf, errlen);
+            return -1;
+        }
     }
     sbuf_reset(&s->copy);
-    return 0;
+    return pump(s, 0, deadline, "COPY orders", errbuf, errlen);
 }
 
 /* Step 4c: the new orders, by binary COPY. A duplicate id (an order.created the log repeats, not
@@ -579,7 +706,14 @@ static int copy_orders(sp_order_store *s, int *retry, char *errbuf, size_t errle
     for (size_t i = 0; i < r->norders; i++) n += r->orders[i].status_db == SP_ORDER_NONE;
     if (n == 0) return 0;
 
-    PGresult *res = PQexec(s->pg, copy_orders_sql);
+    /* The whole COPY is one statement: one deadline. */
+    int64_t deadline = deadline_of(s);
+    if (!PQsendQuery(s->pg, copy_orders_sql)) {
+        pg_error(s, NULL, "COPY orders", errbuf, errlen);
+        return -1;
+    }
+    PGresult *res = take_result(s, deadline, "COPY orders", errbuf, errlen);
+    if (res == NULL) return -1;
     if (PQresultStatus(res) != PGRES_COPY_IN) {
         pg_error(s, res, "COPY orders", errbuf, errlen);
         PQclear(res);
@@ -614,25 +748,37 @@ static int copy_orders(sp_order_store *s, int *retry, char *errbuf, size_t errle
             field_null(c);
             field_null(c);
         }
-        if (c->len >= COPY_CHUNK && copy_flush(s, errbuf, errlen) != 0) failed = 1;
+        if (c->len >= COPY_CHUNK && copy_flush(s, deadline, errbuf, errlen) != 0) failed = 1;
     }
     if (!failed) {
         put_u16(&s->copy, UINT16_MAX); /* trailer: -1 */
-        if (copy_flush(s, errbuf, errlen) != 0) failed = 1;
+        if (copy_flush(s, deadline, errbuf, errlen) != 0) failed = 1;
     }
-    if (PQputCopyEnd(s->pg, failed ? "the consumer gave up" : NULL) != 1 && !failed) {
-        pg_error(s, NULL, "COPY orders", errbuf, errlen);
-        failed = 1;
+    if (s->pg == NULL) return -1; /* closed: no answer in time */
+    char ignored[256];
+    int rc;
+    while ((rc = PQputCopyEnd(s->pg, failed ? "the consumer gave up" : NULL)) == 0)
+        if (pump(s, 0, deadline, "COPY orders", failed ? ignored : errbuf,
+                 failed ? sizeof(ignored) : errlen) != 0)
+            return -1;
+    if (rc < 0) {
+        if (!failed) pg_error(s, NULL, "COPY orders", errbuf, errlen);
+        return -1;
     }
-    res = PQgetResult(s->pg);
-    if (!failed && PQresultStatus(res) != PGRES_COMMAND_OK) {
+    if (failed) {
+        /* The server's answer to the abort says nothing new; the reason is in errbuf. */
+        PQclear(take_result(s, deadline, "COPY orders", ignored, sizeof(ignored)));
+        return -1;
+    }
+    res = take_result(s, deadline, "COPY orders", errbuf, errlen);
+    if (res == NULL) return -1;
+    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
         pg_error(s, res, "COPY orders", errbuf, errlen);
         if (strcmp(s->sqlstate, "23505") == 0) *retry = RETRY_LOOKUP_ALL;
         failed = 1;
     }
     if (!failed && expect_rows(res, n, "COPY orders", retry, errbuf, errlen) != 0) failed = 1;
     PQclear(res);
-    while ((res = PQgetResult(s->pg)) != NULL) PQclear(res);
     return failed ? -1 : 0;
 }
 
@@ -740,15 +886,13 @@ int sp_order_store_apply(sp_order_store *s, sp_batch *b, sp_store_hook before_co
         if (retry == RETRY_NONE &&
             (strcmp(s->sqlstate, "40P01") == 0 || strcmp(s->sqlstate, "40001") == 0))
             retry = RETRY_REDECIDE;
-        if (PQstatus(s->pg) != CONNECTION_OK) {
-            PQfinish(s->pg);
-            s->pg = NULL;
+        if (PQstatus(s->pg) != CONNECTION_OK) { /* broke, or closed: no answer in time */
+            disconnect(s);
             return -1;
         }
         char ignored[256];
         if (run_simple(s, "ROLLBACK", ignored, sizeof(ignored)) != 0) {
-            PQfinish(s->pg); /* a connection that cannot roll back is not trusted again */
-            s->pg = NULL;
+            disconnect(s); /* a connection that cannot roll back is not trusted again */
             return -1;
         }
         if (retry == RETRY_NONE || b->attempts >= SP_STORE_ATTEMPTS) return -1;
@@ -771,10 +915,7 @@ int sp_order_store_offsets(sp_order_store *s, const int32_t *partitions, size_t 
     arr_end(&s->arg[1]);
     PGresult *res = run(s, ST_STORED_OFFSETS, NULL, errbuf, errlen);
     if (res == NULL) {
-        if (PQstatus(s->pg) != CONNECTION_OK) {
-            PQfinish(s->pg);
-            s->pg = NULL;
-        }
+        if (PQstatus(s->pg) != CONNECTION_OK) disconnect(s);
         return -1;
     }
     for (int row = 0; row < PQntuples(res); row++) {

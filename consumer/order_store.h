@@ -22,7 +22,10 @@
  * the common case costs no lookup.
  *
  * A store owns one PostgreSQL connection and belongs to one thread. It connects on demand and
- * reconnects after the connection broke.
+ * reconnects after the connection broke. Every wait on the server is bounded (sp_store_bounds):
+ * the session's statement, lock and idle-in-transaction timeouts, enforced by the server, and,
+ * for a server that does not run at all (stalled, cut off), the store's own deadline on each
+ * round trip, after which it closes the connection.
  */
 #ifndef SP_ORDER_STORE_H
 #define SP_ORDER_STORE_H
@@ -41,11 +44,24 @@ typedef struct sp_order_store sp_order_store;
  * the dead letters). -1 with errbuf rolls the batch back. */
 typedef int (*sp_store_hook)(sp_batch *b, void *arg, char *errbuf, size_t errlen);
 
+/* How long a store's session may wait, at most. */
+typedef struct sp_store_bounds {
+    int connect_timeout_s;    /* libpq's connect_timeout, unless the conninfo sets one */
+    int statement_timeout_ms; /* the server's statement_timeout of the session */
+    int lock_timeout_ms;      /* its lock_timeout: a row another session holds */
+    int idle_in_tx_ms;        /* its idle_in_transaction_session_timeout: the server ends a session
+                               * whose client went quiet inside a transaction, and frees its locks */
+    int answer_ms;            /* the store's own: a round trip the server has not answered within
+                               * this is given up and the connection closed (the server's timeouts
+                               * need a server that runs); above statement_timeout_ms */
+} sp_store_bounds;
+
 /* A store for batches of up to batch_max events of `topic`, on the database dsn (libpq conninfo),
- * tagged application_name. Connects nothing yet. NULL when out of memory. dsn and topic are
- * copied. */
+ * tagged application_name, its waits bounded by *bounds (copied). Connects nothing yet. NULL when
+ * out of memory. dsn and topic are copied. */
 sp_order_store *sp_order_store_new(const char *dsn, const char *application_name, const char *topic,
-                                   size_t batch_max) __attribute__((warn_unused_result));
+                                   size_t batch_max, const sp_store_bounds *bounds)
+    __attribute__((warn_unused_result));
 
 void sp_order_store_free(sp_order_store *s);
 
@@ -56,11 +72,11 @@ int sp_order_store_ping(sp_order_store *s, char *errbuf, size_t errlen)
 
 /* Applies b as described above. 0 when committed: every item has its outcome, b->skus their stock
  * and supplied after the batch, b->parts their next_offset. -1 with errbuf when it was rolled back
- * (or its COMMIT's outcome is unknown because the connection broke): nothing of it may be assumed
- * applied, and the caller reads its events again from b->parts[].first_offset, or from
- * b->parts[].read_again_from where that is set (>= 0: the batch was refused because the offsets
- * from there to first_offset were never applied); applying them again is safe, since whatever did
- * commit is then STALE. */
+ * (or its COMMIT's outcome is unknown: the connection broke, or was closed when the server did
+ * not answer in time): nothing of it may be assumed applied, and the caller reads its events again
+ * from b->parts[].first_offset, or from b->parts[].read_again_from where that is set (>= 0: the
+ * batch was refused because the offsets from there to first_offset were never applied); applying
+ * them again is safe, since whatever did commit is then STALE. */
 int sp_order_store_apply(sp_order_store *s, sp_batch *b, sp_store_hook before_commit, void *arg,
                          char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 

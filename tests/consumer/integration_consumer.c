@@ -2,7 +2,8 @@
  * exactly the expected tables and dead letters; Redis's over-admission is refused and capped; two
  * consumers plus a third killed with kill -9 mid-run end in the very tables of one clean run; a
  * replay into an empty database rebuilds them byte for byte; SIGTERM commits and exits 0; a batch
- * that starts past PostgreSQL's stored offset skips no event that is still in the log.
+ * that starts past PostgreSQL's stored offset skips no event that is still in the log; a consumer
+ * whose PostgreSQL stalls in mid-transaction does not hold up the group when another joins.
  *
  * Each run uses topics and PostgreSQL databases of its own (created here, migrated with
  * scripts/migrate.sh, dropped at the end) and SKU ids no other test uses, so runs never see each
@@ -13,6 +14,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <cmocka.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <signal.h>
@@ -35,8 +37,8 @@
 #define WAIT_S     180                    /* generous: a shared, loaded machine; ASan builds */
 #define MAX_EVENTS 40000
 #define MAX_DBS    16
-#define MAX_TOPICS 16
-#define NTESTS     8
+#define MAX_TOPICS 24
+#define NTESTS     9
 
 static char err[1024];
 
@@ -933,7 +935,12 @@ static void test_store_refuses_batch_past_stored_offset(void **state) {
     flush_all();
     for (int i = 0; i < N; i++) assert_int_equal(d[i]->offset, i); /* all in the log, in order */
 
-    sp_order_store *s = sp_order_store_new(db, "test-consumer", topic, 16);
+    const sp_store_bounds bounds = {.connect_timeout_s = 5,
+                                    .statement_timeout_ms = 30000,
+                                    .lock_timeout_ms = 10000,
+                                    .idle_in_tx_ms = 60000,
+                                    .answer_ms = 32000};
+    sp_order_store *s = sp_order_store_new(db, "test-consumer", topic, 16, &bounds);
     sp_batch *b = sp_batch_new(16);
     assert_non_null(s);
     assert_non_null(b);
@@ -1137,6 +1144,226 @@ static void test_empty_database_under_running_consumer(void **state) {
     g.npassed++;
 }
 
+/* ---- PostgreSQL stalls during a rebalance (issue 15, hole 7) ---- */
+
+/* How long after a second consumer starts the group must have moved on while the first one's
+ * PostgreSQL is stalled. Kafka's own bound (max.poll.interval.ms, 300 s) is far beyond it. */
+#define STALL_BOUND_S 60
+
+/* The backends this program stopped with SIGSTOP; resumed by resume_backends. */
+static pid_t stopped[16];
+static int nstopped;
+
+/* SIGCONT to every backend stopped; the per-test teardown too, so that a failed test never leaves
+ * the stack's server with stopped backends (their locks held). */
+static int resume_backends(void **state) {
+    (void)state;
+    for (int i = 0; i < nstopped; i++) kill(stopped[i], SIGCONT);
+    nstopped = 0;
+    return 0;
+}
+
+/* The pids of the backends whose application_name is app (a worker's WORKER_ID), at most max; with
+ * waiting set, only those waiting for a lock. */
+static int backends_of(const char *dsn, const char *app, int waiting, pid_t *pids, int max) {
+    const char *params[] = {app};
+    PGconn *pg = connect_pg(dsn);
+    PGresult *res = sp_pg_query(pg,
+                                waiting ? "SELECT pid FROM pg_stat_activity WHERE application_name "
+                                          "= $1 AND wait_event_type = 'Lock' ORDER BY pid"
+                                        : "SELECT pid FROM pg_stat_activity WHERE application_name "
+                                          "= $1 ORDER BY pid",
+                                1, params, err, sizeof(err));
+    if (res == NULL) fail_msg("pg_stat_activity: %s", err);
+    int n = 0;
+    for (int r = 0; r < PQntuples(res) && n < max; r++)
+        pids[n++] = (pid_t)strtol(PQgetvalue(res, r, 0), NULL, 10);
+    PQclear(res);
+    PQfinish(pg);
+    return n;
+}
+
+/* Orders <prefix>01..<prefix><to> of sku, one unit each, at T0 + their number. */
+static void produce_orders_of(const char *topic, int64_t sku, const char *prefix, int from,
+                              int to) {
+    char id[32];
+    for (int i = from; i <= to; i++) {
+        snprintf(id, sizeof(id), "%s%02d", prefix, i);
+        sp_event ev = ev_order(SP_EV_ORDER_CREATED, sku, T0 + i, id, i, 1);
+        produce(topic, &ev);
+    }
+}
+
+/* The next offset stored for one partition of topic (0 when none is stored). */
+static int64_t stored_offset(const char *dsn, const char *topic, int32_t partition) {
+    char p[16];
+    snprintf(p, sizeof(p), "%d", (int)partition);
+    const char *params[] = {topic, p};
+    return query_int(dsn,
+                     "SELECT coalesce((SELECT next_offset FROM consumer_offsets WHERE topic = $1 "
+                     "AND partition = $2::integer), 0)",
+                     2, params);
+}
+
+/* Hole 7 of issue 15, consumer liveness: PostgreSQL hangs in the middle of a consumer's
+ * transaction (its backends stopped with SIGSTOP while the transaction holds its partition's
+ * consumer_offsets row and waits for a row another session held) and a second consumer of the
+ * group joins. The group must move on within STALL_BOUND_S: the rebalance completes, and the
+ * partition the stalled transaction holds no lock on is applied by its owner. Waits on the stalled
+ * session are bounded: the other partition's owner gives up each try on its offsets row
+ * (PG_LOCK_TIMEOUT_MS), A gives up its stalled round trip and closes the connection. After
+ * SIGCONT the stalled sessions end and every event is applied exactly once: the orders, each
+ * SKU's stock and version, each partition's stored offset. Before the fix the rebalance never
+ * completed: A's poller waited for PostgreSQL without bound (its readiness ping on the stalled
+ * session; the drain in the revocation would have waited for the stalled batch as long), so the
+ * second consumer got no partition. */
+static void test_postgresql_stall_during_rebalance(void **state) {
+    (void)state;
+    const char *topic = new_topic("stall", 2), *dlq = new_topic("stall.dlq", 1);
+    const char *db = new_database("stall");
+    enum { NSKUS = 8, N1 = 20, N2 = 10, N3 = 30 };
+    int64_t end[2] = {0, 0};
+    char app_a[96], sku_x[24];
+    ndelivered = 0;
+    for (int i = 0; i < NSKUS; i++) {
+        sp_event ev = ev_stock_set(g.sku_base + 20 + i, T0, 1000, 0, 600);
+        produce(topic, &ev);
+    }
+    flush_all();
+    /* X: the first SKU; Y: one that went to the other partition. */
+    int y = -1;
+    for (int i = 1; i < NSKUS && y < 0; i++)
+        if (deliveries[i].partition != deliveries[0].partition) y = i;
+    if (y < 0) fail_msg("all %d SKUs went to one partition", NSKUS);
+    const int64_t X = g.sku_base + 20, Y = g.sku_base + 20 + y;
+    const int32_t px = deliveries[0].partition, py = deliveries[y].partition;
+    snprintf(sku_x, sizeof(sku_x), "%" PRId64, X);
+
+    const char *settings[] = {"PG_STATEMENT_TIMEOUT_MS=6000", "PG_LOCK_TIMEOUT_MS=4000",
+                              "PG_IDLE_IN_TRANSACTION_TIMEOUT_MS=10000", "REBALANCE_DRAIN_MS=2000",
+                              NULL};
+    proc a = start_consumer("stall-a", db, topic, dlq, "stall", settings, NULL);
+    wait_applied(db, topic, NSKUS, &a);
+    snprintf(app_a, sizeof(app_a), "test-stall-a-%s", tag);
+
+    /* Another session holds X's inventory row: A's next batch locks X's partition's offsets row,
+     * then waits for X's row. Caught there, every backend of A is stopped: a PostgreSQL that
+     * hangs in the middle of A's transaction, with that offsets row locked. */
+    PGconn *holder = connect_pg(db);
+    const char *xp[] = {sku_x};
+    if (sp_pg_exec(holder, "BEGIN", 0, NULL, err, sizeof(err)) != 0 ||
+        sp_pg_exec(holder, "SELECT 1 FROM inventory WHERE sku_id = $1::bigint FOR UPDATE", 1, xp,
+                   err, sizeof(err)) != 0)
+        fail_msg("locking X's row: %s", err);
+    produce_orders_of(topic, X, "x", 1, N1);
+    flush_all();
+    pid_t waiting = 0, check = 0, all[8];
+    int nall = 0;
+    for (int64_t deadline = sp_clock_mono_ms() + WAIT_S * 1000;; sleep_ms(10)) {
+        if (sp_clock_mono_ms() > deadline) fail_msg("A never waited for X's row (log %s)", a.log);
+        if (backends_of(db, app_a, 1, &waiting, 1) != 1) continue;
+        nall = backends_of(db, app_a, 0, all, 8);
+        for (int i = 0; i < nall; i++) {
+            if (kill(all[i], SIGSTOP) == 0)
+                stopped[nstopped++] = all[i];
+            else if (errno == EPERM)
+                fail_msg("cannot stop PostgreSQL's backend %d: %s (run as root or as the server's "
+                         "user)",
+                         (int)all[i], strerror(errno));
+        }
+        /* Stopped while still waiting (not between a lock timeout and the next try)? */
+        if (nstopped == nall && backends_of(db, app_a, 1, &check, 1) == 1 && check == waiting)
+            break;
+        resume_backends(NULL);
+    }
+    if (sp_pg_exec(holder, "ROLLBACK", 0, NULL, err, sizeof(err)) != 0) fail_msg("%s", err);
+    PQfinish(holder);
+    print_message("    A's %d PostgreSQL backends stopped, one inside its transaction on "
+                  "partition %d\n",
+                  nall, (int)px);
+
+    /* More for both partitions, and a second consumer joins the group. */
+    produce_orders_of(topic, Y, "y", 1, N3);
+    produce_orders_of(topic, X, "x", N1 + 1, N1 + N2);
+    flush_all();
+    for (int i = 0; i < ndelivered; i++)
+        if (deliveries[i].offset + 1 > end[deliveries[i].partition])
+            end[deliveries[i].partition] = deliveries[i].offset + 1;
+    int64_t started = sp_clock_mono_ms();
+    proc b = start_consumer("stall-b", db, topic, dlq, "stall", settings, NULL);
+
+    /* The group moves on: Y's partition, on which the stalled transaction holds nothing, is
+     * applied by whoever owns it now. */
+    int64_t got = 0;
+    while ((got = stored_offset(db, topic, py)) < end[py] &&
+           sp_clock_mono_ms() - started < STALL_BOUND_S * 1000)
+        sleep_ms(100);
+    if (got < end[py])
+        fail_msg("%d s after a second consumer joined while the first one's PostgreSQL was "
+                 "stalled, partition %d holds %" PRId64 " of its %" PRId64
+                 " events; partitions owned: %" PRId64 " by the first consumer, %" PRId64
+                 " by the second (logs %s, %s)",
+                 STALL_BOUND_S, (int)py, got, end[py],
+                 metric(a.port, "stockpipe_consumer_assigned_partitions"),
+                 metric(b.port, "stockpipe_consumer_assigned_partitions"), a.log, b.log);
+    print_message("    the group moved on: partition %d applied %.1f s after the second consumer "
+                  "started; partitions owned: %" PRId64 " by the first, %" PRId64
+                  " by the second\n",
+                  (int)py, (double)(sp_clock_mono_ms() - started) / 1000.0,
+                  metric(a.port, "stockpipe_consumer_assigned_partitions"),
+                  metric(b.port, "stockpipe_consumer_assigned_partitions"));
+    assert_true(metric(b.port, "stockpipe_consumer_assigned_partitions") >= 1);
+
+    /* The stall goes on. X's partition waits for its offsets row, which the stalled transaction
+     * holds: its owner's tries end at PG_LOCK_TIMEOUT_MS, nothing of it is applied; A gives up
+     * its round trips PG_STATEMENT_TIMEOUT_MS + 2 s after it sent them. */
+    WAIT_FOR(log_has(a.log, "due to lock timeout") || log_has(b.log, "due to lock timeout"),
+             "no consumer's wait for partition %d's offsets row ended (logs %s, %s)", (int)px,
+             a.log, b.log);
+    WAIT_FOR(log_has(a.log, "sp_take_stock: no answer within"),
+             "A never gave up on its stalled transaction (log %s)", a.log);
+    assert_true(stored_offset(db, topic, px) < end[px]);
+
+    /* PostgreSQL runs again: the stalled sessions end (their client is gone), and everything is
+     * applied, once. */
+    pid_t stalled[16];
+    int nstalled = nstopped;
+    memcpy(stalled, stopped, sizeof(stalled));
+    resume_backends(NULL);
+    char pids[256] = "{";
+    for (int i = 0; i < nstalled; i++)
+        snprintf(pids + strlen(pids), sizeof(pids) - strlen(pids), "%s%d", i ? "," : "",
+                 (int)stalled[i]);
+    strcat(pids, "}");
+    const char *pp[] = {pids};
+    WAIT_FOR(query_int(db, "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1::int[])", 1,
+                       pp) == 0,
+             "the stalled sessions %s did not end after SIGCONT", pids);
+    wait_applied(db, topic, end[0] + end[1], &b);
+    assert_true(metric(b.port, "stockpipe_consumer_events_applied_total{type=\"order.created\"}") >
+                0);
+    stop_consumer(&a, "the consumer whose PostgreSQL stalled");
+    stop_consumer(&b, "the consumer that joined");
+    assert_int_equal(value(db, "SELECT count(*) FROM orders"), N1 + N2 + N3);
+    assert_int_equal(value(db, "SELECT count(*) FROM orders WHERE status = 'pending'"),
+                     N1 + N2 + N3);
+    char sku_y[24];
+    snprintf(sku_y, sizeof(sku_y), "%" PRId64, Y);
+    const char *yp[] = {sku_y};
+    const char *stock_sql = "SELECT stock FROM inventory WHERE sku_id = $1::bigint";
+    const char *version_sql = "SELECT version FROM inventory WHERE sku_id = $1::bigint";
+    assert_int_equal(query_int(db, stock_sql, 1, xp), 1000 - (N1 + N2));
+    assert_int_equal(query_int(db, version_sql, 1, xp), N1 + N2);
+    assert_int_equal(query_int(db, stock_sql, 1, yp), 1000 - N3);
+    assert_int_equal(query_int(db, version_sql, 1, yp), N3);
+    assert_int_equal(value(db, "SELECT sum(stock) FROM inventory"), NSKUS * 1000 - (N1 + N2 + N3));
+    assert_int_equal(value(db, "SELECT sum(version) FROM inventory"), N1 + N2 + N3);
+    assert_int_equal(stored_offset(db, topic, 0), end[0]);
+    assert_int_equal(stored_offset(db, topic, 1), end[1]);
+    assert_int_equal(value(db, "SELECT count(*) FROM consumer_offsets"), 2);
+    g.npassed++;
+}
+
 /* ---- set-up ---- */
 
 static int group_setup(void **state) {
@@ -1160,6 +1387,7 @@ static int group_setup(void **state) {
 
 static int group_teardown(void **state) {
     (void)state;
+    resume_backends(NULL);
     kill_tracked();
     drop_databases();
     for (int i = 0; i < g.ntopics; i++)
@@ -1181,6 +1409,7 @@ int main(void) {
         cmocka_unit_test(test_store_refuses_batch_past_stored_offset),
         cmocka_unit_test(test_consumer_ahead_of_stored_offset),
         cmocka_unit_test(test_empty_database_under_running_consumer),
+        cmocka_unit_test_teardown(test_postgresql_stall_during_rebalance, resume_backends),
     };
     return cmocka_run_group_tests_name("consumer", tests, group_setup, group_teardown);
 }
