@@ -25,6 +25,11 @@ seconds, the rest left to expire - and one kind of fault in the middle of it:
                     exists; the workers follow it (sentinel://); the old primary comes back as
                     a replica. PostgreSQL rejects what Redis over-admitted, and the reaper,
                     seeing the new replication id, rebuilds Redis from PostgreSQL.
+  clock-skew        a reaper restarted early in the sale with its clock 60 s ahead (libfaketime,
+                    Debian's faketime), and with its own clock again near the end, while the
+                    producers linger 50 ms before each send (slow acknowledgements): it must take
+                    no reservation still waiting for Kafka for lost (none of the 202s cancelled),
+                    and must say so in /readyz (503 naming the clock) and stockpipe_clock_skew_ms.
 
 Then the stream stops, the system is let go quiet (no order pending, no reservation in Redis,
 no ledger row owed, the consumer at the end of the log, no reconcile due) and the case checks:
@@ -70,7 +75,10 @@ from testkit import (SHARED_PORTS, Fail, Procs, Report, Stack, expect,  # noqa: 
                      redis_sentinel, redis_server, sentinel_conf)
 
 CASES = ["kill-producer", "kill-consumer", "kill-reaper", "kafka-restart", "postgres-restart",
-         "redis-failover"]
+         "redis-failover", "clock-skew"]
+FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
+# A clock 60 s ahead of everyone else's; monotonic time left alone (timeouts, intervals).
+SKEWED = {"LD_PRELOAD": FAKETIME_LIB, "FAKETIME": "+60s", "DONT_FAKE_MONOTONIC": "1"}
 PREFERRED_PORTS = {"STACK_REDIS_PORT": 27379, "STACK_PG_PORT": 27432, "STACK_KAFKA_PORT": 27092,
                    "STACK_KAFKA_CONTROLLER_PORT": 27093}
 MASTER = "chaos"
@@ -302,6 +310,30 @@ class Case:
         self.note("the old primary :%d came back empty; Sentinel made it a replica"
                   % trio.primary)
 
+    async def fault_clock_skew(self, fleet):
+        t_on = self.moments(1, 0.1, 0.2)[0]
+        t_off = self.moments(1, 0.75, 0.9)[0]
+        victim = self.fault_rng.choice(fleet.of("reaper"))
+        own = victim.env
+        await self.at(t_on)
+        victim.kill()
+        victim.env = dict(own, **SKEWED)
+        victim.start()
+        took = await fs.testkit.Worker.wait_ready(victim, want=503, contains="clock", timeout=30,
+                                                  with_log=True)
+        skew = (await victim.metrics()).get("stockpipe_clock_skew_ms", 0)
+        self.note("%s restarted with its clock 60 s ahead: /readyz 503 naming the clock after "
+                  "%.1f s, stockpipe_clock_skew_ms %d" % (victim.name, took, skew))
+        expect(skew > 55000, "%s: stockpipe_clock_skew_ms is %d, not about 60000"
+               % (victim.name, skew))
+        await self.at(t_off)
+        victim.kill()
+        victim.env = own
+        t1 = time.monotonic()
+        await fleet.restart(victim)
+        self.note("%s back on its own clock, ready in %.1f s"
+                  % (victim.name, time.monotonic() - t1))
+
     async def fault(self, fleet, buyers, pool):
         if self.name.startswith("kill-"):
             await self.fault_kill(fleet, self.name[len("kill-"):], buyers, pool)
@@ -311,6 +343,8 @@ class Case:
             await self.fault_server(fleet, "postgres")
         elif self.name == "redis-failover":
             await self.fault_failover(fleet, self.sku)
+        elif self.name == "clock-skew":
+            await self.fault_clock_skew(fleet)
 
     # -- the run -----------------------------------------------------------------------------
 
@@ -338,6 +372,10 @@ class Case:
             # sale, and PostgreSQL is still full when they arrive: they end rejected.
             settings["reaper"]["REAPER_INTERVAL_MS"] = "1000"
             pay_timeout = 6
+        if self.name == "clock-skew":
+            # Slow acknowledgements: reservations wait for Kafka long enough for a reaper that
+            # misjudges their age to void some.
+            settings["producer"]["KAFKA_LINGER_MS"] = "50"
         fleet = fs.Fleet(world, s.bin_dir, os.path.join(s.workdir, self.name, "logs"), s.piddir,
                          {"producer": 2, "consumer": 2, "reaper": 2}, settings=settings,
                          tag="chaos-%s" % self.name)
