@@ -158,6 +158,10 @@ static const conf_opt conf_table[] = {
     {"audit-wait-ms", "AUDIT_WAIT_MS", INT(audit_wait_ms), "30000", 0, 3600000, R, 0,
      "How long `reaper audit` waits for the system to become quiet before comparing Redis with "
      "PostgreSQL"},
+    {"audit-interval-ms", "AUDIT_INTERVAL_MS", INT(audit_interval_ms), "60000", 1000, 86400000, R,
+     0,
+     "How often the running reaper audits PostgreSQL (units oversold or leaked) and Redis against "
+     "it (the stock of each quiet sale) for its stockpipe_reaper_audit_* gauges"},
     {"log-level", "LOG_LEVEL", STR(log_level), "info", 0, 0, P|C|R|T, 0,
      "debug, info, warn or error"},
 };

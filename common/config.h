@@ -54,6 +54,7 @@ typedef struct sp_config {
     int accepted_lost_after_ms;   /* reaper: an 'a:' entry of no stored order is checked after */
     int reconcile_wait_ms;        /* reaper: how long reconcile waits for the consumer */
     int audit_wait_ms;            /* reaper audit: how long to wait for a quiet system */
+    int audit_interval_ms;        /* reaper: how often the worker audits for its gauges */
     /* Positional arguments left after the flags (sub-commands such as `reaper audit`); they point
      * into argv. */
     int nargs;

@@ -91,6 +91,7 @@ int sp_reaper_check_config(const sp_config *cfg, char *errbuf, size_t errlen) {
 
 static void register_metrics(void) {
     sp_metrics_register(&m_sweep);
+    sp_audit_register_metrics();
     sp_metrics_register(&m_forgotten);
     sp_expiry_register_metrics();
     sp_stock_return_register_metrics();
@@ -186,10 +187,32 @@ static int sweep(sp_reaper *rp, int resv_due) {
     return resv_due;
 }
 
+/* The periodic audit behind the stockpipe_reaper_audit_* gauges (audit.h); its findings are logged
+ * too, a clean audit only when it follows one that was not. */
+static void watch(sp_reaper *rp, int *was_clean) {
+    char err[512];
+    sp_audit_figures fig;
+    if (sp_audit_watch(rp, &fig, err, sizeof(err)) != 0) {
+        if (!sp_signal_stop_requested()) sp_warn("periodic audit failed: %s", err);
+        return;
+    }
+    if (!fig.clean)
+        sp_warn("audit: %" PRId64 " units oversold and %" PRId64 " leaked in PostgreSQL; %" PRId64
+                " quiet sales differ between Redis and PostgreSQL (Redis %" PRId64
+                " units above, %" PRId64 " below); %" PRId64 " of %" PRId64
+                " sales not compared (not quiet)",
+                fig.oversold, fig.leaked, fig.ndiffering, fig.above, fig.below, fig.nunchecked,
+                fig.nskus);
+    else if (*was_clean != 1)
+        sp_info("audit clean: %" PRId64 " SKUs, %" PRId64 " not compared (not quiet)", fig.nskus,
+                fig.nunchecked);
+    *was_clean = fig.clean;
+}
+
 static int run_worker(sp_reaper *rp) {
     char err[512];
-    int was_ready = -1;
-    int64_t next_ready = 0, next_sweep = 0, next_resv = 0;
+    int was_ready = -1, was_clean = -1;
+    int64_t next_ready = 0, next_sweep = 0, next_resv = 0, next_audit = 0;
     sp_http_thread *http = sp_http_thread_start(rp->cfg->http_addr, rp->cfg->http_port, err,
                                                 sizeof(err));
     if (http == NULL) {
@@ -209,6 +232,10 @@ static int run_worker(sp_reaper *rp) {
             now = sp_clock_mono_ms();
             next_sweep = now + rp->cfg->reaper_interval_ms;
             if (swept_resv) next_resv = now + rp->cfg->resv_sweep_interval_ms;
+        }
+        if (now >= next_audit && !sp_signal_stop_requested()) {
+            watch(rp, &was_clean);
+            next_audit = sp_clock_mono_ms() + rp->cfg->audit_interval_ms;
         }
         (void)sp_reaper_sleep(50);
     }

@@ -5,7 +5,8 @@
  * The worker runs its steps in turn on one thread, every REAPER_INTERVAL_MS: notice Redis data
  * loss (reconcile.h), expire (expiry.h), drain the ledger (stock_return.h); and every
  * RESV_SWEEP_INTERVAL_MS the reservation sweep (resv_sweep.h) and the clean-up of decided
- * requests (reaper_requests.h). Any number of replicas may run: claims, SKIP LOCKED and advisory
+ * requests (reaper_requests.h); every AUDIT_INTERVAL_MS the periodic audit behind the audit gauges
+ * (audit.h). Any number of replicas may run: claims, SKIP LOCKED and advisory
  * locks split the work, and nothing one of them holds outlives it. /healthz beats between and
  * inside the steps, /readyz says whether Redis, Kafka and PostgreSQL answer, /metrics counts
  * every step. SIGTERM: the step under way finishes (a reconcile stops at its next wait, leaving

@@ -287,9 +287,17 @@ size_t sp_reaper_publish(sp_reaper *rp, const sp_event *evs, size_t n, int *acke
     return b.nacked;
 }
 
+int32_t sp_reaper_partition_in(int64_t sku_id, int npartitions) {
+    char key[24];
+    int keylen = snprintf(key, sizeof(key), "%" PRId64, sku_id);
+    /* The partitioner ignores its topic argument; this is what librdkafka does for every keyed
+     * message of a producer that sets no partitioner of its own (none of ours does). */
+    return rd_kafka_msg_partitioner_consistent_random(NULL, key, (size_t)keylen, npartitions, NULL,
+                                                      NULL);
+}
+
 int sp_reaper_partition_of(sp_reaper *rp, int64_t sku_id, int32_t *partition, char *errbuf,
                            size_t errlen) {
-    char key[24];
     int npartitions = 0;
     if (sp_kafka_topic_partitions(rp->kafka, rp->cfg->kafka_topic, METADATA_TIMEOUT_MS,
                                   &npartitions, errbuf, errlen) != 0)
@@ -298,11 +306,7 @@ int sp_reaper_partition_of(sp_reaper *rp, int64_t sku_id, int32_t *partition, ch
         snprintf(errbuf, errlen, "topic %s has no partitions", rp->cfg->kafka_topic);
         return -1;
     }
-    int keylen = snprintf(key, sizeof(key), "%" PRId64, sku_id);
-    /* The partitioner ignores its topic argument; this is what librdkafka does for every keyed
-     * message of a producer that sets no partitioner of its own (none of ours does). */
-    *partition = rd_kafka_msg_partitioner_consistent_random(NULL, key, (size_t)keylen, npartitions,
-                                                            NULL, NULL);
+    *partition = sp_reaper_partition_in(sku_id, npartitions);
     return 0;
 }
 

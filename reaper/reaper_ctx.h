@@ -127,6 +127,9 @@ size_t sp_reaper_publish(sp_reaper *rp, const sp_event *evs, size_t n, int *acke
 int sp_reaper_partition_of(sp_reaper *rp, int64_t sku_id, int32_t *partition, char *errbuf,
                            size_t errlen) __attribute__((warn_unused_result));
 
+/* The same, for a topic of npartitions partitions (> 0) already known. */
+int32_t sp_reaper_partition_in(int64_t sku_id, int npartitions);
+
 /* Tries the session-level advisory lock (lock_class, key) without waiting: *got is 1 when this
  * session holds it now. Session locks outlive transactions and end with the session, so a
  * replica that dies releases them at once. -1 with errbuf when PostgreSQL failed. */
