@@ -347,6 +347,31 @@ static inline redisContext *redis_connect_env(void) {
     return c;
 }
 
+/* For teardown: deletes the sale keys of SKUs first..first+n-1 on the stack's Redis. */
+static inline void forget_skus(int64_t first, int n) {
+    redisContext *rc = redis_connect_env();
+    if (rc == NULL) return;
+    const char *suffixes[] = {"sale", "opening", "users", "resv", "returned"};
+    char key[SP_STOCK_KEY_MAX];
+    for (int s = 0; s < n; s++)
+        for (size_t i = 0; i < sizeof(suffixes) / sizeof(suffixes[0]); i++) {
+            sp_stock_key(key, first + s, suffixes[i]);
+            freeReplyObject(redisCommand(rc, "DEL %s", key));
+        }
+    redisFree(rc);
+}
+
+/* The "order_id" of a JSON answer into id (cap bytes); fails the test when there is none. */
+static inline void json_order_id(const char *resp, char *id, size_t cap) {
+    const char *p = strstr(resp, "\"order_id\":\"");
+    if (p == NULL) fail_msg("no order_id in %s", resp);
+    p += strlen("\"order_id\":\"");
+    size_t n = strcspn(p, "\"");
+    if (n >= cap) fail_msg("order_id too long in %s", resp);
+    memcpy(id, p, n);
+    id[n] = '\0';
+}
+
 /* ---- the sale's hashes in Redis ---- */
 
 /* The reply to HGET {sku:N}:suffix field on c; fails the test when Redis does not answer. */

@@ -163,16 +163,6 @@ static int pay(const char *order_id, const char *body, char *resp, size_t cap) {
     return http(g.producers[0].port, "POST", path, PAYMENT, NULL, body, resp, cap);
 }
 
-static void order_id_of(const char *resp, char *id, size_t cap) {
-    const char *p = strstr(resp, "\"order_id\":\"");
-    if (p == NULL) fail_msg("no order_id in %s", resp);
-    p += strlen("\"order_id\":\"");
-    size_t n = strcspn(p, "\"");
-    if (n >= cap) fail_msg("order_id too long in %s", resp);
-    memcpy(id, p, n);
-    id[n] = '\0';
-}
-
 static void test_payments_name_their_order(void **state) {
     (void)state;
     int64_t sku = g.sku_base + RACES; /* a SKU of its own, after the races' */
@@ -192,7 +182,7 @@ static void test_payments_name_their_order(void **state) {
         code = http(g.producers[0].port, "POST", "/v1/orders", NULL, NULL, body, resp,
                     sizeof(resp));
         if (code != 202) fail_msg("order: %d %s", code, resp);
-        order_id_of(resp, orders[i].id, SP_ORDER_ID_MAX + 1);
+        json_order_id(resp, orders[i].id, SP_ORDER_ID_MAX + 1);
     }
     /* Pay for a right away, while it may still be only Redis's accepted entry: the units must be
      * its own, and then it is 202. */
@@ -251,18 +241,7 @@ static int group_teardown(void **state) {
     proc *all[] = {&g.producers[0], &g.producers[1], &g.consumer, &g.reaper};
     int clean = stop_all(all, sizeof(all) / sizeof(all[0]));
     kill_tracked();
-    redisContext *rc = redis_connect_env();
-    if (rc) {
-        char key[SP_STOCK_KEY_MAX];
-        for (int r = 0; r <= RACES; r++) {
-            const char *suffixes[] = {"sale", "opening", "users", "resv"};
-            for (int i = 0; i < 4; i++) {
-                sp_stock_key(key, g.sku_base + r, suffixes[i]);
-                freeReplyObject(redisCommand(rc, "DEL %s", key));
-            }
-        }
-        redisFree(rc);
-    }
+    forget_skus(g.sku_base, RACES + 1);
     if (g.dsn[0]) drop_database(g.db);
     delete_run_topics(&stack);
     end_run(g.tmp, g.npassed == NTESTS && clean, "workers'");

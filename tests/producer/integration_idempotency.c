@@ -99,16 +99,6 @@ static int order(int port, int64_t sku, int64_t user, const char *idem, char *re
     return http(port, "POST", "/v1/orders", NULL, idem, body, resp, cap);
 }
 
-static void json_order_id(const char *resp, char *id, size_t cap) {
-    const char *p = strstr(resp, "\"order_id\":\"");
-    if (p == NULL) fail_msg("no order_id in %s", resp);
-    p += strlen("\"order_id\":\"");
-    size_t n = strcspn(p, "\"");
-    if (n >= cap) fail_msg("order_id too long in %s", resp);
-    memcpy(id, p, n);
-    id[n] = '\0';
-}
-
 static void test_pending_key_settled_once_stored(void **state) {
     (void)state;
     int64_t sku = g.sku_base + 1, user = 4242;
@@ -197,17 +187,7 @@ static int group_teardown(void **state) {
     proc *all[] = {&g.producer, &g.dying, &g.consumer, &g.reaper};
     int clean = stop_all(all, sizeof(all) / sizeof(all[0]));
     kill_tracked();
-    redisContext *rc = redis_connect_env();
-    if (rc) {
-        const char *suffixes[] = {"sale", "opening", "users", "resv", "returned"};
-        char key[SP_STOCK_KEY_MAX];
-        for (int64_t s = 1; s <= 2; s++)
-            for (int i = 0; i < 5; i++) {
-                sp_stock_key(key, g.sku_base + s, suffixes[i]);
-                freeReplyObject(redisCommand(rc, "DEL %s", key));
-            }
-        redisFree(rc);
-    }
+    forget_skus(g.sku_base + 1, 2);
     if (g.dsn[0]) drop_database(g.db);
     delete_run_topics(&stack);
     end_run(g.tmp, g.npassed == NTESTS && clean, "workers'");

@@ -148,16 +148,7 @@ static int group_teardown(void **state) {
     proc *all[] = {&g.producer, &g.consumer, &g.reaper};
     int clean = stop_all(all, sizeof(all) / sizeof(all[0]));
     kill_tracked();
-    redisContext *rc = redis_connect_env();
-    if (rc) {
-        const char *suffixes[] = {"sale", "opening", "users", "resv", "returned"};
-        char key[SP_STOCK_KEY_MAX];
-        for (int i = 0; i < 5; i++) {
-            sp_stock_key(key, g.sku, suffixes[i]);
-            freeReplyObject(redisCommand(rc, "DEL %s", key));
-        }
-        redisFree(rc);
-    }
+    forget_skus(g.sku, 1);
     if (g.dsn[0]) drop_database(g.db);
     delete_run_topics(&stack);
     end_run(g.tmp, g.npassed == NTESTS && clean, "workers'");
