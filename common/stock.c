@@ -699,7 +699,8 @@ int sp_stock_reconcile_adjust(redisContext *c, int64_t sku_id, const char *token
 int sp_stock_reconcile_stage(redisContext *c, int64_t sku_id, const char *token, sp_stage_what what,
                              const char *const *fields, const char *const *values, size_t n,
                              int *owned, char *errbuf, size_t errlen) {
-    enum { PAIRS = 30 }; /* 3 keys + 2 + 2 * 30 arguments: within sp_redis_evalsha's bound of 64 */
+    enum { PAIRS = 250 }; /* 3 keys + 2 + 2 * 250 arguments: within SP_REDIS_SCRIPT_ARGV_MAX */
+    _Static_assert(3 + 2 + 2 * PAIRS <= SP_REDIS_SCRIPT_ARGV_MAX, "a stage call must be sendable");
     static const char *const target[] = {"users_rebuild", "users_rebuild", "resv_staged",
                                          "returned"};
     static const char *const op[] = {"clear", "hset", "hset", "hsetnx"};
