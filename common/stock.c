@@ -149,7 +149,10 @@ void sp_stock_confirm_call(sp_script_call *call, const sp_reserve_request *req, 
     if (has_idem) idem_arg(call, req);
     sp_script_call_arg(call, "%s", req->order_id);
     sp_script_call_arg(call, "%s", has_idem ? "2" : "0");
-    sp_script_call_arg(call, "%" PRId32 ":%" PRId64, partition, offset);
+    if (partition >= 0 && offset >= 0)
+        sp_script_call_arg(call, "%" PRId32 ":%" PRId64, partition, offset);
+    else
+        sp_script_call_arg(call, "%s", ""); /* position unknown: the entry keeps none */
 }
 
 void sp_stock_release_call(sp_script_call *call, const sp_reserve_request *req) {

@@ -42,9 +42,10 @@
 #include "stock.h"
 
 #define REDIS_CONNECT_TIMEOUT_MS 500
-#define REDIS_STALL_MS           2000 /* replies owed for this long: the connection is dropped */
-#define SOLDOUT_SLOTS            1024 /* local sold-out flags, a direct-mapped table by sku */
-#define SOLDOUT_HOLD_MS          200  /* how long a flag answers without asking Redis */
+#define REDIS_STALL_MS           2000  /* replies owed for this long: the connection is dropped */
+#define OPEN_CLAIM_MIN_MS        60000 /* an open's claim outlives the reaper's 40 s wait */
+#define SOLDOUT_SLOTS            1024  /* local sold-out flags, a direct-mapped table by sku */
+#define SOLDOUT_HOLD_MS          200   /* how long a flag answers without asking Redis */
 /* Freed calls kept for reuse; none under AddressSanitizer, so that it still sees a call used
  * after it was freed. */
 #ifdef __SANITIZE_ADDRESS__
@@ -179,6 +180,8 @@ typedef struct call {
     char accepted[64]; /* CALL_GET_ORDER: an accepted {sku}:resv entry "user:qty:ts", or "" */
     char sale[3][24];  /* CALL_GET_SKU: stock, limit, pay_timeout_s; "" when absent */
     char closed[16];   /* CALL_PAY: the status of an order closed before its payment, or "" */
+    int reserved;      /* CALL_PAY: Redis holds the order as reserved ('r:'), Kafka's answer not
+                        * recorded yet */
 } call;
 
 /* Appends c; returns 1 when the queue was empty before. */
@@ -903,8 +906,40 @@ static void on_sale_claimed(redisAsyncContext *ac, void *reply, void *data) {
         answer_error(c, 409, "exists", "another open of this SKU is under way", &m_admin_ok);
     } else if (publish(c) == 0) {
         return; /* the delivery report goes on */
+    } else {
+        /* Not in the log: the claim is given up, so that a retry need not wait for it to expire. */
+        answer_error(c, 503, "unavailable", "the event log is unreachable", &m_unavailable);
+        sp_stock_unclaim_call(&c->script, c->ev.sku_id, c->order.order_id);
+        if (redis_send(c, on_unclaimed) == 0) return;
     }
     call_free(c); /* 503 if nothing was answered */
+}
+
+/* An open goes on to its claim only for a SKU PostgreSQL has no sale of: a sale Redis lost (or
+ * never got, its producer dying after Kafka's ack) is the reaper's to rebuild from PostgreSQL, and
+ * a second stock.set for it would leave Redis on other stock than PostgreSQL, for good. The claim
+ * lasts longer than the reaper waits before it rebuilds a missing sale (RESV_LOST_AFTER_MS, 40 s
+ * by default), and at least twice Kafka's message timeout. */
+static void on_open_inventory(const PGresult *res, const char *err, void *arg) {
+    call *c = arg;
+    sp_order_api *api = c->api;
+    if (res == NULL) {
+        sp_metric_inc(&m_pg_errors);
+        sp_warn("sku %" PRId64 ": open: inventory lookup failed: %s", c->ev.sku_id, err);
+        call_free(c); /* 503 */
+        return;
+    }
+    if (PQntuples(res) > 0) {
+        answer_error(c, 409, "exists", NULL, &m_admin_ok);
+        call_free(c);
+        return;
+    }
+    /* The claim's token: unique to this call (an order id of this worker). */
+    sp_order_id_next(&api->ids, sp_clock_wall_ms(), c->ev.sku_id, c->order.order_id);
+    int64_t claim_ms = 2 * (int64_t)api->cfg->kafka_message_timeout_ms + 5000;
+    if (claim_ms < OPEN_CLAIM_MIN_MS) claim_ms = OPEN_CLAIM_MIN_MS;
+    sp_stock_claim_call(&c->script, c->ev.sku_id, c->order.order_id, claim_ms);
+    if (redis_send(c, on_sale_claimed) != 0) call_free(c);
 }
 
 /* The SKU's sale exists or not; decides whether a restock goes on to Kafka. */
@@ -955,11 +990,13 @@ static void post_sale_change(sp_order_api *api, struct evhttp_request *req, call
                        .per_user_limit = (int32_t)limit,
                        .pay_timeout_s = (int32_t)timeout};
     if (kind == CALL_OPEN) {
-        /* The claim's token: unique to this call (an order id of this worker). */
-        sp_order_id_next(&api->ids, sp_clock_wall_ms(), sku, c->order.order_id);
-        int64_t claim_ms = 2 * (int64_t)api->cfg->kafka_message_timeout_ms + 5000;
-        sp_stock_claim_call(&c->script, sku, c->order.order_id, claim_ms);
-        if (redis_send(c, on_sale_claimed) == 0) return;
+        char sku_text[24];
+        snprintf(sku_text, sizeof(sku_text), "%" PRId64, sku);
+        const char *params[] = {sku_text};
+        if (sp_pg_async_query(api->pg, "SELECT 1 FROM inventory WHERE sku_id = $1::bigint", 1,
+                              params, on_open_inventory, c) == 0)
+            return; /* on_open_inventory goes on */
+        sp_metric_inc(&m_pg_errors);
         goto done;
     }
     sp_stock_key(key, sku, "sale");
@@ -1109,6 +1146,7 @@ static void on_accepted_read(redisAsyncContext *ac, void *reply, void *data) {
          * no answer yet, so for GET it does not exist yet. */
         if (strncmp(r->str, "a:", 2) == 0)
             snprintf(c->accepted, sizeof(c->accepted), "%s", r->str + 2);
+        c->reserved = strncmp(r->str, "r:", 2) == 0;
     } else if (r == NULL || r->type != REDIS_REPLY_NIL)
         c->redis_failed = 1;
     lookup_order(c);
@@ -1163,6 +1201,11 @@ static void decide_pay(call *c, const PGresult *res) {
         long long user;
         if (sscanf(c->accepted, "%lld:%lld", &user, &qty) == 2)
             snprintf(status, sizeof(status), "accepted");
+    } else if (c->reserved) {
+        /* Reserved, and its 202 may be out: Kafka's answer is not recorded yet (a confirm still
+         * under way or failed) and the consumer has not stored it. Never "unknown". */
+        answer_error(c, 409, "in_progress", "the order is still being recorded; pay again shortly",
+                     &m_in_progress);
     } else if (res && !c->redis_failed) {
         answer_error(c, 404, "unknown_order", NULL, &m_not_found);
     }

@@ -177,9 +177,12 @@ out:
     return rc;
 }
 
-/* Which of the n accepted entries the consumer has passed: PostgreSQL stores a next offset beyond
- * the one Kafka gave its order.created, and yet the order is not stored (the caller asked). Their
- * events are not in the log the consumer reads any more. gone[i] is 1 for those. */
+/* Which of the n accepted entries' events the log no longer holds: the consumer has passed the
+ * offset Kafka gave the order.created (PostgreSQL stores a next offset beyond it) without storing
+ * the order (the caller asked), and the broker's oldest offset of the partition is past it too
+ * (retention deleted it, or a lost disk). An event still in the log that the consumer passed (a
+ * dead letter, to be fixed and published again) is left alone: voiding it would cancel an order
+ * its buyer was told is accepted. gone[i] is 1 for the others. */
 static int passed_by_consumer(sp_reaper *rp, const resv_entry *const *e, size_t n, int *gone,
                               char *errbuf, size_t errlen) {
     const char *params[] = {rp->cfg->kafka_topic};
@@ -193,6 +196,13 @@ static int passed_by_consumer(sp_reaper *rp, const resv_entry *const *e, size_t 
             if (strtoll(PQgetvalue(res, r, 0), NULL, 10) == e[i]->partition &&
                 strtoll(PQgetvalue(res, r, 1), NULL, 10) > e[i]->offset)
                 gone[i] = 1;
+        int64_t lo = -1, hi = -1;
+        if (gone[i] && (rp->kafka == NULL ||
+                        rd_kafka_query_watermark_offsets(rp->kafka, rp->cfg->kafka_topic,
+                                                         (int32_t)e[i]->partition, &lo, &hi,
+                                                         10000) != RD_KAFKA_RESP_ERR_NO_ERROR ||
+                        lo <= e[i]->offset))
+            gone[i] = 0; /* still in the log, or the broker cannot say: left for a later sweep */
     }
     PQclear(res);
     return 0;

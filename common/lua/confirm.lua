@@ -2,7 +2,7 @@
 -- KEYS[1]   {sku:ID}:resv
 -- KEYS[2..] {sku:ID}:idem:USER:KEY  the batch's Idempotency-Keys
 -- ARGV      three per order: order_id, its key's index in KEYS (0: none), and where Kafka put
---           its order.created, "partition:offset"
+--           its order.created, "partition:offset" ("" when librdkafka did not say)
 -- Returns how many reservations were turned to accepted.
 --
 -- "r:user:qty:ts:idem" becomes "a:user:qty:ts:partition:offset": the units stay sold, nothing is
@@ -16,8 +16,11 @@ for i = 1, #ARGV, 3 do
     local id, k, pos = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
     local r = redis.call('HGET', KEYS[1], id)
     if r and string.sub(r, 1, 2) == 'r:' then
-        redis.call('HSET', KEYS[1], id,
-                   'a:' .. string.match(r, '^r:([^:]*:[^:]*:[^:]*)') .. ':' .. pos)
+        local a = 'a:' .. string.match(r, '^r:([^:]*:[^:]*:[^:]*)')
+        if pos ~= '' then
+            a = a .. ':' .. pos
+        end
+        redis.call('HSET', KEYS[1], id, a)
         n = n + 1
     end
     if k > 0 then
