@@ -10,7 +10,7 @@
 #                     stack (bench/producer_bench.sh; starts and stops the stack if it is not up)
 #   make stack-up / stack-down / stack-clean / stack-status   the local Redis, PostgreSQL, Kafka
 #   make format       clang-format the C sources (FORMAT_SRC) in the style of .clang-format;
-#                     tests/build/format.sh (part of make test) fails if it would change a line
+#                     tests/checks/format.sh (part of make test) fails if it would change a line
 #   make fuzz         the libFuzzer targets of tests/fuzz/ (clang), FUZZ_SECONDS (60) each; a
 #                     20 s run of each is part of make test
 #   make deploy-check the container image's build stage (on the host, no engine) and the Kubernetes
@@ -216,7 +216,7 @@ stack-clean:
 stack-status:
 	@scripts/stack.sh status
 
-# The C sources `make format` rewrites and tests/build/format.sh checks (clang-format 14).
+# The C sources `make format` rewrites and tests/checks/format.sh checks (clang-format 14).
 FORMAT_SRC = $(sort $(wildcard common/*.[ch] producer/*.[ch] consumer/*.[ch] reaper/*.[ch] \
                  tests/*/*.[ch] bench/*.c))
 format:

@@ -69,10 +69,10 @@ for build in release asan; do
     done
 done
 
-# The build itself (tests/build/): `make demo` and `make test` on a simulated fresh machine; once,
+# The build itself (tests/checks/): `make demo` and `make test` on a simulated fresh machine; once,
 # not per build; no stack.
-for s in tests/build/*.sh; do
-    [ -f "$s" ] && run_suite "build $(basename "$s" .sh)" bash "$s"
+for s in tests/checks/*.sh; do
+    [ -f "$s" ] && run_suite "check $(basename "$s" .sh)" bash "$s"
 done
 
 # The container image and the Kubernetes manifests (deploy/): once, not per build; no stack.
