@@ -91,6 +91,14 @@ int sp_order_id_valid(const char *s) {
     return n > 0;
 }
 
+int sp_request_id_valid(const char *s) {
+    size_t n = 0;
+    if (s == NULL) return 0;
+    for (; s[n] != '\0'; n++)
+        if (n == SP_REQUEST_ID_MAX || s[n] <= ' ' || s[n] > '~') return 0;
+    return n > 0;
+}
+
 /* True when s holds a NUL within SP_REASON_MAX + 1 bytes and every byte before it is printable
  * ASCII (which also keeps it valid UTF-8). */
 static int reason_valid(const char *s) {
@@ -119,6 +127,13 @@ static int order_id_error(char *errbuf, size_t errlen) {
 static int reason_error(char *errbuf, size_t errlen) {
     seterr(errbuf, errlen, "field \"reason\": must be at most %d bytes of printable ASCII",
            SP_REASON_MAX);
+    return -1;
+}
+
+static int request_id_error(char *errbuf, size_t errlen) {
+    seterr(errbuf, errlen,
+           "field \"request_id\": must be 1..%d bytes of printable ASCII without blanks",
+           SP_REQUEST_ID_MAX);
     return -1;
 }
 
@@ -158,6 +173,8 @@ static int check_event(const sp_event *ev, char *errbuf, size_t errlen) {
     case SP_EV_STOCK_ADD:
         /* stored in ev->stock, called "add" on the wire */
         if (check_int("add", ev->stock, 1, SP_STOCK_MAX, errbuf, errlen) != 0) return -1;
+        if (ev->request_id[0] != '\0' && !sp_request_id_valid(ev->request_id))
+            return request_id_error(errbuf, errlen);
         break;
     case SP_EV_ORDER_CREATED:
         if (check_order_id(ev->order_id, errbuf, errlen) != 0 ||
@@ -264,6 +281,7 @@ int sp_event_encode(const sp_event *ev, char *buf, size_t buflen, size_t *len, c
         break;
     case SP_EV_STOCK_ADD:
         w_int(&w, "add", ev->stock);
+        if (ev->request_id[0] != '\0') w_str(&w, "request_id", ev->request_id);
         break;
     case SP_EV_ORDER_CREATED:
         w_str(&w, "order_id", ev->order_id);
@@ -369,6 +387,21 @@ static int get_reason(const json_t *obj, sp_event *ev, char *errbuf, size_t errl
     return 0;
 }
 
+/* Reads the optional obj["request_id"] into ev->request_id; absent leaves it empty. */
+static int get_request_id(const json_t *obj, sp_event *ev, char *errbuf, size_t errlen) {
+    const json_t *val = json_object_get(obj, "request_id");
+
+    if (val == NULL) return 0;
+    if (!json_is_string(val)) {
+        seterr(errbuf, errlen, "field \"request_id\": must be a string");
+        return -1;
+    }
+    if (json_string_length(val) > SP_REQUEST_ID_MAX || !sp_request_id_valid(json_string_value(val)))
+        return request_id_error(errbuf, errlen);
+    memcpy(ev->request_id, json_string_value(val), json_string_length(val) + 1);
+    return 0;
+}
+
 int sp_event_decode(const char *data, size_t len, sp_event *ev, char *errbuf, size_t errlen) {
     json_t *obj = NULL;
     json_error_t jerr;
@@ -462,7 +495,9 @@ int sp_event_decode(const char *data, size_t len, sp_event *ev, char *errbuf, si
             goto out;
         break;
     case SP_EV_STOCK_ADD:
-        if (get_int(obj, "add", 1, SP_STOCK_MAX, &ev->stock, errbuf, errlen) != 0) goto out;
+        if (get_int(obj, "add", 1, SP_STOCK_MAX, &ev->stock, errbuf, errlen) != 0 ||
+            get_request_id(obj, ev, errbuf, errlen) != 0)
+            goto out;
         break;
     case SP_EV_ORDER_CREATED:
         if (get_order_id(obj, ev, errbuf, errlen) != 0 ||

@@ -26,12 +26,13 @@
 #define SP_TS_MAX          INT64_C(253402300799999)  /* ms since the epoch, up to year 9999 */
 #define SP_ORDER_ID_MAX    64                        /* bytes; [A-Za-z0-9._-] only */
 #define SP_REASON_MAX      128                       /* bytes of a free-text reason */
-#define SP_EVENT_MAX       1024                      /* an encoded event never exceeds this */
+#define SP_REQUEST_ID_MAX  64   /* bytes of a request id: printable ASCII without blanks */
+#define SP_EVENT_MAX       1024 /* an encoded event never exceeds this */
 
 typedef enum sp_event_type {
     SP_EV_NONE = 0,
     SP_EV_STOCK_SET,     /* "stock.set":     open a sale: stock, per_user_limit, pay_timeout_s */
-    SP_EV_STOCK_ADD,     /* "stock.add":     restock: add */
+    SP_EV_STOCK_ADD,     /* "stock.add":     restock: add, request_id (optional) */
     SP_EV_ORDER_CREATED, /* "order.created": order_id, user_id, qty, expires_ms */
     SP_EV_ORDER_PAID,    /* "order.paid":    order_id */
     SP_EV_ORDER_EXPIRED, /* "order.expired": order_id */
@@ -52,6 +53,9 @@ typedef struct sp_event {
     int32_t per_user_limit; /* stock.set */
     int32_t pay_timeout_s;  /* stock.set, >= 1 */
     char reason[SP_REASON_MAX + 1]; /* order.voided: why (optional on decode, may be empty) */
+    /* stock.add: the admin call's Idempotency-Key, or an id the producer made for it; the
+     * consumer applies one request id once per SKU. Optional: empty in events from before it. */
+    char request_id[SP_REQUEST_ID_MAX + 1];
 } sp_event;
 
 /* "order.created" for SP_EV_ORDER_CREATED and so on; NULL for an unknown value. */
@@ -73,5 +77,9 @@ int sp_event_decode(const char *data, size_t len, sp_event *ev, char *errbuf, si
 
 /* True when s is a well-formed order id: 1..SP_ORDER_ID_MAX bytes of [A-Za-z0-9._-]. */
 int sp_order_id_valid(const char *s);
+
+/* True when s is a well-formed request id (and Idempotency-Key): 1..SP_REQUEST_ID_MAX bytes of
+ * printable ASCII without blanks. */
+int sp_request_id_valid(const char *s);
 
 #endif

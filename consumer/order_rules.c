@@ -107,10 +107,12 @@ sp_rules *sp_rules_new(size_t cap) {
     r->skus = calloc(cap, sizeof(*r->skus));
     r->orders = calloc(cap, sizeof(*r->orders));
     r->returns = calloc(cap, sizeof(*r->returns));
+    r->restocks = calloc(cap, sizeof(*r->restocks));
     r->sku_slots = malloc(r->nslots * sizeof(*r->sku_slots));
     r->order_slots = malloc(r->nslots * sizeof(*r->order_slots));
-    if (r->skus == NULL || r->orders == NULL || r->returns == NULL || r->sku_slots == NULL ||
-        r->order_slots == NULL) {
+    r->restock_slots = malloc(r->nslots * sizeof(*r->restock_slots));
+    if (r->skus == NULL || r->orders == NULL || r->returns == NULL || r->restocks == NULL ||
+        r->sku_slots == NULL || r->order_slots == NULL || r->restock_slots == NULL) {
         sp_rules_free(r);
         return NULL;
     }
@@ -122,8 +124,10 @@ void sp_rules_free(sp_rules *r) {
     free(r->skus);
     free(r->orders);
     free(r->returns);
+    free(r->restocks);
     free(r->sku_slots);
     free(r->order_slots);
+    free(r->restock_slots);
     free(r);
 }
 
@@ -153,6 +157,17 @@ static size_t order_slot(const sp_rules *r, const char *order_id) {
     size_t mask = r->nslots - 1, i = (size_t)hash_str(order_id) & mask;
     while (r->order_slots[i] >= 0 && strcmp(r->orders[r->order_slots[i]].order_id, order_id) != 0)
         i = (i + 1) & mask;
+    return i;
+}
+
+/* The slot that holds the restock (sku_id, request_id), or the empty slot where it would go; as
+ * full at most as the others (one pair per item). */
+static size_t restock_slot(const sp_rules *r, int64_t sku_id, const char *request_id) {
+    size_t mask = r->nslots - 1;
+    size_t i = (size_t)(hash_u64((uint64_t)sku_id) ^ hash_str(request_id)) & mask;
+    for (int32_t k; (k = r->restock_slots[i]) >= 0; i = (i + 1) & mask)
+        if (r->restocks[k].sku_id == sku_id && strcmp(r->restocks[k].request_id, request_id) == 0)
+            break;
     return i;
 }
 
@@ -193,11 +208,33 @@ int sp_rules_add_order(sp_rules *r, const char *order_id, int64_t sku_id, int64_
     return 0;
 }
 
+/* Records the restock (sku_id, request_id) under the empty slot restock_slot() gave; NULL when
+ * the table is full. */
+static sp_rules_restock *new_restock(sp_rules *r, size_t slot, int64_t sku_id,
+                                     const char *request_id) {
+    if (r->nrestocks >= r->cap) return NULL;
+    sp_rules_restock *rs = &r->restocks[r->nrestocks];
+    memset(rs, 0, sizeof(*rs));
+    rs->sku_id = sku_id;
+    snprintf(rs->request_id, sizeof(rs->request_id), "%s", request_id);
+    rs->partition = -1;
+    rs->offset = -1;
+    r->restock_slots[slot] = (int32_t)r->nrestocks++;
+    return rs;
+}
+
+int sp_rules_add_restock(sp_rules *r, int64_t sku_id, const char *request_id) {
+    size_t slot = restock_slot(r, sku_id, request_id);
+    if (r->restock_slots[slot] >= 0) return 0; /* a query never returns a primary key twice */
+    return new_restock(r, slot, sku_id, request_id) ? 0 : -1;
+}
+
 void sp_rules_begin(sp_rules *r, sp_batch *b) {
     size_t ip = 0;
-    r->nskus = r->norders = r->nreturns = 0;
+    r->nskus = r->norders = r->nreturns = r->nrestocks = 0;
     memset(r->sku_slots, 0xff, r->nslots * sizeof(*r->sku_slots));
     memset(r->order_slots, 0xff, r->nslots * sizeof(*r->order_slots));
+    memset(r->restock_slots, 0xff, r->nslots * sizeof(*r->restock_slots));
     b->nskus = 0;
     for (size_t i = 0; i < b->n; i++) {
         sp_batch_item *it = &b->items[i];
@@ -355,6 +392,41 @@ static void decide_expired(sp_rules *r, sp_rules_sku *sk, sp_batch_item *it) {
     it->effect = SP_EFFECT_EXPIRED;
 }
 
+/* A stock.add: applied unless its request id was applied to the SKU before (read from restocks,
+ * or earlier in the batch); a keyed one that is applied becomes a new restocks row. */
+static void decide_added(sp_rules *r, sp_rules_sku *sk, sp_batch_item *it) {
+    const sp_event *ev = &it->ev;
+    size_t slot = 0;
+    if (ev->request_id[0] != '\0') {
+        slot = restock_slot(r, ev->sku_id, ev->request_id);
+        if (r->restock_slots[slot] >= 0) { /* the producer published the restock twice */
+            it->outcome = SP_ITEM_UNCHANGED;
+            return;
+        }
+    }
+    if (!sku_exists(sk)) {
+        dead(it, "stock.add for sku %" PRId64 ", which no stock.set opened", ev->sku_id);
+        return;
+    }
+    if (ev->request_id[0] != '\0') {
+        sp_rules_restock *rs = new_restock(r, slot, ev->sku_id, ev->request_id);
+        if (rs == NULL) { /* cannot happen: one pair per item at most */
+            dead(it, "internal: restock table full");
+            return;
+        }
+        rs->is_new = 1;
+        rs->add = ev->stock;
+        rs->ts_ms = ev->ts_ms;
+        rs->partition = it->partition;
+        rs->offset = it->offset;
+    }
+    sk->stock += ev->stock;
+    sk->supplied += ev->stock;
+    sk->added += ev->stock;
+    changed_row(sk, ev->ts_ms);
+    it->effect = SP_EFFECT_RESTOCKED;
+}
+
 static void decide_voided(sp_rules *r, sp_batch_item *it) {
     const sp_event *ev = &it->ev;
     int found;
@@ -398,15 +470,7 @@ void sp_rules_decide(sp_rules *r, sp_batch *b) {
             it->effect = SP_EFFECT_OPENED;
             break;
         case SP_EV_STOCK_ADD:
-            if (!sku_exists(sk)) {
-                dead(it, "stock.add for sku %" PRId64 ", which no stock.set opened", ev->sku_id);
-                break;
-            }
-            sk->stock += ev->stock;
-            sk->supplied += ev->stock;
-            sk->added += ev->stock;
-            changed_row(sk, ev->ts_ms);
-            it->effect = SP_EFFECT_RESTOCKED;
+            decide_added(r, sk, it);
             break;
         case SP_EV_ORDER_CREATED:
             decide_created(r, sk, it);

@@ -9,7 +9,10 @@
  * Every decision depends only on the events, in partition order, and on the rows as they were
  * before the batch, so replaying the log rebuilds the same rows (docs/consumer.md):
  *   stock.set      creates the inventory row (stock = supplied) unless it exists
- *   stock.add      stock += add, supplied += add; for a SKU without a row it is a dead letter
+ *   stock.add      stock += add, supplied += add; for a SKU without a row it is a dead letter;
+ *                  one with a request_id is applied once per (sku_id, request_id): a pair read
+ *                  from the restocks table, or applied earlier in the batch, changes nothing (a
+ *                  producer published the restock twice); an applied pair is a new restocks row
  *   order.created  pending if the SKU's stock covers qty (stock -= qty), else rejected with the
  *                  reason out_of_stock, or unknown_sku when the SKU has no row; an order id seen
  *                  before changes nothing
@@ -183,6 +186,17 @@ typedef struct sp_rules_return {
     int64_t ts_ms;
 } sp_rules_return;
 
+/* A keyed restock (a stock.add with a request_id): a row of the restocks table read from the
+ * database, or one applied in this batch, to be inserted. */
+typedef struct sp_rules_restock {
+    int64_t sku_id;
+    char request_id[SP_REQUEST_ID_MAX + 1];
+    int is_new;         /* applied in this batch: a row to insert (the fields below are set) */
+    int64_t add, ts_ms; /* the event's units and time */
+    int32_t partition;  /* where the stock.add is */
+    int64_t offset;
+} sp_rules_restock;
+
 /* Working memory for deciding batches of up to cap events. The arrays are public so the store can
  * turn them into statements; only the functions below change them. */
 typedef struct sp_rules {
@@ -193,14 +207,18 @@ typedef struct sp_rules {
     size_t norders;
     sp_rules_return *returns;
     size_t nreturns;
+    /* Read and new alike: every pair is one of the batch's keyed stock.add, so at most cap. */
+    sp_rules_restock *restocks;
+    size_t nrestocks;
     int32_t *sku_slots, *order_slots; /* open-addressing hash tables of indexes, -1 = empty */
+    int32_t *restock_slots;           /* the same, keyed by (sku_id, request_id) */
     size_t nslots;                    /* a power of two, at least 2 * cap */
 } sp_rules;
 
 sp_rules *sp_rules_new(size_t cap) __attribute__((warn_unused_result));
 void sp_rules_free(sp_rules *r);
 
-/* Starts a decision round for b: forgets every SKU and order, marks each item below its
+/* Starts a decision round for b: forgets every SKU, order and restock, marks each item below its
  * partition's stored offset STALE and each bad item DEAD, registers the SKU of every other item
  * (b->skus, linked through next_same_sku). Items' outcomes are reset, so a batch can be decided
  * again after a rollback. b->parts must carry the stored offsets (sp_batch_partition.stored). */
@@ -213,6 +231,12 @@ sp_rules_sku *sp_rules_find_sku(sp_rules *r, int64_t sku_id);
  * a query keyed by the batch's ids cannot return). */
 int sp_rules_add_order(sp_rules *r, const char *order_id, int64_t sku_id, int64_t user_id,
                        int32_t qty, sp_order_status status, int refund_due)
+    __attribute__((warn_unused_result));
+
+/* Records a row of the restocks table read from the database: (sku_id, request_id) was applied
+ * before. -1 when the table is full (more rows than cap, which a query keyed by the batch's pairs
+ * cannot return). */
+int sp_rules_add_restock(sp_rules *r, int64_t sku_id, const char *request_id)
     __attribute__((warn_unused_result));
 
 /* Takes every decision for the items sp_rules_begin left undecided, in batch order, and fills

@@ -26,10 +26,12 @@ enum {
     ST_LOCK_OFFSETS,
     ST_READ_INVENTORY,
     ST_READ_ORDERS,
+    ST_READ_RESTOCKS,
     ST_OPEN_SKUS,
     ST_TAKE_STOCK,
     ST_UPDATE_ORDERS,
     ST_INSERT_RETURNS,
+    ST_INSERT_RESTOCKS,
     ST_SAVE_OFFSETS,
     ST_STORED_OFFSETS,
     ST_NONEMPTY,
@@ -55,6 +57,10 @@ static const struct {
     [ST_READ_ORDERS] = {"sp_read_orders", 1,
         "SELECT order_id, sku_id, user_id, qty, status, refund_due FROM orders "
         "WHERE order_id = ANY($1::text[])"},
+    /* The (sku_id, request_id) pairs of the batch's keyed stock.add applied before. */
+    [ST_READ_RESTOCKS] = {"sp_read_restocks", 2,
+        "SELECT sku_id, request_id FROM restocks "
+        "WHERE (sku_id, request_id) IN (SELECT * FROM unnest($1::bigint[], $2::text[]))"},
     /* stock.set: the row as the event opened it; a row that appeared meanwhile is a conflict. */
     [ST_OPEN_SKUS] = {"sp_open_skus", 5,
         "INSERT INTO inventory (sku_id, stock, version, supplied, per_user_limit, pay_timeout_s, "
@@ -85,6 +91,13 @@ static const struct {
         "INSERT INTO stock_returns (order_id, sku_id, user_id, qty, reason, created_at) "
         "SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::integer[], $5::text[], "
         "                     $6::timestamptz[])"},
+    /* The keyed restocks applied: a pair that appeared meanwhile is a conflict. */
+    [ST_INSERT_RESTOCKS] = {"sp_insert_restocks", 6,
+        "INSERT INTO restocks (sku_id, request_id, add_units, created_at, kafka_partition, "
+        "                      kafka_offset) "
+        "SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::timestamptz[], "
+        "                     $5::integer[], $6::bigint[]) "
+        "ON CONFLICT (sku_id, request_id) DO NOTHING"},
     [ST_SAVE_OFFSETS] = {"sp_save_offsets", 3,
         "UPDATE consumer_offsets AS c SET next_offset = u.next_offset, updated_at = now() "
         "FROM unnest($2::integer[], $3::bigint[]) AS u(partition, next_offset) "
@@ -609,6 +622,39 @@ static int read_orders(sp_order_store *s, const sp_batch *b, int lookup_all, cha
     return rc;
 }
 
+static int keyed_restock(const sp_batch_item *it) {
+    return it->ev.type == SP_EV_STOCK_ADD && it->ev.request_id[0] != '\0';
+}
+
+/* Step 2c: the restocks applied before among the batch's keyed stock.add; no statement for a
+ * batch without one (the common case: orders). */
+static int read_restocks(sp_order_store *s, const sp_batch *b, char *errbuf, size_t errlen) {
+    size_t npairs = 0;
+    for (size_t i = 0; i < b->n; i++) {
+        const sp_batch_item *it = &b->items[i];
+        if (it->outcome != SP_ITEM_APPLIED || !keyed_restock(it)) continue;
+        if (npairs++ == 0) {
+            arr_begin(&s->arg[0]);
+            arr_begin(&s->arg[1]);
+        }
+        arr_int(&s->arg[0], it->ev.sku_id);
+        arr_text(&s->arg[1], it->ev.request_id);
+    }
+    if (npairs == 0) return 0;
+    arr_end(&s->arg[0]);
+    arr_end(&s->arg[1]);
+    PGresult *res = run(s, ST_READ_RESTOCKS, NULL, errbuf, errlen);
+    if (res == NULL) return -1;
+    int rc = 0;
+    for (int row = 0; row < PQntuples(res) && rc == 0; row++) {
+        rc = sp_rules_add_restock(s->rules, strtoll(PQgetvalue(res, row, 0), NULL, 10),
+                                  PQgetvalue(res, row, 1));
+        if (rc != 0) snprintf(errbuf, errlen, "more restocks read than the batch can name");
+    }
+    PQclear(res);
+    return rc;
+}
+
 /* Checks that a statement touched exactly `want` rows; a shortfall is a conflict to redo. */
 static int expect_rows(PGresult *res, long want, const char *what, int *retry, char *errbuf,
                        size_t errlen) {
@@ -830,6 +876,31 @@ static int insert_returns(sp_order_store *s, char *errbuf, size_t errlen) {
     return 0;
 }
 
+/* Step 4f: the keyed restocks applied, one row each. */
+static int insert_restocks(sp_order_store *s, int *retry, char *errbuf, size_t errlen) {
+    const sp_rules *r = s->rules;
+    long n = 0;
+    for (size_t i = 0; i < r->nrestocks; i++) {
+        const sp_rules_restock *rs = &r->restocks[i];
+        if (!rs->is_new) continue;
+        if (n++ == 0)
+            for (int j = 0; j < 6; j++) arr_begin(&s->arg[j]);
+        arr_int(&s->arg[0], rs->sku_id);
+        arr_text(&s->arg[1], rs->request_id);
+        arr_int(&s->arg[2], rs->add);
+        arr_ts(&s->arg[3], rs->ts_ms);
+        arr_int(&s->arg[4], rs->partition);
+        arr_int(&s->arg[5], rs->offset);
+    }
+    if (n == 0) return 0;
+    for (int j = 0; j < 6; j++) arr_end(&s->arg[j]);
+    PGresult *res = run(s, ST_INSERT_RESTOCKS, NULL, errbuf, errlen);
+    if (res == NULL) return -1;
+    int rc = expect_rows(res, n, "inserting restocks", retry, errbuf, errlen);
+    PQclear(res);
+    return rc;
+}
+
 /* Step 6: each partition's next offset: past the batch, never backwards. */
 static int save_offsets(sp_order_store *s, sp_batch *b, char *errbuf, size_t errlen) {
     sbuf_reset(&s->arg[0]);
@@ -860,12 +931,14 @@ static int attempt(sp_order_store *s, sp_batch *b, int lookup_all, sp_store_hook
     if (lock_offsets(s, b, errbuf, errlen) != 0) return -1;
     sp_rules_begin(s->rules, b);
     if (read_inventory(s, errbuf, errlen) != 0 ||
-        read_orders(s, b, lookup_all, errbuf, errlen) != 0)
+        read_orders(s, b, lookup_all, errbuf, errlen) != 0 ||
+        read_restocks(s, b, errbuf, errlen) != 0)
         return -1;
     sp_rules_decide(s->rules, b);
     if (open_skus(s, retry, errbuf, errlen) != 0 || take_stock(s, b, retry, errbuf, errlen) != 0 ||
         copy_orders(s, retry, errbuf, errlen) != 0 ||
-        update_orders(s, retry, errbuf, errlen) != 0 || insert_returns(s, errbuf, errlen) != 0)
+        update_orders(s, retry, errbuf, errlen) != 0 || insert_returns(s, errbuf, errlen) != 0 ||
+        insert_restocks(s, retry, errbuf, errlen) != 0)
         return -1;
     if (hook && hook(b, arg, errbuf, errlen) != 0) return -1;
     if (save_offsets(s, b, errbuf, errlen) != 0) return -1;

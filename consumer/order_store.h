@@ -7,12 +7,13 @@
  *      by one that owned the partition until a rebalance (a zombie cannot apply twice). A batch
  *      that starts past a partition's stored offset is refused unless the caller found the
  *      offsets in between empty (sp_batch_item.gap_from): they would never be applied;
- *   2. read the inventory rows of the batch's SKUs and the orders its events name;
+ *   2. read the inventory rows of the batch's SKUs and the orders its events name (and, only when
+ *      the batch has a stock.add with a request_id, the restocks applied before under those ids);
  *   3. decide every event in log order in memory (order_rules.h);
  *   4. write: new inventory rows; per touched SKU one guarded, versioned update
  *        SET stock = stock - n, version = version + changes ... WHERE version = v AND stock >= n
  *      (all SKUs in one statement); the new orders by binary COPY; status changes of existing
- *      orders and the return-ledger rows, one statement each;
+ *      orders, the return-ledger rows and the keyed restocks applied, one statement each;
  *   5. call the caller's hook (the consumer produces the dead letters and flushes them there);
  *   6. store each partition's next offset, COMMIT.
  * A version conflict (another writer touched a SKU's row since it was read), a lost insert race

@@ -186,6 +186,7 @@ static void assert_event_equal(const sp_event *a, const sp_event *b) {
     assert_int_equal(a->per_user_limit, b->per_user_limit);
     assert_int_equal(a->pay_timeout_s, b->pay_timeout_s);
     assert_string_equal(a->reason, b->reason);
+    assert_string_equal(a->request_id, b->request_id);
 }
 
 /* Encodes ev, asserting success; returns the length. */
@@ -337,6 +338,7 @@ static json_t *oracle_object(const sp_event *ev) {
         break;
     case SP_EV_STOCK_ADD:
         json_object_set_new(o, "add", json_integer(ev->stock));
+        if (ev->request_id[0]) json_object_set_new(o, "request_id", json_string(ev->request_id));
         break;
     case SP_EV_ORDER_CREATED:
         json_object_set_new(o, "order_id", json_string(ev->order_id));
@@ -894,6 +896,60 @@ static void test_unknown_fields_ignored(void **state) {
     assert_int_equal(ev.stock, 1);
 }
 
+/* stock.add's optional request_id: absent is empty; 1..64 printable bytes without blanks; encode
+ * writes it only when set and checks the same rule. */
+/* A stock.add of the shape above with "request_id": raw appended. */
+static void with_request_id(char *out, size_t outlen, const char *raw) {
+    int n = snprintf(out, outlen,
+                     "{\"v\":1,\"type\":\"stock.add\",\"ts_ms\":1732240000000,\"sku_id\":1001,"
+                     "\"add\":50,\"request_id\":%s}",
+                     raw);
+    assert_true(n > 0 && (size_t)n < outlen);
+}
+
+static void test_request_id(void **state) {
+    char json[512], raw[200], buf[SP_EVENT_MAX], err[256];
+    size_t len;
+    sp_event ev;
+
+    (void)state;
+    build(json, sizeof(json), shape_of(SP_EV_STOCK_ADD), NULL, NULL);
+    accepted(json, &ev);
+    assert_string_equal(ev.request_id, "");
+    with_request_id(json, sizeof(json), "\"restock:2026-12-03/a\"");
+    accepted(json, &ev);
+    assert_string_equal(ev.request_id, "restock:2026-12-03/a");
+    encode_ok(&ev, buf, sizeof(buf));
+    assert_string_equal(buf, "{\"v\":1,\"type\":\"stock.add\",\"ts_ms\":1732240000000,"
+                             "\"sku_id\":1001,\"add\":50,\"request_id\":\"restock:2026-12-03/a\"}");
+
+    raw[0] = '"';
+    memset(raw + 1, 'k', 64);
+    strcpy(raw + 65, "\"");
+    with_request_id(json, sizeof(json), raw);
+    accepted(json, &ev);
+    assert_int_equal(strlen(ev.request_id), 64);
+    raw[65] = 'k';
+    strcpy(raw + 66, "\"");
+    with_request_id(json, sizeof(json), raw);
+    refused(json, "field \"request_id\": must be 1..64 bytes");
+    with_request_id(json, sizeof(json), "\"\"");
+    refused(json, "field \"request_id\"");
+    with_request_id(json, sizeof(json), "\"has blank\"");
+    refused(json, "field \"request_id\"");
+    with_request_id(json, sizeof(json), "\"caf\xc3\xa9\"");
+    refused(json, "field \"request_id\"");
+    with_request_id(json, sizeof(json), "17");
+    refused(json, "field \"request_id\": must be a string");
+
+    ev = sample(SP_EV_STOCK_ADD);
+    snprintf(ev.request_id, sizeof(ev.request_id), "tab\there");
+    assert_int_equal(sp_event_encode(&ev, buf, sizeof(buf), &len, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "request_id"));
+    assert_true(sp_request_id_valid("k"));
+    assert_false(sp_request_id_valid(NULL));
+}
+
 static void test_reason(void **state) {
     const struct shape *sh = shape_of(SP_EV_ORDER_VOIDED);
     char json[512], raw[200];
@@ -1063,6 +1119,7 @@ int main(void) {
         cmocka_unit_test(test_invalid_order_ids),
         cmocka_unit_test(test_unknown_fields_ignored),
         cmocka_unit_test(test_reason),
+        cmocka_unit_test(test_request_id),
         cmocka_unit_test(test_encode_buffer_too_small),
         cmocka_unit_test(test_encode_out_of_range),
         cmocka_unit_test(test_small_errbuf),

@@ -3,7 +3,8 @@
  * consumers plus a third killed with kill -9 mid-run end in the very tables of one clean run; a
  * replay into an empty database rebuilds them byte for byte; SIGTERM commits and exits 0; a batch
  * that starts past PostgreSQL's stored offset skips no event that is still in the log; a consumer
- * whose PostgreSQL stalls in mid-transaction does not hold up the group when another joins.
+ * whose PostgreSQL stalls in mid-transaction does not hold up the group when another joins; a
+ * restock published twice (same request id) is applied once.
  *
  * Each run uses topics and PostgreSQL databases of its own (created here, migrated with
  * scripts/migrate.sh, dropped at the end) and SKU ids no other test uses, so runs never see each
@@ -38,7 +39,7 @@
 #define MAX_EVENTS 40000
 #define MAX_DBS    16
 #define MAX_TOPICS 24
-#define NTESTS     9
+#define NTESTS     10
 
 static char err[1024];
 
@@ -101,10 +102,14 @@ static int64_t value(const char *dsn, const char *sql) { return query_int(dsn, s
 static const char orders_sql[] = "SELECT * FROM orders ORDER BY order_id";
 static const char inventory_sql[] = "SELECT * FROM inventory ORDER BY sku_id";
 static const char returns_sql[] = "SELECT * FROM stock_returns ORDER BY order_id";
+/* Every column but the wall-clock ones (stored_at; applied_to_redis_at, the reaper's). */
+static const char restocks_sql[] = "SELECT sku_id, request_id, add_units, created_at, "
+                                   "kafka_partition, kafka_offset FROM restocks "
+                                   "ORDER BY sku_id, request_id";
 
 static void assert_same_tables(const char *dsn_a, const char *dsn_b) {
-    const char *sqls[] = {orders_sql, inventory_sql, returns_sql};
-    for (size_t i = 0; i < 3; i++) {
+    const char *sqls[] = {orders_sql, inventory_sql, returns_sql, restocks_sql};
+    for (size_t i = 0; i < sizeof(sqls) / sizeof(sqls[0]); i++) {
         char *a = dump(dsn_a, sqls[i], 0, NULL, NULL), *b = dump(dsn_b, sqls[i], 0, NULL, NULL);
         if (strcmp(a, b) != 0) {
             fprintf(stderr, "%s differs:\n--- %s\n%.2000s\n--- %s\n%.2000s\n", sqls[i], dsn_a, a,
@@ -280,6 +285,13 @@ static sp_event ev_stock_set(int64_t sku, int64_t ts, int64_t stock, int limit, 
 
 static sp_event ev_stock_add(int64_t sku, int64_t ts, int64_t add) {
     return (sp_event){.type = SP_EV_STOCK_ADD, .ts_ms = ts, .sku_id = sku, .stock = add};
+}
+
+/* A restock with a request id (the admin call's Idempotency-Key). */
+static sp_event ev_stock_add_keyed(int64_t sku, int64_t ts, int64_t add, const char *request_id) {
+    sp_event ev = ev_stock_add(sku, ts, add);
+    snprintf(ev.request_id, sizeof(ev.request_id), "%s", request_id);
+    return ev;
 }
 
 static sp_event ev_order(sp_event_type type, int64_t sku, int64_t ts, const char *id, int64_t user,
@@ -609,6 +621,10 @@ static void produce_mixed_log(const char *topic, int from, int n, uint64_t *seed
             ev = ev_order(SP_EV_ORDER_CREATED, sku, ts, old, 1, 1); /* the log repeats */
         } else if (kind < 99) {
             ev = ev_stock_add(sku, ts, 1 + r % 20);
+            if ((r >> 20) % 2) { /* keyed, from few ids: some are published twice */
+                snprintf(id, sizeof(id), "rq-%u", (r >> 21) % 16);
+                snprintf(ev.request_id, sizeof(ev.request_id), "%s", id);
+            }
         } else {
             snprintf(id, sizeof(id), "ghost%06d", i);
             ev = ev_order(SP_EV_ORDER_PAID, sku, ts, id, 0, 0); /* dead letter */
@@ -702,8 +718,12 @@ static void test_group_kill9_and_replay(void **state) {
     /* One clean run of the same log. */
     proc d = start_consumer("clean", db_clean, topic, dlq_clean, "clean", settings, NULL);
     wait_applied(db_clean, topic, ndelivered, &d);
+    /* Some keyed restocks were published twice: applied once (restocks compared below too). */
+    assert_true(metric(d.port, "stockpipe_consumer_events_unchanged_total{type=\"stock.add\"}") >
+                0);
     stop_consumer(&d, "clean run");
     assert_same_tables(db_group, db_clean);
+    assert_true(value(db_clean, "SELECT count(*) FROM restocks") > 0);
     assert_true(value(db_clean, "SELECT count(*) FROM orders WHERE status = 'rejected'") > 0);
     assert_true(value(db_clean, "SELECT count(*) FROM orders WHERE refund_due") > 0);
     assert_true(value(db_clean, "SELECT count(*) FROM stock_returns WHERE reason = 'voided'") > 0);
@@ -889,14 +909,14 @@ static void fill_batch(sp_batch *b, const sp_event *evs, delivery *const *d, int
     }
 }
 
-/* Everything the consumer writes: orders, inventory, the ledger and the stored offsets. */
+/* Everything the consumer writes: orders, inventory, the ledgers and the stored offsets. */
 static char *pg_state(const char *dsn) {
-    const char *sqls[] = {orders_sql, inventory_sql, returns_sql,
+    const char *sqls[] = {orders_sql, inventory_sql, returns_sql, restocks_sql,
                           "SELECT topic, partition, next_offset FROM consumer_offsets "
                           "ORDER BY topic, partition"};
     size_t len = 0;
     char *all = NULL;
-    for (size_t i = 0; i < 4; i++) {
+    for (size_t i = 0; i < sizeof(sqls) / sizeof(sqls[0]); i++) {
         char *part = dump(dsn, sqls[i], 0, NULL, NULL);
         size_t n = strlen(part);
         all = realloc(all, len + n + 2);
@@ -987,6 +1007,86 @@ static void test_store_refuses_batch_past_stored_offset(void **state) {
     assert_int_equal(value(db, "SELECT stock FROM inventory"), 90);
     sp_batch_free(b);
     sp_order_store_free(s);
+    g.npassed++;
+}
+
+/* A restock published twice (an admin's retry with the same Idempotency-Key after a failure
+ * between the publish and Redis) is applied once, whether the repeat is in the same batch or a
+ * later one: stock.set 10, then stock.add K +5, K +5, L +3 in one batch and K +5 in the next
+ * leave stock and supplied 8 higher, the version 2 higher, and one restocks row per request id,
+ * with the first event's units, time and position. The consumer, one event per batch (every
+ * repeat read from restocks), ends in the same rows. */
+static void test_restock_applied_once(void **state) {
+    (void)state;
+    const char *topic = new_topic("restock", 1), *dlq = new_topic("restock.dlq", 1);
+    const char *db = new_database("restock"), *db_worker = new_database("restock2");
+    int64_t sku = g.sku_base + 30;
+    enum { N = 5 };
+    sp_event evs[N] = {
+        ev_stock_set(sku, T0, 10, 0, 600),       ev_stock_add_keyed(sku, T0 + 1, 5, "K"),
+        ev_stock_add_keyed(sku, T0 + 2, 5, "K"), ev_stock_add_keyed(sku, T0 + 3, 3, "L"),
+        ev_stock_add_keyed(sku, T0 + 4, 5, "K"),
+    };
+    delivery *d[N];
+    ndelivered = 0;
+    for (int i = 0; i < N; i++) d[i] = produce(topic, &evs[i]);
+    flush_all();
+
+    const sp_store_bounds bounds = {.connect_timeout_s = 5,
+                                    .statement_timeout_ms = 30000,
+                                    .lock_timeout_ms = 10000,
+                                    .idle_in_tx_ms = 60000,
+                                    .answer_ms = 32000};
+    sp_order_store *s = sp_order_store_new(db, "test-consumer", topic, 16, &bounds);
+    sp_batch *b = sp_batch_new(16);
+    assert_non_null(s);
+    assert_non_null(b);
+    fill_batch(b, evs, d, 0, 3);
+    if (sp_order_store_apply(s, b, NULL, NULL, err, sizeof(err)) != 0) fail_msg("%s", err);
+    assert_int_equal(b->items[1].effect, SP_EFFECT_RESTOCKED);
+    assert_int_equal(b->items[2].outcome, SP_ITEM_UNCHANGED);
+    assert_int_equal(b->items[3].effect, SP_EFFECT_RESTOCKED);
+    fill_batch(b, evs, d, 4, 4);
+    if (sp_order_store_apply(s, b, NULL, NULL, err, sizeof(err)) != 0) fail_msg("%s", err);
+    assert_int_equal(b->items[0].outcome, SP_ITEM_UNCHANGED);
+    sp_batch_free(b);
+    sp_order_store_free(s);
+
+    char sku_text[24], t0[24], want[512];
+    snprintf(sku_text, sizeof(sku_text), "%" PRId64, sku);
+    snprintf(t0, sizeof(t0), "%" PRId64, T0);
+    const char *params[] = {sku_text, t0};
+    const char *inv_sql = "SELECT stock, supplied, version, "
+                          "(extract(epoch FROM updated_at) * 1000)::bigint - $2::bigint "
+                          "FROM inventory WHERE sku_id = $1::bigint";
+    const char *rows_sql = "SELECT request_id, add_units, "
+                           "(extract(epoch FROM created_at) * 1000)::bigint - $2::bigint, "
+                           "kafka_partition, kafka_offset, applied_to_redis_at "
+                           "FROM restocks WHERE sku_id = $1::bigint ORDER BY request_id";
+    snprintf(want, sizeof(want), "K|5|1|%d|%" PRId64 "|-\nL|3|3|%d|%" PRId64 "|-\n",
+             d[1]->partition, d[1]->offset, d[3]->partition, d[3]->offset);
+    char *inv = dump(db, inv_sql, 2, params, NULL), *rows = dump(db, rows_sql, 2, params, NULL);
+    assert_string_equal(inv, "18|18|2|3\n"); /* 10 + 5 + 3; K and L changed the row */
+    assert_string_equal(rows, want);
+    free(inv);
+    free(rows);
+
+    /* The worker, one event per batch: every repeat of K is found in restocks. */
+    const char *one[] = {"BATCH_MAX=1", NULL};
+    proc p = start_consumer("restock", db_worker, topic, dlq, "restock", one, NULL);
+    wait_applied(db_worker, topic, N, &p);
+    assert_int_equal(metric(p.port, "stockpipe_consumer_events_applied_total{type=\"stock.add\"}"),
+                     2);
+    assert_int_equal(
+        metric(p.port, "stockpipe_consumer_events_unchanged_total{type=\"stock.add\"}"), 2);
+    stop_consumer(&p, "restocks published twice");
+    inv = dump(db_worker, inv_sql, 2, params, NULL);
+    rows = dump(db_worker, rows_sql, 2, params, NULL);
+    assert_string_equal(inv, "18|18|2|3\n");
+    assert_string_equal(rows, want);
+    free(inv);
+    free(rows);
+    assert_same_tables(db, db_worker);
     g.npassed++;
 }
 
@@ -1127,8 +1227,8 @@ static void test_empty_database_under_running_consumer(void **state) {
     /* The restore: every table empty, the consumer still at 11. */
     PGconn *pg = connect_pg(db);
     if (sp_pg_exec(pg,
-                   "TRUNCATE inventory, orders, consumer_offsets, stock_returns, reaper_requests, "
-                   "reaper_state",
+                   "TRUNCATE inventory, orders, consumer_offsets, stock_returns, restocks, "
+                   "reaper_requests, reaper_state",
                    0, NULL, err, sizeof(err)) != 0)
         fail_msg("emptying the database: %s", err);
     PQfinish(pg);
@@ -1409,6 +1509,7 @@ int main(void) {
         cmocka_unit_test(test_store_refuses_batch_past_stored_offset),
         cmocka_unit_test(test_consumer_ahead_of_stored_offset),
         cmocka_unit_test(test_empty_database_under_running_consumer),
+        cmocka_unit_test(test_restock_applied_once),
         cmocka_unit_test_teardown(test_postgresql_stall_during_rebalance, resume_backends),
     };
     return cmocka_run_group_tests_name("consumer", tests, group_setup, group_teardown);

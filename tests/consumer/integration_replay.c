@@ -1,14 +1,15 @@
 /* integration_replay.c - PostgreSQL rebuilt from the Kafka log alone: a sale runs with all three
  * workers (two SKUs, a restock, a few hundred orders from distinct users, payments, expiries, a
  * second wave buying the returned stock, a late payment on an expired order); once it is quiet,
- * `orders`, `inventory`, `stock_returns` and `consumer_offsets` are dumped, the database is dropped
- * and recreated empty (scripts/migrate.sh), `consumer --replay` rebuilds it from the log, and the
- * dumps are identical, byte for byte.
+ * `orders`, `inventory`, `stock_returns`, `restocks` and `consumer_offsets` are dumped, the
+ * database is dropped and recreated empty (scripts/migrate.sh), `consumer --replay` rebuilds it
+ * from the log, and the dumps are identical, byte for byte.
  *
  * What replay cannot reproduce, and is left out of the comparison on purpose (docs/consumer.md):
- * stock_returns.returned_to_redis_at, stamped by the reaper (wall clock) when it gives a ledger
- * row back to Redis, which a replay does not touch; consumer_offsets.updated_at, the wall clock of
- * the commit. Every other column of those four tables is compared.
+ * stock_returns.returned_to_redis_at and restocks.applied_to_redis_at, stamped by the reaper (wall
+ * clock) when it gives a row to Redis, which a replay does not touch; restocks.stored_at and
+ * consumer_offsets.updated_at, the wall clock of the commit. Every other column of those five
+ * tables is compared.
  *
  * The run has its own Redis (a redis-server started here in a scratch directory), its own topics
  * and consumer group, its own PostgreSQL database (created and migrated here, dropped at the end)
@@ -284,6 +285,8 @@ static const struct {
     {"inventory", "SELECT * FROM inventory ORDER BY sku_id"},
     {"stock_returns", "SELECT order_id, sku_id, user_id, qty, reason, created_at"
                       " FROM stock_returns ORDER BY order_id"},
+    {"restocks", "SELECT sku_id, request_id, add_units, created_at, kafka_partition, kafka_offset"
+                 " FROM restocks ORDER BY sku_id, request_id"},
     {"consumer_offsets", "SELECT topic, partition, next_offset FROM consumer_offsets"
                          " ORDER BY topic, partition"},
 };
@@ -335,7 +338,8 @@ static void test_replay_rebuilds_the_same_tables(void **state) {
     assert_int_equal(rows[0], g.naccepted);
     assert_int_equal(rows[1], 2);
     assert_int_equal(rows[2], value("SELECT count(*) FROM orders WHERE status = 'expired'"));
-    assert_true(rows[3] >= 1 && rows[3] <= PARTITIONS); /* the partitions the two SKUs hash to */
+    assert_int_equal(rows[3], 1); /* the one restock, under the request id the producer gave it */
+    assert_true(rows[4] >= 1 && rows[4] <= PARTITIONS); /* the partitions the two SKUs hash to */
     g.npassed++;
 }
 

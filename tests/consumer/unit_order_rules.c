@@ -59,6 +59,13 @@ static void stock_add(fixture *f, int64_t sku, int64_t n) {
     add(f, SP_EV_STOCK_ADD, sku)->ev.stock = n;
 }
 
+/* A restock with a request id (the admin call's Idempotency-Key). */
+static void stock_add_keyed(fixture *f, int64_t sku, int64_t n, const char *request_id) {
+    sp_batch_item *it = add(f, SP_EV_STOCK_ADD, sku);
+    it->ev.stock = n;
+    snprintf(it->ev.request_id, sizeof(it->ev.request_id), "%s", request_id);
+}
+
 static void created(fixture *f, int64_t sku, const char *id, int qty) {
     sp_batch_item *it = add(f, SP_EV_ORDER_CREATED, sku);
     snprintf(it->ev.order_id, sizeof(it->ev.order_id), "%s", id);
@@ -95,6 +102,37 @@ static const sp_rules_order *order(fixture *f, const char *id) {
 }
 
 static const sp_batch_item *item(fixture *f, size_t i) { return &f->b->items[i]; }
+
+/* The restock (sku, request_id) the rules hold, or NULL. */
+static const sp_rules_restock *restock(fixture *f, int64_t sku, const char *request_id) {
+    for (size_t i = 0; i < f->r->nrestocks; i++)
+        if (f->r->restocks[i].sku_id == sku &&
+            strcmp(f->r->restocks[i].request_id, request_id) == 0)
+            return &f->r->restocks[i];
+    return NULL;
+}
+
+static size_t new_restocks(fixture *f) {
+    size_t n = 0;
+    for (size_t i = 0; i < f->r->nrestocks; i++) n += f->r->restocks[i].is_new != 0;
+    return n;
+}
+
+/* Begins deciding the batch against SKU rows already in PostgreSQL: sku with stock = supplied =
+ * `stock` at `version` (and SKU2 likewise when sku2_stock >= 0). */
+static void begin_with_rows(fixture *f, int64_t stock, int64_t version, int64_t sku2_stock) {
+    sp_batch_index_partitions(f->b);
+    for (size_t i = 0; i < f->b->nparts; i++) f->b->parts[i].stored = 0;
+    sp_rules_begin(f->r, f->b);
+    for (int k = 0; k < 2; k++) {
+        sp_rules_sku *sk = sp_rules_find_sku(f->r, k ? SKU2 : SKU);
+        int64_t st = k ? sku2_stock : stock;
+        if (sk == NULL || st < 0) continue;
+        sk->in_db = 1;
+        sk->stock = sk->supplied = st;
+        sk->version = version;
+    }
+}
 
 /* ---- tests ---- */
 
@@ -334,6 +372,144 @@ static void test_batch_boundaries_do_not_matter(void **state) {
     assert_int_equal(changes_split, 12); /* 11 taken + 1 returned */
 }
 
+/* A producer published the same restock twice (an admin's retry with the same Idempotency-Key
+ * after a failure between the publish and Redis), both in one batch: applied once. Another id, an
+ * add without id, and the same id on another SKU are each applied. */
+static void test_restock_twice_in_one_batch(void **state) {
+    fixture *f = *state;
+    stock_set(f, SKU, 10);
+    stock_add_keyed(f, SKU, 5, "K");  /* 1 */
+    stock_add_keyed(f, SKU, 5, "K");  /* 2: the same restock again */
+    stock_add_keyed(f, SKU, 3, "L");  /* 3 */
+    stock_add(f, SKU, 2);             /* 4: without id: always applied */
+    stock_add(f, SKU, 2);             /* 5 */
+    stock_set(f, SKU2, 1);            /* 6 */
+    stock_add_keyed(f, SKU2, 4, "K"); /* 7: the same id on another SKU */
+    stock_add_keyed(f, SKU, 5, "K");  /* 8: and again, after all that */
+    decide(f);
+    assert_int_equal(item(f, 1)->effect, SP_EFFECT_RESTOCKED);
+    assert_int_equal(item(f, 2)->outcome, SP_ITEM_UNCHANGED);
+    assert_int_equal(item(f, 2)->effect, SP_EFFECT_NONE);
+    assert_int_equal(item(f, 3)->effect, SP_EFFECT_RESTOCKED);
+    assert_int_equal(item(f, 4)->effect, SP_EFFECT_RESTOCKED);
+    assert_int_equal(item(f, 5)->effect, SP_EFFECT_RESTOCKED);
+    assert_int_equal(item(f, 7)->outcome, SP_ITEM_APPLIED);
+    assert_int_equal(item(f, 7)->effect, SP_EFFECT_RESTOCKED);
+    assert_int_equal(item(f, 8)->outcome, SP_ITEM_UNCHANGED);
+
+    const sp_rules_sku *sk = sp_rules_find_sku(f->r, SKU), *sk2 = sp_rules_find_sku(f->r, SKU2);
+    assert_int_equal(sk->stock, 10 + 5 + 3 + 2 + 2);
+    assert_int_equal(sk->supplied, 22);
+    assert_int_equal(sk->added, 12);
+    assert_int_equal(sk->changes,
+                     4); /* K, L and the two without id: the duplicates change nothing */
+    assert_int_equal(sk->updated_ms, item(f, 5)->ev.ts_ms);
+    assert_int_equal(sk2->stock, 5);
+    assert_int_equal(sk2->supplied, 5);
+    assert_int_equal(sk2->changes, 1);
+    assert_int_equal(f->b->skus[0].stock, 22);
+    assert_int_equal(f->b->skus[0].supplied, 22);
+
+    /* The rows to insert: one per applied pair, with where and when it was applied. */
+    assert_int_equal(f->r->nrestocks, 3);
+    assert_int_equal(new_restocks(f), 3);
+    const sp_rules_restock *k = restock(f, SKU, "K"), *l = restock(f, SKU, "L");
+    const sp_rules_restock *k2 = restock(f, SKU2, "K");
+    assert_non_null(k);
+    assert_non_null(l);
+    assert_non_null(k2);
+    assert_int_equal(k->add, 5);
+    assert_int_equal(k->ts_ms, item(f, 1)->ev.ts_ms);
+    assert_int_equal(k->partition, 0);
+    assert_int_equal(k->offset, 1);
+    assert_int_equal(l->add, 3);
+    assert_int_equal(l->offset, 3);
+    assert_int_equal(k2->add, 4);
+    assert_int_equal(k2->offset, 7);
+}
+
+/* The restock was applied by an earlier batch (its row read from restocks): a repeat in a later
+ * batch changes neither stock nor version; other ids and adds without id still apply. */
+static void test_restock_twice_across_batches(void **state) {
+    fixture *f = *state;
+    stock_add_keyed(f, SKU, 5, "K");  /* 0: applied before */
+    stock_add_keyed(f, SKU, 3, "L");  /* 1 */
+    stock_add_keyed(f, SKU2, 4, "K"); /* 2: the same id on another SKU */
+    stock_add(f, SKU, 2);             /* 3 */
+    stock_add_keyed(f, SKU, 3, "L");  /* 4: L again, within this batch */
+    begin_with_rows(f, 15, 7, 1);
+    assert_int_equal(sp_rules_add_restock(f->r, SKU, "K"), 0);
+    assert_int_equal(sp_rules_add_restock(f->r, SKU, "K"), 0); /* once is enough */
+    sp_rules_decide(f->r, f->b);
+    assert_int_equal(item(f, 0)->outcome, SP_ITEM_UNCHANGED);
+    assert_int_equal(item(f, 1)->effect, SP_EFFECT_RESTOCKED);
+    assert_int_equal(item(f, 2)->effect, SP_EFFECT_RESTOCKED);
+    assert_int_equal(item(f, 3)->effect, SP_EFFECT_RESTOCKED);
+    assert_int_equal(item(f, 4)->outcome, SP_ITEM_UNCHANGED);
+
+    const sp_rules_sku *sk = sp_rules_find_sku(f->r, SKU), *sk2 = sp_rules_find_sku(f->r, SKU2);
+    assert_int_equal(sk->stock, 15 + 3 + 2);
+    assert_int_equal(sk->supplied, 20);
+    assert_int_equal(sk->added, 5);
+    assert_int_equal(sk->version, 7); /* as read: the guarded update moves it by changes */
+    assert_int_equal(sk->changes, 2);
+    assert_int_equal(sk2->stock, 5);
+    assert_int_equal(sk2->changes, 1);
+    assert_int_equal(f->r->nrestocks, 3);
+    assert_false(restock(f, SKU, "K")->is_new); /* read: nothing to insert */
+    assert_true(restock(f, SKU, "L")->is_new);
+    assert_true(restock(f, SKU2, "K")->is_new);
+    assert_int_equal(new_restocks(f), 2);
+
+    /* Only a repeat: the row is not touched at all. */
+    sp_batch_clear(f->b);
+    f->offset = 0;
+    stock_add_keyed(f, SKU, 5, "K");
+    begin_with_rows(f, 20, 9, -1);
+    assert_int_equal(f->r->nrestocks, 0); /* begin forgot the last batch's */
+    assert_int_equal(sp_rules_add_restock(f->r, SKU, "K"), 0);
+    sp_rules_decide(f->r, f->b);
+    assert_int_equal(item(f, 0)->outcome, SP_ITEM_UNCHANGED);
+    assert_int_equal(sp_rules_find_sku(f->r, SKU)->stock, 20);
+    assert_int_equal(sp_rules_find_sku(f->r, SKU)->changes, 0);
+    assert_int_equal(new_restocks(f), 0);
+}
+
+/* A batch decided again after a rollback applies its restocks again (begin forgets the new ones);
+ * a keyed add for a SKU without a row stays a dead letter and does not count as applied. */
+static void test_restock_decided_again_and_dead(void **state) {
+    fixture *f = *state;
+    stock_add_keyed(f, SKU2, 4, "K"); /* 0: never opened yet: dead */
+    stock_set(f, SKU2, 1);            /* 1 */
+    stock_add_keyed(f, SKU2, 4, "K"); /* 2: now it applies */
+    for (int round = 0; round < 2; round++) {
+        decide(f);
+        assert_int_equal(item(f, 0)->outcome, SP_ITEM_DEAD);
+        assert_non_null(strstr(item(f, 0)->reason, "stock.add for sku 1002"));
+        assert_int_equal(item(f, 2)->effect, SP_EFFECT_RESTOCKED);
+        assert_int_equal(sp_rules_find_sku(f->r, SKU2)->stock, 5);
+        assert_int_equal(f->r->nrestocks, 1);
+        assert_int_equal(restock(f, SKU2, "K")->offset, 2);
+    }
+}
+
+/* The table holds cap pairs, as many as a batch can name. */
+static void test_restock_table_is_bounded(void **state) {
+    (void)state;
+    sp_rules *r = sp_rules_new(2);
+    sp_batch *b = sp_batch_new(2);
+    assert_non_null(r);
+    assert_non_null(b);
+    sp_rules_begin(r, b);
+    assert_int_equal(sp_rules_add_restock(r, SKU, "a"), 0);
+    assert_int_equal(sp_rules_add_restock(r, SKU2, "a"), 0);
+    assert_int_equal(sp_rules_add_restock(r, SKU, "a"), 0); /* known: takes no room */
+    assert_int_equal(sp_rules_add_restock(r, SKU, "b"), -1);
+    assert_int_equal(r->nrestocks, 2);
+    sp_batch_free(b);
+    sp_rules_free(r);
+}
+
 static void test_status_names(void **state) {
     (void)state;
     for (int st = SP_ORDER_PENDING; st <= SP_ORDER_CANCELLED; st++)
@@ -366,6 +542,10 @@ int main(void) {
         WITH_FIXTURE(test_dead_letters),
         WITH_FIXTURE(test_existing_rows_and_stale_items),
         WITH_FIXTURE(test_batch_boundaries_do_not_matter),
+        WITH_FIXTURE(test_restock_twice_in_one_batch),
+        WITH_FIXTURE(test_restock_twice_across_batches),
+        WITH_FIXTURE(test_restock_decided_again_and_dead),
+        cmocka_unit_test(test_restock_table_is_bounded),
         cmocka_unit_test(test_status_names),
         cmocka_unit_test(test_batch_is_bounded),
     };
