@@ -132,9 +132,10 @@ static const conf_opt conf_table[] = {
      "A reservation Kafka has not answered for this long is treated as lost and voided; must "
      "exceed KAFKA_MESSAGE_TIMEOUT_MS by at least 1000 (its age is measured on Redis's clock, "
      "whatever the hosts' clocks say)"},
-    {"idem-ttl-s", "IDEM_TTL_S", INT(idem_ttl_s), "86400", 60, 2592000, P, 0,
+    {"idem-ttl-s", "IDEM_TTL_S", INT(idem_ttl_s), "86400", 60, 2592000, P|R, 0,
      "How long an Idempotency-Key pins its order: a retry with the key meanwhile answers the "
-     "first order (in_progress while Kafka has not answered, then accepted)"},
+     "first order (in_progress while Kafka has not answered, then accepted); also how long "
+     "Redis remembers a restock's request id (set it alike on producers and reapers)"},
     {"idem-refusal-ttl-s", "IDEM_REFUSAL_TTL_S", INT(idem_refusal_ttl_s), "30", 0, 86400, P, 0,
      "How long an Idempotency-Key pins a sold_out or limit_exceeded answer; 0 pins none, so "
      "every retry is decided afresh (a buyer retrying after a restock may get a unit)"},

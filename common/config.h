@@ -31,9 +31,10 @@ typedef struct sp_config {
     char payment_token[256];
     char log_level[16];
     int kafka_message_timeout_ms;
-    int kafka_linger_ms;          /* producer, reaper: librdkafka linger.ms */
-    int clock_skew_max_ms;        /* producer, reaper: bound on the offset from Redis's clock */
-    int idem_ttl_s;               /* producer: how long an Idempotency-Key pins an order */
+    int kafka_linger_ms;   /* producer, reaper: librdkafka linger.ms */
+    int clock_skew_max_ms; /* producer, reaper: bound on the offset from Redis's clock */
+    int idem_ttl_s; /* producer, reaper: how long an Idempotency-Key (a restock's request id) pins
+                     */
     int idem_refusal_ttl_s;       /* producer: how long it pins sold_out / limit_exceeded */
     int order_rate_limit;         /* producer: orders/s this worker admits to Redis; 0 = no limit */
     int user_rate_limit;          /* producer: order requests/s one user may make; 0 = no limit */

@@ -38,12 +38,7 @@ static sp_redis_script script_reconcile_open = {.name = "reconcile_open",
 static sp_redis_script script_reconcile_stage = {.name = "reconcile_stage",
                                                  .body = sp_lua_reconcile_stage};
 
-int sp_idem_key_valid(const char *s) {
-    size_t n = 0;
-    for (; s[n]; n++)
-        if (s[n] <= ' ' || s[n] > '~' || n >= SP_IDEM_KEY_MAX) return 0;
-    return n > 0;
-}
+int sp_idem_key_valid(const char *s) { return sp_request_id_valid(s); }
 
 void sp_stock_key(char *buf, int64_t sku_id, const char *suffix) {
     snprintf(buf, SP_STOCK_KEY_MAX, "{sku:%" PRId64 "}:%s", sku_id, suffix);
@@ -96,10 +91,35 @@ void sp_stock_unclaim_call(sp_script_call *call, int64_t sku_id, const char *tok
     sp_script_call_arg(call, "%s", token);
 }
 
-void sp_stock_restock_call(sp_script_call *call, int64_t sku_id, int64_t add) {
-    sp_script_call_init(call, &script_restock, 1);
+static int32_t idem_ttl_s = SP_IDEM_TTL_S, idem_refusal_ttl_s = SP_IDEM_REFUSAL_TTL_S;
+
+void sp_stock_restock_call(sp_script_call *call, int64_t sku_id, int64_t add,
+                           const char *request_id) {
+    sp_script_call_init(call, &script_restock, 2);
     key_arg(call, sku_id, "sale");
+    key_arg(call, sku_id, "restocks");
     sp_script_call_arg(call, "%" PRId64, add);
+    sp_script_call_arg(call, "%s", request_id);
+    sp_script_call_arg(call, "%" PRId64, (int64_t)idem_ttl_s * 1000);
+}
+
+int sp_stock_restock_parse(const redisReply *r, sp_restock_status *status, int64_t *stock,
+                           char *errbuf, size_t errlen) {
+    if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements < 1 ||
+        r->element[0]->type != REDIS_REPLY_INTEGER) {
+        snprintf(errbuf, errlen, "restock: %s",
+                 r && r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+        return -1;
+    }
+    long long st = r->element[0]->integer;
+    if (st < SP_RESTOCK_PAUSED || st > SP_RESTOCK_APPLIED ||
+        (st >= 0 && (r->elements < 2 || r->element[1]->type != REDIS_REPLY_INTEGER))) {
+        snprintf(errbuf, errlen, "restock: unexpected reply");
+        return -1;
+    }
+    *status = (sp_restock_status)st;
+    *stock = st >= 0 ? r->element[1]->integer : -1;
+    return 0;
 }
 
 /* The request's idempotency key name, or "" without one. */
@@ -110,8 +130,6 @@ static void idem_arg(sp_script_call *call, const sp_reserve_request *req) {
     else
         sp_script_call_arg(call, "%s", "");
 }
-
-static int32_t idem_ttl_s = SP_IDEM_TTL_S, idem_refusal_ttl_s = SP_IDEM_REFUSAL_TTL_S;
 
 void sp_stock_idem_ttls(int32_t ttl_s, int32_t refusal_ttl_s) {
     idem_ttl_s = ttl_s;
@@ -359,14 +377,15 @@ int sp_stock_open(redisContext *c, int64_t sku_id, int64_t stock, int32_t per_us
     return 0;
 }
 
-int sp_stock_restock(redisContext *c, int64_t sku_id, int64_t add, int64_t *stock, char *errbuf,
-                     size_t errlen) {
+int sp_stock_restock(redisContext *c, int64_t sku_id, int64_t add, const char *request_id,
+                     sp_restock_status *status, int64_t *stock, char *errbuf, size_t errlen) {
     sp_script_call call;
-    long long v;
-    sp_stock_restock_call(&call, sku_id, add);
-    if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
-    *stock = v;
-    return 0;
+    sp_stock_restock_call(&call, sku_id, add, request_id);
+    redisReply *r = sp_redis_call(c, &call, errbuf, errlen);
+    if (r == NULL) return -1;
+    int rc = sp_stock_restock_parse(r, status, stock, errbuf, errlen);
+    freeReplyObject(r);
+    return rc;
 }
 
 int sp_stock_reserve(redisContext *c, const sp_reserve_request *req, sp_reserve_result *res,
@@ -705,8 +724,8 @@ int sp_stock_reconcile_stage(redisContext *c, int64_t sku_id, const char *token,
     enum { PAIRS = 250 }; /* 3 keys + 2 + 2 * 250 arguments: within SP_REDIS_SCRIPT_ARGV_MAX */
     _Static_assert(3 + 2 + 2 * PAIRS <= SP_REDIS_SCRIPT_ARGV_MAX, "a stage call must be sendable");
     static const char *const target[] = {"users_rebuild", "users_rebuild", "resv_staged",
-                                         "returned"};
-    static const char *const op[] = {"clear", "hset", "hset", "hsetnx"};
+                                         "returned", "restocks"};
+    static const char *const op[] = {"clear", "hset", "hset", "hsetnx", "hsetnx"};
     char key1[SP_STOCK_KEY_MAX], key2[SP_STOCK_KEY_MAX], key3[SP_STOCK_KEY_MAX];
     const char *argv[3 + 2 + 2 * PAIRS];
     size_t argvlen[3 + 2 + 2 * PAIRS];

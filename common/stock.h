@@ -27,13 +27,14 @@
 #include "event.h"
 #include "redis_store.h"
 
-#define SP_IDEM_KEY_MAX       64 /* bytes of an Idempotency-Key: printable ASCII, no blanks */
+#define SP_IDEM_KEY_MAX       SP_REQUEST_ID_MAX /* bytes of an Idempotency-Key (a request id) */
 #define SP_IDEM_TTL_S         (24 * 3600) /* default IDEM_TTL_S: how long a key pins an order */
 #define SP_IDEM_REFUSAL_TTL_S 30 /* default IDEM_REFUSAL_TTL_S: how long it pins a refusal */
 
 /* How long an Idempotency-Key pins its answer: ttl_s for an order (pending, then accepted),
  * refusal_ttl_s for sold_out and limit_exceeded (0: a refusal is not pinned, a retry is decided
- * afresh, e.g. after a restock). Process-wide; set once at start-up, before other threads run. */
+ * afresh, e.g. after a restock). ttl_s is also how long restock.lua remembers a restock's request
+ * id. Process-wide; set once at start-up, before other threads run. */
 void sp_stock_idem_ttls(int32_t ttl_s, int32_t refusal_ttl_s);
 
 typedef enum sp_reserve_outcome {
@@ -72,9 +73,22 @@ int sp_stock_open(redisContext *c, int64_t sku_id, int64_t stock, int32_t per_us
                   int32_t pay_timeout_s, int *opened, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 
-/* Adds units; *stock is the new stock, or -1 when the SKU is not open. */
-int sp_stock_restock(redisContext *c, int64_t sku_id, int64_t add, int64_t *stock, char *errbuf,
-                     size_t errlen) __attribute__((warn_unused_result));
+/* What restock.lua did with a request. */
+typedef enum sp_restock_status {
+    SP_RESTOCK_PAUSED = -2,  /* a reconcile has the sale paused: nothing added, try later */
+    SP_RESTOCK_NO_SALE = -1, /* the SKU is not open in Redis: nothing added */
+    SP_RESTOCK_SEEN = 0,     /* the request id was applied (or counted by a reconcile) before */
+    SP_RESTOCK_APPLIED = 1,  /* this call added the units */
+} sp_restock_status;
+
+/* Adds units once per (SKU, request id) (restock.lua); *stock is the sale's stock after the
+ * request's apply (-1 for PAUSED and NO_SALE). -1 with errbuf only when Redis failed. */
+int sp_stock_restock(redisContext *c, int64_t sku_id, int64_t add, const char *request_id,
+                     sp_restock_status *status, int64_t *stock, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
+/* Reads restock.lua's reply; -1 with errbuf for an error or a malformed reply. */
+int sp_stock_restock_parse(const redisReply *r, sp_restock_status *status, int64_t *stock,
+                           char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
 /* The atomic admission: sale open, idempotency key, per-user limit, stock >= qty, then decrement,
  * count the user's units and record the reservation. -1 with errbuf only when Redis failed (the
@@ -135,7 +149,8 @@ void sp_stock_claim_call(sp_script_call *call, int64_t sku_id, const char *token
 void sp_stock_open_call(sp_script_call *call, int64_t sku_id, int64_t stock, int32_t per_user_limit,
                         int32_t pay_timeout_s, const char *token);
 void sp_stock_unclaim_call(sp_script_call *call, int64_t sku_id, const char *token);
-void sp_stock_restock_call(sp_script_call *call, int64_t sku_id, int64_t add);
+void sp_stock_restock_call(sp_script_call *call, int64_t sku_id, int64_t add,
+                           const char *request_id);
 void sp_stock_reserve_call(sp_script_call *call, const sp_reserve_request *req);
 /* Kafka put req's order.created at partition/offset: the accepted entry keeps that position. */
 void sp_stock_confirm_call(sp_script_call *call, const sp_reserve_request *req, int32_t partition,
@@ -265,10 +280,11 @@ int sp_stock_reconcile_adjust(redisContext *c, int64_t sku_id, const char *token
 /* What a reconcile's snapshot writes into Redis (reconcile_stage.lua), each write only while the
  * sale is paused by its token. */
 typedef enum sp_stage_what {
-    SP_STAGE_CLEAR,   /* delete users_rebuild and resv_staged (n = 0) */
-    SP_STAGE_USERS,   /* users_rebuild: user -> units in pending and paid orders */
-    SP_STAGE_ENTRIES, /* resv_staged: order -> the resv entries the snapshot did not know */
-    SP_STAGE_MARKERS, /* returned: order -> ms, unless set: ledger rows the rebuild counts */
+    SP_STAGE_CLEAR,    /* delete users_rebuild and resv_staged (n = 0) */
+    SP_STAGE_USERS,    /* users_rebuild: user -> units in pending and paid orders */
+    SP_STAGE_ENTRIES,  /* resv_staged: order -> the resv entries the snapshot did not know */
+    SP_STAGE_MARKERS,  /* returned: order -> ms, unless set: ledger rows the rebuild counts */
+    SP_STAGE_RESTOCKS, /* restocks: request id -> "ms:", unless set: restocks the rebuild counts */
 } sp_stage_what;
 
 /* Writes n pairs (in as many calls as the script's argument bound needs). *owned is 0 when the

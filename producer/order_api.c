@@ -174,6 +174,7 @@ typedef struct call {
     sp_event ev;              /* the event to publish */
     sp_script_call script;    /* the Redis call under way, kept for a NOSCRIPT re-send */
     int resent;
+    int keyed;         /* CALL_RESTOCK: the request id is the caller's Idempotency-Key */
     struct call *next; /* in the api's confirm list */
     /* GET: what Redis said, kept for the PostgreSQL step */
     int redis_failed;  /* Redis could not be asked: a "not found" is not trusted */
@@ -517,7 +518,7 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
                 sp_stock_open_call(&c->script, c->ev.sku_id, c->ev.stock, c->ev.per_user_limit,
                                    c->ev.pay_timeout_s, c->order.order_id);
             else
-                sp_stock_restock_call(&c->script, c->ev.sku_id, c->ev.stock);
+                sp_stock_restock_call(&c->script, c->ev.sku_id, c->ev.stock, c->ev.request_id);
             if (redis_send(c, on_sale_written) != 0) call_free(c);
             return;
         case CALL_PAY:
@@ -861,24 +862,52 @@ done:
 
 /* ---- admin: POST /v1/skus, POST /v1/skus/{id}/restock, GET /v1/skus/{id} ---- */
 
+/* A restock's answer from restock.lua's reply: 200 with the stock once its units are in Redis
+ * (added now, or before under the same request id); 503 otherwise (the stock.add is in the log,
+ * so PostgreSQL gets it, and the reaper gives Redis what it missed; a retry with the same
+ * Idempotency-Key adds nothing more). */
+static void answer_restock(call *c, const redisReply *reply) {
+    sp_restock_status st;
+    int64_t stock;
+    char err[256], body[200];
+    if (sp_stock_restock_parse(reply, &st, &stock, err, sizeof(err)) != 0) {
+        sp_warn("sku %" PRId64 ": redis not updated after the stock.add was logged: %s",
+                c->ev.sku_id, err);
+        return; /* 503 */
+    }
+    if (st == SP_RESTOCK_PAUSED || st == SP_RESTOCK_NO_SALE) {
+        if (c->req != NULL)
+            evhttp_add_header(evhttp_request_get_output_headers(c->req), "Retry-After", "2");
+        answer_error(c, 503, "recovering",
+                     "the sale is being rebuilt in Redis; the restock is logged and will be "
+                     "applied: retry with the same Idempotency-Key",
+                     &m_unavailable);
+        return;
+    }
+    soldout_set(c->api, c->ev.sku_id, 0);
+    snprintf(body, sizeof(body), "{\"sku_id\":%" PRId64 ",\"available\":%" PRId64 "}", c->ev.sku_id,
+             stock);
+    answer(c, 200, body, &m_admin_ok);
+}
+
 /* Kafka has the stock.set / stock.add; Redis now says what the sale holds. */
 static void on_sale_written(redisAsyncContext *ac, void *reply, void *data) {
     call *c = data;
     long long v;
     char err[256], body[200];
     if (!redis_reply_usable(c, ac, reply, on_sale_written)) return;
-    if (sp_stock_integer_parse(reply, c->script.script->name, &v, err, sizeof(err)) != 0 ||
-        (c->kind == CALL_RESTOCK && v < 0)) {
+    if (c->kind == CALL_RESTOCK) {
+        answer_restock(c, reply);
+    } else if (sp_stock_integer_parse(reply, c->script.script->name, &v, err, sizeof(err)) != 0) {
         /* The event is in the log, so PostgreSQL gets it; Redis lags until reconcile. */
         sp_warn("sku %" PRId64 ": redis not updated after the event was logged: %s", c->ev.sku_id,
                 err);
-    } else if (c->kind == CALL_OPEN && v == 0) {
+    } else if (v == 0) {
         answer_error(c, 409, "exists", NULL, &m_admin_ok);
     } else {
-        if (c->kind == CALL_RESTOCK) soldout_set(c->api, c->ev.sku_id, 0);
-        snprintf(body, sizeof(body), "{\"sku_id\":%" PRId64 ",\"available\":%lld}", c->ev.sku_id,
-                 c->kind == CALL_OPEN ? (long long)c->ev.stock : v);
-        answer(c, c->kind == CALL_OPEN ? 201 : 200, body, &m_admin_ok);
+        snprintf(body, sizeof(body), "{\"sku_id\":%" PRId64 ",\"available\":%" PRId64 "}",
+                 c->ev.sku_id, c->ev.stock);
+        answer(c, 201, body, &m_admin_ok);
     }
     call_free(c);
 }
@@ -942,7 +971,29 @@ static void on_open_inventory(const PGresult *res, const char *err, void *arg) {
     if (redis_send(c, on_sale_claimed) != 0) call_free(c);
 }
 
-/* The SKU's sale exists or not; decides whether a restock goes on to Kafka. */
+/* A restock whose request id Redis has counted already (an admin's retry with the same
+ * Idempotency-Key) publishes nothing more: restock.lua answers the first outcome. One it has not
+ * goes on to Kafka (if the first attempt's stock.add is in the log, the consumer applies the
+ * request id once; restock.lua adds it to Redis once, whoever runs it first). */
+static void on_restock_seen(redisAsyncContext *ac, void *reply, void *data) {
+    call *c = data;
+    redisReply *r = reply;
+    if (!redis_reply_usable(c, ac, r, on_restock_seen)) return;
+    if (r == NULL || (r->type != REDIS_REPLY_STRING && r->type != REDIS_REPLY_NIL)) {
+        call_free(c);
+        return;
+    }
+    if (r->type == REDIS_REPLY_STRING) {
+        sp_stock_restock_call(&c->script, c->ev.sku_id, c->ev.stock, c->ev.request_id);
+        if (redis_send(c, on_sale_written) == 0) return;
+    } else if (publish(c) == 0) {
+        return; /* the delivery report goes on */
+    }
+    call_free(c);
+}
+
+/* The SKU's sale exists or not; decides whether a restock goes on (to its request id's check
+ * when the call has an Idempotency-Key, else to Kafka). */
 static void on_sale_exists(redisAsyncContext *ac, void *reply, void *data) {
     call *c = data;
     redisReply *r = reply;
@@ -953,6 +1004,11 @@ static void on_sale_exists(redisAsyncContext *ac, void *reply, void *data) {
     }
     if (r->integer == 0) {
         answer_error(c, 404, "unknown_sku", NULL, &m_unknown_sku);
+    } else if (c->keyed) {
+        char cmd[SP_STOCK_KEY_MAX + 16], key[SP_STOCK_KEY_MAX];
+        sp_stock_key(key, c->ev.sku_id, "restocks");
+        snprintf(cmd, sizeof(cmd), "HGET %s %%s", key);
+        if (redis_command(c, on_restock_seen, cmd, c->ev.request_id) == 0) return;
     } else if (publish(c) == 0) {
         return; /* the delivery report goes on */
     }
@@ -989,6 +1045,23 @@ static void post_sale_change(sp_order_api *api, struct evhttp_request *req, call
                        .stock = stock,
                        .per_user_limit = (int32_t)limit,
                        .pay_timeout_s = (int32_t)timeout};
+    if (kind == CALL_RESTOCK) {
+        /* The request id: the Idempotency-Key, or a fresh id (a call without a key is a new
+         * restock each time; its id still lets the reaper give Redis a restock it missed). */
+        const char *idem = evhttp_find_header(evhttp_request_get_input_headers(req),
+                                              "Idempotency-Key");
+        if (idem != NULL && !sp_request_id_valid(idem)) {
+            answer_error(c, 400, "invalid_request",
+                         "Idempotency-Key must be 1..64 printable ASCII characters without blanks",
+                         &m_invalid);
+            goto done;
+        }
+        c->keyed = idem != NULL;
+        if (idem)
+            snprintf(c->ev.request_id, sizeof(c->ev.request_id), "%s", idem);
+        else
+            sp_order_id_next(&api->ids, sp_clock_wall_ms(), sku, c->ev.request_id);
+    }
     if (kind == CALL_OPEN) {
         char sku_text[24];
         snprintf(sku_text, sizeof(sku_text), "%" PRId64, sku);

@@ -19,6 +19,8 @@
 #include "reaper_ctx.h"
 #include "reaper_requests.h"
 #include "reconcile.h"
+#include "restock_catchup.h"
+#include "stock.h"
 #include "resv_sweep.h"
 #include "signals.h"
 #include "stock_return.h"
@@ -96,6 +98,7 @@ static void register_metrics(void) {
     sp_expiry_register_metrics();
     sp_stock_return_register_metrics();
     sp_resv_sweep_register_metrics();
+    sp_restock_catchup_register_metrics();
     sp_reconcile_register_metrics();
     sp_clock_skew_register_metrics();
 }
@@ -157,11 +160,14 @@ static int sweep(sp_reaper *rp, int resv_due) {
     if (!checked || !rp->seen.known) {
         sp_debug("redis not confirmed yet: the ledger drain and the reservation sweep wait");
         resv_due = 0;
-    } else if (!sp_signal_stop_requested() &&
-               sp_stock_return_drain(rp, budget, &n, err, sizeof(err)) != 0) {
-        sp_warn("ledger drain failed: %s", err);
-    } else if (n > 0) {
-        sp_info("ledger: %zu rows given back to Redis", n);
+    } else {
+        if (!sp_signal_stop_requested() &&
+            sp_stock_return_drain(rp, budget, &n, err, sizeof(err)) != 0)
+            sp_warn("ledger drain failed: %s", err);
+        else if (n > 0)
+            sp_info("ledger: %zu rows given back to Redis", n);
+        if (!sp_signal_stop_requested() && sp_restock_catchup(rp, &n, err, sizeof(err)) != 0)
+            sp_warn("restock catch-up failed: %s", err);
     }
     if (resv_due && !sp_signal_stop_requested()) {
         sp_resv_sweep_stats st;
@@ -277,6 +283,7 @@ int sp_reaper_run(const sp_config *cfg, const sp_reaper_opts *opts) {
         return 2;
     }
     register_metrics();
+    sp_stock_idem_ttls(cfg->idem_ttl_s, cfg->idem_refusal_ttl_s); /* restock.lua's memory */
     if (sp_reaper_init(&rp, cfg, 1, err, sizeof(err)) != 0) {
         sp_error("cannot start: %s", err);
         return 2;

@@ -289,6 +289,48 @@ out:
     return rc;
 }
 
+/* The request id of each restock the snapshot counts that Redis may be asked to add again (inside
+ * the snapshot): those not yet stamped as given to Redis (the catch-up would add them) and those
+ * within IDEM_TTL_S (an admin's retry with the same Idempotency-Key would): restock.lua finds the
+ * mark and adds nothing. */
+static int mark_restocks(sp_reaper *rp, int64_t sku_id, const char *token, char *errbuf,
+                         size_t errlen) {
+    char sku[24], limit[24], ttl[24], mark[32];
+    char last[SP_REQUEST_ID_MAX + 1] = "";
+    const char **ids = malloc(2 * LEDGER_PAGE * sizeof(*ids));
+    const char **marks = ids + LEDGER_PAGE;
+    int rc = -1;
+    if (ids == NULL) {
+        snprintf(errbuf, errlen, "out of memory");
+        return -1;
+    }
+    snprintf(mark, sizeof(mark), "%" PRId64 ":", sp_clock_wall_ms());
+    for (;;) {
+        const char *params[] = {sp_reaper_i64(sku, sku_id), last, sp_reaper_i64(limit, LEDGER_PAGE),
+                                sp_reaper_i64(ttl, rp->cfg->idem_ttl_s)};
+        PGresult *res = sp_pg_query(
+            rp->pg,
+            "SELECT request_id FROM restocks WHERE sku_id = $1::bigint AND request_id > $2"
+            "   AND (applied_to_redis_at IS NULL"
+            "        OR created_at > now() - make_interval(secs => $4::bigint))"
+            " ORDER BY request_id LIMIT $3::int",
+            4, params, errbuf, errlen);
+        if (res == NULL) goto out;
+        int n = PQntuples(res);
+        for (int i = 0; i < n; i++) ids[i] = PQgetvalue(res, i, 0), marks[i] = mark;
+        int failed = n > 0 && stage_write(rp, sku_id, token, SP_STAGE_RESTOCKS, ids, marks,
+                                          (size_t)n, errbuf, errlen) != 0;
+        if (n > 0) snprintf(last, sizeof(last), "%s", PQgetvalue(res, n - 1, 0));
+        PQclear(res);
+        if (failed) goto out;
+        if (n < LEDGER_PAGE) break;
+    }
+    rc = 0;
+out:
+    free(ids);
+    return rc;
+}
+
 /* Splits n entries (field, value pairs of an HSCAN reply) of resv: entries the snapshot knows are
  * dropped, the others staged. */
 static int stage_entries(sp_reaper *rp, int64_t sku_id, redisReply *const *kv, size_t n,
@@ -401,6 +443,7 @@ static int stage(sp_reaper *rp, int64_t sku_id, const char *token, inv_row *snap
     if (stage_write(rp, sku_id, token, SP_STAGE_CLEAR, NULL, NULL, 0, errbuf, errlen) != 0 ||
         stage_users(rp, sku_id, token, errbuf, errlen) != 0 ||
         mark_ledger(rp, sku_id, token, errbuf, errlen) != 0 ||
+        mark_restocks(rp, sku_id, token, errbuf, errlen) != 0 ||
         stage_resv(rp, sku_id, token, errbuf, errlen) != 0)
         goto fail;
     if (sp_pg_exec(rp->pg, "COMMIT", 0, NULL, errbuf, errlen) != 0) goto fail;

@@ -37,7 +37,8 @@ for i = 1, #st, 2 do
         out[#out + 1] = qty or '0'
     end
 end
--- Restocks Redis applied during the pause that the snapshot does not hold yet, as in cap.lua.
+-- Restocks Redis applied during the pause that the snapshot does not hold yet, as in cap.lua
+-- (restock.lua refuses a paused sale, so only a producer of an older release adds any).
 local pg_stock, pg_supplied = tonumber(ARGV[2]), tonumber(ARGV[3])
 local supplied = tonumber(s[2] or ARGV[3])
 local unseen = supplied - pg_supplied

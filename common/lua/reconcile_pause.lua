@@ -7,7 +7,8 @@
 -- give_back.lua leaves a paused sale alone and reconcile_apply.lua only finishes the reconcile
 -- that owns the token. The other fields come from PostgreSQL, so a sale Redis lost comes back
 -- whole (closed until the rebuild), never as a partial hash. `supplied` restarts from
--- PostgreSQL's: restocks applied to Redis from here on are the ones the rebuild adds back.
+-- PostgreSQL's. restock.lua adds nothing to a paused sale: a restock is counted by the rebuild
+-- (in its snapshot, its request id marked in {sku:ID}:restocks) or applied after it reopens.
 redis.call('HSET', KEYS[1], 'stock', 0, 'limit', ARGV[2], 'pay_timeout_s', ARGV[3],
            'supplied', ARGV[4], 'paused', ARGV[1])
 return 1

@@ -1,11 +1,12 @@
 -- reconcile_stage.lua - what a reconcile's snapshot writes into Redis before its rebuild, written
 -- only for the reconcile that owns the sale.
--- KEYS[1] {sku:ID}:sale  KEYS[2] the key written: {sku:ID}:users_rebuild, {sku:ID}:resv_staged or
---         {sku:ID}:returned  KEYS[3] (clear only) {sku:ID}:resv_staged
+-- KEYS[1] {sku:ID}:sale  KEYS[2] the key written: {sku:ID}:users_rebuild, {sku:ID}:resv_staged,
+--         {sku:ID}:returned or {sku:ID}:restocks  KEYS[3] (clear only) {sku:ID}:resv_staged
 -- ARGV    token, op, then field, value pairs:
 --           clear   deletes KEYS[2] and KEYS[3] (the staging keys of an earlier reconcile)
 --           hset    HSET KEYS[2] field value... (per-user units; staged resv entries)
---           hsetnx  HSETNX KEYS[2] field value... (ledger markers: the rebuild counts these rows)
+--           hsetnx  HSETNX KEYS[2] field value... (ledger markers and restock request ids: the
+--                   rebuild counts these rows, so give_back.lua and restock.lua add nothing more)
 -- Returns the number of pairs written (0 for clear), or -1 when the sale is not paused by this
 -- token (nothing written then).
 --

@@ -32,8 +32,8 @@ static redisContext *connect_redis(void) {
 /* A SKU of its own for each test, its keys deleted before use. */
 static int64_t fresh_sku(redisContext *c, int n) {
     int64_t sku = sku_base + n;
-    const char *suffixes[] = {"sale", "users", "resv"};
-    for (size_t i = 0; i < 3; i++) {
+    const char *suffixes[] = {"sale", "users", "resv", "restocks"};
+    for (size_t i = 0; i < 4; i++) {
         char key[SP_STOCK_KEY_MAX];
         sp_stock_key(key, sku, suffixes[i]);
         freeReplyObject(redisCommand(c, "DEL %s", key));
@@ -92,11 +92,39 @@ static void test_open_once_and_restock(void **state) {
     assert_int_equal(sp_stock_available(c, sku, &stock, err, sizeof(err)), 0);
     assert_int_equal(stock, 10);
     assert_int_equal(sale_hget_int(c, sku, "sale", "limit"), 1);
-    assert_int_equal(sp_stock_restock(c, sku, 5, &stock, err, sizeof(err)), 0);
+    sp_restock_status st;
+    assert_int_equal(sp_stock_restock(c, sku, 5, "rs-1", &st, &stock, err, sizeof(err)), 0);
+    assert_int_equal(st, SP_RESTOCK_APPLIED);
     assert_int_equal(stock, 15);
+    /* The same request id again (an admin's retry; the reaper catching up): nothing more, and
+     * the first apply's stock; another id adds. */
+    assert_int_equal(sp_stock_restock(c, sku, 5, "rs-1", &st, &stock, err, sizeof(err)), 0);
+    assert_int_equal(st, SP_RESTOCK_SEEN);
+    assert_int_equal(stock, 15);
+    assert_int_equal(sale_hget_int(c, sku, "sale", "supplied"), 15);
+    assert_int_equal(sp_stock_restock(c, sku, 2, "rs-2", &st, &stock, err, sizeof(err)), 0);
+    assert_int_equal(st, SP_RESTOCK_APPLIED);
+    assert_int_equal(stock, 17);
+    assert_int_equal(sp_stock_restock(c, sku, 5, "rs-1", &st, &stock, err, sizeof(err)), 0);
+    assert_int_equal(st, SP_RESTOCK_SEEN);
+    assert_int_equal(stock, 15);
+    assert_int_equal(sale_hget_int(c, sku, "sale", "stock"), 17);
+    /* A paused sale (a reconcile rebuilds it) takes no restock. */
+    freeReplyObject(redisCommand(c, "HSET {sku:%" PRId64 "}:sale paused tok", sku));
+    assert_int_equal(sp_stock_restock(c, sku, 5, "rs-3", &st, &stock, err, sizeof(err)), 0);
+    assert_int_equal(st, SP_RESTOCK_PAUSED);
+    assert_int_equal(sale_hget_int(c, sku, "sale", "stock"), 17);
+    freeReplyObject(redisCommand(c, "HDEL {sku:%" PRId64 "}:sale paused", sku));
+    /* Ids older than IDEM_TTL_S are forgotten on the next apply (the hash stays bounded). */
+    freeReplyObject(redisCommand(c, "HSET {sku:%" PRId64 "}:restocks old 1000:7", sku));
+    assert_int_equal(sp_stock_restock(c, sku, 1, "rs-4", &st, &stock, err, sizeof(err)), 0);
+    assert_int_equal(st, SP_RESTOCK_APPLIED);
+    redisReply *n = redisCommand(c, "HLEN {sku:%" PRId64 "}:restocks", sku);
+    assert_int_equal(n->integer, 3); /* rs-1, rs-2, rs-4 */
+    freeReplyObject(n);
     int64_t other = fresh_sku(c, 2);
-    assert_int_equal(sp_stock_restock(c, other, 5, &stock, err, sizeof(err)), 0);
-    assert_int_equal(stock, -1); /* not open: nothing created */
+    assert_int_equal(sp_stock_restock(c, other, 5, "rs-5", &st, &stock, err, sizeof(err)), 0);
+    assert_int_equal(st, SP_RESTOCK_NO_SALE); /* not open: nothing created */
     assert_int_equal(sp_stock_available(c, other, &stock, err, sizeof(err)), 0);
     assert_int_equal(stock, -1);
     redisFree(c);
@@ -321,7 +349,8 @@ static void test_cap_only_lowers(void **state) {
     assert_int_equal(removed, 0);
     assert_int_equal(sale_hget_int(c, sku, "sale", "stock"), 6);
     /* A restock Redis has and PostgreSQL has not applied yet is not taken away. */
-    assert_int_equal(sp_stock_restock(c, sku, 50, &stock, err, sizeof(err)), 0);
+    sp_restock_status st;
+    assert_int_equal(sp_stock_restock(c, sku, 50, "cap-1", &st, &stock, err, sizeof(err)), 0);
     assert_int_equal(sale_hget_int(c, sku, "sale", "supplied"), 60);
     assert_int_equal(sp_stock_cap(c, sku, 6, 10, &removed, err, sizeof(err)), 0);
     assert_int_equal(removed, 0);
@@ -601,7 +630,8 @@ static void test_idem_ttls(void **state) {
     sp_stock_idem_ttls(86400, 0);
     assert_int_equal(reserve(c, sku, 52, 2, "t-3", "key-V").outcome, SP_RESERVE_SOLD_OUT);
     assert_int_equal(idem_ttl(c, sku, 52, "key-V"), -2); /* no key */
-    assert_int_equal(sp_stock_restock(c, sku, 5, &stock, err, sizeof(err)), 0);
+    sp_restock_status st;
+    assert_int_equal(sp_stock_restock(c, sku, 5, "ttl-1", &st, &stock, err, sizeof(err)), 0);
     sp_reserve_result r = reserve(c, sku, 52, 2, "t-4", "key-V");
     assert_int_equal(r.outcome, SP_RESERVE_OK);
     assert_string_equal(r.order_id, "t-4");

@@ -351,7 +351,7 @@ static inline redisContext *redis_connect_env(void) {
 static inline void forget_skus(int64_t first, int n) {
     redisContext *rc = redis_connect_env();
     if (rc == NULL) return;
-    const char *suffixes[] = {"sale", "opening", "users", "resv", "returned"};
+    const char *suffixes[] = {"sale", "opening", "users", "resv", "returned", "restocks"};
     char key[SP_STOCK_KEY_MAX];
     for (int s = 0; s < n; s++)
         for (size_t i = 0; i < sizeof(suffixes) / sizeof(suffixes[0]); i++) {

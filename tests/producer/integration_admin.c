@@ -11,6 +11,15 @@
  * 202; an order closed before the payment (expired) is 409 order_closed, and the payment is still
  * recorded (refund_due). Before, every well-formed id was answered 202.
  *
+ * Restocks (issue 15, hole 2): a restock publishes its stock.add, then adds the units in Redis.
+ * With Redis's writes paused in between (CLIENT PAUSE WRITE, longer than the producer waits for a
+ * reply), the call answers 503 though the event is logged. A retry with the same Idempotency-Key
+ * answers 200 and adds nothing more, in either store; and without a retry, the reaper gives Redis
+ * the restock it missed. Before, the retry restocked PostgreSQL twice (stock 20 for a sale of 10
+ * restocked by 5) and Redis stayed at 15; without the retry Redis stayed at 10 for good. A sale
+ * Redis lost and a reconcile rebuilt from PostgreSQL counts the restock once: a retry with its key
+ * afterwards adds nothing (the rebuild marks the request ids it counted).
+ *
  * The run has its own topics, consumer group and PostgreSQL database (created and migrated here,
  * dropped at the end) and fresh SKU ids on the stack's Redis. It runs bin/{producer,consumer}, or
  * bin/asan/... when built with AddressSanitizer. Needs var/stack.env loaded and the repository root
@@ -36,7 +45,7 @@
 
 #define WAIT_S     120 /* generous: a shared, loaded machine; ASan builds */
 #define PARTITIONS 2
-#define NTESTS     3
+#define NTESTS     6
 #define ADMIN      "test-admin-token"
 #define PAYMENT    "test-payment-token"
 #define RACES      12 /* racing pairs of opens, one SKU each */
@@ -222,6 +231,144 @@ static void test_payments_name_their_order(void **state) {
     g.npassed++;
 }
 
+/* ---- restocks ---- */
+
+static int64_t redis_sale(int64_t sku, const char *field) {
+    redisContext *c = redis_connect_env();
+    if (c == NULL) return -1;
+    int64_t v = sale_hget_int(c, sku, "sale", field);
+    redisFree(c);
+    return v;
+}
+
+/* Opens sku with 10 units and waits until PostgreSQL has the sale. */
+static void open_ten(int64_t sku) {
+    char body[200], resp[512];
+    snprintf(body, sizeof(body),
+             "{\"sku_id\":%" PRId64 ",\"stock\":10,\"per_user_limit\":0,\"pay_timeout_s\":600}",
+             sku);
+    int code = http(g.producers[0].port, "POST", "/v1/skus", ADMIN, NULL, body, resp, sizeof(resp));
+    if (code != 201) fail_msg("open: %d %s", code, resp);
+    WAIT_FOR(value("SELECT count(*) FROM inventory WHERE sku_id = $1::bigint", sku) == 1,
+             "sku %" PRId64 " never reached PostgreSQL", sku);
+}
+
+/* A restock of 5 with key, sent while Redis takes no writes for 4 s: Kafka takes the stock.add,
+ * restock.lua waits, and the producer gives the connection up after 2 s (503). */
+static void restock_during_write_pause(int64_t sku, const char *key) {
+    char path[64], resp[512];
+    redisContext *c = redis_connect_env();
+    assert_non_null(c);
+    redisReply *r = redisCommand(c, "CLIENT PAUSE 4000 WRITE");
+    assert_true(r != NULL && r->type == REDIS_REPLY_STATUS);
+    freeReplyObject(r);
+    redisFree(c);
+    int64_t paused_at = sp_clock_mono_ms();
+    snprintf(path, sizeof(path), "/v1/skus/%" PRId64 "/restock", sku);
+    int code = http(g.producers[0].port, "POST", path, ADMIN, key, "{\"add\":5}", resp,
+                    sizeof(resp));
+    if (code != 503) fail_msg("restock during the pause: %d %s (want 503)", code, resp);
+    int64_t left = paused_at + 4300 - sp_clock_mono_ms();
+    if (left > 0) sleep_ms((int)left);
+}
+
+/* The sale ends at 15 in both stores, the request recorded once and stamped given to Redis. */
+static void expect_restocked_once(int64_t sku, const char *key) {
+    char text[24];
+    snprintf(text, sizeof(text), "%" PRId64, sku);
+    const char *params[] = {text, key};
+    /* Everything in the log is applied (a second stock.add included, if one was published). */
+    int64_t end = topic_end(g.topic, PARTITIONS);
+    const char *topic[] = {g.topic};
+    WAIT_FOR(query_int(g.dsn, "SELECT sum(next_offset) FROM consumer_offsets WHERE topic = $1", 1,
+                       topic) == end,
+             "the consumer never stored the log up to its end (%" PRId64 ")", end);
+    WAIT_FOR(redis_sale(sku, "stock") == 15 &&
+                 value("SELECT supplied FROM inventory WHERE sku_id = $1::bigint", sku) >= 15,
+             "Redis stock %" PRId64 ", PostgreSQL supplied %" PRId64 "; want 15 and 15",
+             redis_sale(sku, "stock"),
+             value("SELECT supplied FROM inventory WHERE sku_id = $1::bigint", sku));
+    assert_int_equal(value("SELECT stock FROM inventory WHERE sku_id = $1::bigint", sku), 15);
+    assert_int_equal(value("SELECT supplied FROM inventory WHERE sku_id = $1::bigint", sku), 15);
+    assert_int_equal(redis_sale(sku, "supplied"), 15);
+    WAIT_FOR(query_int(g.dsn,
+                       "SELECT count(*) FROM restocks WHERE sku_id = $1::bigint AND request_id = $2"
+                       "   AND applied_to_redis_at IS NOT NULL",
+                       2, params) == 1,
+             "the restock %s of sku %" PRId64 " was never stamped given to Redis", key, sku);
+    assert_int_equal(value("SELECT count(*) FROM restocks WHERE sku_id = $1::bigint", sku), 1);
+}
+
+static void test_restock_retry_applies_once(void **state) {
+    (void)state;
+    int64_t sku = g.sku_base + RACES + 1;
+    char path[64], resp[512];
+    open_ten(sku);
+    restock_during_write_pause(sku, "restock-retry-1");
+    snprintf(path, sizeof(path), "/v1/skus/%" PRId64 "/restock", sku);
+    int code = http(g.producers[1].port, "POST", path, ADMIN, "restock-retry-1", "{\"add\":5}",
+                    resp, sizeof(resp));
+    if (code != 200 || strstr(resp, "\"available\":15") == NULL)
+        fail_msg("the retry: %d %s (want 200, available 15)", code, resp);
+    /* Once more, when everything has settled: the first outcome again, nothing added. */
+    expect_restocked_once(sku, "restock-retry-1");
+    code = http(g.producers[0].port, "POST", path, ADMIN, "restock-retry-1", "{\"add\":5}", resp,
+                sizeof(resp));
+    if (code != 200 || strstr(resp, "\"available\":15") == NULL)
+        fail_msg("a late retry: %d %s (want 200, available 15)", code, resp);
+    sleep_ms(1000);
+    expect_restocked_once(sku, "restock-retry-1");
+    /* A bad key is refused before anything happens. */
+    code = http(g.producers[0].port, "POST", path, ADMIN, "has blank", "{\"add\":5}", resp,
+                sizeof(resp));
+    assert_int_equal(code, 400);
+    g.npassed++;
+}
+
+static void test_reaper_gives_redis_a_missed_restock(void **state) {
+    (void)state;
+    int64_t sku = g.sku_base + RACES + 2;
+    open_ten(sku);
+    restock_during_write_pause(sku, "restock-missed-1");
+    /* No retry: the event is in the log, PostgreSQL applies it, the reaper catches Redis up. */
+    expect_restocked_once(sku, "restock-missed-1");
+    if (metric(g.reaper.port, "stockpipe_reaper_restocks_caught_up_total") < 1)
+        fail_msg("the reaper's catch-up counted nothing");
+    g.npassed++;
+}
+
+/* Redis loses the sale after a restock; `reaper reconcile --sku` rebuilds it from PostgreSQL (which
+ * counts the restock); the admin's retry of the restock then adds nothing. */
+static void test_rebuilt_sale_counts_a_restock_once(void **state) {
+    (void)state;
+    int64_t sku = g.sku_base + RACES + 3;
+    char path[64], resp[512], log[256], dsn[1300], url[300], topic[200], flag[48];
+    open_ten(sku);
+    snprintf(path, sizeof(path), "/v1/skus/%" PRId64 "/restock", sku);
+    int code = http(g.producers[0].port, "POST", path, ADMIN, "restock-rebuilt-1", "{\"add\":5}",
+                    resp, sizeof(resp));
+    if (code != 200) fail_msg("restock: %d %s", code, resp);
+    expect_restocked_once(sku, "restock-rebuilt-1");
+    forget_skus(sku, 1); /* the sale, its restock ids and all: as a failover to an empty replica */
+    snprintf(log, sizeof(log), "%s/reaper-reconcile.log", g.tmp);
+    snprintf(dsn, sizeof(dsn), "PG_DSN=%s", g.dsn);
+    snprintf(url, sizeof(url), "REDIS_URL=%s", stack.redis_url);
+    snprintf(topic, sizeof(topic), "KAFKA_TOPIC=%s", g.topic);
+    snprintf(flag, sizeof(flag), "--sku=%" PRId64, sku);
+    const char *settings[] = {dsn, url, topic, "KAFKA_MESSAGE_TIMEOUT_MS=5000", NULL};
+    char *argv[] = {(char *)BIN "reaper", (char *)"reconcile", flag, NULL};
+    char out[512];
+    int rc = run(argv, settings, log, out, sizeof(out));
+    if (rc != 0) fail_msg("reaper reconcile exited %d: %s (log %s)", rc, out, log);
+    assert_int_equal(redis_sale(sku, "stock"), 15);
+    code = http(g.producers[1].port, "POST", path, ADMIN, "restock-rebuilt-1", "{\"add\":5}", resp,
+                sizeof(resp));
+    if (code != 200 || strstr(resp, "\"available\":15") == NULL)
+        fail_msg("the retry after the rebuild: %d %s (want 200, available 15)", code, resp);
+    expect_restocked_once(sku, "restock-rebuilt-1");
+    g.npassed++;
+}
+
 /* ---- set-up ---- */
 
 static int group_setup(void **state) {
@@ -241,7 +388,7 @@ static int group_teardown(void **state) {
     proc *all[] = {&g.producers[0], &g.producers[1], &g.consumer, &g.reaper};
     int clean = stop_all(all, sizeof(all) / sizeof(all[0]));
     kill_tracked();
-    forget_skus(g.sku_base, RACES + 1);
+    forget_skus(g.sku_base, RACES + 4);
     if (g.dsn[0]) drop_database(g.db);
     delete_run_topics(&stack);
     end_run(g.tmp, g.npassed == NTESTS && clean, "workers'");
@@ -254,6 +401,9 @@ int main(void) {
         cmocka_unit_test(test_start_the_workers),
         cmocka_unit_test(test_racing_opens_leave_one_sale),
         cmocka_unit_test(test_payments_name_their_order),
+        cmocka_unit_test(test_restock_retry_applies_once),
+        cmocka_unit_test(test_reaper_gives_redis_a_missed_restock),
+        cmocka_unit_test(test_rebuilt_sale_counts_a_restock_once),
     };
     return cmocka_run_group_tests_name("admin", tests, group_setup, group_teardown);
 }
