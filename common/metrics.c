@@ -45,6 +45,11 @@ static const char *kind_name(sp_metric_kind k) {
 /* Renders one series; the family header has been written already. */
 static void render_series(FILE *out, sp_metric *m) {
     const char *l = m->labels;
+    if (m->kind != SP_HISTOGRAM && m->scale != 0) {
+        fprintf(out, "%s%s%s%s %g\n", m->name, l ? "{" : "", l ? l : "", l ? "}" : "",
+                (double)sp_metric_get(m) * m->scale);
+        return;
+    }
     if (m->kind != SP_HISTOGRAM) {
         fprintf(out, "%s%s%s%s %lld\n", m->name, l ? "{" : "", l ? l : "", l ? "}" : "",
                 (long long)sp_metric_get(m));

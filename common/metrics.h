@@ -32,6 +32,9 @@ typedef struct sp_metric {
 /* clang-format off */
 #define SP_METRIC_COUNTER(n, h, l) {.name = (n), .help = (h), .labels = (l), .kind = SP_COUNTER}
 #define SP_METRIC_GAUGE(n, h, l)   {.name = (n), .help = (h), .labels = (l), .kind = SP_GAUGE}
+/* A gauge set in one unit and rendered multiplied by sc (e.g. ms set, seconds rendered: 1e-3). */
+#define SP_METRIC_GAUGE_SCALED(n, h, l, sc)                                                        \
+    {.name = (n), .help = (h), .labels = (l), .kind = SP_GAUGE, .scale = (sc)}
 #define SP_METRIC_HISTOGRAM(n, h, l, b, nb, sc)                                                    \
     {.name = (n), .help = (h), .labels = (l), .kind = SP_HISTOGRAM, .bounds = (b),                 \
      .nbounds = (nb), .scale = (sc)}

@@ -610,6 +610,44 @@ int sp_stock_reconcile_pause(redisContext *c, int64_t sku_id, const char *token,
     return run_integer(c, &call, &v, errbuf, errlen);
 }
 
+int sp_stock_reconcile_pause_many(redisContext *c, const sp_pause_sale *sales, size_t n,
+                                  const char *token, char *errbuf, size_t errlen) {
+    if (n == 0) return 0;
+    if (script_reconcile_pause.sha[0] == '\0' &&
+        sp_redis_script_load(c, &script_reconcile_pause, errbuf, errlen) != 0)
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        char key[SP_STOCK_KEY_MAX], limit[16], timeout[16], supplied[24];
+        sp_stock_key(key, sales[i].sku_id, "sale");
+        snprintf(limit, sizeof(limit), "%" PRId32, sales[i].per_user_limit);
+        snprintf(timeout, sizeof(timeout), "%" PRId32, sales[i].pay_timeout_s);
+        snprintf(supplied, sizeof(supplied), "%" PRId64, sales[i].supplied);
+        const char *argv[] = {
+            "EVALSHA", script_reconcile_pause.sha, "1", key, token, limit, timeout, supplied};
+        if (redisAppendCommandArgv(c, 8, argv, NULL) != REDIS_OK) {
+            snprintf(errbuf, errlen, "reconcile_pause: %s", c->errstr);
+            return -1;
+        }
+    }
+    int rc = 0;
+    for (size_t i = 0; i < n; i++) {
+        void *reply = NULL;
+        if (redisGetReply(c, &reply) != REDIS_OK) {
+            snprintf(errbuf, errlen, "reconcile_pause: %s", c->errstr);
+            return -1; /* the connection is unusable */
+        }
+        redisReply *r = reply;
+        if (rc == 0 && (r == NULL || r->type != REDIS_REPLY_INTEGER)) {
+            snprintf(errbuf, errlen, "reconcile_pause: %s",
+                     r && r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+            if (r && sp_redis_is_noscript(r)) script_reconcile_pause.sha[0] = '\0';
+            rc = -1;
+        }
+        freeReplyObject(r);
+    }
+    return rc;
+}
+
 /* An integer element of a reply array (Lua numbers come back as integers, strings as strings). */
 static int reply_int(const redisReply *e, int64_t *v) {
     char *end;

@@ -248,6 +248,19 @@ int sp_stock_reconcile_pause(redisContext *c, int64_t sku_id, const char *token,
                              int32_t per_user_limit, int32_t pay_timeout_s, int64_t supplied,
                              char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
+/* One sale for sp_stock_reconcile_pause_many: its inventory row's fields. */
+typedef struct sp_pause_sale {
+    int64_t sku_id, supplied;
+    int32_t per_user_limit, pay_timeout_s;
+} sp_pause_sale;
+
+/* Pauses n sales for token in one pipelined round trip (the same script as above, per sale).
+ * -1 with errbuf when Redis failed or refused one (the caller pauses them again: a pause is
+ * idempotent for its token). */
+int sp_stock_reconcile_pause_many(redisContext *c, const sp_pause_sale *sales, size_t n,
+                                  const char *token, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
+
 /* An entry a reconcile staged that was gone from resv when the sale was rebuilt. */
 typedef struct sp_vanished {
     char order_id[SP_ORDER_ID_MAX + 1];

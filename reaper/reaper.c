@@ -28,6 +28,7 @@
 #define READY_EVERY_MS   1000 /* how often /readyz is brought up to date */
 #define CHECK_TIMEOUT_MS 1000
 #define FORGET_LIMIT     5000 /* decided requests deleted per sweep */
+#define LOSS_CHECK_MS    200  /* how often Redis is checked for a data loss between sweeps */
 
 static sp_metric m_sweep = SP_METRIC_LATENCY(
     "stockpipe_reaper_sweep_seconds",
@@ -218,7 +219,7 @@ static void watch(sp_reaper *rp, int *was_clean) {
 static int run_worker(sp_reaper *rp) {
     char err[512];
     int was_ready = -1, was_clean = -1;
-    int64_t next_ready = 0, next_sweep = 0, next_resv = 0, next_audit = 0;
+    int64_t next_ready = 0, next_sweep = 0, next_resv = 0, next_audit = 0, next_loss_check = 0;
     sp_http_thread *http = sp_http_thread_start(rp->cfg->http_addr, rp->cfg->http_port, err,
                                                 sizeof(err));
     if (http == NULL) {
@@ -232,6 +233,15 @@ static int run_worker(sp_reaper *rp) {
         if (now >= next_ready) {
             check_ready(rp, &was_ready);
             next_ready = now + READY_EVERY_MS;
+        }
+        /* A data loss is noticed within LOSS_CHECK_MS, not a whole REAPER_INTERVAL_MS: recovery's
+         * settle wait counts from the moment it is noticed. A check that fails (Redis or
+         * PostgreSQL down) waits for the next sweep's, which logs it. */
+        if (now >= next_loss_check && now < next_sweep) {
+            next_loss_check = now + LOSS_CHECK_MS;
+            if (sp_reconcile_check(rp, err, sizeof(err)) != 0)
+                next_loss_check = now + rp->cfg->reaper_interval_ms;
+            now = sp_clock_mono_ms();
         }
         if (now >= next_sweep) {
             int swept_resv = sweep(rp, now >= next_resv);

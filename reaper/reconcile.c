@@ -8,6 +8,7 @@
 #include <sys/random.h>
 
 #include "http.h"
+#include "kafka.h"
 #include "log.h"
 #include "metrics.h"
 #include "pg_store.h"
@@ -30,11 +31,23 @@ static sp_metric m_data_loss = SP_METRIC_COUNTER(
     "Times Redis was found emptied, restarted or failed over since the last reconcile of every "
     "SKU.",
     NULL);
+static sp_metric m_recovery = SP_METRIC_GAUGE_SCALED(
+    "stockpipe_reaper_recovery_seconds",
+    "The last reconcile of every SKU: from its start (the loss noticed) until every open sale "
+    "(units left or orders pending in PostgreSQL) was rebuilt and taking orders again.",
+    NULL, 1e-3);
+static sp_metric m_paused = SP_METRIC_GAUGE(
+    "stockpipe_reaper_sales_paused",
+    "Sales this reaper's reconcile of every SKU has paused and not rebuilt yet (orders for them "
+    "are answered 503 recovering).",
+    NULL);
 static sp_metric m_errors = SP_REAPER_ERRORS("reconcile");
 
 void sp_reconcile_register_metrics(void) {
     sp_metrics_register(&m_reconciled);
     sp_metrics_register(&m_data_loss);
+    sp_metrics_register(&m_recovery);
+    sp_metrics_register(&m_paused);
     sp_metrics_register(&m_errors);
 }
 
@@ -179,43 +192,78 @@ static int read_inventory(sp_reaper *rp, int64_t sku_id, inv_row *inv, int *foun
     return 0;
 }
 
-/* Waits until the consumer stored the SKU's partition up to its end as of now (bounded by
+#define PARTITIONS_MAX 1024
+
+/* Waits until the consumer stored each of the n partitions up to its end as of now (bounded by
  * RECONCILE_WAIT_MS; interrupted by SIGTERM). */
-static int wait_consumer(sp_reaper *rp, int64_t sku_id, char *errbuf, size_t errlen) {
-    int32_t partition = 0;
-    int64_t low = 0, high = 0, stored = -1;
-    char part[24];
-    if (sp_reaper_partition_of(rp, sku_id, &partition, errbuf, errlen) != 0) return -1;
-    rd_kafka_resp_err_t err = rd_kafka_query_watermark_offsets(
-        rp->kafka, rp->cfg->kafka_topic, partition, &low, &high, WATERMARK_TIMEOUT_MS);
-    if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
-        snprintf(errbuf, errlen, "watermarks of %s[%d]: %s", rp->cfg->kafka_topic, (int)partition,
-                 rd_kafka_err2str(err));
+static int wait_partitions(sp_reaper *rp, const int32_t *parts, int n, char *errbuf,
+                           size_t errlen) {
+    int64_t high[PARTITIONS_MAX];
+    if (n > PARTITIONS_MAX) {
+        snprintf(errbuf, errlen, "more than %d partitions", PARTITIONS_MAX);
         return -1;
     }
-    const char *params[] = {rp->cfg->kafka_topic, sp_reaper_i64(part, partition)};
+    for (int i = 0; i < n; i++) {
+        int64_t low = 0;
+        rd_kafka_resp_err_t err = rd_kafka_query_watermark_offsets(
+            rp->kafka, rp->cfg->kafka_topic, parts[i], &low, &high[i], WATERMARK_TIMEOUT_MS);
+        if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+            snprintf(errbuf, errlen, "watermarks of %s[%d]: %s", rp->cfg->kafka_topic,
+                     (int)parts[i], rd_kafka_err2str(err));
+            return -1;
+        }
+    }
+    const char *params[] = {rp->cfg->kafka_topic};
     int64_t deadline = sp_clock_mono_ms() + rp->cfg->reconcile_wait_ms;
     for (;;) {
         PGresult *res = sp_reaper_query(rp,
-                                        "SELECT next_offset FROM consumer_offsets"
-                                        " WHERE topic = $1 AND partition = $2::int",
-                                        2, params, errbuf, errlen);
+                                        "SELECT partition, next_offset FROM consumer_offsets"
+                                        " WHERE topic = $1",
+                                        1, params, errbuf, errlen);
         if (res == NULL) return -1;
-        stored = PQntuples(res) == 1 ? strtoll(PQgetvalue(res, 0, 0), NULL, 10) : 0;
+        int behind = -1;
+        int64_t stored = 0;
+        for (int i = 0; i < n && behind < 0; i++) {
+            stored = 0;
+            for (int r = 0; r < PQntuples(res); r++)
+                if (strtol(PQgetvalue(res, r, 0), NULL, 10) == parts[i])
+                    stored = strtoll(PQgetvalue(res, r, 1), NULL, 10);
+            if (stored < high[i]) behind = i;
+        }
         PQclear(res);
-        if (stored >= high) return 0;
+        if (behind < 0) return 0;
         if (sp_clock_mono_ms() >= deadline) {
             snprintf(errbuf, errlen,
                      "the consumer stored partition %d up to %" PRId64 ", not %" PRId64
                      " within RECONCILE_WAIT_MS (%d ms)",
-                     (int)partition, stored, high, rp->cfg->reconcile_wait_ms);
+                     (int)parts[behind], stored, high[behind], rp->cfg->reconcile_wait_ms);
             return -1;
         }
-        if (sp_reaper_sleep(100) != 0) {
+        if (sp_reaper_sleep(20) != 0) {
             snprintf(errbuf, errlen, "stopped while waiting for the consumer");
             return -1;
         }
     }
+}
+
+/* Waits until the consumer stored the SKU's partition up to its end as of now. */
+static int wait_consumer(sp_reaper *rp, int64_t sku_id, char *errbuf, size_t errlen) {
+    int32_t partition = 0;
+    if (sp_reaper_partition_of(rp, sku_id, &partition, errbuf, errlen) != 0) return -1;
+    return wait_partitions(rp, &partition, 1, errbuf, errlen);
+}
+
+/* The same for every partition of the topic: after it, PostgreSQL holds every event Kafka had
+ * when it was called, for every SKU at once. */
+static int wait_consumer_all(sp_reaper *rp, char *errbuf, size_t errlen) {
+    int n = 0;
+    int32_t parts[PARTITIONS_MAX];
+    if (sp_kafka_topic_partitions(rp->kafka, rp->cfg->kafka_topic, WATERMARK_TIMEOUT_MS, &n, errbuf,
+                                  errlen) != 0)
+        return -1;
+    if (n > PARTITIONS_MAX) n = PARTITIONS_MAX + 1; /* refused by wait_partitions */
+    for (int i = 0; i < n && i < PARTITIONS_MAX; i++) parts[i] = i;
+    return wait_partitions(rp, parts, n, errbuf, errlen);
 }
 
 /* Per-user units of pending and paid orders into users_rebuild, a page at a time (inside the
@@ -508,12 +556,14 @@ out:
 
 /* Steps 1-6 for one SKU whose lock the caller holds, taken on the session open now. settle_until:
  * the monotonic time before which no high watermark may be taken (0: the pause's own time + the
- * message timeout + 1 s). Every write into Redis from the pause on is refused once another
+ * message timeout + 1 s); caught_up: the consumer was found to have stored every partition up to
+ * its end after that time (else the SKU's partition is waited for). Every write into Redis from
+ * the pause on is refused once another
  * reconcile has paused the sale with its own token (the scripts check it), and the lock is asked
  * for again before the apply and before the mend: a reaper whose session died mid-rebuild (the
  * lock went with it, another replica may be rebuilding the sale) stops, writing nothing. */
-static int rebuild(sp_reaper *rp, int64_t sku_id, int64_t settle_until, const char *why,
-                   char *errbuf, size_t errlen) {
+static int rebuild(sp_reaper *rp, int64_t sku_id, int64_t settle_until, int caught_up,
+                   const char *why, char *errbuf, size_t errlen) {
     inv_row inv, snap;
     char token[128];
     int found = 0, owned = 0;
@@ -542,7 +592,7 @@ static int rebuild(sp_reaper *rp, int64_t sku_id, int64_t settle_until, const ch
         snprintf(errbuf, errlen, "stopped while reservations settled; the sale stays paused");
         return -1;
     }
-    if (wait_consumer(rp, sku_id, errbuf, errlen) != 0) return -1;
+    if (!caught_up && wait_consumer(rp, sku_id, errbuf, errlen) != 0) return -1;
     if (stage(rp, sku_id, token, &snap, errbuf, errlen) != 0) return -1;
     if (sp_reaper_lock_held(rp, session, SP_LOCK_SKU, sku_id, errbuf, errlen) != 0) return -1;
     redis = sp_reaper_redis(rp, errbuf, errlen);
@@ -592,7 +642,7 @@ int sp_reconcile_sku(sp_reaper *rp, int64_t sku_id, const char *why, int wait_lo
         *busy = 1;
         return 0;
     }
-    rc = rebuild(rp, sku_id, 0, why, errbuf, errlen);
+    rc = rebuild(rp, sku_id, 0, 0, why, errbuf, errlen);
     sp_reaper_unlock(rp, SP_LOCK_SKU, sku_id);
     if (rc == 0) return 0;
 fail:
@@ -600,96 +650,208 @@ fail:
     return -1;
 }
 
-/* Every SKU, paused first, then rebuilt one by one; the caller holds SP_LOCK_RECONCILE. */
+/* A reconcile of every SKU under way: what its steps share. */
+typedef struct recovery {
+    const char *why;
+    uint64_t session; /* the PostgreSQL session holding SP_LOCK_RECONCILE */
+    int64_t settle_until;
+    size_t nskus, nfailed;
+} recovery;
+
+/* Pauses a page of inventory rows (sku_id, supplied, per_user_limit, pay_timeout_s) in one
+ * pipelined round trip. */
+static void pause_page(sp_reaper *rp, PGresult *res, const char *token, recovery *rc) {
+    int n = PQntuples(res);
+    char err[512];
+    sp_pause_sale *sales = calloc((size_t)n, sizeof(*sales));
+    if (sales == NULL) {
+        sp_warn("reconcile: pause: out of memory");
+        rc->nfailed += (size_t)n;
+        return;
+    }
+    for (int i = 0; i < n; i++)
+        sales[i] = (sp_pause_sale){
+            .sku_id = strtoll(PQgetvalue(res, i, 0), NULL, 10),
+            .supplied = strtoll(PQgetvalue(res, i, 1), NULL, 10),
+            .per_user_limit = (int32_t)strtol(PQgetvalue(res, i, 2), NULL, 10),
+            .pay_timeout_s = (int32_t)strtol(PQgetvalue(res, i, 3), NULL, 10)};
+    redisContext *redis = sp_reaper_redis(rp, err, sizeof(err));
+    if (redis == NULL ||
+        sp_stock_reconcile_pause_many(redis, sales, (size_t)n, token, err, sizeof(err)) != 0) {
+        if (redis) sp_reaper_redis_failed(rp);
+        sp_warn("reconcile: pausing %d sales failed: %s", n, err);
+        rc->nfailed += (size_t)n;
+    } else {
+        sp_metric_add(&m_paused, n);
+    }
+    free(sales);
+}
+
+/* Rebuilds one SKU of a reconcile of every SKU (its lock taken here). */
+static void rebuild_one(sp_reaper *rp, int64_t sku, recovery *rc) {
+    char err[512] = "";
+    int got = 0;
+    sp_log_ctx ctx = {.sku_id = sku};
+    sp_health_beat();
+    rc->nskus++;
+    if (sp_reaper_lock(rp, SP_LOCK_SKU, sku, &got, err, sizeof(err)) != 0 || !got ||
+        rebuild(rp, sku, rc->settle_until, 1, rc->why, err, sizeof(err)) != 0) {
+        if (!got && err[0] == '\0') snprintf(err, sizeof(err), "SKU lock not got");
+        SP_LOG_CTX(SP_LOG_WARN, &ctx, "reconcile failed: %s", err);
+        sp_metric_inc(&m_errors);
+        rc->nfailed++;
+    } else {
+        sp_metric_add(&m_paused, -1);
+    }
+    if (got) sp_reaper_unlock(rp, SP_LOCK_SKU, sku);
+}
+
+static int cmp_i64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* The SKUs of open sales: units left, or orders pending (whose expiry gives units back), sorted;
+ * *open (malloc'd) and *n. */
+static int open_skus(sp_reaper *rp, int64_t **open, size_t *n, char *errbuf, size_t errlen) {
+    PGresult *res = sp_reaper_query(rp,
+                                    "SELECT sku_id FROM inventory WHERE stock > 0"
+                                    " UNION SELECT DISTINCT sku_id FROM orders"
+                                    "  WHERE status = 'pending' ORDER BY 1",
+                                    0, NULL, errbuf, errlen);
+    if (res == NULL) return -1;
+    *n = (size_t)PQntuples(res);
+    *open = malloc((*n ? *n : 1) * sizeof(**open));
+    if (*open == NULL) {
+        PQclear(res);
+        snprintf(errbuf, errlen, "out of memory");
+        return -1;
+    }
+    for (size_t i = 0; i < *n; i++) (*open)[i] = strtoll(PQgetvalue(res, (int)i, 0), NULL, 10);
+    PQclear(res);
+    qsort(*open, *n, sizeof(**open), cmp_i64);
+    return 0;
+}
+
+/* A page of inventory rows after sku_id `after`: sku_id, supplied, per_user_limit,
+ * pay_timeout_s. */
+static PGresult *inventory_page(sp_reaper *rp, int64_t after, char *errbuf, size_t errlen) {
+    char a[24], limit[24];
+    const char *params[] = {sp_reaper_i64(a, after), sp_reaper_i64(limit, SKU_PAGE)};
+    return sp_reaper_query(rp,
+                           "SELECT sku_id, supplied, per_user_limit, pay_timeout_s"
+                           "  FROM inventory WHERE sku_id > $1::bigint"
+                           " ORDER BY sku_id LIMIT $2::int",
+                           2, params, errbuf, errlen);
+}
+
+/* Every SKU: all paused at once (pipelined, a page at a time), one settle wait and one wait for
+ * the consumer for all of them, then the open sales rebuilt first and the finished ones after;
+ * the caller holds SP_LOCK_RECONCILE. The time to bring the open sales back does not grow with
+ * the catalog: only the pause (a pipelined script call per SKU) does. */
 static int reconcile_every_sku(sp_reaper *rp, const char *why, char *errbuf, size_t errlen) {
-    char after[24], limit[24], token[128], err[512] = "";
+    char token[128];
     redis_identity before;
-    int64_t settle_until = sp_clock_mono_ms() + rp->cfg->kafka_message_timeout_ms + 1000;
-    size_t nskus = 0, nfailed = 0;
+    int64_t started = sp_clock_mono_ms();
+    recovery rc = {.why = why,
+                   .session = rp->pg_session,
+                   .settle_until = started + rp->cfg->kafka_message_timeout_ms + 1000};
+    int64_t *open = NULL;
+    size_t nopen = 0;
+    int ret = -1;
     /* A new epoch goes to Redis first: if Redis loses data again while this runs, the epoch goes
      * with it and the next check starts over; reaper_state gets it only at the end. */
     if (read_identity(rp, &before, errbuf, errlen) != 0 ||
         new_epoch(rp, before.epoch, sizeof(before.epoch), errbuf, errlen) != 0)
         return -1;
     snprintf(token, sizeof(token), "all:%s:%" PRId64, rp->cfg->worker_id, sp_clock_wall_ms());
-    uint64_t session = rp->pg_session; /* the one holding SP_LOCK_RECONCILE */
     sp_warn("reconcile of every SKU: %s", why);
-    for (int pass = 0; pass < 2; pass++) {
-        int64_t last = 0;
-        for (;;) {
-            const char *params[] = {sp_reaper_i64(after, last), sp_reaper_i64(limit, SKU_PAGE)};
-            PGresult *res = sp_reaper_query(rp,
-                                            "SELECT sku_id, supplied, per_user_limit, pay_timeout_s"
-                                            "  FROM inventory WHERE sku_id > $1::bigint"
-                                            " ORDER BY sku_id LIMIT $2::int",
-                                            2, params, errbuf, errlen);
-            if (res == NULL) return -1;
-            int n = PQntuples(res);
-            for (int i = 0; i < n && !sp_signal_stop_requested(); i++) {
-                int64_t sku = strtoll(PQgetvalue(res, i, 0), NULL, 10);
-                sp_log_ctx ctx = {.sku_id = sku};
-                last = sku;
-                sp_health_beat();
-                if (!sp_reaper_on_session(rp, session)) {
-                    PQclear(res);
-                    snprintf(errbuf, errlen,
-                             "the PostgreSQL session, and the reconcile lock, "
-                             "were lost; starting over on the next check");
-                    return -1;
-                }
-                if (pass == 0) {
-                    /* Pass 1 closes every sale at once, so none admits orders against what
-                     * Redis lost while pass 2 works through them. */
-                    redisContext *redis = sp_reaper_redis(rp, err, sizeof(err));
-                    if (redis == NULL ||
-                        sp_stock_reconcile_pause(
-                            redis, sku, token, (int32_t)strtol(PQgetvalue(res, i, 2), NULL, 10),
-                            (int32_t)strtol(PQgetvalue(res, i, 3), NULL, 10),
-                            strtoll(PQgetvalue(res, i, 1), NULL, 10), err, sizeof(err)) != 0) {
-                        SP_LOG_CTX(SP_LOG_WARN, &ctx, "reconcile: pause failed: %s", err);
-                        nfailed++;
-                    }
-                    continue;
-                }
-                int got = 0;
-                nskus++;
-                if (sp_reaper_lock(rp, SP_LOCK_SKU, sku, &got, err, sizeof(err)) != 0 || !got ||
-                    rebuild(rp, sku, settle_until, why, err, sizeof(err)) != 0) {
-                    if (!got && err[0] == '\0') snprintf(err, sizeof(err), "SKU lock not got");
-                    SP_LOG_CTX(SP_LOG_WARN, &ctx, "reconcile failed: %s", err);
-                    sp_metric_inc(&m_errors);
-                    nfailed++;
-                }
-                if (got) sp_reaper_unlock(rp, SP_LOCK_SKU, sku);
-                err[0] = '\0';
-            }
-            PQclear(res);
-            if (sp_signal_stop_requested()) {
-                snprintf(errbuf, errlen, "stopped half-way; the paused sales are finished later");
-                return -1;
-            }
-            if (n < SKU_PAGE) break;
+    sp_metric_set(&m_paused, 0);
+    /* 1. Pause every sale, so none admits orders against what Redis lost. */
+    for (int64_t last = 0;;) {
+        PGresult *res = inventory_page(rp, last, errbuf, errlen);
+        if (res == NULL) goto out;
+        int n = PQntuples(res);
+        if (n > 0) {
+            pause_page(rp, res, token, &rc);
+            last = strtoll(PQgetvalue(res, n - 1, 0), NULL, 10);
         }
+        PQclear(res);
+        sp_health_beat();
+        if (n < SKU_PAGE) break;
     }
-    if (nfailed > 0) {
+    sp_info("reconcile: %" PRId64 " sales paused in %" PRId64 " ms", sp_metric_get(&m_paused),
+            sp_clock_mono_ms() - started);
+    /* 2. One settle wait, 3. one wait for the consumer, for all of them. */
+    int64_t now = sp_clock_mono_ms();
+    if (rc.settle_until > now && sp_reaper_sleep(rc.settle_until - now) != 0) {
+        snprintf(errbuf, errlen, "stopped while reservations settled; the sales stay paused");
+        goto out;
+    }
+    if (wait_consumer_all(rp, errbuf, errlen) != 0 ||
+        open_skus(rp, &open, &nopen, errbuf, errlen) != 0)
+        goto out;
+    /* 4. The open sales first. */
+    for (size_t i = 0; i < nopen && !sp_signal_stop_requested(); i++) {
+        if (!sp_reaper_on_session(rp, rc.session)) goto lost_session;
+        rebuild_one(rp, open[i], &rc);
+    }
+    if (!sp_signal_stop_requested()) {
+        sp_metric_set(&m_recovery, sp_clock_mono_ms() - started);
+        sp_info("reconcile: the %zu open sales are back %" PRId64 " ms after the loss was "
+                "noticed (%zu failed); the finished ones follow",
+                nopen, sp_clock_mono_ms() - started, rc.nfailed);
+    }
+    /* 5. The finished ones. */
+    for (int64_t last = 0; !sp_signal_stop_requested();) {
+        PGresult *res = inventory_page(rp, last, errbuf, errlen);
+        if (res == NULL) goto out;
+        int n = PQntuples(res);
+        for (int i = 0; i < n && !sp_signal_stop_requested(); i++) {
+            int64_t sku = strtoll(PQgetvalue(res, i, 0), NULL, 10);
+            last = sku;
+            if (bsearch(&sku, open, nopen, sizeof(*open), cmp_i64) != NULL) continue;
+            if (!sp_reaper_on_session(rp, rc.session)) {
+                PQclear(res);
+                goto lost_session;
+            }
+            rebuild_one(rp, sku, &rc);
+        }
+        PQclear(res);
+        if (n < SKU_PAGE) break;
+    }
+    if (sp_signal_stop_requested()) {
+        snprintf(errbuf, errlen, "stopped half-way; the paused sales are finished later");
+        goto out;
+    }
+    if (rc.nfailed > 0) {
         snprintf(errbuf, errlen, "%zu of %zu SKUs not reconciled; tried again on the next check",
-                 nfailed, nskus);
-        return -1;
+                 rc.nfailed, rc.nskus);
+        goto out;
     }
     /* Only if Redis still holds the epoch written at the start did it keep everything since. */
     redis_identity after_id;
-    if (read_identity(rp, &after_id, errbuf, errlen) != 0) return -1;
+    if (read_identity(rp, &after_id, errbuf, errlen) != 0) goto out;
     if (strcmp(after_id.epoch, before.epoch) != 0 || strcmp(after_id.run_id, before.run_id) != 0) {
         snprintf(errbuf, errlen, "Redis changed again during the reconcile; starting over");
-        return -1;
+        goto out;
     }
-    if (write_state(rp, &before, errbuf, errlen) != 0) return -1;
+    if (write_state(rp, &before, errbuf, errlen) != 0) goto out;
     rp->seen.known = 1;
     snprintf(rp->seen.epoch, sizeof(rp->seen.epoch), "%s", before.epoch);
     snprintf(rp->seen.run_id, sizeof(rp->seen.run_id), "%s", before.run_id);
     snprintf(rp->seen.replid, sizeof(rp->seen.replid), "%s", before.replid);
-    sp_info("reconcile of every SKU done: %zu SKUs rebuilt; Redis epoch %s", nskus, before.epoch);
-    return 0;
+    sp_info("reconcile of every SKU done: %zu SKUs rebuilt in %" PRId64 " ms; Redis epoch %s",
+            rc.nskus, sp_clock_mono_ms() - started, before.epoch);
+    ret = 0;
+    goto out;
+lost_session:
+    snprintf(errbuf, errlen,
+             "the PostgreSQL session, and the reconcile lock, were lost; starting over on the "
+             "next check");
+out:
+    free(open);
+    return ret;
 }
 
 int sp_reconcile_all(sp_reaper *rp, const char *why, int *busy, char *errbuf, size_t errlen) {

@@ -16,6 +16,8 @@ static sp_metric accepted = SP_METRIC_COUNTER("sp_test_requests_total", "Request
 static sp_metric sold_out = SP_METRIC_COUNTER("sp_test_requests_total", "Requests by outcome.",
                                               "outcome=\"sold_out\"");
 static sp_metric inflight = SP_METRIC_GAUGE("sp_test_inflight", "Publishes in flight.", NULL);
+static sp_metric took = SP_METRIC_GAUGE_SCALED("sp_test_took_seconds", "Last run, set in ms.", NULL,
+                                               1e-3);
 static const int64_t bounds[] = {1000, 10000};
 static sp_metric latency = SP_METRIC_HISTOGRAM("sp_test_latency_seconds", "Latency.", NULL, bounds,
                                                2, 1e-6);
@@ -37,11 +39,13 @@ static void test_render(void **state) {
     sp_metrics_register(&accepted);
     sp_metrics_register(&inflight);
     sp_metrics_register(&latency);
+    sp_metrics_register(&took);
     sp_metrics_register(&sold_out); /* same family as accepted, registered later */
     sp_metrics_register(&accepted); /* twice: no-op */
     sp_metric_add(&accepted, 3);
     sp_metric_inc(&sold_out);
     sp_metric_set(&inflight, 7);
+    sp_metric_set(&took, 1250);
     sp_metric_observe(&latency, 500);   /* <= 1ms */
     sp_metric_observe(&latency, 5000);  /* <= 10ms */
     sp_metric_observe(&latency, 50000); /* +Inf only */
@@ -53,6 +57,7 @@ static void test_render(void **state) {
                       "sp_test_requests_total{outcome=\"sold_out\"} 1\n";
     assert_non_null(strstr(t, fam));
     assert_non_null(strstr(t, "# TYPE sp_test_inflight gauge\nsp_test_inflight 7\n"));
+    assert_non_null(strstr(t, "# TYPE sp_test_took_seconds gauge\nsp_test_took_seconds 1.25\n"));
     assert_non_null(strstr(t, "sp_test_latency_seconds_bucket{le=\"0.001\"} 1\n"));
     assert_non_null(strstr(t, "sp_test_latency_seconds_bucket{le=\"0.01\"} 2\n"));
     assert_non_null(strstr(t, "sp_test_latency_seconds_bucket{le=\"+Inf\"} 3\n"));
