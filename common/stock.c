@@ -323,7 +323,8 @@ int sp_stock_reserve_parse(const redisReply *all, size_t i, sp_reserve_result *r
                     {"dup", SP_RESERVE_DUP},
                     {"unknown_sku", SP_RESERVE_UNKNOWN_SKU},
                     {"sold_out", SP_RESERVE_SOLD_OUT},
-                    {"limit_exceeded", SP_RESERVE_LIMIT}};
+                    {"limit_exceeded", SP_RESERVE_LIMIT},
+                    {"recovering", SP_RESERVE_RECOVERING}};
     if (all == NULL || all->type != REDIS_REPLY_ARRAY || i >= all->elements) {
         snprintf(errbuf, errlen, "script reserve: %s",
                  all && all->type == REDIS_REPLY_ERROR ? all->str : "unexpected reply");
@@ -610,12 +611,11 @@ int sp_stock_reconcile_pause(redisContext *c, int64_t sku_id, const char *token,
     return run_integer(c, &call, &v, errbuf, errlen);
 }
 
-int sp_stock_reconcile_pause_many(redisContext *c, const sp_pause_sale *sales, size_t n,
-                                  const char *token, char *errbuf, size_t errlen) {
-    if (n == 0) return 0;
-    if (script_reconcile_pause.sha[0] == '\0' &&
-        sp_redis_script_load(c, &script_reconcile_pause, errbuf, errlen) != 0)
-        return -1;
+/* One pipelined round of sp_stock_reconcile_pause_many; *noscript set when the server had lost
+ * the script (the caller loads it and sends the round again). */
+static int pause_round(redisContext *c, const sp_pause_sale *sales, size_t n, const char *token,
+                       int *noscript, char *errbuf, size_t errlen) {
+    *noscript = 0;
     for (size_t i = 0; i < n; i++) {
         char key[SP_STOCK_KEY_MAX], limit[16], timeout[16], supplied[24];
         sp_stock_key(key, sales[i].sku_id, "sale");
@@ -637,15 +637,33 @@ int sp_stock_reconcile_pause_many(redisContext *c, const sp_pause_sale *sales, s
             return -1; /* the connection is unusable */
         }
         redisReply *r = reply;
-        if (rc == 0 && (r == NULL || r->type != REDIS_REPLY_INTEGER)) {
+        if (r && sp_redis_is_noscript(r)) {
+            *noscript = 1;
+            rc = -1;
+        } else if (rc == 0 && (r == NULL || r->type != REDIS_REPLY_INTEGER)) {
             snprintf(errbuf, errlen, "reconcile_pause: %s",
                      r && r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
-            if (r && sp_redis_is_noscript(r)) script_reconcile_pause.sha[0] = '\0';
             rc = -1;
         }
         freeReplyObject(r);
     }
     return rc;
+}
+
+int sp_stock_reconcile_pause_many(redisContext *c, const sp_pause_sale *sales, size_t n,
+                                  const char *token, char *errbuf, size_t errlen) {
+    int noscript = 1;
+    if (n == 0) return 0;
+    /* A server that lost its data may have lost its script cache too (a restart, SCRIPT FLUSH):
+     * the script is loaded again and the round sent once more (a pause is idempotent). */
+    for (int attempt = 0; attempt < 2 && noscript; attempt++) {
+        if ((attempt > 0 || script_reconcile_pause.sha[0] == '\0') &&
+            sp_redis_script_load(c, &script_reconcile_pause, errbuf, errlen) != 0)
+            return -1;
+        if (pause_round(c, sales, n, token, &noscript, errbuf, errlen) == 0) return 0;
+    }
+    if (noscript) snprintf(errbuf, errlen, "reconcile_pause: NOSCRIPT after loading the script");
+    return -1;
 }
 
 /* An integer element of a reply array (Lua numbers come back as integers, strings as strings). */

@@ -31,6 +31,13 @@
 #define SP_IDEM_TTL_S         (24 * 3600) /* default IDEM_TTL_S: how long a key pins an order */
 #define SP_IDEM_REFUSAL_TTL_S 30 /* default IDEM_REFUSAL_TTL_S: how long it pins a refusal */
 
+/* "Redis holds every sale PostgreSQL has": the reaper writes this key (its epoch as the value)
+ * when a reconcile of every SKU has finished, and whenever it finds Redis unchanged since the
+ * last one (reaper/reconcile.c). A Redis that lost its data has lost this key too, and it comes
+ * back only once every sale is rebuilt: while it is missing, a sale missing from Redis may be one
+ * the reaper has yet to rebuild, so the producer answers "recovering", not "unknown_sku". */
+#define SP_STOCK_REBUILT_KEY "stockpipe:reaper:rebuilt"
+
 /* How long an Idempotency-Key pins its answer: ttl_s for an order (pending, then accepted),
  * refusal_ttl_s for sold_out and limit_exceeded (0: a refusal is not pinned, a retry is decided
  * afresh, e.g. after a restock). ttl_s is also how long restock.lua remembers a restock's request
@@ -42,7 +49,9 @@ typedef enum sp_reserve_outcome {
     SP_RESERVE_DUP,         /* the idempotency key was used before: see dup_state, order_id */
     SP_RESERVE_UNKNOWN_SKU, /* no sale open for this SKU */
     SP_RESERVE_SOLD_OUT,
-    SP_RESERVE_LIMIT, /* the user's units would pass per_user_limit */
+    SP_RESERVE_LIMIT,      /* the user's units would pass per_user_limit */
+    SP_RESERVE_RECOVERING, /* a reconcile has the sale paused (rebuilding it from PostgreSQL):
+                            * nothing changed, the Idempotency-Key is not pinned; try later */
 } sp_reserve_outcome;
 
 typedef struct sp_reserve_request {
@@ -90,9 +99,9 @@ int sp_stock_restock(redisContext *c, int64_t sku_id, int64_t add, const char *r
 int sp_stock_restock_parse(const redisReply *r, sp_restock_status *status, int64_t *stock,
                            char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
-/* The atomic admission: sale open, idempotency key, per-user limit, stock >= qty, then decrement,
- * count the user's units and record the reservation. -1 with errbuf only when Redis failed (the
- * context must then be replaced); every business outcome is in *res. */
+/* The atomic admission: idempotency key, sale open and not paused, per-user limit, stock >= qty,
+ * then decrement, count the user's units and record the reservation. -1 with errbuf only when
+ * Redis failed (the context must then be replaced); every business outcome is in *res. */
 int sp_stock_reserve(redisContext *c, const sp_reserve_request *req, sp_reserve_result *res,
                      char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 

@@ -2,8 +2,9 @@
  *
  * The life of one POST /v1/orders (one `call`):
  *   parse and check the body ── 400 ──────────────────────────────────────────────► reply
- *   reserve.lua in Redis ────── sold_out / limit / unknown / duplicate ───────────► reply
+ *   reserve.lua in Redis ────── sold_out / limit / duplicate / recovering ────────► reply
  *        │ (one call per SKU for the orders of one event-loop turn: see reserves_send)
+ *        ├─ unknown_sku ─────── EXISTS the reaper's rebuilt key: there 404, missing 503 ─► reply
  *        │ ok (units reserved under the new order id)
  *   produce order.created ───── refused at once ── release.lua ──────────────────► 503
  *        │ delivery report
@@ -76,6 +77,7 @@ static sp_metric m_pay_mismatch = REQ("qty_mismatch");
 static sp_metric m_not_found = REQ("not_found");
 static sp_metric m_rate_limited = REQ("rate_limited");
 static sp_metric m_lookup = REQ("lookup_ok");
+static sp_metric m_recovering = REQ("recovering");
 #undef REQ
 static sp_metric m_latency = SP_METRIC_LATENCY("stockpipe_producer_order_seconds",
                                                "Time from request to answer for POST /v1/orders.");
@@ -102,11 +104,11 @@ static sp_metric m_unknown = SP_METRIC_COUNTER(
     "Orders whose fate Kafka or Redis left unknown; their reservations wait for the reaper.", NULL);
 
 static sp_metric *all_metrics[] = {
-    &m_accepted,     &m_sold_out,     &m_limit,         &m_unknown_sku,  &m_invalid,
-    &m_unauthorized, &m_unavailable,  &m_in_progress,   &m_admin_ok,     &m_paid,
-    &m_pay_closed,   &m_pay_mismatch, &m_not_found,     &m_latency,      &m_redis_errors,
-    &m_kafka_errors, &m_inflight,     &m_released,      &m_unknown,      &m_rate_limited,
-    &m_lookup,       &m_pg_errors,    &m_redis_latency, &m_kafka_latency};
+    &m_accepted,     &m_sold_out,     &m_limit,         &m_unknown_sku,   &m_invalid,
+    &m_unauthorized, &m_unavailable,  &m_in_progress,   &m_admin_ok,      &m_paid,
+    &m_pay_closed,   &m_pay_mismatch, &m_not_found,     &m_latency,       &m_redis_errors,
+    &m_kafka_errors, &m_inflight,     &m_released,      &m_unknown,       &m_rate_limited,
+    &m_lookup,       &m_pg_errors,    &m_redis_latency, &m_kafka_latency, &m_recovering};
 
 /* ---- state ---- */
 
@@ -180,6 +182,8 @@ typedef struct call {
     int redis_failed;  /* Redis could not be asked: a "not found" is not trusted */
     char accepted[64]; /* CALL_GET_ORDER: an accepted {sku}:resv entry "user:qty:ts", or "" */
     char sale[3][24];  /* CALL_GET_SKU: stock, limit, pay_timeout_s; "" when absent */
+    int paused;        /* CALL_GET_SKU: the sale has `paused` (a reconcile rebuilds it: its stock
+                        * says nothing about what is left) */
     char closed[16];   /* CALL_PAY: the status of an order closed before its payment, or "" */
     int reserved;      /* CALL_PAY: Redis holds the order as reserved ('r:'), Kafka's answer not
                         * recorded yet */
@@ -236,6 +240,16 @@ static void answer_error(call *c, int code, const char *error, const char *detai
     if (c->req == NULL) return;
     sp_http_reply_error(c->req, code, error, detail);
     answered(c, outcome);
+}
+
+/* 503 "recovering" with Retry-After: 1 for an order: Redis lost the sale (or a reconcile has it
+ * paused) and the reaper is rebuilding it from PostgreSQL, which may hold unsold units. Neither a
+ * "sold out" nor an "unknown SKU" would be true, and nothing is pinned, so a retry is decided
+ * afresh. */
+static void answer_recovering(call *c) {
+    if (c->req == NULL) return;
+    evhttp_add_header(evhttp_request_get_output_headers(c->req), "Retry-After", "1");
+    answer_error(c, 503, "recovering", NULL, &m_recovering);
 }
 
 static void answer_order(call *c, int code, const char *order_id, const char *status,
@@ -673,8 +687,9 @@ static void on_release(redisAsyncContext *ac, void *reply, void *data) {
 
 /* ---- POST /v1/orders ---- */
 
-/* The i-th answer of a reserve reply r, for the order of call c. */
-static void reserve_answered(call *c, const redisReply *r, size_t i) {
+/* The i-th answer of a reserve reply r, for the order of call c. An unknown_sku is not answered
+ * here: c goes onto the list *unknown (linked by next) for the rebuilt check (rebuilt_ask). */
+static void reserve_answered(call *c, const redisReply *r, size_t i, call **unknown) {
     sp_reserve_result res;
     char err[256];
     if (r == NULL) { /* the connection ended: the script may or may not have run */
@@ -718,8 +733,9 @@ static void reserve_answered(call *c, const redisReply *r, size_t i) {
             answer_error(c, 409, "sold_out", NULL, &m_sold_out);
         break;
     case SP_RESERVE_UNKNOWN_SKU:
-        answer_error(c, 404, "unknown_sku", NULL, &m_unknown_sku);
-        break;
+        c->next = *unknown;
+        *unknown = c;
+        return; /* rebuilt_ask answers it */
     case SP_RESERVE_SOLD_OUT:
         soldout_set(c->api, c->order.sku_id, 1);
         answer_error(c, 409, "sold_out", NULL, &m_sold_out);
@@ -727,8 +743,44 @@ static void reserve_answered(call *c, const redisReply *r, size_t i) {
     case SP_RESERVE_LIMIT:
         answer_error(c, 409, "limit_exceeded", NULL, &m_limit);
         break;
+    case SP_RESERVE_RECOVERING:
+        answer_recovering(c); /* never the sold-out flag: PostgreSQL may hold unsold units */
+        break;
     }
     call_free(c);
+}
+
+/* Answers the calls of the list unknown (linked by next; their SKU has no sale in Redis) from
+ * the reply r to EXISTS SP_STOCK_REBUILT_KEY, and frees them: 404 unknown_sku when the key is
+ * there (the reaper has reconciled every sale since Redis last lost its data, so the SKU is not
+ * on sale), 503 recovering when it is missing (Redis lost its data and the reaper has not rebuilt
+ * every sale yet: this one may be among them). 503 unavailable when Redis did not answer. */
+static void rebuilt_answered(call *unknown, const redisReply *r) {
+    while (unknown != NULL) {
+        call *c = unknown;
+        unknown = c->next;
+        if (r && r->type == REDIS_REPLY_INTEGER && r->integer == 0)
+            answer_recovering(c);
+        else if (r && r->type == REDIS_REPLY_INTEGER)
+            answer_error(c, 404, "unknown_sku", NULL, &m_unknown_sku);
+        call_free(c); /* 503 unavailable if nothing was answered */
+    }
+}
+
+static void on_rebuilt_read(redisAsyncContext *ac, void *reply, void *data) {
+    call *unknown = data;
+    int resent = 1; /* a plain command: nothing to re-send as EVAL */
+    reply_arrived(unknown->api, ac, reply, &resent);
+    rebuilt_answered(unknown, reply);
+}
+
+/* A sale missing from Redis is either unknown or lost with Redis's data: one EXISTS of the
+ * reaper's rebuilt key tells them apart for every unknown_sku of one reserve call (the list
+ * unknown, linked by next, its first call the command's data). Only this miss path asks: an order
+ * that found its sale never waits for it. */
+static void rebuilt_ask(call *unknown) {
+    if (redis_command(unknown, on_rebuilt_read, "EXISTS %s", SP_STOCK_REBUILT_KEY) != 0)
+        rebuilt_answered(unknown, NULL);
 }
 
 /* The orders of one SKU sent in one reserve.lua call. */
@@ -761,8 +813,10 @@ static void on_reserve_batch(redisAsyncContext *ac, void *reply, void *data) {
             reserve_batch_refused(rb);
         return;
     }
-    for (int i = 0; i < rb->b.n; i++) reserve_answered(rb->calls[i], r, (size_t)i);
+    call *unknown = NULL;
+    for (int i = 0; i < rb->b.n; i++) reserve_answered(rb->calls[i], r, (size_t)i, &unknown);
     free(rb);
+    if (unknown) rebuilt_ask(unknown);
 }
 
 /* Sends the orders queued in this loop turn: one reserve.lua call per SKU (up to
@@ -1087,10 +1141,13 @@ static void answer_lookup(call *c, json_t *json) {
     call_free(c); /* 503 if nothing was answered */
 }
 
-/* PostgreSQL's inventory row (or none), joined with what Redis said. */
+/* PostgreSQL's inventory row (or none), joined with what Redis said. "recovering" is true while
+ * Redis's sale is paused by a reconcile, or missing while PostgreSQL has the SKU (Redis lost it,
+ * the reaper rebuilds it): `available` is null then, as Redis's stock says nothing yet. */
 static void on_inventory_row(const PGresult *res, const char *err, void *arg) {
     call *c = arg;
     int in_redis = c->sale[0][0] != '\0', in_pg = res && PQntuples(res) == 1;
+    int recovering = !c->redis_failed && (in_redis ? c->paused : in_pg);
     if (res == NULL) {
         sp_metric_inc(&m_pg_errors);
         sp_warn("sku %" PRId64 ": inventory lookup failed: %s", c->ev.sku_id, err);
@@ -1105,8 +1162,11 @@ static void on_inventory_row(const PGresult *res, const char *err, void *arg) {
     const char *names[] = {"available", "per_user_limit", "pay_timeout_s"};
     for (int i = 0; j && i < 3; i++)
         json_object_set_new(j, names[i],
-                            in_redis ? json_integer(strtoll(c->sale[i], NULL, 10)) : json_null());
+                            in_redis && !(i == 0 && recovering)
+                                ? json_integer(strtoll(c->sale[i], NULL, 10))
+                                : json_null());
     if (j) {
+        json_object_set_new(j, "recovering", json_boolean(recovering));
         json_object_set_new(j, "stock",
                             in_pg ? json_integer(strtoll(PQgetvalue(res, 0, 0), NULL, 10))
                                   : json_null());
@@ -1130,10 +1190,11 @@ static void on_sku_read(redisAsyncContext *ac, void *reply, void *data) {
     call *c = data;
     redisReply *r = reply;
     if (!redis_reply_usable(c, ac, r, on_sku_read)) return;
-    if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 3) {
+    if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 4) {
         for (size_t i = 0; i < 3; i++)
             if (r->element[i]->type == REDIS_REPLY_STRING)
                 snprintf(c->sale[i], sizeof(c->sale[i]), "%s", r->element[i]->str);
+        c->paused = r->element[3]->type == REDIS_REPLY_STRING;
     } else {
         c->redis_failed = 1;
     }
@@ -1146,7 +1207,7 @@ static void get_sku(sp_order_api *api, struct evhttp_request *req, int64_t sku) 
     if (c == NULL) return;
     c->ev.sku_id = sku;
     sp_stock_key(key, sku, "sale");
-    if (redis_command(c, on_sku_read, "HMGET %s stock limit pay_timeout_s", key) != 0) {
+    if (redis_command(c, on_sku_read, "HMGET %s stock limit pay_timeout_s paused", key) != 0) {
         c->redis_failed = 1;
         lookup_inventory(c);
     }

@@ -16,7 +16,11 @@
 #include "stock.h"
 #include "stock_return.h"
 
-#define EPOCH_KEY            "stockpipe:reaper:epoch"
+#define EPOCH_KEY "stockpipe:reaper:epoch"
+/* Set by the replica reconciling every SKU once its sales are paused, settled and caught up: the
+ * other replicas help rebuild them (each under its SKU lock). */
+#define RECOVERY_KEY         "stockpipe:reaper:recovery"
+#define RECOVERY_TTL_S       "600"
 #define SKU_PAGE             500  /* SKUs per inventory page */
 #define LEDGER_PAGE          1000 /* ledger rows per query */
 #define RESV_SCAN            256  /* resv entries asked for per HSCAN step */
@@ -168,6 +172,23 @@ static int new_epoch(sp_reaper *rp, char *epoch, size_t len, char *errbuf, size_
         n += (size_t)snprintf(epoch + n, len - n, "%02x", raw[i]);
     const char *set[] = {"SET", EPOCH_KEY, epoch};
     return redis_argv(rp, 3, set, errbuf, errlen);
+}
+
+/* SP_STOCK_REBUILT_KEY: Redis holds every sale PostgreSQL has (Redis holds epoch, the one of the
+ * last complete reconcile). Taken back at once if Redis lost the epoch meanwhile. */
+static int mark_rebuilt(sp_reaper *rp, const char *epoch, char *errbuf, size_t errlen) {
+    const char *set[] = {"SET", SP_STOCK_REBUILT_KEY, epoch};
+    if (redis_argv(rp, 3, set, errbuf, errlen) != 0) return -1;
+    const char *get[] = {"GET", EPOCH_KEY};
+    redisReply *r = sp_reaper_redis_argv(rp, 2, get, -1, errbuf, errlen);
+    if (r == NULL) return -1;
+    int same = r->type == REDIS_REPLY_STRING && strcmp(r->str, epoch) == 0;
+    freeReplyObject(r);
+    if (same) return 0;
+    const char *del[] = {"DEL", SP_STOCK_REBUILT_KEY};
+    (void)redis_argv(rp, 2, del, errbuf, errlen);
+    snprintf(errbuf, errlen, "Redis lost the epoch again; starting over");
+    return -1;
 }
 
 /* ---- one SKU ---- */
@@ -653,9 +674,12 @@ fail:
 /* A reconcile of every SKU under way: what its steps share. */
 typedef struct recovery {
     const char *why;
-    uint64_t session; /* the PostgreSQL session holding SP_LOCK_RECONCILE */
+    const char *token; /* the reconcile of every SKU's pause token */
+    uint64_t session;  /* the PostgreSQL session holding SP_LOCK_RECONCILE */
     int64_t settle_until;
-    size_t nskus, nfailed;
+    size_t nskus, nfailed, nbusy;
+    int64_t *busy; /* SKUs whose lock another replica held: asked for again, waiting, at the end */
+    size_t nbusy_kept, busy_cap;
 } recovery;
 
 /* Pauses a page of inventory rows (sku_id, supplied, per_user_limit, pay_timeout_s) in one
@@ -687,22 +711,56 @@ static void pause_page(sp_reaper *rp, PGresult *res, const char *token, recovery
     free(sales);
 }
 
-/* Rebuilds one SKU of a reconcile of every SKU (its lock taken here). */
-static void rebuild_one(sp_reaper *rp, int64_t sku, recovery *rc) {
-    char err[512] = "";
-    int got = 0;
+/* Rebuilds one SKU of a reconcile of every SKU, unless another replica holds its lock (it is
+ * rebuilding it) or it is no longer paused (rebuilt already); its lock is taken here. */
+static void rebuild_one(sp_reaper *rp, int64_t sku, recovery *rc, int wait_lock) {
+    char err[512] = "", key[SP_STOCK_KEY_MAX];
+    int got = 0, rebuilt = 0;
     sp_log_ctx ctx = {.sku_id = sku};
     sp_health_beat();
-    rc->nskus++;
-    if (sp_reaper_lock(rp, SP_LOCK_SKU, sku, &got, err, sizeof(err)) != 0 || !got ||
-        rebuild(rp, sku, rc->settle_until, 1, rc->why, err, sizeof(err)) != 0) {
-        if (!got && err[0] == '\0') snprintf(err, sizeof(err), "SKU lock not got");
-        SP_LOG_CTX(SP_LOG_WARN, &ctx, "reconcile failed: %s", err);
-        sp_metric_inc(&m_errors);
-        rc->nfailed++;
-    } else {
-        sp_metric_add(&m_paused, -1);
+    if ((wait_lock ? sp_reaper_lock(rp, SP_LOCK_SKU, sku, &got, err, sizeof(err))
+                   : sp_reaper_lock_try(rp, SP_LOCK_SKU, sku, &got, err, sizeof(err))) != 0)
+        goto failed;
+    if (!got && wait_lock) goto failed;
+    if (!got) {
+        rc->nbusy++;
+        if (rc->nbusy_kept == rc->busy_cap) {
+            size_t cap = rc->busy_cap ? 2 * rc->busy_cap : 64;
+            int64_t *b = realloc(rc->busy, cap * sizeof(*b));
+            if (b == NULL) goto failed;
+            rc->busy = b, rc->busy_cap = cap;
+        }
+        rc->busy[rc->nbusy_kept++] = sku;
+        return;
     }
+    /* Paused by this reconcile: the settle and the wait for the consumer done for every SKU
+     * hold for it. Not paused: rebuilt already, or opened after the pause (its Redis sale is
+     * whole: nothing was lost of it). Missing, or paused by another reconcile since: rebuilt
+     * with its own settle and wait. */
+    sp_stock_key(key, sku, "sale");
+    const char *argv[] = {"HMGET", key, "stock", "paused"};
+    redisReply *r = sp_reaper_redis_argv(rp, 4, argv, REDIS_REPLY_ARRAY, err, sizeof(err));
+    if (r == NULL) goto failed;
+    int ours = 0;
+    if (r->elements == 2) {
+        rebuilt = r->element[0]->type == REDIS_REPLY_STRING &&
+                  r->element[1]->type == REDIS_REPLY_NIL;
+        ours = r->element[1]->type == REDIS_REPLY_STRING &&
+               strcmp(r->element[1]->str, rc->token) == 0;
+    }
+    freeReplyObject(r);
+    if (!rebuilt) {
+        rc->nskus++;
+        if (rebuild(rp, sku, ours ? rc->settle_until : 0, ours, rc->why, err, sizeof(err)) != 0)
+            goto failed;
+    }
+    if (rc->session) sp_metric_add(&m_paused, -1); /* the gauge of the replica that paused */
+    sp_reaper_unlock(rp, SP_LOCK_SKU, sku);
+    return;
+failed:
+    SP_LOG_CTX(SP_LOG_WARN, &ctx, "reconcile failed: %s", err[0] ? err : "SKU lock not got");
+    sp_metric_inc(&m_errors);
+    rc->nfailed++;
     if (got) sp_reaper_unlock(rp, SP_LOCK_SKU, sku);
 }
 
@@ -745,6 +803,80 @@ static PGresult *inventory_page(sp_reaper *rp, int64_t after, char *errbuf, size
                            2, params, errbuf, errlen);
 }
 
+/* Steps 4 and 5 of a reconcile of every SKU, by the replica doing it or one helping (rc->session 0:
+ * no reconcile lock to keep): the open sales (sorted), then every other one, each rebuilt unless
+ * another replica holds its lock or it is rebuilt already. started: the reconcile's start, for
+ * the recovery gauge (0: a helper). -1 with errbuf when the reconcile lock's session was lost or
+ * PostgreSQL failed; SKUs that failed are counted in rc->nfailed. */
+static int rebuild_paused(sp_reaper *rp, recovery *rc, const int64_t *open, size_t nopen,
+                          int64_t started, char *errbuf, size_t errlen) {
+    for (size_t i = 0; i < nopen && !sp_signal_stop_requested(); i++) {
+        if (rc->session && !sp_reaper_on_session(rp, rc->session)) goto lost_session;
+        rebuild_one(rp, open[i], rc, 0);
+    }
+    if (started && !sp_signal_stop_requested()) {
+        sp_metric_set(&m_recovery, sp_clock_mono_ms() - started);
+        sp_info("reconcile: the %zu open sales are back %" PRId64 " ms after the loss was "
+                "noticed (%zu failed, %zu left to other replicas); the finished ones follow",
+                nopen, sp_clock_mono_ms() - started, rc->nfailed, rc->nbusy);
+    }
+    for (int64_t last = 0; !sp_signal_stop_requested();) {
+        PGresult *res = inventory_page(rp, last, errbuf, errlen);
+        if (res == NULL) return -1;
+        int n = PQntuples(res);
+        for (int i = 0; i < n && !sp_signal_stop_requested(); i++) {
+            int64_t sku = strtoll(PQgetvalue(res, i, 0), NULL, 10);
+            last = sku;
+            if (bsearch(&sku, open, nopen, sizeof(*open), cmp_i64) != NULL) continue;
+            if (rc->session && !sp_reaper_on_session(rp, rc->session)) {
+                PQclear(res);
+                goto lost_session;
+            }
+            rebuild_one(rp, sku, rc, 0);
+        }
+        PQclear(res);
+        if (n < SKU_PAGE) break;
+    }
+    /* The replica reconciling every SKU waits for the locks it did not get (another replica
+     * rebuilding the sale, or sweeping it for a moment): each is rebuilt then if still paused. */
+    for (size_t i = 0; rc->session && i < rc->nbusy_kept && !sp_signal_stop_requested(); i++) {
+        if (!sp_reaper_on_session(rp, rc->session)) goto lost_session;
+        rebuild_one(rp, rc->busy[i], rc, 1);
+    }
+    return 0;
+lost_session:
+    snprintf(errbuf, errlen,
+             "the PostgreSQL session, and the reconcile lock, were lost; starting over on the "
+             "next check");
+    return -1;
+}
+
+/* Helps the replica reconciling every SKU, when it says so (RECOVERY_KEY): rebuilds the paused
+ * sales whose locks are free. Its settle and its wait for the consumer hold for every SKU. */
+static void help_recovery(sp_reaper *rp) {
+    static char helped[128]; /* the last reconcile helped: one pass each */
+    char err[512];
+    const char *get[] = {"GET", RECOVERY_KEY};
+    redisReply *r = sp_reaper_redis_argv(rp, 2, get, -1, err, sizeof(err));
+    int under_way = r && r->type == REDIS_REPLY_STRING && strcmp(r->str, helped) != 0;
+    if (under_way) snprintf(helped, sizeof(helped), "%s", r->str);
+    freeReplyObject(r);
+    if (!under_way) return;
+    recovery rc = {.why = "helping another replica's reconcile of every SKU",
+                   .token = helped,
+                   .settle_until = sp_clock_mono_ms()};
+    int64_t *open = NULL;
+    size_t nopen = 0;
+    if (open_skus(rp, &open, &nopen, err, sizeof(err)) != 0 ||
+        rebuild_paused(rp, &rc, open, nopen, 0, err, sizeof(err)) != 0)
+        sp_warn("helping the reconcile of every SKU failed: %s", err);
+    else if (rc.nskus > 0)
+        sp_info("helped the reconcile of every SKU: %zu SKUs rebuilt (%zu failed)", rc.nskus,
+                rc.nfailed);
+    free(open);
+    free(rc.busy);
+}
+
 /* Every SKU: all paused at once (pipelined, a page at a time), one settle wait and one wait for
  * the consumer for all of them, then the open sales rebuilt first and the finished ones after;
  * the caller holds SP_LOCK_RECONCILE. The time to bring the open sales back does not grow with
@@ -754,6 +886,7 @@ static int reconcile_every_sku(sp_reaper *rp, const char *why, char *errbuf, siz
     redis_identity before;
     int64_t started = sp_clock_mono_ms();
     recovery rc = {.why = why,
+                   .token = token,
                    .session = rp->pg_session,
                    .settle_until = started + rp->cfg->kafka_message_timeout_ms + 1000};
     int64_t *open = NULL;
@@ -761,7 +894,9 @@ static int reconcile_every_sku(sp_reaper *rp, const char *why, char *errbuf, siz
     int ret = -1;
     /* A new epoch goes to Redis first: if Redis loses data again while this runs, the epoch goes
      * with it and the next check starts over; reaper_state gets it only at the end. */
-    if (read_identity(rp, &before, errbuf, errlen) != 0 ||
+    const char *unmark[] = {"DEL", SP_STOCK_REBUILT_KEY};
+    if (redis_argv(rp, 2, unmark, errbuf, errlen) != 0 ||
+        read_identity(rp, &before, errbuf, errlen) != 0 ||
         new_epoch(rp, before.epoch, sizeof(before.epoch), errbuf, errlen) != 0)
         return -1;
     snprintf(token, sizeof(token), "all:%s:%" PRId64, rp->cfg->worker_id, sp_clock_wall_ms());
@@ -791,35 +926,15 @@ static int reconcile_every_sku(sp_reaper *rp, const char *why, char *errbuf, siz
     if (wait_consumer_all(rp, errbuf, errlen) != 0 ||
         open_skus(rp, &open, &nopen, errbuf, errlen) != 0)
         goto out;
-    /* 4. The open sales first. */
-    for (size_t i = 0; i < nopen && !sp_signal_stop_requested(); i++) {
-        if (!sp_reaper_on_session(rp, rc.session)) goto lost_session;
-        rebuild_one(rp, open[i], &rc);
-    }
-    if (!sp_signal_stop_requested()) {
-        sp_metric_set(&m_recovery, sp_clock_mono_ms() - started);
-        sp_info("reconcile: the %zu open sales are back %" PRId64 " ms after the loss was "
-                "noticed (%zu failed); the finished ones follow",
-                nopen, sp_clock_mono_ms() - started, rc.nfailed);
-    }
-    /* 5. The finished ones. */
-    for (int64_t last = 0; !sp_signal_stop_requested();) {
-        PGresult *res = inventory_page(rp, last, errbuf, errlen);
-        if (res == NULL) goto out;
-        int n = PQntuples(res);
-        for (int i = 0; i < n && !sp_signal_stop_requested(); i++) {
-            int64_t sku = strtoll(PQgetvalue(res, i, 0), NULL, 10);
-            last = sku;
-            if (bsearch(&sku, open, nopen, sizeof(*open), cmp_i64) != NULL) continue;
-            if (!sp_reaper_on_session(rp, rc.session)) {
-                PQclear(res);
-                goto lost_session;
-            }
-            rebuild_one(rp, sku, &rc);
-        }
-        PQclear(res);
-        if (n < SKU_PAGE) break;
-    }
+    /* The other replicas help from here (each SKU under its lock). */
+    const char *set[] = {"SET", RECOVERY_KEY, token, "EX", RECOVERY_TTL_S};
+    if (redis_argv(rp, 5, set, errbuf, errlen) != 0) goto out;
+    /* 4. The open sales first, 5. then the finished ones. */
+    int lost = rebuild_paused(rp, &rc, open, nopen, started, errbuf, errlen);
+    const char *del[] = {"DEL", RECOVERY_KEY};
+    char ignored[256];
+    (void)redis_argv(rp, 2, del, ignored, sizeof(ignored));
+    if (lost) goto out;
     if (sp_signal_stop_requested()) {
         snprintf(errbuf, errlen, "stopped half-way; the paused sales are finished later");
         goto out;
@@ -836,7 +951,9 @@ static int reconcile_every_sku(sp_reaper *rp, const char *why, char *errbuf, siz
         snprintf(errbuf, errlen, "Redis changed again during the reconcile; starting over");
         goto out;
     }
-    if (write_state(rp, &before, errbuf, errlen) != 0) goto out;
+    if (write_state(rp, &before, errbuf, errlen) != 0 ||
+        mark_rebuilt(rp, before.epoch, errbuf, errlen) != 0)
+        goto out;
     rp->seen.known = 1;
     snprintf(rp->seen.epoch, sizeof(rp->seen.epoch), "%s", before.epoch);
     snprintf(rp->seen.run_id, sizeof(rp->seen.run_id), "%s", before.run_id);
@@ -844,13 +961,9 @@ static int reconcile_every_sku(sp_reaper *rp, const char *why, char *errbuf, siz
     sp_info("reconcile of every SKU done: %zu SKUs rebuilt in %" PRId64 " ms; Redis epoch %s",
             rc.nskus, sp_clock_mono_ms() - started, before.epoch);
     ret = 0;
-    goto out;
-lost_session:
-    snprintf(errbuf, errlen,
-             "the PostgreSQL session, and the reconcile lock, were lost; starting over on the "
-             "next check");
 out:
     free(open);
+    free(rc.busy);
     return ret;
 }
 
@@ -880,7 +993,10 @@ int sp_reconcile_check(sp_reaper *rp, char *errbuf, size_t errlen) {
         return 0;
     rp->seen.known = 0; /* until this check (or another replica's reconcile) says otherwise */
     if (sp_reaper_lock_try(rp, SP_LOCK_RECONCILE, 0, &got, errbuf, errlen) != 0) goto fail;
-    if (!got) return 0; /* another replica is checking, or reconciling */
+    if (!got) { /* another replica is checking, or reconciling: help it */
+        help_recovery(rp);
+        return 0;
+    }
     if (read_state(rp, &rec, &found, errbuf, errlen) != 0) goto out;
     if (!found || strcmp(now.epoch, rec.epoch) != 0 || strcmp(now.run_id, rec.run_id) != 0 ||
         strcmp(now.replid, rec.replid) != 0) {
@@ -903,6 +1019,7 @@ int sp_reconcile_check(sp_reaper *rp, char *errbuf, size_t errlen) {
         rc = 0;
         goto out;
     }
+    if (mark_rebuilt(rp, now.epoch, errbuf, errlen) != 0) goto out;
     rp->seen.known = 1;
     snprintf(rp->seen.epoch, sizeof(rp->seen.epoch), "%s", now.epoch);
     snprintf(rp->seen.run_id, sizeof(rp->seen.run_id), "%s", now.run_id);

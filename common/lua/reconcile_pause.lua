@@ -3,8 +3,8 @@
 -- ARGV    token, per_user_limit, pay_timeout_s, supplied (PostgreSQL's inventory row)
 -- Returns 1.
 --
--- stock becomes 0, so reserve.lua answers sold_out, and `paused` holds the reconcile's token:
--- give_back.lua leaves a paused sale alone and reconcile_apply.lua only finishes the reconcile
+-- stock becomes 0 and `paused` holds the reconcile's token: reserve.lua answers recovering (never
+-- a false sold_out; an older producer's reserve.lua sees stock 0), give_back.lua leaves a paused sale alone and reconcile_apply.lua only finishes the reconcile
 -- that owns the token. The other fields come from PostgreSQL, so a sale Redis lost comes back
 -- whole (closed until the rebuild), never as a partial hash. `supplied` restarts from
 -- PostgreSQL's. restock.lua adds nothing to a paused sale: a restock is counted by the rebuild

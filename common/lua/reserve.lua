@@ -4,7 +4,8 @@
 -- batch of one is the plain case). Each order is decided in turn exactly as if it had come alone:
 -- the ones before it in the batch have already taken their units and their users' counts.
 --
--- KEYS[1] {sku:ID}:sale        hash: stock, limit, pay_timeout_s, supplied
+-- KEYS[1] {sku:ID}:sale        hash: stock, limit, pay_timeout_s, supplied, paused (a reconcile's
+--                              token while it rebuilds the sale from PostgreSQL)
 -- KEYS[2] {sku:ID}:users       hash: user_id -> units the user holds (reserved or ordered)
 -- KEYS[3] {sku:ID}:resv        hash: order_id -> "r:user_id:qty:ts_ms:idem_key_or_empty"
 -- KEYS[4..] {sku:ID}:idem:USER:KEY  the batch's idempotency keys (strings "state:order_id")
@@ -27,6 +28,10 @@
 --   "unknown_sku", "sold_out", "limit_exceeded": nothing changes (sold_out and limit_exceeded
 --                  are remembered under the idempotency key for idem_refusal_ttl_s, so a retry
 --                  meanwhile gets the same answer)
+--   "recovering"   the sale is paused (reconcile_pause.lua: its stock 0 says nothing about what
+--                  PostgreSQL still holds): nothing changes and the idempotency key is not pinned,
+--                  so a retry after the rebuild is decided afresh. A key seen before still answers
+--                  "dup" first: an order it names stays that order.
 -- Every write of an order is done before the next order is looked at, so a script stopped by an
 -- error leaves whole reservations only (whose orders the reaper's lost-reservation sweep voids).
 local sale, users, resv = KEYS[1], KEYS[2], KEYS[3]
@@ -35,8 +40,9 @@ local out = {}
 
 local t = redis.call('TIME')
 local ts = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local s = redis.call('HMGET', sale, 'stock', 'limit', 'pay_timeout_s')
+local s = redis.call('HMGET', sale, 'stock', 'limit', 'pay_timeout_s', 'paused')
 local stock, limit, pay_timeout = tonumber(s[1]), tonumber(s[2]), tonumber(s[3])
+local paused = s[4]
 
 for i = 3, #ARGV, 4 do
     local user, qty, order_id = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
@@ -46,6 +52,8 @@ for i = 3, #ARGV, 4 do
     if prev then
         local sep = string.find(prev, ':', 1, true)
         out[#out + 1] = {'dup', string.sub(prev, sep + 1), string.sub(prev, 1, sep - 1), 0}
+    elseif paused then
+        out[#out + 1] = {'recovering', '', 0, 0}
     elseif not stock then
         out[#out + 1] = {'unknown_sku', '', 0, 0}
     else

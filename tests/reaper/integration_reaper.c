@@ -34,13 +34,15 @@
 #include "stock_return.h"
 #include "itest.h"
 
-#define WAIT_S      120 /* generous: a shared, loaded machine; ASan builds */
-#define MSG_TIMEOUT "2000"
-#define LOST_AFTER  "4000"
-#define AUDIT_EVERY "1000" /* the reapers' AUDIT_INTERVAL_MS */
-#define NTESTS      12
-#define ADMIN       "test-admin-token"
-#define PAYMENT     "test-payment-token"
+#define WAIT_S       120 /* generous: a shared, loaded machine; ASan builds */
+#define MSG_TIMEOUT  "2000"
+#define LOST_AFTER   "4000"
+#define AUDIT_EVERY  "1000" /* the reapers' AUDIT_INTERVAL_MS */
+#define NTESTS       13
+#define CATALOG      400 /* finished sales added for the shared reconcile */
+#define CATALOG_TEXT "400"
+#define ADMIN        "test-admin-token"
+#define PAYMENT      "test-payment-token"
 
 static char err[1024];
 static char tag[32]; /* unique per run: pid and time */
@@ -966,6 +968,48 @@ static void test_redis_restarted_empty(void **state) {
     g.npassed++;
 }
 
+/* A catalog of CATALOG finished sales more, then Redis flushed: the two running reapers share the
+ * reconcile of every SKU (one pauses them all and rebuilds; the other, finding the reconcile lock
+ * taken and the reconcile under way, rebuilds the paused sales whose locks are free), and no sale
+ * is rebuilt twice: the SKUs rebuilt, summed over both, are exactly the catalog. */
+static void test_replicas_share_a_reconcile(void **state) {
+    (void)state;
+    char first[24];
+    snprintf(first, sizeof(first), "%" PRId64, g.sku_base + 1000);
+    const char *params[] = {first, CATALOG_TEXT};
+    assert_int_equal(query_int(g.dsn,
+                               "WITH ins AS (INSERT INTO inventory (sku_id, stock, version,"
+                               " supplied, per_user_limit, pay_timeout_s, created_at, updated_at)"
+                               " SELECT $1::bigint + i, 0, 0, 0, 0, 600, now(), now()"
+                               " FROM generate_series(1, $2::int) AS i RETURNING 1)"
+                               " SELECT count(*) FROM ins",
+                               2, params),
+                     CATALOG);
+    int64_t nskus = query_int(g.dsn, "SELECT count(*) FROM inventory", 0, NULL);
+    int64_t before[2], after[2];
+    for (int i = 0; i < 2; i++)
+        before[i] = metric(g.reapers[i].port, "stockpipe_reaper_reconciled_total");
+    int64_t losses = reaper_metric("stockpipe_reaper_redis_data_loss_total");
+    flush_redis();
+    WAIT_FOR(reaper_metric("stockpipe_reaper_redis_data_loss_total") > losses,
+             "no reaper noticed the flush");
+    WAIT_FOR(metric(g.reapers[0].port, "stockpipe_reaper_reconciled_total") +
+                     metric(g.reapers[1].port, "stockpipe_reaper_reconciled_total") - before[0] -
+                     before[1] >=
+                 nskus,
+             "the %" PRId64 " SKUs were never all rebuilt", nskus);
+    sleep_ms(1000); /* a sale rebuilt twice would show by now */
+    for (int i = 0; i < 2; i++)
+        after[i] = metric(g.reapers[i].port, "stockpipe_reaper_reconciled_total") - before[i];
+    print_message("    %" PRId64 " SKUs rebuilt: %" PRId64 " by one reaper, %" PRId64
+                  " by the other\n",
+                  nskus, after[0], after[1]);
+    assert_int_equal(after[0] + after[1], nskus);
+    if (after[0] == 0 || after[1] == 0) fail_msg("one reaper did all the work");
+    assert_audit_passes();
+    g.npassed++;
+}
+
 /* `reaper audit` names a SKU whose Redis stock is off; `reaper reconcile --sku` repairs it and
  * its per-user counts. */
 static void test_audit_and_reconcile_by_hand(void **state) {
@@ -1063,6 +1107,7 @@ int main(void) {
         cmocka_unit_test(test_producer_killed_after_reserve),
         cmocka_unit_test(test_redis_flushed_mid_sale),
         cmocka_unit_test(test_redis_restarted_empty),
+        cmocka_unit_test(test_replicas_share_a_reconcile),
         cmocka_unit_test(test_audit_and_reconcile_by_hand),
     };
     return cmocka_run_group_tests_name("reaper", tests, group_setup, group_teardown);
