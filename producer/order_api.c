@@ -933,9 +933,13 @@ static void answer_restock(call *c, const redisReply *reply) {
         if (c->req != NULL)
             evhttp_add_header(evhttp_request_get_output_headers(c->req), "Retry-After", "2");
         answer_error(c, 503, "recovering",
-                     "the sale is being rebuilt in Redis; the restock is logged and will be "
-                     "applied: retry with the same Idempotency-Key",
-                     &m_unavailable);
+                     c->keyed ? "the sale is being rebuilt in Redis; the restock is logged and "
+                                "will be applied: a retry with the same Idempotency-Key adds "
+                                "nothing more"
+                              : "the sale is being rebuilt in Redis; the restock is logged and "
+                                "will be applied: sent again (without an Idempotency-Key) it "
+                                "would add its units again",
+                     &m_recovering);
         return;
     }
     soldout_set(c->api, c->ev.sku_id, 0);
@@ -1025,10 +1029,45 @@ static void on_open_inventory(const PGresult *res, const char *err, void *arg) {
     if (redis_send(c, on_sale_claimed) != 0) call_free(c);
 }
 
+/* Answers a restock PostgreSQL has applied already with the sale's stock now (HGET's reply). */
+static void on_restock_stock(redisAsyncContext *ac, void *reply, void *data) {
+    call *c = data;
+    redisReply *r = reply;
+    int resent = 1; /* a plain command */
+    char body[200];
+    reply_arrived(c->api, ac, r, &resent);
+    if (r != NULL && r->type == REDIS_REPLY_STRING) {
+        snprintf(body, sizeof(body), "{\"sku_id\":%" PRId64 ",\"available\":%s}", c->ev.sku_id,
+                 r->str);
+        answer(c, 200, body, &m_admin_ok);
+    }
+    call_free(c); /* 503 if nothing was answered */
+}
+
+/* Redis does not know the request id: PostgreSQL may (it applied the restock, and Redis forgot
+ * the id after IDEM_TTL_S, or lost it): then nothing is published or added again (the reaper
+ * gives Redis a restock it missed); else the restock goes on to Kafka. */
+static void on_restock_logged(const PGresult *res, const char *err, void *arg) {
+    call *c = arg;
+    char key[SP_STOCK_KEY_MAX], cmd[SP_STOCK_KEY_MAX + 16];
+    if (res == NULL) {
+        sp_metric_inc(&m_pg_errors);
+        sp_warn("sku %" PRId64 ": restock lookup failed: %s", c->ev.sku_id, err);
+    } else if (PQntuples(res) > 0) {
+        sp_stock_key(key, c->ev.sku_id, "sale");
+        snprintf(cmd, sizeof(cmd), "HGET %s %%s", key);
+        if (redis_command(c, on_restock_stock, cmd, "stock") == 0) return;
+    } else if (publish(c) == 0) {
+        return; /* the delivery report goes on */
+    }
+    call_free(c); /* 503 */
+}
+
 /* A restock whose request id Redis has counted already (an admin's retry with the same
  * Idempotency-Key) publishes nothing more: restock.lua answers the first outcome. One it has not
- * goes on to Kafka (if the first attempt's stock.add is in the log, the consumer applies the
- * request id once; restock.lua adds it to Redis once, whoever runs it first). */
+ * is looked up in PostgreSQL (on_restock_logged), then goes on to Kafka (if the first attempt's
+ * stock.add is in the log, the consumer applies the request id once; restock.lua adds it to
+ * Redis once, whoever runs it first). */
 static void on_restock_seen(redisAsyncContext *ac, void *reply, void *data) {
     call *c = data;
     redisReply *r = reply;
@@ -1040,8 +1079,15 @@ static void on_restock_seen(redisAsyncContext *ac, void *reply, void *data) {
     if (r->type == REDIS_REPLY_STRING) {
         sp_stock_restock_call(&c->script, c->ev.sku_id, c->ev.stock, c->ev.request_id);
         if (redis_send(c, on_sale_written) == 0) return;
-    } else if (publish(c) == 0) {
-        return; /* the delivery report goes on */
+    } else {
+        char sku[24];
+        snprintf(sku, sizeof(sku), "%" PRId64, c->ev.sku_id);
+        const char *params[] = {sku, c->ev.request_id};
+        if (sp_pg_async_query(
+                c->api->pg, "SELECT 1 FROM restocks WHERE sku_id = $1::bigint AND request_id = $2",
+                2, params, on_restock_logged, c) == 0)
+            return; /* on_restock_logged goes on */
+        sp_metric_inc(&m_pg_errors);
     }
     call_free(c);
 }
@@ -1057,7 +1103,10 @@ static void on_sale_exists(redisAsyncContext *ac, void *reply, void *data) {
         return;
     }
     if (r->integer == 0) {
-        answer_error(c, 404, "unknown_sku", NULL, &m_unknown_sku);
+        /* No sale in Redis: unknown, or lost with Redis's data (then 503 recovering). */
+        c->next = NULL;
+        rebuilt_ask(c);
+        return;
     } else if (c->keyed) {
         char cmd[SP_STOCK_KEY_MAX + 16], key[SP_STOCK_KEY_MAX];
         sp_stock_key(key, c->ev.sku_id, "restocks");

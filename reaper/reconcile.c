@@ -21,6 +21,7 @@
  * other replicas help rebuild them (each under its SKU lock). */
 #define RECOVERY_KEY         "stockpipe:reaper:recovery"
 #define RECOVERY_TTL_S       "600"
+#define RECOVERY_VALUE_MAX   320  /* "token\nepoch\nreplid" */
 #define SKU_PAGE             500  /* SKUs per inventory page */
 #define LEDGER_PAGE          1000 /* ledger rows per query */
 #define RESV_SCAN            256  /* resv entries asked for per HSCAN step */
@@ -674,41 +675,130 @@ fail:
 /* A reconcile of every SKU under way: what its steps share. */
 typedef struct recovery {
     const char *why;
-    const char *token; /* the reconcile of every SKU's pause token */
-    uint64_t session;  /* the PostgreSQL session holding SP_LOCK_RECONCILE */
+    const char *token;      /* the reconcile of every SKU's pause token */
+    const char *late_token; /* its pause of the sales PostgreSQL got during its wait */
+    int64_t *first;         /* the SKUs its first pass paused, ascending */
+    size_t nfirst, first_cap;
+    char epoch[64], replid[64]; /* the Redis it paused: its epoch, its replication id */
+    int changed;                /* Redis is not that one any more: stop */
+    uint64_t session;           /* the PostgreSQL session holding SP_LOCK_RECONCILE */
     int64_t settle_until;
     size_t nskus, nfailed, nbusy;
     int64_t *busy; /* SKUs whose lock another replica held: asked for again, waiting, at the end */
     size_t nbusy_kept, busy_cap;
 } recovery;
 
-/* Pauses a page of inventory rows (sku_id, supplied, per_user_limit, pay_timeout_s) in one
- * pipelined round trip. */
-static void pause_page(sp_reaper *rp, PGresult *res, const char *token, recovery *rc) {
-    int n = PQntuples(res);
+static int cmp_i64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Pauses the sales of a page of inventory rows (sku_id, supplied, per_user_limit, pay_timeout_s)
+ * in one pipelined round trip for token. The first pass (late 0) records their ids in
+ * rc->first (ascending, as the pages come); the second (late 1) pauses only the others. */
+static void pause_page(sp_reaper *rp, PGresult *res, const char *token, int late, recovery *rc) {
+    int n = PQntuples(res), k = 0;
     char err[512];
-    sp_pause_sale *sales = calloc((size_t)n, sizeof(*sales));
+    sp_pause_sale *sales = calloc((size_t)n + 1, sizeof(*sales));
+    if (sales != NULL && !late && rc->nfirst + (size_t)n > rc->first_cap) {
+        size_t cap = rc->first_cap ? 2 * rc->first_cap : 1024;
+        while (cap < rc->nfirst + (size_t)n) cap *= 2;
+        int64_t *f = realloc(rc->first, cap * sizeof(*f));
+        if (f == NULL) {
+            free(sales);
+            sales = NULL;
+        } else {
+            rc->first = f, rc->first_cap = cap;
+        }
+    }
     if (sales == NULL) {
         sp_warn("reconcile: pause: out of memory");
         rc->nfailed += (size_t)n;
         return;
     }
-    for (int i = 0; i < n; i++)
-        sales[i] = (sp_pause_sale){
-            .sku_id = strtoll(PQgetvalue(res, i, 0), NULL, 10),
+    for (int i = 0; i < n; i++) {
+        int64_t sku = strtoll(PQgetvalue(res, i, 0), NULL, 10);
+        if (late && bsearch(&sku, rc->first, rc->nfirst, sizeof(sku), cmp_i64) != NULL) continue;
+        sales[k++] = (sp_pause_sale){
+            .sku_id = sku,
             .supplied = strtoll(PQgetvalue(res, i, 1), NULL, 10),
             .per_user_limit = (int32_t)strtol(PQgetvalue(res, i, 2), NULL, 10),
             .pay_timeout_s = (int32_t)strtol(PQgetvalue(res, i, 3), NULL, 10)};
-    redisContext *redis = sp_reaper_redis(rp, err, sizeof(err));
-    if (redis == NULL ||
-        sp_stock_reconcile_pause_many(redis, sales, (size_t)n, token, err, sizeof(err)) != 0) {
+    }
+    redisContext *redis = k > 0 ? sp_reaper_redis(rp, err, sizeof(err)) : NULL;
+    if (k > 0 && (redis == NULL || sp_stock_reconcile_pause_many(redis, sales, (size_t)k, token,
+                                                                 err, sizeof(err)) != 0)) {
         if (redis) sp_reaper_redis_failed(rp);
-        sp_warn("reconcile: pausing %d sales failed: %s", n, err);
-        rc->nfailed += (size_t)n;
+        sp_warn("reconcile: pausing %d sales failed: %s", k, err);
+        rc->nfailed += (size_t)k;
     } else {
-        sp_metric_add(&m_paused, n);
+        sp_metric_add(&m_paused, k);
+        for (int i = 0; !late && i < k; i++) rc->first[rc->nfirst++] = sales[i].sku_id;
     }
     free(sales);
+}
+
+/* A page of inventory rows after sku_id `after`: sku_id, supplied, per_user_limit,
+ * pay_timeout_s. */
+static PGresult *inventory_page(sp_reaper *rp, int64_t after, char *errbuf, size_t errlen) {
+    char a[24], limit[24];
+    const char *params[] = {sp_reaper_i64(a, after), sp_reaper_i64(limit, SKU_PAGE)};
+    return sp_reaper_query(rp,
+                           "SELECT sku_id, supplied, per_user_limit, pay_timeout_s"
+                           "  FROM inventory WHERE sku_id > $1::bigint"
+                           " ORDER BY sku_id LIMIT $2::int",
+                           2, params, errbuf, errlen);
+}
+
+/* Pauses every sale of PostgreSQL's inventory, a page at a time: the first pass for rc->token;
+ * the second (late), after the wait for the consumer, the sales PostgreSQL got since, for
+ * rc->late_token (they took reservations until now, which the run's settle wait does not cover:
+ * each is rebuilt with its own settle and wait). -1 with errbuf when PostgreSQL failed or a pause
+ * did (the sales paused so far stay so: a reconcile that went on without all of them paused would
+ * skip a sale still taking orders against stale stock). */
+static int pause_all(sp_reaper *rp, recovery *rc, int late, char *errbuf, size_t errlen) {
+    size_t failed = rc->nfailed;
+    for (int64_t last = 0;;) {
+        PGresult *res = inventory_page(rp, last, errbuf, errlen);
+        if (res == NULL) return -1;
+        int n = PQntuples(res);
+        if (n > 0) {
+            pause_page(rp, res, late ? rc->late_token : rc->token, late, rc);
+            last = strtoll(PQgetvalue(res, n - 1, 0), NULL, 10);
+        }
+        PQclear(res);
+        sp_health_beat();
+        if (rc->nfailed > failed) {
+            snprintf(errbuf, errlen, "sales could not be paused; starting over");
+            return -1;
+        }
+        if (n < SKU_PAGE) return 0;
+    }
+}
+
+/* True while Redis is the one the reconcile paused (same epoch, same replication id): a second
+ * loss meanwhile (a flush, a failover to a replica that had not all the writes) would leave sales
+ * the settle and the wait for the consumer did not cover; then rc->changed is set, and the
+ * reconcile stops (the next check starts over). A failure to ask is reported in errbuf. */
+static int redis_unchanged(sp_reaper *rp, recovery *rc, char *errbuf, size_t errlen) {
+    char replid[64];
+    const char *info[] = {"INFO", "replication"}, *get[] = {"GET", EPOCH_KEY};
+    redisReply *r = sp_reaper_redis_argv(rp, 2, info, REDIS_REPLY_STRING, errbuf, errlen);
+    if (r == NULL) {
+        rc->changed = 1;
+        return 0;
+    }
+    info_field(r->str, "master_replid:", replid, sizeof(replid));
+    freeReplyObject(r);
+    r = sp_reaper_redis_argv(rp, 2, get, -1, errbuf, errlen);
+    int same = r != NULL && r->type == REDIS_REPLY_STRING && strcmp(r->str, rc->epoch) == 0 &&
+               strcmp(replid, rc->replid) == 0;
+    freeReplyObject(r);
+    if (!same) {
+        rc->changed = 1;
+        snprintf(errbuf, errlen, "Redis changed again during the reconcile; starting over");
+    }
+    return same;
 }
 
 /* Rebuilds one SKU of a reconcile of every SKU, unless another replica holds its lock (it is
@@ -722,6 +812,10 @@ static void rebuild_one(sp_reaper *rp, int64_t sku, recovery *rc, int wait_lock)
                    : sp_reaper_lock_try(rp, SP_LOCK_SKU, sku, &got, err, sizeof(err))) != 0)
         goto failed;
     if (!got && wait_lock) goto failed;
+    if (got && !redis_unchanged(rp, rc, err, sizeof(err))) {
+        sp_reaper_unlock(rp, SP_LOCK_SKU, sku);
+        return;
+    }
     if (!got) {
         rc->nbusy++;
         if (rc->nbusy_kept == rc->busy_cap) {
@@ -734,9 +828,9 @@ static void rebuild_one(sp_reaper *rp, int64_t sku, recovery *rc, int wait_lock)
         return;
     }
     /* Paused by this reconcile: the settle and the wait for the consumer done for every SKU
-     * hold for it. Not paused: rebuilt already, or opened after the pause (its Redis sale is
-     * whole: nothing was lost of it). Missing, or paused by another reconcile since: rebuilt
-     * with its own settle and wait. */
+     * hold for it. Not paused: rebuilt already (every sale PostgreSQL had after that wait was
+     * paused), or opened since (its stock.set came after the loss: its Redis sale is whole).
+     * Missing, or paused by another reconcile since: rebuilt with its own settle and wait. */
     sp_stock_key(key, sku, "sale");
     const char *argv[] = {"HMGET", key, "stock", "paused"};
     redisReply *r = sp_reaper_redis_argv(rp, 4, argv, REDIS_REPLY_ARRAY, err, sizeof(err));
@@ -764,11 +858,6 @@ failed:
     if (got) sp_reaper_unlock(rp, SP_LOCK_SKU, sku);
 }
 
-static int cmp_i64(const void *a, const void *b) {
-    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
-    return (x > y) - (x < y);
-}
-
 /* The SKUs of open sales: units left, or orders pending (whose expiry gives units back), sorted;
  * *open (malloc'd) and *n. */
 static int open_skus(sp_reaper *rp, int64_t **open, size_t *n, char *errbuf, size_t errlen) {
@@ -791,18 +880,6 @@ static int open_skus(sp_reaper *rp, int64_t **open, size_t *n, char *errbuf, siz
     return 0;
 }
 
-/* A page of inventory rows after sku_id `after`: sku_id, supplied, per_user_limit,
- * pay_timeout_s. */
-static PGresult *inventory_page(sp_reaper *rp, int64_t after, char *errbuf, size_t errlen) {
-    char a[24], limit[24];
-    const char *params[] = {sp_reaper_i64(a, after), sp_reaper_i64(limit, SKU_PAGE)};
-    return sp_reaper_query(rp,
-                           "SELECT sku_id, supplied, per_user_limit, pay_timeout_s"
-                           "  FROM inventory WHERE sku_id > $1::bigint"
-                           " ORDER BY sku_id LIMIT $2::int",
-                           2, params, errbuf, errlen);
-}
-
 /* Steps 4 and 5 of a reconcile of every SKU, by the replica doing it or one helping (rc->session 0:
  * no reconcile lock to keep): the open sales (sorted), then every other one, each rebuilt unless
  * another replica holds its lock or it is rebuilt already. started: the reconcile's start, for
@@ -810,7 +887,7 @@ static PGresult *inventory_page(sp_reaper *rp, int64_t after, char *errbuf, size
  * PostgreSQL failed; SKUs that failed are counted in rc->nfailed. */
 static int rebuild_paused(sp_reaper *rp, recovery *rc, const int64_t *open, size_t nopen,
                           int64_t started, char *errbuf, size_t errlen) {
-    for (size_t i = 0; i < nopen && !sp_signal_stop_requested(); i++) {
+    for (size_t i = 0; i < nopen && !sp_signal_stop_requested() && !rc->changed; i++) {
         if (rc->session && !sp_reaper_on_session(rp, rc->session)) goto lost_session;
         rebuild_one(rp, open[i], rc, 0);
     }
@@ -824,7 +901,7 @@ static int rebuild_paused(sp_reaper *rp, recovery *rc, const int64_t *open, size
         PGresult *res = inventory_page(rp, last, errbuf, errlen);
         if (res == NULL) return -1;
         int n = PQntuples(res);
-        for (int i = 0; i < n && !sp_signal_stop_requested(); i++) {
+        for (int i = 0; i < n && !sp_signal_stop_requested() && !rc->changed; i++) {
             int64_t sku = strtoll(PQgetvalue(res, i, 0), NULL, 10);
             last = sku;
             if (bsearch(&sku, open, nopen, sizeof(*open), cmp_i64) != NULL) continue;
@@ -839,9 +916,14 @@ static int rebuild_paused(sp_reaper *rp, recovery *rc, const int64_t *open, size
     }
     /* The replica reconciling every SKU waits for the locks it did not get (another replica
      * rebuilding the sale, or sweeping it for a moment): each is rebuilt then if still paused. */
-    for (size_t i = 0; rc->session && i < rc->nbusy_kept && !sp_signal_stop_requested(); i++) {
+    for (size_t i = 0;
+         rc->session && i < rc->nbusy_kept && !sp_signal_stop_requested() && !rc->changed; i++) {
         if (!sp_reaper_on_session(rp, rc->session)) goto lost_session;
         rebuild_one(rp, rc->busy[i], rc, 1);
+    }
+    if (rc->changed) {
+        snprintf(errbuf, errlen, "Redis changed again during the reconcile; starting over");
+        return -1;
     }
     return 0;
 lost_session:
@@ -854,17 +936,25 @@ lost_session:
 /* Helps the replica reconciling every SKU, when it says so (RECOVERY_KEY): rebuilds the paused
  * sales whose locks are free. Its settle and its wait for the consumer hold for every SKU. */
 static void help_recovery(sp_reaper *rp) {
-    static char helped[128]; /* the last reconcile helped: one pass each */
-    char err[512];
+    static char helped[RECOVERY_VALUE_MAX]; /* the last reconcile helped: one pass each */
+    char err[512], value[RECOVERY_VALUE_MAX];
     const char *get[] = {"GET", RECOVERY_KEY};
     redisReply *r = sp_reaper_redis_argv(rp, 2, get, -1, err, sizeof(err));
     int under_way = r && r->type == REDIS_REPLY_STRING && strcmp(r->str, helped) != 0;
     if (under_way) snprintf(helped, sizeof(helped), "%s", r->str);
     freeReplyObject(r);
     if (!under_way) return;
+    /* "token\nepoch\nreplid": the reconcile's pause token and the Redis it paused. */
+    snprintf(value, sizeof(value), "%s", helped);
+    char *epoch = strchr(value, '\n'), *replid = epoch ? strchr(epoch + 1, '\n') : NULL;
+    if (replid == NULL) return;
+    *epoch++ = '\0';
+    *replid++ = '\0';
     recovery rc = {.why = "helping another replica's reconcile of every SKU",
-                   .token = helped,
+                   .token = value,
                    .settle_until = sp_clock_mono_ms()};
+    snprintf(rc.epoch, sizeof(rc.epoch), "%s", epoch);
+    snprintf(rc.replid, sizeof(rc.replid), "%s", replid);
     int64_t *open = NULL;
     size_t nopen = 0;
     if (open_skus(rp, &open, &nopen, err, sizeof(err)) != 0 ||
@@ -882,11 +972,12 @@ static void help_recovery(sp_reaper *rp) {
  * the caller holds SP_LOCK_RECONCILE. The time to bring the open sales back does not grow with
  * the catalog: only the pause (a pipelined script call per SKU) does. */
 static int reconcile_every_sku(sp_reaper *rp, const char *why, char *errbuf, size_t errlen) {
-    char token[128];
+    char token[128], late_token[140];
     redis_identity before;
     int64_t started = sp_clock_mono_ms();
     recovery rc = {.why = why,
                    .token = token,
+                   .late_token = late_token,
                    .session = rp->pg_session,
                    .settle_until = started + rp->cfg->kafka_message_timeout_ms + 1000};
     int64_t *open = NULL;
@@ -900,21 +991,13 @@ static int reconcile_every_sku(sp_reaper *rp, const char *why, char *errbuf, siz
         new_epoch(rp, before.epoch, sizeof(before.epoch), errbuf, errlen) != 0)
         return -1;
     snprintf(token, sizeof(token), "all:%s:%" PRId64, rp->cfg->worker_id, sp_clock_wall_ms());
+    snprintf(late_token, sizeof(late_token), "%s:late", token);
+    snprintf(rc.epoch, sizeof(rc.epoch), "%s", before.epoch);
+    snprintf(rc.replid, sizeof(rc.replid), "%s", before.replid);
     sp_warn("reconcile of every SKU: %s", why);
     sp_metric_set(&m_paused, 0);
     /* 1. Pause every sale, so none admits orders against what Redis lost. */
-    for (int64_t last = 0;;) {
-        PGresult *res = inventory_page(rp, last, errbuf, errlen);
-        if (res == NULL) goto out;
-        int n = PQntuples(res);
-        if (n > 0) {
-            pause_page(rp, res, token, &rc);
-            last = strtoll(PQgetvalue(res, n - 1, 0), NULL, 10);
-        }
-        PQclear(res);
-        sp_health_beat();
-        if (n < SKU_PAGE) break;
-    }
+    if (pause_all(rp, &rc, 0, errbuf, errlen) != 0) goto out;
     sp_info("reconcile: %" PRId64 " sales paused in %" PRId64 " ms", sp_metric_get(&m_paused),
             sp_clock_mono_ms() - started);
     /* 2. One settle wait, 3. one wait for the consumer, for all of them. */
@@ -923,11 +1006,17 @@ static int reconcile_every_sku(sp_reaper *rp, const char *why, char *errbuf, siz
         snprintf(errbuf, errlen, "stopped while reservations settled; the sales stay paused");
         goto out;
     }
-    if (wait_consumer_all(rp, errbuf, errlen) != 0 ||
+    if (wait_consumer_all(rp, errbuf, errlen) != 0) goto out;
+    /* Sales PostgreSQL got meanwhile (their stock.set stored during the wait) are paused now, by
+     * the late token: each is rebuilt with its own settle and wait. From here every sale in
+     * PostgreSQL is paused or rebuilt, so one found open is rebuilt already (or opened since). */
+    if (pause_all(rp, &rc, 1, errbuf, errlen) != 0 ||
         open_skus(rp, &open, &nopen, errbuf, errlen) != 0)
         goto out;
     /* The other replicas help from here (each SKU under its lock). */
-    const char *set[] = {"SET", RECOVERY_KEY, token, "EX", RECOVERY_TTL_S};
+    char value[RECOVERY_VALUE_MAX];
+    snprintf(value, sizeof(value), "%s\n%s\n%s", token, rc.epoch, rc.replid);
+    const char *set[] = {"SET", RECOVERY_KEY, value, "EX", RECOVERY_TTL_S};
     if (redis_argv(rp, 5, set, errbuf, errlen) != 0) goto out;
     /* 4. The open sales first, 5. then the finished ones. */
     int lost = rebuild_paused(rp, &rc, open, nopen, started, errbuf, errlen);
@@ -964,6 +1053,7 @@ static int reconcile_every_sku(sp_reaper *rp, const char *why, char *errbuf, siz
 out:
     free(open);
     free(rc.busy);
+    free(rc.first);
     return ret;
 }
 

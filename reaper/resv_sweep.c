@@ -19,12 +19,13 @@
 #include "stock.h"
 #include "stock_return.h"
 
-#define SKU_PAGE    500  /* SKUs listed per query */
-#define RESV_SCAN   256  /* entries asked for per HSCAN step */
-#define STEP_MAX    1024 /* most entries acted on at once (a small hash answers whole) */
-#define ENTRY_MAX   160  /* bytes of an entry we act on ("r:user:qty:ts:idem_key" is well below) */
-#define VOID_REASON "lost reservation"
-#define GONE_REASON "accepted order missing from the log"
+#define SKU_PAGE            500  /* SKUs listed per query */
+#define LOSS_CHECK_EVERY_MS 200  /* a long sweep checks Redis for a data loss this often */
+#define RESV_SCAN           256  /* entries asked for per HSCAN step */
+#define STEP_MAX            1024 /* most entries acted on at once (a small hash answers whole) */
+#define ENTRY_MAX           160 /* bytes of an entry we act on ("r:user:qty:ts:idem_key" is well below) */
+#define VOID_REASON         "lost reservation"
+#define GONE_REASON         "accepted order missing from the log"
 
 static sp_metric m_gone = SP_METRIC_COUNTER(
     "stockpipe_reaper_accepted_gone_total",
@@ -408,9 +409,20 @@ out:
     return rc;
 }
 
+/* The data-loss check, from inside a sweep: 1 when Redis is still the one the last reconcile of
+ * every SKU left (the sweep goes on), 0 when it is not, or cannot be told (the sweep stops: a
+ * reconcile of every SKU, run by the check itself or by another replica, rebuilds the sales; one
+ * by one, each with its own settle wait, they would take the catalog's size times as long). */
+static int redis_still_known(sp_reaper *rp) {
+    char err[512], epoch[sizeof(rp->seen.epoch)];
+    snprintf(epoch, sizeof(epoch), "%s", rp->seen.epoch);
+    if (sp_reconcile_check(rp, err, sizeof(err)) != 0) return 0;
+    return rp->seen.known && strcmp(epoch, rp->seen.epoch) == 0;
+}
+
 int sp_resv_sweep(sp_reaper *rp, sp_resv_sweep_stats *st, char *errbuf, size_t errlen) {
     char after[24], limit[24], err[512];
-    int64_t last = 0;
+    int64_t last = 0, next_check = sp_clock_mono_ms() + LOSS_CHECK_EVERY_MS;
     memset(st, 0, sizeof(*st));
     for (;;) {
         const char *params[] = {sp_reaper_i64(after, last), sp_reaper_i64(limit, SKU_PAGE)};
@@ -421,7 +433,7 @@ int sp_resv_sweep(sp_reaper *rp, sp_resv_sweep_stats *st, char *errbuf, size_t e
             " ORDER BY sku_id LIMIT $2::int",
             2, params, errbuf, errlen);
         if (res == NULL) goto fail;
-        int n = PQntuples(res);
+        int n = PQntuples(res), lost = 0;
         for (int i = 0; i < n && !sp_signal_stop_requested(); i++) {
             int64_t sku = strtoll(PQgetvalue(res, i, 0), NULL, 10);
             /* How long the sale has been open, on PostgreSQL's clock: not this host's. */
@@ -431,6 +443,10 @@ int sp_resv_sweep(sp_reaper *rp, sp_resv_sweep_stats *st, char *errbuf, size_t e
             last = sku;
             st->nskus++;
             sp_health_beat();
+            if (sp_clock_mono_ms() >= next_check) {
+                if ((lost = !redis_still_known(rp))) break;
+                next_check = sp_clock_mono_ms() + LOSS_CHECK_EVERY_MS;
+            }
             if (sweep_sku(rp, sku, open_for, st, &why, err, sizeof(err)) != 0) {
                 sp_metric_inc(&m_errors);
                 SP_LOG_CTX(SP_LOG_WARN, &ctx, "reservation sweep failed: %s", err);
@@ -438,6 +454,8 @@ int sp_resv_sweep(sp_reaper *rp, sp_resv_sweep_stats *st, char *errbuf, size_t e
             }
             if (why[0]) {
                 int busy = 0;
+                /* A sale missing or left paused may be the first sign that Redis lost data. */
+                if ((lost = !redis_still_known(rp))) break;
                 SP_LOG_CTX(SP_LOG_WARN, &ctx, "reconciling the SKU: %s", why);
                 if (sp_reconcile_sku(rp, sku, why, 0, &busy, err, sizeof(err)) != 0)
                     SP_LOG_CTX(SP_LOG_WARN, &ctx, "reconcile failed, tried again later: %s", err);
@@ -446,7 +464,7 @@ int sp_resv_sweep(sp_reaper *rp, sp_resv_sweep_stats *st, char *errbuf, size_t e
             }
         }
         PQclear(res);
-        if (n < SKU_PAGE || sp_signal_stop_requested()) return 0;
+        if (n < SKU_PAGE || lost || sp_signal_stop_requested()) return 0;
     }
 fail:
     sp_metric_inc(&m_errors);

@@ -1,6 +1,6 @@
 -- reconcile_apply.lua - a sale's stock and per-user counts rebuilt from PostgreSQL plus what is
--- still in flight, in one atomic step. Orders are taken again at once; the pause itself stays
--- until reconcile_open.lua, after the mend (so a reaper dying in between is seen and redone).
+-- still in flight, in one atomic step. The pause itself stays until reconcile_open.lua, after the
+-- mend (so a reaper dying in between is seen and redone): orders are taken again from then on.
 -- KEYS[1] {sku:ID}:sale  KEYS[2] {sku:ID}:users  KEYS[3] {sku:ID}:resv
 -- KEYS[4] {sku:ID}:users_rebuild  KEYS[5] {sku:ID}:resv_staged
 -- ARGV    token, pg_stock, pg_supplied, per_user_limit, pay_timeout_s (PostgreSQL's snapshot)

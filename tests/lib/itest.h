@@ -523,6 +523,18 @@ static inline void wait_ready(const proc *p, int timeout_s) {
     fail_msg("%s never became ready (log %s)", p->name, p->log);
 }
 
+/* Waits until a reaper started on a new database has finished its first reconcile of every SKU
+ * (nothing is recorded about Redis in such a database): a sale opened during its settle wait is
+ * paused and rebuilt on its own meanwhile, answering orders 503 recovering. */
+static inline void wait_reconciled(const proc *p, int timeout_s) {
+    for (int64_t deadline = sp_clock_mono_ms() + timeout_s * 1000; sp_clock_mono_ms() < deadline;
+         sleep_ms(100)) {
+        if (metric(p->port, "stockpipe_reaper_recovery_seconds") > 0) return;
+        if (waitpid(p->pid, NULL, WNOHANG) == p->pid) fail_msg("%s died (log %s)", p->name, p->log);
+    }
+    fail_msg("%s never finished its first reconcile (log %s)", p->name, p->log);
+}
+
 /* SIGTERM; the worker must drain and exit 0 within 60 s. */
 static inline void stop(proc *p) {
     if (p->pid <= 0) return;

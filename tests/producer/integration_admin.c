@@ -88,6 +88,7 @@ static void test_start_the_workers(void **state) {
     for (int i = 0; i < 2; i++) wait_ready(&g.producers[i], WAIT_S);
     wait_ready(&g.consumer, WAIT_S);
     wait_ready(&g.reaper, WAIT_S);
+    wait_reconciled(&g.reaper, WAIT_S);
     WAIT_FOR(metric(g.consumer.port, "stockpipe_consumer_assigned_partitions") == PARTITIONS,
              "the consumer never owned the %d partitions", PARTITIONS);
     g.npassed++;
