@@ -7,7 +7,11 @@
 #   make demo         the flash-sale demo (see README)
 #   make chaos        the chaos suite: sales under injected faults, each audited (SEED=N replays)
 #   make bench        benchmarks: the event codec, then the producer under HTTP load on the local
-#                     stack (bench/producer_bench.sh; starts and stops the stack if it is not up)
+#                     stack (bench/producer_bench.sh; starts and stops the stack if it is not up),
+#                     the consumer, last the recovery after Redis lost its data (bench-recovery)
+#   make bench-recovery  the recovery bench alone (bench/recovery.py, on a private stack of its
+#                     own): FLUSHALL mid-sale, catalogs of 100, 1,000, 10,000 SKUs;
+#                     RECOVERY_ARGS="--sizes 300 --restart ..." picks others (--help lists them)
 #   make stack-up / stack-down / stack-clean / stack-status   the local Redis, PostgreSQL, Kafka
 #   make format       clang-format the C sources (FORMAT_SRC) in the style of .clang-format;
 #                     tests/checks/format.sh (part of make test) fails if it would change a line
@@ -79,8 +83,8 @@ UNIT_TESTS := $(patsubst %.c,$(OBJ)/%,$(wildcard $(TEST_AREAS:%=tests/%/unit_*.c
 INT_TESTS  := $(patsubst %.c,$(OBJ)/%,$(wildcard $(TEST_AREAS:%=tests/%/integration_*.c)))
 BENCHES    := $(patsubst bench/%.c,$(OBJ)/bench/%,$(wildcard bench/bench_*.c))
 
-.PHONY: all sanitize tests test test-unit test-integration bench demo chaos deps clean format \
-        stack-up stack-down stack-clean stack-status
+.PHONY: all sanitize tests test test-unit test-integration bench bench-recovery demo chaos deps \
+        clean format stack-up stack-down stack-clean stack-status
 
 all: $(WORKERS:%=$(BIN)/%)
 
@@ -187,11 +191,19 @@ test: deps
 	@$(MAKE) --no-print-directory fuzz-targets
 	@tests/run-all.sh
 
-# The codec benchmarks, then the producer under wrk against the local stack (bench/run.sh).
+# The codec benchmarks, then the producer under wrk against the local stack (bench/run.sh), the
+# consumer, and last the recovery bench with its default sizes (about two minutes).
 bench: deps
 	@$(MAKE) --no-print-directory all tests
 	@bench/run.sh $(BENCHES)
 	@bench/consumer_bench.sh
+	@python3 bench/recovery.py
+
+# After Redis lost its data: how long until every open sale is back, and what buyers heard
+# meanwhile, by catalog size (issue 20), on a private stack of its own (bench/recovery.py).
+bench-recovery: deps
+	@$(MAKE) --no-print-directory all
+	@python3 bench/recovery.py $(RECOVERY_ARGS)
 
 demo: deps
 	@$(MAKE) --no-print-directory all

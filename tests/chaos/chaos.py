@@ -30,6 +30,14 @@ seconds, the rest left to expire - and one kind of fault in the middle of it:
                     producers linger 50 ms before each send (slow acknowledgements): it must take
                     no reservation still waiting for Kafka for lost (none of the 202s cancelled),
                     and must say so in /readyz (503 naming the clock) and stockpipe_clock_skew_ms.
+  redis-data-loss   Redis loses everything twice mid-sale: FLUSHALL, and once the sale is back, a
+                    restart without persistence (scripts/stack.sh down redis, its AOF removed, up:
+                    an empty Redis with a new run_id). The sale has more units than there are
+                    users (so PostgreSQL always holds units of it): no buyer may hear 404
+                    unknown_sku or 409 sold_out for it (a false answer: "recovering" or a 503 is
+                    the truth); it prints how long after each loss the sale was back (its hash
+                    without `paused`, and a 202 for an order sent after the loss). Not in the
+                    short pass.
 
 Then the stream stops, the system is let go quiet (no order pending, no reservation in Redis,
 no ledger row owed, the consumer at the end of the log, no reconcile due) and the case checks:
@@ -50,8 +58,9 @@ The random choices come from one seed, printed first and last; `--seed N` (make 
 replays them: the faults exactly (which worker, at which moment of the sale, down for how long),
 the sale's SKU and users too; which buyer orders or pays when also depends on the machine's
 timing, as does everything the workers do.
---short is the pass `make test` runs: a shorter sale, one fault per case. Without it every case
-runs a longer sale (kill cases kill three times). Prints `ok - CASE (details)` or
+--short is the pass `make test` runs: a shorter sale, one fault per case, and every case but
+redis-data-loss (LONG_ONLY). Without it every case runs a longer sale (kill cases kill three
+times). Prints `ok - CASE (details)` or
 `not ok - CASE: problems` per case, progress lines starting with `#`, and last
 `N passed, M failed (seed S ...)`. Standard library only.
 """
@@ -75,7 +84,9 @@ from testkit import (SHARED_PORTS, Fail, Procs, Report, Stack, expect,  # noqa: 
                      redis_sentinel, redis_server, sentinel_conf)
 
 CASES = ["kill-producer", "kill-consumer", "kill-reaper", "kafka-restart", "postgres-restart",
-         "redis-failover", "clock-skew"]
+         "redis-failover", "clock-skew", "redis-data-loss"]
+# Cases the short pass (make test) leaves out: longer than its budget allows.
+LONG_ONLY = {"redis-data-loss"}
 FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
 # A clock 60 s ahead of everyone else's; monotonic time left alone (timeouts, intervals).
 SKEWED = {"LD_PRELOAD": FAKETIME_LIB, "FAKETIME": "+60s", "DONT_FAKE_MONOTONIC": "1"}
@@ -334,6 +345,69 @@ class Case:
         self.note("%s back on its own clock, ready in %.1f s"
                   % (victim.name, time.monotonic() - t1))
 
+    async def redis_restart_empty(self):
+        """Redis stopped (scripts/stack.sh down redis), its data files (the AOF) removed, started
+        again (up): it comes back empty, with a new run_id."""
+        stack = self.suite.stack
+        await stack.ash("down", "redis")
+        d = os.path.join(stack.var, "redis")
+        for name in os.listdir(d):
+            path = os.path.join(d, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+        await stack.ash("up")
+
+    async def wait_back(self, label, t_loss, buyers, timeout=60.0):
+        """After a loss at t_loss: the seconds until the sale is back (its hash has `stock` and
+        no `paused`, and an order sent after the loss was answered 202: the later of the two),
+        or None after `timeout` s. Kept in self.facts["losses"] with the window's bounds."""
+        world, key = self.w, "{sku:%d}:sale" % self.sku
+        t_hash = t_202 = None
+        seen = 0
+        while time.monotonic() - t_loss < timeout:
+            if t_hash is None:
+                try:
+                    sale = await asyncio.to_thread(world.redis_lines, "HMGET", key, "stock",
+                                                   "paused")
+                    # redis-cli prints a nil as an empty line (stripped when last)
+                    if sale and sale[0] and (len(sale) < 2 or not sale[1]):
+                        t_hash = time.monotonic()
+                except Fail:
+                    pass  # Redis still starting
+            answers = buyers.answers
+            for a in answers[seen:]:
+                if t_202 is None and a.kind == "order" and a.status == 202 and a.sent > t_loss:
+                    t_202 = a.done
+            seen = len(answers)
+            if t_hash is not None and t_202 is not None:
+                break
+            await asyncio.sleep(0.05)
+        back = max(t_hash, t_202) - t_loss if t_hash is not None and t_202 is not None else None
+        self.facts.setdefault("losses", []).append(
+            (label, t_loss, t_loss + back if back is not None else time.monotonic(), back))
+        self.note("%s: the sale is back %s" % (
+            label, "%.1f s after the loss" % back if back is not None
+            else "NOT within %.0f s (hash %s, a 202 %s)" % (
+                timeout, "back" if t_hash else "not back", "came" if t_202 else "never came")))
+        return back
+
+    async def fault_data_loss(self, buyers):
+        t_flush = self.moments(1, 0.2, 0.3)[0]
+        t_restart = self.moments(1, 0.55, 0.65)[0]
+        await self.at(t_flush)
+        t = time.monotonic()
+        await asyncio.to_thread(self.w.redis, "FLUSHALL")
+        self.note("FLUSHALL: Redis lost every key")
+        await self.wait_back("FLUSHALL", t, buyers)
+        await self.at(max(t_restart, time.monotonic() - self.t0 + 2.0))
+        t = time.monotonic()
+        await self.redis_restart_empty()
+        self.note("Redis stopped, its AOF removed, started again empty (%.1f s)"
+                  % (time.monotonic() - t))
+        await self.wait_back("restart without persistence", t, buyers)
+
     async def fault(self, fleet, buyers, pool):
         if self.name.startswith("kill-"):
             await self.fault_kill(fleet, self.name[len("kill-"):], buyers, pool)
@@ -345,6 +419,8 @@ class Case:
             await self.fault_failover(fleet, self.sku)
         elif self.name == "clock-skew":
             await self.fault_clock_skew(fleet)
+        elif self.name == "redis-data-loss":
+            await self.fault_data_loss(buyers)
 
     # -- the run -----------------------------------------------------------------------------
 
@@ -353,6 +429,10 @@ class Case:
         s, plan = self.suite, self.plan
         problems = []
         failover = self.name == "redis-failover"
+        loss = self.name == "redis-data-loss"
+        # A data loss case's sale has twice as many units as there are users (one unit each):
+        # PostgreSQL always holds units of it, so no order may hear 404 or 409 sold_out.
+        stock = 2 * plan.users if loss else plan.stock
         if failover:
             self.trio = Trio(os.path.join(s.workdir, self.name), s.piddir)
             t = time.monotonic()
@@ -360,7 +440,7 @@ class Case:
             say("#   primary :%d, replica :%d, Sentinels %s up in %.1f s" % (
                 self.trio.primary, self.trio.replica, self.trio.sentinels,
                 time.monotonic() - t))
-        world = self.world()
+        world = self.w = self.world()
         await asyncio.to_thread(world.prepare_db)
         await asyncio.to_thread(world.prepare_topics)
         settings = dict((k, dict(v)) for k, v in CHAOS_SETTINGS.items())
@@ -385,7 +465,7 @@ class Case:
             await fs.settle(world, [], 60)
             sku = self.sku = self.rng.randrange(10**6, 10**9)
             r = await fleet.producers[0].client.request(
-                "POST", "/v1/skus", {"sku_id": sku, "stock": plan.stock, "per_user_limit": 1,
+                "POST", "/v1/skus", {"sku_id": sku, "stock": stock, "per_user_limit": 1,
                                      "pay_timeout_s": pay_timeout},
                 {"Authorization": "Bearer " + fs.ADMIN})
             expect(r.status == 201, "opening the sale answered %r" % r)
@@ -424,15 +504,31 @@ class Case:
             if rc != 0:
                 problems.append("reaper audit exited %d:\n%s" % (rc, "\n".join(
                     "#     " + l for l in report.splitlines()[:30])))
-            facts, found = await asyncio.to_thread(fs.outcome, world, sku, buyers, plan.stock)
+            facts, found = await asyncio.to_thread(fs.outcome, world, sku, buyers, stock)
             problems += found
-            if prog.max_held > plan.stock:
+            if prog.max_held > stock:
                 problems.append("OVERSOLD during the sale: PostgreSQL held %d units pending+paid "
-                                "of %d" % (prog.max_held, plan.stock))
+                                "of %d" % (prog.max_held, stock))
             allowed = {"accepted", "sold_out", "limit_exceeded", "in_progress", "unavailable",
                        "no answer"}
             if failover:
-                allowed.add("unknown_sku")  # a sale the new primary lost, until reconciled
+                # a sale the new primary lost, until reconciled: recovering (while its rebuilt
+                # key is gone or the sale paused), or unknown_sku (a replica that kept the key)
+                allowed |= {"recovering", "unknown_sku"}
+            if loss:
+                allowed |= {"recovering", "unknown_sku"}  # unknown_sku: counted below as false
+                problems += self.check_data_loss(buyers, facts, stock, prog)
+                loss_seen = 0
+                for w in fleet.of("reaper"):
+                    try:
+                        loss_seen += (await w.metrics()).get(
+                            "stockpipe_reaper_redis_data_loss_total", 0)
+                    except fs.TransportError:
+                        pass
+                facts["data_loss_seen"] = int(loss_seen)
+                if loss_seen < 2:
+                    problems.append("the reapers counted %d Redis data losses, not 2"
+                                    % loss_seen)
             odd = buyers.odd_answers(allowed)
             if odd:
                 problems.append("%d unexpected order answers, e.g. %s" % (
@@ -451,18 +547,18 @@ class Case:
                     problems.append("%d Idempotency-Keys got 202s naming different orders, e.g. "
                                     "%s: %s" % (len(doubled), doubled[0], keys[doubled[0]]))
             else:
-                loss = 0
+                failovers_seen = 0
                 for w in fleet.of("reaper"):
                     try:
                         m = await w.metrics()
-                        loss += m.get("stockpipe_reaper_redis_data_loss_total", 0)
+                        failovers_seen += m.get("stockpipe_reaper_redis_data_loss_total", 0)
                     except fs.TransportError:
                         pass
-                facts["data_loss_seen"] = int(loss)
+                facts["data_loss_seen"] = int(failovers_seen)
                 if self.facts.get("lost_bytes", 0) <= 0:
                     problems.append("the failover lost no writes (the replica was not behind): "
                                     "the case did not test what it claims")
-                if loss < 1:
+                if failovers_seen < 1:
                     problems.append("no reaper counted the failover as a Redis data loss")
             if buyers.n("order", "accepted") == 0:
                 problems.append("no order was accepted at all")
@@ -477,7 +573,7 @@ class Case:
                   "%d of %d; stock %s = Redis %s" % (
                       fmt_int(buyers.n_orders), buyers.summary(), fmt_int(facts["payments"]),
                       ", ".join("%s %d" % (k, v) for k, v in facts["orders"].items() if v),
-                      max(prog.max_held, facts["held"]), plan.stock, facts["stock"],
+                      max(prog.max_held, facts["held"]), stock, facts["stock"],
                       facts["redis_stock"]))
         if failover:
             n_rej = facts["orders"]["rejected"]
@@ -488,8 +584,53 @@ class Case:
                            self.facts.get("replica_stock"), n_rej,
                            "" if n_rej else " (none this time: a reaper closed the sale before "
                            "the producers followed)", facts.get("data_loss_seen", 0)))
+        if loss:
+            detail += "; %s; reapers counted %d Redis data losses" % (
+                "; ".join(facts.get("loss_lines", [])), facts.get("data_loss_seen", 0))
         detail += "; audit %s" % ("passed" if rc == 0 else "FAILED")
         return not problems, detail, problems
+
+
+    def check_data_loss(self, buyers, facts, stock, prog):
+        """redis-data-loss: every 404 unknown_sku and 409 sold_out for the sale is a false answer
+        (it never had fewer units in PostgreSQL than stock - users > 0); each loss came back.
+        The problems found; facts["loss_lines"]: per loss, the recovery time and the answers."""
+        problems, late = [], []
+        lines = []
+        orders = [a for a in buyers.answers if a.kind == "order"]
+        false = [a for a in orders if (a.status == 404 and a.error == "unknown_sku")
+                 or (a.status == 409 and a.error == "sold_out")]
+        for label, t0, t1, back in self.facts.get("losses", []):
+            win = [a for a in orders if t0 <= a.sent <= t1]
+            words = {}
+            for a in win:
+                k = "%d %s" % (a.status, a.word) if a.status else a.word
+                words[k] = words.get(k, 0) + 1
+            n_false = sum(1 for a in false if t0 <= a.sent <= t1)
+            lines.append("%s: back in %s, %d false answers (%s)" % (
+                label, "%.1f s" % back if back is not None else "NEVER",
+                n_false, ", ".join("%d %s" % (n, k) for k, n in
+                                   sorted(words.items(), key=lambda kv: -kv[1]))))
+            if back is None:
+                late.append("after the %s the sale was not back within 60 s" % label)
+        facts["loss_lines"] = lines
+        facts["false_answers"] = len(false)
+        if len(self.facts.get("losses", [])) != 2:
+            late.append("the case did not get through both losses (%d done)"
+                        % len(self.facts.get("losses", [])))
+        if false:
+            n404 = sum(1 for a in false if a.status == 404)
+            problems.append(
+                "FALSE answers: %d orders heard 404 unknown_sku and %d 409 sold_out for a sale "
+                "PostgreSQL always held units of (at most %d of %d held; %s)"
+                % (n404, len(false) - n404, max(prog.max_held, facts["held"]), stock,
+                   "; ".join(lines)))
+        return problems + late
+
+
+def cases_of(args):
+    """The cases a run goes through: --only's, else every case (the short pass: but LONG_ONLY)."""
+    return args.only or [c for c in CASES if not (args.short and c in LONG_ONLY)]
 
 
 # ---- the suite ----------------------------------------------------------------------------------------
@@ -502,7 +643,7 @@ class Suite:
         self.piddir = os.path.join(args.workdir, "pids")
         os.makedirs(self.piddir, exist_ok=True)
         self.bin_dir = args.bin_dir
-        self.cases = args.only or CASES
+        self.cases = cases_of(args)
         self.ports = private_ports(PREFERRED_PORTS)
         self.stack = Stack(os.path.join(args.workdir, "stack"), self.ports,
                            log=os.path.join(args.workdir, "stack.log"))
@@ -584,7 +725,7 @@ def main():
     raise_nofile(8192)
     say("# chaos: seed %d (replay: make chaos SEED=%d%s); %s pass; cases: %s" % (
         args.seed, args.seed, "" if not args.short else ", or tests/chaos/chaos.sh --short --seed %d"
-        % args.seed, "short" if args.short else "full", ", ".join(args.only or CASES)))
+        % args.seed, "short" if args.short else "full", ", ".join(cases_of(args))))
     missing = [b for b in ("producer", "consumer", "reaper")
                if not os.access(os.path.join(args.bin_dir, b), os.X_OK)]
     suite = Suite(args)
