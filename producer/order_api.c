@@ -1044,19 +1044,24 @@ static void on_restock_stock(redisAsyncContext *ac, void *reply, void *data) {
     call_free(c); /* 503 if nothing was answered */
 }
 
-/* Redis does not know the request id: PostgreSQL may (it applied the restock, and Redis forgot
- * the id after IDEM_TTL_S, or lost it): then nothing is published or added again (the reaper
- * gives Redis a restock it missed); else the restock goes on to Kafka. */
+/* Redis does not know the request id: PostgreSQL may. Applied there and stamped given to Redis:
+ * Redis forgot the id after IDEM_TTL_S, nothing is published or added again. Applied there and
+ * not stamped: Redis never got the units (its write failed after the first attempt's publish):
+ * restock.lua adds them now, once (the reaper's catch-up then finds the id). Not there: the
+ * restock goes on to Kafka. */
 static void on_restock_logged(const PGresult *res, const char *err, void *arg) {
     call *c = arg;
     char key[SP_STOCK_KEY_MAX], cmd[SP_STOCK_KEY_MAX + 16];
     if (res == NULL) {
         sp_metric_inc(&m_pg_errors);
         sp_warn("sku %" PRId64 ": restock lookup failed: %s", c->ev.sku_id, err);
-    } else if (PQntuples(res) > 0) {
+    } else if (PQntuples(res) > 0 && PQgetvalue(res, 0, 0)[0] == 't') {
         sp_stock_key(key, c->ev.sku_id, "sale");
         snprintf(cmd, sizeof(cmd), "HGET %s %%s", key);
         if (redis_command(c, on_restock_stock, cmd, "stock") == 0) return;
+    } else if (PQntuples(res) > 0) {
+        sp_stock_restock_call(&c->script, c->ev.sku_id, c->ev.stock, c->ev.request_id);
+        if (redis_send(c, on_sale_written) == 0) return;
     } else if (publish(c) == 0) {
         return; /* the delivery report goes on */
     }
@@ -1083,9 +1088,10 @@ static void on_restock_seen(redisAsyncContext *ac, void *reply, void *data) {
         char sku[24];
         snprintf(sku, sizeof(sku), "%" PRId64, c->ev.sku_id);
         const char *params[] = {sku, c->ev.request_id};
-        if (sp_pg_async_query(
-                c->api->pg, "SELECT 1 FROM restocks WHERE sku_id = $1::bigint AND request_id = $2",
-                2, params, on_restock_logged, c) == 0)
+        if (sp_pg_async_query(c->api->pg,
+                              "SELECT applied_to_redis_at IS NOT NULL FROM restocks"
+                              " WHERE sku_id = $1::bigint AND request_id = $2",
+                              2, params, on_restock_logged, c) == 0)
             return; /* on_restock_logged goes on */
         sp_metric_inc(&m_pg_errors);
     }

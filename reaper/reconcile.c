@@ -214,15 +214,14 @@ static int read_inventory(sp_reaper *rp, int64_t sku_id, inv_row *inv, int *foun
     return 0;
 }
 
-#define PARTITIONS_MAX 1024
-
 /* Waits until the consumer stored each of the n partitions up to its end as of now (bounded by
  * RECONCILE_WAIT_MS; interrupted by SIGTERM). */
 static int wait_partitions(sp_reaper *rp, const int32_t *parts, int n, char *errbuf,
                            size_t errlen) {
-    int64_t high[PARTITIONS_MAX];
-    if (n > PARTITIONS_MAX) {
-        snprintf(errbuf, errlen, "more than %d partitions", PARTITIONS_MAX);
+    int64_t *high = calloc(n > 0 ? (size_t)n : 1, sizeof(*high));
+    int rc = -1;
+    if (high == NULL) {
+        snprintf(errbuf, errlen, "out of memory");
         return -1;
     }
     for (int i = 0; i < n; i++) {
@@ -232,7 +231,7 @@ static int wait_partitions(sp_reaper *rp, const int32_t *parts, int n, char *err
         if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
             snprintf(errbuf, errlen, "watermarks of %s[%d]: %s", rp->cfg->kafka_topic,
                      (int)parts[i], rd_kafka_err2str(err));
-            return -1;
+            goto out;
         }
     }
     const char *params[] = {rp->cfg->kafka_topic};
@@ -242,7 +241,7 @@ static int wait_partitions(sp_reaper *rp, const int32_t *parts, int n, char *err
                                         "SELECT partition, next_offset FROM consumer_offsets"
                                         " WHERE topic = $1",
                                         1, params, errbuf, errlen);
-        if (res == NULL) return -1;
+        if (res == NULL) goto out;
         int behind = -1;
         int64_t stored = 0;
         for (int i = 0; i < n && behind < 0; i++) {
@@ -253,19 +252,25 @@ static int wait_partitions(sp_reaper *rp, const int32_t *parts, int n, char *err
             if (stored < high[i]) behind = i;
         }
         PQclear(res);
-        if (behind < 0) return 0;
+        if (behind < 0) {
+            rc = 0;
+            goto out;
+        }
         if (sp_clock_mono_ms() >= deadline) {
             snprintf(errbuf, errlen,
                      "the consumer stored partition %d up to %" PRId64 ", not %" PRId64
                      " within RECONCILE_WAIT_MS (%d ms)",
                      (int)parts[behind], stored, high[behind], rp->cfg->reconcile_wait_ms);
-            return -1;
+            goto out;
         }
         if (sp_reaper_sleep(20) != 0) {
             snprintf(errbuf, errlen, "stopped while waiting for the consumer");
-            return -1;
+            goto out;
         }
     }
+out:
+    free(high);
+    return rc;
 }
 
 /* Waits until the consumer stored the SKU's partition up to its end as of now. */
@@ -279,13 +284,18 @@ static int wait_consumer(sp_reaper *rp, int64_t sku_id, char *errbuf, size_t err
  * when it was called, for every SKU at once. */
 static int wait_consumer_all(sp_reaper *rp, char *errbuf, size_t errlen) {
     int n = 0;
-    int32_t parts[PARTITIONS_MAX];
     if (sp_kafka_topic_partitions(rp->kafka, rp->cfg->kafka_topic, WATERMARK_TIMEOUT_MS, &n, errbuf,
                                   errlen) != 0)
         return -1;
-    if (n > PARTITIONS_MAX) n = PARTITIONS_MAX + 1; /* refused by wait_partitions */
-    for (int i = 0; i < n && i < PARTITIONS_MAX; i++) parts[i] = i;
-    return wait_partitions(rp, parts, n, errbuf, errlen);
+    int32_t *parts = calloc(n > 0 ? (size_t)n : 1, sizeof(*parts));
+    if (parts == NULL) {
+        snprintf(errbuf, errlen, "out of memory");
+        return -1;
+    }
+    for (int i = 0; i < n; i++) parts[i] = i;
+    int rc = wait_partitions(rp, parts, n, errbuf, errlen);
+    free(parts);
+    return rc;
 }
 
 /* Per-user units of pending and paid orders into users_rebuild, a page at a time (inside the

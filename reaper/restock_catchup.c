@@ -16,7 +16,8 @@
 /* How long before IDEM_TTL_S runs out a row counts as old: restock.lua stamps an id with Redis's
  * clock when it applies it, the row carries the producer's event time, and hosts differ by up to
  * CLOCK_SKEW_MAX_MS; the margin covers that and the time between the two. */
-#define OLD_MARGIN_S 600
+#define OLD_MARGIN_S  600
+#define CATCHUP_PAGES 20 /* pages of REAPER_BATCH rows looked at per round, at most */
 
 static sp_metric m_applied = SP_METRIC_COUNTER(
     "stockpipe_reaper_restocks_caught_up_total",
@@ -62,24 +63,31 @@ static int settle_old(sp_reaper *rp, int64_t sku_id, const char *sku, const char
                             &busy, errbuf, errlen);
 }
 
-int sp_restock_catchup(sp_reaper *rp, size_t *napplied, char *errbuf, size_t errlen) {
+/* One page of the round: rows after pos (stored_at as text, sku_id, request_id; stored_at "" before
+ * the first), which moves past them. *nrows: rows read. */
+static int catchup_page(sp_reaper *rp, char pos[3][96], int64_t old_s, size_t *napplied, int *nrows,
+                        char *errbuf, size_t errlen) {
     char limit[24], old[24];
-    int64_t old_s = rp->cfg->idem_ttl_s - (rp->cfg->idem_ttl_s / 2 < OLD_MARGIN_S
-                                               ? rp->cfg->idem_ttl_s / 2
-                                               : OLD_MARGIN_S);
-    const char *params[] = {sp_reaper_i64(limit, rp->cfg->reaper_batch), sp_reaper_i64(old, old_s)};
-    *napplied = 0;
-    PGresult *res = sp_reaper_query(rp,
-                                    "SELECT sku_id, request_id, add_units,"
-                                    "       created_at < now() - make_interval(secs => $2::bigint)"
-                                    "  FROM restocks WHERE applied_to_redis_at IS NULL"
-                                    " ORDER BY stored_at LIMIT $1::int",
-                                    2, params, errbuf, errlen);
-    if (res == NULL) goto fail;
+    const char *params[] = {sp_reaper_i64(limit, rp->cfg->reaper_batch), sp_reaper_i64(old, old_s),
+                            pos[0][0] ? pos[0] : NULL, pos[1], pos[2]};
+    PGresult *res = sp_reaper_query(
+        rp,
+        "SELECT sku_id, request_id, add_units,"
+        "       created_at < now() - make_interval(secs => $2::bigint), stored_at"
+        "  FROM restocks WHERE applied_to_redis_at IS NULL"
+        "   AND ($3::timestamptz IS NULL"
+        "        OR (stored_at, sku_id, request_id) > ($3::timestamptz, $4::bigint, $5))"
+        " ORDER BY stored_at, sku_id, request_id LIMIT $1::int",
+        5, params, errbuf, errlen);
+    if (res == NULL) return -1;
     int rc = 0;
+    *nrows = PQntuples(res);
     for (int i = 0; i < PQntuples(res) && rc == 0 && !sp_signal_stop_requested(); i++) {
         const char *sku = PQgetvalue(res, i, 0), *id = PQgetvalue(res, i, 1);
         int64_t sku_id = strtoll(sku, NULL, 10), add = strtoll(PQgetvalue(res, i, 2), NULL, 10);
+        snprintf(pos[0], sizeof(pos[0]), "%s", PQgetvalue(res, i, 4));
+        snprintf(pos[1], sizeof(pos[1]), "%s", sku);
+        snprintf(pos[2], sizeof(pos[2]), "%s", id);
         if (PQgetvalue(res, i, 3)[0] == 't') {
             rc = settle_old(rp, sku_id, sku, id, errbuf, errlen);
             continue;
@@ -106,8 +114,23 @@ int sp_restock_catchup(sp_reaper *rp, size_t *napplied, char *errbuf, size_t err
         rc = stamp(rp, sku, id, errbuf, errlen);
     }
     PQclear(res);
-    if (rc == 0) return 0;
-fail:
-    sp_metric_inc(&m_errors);
-    return -1;
+    return rc;
+}
+
+int sp_restock_catchup(sp_reaper *rp, size_t *napplied, char *errbuf, size_t errlen) {
+    char pos[3][96] = {"", "0", ""};
+    int64_t old_s = rp->cfg->idem_ttl_s - (rp->cfg->idem_ttl_s / 2 < OLD_MARGIN_S
+                                               ? rp->cfg->idem_ttl_s / 2
+                                               : OLD_MARGIN_S);
+    *napplied = 0;
+    /* Page after page, so that rows waiting for a reconcile never hold up the ones behind. */
+    for (int page = 0; page < CATCHUP_PAGES && !sp_signal_stop_requested(); page++) {
+        int nrows = 0;
+        if (catchup_page(rp, pos, old_s, napplied, &nrows, errbuf, errlen) != 0) {
+            sp_metric_inc(&m_errors);
+            return -1;
+        }
+        if (nrows < rp->cfg->reaper_batch) break;
+    }
+    return 0;
 }
