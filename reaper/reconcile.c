@@ -821,7 +821,13 @@ static void rebuild_one(sp_reaper *rp, int64_t sku, recovery *rc, int wait_lock)
     if ((wait_lock ? sp_reaper_lock(rp, SP_LOCK_SKU, sku, &got, err, sizeof(err))
                    : sp_reaper_lock_try(rp, SP_LOCK_SKU, sku, &got, err, sizeof(err))) != 0)
         goto failed;
-    if (!got && wait_lock) goto failed;
+    if (!got && wait_lock) {
+        /* Still held after lock_timeout: another replica is rebuilding the sale with its own
+         * settle wait (a sale missing, or paused late). It reopens it, or, if it dies, the sweep
+         * finds the sale left paused; either way the run need not start over for it. */
+        SP_LOG_CTX(SP_LOG_INFO, &ctx, "reconcile: left to the replica holding the SKU's lock");
+        return;
+    }
     if (got && !redis_unchanged(rp, rc, err, sizeof(err))) {
         sp_reaper_unlock(rp, SP_LOCK_SKU, sku);
         return;
