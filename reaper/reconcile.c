@@ -331,33 +331,30 @@ out:
     return rc;
 }
 
-/* A marker for each ledger row not yet given back (inside the snapshot): the rebuild counts its
- * units, so give_back.lua must not give them again. */
-static int mark_ledger(sp_reaper *rp, int64_t sku_id, const char *token, char *errbuf,
+/* Stages, for the reconcile of token, one mark per id that sql selects (inside the snapshot), a
+ * page at a time: sql takes $1 sku_id, $2 the last id of the page before, $3 the page size and,
+ * when nparams is 4, $4 IDEM_TTL_S; it returns ids in order. value is what each mark holds. */
+static int stage_marks(sp_reaper *rp, int64_t sku_id, const char *token, sp_stage_what what,
+                       const char *sql, int nparams, const char *value, char *errbuf,
                        size_t errlen) {
-    char sku[24], limit[24], now[24];
-    char last[SP_ORDER_ID_MAX + 1] = "";
+    char sku[24], limit[24], ttl[24];
+    char last[SP_ORDER_ID_MAX + SP_REQUEST_ID_MAX + 2] = "";
     const char **ids = malloc(2 * LEDGER_PAGE * sizeof(*ids));
-    const char **nows = ids + LEDGER_PAGE;
+    const char **values = ids + LEDGER_PAGE;
     int rc = -1;
     if (ids == NULL) {
         snprintf(errbuf, errlen, "out of memory");
         return -1;
     }
-    sp_reaper_i64(now, sp_clock_wall_ms());
     for (;;) {
-        const char *params[] = {sp_reaper_i64(sku, sku_id), last,
-                                sp_reaper_i64(limit, LEDGER_PAGE)};
-        PGresult *res = sp_pg_query(rp->pg,
-                                    "SELECT order_id FROM stock_returns"
-                                    " WHERE sku_id = $1::bigint AND returned_to_redis_at IS NULL"
-                                    "   AND order_id > $2 ORDER BY order_id LIMIT $3::int",
-                                    3, params, errbuf, errlen);
+        const char *params[] = {sp_reaper_i64(sku, sku_id), last, sp_reaper_i64(limit, LEDGER_PAGE),
+                                sp_reaper_i64(ttl, rp->cfg->idem_ttl_s)};
+        PGresult *res = sp_pg_query(rp->pg, sql, nparams, params, errbuf, errlen);
         if (res == NULL) goto out;
         int n = PQntuples(res);
-        for (int i = 0; i < n; i++) ids[i] = PQgetvalue(res, i, 0), nows[i] = now;
-        int failed = n > 0 && stage_write(rp, sku_id, token, SP_STAGE_MARKERS, ids, nows, (size_t)n,
-                                          errbuf, errlen) != 0;
+        for (int i = 0; i < n; i++) ids[i] = PQgetvalue(res, i, 0), values[i] = value;
+        int failed = n > 0 && stage_write(rp, sku_id, token, what, ids, values, (size_t)n, errbuf,
+                                          errlen) != 0;
         if (n > 0) snprintf(last, sizeof(last), "%s", PQgetvalue(res, n - 1, 0));
         PQclear(res);
         if (failed) goto out;
@@ -369,46 +366,33 @@ out:
     return rc;
 }
 
-/* The request id of each restock the snapshot counts that Redis may be asked to add again (inside
- * the snapshot): those not yet stamped as given to Redis (the catch-up would add them) and those
- * within IDEM_TTL_S (an admin's retry with the same Idempotency-Key would): restock.lua finds the
- * mark and adds nothing. */
+/* A marker for each ledger row not yet given back: the rebuild counts its units, so give_back.lua
+ * must not give them again. */
+static int mark_ledger(sp_reaper *rp, int64_t sku_id, const char *token, char *errbuf,
+                       size_t errlen) {
+    char now[24];
+    return stage_marks(rp, sku_id, token, SP_STAGE_MARKERS,
+                       "SELECT order_id FROM stock_returns"
+                       " WHERE sku_id = $1::bigint AND returned_to_redis_at IS NULL"
+                       "   AND order_id > $2 ORDER BY order_id LIMIT $3::int",
+                       3, sp_reaper_i64(now, sp_clock_wall_ms()), errbuf, errlen);
+}
+
+/* The request id of each restock the snapshot counts that Redis may be asked to add again: those
+ * not yet stamped as given to Redis (the catch-up would add them) and those within IDEM_TTL_S (an
+ * admin's retry with the same Idempotency-Key would): restock.lua finds the mark and adds
+ * nothing. */
 static int mark_restocks(sp_reaper *rp, int64_t sku_id, const char *token, char *errbuf,
                          size_t errlen) {
-    char sku[24], limit[24], ttl[24], mark[32];
-    char last[SP_REQUEST_ID_MAX + 1] = "";
-    const char **ids = malloc(2 * LEDGER_PAGE * sizeof(*ids));
-    const char **marks = ids + LEDGER_PAGE;
-    int rc = -1;
-    if (ids == NULL) {
-        snprintf(errbuf, errlen, "out of memory");
-        return -1;
-    }
+    char mark[32];
     snprintf(mark, sizeof(mark), "%" PRId64 ":", sp_clock_wall_ms());
-    for (;;) {
-        const char *params[] = {sp_reaper_i64(sku, sku_id), last, sp_reaper_i64(limit, LEDGER_PAGE),
-                                sp_reaper_i64(ttl, rp->cfg->idem_ttl_s)};
-        PGresult *res = sp_pg_query(
-            rp->pg,
-            "SELECT request_id FROM restocks WHERE sku_id = $1::bigint AND request_id > $2"
-            "   AND (applied_to_redis_at IS NULL"
-            "        OR created_at > now() - make_interval(secs => $4::bigint))"
-            " ORDER BY request_id LIMIT $3::int",
-            4, params, errbuf, errlen);
-        if (res == NULL) goto out;
-        int n = PQntuples(res);
-        for (int i = 0; i < n; i++) ids[i] = PQgetvalue(res, i, 0), marks[i] = mark;
-        int failed = n > 0 && stage_write(rp, sku_id, token, SP_STAGE_RESTOCKS, ids, marks,
-                                          (size_t)n, errbuf, errlen) != 0;
-        if (n > 0) snprintf(last, sizeof(last), "%s", PQgetvalue(res, n - 1, 0));
-        PQclear(res);
-        if (failed) goto out;
-        if (n < LEDGER_PAGE) break;
-    }
-    rc = 0;
-out:
-    free(ids);
-    return rc;
+    return stage_marks(
+        rp, sku_id, token, SP_STAGE_RESTOCKS,
+        "SELECT request_id FROM restocks WHERE sku_id = $1::bigint AND request_id > $2"
+        "   AND (applied_to_redis_at IS NULL"
+        "        OR created_at > now() - make_interval(secs => $4::bigint))"
+        " ORDER BY request_id LIMIT $3::int",
+        4, mark, errbuf, errlen);
 }
 
 /* Splits n entries (field, value pairs of an HSCAN reply) of resv: entries the snapshot knows are

@@ -407,9 +407,10 @@ static inline const char *sale_hget_str(redisContext *c, int64_t sku, const char
 /* ---- HTTP ---- */
 
 /* One request to 127.0.0.1:port, with an Authorization: Bearer token and an Idempotency-Key
- * when not NULL; the status code (0 when the server could not be reached) and the body in buf. */
-static inline int http(int port, const char *method, const char *path, const char *token,
-                       const char *idem, const char *body, char *buf, size_t cap) {
+ * when not NULL; the status code (0 when the server could not be reached) and the whole answer,
+ * headers included, in buf. */
+static inline int http_raw(int port, const char *method, const char *path, const char *token,
+                           const char *idem, const char *body, char *buf, size_t cap) {
     struct sockaddr_in a = {.sin_family = AF_INET,
                             .sin_port = htons((uint16_t)port),
                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
@@ -441,6 +442,13 @@ static inline int http(int port, const char *method, const char *path, const cha
     close(fd);
     int code = 0;
     if (sscanf(buf, "HTTP/1.%*d %d", &code) != 1) code = 0;
+    return code;
+}
+
+/* The same with the body alone in buf. */
+static inline int http(int port, const char *method, const char *path, const char *token,
+                       const char *idem, const char *body, char *buf, size_t cap) {
+    int code = http_raw(port, method, path, token, idem, body, buf, cap);
     char *b = strstr(buf, "\r\n\r\n");
     if (b)
         memmove(buf, b + 4, strlen(b + 4) + 1);

@@ -77,45 +77,16 @@ static void test_start_the_workers(void **state) {
     g.npassed++;
 }
 
-/* One request to the producer, like itest.h's http() but keeping the answer's headers: the
+/* One request to the producer (itest.h's http_raw), split into its parts: the
  * status (0 when there was no answer), the body in body, the Retry-After value (or "") in
  * retry_after. */
 static int request(const char *method, const char *path, const char *token, const char *idem,
                    const char *payload, char *body, size_t cap, char *retry_after, size_t racap) {
-    struct sockaddr_in a = {.sin_family = AF_INET,
-                            .sin_port = htons((uint16_t)g.producer.port),
-                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    char req[2048], hdr[512] = "", resp[8192];
-    size_t len = 0;
+    char resp[8192];
     body[0] = retry_after[0] = '\0';
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0) return 0;
-    struct timeval tv = {15, 0};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    if (connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0) {
-        close(fd);
-        return 0;
-    }
-    if (token) snprintf(hdr, sizeof(hdr), "Authorization: Bearer %s\r\n", token);
-    if (idem)
-        snprintf(hdr + strlen(hdr), sizeof(hdr) - strlen(hdr), "Idempotency-Key: %s\r\n", idem);
-    int n = snprintf(req, sizeof(req),
-                     "%s %s HTTP/1.0\r\nHost: 127.0.0.1\r\n%sContent-Type: application/json\r\n"
-                     "Content-Length: %zu\r\n\r\n%s",
-                     method, path, hdr, payload ? strlen(payload) : 0, payload ? payload : "");
-    if (write(fd, req, (size_t)n) != n) {
-        close(fd);
-        return 0;
-    }
-    for (ssize_t r;
-         len + 1 < sizeof(resp) && (r = read(fd, resp + len, sizeof(resp) - len - 1)) > 0;)
-        len += (size_t)r;
-    resp[len] = '\0';
-    close(fd);
-    int code = 0;
-    if (sscanf(resp, "HTTP/1.%*d %d", &code) != 1) return 0;
+    int code = http_raw(g.producer.port, method, path, token, idem, payload, resp, sizeof(resp));
     char *end = strstr(resp, "\r\n\r\n");
-    if (end == NULL) return 0;
+    if (code == 0 || end == NULL) return 0;
     snprintf(body, cap, "%s", end + 4);
     *end = '\0';
     const char *h = strcasestr(resp, "\r\nRetry-After:");
