@@ -208,3 +208,7 @@ pg_purge() { # delete PostgreSQL's data (stopped already); prints what went, for
 pg_dsn() { # the workers' PG_DSN for this stack
     printf 'host=127.0.0.1 port=%s dbname=%s user=%s connect_timeout=5' "$PG_PORT" "$PG_DB" "$PG_USER"
 }
+
+pg_promote() { # promote the standby (STACK_PG_STANDBY=1) to primary
+    die "pg-promote: this stack runs no standby (start it with STACK_PG_STANDBY=1)"
+}

@@ -7,6 +7,7 @@
 #   scripts/stack.sh down --purge     stop everything and delete all its data
 #   scripts/stack.sh status           one line per server; exit 0 only if all three run
 #   scripts/stack.sh env              print the path of the env file written by `up`
+#   scripts/stack.sh pg-promote       promote the PostgreSQL standby (STACK_PG_STANDBY=1) to primary
 #   scripts/stack.sh topic create NAME PARTITIONS | topic delete NAME
 #                                     a topic of its own for a test or benchmark run (unlimited
 #                                     retention like the others); the broker must be running
@@ -553,6 +554,7 @@ cmd_topic() { # cmd_topic create NAME PARTITIONS | delete NAME
 
 case "${1:-}" in
     topic) shift; cmd_topic "$@" ;;
+    pg-promote) shift; take_lock; pg_promote "$@" ;;
     up) shift; (($# == 0)) || die "up takes no arguments"; cmd_up ;;
     down) shift; cmd_down "$@" ;;
     status) cmd_status ;;
