@@ -6,10 +6,13 @@
  */
 #include "config.h"
 
+#include <ctype.h>
 #include <errno.h>
+#include <libpq-fe.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -53,8 +56,35 @@ static const conf_opt conf_table[] = {
      C|T, 0, "Dead-letter topic for events that cannot be applied"},
     {"kafka-group", "KAFKA_GROUP", STR(kafka_group), "stockpipe-consumer", 0, 0, C, 0,
      "Kafka consumer group shared by all consumers"},
+    {"kafka-security-protocol", "KAFKA_SECURITY_PROTOCOL", STR(kafka_security_protocol),
+     "plaintext", 0, 0, P|C|R|T, 0,
+     "How every Kafka client talks to the brokers: plaintext, ssl (TLS), sasl_plaintext or "
+     "sasl_ssl (SASL login over TLS: a managed cluster's usual)"},
+    {"kafka-sasl-mechanism", "KAFKA_SASL_MECHANISM", STR(kafka_sasl_mechanism), "", 0, 0,
+     P|C|R|T, 0,
+     "SASL mechanism of the sasl_* protocols: SCRAM-SHA-512, SCRAM-SHA-256 or PLAIN"},
+    {"kafka-sasl-username", "KAFKA_SASL_USERNAME", STR(kafka_sasl_username), "", 0, 0, P|C|R|T, 0,
+     "SASL user name (sasl_* protocols)"},
+    {"kafka-sasl-password", "KAFKA_SASL_PASSWORD", STR(kafka_sasl_password), "", 0, 0, P|C|R|T,
+     CONF_SECRET,
+     "SASL password (sasl_* protocols); set it in the environment (a flag shows in ps)"},
+    {"kafka-ssl-ca-location", "KAFKA_SSL_CA_LOCATION", STR(kafka_ssl_ca_location), "", 0, 0,
+     P|C|R|T, 0,
+     "PEM file (or directory) of the CA certificates the brokers' certificates are verified with "
+     "(ssl, sasl_ssl); unset: the system's CA store. The broker's host name is verified too"},
+    {"kafka-ssl-certificate-location", "KAFKA_SSL_CERTIFICATE_LOCATION",
+     STR(kafka_ssl_certificate_location), "", 0, 0, P|C|R|T, 0,
+     "Mutual TLS: PEM file of this client's certificate (with KAFKA_SSL_KEY_LOCATION)"},
+    {"kafka-ssl-key-location", "KAFKA_SSL_KEY_LOCATION", STR(kafka_ssl_key_location), "", 0, 0,
+     P|C|R|T, 0,
+     "Mutual TLS: PEM file of this client's private key (with KAFKA_SSL_CERTIFICATE_LOCATION)"},
+    {"kafka-ssl-key-password", "KAFKA_SSL_KEY_PASSWORD", STR(kafka_ssl_key_password), "", 0, 0,
+     P|C|R|T, CONF_SECRET,
+     "Mutual TLS: passphrase of an encrypted KAFKA_SSL_KEY_LOCATION; set it in the environment"},
     {"pg-dsn", "PG_DSN", STR(pg_dsn), "", 0, 0, P|C|R|T, CONF_REQUIRED,
-     "PostgreSQL libpq conninfo, e.g. 'host=db port=5432 dbname=stockpipe user=stockpipe'"},
+     "PostgreSQL libpq conninfo, e.g. 'host=db port=5432 dbname=stockpipe user=stockpipe' or a "
+     "postgresql:// URI; TLS: sslmode=verify-full sslrootcert=/path/ca.pem (passwords in it are "
+     "never shown)"},
     {"http-addr", "HTTP_ADDR", STR(http_addr), "0.0.0.0", 0, 0, P|C|R, 0,
      "Address the HTTP server binds"},
     {"http-port", "HTTP_PORT", INT(http_port), "8080", 1, 65535, P|C|R, 0,
@@ -217,6 +247,199 @@ static int add_arg(sp_config *cfg, char *arg, const char *prog, char *errbuf, si
     return 0;
 }
 
+/* The last successful load (sp_config_loaded). */
+static sp_config loaded;
+static int have_loaded;
+
+static int uses(unsigned worker, const char *env) {
+    for (size_t i = 0; i < NOPTS; i++)
+        if (strcmp(conf_table[i].env, env) == 0) return (conf_table[i].workers & worker) != 0;
+    return 0;
+}
+
+/* name (namelen bytes, no NUL) ends with "password", case aside. */
+static int ends_password(const char *name, size_t namelen) {
+    return namelen >= 8 && strncasecmp(name + namelen - 8, "password", 8) == 0;
+}
+
+/* A --flag name that is not this worker's but would carry a secret: another worker's secret
+ * setting, or any name that says password (or a misspelling of it), token or secret. */
+static int secret_flag(const char *name, size_t namelen) {
+    char low[64];
+    if (namelen >= sizeof(low)) namelen = sizeof(low) - 1;
+    for (size_t i = 0; i < namelen; i++) low[i] = (char)tolower((unsigned char)name[i]);
+    low[namelen] = '\0';
+    for (size_t i = 0; i < NOPTS; i++)
+        if ((conf_table[i].flags & CONF_SECRET) && strcmp(conf_table[i].flag, low) == 0) return 1;
+    static const char *const words[] = {"pass", "pasw", "pwd", "token", "secret"};
+    for (size_t i = 0; i < sizeof(words) / sizeof(words[0]); i++)
+        if (strstr(low, words[i])) return 1;
+    return 0;
+}
+
+static void set_case(char *s, int upper) {
+    for (; *s; s++) *s = (char)(upper ? toupper((unsigned char)*s) : tolower((unsigned char)*s));
+}
+
+static int one_of(const char *s, const char *const *list, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(s, list[i]) == 0) return 1;
+    return 0;
+}
+
+/* -1 with errbuf naming the setting when the file (or directory) at path cannot be read by this
+ * process; what follows the setting's name ("" or e.g. "'s sslrootcert"). */
+static int check_readable(const char *env, const char *what, const char *path, char *errbuf,
+                          size_t errlen) {
+    if (access(path, R_OK) == 0) return 0;
+    snprintf(errbuf, errlen,
+             "%s%s is \"%s\", which this worker cannot read (%s); fix the path or the file's "
+             "owner and mode",
+             env, what, path, strerror(errno));
+    return -1;
+}
+
+static const char *const kafka_protocols[] = {"plaintext", "ssl", "sasl_plaintext", "sasl_ssl"};
+static const char *const sasl_mechanisms[] = {"SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"};
+#define NELEMS(a) (sizeof(a) / sizeof((a)[0]))
+
+/* The Kafka security settings agree with each other and their files can be read; normalizes the
+ * protocol (lower-case; empty is plaintext) and mechanism (upper-case). Nothing secret goes into
+ * errbuf. */
+static int check_kafka_security(sp_config *cfg, char *errbuf, size_t errlen) {
+    set_case(cfg->kafka_security_protocol, 0);
+    set_case(cfg->kafka_sasl_mechanism, 1);
+    /* Empty is not set, as for the other security settings (an empty key of a Secret). */
+    if (cfg->kafka_security_protocol[0] == '\0') strcpy(cfg->kafka_security_protocol, "plaintext");
+    const char *proto = cfg->kafka_security_protocol;
+    if (!one_of(proto, kafka_protocols, NELEMS(kafka_protocols))) {
+        snprintf(errbuf, errlen,
+                 "KAFKA_SECURITY_PROTOCOL is \"%.40s\"; use plaintext, ssl, sasl_plaintext or "
+                 "sasl_ssl",
+                 proto);
+        return -1;
+    }
+    int sasl = strncmp(proto, "sasl_", 5) == 0;
+    int tls = strcmp(proto, "ssl") == 0 || strcmp(proto, "sasl_ssl") == 0;
+    if (sasl) {
+        const char *missing = !cfg->kafka_sasl_mechanism[0]  ? "KAFKA_SASL_MECHANISM"
+                              : !cfg->kafka_sasl_username[0] ? "KAFKA_SASL_USERNAME"
+                              : !cfg->kafka_sasl_password[0] ? "KAFKA_SASL_PASSWORD"
+                                                             : NULL;
+        if (missing) {
+            snprintf(errbuf, errlen,
+                     "KAFKA_SECURITY_PROTOCOL=%s needs KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME "
+                     "and KAFKA_SASL_PASSWORD; %s is not set",
+                     proto, missing);
+            return -1;
+        }
+        if (!one_of(cfg->kafka_sasl_mechanism, sasl_mechanisms, NELEMS(sasl_mechanisms))) {
+            snprintf(errbuf, errlen,
+                     "KAFKA_SASL_MECHANISM is \"%.40s\"; use SCRAM-SHA-512, SCRAM-SHA-256 or "
+                     "PLAIN (the one the cluster's user was made for)",
+                     cfg->kafka_sasl_mechanism);
+            return -1;
+        }
+    } else {
+        const char *extra = cfg->kafka_sasl_mechanism[0]  ? "KAFKA_SASL_MECHANISM"
+                            : cfg->kafka_sasl_username[0] ? "KAFKA_SASL_USERNAME"
+                            : cfg->kafka_sasl_password[0] ? "KAFKA_SASL_PASSWORD"
+                                                          : NULL;
+        if (extra) {
+            snprintf(errbuf, errlen,
+                     "%s is set but KAFKA_SECURITY_PROTOCOL is %s, which sends no SASL login; set "
+                     "KAFKA_SECURITY_PROTOCOL=sasl_ssl (or sasl_plaintext), or unset %s",
+                     extra, proto, extra);
+            return -1;
+        }
+    }
+    const struct {
+        const char *env, *value;
+    } ssl[] = {
+        {"KAFKA_SSL_CA_LOCATION", cfg->kafka_ssl_ca_location},
+        {"KAFKA_SSL_CERTIFICATE_LOCATION", cfg->kafka_ssl_certificate_location},
+        {"KAFKA_SSL_KEY_LOCATION", cfg->kafka_ssl_key_location},
+        {"KAFKA_SSL_KEY_PASSWORD", cfg->kafka_ssl_key_password},
+    };
+    for (size_t i = 0; !tls && i < NELEMS(ssl); i++)
+        if (ssl[i].value[0]) {
+            snprintf(errbuf, errlen,
+                     "%s is set but KAFKA_SECURITY_PROTOCOL is %s, which does not use TLS; set "
+                     "KAFKA_SECURITY_PROTOCOL=ssl or sasl_ssl, or unset %s",
+                     ssl[i].env, proto, ssl[i].env);
+            return -1;
+        }
+    if (!cfg->kafka_ssl_certificate_location[0] != !cfg->kafka_ssl_key_location[0]) {
+        snprintf(errbuf, errlen,
+                 "KAFKA_SSL_CERTIFICATE_LOCATION and KAFKA_SSL_KEY_LOCATION go together (mutual "
+                 "TLS): set both or neither");
+        return -1;
+    }
+    if (cfg->kafka_ssl_key_password[0] && !cfg->kafka_ssl_key_location[0]) {
+        snprintf(errbuf, errlen,
+                 "KAFKA_SSL_KEY_PASSWORD is set without KAFKA_SSL_KEY_LOCATION; set the key's "
+                 "file (and KAFKA_SSL_CERTIFICATE_LOCATION) or unset it");
+        return -1;
+    }
+    /* "probe": librdkafka looks for the system's CA store in the usual places. */
+    for (size_t i = 0; i < 3; i++)
+        if (ssl[i].value[0] && !(i == 0 && strcmp(ssl[i].value, "probe") == 0) &&
+            check_readable(ssl[i].env, "", ssl[i].value, errbuf, errlen) != 0)
+            return -1;
+    return 0;
+}
+
+/* The DSN parses as libpq will parse it, so no libpq error at connect time quotes a piece of it
+ * (libpq's parse errors do: 'missing "=" after "..."'); its sslmode is one libpq knows and the
+ * files it names can be read. libpq's reason is shown only when the DSN holds no password. */
+static int check_pg_dsn(const char *dsn, char *errbuf, size_t errlen) {
+    static const char *const modes[] = {"disable", "allow",     "prefer",
+                                        "require", "verify-ca", "verify-full"};
+    static const char *const files[] = {"sslrootcert", "sslcert", "sslkey", "sslcrl"};
+    char *msg = NULL, shown[sizeof(((sp_config *)0)->pg_dsn) + 64];
+    PQconninfoOption *opts = PQconninfoParse(dsn, &msg);
+    int rc = -1;
+    if (opts == NULL) {
+        sp_config_redact(dsn, shown, sizeof(shown));
+        if (msg && strcmp(shown, dsn) == 0 && strcasestr(dsn, "password") == NULL) {
+            msg[strcspn(msg, "\n")] = '\0';
+            snprintf(errbuf, errlen,
+                     "PG_DSN is not a libpq conninfo (%s); write keyword=value pairs (a value "
+                     "with spaces in single quotes) or a postgresql:// URI",
+                     msg);
+        } else {
+            snprintf(errbuf, errlen,
+                     "PG_DSN is not a libpq conninfo (libpq's reason is not shown: it may quote "
+                     "the password); write keyword=value pairs (a value with spaces or quotes in "
+                     "single quotes, with \\' and \\\\ inside) or a postgresql:// URI (reserved "
+                     "characters percent-encoded)");
+        }
+        goto out;
+    }
+    for (PQconninfoOption *o = opts; o->keyword; o++) {
+        if (o->val == NULL || o->val[0] == '\0') continue;
+        if (strcmp(o->keyword, "sslmode") == 0 && !one_of(o->val, modes, NELEMS(modes))) {
+            snprintf(errbuf, errlen,
+                     "PG_DSN's sslmode is \"%.40s\"; use disable, allow, prefer, require, "
+                     "verify-ca or verify-full (verify-full: the server's certificate and name "
+                     "are checked against sslrootcert)",
+                     o->val);
+            goto out;
+        }
+        for (size_t i = 0; i < NELEMS(files); i++) {
+            char what[32];
+            if (strcmp(o->keyword, files[i]) != 0 || strcmp(o->val, "system") == 0) continue;
+            snprintf(what, sizeof(what), "'s %s", files[i]);
+            if (check_readable("PG_DSN", what, o->val, errbuf, errlen) != 0) goto out;
+        }
+    }
+    rc = 0;
+out:
+    if (msg) PQfreemem(msg);
+    if (opts) PQconninfoFree(opts);
+    return rc;
+}
+
 void sp_config_usage(FILE *out, unsigned worker, const char *prog, const char *synopsis) {
     fprintf(out, "Usage: %s [options]%s%s\n\n", prog, synopsis && *synopsis ? " " : "",
             synopsis ? synopsis : "");
@@ -260,7 +483,9 @@ int sp_config_load(sp_config *cfg, unsigned worker, int argc, char **argv, const
                 return SP_CONFIG_EXIT;
             }
             if (!only_args && a[0] == '-' && a[1] != '\0') {
-                snprintf(errbuf, errlen, "unknown option \"%s\"; see %s --help", a, prog);
+                /* Up to any '=' only: "-kafka-sasl-password=..." must not print the password. */
+                snprintf(errbuf, errlen, "unknown option \"%.*s\"; see %s --help",
+                         (int)strcspn(a, "="), a, prog);
                 return -1;
             }
             if (add_arg(cfg, argv[i], prog, errbuf, errlen) != 0) return -1;
@@ -281,6 +506,13 @@ int sp_config_load(sp_config *cfg, unsigned worker, int argc, char **argv, const
         const char *name = a + 2, *eq = strchr(name, '=');
         size_t namelen = eq ? (size_t)(eq - name) : strlen(name);
         const conf_opt *o = find_flag(name, namelen, worker);
+        if (o == NULL && secret_flag(name, namelen)) {
+            /* Left as an argument, the worker's "unexpected argument" would print the value. */
+            snprintf(errbuf, errlen,
+                     "option --%.*s is not a setting of %s (its value is not shown); see %s --help",
+                     (int)namelen, name, prog, prog);
+            return -1;
+        }
         if (o == NULL) {
             /* Sub-command flags (e.g. --sku of `reaper reconcile`) are the worker's to read. */
             if (add_arg(cfg, argv[i], prog, errbuf, errlen) != 0) return -1;
@@ -319,32 +551,136 @@ int sp_config_load(sp_config *cfg, unsigned worker, int argc, char **argv, const
             return -1;
         }
     }
+    if (uses(worker, "KAFKA_SECURITY_PROTOCOL") && check_kafka_security(cfg, errbuf, errlen) != 0)
+        return -1;
+    if (uses(worker, "PG_DSN") && cfg->pg_dsn[0] && check_pg_dsn(cfg->pg_dsn, errbuf, errlen) != 0)
+        return -1;
+    loaded = *cfg;
+    have_loaded = 1;
     return SP_CONFIG_OK;
 }
 
-/* Copies s into out with credentials hidden: the value of a conninfo "password=" and the password
- * of a URL's "user:password@". */
-static void redact(const char *s, char *out, size_t outlen) {
+const sp_config *sp_config_loaded(void) { return have_loaded ? &loaded : NULL; }
+
+/* An output buffer that stops at its bound (always NUL-terminated). */
+typedef struct outbuf {
+    char *p;
+    size_t len, cap;
+} outbuf;
+
+static void put(outbuf *b, const char *s, size_t n) {
+    if (b->len + 1 >= b->cap) return;
+    if (n > b->cap - 1 - b->len) n = b->cap - 1 - b->len;
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    b->p[b->len] = '\0';
+}
+
+/* s starts with "scheme://" (postgresql://, redis://, sentinel://). */
+static const char *url_rest(const char *s) {
+    const char *p = s;
+    if (!isalpha((unsigned char)*p)) return NULL;
+    while (isalnum((unsigned char)*p) || *p == '+' || *p == '-' || *p == '.') p++;
+    return strncmp(p, "://", 3) == 0 ? p + 3 : NULL;
+}
+
+/* A URL query parameter's name [k, k+n), percent-decoded, ends with "password". */
+static int query_key_is_password(const char *k, size_t n) {
+    char dec[64];
     size_t o = 0;
-    const char *scheme = strstr(s, "://");
-    const char *at = scheme ? strchr(scheme + 3, '@') : NULL;
-    const char *colon = NULL;
-    if (at)
-        for (const char *p = scheme + 3; p < at; p++)
-            if (*p == ':') colon = p;
-    for (const char *p = s; *p && o + 4 < outlen; p++) {
-        if (colon && p == colon + 1) { /* skip to the '@' */
-            memcpy(out + o, "***", 3), o += 3;
-            p = at - 1;
-            continue;
-        }
-        out[o++] = *p;
-        if (o >= 9 && strncmp(out + o - 9, "password=", 9) == 0) {
-            memcpy(out + o, "***", 3), o += 3;
-            while (p[1] && p[1] != ' ') p++;
+    for (size_t i = 0; i < n && o + 1 < sizeof(dec); i++) {
+        if (k[i] == '%' && i + 2 < n && isxdigit((unsigned char)k[i + 1]) &&
+            isxdigit((unsigned char)k[i + 2])) {
+            char hex[3] = {k[i + 1], k[i + 2], '\0'};
+            dec[o++] = (char)strtol(hex, NULL, 16);
+            i += 2;
+        } else {
+            dec[o++] = k[i];
         }
     }
-    out[o] = '\0';
+    return ends_password(dec, o);
+}
+
+static void redact_url(const char *s, const char *auth, outbuf *b) {
+    /* The user info ends at the first '@' before the path; a password with an unencoded '/', '?'
+     * or '#' pushes that '@' further on: then the last '@' of all ends it (hiding too much is
+     * the safe way to be wrong). */
+    size_t authlen = strcspn(auth, "/?#");
+    const char *at = memchr(auth, '@', authlen);
+    if (at == NULL) at = strrchr(auth, '@');
+    const char *colon = at ? memchr(auth, ':', (size_t)(at - auth)) : NULL;
+    const char *p = s;
+    if (colon) { /* user:password@ */
+        put(b, s, (size_t)(colon + 1 - s));
+        put(b, "***", 3);
+        p = at;
+    }
+    const char *q = strchr(p, '?');
+    if (q == NULL) {
+        put(b, p, strlen(p));
+        return;
+    }
+    put(b, p, (size_t)(q + 1 - p));
+    for (p = q + 1; *p;) { /* name=value&...: the value of any ...password hidden */
+        size_t n = strcspn(p, "&");
+        const char *eq = memchr(p, '=', n);
+        if (eq && query_key_is_password(p, (size_t)(eq - p))) {
+            put(b, p, (size_t)(eq + 1 - p));
+            put(b, "***", 3);
+        } else {
+            put(b, p, n);
+        }
+        p += n;
+        if (*p == '&') put(b, p++, 1);
+    }
+}
+
+/* libpq's conninfo syntax: keyword = value, white space around '=' allowed, a value in single
+ * quotes or not, a backslash escaping the next character in either. Words that are not
+ * keyword=value (a broker list, a plain name) are copied as they are. */
+static void redact_conninfo(const char *s, outbuf *b) {
+    const char *p = s;
+    while (*p) {
+        const char *start = p;
+        while (isspace((unsigned char)*p)) p++;
+        const char *kw = p;
+        while (*p && *p != '=' && !isspace((unsigned char)*p)) p++;
+        size_t kwlen = (size_t)(p - kw);
+        const char *q = p;
+        while (isspace((unsigned char)*q)) q++;
+        if (*q != '=') {
+            put(b, start, (size_t)(p - start));
+            continue;
+        }
+        for (q++; isspace((unsigned char)*q); q++) {}
+        const char *v = q;
+        if (*q == '\'') {
+            for (q++; *q && *q != '\''; q++)
+                if (*q == '\\' && q[1]) q++;
+            if (*q) q++;
+        } else {
+            for (; *q && !isspace((unsigned char)*q); q++)
+                if (*q == '\\' && q[1]) q++;
+        }
+        if (ends_password(kw, kwlen)) {
+            put(b, start, (size_t)(v - start));
+            put(b, "***", 3);
+        } else {
+            put(b, start, (size_t)(q - start));
+        }
+        p = q;
+    }
+}
+
+void sp_config_redact(const char *s, char *out, size_t outlen) {
+    outbuf b = {out, 0, outlen};
+    if (outlen == 0) return;
+    out[0] = '\0';
+    const char *auth = url_rest(s);
+    if (auth)
+        redact_url(s, auth, &b);
+    else
+        redact_conninfo(s, &b);
 }
 
 void sp_config_log(const sp_config *cfg, unsigned worker) {
@@ -358,8 +694,13 @@ void sp_config_log(const sp_config *cfg, unsigned worker) {
             sp_info("config %s=%s", o->env, field[0] ? "(set)" : "(not set)");
         else {
             char shown[1100];
-            redact(field, shown, sizeof(shown));
+            sp_config_redact(field, shown, sizeof(shown));
             sp_info("config %s=%s", o->env, shown);
         }
     }
+    if (uses(worker, "KAFKA_SECURITY_PROTOCOL") &&
+        strcmp(cfg->kafka_security_protocol, "sasl_plaintext") == 0 &&
+        strcmp(cfg->kafka_sasl_mechanism, "PLAIN") == 0)
+        sp_warn("config: KAFKA_SASL_MECHANISM=PLAIN over KAFKA_SECURITY_PROTOCOL=sasl_plaintext "
+                "sends the Kafka password unencrypted; use sasl_ssl");
 }

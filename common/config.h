@@ -21,6 +21,16 @@ typedef struct sp_config {
     char kafka_topic[250];
     char kafka_dlq_topic[250];
     char kafka_group[250];
+    /* Kafka's security (managed clusters): applied to every client by sp_kafka_conf_new. The
+     * protocol and mechanism are stored normalized (lower-case, upper-case). */
+    char kafka_security_protocol[32]; /* plaintext, ssl, sasl_plaintext, sasl_ssl */
+    char kafka_sasl_mechanism[32];    /* SCRAM-SHA-512, SCRAM-SHA-256, PLAIN */
+    char kafka_sasl_username[256];
+    char kafka_sasl_password[256];            /* secret: never logged */
+    char kafka_ssl_ca_location[512];          /* CA the brokers' certificates are checked with */
+    char kafka_ssl_certificate_location[512]; /* mutual TLS: the client's certificate */
+    char kafka_ssl_key_location[512];         /* mutual TLS: its private key */
+    char kafka_ssl_key_password[256];         /* secret: the key's passphrase */
     char pg_dsn[1024];
     char http_addr[64];
     int http_port;
@@ -71,6 +81,18 @@ typedef struct sp_config {
  * --help to stdout, or -1 with one sentence naming the setting and the fix in errbuf. */
 int sp_config_load(sp_config *cfg, unsigned worker, int argc, char **argv, const char *synopsis,
                    char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+
+/* The settings of this process's last successful sp_config_load, NULL before one. For code that
+ * is handed only a few settings, not the whole sp_config (sp_kafka_conf_new applies the Kafka
+ * security settings from here). Written only by sp_config_load, which workers call once at start
+ * before any thread runs; read-only afterwards. */
+const sp_config *sp_config_loaded(void);
+
+/* Copies s into out (always NUL-terminated, cut at outlen) with every credential hidden as ***:
+ * a conninfo's password= and sslpassword= values (quoted or not, spaces around '='), and in a
+ * URL (postgresql://, redis://...) the password of "user:password@" and any ...password=
+ * query parameter. For every line that shows a DSN or URL. */
+void sp_config_redact(const char *s, char *out, size_t outlen);
 
 /* Prints the usage text: synopsis, then every setting of `worker` with its flag, environment
  * variable, default and bounds, from the same table the loader reads. */

@@ -1,10 +1,24 @@
 /* kafka.c - Kafka clients (librdkafka) set up the one way all workers use, and event publishing. */
 #include "kafka.h"
 
+#include <pthread.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 
+#include "clock.h"
 #include "log.h"
+
+/* The last connection failure librdkafka reported (a "FAIL" log line: a refused login, a
+ * certificate that did not verify, a refused connection) in any client of this process, and
+ * when (monotonic ms). A metadata request that fails only says "Broker transport failure"; this
+ * says why, for /readyz. Written from librdkafka's threads, hence the lock. librdkafka's words
+ * never hold a password. */
+static pthread_mutex_t last_fail_lock = PTHREAD_MUTEX_INITIALIZER;
+static char last_fail[300];
+static int64_t last_fail_ms;
+
+#define LAST_FAIL_FRESH_MS 30000
 
 /* librdkafka's log lines (syslog levels) into the JSON logger. Called from librdkafka's threads;
  * sp_log_write is thread-safe. */
@@ -14,13 +28,99 @@ static void on_kafka_log(const rd_kafka_t *rk, int level, const char *fac, const
                      : level <= 6 ? SP_LOG_INFO
                                   : SP_LOG_DEBUG;
     SP_LOG(l, "kafka %s %s: %s", rd_kafka_name(rk), fac, buf);
+    if (level <= 4 && strcmp(fac, "FAIL") == 0) {
+        /* "[thrd:...]: sasl_ssl://host:port/bootstrap: SASL authentication error: ...": the
+         * reason alone (the broker's name would crowd it out of /readyz's bounded text). */
+        const char *why = strstr(buf, "]: "), *next;
+        why = why ? why + 3 : buf;
+        next = strstr(why, ": ");
+        if (next && memmem(why, (size_t)(next - why), "://", 3)) why = next + 2;
+        pthread_mutex_lock(&last_fail_lock);
+        snprintf(last_fail, sizeof(last_fail), "%s", why);
+        last_fail_ms = sp_clock_mono_ms();
+        pthread_mutex_unlock(&last_fail_lock);
+    }
+}
+
+/* Appends "; last connection failure: ..." to errbuf when librdkafka reported one lately. */
+static void append_last_fail(char *errbuf, size_t errlen) {
+    size_t n = strlen(errbuf);
+    pthread_mutex_lock(&last_fail_lock);
+    if (last_fail[0] && sp_clock_mono_ms() - last_fail_ms < LAST_FAIL_FRESH_MS && n < errlen)
+        snprintf(errbuf + n, errlen - n, "; last connection failure: %s", last_fail);
+    pthread_mutex_unlock(&last_fail_lock);
+}
+
+/* A librdkafka property whose value is a secret (or, misspelt, may be one): never put into a
+ * message. */
+static int secret_property(const char *name) {
+    static const char *const words[] = {"pass", "pasw", "pwd", "secret", "jaas", "token"};
+    for (size_t i = 0; i < sizeof(words) / sizeof(words[0]); i++)
+        if (strstr(name, words[i])) return 1;
+    return strcmp(name, "sasl.oauthbearer.config") == 0;
 }
 
 int sp_kafka_conf_set(rd_kafka_conf_t *conf, const char *name, const char *value, char *errbuf,
                       size_t errlen) {
     char err[256];
     if (rd_kafka_conf_set(conf, name, value, err, sizeof(err)) != RD_KAFKA_CONF_OK) {
-        snprintf(errbuf, errlen, "kafka setting %s=%s: %s", name, value, err);
+        /* librdkafka's own words may quote the value ("Invalid value "..." for ..."). */
+        if (secret_property(name))
+            snprintf(errbuf, errlen, "kafka setting %s refused (its value is not shown)", name);
+        else
+            snprintf(errbuf, errlen, "kafka setting %s=%s: %s", name, value, err);
+        return -1;
+    }
+    return 0;
+}
+
+/* The settings of the config table that become librdkafka properties of every client. */
+static const struct {
+    const char *prop, *env;
+    size_t offset;
+} security_props[] = {
+    {"security.protocol", "KAFKA_SECURITY_PROTOCOL", offsetof(sp_config, kafka_security_protocol)},
+    {"sasl.mechanisms", "KAFKA_SASL_MECHANISM", offsetof(sp_config, kafka_sasl_mechanism)},
+    {"sasl.username", "KAFKA_SASL_USERNAME", offsetof(sp_config, kafka_sasl_username)},
+    {"sasl.password", "KAFKA_SASL_PASSWORD", offsetof(sp_config, kafka_sasl_password)},
+    {"ssl.ca.location", "KAFKA_SSL_CA_LOCATION", offsetof(sp_config, kafka_ssl_ca_location)},
+    {"ssl.certificate.location", "KAFKA_SSL_CERTIFICATE_LOCATION",
+     offsetof(sp_config, kafka_ssl_certificate_location)},
+    {"ssl.key.location", "KAFKA_SSL_KEY_LOCATION", offsetof(sp_config, kafka_ssl_key_location)},
+    {"ssl.key.password", "KAFKA_SSL_KEY_PASSWORD", offsetof(sp_config, kafka_ssl_key_password)},
+};
+#define NSECURITY (sizeof(security_props) / sizeof(security_props[0]))
+
+/* librdkafka before 2.6.1 repeats its own nonce in SCRAM's last message (librdkafka#4895). Kafka
+ * 3.x brokers let that pass (3.8.1 and 3.9 check only the end of it), 4.x brokers compare the
+ * whole nonce and refuse the login. Said once per process. */
+static void warn_old_scram(const sp_config *cfg) {
+    static int warned;
+    if (strncmp(cfg->kafka_sasl_mechanism, "SCRAM-", 6) != 0 || rd_kafka_version() >= 0x020601ff ||
+        __atomic_exchange_n(&warned, 1, __ATOMIC_RELAXED))
+        return;
+    sp_warn("KAFKA_SASL_MECHANISM=%s with librdkafka %s: before 2.6.1 librdkafka cannot log in to "
+            "Kafka 4.x brokers with SCRAM (librdkafka#4895; 3.x brokers accept it). Against 4.x "
+            "use PLAIN over sasl_ssl, or a newer librdkafka",
+            cfg->kafka_sasl_mechanism, rd_kafka_version_str());
+}
+
+int sp_kafka_conf_security(rd_kafka_conf_t *conf, const sp_config *cfg, char *errbuf,
+                           size_t errlen) {
+    warn_old_scram(cfg);
+    for (size_t i = 0; i < NSECURITY; i++) {
+        const char *value = (const char *)cfg + security_props[i].offset;
+        const char *prop = security_props[i].prop;
+        char err[256];
+        if (value[0] == '\0') continue; /* librdkafka's default */
+        if (rd_kafka_conf_set(conf, prop, value, err, sizeof(err)) == RD_KAFKA_CONF_OK) continue;
+        if (secret_property(prop))
+            snprintf(errbuf, errlen,
+                     "%s is refused by librdkafka (its property %s; the value is not shown)",
+                     security_props[i].env, prop);
+        else
+            snprintf(errbuf, errlen, "%s=%s is refused by librdkafka (its property %s): %s",
+                     security_props[i].env, value, prop, err);
         return -1;
     }
     return 0;
@@ -38,7 +138,9 @@ rd_kafka_conf_t *sp_kafka_conf_new(const char *brokers, const char *client_id, c
         sp_kafka_conf_set(conf, "socket.keepalive.enable", "true", errbuf, errlen) != 0 ||
         /* TCP_NODELAY, as Kafka's own clients set: a small produce request (one order) is not
          * held back by Nagle's algorithm waiting for the broker's delayed ACK. */
-        sp_kafka_conf_set(conf, "socket.nagle.disable", "true", errbuf, errlen) != 0) {
+        sp_kafka_conf_set(conf, "socket.nagle.disable", "true", errbuf, errlen) != 0 ||
+        (sp_config_loaded() &&
+         sp_kafka_conf_security(conf, sp_config_loaded(), errbuf, errlen) != 0)) {
         rd_kafka_conf_destroy(conf);
         return NULL;
     }
@@ -52,7 +154,14 @@ static rd_kafka_t *client_new(rd_kafka_type_t type, rd_kafka_conf_t **conf, char
     char err[512];
     rd_kafka_t *rk = rd_kafka_new(type, *conf, err, sizeof(err));
     if (rk == NULL) {
-        snprintf(errbuf, errlen, "kafka client: %s", err);
+        /* E.g. "ssl.key.location failed: ... bad decrypt": name the setting behind it. */
+        const char *env = NULL;
+        for (size_t i = 0; i < NSECURITY && env == NULL; i++)
+            if (strstr(err, security_props[i].prop)) env = security_props[i].env;
+        if (env && strcmp(env, "KAFKA_SSL_KEY_LOCATION") == 0)
+            env = "KAFKA_SSL_KEY_LOCATION (and KAFKA_SSL_KEY_PASSWORD)";
+        snprintf(errbuf, errlen, "kafka client: %s%s%s", err, env ? "; check " : "",
+                 env ? env : "");
         rd_kafka_conf_destroy(*conf);
     }
     *conf = NULL;
@@ -97,6 +206,7 @@ int sp_kafka_topic_partitions(rd_kafka_t *rk, const char *topic, int timeout_ms,
     rd_kafka_resp_err_t err = rd_kafka_metadata(rk, 0, rkt, &md, timeout_ms);
     if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
         snprintf(errbuf, errlen, "kafka metadata for %s: %s", topic, rd_kafka_err2str(err));
+        append_last_fail(errbuf, errlen);
         goto out;
     }
     if (md->topic_cnt != 1 || md->topics[0].err != RD_KAFKA_RESP_ERR_NO_ERROR) {

@@ -5,14 +5,26 @@
 #include <librdkafka/rdkafka.h>
 #include <stddef.h>
 
+#include "config.h"
 #include "event.h"
 
 /* A configuration with what every client shares: bootstrap.servers, client.id, logs routed into
- * the JSON logger. The caller owns it until it hands it to one of the _new functions. */
+ * the JSON logger, and the security settings (KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_*,
+ * KAFKA_SSL_*) of the settings the process loaded (sp_config_loaded(); none before a load, as in
+ * tests that talk to the local stack). The caller owns it until it hands it to one of the _new
+ * functions. NULL with errbuf (naming the setting, never a secret) when a value is refused. */
 rd_kafka_conf_t *sp_kafka_conf_new(const char *brokers, const char *client_id, char *errbuf,
                                    size_t errlen) __attribute__((warn_unused_result));
 
-/* rd_kafka_conf_set with the error into errbuf. */
+/* Sets security.protocol, sasl.mechanisms, sasl.username, sasl.password, ssl.ca.location,
+ * ssl.certificate.location, ssl.key.location, ssl.key.password from cfg's KAFKA_* security
+ * settings that are set (sp_config_load checked that they agree). 0, or -1 with errbuf naming
+ * the setting librdkafka refused (a secret's value and librdkafka's words on it are left out). */
+int sp_kafka_conf_security(rd_kafka_conf_t *conf, const sp_config *cfg, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
+
+/* rd_kafka_conf_set with the error into errbuf (the value left out for a property that holds a
+ * secret: a password, a JAAS or OAuth config). */
 int sp_kafka_conf_set(rd_kafka_conf_t *conf, const char *name, const char *value, char *errbuf,
                       size_t errlen) __attribute__((warn_unused_result));
 
@@ -29,7 +41,9 @@ rd_kafka_t *sp_kafka_consumer_new(rd_kafka_conf_t **conf, const char *group, cha
                                   size_t errlen) __attribute__((warn_unused_result));
 
 /* A metadata request for topic: 0 and *npartitions when the broker answered and every partition
- * has a leader; -1 with errbuf otherwise. Blocks up to timeout_ms. */
+ * has a leader; -1 with errbuf otherwise, which adds the last connection failure any client of
+ * the process reported in the last 30 s (a refused SASL login, a certificate that did not
+ * verify), so that /readyz says why. Blocks up to timeout_ms. */
 int sp_kafka_topic_partitions(rd_kafka_t *rk, const char *topic, int timeout_ms, int *npartitions,
                               char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 

@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "config.h"
+
 #define EVALSHA_ARGS_MAX SP_REDIS_SCRIPT_ARGV_MAX /* the same bound as the async calls */
 
 /* Parses "host[:port]" of length n. */
@@ -54,8 +56,10 @@ int sp_redis_parse_url(const char *url, sp_redis_target *t, char *errbuf, size_t
         p = url + 11;
         out.sentinel = 1;
     } else {
+        char shown[128];
+        sp_config_redact(url, shown, sizeof(shown)); /* a password never reaches a message */
         snprintf(errbuf, errlen,
-                 "REDIS_URL must start with redis:// or sentinel:// (got \"%.40s\")", url);
+                 "REDIS_URL must start with redis:// or sentinel:// (got \"%.40s\")", shown);
         return -1;
     }
     const char *at = strchr(p, '@'), *slash;

@@ -44,6 +44,9 @@ PSQL=(psql "$DSN" -X -q -v ON_ERROR_STOP=1)
 # Silence "relation ... already exists, skipping" NOTICEs of the idempotent DDL.
 export PGOPTIONS="${PGOPTIONS:-} -c client_min_messages=warning"
 
+# The DSN as messages show it: a password (password=..., user:password@) never.
+redact_dsn() { sed -E -e 's/(password[[:space:]]*=[[:space:]]*)('"'"'[^'"'"']*'"'"'|[^[:space:]]*)/\1***/g' -e 's#(://[^:/@]*:)[^@]*@#\1***@#' <<<"$1"; }
+
 tmp=$(mktemp)
 trap 'rm -f "$tmp"' EXIT
 
@@ -52,7 +55,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
     version    text        PRIMARY KEY,
     applied_at timestamptz NOT NULL DEFAULT now(),
     checksum   text        NOT NULL
-)" >/dev/null || die "cannot reach the database or create schema_migrations (DSN: $DSN)"
+)" >/dev/null || die "cannot reach the database or create schema_migrations (DSN: $(redact_dsn "$DSN"))"
 
 # What is recorded already: "version checksum" per line.
 declare -A RECORDED=()
