@@ -2,7 +2,10 @@
 # manifests.sh - the Kubernetes manifests of deploy/k8s, rendered by kustomize (the base and the
 # example overlay) and checked offline by tests/deploy/check_manifests.py: against the Kubernetes
 # API schemas that kubernetes-validate ships (strict), and against stockpipe's policies (probes,
-# limits, non-root, no secret values, pinned image tags, ...).
+# limits, non-root, no secret values, pinned image tags, Kafka's security settings and the TLS
+# volume in every pod that needs them, the topics Job's replication factor 3,
+# min.insync.replicas=2 and retention, ...). The topics Job's script runs too, with the Job's
+# rendered environment, against stand-ins of Kafka's tools.
 #
 # The tools are pinned and installed by scripts/install-deps.sh under var/tools/. When the
 # machine allows it (root, util-linux unshare) everything runs in a network namespace of its own
