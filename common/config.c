@@ -247,10 +247,6 @@ static int add_arg(sp_config *cfg, char *arg, const char *prog, char *errbuf, si
     return 0;
 }
 
-/* The last successful load (sp_config_loaded). */
-static sp_config loaded;
-static int have_loaded;
-
 static int uses(unsigned worker, const char *env) {
     for (size_t i = 0; i < NOPTS; i++)
         if (strcmp(conf_table[i].env, env) == 0) return (conf_table[i].workers & worker) != 0;
@@ -555,12 +551,8 @@ int sp_config_load(sp_config *cfg, unsigned worker, int argc, char **argv, const
         return -1;
     if (uses(worker, "PG_DSN") && cfg->pg_dsn[0] && check_pg_dsn(cfg->pg_dsn, errbuf, errlen) != 0)
         return -1;
-    loaded = *cfg;
-    have_loaded = 1;
     return SP_CONFIG_OK;
 }
-
-const sp_config *sp_config_loaded(void) { return have_loaded ? &loaded : NULL; }
 
 /* An output buffer that stops at its bound (always NUL-terminated). */
 typedef struct outbuf {

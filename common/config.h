@@ -82,12 +82,6 @@ typedef struct sp_config {
 int sp_config_load(sp_config *cfg, unsigned worker, int argc, char **argv, const char *synopsis,
                    char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
-/* The settings of this process's last successful sp_config_load, NULL before one. For code that
- * is handed only a few settings, not the whole sp_config (sp_kafka_conf_new applies the Kafka
- * security settings from here). Written only by sp_config_load, which workers call once at start
- * before any thread runs; read-only afterwards. */
-const sp_config *sp_config_loaded(void);
-
 /* Copies s into out (always NUL-terminated, cut at outlen) with every credential hidden as ***:
  * a conninfo's password= and sslpassword= values (quoted or not, spaces around '='), and in a
  * URL (postgresql://, redis://...) the password of "user:password@" and any ...password=

@@ -126,8 +126,8 @@ int sp_kafka_conf_security(rd_kafka_conf_t *conf, const sp_config *cfg, char *er
     return 0;
 }
 
-rd_kafka_conf_t *sp_kafka_conf_new(const char *brokers, const char *client_id, char *errbuf,
-                                   size_t errlen) {
+rd_kafka_conf_t *sp_kafka_conf_new(const char *brokers, const char *client_id,
+                                   const sp_config *security, char *errbuf, size_t errlen) {
     rd_kafka_conf_t *conf = rd_kafka_conf_new();
     if (conf == NULL) {
         snprintf(errbuf, errlen, "out of memory");
@@ -139,8 +139,7 @@ rd_kafka_conf_t *sp_kafka_conf_new(const char *brokers, const char *client_id, c
         /* TCP_NODELAY, as Kafka's own clients set: a small produce request (one order) is not
          * held back by Nagle's algorithm waiting for the broker's delayed ACK. */
         sp_kafka_conf_set(conf, "socket.nagle.disable", "true", errbuf, errlen) != 0 ||
-        (sp_config_loaded() &&
-         sp_kafka_conf_security(conf, sp_config_loaded(), errbuf, errlen) != 0)) {
+        (security && sp_kafka_conf_security(conf, security, errbuf, errlen) != 0)) {
         rd_kafka_conf_destroy(conf);
         return NULL;
     }

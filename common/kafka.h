@@ -10,11 +10,13 @@
 
 /* A configuration with what every client shares: bootstrap.servers, client.id, logs routed into
  * the JSON logger, and the security settings (KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_*,
- * KAFKA_SSL_*) of the settings the process loaded (sp_config_loaded(); none before a load, as in
- * tests that talk to the local stack). The caller owns it until it hands it to one of the _new
- * functions. NULL with errbuf (naming the setting, never a secret) when a value is refused. */
-rd_kafka_conf_t *sp_kafka_conf_new(const char *brokers, const char *client_id, char *errbuf,
-                                   size_t errlen) __attribute__((warn_unused_result));
+ * KAFKA_SSL_*) of `security` (the worker's loaded settings; NULL: librdkafka's defaults,
+ * plaintext, as in tests that talk to the local stack). The caller owns it until it hands it to
+ * one of the _new functions. NULL with errbuf (naming the setting, never a secret) when a value
+ * is refused. */
+rd_kafka_conf_t *sp_kafka_conf_new(const char *brokers, const char *client_id,
+                                   const sp_config *security, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
 
 /* Sets security.protocol, sasl.mechanisms, sasl.username, sasl.password, ssl.ca.location,
  * ssl.certificate.location, ssl.key.location, ssl.key.password from cfg's KAFKA_* security

@@ -53,7 +53,7 @@ int sp_backends_init(sp_backends *b, const sp_config *cfg, unsigned want, char *
         sp_redis_parse_url(cfg->redis_url, &b->redis_target, errbuf, errlen) != 0)
         return -1;
     if (want & SP_BACKEND_KAFKA) {
-        rd_kafka_conf_t *conf = sp_kafka_conf_new(cfg->kafka_brokers, cfg->worker_id, errbuf,
+        rd_kafka_conf_t *conf = sp_kafka_conf_new(cfg->kafka_brokers, cfg->worker_id, cfg, errbuf,
                                                   errlen);
         if (conf == NULL) return -1;
         /* A producer handle makes no group membership; it is only asked for metadata. */

@@ -544,7 +544,14 @@ static void apply_slot(consumer *c, slot *s) {
     sp_log_ctx ctx = {.has_kafka = 1,
                       .partition = b->parts[0].partition,
                       .offset = b->parts[0].first_offset};
-    SP_LOG_CTX(SP_LOG_ERROR, &ctx, "batch of %zu events not applied (rolled back): %s", b->n, err);
+    if (sp_order_store_in_doubt(c->store))
+        SP_LOG_CTX(SP_LOG_ERROR, &ctx,
+                   "batch of %zu events: no answer to its COMMIT (%s); committed or not, it is "
+                   "read again, and what did commit is found stale",
+                   b->n, err);
+    else
+        SP_LOG_CTX(SP_LOG_ERROR, &ctx, "batch of %zu events not applied (rolled back): %s", b->n,
+                   err);
 }
 
 static void *applier_main(void *arg) {
@@ -1072,7 +1079,8 @@ static int replay_done(consumer *c) {
 static rd_kafka_t *new_kafka_consumer(consumer *c, char *errbuf, size_t errlen) {
     char session[16], heartbeat[16], group[300];
     const sp_config *cfg = c->cfg;
-    rd_kafka_conf_t *conf = sp_kafka_conf_new(cfg->kafka_brokers, cfg->worker_id, errbuf, errlen);
+    rd_kafka_conf_t *conf = sp_kafka_conf_new(cfg->kafka_brokers, cfg->worker_id, cfg, errbuf,
+                                              errlen);
     if (conf == NULL) return NULL;
     snprintf(session, sizeof(session), "%d", cfg->kafka_session_timeout_ms);
     snprintf(heartbeat, sizeof(heartbeat), "%d", cfg->kafka_session_timeout_ms / 3);
@@ -1098,7 +1106,8 @@ static rd_kafka_t *new_kafka_consumer(consumer *c, char *errbuf, size_t errlen) 
 static rd_kafka_t *new_dlq_producer(consumer *c, char *errbuf, size_t errlen) {
     char client[128];
     snprintf(client, sizeof(client), "%s-dlq", c->cfg->worker_id);
-    rd_kafka_conf_t *conf = sp_kafka_conf_new(c->cfg->kafka_brokers, client, errbuf, errlen);
+    rd_kafka_conf_t *conf = sp_kafka_conf_new(c->cfg->kafka_brokers, client, c->cfg, errbuf,
+                                              errlen);
     if (conf == NULL) return NULL;
     /* A dead letter that cannot be delivered in time fails the batch (it is read again later)
      * rather than waiting librdkafka's default five minutes. */

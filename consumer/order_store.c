@@ -286,6 +286,8 @@ struct sp_order_store {
     sbuf arg[MAX_PARAMS]; /* parameter texts of the statement being built */
     sbuf copy;            /* COPY data */
     char sqlstate[6];     /* of the last failed statement; "" when none */
+    int commit_sent;      /* the attempt under way has sent its COMMIT */
+    int in_doubt;         /* the last apply lost its connection after sending COMMIT */
 };
 
 sp_order_store *sp_order_store_new(const char *dsn, const char *application_name, const char *topic,
@@ -927,6 +929,7 @@ static int save_offsets(sp_order_store *s, sp_batch *b, char *errbuf, size_t err
 static int attempt(sp_order_store *s, sp_batch *b, int lookup_all, sp_store_hook hook, void *arg,
                    int *retry, char *errbuf, size_t errlen) {
     *retry = RETRY_NONE;
+    s->commit_sent = 0;
     if (run_simple(s, "BEGIN", errbuf, errlen) != 0) return -1;
     if (lock_offsets(s, b, errbuf, errlen) != 0) return -1;
     sp_rules_begin(s->rules, b);
@@ -942,6 +945,7 @@ static int attempt(sp_order_store *s, sp_batch *b, int lookup_all, sp_store_hook
         return -1;
     if (hook && hook(b, arg, errbuf, errlen) != 0) return -1;
     if (save_offsets(s, b, errbuf, errlen) != 0) return -1;
+    s->commit_sent = 1;
     return run_simple(s, "COMMIT", errbuf, errlen);
 }
 
@@ -950,6 +954,7 @@ int sp_order_store_apply(sp_order_store *s, sp_batch *b, sp_store_hook before_co
     int lookup_all = 0, retry = RETRY_NONE;
     sp_batch_index_partitions(b);
     b->attempts = b->conflicts = 0;
+    s->in_doubt = 0;
     if (b->n == 0) return 0;
     if (ensure_connected(s, errbuf, errlen) != 0) return -1;
     for (;;) {
@@ -960,6 +965,8 @@ int sp_order_store_apply(sp_order_store *s, sp_batch *b, sp_store_hook before_co
             (strcmp(s->sqlstate, "40P01") == 0 || strcmp(s->sqlstate, "40001") == 0))
             retry = RETRY_REDECIDE;
         if (PQstatus(s->pg) != CONNECTION_OK) { /* broke, or closed: no answer in time */
+            /* After its COMMIT went out the server may have committed it (the primary died). */
+            s->in_doubt = s->commit_sent;
             disconnect(s);
             return -1;
         }
@@ -974,6 +981,8 @@ int sp_order_store_apply(sp_order_store *s, sp_batch *b, sp_store_hook before_co
         sp_debug("batch of %zu events redone (attempt %d): %s", b->n, b->attempts + 1, errbuf);
     }
 }
+
+int sp_order_store_in_doubt(const sp_order_store *s) { return s->in_doubt; }
 
 int sp_order_store_offsets(sp_order_store *s, const int32_t *partitions, size_t n, int64_t *next,
                            char *errbuf, size_t errlen) {

@@ -81,6 +81,12 @@ int sp_order_store_ping(sp_order_store *s, char *errbuf, size_t errlen)
 int sp_order_store_apply(sp_order_store *s, sp_batch *b, sp_store_hook before_commit, void *arg,
                          char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
+/* Whether the last sp_order_store_apply that failed lost its connection (or closed it for want of
+ * an answer) after sending COMMIT: the server may have committed the batch (the primary died
+ * after writing it; with a synchronous standby, a promoted standby has it too), so its outcome is
+ * unknown until its events are read again: what did commit is then STALE. */
+int sp_order_store_in_doubt(const sp_order_store *s);
+
 /* The next offsets stored for n partitions of the topic: next[i] for partitions[i], -1 where no
  * row exists. 0 or -1 with errbuf. */
 int sp_order_store_offsets(sp_order_store *s, const int32_t *partitions, size_t n, int64_t *next,

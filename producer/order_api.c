@@ -1598,7 +1598,7 @@ sp_order_api *sp_order_api_new(struct event_base *base, sp_http *http, const sp_
         goto fail;
     }
 
-    conf = sp_kafka_conf_new(cfg->kafka_brokers, cfg->worker_id, errbuf, errlen);
+    conf = sp_kafka_conf_new(cfg->kafka_brokers, cfg->worker_id, cfg, errbuf, errlen);
     snprintf(timeout, sizeof(timeout), "%d", cfg->kafka_message_timeout_ms);
     snprintf(linger, sizeof(linger), "%d", cfg->kafka_linger_ms);
     if (conf == NULL ||

@@ -4,6 +4,13 @@
  * itself. libpq then hands back, per query and in order: its result, a NULL, and a
  * PGRES_PIPELINE_SYNC. The waiting queue is a fixed ring in the same order; its head's `stage`
  * follows those three steps.
+ *
+ * A DSN may name several hosts (a primary and its standbys, with target_session_attrs=read-write:
+ * libpq tries them in turn and keeps the one that takes writes). PQconnectPoll ignores
+ * connect_timeout, so the bound on an attempt is ours, per host: a host that never answers (a
+ * dead machine, a hung server) costs CONNECT_MS, and the next attempt starts at the host after
+ * it, as the DSN's list would never get past it otherwise. An attempt that connected makes its
+ * host the first one tried after the connection is lost.
  */
 #include "pg_async.h"
 
@@ -19,7 +26,8 @@
 
 #define WAITING_MAX 4096 /* queries sent and not yet answered; more are refused */
 #define RETRY_MS    1000 /* between connection attempts */
-#define CONNECT_MS  3000 /* a connection attempt that takes longer is abandoned */
+#define CONNECT_MS  3000 /* a host that takes longer to connect to is abandoned */
+#define HOSTS_MAX   16   /* hosts of a DSN that are taken in turn (more: libpq's order only) */
 
 typedef struct waiting {
     sp_pg_async_fn *fn;
@@ -36,6 +44,12 @@ struct sp_pg_async {
     struct event *ev_read;  /* the socket: connect steps, then results */
     struct event *ev_write; /* armed while libpq has output it could not send */
     int64_t retry_ms, connect_deadline_ms;
+    /* The DSN's hosts, so that an attempt can start at any of them: nhosts is 0 for a DSN of one
+     * host (or one libpq's own order serves). port[i] is NULL when the DSN names no port. */
+    int nhosts;
+    char *host[HOSTS_MAX], *port[HOSTS_MAX];
+    int first;  /* the host the next attempt starts at */
+    int trying; /* the host the attempt under way is at; -1 when not known */
     waiting ring[WAITING_MAX];
     size_t head, n;
 };
@@ -142,9 +156,87 @@ static void read_results(sp_pg_async *pa) {
     }
 }
 
+/* The i-th item of a comma-separated list, malloc'd; NULL when out of memory. */
+static char *list_item(const char *list, int i) {
+    while (i-- > 0) list = strchr(list, ',') + 1;
+    const char *end = strchr(list, ',');
+    return strndup(list, end ? (size_t)(end - list) : strlen(list));
+}
+
+static int list_count(const char *list) {
+    int n = 0;
+    if (list == NULL || *list == '\0') return 0;
+    for (n = 1; *list; list++) n += *list == ',';
+    return n;
+}
+
+/* Fills pa->host/port from the DSN when it names 2..HOSTS_MAX hosts, each with a port of its own
+ * or one port for all (with hostaddr, or another shape, libpq's own order is kept). A DSN libpq
+ * cannot parse is left alone: the connection attempt says what is wrong with it. */
+static void parse_hosts(sp_pg_async *pa) {
+    char *err = NULL;
+    const char *host = NULL, *hostaddr = NULL, *port = NULL;
+    PQconninfoOption *opts = PQconninfoParse(pa->dsn, &err);
+    if (opts == NULL) {
+        PQfreemem(err);
+        return;
+    }
+    for (PQconninfoOption *o = opts; o->keyword; o++) {
+        if (strcmp(o->keyword, "host") == 0) host = o->val;
+        if (strcmp(o->keyword, "hostaddr") == 0) hostaddr = o->val;
+        if (strcmp(o->keyword, "port") == 0) port = o->val;
+    }
+    int n = list_count(host), nports = list_count(port);
+    if (n >= 2 && n <= HOSTS_MAX && list_count(hostaddr) == 0 && (nports <= 1 || nports == n)) {
+        int ok = 1;
+        for (int i = 0; i < n; i++) {
+            pa->host[i] = list_item(host, i);
+            pa->port[i] = nports ? list_item(port, nports == 1 ? 0 : i) : NULL;
+            ok = ok && pa->host[i] && (nports == 0 || pa->port[i]);
+        }
+        pa->nhosts = n;
+        if (!ok) pa->nhosts = 0; /* out of memory: libpq's order (the strings are freed at free) */
+    }
+    PQconninfoFree(opts);
+}
+
+/* The hosts (or ports) from pa->first on, wrapping round, as one comma-separated list in buf. */
+static const char *rotated(sp_pg_async *pa, char *const *items, char *buf, size_t len) {
+    size_t used = 0;
+    buf[0] = '\0';
+    for (int k = 0; k < pa->nhosts; k++) {
+        const char *item = items[(pa->first + k) % pa->nhosts];
+        int w = snprintf(buf + used, len - used, "%s%s", k ? "," : "", item);
+        if (w < 0 || (size_t)w >= len - used) return NULL;
+        used += (size_t)w;
+    }
+    return buf;
+}
+
+/* Which of pa->host the attempt is at now (libpq's PQhost and PQport name the host it tries);
+ * -1 when it cannot be told. */
+static int host_now(const sp_pg_async *pa) {
+    const char *h = PQhost(pa->conn), *p = PQport(pa->conn);
+    for (int k = 0; k < pa->nhosts; k++) {
+        int i = (pa->first + k) % pa->nhosts;
+        if (h && strcmp(h, pa->host[i]) == 0 &&
+            (pa->port[i] == NULL || (p && strcmp(p, pa->port[i]) == 0)))
+            return i;
+    }
+    return -1;
+}
+
 /* One step of the non-blocking connect. */
 static void connect_step(sp_pg_async *pa) {
-    switch (PQconnectPoll(pa->conn)) {
+    PostgresPollingStatusType st = PQconnectPoll(pa->conn);
+    if (pa->nhosts > 0 && st != PGRES_POLLING_FAILED) {
+        int i = host_now(pa);
+        if (i != pa->trying) { /* on to the next host: its own CONNECT_MS */
+            pa->trying = i;
+            pa->connect_deadline_ms = sp_clock_mono_ms() + CONNECT_MS;
+        }
+    }
+    switch (st) {
     case PGRES_POLLING_READING:
         if (watch(pa, EV_READ) != 0) drop(pa, "cannot watch the socket");
         return;
@@ -158,11 +250,12 @@ static void connect_step(sp_pg_async *pa) {
         }
         pa->connected = 1;
         pa->failing = 0;
+        if (pa->trying >= 0) pa->first = pa->trying; /* after a loss, this host is tried first */
         if (watch(pa, EV_READ) != 0) {
             drop(pa, "cannot watch the socket");
             return;
         }
-        sp_info("postgresql (async) connected");
+        sp_info("postgresql (async) connected to %s:%s", PQhost(pa->conn), PQport(pa->conn));
         return;
     default:
         drop(pa, PQerrorMessage(pa->conn));
@@ -188,10 +281,12 @@ sp_pg_async *sp_pg_async_new(struct event_base *base, const char *dsn,
     pa->base = base;
     pa->dsn = strdup(dsn);
     pa->app = strdup(application_name);
+    pa->trying = -1;
     if (pa->dsn == NULL || pa->app == NULL) {
         sp_pg_async_free(pa);
         return NULL;
     }
+    parse_hosts(pa);
     return pa;
 }
 
@@ -200,13 +295,36 @@ int sp_pg_async_ready(const sp_pg_async *pa) { return pa->connected; }
 void sp_pg_async_tick(sp_pg_async *pa) {
     int64_t now = sp_clock_mono_ms();
     if (pa->conn && !pa->connected && now > pa->connect_deadline_ms) {
-        drop(pa, "connect timed out");
+        char why[300];
+        if (pa->trying >= 0) {
+            /* The next attempt starts past the host that does not answer. */
+            snprintf(why, sizeof(why), "connect timed out: %s:%s did not answer within %d ms",
+                     pa->host[pa->trying], pa->port[pa->trying] ? pa->port[pa->trying] : "",
+                     CONNECT_MS);
+            pa->first = (pa->trying + 1) % pa->nhosts;
+        } else {
+            snprintf(why, sizeof(why), "connect timed out");
+        }
+        drop(pa, why);
         return;
     }
     if (pa->conn || now < pa->retry_ms) return;
-    /* expand_dbname=1: "dbname" holds the whole conninfo; application_name is added beside it. */
-    const char *const keys[] = {"dbname", "application_name", NULL};
-    const char *const values[] = {pa->dsn, pa->app, NULL};
+    /* expand_dbname=1: "dbname" holds the whole conninfo; what follows it is added to it, and
+     * wins: application_name, and for a DSN of several hosts their list from pa->first on. */
+    char hosts[1024], ports[512];
+    const char *keys[] = {"dbname", "application_name", NULL, NULL, NULL};
+    const char *values[] = {pa->dsn, pa->app, NULL, NULL, NULL};
+    if (pa->nhosts > 0) {
+        keys[2] = "host";
+        values[2] = rotated(pa, pa->host, hosts, sizeof(hosts));
+        if (pa->port[0] != NULL) {
+            keys[3] = "port";
+            values[3] = rotated(pa, pa->port, ports, sizeof(ports));
+        }
+        if (values[2] == NULL || (keys[3] && values[3] == NULL)) /* too long: libpq's order */
+            keys[2] = NULL;
+    }
+    pa->trying = -1;
     pa->conn = PQconnectStartParams(keys, values, 1);
     pa->connect_deadline_ms = now + CONNECT_MS;
     if (pa->conn == NULL) {
@@ -239,6 +357,10 @@ int sp_pg_async_query(sp_pg_async *pa, const char *sql, int nparams, const char 
 void sp_pg_async_free(sp_pg_async *pa) {
     if (pa == NULL) return;
     drop(pa, "shutting down");
+    for (int i = 0; i < HOSTS_MAX; i++) {
+        free(pa->host[i]);
+        free(pa->port[i]);
+    }
     free(pa->dsn);
     free(pa->app);
     free(pa);

@@ -4,7 +4,10 @@
  * non-blocking (PQconnectPoll), queries are sent in libpq's pipeline mode so many concurrent
  * requests share one connection, and each query's callback runs on the loop in the order the
  * queries were sent. When the server is unreachable, queries fail at once and the connection is
- * retried from sp_pg_async_tick. Everything here belongs to the loop's thread.
+ * retried from sp_pg_async_tick. A DSN may name several hosts (with
+ * target_session_attrs=read-write, a primary and its standbys: the connection follows a promotion);
+ * each host gets its own bound, and one that never answers does not keep the others from being
+ * tried. Everything here belongs to the loop's thread.
  */
 #ifndef SP_PG_ASYNC_H
 #define SP_PG_ASYNC_H

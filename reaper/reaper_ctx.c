@@ -109,7 +109,8 @@ int sp_reaper_init(sp_reaper *rp, const sp_config *cfg, int with_kafka, char *er
     rp->next_seq = 1;
     if (sp_redis_parse_url(cfg->redis_url, &rp->redis_target, errbuf, errlen) != 0) return -1;
     if (!with_kafka) return 0;
-    rd_kafka_conf_t *conf = sp_kafka_conf_new(cfg->kafka_brokers, cfg->worker_id, errbuf, errlen);
+    rd_kafka_conf_t *conf = sp_kafka_conf_new(cfg->kafka_brokers, cfg->worker_id, cfg, errbuf,
+                                              errlen);
     if (conf == NULL) return -1;
     snprintf(timeout, sizeof(timeout), "%d", cfg->kafka_message_timeout_ms);
     snprintf(linger, sizeof(linger), "%d", cfg->kafka_linger_ms);

@@ -84,7 +84,7 @@ static void test_redis_unreachable_is_an_error(void **state) {
 /* ---- Kafka ---- */
 
 static rd_kafka_t *new_producer(void) {
-    rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "smoke-test", err,
+    rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "smoke-test", NULL, err,
                                               sizeof(err));
     if (conf == NULL) fail_msg("conf: %s", err);
     rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
@@ -131,7 +131,7 @@ static void test_kafka_event_round_trip(void **state) {
     rd_kafka_destroy(producer);
 
     /* Read it back from exactly where the broker said it is. */
-    rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "smoke-test", err,
+    rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "smoke-test", NULL, err,
                                               sizeof(err));
     assert_non_null(conf);
     char group[64];
@@ -175,7 +175,7 @@ static void test_kafka_event_round_trip(void **state) {
  * (OffsetCommit), and a later member of the same group finds the committed position
  * (OffsetFetch). This is what keeps the README's compatibility claim for the broker honest. */
 static rd_kafka_t *join_group(const char *group) {
-    rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "smoke-group", err,
+    rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "smoke-group", NULL, err,
                                               sizeof(err));
     assert_non_null(conf);
     rd_kafka_t *rk = sp_kafka_consumer_new(&conf, group, err, sizeof(err));

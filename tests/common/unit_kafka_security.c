@@ -25,8 +25,9 @@ static const char *conf_get(rd_kafka_conf_t *conf, const char *name) {
     return value;
 }
 
+static sp_config cfg; /* what load_env loaded */
+
 static void load_env(unsigned worker) {
-    sp_config cfg;
     char prog[] = "test", *argv[] = {prog, NULL};
     if (sp_config_load(&cfg, worker, 1, argv, "", err, sizeof(err)) != SP_CONFIG_OK)
         fail_msg("load: %s", err);
@@ -49,11 +50,10 @@ static int teardown_group(void **state) {
     return 0;
 }
 
-/* Before any load (tests talking to the local stack): librdkafka's defaults, plaintext. */
+/* No settings (tests talking to the local stack): librdkafka's defaults, plaintext. */
 static void test_no_settings_loaded_is_plaintext(void **state) {
     (void)state;
-    assert_null(sp_config_loaded());
-    rd_kafka_conf_t *conf = sp_kafka_conf_new("127.0.0.1:1", "t", err, sizeof(err));
+    rd_kafka_conf_t *conf = sp_kafka_conf_new("127.0.0.1:1", "t", NULL, err, sizeof(err));
     assert_non_null(conf);
     assert_string_equal(conf_get(conf, "security.protocol"), "plaintext");
     rd_kafka_conf_destroy(conf);
@@ -67,7 +67,7 @@ static void test_settings_reach_every_client_conf(void **state) {
     setenv("KAFKA_SASL_PASSWORD", "s3cr3t-kafka-XYZ", 1);
     setenv("KAFKA_SSL_CA_LOCATION", ca_path, 1);
     load_env(SP_WORKER_CONSUMER);
-    rd_kafka_conf_t *conf = sp_kafka_conf_new("127.0.0.1:1", "t", err, sizeof(err));
+    rd_kafka_conf_t *conf = sp_kafka_conf_new("127.0.0.1:1", "t", &cfg, err, sizeof(err));
     assert_non_null(conf);
     assert_string_equal(conf_get(conf, "security.protocol"), "sasl_ssl");
     assert_string_equal(conf_get(conf, "sasl.mechanisms"), "SCRAM-SHA-256");
@@ -88,7 +88,7 @@ static void test_bad_ca_file_names_the_setting(void **state) {
     setenv("KAFKA_SASL_PASSWORD", "s3cr3t-kafka-XYZ", 1);
     setenv("KAFKA_SSL_CA_LOCATION", ca_path, 1);
     load_env(SP_WORKER_PRODUCER);
-    rd_kafka_conf_t *conf = sp_kafka_conf_new("127.0.0.1:1", "t", err, sizeof(err));
+    rd_kafka_conf_t *conf = sp_kafka_conf_new("127.0.0.1:1", "t", &cfg, err, sizeof(err));
     assert_non_null(conf);
     rd_kafka_t *rk = sp_kafka_producer_new(&conf, err, sizeof(err));
     assert_null(rk);

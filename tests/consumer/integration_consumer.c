@@ -182,7 +182,7 @@ typedef struct dead_letter {
 
 static int read_dead_letters(const char *topic, dead_letter *out, int max, int want,
                              int timeout_ms) {
-    rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "test-dlq", err,
+    rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "test-dlq", NULL, err,
                                               sizeof(err));
     assert_non_null(conf);
     char group[200];
@@ -1140,8 +1140,8 @@ static void test_consumer_ahead_of_stored_offset(void **state) {
     ndelivered = 0;
 
     /* Offsets 0..10 in one transaction (its commit marker takes offset 11), 12..21 plain. */
-    rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "test-consumer-tx", err,
-                                              sizeof(err));
+    rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "test-consumer-tx", NULL,
+                                              err, sizeof(err));
     assert_non_null(conf);
     char txid[96];
     snprintf(txid, sizeof(txid), "test-consumer-ahead-%s", tag);
@@ -1473,7 +1473,7 @@ static int group_setup(void **state) {
                   sizeof(g.tmp)) != 0)
         return -1;
     const char *brokers = getenv("KAFKA_BROKERS");
-    rd_kafka_conf_t *conf = sp_kafka_conf_new(brokers, "test-consumer", err, sizeof(err));
+    rd_kafka_conf_t *conf = sp_kafka_conf_new(brokers, "test-consumer", NULL, err, sizeof(err));
     if (conf == NULL) return -1;
     rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
     if (sp_kafka_conf_set(conf, "linger.ms", "5", err, sizeof(err)) != 0) {

@@ -575,7 +575,7 @@ static inline int stop_all(proc *const *all, size_t n) {
  * errbuf. */
 static inline rd_kafka_t *kafka_client(char *errbuf, size_t errlen) {
     rd_kafka_conf_t *conf = sp_kafka_conf_new(getenv("KAFKA_BROKERS"),
-                                              program_invocation_short_name, errbuf, errlen);
+                                              program_invocation_short_name, NULL, errbuf, errlen);
     if (conf == NULL) return NULL;
     rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errbuf, errlen);
     if (rk == NULL) rd_kafka_conf_destroy(conf);

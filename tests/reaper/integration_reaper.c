@@ -384,7 +384,7 @@ static void test_payments_around_the_deadline(void **state) {
 
 /* Publishes order.expired for n orders of sku, as a reaper would, and waits for Kafka. */
 static void publish_expired(int64_t sku, char (*ids)[SP_ORDER_ID_MAX + 1], int n) {
-    rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "test-reaper", err,
+    rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "test-reaper", NULL, err,
                                               sizeof(err));
     assert_non_null(conf);
     rd_kafka_t *rk = sp_kafka_producer_new(&conf, err, sizeof(err));
