@@ -6,6 +6,7 @@
 #                     (plain and sanitized builds), stop the stack; prints "N passed, N failed"
 #   make demo         the flash-sale demo (see README)
 #   make chaos        the chaos suite: sales under injected faults, each audited (SEED=N replays)
+#   make chaos-cluster  its cases on three Kafka brokers and a PostgreSQL standby (part of chaos)
 #   make bench        benchmarks: the event codec, then the producer under HTTP load on the local
 #                     stack (bench/producer_bench.sh; starts and stops the stack if it is not up),
 #                     the consumer, last the recovery after Redis lost its data (bench-recovery)
@@ -83,7 +84,7 @@ UNIT_TESTS := $(patsubst %.c,$(OBJ)/%,$(wildcard $(TEST_AREAS:%=tests/%/unit_*.c
 INT_TESTS  := $(patsubst %.c,$(OBJ)/%,$(wildcard $(TEST_AREAS:%=tests/%/integration_*.c)))
 BENCHES    := $(patsubst bench/%.c,$(OBJ)/bench/%,$(wildcard bench/bench_*.c))
 
-.PHONY: all sanitize tests test test-unit test-integration bench bench-recovery demo chaos deps \
+.PHONY: all sanitize tests test test-unit test-integration bench bench-recovery demo chaos chaos-cluster test-pg-failover deps \
         clean format stack-up stack-down stack-clean stack-status
 
 all: $(WORKERS:%=$(BIN)/%)
@@ -215,6 +216,20 @@ demo: deps
 chaos: deps
 	@$(MAKE) --no-print-directory all
 	@tests/chaos/chaos.sh $(if $(SEED),--seed $(SEED))
+	@tests/chaos/chaos.sh --cluster $(if $(SEED),--seed $(SEED))
+
+# The cluster cases alone: three Kafka brokers (RF 3, min.insync.replicas=2) and a PostgreSQL
+# primary with a synchronous standby; a broker leader killed, a broker's disk lost, two brokers
+# down, the PostgreSQL primary killed and its standby promoted (tests/chaos/chaos.py --cluster).
+chaos-cluster: deps
+	@$(MAKE) --no-print-directory all
+	@tests/chaos/chaos.sh --cluster $(if $(SEED),--seed $(SEED))
+
+# The PostgreSQL failover alone (part of make test): a private stack with a synchronous standby,
+# the primary killed with -9 mid-sale, the standby promoted (tests/e2e/pg_failover.sh).
+test-pg-failover: deps
+	@$(MAKE) --no-print-directory all
+	@tests/e2e/pg_failover.sh
 
 stack-up: deps
 	@scripts/stack.sh up

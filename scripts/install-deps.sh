@@ -116,6 +116,8 @@ need valgrind have_cmd valgrind
 need faketime have_pkg faketime
 need procps eval 'have_cmd ps && have_cmd pgrep'
 need util-linux have_cmd runuser
+# openssl: the security test (tests/common/integration_security.sh) makes its own CA.
+need openssl have_cmd openssl
 need python3 have_cmd python3
 # The venv module needs ensurepip, which Debian ships apart (python3-venv). Asked only while the
 # deploy tools' venv is not there yet: it costs a Python start.

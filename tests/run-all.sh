@@ -3,7 +3,8 @@
 #
 # The build on a simulated fresh machine, unit tests, then the checks of deploy/ (the image's build, the Kubernetes manifests), then (with
 # the real local stack) integration tests; unit and integration tests run for the plain build and
-# the ASan+UBSan build; last the chaos suite's short pass (release build, a private stack).
+# the ASan+UBSan build; last the chaos suite's short pass (release build, a private stack), the
+# PostgreSQL failover test and one chaos case on a three-broker Kafka cluster.
 # Starts the stack if it is not running and stops it again at the end; a stack that was already
 # up is left up. Prints every suite's own output and, last, one line:
 #   tests: N passed, M failed
@@ -112,6 +113,13 @@ if [ "${1:-}" != "--unit-only" ]; then
     # The chaos suite's short pass (every fault kind, a short sale each): once, with the release
     # build, on a private stack of its own (about 2.5 minutes). `make chaos` runs the long one.
     run_suite "chaos short pass (release)" env BIN_DIR=bin bash tests/chaos/chaos.sh --short
+    # The replicated backends (issue 16), once, with the release build, each on a private stack:
+    # the PostgreSQL primary killed and its synchronous standby promoted mid-sale
+    # (tests/e2e/pg_failover.sh, about 50 s), and one chaos case on three Kafka brokers: the leader
+    # of the busiest partition killed mid-sale (about 80 s; `make chaos-cluster` runs all four).
+    run_suite "e2e pg_failover (release)" env BIN_DIR=bin bash tests/e2e/pg_failover.sh
+    run_suite "chaos cluster: kafka-leader-kill (release)" env BIN_DIR=bin \
+        bash tests/chaos/chaos.sh --cluster --short --only kafka-leader-kill
 fi
 
 echo
