@@ -388,6 +388,23 @@ static int check_kafka_security(sp_config *cfg, char *errbuf, size_t errlen) {
 /* The DSN parses as libpq will parse it, so no libpq error at connect time quotes a piece of it
  * (libpq's parse errors do: 'missing "=" after "..."'); its sslmode is one libpq knows and the
  * files it names can be read. libpq's reason is shown only when the DSN holds no password. */
+/* A postgresql:// URI with an '@' in its path, past the end of its authority (the first '/', '?'
+ * or '#' after "://") and before its query: the user:password@ held a '/', libpq takes the user
+ * info for a host and port, and its connect errors would quote what is really the password. (A
+ * '?' in it leaves a query libpq cannot parse: refused above, without libpq's words.) */
+static int uri_userinfo_misread(const char *dsn) {
+    const char *p = NULL;
+    if (strncmp(dsn, "postgresql://", 13) == 0)
+        p = dsn + 13;
+    else if (strncmp(dsn, "postgres://", 11) == 0)
+        p = dsn + 11;
+    if (p == NULL) return 0;
+    size_t authority = strcspn(p, "/?#");
+    if (memchr(p, '@', authority) != NULL) return 0; /* user info read as such */
+    const char *path = p + authority;
+    return memchr(path, '@', strcspn(path, "?")) != NULL;
+}
+
 static int check_pg_dsn(const char *dsn, char *errbuf, size_t errlen) {
     static const char *const modes[] = {"disable", "allow",     "prefer",
                                         "require", "verify-ca", "verify-full"};
@@ -410,6 +427,13 @@ static int check_pg_dsn(const char *dsn, char *errbuf, size_t errlen) {
                      "single quotes, with \\' and \\\\ inside) or a postgresql:// URI (reserved "
                      "characters percent-encoded)");
         }
+        goto out;
+    }
+    if (uri_userinfo_misread(dsn)) {
+        snprintf(errbuf, errlen,
+                 "PG_DSN is a URI whose user:password@ libpq would not read as such (a '/' in it "
+                 "ends the host part first, and libpq's errors would then quote the password); "
+                 "percent-encode reserved characters ('/' as %%2F) or write keyword=value pairs");
         goto out;
     }
     for (PQconninfoOption *o = opts; o->keyword; o++) {
@@ -695,4 +719,9 @@ void sp_config_log(const sp_config *cfg, unsigned worker) {
         strcmp(cfg->kafka_sasl_mechanism, "PLAIN") == 0)
         sp_warn("config: KAFKA_SASL_MECHANISM=PLAIN over KAFKA_SECURITY_PROTOCOL=sasl_plaintext "
                 "sends the Kafka password unencrypted; use sasl_ssl");
+}
+
+int sp_config_arg_shown(const char *arg, int max) {
+    size_t n = strcspn(arg, "=");
+    return n < (size_t)max ? (int)n : max;
 }

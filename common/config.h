@@ -88,6 +88,11 @@ int sp_config_load(sp_config *cfg, unsigned worker, int argc, char **argv, const
  * query parameter. For every line that shows a DSN or URL. */
 void sp_config_redact(const char *s, char *out, size_t outlen);
 
+/* How much of a command-line argument a message may show, at most max characters: up to its
+ * first '=' (a misspelt "--pg-dsn=postgresql://u:pw@h/db" must not print its password). For
+ * printf's "%.*s". */
+int sp_config_arg_shown(const char *arg, int max);
+
 /* Prints the usage text: synopsis, then every setting of `worker` with its flag, environment
  * variable, default and bounds, from the same table the loader reads. */
 void sp_config_usage(FILE *out, unsigned worker, const char *prog, const char *synopsis);

@@ -322,7 +322,8 @@ int sp_consumer_parse_args(int nargs, char *const *args, sp_consumer_opts *opts,
             }
             o.replay = 1;
         } else {
-            snprintf(errbuf, errlen, "unexpected argument \"%.60s\"; see consumer --help", a);
+            snprintf(errbuf, errlen, "unexpected argument \"%.*s\"; see consumer --help",
+                     sp_config_arg_shown(a, 60), a);
             return -1;
         }
     }

@@ -50,7 +50,8 @@ int sp_reaper_parse_args(int nargs, char *const *args, sp_reaper_opts *opts, cha
             else if (strcmp(args[i], "--sku") == 0 && i + 1 < nargs)
                 value = args[++i];
             if (value == NULL) {
-                snprintf(errbuf, errlen, "reconcile takes only --sku=ID (got \"%.40s\")", args[i]);
+                snprintf(errbuf, errlen, "reconcile takes only --sku=ID (got \"%.*s\")",
+                         sp_config_arg_shown(args[i], 40), args[i]);
                 return -1;
             }
             char *end = NULL;
@@ -68,15 +69,16 @@ int sp_reaper_parse_args(int nargs, char *const *args, sp_reaper_opts *opts, cha
         opts->cmd = SP_REAPER_CMD_AUDIT;
         for (int i = 1; i < nargs; i++) {
             if (strcmp(args[i], "--pg-only") != 0) {
-                snprintf(errbuf, errlen, "audit takes only --pg-only (got \"%.40s\")", args[i]);
+                snprintf(errbuf, errlen, "audit takes only --pg-only (got \"%.*s\")",
+                         sp_config_arg_shown(args[i], 40), args[i]);
                 return -1;
             }
             opts->pg_only = 1;
         }
         return 0;
     }
-    snprintf(errbuf, errlen, "unknown command \"%.40s\"; the reaper takes %s", args[0],
-             SP_REAPER_SYNOPSIS);
+    snprintf(errbuf, errlen, "unknown command \"%.*s\"; the reaper takes %s",
+             sp_config_arg_shown(args[0], 40), args[0], SP_REAPER_SYNOPSIS);
     return -1;
 }
 

@@ -35,6 +35,9 @@
 
 # --- PostgreSQL ----------------------------------------------------------------------------------
 
+# Present while the primary's commits wait for its standby (written when pg_standby_up saw it
+# synchronous, removed when a primary starts or a standby is promoted).
+PG_SYNC_FILE=$RUN/postgres.sync
 # The standby's application_name, which the primary's synchronous_standby_names names.
 PG_STANDBY_NAME=standby
 # scripts/stack.sh's check_settings may have set it already (the same default).
@@ -297,6 +300,8 @@ pg_node_start() {
         die "$label: $(pg_role_file) names $dir as the primary, but it is still a standby (a scripts/stack.sh pg-promote did not finish): run scripts/stack.sh pg-promote again"
     fi
     pg_hba_replication "$dir" || true
+    # A primary starts committing alone, until pg_standby_up sees its standby synchronous.
+    if [[ $role == primary ]]; then rm -f "$PG_SYNC_FILE"; fi
     pg_write_conf "$dir" "$port" "$role" 0
     if [[ $role == standby ]]; then
         [[ -f $dir/standby.signal ]] || die "$label: $dir is not a standby (no standby.signal)"
@@ -421,6 +426,7 @@ pg_standby_up() {
         ((SECONDS < deadline)) || die "the primary (port $pport) does not take its standby as synchronous after ${PG_TIMEOUT}s (synchronous_standby_names = '$PG_STANDBY_NAME')"
         sleep 0.1
     done
+    date '+%F %T' >"$PG_SYNC_FILE" # pg-promote checks it: no commit acknowledged by the primary alone
     say "postgres standby: streaming from the primary (port $pport), synchronous (ready in $(ms_since "$t0") ms)"
 }
 
@@ -557,6 +563,10 @@ pg_promote() {
     log=$(pg_node_file "$target" log)
     [[ -f $dir/PG_VERSION ]] || die "pg-promote: there is no standby in $dir (scripts/stack.sh up with STACK_PG_STANDBY=1 makes one)"
     [[ -f $dir/standby.signal ]] || die "pg-promote: $dir is not a standby (the old primary of an earlier pg-promote, waiting for scripts/stack.sh up to rebuild it): nothing to promote"
+    # A primary that committed alone (its standby not yet synchronous, or down since) may have
+    # acknowledged commits the standby lacks: promoting it then would lose them.
+    [[ -f $dir/standby.signal && $target != "$cur" && ! -f $PG_SYNC_FILE ]] &&
+        die "pg-promote: the standby was not seen synchronous since the primary started (it may lack commits the primary acknowledged alone); scripts/stack.sh up (which waits for it to be synchronous) first"
     t0=$(date +%s%N)
     # Never two primaries: the primary stops first if it still runs (a switchover, then; with a
     # synchronous standby a fast shutdown leaves it nothing the standby lacks).
@@ -564,6 +574,7 @@ pg_promote() {
         warn "pg-promote: the primary (pid $pid, port $(pg_node_port "$old")) still runs; stopping it first"
         pg_node_stop "$old" "postgres primary"
     fi
+    rm -f "$PG_SYNC_FILE"        # the new primary commits alone until `up` rebuilds a standby
     pg_record_primary "$target" # before the promotion: an `up` from here on never starts $old as a primary
     if ! pid=$(pg_node_pid "$target"); then
         check_port_free "$(pg_node_conf_port "$target")" "$(pg_node_setting "$target")"

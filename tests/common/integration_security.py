@@ -350,6 +350,16 @@ async def part_leaks(rep, outs, certs, logdir, procs):
         lambda: refused("--admin-token", ["--admin-token is not a setting"], {},
                         ["--admin-token=" + ADMIN], ("consumer", "reaper")), 30)
     await rep.run_check(
+        "a misspelt flag holding a DSN is refused without its value",
+        lambda: refused("--pg-dns=URI", ['argument \\"--pg-dns\\"', 'command \\"--pg-dns\\"'], {},
+                        ["--pg-dns=postgresql://%s:%s@h/db" % (PG_ROLE, PG_PASSWORD)],
+                        ("consumer", "reaper")), 30)
+    await rep.run_check(
+        "a URI PG_DSN whose password holds a '/' is refused (libpq would quote it)",
+        lambda: refused("PG_DSN URI with '/'", ["libpq would not read as such"],
+                        {"PG_DSN": "postgresql://%s:a/%s@127.0.0.1:%d/db"
+                         % (PG_ROLE, PG_PASSWORD, closed[2])}), 30)
+    await rep.run_check(
         "a wrong key passphrase stops every worker, naming the key, no secret shown",
         lambda: refused("wrong KAFKA_SSL_KEY_PASSWORD", ["KAFKA_SSL_KEY", "ssl.key.location"],
                         {"KAFKA_SSL_KEY_PASSWORD": "wr0ng-" + KEY_PASSPHRASE}), 30)

@@ -79,20 +79,27 @@ for v in KAFKA_TOPIC KAFKA_DLQ_TOPIC; do
 done
 [[ $KAFKA_DLQ_TOPIC != "$KAFKA_TOPIC" ]] || fail "KAFKA_DLQ_TOPIC is the events topic itself"
 
-check_config() { # check_config NAME: a list of name=value whose min.insync.replicas fits
-    local kv min=
+# check_config NAME [name=value...]: a list of name=value whose min.insync.replicas fits, holding
+# each name=value given (what an accepted order's survival rests on: no unclean election, and for
+# the events topic no deletion ever, since PostgreSQL is rebuilt by replaying it).
+check_config() {
+    local name=$1 kv min= want
+    shift
     local -a kvs
-    IFS=, read -ra kvs <<<"${!1}"
+    IFS=, read -ra kvs <<<"${!name}"
     for kv in "${kvs[@]}"; do
-        [[ $kv =~ ^[a-z0-9.]+=[^=[:space:]]+$ ]] || fail "$1: '$kv' is not name=value"
+        [[ $kv =~ ^[a-z0-9.]+=[^=[:space:]]+$ ]] || fail "$name: '$kv' is not name=value"
         [[ $kv == min.insync.replicas=* ]] && min=${kv#*=}
     done
-    [[ $min =~ ^[0-9]+$ ]] || fail "$1 does not set min.insync.replicas"
+    [[ $min =~ ^[0-9]+$ ]] || fail "$name does not set min.insync.replicas"
     ((min >= 2 && min < REPLICATION_FACTOR)) ||
-        fail "$1: min.insync.replicas=$min must be at least 2 and below REPLICATION_FACTOR=$REPLICATION_FACTOR"
+        fail "$name: min.insync.replicas=$min must be at least 2 and below REPLICATION_FACTOR=$REPLICATION_FACTOR"
+    for want in "$@"; do
+        [[ ,${!name}, == *",$want,"* ]] || fail "$name must hold $want"
+    done
 }
-check_config EVENTS_CONFIG
-check_config DLQ_CONFIG
+check_config EVENTS_CONFIG unclean.leader.election.enable=false retention.ms=-1 retention.bytes=-1
+check_config DLQ_CONFIG unclean.leader.election.enable=false
 
 # --- the client properties (security) --------------------------------------------------------
 mkdir -p "$WORK_DIR"
