@@ -216,13 +216,15 @@ demo: deps
 chaos: deps
 	@$(MAKE) --no-print-directory all
 	@tests/chaos/chaos.sh $(if $(SEED),--seed $(SEED))
-	@tests/chaos/chaos.sh --cluster $(if $(SEED),--seed $(SEED))
+	@$(MAKE) --no-print-directory chaos-cluster
 
-# The cluster cases alone: three Kafka brokers (RF 3, min.insync.replicas=2) and a PostgreSQL
+# The cluster cases alone (after the checks of the cluster stack itself, tests/chaos/stack_cluster.sh):
+# three Kafka brokers (RF 3, min.insync.replicas=2) and a PostgreSQL
 # primary with a synchronous standby; a broker leader killed, a broker's disk lost, two brokers
 # down, the PostgreSQL primary killed and its standby promoted (tests/chaos/chaos.py --cluster).
 chaos-cluster: deps
 	@$(MAKE) --no-print-directory all
+	@tests/chaos/stack_cluster.sh
 	@tests/chaos/chaos.sh --cluster $(if $(SEED),--seed $(SEED))
 
 # The PostgreSQL failover alone (part of make test): a private stack with a synchronous standby,

@@ -525,10 +525,11 @@ class Case:
         stack = self.suite.stack
         await stack.ash("kill", "kafka-%d" % victim)
         node_dir = os.path.join(stack.var, "kafka-%d" % victim)
-        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(node_dir)
-                   for f in files)
+        size = sum(os.stat(os.path.join(d, f)).st_blocks * 512  # on disk (indexes are sparse)
+                   for d, _, files in os.walk(node_dir) for f in files)
         shutil.rmtree(node_dir)
-        self.note("kill -9 kafka-%d; its directory deleted (%s bytes: a lost disk); back in %.1f s"
+        self.note("kill -9 kafka-%d; its directory deleted (%s bytes on disk: a lost disk); back "
+                  "in %.1f s"
                   % (victim, fmt_int(size), down))
         await asyncio.sleep(down)
         t1 = time.monotonic()
