@@ -19,7 +19,7 @@
 #                      the run at half the producer's own accepted rate is left out
 #
 # What it does, all against the local stack (scripts/stack.sh; started here and stopped at the
-# end only if it was not running):
+# end only if it was not running; STACK_VAR picks a private stack as for stack.sh):
 #   1. starts BENCH_PRODUCERS bin/producer processes on one free loopback port, waits for /readyz, opens two fresh SKUs
 #      through POST /v1/skus: one with stock 10^12 and no per-user limit, one with stock 0;
 #   2. sends one probe order while `redis-cli MONITOR` watches, and takes the producer's own
@@ -241,12 +241,15 @@ else
         die "scripts/stack.sh up failed"
     }
 fi
-[[ -f var/stack.env ]] || die "var/stack.env is missing after scripts/stack.sh up"
-# shellcheck disable=SC1091
-. var/stack.env
+# STACK_VAR picks a private stack, as for scripts/stack.sh: its env file and its pid files.
+env_file=$(scripts/stack.sh env)
+run_dir=$(dirname "$env_file")/run
+[[ -f $env_file ]] || die "$env_file is missing after scripts/stack.sh up"
+# shellcheck disable=SC1090
+. "$env_file"
 
-redis_pid=$(cat var/run/redis.pid 2>/dev/null || true)
-kafka_pid=$(cat var/run/kafka.pid 2>/dev/null || true)
+redis_pid=$(cat "$run_dir/redis.pid" 2>/dev/null || true)
+kafka_pid=$(cat "$run_dir/kafka.pid" 2>/dev/null || true)
 [[ -n $redis_pid && -r /proc/$redis_pid/stat ]] || redis_pid=""
 [[ -n $kafka_pid && -r /proc/$kafka_pid/stat ]] || kafka_pid=""
 

@@ -11,20 +11,46 @@
 -- is re-created. The log position lets the reaper tell an order the consumer has not reached yet
 -- from one the log no longer holds (resv_sweep.c). Either way the idempotency key now answers
 -- "accepted" with the same order id (XX: a key that expired is not brought back).
-local n = 0
+--
+-- Cost (issue 17): one HMGET reads every order's entry, one HSET writes every new one; what stays
+-- per order is the SET of an order's Idempotency-Key, when it has one. An order named twice in a
+-- batch is turned (and counted) once, as one call per order would. Every value is computed before
+-- the first write and the entries are written first (the HMGET found resv a hash; SET overwrites
+-- any type), so a script stopped midway writes nothing or the whole batch (see reserve.lua).
+local resv = KEYS[1]
+local ids = {}
 for i = 1, #ARGV, 3 do
-    local id, k, pos = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
-    local r = redis.call('HGET', KEYS[1], id)
-    if r and string.sub(r, 1, 2) == 'r:' then
+    ids[#ids + 1] = ARGV[i]
+end
+if #ids == 0 then
+    return 0
+end
+local cur = redis.call('HMGET', resv, unpack(ids))
+local entries, turned, pins = {}, {}, {}
+local n = 0
+for j = 1, #ids do
+    local id, r = ids[j], cur[j]
+    local k = tonumber(ARGV[3 * j - 1])
+    if k > 0 then
+        pins[#pins + 1] = {k = k, value = 'accepted:' .. id}
+    end
+    if r and not turned[id] and string.sub(r, 1, 2) == 'r:' then
         local a = 'a:' .. string.match(r, '^r:([^:]*:[^:]*:[^:]*)')
+        local pos = ARGV[3 * j]
         if pos ~= '' then
             a = a .. ':' .. pos
         end
-        redis.call('HSET', KEYS[1], id, a)
+        turned[id] = true
+        entries[#entries + 1] = id
+        entries[#entries + 1] = a
         n = n + 1
     end
-    if k > 0 then
-        redis.call('SET', KEYS[k], 'accepted:' .. id, 'XX', 'KEEPTTL')
-    end
+end
+if n > 0 then
+    redis.call('HSET', resv, unpack(entries))
+end
+for j = 1, #pins do
+    local p = pins[j]
+    redis.call('SET', KEYS[p.k], p.value, 'XX', 'KEEPTTL')
 end
 return n

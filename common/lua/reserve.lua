@@ -32,23 +32,73 @@
 --                  PostgreSQL still holds): nothing changes and the idempotency key is not pinned,
 --                  so a retry after the rebuild is decided afresh. A key seen before still answers
 --                  "dup" first: an order it names stays that order.
--- Every write of an order is done before the next order is looked at, so a script stopped by an
--- error leaves whole reservations only (whose orders the reaper's lost-reservation sweep voids).
+--
+-- Cost (issue 17): one Redis thread decides every order of a flash sale's SKU, so the script
+-- spends a few commands per batch, not several per order. It reads once: HMGET of the sale, MGET
+-- of the batch's idempotency keys (only if it has any), HMGET of the users' counts (only when an
+-- order needs one: a per-user limit to check, or an order admitted), TIME (only when an order is
+-- admitted). It decides every order in Lua, in order, from those values and what the orders
+-- before it took. Then it writes once per batch: one HSET of every reservation, one HSET of the
+-- new stock, one HSET of the admitted users' new counts. What stays per order is one SET ... EX
+-- per order that pins its idempotency key (a string with a TTL of its own; Redis 7.0 has no
+-- per-field expiry), so a batch without keys costs six commands however many orders it holds.
+--
+-- A script stopped midway: nothing is written until every order is decided and every value to
+-- write is computed, so a Lua error leaves nothing at all. The writes then are those few commands
+-- with absolute values, the reservations first: the reads found the sale and users keys to be
+-- hashes, SET overwrites any type, and Redis refuses a script's write (OOM, MISCONF, READONLY)
+-- only in states it checks before the first one and that do not change while a script runs. So a
+-- batch is written whole or not at all (and Redis 7 propagates a script's writes to the AOF and
+-- replicas as one MULTI/EXEC), where the script of one write per order before it left whole
+-- reservations only.
 local sale, users, resv = KEYS[1], KEYS[2], KEYS[3]
-local idem_ttl, refusal_ttl = ARGV[1], tonumber(ARGV[2])
+local argv = ARGV -- a local: read four times per order
+local idem_ttl, refusal_ttl = argv[1], tonumber(argv[2])
+local nargs = #argv
 local out = {}
 
-local t = redis.call('TIME')
-local ts = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local s = redis.call('HMGET', sale, 'stock', 'limit', 'pay_timeout_s', 'paused')
 local stock, limit, pay_timeout = tonumber(s[1]), tonumber(s[2]), tonumber(s[3])
 local paused = s[4]
 
-for i = 3, #ARGV, 4 do
-    local user, qty, order_id = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
-    local k = tonumber(ARGV[i + 3])
+-- known: key name -> the value the key holds as the orders decided so far leave it (false: none)
+local known = {}
+if #KEYS > 3 then
+    local v = redis.call('MGET', unpack(KEYS, 4))
+    for k = 4, #KEYS do
+        known[KEYS[k]] = v[k - 3]
+    end
+end
+
+-- held: user_id -> units, read at the first order that needs a count, for that order's user and
+-- every user after it (one HMGET; the orders before it needed none).
+local held = nil
+local function read_held(from)
+    local names, listed = {}, {}
+    for i = from, nargs, 4 do
+        local u = argv[i]
+        if not listed[u] then
+            listed[u] = true
+            names[#names + 1] = u
+        end
+    end
+    local v = redis.call('HMGET', users, unpack(names))
+    held = {}
+    for j = 1, #names do
+        held[names[j]] = tonumber(v[j] or '0')
+    end
+end
+
+local entries = {} -- order_id, entry, ... for the reservations' HSET
+local counted, changed = {}, {} -- the admitted users, in the order of their first admission
+local pins = {} -- {k = index in KEYS, value, ttl} per key to write
+local ts = nil
+
+for i = 3, nargs, 4 do
+    local user, qty, order_id = argv[i], tonumber(argv[i + 1]), argv[i + 2]
+    local k = tonumber(argv[i + 3])
     local idem = k > 0 and KEYS[k] or nil
-    local prev = idem and redis.call('GET', idem)
+    local prev = idem and known[idem]
     if prev then
         local sep = string.find(prev, ':', 1, true)
         out[#out + 1] = {'dup', string.sub(prev, sep + 1), string.sub(prev, 1, sep - 1), 0}
@@ -57,29 +107,55 @@ for i = 3, #ARGV, 4 do
     elseif not stock then
         out[#out + 1] = {'unknown_sku', '', 0, 0}
     else
-        local held = 0
-        if limit > 0 then
-            held = tonumber(redis.call('HGET', users, user) or '0')
-        end
-        if limit > 0 and held + qty > limit then
+        if limit > 0 and not held then read_held(i) end
+        if limit > 0 and held[user] + qty > limit then
             if idem and refusal_ttl > 0 then
-                redis.call('SET', idem, 'limit_exceeded:', 'EX', refusal_ttl)
+                pins[#pins + 1] = {k = k, value = 'limit_exceeded:', ttl = refusal_ttl}
+                known[idem] = 'limit_exceeded:'
             end
             out[#out + 1] = {'limit_exceeded', '', stock, pay_timeout}
         elseif stock < qty then
             if idem and refusal_ttl > 0 then
-                redis.call('SET', idem, 'sold_out:', 'EX', refusal_ttl)
+                pins[#pins + 1] = {k = k, value = 'sold_out:', ttl = refusal_ttl}
+                known[idem] = 'sold_out:'
             end
             out[#out + 1] = {'sold_out', '', stock, pay_timeout}
         else
+            if not held then read_held(i) end
+            if not ts then
+                local t = redis.call('TIME')
+                ts = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+            end
             stock = stock - qty
-            redis.call('HINCRBY', sale, 'stock', -qty)
-            redis.call('HINCRBY', users, user, qty)
-            redis.call('HSET', resv, order_id, 'r:' .. user .. ':' .. qty .. ':' ..
-                string.format('%d', ts) .. ':' .. (idem or ''))
-            if idem then redis.call('SET', idem, 'pending:' .. order_id, 'EX', idem_ttl) end
+            held[user] = held[user] + qty
+            if not counted[user] then
+                counted[user] = true
+                changed[#changed + 1] = user
+            end
+            entries[#entries + 1] = order_id
+            entries[#entries + 1] = 'r:' .. user .. ':' .. qty .. ':' .. ts .. ':' .. (idem or '')
+            if idem then
+                pins[#pins + 1] = {k = k, value = 'pending:' .. order_id, ttl = idem_ttl}
+                known[idem] = 'pending:' .. order_id
+            end
             out[#out + 1] = {'ok', order_id, stock, pay_timeout}
         end
     end
+end
+
+if #entries > 0 then
+    local counts = {}
+    for j = 1, #changed do
+        counts[#counts + 1] = changed[j]
+        counts[#counts + 1] = string.format('%d', held[changed[j]])
+    end
+    local left = string.format('%d', stock)
+    redis.call('HSET', resv, unpack(entries))
+    redis.call('HSET', sale, 'stock', left)
+    redis.call('HSET', users, unpack(counts))
+end
+for j = 1, #pins do
+    local p = pins[j]
+    redis.call('SET', KEYS[p.k], p.value, 'EX', p.ttl)
 end
 return out

@@ -5,8 +5,10 @@ Redis Cluster routes a script by its KEYS, and Redis documents that a script mus
 keys it is passed; a key a script builds from ARGV or from a value it read works on one server and
 breaks on a cluster, where it may live in another slot (issue 15, hole 10). This reads each script
 and checks the first argument of every redis.call / redis.pcall of a command that takes a key: it
-must be KEYS[...] or a local variable that only ever holds KEYS[...]. Commands without a key (TIME)
-are skipped. Prints "ok - ..." / "not ok - ..." per script and last "N passed, M failed".
+must be KEYS[...] or a local variable that only ever holds KEYS[...], or unpack(KEYS, ...) (a
+slice of KEYS, as the call's last argument: every key it passes was given). Commands without a
+key (TIME) are skipped. Prints "ok - ..." / "not ok - ..." per script and last "N passed, M
+failed".
 """
 import glob
 import os
@@ -51,6 +53,9 @@ def main():
                 if cmd in NO_KEY:
                     continue
                 if re.fullmatch(r"KEYS\[[^\]]+\]", arg) or arg in names:
+                    continue
+                # the last argument of the call, so every value it expands to is one of KEYS
+                if re.match(r"unpack\(KEYS\s*(,[^()]*)?\)\s*\)", code[m.start(2):]):
                     continue
                 wrong.append("line %d: %s %s" % (n, cmd, arg or "(no key)"))
         name = os.path.basename(path)

@@ -16,6 +16,7 @@
 #include "log.h"
 #include "redis_store.h"
 #include "clock_skew.h"
+#include "lua_scripts.h"
 #include "stock.h"
 #include "itest.h"
 
@@ -741,6 +742,235 @@ static void test_pause_many(void **state) {
     redisFree(c);
 }
 
+/* ---- issue 17: a batch decides and writes exactly as its orders one at a time ---- */
+
+/* text with every "{sku:<sku>}" written "{sku:S}", so two SKUs' values compare; in out. */
+static const char *sku_neutral(const char *text, int64_t sku, char *out, size_t cap) {
+    char tag[40];
+    int ntag = snprintf(tag, sizeof(tag), "{sku:%lld}", (long long)sku);
+    size_t o = 0;
+    for (const char *p = text; *p && o + 8 < cap;) {
+        if (strncmp(p, tag, (size_t)ntag) == 0) {
+            o += (size_t)snprintf(out + o, cap - o, "{sku:S}");
+            p += ntag;
+        } else {
+            out[o++] = *p++;
+        }
+    }
+    out[o] = '\0';
+    return out;
+}
+
+/* An Idempotency-Key's value ("(nil)" when absent) and what pins it: 2 an order's TTL, 1 a
+ * refusal's, 0 none. */
+static int idem_state(redisContext *c, int64_t sku, int64_t user, const char *key, char *val,
+                      size_t cap) {
+    redisReply *r = redisCommand(c, "GET {sku:%lld}:idem:%lld:%s", (long long)sku, (long long)user,
+                                 key);
+    assert_non_null(r);
+    snprintf(val, cap, "%s", r->type == REDIS_REPLY_STRING ? r->str : "(nil)");
+    freeReplyObject(r);
+    int64_t ttl = idem_ttl(c, sku, user, key);
+    return ttl > SP_IDEM_REFUSAL_TTL_S ? 2 : ttl > 0 ? 1 : 0;
+}
+
+enum { MIX_N = 150, MIX_USERS = 6, MIX_KEYS = 4 };
+
+/* The mixed orders both runs send: users 1..6 with a limit of 4, qty 1..3, most with one of a
+ * few Idempotency-Keys per user (so keys repeat, in one batch and across batches). */
+static void mix_orders(sp_reserve_request *req, int64_t sku) {
+    uint32_t x = 17;
+    for (int i = 0; i < MIX_N; i++) {
+        x = x * 1103515245u + 12345u;
+        uint32_t r = x >> 8;
+        req[i] = (sp_reserve_request){.sku_id = sku,
+                                      .user_id = 1 + (int64_t)(r % MIX_USERS),
+                                      .qty = 1 + (int32_t)((r / 8) % 3),
+                                      .ts_ms = 1700000000000 + i};
+        snprintf(req[i].order_id, sizeof(req[i].order_id), "mix-%d", i);
+        if ((r / 32) % 5 >= 2)
+            snprintf(req[i].idem_key, sizeof(req[i].idem_key), "K%u", (r / 256) % MIX_KEYS);
+    }
+}
+
+/* Between the batches both SKUs see the same: a restock and some confirms. */
+static void mix_between(redisContext *c, int64_t sku, int step, const sp_reserve_request *req,
+                        const sp_reserve_result *res, int upto) {
+    if (step == 1) {
+        sp_restock_status st;
+        int64_t stock;
+        char id[32];
+        snprintf(id, sizeof(id), "mix-rs-%lld", (long long)sku);
+        assert_int_equal(sp_stock_restock(c, sku, 12, id, &st, &stock, err, sizeof(err)), 0);
+    }
+    for (int i = 0; i < upto; i += 3) /* every third admitted order is acknowledged */
+        if (res[i].outcome == SP_RESERVE_OK)
+            (void)confirm(c, sku, req[i].user_id, req[i].order_id,
+                          req[i].idem_key[0] ? req[i].idem_key : NULL);
+}
+
+/* 150 orders of six users in batches of 7, 64, 1, 40 and 38, with per-user limits, repeated keys
+ * (within a batch and across batches), a sale running out, a restock and confirms between the
+ * batches: every answer, the stock, the users' counts, every reservation entry and every key are
+ * what the same orders sent one at a time to a fresh sale give. */
+static void test_reserve_batch_as_one_by_one(void **state) {
+    (void)state;
+    redisContext *c = connect_redis();
+    int64_t one = fresh_sku(c, 80), batched = fresh_sku(c, 81);
+    int64_t skus[2] = {one, batched};
+    int opened;
+    for (int s = 0; s < 2; s++) {
+        if (sp_stock_open(c, skus[s], 20, 4, 600, &opened, err, sizeof(err)) != 0)
+            fail_msg("open: %s", err);
+        for (int u = 1; u <= MIX_USERS; u++)
+            for (int k = 0; k < MIX_KEYS; k++)
+                freeReplyObject(
+                    redisCommand(c, "DEL {sku:%lld}:idem:%d:K%d", (long long)skus[s], u, k));
+    }
+    static sp_reserve_request req1[MIX_N], reqb[MIX_N];
+    static sp_reserve_result res1[MIX_N], resb[MIX_N];
+    static sp_script_call calls[MIX_N];
+    mix_orders(req1, one);
+    mix_orders(reqb, batched);
+    const int sizes[] = {7, 64, 1, 40, 38};
+    int at = 0;
+    for (int step = 0; step < 5; step++) {
+        for (int i = at; i < at + sizes[step]; i++)
+            if (sp_stock_reserve(c, &req1[i], &res1[i], err, sizeof(err)) != 0)
+                fail_msg("reserve: %s", err);
+        sp_reserve_batch b = {0};
+        for (int i = at; i < at + sizes[step]; i++) {
+            sp_stock_reserve_call(&calls[i], &reqb[i]);
+            assert_int_equal(sp_stock_reserve_batch_add(&b, &reqb[i], &calls[i]), 0);
+        }
+        if (sp_stock_reserve_batch(c, &b, &resb[at], err, sizeof(err)) != 0)
+            fail_msg("batch: %s", err);
+        at += sizes[step];
+        mix_between(c, one, step, req1, res1, at);
+        mix_between(c, batched, step, reqb, resb, at);
+    }
+    assert_int_equal(at, MIX_N);
+
+    int seen[SP_RESERVE_RECOVERING + 1] = {0};
+    for (int i = 0; i < MIX_N; i++) {
+        assert_int_equal(resb[i].outcome, res1[i].outcome);
+        assert_string_equal(resb[i].order_id, res1[i].order_id);
+        assert_string_equal(resb[i].dup_state, res1[i].dup_state);
+        assert_int_equal(resb[i].stock_left, res1[i].stock_left);
+        assert_int_equal(resb[i].pay_timeout_s, res1[i].pay_timeout_s);
+        seen[res1[i].outcome]++;
+    }
+    /* the mix exercised every decision */
+    assert_true(seen[SP_RESERVE_OK] > 0 && seen[SP_RESERVE_DUP] > 0 && seen[SP_RESERVE_LIMIT] > 0 &&
+                seen[SP_RESERVE_SOLD_OUT] > 0);
+
+    assert_int_equal(sale_hget_int(c, batched, "sale", "stock"),
+                     sale_hget_int(c, one, "sale", "stock"));
+    for (int u = 1; u <= MIX_USERS; u++) {
+        char user[16];
+        snprintf(user, sizeof(user), "%d", u);
+        assert_int_equal(sale_hget_int(c, batched, "users", user),
+                         sale_hget_int(c, one, "users", user));
+    }
+    for (int i = 0; i < MIX_N; i++) {
+        char a[256], b[256], t[256];
+        const char *e = sale_hget_str(c, one, "resv", req1[i].order_id);
+        sku_neutral(strcmp(e, "(nil)") ? timeless(c, e) : e, one, a, sizeof(a));
+        e = sale_hget_str(c, batched, "resv", reqb[i].order_id);
+        snprintf(t, sizeof(t), "%s", strcmp(e, "(nil)") ? timeless(c, e) : e);
+        assert_string_equal(sku_neutral(t, batched, b, sizeof(b)), a);
+    }
+    for (int u = 1; u <= MIX_USERS; u++)
+        for (int k = 0; k < MIX_KEYS; k++) {
+            char key[16], a[128], b[128];
+            snprintf(key, sizeof(key), "K%d", k);
+            int pa = idem_state(c, one, u, key, a, sizeof(a));
+            int pb = idem_state(c, batched, u, key, b, sizeof(b));
+            assert_string_equal(b, a);
+            assert_int_equal(pb, pa);
+        }
+    redisFree(c);
+}
+
+/* confirm.lua's batch: orders reserved, one named twice, one the consumer already removed, one
+ * never there, with and without keys; the count, the entries and the keys are what one confirm
+ * per order gives. */
+static void test_confirm_batch_as_one_by_one(void **state) {
+    (void)state;
+    redisContext *c = connect_redis();
+    int64_t one = fresh_sku(c, 82), batched = fresh_sku(c, 83);
+    int64_t skus[2] = {one, batched};
+    const char *idem[] = {"C0", NULL, "C2", NULL, "C4"};
+    int opened;
+    for (int s = 0; s < 2; s++) {
+        if (sp_stock_open(c, skus[s], 10, 0, 600, &opened, err, sizeof(err)) != 0)
+            fail_msg("open: %s", err);
+        for (int i = 0; i < 5; i++) {
+            char id[16];
+            snprintf(id, sizeof(id), "cb-%d", i);
+            freeReplyObject(
+                redisCommand(c, "DEL {sku:%lld}:idem:%d:C%d", (long long)skus[s], 10 + i, i));
+            assert_int_equal(reserve(c, skus[s], 10 + i, 1, id, idem[i]).outcome, SP_RESERVE_OK);
+        }
+        const char *gone[] = {"cb-3"}; /* the consumer stored it first */
+        assert_int_equal(sp_stock_accepted_forget(c, skus[s], gone, 1, err, sizeof(err)), 0);
+    }
+    const int which[] = {0, 1, 1, 3, 5, 4, 2}; /* 5: an order never reserved */
+    enum { NC = sizeof(which) / sizeof(which[0]) };
+    int n_one = 0;
+    static sp_reserve_request reqs[NC];
+    static sp_script_call calls[NC];
+    sp_confirm_batch b = {0};
+    for (int j = 0; j < NC; j++) {
+        int i = which[j];
+        const char *key = i < 5 ? idem[i] : NULL;
+        char id[16];
+        snprintf(id, sizeof(id), "cb-%d", i);
+        n_one += confirm(c, one, 10 + i, id, key);
+        reqs[j] = (sp_reserve_request){.sku_id = batched, .user_id = 10 + i};
+        snprintf(reqs[j].order_id, sizeof(reqs[j].order_id), "%s", id);
+        snprintf(reqs[j].idem_key, sizeof(reqs[j].idem_key), "%s", key ? key : "");
+        sp_stock_confirm_call(&calls[j], &reqs[j], 3, 17);
+        assert_int_equal(sp_stock_confirm_batch_add(&b, batched, &calls[j]), 0);
+    }
+    /* the batch as the producer sends it: EVAL of confirm.lua with the batch's keys and args */
+    const char *argv[3 + 4 * NC];
+    size_t argvlen[3 + 4 * NC];
+    char nkeys[12];
+    int argc = 0;
+    snprintf(nkeys, sizeof(nkeys), "%d", b.nkeys);
+    argv[argc] = "EVAL", argvlen[argc++] = 4;
+    argv[argc] = sp_lua_confirm, argvlen[argc++] = strlen(sp_lua_confirm);
+    argv[argc] = nkeys, argvlen[argc++] = strlen(nkeys);
+    for (int i = 0; i < b.nkeys; i++) argv[argc] = b.keys[i], argvlen[argc++] = b.keyslen[i];
+    for (int i = 0; i < b.nargs; i++) argv[argc] = b.args[i], argvlen[argc++] = b.argslen[i];
+    redisReply *r = redisCommandArgv(c, argc, argv, argvlen);
+    assert_non_null(r);
+    if (r->type != REDIS_REPLY_INTEGER) fail_msg("confirm batch: %s", r->str ? r->str : "?");
+    assert_int_equal(n_one, 4); /* cb-0, cb-1 once, cb-4, cb-2 */
+    assert_int_equal(r->integer, n_one);
+    freeReplyObject(r);
+    for (int i = 0; i < 6; i++) {
+        char id[16], a[256], t[256], bb[256];
+        snprintf(id, sizeof(id), "cb-%d", i);
+        const char *e = sale_hget_str(c, one, "resv", id);
+        sku_neutral(strcmp(e, "(nil)") ? timeless(c, e) : e, one, a, sizeof(a));
+        e = sale_hget_str(c, batched, "resv", id);
+        snprintf(t, sizeof(t), "%s", strcmp(e, "(nil)") ? timeless(c, e) : e);
+        assert_string_equal(sku_neutral(t, batched, bb, sizeof(bb)), a);
+        if (i < 5 && idem[i]) {
+            char va[64], vb[64];
+            int pa = idem_state(c, one, 10 + i, idem[i], va, sizeof(va));
+            int pb = idem_state(c, batched, 10 + i, idem[i], vb, sizeof(vb));
+            assert_string_equal(vb, va);
+            assert_int_equal(pb, pa);
+            snprintf(t, sizeof(t), "accepted:%s", id);
+            assert_string_equal(va, t);
+        }
+    }
+    redisFree(c);
+}
+
 int main(void) {
     char e[256];
     const char *url = getenv("REDIS_URL");
@@ -758,6 +988,8 @@ int main(void) {
         cmocka_unit_test(test_concurrent_admission_is_exact),
         cmocka_unit_test(test_idem_key_validation),
         cmocka_unit_test(test_reserve_batch_in_order),
+        cmocka_unit_test(test_reserve_batch_as_one_by_one),
+        cmocka_unit_test(test_confirm_batch_as_one_by_one),
         cmocka_unit_test(test_reconcile_open_after_apply),
         cmocka_unit_test(test_reconcile_writes_need_the_token),
         cmocka_unit_test(test_confirm_marks_accepted),
