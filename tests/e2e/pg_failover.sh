@@ -13,27 +13,7 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 . "$root/tests/lib/procs.sh"
-work=$(mktemp -d "${TMPDIR:-/tmp}/sp-pgf.XXXXXX") || exit 1
-chmod 755 "$work" # as root, PostgreSQL runs as `postgres` and must reach the private stack's data
-rc=1
-helper=
-
-teardown() {
-    stop_helper "$helper"
-    kill_recorded "$work/pids"
-    if [[ -d $work/stack ]]; then
-        STACK_VAR=$work/stack "$root/scripts/stack.sh" down --purge >>"$work/stack.log" 2>&1
-    fi
-    if [[ $rc -eq 0 ]]; then
-        rm -rf "$work"
-    else # keep the logs (the helper named the directory); drop the data
-        rm -rf "$work"/stack/redis "$work"/stack/kafka
-    fi
-    exit "$rc"
-}
-trap teardown EXIT
-trap 'rc=130; exit 130' INT
-trap 'rc=143; exit 143' TERM
+private_work sp-pgf stack.log 'stack/redis' 'stack/kafka*'
 
 run_helper python3 "$here/pg_failover.py" --workdir "$work" "$@"
 exit "$rc"

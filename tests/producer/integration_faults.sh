@@ -11,27 +11,7 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 . "$root/tests/lib/procs.sh"
-work=$(mktemp -d "${TMPDIR:-/tmp}/sp-faults.XXXXXX") || exit 1
-chmod 755 "$work" # as root, PostgreSQL runs as `postgres` and must reach the private stack's data
-mkdir -p "$work/logs"
-rc=1
-helper=
-
-teardown() {
-    stop_helper "$helper"
-    kill_recorded "$work/pids"
-    if [ -d "$work/stack" ]; then
-        STACK_VAR=$work/stack "$root/scripts/stack.sh" down --purge >>"$work/logs/stack.log" 2>&1
-    fi
-    if [ "$rc" -eq 0 ]; then
-        rm -rf "$work"
-    else # the helper named the directory before its last line, "N passed, M failed"
-        rm -rf "$work"/sentinel/primary "$work"/sentinel/replica
-    fi
-}
-trap teardown EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+private_work sp-faults logs/stack.log 'sentinel/primary' 'sentinel/replica'
 
 run_helper python3 "$here/integration_faults.py" --workdir "$work" "$@"
 exit "$rc"
