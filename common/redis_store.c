@@ -55,11 +55,16 @@ int sp_redis_parse_url(const char *url, sp_redis_target *t, char *errbuf, size_t
     } else if (strncmp(url, "sentinel://", 11) == 0) {
         p = url + 11;
         out.sentinel = 1;
+    } else if (strncmp(url, "redis-cluster://", 16) == 0) {
+        p = url + 16;
+        out.cluster = 1;
     } else {
         char shown[128];
         sp_config_redact(url, shown, sizeof(shown)); /* a password never reaches a message */
         snprintf(errbuf, errlen,
-                 "REDIS_URL must start with redis:// or sentinel:// (got \"%.40s\")", shown);
+                 "REDIS_URL must start with redis://, sentinel:// or redis-cluster:// (got "
+                 "\"%.40s\")",
+                 shown);
         return -1;
     }
     const char *at = strchr(p, '@'), *slash;
@@ -84,8 +89,10 @@ int sp_redis_parse_url(const char *url, sp_redis_target *t, char *errbuf, size_t
         snprintf(errbuf, errlen, "REDIS_URL names no host");
         return -1;
     }
-    if (!out.sentinel && out.nhosts != 1) {
-        snprintf(errbuf, errlen, "REDIS_URL redis:// takes one host; use sentinel:// for several");
+    if (!out.sentinel && !out.cluster && out.nhosts != 1) {
+        snprintf(errbuf, errlen,
+                 "REDIS_URL redis:// takes one host; use sentinel:// or redis-cluster:// for "
+                 "several");
         return -1;
     }
     const char *rest = slash ? slash + 1 : "";
@@ -107,6 +114,10 @@ int sp_redis_parse_url(const char *url, sp_redis_target *t, char *errbuf, size_t
             return -1;
         }
         out.db = (int)db;
+    }
+    if (out.cluster && out.db != 0) {
+        snprintf(errbuf, errlen, "REDIS_URL redis-cluster:// has only database 0");
+        return -1;
     }
     *t = out;
     return 0;
@@ -192,6 +203,10 @@ redisContext *sp_redis_connect(const sp_redis_target *t, int timeout_ms, char *e
                                size_t errlen) {
     char host[256];
     int port = 0;
+    if (t->cluster) { /* one connection cannot reach every slot */
+        snprintf(errbuf, errlen, "REDIS_URL redis-cluster:// needs a cluster connection");
+        return NULL;
+    }
     for (int i = 0; i < t->nhosts; i++) {
         redisContext *c = NULL;
         char dbtext[8];

@@ -13,9 +13,13 @@ struct event_base;
 /* Where Redis is, parsed from REDIS_URL:
  *   redis://[:password@]host[:port][/db]
  *   sentinel://[:password@]host:port[,host:port...]/master_name[/db]
- * With Sentinel the hosts are Sentinels and the primary is looked up on every connect. */
+ *   redis-cluster://[:password@]host:port[,host:port...]
+ * With Sentinel the hosts are Sentinels and the primary is looked up on every connect. With a
+ * Redis Cluster the hosts are seeds: any node that answers CLUSTER SLOTS gives the slot map, and
+ * every command goes to the primary of its key's slot (common/redis_cluster.h). */
 typedef struct sp_redis_target {
     int sentinel;
+    int cluster;
     int nhosts;
     struct {
         char host[256];

@@ -48,6 +48,25 @@ static void test_sentinel(void **state) {
     assert_int_equal(t.db, 2);
 }
 
+static void test_cluster(void **state) {
+    (void)state;
+    sp_redis_target t;
+    assert_int_equal(sp_redis_parse_url("redis-cluster://:pw@10.0.0.1:7000,10.0.0.2:7001,n3", &t,
+                                        err, sizeof(err)),
+                     0);
+    assert_true(t.cluster);
+    assert_false(t.sentinel);
+    assert_int_equal(t.nhosts, 3);
+    assert_string_equal(t.hosts[0].host, "10.0.0.1");
+    assert_int_equal(t.hosts[1].port, 7001);
+    assert_int_equal(t.hosts[2].port, 6379);
+    assert_string_equal(t.password, "pw");
+    assert_int_equal(sp_redis_parse_url("redis-cluster://h:1", &t, err, sizeof(err)), 0);
+    assert_int_equal(t.nhosts, 1);
+    assert_int_equal(sp_redis_parse_url("redis://h:1", &t, err, sizeof(err)), 0);
+    assert_false(t.cluster);
+}
+
 static void test_refused(void **state) {
     (void)state;
     sp_redis_target t;
@@ -66,6 +85,9 @@ static void test_refused(void **state) {
         "redis://user@h:1",               /* credentials without ':' */
         "sentinel://a,b,c,d,e,f,g,h,i/m", /* more hosts than the bound */
         "redis://:1",                     /* empty host */
+        "redis-cluster://a:1/1",          /* a cluster has only database 0 */
+        "redis-cluster://",
+        "rediscluster://a:1",
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         err[0] = '\0';
@@ -86,11 +108,9 @@ static void test_long_host_bounded(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_plain),
-        cmocka_unit_test(test_defaults_password_db),
-        cmocka_unit_test(test_sentinel),
-        cmocka_unit_test(test_refused),
-        cmocka_unit_test(test_long_host_bounded),
+        cmocka_unit_test(test_plain),    cmocka_unit_test(test_defaults_password_db),
+        cmocka_unit_test(test_sentinel), cmocka_unit_test(test_cluster),
+        cmocka_unit_test(test_refused),  cmocka_unit_test(test_long_host_bounded),
     };
     return cmocka_run_group_tests_name("redis_url", tests, NULL, NULL);
 }
