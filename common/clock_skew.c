@@ -41,14 +41,12 @@ int64_t sp_clock_skew_record(int64_t sent_ms, int64_t replied_ms, int64_t redis_
     return skew;
 }
 
-int sp_clock_redis_now_ms(redisContext *c, int64_t *redis_ms, char *errbuf, size_t errlen) {
+int sp_clock_redis_now_ms(sp_redis *c, const char *key, int64_t *redis_ms, char *errbuf,
+                          size_t errlen) {
     int64_t sent = sp_clock_wall_ms(), now;
-    redisReply *r = redisCommand(c, "TIME");
+    redisReply *r = sp_redis_command(c, key, errbuf, errlen, "TIME");
     int64_t replied = sp_clock_wall_ms();
-    if (r == NULL) {
-        snprintf(errbuf, errlen, "redis TIME: %s", c->errstr[0] ? c->errstr : "no reply");
-        return -1;
-    }
+    if (r == NULL) return -1;
     int rc = sp_clock_redis_time_ms(r, &now);
     freeReplyObject(r);
     if (rc != 0) {

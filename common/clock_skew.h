@@ -17,6 +17,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "redis_store.h"
+
 /* Registers stockpipe_clock_skew_ms. */
 void sp_clock_skew_register_metrics(void);
 
@@ -28,9 +30,11 @@ int sp_clock_redis_time_ms(const redisReply *r, int64_t *ms);
 int64_t sp_clock_skew_record(int64_t sent_ms, int64_t replied_ms, int64_t redis_ms);
 
 /* Reads Redis's clock on a blocking connection (one TIME) into *redis_ms, and records this host's
- * offset from it; 0, or -1 with errbuf (the connection may be broken). */
-int sp_clock_redis_now_ms(redisContext *c, int64_t *redis_ms, char *errbuf, size_t errlen)
-    __attribute__((warn_unused_result));
+ * offset from it; 0, or -1 with errbuf (the connection may be broken). In a Redis Cluster every
+ * primary has a clock of its own: key names the one whose clock counts (the node of a SKU's keys,
+ * whose TIME stamped its reservations); NULL: any. */
+int sp_clock_redis_now_ms(sp_redis *c, const char *key, int64_t *redis_ms, char *errbuf,
+                          size_t errlen) __attribute__((warn_unused_result));
 
 /* 1 when the last offset measured is beyond max_ms either way, with a sentence in why for /readyz;
  * 0 otherwise (also before any measurement). Logs a warning when the offset goes beyond the bound

@@ -34,9 +34,11 @@ typedef struct sp_redis_target {
 int sp_redis_parse_url(const char *url, sp_redis_target *t, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 
-/* Connects to the server (Sentinel: asks each Sentinel in turn for the primary and checks that it
- * says it is one), authenticates, selects the db and sets timeout_ms on connect and on every
- * command. Returns a context the caller owns (redisFree), or NULL with the reason in errbuf. */
+/* One server's connection, for what must talk to that one server (the event loop's async
+ * connection finds it so): connects (Sentinel: asks each Sentinel in turn for the primary and
+ * checks that it says it is one), authenticates, selects the db and sets timeout_ms on connect
+ * and on every command. Returns a context the caller owns (redisFree), or NULL with the reason in
+ * errbuf; a redis-cluster:// target is refused (use sp_redis_open). */
 redisContext *sp_redis_connect(const sp_redis_target *t, int timeout_ms, char *errbuf,
                                size_t errlen) __attribute__((warn_unused_result));
 
@@ -49,8 +51,56 @@ redisAsyncContext *sp_redis_async_connect(const sp_redis_target *t, struct event
                                           void *data, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 
-/* PING; 0 when the server answered PONG. */
-int sp_redis_ping(redisContext *c, char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+/* ---- the blocking connection to the data (consumer, reaper, tools) ---- */
+
+/* Whatever serves the data: one server (redis://), the primary Sentinel names (sentinel://), or a
+ * Redis Cluster (redis-cluster://), where each command goes to the primary of its key's slot:
+ * the slot map is read from CLUSTER SLOTS at open, MOVED updates it and sends the command again
+ * there, ASK sends ASKING and the command to the slot's importing node once, TRYAGAIN and
+ * CLUSTERDOWN are retried with a short sleep until timeout_ms has passed (then the error reply
+ * is the answer). A node refuses with those before running anything, so these resends are safe;
+ * a command whose connection failed is never sent again (it may have run): the call returns NULL
+ * and the next call connects afresh. One thread at a time. */
+typedef struct sp_redis sp_redis;
+
+/* Connects (Sentinel: looks the primary up; Cluster: reads the slot map from the first seed that
+ * answers and connects to each primary when first needed). NULL with errbuf. */
+sp_redis *sp_redis_open(const sp_redis_target *t, int timeout_ms, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
+void sp_redis_close(sp_redis *r);
+
+/* 1 for a Redis Cluster. */
+int sp_redis_is_cluster(const sp_redis *r);
+
+/* Runs one command on the node that serves key (every key of the command must share key's slot;
+ * NULL: a command on no key, run on any primary). argvlen NULL: C strings. Returns the reply
+ * (caller frees; it may be an error reply of the command), or NULL with errbuf when the
+ * connection failed. */
+redisReply *sp_redis_argv(sp_redis *r, const char *key, int argc, const char **argv,
+                          const size_t *argvlen, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
+/* The same with a hiredis format ("HGET %s %s"). */
+redisReply *sp_redis_command(sp_redis *r, const char *key, char *errbuf, size_t errlen,
+                             const char *fmt, ...) __attribute__((warn_unused_result));
+
+/* Several commands in one round trip (per node); replies[i] for cmds[i] (caller frees each). -1
+ * with errbuf when a connection failed: every reply is then NULL (freed). */
+typedef struct sp_redis_cmd {
+    const char *key; /* routes the command, as for sp_redis_argv */
+    int argc;
+    const char *const *argv;
+} sp_redis_cmd;
+int sp_redis_pipeline(sp_redis *r, size_t n, const sp_redis_cmd *cmds, redisReply **replies,
+                      char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+
+/* How many primaries serve the data (1 without a cluster), and one command on the i-th of them:
+ * for what each server holds on its own (INFO, its identity). */
+int sp_redis_primaries(sp_redis *r);
+redisReply *sp_redis_argv_on(sp_redis *r, int i, int argc, const char **argv, char *errbuf,
+                             size_t errlen) __attribute__((warn_unused_result));
+
+/* PING every primary; 0 when each answered PONG. */
+int sp_redis_ping(sp_redis *r, char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
 /* A Lua script known by its SHA-1 once loaded. Scripts are static objects of the module that
  * runs them; body is embedded at build time from common/lua/NAME.lua. */
@@ -82,7 +132,7 @@ void sp_script_call_arg(sp_script_call *call, const char *fmt, ...)
 /* Runs the call on a blocking connection (EVALSHA, loading the script when needed). Returns the
  * reply (caller frees), which may be an error reply of the script; NULL with errbuf when the
  * connection failed. */
-redisReply *sp_redis_call(redisContext *c, sp_script_call *call, char *errbuf, size_t errlen)
+redisReply *sp_redis_call(sp_redis *r, sp_script_call *call, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 
 /* Sends the call on an async connection: EVALSHA when the script's SHA is known, else EVAL with
@@ -103,16 +153,16 @@ int sp_redis_async_script(redisAsyncContext *ac, sp_redis_script *s, int by_body
 /* True for a NOSCRIPT error reply. */
 int sp_redis_is_noscript(const redisReply *r);
 
-/* SCRIPT LOAD; fills s->sha. */
-int sp_redis_script_load(redisContext *c, sp_redis_script *s, char *errbuf, size_t errlen)
+/* SCRIPT LOAD on every primary; fills s->sha. */
+int sp_redis_script_load(sp_redis *r, sp_redis_script *s, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 
-/* EVALSHA s with nkeys keys followed by args (argv/argvlen hold keys then args, argc in all).
- * Loads the script first if it never was, and once more on NOSCRIPT (a restarted or failed-over
- * server has an empty script cache). Returns the reply (caller frees with freeReplyObject), which
- * may be a REDIS_REPLY_ERROR from the script itself; NULL with errbuf when the connection failed
- * (the context is then unusable: reconnect). */
-redisReply *sp_redis_evalsha(redisContext *c, sp_redis_script *s, int nkeys, int argc,
+/* EVALSHA s with nkeys keys followed by args (argv/argvlen hold keys then args, argc in all), on
+ * the node of its first key. Loads the script first if it never was, and sends EVAL with its body
+ * on NOSCRIPT (a restarted or failed-over server has an empty script cache). Returns the reply
+ * (caller frees with freeReplyObject), which may be a REDIS_REPLY_ERROR from the script itself;
+ * NULL with errbuf when the connection failed. */
+redisReply *sp_redis_evalsha(sp_redis *r, sp_redis_script *s, int nkeys, int argc,
                              const char **argv, const size_t *argvlen, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 

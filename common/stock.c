@@ -49,7 +49,7 @@ static void key_arg(sp_script_call *call, int64_t sku_id, const char *suffix) {
     sp_script_call_arg(call, "{sku:%" PRId64 "}:%s", sku_id, suffix);
 }
 
-int sp_stock_scripts_load(redisContext *c, char *errbuf, size_t errlen) {
+int sp_stock_scripts_load(sp_redis *c, char *errbuf, size_t errlen) {
     sp_redis_script *all[] = {&script_sale_claim,       &script_sale_open,
                               &script_sale_unclaim,     &script_restock,
                               &script_reserve,          &script_confirm,
@@ -247,7 +247,7 @@ int sp_stock_reserve_batch_send(redisAsyncContext *ac, const sp_reserve_batch *b
                                  data);
 }
 
-int sp_stock_reserve_batch(redisContext *c, const sp_reserve_batch *b, sp_reserve_result *res,
+int sp_stock_reserve_batch(sp_redis *c, const sp_reserve_batch *b, sp_reserve_result *res,
                            char *errbuf, size_t errlen) {
     const char *argv[SP_REDIS_SCRIPT_ARGV_MAX];
     size_t argvlen[SP_REDIS_SCRIPT_ARGV_MAX];
@@ -359,7 +359,7 @@ int sp_stock_reserve_parse(const redisReply *all, size_t i, sp_reserve_result *r
 /* ---- blocking calls ---- */
 
 /* Runs a call whose reply is one integer. */
-static int run_integer(redisContext *c, sp_script_call *call, long long *v, char *errbuf,
+static int run_integer(sp_redis *c, sp_script_call *call, long long *v, char *errbuf,
                        size_t errlen) {
     redisReply *r = sp_redis_call(c, call, errbuf, errlen);
     if (r == NULL) return -1;
@@ -368,7 +368,7 @@ static int run_integer(redisContext *c, sp_script_call *call, long long *v, char
     return rc;
 }
 
-int sp_stock_open(redisContext *c, int64_t sku_id, int64_t stock, int32_t per_user_limit,
+int sp_stock_open(sp_redis *c, int64_t sku_id, int64_t stock, int32_t per_user_limit,
                   int32_t pay_timeout_s, int *opened, char *errbuf, size_t errlen) {
     sp_script_call call;
     long long v;
@@ -378,7 +378,7 @@ int sp_stock_open(redisContext *c, int64_t sku_id, int64_t stock, int32_t per_us
     return 0;
 }
 
-int sp_stock_restock(redisContext *c, int64_t sku_id, int64_t add, const char *request_id,
+int sp_stock_restock(sp_redis *c, int64_t sku_id, int64_t add, const char *request_id,
                      sp_restock_status *status, int64_t *stock, char *errbuf, size_t errlen) {
     sp_script_call call;
     sp_stock_restock_call(&call, sku_id, add, request_id);
@@ -389,7 +389,7 @@ int sp_stock_restock(redisContext *c, int64_t sku_id, int64_t add, const char *r
     return rc;
 }
 
-int sp_stock_reserve(redisContext *c, const sp_reserve_request *req, sp_reserve_result *res,
+int sp_stock_reserve(sp_redis *c, const sp_reserve_request *req, sp_reserve_result *res,
                      char *errbuf, size_t errlen) {
     sp_script_call call;
     sp_stock_reserve_call(&call, req);
@@ -400,8 +400,8 @@ int sp_stock_reserve(redisContext *c, const sp_reserve_request *req, sp_reserve_
     return rc;
 }
 
-int sp_stock_confirm(redisContext *c, const sp_reserve_request *req, int32_t partition,
-                     int64_t offset, int *was_reserved, char *errbuf, size_t errlen) {
+int sp_stock_confirm(sp_redis *c, const sp_reserve_request *req, int32_t partition, int64_t offset,
+                     int *was_reserved, char *errbuf, size_t errlen) {
     sp_script_call call;
     long long v;
     sp_stock_confirm_call(&call, req, partition, offset);
@@ -410,8 +410,8 @@ int sp_stock_confirm(redisContext *c, const sp_reserve_request *req, int32_t par
     return 0;
 }
 
-int sp_stock_release(redisContext *c, const sp_reserve_request *req, int *qty_returned,
-                     char *errbuf, size_t errlen) {
+int sp_stock_release(sp_redis *c, const sp_reserve_request *req, int *qty_returned, char *errbuf,
+                     size_t errlen) {
     sp_script_call call;
     long long v;
     sp_stock_release_call(&call, req);
@@ -420,7 +420,7 @@ int sp_stock_release(redisContext *c, const sp_reserve_request *req, int *qty_re
     return 0;
 }
 
-int sp_stock_cap(redisContext *c, int64_t sku_id, int64_t pg_stock, int64_t pg_supplied,
+int sp_stock_cap(sp_redis *c, int64_t sku_id, int64_t pg_stock, int64_t pg_supplied,
                  int64_t *removed, char *errbuf, size_t errlen) {
     sp_script_call call;
     long long v;
@@ -430,7 +430,7 @@ int sp_stock_cap(redisContext *c, int64_t sku_id, int64_t pg_stock, int64_t pg_s
     return 0;
 }
 
-int sp_stock_rejected_forget(redisContext *c, int64_t sku_id, const char *order_id, int64_t user_id,
+int sp_stock_rejected_forget(sp_redis *c, int64_t sku_id, const char *order_id, int64_t user_id,
                              int32_t qty, int *units, char *errbuf, size_t errlen) {
     sp_script_call call;
     long long v;
@@ -454,8 +454,8 @@ static const char *entry_idem_key(const char *entry) {
     return p && p[1] ? p + 1 : NULL;
 }
 
-int sp_stock_accepted_forget(redisContext *c, int64_t sku_id, const char *const *order_ids,
-                             size_t n, char *errbuf, size_t errlen) {
+int sp_stock_accepted_forget(sp_redis *c, int64_t sku_id, const char *const *order_ids, size_t n,
+                             char *errbuf, size_t errlen) {
     enum { CHUNK = 512 }; /* ids per HMGET / HDEL: bounded argv, few round trips */
     const char *argv[CHUNK + 2], *pending_ids[CHUNK], *pending_vals[CHUNK];
     char key[SP_STOCK_KEY_MAX];
@@ -467,13 +467,12 @@ int sp_stock_accepted_forget(redisContext *c, int64_t sku_id, const char *const 
          * the confirm, and the keys still say pending. resv_drop.lua settles those. */
         argv[0] = "HMGET";
         memcpy(&argv[2], &order_ids[i], k * sizeof(*argv));
-        redisReply *got = redisCommandArgv(c, (int)k + 2, argv, NULL);
-        if (got == NULL || got->type != REDIS_REPLY_ARRAY || got->elements != k) {
+        redisReply *got = sp_redis_argv(c, key, (int)k + 2, argv, NULL, errbuf, errlen);
+        if (got == NULL) return -1;
+        if (got->type != REDIS_REPLY_ARRAY || got->elements != k) {
             snprintf(errbuf, errlen, "HMGET %s: %s", key,
-                     got == NULL                      ? c->errstr
-                     : got->type == REDIS_REPLY_ERROR ? got->str
-                                                      : "unexpected reply");
-            if (got) freeReplyObject(got);
+                     got->type == REDIS_REPLY_ERROR ? got->str : "unexpected reply");
+            freeReplyObject(got);
             return -1;
         }
         argv[0] = "HDEL";
@@ -491,10 +490,11 @@ int sp_stock_accepted_forget(redisContext *c, int64_t sku_id, const char *const 
         freeReplyObject(got);
         if (rc != 0) return -1;
         if (ndel == 0) continue;
-        redisReply *r = redisCommandArgv(c, (int)ndel + 2, argv, NULL);
-        if (r == NULL || r->type == REDIS_REPLY_ERROR) {
-            snprintf(errbuf, errlen, "HDEL %s: %s", key, r ? r->str : c->errstr);
-            if (r) freeReplyObject(r);
+        redisReply *r = sp_redis_argv(c, key, (int)ndel + 2, argv, NULL, errbuf, errlen);
+        if (r == NULL) return -1;
+        if (r->type == REDIS_REPLY_ERROR) {
+            snprintf(errbuf, errlen, "HDEL %s: %s", key, r->str);
+            freeReplyObject(r);
             return -1;
         }
         freeReplyObject(r);
@@ -502,15 +502,11 @@ int sp_stock_accepted_forget(redisContext *c, int64_t sku_id, const char *const 
     return 0;
 }
 
-int sp_stock_available(redisContext *c, int64_t sku_id, int64_t *stock, char *errbuf,
-                       size_t errlen) {
+int sp_stock_available(sp_redis *c, int64_t sku_id, int64_t *stock, char *errbuf, size_t errlen) {
     char sale[SP_STOCK_KEY_MAX];
     sp_stock_key(sale, sku_id, "sale");
-    redisReply *r = redisCommand(c, "HGET %s stock", sale);
-    if (r == NULL) {
-        snprintf(errbuf, errlen, "HGET %s: %s", sale, c->errstr);
-        return -1;
-    }
+    redisReply *r = sp_redis_command(c, sale, errbuf, errlen, "HGET %s stock", sale);
+    if (r == NULL) return -1;
     int rc = 0;
     if (r->type == REDIS_REPLY_NIL)
         *stock = -1;
@@ -526,7 +522,7 @@ int sp_stock_available(redisContext *c, int64_t sku_id, int64_t *stock, char *er
 
 /* ---- the reaper's scripts (docs/reaper.md) ---- */
 
-int sp_stock_give_back(redisContext *c, int64_t sku_id, const char *order_id, int64_t user_id,
+int sp_stock_give_back(sp_redis *c, int64_t sku_id, const char *order_id, int64_t user_id,
                        int32_t qty, const char *reason, int64_t now_ms, int *given, char *errbuf,
                        size_t errlen) {
     sp_script_call call;
@@ -534,10 +530,11 @@ int sp_stock_give_back(redisContext *c, int64_t sku_id, const char *order_id, in
     char resv[SP_STOCK_KEY_MAX];
     /* The Idempotency-Key the entry names, read first so the script can declare it. */
     sp_stock_key(resv, sku_id, "resv");
-    redisReply *entry = redisCommand(c, "HGET %s %s", resv, order_id);
-    if (entry == NULL || entry->type == REDIS_REPLY_ERROR) {
-        snprintf(errbuf, errlen, "HGET %s: %s", resv, entry ? entry->str : c->errstr);
-        if (entry) freeReplyObject(entry);
+    redisReply *entry = sp_redis_command(c, resv, errbuf, errlen, "HGET %s %s", resv, order_id);
+    if (entry == NULL) return -1;
+    if (entry->type == REDIS_REPLY_ERROR) {
+        snprintf(errbuf, errlen, "HGET %s: %s", resv, entry->str);
+        freeReplyObject(entry);
         return -1;
     }
     const char *idem = entry->type == REDIS_REPLY_STRING ? entry_idem_key(entry->str) : NULL;
@@ -558,7 +555,7 @@ int sp_stock_give_back(redisContext *c, int64_t sku_id, const char *order_id, in
     return 0;
 }
 
-int sp_stock_resv_drop(redisContext *c, int64_t sku_id, const char *const *order_ids,
+int sp_stock_resv_drop(sp_redis *c, int64_t sku_id, const char *const *order_ids,
                        const char *const *values, size_t n, int *dropped, char *errbuf,
                        size_t errlen) {
     enum { CHUNK = 100 }; /* 1 + 100 keys + 3 * 100 arguments: within SP_REDIS_SCRIPT_ARGV_MAX */
@@ -597,9 +594,8 @@ int sp_stock_resv_drop(redisContext *c, int64_t sku_id, const char *const *order
     return 0;
 }
 
-int sp_stock_reconcile_pause(redisContext *c, int64_t sku_id, const char *token,
-                             int32_t per_user_limit, int32_t pay_timeout_s, int64_t supplied,
-                             char *errbuf, size_t errlen) {
+int sp_stock_reconcile_pause(sp_redis *c, int64_t sku_id, const char *token, int32_t per_user_limit,
+                             int32_t pay_timeout_s, int64_t supplied, char *errbuf, size_t errlen) {
     sp_script_call call;
     long long v;
     sp_script_call_init(&call, &script_reconcile_pause, 1);
@@ -613,44 +609,48 @@ int sp_stock_reconcile_pause(redisContext *c, int64_t sku_id, const char *token,
 
 /* One pipelined round of sp_stock_reconcile_pause_many; *noscript set when the server had lost
  * the script (the caller loads it and sends the round again). */
-static int pause_round(redisContext *c, const sp_pause_sale *sales, size_t n, const char *token,
+static int pause_round(sp_redis *c, const sp_pause_sale *sales, size_t n, const char *token,
                        int *noscript, char *errbuf, size_t errlen) {
+    enum { ROUND = 64 }; /* sales per pipelined round trip */
     *noscript = 0;
-    for (size_t i = 0; i < n; i++) {
-        char key[SP_STOCK_KEY_MAX], limit[16], timeout[16], supplied[24];
-        sp_stock_key(key, sales[i].sku_id, "sale");
-        snprintf(limit, sizeof(limit), "%" PRId32, sales[i].per_user_limit);
-        snprintf(timeout, sizeof(timeout), "%" PRId32, sales[i].pay_timeout_s);
-        snprintf(supplied, sizeof(supplied), "%" PRId64, sales[i].supplied);
-        const char *argv[] = {
-            "EVALSHA", script_reconcile_pause.sha, "1", key, token, limit, timeout, supplied};
-        if (redisAppendCommandArgv(c, 8, argv, NULL) != REDIS_OK) {
-            snprintf(errbuf, errlen, "reconcile_pause: %s", c->errstr);
-            return -1;
-        }
-    }
     int rc = 0;
-    for (size_t i = 0; i < n; i++) {
-        void *reply = NULL;
-        if (redisGetReply(c, &reply) != REDIS_OK) {
-            snprintf(errbuf, errlen, "reconcile_pause: %s", c->errstr);
-            return -1; /* the connection is unusable */
+    for (size_t from = 0; from < n; from += ROUND) {
+        size_t k = n - from < ROUND ? n - from : ROUND;
+        char key[ROUND][SP_STOCK_KEY_MAX], limit[ROUND][16], timeout[ROUND][16],
+            supplied[ROUND][24];
+        const char *argv[ROUND][8];
+        sp_redis_cmd cmds[ROUND];
+        redisReply *replies[ROUND];
+        for (size_t i = 0; i < k; i++) {
+            const sp_pause_sale *sale = &sales[from + i];
+            sp_stock_key(key[i], sale->sku_id, "sale");
+            snprintf(limit[i], sizeof(limit[i]), "%" PRId32, sale->per_user_limit);
+            snprintf(timeout[i], sizeof(timeout[i]), "%" PRId32, sale->pay_timeout_s);
+            snprintf(supplied[i], sizeof(supplied[i]), "%" PRId64, sale->supplied);
+            const char *one[] = {
+                "EVALSHA",  script_reconcile_pause.sha, "1", key[i], token, limit[i], timeout[i],
+                supplied[i]};
+            memcpy(argv[i], one, sizeof(one));
+            cmds[i] = (sp_redis_cmd){.key = key[i], .argc = 8, .argv = argv[i]};
         }
-        redisReply *r = reply;
-        if (r && sp_redis_is_noscript(r)) {
-            *noscript = 1;
-            rc = -1;
-        } else if (rc == 0 && (r == NULL || r->type != REDIS_REPLY_INTEGER)) {
-            snprintf(errbuf, errlen, "reconcile_pause: %s",
-                     r && r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
-            rc = -1;
+        if (sp_redis_pipeline(c, k, cmds, replies, errbuf, errlen) != 0) return -1;
+        for (size_t i = 0; i < k; i++) {
+            redisReply *r = replies[i];
+            if (sp_redis_is_noscript(r)) {
+                *noscript = 1;
+                rc = -1;
+            } else if (rc == 0 && r->type != REDIS_REPLY_INTEGER) {
+                snprintf(errbuf, errlen, "reconcile_pause: %s",
+                         r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+                rc = -1;
+            }
+            freeReplyObject(r);
         }
-        freeReplyObject(r);
     }
     return rc;
 }
 
-int sp_stock_reconcile_pause_many(redisContext *c, const sp_pause_sale *sales, size_t n,
+int sp_stock_reconcile_pause_many(sp_redis *c, const sp_pause_sale *sales, size_t n,
                                   const char *token, char *errbuf, size_t errlen) {
     int noscript = 1;
     if (n == 0) return 0;
@@ -680,7 +680,7 @@ static int reply_int(const redisReply *e, int64_t *v) {
     return 0;
 }
 
-int sp_stock_reconcile_apply(redisContext *c, int64_t sku_id, const char *token, int64_t pg_stock,
+int sp_stock_reconcile_apply(sp_redis *c, int64_t sku_id, const char *token, int64_t pg_stock,
                              int64_t pg_supplied, int32_t per_user_limit, int32_t pay_timeout_s,
                              int *owned, int64_t *stock, int64_t *inflight, sp_vanished **vanished,
                              size_t *nvanished, char *errbuf, size_t errlen) {
@@ -745,7 +745,7 @@ out:
     return rc;
 }
 
-int sp_stock_reconcile_open(redisContext *c, int64_t sku_id, const char *token, int *owned,
+int sp_stock_reconcile_open(sp_redis *c, int64_t sku_id, const char *token, int *owned,
                             char *errbuf, size_t errlen) {
     sp_script_call call;
     long long v;
@@ -757,7 +757,7 @@ int sp_stock_reconcile_open(redisContext *c, int64_t sku_id, const char *token, 
     return 0;
 }
 
-int sp_stock_reconcile_adjust(redisContext *c, int64_t sku_id, const char *token, int64_t user_id,
+int sp_stock_reconcile_adjust(sp_redis *c, int64_t sku_id, const char *token, int64_t user_id,
                               int32_t qty, int *owned, int64_t *stock, char *errbuf,
                               size_t errlen) {
     sp_script_call call;
@@ -774,7 +774,7 @@ int sp_stock_reconcile_adjust(redisContext *c, int64_t sku_id, const char *token
     return 0;
 }
 
-int sp_stock_reconcile_stage(redisContext *c, int64_t sku_id, const char *token, sp_stage_what what,
+int sp_stock_reconcile_stage(sp_redis *c, int64_t sku_id, const char *token, sp_stage_what what,
                              const char *const *fields, const char *const *values, size_t n,
                              int *owned, char *errbuf, size_t errlen) {
     enum { PAIRS = 250 }; /* 3 keys + 2 + 2 * 250 arguments: within SP_REDIS_SCRIPT_ARGV_MAX */

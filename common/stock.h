@@ -78,7 +78,7 @@ int sp_idem_key_valid(const char *s);
 
 /* Opens the sale (stock, per-user limit, pay timeout) unless it is open already: *opened is 1 when
  * this call opened it, 0 when it existed (nothing changed). */
-int sp_stock_open(redisContext *c, int64_t sku_id, int64_t stock, int32_t per_user_limit,
+int sp_stock_open(sp_redis *c, int64_t sku_id, int64_t stock, int32_t per_user_limit,
                   int32_t pay_timeout_s, int *opened, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 
@@ -92,7 +92,7 @@ typedef enum sp_restock_status {
 
 /* Adds units once per (SKU, request id) (restock.lua); *stock is the sale's stock after the
  * request's apply (-1 for PAUSED and NO_SALE). -1 with errbuf only when Redis failed. */
-int sp_stock_restock(redisContext *c, int64_t sku_id, int64_t add, const char *request_id,
+int sp_stock_restock(sp_redis *c, int64_t sku_id, int64_t add, const char *request_id,
                      sp_restock_status *status, int64_t *stock, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 /* Reads restock.lua's reply; -1 with errbuf for an error or a malformed reply. */
@@ -102,32 +102,32 @@ int sp_stock_restock_parse(const redisReply *r, sp_restock_status *status, int64
 /* The atomic admission: idempotency key, sale open and not paused, per-user limit, stock >= qty,
  * then decrement, count the user's units and record the reservation. -1 with errbuf only when
  * Redis failed (the context must then be replaced); every business outcome is in *res. */
-int sp_stock_reserve(redisContext *c, const sp_reserve_request *req, sp_reserve_result *res,
+int sp_stock_reserve(sp_redis *c, const sp_reserve_request *req, sp_reserve_result *res,
                      char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
 /* Kafka acknowledged the order req reserved: its reservation becomes accepted (the units stay
  * sold; nothing can release them any more) and its idempotency key answers "accepted".
  * *was_reserved is 1 when the reservation was still there (0: released, or already stored by the
  * consumer). */
-int sp_stock_confirm(redisContext *c, const sp_reserve_request *req, int32_t partition,
-                     int64_t offset, int *was_reserved, char *errbuf, size_t errlen)
+int sp_stock_confirm(sp_redis *c, const sp_reserve_request *req, int32_t partition, int64_t offset,
+                     int *was_reserved, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 
 /* Kafka definitely refused the order: gives the reservation's units back to the stock and the
  * user, exactly once (a second call, or one after confirm, returns 0 units). *qty_returned. */
-int sp_stock_release(redisContext *c, const sp_reserve_request *req, int *qty_returned,
-                     char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+int sp_stock_release(sp_redis *c, const sp_reserve_request *req, int *qty_returned, char *errbuf,
+                     size_t errlen) __attribute__((warn_unused_result));
 
 /* After a committed batch: lowers the sale's Redis stock to at most pg_stock plus the restocks
  * PostgreSQL has not applied yet (Redis `supplied` - pg_supplied); never raises it. *removed is
  * the number of units taken away (0 normally; more after Redis over-admitted). */
-int sp_stock_cap(redisContext *c, int64_t sku_id, int64_t pg_stock, int64_t pg_supplied,
+int sp_stock_cap(sp_redis *c, int64_t sku_id, int64_t pg_stock, int64_t pg_supplied,
                  int64_t *removed, char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
 /* PostgreSQL refused order_id (out of stock: Redis over-admitted): drops its `resv` entry and,
  * only if the entry was still there, gives user_id's qty units back in `users`
  * (rejected_forget.lua). *units is what came back (0 the second time). */
-int sp_stock_rejected_forget(redisContext *c, int64_t sku_id, const char *order_id, int64_t user_id,
+int sp_stock_rejected_forget(sp_redis *c, int64_t sku_id, const char *order_id, int64_t user_id,
                              int32_t qty, int *units, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 
@@ -136,18 +136,17 @@ int sp_stock_rejected_forget(redisContext *c, int64_t sku_id, const char *order_
  * Idempotency-Key (its producer died between Kafka's ack and the confirm) goes through
  * resv_drop.lua instead, which turns the key's "pending" into "accepted": a retry is answered with
  * the order at once, not in_progress until the key expires. */
-int sp_stock_accepted_forget(redisContext *c, int64_t sku_id, const char *const *order_ids,
-                             size_t n, char *errbuf, size_t errlen)
-    __attribute__((warn_unused_result));
+int sp_stock_accepted_forget(sp_redis *c, int64_t sku_id, const char *const *order_ids, size_t n,
+                             char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
 /* The stock Redis holds for a SKU: 0 and *stock, or 0 and *stock = -1 when the SKU is not open. */
-int sp_stock_available(redisContext *c, int64_t sku_id, int64_t *stock, char *errbuf, size_t errlen)
+int sp_stock_available(sp_redis *c, int64_t sku_id, int64_t *stock, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 
 /* ---- the same calls, split for an async connection: build, send, parse ---- */
 
 /* Loads every script of this module (SCRIPT LOAD), so async calls can use EVALSHA. */
-int sp_stock_scripts_load(redisContext *c, char *errbuf, size_t errlen)
+int sp_stock_scripts_load(sp_redis *c, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 
 /* An open is claimed before its stock.set is published (sale_claim.lua: 1 claimed, 0 the sale is
@@ -216,7 +215,7 @@ int sp_stock_reserve_batch_send(redisAsyncContext *ac, const sp_reserve_batch *b
 
 /* The same on a blocking connection: res[i] for the i-th order of b. -1 with errbuf when Redis
  * failed or answered with an error. */
-int sp_stock_reserve_batch(redisContext *c, const sp_reserve_batch *b, sp_reserve_result *res,
+int sp_stock_reserve_batch(sp_redis *c, const sp_reserve_batch *b, sp_reserve_result *res,
                            char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
 /* Reads the answer for the i-th order (from 0) of a reserve reply into *res; -1 with errbuf for
@@ -238,7 +237,7 @@ int sp_stock_integer_parse(const redisReply *r, const char *what, long long *v, 
  * dropped, all guarded by the order's marker in {sku:ID}:returned; a voided row gives only while
  * its 'r:' entry is there. *given is qty, 0 when there was nothing (left) to give, or
  * SP_GIVE_BACK_NO_SALE / SP_GIVE_BACK_PAUSED (nothing changed). */
-int sp_stock_give_back(redisContext *c, int64_t sku_id, const char *order_id, int64_t user_id,
+int sp_stock_give_back(sp_redis *c, int64_t sku_id, const char *order_id, int64_t user_id,
                        int32_t qty, const char *reason, int64_t now_ms, int *given, char *errbuf,
                        size_t errlen) __attribute__((warn_unused_result));
 
@@ -246,16 +245,16 @@ int sp_stock_give_back(redisContext *c, int64_t sku_id, const char *order_id, in
  * (resv_drop.lua); gives nothing back. *dropped counts them. The callers drop entries of orders
  * PostgreSQL holds: an 'r:' entry's Idempotency-Key still pending on its order then answers
  * accepted (its producer died between Kafka's ack and the confirm). */
-int sp_stock_resv_drop(redisContext *c, int64_t sku_id, const char *const *order_ids,
+int sp_stock_resv_drop(sp_redis *c, int64_t sku_id, const char *const *order_ids,
                        const char *const *values, size_t n, int *dropped, char *errbuf,
                        size_t errlen) __attribute__((warn_unused_result));
 
 /* Closes the sale to new orders for the reconcile that owns token (reconcile_pause.lua): stock 0,
  * `paused` = token, the other fields from PostgreSQL's inventory row; a sale Redis lost comes
  * back whole but closed. */
-int sp_stock_reconcile_pause(redisContext *c, int64_t sku_id, const char *token,
-                             int32_t per_user_limit, int32_t pay_timeout_s, int64_t supplied,
-                             char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+int sp_stock_reconcile_pause(sp_redis *c, int64_t sku_id, const char *token, int32_t per_user_limit,
+                             int32_t pay_timeout_s, int64_t supplied, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
 
 /* One sale for sp_stock_reconcile_pause_many: its inventory row's fields. */
 typedef struct sp_pause_sale {
@@ -266,7 +265,7 @@ typedef struct sp_pause_sale {
 /* Pauses n sales for token in one pipelined round trip (the same script as above, per sale).
  * -1 with errbuf when Redis failed or refused one (the caller pauses them again: a pause is
  * idempotent for its token). */
-int sp_stock_reconcile_pause_many(redisContext *c, const sp_pause_sale *sales, size_t n,
+int sp_stock_reconcile_pause_many(sp_redis *c, const sp_pause_sale *sales, size_t n,
                                   const char *token, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 
@@ -281,7 +280,7 @@ typedef struct sp_vanished {
  * the staged keys, and reopens it (reconcile_apply.lua). *owned is 0 when the sale is not paused
  * by token any more (nothing changed); else *stock and *inflight are set and *vanished is a
  * malloc'd array of *nvanished entries the caller frees (NULL when none). */
-int sp_stock_reconcile_apply(redisContext *c, int64_t sku_id, const char *token, int64_t pg_stock,
+int sp_stock_reconcile_apply(sp_redis *c, int64_t sku_id, const char *token, int64_t pg_stock,
                              int64_t pg_supplied, int32_t per_user_limit, int32_t pay_timeout_s,
                              int *owned, int64_t *stock, int64_t *inflight, sp_vanished **vanished,
                              size_t *nvanished, char *errbuf, size_t errlen)
@@ -289,13 +288,13 @@ int sp_stock_reconcile_apply(redisContext *c, int64_t sku_id, const char *token,
 
 /* Lifts the pause of the reconcile that owns token (reconcile_open.lua), after its mend; *owned
  * is 0 when another reconcile (or a data loss) took the sale meanwhile (nothing changed). */
-int sp_stock_reconcile_open(redisContext *c, int64_t sku_id, const char *token, int *owned,
+int sp_stock_reconcile_open(sp_redis *c, int64_t sku_id, const char *token, int *owned,
                             char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
 /* Takes qty off a rebuilt sale's stock (not below 0) and counts them for user_id
  * (reconcile_adjust.lua), only while the sale is paused by token. *owned is 0 when it is not (a
  * reconcile that lost its SKU lock: nothing changed); else *stock is the stock after. */
-int sp_stock_reconcile_adjust(redisContext *c, int64_t sku_id, const char *token, int64_t user_id,
+int sp_stock_reconcile_adjust(sp_redis *c, int64_t sku_id, const char *token, int64_t user_id,
                               int32_t qty, int *owned, int64_t *stock, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 
@@ -312,7 +311,7 @@ typedef enum sp_stage_what {
 /* Writes n pairs (in as many calls as the script's argument bound needs). *owned is 0 when the
  * sale is not paused by token any more: another reconcile took it over, and the writes from that
  * point on were refused (the caller gives up; the owner's rebuild does not see them). */
-int sp_stock_reconcile_stage(redisContext *c, int64_t sku_id, const char *token, sp_stage_what what,
+int sp_stock_reconcile_stage(sp_redis *c, int64_t sku_id, const char *token, sp_stage_what what,
                              const char *const *fields, const char *const *values, size_t n,
                              int *owned, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));

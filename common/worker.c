@@ -71,11 +71,11 @@ int sp_backends_check(sp_backends *b, char *why, size_t whylen) {
     int npartitions = 0;
     if (b->want & SP_BACKEND_REDIS) {
         if (b->redis && sp_redis_ping(b->redis, err, sizeof(err)) != 0) {
-            redisFree(b->redis);
+            sp_redis_close(b->redis);
             b->redis = NULL;
         }
         if (b->redis == NULL)
-            b->redis = sp_redis_connect(&b->redis_target, CHECK_TIMEOUT_MS, err, sizeof(err));
+            b->redis = sp_redis_open(&b->redis_target, CHECK_TIMEOUT_MS, err, sizeof(err));
         if (b->redis == NULL) {
             snprintf(why, whylen, "redis unreachable: %s", err);
             goto not_ready;
@@ -107,7 +107,7 @@ not_ready:
 }
 
 void sp_backends_close(sp_backends *b) {
-    if (b->redis) redisFree(b->redis);
+    if (b->redis) sp_redis_close(b->redis);
     if (b->pg) PQfinish(b->pg);
     if (b->kafka) rd_kafka_destroy(b->kafka);
     memset(b, 0, sizeof(*b));

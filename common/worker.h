@@ -29,7 +29,7 @@ typedef struct sp_backends {
     const sp_config *cfg;
     unsigned want;
     sp_redis_target redis_target;
-    redisContext *redis;
+    sp_redis *redis;
     PGconn *pg;
     rd_kafka_t *kafka;
 } sp_backends;

@@ -228,7 +228,7 @@ struct consumer {
     char dlq_error[256];
     const char **ids;             /* scratch: one SKU's order ids for HDEL */
     sp_redis_target redis_target; /* Redis, live only, best effort */
-    redisContext *redis;
+    sp_redis *redis;
     int64_t redis_retry_ms;
     /* Totals for the summary lines: written by the applier, read by the poller. */
     _Atomic int64_t napplied, nunchanged, ndead, nstale, nbatches, nrejected;
@@ -340,11 +340,11 @@ int sp_consumer_parse_args(int nargs, char *const *args, sp_consumer_opts *opts,
 /* ---- Redis after a commit (live only; best effort) ---- */
 
 /* A usable connection, or NULL while Redis failed less than REDIS_RETRY_MS ago. */
-static redisContext *redis_conn(consumer *c) {
+static sp_redis *redis_conn(consumer *c) {
     char err[256];
     if (c->redis) return c->redis;
     if (sp_clock_mono_ms() < c->redis_retry_ms) return NULL;
-    c->redis = sp_redis_connect(&c->redis_target, REDIS_TIMEOUT_MS, err, sizeof(err));
+    c->redis = sp_redis_open(&c->redis_target, REDIS_TIMEOUT_MS, err, sizeof(err));
     if (c->redis == NULL) {
         sp_metric_inc(&m_redis_errors);
         sp_warn("redis unreachable, after-commit corrections skipped for %d ms: %s", REDIS_RETRY_MS,
@@ -358,7 +358,7 @@ static void redis_failed(consumer *c, int64_t sku_id, const char *err) {
     sp_log_ctx ctx = {.sku_id = sku_id};
     sp_metric_inc(&m_redis_errors);
     SP_LOG_CTX(SP_LOG_WARN, &ctx, "after-commit redis correction failed: %s", err);
-    redisFree(c->redis);
+    sp_redis_close(c->redis);
     c->redis = NULL;
     c->redis_retry_ms = sp_clock_mono_ms() + REDIS_RETRY_MS;
 }
@@ -371,7 +371,7 @@ static void correct_redis(consumer *c, const sp_batch *b) {
     char err[256];
     for (size_t k = 0; k < b->nskus; k++) {
         const sp_batch_sku *sku = &b->skus[k];
-        redisContext *rc = redis_conn(c);
+        sp_redis *rc = redis_conn(c);
         if (rc == NULL) return;
         if (sku->nrejected > 0 && sku->exists) {
             int64_t removed = 0;
@@ -1374,7 +1374,7 @@ out:
         rd_kafka_destroy(c.dlq);
     }
     sp_http_thread_stop(http);
-    if (c.redis) redisFree(c.redis);
+    if (c.redis) sp_redis_close(c.redis);
     free_state(&c);
     pthread_cond_destroy(&c.cv);
     pthread_mutex_destroy(&c.mu);

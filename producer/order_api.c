@@ -374,15 +374,14 @@ static void on_redis_disconnect(const redisAsyncContext *ac, int status) {
 
 static void redis_connect(sp_order_api *api) {
     char err[512];
-    redisContext *probe = sp_redis_connect(&api->redis_target, REDIS_CONNECT_TIMEOUT_MS, err,
-                                           sizeof(err));
+    sp_redis *probe = sp_redis_open(&api->redis_target, REDIS_CONNECT_TIMEOUT_MS, err, sizeof(err));
     if (probe == NULL || sp_stock_scripts_load(probe, err, sizeof(err)) != 0) {
-        if (probe) redisFree(probe);
+        sp_redis_close(probe);
         sp_metric_inc(&m_redis_errors);
         SP_LOG(SP_LOG_WARN, "redis unavailable: %s", err);
         return;
     }
-    redisFree(probe);
+    sp_redis_close(probe);
     api->redis = sp_redis_async_connect(&api->redis_target, api->base, REDIS_CONNECT_TIMEOUT_MS,
                                         on_redis_disconnect, api, err, sizeof(err));
     if (api->redis == NULL) {

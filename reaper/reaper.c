@@ -110,10 +110,10 @@ static void register_metrics(void) {
 static void check_ready(sp_reaper *rp, int *was_ready) {
     char err[512], why[600];
     int npartitions = 0;
-    redisContext *redis = sp_reaper_redis(rp, err, sizeof(err));
+    sp_redis *redis = sp_reaper_redis(rp, err, sizeof(err));
     PGconn *pg = NULL;
     int64_t redis_now;
-    if (redis == NULL || sp_clock_redis_now_ms(redis, &redis_now, err, sizeof(err)) != 0) {
+    if (redis == NULL || sp_clock_redis_now_ms(redis, NULL, &redis_now, err, sizeof(err)) != 0) {
         if (redis) sp_reaper_redis_failed(rp);
         snprintf(why, sizeof(why), "redis unreachable: %s", err);
         goto not_ready;

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
 #include "http.h"
@@ -132,20 +133,20 @@ int sp_reaper_close(sp_reaper *rp) {
         left = rd_kafka_outq_len(rp->kafka);
         rd_kafka_destroy(rp->kafka);
     }
-    if (rp->redis) redisFree(rp->redis);
+    if (rp->redis) sp_redis_close(rp->redis);
     if (rp->pg) PQfinish(rp->pg);
     memset(rp, 0, sizeof(*rp));
     return left;
 }
 
-redisContext *sp_reaper_redis(sp_reaper *rp, char *errbuf, size_t errlen) {
+sp_redis *sp_reaper_redis(sp_reaper *rp, char *errbuf, size_t errlen) {
     if (rp->redis) return rp->redis;
     sp_health_beat(); /* a connect may take its whole timeout */
-    redisContext *c = sp_redis_connect(&rp->redis_target, REDIS_TIMEOUT_MS, errbuf, errlen);
+    sp_redis *c = sp_redis_open(&rp->redis_target, REDIS_TIMEOUT_MS, errbuf, errlen);
     if (c == NULL) return NULL;
     /* A new server (restarted, failed over) has an empty script cache. */
     if (sp_stock_scripts_load(c, errbuf, errlen) != 0) {
-        redisFree(c);
+        sp_redis_close(c);
         return NULL;
     }
     rp->redis = c;
@@ -153,17 +154,18 @@ redisContext *sp_reaper_redis(sp_reaper *rp, char *errbuf, size_t errlen) {
 }
 
 void sp_reaper_redis_failed(sp_reaper *rp) {
-    if (rp->redis) redisFree(rp->redis);
+    if (rp->redis) sp_redis_close(rp->redis);
     rp->redis = NULL;
 }
 
 redisReply *sp_reaper_redis_argv(sp_reaper *rp, int argc, const char **argv, int want, char *errbuf,
                                  size_t errlen) {
-    redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
+    sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
     if (redis == NULL) return NULL;
-    redisReply *r = redisCommandArgv(redis, argc, argv, NULL);
+    /* argv[1] is the key, but for INFO (a section: what the server it runs on says) */
+    const char *key = argc > 1 && strcasecmp(argv[0], "INFO") != 0 ? argv[1] : NULL;
+    redisReply *r = sp_redis_argv(redis, key, argc, argv, NULL, errbuf, errlen);
     if (r == NULL) {
-        snprintf(errbuf, errlen, "%s %s: %s", argv[0], argc > 1 ? argv[1] : "", redis->errstr);
         sp_reaper_redis_failed(rp);
         return NULL;
     }

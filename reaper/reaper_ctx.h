@@ -34,7 +34,7 @@ struct sp_reaper_batch; /* the publish batch waiting for its delivery reports */
 typedef struct sp_reaper {
     const sp_config *cfg;
     sp_redis_target redis_target;
-    redisContext *redis; /* NULL while disconnected: sp_reaper_redis() connects */
+    sp_redis *redis;     /* NULL while disconnected: sp_reaper_redis() connects */
     PGconn *pg;          /* NULL while disconnected: sp_reaper_pg() connects; a new session
                           * has none of the old one's advisory locks */
     uint64_t pg_session; /* counts the sessions made: a step holding a lock checks that it is
@@ -65,7 +65,7 @@ int sp_reaper_close(sp_reaper *rp);
 
 /* The Redis connection, connecting (and loading the scripts) when there is none; NULL with
  * errbuf when Redis cannot be reached. */
-redisContext *sp_reaper_redis(sp_reaper *rp, char *errbuf, size_t errlen);
+sp_redis *sp_reaper_redis(sp_reaper *rp, char *errbuf, size_t errlen);
 
 /* The Redis connection failed mid-step: drop it (the next sp_reaper_redis reconnects). */
 void sp_reaper_redis_failed(sp_reaper *rp);

@@ -95,7 +95,7 @@ static int stage_write(sp_reaper *rp, int64_t sku_id, const char *token, sp_stag
                        const char *const *fields, const char *const *values, size_t n, char *errbuf,
                        size_t errlen) {
     int owned = 0;
-    redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
+    sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
     if (redis == NULL) return -1;
     if (sp_stock_reconcile_stage(redis, sku_id, token, what, fields, values, n, &owned, errbuf,
                                  errlen) != 0) {
@@ -443,7 +443,7 @@ static int stage_entries(sp_reaper *rp, int64_t sku_id, redisReply *const *kv, s
         stage_write(rp, sku_id, token, SP_STAGE_ENTRIES, sids, svals, nstage, errbuf, errlen) != 0)
         goto out;
     if (nknown > 0) {
-        redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
+        sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
         if (redis == NULL ||
             sp_stock_resv_drop(redis, sku_id, ids, vals, nknown, &dropped, errbuf, errlen) != 0)
             goto out;
@@ -547,7 +547,7 @@ static int adjust_vanished(sp_reaper *rp, int64_t sku_id, const char *token, con
             int64_t stock = 0;
             int owned = 0;
             if (strcmp(v[i].order_id, PQgetvalue(res, r, 0)) != 0) continue;
-            redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
+            sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
             if (redis == NULL) goto out;
             if (sp_stock_reconcile_adjust(redis, sku_id, token, v[i].user_id, v[i].qty, &owned,
                                           &stock, errbuf, errlen) != 0) {
@@ -596,7 +596,7 @@ static int rebuild(sp_reaper *rp, int64_t sku_id, int64_t settle_until, int caug
         return 0;
     }
     snprintf(token, sizeof(token), "%s:%" PRId64, rp->cfg->worker_id, sp_clock_wall_ms());
-    redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
+    sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
     if (redis == NULL ||
         sp_stock_reconcile_pause(redis, sku_id, token, inv.per_user_limit, inv.pay_timeout_s,
                                  inv.supplied, errbuf, errlen) != 0)
@@ -719,7 +719,7 @@ static void pause_page(sp_reaper *rp, PGresult *res, const char *token, int late
             .per_user_limit = (int32_t)strtol(PQgetvalue(res, i, 2), NULL, 10),
             .pay_timeout_s = (int32_t)strtol(PQgetvalue(res, i, 3), NULL, 10)};
     }
-    redisContext *redis = k > 0 ? sp_reaper_redis(rp, err, sizeof(err)) : NULL;
+    sp_redis *redis = k > 0 ? sp_reaper_redis(rp, err, sizeof(err)) : NULL;
     if (k > 0 && (redis == NULL || sp_stock_reconcile_pause_many(redis, sales, (size_t)k, token,
                                                                  err, sizeof(err)) != 0)) {
         if (redis) sp_reaper_redis_failed(rp);

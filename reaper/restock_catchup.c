@@ -94,7 +94,7 @@ static int catchup_page(sp_reaper *rp, char pos[3][96], int64_t old_s, size_t *n
         }
         sp_restock_status st;
         int64_t stock;
-        redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
+        sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
         if (redis == NULL ||
             sp_stock_restock(redis, sku_id, add, id, &st, &stock, errbuf, errlen) != 0) {
             if (redis) sp_reaper_redis_failed(rp);

@@ -216,9 +216,11 @@ static int act_on_entries(sp_reaper *rp, int64_t sku_id, redisReply *const *kv, 
                           sp_resv_sweep_stats *st, char *errbuf, size_t errlen) {
     size_t ncand = 0, ndrop = 0, nlost = 0;
     int64_t now;
-    redisContext *clock = sp_reaper_redis(rp, errbuf, errlen);
+    char resv_key[SP_STOCK_KEY_MAX];
+    sp_stock_key(resv_key, sku_id, "resv"); /* its node's clock stamped the entries */
+    sp_redis *clock = sp_reaper_redis(rp, errbuf, errlen);
     if (clock == NULL) return -1;
-    if (sp_clock_redis_now_ms(clock, &now, errbuf, errlen) != 0) {
+    if (sp_clock_redis_now_ms(clock, resv_key, &now, errbuf, errlen) != 0) {
         sp_reaper_redis_failed(rp);
         return -1;
     }
@@ -285,7 +287,7 @@ static int act_on_entries(sp_reaper *rp, int64_t sku_id, redisReply *const *kv, 
             if (gone[i]) waiting[ngone++] = waiting[i];
     }
     if (ndrop > 0) {
-        redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
+        sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
         if (redis == NULL) goto out;
         if (sp_stock_resv_drop(redis, sku_id, ids, vals, ndrop, &dropped, errbuf, errlen) != 0) {
             sp_reaper_redis_failed(rp);
@@ -300,7 +302,7 @@ static int act_on_entries(sp_reaper *rp, int64_t sku_id, redisReply *const *kv, 
     }
     for (size_t i = 0; i < nrejected; i++) {
         int units = 0;
-        redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
+        sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
         if (redis == NULL) goto out;
         if (sp_stock_rejected_forget(redis, sku_id, rejected[i]->order_id, rejected[i]->user_id,
                                      rejected[i]->qty, &units, errbuf, errlen) != 0) {

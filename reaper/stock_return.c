@@ -120,22 +120,28 @@ static int stamp_rows(sp_reaper *rp, const ledger_row *rows, size_t n, char *err
 /* Removes the markers of stamped rows: one pipelined round trip. Best effort (a marker left is
  * settled by its SKU's next sweep). */
 static void remove_markers(sp_reaper *rp, const ledger_row *rows, size_t n) {
-    char key[SP_STOCK_KEY_MAX];
-    size_t sent = 0;
+    enum { ROUND = 64 }; /* commands per pipelined round trip */
+    char key[ROUND][SP_STOCK_KEY_MAX], err[256];
+    const char *argv[ROUND][3];
+    sp_redis_cmd cmds[ROUND];
+    redisReply *replies[ROUND];
+    size_t k = 0;
     if (rp->redis == NULL) return;
-    for (size_t i = 0; i < n; i++) {
-        if (!rows[i].stamp) continue;
-        sp_stock_key(key, rows[i].sku_id, "returned");
-        if (redisAppendCommand(rp->redis, "HDEL %s %s", key, rows[i].order_id) != REDIS_OK) break;
-        sent++;
-    }
-    for (size_t i = 0; i < sent; i++) {
-        redisReply *r = NULL;
-        if (redisGetReply(rp->redis, (void **)&r) != REDIS_OK) {
-            sp_reaper_redis_failed(rp);
-            return;
+    for (size_t i = 0; i <= n; i++) {
+        if (i < n && rows[i].stamp) {
+            sp_stock_key(key[k], rows[i].sku_id, "returned");
+            argv[k][0] = "HDEL", argv[k][1] = key[k], argv[k][2] = rows[i].order_id;
+            cmds[k] = (sp_redis_cmd){.key = key[k], .argc = 3, .argv = argv[k]};
+            k++;
         }
-        freeReplyObject(r);
+        if (k == ROUND || (i == n && k > 0)) {
+            if (sp_redis_pipeline(rp->redis, k, cmds, replies, err, sizeof(err)) != 0) {
+                sp_reaper_redis_failed(rp);
+                return;
+            }
+            for (size_t j = 0; j < k; j++) freeReplyObject(replies[j]);
+            k = 0;
+        }
     }
 }
 
@@ -148,7 +154,7 @@ static int drain_batch(sp_reaper *rp, drain_pos *pos, size_t *nread, size_t *nst
     int rc = -1, given = 0;
     *nread = *nstamped = 0;
 
-    redisContext *redis = sp_reaper_redis(rp, errbuf, errlen);
+    sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
     if (redis == NULL) return -1;
     if (sp_reaper_exec(rp, "BEGIN", 0, NULL, errbuf, errlen) != 0) return -1;
     if (read_batch(rp, pos, &rows, &n, errbuf, errlen) != 0) goto fail;

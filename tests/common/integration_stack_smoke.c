@@ -28,17 +28,17 @@ static void test_redis_key_and_script(void **state) {
     sp_redis_target target;
     char key[64], val[32];
     assert_int_equal(sp_redis_parse_url(need_env("REDIS_URL"), &target, err, sizeof(err)), 0);
-    redisContext *c = sp_redis_connect(&target, 2000, err, sizeof(err));
+    sp_redis *c = sp_redis_open(&target, 2000, err, sizeof(err));
     if (c == NULL) fail_msg("connect: %s", err);
     assert_int_equal(sp_redis_ping(c, err, sizeof(err)), 0);
 
     snprintf(key, sizeof(key), "{sku:smoke}:test:%d", (int)getpid());
     snprintf(val, sizeof(val), "%lld", (long long)sp_clock_wall_ms());
-    redisReply *r = redisCommand(c, "SET %s %s", key, val);
+    redisReply *r = sp_redis_command(c, key, itest_err, sizeof(itest_err), "SET %s %s", key, val);
     assert_non_null(r);
     assert_int_equal(r->type, REDIS_REPLY_STATUS);
     freeReplyObject(r);
-    r = redisCommand(c, "GET %s", key);
+    r = sp_redis_command(c, key, itest_err, sizeof(itest_err), "GET %s", key);
     assert_non_null(r);
     assert_int_equal(r->type, REDIS_REPLY_STRING);
     assert_string_equal(r->str, val);
@@ -50,7 +50,7 @@ static void test_redis_key_and_script(void **state) {
                             .body = "return redis.call('INCRBY', KEYS[1], ARGV[1])"};
     const char *argv[] = {key, "5"};
     const size_t argvlen[] = {strlen(key), 1};
-    r = redisCommand(c, "SET %s 10", key);
+    r = sp_redis_command(c, key, itest_err, sizeof(itest_err), "SET %s 10", key);
     freeReplyObject(r);
     r = sp_redis_evalsha(c, &incr, 1, 2, argv, argvlen, err, sizeof(err));
     if (r == NULL) fail_msg("evalsha: %s", err);
@@ -58,7 +58,7 @@ static void test_redis_key_and_script(void **state) {
     assert_int_equal(r->integer, 15);
     freeReplyObject(r);
     assert_int_equal(strlen(incr.sha), 40);
-    r = redisCommand(c, "SCRIPT FLUSH");
+    r = sp_redis_command(c, NULL, itest_err, sizeof(itest_err), "SCRIPT FLUSH");
     freeReplyObject(r);
     r = sp_redis_evalsha(c, &incr, 1, 2, argv, argvlen, err, sizeof(err));
     if (r == NULL) fail_msg("evalsha after SCRIPT FLUSH: %s", err);
@@ -66,18 +66,18 @@ static void test_redis_key_and_script(void **state) {
     assert_int_equal(r->integer, 20);
     freeReplyObject(r);
 
-    r = redisCommand(c, "DEL %s", key);
+    r = sp_redis_command(c, key, itest_err, sizeof(itest_err), "DEL %s", key);
     assert_non_null(r);
     assert_int_equal(r->integer, 1);
     freeReplyObject(r);
-    redisFree(c);
+    sp_redis_close(c);
 }
 
 static void test_redis_unreachable_is_an_error(void **state) {
     (void)state;
     sp_redis_target target;
     assert_int_equal(sp_redis_parse_url("redis://127.0.0.1:1", &target, err, sizeof(err)), 0);
-    assert_null(sp_redis_connect(&target, 500, err, sizeof(err)));
+    assert_null(sp_redis_open(&target, 500, err, sizeof(err)));
     assert_non_null(strstr(err, "127.0.0.1:1"));
 }
 

@@ -24,25 +24,25 @@ static char err[512];
 static sp_redis_target target;
 static int64_t sku_base;
 
-static redisContext *connect_redis(void) {
-    redisContext *c = sp_redis_connect(&target, 2000, err, sizeof(err));
+static sp_redis *connect_redis(void) {
+    sp_redis *c = sp_redis_open(&target, 2000, err, sizeof(err));
     if (c == NULL) fail_msg("connect: %s", err);
     return c;
 }
 
 /* A SKU of its own for each test, its keys deleted before use. */
-static int64_t fresh_sku(redisContext *c, int n) {
+static int64_t fresh_sku(sp_redis *c, int n) {
     int64_t sku = sku_base + n;
     const char *suffixes[] = {"sale", "users", "resv", "restocks"};
     for (size_t i = 0; i < 4; i++) {
         char key[SP_STOCK_KEY_MAX];
         sp_stock_key(key, sku, suffixes[i]);
-        freeReplyObject(redisCommand(c, "DEL %s", key));
+        freeReplyObject(sp_redis_command(c, key, itest_err, sizeof(itest_err), "DEL %s", key));
     }
     return sku;
 }
 
-static sp_reserve_result reserve(redisContext *c, int64_t sku, int64_t user, int qty,
+static sp_reserve_result reserve(sp_redis *c, int64_t sku, int64_t user, int qty,
                                  const char *order_id, const char *idem) {
     sp_reserve_request req = {.sku_id = sku, .user_id = user, .qty = qty, .ts_ms = 1700000000000};
     sp_reserve_result res;
@@ -53,8 +53,7 @@ static sp_reserve_result reserve(redisContext *c, int64_t sku, int64_t user, int
 }
 
 /* Kafka acknowledged order_id, which user reserved with key idem (NULL: none). */
-static int confirm(redisContext *c, int64_t sku, int64_t user, const char *order_id,
-                   const char *idem) {
+static int confirm(sp_redis *c, int64_t sku, int64_t user, const char *order_id, const char *idem) {
     sp_reserve_request req = {.sku_id = sku, .user_id = user};
     int was;
     snprintf(req.order_id, sizeof(req.order_id), "%s", order_id);
@@ -66,10 +65,10 @@ static int confirm(redisContext *c, int64_t sku, int64_t user, const char *order
 /* entry ("r:user:qty:ts:idem" or "a:user:qty:ts") with its time written "T", once checked to be
  * Redis's clock of about now: reserve.lua stamps a reservation with TIME, never with the
  * producer's clock (the request's ts_ms is 1700000000000 here, long past). */
-static const char *timeless(redisContext *c, const char *entry) {
+static const char *timeless(sp_redis *c, const char *entry) {
     static char out[256];
     int64_t now;
-    if (sp_clock_redis_now_ms(c, &now, err, sizeof(err)) != 0) fail_msg("%s", err);
+    if (sp_clock_redis_now_ms(c, NULL, &now, err, sizeof(err)) != 0) fail_msg("%s", err);
     const char *p = entry;
     for (int i = 0; i < 3 && p; i++) p = strchr(p + 1, ':');
     if (p == NULL) fail_msg("malformed entry %s", entry);
@@ -83,7 +82,7 @@ static const char *timeless(redisContext *c, const char *entry) {
 
 static void test_open_once_and_restock(void **state) {
     (void)state;
-    redisContext *c = connect_redis();
+    sp_redis *c = connect_redis();
     int64_t sku = fresh_sku(c, 1), stock;
     int opened;
     assert_int_equal(sp_stock_open(c, sku, 10, 1, 600, &opened, err, sizeof(err)), 0);
@@ -111,16 +110,20 @@ static void test_open_once_and_restock(void **state) {
     assert_int_equal(stock, 15);
     assert_int_equal(sale_hget_int(c, sku, "sale", "stock"), 17);
     /* A paused sale (a reconcile rebuilds it) takes no restock. */
-    freeReplyObject(redisCommand(c, "HSET {sku:%" PRId64 "}:sale paused tok", sku));
+    freeReplyObject(sp_redis_command(c, NULL, itest_err, sizeof(itest_err),
+                                     "HSET {sku:%" PRId64 "}:sale paused tok", sku));
     assert_int_equal(sp_stock_restock(c, sku, 5, "rs-3", &st, &stock, err, sizeof(err)), 0);
     assert_int_equal(st, SP_RESTOCK_PAUSED);
     assert_int_equal(sale_hget_int(c, sku, "sale", "stock"), 17);
-    freeReplyObject(redisCommand(c, "HDEL {sku:%" PRId64 "}:sale paused", sku));
+    freeReplyObject(sp_redis_command(c, NULL, itest_err, sizeof(itest_err),
+                                     "HDEL {sku:%" PRId64 "}:sale paused", sku));
     /* Ids older than IDEM_TTL_S are forgotten on the next apply (the hash stays bounded). */
-    freeReplyObject(redisCommand(c, "HSET {sku:%" PRId64 "}:restocks old 1000:7", sku));
+    freeReplyObject(sp_redis_command(c, NULL, itest_err, sizeof(itest_err),
+                                     "HSET {sku:%" PRId64 "}:restocks old 1000:7", sku));
     assert_int_equal(sp_stock_restock(c, sku, 1, "rs-4", &st, &stock, err, sizeof(err)), 0);
     assert_int_equal(st, SP_RESTOCK_APPLIED);
-    redisReply *n = redisCommand(c, "HLEN {sku:%" PRId64 "}:restocks", sku);
+    redisReply *n = sp_redis_command(c, NULL, itest_err, sizeof(itest_err),
+                                     "HLEN {sku:%" PRId64 "}:restocks", sku);
     assert_int_equal(n->integer, 3); /* rs-1, rs-2, rs-4 */
     freeReplyObject(n);
     int64_t other = fresh_sku(c, 2);
@@ -128,12 +131,12 @@ static void test_open_once_and_restock(void **state) {
     assert_int_equal(st, SP_RESTOCK_NO_SALE); /* not open: nothing created */
     assert_int_equal(sp_stock_available(c, other, &stock, err, sizeof(err)), 0);
     assert_int_equal(stock, -1);
-    redisFree(c);
+    sp_redis_close(c);
 }
 
 static void test_reserve_outcomes(void **state) {
     (void)state;
-    redisContext *c = connect_redis();
+    sp_redis *c = connect_redis();
     int64_t sku = fresh_sku(c, 3), stock;
     int opened;
     assert_int_equal(sp_stock_open(c, sku, 3, 2, 600, &opened, err, sizeof(err)), 0);
@@ -163,12 +166,12 @@ static void test_reserve_outcomes(void **state) {
 
     r = reserve(c, fresh_sku(c, 4), 1, 1, "o-6", NULL);
     assert_int_equal(r.outcome, SP_RESERVE_UNKNOWN_SKU);
-    redisFree(c);
+    sp_redis_close(c);
 }
 
 static void test_idempotency_key(void **state) {
     (void)state;
-    redisContext *c = connect_redis();
+    sp_redis *c = connect_redis();
     int64_t sku = fresh_sku(c, 5), stock;
     int opened;
     assert_int_equal(sp_stock_open(c, sku, 5, 0, 600, &opened, err, sizeof(err)), 0);
@@ -196,12 +199,12 @@ static void test_idempotency_key(void **state) {
     r = reserve(c, sku, 44, 1, "sixth", "key-B");
     assert_int_equal(r.outcome, SP_RESERVE_DUP);
     assert_string_equal(r.dup_state, "sold_out");
-    redisFree(c);
+    sp_redis_close(c);
 }
 
 static void test_release_exactly_once(void **state) {
     (void)state;
-    redisContext *c = connect_redis();
+    sp_redis *c = connect_redis();
     int64_t sku = fresh_sku(c, 6), stock;
     int opened, qty;
     assert_int_equal(sp_stock_open(c, sku, 10, 3, 600, &opened, err, sizeof(err)), 0);
@@ -234,7 +237,7 @@ static void test_release_exactly_once(void **state) {
     assert_int_equal(sp_stock_available(c, sku, &stock, err, sizeof(err)), 0);
     assert_int_equal(stock, 7);
     assert_int_equal(confirm(c, sku, 5, "r-2", "k"), 0); /* accepted already */
-    redisFree(c);
+    sp_redis_close(c);
 }
 
 /* Many connections race for few units: exactly the stock is admitted, never more. */
@@ -249,7 +252,7 @@ typedef struct racer {
 static void *race(void *arg) {
     racer *rc = arg;
     char e[256];
-    redisContext *c = sp_redis_connect(&target, 2000, e, sizeof(e));
+    sp_redis *c = sp_redis_open(&target, 2000, e, sizeof(e));
     if (c == NULL) return NULL;
     for (int i = 0; i < TRIES_PER_RACER; i++) {
         sp_reserve_request req = {.sku_id = rc->sku,
@@ -261,13 +264,13 @@ static void *race(void *arg) {
         if (sp_stock_reserve(c, &req, &res, e, sizeof(e)) == 0 && res.outcome == SP_RESERVE_OK)
             rc->won++;
     }
-    redisFree(c);
+    sp_redis_close(c);
     return NULL;
 }
 
 static void test_concurrent_admission_is_exact(void **state) {
     (void)state;
-    redisContext *c = connect_redis();
+    sp_redis *c = connect_redis();
     int64_t sku = fresh_sku(c, 7), stock;
     int opened, won = 0;
     assert_int_equal(sp_stock_open(c, sku, 100, 1, 600, &opened, err, sizeof(err)), 0);
@@ -286,17 +289,17 @@ static void test_concurrent_admission_is_exact(void **state) {
     assert_int_equal(stock, 0);
     char key[SP_STOCK_KEY_MAX];
     sp_stock_key(key, sku, "resv");
-    redisReply *rr = redisCommand(c, "HLEN %s", key);
+    redisReply *rr = sp_redis_command(c, key, itest_err, sizeof(itest_err), "HLEN %s", key);
     assert_int_equal(rr->integer, 100);
     freeReplyObject(rr);
-    redisFree(c);
+    sp_redis_close(c);
 }
 
 /* confirm turns a reservation into an accepted entry; the consumer's forget drops it; a consumer
  * quicker than confirm leaves nothing behind and the key still answers "accepted". */
 static void test_confirm_marks_accepted(void **state) {
     (void)state;
-    redisContext *c = connect_redis();
+    sp_redis *c = connect_redis();
     int64_t sku = fresh_sku(c, 40);
     int opened, qty;
     assert_int_equal(sp_stock_open(c, sku, 5, 0, 60, &opened, err, sizeof(err)), 0);
@@ -314,7 +317,7 @@ static void test_confirm_marks_accepted(void **state) {
     assert_int_equal(sp_stock_accepted_forget(c, sku, ids, 3, err, sizeof(err)), 0);
     char key[SP_STOCK_KEY_MAX];
     sp_stock_key(key, sku, "resv");
-    redisReply *r = redisCommand(c, "HLEN %s", key);
+    redisReply *r = sp_redis_command(c, key, itest_err, sizeof(itest_err), "HLEN %s", key);
     assert_int_equal(r->integer, 0);
     freeReplyObject(r);
     assert_int_equal(sale_hget_int(c, sku, "sale", "stock"), 2); /* forgetting returns nothing */
@@ -329,14 +332,14 @@ static void test_confirm_marks_accepted(void **state) {
     assert_int_equal(again.outcome, SP_RESERVE_DUP);
     assert_string_equal(again.dup_state, "accepted");
     assert_string_equal(again.order_id, "acc-3");
-    redisFree(c);
+    sp_redis_close(c);
 }
 
 /* cap lowers Redis to PostgreSQL's stock plus the restocks PostgreSQL has not seen; never
  * raises. */
 static void test_cap_only_lowers(void **state) {
     (void)state;
-    redisContext *c = connect_redis();
+    sp_redis *c = connect_redis();
     int64_t sku = fresh_sku(c, 41), stock, removed;
     int opened;
     assert_int_equal(sp_stock_open(c, sku, 10, 0, 60, &opened, err, sizeof(err)), 0);
@@ -365,19 +368,20 @@ static void test_cap_only_lowers(void **state) {
     assert_int_equal(removed, 0);
     assert_int_equal(sp_stock_available(c, none, &stock, err, sizeof(err)), 0);
     assert_int_equal(stock, -1);
-    redisFree(c);
+    sp_redis_close(c);
 }
 
 /* Orders of one SKU in one reserve.lua call are decided one after the other, each seeing what the
  * ones before it took: the user's limit, the stock running out, a key repeated in the batch. */
 static void test_reserve_batch_in_order(void **state) {
     (void)state;
-    redisContext *c = connect_redis();
+    sp_redis *c = connect_redis();
     int64_t sku = fresh_sku(c, 9);
     int opened;
     if (sp_stock_open(c, sku, 5, 2, 600, &opened, err, sizeof(err)) != 0) fail_msg("open: %s", err);
-    freeReplyObject(redisCommand(c, "DEL {sku:%lld}:idem:2:K {sku:%lld}:idem:3:L", (long long)sku,
-                                 (long long)sku));
+    freeReplyObject(sp_redis_command(c, NULL, itest_err, sizeof(itest_err),
+                                     "DEL {sku:%lld}:idem:2:K {sku:%lld}:idem:3:L", (long long)sku,
+                                     (long long)sku));
     struct {
         int64_t user;
         int qty;
@@ -437,11 +441,12 @@ static void test_reserve_batch_in_order(void **state) {
     /* an unknown SKU: every order of the batch hears so, nothing is written */
     sp_reserve_batch u = {0};
     assert_int_equal(sp_stock_reserve_batch_add(&u, &other, &other_call), 0);
-    freeReplyObject(redisCommand(c, "DEL {sku:%lld}:sale", (long long)other.sku_id));
+    freeReplyObject(sp_redis_command(c, NULL, itest_err, sizeof(itest_err), "DEL {sku:%lld}:sale",
+                                     (long long)other.sku_id));
     if (sp_stock_reserve_batch(c, &u, res, err, sizeof(err)) != 0) fail_msg("batch: %s", err);
     assert_int_equal(res[0].outcome, SP_RESERVE_UNKNOWN_SKU);
     assert_string_equal(sale_hget_str(c, other.sku_id, "resv", "b-0"), "(nil)");
-    redisFree(c);
+    sp_redis_close(c);
 }
 
 /* A reconcile's apply sets the stock but keeps the pause; only its own token's open lifts it. So
@@ -449,7 +454,7 @@ static void test_reserve_batch_in_order(void **state) {
  * paused sale again) instead of open with the mend skipped. */
 static void test_reconcile_open_after_apply(void **state) {
     (void)state;
-    redisContext *c = connect_redis();
+    sp_redis *c = connect_redis();
     int64_t sku = fresh_sku(c, 10);
     int owned = -1;
     int64_t stock = -1, inflight = -1;
@@ -477,7 +482,7 @@ static void test_reconcile_open_after_apply(void **state) {
     assert_int_equal(owned, 1);
     assert_string_equal(sale_hget_str(c, sku, "sale", "paused"), "(nil)");
     assert_int_equal(sale_hget_int(c, sku, "sale", "stock"), 7);
-    redisFree(c);
+    sp_redis_close(c);
 }
 
 /* Two reconciles of one SKU interleaved (issue 15 hole 8): the first paused the sale and staged,
@@ -486,7 +491,7 @@ static void test_reconcile_open_after_apply(void **state) {
  * snapshot. */
 static void test_reconcile_writes_need_the_token(void **state) {
     (void)state;
-    redisContext *c = connect_redis();
+    sp_redis *c = connect_redis();
     int64_t sku = fresh_sku(c, 11);
     int owned = -1;
     int64_t stock = -1, inflight = -1;
@@ -500,7 +505,7 @@ static void test_reconcile_writes_need_the_token(void **state) {
     for (size_t i = 0; i < 3; i++) {
         char key[SP_STOCK_KEY_MAX];
         sp_stock_key(key, sku, suffixes[i]);
-        freeReplyObject(redisCommand(c, "DEL %s", key));
+        freeReplyObject(sp_redis_command(c, key, itest_err, sizeof(itest_err), "DEL %s", key));
     }
     /* The first reconcile pauses and stages per-user units. */
     if (sp_stock_reconcile_pause(c, sku, "tok-1", 0, 600, 10, err, sizeof(err)) != 0 ||
@@ -525,7 +530,8 @@ static void test_reconcile_writes_need_the_token(void **state) {
         fail_msg("stage: %s", err);
     char rebuild_key[SP_STOCK_KEY_MAX];
     sp_stock_key(rebuild_key, sku, "users_rebuild");
-    redisReply *hlen = redisCommand(c, "HLEN %s", rebuild_key);
+    redisReply *hlen = sp_redis_command(c, rebuild_key, itest_err, sizeof(itest_err), "HLEN %s",
+                                        rebuild_key);
     assert_int_equal(hlen->integer, 602);
     freeReplyObject(hlen);
     /* The second takes over: pause, clear, its own snapshot. */
@@ -588,7 +594,7 @@ static void test_reconcile_writes_need_the_token(void **state) {
         fail_msg("adjust: %s", err);
     assert_int_equal(owned, 0);
     assert_int_equal(sale_hget_int(c, sku, "sale", "stock"), 5);
-    redisFree(c);
+    sp_redis_close(c);
 }
 
 static void test_idem_key_validation(void **state) {
@@ -608,9 +614,10 @@ static void test_idem_key_validation(void **state) {
 
 /* How long a key pins its answer: an order for IDEM_TTL_S, a refusal for IDEM_REFUSAL_TTL_S, and
  * with 0 a refusal not at all (a retry after a restock is decided afresh). */
-static int64_t idem_ttl(redisContext *c, int64_t sku, int64_t user, const char *key) {
-    redisReply *r = redisCommand(c, "TTL {sku:%lld}:idem:%lld:%s", (long long)sku, (long long)user,
-                                 key);
+static int64_t idem_ttl(sp_redis *c, int64_t sku, int64_t user, const char *key) {
+    redisReply *r = sp_redis_command(c, NULL, itest_err, sizeof(itest_err),
+                                     "TTL {sku:%lld}:idem:%lld:%s", (long long)sku, (long long)user,
+                                     key);
     assert_non_null(r);
     int64_t ttl = r->integer;
     freeReplyObject(r);
@@ -619,7 +626,7 @@ static int64_t idem_ttl(redisContext *c, int64_t sku, int64_t user, const char *
 
 static void test_idem_ttls(void **state) {
     (void)state;
-    redisContext *c = connect_redis();
+    sp_redis *c = connect_redis();
     int64_t sku = fresh_sku(c, 50), stock;
     int opened;
     assert_int_equal(sp_stock_open(c, sku, 1, 0, 600, &opened, err, sizeof(err)), 0);
@@ -637,7 +644,7 @@ static void test_idem_ttls(void **state) {
     assert_int_equal(r.outcome, SP_RESERVE_OK);
     assert_string_equal(r.order_id, "t-4");
     sp_stock_idem_ttls(SP_IDEM_TTL_S, SP_IDEM_REFUSAL_TTL_S);
-    redisFree(c);
+    sp_redis_close(c);
 }
 
 /* The consumer's forget after a commit, for a whole batch whose confirms have not come yet: every
@@ -646,7 +653,7 @@ static void test_idem_ttls(void **state) {
 static void test_forget_settles_a_batch_of_keys(void **state) {
     (void)state;
     enum { N = 300 };
-    redisContext *c = connect_redis();
+    sp_redis *c = connect_redis();
     int64_t sku = fresh_sku(c, 60);
     int opened;
     static char ids[N][16], keys[N][16];
@@ -660,7 +667,8 @@ static void test_forget_settles_a_batch_of_keys(void **state) {
                          SP_RESERVE_OK);
     }
     if (sp_stock_accepted_forget(c, sku, id_ptrs, N, err, sizeof(err)) != 0) fail_msg("%s", err);
-    redisReply *r = redisCommand(c, "HLEN {sku:%lld}:resv", (long long)sku);
+    redisReply *r = sp_redis_command(c, NULL, itest_err, sizeof(itest_err), "HLEN {sku:%lld}:resv",
+                                     (long long)sku);
     assert_non_null(r);
     assert_int_equal(r->integer, 0);
     freeReplyObject(r);
@@ -670,7 +678,7 @@ static void test_forget_settles_a_batch_of_keys(void **state) {
         assert_string_equal(again.dup_state, "accepted");
         assert_string_equal(again.order_id, ids[i]);
     }
-    redisFree(c);
+    sp_redis_close(c);
 }
 
 /* A sale a reconcile has paused (issue 20): reserve.lua answers "recovering" and changes nothing
@@ -679,12 +687,13 @@ static void test_forget_settles_a_batch_of_keys(void **state) {
  * decided afresh. Before, a paused sale (stock 0) answered sold_out. */
 static void test_reserve_recovering_while_paused(void **state) {
     (void)state;
-    redisContext *c = connect_redis();
+    sp_redis *c = connect_redis();
     int64_t sku = fresh_sku(c, 70);
     int opened;
     assert_int_equal(sp_stock_open(c, sku, 5, 0, 600, &opened, err, sizeof(err)), 0);
-    freeReplyObject(redisCommand(c, "DEL {sku:%lld}:idem:1:A {sku:%lld}:idem:2:B", (long long)sku,
-                                 (long long)sku));
+    freeReplyObject(sp_redis_command(c, NULL, itest_err, sizeof(itest_err),
+                                     "DEL {sku:%lld}:idem:1:A {sku:%lld}:idem:2:B", (long long)sku,
+                                     (long long)sku));
     assert_int_equal(reserve(c, sku, 1, 1, "p-1", "A").outcome, SP_RESERVE_OK);
     assert_int_equal(confirm(c, sku, 1, "p-1", "A"), 1);
     if (sp_stock_reconcile_pause(c, sku, "tok-r", 0, 600, 5, err, sizeof(err)) != 0)
@@ -701,17 +710,20 @@ static void test_reserve_recovering_while_paused(void **state) {
     assert_int_equal(sale_hget_int(c, sku, "users", "3"), -1);
     assert_string_equal(sale_hget_str(c, sku, "resv", "p-2"), "(nil)");
     assert_string_equal(sale_hget_str(c, sku, "resv", "p-3"), "(nil)");
-    redisReply *k = redisCommand(c, "EXISTS {sku:%lld}:idem:2:B", (long long)sku);
+    redisReply *k = sp_redis_command(c, NULL, itest_err, sizeof(itest_err),
+                                     "EXISTS {sku:%lld}:idem:2:B", (long long)sku);
     assert_non_null(k);
     assert_int_equal(k->integer, 0);
     freeReplyObject(k);
     /* the rebuild reopens the sale: the key's retry is decided afresh */
-    freeReplyObject(redisCommand(c, "HSET {sku:%lld}:sale stock 4", (long long)sku));
-    freeReplyObject(redisCommand(c, "HDEL {sku:%lld}:sale paused", (long long)sku));
+    freeReplyObject(sp_redis_command(c, NULL, itest_err, sizeof(itest_err),
+                                     "HSET {sku:%lld}:sale stock 4", (long long)sku));
+    freeReplyObject(sp_redis_command(c, NULL, itest_err, sizeof(itest_err),
+                                     "HDEL {sku:%lld}:sale paused", (long long)sku));
     r = reserve(c, sku, 2, 1, "p-5", "B");
     assert_int_equal(r.outcome, SP_RESERVE_OK);
     assert_int_equal(r.stock_left, 3);
-    redisFree(c);
+    sp_redis_close(c);
 }
 
 /* A page of sales paused in one pipelined round trip, also after the server lost its script
@@ -719,7 +731,7 @@ static void test_reserve_recovering_while_paused(void **state) {
  * fields from PostgreSQL's row, a missing one created whole. */
 static void test_pause_many(void **state) {
     (void)state;
-    redisContext *c = connect_redis();
+    sp_redis *c = connect_redis();
     int opened = 0;
     sp_pause_sale sales[3];
     for (int i = 0; i < 3; i++) {
@@ -730,7 +742,7 @@ static void test_pause_many(void **state) {
                                    .pay_timeout_s = 60};
     }
     assert_int_equal(sp_stock_open(c, sales[0].sku_id, 10, 0, 60, &opened, err, sizeof(err)), 0);
-    freeReplyObject(redisCommand(c, "SCRIPT FLUSH"));
+    freeReplyObject(sp_redis_command(c, NULL, itest_err, sizeof(itest_err), "SCRIPT FLUSH"));
     if (sp_stock_reconcile_pause_many(c, sales, 3, "tok-all", err, sizeof(err)) != 0)
         fail_msg("pause_many: %s", err);
     for (int i = 0; i < 3; i++) {
@@ -739,7 +751,7 @@ static void test_pause_many(void **state) {
         assert_string_equal(sale_hget_str(c, sales[i].sku_id, "sale", "paused"), "tok-all");
     }
     assert_int_equal(sp_stock_reconcile_pause_many(c, sales, 0, "tok-all", err, sizeof(err)), 0);
-    redisFree(c);
+    sp_redis_close(c);
 }
 
 /* ---- issue 17: a batch decides and writes exactly as its orders one at a time ---- */
@@ -763,10 +775,11 @@ static const char *sku_neutral(const char *text, int64_t sku, char *out, size_t 
 
 /* An Idempotency-Key's value ("(nil)" when absent) and what pins it: 2 an order's TTL, 1 a
  * refusal's, 0 none. */
-static int idem_state(redisContext *c, int64_t sku, int64_t user, const char *key, char *val,
+static int idem_state(sp_redis *c, int64_t sku, int64_t user, const char *key, char *val,
                       size_t cap) {
-    redisReply *r = redisCommand(c, "GET {sku:%lld}:idem:%lld:%s", (long long)sku, (long long)user,
-                                 key);
+    redisReply *r = sp_redis_command(c, NULL, itest_err, sizeof(itest_err),
+                                     "GET {sku:%lld}:idem:%lld:%s", (long long)sku, (long long)user,
+                                     key);
     assert_non_null(r);
     snprintf(val, cap, "%s", r->type == REDIS_REPLY_STRING ? r->str : "(nil)");
     freeReplyObject(r);
@@ -794,7 +807,7 @@ static void mix_orders(sp_reserve_request *req, int64_t sku) {
 }
 
 /* Between the batches both SKUs see the same: a restock and some confirms. */
-static void mix_between(redisContext *c, int64_t sku, int step, const sp_reserve_request *req,
+static void mix_between(sp_redis *c, int64_t sku, int step, const sp_reserve_request *req,
                         const sp_reserve_result *res, int upto) {
     if (step == 1) {
         sp_restock_status st;
@@ -815,7 +828,7 @@ static void mix_between(redisContext *c, int64_t sku, int step, const sp_reserve
  * what the same orders sent one at a time to a fresh sale give. */
 static void test_reserve_batch_as_one_by_one(void **state) {
     (void)state;
-    redisContext *c = connect_redis();
+    sp_redis *c = connect_redis();
     int64_t one = fresh_sku(c, 80), batched = fresh_sku(c, 81);
     int64_t skus[2] = {one, batched};
     int opened;
@@ -824,8 +837,9 @@ static void test_reserve_batch_as_one_by_one(void **state) {
             fail_msg("open: %s", err);
         for (int u = 1; u <= MIX_USERS; u++)
             for (int k = 0; k < MIX_KEYS; k++)
-                freeReplyObject(
-                    redisCommand(c, "DEL {sku:%lld}:idem:%d:K%d", (long long)skus[s], u, k));
+                freeReplyObject(sp_redis_command(c, NULL, itest_err, sizeof(itest_err),
+                                                 "DEL {sku:%lld}:idem:%d:K%d", (long long)skus[s],
+                                                 u, k));
     }
     static sp_reserve_request req1[MIX_N], reqb[MIX_N];
     static sp_reserve_result res1[MIX_N], resb[MIX_N];
@@ -889,7 +903,7 @@ static void test_reserve_batch_as_one_by_one(void **state) {
             assert_string_equal(b, a);
             assert_int_equal(pb, pa);
         }
-    redisFree(c);
+    sp_redis_close(c);
 }
 
 /* confirm.lua's batch: orders reserved, one named twice, one the consumer already removed, one
@@ -897,7 +911,7 @@ static void test_reserve_batch_as_one_by_one(void **state) {
  * per order gives. */
 static void test_confirm_batch_as_one_by_one(void **state) {
     (void)state;
-    redisContext *c = connect_redis();
+    sp_redis *c = connect_redis();
     int64_t one = fresh_sku(c, 82), batched = fresh_sku(c, 83);
     int64_t skus[2] = {one, batched};
     const char *idem[] = {"C0", NULL, "C2", NULL, "C4"};
@@ -908,8 +922,9 @@ static void test_confirm_batch_as_one_by_one(void **state) {
         for (int i = 0; i < 5; i++) {
             char id[16];
             snprintf(id, sizeof(id), "cb-%d", i);
-            freeReplyObject(
-                redisCommand(c, "DEL {sku:%lld}:idem:%d:C%d", (long long)skus[s], 10 + i, i));
+            freeReplyObject(sp_redis_command(c, NULL, itest_err, sizeof(itest_err),
+                                             "DEL {sku:%lld}:idem:%d:C%d", (long long)skus[s],
+                                             10 + i, i));
             assert_int_equal(reserve(c, skus[s], 10 + i, 1, id, idem[i]).outcome, SP_RESERVE_OK);
         }
         const char *gone[] = {"cb-3"}; /* the consumer stored it first */
@@ -944,7 +959,8 @@ static void test_confirm_batch_as_one_by_one(void **state) {
     argv[argc] = nkeys, argvlen[argc++] = strlen(nkeys);
     for (int i = 0; i < b.nkeys; i++) argv[argc] = b.keys[i], argvlen[argc++] = b.keyslen[i];
     for (int i = 0; i < b.nargs; i++) argv[argc] = b.args[i], argvlen[argc++] = b.argslen[i];
-    redisReply *r = redisCommandArgv(c, argc, argv, argvlen);
+    redisReply *r = sp_redis_argv(c, argc > 1 ? argv[1] : NULL, argc, argv, argvlen, itest_err,
+                                  sizeof(itest_err));
     assert_non_null(r);
     if (r->type != REDIS_REPLY_INTEGER) fail_msg("confirm batch: %s", r->str ? r->str : "?");
     assert_int_equal(n_one, 4); /* cb-0, cb-1 once, cb-4, cb-2 */
@@ -968,7 +984,7 @@ static void test_confirm_batch_as_one_by_one(void **state) {
             assert_string_equal(va, t);
         }
     }
-    redisFree(c);
+    sp_redis_close(c);
 }
 
 int main(void) {

@@ -504,12 +504,13 @@ static void test_over_admission(void **state) {
     char key[SP_STOCK_KEY_MAX], id[64];
     sp_redis_target target;
     assert_int_equal(sp_redis_parse_url(need_env("REDIS_URL"), &target, err, sizeof(err)), 0);
-    redisContext *rc = sp_redis_connect(&target, 2000, err, sizeof(err));
+    sp_redis *rc = sp_redis_open(&target, 2000, err, sizeof(err));
     if (rc == NULL) fail_msg("%s", err);
     /* Redis's view after a failover lost decrements: it still thinks 7 units are left. */
     sp_stock_key(key, sku, "sale");
-    freeReplyObject(
-        redisCommand(rc, "HSET %s stock 7 supplied 100 limit 0 pay_timeout_s 600", key));
+    freeReplyObject(sp_redis_command(rc, key, itest_err, sizeof(itest_err),
+                                     "HSET %s stock 7 supplied 100 limit 0 pay_timeout_s 600",
+                                     key));
 
     ndelivered = 0;
     produce(topic, &(sp_event){.type = SP_EV_STOCK_SET,
@@ -527,8 +528,10 @@ static void test_over_admission(void **state) {
         snprintf(id, sizeof(id), "over-%s-%03d", tag, i);
         sp_event ev = ev_order(SP_EV_ORDER_CREATED, sku, T0 + 1 + i, id, 1000 + i, 1);
         produce(topic, &ev);
-        freeReplyObject(redisCommand(rc, "HSET %s %s a:%d:1:0", key, id, 1000 + i));
-        freeReplyObject(redisCommand(rc, "HSET %s %d %d", users, 1000 + i, i == 149 ? 2 : 1));
+        freeReplyObject(sp_redis_command(rc, key, itest_err, sizeof(itest_err),
+                                         "HSET %s %s a:%d:1:0", key, id, 1000 + i));
+        freeReplyObject(sp_redis_command(rc, users, itest_err, sizeof(itest_err), "HSET %s %d %d",
+                                         users, 1000 + i, i == 149 ? 2 : 1));
     }
     flush_all();
 
@@ -556,26 +559,27 @@ static void test_over_admission(void **state) {
     int64_t stock = -2;
     assert_int_equal(sp_stock_available(rc, sku, &stock, err, sizeof(err)), 0);
     assert_int_equal(stock, 0);
-    redisReply *r = redisCommand(rc, "HLEN %s", key);
+    redisReply *r = sp_redis_command(rc, key, itest_err, sizeof(itest_err), "HLEN %s", key);
     assert_non_null(r);
     assert_int_equal(r->integer, 0);
     freeReplyObject(r);
     /* The 100 stored buyers keep their unit; of the 50 refused, only user 1149's earlier one is
      * left. */
-    r = redisCommand(rc, "HLEN %s", users);
+    r = sp_redis_command(rc, users, itest_err, sizeof(itest_err), "HLEN %s", users);
     assert_non_null(r);
     assert_int_equal(r->integer, 101);
     freeReplyObject(r);
     assert_int_equal(sale_hget_int(rc, sku, "users", "1149"), 1);
-    r = redisCommand(rc, "HEXISTS %s 1100", users);
+    r = sp_redis_command(rc, users, itest_err, sizeof(itest_err), "HEXISTS %s 1100", users);
     assert_non_null(r);
     assert_int_equal(r->integer, 0);
     freeReplyObject(r);
     assert_int_equal(sale_hget_int(rc, sku, "users", "1099"), 1);
-    freeReplyObject(redisCommand(rc, "DEL %s %s", key, users));
+    freeReplyObject(
+        sp_redis_command(rc, key, itest_err, sizeof(itest_err), "DEL %s %s", key, users));
     sp_stock_key(key, sku, "sale");
-    freeReplyObject(redisCommand(rc, "DEL %s", key));
-    redisFree(rc);
+    freeReplyObject(sp_redis_command(rc, key, itest_err, sizeof(itest_err), "DEL %s", key));
+    sp_redis_close(rc);
     g.npassed++;
 }
 

@@ -321,10 +321,10 @@ static inline pid_t start_redis(int port, const char *dir) {
         fail_msg("%s", itest_err);
     for (int64_t deadline = sp_clock_mono_ms() + 20000; sp_clock_mono_ms() < deadline;
          sleep_ms(50)) {
-        redisContext *c = sp_redis_connect(&target, 500, itest_err, sizeof(itest_err));
+        sp_redis *c = sp_redis_open(&target, 500, itest_err, sizeof(itest_err));
         if (c) {
             int ok = sp_redis_ping(c, itest_err, sizeof(itest_err)) == 0;
-            redisFree(c);
+            sp_redis_close(c);
             if (ok) return pid;
         }
     }
@@ -335,30 +335,30 @@ static inline pid_t start_redis(int port, const char *dir) {
 /* ---- the stack's Redis ---- */
 
 /* A blocking connection to the stack's Redis (REDIS_URL), or NULL with the reason on stderr. */
-static inline redisContext *redis_connect_env(void) {
+static inline sp_redis *redis_connect_env(void) {
     sp_redis_target target;
     const char *url = getenv("REDIS_URL");
     if (url == NULL || sp_redis_parse_url(url, &target, itest_err, sizeof(itest_err)) != 0) {
         fprintf(stderr, "REDIS_URL: %s\n", url ? itest_err : "not set");
         return NULL;
     }
-    redisContext *c = sp_redis_connect(&target, 2000, itest_err, sizeof(itest_err));
+    sp_redis *c = sp_redis_open(&target, 2000, itest_err, sizeof(itest_err));
     if (c == NULL) fprintf(stderr, "redis: %s\n", itest_err);
     return c;
 }
 
 /* For teardown: deletes the sale keys of SKUs first..first+n-1 on the stack's Redis. */
 static inline void forget_skus(int64_t first, int n) {
-    redisContext *rc = redis_connect_env();
+    sp_redis *rc = redis_connect_env();
     if (rc == NULL) return;
     const char *suffixes[] = {"sale", "opening", "users", "resv", "returned", "restocks"};
     char key[SP_STOCK_KEY_MAX];
     for (int s = 0; s < n; s++)
         for (size_t i = 0; i < sizeof(suffixes) / sizeof(suffixes[0]); i++) {
             sp_stock_key(key, first + s, suffixes[i]);
-            freeReplyObject(redisCommand(rc, "DEL %s", key));
+            freeReplyObject(sp_redis_command(rc, key, itest_err, sizeof(itest_err), "DEL %s", key));
         }
-    redisFree(rc);
+    sp_redis_close(rc);
 }
 
 /* The "order_id" of a JSON answer into id (cap bytes); fails the test when there is none. */
@@ -375,17 +375,18 @@ static inline void json_order_id(const char *resp, char *id, size_t cap) {
 /* ---- the sale's hashes in Redis ---- */
 
 /* The reply to HGET {sku:N}:suffix field on c; fails the test when Redis does not answer. */
-static inline redisReply *sale_hget(redisContext *c, int64_t sku, const char *suffix,
+static inline redisReply *sale_hget(sp_redis *c, int64_t sku, const char *suffix,
                                     const char *field) {
     char key[SP_STOCK_KEY_MAX];
     sp_stock_key(key, sku, suffix);
-    redisReply *r = redisCommand(c, "HGET %s %s", key, field);
-    if (r == NULL) fail_msg("HGET %s %s: %s", key, field, c->errstr);
+    redisReply *r = sp_redis_command(c, key, itest_err, sizeof(itest_err), "HGET %s %s", key,
+                                     field);
+    if (r == NULL) fail_msg("HGET %s %s: %s", key, field, itest_err);
     return r;
 }
 
 /* The field of the sale's hash as an integer; -1 when the field is absent. */
-static inline int64_t sale_hget_int(redisContext *c, int64_t sku, const char *suffix,
+static inline int64_t sale_hget_int(sp_redis *c, int64_t sku, const char *suffix,
                                     const char *field) {
     redisReply *r = sale_hget(c, sku, suffix, field);
     int64_t v = r->type == REDIS_REPLY_STRING ? strtoll(r->str, NULL, 10) : -1;
@@ -395,7 +396,7 @@ static inline int64_t sale_hget_int(redisContext *c, int64_t sku, const char *su
 
 /* The field of the sale's hash as text, "(nil)" when absent; in a static buffer that the next
  * call overwrites. */
-static inline const char *sale_hget_str(redisContext *c, int64_t sku, const char *suffix,
+static inline const char *sale_hget_str(sp_redis *c, int64_t sku, const char *suffix,
                                         const char *field) {
     static char v[256];
     redisReply *r = sale_hget(c, sku, suffix, field);

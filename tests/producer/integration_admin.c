@@ -146,7 +146,7 @@ static void test_racing_opens_leave_one_sale(void **state) {
                        NULL) == in_log,
              "the consumer did not apply the %" PRId64 " events of the log", in_log);
     assert_int_equal(in_log, RACES);
-    redisContext *rc = redis_connect_env();
+    sp_redis *rc = redis_connect_env();
     for (int r = 0; r < RACES; r++) {
         int64_t sku = g.sku_base + r;
         int64_t pg = value("SELECT stock FROM inventory WHERE sku_id = $1::bigint", sku);
@@ -157,12 +157,12 @@ static void test_racing_opens_leave_one_sale(void **state) {
                      sku, winner[r], pg, redis);
         char key[SP_STOCK_KEY_MAX];
         sp_stock_key(key, sku, "opening");
-        redisReply *rep = redisCommand(rc, "EXISTS %s", key);
+        redisReply *rep = sp_redis_command(rc, key, itest_err, sizeof(itest_err), "EXISTS %s", key);
         assert_non_null(rep);
         assert_int_equal(rep->integer, 0); /* no claim left behind */
         freeReplyObject(rep);
     }
-    redisFree(rc);
+    sp_redis_close(rc);
     g.npassed++;
 }
 
@@ -235,10 +235,10 @@ static void test_payments_name_their_order(void **state) {
 /* ---- restocks ---- */
 
 static int64_t redis_sale(int64_t sku, const char *field) {
-    redisContext *c = redis_connect_env();
+    sp_redis *c = redis_connect_env();
     if (c == NULL) return -1;
     int64_t v = sale_hget_int(c, sku, "sale", field);
-    redisFree(c);
+    sp_redis_close(c);
     return v;
 }
 
@@ -258,12 +258,13 @@ static void open_ten(int64_t sku) {
  * restock.lua waits, and the producer gives the connection up after 2 s (503). */
 static void restock_during_write_pause(int64_t sku, const char *key) {
     char path[64], resp[512];
-    redisContext *c = redis_connect_env();
+    sp_redis *c = redis_connect_env();
     assert_non_null(c);
-    redisReply *r = redisCommand(c, "CLIENT PAUSE 4000 WRITE");
+    redisReply *r = sp_redis_command(c, NULL, itest_err, sizeof(itest_err),
+                                     "CLIENT PAUSE 4000 WRITE");
     assert_true(r != NULL && r->type == REDIS_REPLY_STATUS);
     freeReplyObject(r);
-    redisFree(c);
+    sp_redis_close(c);
     int64_t paused_at = sp_clock_mono_ms();
     snprintf(path, sizeof(path), "/v1/skus/%" PRId64 "/restock", sku);
     int code = http(g.producers[0].port, "POST", path, ADMIN, key, "{\"add\":5}", resp,
@@ -321,10 +322,11 @@ static void test_restock_retry_applies_once(void **state) {
     expect_restocked_once(sku, "restock-retry-1");
     /* Redis forgets the id after IDEM_TTL_S (restock.lua prunes it): a retry then is answered from
      * PostgreSQL's restocks (stamped given to Redis), adding nothing. */
-    redisContext *rc = redis_connect_env();
+    sp_redis *rc = redis_connect_env();
     assert_non_null(rc);
-    freeReplyObject(redisCommand(rc, "HDEL {sku:%" PRId64 "}:restocks restock-retry-1", sku));
-    redisFree(rc);
+    freeReplyObject(sp_redis_command(rc, NULL, itest_err, sizeof(itest_err),
+                                     "HDEL {sku:%" PRId64 "}:restocks restock-retry-1", sku));
+    sp_redis_close(rc);
     code = http(g.producers[1].port, "POST", path, ADMIN, "restock-retry-1", "{\"add\":5}", resp,
                 sizeof(resp));
     if (code != 200 || strstr(resp, "\"available\":15") == NULL)

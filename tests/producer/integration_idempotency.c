@@ -132,7 +132,7 @@ static void test_pending_key_settled_once_stored(void **state) {
     json_order_id(resp, again, sizeof(again));
     assert_string_equal(again, first);
     /* One order, one unit, in both stores. */
-    redisContext *rc = redis_connect_env();
+    sp_redis *rc = redis_connect_env();
     assert_non_null(rc);
     char sku_text[24];
     snprintf(sku_text, sizeof(sku_text), "%" PRId64, sku);
@@ -144,7 +144,7 @@ static void test_pending_key_settled_once_stored(void **state) {
              "PostgreSQL's stock is not 9");
     assert_int_equal(sale_hget_int(rc, sku, "sale", "stock"), 9);
     assert_string_equal(sale_hget_str(rc, sku, "resv", first), "(nil)");
-    redisFree(rc);
+    sp_redis_close(rc);
     g.npassed++;
 }
 

@@ -153,8 +153,8 @@ static void open_sale(int64_t sku, int stock) {
              "sku %" PRId64 " never reached PostgreSQL", sku);
 }
 
-static long long redis_int(redisContext *rc, const char *fmt, int64_t sku) {
-    redisReply *r = redisCommand(rc, fmt, (long long)sku);
+static long long redis_int(sp_redis *rc, const char *fmt, int64_t sku) {
+    redisReply *r = sp_redis_command(rc, NULL, itest_err, sizeof(itest_err), fmt, (long long)sku);
     if (r == NULL || r->type != REDIS_REPLY_INTEGER) fail_msg("%s: no integer reply", fmt);
     long long v = r->integer;
     freeReplyObject(r);
@@ -166,7 +166,7 @@ static void test_paused_sale_answers_recovering(void **state) {
     int64_t sku = g.sku_base + 1;
     char err[256];
     open_sale(sku, 5);
-    redisContext *rc = redis_connect_env();
+    sp_redis *rc = redis_connect_env();
     assert_non_null(rc);
     int64_t before = metric(g.producer.port, RECOVERING);
     if (sp_stock_reconcile_pause(rc, sku, PAUSE, 1, 600, 5, err, sizeof(err)) != 0)
@@ -186,61 +186,70 @@ static void test_paused_sale_answers_recovering(void **state) {
     assert_true(metric(g.producer.port, RECOVERING) >= (before < 0 ? 0 : before) + 2);
     /* The rebuild reopens the sale (what reconcile_apply/reconcile_open leave: the stock, no
      * pause), in one round trip. */
-    redisAppendCommand(rc, "HSET {sku:%lld}:sale stock 5", (long long)sku);
-    redisAppendCommand(rc, "HDEL {sku:%lld}:sale paused", (long long)sku);
-    for (int i = 0; i < 2; i++) {
-        redisReply *r = NULL;
-        assert_int_equal(redisGetReply(rc, (void **)&r), REDIS_OK);
-        freeReplyObject(r);
-    }
+    char sale_key[SP_STOCK_KEY_MAX];
+    sp_stock_key(sale_key, sku, "sale");
+    const char *reopen[][4] = {{"HSET", sale_key, "stock", "5"}, {"HDEL", sale_key, "paused"}};
+    sp_redis_cmd cmds[] = {{.key = sale_key, .argc = 4, .argv = reopen[0]},
+                           {.key = sale_key, .argc = 3, .argv = reopen[1]}};
+    redisReply *replies[2];
+    if (sp_redis_pipeline(rc, 2, cmds, replies, itest_err, sizeof(itest_err)) != 0)
+        fail_msg("reopen: %s", itest_err);
+    for (int i = 0; i < 2; i++) freeReplyObject(replies[i]);
     expect_order(sku, 3, NULL, 202, "accepted", "right after the reopen, without a key");
     expect_order(sku, 1, "buy-once", 202, "accepted", "the key's retry after the reopen");
     expect_sku(sku, (const char *[]){"\"available\":3", "\"recovering\":false", NULL},
                "the reopened sale");
     assert_int_equal(sale_hget_int(rc, sku, "users", "1"), 1);
-    redisFree(rc);
+    sp_redis_close(rc);
     g.npassed++;
 }
 
 /* Sets (value not NULL) or deletes the rebuilt key. */
-static void rebuilt_set(redisContext *rc, const char *value) {
-    redisReply *r = value ? redisCommand(rc, "SET %s %s", SP_STOCK_REBUILT_KEY, value)
-                          : redisCommand(rc, "DEL %s", SP_STOCK_REBUILT_KEY);
+static void rebuilt_set(sp_redis *rc, const char *value) {
+    redisReply *r = value ? sp_redis_command(rc, SP_STOCK_REBUILT_KEY, itest_err, sizeof(itest_err),
+                                             "SET %s %s", SP_STOCK_REBUILT_KEY, value)
+                          : sp_redis_command(rc, SP_STOCK_REBUILT_KEY, itest_err, sizeof(itest_err),
+                                             "DEL %s", SP_STOCK_REBUILT_KEY);
     if (r == NULL || r->type == REDIS_REPLY_ERROR)
-        fail_msg("rebuilt key: %s", r ? r->str : rc->errstr);
+        fail_msg("rebuilt key: %s", r ? r->str : itest_err);
     freeReplyObject(r);
 }
 
 /* Puts the rebuilt key back as it was before the test (for teardown too: reports, never fails). */
 static void rebuilt_restore(void) {
     if (!g.rebuilt_saved) return;
-    redisContext *rc = redis_connect_env();
+    sp_redis *rc = redis_connect_env();
     if (rc == NULL) return;
-    redisReply *r = g.rebuilt_had ? redisCommand(rc, "SET %s %s", SP_STOCK_REBUILT_KEY, g.rebuilt)
-                                  : redisCommand(rc, "DEL %s", SP_STOCK_REBUILT_KEY);
+    redisReply *r = g.rebuilt_had
+                        ? sp_redis_command(rc, SP_STOCK_REBUILT_KEY, itest_err, sizeof(itest_err),
+                                           "SET %s %s", SP_STOCK_REBUILT_KEY, g.rebuilt)
+                        : sp_redis_command(rc, SP_STOCK_REBUILT_KEY, itest_err, sizeof(itest_err),
+                                           "DEL %s", SP_STOCK_REBUILT_KEY);
     if (r == NULL || r->type == REDIS_REPLY_ERROR)
-        fprintf(stderr, "the rebuilt key was not put back: %s\n", r ? r->str : rc->errstr);
+        fprintf(stderr, "the rebuilt key was not put back: %s\n", r ? r->str : itest_err);
     else
         g.rebuilt_saved = 0;
     freeReplyObject(r);
-    redisFree(rc);
+    sp_redis_close(rc);
 }
 
 static void test_lost_sale_recovering_until_rebuilt(void **state) {
     (void)state;
     int64_t sku = g.sku_base + 2, never = g.sku_base + 3;
     open_sale(sku, 5);
-    redisContext *rc = redis_connect_env();
+    sp_redis *rc = redis_connect_env();
     assert_non_null(rc);
-    redisReply *r = redisCommand(rc, "GET %s", SP_STOCK_REBUILT_KEY);
+    redisReply *r = sp_redis_command(rc, SP_STOCK_REBUILT_KEY, itest_err, sizeof(itest_err),
+                                     "GET %s", SP_STOCK_REBUILT_KEY);
     assert_non_null(r);
     g.rebuilt_had = r->type == REDIS_REPLY_STRING;
     if (g.rebuilt_had) snprintf(g.rebuilt, sizeof(g.rebuilt), "%s", r->str);
     g.rebuilt_saved = 1;
     freeReplyObject(r);
     /* Redis lost the sale, and with it the reaper's rebuilt key. */
-    r = redisCommand(rc, "DEL {sku:%lld}:sale {sku:%lld}:users {sku:%lld}:resv", (long long)sku,
-                     (long long)sku, (long long)sku);
+    r = sp_redis_command(rc, NULL, itest_err, sizeof(itest_err),
+                         "DEL {sku:%lld}:sale {sku:%lld}:users {sku:%lld}:resv", (long long)sku,
+                         (long long)sku, (long long)sku);
     assert_true(r != NULL && r->type == REDIS_REPLY_INTEGER && r->integer >= 1);
     freeReplyObject(r);
     rebuilt_set(rc, NULL);
@@ -261,7 +270,7 @@ static void test_lost_sale_recovering_until_rebuilt(void **state) {
     int code = request("GET", path, NULL, NULL, NULL, body, sizeof(body), ra, sizeof(ra));
     if (code != 404 || strstr(body, "unknown_sku") == NULL)
         fail_msg("GET %s: %d %s; want 404 unknown_sku", path, code, body);
-    redisFree(rc);
+    sp_redis_close(rc);
     rebuilt_restore();
     assert_int_equal(g.rebuilt_saved, 0);
     g.npassed++;
@@ -288,12 +297,13 @@ static int group_teardown(void **state) {
     int clean = stop_all(all, sizeof(all) / sizeof(all[0]));
     kill_tracked();
     forget_skus(g.sku_base + 1, 3);
-    redisContext *rc = redis_connect_env();
+    sp_redis *rc = redis_connect_env();
     if (rc) { /* the keys the tests used, not forget_skus()'s */
-        freeReplyObject(redisCommand(rc,
-                                     "DEL {sku:%lld}:idem:1:buy-once {sku:%lld}:idem:1:lost-key",
-                                     (long long)(g.sku_base + 1), (long long)(g.sku_base + 2)));
-        redisFree(rc);
+        freeReplyObject(
+            sp_redis_command(rc, NULL, itest_err, sizeof(itest_err),
+                             "DEL {sku:%lld}:idem:1:buy-once {sku:%lld}:idem:1:lost-key",
+                             (long long)(g.sku_base + 1), (long long)(g.sku_base + 2)));
+        sp_redis_close(rc);
     }
     if (g.dsn[0]) drop_database(g.db);
     delete_run_topics(&stack);

@@ -182,7 +182,7 @@ static void test_reaper_ahead_voids_no_accepted_order(void **state) {
     assert_int_equal(cancelled, 0);
     assert_int_equal(stored, g.naccepted);
     assert_int_equal(value("SELECT count(*) FROM orders WHERE status = 'pending'"), g.naccepted);
-    redisContext *rc = redis_connect_env();
+    sp_redis *rc = redis_connect_env();
     assert_non_null(rc);
     char sku_text[24];
     snprintf(sku_text, sizeof(sku_text), "%" PRId64, g.sku);
@@ -193,7 +193,7 @@ static void test_reaper_ahead_voids_no_accepted_order(void **state) {
              "Redis's stock %" PRId64 " never came to PostgreSQL's %" PRId64,
              sale_hget_int(rc, g.sku, "sale", "stock"), pg_stock);
     assert_int_equal(pg_stock, 1000000 - g.naccepted);
-    redisFree(rc);
+    sp_redis_close(rc);
     g.npassed++;
 }
 

@@ -88,21 +88,19 @@ static void create_db(void) {
 
 /* ---- Redis: a private server ---- */
 
-static redisContext *rctx; /* the test's own connection to the private Redis */
+static sp_redis *rctx; /* the test's own connection to the private Redis */
 
-static redisContext *redis(void) {
+static sp_redis *redis(void) {
     sp_redis_target target;
-    if (rctx && rctx->err == 0) return rctx;
-    if (rctx) redisFree(rctx);
-    rctx = NULL;
+    if (rctx) return rctx; /* it connects again by itself after a failure */
     if (sp_redis_parse_url(g.redis_url, &target, err, sizeof(err)) != 0) fail_msg("%s", err);
-    rctx = sp_redis_connect(&target, 2000, err, sizeof(err));
+    rctx = sp_redis_open(&target, 2000, err, sizeof(err));
     if (rctx == NULL) fail_msg("redis: %s", err);
     return rctx;
 }
 
 static void redis_close(void) {
-    if (rctx) redisFree(rctx);
+    if (rctx) sp_redis_close(rctx);
     rctx = NULL;
 }
 
@@ -118,8 +116,8 @@ static int64_t hget_user(int64_t sku, int64_t user) {
 }
 
 static int64_t redis_int(const char *fmt, const char *arg) {
-    redisReply *r = redisCommand(redis(), fmt, arg);
-    if (r == NULL) fail_msg("%s: %s", fmt, redis()->errstr);
+    redisReply *r = sp_redis_command(redis(), arg, itest_err, sizeof(itest_err), fmt, arg);
+    if (r == NULL) fail_msg("%s: %s", fmt, itest_err);
     int64_t v = r->type == REDIS_REPLY_INTEGER ? r->integer : -1;
     freeReplyObject(r);
     return v;
@@ -526,9 +524,11 @@ static void test_lost_reservation(void **state) {
      * an accepted entry; both old. */
     sp_stock_key(key, sku, "resv");
     snprintf(entry, sizeof(entry), "r:3001:1:%" PRId64 ":", sp_clock_wall_ms() - 60000);
-    freeReplyObject(redisCommand(redis(), "HSET %s %s %s", key, real[0], entry));
+    freeReplyObject(sp_redis_command(redis(), key, itest_err, sizeof(itest_err), "HSET %s %s %s",
+                                     key, real[0], entry));
     snprintf(entry, sizeof(entry), "a:3002:1:%" PRId64, sp_clock_wall_ms() - 60000);
-    freeReplyObject(redisCommand(redis(), "HSET %s %s %s", key, real[1], entry));
+    freeReplyObject(sp_redis_command(redis(), key, itest_err, sizeof(itest_err), "HSET %s %s %s",
+                                     key, real[1], entry));
     /* A retry of the buyer's key meanwhile is "in progress". */
     assert_int_equal(order(sku, 3100, 2, req.idem_key, NULL, 0), 409);
 
@@ -574,7 +574,8 @@ static void test_rejected_entry_left_behind(void **state) {
     char a[SP_ORDER_ID_MAX + 1], b[SP_ORDER_ID_MAX + 1], key[SP_STOCK_KEY_MAX], entry[160];
     open_sale(sku, 1, 1, 600);
     sp_stock_key(key, sku, "sale");
-    freeReplyObject(redisCommand(redis(), "HSET %s stock 2", key)); /* Redis believes 2 */
+    freeReplyObject(sp_redis_command(redis(), key, itest_err, sizeof(itest_err), "HSET %s stock 2",
+                                     key)); /* Redis believes 2 */
     assert_int_equal(order(sku, 4001, 1, NULL, a, sizeof(a)), 202);
     assert_int_equal(order(sku, 4002, 1, NULL, b, sizeof(b)), 202);
     WAIT_FOR(
@@ -593,9 +594,11 @@ static void test_rejected_entry_left_behind(void **state) {
     /* As if the consumer had been killed between its commit and that: entry and count back. */
     sp_stock_key(key, sku, "resv");
     snprintf(entry, sizeof(entry), "a:%" PRId64 ":1:%" PRId64, user, sp_clock_wall_ms() - 60000);
-    freeReplyObject(redisCommand(redis(), "HSET %s %s %s", key, rejected_id, entry));
+    freeReplyObject(sp_redis_command(redis(), key, itest_err, sizeof(itest_err), "HSET %s %s %s",
+                                     key, rejected_id, entry));
     sp_stock_key(key, sku, "users");
-    freeReplyObject(redisCommand(redis(), "HINCRBY %s %lld 1", key, (long long)user));
+    freeReplyObject(sp_redis_command(redis(), key, itest_err, sizeof(itest_err),
+                                     "HINCRBY %s %lld 1", key, (long long)user));
     assert_int_equal(hget_user(sku, user), 1);
     WAIT_FOR(hlen(sku, "resv") == 0, "the rejected order's entry of sku %" PRId64 " was left", sku);
     assert_int_equal(hget_user(sku, user), -1);
@@ -617,7 +620,8 @@ static void test_sale_left_paused_is_rebuilt(void **state) {
                  hlen(sku, "resv") == 0,
              "the two orders of sku %" PRId64 " never reached PostgreSQL", sku);
     sp_stock_key(key, sku, "sale");
-    freeReplyObject(redisCommand(redis(), "HSET %s stock 5 paused dead-reaper:1", key));
+    freeReplyObject(sp_redis_command(redis(), key, itest_err, sizeof(itest_err),
+                                     "HSET %s stock 5 paused dead-reaper:1", key));
     assert_false(sale_open(sku));
     WAIT_FOR(sale_open(sku), "the sale of sku %" PRId64 " stayed paused", sku);
     assert_int_equal(hget(sku, "sale", "stock"), 3);
@@ -669,12 +673,13 @@ static void test_reconcile_that_lost_its_lock_writes_nothing(void **state) {
     assert_int_equal(got, 1);
     uint64_t session = a.pg_session;
     snprintf(token, sizeof(token), "%s:%" PRId64, cfg.worker_id, sp_clock_wall_ms());
-    redisContext *ra = sp_reaper_redis(&a, err, sizeof(err));
+    sp_redis *ra = sp_reaper_redis(&a, err, sizeof(err));
     if (ra == NULL || sp_stock_reconcile_pause(ra, sku, token, 0, 600, 10, err, sizeof(err)) != 0)
         fail_msg("pause: %s", err);
     sp_stock_key(key, sku, "resv_staged");
     snprintf(entry, sizeof(entry), "a:%" PRId64 ":2:%" PRId64, user, sp_clock_wall_ms());
-    freeReplyObject(redisCommand(redis(), "HSET %s %s %s", key, order_id, entry));
+    freeReplyObject(sp_redis_command(redis(), key, itest_err, sizeof(itest_err), "HSET %s %s %s",
+                                     key, order_id, entry));
     if (sp_stock_reconcile_apply(ra, sku, token, 10, 10, 0, 600, &owned, &stock, &inflight,
                                  &vanished, &nvanished, err, sizeof(err)) != 0)
         fail_msg("apply: %s", err);
@@ -700,7 +705,8 @@ static void test_reconcile_that_lost_its_lock_writes_nothing(void **state) {
     PGresult *res = sp_reaper_query(&a, "SELECT 1", 0, NULL, err, sizeof(err));
     PQclear(res);
     sp_stock_key(key, sku, "returned");
-    freeReplyObject(redisCommand(redis(), "HSET %s stale-marker 1", key));
+    freeReplyObject(sp_redis_command(redis(), key, itest_err, sizeof(itest_err),
+                                     "HSET %s stale-marker 1", key));
     int settle_rc = sp_stock_return_settle_markers(&a, sku, &nsettled, err, sizeof(err));
     uint64_t sessions = a.pg_session - session;
     sp_reaper_unlock(&a, SP_LOCK_SKU, sku);
@@ -882,14 +888,16 @@ static void test_audit_gauges(void **state) {
     print_message("    after the sale: %s (%.1f s)\n", audit_gauges(), s);
 
     sp_stock_key(key, sku, "sale");
-    freeReplyObject(redisCommand(redis(), "HINCRBY %s stock 3", key));
+    freeReplyObject(
+        sp_redis_command(redis(), key, itest_err, sizeof(itest_err), "HINCRBY %s stock 3", key));
     int64_t corrupted = sp_clock_wall_ms() / 1000;
     s = wait_gauges(0, 0, 3, 0, 1, "Redis's stock raised by 3");
     print_message("    Redis's stock raised by 3: %s (after %.1f s)\n", audit_gauges(), s);
     sleep_ms(2 * atoi(AUDIT_EVERY)); /* no clean audit while it lasts */
     assert_true(audit_gauge("stockpipe_reaper_audit_last_clean_timestamp_seconds") <=
                 corrupted + 1);
-    freeReplyObject(redisCommand(redis(), "HINCRBY %s stock -3", key));
+    freeReplyObject(
+        sp_redis_command(redis(), key, itest_err, sizeof(itest_err), "HINCRBY %s stock -3", key));
     wait_gauges(0, 0, 0, 0, 0, "Redis put back");
 
     assert_int_equal(sku_int("WITH u AS (UPDATE inventory SET stock = stock - 1"
@@ -911,9 +919,9 @@ static void test_audit_gauges(void **state) {
 }
 
 static void flush_redis(void) {
-    redisReply *r = redisCommand(redis(), "FLUSHALL");
+    redisReply *r = sp_redis_command(redis(), NULL, itest_err, sizeof(itest_err), "FLUSHALL");
     freeReplyObject(r);
-    r = redisCommand(redis(), "SCRIPT FLUSH");
+    r = sp_redis_command(redis(), NULL, itest_err, sizeof(itest_err), "SCRIPT FLUSH");
     freeReplyObject(r);
 }
 
@@ -1019,9 +1027,11 @@ static void test_audit_and_reconcile_by_hand(void **state) {
     char key[SP_STOCK_KEY_MAX], skutext[40], flag[48];
     int64_t stock = hget(sku, "sale", "stock");
     sp_stock_key(key, sku, "sale");
-    freeReplyObject(redisCommand(redis(), "HINCRBY %s stock 3", key));
+    freeReplyObject(
+        sp_redis_command(redis(), key, itest_err, sizeof(itest_err), "HINCRBY %s stock 3", key));
     sp_stock_key(key, sku, "users");
-    freeReplyObject(redisCommand(redis(), "HSET %s 999999 4", key));
+    freeReplyObject(
+        sp_redis_command(redis(), key, itest_err, sizeof(itest_err), "HSET %s 999999 4", key));
     int rc = reaper_cmd("audit", NULL, NULL, out, sizeof(out));
     snprintf(skutext, sizeof(skutext), "sku %" PRId64 ":", sku);
     if (rc != 1 || strstr(out, "audit FAILED") == NULL || strstr(out, skutext) == NULL)

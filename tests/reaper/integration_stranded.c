@@ -112,7 +112,7 @@ static void test_accepted_order_lost_from_the_log(void **state) {
                     "'pending'") == 1,
              "the second order never reached PostgreSQL");
     /* The lost order is voided once ACCEPTED_LOST_AFTER_MS has passed, its 3 units back. */
-    redisContext *rc = redis_connect_env();
+    sp_redis *rc = redis_connect_env();
     assert_non_null(rc);
     WAIT_FOR(sale_hget_int(rc, g.sku, "sale", "stock") == 9 &&
                  pg_int("SELECT stock FROM inventory WHERE sku_id = $1::bigint") == 9,
@@ -124,7 +124,7 @@ static void test_accepted_order_lost_from_the_log(void **state) {
                             "'cancelled'"),
                      1);
     assert_true(metric(g.reaper.port, "stockpipe_reaper_accepted_gone_total") == 1);
-    redisFree(rc);
+    sp_redis_close(rc);
     g.npassed++;
 }
 
