@@ -566,16 +566,26 @@ undo:
     return -1;
 }
 
-/* The map indexes of the nodes that serve a slot (the primaries), in map order; their count. */
+/* The map indexes of the nodes that serve a slot (the primaries), in the order of the first slot
+ * each serves (the same order for every client of the same cluster); their count. */
 static int serving(sp_redis *r, int *idx) {
     char seen[SP_CLUSTER_NODES_MAX] = {0};
     int n = 0;
     if (r->map_stale) (void)map_refresh(r, NULL, 0);
-    for (int s = 0; s < SP_CLUSTER_SLOTS; s++)
-        if (r->map->slot_node[s] >= 0) seen[r->map->slot_node[s]] = 1;
-    for (int i = 0; i < r->map->nnodes; i++)
-        if (seen[i]) idx[n++] = i;
+    for (int s = 0; s < SP_CLUSTER_SLOTS; s++) {
+        int i = r->map->slot_node[s];
+        if (i >= 0 && !seen[i]) seen[i] = 1, idx[n++] = i;
+    }
     return n;
+}
+
+int sp_redis_primary_of(sp_redis *r, const char *key) {
+    int idx[SP_CLUSTER_NODES_MAX];
+    if (r->map == NULL) return 0;
+    int n = serving(r, idx), node = r->map->slot_node[sp_cluster_key_slot(key, strlen(key))];
+    for (int i = 0; i < n; i++)
+        if (idx[i] == node) return i;
+    return -1;
 }
 
 int sp_redis_primaries(sp_redis *r) {

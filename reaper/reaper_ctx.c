@@ -158,6 +158,30 @@ void sp_reaper_redis_failed(sp_reaper *rp) {
     rp->redis = NULL;
 }
 
+/* A reply of the wanted type (want < 0: any but an error), else NULL with errbuf. */
+static redisReply *wanted(redisReply *r, int argc, const char **argv, int want, char *errbuf,
+                          size_t errlen) {
+    if (r->type == REDIS_REPLY_ERROR || (want >= 0 && r->type != want)) {
+        snprintf(errbuf, errlen, "%s %s: %s", argv[0], argc > 1 ? argv[1] : "",
+                 r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+        freeReplyObject(r);
+        return NULL;
+    }
+    return r;
+}
+
+redisReply *sp_reaper_redis_argv_on(sp_reaper *rp, int i, int argc, const char **argv, int want,
+                                    char *errbuf, size_t errlen) {
+    sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
+    if (redis == NULL) return NULL;
+    redisReply *r = sp_redis_argv_on(redis, i, argc, argv, errbuf, errlen);
+    if (r == NULL) {
+        sp_reaper_redis_failed(rp);
+        return NULL;
+    }
+    return wanted(r, argc, argv, want, errbuf, errlen);
+}
+
 redisReply *sp_reaper_redis_argv(sp_reaper *rp, int argc, const char **argv, int want, char *errbuf,
                                  size_t errlen) {
     sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
@@ -169,13 +193,7 @@ redisReply *sp_reaper_redis_argv(sp_reaper *rp, int argc, const char **argv, int
         sp_reaper_redis_failed(rp);
         return NULL;
     }
-    if (r->type == REDIS_REPLY_ERROR || (want >= 0 && r->type != want)) {
-        snprintf(errbuf, errlen, "%s %s: %s", argv[0], argc > 1 ? argv[1] : "",
-                 r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
-        freeReplyObject(r);
-        return NULL;
-    }
-    return r;
+    return wanted(r, argc, argv, want, errbuf, errlen);
 }
 
 int sp_reaper_hscan(sp_reaper *rp, const char *key, int count, size_t max_pairs,

@@ -22,6 +22,7 @@
 #include "config.h"
 #include "event.h"
 #include "metrics.h"
+#include "redis_cluster.h"
 #include "redis_store.h"
 
 /* Advisory lock classes (the first key of pg_advisory_lock(int, int)); the second key is a SKU
@@ -30,6 +31,10 @@
 #define SP_LOCK_RECONCILE 0x53500502 /* the reconcile of every SKU after Redis lost data */
 
 struct sp_reaper_batch; /* the publish batch waiting for its delivery reports */
+
+/* A Redis's run id (or replication id): one server's, or a cluster's primaries' joined by ','
+ * (reconcile.c). */
+#define SP_REDIS_IDENTITY_MAX (SP_CLUSTER_NODES_MAX * 41)
 
 typedef struct sp_reaper {
     const sp_config *cfg;
@@ -50,7 +55,7 @@ typedef struct sp_reaper {
      * Redis still says the same, the check costs no PostgreSQL round trip. */
     struct {
         int known;
-        char epoch[64], run_id[64], replid[64];
+        char epoch[64], run_id[SP_REDIS_IDENTITY_MAX], replid[SP_REDIS_IDENTITY_MAX];
     } seen;
 } sp_reaper;
 
@@ -73,6 +78,10 @@ void sp_reaper_redis_failed(sp_reaper *rp);
 /* Runs one command (argv, argc words) on the reaper's Redis connection, connecting when needed.
  * Returns the reply (caller frees) when it is of type want (a REDIS_REPLY_* value; -1: any type
  * but an error). NULL with errbuf otherwise; a failed connection is dropped. */
+/* The same on the i-th primary (sp_redis_primaries), no redirect followed. */
+redisReply *sp_reaper_redis_argv_on(sp_reaper *rp, int i, int argc, const char **argv, int want,
+                                    char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
 redisReply *sp_reaper_redis_argv(sp_reaper *rp, int argc, const char **argv, int want, char *errbuf,
                                  size_t errlen) __attribute__((warn_unused_result));
 

@@ -21,9 +21,9 @@
  * other replicas help rebuild them (each under its SKU lock). */
 #define RECOVERY_KEY         "stockpipe:reaper:recovery"
 #define RECOVERY_TTL_S       "600"
-#define RECOVERY_VALUE_MAX   320  /* "token\nepoch\nreplid" */
-#define SKU_PAGE             500  /* SKUs per inventory page */
-#define LEDGER_PAGE          1000 /* ledger rows per query */
+#define RECOVERY_VALUE_MAX   (256 + SP_REDIS_IDENTITY_MAX) /* "token\nepoch\nreplid" */
+#define SKU_PAGE             500                           /* SKUs per inventory page */
+#define LEDGER_PAGE          1000                          /* ledger rows per query */
 #define RESV_SCAN            256  /* resv entries asked for per HSCAN step */
 #define STEP_MAX             1024 /* most resv entries looked up in one statement */
 #define WATERMARK_TIMEOUT_MS 5000
@@ -64,10 +64,40 @@ typedef struct inv_row {
 
 /* ---- Redis's identity ---- */
 
+/* What changes when Redis loses data: a server's run id (a restart), its replication id (a
+ * failover: a promoted replica takes a new one) and the epoch the last reconcile wrote into it
+ * (gone after a FLUSHALL). A Redis Cluster's primaries each lose data on their own: its run and
+ * replication ids are every primary's, joined by ',' in slot order, and each primary keeps the
+ * epoch under a key of a slot it serves (epoch_key). */
 typedef struct redis_identity {
-    char epoch[64]; /* "" when the key is missing */
-    char run_id[64], replid[64];
+    char epoch[64]; /* "" when missing, or when the primaries do not all hold the same */
+    char run_id[SP_REDIS_IDENTITY_MAX], replid[SP_REDIS_IDENTITY_MAX];
 } redis_identity;
+
+/* The key primary i keeps the epoch under: EPOCH_KEY on one server; in a cluster EPOCH_KEY:{N}
+ * with the first N whose slot primary i serves. A slot that moves to another primary takes its
+ * key along: the next check finds the epoch missing on the one and reconciles (what a reshard
+ * costs once). -1 with errbuf when no N up to a bound lands there. */
+static int epoch_key(sp_reaper *rp, int i, char *key, size_t cap, char *errbuf, size_t errlen) {
+    sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
+    if (redis == NULL) return -1;
+    if (!sp_redis_is_cluster(redis)) {
+        snprintf(key, cap, "%s", EPOCH_KEY);
+        return 0;
+    }
+    for (int n = 0; n < 1000000; n++) {
+        snprintf(key, cap, "%s:{%d}", EPOCH_KEY, n);
+        if (sp_redis_primary_of(redis, key) == i) return 0;
+    }
+    snprintf(errbuf, errlen, "no epoch key lands on primary %d", i);
+    return -1;
+}
+
+/* Appends ",value" (or "value" first) to a bounded list. */
+static void join(char *list, size_t cap, const char *value) {
+    size_t n = strlen(list);
+    snprintf(list + n, cap - n, "%s%s", n ? "," : "", value);
+}
 
 /* Copies the value of "name:" from an INFO text. */
 static void info_field(const char *info, const char *name, char *out, size_t outlen) {
@@ -112,19 +142,30 @@ static int stage_write(sp_reaper *rp, int64_t sku_id, const char *token, sp_stag
 }
 
 static int read_identity(sp_reaper *rp, redis_identity *id, char *errbuf, size_t errlen) {
+    char key[64], value[64];
     memset(id, 0, sizeof(*id));
-    const char *what[][2] = {{"INFO", "server"}, {"INFO", "replication"}, {"GET", EPOCH_KEY}};
-    for (int i = 0; i < 3; i++) {
-        redisReply *r = sp_reaper_redis_argv(rp, 2, what[i], -1, errbuf, errlen);
-        if (r == NULL) return -1;
-        if (i == 0 && r->type == REDIS_REPLY_STRING)
-            info_field(r->str, "run_id:", id->run_id, sizeof(id->run_id));
-        else if (i == 1 && r->type == REDIS_REPLY_STRING)
-            info_field(r->str, "master_replid:", id->replid, sizeof(id->replid));
-        else if (i == 2 && r->type == REDIS_REPLY_STRING)
-            snprintf(id->epoch, sizeof(id->epoch), "%s", r->str);
-        freeReplyObject(r);
+    sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
+    if (redis == NULL) return -1;
+    int n = sp_redis_primaries(redis), same = n > 0;
+    for (int i = 0; i < n; i++) {
+        if (epoch_key(rp, i, key, sizeof(key), errbuf, errlen) != 0) return -1;
+        const char *what[][2] = {{"INFO", "server"}, {"INFO", "replication"}, {"GET", key}};
+        for (int k = 0; k < 3; k++) {
+            redisReply *r = sp_reaper_redis_argv_on(rp, i, 2, what[k], -1, errbuf, errlen);
+            if (r == NULL) return -1;
+            value[0] = '\0';
+            if (k < 2 && r->type == REDIS_REPLY_STRING)
+                info_field(r->str, k == 0 ? "run_id:" : "master_replid:", value, sizeof(value));
+            else if (k == 2 && r->type == REDIS_REPLY_STRING)
+                snprintf(value, sizeof(value), "%s", r->str);
+            freeReplyObject(r);
+            if (k == 0) join(id->run_id, sizeof(id->run_id), value);
+            if (k == 1) join(id->replid, sizeof(id->replid), value);
+            if (k == 2 && i == 0) snprintf(id->epoch, sizeof(id->epoch), "%s", value);
+            if (k == 2 && strcmp(value, id->epoch) != 0) same = 0;
+        }
     }
+    if (!same) id->epoch[0] = '\0';
     return 0;
 }
 
@@ -171,21 +212,27 @@ static int new_epoch(sp_reaper *rp, char *epoch, size_t len, char *errbuf, size_
     size_t n = 0;
     for (size_t i = 0; i < sizeof(raw) && n + 3 <= len; i++)
         n += (size_t)snprintf(epoch + n, len - n, "%02x", raw[i]);
-    const char *set[] = {"SET", EPOCH_KEY, epoch};
-    return redis_argv(rp, 3, set, errbuf, errlen);
+    sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
+    if (redis == NULL) return -1;
+    for (int i = 0, nprim = sp_redis_primaries(redis); i < nprim; i++) {
+        char key[64];
+        if (epoch_key(rp, i, key, sizeof(key), errbuf, errlen) != 0) return -1;
+        const char *set[] = {"SET", key, epoch};
+        redisReply *r = sp_reaper_redis_argv_on(rp, i, 3, set, -1, errbuf, errlen);
+        if (r == NULL) return -1;
+        freeReplyObject(r);
+    }
+    return 0;
 }
 
 /* SP_STOCK_REBUILT_KEY: Redis holds every sale PostgreSQL has (Redis holds epoch, the one of the
  * last complete reconcile). Taken back at once if Redis lost the epoch meanwhile. */
 static int mark_rebuilt(sp_reaper *rp, const char *epoch, char *errbuf, size_t errlen) {
     const char *set[] = {"SET", SP_STOCK_REBUILT_KEY, epoch};
-    if (redis_argv(rp, 3, set, errbuf, errlen) != 0) return -1;
-    const char *get[] = {"GET", EPOCH_KEY};
-    redisReply *r = sp_reaper_redis_argv(rp, 2, get, -1, errbuf, errlen);
-    if (r == NULL) return -1;
-    int same = r->type == REDIS_REPLY_STRING && strcmp(r->str, epoch) == 0;
-    freeReplyObject(r);
-    if (same) return 0;
+    redis_identity now;
+    if (redis_argv(rp, 3, set, errbuf, errlen) != 0 || read_identity(rp, &now, errbuf, errlen) != 0)
+        return -1;
+    if (strcmp(now.epoch, epoch) == 0) return 0;
     const char *del[] = {"DEL", SP_STOCK_REBUILT_KEY};
     (void)redis_argv(rp, 2, del, errbuf, errlen);
     snprintf(errbuf, errlen, "Redis lost the epoch again; starting over");
@@ -673,9 +720,10 @@ typedef struct recovery {
     const char *late_token; /* its pause of the sales PostgreSQL got during its wait */
     int64_t *first;         /* the SKUs its first pass paused, ascending */
     size_t nfirst, first_cap;
-    char epoch[64], replid[64]; /* the Redis it paused: its epoch, its replication id */
-    int changed;                /* Redis is not that one any more: stop */
-    uint64_t session;           /* the PostgreSQL session holding SP_LOCK_RECONCILE */
+    char epoch[64], replid[SP_REDIS_IDENTITY_MAX]; /* the Redis it paused: epoch, replication
+                                                    * id(s) */
+    int changed;                                   /* Redis is not that one any more: stop */
+    uint64_t session; /* the PostgreSQL session holding SP_LOCK_RECONCILE */
     int64_t settle_until;
     size_t nskus, nfailed, nbusy;
     int64_t *busy; /* SKUs whose lock another replica held: asked for again, waiting, at the end */
@@ -775,19 +823,12 @@ static int pause_all(sp_reaper *rp, recovery *rc, int late, char *errbuf, size_t
  * the settle and the wait for the consumer did not cover; then rc->changed is set, and the
  * reconcile stops (the next check starts over). A failure to ask is reported in errbuf. */
 static int redis_unchanged(sp_reaper *rp, recovery *rc, char *errbuf, size_t errlen) {
-    char replid[64];
-    const char *info[] = {"INFO", "replication"}, *get[] = {"GET", EPOCH_KEY};
-    redisReply *r = sp_reaper_redis_argv(rp, 2, info, REDIS_REPLY_STRING, errbuf, errlen);
-    if (r == NULL) {
+    redis_identity now;
+    if (read_identity(rp, &now, errbuf, errlen) != 0) {
         rc->changed = 1;
         return 0;
     }
-    info_field(r->str, "master_replid:", replid, sizeof(replid));
-    freeReplyObject(r);
-    r = sp_reaper_redis_argv(rp, 2, get, -1, errbuf, errlen);
-    int same = r != NULL && r->type == REDIS_REPLY_STRING && strcmp(r->str, rc->epoch) == 0 &&
-               strcmp(replid, rc->replid) == 0;
-    freeReplyObject(r);
+    int same = strcmp(now.epoch, rc->epoch) == 0 && strcmp(now.replid, rc->replid) == 0;
     if (!same) {
         rc->changed = 1;
         snprintf(errbuf, errlen, "Redis changed again during the reconcile; starting over");
