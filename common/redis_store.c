@@ -1,7 +1,6 @@
 /* redis_store.c - Redis connections (single server or via Sentinel) and Lua scripts by EVALSHA. */
 #include "redis_store.h"
 
-#include <hiredis/adapters/libevent.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,7 +10,7 @@
 #include "config.h"
 #include "redis_cluster.h"
 
-#define EVALSHA_ARGS_MAX SP_REDIS_SCRIPT_ARGV_MAX /* the same bound as the async calls */
+#define EVALSHA_ARGS_MAX SP_REDIS_SCRIPT_ARGV_MAX
 
 /* Parses "host[:port]" of length n. */
 static int parse_hostport(const char *s, size_t n, sp_redis_target *t, int defport, char *errbuf,
@@ -234,37 +233,6 @@ redisContext *sp_redis_connect(const sp_redis_target *t, int timeout_ms, char *e
         redisFree(c);
     }
     return NULL;
-}
-
-redisAsyncContext *sp_redis_async_connect(const sp_redis_target *t, struct event_base *base,
-                                          int timeout_ms, redisDisconnectCallback *on_disconnect,
-                                          void *data, char *errbuf, size_t errlen) {
-    char host[256];
-    int port;
-    /* Find (and check) the primary with a short blocking connection: with Sentinel the address
-     * changes on failover, and a stale one would only answer READONLY. */
-    redisContext *probe = sp_redis_connect(t, timeout_ms, errbuf, errlen);
-    if (probe == NULL) return NULL;
-    snprintf(host, sizeof(host), "%s", probe->tcp.host);
-    port = probe->tcp.port;
-    redisFree(probe);
-
-    redisAsyncContext *ac = redisAsyncConnect(host, port);
-    if (ac == NULL || ac->err) {
-        snprintf(errbuf, errlen, "redis %s:%d: %s", host, port, ac ? ac->errstr : "out of memory");
-        if (ac) redisAsyncFree(ac);
-        return NULL;
-    }
-    ac->data = data;
-    if (redisLibeventAttach(ac, base) != REDIS_OK) {
-        snprintf(errbuf, errlen, "redis %s:%d: cannot attach to the event loop", host, port);
-        redisAsyncFree(ac);
-        return NULL;
-    }
-    redisAsyncSetDisconnectCallback(ac, on_disconnect);
-    if (t->password[0]) redisAsyncCommand(ac, NULL, NULL, "AUTH %s", t->password);
-    if (t->db) redisAsyncCommand(ac, NULL, NULL, "SELECT %d", t->db);
-    return ac;
 }
 
 /* ---- the blocking connection to the data ---- */
@@ -721,43 +689,6 @@ redisReply *sp_redis_call(sp_redis *r, sp_script_call *call, char *errbuf, size_
     }
     return sp_redis_evalsha(r, call->script, call->nkeys, call->argc, call->argv, call->argvlen,
                             errbuf, errlen);
-}
-
-int sp_redis_async_script(redisAsyncContext *ac, sp_redis_script *s, int by_body, int nkeys,
-                          int argc, const char *const *argv, const size_t *argvlen,
-                          redisCallbackFn *fn, void *data) {
-    const char *av[SP_REDIS_SCRIPT_ARGV_MAX + 3];
-    size_t avlen[SP_REDIS_SCRIPT_ARGV_MAX + 3];
-    char nk[12];
-    if (argc > SP_REDIS_SCRIPT_ARGV_MAX) return -1;
-    snprintf(nk, sizeof(nk), "%d", nkeys);
-    if (by_body || s->sha[0] == '\0') {
-        av[0] = "EVAL", avlen[0] = 4;
-        av[1] = s->body, avlen[1] = strlen(s->body);
-    } else {
-        av[0] = "EVALSHA", avlen[0] = 7;
-        av[1] = s->sha, avlen[1] = 40;
-    }
-    av[2] = nk, avlen[2] = strlen(nk);
-    for (int i = 0; i < argc; i++) av[3 + i] = argv[i], avlen[3 + i] = argvlen[i];
-    return redisAsyncCommandArgv(ac, fn, data, argc + 3, av, avlen) == REDIS_OK ? 0 : -1;
-}
-
-static int async_send(redisAsyncContext *ac, sp_script_call *call, redisCallbackFn *fn, void *data,
-                      int by_body) {
-    if (call->overflow) return -1;
-    return sp_redis_async_script(ac, call->script, by_body, call->nkeys, call->argc, call->argv,
-                                 call->argvlen, fn, data);
-}
-
-int sp_redis_async_call(redisAsyncContext *ac, sp_script_call *call, redisCallbackFn *fn,
-                        void *data) {
-    return async_send(ac, call, fn, data, 0);
-}
-
-int sp_redis_async_call_eval(redisAsyncContext *ac, sp_script_call *call, redisCallbackFn *fn,
-                             void *data) {
-    return async_send(ac, call, fn, data, 1);
 }
 
 int sp_redis_is_noscript(const redisReply *r) {

@@ -2,11 +2,8 @@
 #ifndef SP_REDIS_STORE_H
 #define SP_REDIS_STORE_H
 
-#include <hiredis/async.h>
 #include <hiredis/hiredis.h>
 #include <stddef.h>
-
-struct event_base;
 
 #define SP_REDIS_HOSTS_MAX 8
 
@@ -41,15 +38,6 @@ int sp_redis_parse_url(const char *url, sp_redis_target *t, char *errbuf, size_t
  * errbuf; a redis-cluster:// target is refused (use sp_redis_open). */
 redisContext *sp_redis_connect(const sp_redis_target *t, int timeout_ms, char *errbuf,
                                size_t errlen) __attribute__((warn_unused_result));
-
-/* The same for the event loop: resolves the primary (a short blocking Sentinel lookup), then opens
- * a hiredis async connection attached to base, with AUTH and SELECT queued first so they run
- * before any command the caller sends. on_disconnect fires once when the connection ends (every
- * pending callback has then been called with a NULL reply). NULL with errbuf. */
-redisAsyncContext *sp_redis_async_connect(const sp_redis_target *t, struct event_base *base,
-                                          int timeout_ms, redisDisconnectCallback *on_disconnect,
-                                          void *data, char *errbuf, size_t errlen)
-    __attribute__((warn_unused_result));
 
 /* ---- the blocking connection to the data (consumer, reaper, tools) ---- */
 
@@ -113,8 +101,8 @@ typedef struct sp_redis_script {
     char sha[41]; /* filled by sp_redis_script_load; empty until then */
 } sp_redis_script;
 
-/* One call of a script: its arguments (keys first) and the storage they point into. Lives as long
- * as the call is under way, so an async call can be re-sent as EVAL after a NOSCRIPT. */
+/* One call of a script: its arguments (keys first) and the storage they point into. (An async
+ * call copies it: redis_async.h.) */
 #define SP_SCRIPT_ARGS_MAX 12
 typedef struct sp_script_call {
     sp_redis_script *script;
@@ -138,20 +126,8 @@ void sp_script_call_arg(sp_script_call *call, const char *fmt, ...)
 redisReply *sp_redis_call(sp_redis *r, sp_script_call *call, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 
-/* Sends the call on an async connection: EVALSHA when the script's SHA is known, else EVAL with
- * its body. fn gets the reply; when it is a NOSCRIPT error (the server lost its script cache) the
- * caller re-sends with sp_redis_async_call_eval. 0 when queued, -1 when not (disconnected). */
-int sp_redis_async_call(redisAsyncContext *ac, sp_script_call *call, redisCallbackFn *fn,
-                        void *data) __attribute__((warn_unused_result));
-int sp_redis_async_call_eval(redisAsyncContext *ac, sp_script_call *call, redisCallbackFn *fn,
-                             void *data) __attribute__((warn_unused_result));
-
-/* The same for argument lists built elsewhere (at most SP_REDIS_SCRIPT_ARGV_MAX keys + args, which
- * must stay valid until this returns): by_body sends EVAL instead of EVALSHA. */
+/* The most keys + arguments one script call takes (blocking and async alike). */
 #define SP_REDIS_SCRIPT_ARGV_MAX 512
-int sp_redis_async_script(redisAsyncContext *ac, sp_redis_script *s, int by_body, int nkeys,
-                          int argc, const char *const *argv, const size_t *argvlen,
-                          redisCallbackFn *fn, void *data) __attribute__((warn_unused_result));
 
 /* True for a NOSCRIPT error reply. */
 int sp_redis_is_noscript(const redisReply *r);

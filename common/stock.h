@@ -25,6 +25,7 @@
 #include <stdint.h>
 
 #include "event.h"
+#include "redis_async.h"
 #include "redis_store.h"
 
 #define SP_IDEM_KEY_MAX       SP_REQUEST_ID_MAX /* bytes of an Idempotency-Key (a request id) */
@@ -145,7 +146,9 @@ int sp_stock_available(sp_redis *c, int64_t sku_id, int64_t *stock, char *errbuf
 
 /* ---- the same calls, split for an async connection: build, send, parse ---- */
 
-/* Loads every script of this module (SCRIPT LOAD), so async calls can use EVALSHA. */
+/* Loads every script of this module (SCRIPT LOAD) on every primary of a blocking connection.
+ * (The async calls need no loading: redis_async.c names a script by its SHA-1 and sends its body
+ * on NOSCRIPT.) */
 int sp_stock_scripts_load(sp_redis *c, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 
@@ -183,9 +186,10 @@ typedef struct sp_confirm_batch {
 /* Adds one confirm (of sku_id) to b; -1 when b is full or holds another SKU's confirms. */
 int sp_stock_confirm_batch_add(sp_confirm_batch *b, int64_t sku_id, const sp_script_call *one);
 
-/* Sends b (EVALSHA, or EVAL when by_body); fn gets the integer reply (orders turned accepted). */
-int sp_stock_confirm_batch_send(redisAsyncContext *ac, sp_confirm_batch *b, int by_body,
-                                redisCallbackFn *fn, void *data)
+/* Sends b on ra (redis_async.h: NOSCRIPT is handled there); fn gets the integer reply (orders
+ * turned accepted). Returns as sp_redis_async_eval. */
+int sp_stock_confirm_batch_send(sp_redis_async *ra, const sp_confirm_batch *b,
+                                sp_redis_async_fn *fn, void *data)
     __attribute__((warn_unused_result));
 
 /* Several orders of one SKU in one reserve.lua call, for a producer that takes many orders in one
@@ -207,10 +211,10 @@ typedef struct sp_reserve_batch {
 int sp_stock_reserve_batch_add(sp_reserve_batch *b, const sp_reserve_request *req,
                                const sp_script_call *one);
 
-/* Sends b (EVALSHA, or EVAL when by_body); fn gets the reply that sp_stock_reserve_parse reads,
- * one answer per order in the order they were added. */
-int sp_stock_reserve_batch_send(redisAsyncContext *ac, const sp_reserve_batch *b, int by_body,
-                                redisCallbackFn *fn, void *data)
+/* Sends b on ra; fn gets the reply that sp_stock_reserve_parse reads, one answer per order in the
+ * order they were added. Returns as sp_redis_async_eval. */
+int sp_stock_reserve_batch_send(sp_redis_async *ra, const sp_reserve_batch *b,
+                                sp_redis_async_fn *fn, void *data)
     __attribute__((warn_unused_result));
 
 /* The same on a blocking connection: res[i] for the i-th order of b. -1 with errbuf when Redis

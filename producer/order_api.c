@@ -39,6 +39,7 @@
 #include "metrics.h"
 #include "order_id.h"
 #include "pg_async.h"
+#include "redis_async.h"
 #include "redis_store.h"
 #include "stock.h"
 
@@ -136,14 +137,11 @@ typedef struct call_queue {
 struct sp_order_api {
     struct event_base *base;
     const sp_config *cfg;
-    sp_redis_target redis_target;
-    redisAsyncContext *redis; /* NULL while disconnected */
-    int64_t redis_owed;       /* commands sent whose reply has not come */
-    int64_t redis_last_reply_ms;
-    int64_t redis_retry_ms; /* next reconnect attempt */
-    int64_t time_sent_ms;   /* when the clock-skew TIME went out; 0: none under way */
-    int64_t time_next_ms;   /* when the next one goes */
-    sp_pg_async *pg;        /* lookups for GET; orders never wait on it */
+    sp_redis_async *redis; /* the sale's data: one server, Sentinel's primary or a cluster; it
+                            * reconnects itself (sp_redis_async_tick) */
+    int64_t time_sent_ms;  /* when the clock-skew TIME went out; 0: none under way */
+    int64_t time_next_ms;  /* when the next one goes */
+    sp_pg_async *pg;       /* lookups for GET; orders never wait on it */
     rd_kafka_t *kafka;
     int kafka_pipe[2]; /* librdkafka writes here when its queue becomes non-empty */
     struct event *kafka_wakeup;
@@ -174,10 +172,9 @@ typedef struct call {
     int64_t published_us;     /* when the event went to librdkafka */
     sp_reserve_request order; /* CALL_ORDER */
     sp_event ev;              /* the event to publish */
-    sp_script_call script;    /* the Redis call under way, kept for a NOSCRIPT re-send */
-    int resent;
-    int keyed;         /* CALL_RESTOCK: the request id is the caller's Idempotency-Key */
-    struct call *next; /* in the api's confirm list */
+    sp_script_call script;    /* the Redis call under way (its script names the answer) */
+    int keyed;                /* CALL_RESTOCK: the request id is the caller's Idempotency-Key */
+    struct call *next;        /* in the api's confirm list */
     /* GET: what Redis said, kept for the PostgreSQL step */
     int redis_failed;  /* Redis could not be asked: a "not found" is not trusted */
     char accepted[64]; /* CALL_GET_ORDER: an accepted {sku}:resv entry "user:qty:ts", or "" */
@@ -364,86 +361,34 @@ static int worker_allowed(sp_order_api *api, int64_t now_us) {
 
 /* ---- Redis ---- */
 
-static void on_redis_disconnect(const redisAsyncContext *ac, int status) {
-    sp_order_api *api = ac->data;
-    (void)status;
-    if (api->redis == ac) api->redis = NULL;
-    api->redis_owed = 0;
-    sp_warn("redis connection lost: %s", ac->errstr[0] ? ac->errstr : "closed");
-}
-
-static void redis_connect(sp_order_api *api) {
-    char err[512];
-    sp_redis *probe = sp_redis_open(&api->redis_target, REDIS_CONNECT_TIMEOUT_MS, err, sizeof(err));
-    if (probe == NULL || sp_stock_scripts_load(probe, err, sizeof(err)) != 0) {
-        sp_redis_close(probe);
-        sp_metric_inc(&m_redis_errors);
-        SP_LOG(SP_LOG_WARN, "redis unavailable: %s", err);
-        return;
-    }
-    sp_redis_close(probe);
-    api->redis = sp_redis_async_connect(&api->redis_target, api->base, REDIS_CONNECT_TIMEOUT_MS,
-                                        on_redis_disconnect, api, err, sizeof(err));
-    if (api->redis == NULL) {
-        sp_metric_inc(&m_redis_errors);
-        sp_warn("redis unavailable: %s", err);
-        return;
-    }
-    api->redis_owed = 0;
-    api->redis_last_reply_ms = sp_clock_wall_ms();
-    sp_info("redis connected");
-}
-
-/* Counts a command sent; the stall watchdog measures from the first reply owed. */
-static void redis_sent(sp_order_api *api) {
-    if (api->redis_owed++ == 0) api->redis_last_reply_ms = sp_clock_wall_ms();
-}
-
-/* A reply arrived (or the connection ended, r NULL): counts it, and an error reply. READONLY
- * means the server was demoted in a failover, NOREPLICAS that it lost its replicas (with
- * min-replicas-to-write, what a primary Sentinel has just replaced sees until Sentinel demotes it,
- * 8-18 s later): either way drop it, the next connect asks Sentinel again. Returns 1 when r is
- * NOSCRIPT and the call should be re-sent once as EVAL (*resent set). */
-static int reply_arrived(sp_order_api *api, redisAsyncContext *ac, redisReply *r, int *resent) {
-    api->redis_owed--;
-    api->redis_last_reply_ms = sp_clock_wall_ms();
-    if (r && sp_redis_is_noscript(r) && !*resent && api->redis) {
-        /* The server lost its script cache (restart, failover, SCRIPT FLUSH). EVAL runs this call
-         * and puts the script back under the same SHA, so later calls keep using EVALSHA. */
-        *resent = 1;
-        return 1;
-    }
+/* A reply arrived (NULL: the connection ended with the command in flight, its outcome unknown):
+ * counts a failure or an error reply. NOSCRIPT, cluster redirects and a demoted primary (READONLY,
+ * NOREPLICAS: the connection is dropped, the next one asks Sentinel again) are handled in
+ * redis_async.c before a reply gets here. */
+static void reply_arrived(const redisReply *r) {
     if (r == NULL || r->type == REDIS_REPLY_ERROR) {
         sp_metric_inc(&m_redis_errors);
         if (r) sp_warn("redis error: %s", r->str);
-        if (r && (strncmp(r->str, "READONLY", 8) == 0 || strncmp(r->str, "NOREPLICAS", 10) == 0) &&
-            api->redis == ac)
-            redisAsyncDisconnect(ac);
+    }
+}
+
+/* Sends c->script; on failure to queue, returns -1 (the caller answers 503). */
+static int redis_send(call *c, sp_redis_async_fn *fn) {
+    if (sp_redis_async_eval_call(c->api->redis, &c->script, fn, c) != 0) {
+        sp_metric_inc(&m_redis_errors);
+        return -1;
     }
     return 0;
 }
 
-/* The same for a call c: 1 when the caller should go on with r, 0 when it was re-sent here. */
-static int redis_reply_usable(call *c, redisAsyncContext *ac, redisReply *r, redisCallbackFn *fn) {
-    if (reply_arrived(c->api, ac, r, &c->resent)) {
-        if (sp_redis_async_call_eval(c->api->redis, &c->script, fn, c) == 0) {
-            redis_sent(c->api);
-            return 0;
-        }
-        sp_metric_inc(&m_redis_errors);
-    }
-    return 1;
-}
-
-/* Sends c->script; on failure to queue, returns -1 (the caller answers 503). */
-static int redis_send(call *c, redisCallbackFn *fn) {
-    sp_order_api *api = c->api;
-    c->resent = 0;
-    if (api->redis == NULL || sp_redis_async_call(api->redis, &c->script, fn, c) != 0) {
+/* Sends a plain command for call c: fmt names key with its first %s and may take one more string
+ * argument; -1 when it could not be queued. */
+static int redis_command(call *c, sp_redis_async_fn *fn, const char *fmt, const char *key,
+                         const char *arg) {
+    if (sp_redis_async_send(c->api->redis, fn, c, key, fmt, key, arg) != 0) {
         sp_metric_inc(&m_redis_errors);
         return -1;
     }
-    redis_sent(api);
     return 0;
 }
 
@@ -488,10 +433,10 @@ static int publish(call *c) {
     return 0;
 }
 
-static void on_release(redisAsyncContext *ac, void *reply, void *data);
-static void on_unclaimed(redisAsyncContext *ac, void *reply, void *data);
+static void on_release(redisReply *reply, void *data);
+static void on_unclaimed(redisReply *reply, void *data);
 static void confirms_send(sp_order_api *api);
-static void on_sale_written(redisAsyncContext *ac, void *reply, void *data);
+static void on_sale_written(redisReply *reply, void *data);
 
 /* Gives an order's reservation back (Kafka definitely did not take it), then frees the call. */
 static void release_order(call *c) {
@@ -594,22 +539,10 @@ static void on_kafka_wakeup(evutil_socket_t fd, short what, void *arg) {
     confirms_send(api);
 }
 
-/* Sends a plain command (not a script) for call c; -1 when it could not be queued. */
-static int redis_command(call *c, redisCallbackFn *fn, const char *fmt, const char *arg) {
-    sp_order_api *api = c->api;
-    if (api->redis == NULL || redisAsyncCommand(api->redis, fn, c, fmt, arg) != REDIS_OK) {
-        sp_metric_inc(&m_redis_errors);
-        return -1;
-    }
-    redis_sent(api);
-    return 0;
-}
-
 /* Confirms of one SKU sent together: Kafka acknowledges in bursts, so one script call per SKU
  * per burst instead of one per order. */
 typedef struct confirm_batch {
     sp_order_api *api;
-    int resent;
     sp_confirm_batch b;
     call *calls[SP_CONFIRM_BATCH_MAX];
 } confirm_batch;
@@ -625,16 +558,9 @@ static void confirm_batch_done(confirm_batch *cb) {
     free(cb);
 }
 
-static void on_confirm_batch(redisAsyncContext *ac, void *reply, void *data) {
+static void on_confirm_batch(redisReply *reply, void *data) {
     confirm_batch *cb = data;
-    sp_order_api *api = cb->api;
-    if (reply_arrived(api, ac, reply, &cb->resent)) {
-        if (sp_stock_confirm_batch_send(api->redis, &cb->b, 1, on_confirm_batch, cb) == 0) {
-            redis_sent(api);
-            return;
-        }
-        sp_metric_inc(&m_redis_errors);
-    }
+    reply_arrived(reply);
     confirm_batch_done(cb);
 }
 
@@ -647,7 +573,6 @@ static void confirms_send(sp_order_api *api) {
         confirm_batch *cb = malloc(sizeof(*cb));
         if (cb != NULL) {
             cb->api = api;
-            cb->resent = 0;
             cb->b.n = 0;
         }
         for (int i = 0; i < n; i++) {
@@ -661,20 +586,18 @@ static void confirms_send(sp_order_api *api) {
             call_free(taken[i]);
         }
         if (cb == NULL) continue;
-        if (api->redis &&
-            sp_stock_confirm_batch_send(api->redis, &cb->b, 0, on_confirm_batch, cb) == 0)
-            redis_sent(api);
-        else
+        if (api->redis == NULL ||
+            sp_stock_confirm_batch_send(api->redis, &cb->b, on_confirm_batch, cb) != 0)
             confirm_batch_done(cb);
     }
 }
 
-static void on_release(redisAsyncContext *ac, void *reply, void *data) {
+static void on_release(redisReply *reply, void *data) {
     call *c = data;
     redisReply *r = reply;
     long long qty = 0;
     char err[256];
-    if (!redis_reply_usable(c, ac, r, on_release)) return;
+    reply_arrived(r);
     if (sp_stock_integer_parse(r, "release", &qty, err, sizeof(err)) != 0) {
         sp_metric_inc(&m_unknown); /* the reservation stays; the reaper gives it back */
     } else if (qty > 0) {
@@ -766,10 +689,9 @@ static void rebuilt_answered(call *unknown, const redisReply *r) {
     }
 }
 
-static void on_rebuilt_read(redisAsyncContext *ac, void *reply, void *data) {
+static void on_rebuilt_read(redisReply *reply, void *data) {
     call *unknown = data;
-    int resent = 1; /* a plain command: nothing to re-send as EVAL */
-    reply_arrived(unknown->api, ac, reply, &resent);
+    reply_arrived(reply);
     rebuilt_answered(unknown, reply);
 }
 
@@ -778,19 +700,18 @@ static void on_rebuilt_read(redisAsyncContext *ac, void *reply, void *data) {
  * unknown, linked by next, its first call the command's data). Only this miss path asks: an order
  * that found its sale never waits for it. */
 static void rebuilt_ask(call *unknown) {
-    if (redis_command(unknown, on_rebuilt_read, "EXISTS %s", SP_STOCK_REBUILT_KEY) != 0)
+    if (redis_command(unknown, on_rebuilt_read, "EXISTS %s", SP_STOCK_REBUILT_KEY, NULL) != 0)
         rebuilt_answered(unknown, NULL);
 }
 
 /* The orders of one SKU sent in one reserve.lua call. */
 typedef struct reserve_batch {
     sp_order_api *api;
-    int resent;
     sp_reserve_batch b;
     call *calls[SP_RESERVE_BATCH_MAX];
 } reserve_batch;
 
-/* The batch could not run in Redis (never sent, or NOSCRIPT and not re-sent): nothing was
+/* The batch could not be sent to Redis: nothing was
  * reserved for its orders; each is answered 503. */
 static void reserve_batch_refused(reserve_batch *rb) {
     sp_metric_inc(&m_redis_errors);
@@ -802,16 +723,10 @@ static void reserve_batch_refused(reserve_batch *rb) {
     free(rb);
 }
 
-static void on_reserve_batch(redisAsyncContext *ac, void *reply, void *data) {
+static void on_reserve_batch(redisReply *reply, void *data) {
     reserve_batch *rb = data;
     redisReply *r = reply;
-    if (reply_arrived(rb->api, ac, r, &rb->resent)) {
-        if (sp_stock_reserve_batch_send(rb->api->redis, &rb->b, 1, on_reserve_batch, rb) == 0)
-            redis_sent(rb->api);
-        else
-            reserve_batch_refused(rb);
-        return;
-    }
+    reply_arrived(r);
     call *unknown = NULL;
     for (int i = 0; i < rb->b.n; i++) reserve_answered(rb->calls[i], r, (size_t)i, &unknown);
     free(rb);
@@ -828,7 +743,6 @@ static void reserves_send(sp_order_api *api) {
         reserve_batch *rb = malloc(sizeof(*rb));
         if (rb != NULL) {
             rb->api = api;
-            rb->resent = 0;
             rb->b.n = 0;
         }
         for (int i = 0; i < n; i++) {
@@ -843,10 +757,7 @@ static void reserves_send(sp_order_api *api) {
             call_free(taken[i]);
         }
         if (rb == NULL) continue;
-        if (api->redis &&
-            sp_stock_reserve_batch_send(api->redis, &rb->b, 0, on_reserve_batch, rb) == 0)
-            redis_sent(api);
-        else
+        if (sp_stock_reserve_batch_send(api->redis, &rb->b, on_reserve_batch, rb) != 0)
             reserve_batch_refused(rb);
     }
 }
@@ -902,7 +813,7 @@ static void post_order(sp_order_api *api, struct evhttp_request *req) {
     if (idem) snprintf(c->order.idem_key, sizeof(c->order.idem_key), "%s", idem);
     sp_order_id_next(&api->ids, c->order.ts_ms, sku, c->order.order_id);
     sp_stock_reserve_call(&c->script, &c->order);
-    if (api->redis == NULL) {
+    if (!sp_redis_async_usable(api->redis)) {
         sp_metric_inc(&m_redis_errors);
         answer_error(c, 503, "unavailable", "stock store is unreachable", &m_unavailable);
         goto done;
@@ -948,11 +859,11 @@ static void answer_restock(call *c, const redisReply *reply) {
 }
 
 /* Kafka has the stock.set / stock.add; Redis now says what the sale holds. */
-static void on_sale_written(redisAsyncContext *ac, void *reply, void *data) {
+static void on_sale_written(redisReply *reply, void *data) {
     call *c = data;
     long long v;
     char err[256], body[200];
-    if (!redis_reply_usable(c, ac, reply, on_sale_written)) return;
+    reply_arrived(reply);
     if (c->kind == CALL_RESTOCK) {
         answer_restock(c, reply);
     } else if (sp_stock_integer_parse(reply, c->script.script->name, &v, err, sizeof(err)) != 0) {
@@ -970,19 +881,19 @@ static void on_sale_written(redisAsyncContext *ac, void *reply, void *data) {
 }
 
 /* The open's claim is given up (Kafka definitely did not take its stock.set; answered already). */
-static void on_unclaimed(redisAsyncContext *ac, void *reply, void *data) {
+static void on_unclaimed(redisReply *reply, void *data) {
     call *c = data;
-    if (!redis_reply_usable(c, ac, reply, on_unclaimed)) return;
+    reply_arrived(reply);
     call_free(c);
 }
 
 /* An open goes on to Kafka only with the claim (sale_claim.lua): of two opens racing, the one
  * without it is answered 409 and publishes nothing, so the log holds one stock.set. */
-static void on_sale_claimed(redisAsyncContext *ac, void *reply, void *data) {
+static void on_sale_claimed(redisReply *reply, void *data) {
     call *c = data;
     long long v;
     char err[256];
-    if (!redis_reply_usable(c, ac, reply, on_sale_claimed)) return;
+    reply_arrived(reply);
     if (sp_stock_integer_parse(reply, c->script.script->name, &v, err, sizeof(err)) != 0) {
         sp_metric_inc(&m_redis_errors);
         sp_warn("sku %" PRId64 ": open not claimed: %s", c->ev.sku_id, err);
@@ -1029,12 +940,11 @@ static void on_open_inventory(const PGresult *res, const char *err, void *arg) {
 }
 
 /* Answers a restock PostgreSQL has applied already with the sale's stock now (HGET's reply). */
-static void on_restock_stock(redisAsyncContext *ac, void *reply, void *data) {
+static void on_restock_stock(redisReply *reply, void *data) {
     call *c = data;
     redisReply *r = reply;
-    int resent = 1; /* a plain command */
     char body[200];
-    reply_arrived(c->api, ac, r, &resent);
+    reply_arrived(r);
     if (r != NULL && r->type == REDIS_REPLY_STRING) {
         snprintf(body, sizeof(body), "{\"sku_id\":%" PRId64 ",\"available\":%s}", c->ev.sku_id,
                  r->str);
@@ -1050,14 +960,13 @@ static void on_restock_stock(redisAsyncContext *ac, void *reply, void *data) {
  * restock goes on to Kafka. */
 static void on_restock_logged(const PGresult *res, const char *err, void *arg) {
     call *c = arg;
-    char key[SP_STOCK_KEY_MAX], cmd[SP_STOCK_KEY_MAX + 16];
+    char key[SP_STOCK_KEY_MAX];
     if (res == NULL) {
         sp_metric_inc(&m_pg_errors);
         sp_warn("sku %" PRId64 ": restock lookup failed: %s", c->ev.sku_id, err);
     } else if (PQntuples(res) > 0 && PQgetvalue(res, 0, 0)[0] == 't') {
         sp_stock_key(key, c->ev.sku_id, "sale");
-        snprintf(cmd, sizeof(cmd), "HGET %s %%s", key);
-        if (redis_command(c, on_restock_stock, cmd, "stock") == 0) return;
+        if (redis_command(c, on_restock_stock, "HGET %s stock", key, NULL) == 0) return;
     } else if (PQntuples(res) > 0) {
         sp_stock_restock_call(&c->script, c->ev.sku_id, c->ev.stock, c->ev.request_id);
         if (redis_send(c, on_sale_written) == 0) return;
@@ -1072,10 +981,10 @@ static void on_restock_logged(const PGresult *res, const char *err, void *arg) {
  * is looked up in PostgreSQL (on_restock_logged), then goes on to Kafka (if the first attempt's
  * stock.add is in the log, the consumer applies the request id once; restock.lua adds it to
  * Redis once, whoever runs it first). */
-static void on_restock_seen(redisAsyncContext *ac, void *reply, void *data) {
+static void on_restock_seen(redisReply *reply, void *data) {
     call *c = data;
     redisReply *r = reply;
-    if (!redis_reply_usable(c, ac, r, on_restock_seen)) return;
+    reply_arrived(r);
     if (r == NULL || (r->type != REDIS_REPLY_STRING && r->type != REDIS_REPLY_NIL)) {
         call_free(c);
         return;
@@ -1099,10 +1008,10 @@ static void on_restock_seen(redisAsyncContext *ac, void *reply, void *data) {
 
 /* The SKU's sale exists or not; decides whether a restock goes on (to its request id's check
  * when the call has an Idempotency-Key, else to Kafka). */
-static void on_sale_exists(redisAsyncContext *ac, void *reply, void *data) {
+static void on_sale_exists(redisReply *reply, void *data) {
     call *c = data;
     redisReply *r = reply;
-    if (!redis_reply_usable(c, ac, r, on_sale_exists)) return;
+    reply_arrived(r);
     if (r == NULL || r->type != REDIS_REPLY_INTEGER) {
         call_free(c);
         return;
@@ -1113,10 +1022,9 @@ static void on_sale_exists(redisAsyncContext *ac, void *reply, void *data) {
         rebuilt_ask(c);
         return;
     } else if (c->keyed) {
-        char cmd[SP_STOCK_KEY_MAX + 16], key[SP_STOCK_KEY_MAX];
+        char key[SP_STOCK_KEY_MAX];
         sp_stock_key(key, c->ev.sku_id, "restocks");
-        snprintf(cmd, sizeof(cmd), "HGET %s %%s", key);
-        if (redis_command(c, on_restock_seen, cmd, c->ev.request_id) == 0) return;
+        if (redis_command(c, on_restock_seen, "HGET %s %s", key, c->ev.request_id) == 0) return;
     } else if (publish(c) == 0) {
         return; /* the delivery report goes on */
     }
@@ -1181,7 +1089,7 @@ static void post_sale_change(sp_order_api *api, struct evhttp_request *req, call
         goto done;
     }
     sp_stock_key(key, sku, "sale");
-    if (redis_command(c, on_sale_exists, "EXISTS %s", key) == 0) return;
+    if (redis_command(c, on_sale_exists, "EXISTS %s", key, NULL) == 0) return;
 done:
     call_free(c);
 }
@@ -1240,10 +1148,10 @@ static void lookup_inventory(call *c) {
         on_inventory_row(NULL, "not connected", c);
 }
 
-static void on_sku_read(redisAsyncContext *ac, void *reply, void *data) {
+static void on_sku_read(redisReply *reply, void *data) {
     call *c = data;
     redisReply *r = reply;
-    if (!redis_reply_usable(c, ac, r, on_sku_read)) return;
+    reply_arrived(r);
     if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 4) {
         for (size_t i = 0; i < 3; i++)
             if (r->element[i]->type == REDIS_REPLY_STRING)
@@ -1261,7 +1169,8 @@ static void get_sku(sp_order_api *api, struct evhttp_request *req, int64_t sku) 
     if (c == NULL) return;
     c->ev.sku_id = sku;
     sp_stock_key(key, sku, "sale");
-    if (redis_command(c, on_sku_read, "HMGET %s stock limit pay_timeout_s paused", key) != 0) {
+    if (redis_command(c, on_sku_read, "HMGET %s stock limit pay_timeout_s paused", key, NULL) !=
+        0) {
         c->redis_failed = 1;
         lookup_inventory(c);
     }
@@ -1325,10 +1234,10 @@ static void lookup_order(call *c) {
 
 /* Redis first, PostgreSQL second: the consumer removes an accepted entry only after its commit,
  * so an order missing from the first look is found by the second. */
-static void on_accepted_read(redisAsyncContext *ac, void *reply, void *data) {
+static void on_accepted_read(redisReply *reply, void *data) {
     call *c = data;
     redisReply *r = reply;
-    if (!redis_reply_usable(c, ac, r, on_accepted_read)) return;
+    reply_arrived(r);
     if (r && r->type == REDIS_REPLY_STRING) {
         /* "a:user:qty:ts" is an accepted order; "r:…" is still waiting for Kafka: the buyer has
          * no answer yet, so for GET it does not exist yet. */
@@ -1342,17 +1251,13 @@ static void on_accepted_read(redisAsyncContext *ac, void *reply, void *data) {
 
 /* Looks c->order up: Redis's accepted entry (on_accepted_read), then PostgreSQL (on_order_row,
  * which answers a GET or hands a payment to decide_pay). */
-static void look_up_order(sp_order_api *api, call *c) {
+static void look_up_order(call *c) {
     char key[SP_STOCK_KEY_MAX];
     sp_stock_key(key, c->order.sku_id, "resv");
-    if (api->redis == NULL || redisAsyncCommand(api->redis, on_accepted_read, c, "HGET %s %s", key,
-                                                c->order.order_id) != REDIS_OK) {
-        sp_metric_inc(&m_redis_errors);
+    if (redis_command(c, on_accepted_read, "HGET %s %s", key, c->order.order_id) != 0) {
         c->redis_failed = 1;
         lookup_order(c);
-        return;
     }
-    redis_sent(api);
 }
 
 static void get_order(sp_order_api *api, struct evhttp_request *req, const char *order_id,
@@ -1367,7 +1272,7 @@ static void get_order(sp_order_api *api, struct evhttp_request *req, const char 
         call_free(c);
         return;
     }
-    look_up_order(api, c);
+    look_up_order(c);
 }
 
 /* ---- POST /v1/orders/{order_id}/pay ---- */
@@ -1436,7 +1341,7 @@ static void post_pay(sp_order_api *api, struct evhttp_request *req, const char *
     c->order.qty = (int32_t)qty;
     c->ev = (sp_event){.type = SP_EV_ORDER_PAID, .sku_id = c->order.sku_id};
     snprintf(c->ev.order_id, sizeof(c->ev.order_id), "%s", order_id);
-    look_up_order(api, c);
+    look_up_order(c);
     return; /* on_accepted_read, lookup_order, decide_pay go on */
 done:
     call_free(c);
@@ -1507,42 +1412,30 @@ static void route_other(struct evhttp_request *req, void *arg) {
 /* ---- life cycle ---- */
 
 /* Redis's TIME, asked once a second: this host's offset from Redis's clock (clock_skew.h). */
-static void on_redis_time(redisAsyncContext *ac, void *reply, void *data) {
+static void on_redis_time(redisReply *reply, void *data) {
     sp_order_api *api = data;
-    int resent = 0;
     int64_t redis_ms;
-    reply_arrived(api, ac, reply, &resent);
+    reply_arrived(reply);
     if (reply && api->time_sent_ms > 0 && sp_clock_redis_time_ms(reply, &redis_ms) == 0)
         sp_clock_skew_record(api->time_sent_ms, sp_clock_wall_ms(), redis_ms);
     api->time_sent_ms = 0;
 }
 
 static void clock_skew_tick(sp_order_api *api, int64_t now) {
-    if (api->redis == NULL || now < api->time_next_ms) return;
+    if (!sp_redis_async_usable(api->redis) || now < api->time_next_ms) return;
     if (api->time_sent_ms > 0 && now - api->time_sent_ms < REDIS_STALL_MS) return;
     api->time_next_ms = now + 1000;
-    if (redisAsyncCommand(api->redis, on_redis_time, api, "TIME") != REDIS_OK) return;
+    if (sp_redis_async_send(api->redis, on_redis_time, api, NULL, "TIME") != 0) return;
     api->time_sent_ms = now;
-    redis_sent(api);
 }
 
 void sp_order_api_tick(sp_order_api *api) {
     int64_t now = sp_clock_wall_ms();
     char why[300], err[256];
     int n;
-    if (api->redis == NULL && now >= api->redis_retry_ms) {
-        api->redis_retry_ms = now + 500;
-        redis_connect(api);
-    }
-    if (api->redis && api->redis_owed > 0 && now - api->redis_last_reply_ms > REDIS_STALL_MS) {
-        /* Redis stopped answering without closing: fail what is owed (each caller answers 503
-         * and the reaper resolves any reservation left) and connect afresh. */
-        redisAsyncContext *ac = api->redis;
-        sp_warn("redis owes %" PRId64 " replies for %d ms; reconnecting", api->redis_owed,
-                REDIS_STALL_MS);
-        api->redis = NULL;
-        redisAsyncFree(ac);
-    }
+    /* Reconnects what is down; a server that stopped answering without closing has what it owes
+     * failed (each caller answers 503, the reaper resolves any reservation left). */
+    sp_redis_async_tick(api->redis);
     clock_skew_tick(api, now);
     sp_pg_async_tick(api->pg);
     rd_kafka_poll(api->kafka, 0);
@@ -1555,7 +1448,7 @@ void sp_order_api_tick(sp_order_api *api) {
             sp_info("kafka reachable again");
         }
     }
-    if (api->redis == NULL)
+    if (!sp_redis_async_usable(api->redis))
         snprintf(why, sizeof(why), "redis unreachable");
     else if (api->kafka_down)
         snprintf(why, sizeof(why), "kafka unreachable");
@@ -1574,6 +1467,7 @@ int sp_order_api_flush(sp_order_api *api, int timeout_ms) {
 sp_order_api *sp_order_api_new(struct event_base *base, sp_http *http, const sp_config *cfg,
                                char *errbuf, size_t errlen) {
     char timeout[16], linger[16];
+    sp_redis_target target;
     rd_kafka_conf_t *conf = NULL;
     rd_kafka_queue_t *mainq = NULL;
     sp_order_api *api = calloc(1, sizeof(*api));
@@ -1590,7 +1484,10 @@ sp_order_api *sp_order_api_new(struct event_base *base, sp_http *http, const sp_
     sp_clock_skew_register_metrics();
     sp_stock_idem_ttls(cfg->idem_ttl_s, cfg->idem_refusal_ttl_s);
     sp_order_ids_init(&api->ids, cfg->worker_id);
-    if (sp_redis_parse_url(cfg->redis_url, &api->redis_target, errbuf, errlen) != 0) goto fail;
+    if (sp_redis_parse_url(cfg->redis_url, &target, errbuf, errlen) != 0) goto fail;
+    api->redis = sp_redis_async_open(&target, base, REDIS_CONNECT_TIMEOUT_MS, REDIS_STALL_MS,
+                                     errbuf, errlen);
+    if (api->redis == NULL) goto fail;
     api->pg = sp_pg_async_new(base, cfg->pg_dsn, cfg->worker_id);
     if (api->pg == NULL) {
         snprintf(errbuf, errlen, "out of memory");
@@ -1655,11 +1552,8 @@ void sp_order_api_free(sp_order_api *api) {
         api->reserves.head = c->next;
         call_free(c);
     }
-    if (api->redis) {
-        redisAsyncContext *ac = api->redis;
-        api->redis = NULL;
-        redisAsyncFree(ac); /* pending callbacks run with NULL and free their calls */
-    }
+    sp_redis_async_close(api->redis); /* pending callbacks run with NULL and free their calls */
+    api->redis = NULL;
     sp_pg_async_free(api->pg); /* after Redis: a GET's Redis callback may still query */
     if (api->kafka_wakeup) event_free(api->kafka_wakeup);
     if (api->reserve_flush) event_free(api->reserve_flush);

@@ -1,9 +1,10 @@
 /* order_api.h - the producer's HTTP API: open and restock sales, take orders, record payments.
  *
- * Everything runs on one libevent loop: HTTP (evhttp), Redis (hiredis async, so concurrent
- * requests share one pipelined connection) and Kafka (librdkafka's delivery reports are woken into
- * the loop through a pipe). An order is admitted by one Lua script in Redis, then published as
- * order.created; the buyer hears 202 only from the delivery report that says Kafka has it.
+ * Everything runs on one libevent loop: HTTP (evhttp), Redis (redis_async.h: concurrent requests
+ * share one pipelined connection per server, or per primary of a cluster) and Kafka (librdkafka's
+ * delivery reports are woken into the loop through a pipe). An order is admitted by one Lua script
+ * in Redis, then published as order.created; the buyer hears 202 only from the delivery report that
+ * says Kafka has it.
  */
 #ifndef SP_ORDER_API_H
 #define SP_ORDER_API_H
