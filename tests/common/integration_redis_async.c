@@ -443,6 +443,39 @@ static void test_slot_migrated_mid_way(void **state) {
     sp_redis_async_close(ra);
 }
 
+/* A primary dies (SHUTDOWN NOSAVE) with calls in flight: they are answered NULL and never sent
+ * again; once its replica has taken over, the handle's map follows and calls for the slot work.
+ * Destructive (the dead node stays down), so only with SP_TEST_CLUSTER_KILL=1. */
+static void test_primary_killed_in_flight(void **state) {
+    (void)state;
+    if (!target.cluster || getenv("SP_TEST_CLUSTER_KILL") == NULL) skip();
+    sp_redis_async *ra = open_handle();
+    char key[96], list[96];
+    result blpop = {0}, behind = {0}, later = {0};
+    key_name(key, sizeof(key), 11, "killed");
+    key_name(list, sizeof(list), 11, "list");
+    del_key(key);
+    assert_int_equal(sp_redis_async_send(ra, on_result, &blpop, list, "BLPOP %s 5", list), 0);
+    assert_int_equal(count(ra, key, "behind", &behind), 0);
+    run_for(ra, 100);
+    redisContext *c = admin_for(key);
+    freeReplyObject(redisCommand(c, "SHUTDOWN NOSAVE")); /* no reply: the server is gone */
+    redisFree(c);
+    run_until_done(ra, &blpop, 1);
+    run_until_done(ra, &behind, 1);
+    assert_true(blpop.null);
+    assert_true(behind.null);
+    int64_t deadline = sp_clock_mono_ms() + 30000;
+    while (!sp_redis_async_usable(ra) && sp_clock_mono_ms() < deadline) run_for(ra, 100);
+    assert_true(sp_redis_async_usable(ra)); /* the replica took over and the map says so */
+    assert_int_equal(count(ra, key, "later", &later), 0);
+    run_until_done(ra, &later, 1);
+    assert_int_equal(later.type, REDIS_REPLY_INTEGER);
+    assert_int_equal(later.integer, 1);
+    assert_int_equal(hget_int(key, "behind"), -1);
+    sp_redis_async_close(ra);
+}
+
 /* Opening against nothing is no error: the handle says it is not usable and refuses sends. */
 static void test_unreachable_is_not_usable(void **state) {
     (void)state;
@@ -480,6 +513,7 @@ int main(void) {
         cmocka_unit_test(test_killed_connection_in_flight),
         cmocka_unit_test(test_slot_migrated_mid_way),
         cmocka_unit_test(test_unreachable_is_not_usable),
+        cmocka_unit_test(test_primary_killed_in_flight), /* last: it leaves a node down */
     };
     int rc = cmocka_run_group_tests_name("redis_async", tests, NULL, NULL);
     event_base_free(base);
