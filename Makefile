@@ -6,7 +6,8 @@
 #                     (plain and sanitized builds), stop the stack; prints "N passed, N failed"
 #   make demo         the flash-sale demo (see README)
 #   make chaos        the chaos suite: sales under injected faults, each audited (SEED=N replays)
-#   make chaos-cluster  its cases on three Kafka brokers and a PostgreSQL standby (part of chaos)
+#   make chaos-cluster  its cases on three Kafka brokers and a PostgreSQL standby (part of chaos),
+#                     after the checks of the stack's Kafka and Redis cluster modes
 #   make bench        benchmarks: the event codec, then the producer under HTTP load on the local
 #                     stack (bench/producer_bench.sh; starts and stops the stack if it is not up),
 #                     the consumer, last the recovery after Redis lost its data (bench-recovery)
@@ -218,13 +219,15 @@ chaos: deps
 	@tests/chaos/chaos.sh $(if $(SEED),--seed $(SEED))
 	@$(MAKE) --no-print-directory chaos-cluster
 
-# The cluster cases alone (after the checks of the cluster stack itself, tests/chaos/stack_cluster.sh):
+# The cluster cases alone (after the checks of the cluster stack itself, tests/chaos/stack_cluster.sh
+# for three Kafka brokers and tests/chaos/stack_redis_cluster.sh for a Redis Cluster of six):
 # three Kafka brokers (RF 3, min.insync.replicas=2) and a PostgreSQL
 # primary with a synchronous standby; a broker leader killed, a broker's disk lost, two brokers
 # down, the PostgreSQL primary killed and its standby promoted (tests/chaos/chaos.py --cluster).
 chaos-cluster: deps
 	@$(MAKE) --no-print-directory all
 	@tests/chaos/stack_cluster.sh
+	@tests/chaos/stack_redis_cluster.sh
 	@tests/chaos/chaos.sh --cluster $(if $(SEED),--seed $(SEED))
 
 # The PostgreSQL failover alone (part of make test): a private stack with a synchronous standby,

@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# stack.sh - the real local stack on loopback: Redis, PostgreSQL and Kafka (KRaft: one node, or
-# a cluster of three with STACK_KAFKA_BROKERS=3).
+# stack.sh - the real local stack on loopback: Redis (one server, or a Redis Cluster of six with
+# STACK_REDIS_CLUSTER=1), PostgreSQL and Kafka (KRaft: one node, or a cluster of three with
+# STACK_KAFKA_BROKERS=3).
 #
 #   scripts/stack.sh up [SERVER...]   start what is not running, create topics, migrate, write env;
-#                                     or start only the named servers; a Kafka node started again
-#                                     is waited for until it is back in the cluster
-#   scripts/stack.sh down [SERVER...] stop what `up` started, or only the named servers (redis,
-#                                     postgres, kafka = every Kafka node, and with
-#                                     STACK_KAFKA_BROKERS=3 kafka-1..3, kafka-controller-1..3)
+#                                     or start only the named servers; a Kafka or Redis cluster
+#                                     node started again is waited for until it is back in its
+#                                     cluster
+#   scripts/stack.sh down [SERVER...] stop what `up` started, or only the named servers (redis =
+#                                     every Redis node, postgres, kafka = every Kafka node, and
+#                                     with STACK_KAFKA_BROKERS=3 kafka-1..3, kafka-controller-1..3,
+#                                     with STACK_REDIS_CLUSTER=1 redis-1..6)
 #   scripts/stack.sh down --purge     stop everything and delete all its data
 #   scripts/stack.sh kill SERVER...   SIGKILL, a crash (chaos tests): redis, kafka, kafka-1..3,
-#                                     kafka-controller-1..3
-#   scripts/stack.sh status           one line per server and Kafka node; exit 0 only if all run
+#                                     kafka-controller-1..3, redis-1..6
+#   scripts/stack.sh status           one line per server, Kafka node and Redis node (with its
+#                                     role in a Redis cluster); exit 0 only if all run
 #   scripts/stack.sh env              print the path of the env file written by `up`
 #   scripts/stack.sh pg-promote       promote the PostgreSQL standby (STACK_PG_STANDBY=1) to primary
 #   scripts/stack.sh topic create NAME PARTITIONS | topic delete NAME
@@ -20,8 +24,8 @@
 #
 # After `up`:  . var/stack.env   (REDIS_URL, KAFKA_BROKERS, KAFKA_TOPIC, KAFKA_DLQ_TOPIC, PG_DSN)
 #
-# Everything lives under var/ (ignored by git): var/redis, var/pg, var/kafka (data),
-# var/run/*.pid|*.port (what runs, on which port), var/log/*.log, var/stack.env.
+# Everything lives under var/ (ignored by git): var/redis (or var/redis-1..6), var/pg, var/kafka
+# (data), var/run/*.pid|*.port (what runs, on which port), var/log/*.log, var/stack.env.
 # STACK_KAFKA_EXTRA_CONFIG=FILE and STACK_PG_EXTRA_CONFIG=FILE append a file's lines to the
 # broker's server.properties / PostgreSQL's settings (a test's TLS listener, say).
 # STACK_VAR=/some/dir puts all of that under another directory instead, for a second, private
@@ -44,6 +48,22 @@
 # rejoins: a broker's replicas copy from the others, a controller is swapped into the voter set
 # (KIP-853); `up` waits for both. Use the same STACK_KAFKA_BROKERS for every command of one
 # stack; `down` and `down --purge` stop and delete the Kafka nodes of either kind.
+#
+# STACK_REDIS_CLUSTER=1 (default 0: one redis-server) runs a Redis Cluster of six redis-server
+# nodes redis-1..6 (node N on STACK_REDIS_PORT+100*(N-1), its cluster bus on
+# STACK_REDIS_BUS_PORT+100*(N-1), default STACK_REDIS_PORT+10000), each with its directory
+# var/redis-N (nodes.conf, AOF), var/run/redis-N.pid, var/log/redis-N.log. The first `up` makes
+# them a cluster of 3 primaries with a replica each (redis-cli --cluster create) and keeps its
+# ports in var/redis-cluster.ports (a cluster's nodes know each other by address, so its ports
+# stay); later `up`s restart the nodes from their nodes.conf. `up` waits until every node that
+# runs reports cluster_state:ok with all 16384 slots served (STACK_REDIS_CLUSTER_TIMEOUT, 60 s).
+# cluster-node-timeout is STACK_REDIS_NODE_TIMEOUT_MS (3000): a primary killed is replaced by its
+# replica within ~5 s. A node whose directory was deleted while it was down - a lost disk - comes
+# back empty on `up` and joins as the replica of a primary that has none (its old id forgotten);
+# `up` waits until it is synced. REDIS_URL is then redis-cluster://127.0.0.1:P1,127.0.0.1:P2,
+# 127.0.0.1:P3 (redis-1..3 as seeds). Use the same STACK_REDIS_CLUSTER for every command of one
+# stack; `down redis` and `down --purge` stop and delete Redis of either kind. Details:
+# scripts/stack-redis.sh.
 #
 # The PostgreSQL cluster is throwaway and local-only: it trusts every connection from 127.0.0.1
 # without a password and has no Unix socket. Never point it at a non-loopback address.
@@ -215,10 +235,16 @@ check_settings() {
         [[ $v =~ ^[0-9]+$ ]] && ((v >= 1024 && v <= 65535)) || die "$name='$v' is not a port in 1024..65535"
     done
     # Every port the stack may listen on, with the setting it comes from (brokers and controllers
-    # 2 and 3 take theirs at +100 and +200).
-    local -a ports=("$REDIS_PORT" "$PG_PORT" "$PG_STANDBY_PORT") what=(STACK_REDIS_PORT STACK_PG_PORT
-        "STACK_PG_STANDBY_PORT (the PostgreSQL standby; default STACK_PG_PORT+1)")
-    local node port i j
+    # 2 and 3 take theirs at +100 and +200, Redis cluster nodes 2..6 at +100..+500).
+    local -a ports=() what=()
+    local node port i j redis_ports
+    redis_ports=$(redis_check_settings) || exit 1
+    while IFS=$'\t' read -r port node; do
+        ports+=("$port")
+        what+=("$node")
+    done <<<"$redis_ports"
+    ports+=("$PG_PORT" "$PG_STANDBY_PORT")
+    what+=(STACK_PG_PORT "STACK_PG_STANDBY_PORT (the PostgreSQL standby; default STACK_PG_PORT+1)")
     for node in $(kafka_nodes); do
         for port in $(node_ports "$node"); do
             ports+=("$port")
@@ -254,57 +280,9 @@ ensure_deps() {
 
 # --- Redis -------------------------------------------------------------------------------------
 
-# Redis shows its address in its process title ("redis-server 127.0.0.1:PORT"); matching the port
-# keeps one stack's stale pid file from naming another stack's Redis.
-redis_pid() {
-    local port
-    port=$(cat "$RUN/redis.port" 2>/dev/null) || port=$REDIS_PORT
-    pid_from "$RUN/redis.pid" redis-server ":$port"
-}
-
-redis_up() {
-    local pid
-    if pid=$(redis_pid); then
-        REDIS_PORT=$(running_port redis "$REDIS_PORT" STACK_REDIS_PORT)
-        say "redis: already running (pid $pid, port $REDIS_PORT)"
-        return 0
-    fi
-    check_port_free "$REDIS_PORT" STACK_REDIS_PORT
-    mkdir -p "$REDIS_DIR"
-    # appendonly + everysec: what the pipeline relies on in production (at most ~1 s of
-    # reservations lost on a crash); no RDB snapshots.
-    launch "$RUN/redis.pid" "$LOGDIR/redis.log" redis-server \
-        --port "$REDIS_PORT" --bind 127.0.0.1 --protected-mode yes \
-        --dir "$REDIS_DIR" --daemonize no --pidfile "$RUN/redis.pid" \
-        --logfile "$LOGDIR/redis.log" \
-        --appendonly yes --appendfsync everysec --save ''
-    echo "$REDIS_PORT" >"$RUN/redis.port"
-    pid=$(cat "$RUN/redis.pid")
-    local deadline=$((SECONDS + REDIS_TIMEOUT))
-    until [[ $(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]]; do
-        if ! proc_is "$pid" redis-server; then
-            tail_log "$LOGDIR/redis.log"
-            die "redis-server exited during start-up (log: $(rel "$LOGDIR/redis.log"))"
-        fi
-        ((SECONDS < deadline)) || { tail_log "$LOGDIR/redis.log"; die "redis did not answer PING within ${REDIS_TIMEOUT}s"; }
-        sleep 0.1
-    done
-    say "redis: started (pid $pid, port $REDIS_PORT)"
-}
-
-redis_down() {
-    local pid
-    pid=$(redis_pid) || { say "redis: not running"; return 0; }
-    # SIGTERM is Redis's clean shutdown: it fsyncs the AOF and exits (no RDB: save "").
-    kill -TERM "$pid" 2>/dev/null || true
-    if ! wait_gone "$pid" 20; then
-        warn "redis (pid $pid) did not exit within 20s; sending SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-        wait_gone "$pid" 10 || die "redis (pid $pid) survived SIGKILL"
-    fi
-    rm -f "$RUN/redis.pid"
-    say "redis: stopped (pid $pid)"
-}
+# Redis: the one server, or the cluster of six (STACK_REDIS_CLUSTER=1), lives in its own file.
+# shellcheck source=scripts/stack-redis.sh
+. "$ROOT/scripts/stack-redis.sh"
 
 # PostgreSQL: the primary (and the optional streaming standby) live in their own file.
 # shellcheck source=scripts/stack-postgres.sh
@@ -903,13 +881,14 @@ write_env() {
     cat >"$tmp" <<EOF
 # Written by scripts/stack.sh up on $(date '+%F %T'); do not edit. Use: . $(rel "$ENV_FILE")
 export STACK_REDIS_PORT=$REDIS_PORT
+export STACK_REDIS_CLUSTER=$REDIS_CLUSTER$(if ((REDIS_CLUSTER)); then printf '\nexport STACK_REDIS_BUS_PORT=%s' "$REDIS_BUS_PORT"; fi)
 export STACK_PG_PORT=$PG_PORT
 export STACK_KAFKA_PORT=$KAFKA_PORT
 export STACK_KAFKA_CONTROLLER_PORT=$KAFKA_CPORT
 export STACK_KAFKA_BROKERS=$BROKERS
 export STACK_KAFKA_PARTITIONS=$PARTITIONS
 export STACK_KAFKA_TOPIC=$TOPIC
-export REDIS_URL=redis://127.0.0.1:$REDIS_PORT
+export REDIS_URL=$(redis_url)
 export KAFKA_BROKERS=$(kafka_bootstrap)
 export KAFKA_TOPIC=$TOPIC
 export KAFKA_DLQ_TOPIC=$DLQ_TOPIC
@@ -928,11 +907,9 @@ take_lock() { # one up/down at a time (make -j, two terminals)
 
 # Before starting anything: every server that is not running must find its ports free, so a
 # busy port fails the whole `up` instead of leaving half a stack behind.
-# The servers to start are cmd_up's `only` and KAFKA_ONLY.
+# The servers to start are cmd_up's `only`, KAFKA_ONLY and REDIS_ONLY.
 preflight() {
-    if [[ -n ${only[redis]:-} ]]; then
-        redis_pid >/dev/null || check_port_free "$REDIS_PORT" STACK_REDIS_PORT
-    fi
+    if [[ -n ${REDIS_ONLY:-} ]]; then redis_preflight; fi
     if [[ -n ${only[postgres]:-} ]]; then pg_preflight; fi
     kafka_other_kind
     local node
@@ -943,10 +920,10 @@ preflight() {
     done
 }
 
-# up [SERVER...]: start what is not running - everything, or only the named servers (redis,
-# postgres, kafka = every Kafka node, kafka-1..3, kafka-controller-1..3) of a stack that was up
-# before: a chaos test brings back one broker of two it killed. With names, the topics, the
-# migrations and the env file are left alone.
+# up [SERVER...]: start what is not running - everything, or only the named servers (redis =
+# every Redis node, redis-1..6, postgres, kafka = every Kafka node, kafka-1..3,
+# kafka-controller-1..3) of a stack that was up before: a chaos test brings back one broker of two
+# it killed. With names, the topics, the migrations and the env file are left alone.
 cmd_up() {
     local t0=$SECONDS arg node
     local -A only=()
@@ -956,13 +933,21 @@ cmd_up() {
             kafka-[1-3] | kafka-controller-[1-3])
                 ((BROKERS > 1)) || die "up: $arg exists only with STACK_KAFKA_BROKERS=3 (this stack has the one broker 'kafka')"
                 only[$arg]=1 ;;
-            *) die "up: unknown server '$arg' (redis postgres kafka kafka-1 kafka-2 kafka-3 kafka-controller-1 kafka-controller-2 kafka-controller-3)" ;;
+            redis-[1-6])
+                ((REDIS_CLUSTER)) || die "up: $arg exists only with STACK_REDIS_CLUSTER=1 (this stack has the one Redis server 'redis')"
+                only[$arg]=1 ;;
+            *) die "up: unknown server '$arg' (redis postgres kafka kafka-1 kafka-2 kafka-3 kafka-controller-1 kafka-controller-2 kafka-controller-3$(
+                if ((REDIS_CLUSTER)); then echo " redis-1 ... redis-6"; fi))" ;;
         esac
     done
     if ((!$#)); then only=([kafka]=1 [redis]=1 [postgres]=1); fi
     if [[ -z ${only[kafka]:-} ]]; then # the Kafka nodes to start (maybe none)
         KAFKA_ONLY=$(for node in $(kafka_nodes); do if [[ -n ${only[$node]:-} ]]; then echo "$node"; fi; done)
     fi
+    # The Redis nodes to start (maybe none): "redis", or those of redis-1..6 named.
+    REDIS_ONLY=$(for node in $(redis_nodes); do
+        if [[ -n ${only[redis]:-} || -n ${only[$node]:-} ]]; then echo "$node"; fi
+    done)
     check_settings
     ensure_deps
     take_lock
@@ -970,7 +955,7 @@ cmd_up() {
     local kafka_too=0
     if [[ -n ${only[kafka]:-} || -n ${KAFKA_ONLY:-} ]]; then kafka_too=1; fi
     if ((kafka_too)); then kafka_launch; fi # first: the JVMs are the slowest to come up
-    if [[ -n ${only[redis]:-} ]]; then redis_up; fi
+    if [[ -n $REDIS_ONLY ]]; then redis_start; fi
     if [[ -n ${only[postgres]:-} ]]; then pg_up; fi
     if ((kafka_too)); then
         kafka_wait
@@ -988,21 +973,23 @@ cmd_up() {
     if ((BROKERS > 1)); then
         kafka="kafka $(kafka_bootstrap) ($TOPIC x$PARTITIONS, $DLQ_TOPIC x1; $RF replicas, min.insync.replicas $MIN_ISR)"
     fi
-    say "up in $((SECONDS - t0))s: redis 127.0.0.1:$REDIS_PORT, postgres 127.0.0.1:$PG_PORT/$PG_DB, $kafka"
+    say "up in $((SECONDS - t0))s: $(redis_summary), postgres 127.0.0.1:$PG_PORT/$PG_DB, $kafka"
     say "env: . $(rel "$ENV_FILE")"
 }
 
 # down [--purge | SERVER...]: stop every server, or only the named ones (their data stays, and
 # `up` starts just those again on the ports in the environment). "kafka" is every broker that
-# runs, of either kind (the one broker, or kafka-1..kafka-3).
+# runs, of either kind (the one broker, or kafka-1..kafka-3); "redis" every Redis node that runs,
+# of either kind (the one server, or redis-1..redis-6).
 cmd_down() {
-    local purge=0 arg kafka=() node
+    local purge=0 arg kafka=() node redis_nodes=()
     local -A only=()
     for arg in "$@"; do
         case $arg in
             --purge) purge=1 ;;
             redis | postgres | kafka | kafka-[1-3] | kafka-controller-[1-3]) only[$arg]=1 ;;
-            *) die "down: unknown argument '$arg' (--purge, or server names: redis postgres kafka kafka-1 kafka-2 kafka-3 kafka-controller-1 kafka-controller-2 kafka-controller-3)" ;;
+            redis-[1-6]) only[$arg]=1 redis_nodes+=("$arg") ;;
+            *) die "down: unknown argument '$arg' (--purge, or server names: redis postgres kafka kafka-1 kafka-2 kafka-3 kafka-controller-1 kafka-controller-2 kafka-controller-3 redis-1 ... redis-6)" ;;
         esac
     done
     if ((purge && ${#only[@]})); then
@@ -1023,22 +1010,28 @@ cmd_down() {
         done
     fi
     if ((${#kafka[@]})); then kafka_down "${kafka[@]}"; fi
-    if [[ -n ${only[redis]:-} ]]; then redis_down; fi
+    if [[ -n ${only[redis]:-} ]]; then
+        redis_down_all
+    elif ((${#redis_nodes[@]})); then
+        redis_stop_nodes "${redis_nodes[@]}"
+    fi
     if [[ -n ${only[postgres]:-} ]]; then pg_down; fi
     if ((purge)); then
-        local extra dirs=() d shown=""
+        local extra dirs=() d shown="" redis_gone
         extra=$(pg_purge)
+        redis_gone=$(redis_purge)
         for d in "${ALL_KAFKA_NODES[@]}"; do
             if [[ -e $VAR/$d ]]; then dirs+=("$VAR/$d"); fi
         done
-        rm -rf "$REDIS_DIR" "${dirs[@]}" "$CLUSTER_ID_FILE" "$CLUSTER_PORTS_FILE" "$ENV_FILE" "$RUN"/*.port
+        rm -rf "${dirs[@]}" "$CLUSTER_ID_FILE" "$CLUSTER_PORTS_FILE" "$ENV_FILE" "$RUN"/*.port
         for d in "${dirs[@]:-$KAFKA_DIR}"; do shown+="$(rel "$d") "; done
-        say "purged $(rel "$REDIS_DIR") $extra $shown$(rel "$ENV_FILE") (kept $(rel "$KAFKA_LIBS"), $(rel "$LOGDIR"))"
+        say "purged $redis_gone $extra $shown$(rel "$ENV_FILE") (kept $(rel "$KAFKA_LIBS"), $(rel "$LOGDIR"))"
     fi
 }
 
 # kill SERVER...: SIGKILL to the recorded pid, as a crash would (no controlled shutdown, nothing
-# flushed): kafka-1..kafka-3, kafka-controller-1..3, kafka (every Kafka node that runs), redis.
+# flushed): kafka-1..kafka-3, kafka-controller-1..3, kafka (every Kafka node that runs), redis
+# (every Redis node that runs), redis-1..redis-6.
 cmd_kill() {
     local arg node pid targets=()
     (($#)) || die "kill: name the servers (kafka-1 kafka-2 kafka-3, kafka-controller-1..3, kafka, redis)"
@@ -1047,6 +1040,8 @@ cmd_kill() {
             redis | kafka) ;;
             kafka-[1-3] | kafka-controller-[1-3])
                 ((BROKERS > 1)) || die "kill: $arg exists only with STACK_KAFKA_BROKERS=3 (this stack has the one broker 'kafka')" ;;
+            redis-[1-6])
+                ((REDIS_CLUSTER)) || die "kill: $arg exists only with STACK_REDIS_CLUSTER=1 (this stack has the one Redis server 'redis')" ;;
             postgres) die "kill: postgres is not handled by kill (scripts/stack.sh down postgres stops it)" ;;
             *) die "kill: unknown server '$arg' (kafka-1 kafka-2 kafka-3, kafka-controller-1..3, kafka, redis)" ;;
         esac
@@ -1056,12 +1051,15 @@ cmd_kill() {
     for arg in "$@"; do
         case $arg in
             kafka) mapfile -t -O "${#targets[@]}" targets < <(kafka_nodes_running) ;;
+            redis) mapfile -t -O "${#targets[@]}" targets < <(redis_kill_targets redis) ;;
             *) targets+=("$arg") ;;
         esac
     done
     for node in "${targets[@]}"; do
         if [[ $node == redis ]]; then
             pid=$(redis_pid) || { say "redis: not running"; continue; }
+        elif [[ $node == redis-* ]]; then
+            pid=$(redis_node_pid "$node") || { say "$node: not running"; continue; }
         else
             pid=$(kafka_node_pid "$node") || { say "$node: not running"; continue; }
         fi
@@ -1074,13 +1072,7 @@ cmd_kill() {
 
 cmd_status() {
     local pid all=0 port node
-    if pid=$(redis_pid 2>/dev/null); then
-        port=$(cat "$RUN/redis.port" 2>/dev/null || echo "?")
-        printf 'redis     running  pid %-7s port %s\n' "$pid" "$port"
-    else
-        echo "redis     stopped"
-        all=1
-    fi
+    redis_status || all=1
     pg_status || all=1
     for node in $(kafka_brokers) $(kafka_controllers); do
         if pid=$(kafka_node_pid "$node" 2>/dev/null); then

@@ -4,7 +4,8 @@
 # The build on a simulated fresh machine, unit tests, then the checks of deploy/ (the image's build, the Kubernetes manifests), then (with
 # the real local stack) integration tests; unit and integration tests run for the plain build and
 # the ASan+UBSan build; last the chaos suite's short pass (release build, a private stack), the
-# PostgreSQL failover test and one chaos case on a three-broker Kafka cluster.
+# PostgreSQL failover test, one chaos case on a three-broker Kafka cluster and the checks of the
+# stack's Redis Cluster mode.
 # Starts the stack if it is not running and stops it again at the end; a stack that was already
 # up is left up. Prints every suite's own output and, last, one line:
 #   tests: N passed, M failed
@@ -120,6 +121,9 @@ if [ "${1:-}" != "--unit-only" ]; then
     run_suite "e2e pg_failover (release)" env BIN_DIR=bin bash tests/e2e/pg_failover.sh
     run_suite "chaos cluster: kafka-leader-kill (release)" env BIN_DIR=bin \
         bash tests/chaos/chaos.sh --cluster --short --only kafka-leader-kill
+    # scripts/stack.sh with STACK_REDIS_CLUSTER=1 on a private stack: six nodes, a primary killed
+    # and replaced, lost disks, a restart (tests/chaos/stack_redis_cluster.sh, about 40 s).
+    run_suite "chaos stack_redis_cluster" bash tests/chaos/stack_redis_cluster.sh
 fi
 
 echo
