@@ -1,4 +1,5 @@
-/* redis_store.c - Redis connections (single server or via Sentinel) and Lua scripts by EVALSHA. */
+/* redis_store.c - the blocking connection to Redis (one server, Sentinel's primary or a Redis
+ * Cluster) and Lua scripts by EVALSHA. */
 #include "redis_store.h"
 
 #include <stdarg.h>

@@ -1,4 +1,5 @@
-/* redis_store.h - Redis connections (single server or via Sentinel) and Lua scripts by EVALSHA. */
+/* redis_store.h - the blocking connection to Redis (one server, Sentinel's primary or a Redis
+ * Cluster) and Lua scripts by EVALSHA. */
 #ifndef SP_REDIS_STORE_H
 #define SP_REDIS_STORE_H
 
@@ -102,7 +103,7 @@ typedef struct sp_redis_script {
 } sp_redis_script;
 
 /* One call of a script: its arguments (keys first) and the storage they point into. (An async
- * call copies it: redis_async.h.) */
+ * call copies it: producer/redis_async.h.) */
 #define SP_SCRIPT_ARGS_MAX 12
 typedef struct sp_script_call {
     sp_redis_script *script;

@@ -238,12 +238,10 @@ static int reserve_batch_argv(const sp_reserve_batch *b, const char **argv, size
     return argc;
 }
 
-int sp_stock_reserve_batch_send(sp_redis_async *ra, const sp_reserve_batch *b,
-                                sp_redis_async_fn *fn, void *data) {
-    const char *argv[SP_REDIS_SCRIPT_ARGV_MAX];
-    size_t argvlen[SP_REDIS_SCRIPT_ARGV_MAX];
-    int argc = reserve_batch_argv(b, argv, argvlen);
-    return sp_redis_async_eval(ra, &script_reserve, b->nkeys, argc, argv, argvlen, fn, data);
+int sp_stock_reserve_batch_argv(const sp_reserve_batch *b, sp_redis_script **script,
+                                const char **argv, size_t *argvlen) {
+    *script = &script_reserve;
+    return reserve_batch_argv(b, argv, argvlen);
 }
 
 int sp_stock_reserve_batch(sp_redis *c, const sp_reserve_batch *b, sp_reserve_result *res,
@@ -285,16 +283,15 @@ int sp_stock_confirm_batch_add(sp_confirm_batch *b, int64_t sku_id, const sp_scr
     return 0;
 }
 
-int sp_stock_confirm_batch_send(sp_redis_async *ra, const sp_confirm_batch *b,
-                                sp_redis_async_fn *fn, void *data) {
-    const char *argv[1 + 4 * SP_CONFIRM_BATCH_MAX];
-    size_t argvlen[1 + 4 * SP_CONFIRM_BATCH_MAX];
+int sp_stock_confirm_batch_argv(const sp_confirm_batch *b, sp_redis_script **script,
+                                const char **argv, size_t *argvlen) {
     int argc = 0;
     for (int i = 0; i < b->nkeys; i++, argc++)
         argv[argc] = b->keys[i], argvlen[argc] = b->keyslen[i];
     for (int i = 0; i < b->nargs; i++, argc++)
         argv[argc] = b->args[i], argvlen[argc] = b->argslen[i];
-    return sp_redis_async_eval(ra, &script_confirm, b->nkeys, argc, argv, argvlen, fn, data);
+    *script = &script_confirm;
+    return argc;
 }
 
 /* ---- parsing replies ---- */

@@ -25,7 +25,6 @@
 #include <stdint.h>
 
 #include "event.h"
-#include "redis_async.h"
 #include "redis_store.h"
 
 #define SP_IDEM_KEY_MAX       SP_REQUEST_ID_MAX /* bytes of an Idempotency-Key (a request id) */
@@ -147,8 +146,8 @@ int sp_stock_available(sp_redis *c, int64_t sku_id, int64_t *stock, char *errbuf
 /* ---- the same calls, split for an async connection: build, send, parse ---- */
 
 /* Loads every script of this module (SCRIPT LOAD) on every primary of a blocking connection.
- * (The async calls need no loading: redis_async.c names a script by its SHA-1 and sends its body
- * on NOSCRIPT.) */
+ * (The producer's async calls need no loading: producer/redis_async.c names a script by its SHA-1
+ * and sends its body on NOSCRIPT.) */
 int sp_stock_scripts_load(sp_redis *c, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 
@@ -186,11 +185,12 @@ typedef struct sp_confirm_batch {
 /* Adds one confirm (of sku_id) to b; -1 when b is full or holds another SKU's confirms. */
 int sp_stock_confirm_batch_add(sp_confirm_batch *b, int64_t sku_id, const sp_script_call *one);
 
-/* Sends b on ra (redis_async.h: NOSCRIPT is handled there); fn gets the integer reply (orders
- * turned accepted). Returns as sp_redis_async_eval. */
-int sp_stock_confirm_batch_send(sp_redis_async *ra, const sp_confirm_batch *b,
-                                sp_redis_async_fn *fn, void *data)
-    __attribute__((warn_unused_result));
+/* b as one call of confirm.lua: *script, and its keys then arguments in argv/argvlen (room for
+ * 1 + 4 * SP_CONFIRM_BATCH_MAX); returns how many (b->nkeys of them keys). The reply is the
+ * integer count of orders turned accepted. The producer sends it on its event loop's
+ * connection (producer/redis_async.h). */
+int sp_stock_confirm_batch_argv(const sp_confirm_batch *b, sp_redis_script **script,
+                                const char **argv, size_t *argvlen);
 
 /* Several orders of one SKU in one reserve.lua call, for a producer that takes many orders in one
  * event-loop turn: Redis runs one script instead of one per order. The batch points into the
@@ -211,11 +211,10 @@ typedef struct sp_reserve_batch {
 int sp_stock_reserve_batch_add(sp_reserve_batch *b, const sp_reserve_request *req,
                                const sp_script_call *one);
 
-/* Sends b on ra; fn gets the reply that sp_stock_reserve_parse reads, one answer per order in the
- * order they were added. Returns as sp_redis_async_eval. */
-int sp_stock_reserve_batch_send(sp_redis_async *ra, const sp_reserve_batch *b,
-                                sp_redis_async_fn *fn, void *data)
-    __attribute__((warn_unused_result));
+/* b as one call of reserve.lua, the same way (room for SP_REDIS_SCRIPT_ARGV_MAX); its reply is
+ * read by sp_stock_reserve_parse, one answer per order in the order they were added. */
+int sp_stock_reserve_batch_argv(const sp_reserve_batch *b, sp_redis_script **script,
+                                const char **argv, size_t *argvlen);
 
 /* The same on a blocking connection: res[i] for the i-th order of b. -1 with errbuf when Redis
  * failed or answered with an error. */

@@ -564,6 +564,16 @@ static void on_confirm_batch(redisReply *reply, void *data) {
     confirm_batch_done(cb);
 }
 
+/* One confirm.lua call for cb's orders; 0 when sent (on_confirm_batch follows). */
+static int confirm_batch_send(sp_order_api *api, confirm_batch *cb) {
+    const char *argv[1 + 4 * SP_CONFIRM_BATCH_MAX];
+    size_t argvlen[1 + 4 * SP_CONFIRM_BATCH_MAX];
+    sp_redis_script *script;
+    int argc = sp_stock_confirm_batch_argv(&cb->b, &script, argv, argvlen);
+    return sp_redis_async_eval(api->redis, script, cb->b.nkeys, argc, argv, argvlen,
+                               on_confirm_batch, cb);
+}
+
 /* Sends the confirms queued by delivery reports, one script call per SKU (up to
  * SP_CONFIRM_BATCH_MAX orders each). Called after every rd_kafka_poll. */
 static void confirms_send(sp_order_api *api) {
@@ -586,9 +596,7 @@ static void confirms_send(sp_order_api *api) {
             call_free(taken[i]);
         }
         if (cb == NULL) continue;
-        if (api->redis == NULL ||
-            sp_stock_confirm_batch_send(api->redis, &cb->b, on_confirm_batch, cb) != 0)
-            confirm_batch_done(cb);
+        if (api->redis == NULL || confirm_batch_send(api, cb) != 0) confirm_batch_done(cb);
     }
 }
 
@@ -733,6 +741,16 @@ static void on_reserve_batch(redisReply *reply, void *data) {
     if (unknown) rebuilt_ask(unknown);
 }
 
+/* One reserve.lua call for rb's orders; 0 when sent (on_reserve_batch follows). */
+static int reserve_batch_send(sp_order_api *api, reserve_batch *rb) {
+    const char *argv[SP_REDIS_SCRIPT_ARGV_MAX];
+    size_t argvlen[SP_REDIS_SCRIPT_ARGV_MAX];
+    sp_redis_script *script;
+    int argc = sp_stock_reserve_batch_argv(&rb->b, &script, argv, argvlen);
+    return sp_redis_async_eval(api->redis, script, rb->b.nkeys, argc, argv, argvlen,
+                               on_reserve_batch, rb);
+}
+
 /* Sends the orders queued in this loop turn: one reserve.lua call per SKU (up to
  * SP_RESERVE_BATCH_MAX orders each), in arrival order within a SKU. A flash sale sends most of
  * its orders to one SKU, so Redis runs a script per turn instead of one per order. */
@@ -757,8 +775,7 @@ static void reserves_send(sp_order_api *api) {
             call_free(taken[i]);
         }
         if (rb == NULL) continue;
-        if (sp_stock_reserve_batch_send(api->redis, &rb->b, on_reserve_batch, rb) != 0)
-            reserve_batch_refused(rb);
+        if (reserve_batch_send(api, rb) != 0) reserve_batch_refused(rb);
     }
 }
 
