@@ -442,6 +442,7 @@ static redisReply *cluster_run(sp_redis *r, int slot, const char *cmd, size_t le
             }
             freeReplyObject(rep);
             if (a == SP_CLUSTER_MOVED) {
+                slot = to.slot; /* a command sent to any node goes where its key lives */
                 r->map->slot_node[to.slot] = (int16_t)to_node;
                 r->map_stale = 1; /* likely more slots moved: read the whole map */
             } else {

@@ -60,6 +60,7 @@ struct sp_redis_async {
     int have_map;       /* cluster: the slot map was read once */
     int refreshing;     /* cluster: a CLUSTER SLOTS is under way */
     int refresh_wanted; /* cluster: the map may be stale (MOVED, a node lost, CLUSTERDOWN) */
+    int unserved;       /* cluster: slots the map names no primary for (asked again each tick) */
     int64_t refresh_next_ms, load_next_ms;
     sp_cluster_map map;
     node nodes[SP_CLUSTER_NODES_MAX]; /* single / Sentinel: nodes[0] only */
@@ -168,6 +169,10 @@ static int node_connect(node *n, const char *host, int port) {
     redisAsyncSetDisconnectCallback(ac, on_disconnect);
     if (ra->target.password[0]) redisAsyncCommand(ac, NULL, NULL, "AUTH %s", ra->target.password);
     if (ra->target.db) redisAsyncCommand(ac, NULL, NULL, "SELECT %d", ra->target.db);
+    /* hiredis 0.14 finishes a connect (and calls on_connect, which clears n->failed) only when
+     * it has something to write: a reconnect from the tick, with no command waiting, would
+     * otherwise leave the node failed, and the handle unusable, for good. */
+    redisAsyncCommand(ac, NULL, NULL, "PING");
     n->ac = ac;
     n->owed = 0;
     ra->stats.connects++;
@@ -216,8 +221,13 @@ static void map_changed(sp_redis_async *ra) {
         }
         n->serves = 0;
     }
-    for (int s = 0; s < SP_CLUSTER_SLOTS; s++)
-        if (ra->map.slot_node[s] >= 0) ra->nodes[ra->map.slot_node[s]].serves = 1;
+    ra->unserved = 0;
+    for (int s = 0; s < SP_CLUSTER_SLOTS; s++) {
+        if (ra->map.slot_node[s] >= 0)
+            ra->nodes[ra->map.slot_node[s]].serves = 1;
+        else
+            ra->unserved++;
+    }
 }
 
 /* The node a command for slot goes to (slot -1: a serving node, a connected one if any); NULL
@@ -602,6 +612,9 @@ void sp_redis_async_tick(sp_redis_async *ra) {
         if (now >= ra->load_next_ms) (void)map_load(ra);
         return;
     }
+    /* Slots no primary serves (a node that lost everything rejoins, a failover under way) are
+     * served again once someone takes them: until the map says so, ask for it again. */
+    if (ra->unserved > 0) ra->refresh_wanted = 1;
     for (int i = 0; i < ra->map.nnodes; i++) {
         node *n = &ra->nodes[i];
         if (!n->serves || !n->failed) continue;
@@ -615,7 +628,7 @@ void sp_redis_async_tick(sp_redis_async *ra) {
 
 int sp_redis_async_usable(const sp_redis_async *ra) {
     if (!ra->target.cluster) return ra->nodes[0].ac != NULL && ac_open(ra->nodes[0].ac);
-    if (!ra->have_map) return 0;
+    if (!ra->have_map || ra->unserved > 0) return 0;
     for (int i = 0; i < ra->map.nnodes; i++)
         if (ra->nodes[i].serves && ra->nodes[i].failed) return 0;
     return 1;

@@ -67,7 +67,8 @@ void sp_redis_async_close(sp_redis_async *ra);
 void sp_redis_async_tick(sp_redis_async *ra);
 
 /* 1 when commands can be sent: the server is connected (single, Sentinel), or the slot map is
- * known and no primary that serves slots failed its last connection (cluster). */
+ * known, names a primary for every slot, and no primary that serves slots failed its last
+ * connection (cluster). */
 int sp_redis_async_usable(const sp_redis_async *ra);
 
 /* Commands accepted whose final reply has not come yet. */

@@ -28,47 +28,17 @@
 
 static struct {
     char tag[64], tmp[256], url[128];
-    int port[NODES];
+    itest_cluster cl;
     int64_t sku_base;
 } g;
 
 static char err[512];
 
-/* A port p below 32768 with p and its cluster bus port p+10000 both free. */
-static int cluster_port(int avoid) {
-    for (int tries = 0; tries < 200; tries++) {
-        int p = 20000 + (int)((getpid() * 7919u + (unsigned)tries * 104729u) % 9000u);
-        int ok = p != avoid;
-        for (int k = 0; k < 2 && ok; k++) {
-            int fd = socket(AF_INET, SOCK_STREAM, 0);
-            struct sockaddr_in a = {.sin_family = AF_INET,
-                                    .sin_port = htons((uint16_t)(p + k * 10000)),
-                                    .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-            ok = fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0;
-            if (fd >= 0) close(fd);
-        }
-        if (ok) return p;
-    }
-    fail_msg("no free pair of ports for a cluster node");
-    return -1;
-}
-
 /* A raw connection to one node, for what the test checks behind sp_redis's back. */
 static redisContext *node(int i) {
-    redisContext *c = redisConnect("127.0.0.1", g.port[i]);
+    redisContext *c = redisConnect("127.0.0.1", g.cl.port[i]);
     if (c == NULL || c->err) fail_msg("node %d: %s", i, c ? c->errstr : "out of memory");
     return c;
-}
-
-static redisReply *node_cmd(int i, const char *fmt, ...) {
-    va_list ap;
-    redisContext *c = node(i);
-    va_start(ap, fmt);
-    redisReply *r = redisvCommand(c, fmt, ap);
-    va_end(ap);
-    if (r == NULL) fail_msg("node %d: %s", i, c->errstr);
-    redisFree(c);
-    return r;
 }
 
 static int node_ok(int i, const char *fmt, ...) {
@@ -85,34 +55,14 @@ static int node_ok(int i, const char *fmt, ...) {
 }
 
 static char *node_id(int i, char *id, size_t cap) {
-    redisReply *r = node_cmd(i, "CLUSTER MYID");
+    redisReply *r = cluster_node_cmd(&g.cl, i, "CLUSTER MYID");
     snprintf(id, cap, "%s", r->str);
     freeReplyObject(r);
     return id;
 }
 
-/* The index of the node that serves slot, asked of node 0. */
-static int owner(unsigned slot) {
-    redisReply *r = node_cmd(0, "CLUSTER SLOTS");
-    int who = -1;
-    for (size_t i = 0; i < r->elements; i++) {
-        redisReply *range = r->element[i];
-        if ((long long)slot < range->element[0]->integer ||
-            (long long)slot > range->element[1]->integer)
-            continue;
-        for (int n = 0; n < NODES; n++)
-            if (range->element[2]->element[1]->integer == g.port[n]) who = n;
-    }
-    freeReplyObject(r);
-    return who;
-}
-
-static int cluster_ok(int i) {
-    redisReply *r = node_cmd(i, "CLUSTER INFO");
-    int ok = strstr(r->str, "cluster_state:ok") != NULL;
-    freeReplyObject(r);
-    return ok;
-}
+/* The index of the node that serves key's slot. */
+static int owner_of(const char *key) { return cluster_owner(&g.cl, key); }
 
 static sp_redis *open_cluster(void) {
     sp_redis_target t;
@@ -141,50 +91,8 @@ static int teardown(void **state) {
 /* Three primaries, all slots covered, cluster_state ok everywhere. */
 static void test_cluster_up(void **state) {
     (void)state;
-    char addr[NODES][32];
-    for (int i = 0; i < NODES; i++) {
-        char dir[300], portstr[16], conf[64], log[320];
-        g.port[i] = cluster_port(i ? g.port[i - 1] : 0);
-        snprintf(dir, sizeof(dir), "%s/node-%d", g.tmp, i);
-        mkdir(dir, 0755);
-        snprintf(portstr, sizeof(portstr), "%d", g.port[i]);
-        snprintf(conf, sizeof(conf), "nodes-%d.conf", g.port[i]);
-        snprintf(log, sizeof(log), "%s/redis.log", dir);
-        pid_t pid = fork();
-        assert_true(pid >= 0);
-        if (pid == 0) {
-            int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
-            if (fd >= 0) dup2(fd, 1), dup2(fd, 2);
-            execlp("redis-server", "redis-server", "--port", portstr, "--bind", "127.0.0.1",
-                   "--save", "", "--appendonly", "no", "--dir", dir, "--cluster-enabled", "yes",
-                   "--cluster-config-file", conf, "--cluster-node-timeout", "3000", (char *)NULL);
-            _exit(127);
-        }
-        track(pid);
-        snprintf(addr[i], sizeof(addr[i]), "127.0.0.1:%d", g.port[i]);
-        int64_t deadline = sp_clock_mono_ms() + 10000;
-        for (;;) {
-            redisContext *c = redisConnect("127.0.0.1", g.port[i]);
-            int up = c && !c->err;
-            if (c) redisFree(c);
-            if (up) break;
-            if (sp_clock_mono_ms() > deadline) fail_msg("node %d did not start (%s)", i, log);
-            sleep_ms(50);
-        }
-    }
-    char log[320];
-    snprintf(log, sizeof(log), "%s/create.log", g.tmp);
-    char *argv[] = {(char[]){"/usr/bin/redis-cli"},
-                    (char[]){"--cluster"},
-                    (char[]){"create"},
-                    addr[0],
-                    addr[1],
-                    addr[2],
-                    (char[]){"--cluster-yes"},
-                    NULL};
-    assert_int_equal(run(argv, NULL, log, NULL, 0), 0);
-    WAIT_FOR(cluster_ok(0) && cluster_ok(1) && cluster_ok(2), "cluster_state not ok (%s)", log);
-    snprintf(g.url, sizeof(g.url), "redis-cluster://127.0.0.1:%d", g.port[1]);
+    start_redis_cluster(&g.cl, NODES, g.tmp);
+    snprintf(g.url, sizeof(g.url), "redis-cluster://127.0.0.1:%d", g.cl.port[1]);
 }
 
 /* Every command goes to its key's primary: keys of 60 SKUs spread over the three nodes, each one
@@ -204,9 +112,9 @@ static void test_routing(void **state) {
         if (rep == NULL || rep->type == REDIS_REPLY_ERROR)
             fail_msg("SET %s: %s", key, rep ? rep->str : err);
         freeReplyObject(rep);
-        int n = owner(sp_cluster_key_slot(key, strlen(key)));
+        int n = owner_of(key);
         assert_true(n >= 0);
-        redisReply *got = node_cmd(n, "GET %s", key);
+        redisReply *got = cluster_node_cmd(&g.cl, n, "GET %s", key);
         assert_int_equal(got->type, REDIS_REPLY_STRING);
         assert_int_equal(atoll(got->str), i);
         freeReplyObject(got);
@@ -246,14 +154,14 @@ static void test_scripts(void **state) {
     sp_redis *r = open_cluster();
     assert_int_equal(sp_redis_script_load(r, &incr_script, err, sizeof(err)), 0);
     for (int n = 0; n < NODES; n++) {
-        redisReply *e = node_cmd(n, "SCRIPT EXISTS %s", incr_script.sha);
+        redisReply *e = cluster_node_cmd(&g.cl, n, "SCRIPT EXISTS %s", incr_script.sha);
         assert_int_equal(e->element[0]->integer, 1);
         freeReplyObject(e);
     }
     char key[64];
     snprintf(key, sizeof(key), "{sku:%" PRId64 "}:count", g.sku_base);
     const char *argv[] = {key, "5"};
-    int n = owner(sp_cluster_key_slot(key, strlen(key)));
+    int n = owner_of(key);
     for (int round = 1; round <= 2; round++) {
         redisReply *rep = sp_redis_evalsha(r, &incr_script, 1, 2, argv, NULL, err, sizeof(err));
         if (rep == NULL || rep->type != REDIS_REPLY_INTEGER)
@@ -269,11 +177,11 @@ static void test_scripts(void **state) {
 static void finish_move(unsigned slot, int from, int to) {
     char to_id[64];
     for (;;) {
-        redisReply *keys = node_cmd(from, "CLUSTER GETKEYSINSLOT %u 100", slot);
+        redisReply *keys = cluster_node_cmd(&g.cl, from, "CLUSTER GETKEYSINSLOT %u 100", slot);
         size_t n = keys->elements;
         for (size_t i = 0; i < n; i++)
-            assert_true(
-                node_ok(from, "MIGRATE 127.0.0.1 %d %s 0 5000", g.port[to], keys->element[i]->str));
+            assert_true(node_ok(from, "MIGRATE 127.0.0.1 %d %s 0 5000", g.cl.port[to],
+                                keys->element[i]->str));
         freeReplyObject(keys);
         if (n == 0) break;
     }
@@ -290,7 +198,7 @@ static void move_slot(unsigned slot, const char *key, int from, int to, int fini
     node_id(to, to_id, sizeof(to_id));
     assert_true(node_ok(to, "CLUSTER SETSLOT %u IMPORTING %s", slot, from_id));
     assert_true(node_ok(from, "CLUSTER SETSLOT %u MIGRATING %s", slot, to_id));
-    if (key) assert_true(node_ok(from, "MIGRATE 127.0.0.1 %d %s 0 5000", g.port[to], key));
+    if (key) assert_true(node_ok(from, "MIGRATE 127.0.0.1 %d %s 0 5000", g.cl.port[to], key));
     if (finish) finish_move(slot, from, to);
 }
 
@@ -304,9 +212,9 @@ static void test_moved(void **state) {
     assert_non_null(rep);
     freeReplyObject(rep);
     unsigned slot = sp_cluster_key_slot(key, strlen(key));
-    int from = owner(slot), to = (from + 1) % NODES;
+    int from = owner_of(key), to = (from + 1) % NODES;
     move_slot(slot, key, from, to, 1);
-    WAIT_FOR(owner(slot) == to, "slot %u did not move", slot);
+    WAIT_FOR(owner_of(key) == to, "slot %u did not move", slot);
     for (int i = 0; i < 3; i++) { /* the first gets MOVED, the others go straight there */
         rep = sp_redis_command(r, key, err, sizeof(err), "INCR %s:n", key);
         if (rep == NULL || rep->type != REDIS_REPLY_INTEGER)
@@ -314,7 +222,7 @@ static void test_moved(void **state) {
         assert_int_equal(rep->integer, i + 1); /* once each: never run twice */
         freeReplyObject(rep);
     }
-    rep = node_cmd(to, "GET %s", key);
+    rep = cluster_node_cmd(&g.cl, to, "GET %s", key);
     assert_string_equal(rep->str, "before");
     freeReplyObject(rep);
     sp_redis_close(r);
@@ -332,7 +240,7 @@ static void test_ask(void **state) {
     assert_non_null(rep);
     freeReplyObject(rep);
     unsigned slot = sp_cluster_key_slot(key, strlen(key));
-    int from = owner(slot), to = (from + 1) % NODES;
+    int from = owner_of(key), to = (from + 1) % NODES;
     move_slot(slot, key, from, to, 0);
     rep = sp_redis_command(r, key, err, sizeof(err), "GET %s", key);
     if (rep == NULL || rep->type != REDIS_REPLY_STRING)
@@ -351,7 +259,7 @@ static void test_ask(void **state) {
     assert_string_equal(rep->str, "1");
     freeReplyObject(rep);
     redisFree(c);
-    assert_int_equal(owner(slot), from); /* still mid-move */
+    assert_int_equal(owner_of(key), from); /* still mid-move */
     finish_move(slot, from, to);
     rep = sp_redis_command(r, fresh, err, sizeof(err), "INCR %s", fresh);
     assert_non_null(rep);
@@ -371,13 +279,13 @@ static void test_connection_killed(void **state) {
     assert_non_null(rep);
     assert_int_equal(rep->integer, 1);
     freeReplyObject(rep);
-    int n = owner(sp_cluster_key_slot(key, strlen(key)));
+    int n = owner_of(key);
     /* every client of that node but the test's own raw one goes */
     assert_true(node_ok(n, "CLIENT KILL TYPE normal SKIPME yes"));
     rep = sp_redis_command(r, key, err, sizeof(err), "INCR %s", key);
     assert_null(rep);
     assert_non_null(strstr(err, "INCR"));
-    rep = node_cmd(n, "GET %s", key);
+    rep = cluster_node_cmd(&g.cl, n, "GET %s", key);
     assert_string_equal(rep->str, "1"); /* not run, and not resent */
     freeReplyObject(rep);
     rep = sp_redis_command(r, key, err, sizeof(err), "INCR %s", key);
@@ -392,8 +300,8 @@ static void test_seeds(void **state) {
     (void)state;
     sp_redis_target t;
     char url[160];
-    int dead = cluster_port(0);
-    snprintf(url, sizeof(url), "redis-cluster://127.0.0.1:%d,127.0.0.1:%d", dead, g.port[2]);
+    int dead = cluster_free_port(g.cl.port, NODES);
+    snprintf(url, sizeof(url), "redis-cluster://127.0.0.1:%d,127.0.0.1:%d", dead, g.cl.port[2]);
     assert_int_equal(sp_redis_parse_url(url, &t, err, sizeof(err)), 0);
     sp_redis *r = sp_redis_open(&t, 1000, err, sizeof(err));
     if (r == NULL) fail_msg("open with one dead seed: %s", err);

@@ -959,8 +959,7 @@ static void test_confirm_batch_as_one_by_one(void **state) {
     argv[argc] = nkeys, argvlen[argc++] = strlen(nkeys);
     for (int i = 0; i < b.nkeys; i++) argv[argc] = b.keys[i], argvlen[argc++] = b.keyslen[i];
     for (int i = 0; i < b.nargs; i++) argv[argc] = b.args[i], argvlen[argc++] = b.argslen[i];
-    redisReply *r = sp_redis_argv(c, argc > 1 ? argv[1] : NULL, argc, argv, argvlen, itest_err,
-                                  sizeof(itest_err));
+    redisReply *r = sp_redis_argv(c, b.keys[0], argc, argv, argvlen, itest_err, sizeof(itest_err));
     assert_non_null(r);
     if (r->type != REDIS_REPLY_INTEGER) fail_msg("confirm batch: %s", r->str ? r->str : "?");
     assert_int_equal(n_one, 4); /* cb-0, cb-1 once, cb-4, cb-2 */

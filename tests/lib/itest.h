@@ -13,6 +13,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,6 +27,7 @@
 #include "clock.h"
 #include "kafka.h"
 #include "pg_store.h"
+#include "redis_cluster.h"
 #include "redis_store.h"
 #include "stock.h"
 
@@ -332,6 +334,186 @@ static inline pid_t start_redis(int port, const char *dir) {
     return -1;
 }
 
+/* ---- Redis: a private cluster ---- */
+
+#define ITEST_CLUSTER_MAX 6
+
+/* A private Redis Cluster of primaries only, no persistence (a node restarted empty lost all). */
+typedef struct itest_cluster {
+    int n;
+    int port[ITEST_CLUSTER_MAX];
+    pid_t pid[ITEST_CLUSTER_MAX];
+    char dir[ITEST_CLUSTER_MAX][320];
+    char url[256]; /* redis-cluster://127.0.0.1:P1,... */
+} itest_cluster;
+
+/* A loopback port in 20000..22699 whose cluster bus port (+10000) is free too (both below the
+ * ephemeral range), not among taken. */
+static inline int cluster_free_port(const int *taken, int ntaken) {
+    for (unsigned tries = 0; tries < 500; tries++) {
+        int p = 20000 + (int)(((unsigned)getpid() * 7919u + tries * 104729u) % 2700u), ok = 1;
+        for (int i = 0; i < ntaken; i++) ok &= taken[i] != p;
+        for (int k = 0; k < 2 && ok; k++) {
+            int fd = socket(AF_INET, SOCK_STREAM, 0);
+            struct sockaddr_in a = {.sin_family = AF_INET,
+                                    .sin_port = htons((uint16_t)(p + k * 10000)),
+                                    .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+            ok = fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0;
+            if (fd >= 0) close(fd);
+        }
+        if (ok) return p;
+    }
+    fail_msg("no free pair of ports for a cluster node");
+    return -1;
+}
+
+/* A command on node i of the cluster, on a connection of its own; the reply (caller frees). */
+static inline redisReply *cluster_node_cmd(const itest_cluster *cl, int i, const char *fmt, ...) {
+    va_list ap;
+    redisContext *c = redisConnect("127.0.0.1", cl->port[i]);
+    if (c == NULL || c->err) fail_msg("node %d: %s", i, c ? c->errstr : "out of memory");
+    va_start(ap, fmt);
+    redisReply *r = redisvCommand(c, fmt, ap);
+    va_end(ap);
+    if (r == NULL) fail_msg("node %d: %s", i, c->errstr);
+    redisFree(c);
+    return r;
+}
+
+static inline int cluster_node_state_ok(const itest_cluster *cl, int i) {
+    redisContext *c = redisConnect("127.0.0.1", cl->port[i]);
+    redisReply *r = c && !c->err ? redisCommand(c, "CLUSTER INFO") : NULL;
+    int ok = r && r->type == REDIS_REPLY_STRING && strstr(r->str, "cluster_state:ok") != NULL;
+    if (r) freeReplyObject(r);
+    if (c) redisFree(c);
+    return ok;
+}
+
+/* Starts node i (an empty directory: a new node), tracked; waits until it answers. */
+static inline void cluster_node_start(itest_cluster *cl, int i) {
+    char portstr[16], log[300];
+    snprintf(portstr, sizeof(portstr), "%d", cl->port[i]);
+    snprintf(log, sizeof(log), "%s/redis.log", cl->dir[i]);
+    mkdir(cl->dir[i], 0755);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+        if (fd >= 0) dup2(fd, 1), dup2(fd, 2);
+        execlp("redis-server", "redis-server", "--port", portstr, "--bind", "127.0.0.1", "--save",
+               "", "--appendonly", "no", "--dir", cl->dir[i], "--cluster-enabled", "yes",
+               "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "3000",
+               (char *)NULL);
+        _exit(127);
+    }
+    track(pid);
+    cl->pid[i] = pid;
+    for (int64_t deadline = sp_clock_mono_ms() + 10000;; sleep_ms(50)) {
+        redisContext *c = redisConnect("127.0.0.1", cl->port[i]);
+        int up = c && !c->err;
+        if (c) redisFree(c);
+        if (up) return;
+        if (sp_clock_mono_ms() > deadline) fail_msg("cluster node %d did not start (%s)", i, log);
+    }
+}
+
+/* n primaries in dir/node-I (redis-cli --cluster create, no replicas); waits for
+ * cluster_state:ok on each. */
+static inline void start_redis_cluster(itest_cluster *cl, int n, const char *dir) {
+    assert_true(strlen(dir) < 256);
+    char addr[ITEST_CLUSTER_MAX][32], log[300];
+    char *argv[ITEST_CLUSTER_MAX + 5];
+    int argc = 0;
+    char base[256]; /* dir may live in the same object as cl */
+    assert_true(n >= 1 && n <= ITEST_CLUSTER_MAX);
+    snprintf(base, sizeof(base), "%s", dir);
+    memset(cl, 0, sizeof(*cl));
+    cl->n = n;
+    argv[argc++] = (char[]){"/usr/bin/redis-cli"};
+    argv[argc++] = (char[]){"--cluster"};
+    argv[argc++] = (char[]){"create"};
+    for (int i = 0; i < n; i++) {
+        cl->port[i] = cluster_free_port(cl->port, i);
+        snprintf(cl->dir[i], sizeof(cl->dir[i]), "%s/node-%d", base, i);
+        cluster_node_start(cl, i);
+        snprintf(addr[i], sizeof(addr[i]), "127.0.0.1:%d", cl->port[i]);
+        argv[argc++] = addr[i];
+    }
+    argv[argc++] = (char[]){"--cluster-yes"};
+    argv[argc] = NULL;
+    snprintf(log, sizeof(log), "%s/cluster-create.log", base);
+    assert_int_equal(run(argv, NULL, log, NULL, 0), 0);
+    for (int i = 0; i < n; i++) {
+        int64_t deadline = sp_clock_mono_ms() + 30000;
+        while (!cluster_node_state_ok(cl, i) && sp_clock_mono_ms() < deadline) sleep_ms(100);
+        if (!cluster_node_state_ok(cl, i)) fail_msg("cluster node %d never ok (%s)", i, log);
+    }
+    size_t len = (size_t)snprintf(cl->url, sizeof(cl->url), "redis-cluster://");
+    for (int i = 0; i < n; i++)
+        len += (size_t)snprintf(cl->url + len, sizeof(cl->url) - len, "%s127.0.0.1:%d",
+                                i ? "," : "", cl->port[i]);
+}
+
+/* kill -9 of node i and a restart with nothing (no data, no nodes.conf): the others forget its
+ * old id (its slots unserved), between(arg) runs if given, then they meet the new node, which
+ * takes over the old one's slots. A primary that lost all it had, while the other primaries kept
+ * theirs. */
+static inline void cluster_node_restart_empty(itest_cluster *cl, int i, void (*between)(void *),
+                                              void *arg) {
+    char old_id[64], path[340];
+    redisReply *r = cluster_node_cmd(cl, i, "CLUSTER MYID");
+    snprintf(old_id, sizeof(old_id), "%s", r->str);
+    freeReplyObject(r);
+    /* its slot ranges, as the cluster sees them */
+    int from[64], to[64], nranges = 0;
+    r = cluster_node_cmd(cl, (i + 1) % cl->n, "CLUSTER SLOTS");
+    for (size_t k = 0; k < r->elements && nranges < 64; k++) {
+        redisReply *range = r->element[k];
+        if (range->element[2]->element[1]->integer == cl->port[i])
+            from[nranges] = (int)range->element[0]->integer,
+            to[nranges++] = (int)range->element[1]->integer;
+    }
+    freeReplyObject(r);
+    assert_int_equal(kill(cl->pid[i], SIGKILL), 0);
+    assert_int_equal(wait_exit(cl->pid[i], 30), 128 + SIGKILL);
+    for (int k = 0; k < cl->n; k++)
+        if (k != i) freeReplyObject(cluster_node_cmd(cl, k, "CLUSTER FORGET %s", old_id));
+    if (between) between(arg);
+    snprintf(path, sizeof(path), "%s/nodes.conf", cl->dir[i]);
+    unlink(path);
+    cluster_node_start(cl, i);
+    for (int k = 0; k < cl->n; k++)
+        if (k != i)
+            freeReplyObject(cluster_node_cmd(cl, k, "CLUSTER MEET 127.0.0.1 %d", cl->port[i]));
+    for (int k = 0; k < nranges; k++) {
+        r = cluster_node_cmd(cl, i, "CLUSTER ADDSLOTSRANGE %d %d", from[k], to[k]);
+        if (r->type == REDIS_REPLY_ERROR) fail_msg("ADDSLOTSRANGE: %s", r->str);
+        freeReplyObject(r);
+    }
+    for (int k = 0; k < cl->n; k++) {
+        int64_t deadline = sp_clock_mono_ms() + 30000;
+        while (!cluster_node_state_ok(cl, k) && sp_clock_mono_ms() < deadline) sleep_ms(100);
+        if (!cluster_node_state_ok(cl, k)) fail_msg("node %d not ok after node %d's restart", k, i);
+    }
+}
+
+/* The index of the node serving key's slot, asked of node 0 (-1: none). */
+static inline int cluster_owner(const itest_cluster *cl, const char *key) {
+    unsigned slot = sp_cluster_key_slot(key, strlen(key));
+    redisReply *r = cluster_node_cmd(cl, 0, "CLUSTER SLOTS");
+    int who = -1;
+    for (size_t k = 0; k < r->elements; k++) {
+        redisReply *range = r->element[k];
+        if ((long long)slot < range->element[0]->integer ||
+            (long long)slot > range->element[1]->integer)
+            continue;
+        for (int n = 0; n < cl->n; n++)
+            if (range->element[2]->element[1]->integer == cl->port[n]) who = n;
+    }
+    freeReplyObject(r);
+    return who;
+}
+
 /* ---- the stack's Redis ---- */
 
 /* A blocking connection to the stack's Redis (REDIS_URL), or NULL with the reason on stderr. */
@@ -506,7 +688,8 @@ static inline proc start(const itest_stack *s, const char *bin, const char *name
         setenv("HTTP_ADDR", "127.0.0.1", 1);
         setenv("HTTP_PORT", port, 1);
         setenv("WORKER_ID", id, 1);
-        setenv("LOG_LEVEL", "info", 1);
+        const char *level = getenv("ITEST_LOG_LEVEL"); /* debug, to see more of a failure */
+        setenv("LOG_LEVEL", level ? level : "info", 1);
         for (int i = 0; settings && settings[i]; i++) putenv((char *)settings[i]);
         int fd = open(p.log, O_WRONLY | O_CREAT | O_APPEND, 0644);
         if (fd >= 0) {

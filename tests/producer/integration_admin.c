@@ -258,9 +258,11 @@ static void open_ten(int64_t sku) {
  * restock.lua waits, and the producer gives the connection up after 2 s (503). */
 static void restock_during_write_pause(int64_t sku, const char *key) {
     char path[64], resp[512];
+    char sale_key[SP_STOCK_KEY_MAX];
+    sp_stock_key(sale_key, sku, "sale"); /* in a cluster: the primary of the sale's slot */
     sp_redis *c = redis_connect_env();
     assert_non_null(c);
-    redisReply *r = sp_redis_command(c, NULL, itest_err, sizeof(itest_err),
+    redisReply *r = sp_redis_command(c, sale_key, itest_err, sizeof(itest_err),
                                      "CLIENT PAUSE 4000 WRITE");
     assert_true(r != NULL && r->type == REDIS_REPLY_STATUS);
     freeReplyObject(r);

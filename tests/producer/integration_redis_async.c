@@ -1,4 +1,4 @@
-/* integration_redis_async.c - the event loop's connection (common/redis_async.c) against real
+/* integration_redis_async.c - the event loop's connection (producer/redis_async.c) against real
  * servers: REDIS_URL names a single server (the local stack's: `. var/stack.env`), a Sentinel, or
  * a Redis Cluster (redis-cluster://h:p,...: 3 primaries + 3 replicas in development). Commands
  * and scripts come back from every primary, a script survives SCRIPT FLUSH, a killed connection
@@ -496,6 +496,48 @@ static void test_unreachable_is_not_usable(void **state) {
     assert_int_equal(res.calls, 0);
 }
 
+/* While the lost node's slots are unserved: the handle notices (its connection is gone) and reads
+ * the map, which names nobody for them, and an order for them is refused meanwhile. */
+static void while_unserved(void *arg) {
+    sp_redis_async *ra = arg;
+    run_for(ra, 1500);
+    assert_false(sp_redis_async_usable(ra));
+}
+
+/* A private cluster of three primaries, one of which loses everything while the handle is idle
+ * (killed, restarted empty, its slots given back to it under a new node id): the handle becomes
+ * usable again by itself and its commands for that slot work. (Seen failing: the reconnect made
+ * by the tick had nothing to write, so hiredis never finished it and the node stayed failed; and
+ * the map read while the slots were unserved was never read again.) */
+static void test_node_lost_while_idle(void **state) {
+    (void)state;
+    char dir[] = "/tmp/stockpipe-test-redis-async-XXXXXX", key[64];
+    itest_cluster cl;
+    sp_redis_target t;
+    assert_non_null(mkdtemp(dir));
+    start_redis_cluster(&cl, 3, dir);
+    assert_int_equal(sp_redis_parse_url(cl.url, &t, err, sizeof(err)), 0);
+    sp_redis_async *ra = sp_redis_async_open(&t, base, 1000, 3000, err, sizeof(err));
+    if (ra == NULL) fail_msg("open: %s", err);
+    WAIT_FOR((run_for(ra, 100), sp_redis_async_usable(ra)), "the handle never got usable");
+    snprintf(key, sizeof(key), "{sku:%d}:idle", run_id);
+    result res[2] = {{0}};
+    assert_int_equal(sp_redis_async_send(ra, on_result, &res[0], key, "INCR %s", key), 0);
+    run_until_done(ra, &res[0], 1);
+    assert_int_equal(res[0].integer, 1);
+    cluster_node_restart_empty(&cl, cluster_owner(&cl, key), while_unserved, ra);
+    WAIT_FOR((run_for(ra, 100), sp_redis_async_usable(ra)),
+             "the handle never got usable again after a primary came back empty");
+    assert_int_equal(sp_redis_async_send(ra, on_result, &res[1], key, "INCR %s", key), 0);
+    run_until_done(ra, &res[1], 1);
+    assert_int_equal(res[1].type, REDIS_REPLY_INTEGER);
+    assert_int_equal(res[1].integer, 1); /* the node came back empty */
+    sp_redis_async_close(ra);
+    kill_tracked();
+    char *rm[] = {(char[]){"/bin/rm"}, (char[]){"-rf"}, dir, NULL};
+    (void)run(rm, NULL, "/dev/null", NULL, 0);
+}
+
 int main(void) {
     char e[256];
     const char *url = getenv("REDIS_URL");
@@ -513,6 +555,7 @@ int main(void) {
         cmocka_unit_test(test_killed_connection_in_flight),
         cmocka_unit_test(test_slot_migrated_mid_way),
         cmocka_unit_test(test_unreachable_is_not_usable),
+        cmocka_unit_test(test_node_lost_while_idle),
         cmocka_unit_test(test_primary_killed_in_flight), /* last: it leaves a node down */
     };
     int rc = cmocka_run_group_tests_name("redis_async", tests, NULL, NULL);

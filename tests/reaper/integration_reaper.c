@@ -52,9 +52,11 @@ static struct {
     char tmp[128]; /* logs, Redis's directory */
     char db[64], dsn[1200];
     char topic[160], dlq[160], group[160];
-    char redis_url[64];
+    char redis_url[256];
     int redis_port;
     pid_t redis_pid;
+    int cluster; /* ITEST_REDIS_CLUSTER=1: a private Redis Cluster of three primaries instead */
+    itest_cluster cl;
     int64_t sku_base;
     proc producer, consumer, reapers[3];
     int npassed;
@@ -212,7 +214,7 @@ static proc start_reaper(int i, const char *batch) {
 
 /* `reaper CMD...` with the run's settings; its exit status, stdout into out. */
 static int reaper_cmd(const char *a1, const char *a2, const char *a3, char *out, size_t cap) {
-    char log[256], dsn[1300], url[96], topic[200];
+    char log[256], dsn[1300], url[300], topic[200];
     snprintf(log, sizeof(log), "%s/reaper-cmd.log", g.tmp);
     snprintf(dsn, sizeof(dsn), "PG_DSN=%s", g.dsn);
     snprintf(url, sizeof(url), "REDIS_URL=%s", g.redis_url);
@@ -918,11 +920,13 @@ static void test_audit_gauges(void **state) {
     g.npassed++;
 }
 
+/* FLUSHALL and SCRIPT FLUSH of every primary (the one server, or the cluster's three). */
 static void flush_redis(void) {
-    redisReply *r = sp_redis_command(redis(), NULL, itest_err, sizeof(itest_err), "FLUSHALL");
-    freeReplyObject(r);
-    r = sp_redis_command(redis(), NULL, itest_err, sizeof(itest_err), "SCRIPT FLUSH");
-    freeReplyObject(r);
+    const char *flush[] = {"FLUSHALL"}, *scripts[] = {"SCRIPT", "FLUSH"};
+    for (int i = 0, n = sp_redis_primaries(redis()); i < n; i++) {
+        freeReplyObject(sp_redis_argv_on(redis(), i, 1, flush, itest_err, sizeof(itest_err)));
+        freeReplyObject(sp_redis_argv_on(redis(), i, 2, scripts, itest_err, sizeof(itest_err)));
+    }
 }
 
 /* Redis flushed in the middle of a sale: the reapers notice, rebuild every SKU from PostgreSQL,
@@ -948,9 +952,18 @@ static void test_redis_flushed_mid_sale(void **state) {
     g.npassed++;
 }
 
-/* kill -9 of the private Redis and a restart, empty (it keeps nothing on disk). */
+static int64_t lost_sku; /* the SKU whose primary restart_redis_empty restarts (a cluster) */
+
+/* kill -9 of the private Redis and a restart, empty (it keeps nothing on disk). A cluster: the
+ * primary of lost_sku's slot only; the other primaries keep what they hold. */
 static void restart_redis_empty(void) {
     redis_close();
+    if (g.cluster) {
+        char key[SP_STOCK_KEY_MAX];
+        sp_stock_key(key, lost_sku, "sale");
+        cluster_node_restart_empty(&g.cl, cluster_owner(&g.cl, key), NULL, NULL);
+        return;
+    }
     assert_int_equal(kill(g.redis_pid, SIGKILL), 0);
     assert_int_equal(wait_exit(g.redis_pid, 30), 128 + SIGKILL);
     g.redis_pid = start_redis(g.redis_port, g.tmp);
@@ -960,6 +973,7 @@ static void restart_redis_empty(void) {
 static void test_redis_restarted_empty(void **state) {
     (void)state;
     int64_t sku = g.sku_base + 6;
+    lost_sku = sku;
     int accepted = sell_across_redis_loss(sku, 50, 1, 6001, 20, restart_redis_empty, 7001);
     print_message("    %d orders accepted around the restart\n", accepted);
     assert_int_equal(accepted, 50);
@@ -1061,6 +1075,9 @@ static int group_setup(void **state) {
                   sizeof(g.tmp)) != 0)
         return -1;
     name_topics("reaper", tag, g.topic, g.dlq, g.group, sizeof(g.topic));
+    const char *cluster = getenv("ITEST_REDIS_CLUSTER");
+    g.cluster = cluster != NULL && strcmp(cluster, "1") == 0;
+    if (g.cluster) print_message("    Redis: a private cluster of three primaries\n");
     g.redis_port = free_port();
     snprintf(g.redis_url, sizeof(g.redis_url), "redis://127.0.0.1:%d", g.redis_port);
     return create_run_topics(&stack, 4);
@@ -1069,7 +1086,12 @@ static int group_setup(void **state) {
 /* Starts Redis, the database and the workers (inside a test, so a failure is reported). */
 static void test_start_the_stack(void **state) {
     (void)state;
-    g.redis_pid = start_redis(g.redis_port, g.tmp);
+    if (g.cluster) {
+        start_redis_cluster(&g.cl, 3, g.tmp);
+        snprintf(g.redis_url, sizeof(g.redis_url), "%s", g.cl.url);
+    } else {
+        g.redis_pid = start_redis(g.redis_port, g.tmp);
+    }
     create_db();
     const char *producer_settings[] = {"ADMIN_TOKEN=" ADMIN, "PAYMENT_TOKEN=" PAYMENT,
                                        "KAFKA_MESSAGE_TIMEOUT_MS=" MSG_TIMEOUT, "USER_RATE_LIMIT=0",
