@@ -4,7 +4,13 @@
 #   make sanitize     the same with ASan+UBSan into bin/asan/
 #   make test         install what is missing, unit tests, start the local stack, integration tests
 #                     (plain and sanitized builds), stop the stack; prints "N passed, N failed"
-#   make demo         the flash-sale demo (see README)
+#   make test-redis-cluster  the integration suites that talk to Redis (C, the producer's Python
+#                     suites, the demo) on a private stack whose Redis is a Redis Cluster of six
+#                     (STACK_REDIS_CLUSTER=1; tests/e2e/redis_cluster_suites.sh, ~3.5 min; part of
+#                     make test), and the reaper's suite on a cluster of its own (4-5 min more,
+#                     not in make test)
+#   make demo         the flash-sale demo (see README); STACK_REDIS_CLUSTER=1 runs it on a stack
+#                     whose Redis is a Redis Cluster
 #   make chaos        the chaos suite: sales under injected faults, each audited (SEED=N replays)
 #   make chaos-cluster  its cases on three Kafka brokers and a PostgreSQL standby (part of chaos),
 #                     after the checks of the stack's Kafka and Redis cluster modes
@@ -85,7 +91,8 @@ UNIT_TESTS := $(patsubst %.c,$(OBJ)/%,$(wildcard $(TEST_AREAS:%=tests/%/unit_*.c
 INT_TESTS  := $(patsubst %.c,$(OBJ)/%,$(wildcard $(TEST_AREAS:%=tests/%/integration_*.c)))
 BENCHES    := $(patsubst bench/%.c,$(OBJ)/bench/%,$(wildcard bench/bench_*.c))
 
-.PHONY: all sanitize tests test test-unit test-integration bench bench-recovery demo chaos chaos-cluster test-pg-failover deps \
+.PHONY: all sanitize tests test test-unit test-integration bench bench-recovery demo chaos chaos-cluster test-pg-failover \
+        test-redis-cluster deps \
         clean format stack-up stack-down stack-clean stack-status
 
 all: $(WORKERS:%=$(BIN)/%)
@@ -235,6 +242,13 @@ chaos-cluster: deps
 test-pg-failover: deps
 	@$(MAKE) --no-print-directory all
 	@tests/e2e/pg_failover.sh
+
+# The integration suites that talk to Redis, against a Redis Cluster (part of make test): a private
+# stack with STACK_REDIS_CLUSTER=1 (ports 22379.., 22432, 22092), the C suites, integration_workers,
+# the producer's Python suites and the demo on it (tests/e2e/redis_cluster_suites.sh).
+test-redis-cluster: deps
+	@$(MAKE) --no-print-directory all tests
+	@tests/e2e/redis_cluster_suites.sh --with-reaper
 
 stack-up: deps
 	@scripts/stack.sh up

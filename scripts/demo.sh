@@ -12,7 +12,10 @@
 # stack honours STACK_VAR and the STACK_*_PORT variables (see scripts/stack.sh), so
 #   STACK_VAR=/tmp/mystack STACK_REDIS_PORT=28379 STACK_PG_PORT=28432 \
 #   STACK_KAFKA_PORT=28092 STACK_KAFKA_CONTROLLER_PORT=28093 scripts/demo.sh
-# runs it on a private stack. Options after the script name go to demo.py (--help lists them).
+# runs it on a private stack. With STACK_REDIS_CLUSTER=1 its Redis is a Redis Cluster of six
+# (scripts/stack.sh; a stack started without it must be stopped first, or use another STACK_VAR):
+# the demo then keeps to Redis's database 0, the only one a cluster has (see tests/e2e/demo.py).
+# Options after the script name go to demo.py (--help lists them).
 # The workers' logs are kept in $STACK_VAR/log/demo/logs (var/log/demo/logs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,10 +48,15 @@ trap teardown EXIT
 trap 'rc=130; exit 130' INT
 trap 'rc=143; exit 143' TERM
 
-if ! scripts/stack.sh status >/dev/null 2>&1; then
+if ! status=$(scripts/stack.sh status 2>&1); then
     echo "demo: starting the local stack (scripts/stack.sh up)"
     started_stack=1
-    scripts/stack.sh up || exit 1
+    if ! scripts/stack.sh up; then
+        # A stack that was partly running is left as it was when `up` refused or failed (say,
+        # the one Redis server runs and STACK_REDIS_CLUSTER=1 asks for a cluster).
+        if grep -q ' running ' <<<"$status"; then started_stack=0; fi
+        exit 1
+    fi
 else
     echo "demo: the local stack is running; using it"
 fi

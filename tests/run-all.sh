@@ -4,8 +4,8 @@
 # The build on a simulated fresh machine, unit tests, then the checks of deploy/ (the image's build, the Kubernetes manifests), then (with
 # the real local stack) integration tests; unit and integration tests run for the plain build and
 # the ASan+UBSan build; last the chaos suite's short pass (release build, a private stack), the
-# PostgreSQL failover test, one chaos case on a three-broker Kafka cluster and the checks of the
-# stack's Redis Cluster mode.
+# PostgreSQL failover test, the integration suites that talk to Redis against a Redis Cluster, one
+# chaos case on a three-broker Kafka cluster and the checks of the stack's Redis Cluster mode.
 # Starts the stack if it is not running and stops it again at the end; a stack that was already
 # up is left up. Prints every suite's own output and, last, one line:
 #   tests: N passed, M failed
@@ -119,6 +119,10 @@ if [ "${1:-}" != "--unit-only" ]; then
     # (tests/e2e/pg_failover.sh, about 50 s), and one chaos case on three Kafka brokers: the leader
     # of the busiest partition killed mid-sale (about 80 s; `make chaos-cluster` runs all four).
     run_suite "e2e pg_failover (release)" env BIN_DIR=bin bash tests/e2e/pg_failover.sh
+    # The integration suites that talk to Redis, on a private stack whose Redis is a Redis Cluster
+    # of six (STACK_REDIS_CLUSTER=1): the C suites, integration_workers, the producer's Python
+    # suites and the demo (tests/e2e/redis_cluster_suites.sh, about 3.5 minutes).
+    run_suite "e2e redis_cluster_suites (release)" env BIN_DIR=bin bash tests/e2e/redis_cluster_suites.sh
     run_suite "chaos cluster: kafka-leader-kill (release)" env BIN_DIR=bin \
         bash tests/chaos/chaos.sh --cluster --short --only kafka-leader-kill
     # scripts/stack.sh with STACK_REDIS_CLUSTER=1 on a private stack: six nodes, a primary killed

@@ -4,8 +4,8 @@ Shared by the demo (tests/e2e/demo.py, `make demo`) and the chaos suite (tests/c
 `make chaos`). Standard library only; the HTTP client is tests/lib/http11.py.
 
   World      what one sale runs against: a PostgreSQL database, an events topic and its
-             dead-letter topic, a Redis URL (a db number, or sentinel://) and a consumer group;
-             made (database migrated, topics created) when missing
+             dead-letter topic, a Redis URL (a db number, sentinel:// or redis-cluster://) and a
+             consumer group; made (database migrated, topics created) when missing
   Fleet      the workers (bin/producer, bin/consumer, bin/reaper) on one World: started,
              SIGKILLed, restarted, stopped with SIGTERM (testkit.Worker); every pid is recorded
              in a directory (testkit.Procs) so a shell trap can kill what a crashed driver left
@@ -30,13 +30,13 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 sys.path.insert(0, os.path.join(ROOT, "tests", "lib"))
 from http11 import Client, Conn, TransportError, prepare  # noqa: E402
 import testkit  # noqa: E402
-from testkit import STACK_SH, Fail, Procs, command, expect, redis_cli  # noqa: E402
+from testkit import (STACK_SH, Fail, Procs, command, expect, redis_cmd,  # noqa: E402
+                     redis_cmd_lines, redis_identity)
 
 MIGRATE_SH = os.path.join(ROOT, "scripts", "migrate.sh")
 ADMIN = "flashsale-admin"
 PAYMENT = "flashsale-pay"
 ORDER_TIMEOUT = 20.0  # an order unanswered for this long counts as a hang (status 0)
-EPOCH_KEY = "stockpipe:reaper:epoch"
 
 
 def fmt_int(n):
@@ -94,7 +94,8 @@ def dsn_with_db(dsn, db):
 
 
 class World:
-    """One sale's backends. `redis_url` may carry a db number (redis://h:p/3) or be sentinel://."""
+    """One sale's backends. `redis_url` may carry a db number (redis://h:p/3), be sentinel:// or
+    redis-cluster:// (database 0 only)."""
 
     def __init__(self, stack, stack_env, db, topic, redis_url, group, partitions=4, dlq=None):
         self.stack = stack
@@ -141,49 +142,26 @@ class World:
     async def asql(self, text, timeout=30):
         return await asyncio.to_thread(self.sql, text, timeout)
 
-    def redis_addr(self):
-        """host, port, db of the Redis the workers use now (a Sentinel is asked for it)."""
-        url = self.redis_url
-        if url.startswith("sentinel://"):
-            rest = url[len("sentinel://"):]
-            hosts, _, name = rest.partition("/")
-            last = None
-            for hp in hosts.split(","):
-                h, _, p = hp.rpartition(":")
-                try:
-                    out = redis_cli(p, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", name, host=h,
-                                    timeout=5).split()
-                    if len(out) == 2:
-                        return out[0], int(out[1]), 0
-                    last = out
-                except Fail as e:
-                    last = e
-            raise Fail("no Sentinel of %s names the primary (%s)" % (url, last))
-        m = re.match(r"redis://(?:[^@]*@)?([^:/]+):(\d+)(?:/(\d+))?$", url)
-        expect(m is not None, "cannot read REDIS_URL %s" % url)
-        return m.group(1), int(m.group(2)), int(m.group(3) or 0)
-
     def redis(self, *args, timeout=10):
-        h, p, db = self.redis_addr()
-        return redis_cli(p, *args, host=h, db=db, timeout=timeout)
+        """One command about keys on the world's Redis, its output (testkit.redis_cmd: the
+        server and its database, the primary a Sentinel names now, or in a Redis Cluster the node
+        serving the key's slot)."""
+        return redis_cmd(self.redis_url, *args, timeout=timeout)
 
     def redis_lines(self, *args):
-        out = self.redis(*args)
-        return out.split("\n") if out else []
+        return redis_cmd_lines(self.redis_url, *args)
 
     def reaper_settled(self):
         """The reaper's last complete reconcile left Redis as it is now (reaper_state names this
-        Redis's epoch, run_id and replication id): no reconcile is due or under way."""
+        Redis's epoch, run_id and replication id; in a cluster those of every primary, joined as
+        the reaper joins them: testkit.redis_identity): no reconcile is due or under way."""
         rows = dict((r[0], r[1]) for r in self.sql(
             "SELECT name, value FROM reaper_state WHERE name IN "
             "('redis_epoch', 'redis_run_id', 'redis_replid')"))
         if len(rows) < 3:
             return False
-        info = self.redis("INFO", "server") + "\n" + self.redis("INFO", "replication")
-        f = dict(l.strip().split(":", 1) for l in info.splitlines() if ":" in l)
-        return (rows["redis_epoch"] == self.redis("GET", EPOCH_KEY)
-                and rows["redis_run_id"] == f.get("run_id")
-                and rows["redis_replid"] == f.get("master_replid"))
+        return (rows["redis_epoch"], rows["redis_run_id"], rows["redis_replid"]) == \
+            redis_identity(self.redis_url)
 
     def consumer_lag(self):
         ends = end_offsets(self.brokers, self.topic, self.partitions)

@@ -347,11 +347,11 @@ typedef struct itest_cluster {
     char url[256]; /* redis-cluster://127.0.0.1:P1,... */
 } itest_cluster;
 
-/* A loopback port in 20000..22699 whose cluster bus port (+10000) is free too (both below the
- * ephemeral range), not among taken. */
+/* A loopback port in 20000..21999 (clear of the 22xxx ports of tests/e2e/redis_cluster_suites.sh)
+ * whose cluster bus port (+10000) is free too (both below the ephemeral range), not among taken. */
 static inline int cluster_free_port(const int *taken, int ntaken) {
     for (unsigned tries = 0; tries < 500; tries++) {
-        int p = 20000 + (int)(((unsigned)getpid() * 7919u + tries * 104729u) % 2700u), ok = 1;
+        int p = 20000 + (int)(((unsigned)getpid() * 7919u + tries * 104729u) % 2000u), ok = 1;
         for (int i = 0; i < ntaken; i++) ok &= taken[i] != p;
         for (int k = 0; k < 2 && ok; k++) {
             int fd = socket(AF_INET, SOCK_STREAM, 0);

@@ -20,7 +20,16 @@ library only.
   setup_missing(env, binary)      what a driver lacks to run: unset settings, or the binary
   raise_nofile(want), interrupt_on_sigterm()
   command(argv), redis_cli(port, *args)
-                                  a short client command's output, or Fail
+                                  a short client command's output, or Fail (redis_cli: a server
+                                  of a test's own)
+  redis_cmd(url, *args), redis_cmd_lines(url, *args), redis_each_primary(url, *args),
+  redis_info_sum(url, section), redis_primaries(url), redis_identity(url), epoch_keys(url),
+  cluster_slot_map(url), redis_slot(key), parse_redis_url(url), parse_info(text)
+                                  the data's Redis as REDIS_URL names it (redis://, sentinel://,
+                                  redis-cluster://): a command about keys (in a cluster through
+                                  `redis-cli -c`, which follows MOVED/ASK), a command on every
+                                  primary, INFO summed over them, the reaper's idea of Redis's
+                                  identity, a key's slot
   Procs(piddir)                   processes started, each recorded in PIDDIR/NAME.pid as
                                   "PID NEEDLE" (what kill_recorded of tests/lib/procs.sh reads);
                                   start, kill, stop (SIGTERM, wait, SIGKILL), stop_all;
@@ -36,6 +45,7 @@ library only.
 import asyncio
 import os
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -285,11 +295,288 @@ def command(argv, timeout=30, env=None, input_text=None, check=True):
 
 
 def redis_cli(port, *args, host=HOST, db=None, timeout=10):
-    """One redis-cli command on host:port (database db); its output, stripped, or Fail."""
+    """One redis-cli command on host:port (database db); its output, stripped, or Fail. For a
+    server of a test's own; the stack's Redis, whatever REDIS_URL names, is redis_cmd's."""
     argv = ["redis-cli", "-h", host, "-p", str(port)]
     if db is not None:
         argv += ["-n", str(db)]
     return command(argv + [str(a) for a in args], timeout=timeout).strip()
+
+
+# ---- the data's Redis as REDIS_URL names it: one server, Sentinel's primary, a Redis Cluster -----
+#
+# redis_cmd(url, *args)          a command about keys: on the server, Sentinel's primary, or in a
+#                                cluster through `redis-cli -c` on a seed that answers (it follows
+#                                MOVED/ASK to the node serving the key's slot)
+# redis_each_primary(url, *args) a command about each server (SCRIPT FLUSH, FLUSHALL, CONFIG SET,
+#                                INFO): on every primary, their outputs in redis_primaries' order
+# redis_info_sum(url, section)   INFO SECTION of every primary, its numbers added up
+# redis_identity(url)            (epoch, run_id, replid) as the reaper reads them
+# redis_slot(key)                a key's cluster slot (CRC16/XMODEM of its hash tag)
+
+def parse_redis_url(url):
+    """REDIS_URL as the workers read it (sp_redis_parse_url, common/redis_store.c):
+    {"kind": "redis" | "sentinel" | "cluster", "hosts": [(host, port)], "master": Sentinel's
+    master name or None, "db": n, "password": str or None}; Fail on what they would refuse."""
+    m = re.match(r"(redis|sentinel|redis-cluster)://(?:[^:@/]*:([^@]*)@)?([^/]*)(?:/(.*))?$",
+                 url or "")
+    expect(m is not None, "REDIS_URL must start with redis://, sentinel:// or redis-cluster:// "
+           "(got %r)" % (url or "")[:40])
+    kind = {"redis": "redis", "sentinel": "sentinel", "redis-cluster": "cluster"}[m.group(1)]
+    hosts = []
+    for hp in m.group(3).split(","):
+        h, colon, p = hp.rpartition(":")
+        if not colon:
+            h, p = hp, "26379" if kind == "sentinel" else "6379"
+        expect(h and p.isdigit() and 0 < int(p) < 65536, "REDIS_URL has a bad host %r" % hp)
+        hosts.append((h, int(p)))
+    expect(kind != "redis" or len(hosts) == 1, "REDIS_URL redis:// takes one host")
+    rest = m.group(4) or ""
+    master = None
+    if kind == "sentinel":
+        master, _, rest = rest.partition("/")
+        expect(master, "REDIS_URL sentinel:// needs /master_name after the hosts")
+    expect(rest == "" or (rest.isdigit() and int(rest) <= 15),
+           "REDIS_URL database must be 0..15 (got %r)" % rest)
+    db = int(rest or 0)
+    expect(kind != "cluster" or db == 0, "REDIS_URL redis-cluster:// has only database 0")
+    return {"kind": kind, "hosts": hosts, "master": master, "db": db,
+            "password": m.group(2) or None}
+
+
+def _crc16_table():
+    table = []
+    for i in range(256):
+        c = i << 8
+        for _ in range(8):
+            c = ((c << 1) ^ 0x1021) if c & 0x8000 else (c << 1)
+        table.append(c & 0xFFFF)
+    return table
+
+
+_CRC16 = _crc16_table()
+
+
+def redis_slot(key):
+    """The cluster slot of key (str or bytes): CRC16/XMODEM of its hash tag (the part between
+    the first { and the next }, when not empty) or of the whole key, mod 16384."""
+    k = key.encode() if isinstance(key, str) else bytes(key)
+    s = k.find(b"{")
+    if s >= 0:
+        e = k.find(b"}", s + 1)
+        if e > s + 1:
+            k = k[s + 1:e]
+    crc = 0
+    for b in k:
+        crc = ((crc << 8) & 0xFFFF) ^ _CRC16[((crc >> 8) ^ b) & 0xFF]
+    return crc % 16384
+
+
+def _redis_run(target, host, port, args, timeout, follow=False, db=0):
+    """redis-cli on host:port (-c with follow, -n db when not 0): (returncode, stdout, stderr)."""
+    argv = ["redis-cli", "-h", host, "-p", str(port)]
+    if follow:
+        argv.append("-c")
+    if db:
+        argv += ["-n", str(db)]
+    env = None
+    if target["password"]:
+        env = dict(os.environ, REDISCLI_AUTH=target["password"])
+    try:
+        p = subprocess.run(argv + [str(a) for a in args], capture_output=True, text=True,
+                           errors="replace", timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise Fail("redis-cli -p %d %s did not finish within %d s" % (port, " ".join(
+            str(a) for a in args[:3]), timeout))
+    return p.returncode, p.stdout, p.stderr
+
+
+def _redis_ok(host, port, args, rc, out, err):
+    """The output of a redis-cli run, stripped; Fail when it could not run the command or the
+    cluster could not route it (CLUSTERDOWN, TRYAGAIN, a MOVED left over)."""
+    if rc != 0:
+        raise Fail("redis-cli -h %s -p %d %s exited %d: %s" % (host, port, " ".join(
+            str(a) for a in args[:3]), rc, (err or out).strip()[-300:]))
+    text = out.strip()
+    if re.match(r"(CLUSTERDOWN|TRYAGAIN|MOVED|ASK) ", text):
+        raise Fail("redis-cli -h %s -p %d %s: %s" % (host, port, " ".join(
+            str(a) for a in args[:3]), text[:300]))
+    return text
+
+
+def _sentinel_primary(target, timeout):
+    """(host, port) of the primary the first Sentinel that knows names."""
+    last = None
+    for h, p in target["hosts"]:
+        rc, out, err = _redis_run({"password": None}, h, p, ["SENTINEL",
+                                  "GET-MASTER-ADDR-BY-NAME", target["master"]], min(timeout, 5))
+        words = out.split()
+        if rc == 0 and len(words) == 2 and words[1].isdigit():
+            return words[0], int(words[1])
+        last = (err or out).strip()
+    raise Fail("no Sentinel of %s names the primary %s (%s)" % (
+        ",".join("%s:%d" % hp for hp in target["hosts"]), target["master"], last))
+
+
+def _cluster_seed_run(target, args, timeout, follow):
+    """args on the first seed of a cluster that answers (a seed down is skipped): (host, port,
+    rc, out, err)."""
+    last = None
+    for h, p in target["hosts"]:
+        rc, out, err = _redis_run(target, h, p, args, timeout, follow=follow)
+        if rc == 0 or "Could not connect" not in (err + out):
+            return h, p, rc, out, err
+        last = (err or out).strip()
+    raise Fail("no seed of the cluster answers (%s): %s" % (
+        ",".join("%s:%d" % hp for hp in target["hosts"]), last))
+
+
+def cluster_slot_map(url, timeout=10):
+    """A cluster's slot map as its seed sees it (CLUSTER NODES of the first seed that answers):
+    a list of 16384 entries, the (host, port) of the primary serving each slot or None. Only for
+    redis-cluster://."""
+    t = parse_redis_url(url)
+    expect(t["kind"] == "cluster", "not a redis-cluster:// URL: %s" % url)
+    h, p, rc, out, err = _cluster_seed_run(t, ["CLUSTER", "NODES"], timeout, False)
+    text = _redis_ok(h, p, ["CLUSTER", "NODES"], rc, out, err)
+    owner = [None] * 16384
+    for line in text.splitlines():
+        f = line.split()
+        flags = f[2].split(",") if len(f) > 2 else []
+        if len(f) < 8 or "master" not in flags or "fail" in flags:
+            continue
+        ah, _, ap = f[1].split("@")[0].split(",")[0].rpartition(":")
+        if not ah or not ap.isdigit():
+            continue
+        for r in f[8:]:  # "0-5460", "5461"; "[slot->-id]" (a migration under way) skipped
+            m = re.match(r"(\d+)(?:-(\d+))?$", r)
+            if m:
+                for slot in range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1):
+                    owner[slot] = (ah, int(ap))
+    return owner
+
+
+def redis_primaries(url, timeout=10):
+    """(host, port) of every primary of the data REDIS_URL names: the server (redis://), the
+    primary Sentinel names now (sentinel://), or a cluster's primaries in the order of the first
+    slot each serves (the order of the reaper's sp_redis_primaries, whose identity lists them
+    so)."""
+    t = parse_redis_url(url)
+    if t["kind"] == "redis":
+        return list(t["hosts"])
+    if t["kind"] == "sentinel":
+        return [_sentinel_primary(t, timeout)]
+    out = []
+    for addr in cluster_slot_map(url, timeout):
+        if addr is not None and addr not in out:
+            out.append(addr)
+    expect(out, "the cluster of %s serves no slot" % url)
+    return out
+
+
+def redis_cmd(url, *args, timeout=10):
+    """One command about keys on the data REDIS_URL names; its output (stripped) or Fail.
+    redis://: that server and database; sentinel://: the primary a Sentinel names now;
+    redis-cluster://: `redis-cli -c` on the first seed that answers, which follows MOVED and ASK
+    to the node serving the (first) key's slot - a keyless command runs on that seed alone: one
+    about each server (SCRIPT FLUSH, FLUSHALL, INFO, CONFIG SET) is redis_each_primary's."""
+    t = parse_redis_url(url)
+    if t["kind"] == "cluster":
+        h, p, rc, out, err = _cluster_seed_run(t, args, timeout, True)
+        return _redis_ok(h, p, args, rc, out, err)
+    h, p = t["hosts"][0] if t["kind"] == "redis" else _sentinel_primary(t, timeout)
+    rc, out, err = _redis_run(t, h, p, args, timeout, db=t["db"])
+    return _redis_ok(h, p, args, rc, out, err)
+
+
+def redis_cmd_lines(url, *args, timeout=10):
+    """redis_cmd's output as a list of lines (an empty reply: [])."""
+    out = redis_cmd(url, *args, timeout=timeout)
+    return out.split("\n") if out else []
+
+
+def redis_each_primary(url, *args, timeout=10):
+    """The command on every primary of the data REDIS_URL names (redis_primaries: one for a
+    server or Sentinel's primary, each of a cluster's), nothing redirected; their outputs,
+    stripped, in that order. Fail when one did not run it."""
+    t = parse_redis_url(url)
+    out = []
+    for h, p in redis_primaries(url, timeout):
+        rc, o, err = _redis_run(t, h, p, args, timeout, db=t["db"])
+        out.append(_redis_ok(h, p, args, rc, o, err))
+    return out
+
+
+def parse_info(text):
+    """An INFO text as {field: value} (strings; `#` lines skipped)."""
+    return dict(l.strip().split(":", 1) for l in text.splitlines()
+                if ":" in l and not l.startswith("#"))
+
+
+def redis_info_sum(url, section):
+    """INFO SECTION of every primary, its numbers added up: {field: number}. A field of
+    `a=1,b=2` values (commandstats' cmdstat_eval:calls=3,usec=...) counts as FIELD.a, FIELD.b;
+    what is not a number is left out."""
+    total = {}
+    def add(k, v):
+        try:
+            n = float(v)
+        except ValueError:
+            return
+        total[k] = total.get(k, 0) + n
+    for text in redis_each_primary(url, "INFO", section):
+        for k, v in parse_info(text).items():
+            if "=" in v:
+                for part in v.split(","):
+                    pk, _, pv = part.partition("=")
+                    add("%s.%s" % (k, pk), pv)
+            else:
+                add(k, v)
+    return total
+
+
+EPOCH_KEY = "stockpipe:reaper:epoch"
+
+
+def epoch_keys(url, timeout=10):
+    """[(primary, key)]: the key each primary keeps the reaper's epoch under (reaper/reconcile.c,
+    epoch_key), in redis_primaries' order: on one server EPOCH_KEY; in a cluster EPOCH_KEY:{N}
+    with the smallest N >= 0 whose slot that primary serves."""
+    if parse_redis_url(url)["kind"] != "cluster":
+        return [(redis_primaries(url, timeout)[0], EPOCH_KEY)]
+    owner = cluster_slot_map(url, timeout)
+    prims = []
+    for addr in owner:
+        if addr is not None and addr not in prims:
+            prims.append(addr)
+    out = []
+    for addr in prims:
+        n = 0
+        while owner[redis_slot("%s:{%d}" % (EPOCH_KEY, n))] != addr:
+            n += 1
+            expect(n < 1000000, "no epoch key lands on primary %s:%d" % addr)
+        out.append((addr, "%s:{%d}" % (EPOCH_KEY, n)))
+    return out
+
+
+def redis_identity(url, timeout=10):
+    """(epoch, run_id, replid) of the data REDIS_URL names, as the reaper reads them
+    (reaper/reconcile.c, read_identity) and records them in reaper_state: per primary (in
+    redis_primaries' order) INFO server's run_id and INFO replication's master_replid, joined by
+    ','; the epoch is the value of the primaries' epoch keys when all hold the same, else ''
+    (a missing one counts as '')."""
+    t = parse_redis_url(url)
+    run_ids, replids, epochs = [], [], []
+    for (h, p), key in epoch_keys(url, timeout):
+        got = []
+        for args in (("INFO", "server"), ("INFO", "replication"), ("GET", key)):
+            rc, out, err = _redis_run(t, h, p, args, timeout, db=t["db"])
+            got.append(_redis_ok(h, p, args, rc, out, err))
+        run_ids.append(parse_info(got[0]).get("run_id", ""))
+        replids.append(parse_info(got[1]).get("master_replid", ""))
+        epochs.append(got[2])
+    epoch = epochs[0] if epochs and all(e == epochs[0] for e in epochs) else ""
+    return epoch, ",".join(run_ids), ",".join(replids)
 
 
 # ---- processes ----------------------------------------------------------------------------------
