@@ -830,7 +830,8 @@ static void post_order(sp_order_api *api, struct evhttp_request *req) {
     if (idem) snprintf(c->order.idem_key, sizeof(c->order.idem_key), "%s", idem);
     sp_order_id_next(&api->ids, c->order.ts_ms, sku, c->order.order_id);
     sp_stock_reserve_call(&c->script, &c->order);
-    if (!sp_redis_async_usable(api->redis)) {
+    /* argv[0] is the sale's key: in a cluster, only the SKUs of a primary that is down fail */
+    if (!sp_redis_async_usable_for(api->redis, c->script.argv[0])) {
         sp_metric_inc(&m_redis_errors);
         answer_error(c, 503, "unavailable", "stock store is unreachable", &m_unavailable);
         goto done;

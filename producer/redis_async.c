@@ -628,10 +628,17 @@ void sp_redis_async_tick(sp_redis_async *ra) {
 
 int sp_redis_async_usable(const sp_redis_async *ra) {
     if (!ra->target.cluster) return ra->nodes[0].ac != NULL && ac_open(ra->nodes[0].ac);
-    if (!ra->have_map || ra->unserved > 0) return 0;
+    if (!ra->have_map) return 0;
     for (int i = 0; i < ra->map.nnodes; i++)
-        if (ra->nodes[i].serves && ra->nodes[i].failed) return 0;
-    return 1;
+        if (ra->nodes[i].serves && !ra->nodes[i].failed) return 1;
+    return 0;
+}
+
+int sp_redis_async_usable_for(const sp_redis_async *ra, const char *key) {
+    if (!ra->target.cluster) return sp_redis_async_usable(ra);
+    if (!ra->have_map) return 0;
+    int i = ra->map.slot_node[sp_cluster_key_slot(key, strlen(key))];
+    return i >= 0 && !ra->nodes[i].failed;
 }
 
 int64_t sp_redis_async_owed(const sp_redis_async *ra) { return ra->npending; }

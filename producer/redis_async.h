@@ -67,9 +67,13 @@ void sp_redis_async_close(sp_redis_async *ra);
 void sp_redis_async_tick(sp_redis_async *ra);
 
 /* 1 when commands can be sent: the server is connected (single, Sentinel), or the slot map is
- * known, names a primary for every slot, and no primary that serves slots failed its last
- * connection (cluster). */
+ * known and some primary that serves slots did not fail its last connection (cluster: /readyz; a
+ * primary's failover makes its slots' commands fail, not every one). */
 int sp_redis_async_usable(const sp_redis_async *ra);
+
+/* 1 when a command on key can be sent: as above for one server; a cluster's map names a primary
+ * for key's slot and that primary did not fail its last connection. */
+int sp_redis_async_usable_for(const sp_redis_async *ra, const char *key);
 
 /* Commands accepted whose final reply has not come yet. */
 int64_t sp_redis_async_owed(const sp_redis_async *ra);
