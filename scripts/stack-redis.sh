@@ -652,30 +652,8 @@ redis_cluster_wait() {
 # --- the cluster: stop, kill, status, purge ---------------------------------------------------------
 
 # redis_stop_nodes NODE...: SIGTERM to each cluster node at once (Redis's clean shutdown: its AOF
-# and nodes.conf written), SIGKILL to what still runs 20 s later.
-redis_stop_nodes() {
-    local node pid pids=() names=() i deadline
-    for node in "$@"; do
-        if pid=$(redis_node_pid "$node"); then
-            kill -TERM "$pid" 2>/dev/null || true
-            pids+=("$pid")
-            names+=("$node")
-        else
-            say "$node: not running"
-        fi
-    done
-    deadline=$((SECONDS + 20))
-    for i in "${!pids[@]}"; do
-        pid=${pids[$i]} node=${names[$i]}
-        if ! wait_gone "$pid" $((deadline > SECONDS ? deadline - SECONDS : 0)); then
-            warn "$node (pid $pid) did not exit within 20s; sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-            wait_gone "$pid" 10 || die "$node (pid $pid) survived SIGKILL"
-        fi
-        rm -f "$RUN/$node.pid"
-        say "$node: stopped (pid $pid)"
-    done
-}
+# and nodes.conf written), SIGKILL to what still runs 20 s later (stop_nodes, scripts/stack.sh).
+redis_stop_nodes() { stop_nodes redis_node_pid 20 "$@"; }
 
 # redis_down_all: `down redis`: every Redis node that runs, of either kind.
 redis_down_all() {

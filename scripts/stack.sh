@@ -848,12 +848,13 @@ kafka_down() {
     if ((${#controllers[@]})); then kafka_stop "${controllers[@]}"; fi
 }
 
-# kafka_stop NODE...: SIGTERM to each, then SIGKILL to what still runs KAFKA_STOP_TIMEOUT later
-# (a broker whose controller quorum is gone would wait for it up to 5 minutes).
-kafka_stop() {
-    local node pid pids=() names=() i
+# stop_nodes PID_FN TIMEOUT NODE...: SIGTERM to each recorded node at once (PID_FN NODE prints its
+# recorded pid, or fails when it does not run), SIGKILL to what still runs TIMEOUT s later.
+stop_nodes() {
+    local pid_fn=$1 timeout=$2 node pid pids=() names=() i
+    shift 2
     for node in "$@"; do
-        if pid=$(kafka_node_pid "$node"); then
+        if pid=$("$pid_fn" "$node"); then
             kill -TERM "$pid" 2>/dev/null || true
             pids+=("$pid")
             names+=("$node")
@@ -861,11 +862,11 @@ kafka_stop() {
             say "$node: not running"
         fi
     done
-    local deadline=$((SECONDS + KAFKA_STOP_TIMEOUT))
+    local deadline=$((SECONDS + timeout))
     for i in "${!pids[@]}"; do
         pid=${pids[$i]} node=${names[$i]}
         if ! wait_gone "$pid" $((deadline > SECONDS ? deadline - SECONDS : 0)); then
-            warn "$node (pid $pid) did not exit within ${KAFKA_STOP_TIMEOUT}s; sending SIGKILL"
+            warn "$node (pid $pid) did not exit within ${timeout}s; sending SIGKILL"
             kill -KILL "$pid" 2>/dev/null || true
             wait_gone "$pid" 10 || die "$node (pid $pid) survived SIGKILL"
         fi
@@ -873,6 +874,10 @@ kafka_stop() {
         say "$node: stopped (pid $pid)"
     done
 }
+
+# kafka_stop NODE...: stop_nodes with KAFKA_STOP_TIMEOUT (a broker whose controller quorum is gone
+# would wait for it up to 5 minutes).
+kafka_stop() { stop_nodes kafka_node_pid "$KAFKA_STOP_TIMEOUT" "$@"; }
 
 # --- the env file --------------------------------------------------------------------------------
 
