@@ -536,15 +536,26 @@ undo:
     return -1;
 }
 
-/* The map indexes of the nodes that serve a slot (the primaries), in the order of the first slot
- * each serves (the same order for every client of the same cluster); their count. */
+/* The map indexes of the nodes that serve a slot (the primaries), in the order of their addresses
+ * (host, then port): the same order for every client, and kept by a reshard, which moves slots
+ * but changes no primary; their count. */
 static int serving(sp_redis *r, int *idx) {
     char seen[SP_CLUSTER_NODES_MAX] = {0};
     int n = 0;
     if (r->map_stale) (void)map_refresh(r, NULL, 0);
-    for (int s = 0; s < SP_CLUSTER_SLOTS; s++) {
-        int i = r->map->slot_node[s];
-        if (i >= 0 && !seen[i]) seen[i] = 1, idx[n++] = i;
+    for (int s = 0; s < SP_CLUSTER_SLOTS; s++)
+        if (r->map->slot_node[s] >= 0) seen[r->map->slot_node[s]] = 1;
+    for (int i = 0; i < r->map->nnodes; i++) {
+        if (!seen[i]) continue;
+        const sp_cluster_node *a = &r->map->nodes[i];
+        int at = n++;
+        for (; at > 0; at--) { /* insertion: a few primaries */
+            const sp_cluster_node *b = &r->map->nodes[idx[at - 1]];
+            int c = strcmp(b->host, a->host);
+            if (c < 0 || (c == 0 && b->port < a->port)) break;
+            idx[at] = idx[at - 1];
+        }
+        idx[at] = i;
     }
     return n;
 }

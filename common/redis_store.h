@@ -82,10 +82,10 @@ typedef struct sp_redis_cmd {
 int sp_redis_pipeline(sp_redis *r, size_t n, const sp_redis_cmd *cmds, redisReply **replies,
                       char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
-/* How many primaries serve the data (1 without a cluster), numbered in the order of the first
- * slot each serves; which of them serves key's slot (-1: none known); and one command on the
- * i-th of them, no redirect followed: for what each server holds on its own (INFO, its
- * identity). */
+/* How many primaries serve the data (1 without a cluster), numbered in the order of their
+ * addresses (host, then port: a reshard changes no number); which of them serves key's slot (-1:
+ * none known); and one command on the i-th of them, no redirect followed: for what each server
+ * holds on its own (INFO, its identity). */
 int sp_redis_primaries(sp_redis *r);
 int sp_redis_primary_of(sp_redis *r, const char *key);
 redisReply *sp_redis_argv_on(sp_redis *r, int i, int argc, const char **argv, char *errbuf,

@@ -67,7 +67,8 @@ typedef struct inv_row {
 /* What changes when Redis loses data: a server's run id (a restart), its replication id (a
  * failover: a promoted replica takes a new one) and the epoch the last reconcile wrote into it
  * (gone after a FLUSHALL). A Redis Cluster's primaries each lose data on their own: its run and
- * replication ids are every primary's, joined by ',' in slot order, and each primary keeps the
+ * replication ids are every primary's, joined by ',' in the order of their addresses (a reshard,
+ * which moves slots between the same primaries, changes nothing here), and each primary keeps the
  * epoch under a key of a slot it serves (epoch_key). */
 typedef struct redis_identity {
     char epoch[64]; /* "" when missing, or when the primaries do not all hold the same */
@@ -1142,7 +1143,8 @@ int sp_reconcile_check(sp_reaper *rp, char *errbuf, size_t errlen) {
                                      : "Redis lost the epoch the last reconcile wrote: it was "
                                        "emptied or replaced")
                  : strcmp(now.run_id, rec.run_id) != 0
-                     ? "Redis restarted (new run_id): writes of its last moments may be lost"
+                     ? "Redis restarted or failed over (new run_id): writes of its last moments "
+                       "may be lost"
                      : "Redis failed over (new replication id): the new primary may have missed "
                        "writes");
         if (found) sp_metric_inc(&m_data_loss);

@@ -202,6 +202,43 @@ static void move_slot(unsigned slot, const char *key, int from, int to, int fini
     if (finish) finish_move(slot, from, to);
 }
 
+/* The primaries' ids in sp_redis_primaries' order, joined (what the reaper's identity lists). */
+static void primaries_ids(sp_redis *r, char *out, size_t cap) {
+    const char *myid[] = {"CLUSTER", "MYID"};
+    out[0] = '\0';
+    for (int i = 0, n = sp_redis_primaries(r); i < n; i++) {
+        redisReply *rep = sp_redis_argv_on(r, i, 2, myid, err, sizeof(err));
+        if (rep == NULL || rep->type != REDIS_REPLY_STRING) fail_msg("CLUSTER MYID: %s", err);
+        size_t len = strlen(out);
+        snprintf(out + len, cap - len, "%s%s", i ? "," : "", rep->str);
+        freeReplyObject(rep);
+    }
+}
+
+/* A reshard changes no primary, so it must not change their numbering either: slot 0 (the first
+ * slot of the primary that serves it) moved to another primary leaves sp_redis_primaries' order as
+ * it was. (The order was by first slot served: this move changed it, and the reaper took the
+ * reshard for a data loss.) */
+static void test_primaries_order_kept_by_reshard(void **state) {
+    (void)state;
+    char before[256], after[256], fresh[256];
+    sp_redis *r = open_cluster();
+    primaries_ids(r, before, sizeof(before));
+    int from = owner_of(""), to = (from + 1) % NODES; /* the empty key is in slot 0 */
+    move_slot(0, NULL, from, to, 1);
+    WAIT_FOR(owner_of("") == to, "slot 0 did not move");
+    redisReply *rep = sp_redis_command(r, "", err, sizeof(err), "GET %s", ""); /* MOVED: map read */
+    assert_non_null(rep);
+    freeReplyObject(rep);
+    primaries_ids(r, after, sizeof(after));
+    sp_redis_close(r);
+    r = open_cluster();
+    primaries_ids(r, fresh, sizeof(fresh));
+    sp_redis_close(r);
+    assert_string_equal(after, before);
+    assert_string_equal(fresh, before);
+}
+
 /* A slot that moved answers MOVED: the command follows it, and so does the map. */
 static void test_moved(void **state) {
     (void)state;
@@ -315,9 +352,13 @@ static void test_seeds(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_cluster_up), cmocka_unit_test(test_routing),
-        cmocka_unit_test(test_scripts),    cmocka_unit_test(test_moved),
-        cmocka_unit_test(test_ask),        cmocka_unit_test(test_connection_killed),
+        cmocka_unit_test(test_cluster_up),
+        cmocka_unit_test(test_routing),
+        cmocka_unit_test(test_scripts),
+        cmocka_unit_test(test_moved),
+        cmocka_unit_test(test_ask),
+        cmocka_unit_test(test_primaries_order_kept_by_reshard),
+        cmocka_unit_test(test_connection_killed),
         cmocka_unit_test(test_seeds),
     };
     return cmocka_run_group_tests_name("redis_cluster", tests, setup, teardown);

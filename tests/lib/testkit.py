@@ -458,9 +458,9 @@ def cluster_slot_map(url, timeout=10):
 
 def redis_primaries(url, timeout=10):
     """(host, port) of every primary of the data REDIS_URL names: the server (redis://), the
-    primary Sentinel names now (sentinel://), or a cluster's primaries in the order of the first
-    slot each serves (the order of the reaper's sp_redis_primaries, whose identity lists them
-    so)."""
+    primary Sentinel names now (sentinel://), or a cluster's primaries in the order of their
+    addresses, host then port (the order of the reaper's sp_redis_primaries, whose identity lists
+    them so)."""
     t = parse_redis_url(url)
     if t["kind"] == "redis":
         return list(t["hosts"])
@@ -471,7 +471,7 @@ def redis_primaries(url, timeout=10):
         if addr is not None and addr not in out:
             out.append(addr)
     expect(out, "the cluster of %s serves no slot" % url)
-    return out
+    return sorted(out, key=lambda a: (a[0].encode(), int(a[1])))
 
 
 def redis_cmd(url, *args, timeout=10):
