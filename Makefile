@@ -12,8 +12,8 @@
 #   make demo         the flash-sale demo (see README); STACK_REDIS_CLUSTER=1 runs it on a stack
 #                     whose Redis is a Redis Cluster
 #   make chaos        the chaos suite: sales under injected faults, each audited (SEED=N replays)
-#   make chaos-cluster  its cases on three Kafka brokers and a PostgreSQL standby (part of chaos),
-#                     after the checks of the stack's Kafka and Redis cluster modes
+#   make chaos-cluster  its cases on three Kafka brokers, a PostgreSQL standby and a Redis Cluster
+#                     (part of chaos), after the checks of the stack's Kafka and Redis cluster modes
 #   make bench        benchmarks: the event codec, then the producer under HTTP load on the local
 #                     stack (bench/producer_bench.sh; starts and stops the stack if it is not up),
 #                     the consumer, last the recovery after Redis lost its data (bench-recovery)
@@ -228,9 +228,11 @@ chaos: deps
 
 # The cluster cases alone (after the checks of the cluster stack itself, tests/chaos/stack_cluster.sh
 # for three Kafka brokers and tests/chaos/stack_redis_cluster.sh for a Redis Cluster of six):
-# three Kafka brokers (RF 3, min.insync.replicas=2) and a PostgreSQL
-# primary with a synchronous standby; a broker leader killed, a broker's disk lost, two brokers
-# down, the PostgreSQL primary killed and its standby promoted (tests/chaos/chaos.py --cluster).
+# three Kafka brokers (RF 3, min.insync.replicas=2), a PostgreSQL primary with a synchronous
+# standby and a Redis Cluster of six; a broker leader killed, a broker's disk lost, two brokers
+# down, the primary of the sale's Redis slot cut off from its replica and killed (its replica
+# promoted), the sale's slot resharded to another primary mid-sale, the PostgreSQL primary killed
+# and its standby promoted (tests/chaos/chaos.py --cluster).
 chaos-cluster: deps
 	@$(MAKE) --no-print-directory all
 	@tests/chaos/stack_cluster.sh

@@ -5,7 +5,8 @@
 # the real local stack) integration tests; unit and integration tests run for the plain build and
 # the ASan+UBSan build; last the chaos suite's short pass (release build, a private stack), the
 # PostgreSQL failover test, the integration suites that talk to Redis against a Redis Cluster, one
-# chaos case on a three-broker Kafka cluster and the checks of the stack's Redis Cluster mode.
+# chaos case on three Kafka brokers, a PostgreSQL standby and a Redis Cluster, and the checks of
+# the stack's Redis Cluster mode.
 # Starts the stack if it is not running and stops it again at the end; a stack that was already
 # up is left up. Prints every suite's own output and, last, one line:
 #   tests: N passed, M failed
@@ -116,8 +117,9 @@ if [ "${1:-}" != "--unit-only" ]; then
     run_suite "chaos short pass (release)" env BIN_DIR=bin bash tests/chaos/chaos.sh --short
     # The replicated backends (issue 16), once, with the release build, each on a private stack:
     # the PostgreSQL primary killed and its synchronous standby promoted mid-sale
-    # (tests/e2e/pg_failover.sh, about 50 s), and one chaos case on three Kafka brokers: the leader
-    # of the busiest partition killed mid-sale (about 80 s; `make chaos-cluster` runs all four).
+    # (tests/e2e/pg_failover.sh, about 50 s), and one chaos case on the stack users run (three
+    # Kafka brokers, a PostgreSQL standby, a Redis Cluster of six): the leader of the busiest
+    # partition killed mid-sale (about 80 s; `make chaos-cluster` runs all six).
     run_suite "e2e pg_failover (release)" env BIN_DIR=bin bash tests/e2e/pg_failover.sh
     # The integration suites that talk to Redis, on a private stack whose Redis is a Redis Cluster
     # of six (STACK_REDIS_CLUSTER=1): the C suites, integration_workers, the producer's Python

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # chaos.sh - the chaos suite (tests/chaos/chaos.py): flash sales under kill -9 of workers, Kafka
-# and PostgreSQL restarts and a Redis failover that loses writes, each audited once quiet.
+# and PostgreSQL restarts and a Redis failover that loses writes, each audited once quiet; with
+# --cluster on three Kafka brokers, a PostgreSQL standby and a Redis Cluster (make chaos-cluster).
 #
 #   tests/chaos/chaos.sh [--short] [--seed N] [--only CASE]...     (make chaos [SEED=N])
 #
@@ -13,7 +14,7 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 . "$root/tests/lib/procs.sh"
-private_work sp-chaos stack.log 'stack/redis' 'stack/kafka*' '*/sentinel/*-data-*'
+private_work sp-chaos stack.log 'stack/redis' 'stack/redis-[1-6]' 'stack/kafka*' '*/sentinel/*-data-*'
 
 run_helper python3 "$here/chaos.py" --workdir "$work" "$@"
 exit "$rc"

@@ -549,6 +549,7 @@ def epoch_keys(url, timeout=10):
     for addr in owner:
         if addr is not None and addr not in prims:
             prims.append(addr)
+    prims.sort(key=lambda a: (a[0].encode(), int(a[1])))  # redis_primaries' order
     out = []
     for addr in prims:
         n = 0
