@@ -318,7 +318,7 @@ static void test_killed_connection_in_flight(void **state) {
     assert_true(behind.null);
     sp_redis_async_stats_get(ra, &st);
     assert_true(st.lost >= 2);
-    WAIT_FOR((run_for(ra, 100), sp_redis_async_usable(ra)), "no new connection");
+    WAIT_FOR((run_for(ra, 100), sp_redis_async_usable_for(ra, key)), "no new connection");
     assert_int_equal(count(ra, key, "later", &later), 0);
     run_until_done(ra, &later, 1);
     assert_int_equal(later.type, REDIS_REPLY_INTEGER);
@@ -466,8 +466,8 @@ static void test_primary_killed_in_flight(void **state) {
     assert_true(blpop.null);
     assert_true(behind.null);
     int64_t deadline = sp_clock_mono_ms() + 30000;
-    while (!sp_redis_async_usable(ra) && sp_clock_mono_ms() < deadline) run_for(ra, 100);
-    assert_true(sp_redis_async_usable(ra)); /* the replica took over and the map says so */
+    while (!sp_redis_async_usable_for(ra, key) && sp_clock_mono_ms() < deadline) run_for(ra, 100);
+    assert_true(sp_redis_async_usable_for(ra, key)); /* the replica took over, the map says so */
     assert_int_equal(count(ra, key, "later", &later), 0);
     run_until_done(ra, &later, 1);
     assert_int_equal(later.type, REDIS_REPLY_INTEGER);
