@@ -531,7 +531,22 @@ redis_join() {
         ((SECONDS < deadline)) || die "$node: CLUSTER REPLICATE of $pnode (${primary#* }) failed: ${out:-no answer}"
         sleep 0.2
     done
+    # Until every node that runs sees it as a replica (gossip spreads the new role; a view asked
+    # right after the REPLICATE may still call it a primary).
+    until redis_all_see_replica "$me"; do
+        ((SECONDS < deadline)) || die "$node: not every node sees it as a replica within ${REDIS_CLUSTER_TIMEOUT}s"
+        sleep 0.2
+    done
     say "$node: joined the cluster as the replica of $pnode"
+}
+
+# redis_all_see_replica ID: every cluster node that runs lists node ID as a replica.
+redis_all_see_replica() {
+    local n view
+    for n in $(redis_cluster_live); do
+        view=$(rcli "$n" CLUSTER NODES) || return 1
+        awk -v id="$1" '$1 == id && $3 ~ /slave/ { f = 1 } END { exit !f }' <<<"$view" || return 1
+    done
 }
 
 # redis_all_know NODE ID: NODE knows every cluster node that runs, and each of them knows NODE (by
