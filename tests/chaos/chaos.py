@@ -275,6 +275,18 @@ class Trio:
         self.procs.stop_all()
 
 
+async def data_losses_seen(fleet):
+    """The Redis data losses the fleet's reapers counted (stockpipe_reaper_redis_data_loss_total,
+    summed over those that answer)."""
+    seen = 0
+    for w in fleet.of("reaper"):
+        try:
+            seen += (await w.metrics()).get("stockpipe_reaper_redis_data_loss_total", 0)
+        except fs.TransportError:
+            pass
+    return int(seen)
+
+
 # ---- one case ----------------------------------------------------------------------------------------
 
 class Case:
@@ -1119,14 +1131,8 @@ class Case:
             if loss:
                 allowed |= {"recovering", "unknown_sku"}  # unknown_sku: counted below as false
                 problems += self.check_data_loss(buyers, facts, stock, prog)
-                loss_seen = 0
-                for w in fleet.of("reaper"):
-                    try:
-                        loss_seen += (await w.metrics()).get(
-                            "stockpipe_reaper_redis_data_loss_total", 0)
-                    except fs.TransportError:
-                        pass
-                facts["data_loss_seen"] = int(loss_seen)
+                loss_seen = await data_losses_seen(fleet)
+                facts["data_loss_seen"] = loss_seen
                 if loss_seen < 2:
                     problems.append("the reapers counted %d Redis data losses, not 2"
                                     % loss_seen)
@@ -1148,14 +1154,8 @@ class Case:
                     problems.append("%d Idempotency-Keys got 202s naming different orders, e.g. "
                                     "%s: %s" % (len(doubled), doubled[0], keys[doubled[0]]))
             else:
-                failovers_seen = 0
-                for w in fleet.of("reaper"):
-                    try:
-                        m = await w.metrics()
-                        failovers_seen += m.get("stockpipe_reaper_redis_data_loss_total", 0)
-                    except fs.TransportError:
-                        pass
-                facts["data_loss_seen"] = int(failovers_seen)
+                failovers_seen = await data_losses_seen(fleet)
+                facts["data_loss_seen"] = failovers_seen
                 if self.facts.get("lost_bytes", 0) <= 0:
                     problems.append("the failover lost no writes (the replica was not behind): "
                                     "the case did not test what it claims")
@@ -1182,14 +1182,8 @@ class Case:
                 problems += self.check_isr_window(buyers)
             if "reshard_window" in self.facts:
                 problems += await asyncio.to_thread(self.check_reshard, buyers)
-                loss_seen = 0
-                for w in fleet.of("reaper"):
-                    try:
-                        loss_seen += (await w.metrics()).get(
-                            "stockpipe_reaper_redis_data_loss_total", 0)
-                    except fs.TransportError:
-                        pass
-                facts["data_loss_seen"] = int(loss_seen)
+                loss_seen = await data_losses_seen(fleet)
+                facts["data_loss_seen"] = loss_seen
                 if loss_seen and not self.facts["identity_changed"]:
                     problems.append("the reapers counted %d Redis data loss for a reshard that "
                                     "changed neither the primaries' order nor an epoch key"
