@@ -29,6 +29,17 @@ unsigned sp_cluster_key_slot(const char *key, size_t len) {
     return crc16((const unsigned char *)key, len) & (SP_CLUSTER_SLOTS - 1);
 }
 
+int sp_cluster_key_on_node(const sp_cluster_map *m, int node, const char *base, char *key,
+                           size_t cap) {
+    if (node < 0) return -1;
+    for (int n = 0; n < 1000000; n++) {
+        int len = snprintf(key, cap, "%s:{%d}", base, n);
+        if (len < 0 || (size_t)len >= cap) return -1;
+        if (m->slot_node[sp_cluster_key_slot(key, (size_t)len)] == node) return 0;
+    }
+    return -1;
+}
+
 void sp_cluster_map_clear(sp_cluster_map *m) {
     m->nnodes = 0;
     for (int s = 0; s < SP_CLUSTER_SLOTS; s++) m->slot_node[s] = -1;

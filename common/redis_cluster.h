@@ -42,6 +42,13 @@ int sp_cluster_map_node(sp_cluster_map *m, const char *host, int port);
 int sp_cluster_map_read_slots(sp_cluster_map *m, const redisReply *r, const char *answered_host,
                               char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
+/* A key of stockpipe's own that lives on primary `node` of m: "base:{N}" with the smallest N >= 0
+ * whose slot that node serves (the reaper's epoch and rebuilt marker: one per primary, so that a
+ * primary that loses its data loses its own). -1 when no N up to a bound lands there, or key's
+ * cap is too small. */
+int sp_cluster_key_on_node(const sp_cluster_map *m, int node, const char *base, char *key,
+                           size_t cap) __attribute__((warn_unused_result));
+
 typedef enum sp_cluster_answer {
     SP_CLUSTER_FINAL = 0, /* a reply to keep (a value, or an error of the command itself) */
     SP_CLUSTER_MOVED,     /* the slot lives elsewhere now: refresh the map, send it there */

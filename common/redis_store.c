@@ -596,6 +596,19 @@ redisReply *sp_redis_argv_on(sp_redis *r, int i, int argc, const char **argv, ch
     return rep;
 }
 
+int sp_redis_key_on(sp_redis *r, int i, const char *base, char *key, size_t cap, char *errbuf,
+                    size_t errlen) {
+    int idx[SP_CLUSTER_NODES_MAX];
+    if (r->map == NULL) {
+        if (snprintf(key, cap, "%s", base) < (int)cap) return 0;
+    } else if (i >= 0 && i < serving(r, idx) &&
+               sp_cluster_key_on_node(r->map, idx[i], base, key, cap) == 0) {
+        return 0;
+    }
+    snprintf(errbuf, errlen, "no key %s:{N} found for primary %d", base, i);
+    return -1;
+}
+
 int sp_redis_ping(sp_redis *r, char *errbuf, size_t errlen) {
     const char *ping[] = {"PING"};
     int n = sp_redis_primaries(r);

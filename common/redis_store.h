@@ -91,6 +91,12 @@ int sp_redis_primary_of(sp_redis *r, const char *key);
 redisReply *sp_redis_argv_on(sp_redis *r, int i, int argc, const char **argv, char *errbuf,
                              size_t errlen) __attribute__((warn_unused_result));
 
+/* The name of a key of stockpipe's own kept on the i-th primary: base itself without a cluster;
+ * in a cluster "base:{N}" on a slot that primary serves (sp_cluster_key_on_node), so each
+ * primary holds its own copy and loses it with its data. -1 with errbuf when none fits. */
+int sp_redis_key_on(sp_redis *r, int i, const char *base, char *key, size_t cap, char *errbuf,
+                    size_t errlen) __attribute__((warn_unused_result));
+
 /* PING every primary; 0 when each answered PONG. */
 int sp_redis_ping(sp_redis *r, char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 

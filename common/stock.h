@@ -32,10 +32,12 @@
 #define SP_IDEM_REFUSAL_TTL_S 30 /* default IDEM_REFUSAL_TTL_S: how long it pins a refusal */
 
 /* "Redis holds every sale PostgreSQL has": the reaper writes this key (its epoch as the value)
- * when a reconcile of every SKU has finished, and whenever it finds Redis unchanged since the
- * last one (reaper/reconcile.c). A Redis that lost its data has lost this key too, and it comes
- * back only once every sale is rebuilt: while it is missing, a sale missing from Redis may be one
- * the reaper has yet to rebuild, so the producer answers "recovering", not "unknown_sku". */
+ * on every primary (sp_redis_key_on: SP_STOCK_REBUILT_KEY:{N} on each primary of a cluster) when
+ * a reconcile of every SKU has finished, and whenever it finds Redis unchanged since the last one
+ * (reaper/reconcile.c). A primary that lost its data has lost its copy too, and it comes back
+ * only once every sale is rebuilt: while the copy on a missing sale's own primary is missing, the
+ * sale may be one the reaper has yet to rebuild, so the producer answers "recovering", not
+ * "unknown_sku". */
 #define SP_STOCK_REBUILT_KEY "stockpipe:reaper:rebuilt"
 
 /* How long an Idempotency-Key pins its answer: ttl_s for an order (pending, then accepted),

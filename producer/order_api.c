@@ -704,11 +704,16 @@ static void on_rebuilt_read(redisReply *reply, void *data) {
 }
 
 /* A sale missing from Redis is either unknown or lost with Redis's data: one EXISTS of the
- * reaper's rebuilt key tells them apart for every unknown_sku of one reserve call (the list
- * unknown, linked by next, its first call the command's data). Only this miss path asks: an order
+ * reaper's rebuilt key on the SKU's own primary (each primary keeps one and loses it with its
+ * data) tells them apart for every unknown_sku of one reserve call (the list unknown, linked by
+ * next, its first call the command's data; all of sku_id). Only this miss path asks: an order
  * that found its sale never waits for it. */
-static void rebuilt_ask(call *unknown) {
-    if (redis_command(unknown, on_rebuilt_read, "EXISTS %s", SP_STOCK_REBUILT_KEY, NULL) != 0)
+static void rebuilt_ask(call *unknown, int64_t sku_id) {
+    char sale[SP_STOCK_KEY_MAX], key[SP_STOCK_KEY_MAX];
+    sp_stock_key(sale, sku_id, "sale");
+    if (sp_redis_async_key_near(unknown->api->redis, sale, SP_STOCK_REBUILT_KEY, key,
+                                sizeof(key)) != 0 ||
+        redis_command(unknown, on_rebuilt_read, "EXISTS %s", key, NULL) != 0)
         rebuilt_answered(unknown, NULL);
 }
 
@@ -738,7 +743,7 @@ static void on_reserve_batch(redisReply *reply, void *data) {
     call *unknown = NULL;
     for (int i = 0; i < rb->b.n; i++) reserve_answered(rb->calls[i], r, (size_t)i, &unknown);
     free(rb);
-    if (unknown) rebuilt_ask(unknown);
+    if (unknown) rebuilt_ask(unknown, unknown->order.sku_id);
 }
 
 /* One reserve.lua call for rb's orders; 0 when sent (on_reserve_batch follows). */
@@ -1037,7 +1042,7 @@ static void on_sale_exists(redisReply *reply, void *data) {
     if (r->integer == 0) {
         /* No sale in Redis: unknown, or lost with Redis's data (then 503 recovering). */
         c->next = NULL;
-        rebuilt_ask(c);
+        rebuilt_ask(c, c->ev.sku_id);
         return;
     } else if (c->keyed) {
         char key[SP_STOCK_KEY_MAX];

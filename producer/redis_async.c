@@ -641,6 +641,14 @@ int sp_redis_async_usable_for(const sp_redis_async *ra, const char *key) {
     return i >= 0 && !ra->nodes[i].failed;
 }
 
+int sp_redis_async_key_near(const sp_redis_async *ra, const char *near, const char *base, char *key,
+                            size_t cap) {
+    if (!ra->target.cluster) return snprintf(key, cap, "%s", base) < (int)cap ? 0 : -1;
+    if (!ra->have_map) return -1;
+    int owner = ra->map.slot_node[sp_cluster_key_slot(near, strlen(near))];
+    return sp_cluster_key_on_node(&ra->map, owner, base, key, cap);
+}
+
 int64_t sp_redis_async_owed(const sp_redis_async *ra) { return ra->npending; }
 
 void sp_redis_async_stats_get(const sp_redis_async *ra, sp_redis_async_stats *stats) {

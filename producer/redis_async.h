@@ -75,6 +75,12 @@ int sp_redis_async_usable(const sp_redis_async *ra);
  * for key's slot and that primary did not fail its last connection. */
 int sp_redis_async_usable_for(const sp_redis_async *ra, const char *key);
 
+/* The name of a key of stockpipe's own kept on the primary that serves near's slot (the reaper
+ * writes one on every primary, sp_redis_key_on): base itself without a cluster, else base:{N}
+ * (sp_cluster_key_on_node). -1 when the map names no primary for near, or none fits in cap. */
+int sp_redis_async_key_near(const sp_redis_async *ra, const char *near, const char *base, char *key,
+                            size_t cap) __attribute__((warn_unused_result));
+
 /* Commands accepted whose final reply has not come yet. */
 int64_t sp_redis_async_owed(const sp_redis_async *ra);
 

@@ -69,29 +69,37 @@ typedef struct inv_row {
  * (gone after a FLUSHALL). A Redis Cluster's primaries each lose data on their own: its run and
  * replication ids are every primary's, joined by ',' in the order of their addresses (a reshard,
  * which moves slots between the same primaries, changes nothing here), and each primary keeps the
- * epoch under a key of a slot it serves (epoch_key). */
+ * epoch under a key of a slot it serves (primary_key). */
 typedef struct redis_identity {
     char epoch[64]; /* "" when missing, or when the primaries do not all hold the same */
     char run_id[SP_REDIS_IDENTITY_MAX], replid[SP_REDIS_IDENTITY_MAX];
 } redis_identity;
 
-/* The key primary i keeps the epoch under: EPOCH_KEY on one server; in a cluster EPOCH_KEY:{N}
- * with the first N whose slot primary i serves. A slot that moves to another primary takes its
- * key along: the next check finds the epoch missing on the one and reconciles (what a reshard
- * costs once). -1 with errbuf when no N up to a bound lands there. */
-static int epoch_key(sp_reaper *rp, int i, char *key, size_t cap, char *errbuf, size_t errlen) {
+/* The key primary i keeps base under (sp_redis_key_on): base on one server; in a cluster
+ * base:{N} with the first N whose slot primary i serves. A slot that moves to another primary
+ * takes its key along: the next check finds the epoch missing on the one and reconciles (what a
+ * reshard costs once). -1 with errbuf when no N up to a bound lands there. */
+static int primary_key(sp_reaper *rp, int i, const char *base, char *key, size_t cap, char *errbuf,
+                       size_t errlen) {
     sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
     if (redis == NULL) return -1;
-    if (!sp_redis_is_cluster(redis)) {
-        snprintf(key, cap, "%s", EPOCH_KEY);
-        return 0;
+    return sp_redis_key_on(redis, i, base, key, cap, errbuf, errlen);
+}
+
+/* SET (value not NULL) or DEL the key every primary keeps base under. */
+static int each_primary_set(sp_reaper *rp, const char *base, const char *value, char *errbuf,
+                            size_t errlen) {
+    sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
+    if (redis == NULL) return -1;
+    for (int i = 0, n = sp_redis_primaries(redis); i < n; i++) {
+        char key[64];
+        if (primary_key(rp, i, base, key, sizeof(key), errbuf, errlen) != 0) return -1;
+        const char *argv[] = {value ? "SET" : "DEL", key, value};
+        redisReply *r = sp_reaper_redis_argv_on(rp, i, value ? 3 : 2, argv, -1, errbuf, errlen);
+        if (r == NULL) return -1;
+        freeReplyObject(r);
     }
-    for (int n = 0; n < 1000000; n++) {
-        snprintf(key, cap, "%s:{%d}", EPOCH_KEY, n);
-        if (sp_redis_primary_of(redis, key) == i) return 0;
-    }
-    snprintf(errbuf, errlen, "no epoch key lands on primary %d", i);
-    return -1;
+    return 0;
 }
 
 /* Appends ",value" (or "value" first) to a bounded list. */
@@ -149,7 +157,7 @@ static int read_identity(sp_reaper *rp, redis_identity *id, char *errbuf, size_t
     if (redis == NULL) return -1;
     int n = sp_redis_primaries(redis), same = n > 0;
     for (int i = 0; i < n; i++) {
-        if (epoch_key(rp, i, key, sizeof(key), errbuf, errlen) != 0) return -1;
+        if (primary_key(rp, i, EPOCH_KEY, key, sizeof(key), errbuf, errlen) != 0) return -1;
         const char *what[][2] = {{"INFO", "server"}, {"INFO", "replication"}, {"GET", key}};
         for (int k = 0; k < 3; k++) {
             redisReply *r = sp_reaper_redis_argv_on(rp, i, 2, what[k], -1, errbuf, errlen);
@@ -213,29 +221,20 @@ static int new_epoch(sp_reaper *rp, char *epoch, size_t len, char *errbuf, size_
     size_t n = 0;
     for (size_t i = 0; i < sizeof(raw) && n + 3 <= len; i++)
         n += (size_t)snprintf(epoch + n, len - n, "%02x", raw[i]);
-    sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
-    if (redis == NULL) return -1;
-    for (int i = 0, nprim = sp_redis_primaries(redis); i < nprim; i++) {
-        char key[64];
-        if (epoch_key(rp, i, key, sizeof(key), errbuf, errlen) != 0) return -1;
-        const char *set[] = {"SET", key, epoch};
-        redisReply *r = sp_reaper_redis_argv_on(rp, i, 3, set, -1, errbuf, errlen);
-        if (r == NULL) return -1;
-        freeReplyObject(r);
-    }
-    return 0;
+    return each_primary_set(rp, EPOCH_KEY, epoch, errbuf, errlen);
 }
 
-/* SP_STOCK_REBUILT_KEY: Redis holds every sale PostgreSQL has (Redis holds epoch, the one of the
- * last complete reconcile). Taken back at once if Redis lost the epoch meanwhile. */
+/* SP_STOCK_REBUILT_KEY, on every primary: Redis holds every sale PostgreSQL has (Redis holds
+ * epoch, the one of the last complete reconcile). One per primary, because a cluster's primaries
+ * lose data one at a time: the producer asks the one of the missing sale's own primary, which
+ * lost its marker with the sale. Taken back at once if Redis lost the epoch meanwhile. */
 static int mark_rebuilt(sp_reaper *rp, const char *epoch, char *errbuf, size_t errlen) {
-    const char *set[] = {"SET", SP_STOCK_REBUILT_KEY, epoch};
     redis_identity now;
-    if (redis_argv(rp, 3, set, errbuf, errlen) != 0 || read_identity(rp, &now, errbuf, errlen) != 0)
+    if (each_primary_set(rp, SP_STOCK_REBUILT_KEY, epoch, errbuf, errlen) != 0 ||
+        read_identity(rp, &now, errbuf, errlen) != 0)
         return -1;
     if (strcmp(now.epoch, epoch) == 0) return 0;
-    const char *del[] = {"DEL", SP_STOCK_REBUILT_KEY};
-    (void)redis_argv(rp, 2, del, errbuf, errlen);
+    (void)each_primary_set(rp, SP_STOCK_REBUILT_KEY, NULL, errbuf, errlen);
     snprintf(errbuf, errlen, "Redis lost the epoch again; starting over");
     return -1;
 }
@@ -347,7 +346,7 @@ static int wait_consumer_all(sp_reaper *rp, char *errbuf, size_t errlen) {
 }
 
 /* Per-user units of pending and paid orders into users_rebuild, a page at a time (inside the
- * snapshot). */
+ * snapshot). Only for a sale with a per-user limit: Redis keeps no counts for one without. */
 static int stage_users(sp_reaper *rp, int64_t sku_id, const char *token, char *errbuf,
                        size_t errlen) {
     const char **users = malloc(2 * SP_REAPER_USER_PAGE * sizeof(*users));
@@ -1027,8 +1026,7 @@ static int reconcile_every_sku(sp_reaper *rp, const char *why, char *errbuf, siz
     int ret = -1;
     /* A new epoch goes to Redis first: if Redis loses data again while this runs, the epoch goes
      * with it and the next check starts over; reaper_state gets it only at the end. */
-    const char *unmark[] = {"DEL", SP_STOCK_REBUILT_KEY};
-    if (redis_argv(rp, 2, unmark, errbuf, errlen) != 0 ||
+    if (each_primary_set(rp, SP_STOCK_REBUILT_KEY, NULL, errbuf, errlen) != 0 ||
         read_identity(rp, &before, errbuf, errlen) != 0 ||
         new_epoch(rp, before.epoch, sizeof(before.epoch), errbuf, errlen) != 0)
         return -1;

@@ -5,6 +5,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <cmocka.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -137,6 +138,44 @@ static void test_map_full(void **state) {
     free(m);
 }
 
+/* A key of stockpipe's own on a given primary: base:{N}, the smallest N whose slot it serves. */
+static void test_key_on_node(void **state) {
+    (void)state;
+    sp_cluster_map *m = malloc(sizeof(*m));
+    assert_non_null(m);
+    sp_cluster_map_clear(m);
+    for (int i = 0; i < 3; i++) {
+        char host[32];
+        snprintf(host, sizeof(host), "10.0.0.%d", i + 1);
+        assert_int_equal(sp_cluster_map_node(m, host, 7000), i);
+    }
+    for (int s = 0; s < SP_CLUSTER_SLOTS; s++)
+        m->slot_node[s] = (int16_t)(s * 3 / SP_CLUSTER_SLOTS);
+    char key[64];
+    for (int node = 0; node < 3; node++) {
+        assert_int_equal(
+            sp_cluster_key_on_node(m, node, "stockpipe:reaper:rebuilt", key, sizeof(key)), 0);
+        assert_int_equal(m->slot_node[slot_of(key)], node);
+        assert_int_equal(strncmp(key, "stockpipe:reaper:rebuilt:{", 26), 0);
+        int n = atoi(key + 26);
+        for (int k = 0; k < n; k++) { /* no smaller N lands there */
+            char smaller[64];
+            snprintf(smaller, sizeof(smaller), "stockpipe:reaper:rebuilt:{%d}", k);
+            assert_int_not_equal(m->slot_node[slot_of(smaller)], node);
+        }
+    }
+    /* {0}'s slot is CRC16("0") = 13907: the third primary's; "{1}" (9842) the second's */
+    assert_int_equal(sp_cluster_key_on_node(m, 2, "e", key, sizeof(key)), 0);
+    assert_string_equal(key, "e:{0}");
+    assert_int_equal(sp_cluster_key_on_node(m, 1, "e", key, sizeof(key)), 0);
+    assert_string_equal(key, "e:{1}");
+    /* no primary, an unserved node, a buffer too small */
+    assert_int_equal(sp_cluster_key_on_node(m, -1, "e", key, sizeof(key)), -1);
+    assert_int_equal(sp_cluster_key_on_node(m, 7, "e", key, sizeof(key)), -1);
+    assert_int_equal(sp_cluster_key_on_node(m, 0, "stockpipe:reaper:rebuilt", key, 8), -1);
+    free(m);
+}
+
 static void test_answers(void **state) {
     (void)state;
     sp_cluster_redirect to;
@@ -185,9 +224,8 @@ static void test_answers(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_key_slot),
-        cmocka_unit_test(test_map),
-        cmocka_unit_test(test_map_full),
+        cmocka_unit_test(test_key_slot), cmocka_unit_test(test_map),
+        cmocka_unit_test(test_map_full), cmocka_unit_test(test_key_on_node),
         cmocka_unit_test(test_answers),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

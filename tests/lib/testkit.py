@@ -536,14 +536,16 @@ def redis_info_sum(url, section):
 
 
 EPOCH_KEY = "stockpipe:reaper:epoch"
+REBUILT_KEY = "stockpipe:reaper:rebuilt"  # common/stock.h SP_STOCK_REBUILT_KEY
 
 
-def epoch_keys(url, timeout=10):
-    """[(primary, key)]: the key each primary keeps the reaper's epoch under (reaper/reconcile.c,
-    epoch_key), in redis_primaries' order: on one server EPOCH_KEY; in a cluster EPOCH_KEY:{N}
-    with the smallest N >= 0 whose slot that primary serves."""
+def primary_keys(url, base, timeout=10):
+    """[(primary, key)]: the key each primary keeps one of stockpipe's own keys under
+    (common/redis_store.c sp_redis_key_on: the reaper's epoch and rebuilt keys), in
+    redis_primaries' order: on one server base; in a cluster base:{N} with the smallest N >= 0
+    whose slot that primary serves."""
     if parse_redis_url(url)["kind"] != "cluster":
-        return [(redis_primaries(url, timeout)[0], EPOCH_KEY)]
+        return [(redis_primaries(url, timeout)[0], base)]
     owner = cluster_slot_map(url, timeout)
     prims = []
     for addr in owner:
@@ -553,11 +555,27 @@ def epoch_keys(url, timeout=10):
     out = []
     for addr in prims:
         n = 0
-        while owner[redis_slot("%s:{%d}" % (EPOCH_KEY, n))] != addr:
+        while owner[redis_slot("%s:{%d}" % (base, n))] != addr:
             n += 1
-            expect(n < 1000000, "no epoch key lands on primary %s:%d" % addr)
-        out.append((addr, "%s:{%d}" % (EPOCH_KEY, n)))
+            expect(n < 1000000, "no %s key lands on primary %s:%d" % ((base,) + addr))
+        out.append((addr, "%s:{%d}" % (base, n)))
     return out
+
+
+def epoch_keys(url, timeout=10):
+    """[(primary, key)]: the key each primary keeps the reaper's epoch under (primary_keys)."""
+    return primary_keys(url, EPOCH_KEY, timeout)
+
+
+def mark_rebuilt(url, value, timeout=10):
+    """Writes the reaper's rebuilt key on every primary unless it is there (SET NX), as a
+    reaper does once Redis holds every sale PostgreSQL has: a sale missing from Redis then
+    answers 404 unknown_sku, not 503 recovering. For suites that run no reaper."""
+    t = parse_redis_url(url)
+    for (h, p), key in primary_keys(url, REBUILT_KEY, timeout):
+        args = ("SET", key, value, "NX")
+        rc, out, err = _redis_run(t, h, p, args, timeout, db=t["db"])
+        _redis_ok(h, p, args, rc, out, err)
 
 
 def redis_identity(url, timeout=10):

@@ -33,7 +33,8 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 sys.path.insert(0, os.path.join(ROOT, "tests", "lib"))
 from http11 import REQ_TIMEOUT, Client, Conn, TransportError  # noqa: E402
 from testkit import (Fail, Procs, Worker, command, expect, free_port,  # noqa: E402
-                     raise_nofile, redis_cmd, redis_each_primary, redis_info_sum, run_driver)
+                     mark_rebuilt, raise_nofile, redis_cmd, redis_each_primary, redis_info_sum,
+                     run_driver)
 
 ADMIN = "test-admin"
 PAYMENT = "test-pay"
@@ -651,8 +652,7 @@ async def run(rep, binary, logdir):
     # No reaper runs here: say for it that this Redis holds every sale PostgreSQL has (a reaper
     # writes the key when it finds so), else a missing sale answers 503 recovering, not 404.
     try:
-        redis_cmd(os.environ["REDIS_URL"], "SET", "stockpipe:reaper:rebuilt", "integration-api",
-                  "NX")
+        mark_rebuilt(os.environ["REDIS_URL"], "integration-api")
     except Fail as e:
         print("# could not mark Redis rebuilt: %s" % e, flush=True)
     ctx = Ctx()

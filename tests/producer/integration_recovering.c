@@ -15,8 +15,12 @@
  * GET /v1/skus/{id} says "recovering":true (and "available":null) in both cases, PostgreSQL
  * having the SKU; false for an open sale.
  *
- * The rebuilt key is global on the stack's Redis: its value is saved first and put back (or the key
- * deleted) at the end; no reaper runs here, so nothing else writes it meanwhile. The run has its
+ * Each primary keeps its own rebuilt key (a cluster's primaries lose data one at a time): one
+ * primary that lost a sale and its key answers recovering for its own SKUs only, while a SKU never
+ * opened on another primary is still unknown (404).
+ *
+ * The rebuilt keys are the stack's: their values are saved first and put back (or the keys
+ * deleted) at the end; no reaper runs here, so nothing else writes them meanwhile. The run has its
  * own topics, consumer group and PostgreSQL database and fresh SKU ids; it runs
  * bin/{producer,consumer}, or their bin/asan/ builds. */
 #include <setjmp.h>
@@ -37,12 +41,14 @@
 #include "stock.h"
 #include "itest.h"
 
-#define WAIT_S     120
-#define PARTITIONS 2
-#define NTESTS     3
-#define ADMIN      "test-admin-token"
-#define PAUSE      "test-recovering-pause" /* the token of the test's own "reconcile" */
-#define RECOVERING "stockpipe_producer_requests_total{outcome=\"recovering\"}"
+#define WAIT_S        120
+#define PARTITIONS    2
+#define NTESTS        4
+#define PRIMARIES_MAX 16 /* the test keeps that many primaries' rebuilt keys */
+#define SPAN_FIRST    10 /* the per-primary test's SKUs start at g.sku_base + SPAN_FIRST */
+#define ADMIN         "test-admin-token"
+#define PAUSE         "test-recovering-pause" /* the token of the test's own "reconcile" */
+#define RECOVERING    "stockpipe_producer_requests_total{outcome=\"recovering\"}"
 
 static char tag[32];
 
@@ -53,9 +59,11 @@ static struct {
     int64_t sku_base;
     proc producer, consumer;
     int npassed;
-    int rebuilt_saved; /* the rebuilt key's value is in rebuilt (or it was absent) until put back */
-    int rebuilt_had;
-    char rebuilt[128];
+    int rebuilt_saved; /* every primary's rebuilt key is kept in rebuilt until put back */
+    int nprimaries;
+    int rebuilt_had[PRIMARIES_MAX]; /* 0: the key was absent */
+    char rebuilt[PRIMARIES_MAX][128];
+    int64_t span; /* SKUs g.sku_base + SPAN_FIRST ... looked at by the per-primary test */
 } g;
 
 static itest_stack stack = {
@@ -204,32 +212,69 @@ static void test_paused_sale_answers_recovering(void **state) {
     g.npassed++;
 }
 
-/* Sets (value not NULL) or deletes the rebuilt key. */
-static void rebuilt_set(sp_redis *rc, const char *value) {
-    redisReply *r = value ? sp_redis_command(rc, SP_STOCK_REBUILT_KEY, itest_err, sizeof(itest_err),
-                                             "SET %s %s", SP_STOCK_REBUILT_KEY, value)
-                          : sp_redis_command(rc, SP_STOCK_REBUILT_KEY, itest_err, sizeof(itest_err),
-                                             "DEL %s", SP_STOCK_REBUILT_KEY);
-    if (r == NULL || r->type == REDIS_REPLY_ERROR)
-        fail_msg("rebuilt key: %s", r ? r->str : itest_err);
-    freeReplyObject(r);
+/* The rebuilt key primary i keeps (the reaper writes one on each, sp_redis_key_on). */
+static int rebuilt_key(sp_redis *rc, int i, char *key, size_t cap) {
+    return sp_redis_key_on(rc, i, SP_STOCK_REBUILT_KEY, key, cap, itest_err, sizeof(itest_err));
 }
 
-/* Puts the rebuilt key back as it was before the test (for teardown too: reports, never fails). */
+/* Sets (value not NULL) or deletes the rebuilt key of primary only (-1: of every primary). */
+static void rebuilt_set(sp_redis *rc, int only, const char *value) {
+    for (int i = 0, n = sp_redis_primaries(rc); i < n; i++) {
+        char key[SP_STOCK_KEY_MAX];
+        if (only >= 0 && i != only) continue;
+        if (rebuilt_key(rc, i, key, sizeof(key)) != 0) fail_msg("rebuilt key: %s", itest_err);
+        redisReply *r = value ? sp_redis_command(rc, key, itest_err, sizeof(itest_err), "SET %s %s",
+                                                 key, value)
+                              : sp_redis_command(rc, key, itest_err, sizeof(itest_err), "DEL %s",
+                                                 key);
+        if (r == NULL || r->type == REDIS_REPLY_ERROR)
+            fail_msg("rebuilt key %s: %s", key, r ? r->str : itest_err);
+        freeReplyObject(r);
+    }
+}
+
+/* Keeps every primary's rebuilt key as it is before a test changes them (once per run). */
+static void rebuilt_save(sp_redis *rc) {
+    if (g.rebuilt_saved) return;
+    g.nprimaries = sp_redis_primaries(rc);
+    if (g.nprimaries < 1 || g.nprimaries > PRIMARIES_MAX)
+        fail_msg("%d primaries; the test keeps the rebuilt keys of 1 to %d", g.nprimaries,
+                 PRIMARIES_MAX);
+    for (int i = 0; i < g.nprimaries; i++) {
+        char key[SP_STOCK_KEY_MAX];
+        if (rebuilt_key(rc, i, key, sizeof(key)) != 0) fail_msg("rebuilt key: %s", itest_err);
+        redisReply *r = sp_redis_command(rc, key, itest_err, sizeof(itest_err), "GET %s", key);
+        if (r == NULL) fail_msg("GET %s: %s", key, itest_err);
+        g.rebuilt_had[i] = r->type == REDIS_REPLY_STRING;
+        if (g.rebuilt_had[i]) snprintf(g.rebuilt[i], sizeof(g.rebuilt[i]), "%s", r->str);
+        freeReplyObject(r);
+    }
+    g.rebuilt_saved = 1;
+}
+
+/* Puts the rebuilt keys back as they were before the tests (for teardown too: reports, never
+ * fails). */
 static void rebuilt_restore(void) {
     if (!g.rebuilt_saved) return;
     sp_redis *rc = redis_connect_env();
     if (rc == NULL) return;
-    redisReply *r = g.rebuilt_had
-                        ? sp_redis_command(rc, SP_STOCK_REBUILT_KEY, itest_err, sizeof(itest_err),
-                                           "SET %s %s", SP_STOCK_REBUILT_KEY, g.rebuilt)
-                        : sp_redis_command(rc, SP_STOCK_REBUILT_KEY, itest_err, sizeof(itest_err),
-                                           "DEL %s", SP_STOCK_REBUILT_KEY);
-    if (r == NULL || r->type == REDIS_REPLY_ERROR)
-        fprintf(stderr, "the rebuilt key was not put back: %s\n", r ? r->str : itest_err);
-    else
-        g.rebuilt_saved = 0;
-    freeReplyObject(r);
+    int ok = sp_redis_primaries(rc) == g.nprimaries;
+    for (int i = 0; ok && i < g.nprimaries; i++) {
+        char key[SP_STOCK_KEY_MAX];
+        redisReply *r = NULL;
+        if (rebuilt_key(rc, i, key, sizeof(key)) == 0)
+            r = g.rebuilt_had[i]
+                    ? sp_redis_command(rc, key, itest_err, sizeof(itest_err), "SET %s %s", key,
+                                       g.rebuilt[i])
+                    : sp_redis_command(rc, key, itest_err, sizeof(itest_err), "DEL %s", key);
+        if (r == NULL || r->type == REDIS_REPLY_ERROR) {
+            fprintf(stderr, "the rebuilt key of primary %d was not put back: %s\n", i,
+                    r ? r->str : itest_err);
+            ok = 0;
+        }
+        freeReplyObject(r);
+    }
+    if (ok) g.rebuilt_saved = 0;
     sp_redis_close(rc);
 }
 
@@ -239,20 +284,14 @@ static void test_lost_sale_recovering_until_rebuilt(void **state) {
     open_sale(sku, 5);
     sp_redis *rc = redis_connect_env();
     assert_non_null(rc);
-    redisReply *r = sp_redis_command(rc, SP_STOCK_REBUILT_KEY, itest_err, sizeof(itest_err),
-                                     "GET %s", SP_STOCK_REBUILT_KEY);
-    assert_non_null(r);
-    g.rebuilt_had = r->type == REDIS_REPLY_STRING;
-    if (g.rebuilt_had) snprintf(g.rebuilt, sizeof(g.rebuilt), "%s", r->str);
-    g.rebuilt_saved = 1;
-    freeReplyObject(r);
+    rebuilt_save(rc);
     /* Redis lost the sale, and with it the reaper's rebuilt key. */
-    r = sp_redis_command(rc, NULL, itest_err, sizeof(itest_err),
-                         "DEL {sku:%lld}:sale {sku:%lld}:users {sku:%lld}:resv", (long long)sku,
-                         (long long)sku, (long long)sku);
+    redisReply *r = sp_redis_command(rc, NULL, itest_err, sizeof(itest_err),
+                                     "DEL {sku:%lld}:sale {sku:%lld}:users {sku:%lld}:resv",
+                                     (long long)sku, (long long)sku, (long long)sku);
     assert_true(r != NULL && r->type == REDIS_REPLY_INTEGER && r->integer >= 1);
     freeReplyObject(r);
-    rebuilt_set(rc, NULL);
+    rebuilt_set(rc, -1, NULL);
     expect_recovering(sku, 1, "lost-key", "a lost sale, no rebuilt key");
     expect_recovering(never, 1, NULL, "a SKU never opened, no rebuilt key (cannot be told apart)");
     assert_int_equal(redis_int(rc, "EXISTS {sku:%lld}:idem:1:lost-key", sku), 0);
@@ -260,7 +299,7 @@ static void test_lost_sale_recovering_until_rebuilt(void **state) {
     expect_sku(sku, (const char *[]){"\"available\":null", "\"recovering\":true", NULL},
                "a lost sale, no rebuilt key");
     /* Every sale rebuilt: the rebuilt key is back, and a SKU still missing is unknown. */
-    rebuilt_set(rc, "test-recovering-rebuilt");
+    rebuilt_set(rc, -1, "test-recovering-rebuilt");
     expect_order(sku, 1, "lost-key", 404, "unknown_sku", "a missing sale with the rebuilt key");
     expect_order(never, 1, NULL, 404, "unknown_sku", "a SKU never opened with the rebuilt key");
     expect_sku(sku, (const char *[]){"\"available\":null", "\"recovering\":true", NULL},
@@ -270,6 +309,67 @@ static void test_lost_sale_recovering_until_rebuilt(void **state) {
     int code = request("GET", path, NULL, NULL, NULL, body, sizeof(body), ra, sizeof(ra));
     if (code != 404 || strstr(body, "unknown_sku") == NULL)
         fail_msg("GET %s: %d %s; want 404 unknown_sku", path, code, body);
+    sp_redis_close(rc);
+    rebuilt_restore();
+    assert_int_equal(g.rebuilt_saved, 0);
+    g.npassed++;
+}
+
+/* The SKU after from whose sale lives on primary i (one server: every SKU). */
+static int64_t sku_on_primary(sp_redis *rc, int i, int64_t from) {
+    char key[SP_STOCK_KEY_MAX];
+    for (int64_t sku = from + 1; sku < from + 100000; sku++) {
+        sp_stock_key(key, sku, "sale");
+        if (sp_redis_primary_of(rc, key) == i) {
+            if (sku - g.sku_base + 1 > g.span) g.span = sku - g.sku_base + 1;
+            return sku;
+        }
+    }
+    fail_msg("no SKU after %" PRId64 " lives on primary %d", from, i);
+    return -1;
+}
+
+/* A cluster's primaries lose data one at a time (a failover with lost writes, a restart without
+ * its disk): the one that lost a sale lost its own rebuilt key with it, and the others keep
+ * theirs. An order for the lost sale answers 503 recovering, and so does a SKU never opened on
+ * that primary (they cannot be told apart), while a SKU never opened on any other primary still
+ * answers 404 unknown_sku; once that primary's key is back, the missing sale is unknown. Before,
+ * one rebuilt key lived on one primary: a sale another primary had lost answered 404 until a
+ * reaper noticed the loss. Each primary loses its data in turn; one server is the case of one. */
+static void test_primary_lost_recovering_on_its_own(void **state) {
+    (void)state;
+    int64_t lost[PRIMARIES_MAX], never[PRIMARIES_MAX];
+    sp_redis *rc = redis_connect_env();
+    assert_non_null(rc);
+    rebuilt_save(rc);
+    int n = g.nprimaries;
+    rebuilt_set(rc, -1, "test-recovering-rebuilt");
+    for (int i = 0; i < n; i++) {
+        lost[i] = sku_on_primary(rc, i, g.sku_base + SPAN_FIRST - 1);
+        never[i] = sku_on_primary(rc, i, lost[i]);
+        open_sale(lost[i], 5);
+    }
+    for (int i = 0; i < n; i++) {
+        /* Primary i lost its data: the sale and its rebuilt key. */
+        redisReply *r = sp_redis_command(rc, NULL, itest_err, sizeof(itest_err),
+                                         "DEL {sku:%lld}:sale {sku:%lld}:users", (long long)lost[i],
+                                         (long long)lost[i]);
+        assert_true(r != NULL && r->type == REDIS_REPLY_INTEGER && r->integer >= 1);
+        freeReplyObject(r);
+        rebuilt_set(rc, i, NULL);
+        expect_recovering(lost[i], 1, NULL, "a sale lost with its primary's data");
+        expect_recovering(never[i], 1, NULL, "a SKU never opened on the primary that lost data");
+        for (int j = 0; j < n; j++)
+            if (j != i)
+                expect_order(never[j], 1, NULL, 404, "unknown_sku",
+                             "a SKU never opened on a primary that kept its data");
+        rebuilt_set(rc, i, "test-recovering-rebuilt");
+        expect_order(lost[i], 1, NULL, 404, "unknown_sku",
+                     "the lost sale once its primary's rebuilt key is back");
+    }
+    print_message("    %d primar%s, each lost its data in turn: only its own sales answered "
+                  "recovering\n",
+                  n, n == 1 ? "y" : "ies");
     sp_redis_close(rc);
     rebuilt_restore();
     assert_int_equal(g.rebuilt_saved, 0);
@@ -297,6 +397,7 @@ static int group_teardown(void **state) {
     int clean = stop_all(all, sizeof(all) / sizeof(all[0]));
     kill_tracked();
     forget_skus(g.sku_base + 1, 3);
+    if (g.span > 0) forget_skus(g.sku_base + SPAN_FIRST, (int)(g.span - SPAN_FIRST));
     sp_redis *rc = redis_connect_env();
     if (rc) { /* the keys the tests used, not forget_skus()'s */
         freeReplyObject(
@@ -317,6 +418,7 @@ int main(void) {
         cmocka_unit_test(test_start_the_workers),
         cmocka_unit_test(test_paused_sale_answers_recovering),
         cmocka_unit_test(test_lost_sale_recovering_until_rebuilt),
+        cmocka_unit_test(test_primary_lost_recovering_on_its_own),
     };
     return cmocka_run_group_tests_name("recovering", tests, group_setup, group_teardown);
 }
