@@ -455,10 +455,11 @@ static int compare_pass(sp_reaper *rp, report *rep, int *nbusy, int *nbad, char 
     *nbusy = *nbad = 0;
     for (;;) {
         const char *params[] = {sp_reaper_i64(after, last), sp_reaper_i64(limit, SKU_PAGE)};
-        PGresult *res = sp_reaper_query(rp,
-                                        "SELECT sku_id, stock, supplied FROM inventory"
-                                        " WHERE sku_id > $1::bigint ORDER BY sku_id LIMIT $2::int",
-                                        2, params, errbuf, errlen);
+        PGresult *res = sp_reaper_query(
+            rp,
+            "SELECT sku_id, stock, supplied, per_user_limit FROM inventory"
+            " WHERE sku_id > $1::bigint ORDER BY sku_id LIMIT $2::int",
+            2, params, errbuf, errlen);
         if (res == NULL) return -1;
         int n = PQntuples(res);
         for (int i = 0; i < n; i++) {
@@ -492,7 +493,9 @@ static int compare_pass(sp_reaper *rp, report *rep, int *nbusy, int *nbad, char 
                               "%s (supplied %s)",
                               sku, stock, supplied[0] ? supplied : "-", v(res, i, 1), v(res, i, 2));
             }
-            if (compare_users(rp, sku, rep, nbad, errbuf, errlen) != 0) {
+            /* Redis keeps per-user counts only for a sale with a per-user limit. */
+            if (strcmp(v(res, i, 3), "0") != 0 &&
+                compare_users(rp, sku, rep, nbad, errbuf, errlen) != 0) {
                 PQclear(res);
                 return -1;
             }

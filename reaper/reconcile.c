@@ -552,7 +552,7 @@ static int stage(sp_reaper *rp, int64_t sku_id, const char *token, inv_row *snap
     PQclear(res);
     res = NULL;
     if (stage_write(rp, sku_id, token, SP_STAGE_CLEAR, NULL, NULL, 0, errbuf, errlen) != 0 ||
-        stage_users(rp, sku_id, token, errbuf, errlen) != 0 ||
+        (snap->per_user_limit > 0 && stage_users(rp, sku_id, token, errbuf, errlen) != 0) ||
         mark_ledger(rp, sku_id, token, errbuf, errlen) != 0 ||
         mark_restocks(rp, sku_id, token, errbuf, errlen) != 0 ||
         stage_resv(rp, sku_id, token, errbuf, errlen) != 0)

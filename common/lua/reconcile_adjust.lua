@@ -10,7 +10,7 @@
 -- pauses the sale may take them: a reaper that lost its SKU lock mid-mend (its PostgreSQL session
 -- died) finds another reconcile's token here, or none once that one reopened the sale, whose
 -- rebuild already counted the order; taking the units again would leak them.
-local s = redis.call('HMGET', KEYS[1], 'paused', 'stock')
+local s = redis.call('HMGET', KEYS[1], 'paused', 'stock', 'limit')
 if s[1] ~= ARGV[1] or not s[2] then
     return -1
 end
@@ -20,5 +20,7 @@ if stock < 0 then
     stock = 0
 end
 redis.call('HSET', KEYS[1], 'stock', stock)
-redis.call('HINCRBY', KEYS[2], ARGV[2], qty)
+if tonumber(s[3] or '0') > 0 then -- per-user counts are kept only under a per-user limit
+    redis.call('HINCRBY', KEYS[2], ARGV[2], qty)
+end
 return stock

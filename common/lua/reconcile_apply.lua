@@ -8,7 +8,7 @@
 -- when the sale is not paused by this token any more (nothing changed then).
 --
 -- users_rebuild holds each user's units in pending and paid orders as PostgreSQL's snapshot had
--- them; resv_staged the entries of resv the snapshot did not know (entries it knew were dropped
+-- them (a sale without a per-user limit keeps no counts: it is absent, and users is deleted); resv_staged the entries of resv the snapshot did not know (entries it knew were dropped
 -- when staged). So every entry in resv now is in flight as far as the snapshot goes: its units
 -- come off the stock and count for its user. A staged entry that is gone was released by its
 -- producer (nothing to do) or stored by the consumer after the snapshot; the caller asks
@@ -19,12 +19,15 @@ if s[1] ~= ARGV[1] then
     return {-1}
 end
 local inflight = 0
+local counts = tonumber(ARGV[4]) > 0 -- per-user counts are kept only under a per-user limit
 local entries = redis.call('HGETALL', resv)
 for i = 1, #entries, 2 do
     local user, qty = string.match(entries[i + 1], '^[ra]:([^:]*):([^:]*)')
     if user and tonumber(qty) then
         inflight = inflight + tonumber(qty)
-        redis.call('HINCRBY', rebuilt, user, qty)
+        if counts then
+            redis.call('HINCRBY', rebuilt, user, qty)
+        end
     end
 end
 local out = {0, inflight}

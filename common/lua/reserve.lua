@@ -6,7 +6,9 @@
 --
 -- KEYS[1] {sku:ID}:sale        hash: stock, limit, pay_timeout_s, supplied, paused (a reconcile's
 --                              token while it rebuilds the sale from PostgreSQL)
--- KEYS[2] {sku:ID}:users       hash: user_id -> units the user holds (reserved or ordered)
+-- KEYS[2] {sku:ID}:users       hash: user_id -> units the user holds (reserved or ordered); kept
+--                              only for a sale with a per-user limit (limit > 0): nothing reads
+--                              it otherwise, and it costs a read and a write per batch
 -- KEYS[3] {sku:ID}:resv        hash: order_id -> "r:user_id:qty:ts_ms:idem_key_or_empty"
 -- KEYS[4..] {sku:ID}:idem:USER:KEY  the batch's idempotency keys (strings "state:order_id")
 -- ARGV[1] idem_ttl_s: how long a key pins an order (pending, then accepted)
@@ -35,13 +37,13 @@
 --
 -- Cost (issue 17): one Redis thread decides every order of a flash sale's SKU, so the script
 -- spends a few commands per batch, not several per order. It reads once: HMGET of the sale, MGET
--- of the batch's idempotency keys (only if it has any), HMGET of the users' counts (only when an
--- order needs one: a per-user limit to check, or an order admitted), TIME (only when an order is
--- admitted). It decides every order in Lua, in order, from those values and what the orders
+-- of the batch's idempotency keys (only if it has any), HMGET of the users' counts (only for a
+-- sale with a per-user limit), TIME (only when an order is admitted). It decides every order in Lua, in order, from those values and what the orders
 -- before it took. Then it writes once per batch: one HSET of every reservation, one HSET of the
--- new stock, one HSET of the admitted users' new counts. What stays per order is one SET ... EX
+-- new stock, one HSET of the admitted users' new counts (with a per-user limit only). What stays per order is one SET ... EX
 -- per order that pins its idempotency key (a string with a TTL of its own; Redis 7.0 has no
--- per-field expiry), so a batch without keys costs six commands however many orders it holds.
+-- per-field expiry), so a batch without keys costs four commands however many orders it holds (six with a
+-- per-user limit).
 --
 -- A script stopped midway: nothing is written until every order is decided and every value to
 -- write is computed, so a Lua error leaves nothing at all. The writes then are those few commands
@@ -121,16 +123,17 @@ for i = 3, nargs, 4 do
             end
             out[#out + 1] = {'sold_out', '', stock, pay_timeout}
         else
-            if not held then read_held(i) end
             if not ts then
                 local t = redis.call('TIME')
                 ts = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
             end
             stock = stock - qty
-            held[user] = held[user] + qty
-            if not counted[user] then
-                counted[user] = true
-                changed[#changed + 1] = user
+            if limit > 0 then
+                held[user] = held[user] + qty
+                if not counted[user] then
+                    counted[user] = true
+                    changed[#changed + 1] = user
+                end
             end
             entries[#entries + 1] = order_id
             entries[#entries + 1] = 'r:' .. user .. ':' .. qty .. ':' .. ts .. ':' .. (idem or '')
@@ -152,7 +155,9 @@ if #entries > 0 then
     local left = string.format('%d', stock)
     redis.call('HSET', resv, unpack(entries))
     redis.call('HSET', sale, 'stock', left)
-    redis.call('HSET', users, unpack(counts))
+    if #counts > 0 then
+        redis.call('HSET', users, unpack(counts))
+    end
 end
 for j = 1, #pins do
     local p = pins[j]

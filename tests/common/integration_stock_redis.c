@@ -508,7 +508,7 @@ static void test_reconcile_writes_need_the_token(void **state) {
         freeReplyObject(sp_redis_command(c, key, itest_err, sizeof(itest_err), "DEL %s", key));
     }
     /* The first reconcile pauses and stages per-user units. */
-    if (sp_stock_reconcile_pause(c, sku, "tok-1", 0, 600, 10, err, sizeof(err)) != 0 ||
+    if (sp_stock_reconcile_pause(c, sku, "tok-1", 5, 600, 10, err, sizeof(err)) != 0 ||
         sp_stock_reconcile_stage(c, sku, "tok-1", SP_STAGE_CLEAR, NULL, NULL, 0, &owned, err,
                                  sizeof(err)) != 0)
         fail_msg("%s", err);
@@ -535,7 +535,7 @@ static void test_reconcile_writes_need_the_token(void **state) {
     assert_int_equal(hlen->integer, 602);
     freeReplyObject(hlen);
     /* The second takes over: pause, clear, its own snapshot. */
-    if (sp_stock_reconcile_pause(c, sku, "tok-2", 0, 600, 10, err, sizeof(err)) != 0 ||
+    if (sp_stock_reconcile_pause(c, sku, "tok-2", 5, 600, 10, err, sizeof(err)) != 0 ||
         sp_stock_reconcile_stage(c, sku, "tok-2", SP_STAGE_CLEAR, NULL, NULL, 0, &owned, err,
                                  sizeof(err)) != 0)
         fail_msg("%s", err);
@@ -567,7 +567,7 @@ static void test_reconcile_writes_need_the_token(void **state) {
     assert_string_equal(sale_hget_str(c, sku, "returned", "o-ledger"), "(nil)");
     /* The second applies: the staged entry is gone from resv (stored meanwhile), and its mend
      * takes its 3 units; the first one's adjust of the same order is refused. */
-    if (sp_stock_reconcile_apply(c, sku, "tok-2", 8, 10, 0, 600, &owned, &stock, &inflight,
+    if (sp_stock_reconcile_apply(c, sku, "tok-2", 8, 10, 5, 600, &owned, &stock, &inflight,
                                  &vanished, &nvanished, err, sizeof(err)) != 0)
         fail_msg("apply: %s", err);
     assert_int_equal(owned, 1);
@@ -594,6 +594,73 @@ static void test_reconcile_writes_need_the_token(void **state) {
         fail_msg("adjust: %s", err);
     assert_int_equal(owned, 0);
     assert_int_equal(sale_hget_int(c, sku, "sale", "stock"), 5);
+    sp_redis_close(c);
+}
+
+/* A sale without a per-user limit keeps no per-user counts (issue 17: nothing reads them, and
+ * they cost a read and a write per reserve call): reserve, release, give_back, a reconcile's
+ * apply and adjust all leave {sku:ID}:users absent, and the stock is right throughout. */
+/* 1 when key exists, else 0. */
+static int redis_exists(sp_redis *c, const char *key) {
+    redisReply *r = sp_redis_command(c, NULL, itest_err, sizeof(itest_err), "EXISTS %s", key);
+    assert_non_null(r);
+    int n = (int)r->integer;
+    freeReplyObject(r);
+    return n;
+}
+
+static void test_no_limit_keeps_no_counts(void **state) {
+    (void)state;
+    sp_redis *c = connect_redis();
+    int64_t sku = fresh_sku(c, 40), stock, inflight;
+    int opened, qty, owned, given;
+    char users_key[SP_STOCK_KEY_MAX];
+    sp_stock_key(users_key, sku, "users");
+    assert_int_equal(sp_stock_open(c, sku, 10, 0, 600, &opened, err, sizeof(err)), 0);
+    sp_reserve_batch b = {0};
+    const int64_t buyers[] = {1, 2, 1};
+    sp_reserve_request req[3];
+    sp_script_call calls[3];
+    for (int i = 0; i < 3; i++) {
+        req[i] = (sp_reserve_request){.sku_id = sku, .user_id = buyers[i], .qty = 2};
+        snprintf(req[i].order_id, sizeof(req[i].order_id), "n-%d", i + 1);
+        sp_stock_reserve_call(&calls[i], &req[i]);
+        assert_int_equal(sp_stock_reserve_batch_add(&b, &req[i], &calls[i]), 0);
+    }
+    sp_reserve_result res[3];
+    if (sp_stock_reserve_batch(c, &b, res, err, sizeof(err)) != 0) fail_msg("reserve: %s", err);
+    for (int i = 0; i < 3; i++) assert_int_equal(res[i].outcome, SP_RESERVE_OK);
+    assert_int_equal(res[2].stock_left, 4);
+    assert_int_equal(redis_exists(c, users_key), 0);
+    /* A release gives the units back and creates no count. */
+    sp_reserve_request rel = {.sku_id = sku, .user_id = 2, .qty = 2, .order_id = "n-2"};
+    assert_int_equal(sp_stock_release(c, &rel, &qty, err, sizeof(err)), 0);
+    assert_int_equal(qty, 2);
+    assert_int_equal(redis_exists(c, users_key), 0);
+    /* An expired order given back: the same. */
+    assert_int_equal(
+        sp_stock_give_back(c, sku, "n-1", 1, 2, "expired", 1700000000000, &given, err, sizeof(err)),
+        0);
+    assert_int_equal(given, 2);
+    assert_int_equal(redis_exists(c, users_key), 0);
+    assert_int_equal(sp_stock_available(c, sku, &stock, err, sizeof(err)), 0);
+    assert_int_equal(stock, 8);
+    /* A reconcile rebuilds the stock from PostgreSQL (8 left, n-3 in flight) and no counts. */
+    if (sp_stock_reconcile_pause(c, sku, "tok-n", 0, 600, 10, err, sizeof(err)) != 0)
+        fail_msg("pause: %s", err);
+    sp_vanished *vanished = NULL;
+    size_t nvanished = 0;
+    if (sp_stock_reconcile_apply(c, sku, "tok-n", 8, 10, 0, 600, &owned, &stock, &inflight,
+                                 &vanished, &nvanished, err, sizeof(err)) != 0)
+        fail_msg("apply: %s", err);
+    free(vanished);
+    assert_int_equal(owned, 1);
+    assert_int_equal(inflight, 2); /* n-3 only: n-1's and n-2's entries went with their units */
+    assert_int_equal(redis_exists(c, users_key), 0);
+    if (sp_stock_reconcile_adjust(c, sku, "tok-n", 3, 1, &owned, &stock, err, sizeof(err)) != 0)
+        fail_msg("adjust: %s", err);
+    assert_int_equal(owned, 1);
+    assert_int_equal(redis_exists(c, users_key), 0);
     sp_redis_close(c);
 }
 
@@ -1002,6 +1069,7 @@ int main(void) {
         cmocka_unit_test(test_release_exactly_once),
         cmocka_unit_test(test_concurrent_admission_is_exact),
         cmocka_unit_test(test_idem_key_validation),
+        cmocka_unit_test(test_no_limit_keeps_no_counts),
         cmocka_unit_test(test_reserve_batch_in_order),
         cmocka_unit_test(test_reserve_batch_as_one_by_one),
         cmocka_unit_test(test_confirm_batch_as_one_by_one),

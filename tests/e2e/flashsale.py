@@ -684,7 +684,8 @@ def outcome(world, sku, buyers, supplied_expected=None):
     if f["leaked"]:
         problems.append("LEAKED: supplied %d - stock %d - pending+paid %d = %d"
                         % (supplied, st["stock"], st["held"], f["leaked"]))
-    # Redis against PostgreSQL, for the SKU: stock, supplied, every user's units.
+    # Redis against PostgreSQL, for the SKU: stock, supplied, every user's units (under a per-user
+    # limit; without one Redis keeps no counts).
     sale = world.redis_lines("HMGET", "{sku:%d}:sale" % sku, "stock", "supplied", "paused")
     r_stock = int(sale[0]) if sale and sale[0] else None
     r_supplied = int(sale[1]) if len(sale) > 1 and sale[1] else None
@@ -694,8 +695,13 @@ def outcome(world, sku, buyers, supplied_expected=None):
     pg_users = dict((int(u), int(q)) for u, q in world.sql(
         "SELECT user_id, sum(qty) FROM orders WHERE sku_id = %d AND status IN ('pending', 'paid')"
         " GROUP BY user_id" % sku))
-    users_off = [(u, r_users.get(u, 0), pg_users.get(u, 0))
-                 for u in set(r_users) | set(pg_users) if r_users.get(u, 0) != pg_users.get(u, 0)]
+    limit = world.sql("SELECT per_user_limit FROM inventory WHERE sku_id = %d" % sku)
+    if limit and int(limit[0][0]) == 0:
+        # No per-user limit: Redis keeps no per-user counts (reserve.lua), so it must hold none.
+        users_off = [(u, q, None) for u, q in r_users.items()]
+    else:
+        users_off = [(u, r_users.get(u, 0), pg_users.get(u, 0)) for u in set(r_users) | set(pg_users)
+                     if r_users.get(u, 0) != pg_users.get(u, 0)]
     f["users"] = len(pg_users)
     f["users_off"] = len(users_off)
     f["redis_eq_pg"] = (r_stock == st["stock"] and r_supplied == supplied and not users_off)
