@@ -253,8 +253,12 @@ int sp_stock_reserve_batch(sp_redis *c, const sp_reserve_batch *b, sp_reserve_re
                                      errlen);
     if (r == NULL) return -1;
     int rc = 0;
-    for (int i = 0; i < b->n && rc == 0; i++)
+    for (int i = 0; i < b->n && rc == 0; i++) {
         rc = sp_stock_reserve_parse(r, (size_t)i, &res[i], errbuf, errlen);
+        if (rc == 0 && res[i].outcome == SP_RESERVE_OK) /* the order's own id, args[2+4i+2] */
+            snprintf(res[i].order_id, sizeof(res[i].order_id), "%.*s", (int)b->argslen[4 + 4 * i],
+                     b->args[4 + 4 * i]);
+    }
     freeReplyObject(r);
     return rc;
 }
@@ -320,18 +324,26 @@ int sp_stock_reserve_parse(const redisReply *all, size_t i, sp_reserve_result *r
                     {"sold_out", SP_RESERVE_SOLD_OUT},
                     {"limit_exceeded", SP_RESERVE_LIMIT},
                     {"recovering", SP_RESERVE_RECOVERING}};
-    if (all == NULL || all->type != REDIS_REPLY_ARRAY || i >= all->elements) {
+    /* {pay_timeout_s, answer...}: an integer answer is an order reserved (the stock left). */
+    if (all == NULL || all->type != REDIS_REPLY_ARRAY || i + 1 >= all->elements ||
+        all->element[0]->type != REDIS_REPLY_INTEGER) {
         snprintf(errbuf, errlen, "script reserve: %s",
                  all && all->type == REDIS_REPLY_ERROR ? all->str : "unexpected reply");
         return -1;
     }
-    const redisReply *r = all->element[i];
+    const redisReply *r = all->element[i + 1];
+    memset(res, 0, sizeof(*res));
+    if (r->type == REDIS_REPLY_INTEGER) {
+        res->outcome = SP_RESERVE_OK;
+        res->stock_left = r->integer;
+        res->pay_timeout_s = (int32_t)all->element[0]->integer;
+        return 0;
+    }
     if (r->type != REDIS_REPLY_ARRAY || r->elements != 4 ||
         r->element[0]->type != REDIS_REPLY_STRING || r->element[1]->type != REDIS_REPLY_STRING) {
         snprintf(errbuf, errlen, "script reserve: unexpected answer for order %zu", i + 1);
         return -1;
     }
-    memset(res, 0, sizeof(*res));
     size_t k, n = sizeof(outcomes) / sizeof(outcomes[0]);
     for (k = 0; k < n; k++)
         if (strcmp(r->element[0]->str, outcomes[k].name) == 0) break;
@@ -391,6 +403,8 @@ int sp_stock_reserve(sp_redis *c, const sp_reserve_request *req, sp_reserve_resu
     redisReply *r = sp_redis_call(c, &call, errbuf, errlen);
     if (r == NULL) return -1;
     int rc = sp_stock_reserve_parse(r, 0, res, errbuf, errlen);
+    if (rc == 0 && res->outcome == SP_RESERVE_OK)
+        snprintf(res->order_id, sizeof(res->order_id), "%s", req->order_id);
     freeReplyObject(r);
     return rc;
 }

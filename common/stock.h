@@ -68,8 +68,10 @@ typedef struct sp_reserve_request {
 
 typedef struct sp_reserve_result {
     sp_reserve_outcome outcome;
-    char order_id[SP_ORDER_ID_MAX + 1]; /* OK: the new order; DUP: the first attempt's (may be
-                                         * empty) */
+    char order_id[SP_ORDER_ID_MAX + 1]; /* OK: the new order (filled by sp_stock_reserve and
+                                         * _batch; the reply does not repeat it, so
+                                         * sp_stock_reserve_parse leaves it empty); DUP: the first
+                                         * attempt's (may be empty) */
     char dup_state[16];    /* DUP: "pending", "accepted", "sold_out" or "limit_exceeded" */
     int64_t stock_left;    /* OK, SOLD_OUT, LIMIT: stock after the call */
     int32_t pay_timeout_s; /* OK: the sale's, for the order's deadline */
@@ -223,8 +225,8 @@ int sp_stock_reserve_batch_argv(const sp_reserve_batch *b, sp_redis_script **scr
 int sp_stock_reserve_batch(sp_redis *c, const sp_reserve_batch *b, sp_reserve_result *res,
                            char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
-/* Reads the answer for the i-th order (from 0) of a reserve reply into *res; -1 with errbuf for
- * an error reply or an unexpected shape. */
+/* Reads the answer for the i-th order (from 0) of a reserve reply ({pay_timeout_s, answer...},
+ * reserve.lua) into *res; -1 with errbuf for an error reply or an unexpected shape. */
 int sp_stock_reserve_parse(const redisReply *r, size_t i, sp_reserve_result *res, char *errbuf,
                            size_t errlen) __attribute__((warn_unused_result));
 
