@@ -34,6 +34,10 @@
 #      __rand_int__, order ids bench-...-__rand_int__), on a SKU of its own whose users and resv
 #      start empty every run; orders/s = calls/s x batch; a run counts only if the stock fell by
 #      calls x batch. Then the same with the call as captured (one order per call);
+#      The time inside the scripts is split into their Redis commands (commandstats counts a
+#      script's redis.call()s as commands; the producers' few own commands are in it too) and Lua
+#      itself (the rest: the interpreter, ARGV and the reply, Lua's garbage collector), and the
+#      last run's top commands by time are named;
 #   5. prints the figures side by side, the ratios, and PASS/MISS per target of issue 17 (Redis
 #      CPU per accepted order <= 5 us; ceiling >= 2.5x the baseline's). A MISS is information, not
 #      a failure; the exit status is non-zero only when the harness itself could not measure.
@@ -298,13 +302,15 @@ ceiling_ready() {
 redis_cpu() {
     rcli INFO cpu | tr -d '\r' | awk -F: '$1 == "used_cpu_user" || $1 == "used_cpu_sys" { s += $2 } END { printf "%.6f", s }'
 }
-# "commands evalsha time evalsha_usec": calls so far of every command but EVAL/EVALSHA/INFO, of
-# EVALSHA, of TIME, and the microseconds Redis spent inside EVALSHA.
+# "commands evalsha time evalsha_usec commands_usec": calls so far of every command but
+# EVAL/EVALSHA/INFO (a script's own redis.call()s are counted there too), of EVALSHA, of TIME, the
+# microseconds Redis spent inside EVALSHA and inside those commands. With a file argument, also
+# writes "name usec" per command to it (the breakdown's top commands).
 redis_calls() {
-    rcli INFO commandstats | tr -d '\r' | awk -F'[:=,]' '/^cmdstat_/ {
+    rcli INFO commandstats | tr -d '\r' | awk -F'[:=,]' -v per="${1:-/dev/null}" '/^cmdstat_/ {
         name = substr($1, 9); n = $3
-        if (name == "evalsha") { e += n; u += $5 } else if (name != "eval" && name != "info") c += n
-        if (name == "time") t += n } END { printf "%d %d %d %d", c, e, t, u }'
+        if (name == "evalsha") { e += n; u += $5 } else if (name != "eval" && name != "info") { c += n; cu += $5; print name, $5 > per }
+        if (name == "time") t += n } END { printf "%d %d %d %d %d", c, e, t, u, cu }'
 }
 
 # run_ceiling V N CALLS: one redis-benchmark run of V's call widened to N orders; appends
@@ -339,22 +345,25 @@ run_ceiling() {
 run_wrk() {
     local v=$1 secs=$2 out=$3 c0 c1 k0 k1 p0 p1
     c0=$(redis_cpu)
-    k0=$(redis_calls)
+    k0=$(redis_calls "$tmp/cmds.$v.before")
     p0=$(proc_ticks "${pid[$v]}")
     ORDERS_SKU=${sku[$v]} ORDERS_THREADS=$THREADS ORDERS_USERS=$USERS \
         wrk -t "$THREADS" -c "$WRK_CONNS" -d "${secs}s" --timeout 5s -s bench/orders.lua \
         "http://127.0.0.1:${port[$v]}" >"$tmp/wrk.out" 2>&1 || true
     c1=$(redis_cpu)
-    k1=$(redis_calls)
+    k1=$(redis_calls "$tmp/cmds.$v.after")
     p1=$(proc_ticks "${pid[$v]}")
     local line
     line=$(grep '^orders-result ' "$tmp/wrk.out") || {
         cat "$tmp/wrk.out" >&2
         producer_failed "wrk gave no result"
     }
-    read -r a0 b0 t0 u0 <<<"$k0"
-    read -r a1 b1 t1 u1 <<<"$k1"
-    echo "$line redis_cpu_s=$(calc "$c1 - $c0" %.6f) cmds=$((a1 - a0)) evalsha=$((b1 - b0)) time=$((t1 - t0)) evalsha_us=$((u1 - u0)) ticks=$((p1 - p0))" >>"$out"
+    read -r a0 b0 t0 u0 x0 <<<"$k0"
+    read -r a1 b1 t1 u1 x1 <<<"$k1"
+    echo "$line redis_cpu_s=$(calc "$c1 - $c0" %.6f) cmds=$((a1 - a0)) evalsha=$((b1 - b0)) time=$((t1 - t0)) evalsha_us=$((u1 - u0)) cmds_us=$((x1 - x0)) ticks=$((p1 - p0))" >>"$out"
+    # the run's top commands by time: "name us_per_accepted_order ..." (the last run's are printed)
+    awk -v n="$(kv "$line" c202)" 'NR == FNR { b[$1] = $2; next } { d = $2 - b[$1]; if (d > 0 && n > 0) printf "%s %.2f\n", $1, d / n }' \
+        "$tmp/cmds.$v.before" "$tmp/cmds.$v.after" | sort -k2,2 -rn | head -n 5 | tr '\n' ' ' >"$tmp/top.$v"
 }
 
 proc_ticks() {
@@ -393,11 +402,12 @@ wrk_fig() {
         v = (f[den] > 0) ? f[num] * scale / f[den] : 0
         print v }' "$tmp/wrk.$1" | median
 }
-declare -A acc us cmds evals batch prod_us in_us
+declare -A acc us cmds evals batch prod_us in_us cmd_us
 for v in "${variants[@]}"; do
     acc[$v]=$(wrk_fig "$v" c202 duration_us 1e6)
     us[$v]=$(wrk_fig "$v" redis_cpu_s c202 1e6)
     in_us[$v]=$(wrk_fig "$v" evalsha_us c202)
+    cmd_us[$v]=$(wrk_fig "$v" cmds_us c202)
     cmds[$v]=$(wrk_fig "$v" cmds c202)
     evals[$v]=$(wrk_fig "$v" evalsha c202)
     batch[$v]=$(wrk_fig "$v" c202 time)
@@ -440,10 +450,18 @@ row "" baseline new new/base
 row "accepted orders/s" "$(calc "${acc[baseline]}")" "$(calc "${acc[new]}")" "$(calc "d(${acc[new]}, ${acc[baseline]})" %.2f)"
 row "Redis CPU per accepted order (us)" "$(calc "${us[baseline]}" %.2f)" "$(calc "${us[new]}" %.2f)" "$(calc "d(${us[new]}, ${us[baseline]})" %.2f)"
 row "  of which inside the scripts (us, commandstats)" "$(calc "${in_us[baseline]}" %.2f)" "$(calc "${in_us[new]}" %.2f)" "$(calc "d(${in_us[new]}, ${in_us[baseline]})" %.2f)"
+row "    in their Redis commands (us)" "$(calc "${cmd_us[baseline]}" %.2f)" "$(calc "${cmd_us[new]}" %.2f)" "$(calc "d(${cmd_us[new]}, ${cmd_us[baseline]})" %.2f)"
+row "    in Lua itself (us: the rest of the above)" "$(calc "${in_us[baseline]} - ${cmd_us[baseline]}" %.2f)" "$(calc "${in_us[new]} - ${cmd_us[new]}" %.2f)" \
+    "$(calc "d(${in_us[new]} - ${cmd_us[new]}, ${in_us[baseline]} - ${cmd_us[baseline]})" %.2f)"
+row "  outside the scripts (us: I/O, replies, AOF)" "$(calc "${us[baseline]} - ${in_us[baseline]}" %.2f)" "$(calc "${us[new]} - ${in_us[new]}" %.2f)" \
+    "$(calc "d(${us[new]} - ${in_us[new]}, ${us[baseline]} - ${in_us[baseline]})" %.2f)"
 row "commands run per accepted order (not EVALSHA)" "$(calc "${cmds[baseline]}" %.2f)" "$(calc "${cmds[new]}" %.2f)" ""
 row "EVALSHA calls per accepted order" "$(calc "${evals[baseline]}" %.3f)" "$(calc "${evals[new]}" %.3f)" ""
 row "orders per reserve call (mean)" "$(calc "${batch[baseline]}" %.1f)" "$(calc "${batch[new]}" %.1f)" ""
 row "producer CPU per accepted order (us)" "$(calc "${prod_us[baseline]}" %.1f)" "$(calc "${prod_us[new]}" %.1f)" ""
+for v in "${variants[@]}"; do
+    say "  top commands of the last $v run (command, us per accepted order): $(cat "$tmp/top.$v" 2>/dev/null)"
+done
 say "one-SKU ceiling, redis-benchmark -c $CONNS -P $PIPELINE of the producer's own reserve call, no HTTP:"
 for n in "$CEILING_BATCH" 1; do
     what="$n orders per call ($batch_why)"
