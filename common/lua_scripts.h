@@ -19,5 +19,10 @@ extern const char sp_lua_reconcile_apply[];
 extern const char sp_lua_reconcile_adjust[];
 extern const char sp_lua_reconcile_open[];
 extern const char sp_lua_reconcile_stage[];
+/* stock transfers between the shards of a sharded sale (issue 17 part 3, not used by the
+ * workers yet) */
+extern const char sp_lua_shard_take[];
+extern const char sp_lua_shard_give[];
+extern const char sp_lua_shard_done[];
 
 #endif

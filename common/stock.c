@@ -37,11 +37,21 @@ static sp_redis_script script_reconcile_open = {.name = "reconcile_open",
                                                 .body = sp_lua_reconcile_open};
 static sp_redis_script script_reconcile_stage = {.name = "reconcile_stage",
                                                  .body = sp_lua_reconcile_stage};
+static sp_redis_script script_shard_take = {.name = "shard_take", .body = sp_lua_shard_take};
+static sp_redis_script script_shard_give = {.name = "shard_give", .body = sp_lua_shard_give};
+static sp_redis_script script_shard_done = {.name = "shard_done", .body = sp_lua_shard_done};
 
 int sp_idem_key_valid(const char *s) { return sp_request_id_valid(s); }
 
 void sp_stock_key(char *buf, int64_t sku_id, const char *suffix) {
     snprintf(buf, SP_STOCK_KEY_MAX, "{sku:%" PRId64 "}:%s", sku_id, suffix);
+}
+
+void sp_stock_shard_key(char *buf, int64_t sku_id, int shard, const char *suffix) {
+    if (shard == 0)
+        sp_stock_key(buf, sku_id, suffix);
+    else
+        snprintf(buf, SP_STOCK_KEY_MAX, "{sku:%" PRId64 "/%d}:%s", sku_id, shard, suffix);
 }
 
 /* A SKU's key as the next script argument: {sku:ID}:suffix. */
@@ -57,7 +67,9 @@ int sp_stock_scripts_load(sp_redis *c, char *errbuf, size_t errlen) {
                               &script_give_back,        &script_resv_drop,
                               &script_reconcile_pause,  &script_reconcile_apply,
                               &script_reconcile_adjust, &script_reconcile_open,
-                              &script_reconcile_stage,  &script_rejected_forget};
+                              &script_reconcile_stage,  &script_rejected_forget,
+                              &script_shard_take,       &script_shard_give,
+                              &script_shard_done};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
         if (sp_redis_script_load(c, all[i], errbuf, errlen) != 0) return -1;
     return 0;
@@ -823,5 +835,61 @@ int sp_stock_reconcile_stage(sp_redis *c, int64_t sku_id, const char *token, sp_
         }
         i += k;
     } while (i < n);
+    return 0;
+}
+
+/* ---- stock transfers between the shards of a sharded sale (issue 17 part 3) ---- */
+
+/* A shard's key as the next script argument. */
+static void shard_key_arg(sp_script_call *call, int64_t sku_id, int shard, const char *suffix) {
+    char key[SP_STOCK_KEY_MAX];
+    sp_stock_shard_key(key, sku_id, shard, suffix);
+    sp_script_call_arg(call, "%s", key);
+}
+
+int sp_stock_shard_take(sp_redis *c, const sp_shard_transfer *t, int64_t want, int64_t now_ms,
+                        int64_t *taken, char *errbuf, size_t errlen) {
+    sp_script_call call;
+    long long v;
+    sp_script_call_init(&call, &script_shard_take, 2);
+    shard_key_arg(&call, t->sku_id, t->from, "sale");
+    shard_key_arg(&call, t->sku_id, t->from, "xfer");
+    sp_script_call_arg(&call, "%s", t->id);
+    sp_script_call_arg(&call, "%d", t->to);
+    sp_script_call_arg(&call, "%" PRId64, want);
+    sp_script_call_arg(&call, "%s", t->gen);
+    sp_script_call_arg(&call, "%" PRId64, now_ms);
+    if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
+    *taken = v;
+    return 0;
+}
+
+int sp_stock_shard_give(sp_redis *c, const sp_shard_transfer *t, int64_t units, int64_t now_ms,
+                        int64_t *given, char *errbuf, size_t errlen) {
+    sp_script_call call;
+    long long v;
+    sp_script_call_init(&call, &script_shard_give, 2);
+    shard_key_arg(&call, t->sku_id, t->to, "sale");
+    shard_key_arg(&call, t->sku_id, t->to, "xfer");
+    sp_script_call_arg(&call, "%s", t->id);
+    sp_script_call_arg(&call, "%d", t->from);
+    sp_script_call_arg(&call, "%" PRId64, units);
+    sp_script_call_arg(&call, "%s", t->gen);
+    sp_script_call_arg(&call, "%" PRId64, now_ms);
+    if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
+    *given = v;
+    return 0;
+}
+
+int sp_stock_shard_done(sp_redis *c, const sp_shard_transfer *t, int shard, int64_t *units,
+                        char *errbuf, size_t errlen) {
+    sp_script_call call;
+    long long v;
+    sp_script_call_init(&call, &script_shard_done, 2);
+    shard_key_arg(&call, t->sku_id, shard, "sale");
+    shard_key_arg(&call, t->sku_id, shard, "xfer");
+    sp_script_call_arg(&call, "%s", t->id);
+    if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
+    *units = v;
     return 0;
 }

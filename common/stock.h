@@ -323,8 +323,51 @@ int sp_stock_reconcile_stage(sp_redis *c, int64_t sku_id, const char *token, sp_
                              int *owned, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 
+/* ---- stock transfers between the shards of a sharded sale (issue 17 part 3) ----
+ *
+ * Built step by step: the scripts and these calls exist and are tested
+ * (tests/common/integration_stock_redis.c), the workers do not use them yet. A sharded sale's
+ * shard k keeps its keys under the hash tag {sku:ID/k} (shard 0: {sku:ID}, today's), so the
+ * shards of one sale sit on different slots, and in a cluster on different primaries. A transfer
+ * moves units from the shard `from` to the shard `to`, exactly once however often each step is
+ * retried and wherever its caller stops, in four steps, each an atomic script on one shard:
+ *   1. sp_stock_shard_take on `from`: up to `want` units leave its stock (counted in its `moving`
+ *      field meanwhile), recorded as "out:" under the transfer's id;
+ *   2. sp_stock_shard_give on `to`: the units taken join its stock, recorded as "in:";
+ *   3. sp_stock_shard_done on `from`: the "out:" record goes, and the units leave `moving`;
+ *   4. sp_stock_shard_done on `to`: the "in:" record goes.
+ * Whoever finds an "out:" record (a caller that stopped after step 1 or 2) completes steps 2 to 4;
+ * the give finds "in:" when it ran before. The generation `gen` (the sale's `gen` field; "" for
+ * none) makes a transfer of a sale rebuilt since (a reconcile counts every unit afresh) give
+ * nothing. */
+typedef struct sp_shard_transfer {
+    int64_t sku_id;
+    int from, to; /* shard numbers */
+    char id[64];  /* unique across the fleet, e.g. "WORKER:counter" */
+    char gen[64]; /* the sale's generation, as read */
+} sp_shard_transfer;
+
+/* Step 1. *taken: the units taken (0: none here), or -1 no sale on the shard, -2 paused, -3 the
+ * generation differs. A retry with the same id answers the same and changes nothing. */
+int sp_stock_shard_take(sp_redis *c, const sp_shard_transfer *t, int64_t want, int64_t now_ms,
+                        int64_t *taken, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
+
+/* Step 2, with units as step 1 answered. *given: the units given, 0 when given before, or -1, -2,
+ * -3 as above (-3: the sale was rebuilt after the take; nothing is owed). */
+int sp_stock_shard_give(sp_redis *c, const sp_shard_transfer *t, int64_t units, int64_t now_ms,
+                        int64_t *given, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
+
+/* Steps 3 and 4: settles the transfer on `shard` (t->from first, then t->to). *units: the units
+ * its record named, 0 when settled before. */
+int sp_stock_shard_done(sp_redis *c, const sp_shard_transfer *t, int shard, int64_t *units,
+                        char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+
 /* Key names for a SKU; each buffer is SP_STOCK_KEY_MAX bytes. */
 #define SP_STOCK_KEY_MAX 160
 void sp_stock_key(char *buf, int64_t sku_id, const char *suffix);
+/* The same for shard `shard` of a sharded sale: {sku:ID/shard}:suffix, shard 0 {sku:ID}:suffix. */
+void sp_stock_shard_key(char *buf, int64_t sku_id, int shard, const char *suffix);
 
 #endif

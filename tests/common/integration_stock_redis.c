@@ -17,6 +17,7 @@
 #include "redis_store.h"
 #include "clock_skew.h"
 #include "lua_scripts.h"
+#include "redis_cluster.h"
 #include "stock.h"
 #include "itest.h"
 
@@ -664,6 +665,173 @@ static void test_no_limit_keeps_no_counts(void **state) {
     sp_redis_close(c);
 }
 
+/* A shard's field as an integer (-1: absent). */
+static int64_t shard_field(sp_redis *c, int64_t sku, int shard, const char *suffix,
+                           const char *field) {
+    char key[SP_STOCK_KEY_MAX];
+    sp_stock_shard_key(key, sku, shard, suffix);
+    redisReply *r = sp_redis_command(c, key, itest_err, sizeof(itest_err), "HGET %s %s", key,
+                                     field);
+    assert_non_null(r);
+    int64_t v = r->type == REDIS_REPLY_STRING ? strtoll(r->str, NULL, 10) : -1;
+    freeReplyObject(r);
+    return v;
+}
+
+/* The units of a sharded sale, in stock or moving, summed over its shards. */
+static int64_t shards_total(sp_redis *c, int64_t sku, int nshards) {
+    int64_t total = 0;
+    for (int k = 0; k < nshards; k++) {
+        int64_t stock = shard_field(c, sku, k, "sale", "stock");
+        int64_t moving = shard_field(c, sku, k, "sale", "moving");
+        total += (stock > 0 ? stock : 0) + (moving > 0 ? moving : 0);
+    }
+    return total;
+}
+
+/* Issue 17 part 3, the transfer of units between two shards of a sharded sale: each of its four
+ * steps retried, in every order a caller stopping and another completing can run them, moves the
+ * units exactly once; stock + moving summed over the shards never changes; a paused sale, a
+ * missing one and a sale rebuilt since the take (another generation) move nothing. */
+static void test_shard_transfer_exactly_once(void **state) {
+    (void)state;
+    sp_redis *c = connect_redis();
+    int64_t sku = fresh_sku(c, 50), v = 0;
+    enum { NSHARDS = 3 };
+    const int64_t start[NSHARDS] = {5, 0, 3};
+    char key[SP_STOCK_KEY_MAX];
+    for (int k = 0; k < NSHARDS; k++) {
+        const char *suffixes[] = {"sale", "xfer"};
+        for (int j = 0; j < 2; j++) {
+            sp_stock_shard_key(key, sku, k, suffixes[j]);
+            freeReplyObject(sp_redis_command(c, key, itest_err, sizeof(itest_err), "DEL %s", key));
+        }
+        sp_stock_shard_key(key, sku, k, "sale");
+        freeReplyObject(sp_redis_command(c, key, itest_err, sizeof(itest_err),
+                                         "HSET %s stock %lld gen g1", key, (long long)start[k]));
+    }
+    /* The shards' keys are on slots of their own (on a cluster: spread over the primaries). */
+    char k0[SP_STOCK_KEY_MAX], k1[SP_STOCK_KEY_MAX];
+    sp_stock_shard_key(k0, sku, 0, "sale");
+    sp_stock_shard_key(k1, sku, 1, "sale");
+    assert_string_not_equal(k0, k1);
+    assert_int_not_equal(sp_cluster_key_slot(k0, strlen(k0)), sp_cluster_key_slot(k1, strlen(k1)));
+    assert_int_equal(shards_total(c, sku, NSHARDS), 8);
+
+    /* 1. Take 4 from shard 2 (it holds 3) for shard 1; the retry answers the same. */
+    sp_shard_transfer t = {.sku_id = sku, .from = 2, .to = 1, .id = "t-1", .gen = "g1"};
+    for (int i = 0; i < 2; i++) {
+        if (sp_stock_shard_take(c, &t, 4, 1700000000000, &v, err, sizeof(err)) != 0)
+            fail_msg("take: %s", err);
+        assert_int_equal(v, 3);
+        assert_int_equal(shard_field(c, sku, 2, "sale", "stock"), 0);
+        assert_int_equal(shard_field(c, sku, 2, "sale", "moving"), 3);
+        assert_int_equal(shards_total(c, sku, NSHARDS), 8);
+    }
+    /* 2. Give, twice: the units arrive once. */
+    for (int i = 0; i < 2; i++) {
+        if (sp_stock_shard_give(c, &t, 3, 1700000000001, &v, err, sizeof(err)) != 0)
+            fail_msg("give: %s", err);
+        assert_int_equal(v, i == 0 ? 3 : 0);
+        assert_int_equal(shard_field(c, sku, 1, "sale", "stock"), 3);
+    }
+    /* Until the donor settles, the units count twice in stock + moving: the reaper's audit of a
+     * sharded sale subtracts the open transfers' units (an "out:" whose "in:" is there). */
+    assert_int_equal(shards_total(c, sku, NSHARDS), 11);
+    /* 3. and 4. Settle the donor, then the recipient, each twice. */
+    for (int i = 0; i < 2; i++) {
+        if (sp_stock_shard_done(c, &t, t.from, &v, err, sizeof(err)) != 0) fail_msg("%s", err);
+        assert_int_equal(v, i == 0 ? 3 : 0);
+        assert_int_equal(shard_field(c, sku, 2, "sale", "moving"), -1);
+    }
+    assert_int_equal(shards_total(c, sku, NSHARDS), 8);
+    for (int i = 0; i < 2; i++) {
+        if (sp_stock_shard_done(c, &t, t.to, &v, err, sizeof(err)) != 0) fail_msg("%s", err);
+        assert_int_equal(v, i == 0 ? 3 : 0);
+    }
+    sp_stock_shard_key(key, sku, 1, "xfer");
+    assert_int_equal(redis_exists(c, key), 0);
+    sp_stock_shard_key(key, sku, 2, "xfer");
+    assert_int_equal(redis_exists(c, key), 0);
+    assert_int_equal(shard_field(c, sku, 1, "sale", "stock"), 3);
+
+    /* A caller that stopped after its take: whoever completes it from the "out:" record gives
+     * once, whether the first caller's give had run or not. */
+    sp_shard_transfer u = {.sku_id = sku, .from = 0, .to = 2, .id = "t-2", .gen = "g1"};
+    if (sp_stock_shard_take(c, &u, 2, 1700000000002, &v, err, sizeof(err)) != 0)
+        fail_msg("%s", err);
+    assert_int_equal(v, 2);
+    for (int i = 0; i < 3; i++) { /* the completer, run three times */
+        if (sp_stock_shard_give(c, &u, 2, 1700000000003, &v, err, sizeof(err)) != 0)
+            fail_msg("%s", err);
+        assert_int_equal(v, i == 0 ? 2 : 0);
+    }
+    for (int i = 0; i < 2; i++) {
+        if (sp_stock_shard_done(c, &u, u.from, &v, err, sizeof(err)) != 0 ||
+            sp_stock_shard_done(c, &u, u.to, &v, err, sizeof(err)) != 0)
+            fail_msg("%s", err);
+    }
+    assert_int_equal(shard_field(c, sku, 0, "sale", "stock"), 3);
+    assert_int_equal(shard_field(c, sku, 2, "sale", "stock"), 2);
+    assert_int_equal(shards_total(c, sku, NSHARDS), 8);
+
+    /* Nothing here: 0, and nothing recorded. */
+    sp_shard_transfer w = {.sku_id = sku, .from = 1, .to = 0, .id = "t-3", .gen = "g1"};
+    sp_stock_shard_key(key, sku, 1, "sale");
+    freeReplyObject(sp_redis_command(c, key, itest_err, sizeof(itest_err), "HSET %s stock 0", key));
+    if (sp_stock_shard_take(c, &w, 1, 1700000000004, &v, err, sizeof(err)) != 0)
+        fail_msg("%s", err);
+    assert_int_equal(v, 0);
+    sp_stock_shard_key(key, sku, 1, "xfer");
+    assert_int_equal(redis_exists(c, key), 0);
+    freeReplyObject(
+        sp_redis_command(c, key, itest_err, sizeof(itest_err), "DEL %s", key)); /* no-op */
+    sp_stock_shard_key(key, sku, 1, "sale");
+    freeReplyObject(sp_redis_command(c, key, itest_err, sizeof(itest_err), "HSET %s stock 3", key));
+
+    /* A sale rebuilt after the take (another generation): the give is refused, nothing moves;
+     * a take of the old generation too. */
+    sp_shard_transfer x = {.sku_id = sku, .from = 0, .to = 1, .id = "t-4", .gen = "g1"};
+    if (sp_stock_shard_take(c, &x, 1, 1700000000005, &v, err, sizeof(err)) != 0)
+        fail_msg("%s", err);
+    assert_int_equal(v, 1);
+    sp_stock_shard_key(key, sku, 1, "sale");
+    freeReplyObject(sp_redis_command(c, key, itest_err, sizeof(itest_err), "HSET %s gen g2", key));
+    if (sp_stock_shard_give(c, &x, 1, 1700000000006, &v, err, sizeof(err)) != 0)
+        fail_msg("%s", err);
+    assert_int_equal(v, -3);
+    assert_int_equal(shard_field(c, sku, 1, "sale", "stock"), 3);
+    sp_shard_transfer y = {.sku_id = sku, .from = 1, .to = 0, .id = "t-5", .gen = "g1"};
+    if (sp_stock_shard_take(c, &y, 1, 1700000000007, &v, err, sizeof(err)) != 0)
+        fail_msg("%s", err);
+    assert_int_equal(v, -3);
+    assert_int_equal(shard_field(c, sku, 1, "sale", "stock"), 3);
+
+    /* Paused: -2 and nothing moves; no sale: -1, and a settle creates none. */
+    freeReplyObject(
+        sp_redis_command(c, key, itest_err, sizeof(itest_err), "HSET %s gen g1 paused tok", key));
+    if (sp_stock_shard_give(c, &x, 1, 1700000000008, &v, err, sizeof(err)) != 0)
+        fail_msg("%s", err);
+    assert_int_equal(v, -2);
+    if (sp_stock_shard_take(c, &y, 1, 1700000000009, &v, err, sizeof(err)) != 0)
+        fail_msg("%s", err);
+    assert_int_equal(v, -2);
+    assert_int_equal(shard_field(c, sku, 1, "sale", "stock"), 3);
+    freeReplyObject(sp_redis_command(c, key, itest_err, sizeof(itest_err), "DEL %s", key));
+    if (sp_stock_shard_give(c, &x, 1, 1700000000010, &v, err, sizeof(err)) != 0)
+        fail_msg("%s", err);
+    assert_int_equal(v, -1);
+    sp_shard_transfer z = {.sku_id = sku, .from = 1, .to = 0, .id = "t-6", .gen = "g1"};
+    sp_stock_shard_key(key, sku, 1, "xfer");
+    freeReplyObject(sp_redis_command(c, key, itest_err, sizeof(itest_err),
+                                     "HSET %s t-6 out:0:2:1700000000011", key));
+    if (sp_stock_shard_done(c, &z, 1, &v, err, sizeof(err)) != 0) fail_msg("%s", err);
+    assert_int_equal(v, 2);
+    sp_stock_shard_key(key, sku, 1, "sale");
+    assert_int_equal(redis_exists(c, key), 0);
+    sp_redis_close(c);
+}
+
 static void test_idem_key_validation(void **state) {
     (void)state;
     char big[SP_IDEM_KEY_MAX + 2];
@@ -1070,6 +1238,7 @@ int main(void) {
         cmocka_unit_test(test_concurrent_admission_is_exact),
         cmocka_unit_test(test_idem_key_validation),
         cmocka_unit_test(test_no_limit_keeps_no_counts),
+        cmocka_unit_test(test_shard_transfer_exactly_once),
         cmocka_unit_test(test_reserve_batch_in_order),
         cmocka_unit_test(test_reserve_batch_as_one_by_one),
         cmocka_unit_test(test_confirm_batch_as_one_by_one),
