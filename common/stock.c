@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "clock.h"
 #include "lua_scripts.h"
 
 /* One loaded SHA per script per process. Only the thread that owns the Redis connection uses
@@ -57,6 +58,13 @@ void sp_stock_shard_key(char *buf, int64_t sku_id, int shard, const char *suffix
 /* A SKU's key as the next script argument: {sku:ID}:suffix. */
 static void key_arg(sp_script_call *call, int64_t sku_id, const char *suffix) {
     sp_script_call_arg(call, "{sku:%" PRId64 "}:%s", sku_id, suffix);
+}
+
+/* A shard's key as the next script argument. */
+static void shard_key_arg(sp_script_call *call, int64_t sku_id, int shard, const char *suffix) {
+    char key[SP_STOCK_KEY_MAX];
+    sp_stock_shard_key(key, sku_id, shard, suffix);
+    sp_script_call_arg(call, "%s", key);
 }
 
 int sp_stock_scripts_load(sp_redis *c, char *errbuf, size_t errlen) {
@@ -136,9 +144,12 @@ int sp_stock_restock_parse(const redisReply *r, sp_restock_status *status, int64
 
 /* The request's idempotency key name, or "" without one. */
 static void idem_arg(sp_script_call *call, const sp_reserve_request *req) {
-    if (req->idem_key[0])
+    if (req->idem_key[0] && req->shard == 0)
         sp_script_call_arg(call, "{sku:%" PRId64 "}:idem:%" PRId64 ":%s", req->sku_id, req->user_id,
                            req->idem_key);
+    else if (req->idem_key[0]) /* on the buyer's home shard, with its count */
+        sp_script_call_arg(call, "{sku:%" PRId64 "/%" PRId32 "}:idem:%" PRId64 ":%s", req->sku_id,
+                           req->shard, req->user_id, req->idem_key);
     else
         sp_script_call_arg(call, "%s", "");
 }
@@ -156,9 +167,9 @@ void sp_stock_reserve_call(sp_script_call *call, const sp_reserve_request *req) 
     int64_t sku = req->sku_id;
     int has_idem = req->idem_key[0] != '\0';
     sp_script_call_init(call, &script_reserve, has_idem ? 4 : 3);
-    key_arg(call, sku, "sale");
-    key_arg(call, sku, "users");
-    key_arg(call, sku, "resv");
+    shard_key_arg(call, sku, req->shard, "sale");
+    shard_key_arg(call, sku, req->shard, "users");
+    shard_key_arg(call, sku, req->shard, "resv");
     if (has_idem) idem_arg(call, req);
     sp_script_call_arg(call, "%" PRId32, idem_ttl_s);
     sp_script_call_arg(call, "%" PRId32, idem_refusal_ttl_s);
@@ -175,7 +186,7 @@ void sp_stock_confirm_call(sp_script_call *call, const sp_reserve_request *req, 
                            int64_t offset) {
     int has_idem = req->idem_key[0] != '\0';
     sp_script_call_init(call, &script_confirm, has_idem ? 2 : 1);
-    key_arg(call, req->sku_id, "resv");
+    shard_key_arg(call, req->sku_id, req->shard, "resv");
     if (has_idem) idem_arg(call, req);
     sp_script_call_arg(call, "%s", req->order_id);
     sp_script_call_arg(call, "%s", has_idem ? "2" : "0");
@@ -188,9 +199,9 @@ void sp_stock_confirm_call(sp_script_call *call, const sp_reserve_request *req, 
 void sp_stock_release_call(sp_script_call *call, const sp_reserve_request *req) {
     int has_idem = req->idem_key[0] != '\0';
     sp_script_call_init(call, &script_release, has_idem ? 4 : 3);
-    key_arg(call, req->sku_id, "sale");
-    key_arg(call, req->sku_id, "users");
-    key_arg(call, req->sku_id, "resv");
+    shard_key_arg(call, req->sku_id, req->shard, "sale");
+    shard_key_arg(call, req->sku_id, req->shard, "users");
+    shard_key_arg(call, req->sku_id, req->shard, "resv");
     if (has_idem) idem_arg(call, req);
     sp_script_call_arg(call, "%s", req->order_id);
 }
@@ -213,10 +224,11 @@ int sp_stock_reserve_batch_add(sp_reserve_batch *b, const sp_reserve_request *re
     int nk = one->nkeys;
     if (one->overflow || one->script != &script_reserve || (nk != 3 && nk != 4) ||
         one->argc != nk + 6 || b->n >= SP_RESERVE_BATCH_MAX ||
-        (b->n > 0 && b->sku_id != req->sku_id))
+        (b->n > 0 && (b->sku_id != req->sku_id || b->shard != req->shard)))
         return -1;
     if (b->n == 0) {
         b->sku_id = req->sku_id;
+        b->shard = req->shard;
         b->nkeys = 3;
         for (int i = 0; i < 3; i++) b->keys[i] = one->argv[i], b->keyslen[i] = one->argvlen[i];
         for (int i = 0; i < 2; i++) /* the TTLs */
@@ -278,7 +290,9 @@ int sp_stock_reserve_batch(sp_redis *c, const sp_reserve_batch *b, sp_reserve_re
 int sp_stock_confirm_batch_add(sp_confirm_batch *b, int64_t sku_id, const sp_script_call *one) {
     int nk = one->nkeys;
     if (one->overflow || one->script != &script_confirm || (nk != 1 && nk != 2) ||
-        one->argc != nk + 3 || b->n >= SP_CONFIRM_BATCH_MAX || (b->n > 0 && b->sku_id != sku_id))
+        one->argc != nk + 3 || b->n >= SP_CONFIRM_BATCH_MAX ||
+        (b->n > 0 && (b->sku_id != sku_id || b->keyslen[0] != one->argvlen[0] ||
+                      memcmp(b->keys[0], one->argv[0], one->argvlen[0]) != 0))) /* one resv */
         return -1;
     if (b->n == 0) {
         b->sku_id = sku_id;
@@ -840,13 +854,6 @@ int sp_stock_reconcile_stage(sp_redis *c, int64_t sku_id, const char *token, sp_
 
 /* ---- stock transfers between the shards of a sharded sale (issue 17 part 3) ---- */
 
-/* A shard's key as the next script argument. */
-static void shard_key_arg(sp_script_call *call, int64_t sku_id, int shard, const char *suffix) {
-    char key[SP_STOCK_KEY_MAX];
-    sp_stock_shard_key(key, sku_id, shard, suffix);
-    sp_script_call_arg(call, "%s", key);
-}
-
 int sp_stock_shard_take(sp_redis *c, const sp_shard_transfer *t, int64_t want, int64_t now_ms,
                         int64_t *taken, char *errbuf, size_t errlen) {
     sp_script_call call;
@@ -891,5 +898,109 @@ int sp_stock_shard_done(sp_redis *c, const sp_shard_transfer *t, int shard, int6
     sp_script_call_arg(&call, "%s", t->id);
     if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
     *units = v;
+    return 0;
+}
+
+int sp_stock_home_shard(int64_t user_id, int nshards) {
+    return nshards > 1 ? (int)((uint64_t)user_id % (uint64_t)nshards) : 0;
+}
+
+int sp_stock_open_sharded(sp_redis *c, const sp_sharded_sale *sale, int64_t stock,
+                          int32_t per_user_limit, int32_t pay_timeout_s, int *opened, char *errbuf,
+                          size_t errlen) {
+    int n = sale->nshards;
+    if (n < 1 || n > SP_SHARDS_MAX || stock < 0) {
+        snprintf(errbuf, errlen, "open: %d shards, stock %" PRId64 ": out of range", n, stock);
+        return -1;
+    }
+    *opened = 0;
+    for (int k = 0; k < n; k++) {
+        sp_script_call call;
+        long long v;
+        sp_script_call_init(&call, &script_sale_open, 2);
+        shard_key_arg(&call, sale->sku_id, k, "sale");
+        shard_key_arg(&call, sale->sku_id, k, "opening");
+        sp_script_call_arg(&call, "%" PRId64, stock / n + (k < stock % n ? 1 : 0));
+        sp_script_call_arg(&call, "%" PRId32, per_user_limit);
+        sp_script_call_arg(&call, "%" PRId32, pay_timeout_s);
+        sp_script_call_arg(&call, "%s", "");
+        sp_script_call_arg(&call, "%s", sale->gen);
+        sp_script_call_arg(&call, "%d", n);
+        if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
+        *opened += (int)v;
+    }
+    return 0;
+}
+
+/* Units moving out of some shard of the sale (taken, not yet settled): -1 on a Redis error. */
+static int64_t shards_moving(sp_redis *c, const sp_sharded_sale *sale, char *errbuf,
+                             size_t errlen) {
+    int64_t moving = 0;
+    for (int k = 0; k < sale->nshards; k++) {
+        char key[SP_STOCK_KEY_MAX];
+        sp_stock_shard_key(key, sale->sku_id, k, "sale");
+        redisReply *r = sp_redis_command(c, key, errbuf, errlen, "HGET %s moving", key);
+        if (r == NULL) return -1;
+        if (r->type == REDIS_REPLY_STRING) moving += strtoll(r->str, NULL, 10);
+        freeReplyObject(r);
+    }
+    return moving;
+}
+
+/* Moves up to `missing` units to shard `home` from the others; *moved: how many came. *stop is
+ * set when a shard answered paused, gone or rebuilt (the order is answered RECOVERING). */
+static int refill(sp_redis *c, sp_sharded_sale *sale, int home, int64_t missing, int64_t *moved,
+                  int *stop, char *errbuf, size_t errlen) {
+    *moved = 0;
+    *stop = 0;
+    for (int i = 1; i < sale->nshards && *moved < missing; i++) {
+        sp_shard_transfer t = {.sku_id = sale->sku_id,
+                               .from = (home + i) % sale->nshards,
+                               .to = home};
+        snprintf(t.id, sizeof(t.id), "%.40s:%" PRIu64, sale->xfer_prefix, ++sale->xfer_seq);
+        snprintf(t.gen, sizeof(t.gen), "%s", sale->gen);
+        int64_t taken, given, settled, now = sp_clock_wall_ms();
+        if (sp_stock_shard_take(c, &t, missing - *moved, now, &taken, errbuf, errlen) != 0)
+            return -1;
+        if (taken < 0) {
+            *stop = 1;
+            return 0;
+        }
+        if (taken == 0) continue;
+        /* A failure from here on leaves the "out:" record for the reaper to complete. */
+        if (sp_stock_shard_give(c, &t, taken, now, &given, errbuf, errlen) != 0) return -1;
+        if (given < 0) {
+            *stop = 1;
+            return 0;
+        }
+        if (sp_stock_shard_done(c, &t, t.from, &settled, errbuf, errlen) != 0 ||
+            sp_stock_shard_done(c, &t, t.to, &settled, errbuf, errlen) != 0)
+            return -1;
+        *moved += taken;
+    }
+    return 0;
+}
+
+int sp_stock_reserve_sharded(sp_redis *c, sp_sharded_sale *sale, const sp_reserve_request *req,
+                             sp_reserve_result *res, char *errbuf, size_t errlen) {
+    enum { ROUNDS = 3 };
+    sp_reserve_request one = *req;
+    one.shard = sp_stock_home_shard(req->user_id, sale->nshards);
+    for (int round = 0; round < ROUNDS; round++) {
+        if (sp_stock_reserve(c, &one, res, errbuf, errlen) != 0) return -1;
+        if (res->outcome != SP_RESERVE_SOLD_OUT || sale->nshards == 1) return 0;
+        int64_t moved = 0;
+        int stop = 0;
+        if (refill(c, sale, one.shard, one.qty - res->stock_left, &moved, &stop, errbuf, errlen) !=
+            0)
+            return -1;
+        if (stop) break;
+        if (moved > 0) continue; /* decide it again on the home shard */
+        int64_t moving = shards_moving(c, sale, errbuf, errlen);
+        if (moving < 0) return -1;
+        if (moving == 0) return 0; /* no unit anywhere: sold out, truly */
+    }
+    memset(res, 0, sizeof(*res));
+    res->outcome = SP_RESERVE_RECOVERING;
     return 0;
 }

@@ -64,6 +64,7 @@ typedef struct sp_reserve_request {
                     * carries Redis's own time instead, see reserve.lua) */
     char order_id[SP_ORDER_ID_MAX + 1]; /* fresh, unique: used only if the outcome is OK */
     char idem_key[SP_IDEM_KEY_MAX + 1]; /* empty: no Idempotency-Key */
+    int32_t shard; /* a sharded sale: the buyer's home shard (sp_stock_home_shard); 0 otherwise */
 } sp_reserve_request;
 
 typedef struct sp_reserve_result {
@@ -202,7 +203,8 @@ int sp_stock_confirm_batch_argv(const sp_confirm_batch *b, sp_redis_script **scr
 #define SP_RESERVE_BATCH_MAX 64
 typedef struct sp_reserve_batch {
     int64_t sku_id;
-    int n; /* orders in the batch */
+    int32_t shard; /* every order of a batch goes to one shard of one sale */
+    int n;         /* orders in the batch */
     int nkeys, nargs;
     const char *keys[3 + SP_RESERVE_BATCH_MAX]; /* sale, users, resv, the idempotency keys */
     size_t keyslen[3 + SP_RESERVE_BATCH_MAX];
@@ -211,7 +213,8 @@ typedef struct sp_reserve_batch {
     char index[SP_RESERVE_BATCH_MAX][12]; /* each order's key index, as text */
 } sp_reserve_batch;
 
-/* Adds the order req (its call one) to b; -1 when b is full or holds another SKU's orders. */
+/* Adds the order req (its call one) to b; -1 when b is full or holds another SKU's (or another
+ * shard's) orders. */
 int sp_stock_reserve_batch_add(sp_reserve_batch *b, const sp_reserve_request *req,
                                const sp_script_call *one);
 
@@ -363,6 +366,37 @@ int sp_stock_shard_give(sp_redis *c, const sp_shard_transfer *t, int64_t units, 
  * its record named, 0 when settled before. */
 int sp_stock_shard_done(sp_redis *c, const sp_shard_transfer *t, int shard, int64_t *units,
                         char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+
+/* A sharded sale as a caller of the calls below sees it. */
+typedef struct sp_sharded_sale {
+    int64_t sku_id;
+    int nshards;             /* 1..SP_SHARDS_MAX */
+    char gen[64];            /* its generation (sp_stock_open_sharded's gen) */
+    const char *xfer_prefix; /* makes this caller's transfer ids unique, e.g. its worker id */
+    uint64_t xfer_seq;       /* the last transfer id's number */
+} sp_sharded_sale;
+#define SP_SHARDS_MAX 16
+
+/* The home shard of a buyer: every order of user_id goes there (its per-user count and
+ * Idempotency-Keys with it, so the per-user limit stays exact). */
+int sp_stock_home_shard(int64_t user_id, int nshards);
+
+/* Opens the N shards of a sale (sale_open.lua on each, with gen and N), stock spread evenly: shard
+ * k gets stock / N, plus one for k < stock % N. *opened: the shards opened now (0: open before). */
+int sp_stock_open_sharded(sp_redis *c, const sp_sharded_sale *sale, int64_t stock,
+                          int32_t per_user_limit, int32_t pay_timeout_s, int *opened, char *errbuf,
+                          size_t errlen) __attribute__((warn_unused_result));
+
+/* One order on a sharded sale, the blocking reference of what the producer will do: reserve.lua
+ * on the buyer's home shard; when that shard is short, units are moved to it from the other shards
+ * (the transfer above, asking each for what is still missing) and the order decided again.
+ * SOLD_OUT only when no shard had a unit to give and none was moving; when other orders kept
+ * taking the units moved (three rounds), RECOVERING (try again), never a false SOLD_OUT. Orders
+ * with an Idempotency-Key: a refusal is pinned by the first round (IDEM_REFUSAL_TTL_S), so use it
+ * with refusals unpinned (sp_stock_idem_ttls(ttl, 0)) until the producer's version handles it. */
+int sp_stock_reserve_sharded(sp_redis *c, sp_sharded_sale *sale, const sp_reserve_request *req,
+                             sp_reserve_result *res, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
 
 /* Key names for a SKU; each buffer is SP_STOCK_KEY_MAX bytes. */
 #define SP_STOCK_KEY_MAX 160

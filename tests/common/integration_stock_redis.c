@@ -832,6 +832,176 @@ static void test_shard_transfer_exactly_once(void **state) {
     sp_redis_close(c);
 }
 
+/* Deletes every key of the n shards of sku this file's sharded tests write. */
+static void forget_shards(sp_redis *c, int64_t sku, int n) {
+    const char *suffixes[] = {"sale", "users", "resv", "xfer", "opening"};
+    char key[SP_STOCK_KEY_MAX];
+    for (int k = 0; k < n; k++)
+        for (size_t j = 0; j < sizeof(suffixes) / sizeof(suffixes[0]); j++) {
+            sp_stock_shard_key(key, sku, k, suffixes[j]);
+            freeReplyObject(sp_redis_command(c, key, itest_err, sizeof(itest_err), "DEL %s", key));
+        }
+}
+
+/* One order of qty for user on a sharded sale; its outcome. */
+static sp_reserve_outcome order_sharded(sp_redis *c, sp_sharded_sale *sale, int64_t user, int qty,
+                                        int n) {
+    sp_reserve_request req = {.sku_id = sale->sku_id, .user_id = user, .qty = qty, .ts_ms = 1};
+    sp_reserve_result res;
+    snprintf(req.order_id, sizeof(req.order_id), "sh-%" PRId64 "-%d", user, n);
+    if (sp_stock_reserve_sharded(c, sale, &req, &res, err, sizeof(err)) != 0)
+        fail_msg("reserve sharded: %s", err);
+    return res.outcome;
+}
+
+/* Issue 17 part 3, no false sold-out: a sale of 8 units over 3 shards (3/3/2). The buyers of
+ * shard 1 empty it; the next buyer of shard 1 is still served (units move to it from the others),
+ * and so is every order until the sale as a whole is out: exactly 8 accepted, the first sold_out
+ * only then. Units spread one per shard still serve an order of 2. A naive split (each shard on
+ * its own) refuses the fourth buyer of shard 1 while 5 units remain. */
+static void test_sharded_no_false_sold_out(void **state) {
+    (void)state;
+    sp_redis *c = connect_redis();
+    sp_sharded_sale sale = {.sku_id = fresh_sku(c, 51),
+                            .nshards = 3,
+                            .gen = "g-drain",
+                            .xfer_prefix = "test-drain"};
+    int opened = 0, accepted = 0;
+    forget_shards(c, sale.sku_id, 3);
+    assert_int_equal(sp_stock_open_sharded(c, &sale, 8, 0, 600, &opened, err, sizeof(err)), 0);
+    assert_int_equal(opened, 3);
+    assert_int_equal(shard_field(c, sale.sku_id, 0, "sale", "stock"), 3);
+    assert_int_equal(shard_field(c, sale.sku_id, 1, "sale", "stock"), 3);
+    assert_int_equal(shard_field(c, sale.sku_id, 2, "sale", "stock"), 2);
+    assert_int_equal(sp_stock_home_shard(4, 3), 1);
+    /* Shard 1's own three units, to its buyers 1, 4, 7. */
+    for (int64_t u = 1; u <= 7; u += 3) {
+        assert_int_equal(order_sharded(c, &sale, u, 1, 0), SP_RESERVE_OK);
+        accepted++;
+    }
+    assert_int_equal(shard_field(c, sale.sku_id, 1, "sale", "stock"), 0);
+    /* Shard 1 is empty, the others are not: its next buyers are served all the same. */
+    for (int64_t u = 10; accepted < 8; u += 3) {
+        if (order_sharded(c, &sale, u, 1, 0) != SP_RESERVE_OK)
+            fail_msg("buyer %" PRId64 " (home shard 1) refused with %d units left", u,
+                     (int)shards_total(c, sale.sku_id, 3));
+        accepted++;
+    }
+    assert_int_equal(shards_total(c, sale.sku_id, 3), 0);
+    for (int64_t u = 100; u < 103; u++) /* every home shard: sold out, truly */
+        assert_int_equal(order_sharded(c, &sale, u, 1, 0), SP_RESERVE_SOLD_OUT);
+    for (int k = 0; k < 3; k++) { /* every transfer settled */
+        char key[SP_STOCK_KEY_MAX];
+        sp_stock_shard_key(key, sale.sku_id, k, "xfer");
+        assert_int_equal(redis_exists(c, key), 0);
+        assert_int_equal(shard_field(c, sale.sku_id, k, "sale", "moving"), -1);
+    }
+    forget_shards(c, sale.sku_id, 3);
+
+    /* One unit per shard: an order of 2 gathers them; then 1 is left: 2 is sold out, 1 is not. */
+    sp_sharded_sale thin = {.sku_id = sale.sku_id,
+                            .nshards = 3,
+                            .gen = "g-thin",
+                            .xfer_prefix = "test-thin"};
+    assert_int_equal(sp_stock_open_sharded(c, &thin, 3, 0, 600, &opened, err, sizeof(err)), 0);
+    assert_int_equal(order_sharded(c, &thin, 3, 2, 0), SP_RESERVE_OK);
+    assert_int_equal(order_sharded(c, &thin, 6, 2, 0), SP_RESERVE_SOLD_OUT);
+    assert_int_equal(order_sharded(c, &thin, 9, 1, 0), SP_RESERVE_OK);
+    assert_int_equal(order_sharded(c, &thin, 12, 1, 0), SP_RESERVE_SOLD_OUT);
+    assert_int_equal(shards_total(c, sale.sku_id, 3), 0);
+    forget_shards(c, sale.sku_id, 3);
+    sp_redis_close(c);
+}
+
+enum { HAMMERS = 4, HAMMER_STOCK = 90, HAMMER_LIMIT = 2, HAMMER_USERS = 400 };
+typedef struct hammer {
+    int id;
+    sp_sharded_sale sale;
+    int accepted, recovering, limited, failed;
+    int per_user[HAMMER_USERS]; /* units accepted per user of this hammer */
+} hammer;
+
+/* Orders until its first sold_out: each of its users three times (the third is over the limit). */
+static void *hammer_run(void *arg) {
+    hammer *h = arg;
+    char e[256];
+    sp_redis *c = sp_redis_open(&target, 2000, e, sizeof(e));
+    if (c == NULL) {
+        h->failed = 1;
+        return NULL;
+    }
+    for (int i = 0; i < 3 * HAMMER_USERS; i++) {
+        int u = i / 3;
+        /* Three buyers in four have home shard 0, the others 1 or 2: shard 0 runs dry first. */
+        int64_t home = u % 4 == 0 ? 1 + (u / 4) % 2 : 0;
+        sp_reserve_request req = {.sku_id = h->sale.sku_id,
+                                  .user_id = 3 * ((int64_t)h->id * 100000 + u + 1) + home,
+                                  .qty = 1,
+                                  .ts_ms = 1};
+        sp_reserve_result res;
+        snprintf(req.order_id, sizeof(req.order_id), "hm-%d-%d", h->id, i);
+        if (sp_stock_reserve_sharded(c, &h->sale, &req, &res, e, sizeof(e)) != 0) {
+            h->failed = 1;
+            break;
+        }
+        if (res.outcome == SP_RESERVE_OK) {
+            h->accepted++;
+            h->per_user[u]++;
+        } else if (res.outcome == SP_RESERVE_LIMIT) {
+            h->limited++;
+        } else if (res.outcome == SP_RESERVE_RECOVERING) {
+            h->recovering++;
+            i--; /* "try again": the same order */
+        } else {
+            break; /* sold out: this buyer stream stops */
+        }
+    }
+    sp_redis_close(c);
+    return NULL;
+}
+
+/* Issue 17 part 3, hammered: four buyer streams on one sale of 90 units over 3 shards (per-user
+ * limit 2), most buyers' home on shard 0, each stream stopping at its first sold_out. Never more
+ * than 90 sold; no false sold-out (a stream told sold_out while units remained would leave them
+ * unsold: all 90 are sold); the per-user limit exact; no unit left moving. */
+static void test_sharded_hammer(void **state) {
+    (void)state;
+    sp_redis *c = connect_redis();
+    static hammer h[HAMMERS];
+    int64_t sku = fresh_sku(c, 52);
+    int opened = 0, accepted = 0, recovering = 0, limited = 0;
+    forget_shards(c, sku, 3);
+    sp_sharded_sale sale = {.sku_id = sku, .nshards = 3, .gen = "g-hammer"};
+    assert_int_equal(
+        sp_stock_open_sharded(c, &sale, HAMMER_STOCK, HAMMER_LIMIT, 600, &opened, err, sizeof(err)),
+        0);
+    pthread_t t[HAMMERS];
+    static char prefixes[HAMMERS][24];
+    for (int i = 0; i < HAMMERS; i++) {
+        memset(&h[i], 0, sizeof(h[i]));
+        snprintf(prefixes[i], sizeof(prefixes[i]), "hammer-%d", i);
+        h[i].id = i + 1;
+        h[i].sale = sale;
+        h[i].sale.xfer_prefix = prefixes[i];
+        assert_int_equal(pthread_create(&t[i], NULL, hammer_run, &h[i]), 0);
+    }
+    for (int i = 0; i < HAMMERS; i++) {
+        pthread_join(t[i], NULL);
+        assert_int_equal(h[i].failed, 0);
+        accepted += h[i].accepted;
+        recovering += h[i].recovering;
+        limited += h[i].limited;
+        for (int u = 0; u < HAMMER_USERS; u++) assert_in_range(h[i].per_user[u], 0, HAMMER_LIMIT);
+    }
+    print_message("    %d accepted, %d over the limit, %d told to try again\n", accepted, limited,
+                  recovering);
+    assert_int_equal(accepted, HAMMER_STOCK);
+    assert_int_equal(shards_total(c, sku, 3), 0);
+    for (int k = 0; k < 3; k++) assert_int_equal(shard_field(c, sku, k, "sale", "moving"), -1);
+    forget_shards(c, sku, 3);
+    sp_redis_close(c);
+}
+
 static void test_idem_key_validation(void **state) {
     (void)state;
     char big[SP_IDEM_KEY_MAX + 2];
@@ -1239,6 +1409,8 @@ int main(void) {
         cmocka_unit_test(test_idem_key_validation),
         cmocka_unit_test(test_no_limit_keeps_no_counts),
         cmocka_unit_test(test_shard_transfer_exactly_once),
+        cmocka_unit_test(test_sharded_no_false_sold_out),
+        cmocka_unit_test(test_sharded_hammer),
         cmocka_unit_test(test_reserve_batch_in_order),
         cmocka_unit_test(test_reserve_batch_as_one_by_one),
         cmocka_unit_test(test_confirm_batch_as_one_by_one),
