@@ -11,7 +11,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "clock.h"
 #include "lua_scripts.h"
 
 /* One loaded SHA per script per process. Only the thread that owns the Redis connection uses
@@ -854,10 +853,9 @@ int sp_stock_reconcile_stage(sp_redis *c, int64_t sku_id, const char *token, sp_
 
 /* ---- stock transfers between the shards of a sharded sale (issue 17 part 3) ---- */
 
-int sp_stock_shard_take(sp_redis *c, const sp_shard_transfer *t, int64_t want, int64_t now_ms,
-                        int64_t *taken, char *errbuf, size_t errlen) {
+int sp_stock_shard_take(sp_redis *c, const sp_shard_transfer *t, int64_t want, int64_t *taken,
+                        int64_t *take_ts_ms, char *errbuf, size_t errlen) {
     sp_script_call call;
-    long long v;
     sp_script_call_init(&call, &script_shard_take, 2);
     shard_key_arg(&call, t->sku_id, t->from, "sale");
     shard_key_arg(&call, t->sku_id, t->from, "xfer");
@@ -865,14 +863,24 @@ int sp_stock_shard_take(sp_redis *c, const sp_shard_transfer *t, int64_t want, i
     sp_script_call_arg(&call, "%d", t->to);
     sp_script_call_arg(&call, "%" PRId64, want);
     sp_script_call_arg(&call, "%s", t->gen);
-    sp_script_call_arg(&call, "%" PRId64, now_ms);
-    if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
-    *taken = v;
-    return 0;
+    redisReply *r = sp_redis_call(c, &call, errbuf, errlen);
+    if (r == NULL) return -1;
+    int ok = r->type == REDIS_REPLY_ARRAY && r->elements == 2 &&
+             r->element[0]->type == REDIS_REPLY_INTEGER &&
+             r->element[1]->type == REDIS_REPLY_INTEGER;
+    if (ok) {
+        *taken = r->element[0]->integer;
+        *take_ts_ms = r->element[1]->integer;
+    } else {
+        snprintf(errbuf, errlen, "script shard_take: %s",
+                 r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+    }
+    freeReplyObject(r);
+    return ok ? 0 : -1;
 }
 
-int sp_stock_shard_give(sp_redis *c, const sp_shard_transfer *t, int64_t units, int64_t now_ms,
-                        int64_t *given, char *errbuf, size_t errlen) {
+int sp_stock_shard_give(sp_redis *c, const sp_shard_transfer *t, int64_t units, int64_t take_ts_ms,
+                        int64_t max_age_ms, int64_t *given, char *errbuf, size_t errlen) {
     sp_script_call call;
     long long v;
     sp_script_call_init(&call, &script_shard_give, 2);
@@ -881,21 +889,23 @@ int sp_stock_shard_give(sp_redis *c, const sp_shard_transfer *t, int64_t units, 
     sp_script_call_arg(&call, "%s", t->id);
     sp_script_call_arg(&call, "%d", t->from);
     sp_script_call_arg(&call, "%" PRId64, units);
+    sp_script_call_arg(&call, "%" PRId64, take_ts_ms);
     sp_script_call_arg(&call, "%s", t->gen);
-    sp_script_call_arg(&call, "%" PRId64, now_ms);
+    sp_script_call_arg(&call, "%" PRId64, max_age_ms);
     if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
     *given = v;
     return 0;
 }
 
-int sp_stock_shard_done(sp_redis *c, const sp_shard_transfer *t, int shard, int64_t *units,
-                        char *errbuf, size_t errlen) {
+int sp_stock_shard_done(sp_redis *c, const sp_shard_transfer *t, int shard, int64_t min_age_ms,
+                        int64_t *units, char *errbuf, size_t errlen) {
     sp_script_call call;
     long long v;
     sp_script_call_init(&call, &script_shard_done, 2);
     shard_key_arg(&call, t->sku_id, shard, "sale");
     shard_key_arg(&call, t->sku_id, shard, "xfer");
     sp_script_call_arg(&call, "%s", t->id);
+    sp_script_call_arg(&call, "%" PRId64, min_age_ms);
     if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
     *units = v;
     return 0;
@@ -959,23 +969,24 @@ static int refill(sp_redis *c, sp_sharded_sale *sale, int home, int64_t missing,
                                .to = home};
         snprintf(t.id, sizeof(t.id), "%.40s:%" PRIu64, sale->xfer_prefix, ++sale->xfer_seq);
         snprintf(t.gen, sizeof(t.gen), "%s", sale->gen);
-        int64_t taken, given, settled, now = sp_clock_wall_ms();
-        if (sp_stock_shard_take(c, &t, missing - *moved, now, &taken, errbuf, errlen) != 0)
+        int64_t taken, take_ts, given, settled;
+        if (sp_stock_shard_take(c, &t, missing - *moved, &taken, &take_ts, errbuf, errlen) != 0)
             return -1;
         if (taken < 0) {
             *stop = 1;
             return 0;
         }
         if (taken == 0) continue;
-        /* A failure from here on leaves the "out:" record for the reaper to complete. */
-        if (sp_stock_shard_give(c, &t, taken, now, &given, errbuf, errlen) != 0) return -1;
+        /* A failure from here on leaves the "out:" record for the completer (the reaper). The
+         * recipient's "in:" record stays: the completer drops it once it is old enough. */
+        if (sp_stock_shard_give(c, &t, taken, take_ts, SP_SHARD_GIVE_WITHIN_MS, &given, errbuf,
+                                errlen) != 0)
+            return -1;
         if (given < 0) {
             *stop = 1;
             return 0;
         }
-        if (sp_stock_shard_done(c, &t, t.from, &settled, errbuf, errlen) != 0 ||
-            sp_stock_shard_done(c, &t, t.to, &settled, errbuf, errlen) != 0)
-            return -1;
+        if (sp_stock_shard_done(c, &t, t.from, 0, &settled, errbuf, errlen) != 0) return -1;
         *moved += taken;
     }
     return 0;

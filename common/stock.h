@@ -333,16 +333,22 @@ int sp_stock_reconcile_stage(sp_redis *c, int64_t sku_id, const char *token, sp_
  * shard k keeps its keys under the hash tag {sku:ID/k} (shard 0: {sku:ID}, today's), so the
  * shards of one sale sit on different slots, and in a cluster on different primaries. A transfer
  * moves units from the shard `from` to the shard `to`, exactly once however often each step is
- * retried and wherever its caller stops, in four steps, each an atomic script on one shard:
+ * retried and wherever its caller stops, each step an atomic script on one shard:
  *   1. sp_stock_shard_take on `from`: up to `want` units leave its stock (counted in its `moving`
- *      field meanwhile), recorded as "out:" under the transfer's id;
- *   2. sp_stock_shard_give on `to`: the units taken join its stock, recorded as "in:";
+ *      field meanwhile), recorded as "out:" under the transfer's id, stamped with `from`'s clock;
+ *   2. sp_stock_shard_give on `to`: the units taken join its stock, recorded as "in:"; refused
+ *      when the take is older than max_age_ms (SP_SHARD_GIVE_WITHIN_MS for the caller that took);
  *   3. sp_stock_shard_done on `from`: the "out:" record goes, and the units leave `moving`;
- *   4. sp_stock_shard_done on `to`: the "in:" record goes.
- * Whoever finds an "out:" record (a caller that stopped after step 1 or 2) completes steps 2 to 4;
- * the give finds "in:" when it ran before. The generation `gen` (the sale's `gen` field; "" for
- * none) makes a transfer of a sale rebuilt since (a reconcile counts every unit afresh) give
- * nothing. */
+ *   4. sp_stock_shard_done on `to` with a minimum age (SP_SHARD_IN_KEEP_MS): the "in:" record goes.
+ * The one completer of transfers left open (the reaper, under the SKU's lock: not built yet) takes
+ * "out:" records older than SP_SHARD_COMPLETE_AFTER_MS through steps 2 (no age bound) and 3, and
+ * drops "in:" records as step 4. A caller's late give is refused by age before the completer
+ * starts, and an "in:" record outlives every give that could still come, so none is counted twice.
+ * The generation `gen` (the sale's `gen` field; "" for none) makes a transfer of a sale rebuilt
+ * since (a reconcile counts every unit afresh) give nothing. */
+#define SP_SHARD_GIVE_WITHIN_MS    10000  /* a caller's own give, after its take */
+#define SP_SHARD_COMPLETE_AFTER_MS 60000  /* the completer's, after the take */
+#define SP_SHARD_IN_KEEP_MS        600000 /* an "in:" record's least age when dropped */
 typedef struct sp_shard_transfer {
     int64_t sku_id;
     int from, to; /* shard numbers */
@@ -351,21 +357,25 @@ typedef struct sp_shard_transfer {
 } sp_shard_transfer;
 
 /* Step 1. *taken: the units taken (0: none here), or -1 no sale on the shard, -2 paused, -3 the
- * generation differs. A retry with the same id answers the same and changes nothing. */
-int sp_stock_shard_take(sp_redis *c, const sp_shard_transfer *t, int64_t want, int64_t now_ms,
-                        int64_t *taken, char *errbuf, size_t errlen)
+ * generation differs; *take_ts_ms: the take's time on `from`'s clock. A retry with the same id
+ * answers the same and changes nothing. */
+int sp_stock_shard_take(sp_redis *c, const sp_shard_transfer *t, int64_t want, int64_t *taken,
+                        int64_t *take_ts_ms, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 
-/* Step 2, with units as step 1 answered. *given: the units given, 0 when given before, or -1, -2,
- * -3 as above (-3: the sale was rebuilt after the take; nothing is owed). */
-int sp_stock_shard_give(sp_redis *c, const sp_shard_transfer *t, int64_t units, int64_t now_ms,
-                        int64_t *given, char *errbuf, size_t errlen)
+/* Step 2, with units and take_ts_ms as step 1 answered. *given: the units given, 0 when given
+ * before, -1, -2, -3 as above (-3: the sale was rebuilt after the take; nothing is owed), -4 when
+ * the take is older than max_age_ms (0: no bound) on `to`'s clock (left to the completer). */
+int sp_stock_shard_give(sp_redis *c, const sp_shard_transfer *t, int64_t units, int64_t take_ts_ms,
+                        int64_t max_age_ms, int64_t *given, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 
-/* Steps 3 and 4: settles the transfer on `shard` (t->from first, then t->to). *units: the units
- * its record named, 0 when settled before. */
-int sp_stock_shard_done(sp_redis *c, const sp_shard_transfer *t, int shard, int64_t *units,
-                        char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+/* Steps 3 and 4: settles the transfer on `shard` (t->from, then much later t->to) if its record is
+ * at least min_age_ms old. *units: the units its record named, 0 when settled before, -1 when the
+ * record is younger (it stays). */
+int sp_stock_shard_done(sp_redis *c, const sp_shard_transfer *t, int shard, int64_t min_age_ms,
+                        int64_t *units, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
 
 /* A sharded sale as a caller of the calls below sees it. */
 typedef struct sp_sharded_sale {

@@ -1,18 +1,28 @@
--- shard_done.lua - settles a stock transfer on one of its two shards, once it is complete: on the
--- donor first (its "out:" record goes, and the units leave `moving`: the recipient holds them),
--- then on the recipient (its "in:" record goes; no retry of the give can come any more, since
--- every retry starts from the donor's record).
+-- shard_done.lua - settles a stock transfer on one of its two shards: on the donor once the give
+-- has run (its "out:" record goes, and the units leave `moving`: the recipient holds them), and on
+-- the recipient much later (its "in:" record goes once it is older than min_age_ms: no give can
+-- come any more, since a caller's own give is bounded by its max_age_ms and the completer gives
+-- only for an "out:" record, gone by then).
 -- KEYS[1] the shard's sale hash  KEYS[2] the shard's transfers
--- ARGV    transfer_id
--- Returns the units the record named; 0 when there was none (settled before).
+-- ARGV    transfer_id, min_age_ms (0: any age)
+-- Returns the units the record named; 0 when there was none (settled before); -1 when the record
+-- is younger than min_age_ms (it stays).
 local sale, xfer = KEYS[1], KEYS[2]
 local prev = redis.call('HGET', xfer, ARGV[1])
 if not prev then
     return 0
 end
-redis.call('HDEL', xfer, ARGV[1])
-local kind, units = string.match(prev, '^(%a+):[^:]*:(%d+):')
+local kind, units, ts = string.match(prev, '^(%a+):[^:]*:(%d+):(%d+)$')
 units = tonumber(units) or 0
+local min_age = tonumber(ARGV[2])
+if min_age > 0 then
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    if now - (tonumber(ts) or 0) < min_age then
+        return -1
+    end
+end
+redis.call('HDEL', xfer, ARGV[1])
 -- A sale that is gone (Redis lost it) is not re-created by the HINCRBY: the rebuild counts afresh.
 if kind == 'out' and redis.call('EXISTS', sale) == 1 then
     if redis.call('HINCRBY', sale, 'moving', -units) <= 0 then

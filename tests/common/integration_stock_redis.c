@@ -696,7 +696,7 @@ static int64_t shards_total(sp_redis *c, int64_t sku, int nshards) {
 static void test_shard_transfer_exactly_once(void **state) {
     (void)state;
     sp_redis *c = connect_redis();
-    int64_t sku = fresh_sku(c, 50), v = 0;
+    int64_t sku = fresh_sku(c, 50), v = 0, ts = 0;
     enum { NSHARDS = 3 };
     const int64_t start[NSHARDS] = {5, 0, 3};
     char key[SP_STOCK_KEY_MAX];
@@ -721,7 +721,7 @@ static void test_shard_transfer_exactly_once(void **state) {
     /* 1. Take 4 from shard 2 (it holds 3) for shard 1; the retry answers the same. */
     sp_shard_transfer t = {.sku_id = sku, .from = 2, .to = 1, .id = "t-1", .gen = "g1"};
     for (int i = 0; i < 2; i++) {
-        if (sp_stock_shard_take(c, &t, 4, 1700000000000, &v, err, sizeof(err)) != 0)
+        if (sp_stock_shard_take(c, &t, 4, &v, &ts, err, sizeof(err)) != 0)
             fail_msg("take: %s", err);
         assert_int_equal(v, 3);
         assert_int_equal(shard_field(c, sku, 2, "sale", "stock"), 0);
@@ -730,7 +730,7 @@ static void test_shard_transfer_exactly_once(void **state) {
     }
     /* 2. Give, twice: the units arrive once. */
     for (int i = 0; i < 2; i++) {
-        if (sp_stock_shard_give(c, &t, 3, 1700000000001, &v, err, sizeof(err)) != 0)
+        if (sp_stock_shard_give(c, &t, 3, ts, 10000, &v, err, sizeof(err)) != 0)
             fail_msg("give: %s", err);
         assert_int_equal(v, i == 0 ? 3 : 0);
         assert_int_equal(shard_field(c, sku, 1, "sale", "stock"), 3);
@@ -738,15 +738,24 @@ static void test_shard_transfer_exactly_once(void **state) {
     /* Until the donor settles, the units count twice in stock + moving: the reaper's audit of a
      * sharded sale subtracts the open transfers' units (an "out:" whose "in:" is there). */
     assert_int_equal(shards_total(c, sku, NSHARDS), 11);
+    /* A give that comes too late for its caller is refused, and changes nothing. */
+    sp_shard_transfer late = {.sku_id = sku, .from = 2, .to = 1, .id = "t-late", .gen = "g1"};
+    if (sp_stock_shard_give(c, &late, 3, ts - 60000, 10000, &v, err, sizeof(err)) != 0)
+        fail_msg("give: %s", err);
+    assert_int_equal(v, -4);
+    assert_int_equal(shard_field(c, sku, 1, "sale", "stock"), 3);
+    /* The recipient's "in:" record is not dropped young. */
+    if (sp_stock_shard_done(c, &t, t.to, 600000, &v, err, sizeof(err)) != 0) fail_msg("%s", err);
+    assert_int_equal(v, -1);
     /* 3. and 4. Settle the donor, then the recipient, each twice. */
     for (int i = 0; i < 2; i++) {
-        if (sp_stock_shard_done(c, &t, t.from, &v, err, sizeof(err)) != 0) fail_msg("%s", err);
+        if (sp_stock_shard_done(c, &t, t.from, 0, &v, err, sizeof(err)) != 0) fail_msg("%s", err);
         assert_int_equal(v, i == 0 ? 3 : 0);
         assert_int_equal(shard_field(c, sku, 2, "sale", "moving"), -1);
     }
     assert_int_equal(shards_total(c, sku, NSHARDS), 8);
     for (int i = 0; i < 2; i++) {
-        if (sp_stock_shard_done(c, &t, t.to, &v, err, sizeof(err)) != 0) fail_msg("%s", err);
+        if (sp_stock_shard_done(c, &t, t.to, 0, &v, err, sizeof(err)) != 0) fail_msg("%s", err);
         assert_int_equal(v, i == 0 ? 3 : 0);
     }
     sp_stock_shard_key(key, sku, 1, "xfer");
@@ -758,17 +767,16 @@ static void test_shard_transfer_exactly_once(void **state) {
     /* A caller that stopped after its take: whoever completes it from the "out:" record gives
      * once, whether the first caller's give had run or not. */
     sp_shard_transfer u = {.sku_id = sku, .from = 0, .to = 2, .id = "t-2", .gen = "g1"};
-    if (sp_stock_shard_take(c, &u, 2, 1700000000002, &v, err, sizeof(err)) != 0)
-        fail_msg("%s", err);
+    if (sp_stock_shard_take(c, &u, 2, &v, &ts, err, sizeof(err)) != 0) fail_msg("%s", err);
     assert_int_equal(v, 2);
     for (int i = 0; i < 3; i++) { /* the completer, run three times */
-        if (sp_stock_shard_give(c, &u, 2, 1700000000003, &v, err, sizeof(err)) != 0)
+        if (sp_stock_shard_give(c, &u, 2, ts, 10000, &v, err, sizeof(err)) != 0)
             fail_msg("%s", err);
         assert_int_equal(v, i == 0 ? 2 : 0);
     }
     for (int i = 0; i < 2; i++) {
-        if (sp_stock_shard_done(c, &u, u.from, &v, err, sizeof(err)) != 0 ||
-            sp_stock_shard_done(c, &u, u.to, &v, err, sizeof(err)) != 0)
+        if (sp_stock_shard_done(c, &u, u.from, 0, &v, err, sizeof(err)) != 0 ||
+            sp_stock_shard_done(c, &u, u.to, 0, &v, err, sizeof(err)) != 0)
             fail_msg("%s", err);
     }
     assert_int_equal(shard_field(c, sku, 0, "sale", "stock"), 3);
@@ -779,8 +787,7 @@ static void test_shard_transfer_exactly_once(void **state) {
     sp_shard_transfer w = {.sku_id = sku, .from = 1, .to = 0, .id = "t-3", .gen = "g1"};
     sp_stock_shard_key(key, sku, 1, "sale");
     freeReplyObject(sp_redis_command(c, key, itest_err, sizeof(itest_err), "HSET %s stock 0", key));
-    if (sp_stock_shard_take(c, &w, 1, 1700000000004, &v, err, sizeof(err)) != 0)
-        fail_msg("%s", err);
+    if (sp_stock_shard_take(c, &w, 1, &v, &ts, err, sizeof(err)) != 0) fail_msg("%s", err);
     assert_int_equal(v, 0);
     sp_stock_shard_key(key, sku, 1, "xfer");
     assert_int_equal(redis_exists(c, key), 0);
@@ -792,40 +799,34 @@ static void test_shard_transfer_exactly_once(void **state) {
     /* A sale rebuilt after the take (another generation): the give is refused, nothing moves;
      * a take of the old generation too. */
     sp_shard_transfer x = {.sku_id = sku, .from = 0, .to = 1, .id = "t-4", .gen = "g1"};
-    if (sp_stock_shard_take(c, &x, 1, 1700000000005, &v, err, sizeof(err)) != 0)
-        fail_msg("%s", err);
+    if (sp_stock_shard_take(c, &x, 1, &v, &ts, err, sizeof(err)) != 0) fail_msg("%s", err);
     assert_int_equal(v, 1);
     sp_stock_shard_key(key, sku, 1, "sale");
     freeReplyObject(sp_redis_command(c, key, itest_err, sizeof(itest_err), "HSET %s gen g2", key));
-    if (sp_stock_shard_give(c, &x, 1, 1700000000006, &v, err, sizeof(err)) != 0)
-        fail_msg("%s", err);
+    if (sp_stock_shard_give(c, &x, 1, ts, 10000, &v, err, sizeof(err)) != 0) fail_msg("%s", err);
     assert_int_equal(v, -3);
     assert_int_equal(shard_field(c, sku, 1, "sale", "stock"), 3);
     sp_shard_transfer y = {.sku_id = sku, .from = 1, .to = 0, .id = "t-5", .gen = "g1"};
-    if (sp_stock_shard_take(c, &y, 1, 1700000000007, &v, err, sizeof(err)) != 0)
-        fail_msg("%s", err);
+    if (sp_stock_shard_take(c, &y, 1, &v, &ts, err, sizeof(err)) != 0) fail_msg("%s", err);
     assert_int_equal(v, -3);
     assert_int_equal(shard_field(c, sku, 1, "sale", "stock"), 3);
 
     /* Paused: -2 and nothing moves; no sale: -1, and a settle creates none. */
     freeReplyObject(
         sp_redis_command(c, key, itest_err, sizeof(itest_err), "HSET %s gen g1 paused tok", key));
-    if (sp_stock_shard_give(c, &x, 1, 1700000000008, &v, err, sizeof(err)) != 0)
-        fail_msg("%s", err);
+    if (sp_stock_shard_give(c, &x, 1, ts, 10000, &v, err, sizeof(err)) != 0) fail_msg("%s", err);
     assert_int_equal(v, -2);
-    if (sp_stock_shard_take(c, &y, 1, 1700000000009, &v, err, sizeof(err)) != 0)
-        fail_msg("%s", err);
+    if (sp_stock_shard_take(c, &y, 1, &v, &ts, err, sizeof(err)) != 0) fail_msg("%s", err);
     assert_int_equal(v, -2);
     assert_int_equal(shard_field(c, sku, 1, "sale", "stock"), 3);
     freeReplyObject(sp_redis_command(c, key, itest_err, sizeof(itest_err), "DEL %s", key));
-    if (sp_stock_shard_give(c, &x, 1, 1700000000010, &v, err, sizeof(err)) != 0)
-        fail_msg("%s", err);
+    if (sp_stock_shard_give(c, &x, 1, ts, 10000, &v, err, sizeof(err)) != 0) fail_msg("%s", err);
     assert_int_equal(v, -1);
     sp_shard_transfer z = {.sku_id = sku, .from = 1, .to = 0, .id = "t-6", .gen = "g1"};
     sp_stock_shard_key(key, sku, 1, "xfer");
     freeReplyObject(sp_redis_command(c, key, itest_err, sizeof(itest_err),
                                      "HSET %s t-6 out:0:2:1700000000011", key));
-    if (sp_stock_shard_done(c, &z, 1, &v, err, sizeof(err)) != 0) fail_msg("%s", err);
+    if (sp_stock_shard_done(c, &z, 1, 0, &v, err, sizeof(err)) != 0) fail_msg("%s", err);
     assert_int_equal(v, 2);
     sp_stock_shard_key(key, sku, 1, "sale");
     assert_int_equal(redis_exists(c, key), 0);
@@ -841,6 +842,19 @@ static void forget_shards(sp_redis *c, int64_t sku, int n) {
             sp_stock_shard_key(key, sku, k, suffixes[j]);
             freeReplyObject(sp_redis_command(c, key, itest_err, sizeof(itest_err), "DEL %s", key));
         }
+}
+
+/* The "out:" records of shard k of sku: transfers taken there and not settled. */
+static int open_transfers(sp_redis *c, int64_t sku, int k) {
+    char key[SP_STOCK_KEY_MAX];
+    sp_stock_shard_key(key, sku, k, "xfer");
+    redisReply *r = sp_redis_command(c, key, itest_err, sizeof(itest_err), "HVALS %s", key);
+    assert_non_null(r);
+    int n = 0;
+    for (size_t i = 0; i < r->elements; i++)
+        if (strncmp(r->element[i]->str, "out:", 4) == 0) n++;
+    freeReplyObject(r);
+    return n;
 }
 
 /* One order of qty for user on a sharded sale; its outcome. */
@@ -890,10 +904,8 @@ static void test_sharded_no_false_sold_out(void **state) {
     assert_int_equal(shards_total(c, sale.sku_id, 3), 0);
     for (int64_t u = 100; u < 103; u++) /* every home shard: sold out, truly */
         assert_int_equal(order_sharded(c, &sale, u, 1, 0), SP_RESERVE_SOLD_OUT);
-    for (int k = 0; k < 3; k++) { /* every transfer settled */
-        char key[SP_STOCK_KEY_MAX];
-        sp_stock_shard_key(key, sale.sku_id, k, "xfer");
-        assert_int_equal(redis_exists(c, key), 0);
+    for (int k = 0; k < 3; k++) { /* every transfer settled on its donor */
+        assert_int_equal(open_transfers(c, sale.sku_id, k), 0);
         assert_int_equal(shard_field(c, sale.sku_id, k, "sale", "moving"), -1);
     }
     forget_shards(c, sale.sku_id, 3);
@@ -997,7 +1009,10 @@ static void test_sharded_hammer(void **state) {
                   recovering);
     assert_int_equal(accepted, HAMMER_STOCK);
     assert_int_equal(shards_total(c, sku, 3), 0);
-    for (int k = 0; k < 3; k++) assert_int_equal(shard_field(c, sku, k, "sale", "moving"), -1);
+    for (int k = 0; k < 3; k++) {
+        assert_int_equal(open_transfers(c, sku, k), 0);
+        assert_int_equal(shard_field(c, sku, k, "sale", "moving"), -1);
+    }
     forget_shards(c, sku, 3);
     sp_redis_close(c);
 }
