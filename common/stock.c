@@ -40,6 +40,7 @@ static sp_redis_script script_reconcile_stage = {.name = "reconcile_stage",
 static sp_redis_script script_shard_take = {.name = "shard_take", .body = sp_lua_shard_take};
 static sp_redis_script script_shard_give = {.name = "shard_give", .body = sp_lua_shard_give};
 static sp_redis_script script_shard_done = {.name = "shard_done", .body = sp_lua_shard_done};
+static sp_redis_script script_shard_abort = {.name = "shard_abort", .body = sp_lua_shard_abort};
 
 int sp_idem_key_valid(const char *s) { return sp_request_id_valid(s); }
 
@@ -76,7 +77,7 @@ int sp_stock_scripts_load(sp_redis *c, char *errbuf, size_t errlen) {
                               &script_reconcile_adjust, &script_reconcile_open,
                               &script_reconcile_stage,  &script_rejected_forget,
                               &script_shard_take,       &script_shard_give,
-                              &script_shard_done};
+                              &script_shard_done,       &script_shard_abort};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
         if (sp_redis_script_load(c, all[i], errbuf, errlen) != 0) return -1;
     return 0;
@@ -911,6 +912,20 @@ int sp_stock_shard_done(sp_redis *c, const sp_shard_transfer *t, int shard, int6
     return 0;
 }
 
+int sp_stock_shard_abort(sp_redis *c, const sp_shard_transfer *t, int64_t min_age_ms,
+                         int64_t *units, char *errbuf, size_t errlen) {
+    sp_script_call call;
+    long long v;
+    sp_script_call_init(&call, &script_shard_abort, 2);
+    shard_key_arg(&call, t->sku_id, t->from, "sale");
+    shard_key_arg(&call, t->sku_id, t->from, "xfer");
+    sp_script_call_arg(&call, "%s", t->id);
+    sp_script_call_arg(&call, "%" PRId64, min_age_ms);
+    if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
+    *units = v;
+    return 0;
+}
+
 int sp_stock_home_shard(int64_t user_id, int nshards) {
     return nshards > 1 ? (int)((uint64_t)user_id % (uint64_t)nshards) : 0;
 }
@@ -942,19 +957,45 @@ int sp_stock_open_sharded(sp_redis *c, const sp_sharded_sale *sale, int64_t stoc
     return 0;
 }
 
-/* Units moving out of some shard of the sale (taken, not yet settled): -1 on a Redis error. */
-static int64_t shards_moving(sp_redis *c, const sp_sharded_sale *sale, char *errbuf,
-                             size_t errlen) {
-    int64_t moving = 0;
+/* One read of every shard of the sale: the units in stock or moving, summed, into *units, and
+ * each shard's `ver` (the count of its rises, shard_give.lua) into ver[]. -1 on a Redis error. */
+static int shards_collect(sp_redis *c, const sp_sharded_sale *sale, int64_t *units, int64_t *ver,
+                          char *errbuf, size_t errlen) {
+    *units = 0;
     for (int k = 0; k < sale->nshards; k++) {
         char key[SP_STOCK_KEY_MAX];
         sp_stock_shard_key(key, sale->sku_id, k, "sale");
-        redisReply *r = sp_redis_command(c, key, errbuf, errlen, "HGET %s moving", key);
+        redisReply *r = sp_redis_command(c, key, errbuf, errlen, "HMGET %s stock moving ver", key);
         if (r == NULL) return -1;
-        if (r->type == REDIS_REPLY_STRING) moving += strtoll(r->str, NULL, 10);
+        if (r->type != REDIS_REPLY_ARRAY || r->elements != 3) {
+            snprintf(errbuf, errlen, "HMGET %s: %s", key,
+                     r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+            freeReplyObject(r);
+            return -1;
+        }
+        int64_t v[3] = {0, 0, 0};
+        for (int f = 0; f < 3; f++)
+            if (r->element[f]->type == REDIS_REPLY_STRING)
+                v[f] = strtoll(r->element[f]->str, NULL, 10);
         freeReplyObject(r);
+        *units += (v[0] > 0 ? v[0] : 0) + (v[1] > 0 ? v[1] : 0);
+        ver[k] = v[2];
     }
-    return moving;
+    return 0;
+}
+
+/* 1 when the sale as a whole holds fewer than qty units: two reads of every shard in which no
+ * shard's stock + moving rose (the same `ver` everywhere; reserves only lower it) and both below
+ * qty. A unit moving between shards while one read passes them is seen by the other, or changes a
+ * `ver`. 0 when units may remain (the caller decides again); -1 on a Redis error. */
+static int sold_out_everywhere(sp_redis *c, const sp_sharded_sale *sale, int32_t qty, char *errbuf,
+                               size_t errlen) {
+    int64_t before[SP_SHARDS_MAX], after[SP_SHARDS_MAX], units_before, units_after;
+    if (shards_collect(c, sale, &units_before, before, errbuf, errlen) != 0 ||
+        shards_collect(c, sale, &units_after, after, errbuf, errlen) != 0)
+        return -1;
+    if (units_before >= qty || units_after >= qty) return 0;
+    return memcmp(before, after, sizeof(before[0]) * (size_t)sale->nshards) == 0;
 }
 
 /* Moves up to `missing` units to shard `home` from the others; *moved: how many came. *stop is
@@ -986,6 +1027,10 @@ static int refill(sp_redis *c, sp_sharded_sale *sale, int home, int64_t missing,
             *stop = 1;
             return 0;
         }
+        if (given == 0) { /* a fresh take's id given before: ids reused; left to the completer */
+            snprintf(errbuf, errlen, "transfer %s was given before its take: ids not unique", t.id);
+            return -1;
+        }
         if (sp_stock_shard_done(c, &t, t.from, 0, &settled, errbuf, errlen) != 0) return -1;
         *moved += taken;
     }
@@ -1007,9 +1052,9 @@ int sp_stock_reserve_sharded(sp_redis *c, sp_sharded_sale *sale, const sp_reserv
             return -1;
         if (stop) break;
         if (moved > 0) continue; /* decide it again on the home shard */
-        int64_t moving = shards_moving(c, sale, errbuf, errlen);
-        if (moving < 0) return -1;
-        if (moving == 0) return 0; /* no unit anywhere: sold out, truly */
+        int out = sold_out_everywhere(c, sale, one.qty, errbuf, errlen);
+        if (out < 0) return -1;
+        if (out == 1) return 0; /* fewer than qty units anywhere: sold out, truly */
     }
     memset(res, 0, sizeof(*res));
     res->outcome = SP_RESERVE_RECOVERING;

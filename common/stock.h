@@ -341,14 +341,20 @@ int sp_stock_reconcile_stage(sp_redis *c, int64_t sku_id, const char *token, sp_
  *   3. sp_stock_shard_done on `from`: the "out:" record goes, and the units leave `moving`;
  *   4. sp_stock_shard_done on `to` with a minimum age (SP_SHARD_IN_KEEP_MS): the "in:" record goes.
  * The one completer of transfers left open (the reaper, under the SKU's lock: not built yet) takes
- * "out:" records older than SP_SHARD_COMPLETE_AFTER_MS through steps 2 (no age bound) and 3, and
- * drops "in:" records as step 4. A caller's late give is refused by age before the completer
- * starts, and an "in:" record outlives every give that could still come, so none is counted twice.
+ * "out:" records older than SP_SHARD_COMPLETE_AFTER_MS through steps 2 (bounded by
+ * SP_SHARD_COMPLETE_WITHIN_MS) and 3; an "out:" record older than SP_SHARD_ABORT_AFTER_MS whose
+ * recipient holds no "in:" record (read after that age) goes back to the donor's stock
+ * (sp_stock_shard_abort: no give can succeed any more); "in:" records go as step 4. Every give is
+ * bounded by age on the recipient's clock and an "in:" record outlives every give that could still
+ * come, so none is counted twice. Transfer ids must never repeat (a prefix unique per process run).
  * The generation `gen` (the sale's `gen` field; "" for none) makes a transfer of a sale rebuilt
  * since (a reconcile counts every unit afresh) give nothing. */
-#define SP_SHARD_GIVE_WITHIN_MS    10000  /* a caller's own give, after its take */
-#define SP_SHARD_COMPLETE_AFTER_MS 60000  /* the completer's, after the take */
-#define SP_SHARD_IN_KEEP_MS        600000 /* an "in:" record's least age when dropped */
+#define SP_SHARD_GIVE_WITHIN_MS     10000  /* a caller's own give, after its take */
+#define SP_SHARD_COMPLETE_AFTER_MS  60000  /* the completer starts, after the take */
+#define SP_SHARD_COMPLETE_WITHIN_MS 300000 /* the completer's give, after the take */
+#define SP_SHARD_CLOCK_SKEW_MS      50000  /* the most two Redis servers' clocks may differ */
+#define SP_SHARD_ABORT_AFTER_MS     (SP_SHARD_COMPLETE_WITHIN_MS + SP_SHARD_CLOCK_SKEW_MS)
+#define SP_SHARD_IN_KEEP_MS         600000 /* an "in:" record's least age when dropped */
 typedef struct sp_shard_transfer {
     int64_t sku_id;
     int from, to; /* shard numbers */
@@ -370,6 +376,13 @@ int sp_stock_shard_give(sp_redis *c, const sp_shard_transfer *t, int64_t units, 
                         int64_t max_age_ms, int64_t *given, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
 
+/* Gives an open transfer's units back to the donor's stock (t->from) if its "out:" record is at
+ * least min_age_ms old (SP_SHARD_ABORT_AFTER_MS) and still there. *units: the units, 0 when the
+ * record is gone, -1 when younger. */
+int sp_stock_shard_abort(sp_redis *c, const sp_shard_transfer *t, int64_t min_age_ms,
+                         int64_t *units, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
+
 /* Steps 3 and 4: settles the transfer on `shard` (t->from, then much later t->to) if its record is
  * at least min_age_ms old. *units: the units its record named, 0 when settled before, -1 when the
  * record is younger (it stays). */
@@ -382,7 +395,8 @@ typedef struct sp_sharded_sale {
     int64_t sku_id;
     int nshards;             /* 1..SP_SHARDS_MAX */
     char gen[64];            /* its generation (sp_stock_open_sharded's gen) */
-    const char *xfer_prefix; /* makes this caller's transfer ids unique, e.g. its worker id */
+    const char *xfer_prefix; /* unique per process run (e.g. worker id + start time): ids never
+                              * repeat */
     uint64_t xfer_seq;       /* the last transfer id's number */
 } sp_sharded_sale;
 #define SP_SHARDS_MAX 16
@@ -400,7 +414,8 @@ int sp_stock_open_sharded(sp_redis *c, const sp_sharded_sale *sale, int64_t stoc
 /* One order on a sharded sale, the blocking reference of what the producer will do: reserve.lua
  * on the buyer's home shard; when that shard is short, units are moved to it from the other shards
  * (the transfer above, asking each for what is still missing) and the order decided again.
- * SOLD_OUT only when no shard had a unit to give and none was moving; when other orders kept
+ * SOLD_OUT only when no shard had a unit to give and two reads of every shard found fewer than
+ * qty units in stock or moving, with no shard's `ver` risen between them; when other orders kept
  * taking the units moved (three rounds), RECOVERING (try again), never a false SOLD_OUT. Orders
  * with an Idempotency-Key: a refusal is pinned by the first round (IDEM_REFUSAL_TTL_S), so use it
  * with refusals unpinned (sp_stock_idem_ttls(ttl, 0)) until the producer's version handles it. */

@@ -17,7 +17,6 @@
 #include "redis_store.h"
 #include "clock_skew.h"
 #include "lua_scripts.h"
-#include "redis_cluster.h"
 #include "stock.h"
 #include "itest.h"
 
@@ -714,8 +713,8 @@ static void test_shard_transfer_exactly_once(void **state) {
     char k0[SP_STOCK_KEY_MAX], k1[SP_STOCK_KEY_MAX];
     sp_stock_shard_key(k0, sku, 0, "sale");
     sp_stock_shard_key(k1, sku, 1, "sale");
-    assert_string_not_equal(k0, k1);
-    assert_int_not_equal(sp_cluster_key_slot(k0, strlen(k0)), sp_cluster_key_slot(k1, strlen(k1)));
+    assert_string_equal(strchr(k0, '}'), "}:sale"); /* "{sku:ID}:sale": today's key */
+    assert_non_null(strstr(k1, "/1}:sale"));        /* its own hash tag: its own slot */
     assert_int_equal(shards_total(c, sku, NSHARDS), 8);
 
     /* 1. Take 4 from shard 2 (it holds 3) for shard 1; the retry answers the same. */
@@ -796,7 +795,8 @@ static void test_shard_transfer_exactly_once(void **state) {
     if (sp_stock_shard_done(c, &r, r.to, SP_SHARD_IN_KEEP_MS, &v, err, sizeof(err)) != 0)
         fail_msg("%s", err);
     assert_int_equal(v, -1);
-    if (sp_stock_shard_give(c, &r, 1, ts, 0, &v, err, sizeof(err)) != 0) fail_msg("%s", err);
+    if (sp_stock_shard_give(c, &r, 1, ts, SP_SHARD_COMPLETE_WITHIN_MS, &v, err, sizeof(err)) != 0)
+        fail_msg("%s", err);
     assert_int_equal(v, 0);
     assert_int_equal(shard_field(c, sku, 0, "sale", "stock"), 2);
     assert_int_equal(shard_field(c, sku, 1, "sale", "stock"), 4);
@@ -805,6 +805,25 @@ static void test_shard_transfer_exactly_once(void **state) {
     freeReplyObject(sp_redis_command(c, key, itest_err, sizeof(itest_err), "HSET %s stock 3", key));
     sp_stock_shard_key(key, sku, 0, "sale");
     freeReplyObject(sp_redis_command(c, key, itest_err, sizeof(itest_err), "HSET %s stock 3", key));
+
+    /* A give with no age bound is refused outright: every give is bounded. */
+    assert_int_equal(sp_stock_shard_give(c, &r, 1, ts, 0, &v, err, sizeof(err)), -1);
+    /* A transfer taken and never given: aborted on its donor once old enough, the units back in
+     * its stock. */
+    sp_shard_transfer ab = {.sku_id = sku, .from = 0, .to = 2, .id = "t-ab", .gen = "g1"};
+    if (sp_stock_shard_take(c, &ab, 2, &v, &ts, err, sizeof(err)) != 0) fail_msg("%s", err);
+    assert_int_equal(v, 2);
+    if (sp_stock_shard_abort(c, &ab, SP_SHARD_ABORT_AFTER_MS, &v, err, sizeof(err)) != 0)
+        fail_msg("%s", err);
+    assert_int_equal(v, -1); /* too young: it stays */
+    assert_int_equal(shard_field(c, sku, 0, "sale", "moving"), 2);
+    for (int i = 0; i < 2; i++) {
+        if (sp_stock_shard_abort(c, &ab, 0, &v, err, sizeof(err)) != 0) fail_msg("%s", err);
+        assert_int_equal(v, i == 0 ? 2 : 0);
+    }
+    assert_int_equal(shard_field(c, sku, 0, "sale", "stock"), 3);
+    assert_int_equal(shard_field(c, sku, 0, "sale", "moving"), -1);
+    assert_int_equal(shards_total(c, sku, NSHARDS), 8);
 
     /* Nothing here: 0, and nothing recorded. */
     sp_shard_transfer w = {.sku_id = sku, .from = 1, .to = 0, .id = "t-3", .gen = "g1"};
