@@ -17,6 +17,7 @@
 #include "redis_store.h"
 #include "clock_skew.h"
 #include "lua_scripts.h"
+#include "clock.h"
 #include "stock.h"
 #include "itest.h"
 
@@ -974,6 +975,8 @@ typedef struct hammer {
     sp_sharded_sale sale;
     int accepted, recovering, limited, failed;
     int per_user[HAMMER_USERS]; /* units accepted per user of this hammer */
+    int64_t last_ok_start_us;   /* when its last accepted order was sent */
+    int64_t sold_out_end_us;    /* when its sold_out came back */
 } hammer;
 
 /* Orders until its first sold_out: each of its users three times (the third is over the limit). */
@@ -995,6 +998,7 @@ static void *hammer_run(void *arg) {
                                   .ts_ms = 1};
         sp_reserve_result res;
         snprintf(req.order_id, sizeof(req.order_id), "hm-%d-%d", h->id, i);
+        int64_t start_us = sp_clock_mono_us();
         if (sp_stock_reserve_sharded(c, &h->sale, &req, &res, e, sizeof(e)) != 0) {
             h->failed = 1;
             break;
@@ -1002,12 +1006,14 @@ static void *hammer_run(void *arg) {
         if (res.outcome == SP_RESERVE_OK) {
             h->accepted++;
             h->per_user[u]++;
+            h->last_ok_start_us = start_us;
         } else if (res.outcome == SP_RESERVE_LIMIT) {
             h->limited++;
         } else if (res.outcome == SP_RESERVE_RECOVERING) {
             h->recovering++;
             i--; /* "try again": the same order */
         } else {
+            h->sold_out_end_us = sp_clock_mono_us();
             break; /* sold out: this buyer stream stops */
         }
     }
@@ -1050,6 +1056,14 @@ static void test_sharded_hammer(void **state) {
     }
     print_message("    %d accepted, %d over the limit, %d told to try again\n", accepted, limited,
                   recovering);
+    /* Nothing is given back in this sale, so once one buyer heard sold_out truly, no order sent
+     * after that can be accepted: one that was means that sold_out was false. */
+    for (int i = 0; i < HAMMERS; i++)
+        for (int j = 0; j < HAMMERS; j++)
+            if (h[i].sold_out_end_us > 0 && h[j].last_ok_start_us > h[i].sold_out_end_us)
+                fail_msg("stream %d heard sold_out, then stream %d's order sent %" PRId64
+                         " us later was accepted: a false sold_out",
+                         i + 1, j + 1, h[j].last_ok_start_us - h[i].sold_out_end_us);
     assert_int_equal(accepted, HAMMER_STOCK);
     assert_int_equal(shards_total(c, sku, 3), 0);
     for (int k = 0; k < 3; k++) {
