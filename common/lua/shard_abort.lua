@@ -11,7 +11,7 @@ local prev = redis.call('HGET', xfer, ARGV[1])
 if not prev then
     return 0
 end
-local kind, units, ts = string.match(prev, '^(%a+):[^:]*:(%d+):(%d+)$')
+local kind, units, ts, gen = string.match(prev, '^(%a+):[^:]*:(%d+):(%d+):?(.*)$')
 if kind ~= 'out' then
     return 0
 end
@@ -22,8 +22,9 @@ if now - tonumber(ts) < tonumber(ARGV[2]) then
     return -1
 end
 redis.call('HDEL', xfer, ARGV[1])
--- A sale that is gone (Redis lost it) is not re-created: the rebuild counts afresh.
-if redis.call('EXISTS', sale) == 1 then
+-- A sale that is gone (Redis lost it) is not re-created, and one rebuilt since the take (another
+-- generation) counted every unit afresh: nothing to give back to it.
+if redis.call('HGET', sale, 'gen') == gen then
     redis.call('HINCRBY', sale, 'stock', units)
     if redis.call('HINCRBY', sale, 'moving', -units) <= 0 then
         redis.call('HDEL', sale, 'moving')

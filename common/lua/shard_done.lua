@@ -12,7 +12,7 @@ local prev = redis.call('HGET', xfer, ARGV[1])
 if not prev then
     return 0
 end
-local kind, units, ts = string.match(prev, '^(%a+):[^:]*:(%d+):(%d+)$')
+local kind, units, ts, gen = string.match(prev, '^(%a+):[^:]*:(%d+):(%d+):?(.*)$')
 units = tonumber(units) or 0
 local min_age = tonumber(ARGV[2])
 if min_age > 0 then
@@ -23,8 +23,9 @@ if min_age > 0 then
     end
 end
 redis.call('HDEL', xfer, ARGV[1])
--- A sale that is gone (Redis lost it) is not re-created by the HINCRBY: the rebuild counts afresh.
-if kind == 'out' and redis.call('EXISTS', sale) == 1 then
+-- A sale that is gone (Redis lost it) is not re-created by the HINCRBY, and one rebuilt since the
+-- take (another generation) counted every unit afresh: `moving` is that generation's.
+if kind == 'out' and redis.call('HGET', sale, 'gen') == gen then
     if redis.call('HINCRBY', sale, 'moving', -units) <= 0 then
         redis.call('HDEL', sale, 'moving')
     end

@@ -2,8 +2,9 @@
 -- 17 part 3, built step by step; docs/reservation.md "Hot-SKU sharding"): takes up to `want` units
 -- off the donor shard and records the transfer there, so it can be completed exactly once.
 -- KEYS[1] the donor shard's sale hash ({sku:ID/k}:sale; shard 0 is {sku:ID}:sale)
--- KEYS[2] the donor shard's transfers (hash: transfer_id -> "out:to_shard:units:ts_ms" here,
---         "in:from_shard:units:ts_ms" on a recipient; ts_ms is that server's clock, TIME)
+-- KEYS[2] the donor shard's transfers (hash: transfer_id -> "out:to_shard:units:ts_ms:gen" here,
+--         "in:from_shard:units:ts_ms" on a recipient; ts_ms is that server's clock, TIME; gen the
+--         sale's generation at the take, which a completer gives under)
 -- ARGV    transfer_id (unique), to_shard, want, gen (the sale's generation the caller read)
 -- Returns {units taken, the take's ts_ms} (0 units: none here; nothing recorded). A transfer id
 -- seen before answers what it took then and changes nothing (a retry after a lost reply). {-1, 0}:
@@ -27,7 +28,7 @@ if (s[3] or '') ~= gen then
 end
 local prev = redis.call('HGET', xfer, id)
 if prev then
-    local took, ts = string.match(prev, '^out:[^:]*:(%d+):(%d+)$')
+    local took, ts = string.match(prev, '^out:[^:]*:(%d+):(%d+)')
     return {tonumber(took) or 0, tonumber(ts) or 0}
 end
 local stock = tonumber(s[1])
@@ -39,5 +40,5 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', sale, 'stock', string.format('%d', stock - took))
 redis.call('HINCRBY', sale, 'moving', took)
-redis.call('HSET', xfer, id, 'out:' .. to .. ':' .. string.format('%d:%d', took, now))
+redis.call('HSET', xfer, id, 'out:' .. to .. ':' .. string.format('%d:%d:', took, now) .. gen)
 return {took, now}

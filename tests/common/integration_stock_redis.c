@@ -826,6 +826,25 @@ static void test_shard_transfer_exactly_once(void **state) {
     assert_int_equal(shard_field(c, sku, 0, "sale", "moving"), -1);
     assert_int_equal(shards_total(c, sku, NSHARDS), 8);
 
+    /* A transfer taken before a rebuild (generation g1, then g2 with transfers of its own): its
+     * settle and its abort leave the new generation's stock and moving alone. */
+    sp_shard_transfer old_gen = {.sku_id = sku, .from = 0, .to = 1, .id = "t-old", .gen = "g1"};
+    if (sp_stock_shard_take(c, &old_gen, 1, &v, &ts, err, sizeof(err)) != 0) fail_msg("%s", err);
+    assert_int_equal(v, 1);
+    sp_shard_transfer old_gen2 = old_gen;
+    snprintf(old_gen2.id, sizeof(old_gen2.id), "t-old-2");
+    if (sp_stock_shard_take(c, &old_gen2, 1, &v, &ts, err, sizeof(err)) != 0) fail_msg("%s", err);
+    sp_stock_shard_key(key, sku, 0, "sale");
+    freeReplyObject(sp_redis_command(c, key, itest_err, sizeof(itest_err),
+                                     "HSET %s gen g2 stock 7 moving 5", key));
+    if (sp_stock_shard_done(c, &old_gen, 0, 0, &v, err, sizeof(err)) != 0) fail_msg("%s", err);
+    if (sp_stock_shard_abort(c, &old_gen2, 0, &v, err, sizeof(err)) != 0) fail_msg("%s", err);
+    assert_int_equal(shard_field(c, sku, 0, "sale", "moving"), 5);
+    assert_int_equal(shard_field(c, sku, 0, "sale", "stock"), 7);
+    freeReplyObject(
+        sp_redis_command(c, key, itest_err, sizeof(itest_err), "HSET %s gen g1 stock 3", key));
+    freeReplyObject(sp_redis_command(c, key, itest_err, sizeof(itest_err), "HDEL %s moving", key));
+
     /* Nothing here: 0, and nothing recorded. */
     sp_shard_transfer w = {.sku_id = sku, .from = 1, .to = 0, .id = "t-3", .gen = "g1"};
     sp_stock_shard_key(key, sku, 1, "sale");
