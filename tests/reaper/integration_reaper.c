@@ -29,6 +29,7 @@
 #include "order_id.h"
 #include "pg_store.h"
 #include "reaper_ctx.h"
+#include "shard_transfers.h"
 #include "redis_store.h"
 #include "stock.h"
 #include "stock_return.h"
@@ -657,6 +658,102 @@ static void reaper_in_process(sp_reaper *rp, sp_config *cfg, const char *name) {
     if (sp_reaper_init(rp, cfg, 0, err, sizeof(err)) != 0) fail_msg("reaper: %s", err);
 }
 
+/* A field of shard k of sku's sale as an integer; -1 when absent. */
+static int64_t shard_hget(int64_t sku, int k, const char *field) {
+    char key[SP_STOCK_KEY_MAX];
+    sp_stock_shard_key(key, sku, k, "sale");
+    redisReply *r = sp_redis_command(redis(), key, itest_err, sizeof(itest_err), "HGET %s %s", key,
+                                     field);
+    assert_non_null(r);
+    int64_t v = r->type == REDIS_REPLY_STRING ? strtoll(r->str, NULL, 10) : -1;
+    freeReplyObject(r);
+    return v;
+}
+
+/* Writes shard k's sale fields and a transfer record as a caller that stopped would leave them. */
+static void shard_set(int64_t sku, int k, int64_t stock, int64_t moving) {
+    char key[SP_STOCK_KEY_MAX];
+    sp_stock_shard_key(key, sku, k, "sale");
+    freeReplyObject(sp_redis_command(redis(), key, itest_err, sizeof(itest_err),
+                                     "HSET %s stock %lld moving %lld", key, (long long)stock,
+                                     (long long)moving));
+}
+static void shard_record(int64_t sku, int k, const char *id, const char *kind, int other, int units,
+                         int64_t ts, const char *gen) {
+    char key[SP_STOCK_KEY_MAX], value[128];
+    sp_stock_shard_key(key, sku, k, "xfer");
+    snprintf(value, sizeof(value), "%s:%d:%d:%" PRId64 "%s%s", kind, other, units, ts,
+             gen ? ":" : "", gen ? gen : "");
+    freeReplyObject(sp_redis_command(redis(), key, itest_err, sizeof(itest_err), "HSET %s %s %s",
+                                     key, id, value));
+}
+
+/* Issue 17 part 3: the reaper completes the transfers between a sharded sale's shards that their
+ * callers left open, each once, by its age: taken and never given (given now, or, past every
+ * give's bound, given back to the donor), given and never settled (settled; the give adds
+ * nothing), too young (left alone); old "in:" records dropped. The sale's units are the same
+ * before and after, and a second pass changes nothing. */
+static void test_shard_transfers_completed(void **state) {
+    (void)state;
+    int64_t sku = g.sku_base + 13, now = 0;
+    sp_config cfg;
+    sp_reaper a;
+    sp_shard_sweep sw;
+    int opened = 0;
+    sp_sharded_sale sale = {.sku_id = sku, .nshards = 3, .gen = "g1", .xfer_prefix = "t"};
+    if (sp_stock_open_sharded(redis(), &sale, 9, 0, 600, &opened, err, sizeof(err)) != 0)
+        fail_msg("open: %s", err);
+    redisReply *t = sp_redis_command(redis(), NULL, itest_err, sizeof(itest_err), "TIME");
+    assert_non_null(t);
+    now = strtoll(t->element[0]->str, NULL, 10) * 1000;
+    freeReplyObject(t);
+    /* T1 taken on 0 for 1 (2 units), T2 on 0 for 2 (1, given): shard 0 holds 0, 3 moving. */
+    shard_record(sku, 0, "T1", "out", 1, 2, now - 120000, "g1");
+    shard_record(sku, 0, "T2", "out", 2, 1, now - 120000, "g1");
+    shard_record(sku, 2, "T2", "in", 0, 1, now - 119000, NULL);
+    shard_set(sku, 0, 0, 3);
+    /* T3 taken on 1 for 0 long ago, never given; T4 on 1 for 2 long ago, given. */
+    shard_record(sku, 1, "T3", "out", 0, 1, now - 400000, "g1");
+    shard_record(sku, 1, "T4", "out", 2, 1, now - 400000, "g1");
+    shard_record(sku, 2, "T4", "in", 1, 1, now - 399000, NULL);
+    shard_set(sku, 1, 1, 2);
+    /* T5 taken on 2 for 0 a moment ago (its caller is still at it). */
+    shard_record(sku, 2, "T5", "out", 0, 1, now - 30000, "g1");
+    shard_set(sku, 2, 4, 1); /* 3, +1 T2, +1 T4, -1 T5 */
+    /* Old and young "in:" records of transfers long settled on their donors. */
+    shard_record(sku, 1, "T6", "in", 2, 1, now - 700000, NULL);
+    shard_record(sku, 0, "T7", "in", 1, 1, now - 100000, NULL);
+
+    reaper_in_process(&a, &cfg, "shards");
+    for (int pass = 0; pass < 2; pass++) {
+        if (sp_shard_transfers_complete(&a, sku, 3, &sw, err, sizeof(err)) != 0)
+            fail_msg("complete: %s", err);
+        print_message("    pass %d: %d completed, %d aborted, %d dropped, %d waiting\n", pass + 1,
+                      sw.completed, sw.aborted, sw.dropped, sw.waiting);
+        assert_int_equal(sw.completed, pass == 0 ? 3 : 0);
+        assert_int_equal(sw.aborted, pass == 0 ? 1 : 0);
+        assert_int_equal(sw.dropped, pass == 0 ? 1 : 0);
+        assert_int_equal(sw.waiting, 1);
+        assert_int_equal(shard_hget(sku, 0, "stock"), 0);
+        assert_int_equal(shard_hget(sku, 0, "moving"), -1);
+        assert_int_equal(shard_hget(sku, 1, "stock"), 4); /* 1, +2 T1, +1 T3 back */
+        assert_int_equal(shard_hget(sku, 1, "moving"), -1);
+        assert_int_equal(shard_hget(sku, 2, "stock"), 4);
+        assert_int_equal(shard_hget(sku, 2, "moving"), 1); /* T5 */
+    }
+    sp_reaper_close(&a);
+    for (int k = 0; k < 3; k++) {
+        const char *suffixes[] = {"sale", "xfer", "opening"};
+        for (int j = 0; j < 3; j++) {
+            char key[SP_STOCK_KEY_MAX];
+            sp_stock_shard_key(key, sku, k, suffixes[j]);
+            freeReplyObject(
+                sp_redis_command(redis(), key, itest_err, sizeof(itest_err), "DEL %s", key));
+        }
+    }
+    g.npassed++;
+}
+
 /* Issue 15 hole 8, "reconcile adjust without its token". Reaper A reconciles a SKU: it paused the
  * sale, took its snapshot before an order of 2 units was stored, rebuilt the sale (stock 10) and
  * found the order's entry gone, so its mend must take the 2 units off. Before it does, its
@@ -1151,6 +1248,7 @@ int main(void) {
         cmocka_unit_test(test_rejected_entry_left_behind),
         cmocka_unit_test(test_sale_left_paused_is_rebuilt),
         cmocka_unit_test(test_reconcile_that_lost_its_lock_writes_nothing),
+        cmocka_unit_test(test_shard_transfers_completed),
         cmocka_unit_test(test_audit_gauges),
         cmocka_unit_test(test_producer_killed_after_reserve),
         cmocka_unit_test(test_redis_flushed_mid_sale),

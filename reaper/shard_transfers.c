@@ -1,0 +1,130 @@
+/* shard_transfers.c - completes the stock transfers a caller left open (shard_transfers.h). */
+#include "shard_transfers.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "stock.h"
+
+#define XFER_SCAN 100 /* records asked for per HSCAN step */
+
+typedef struct pass {
+    int64_t sku_id;
+    int shard, nshards;
+    int64_t now_ms; /* the shard's server clock when the pass over it began */
+    sp_shard_sweep *sw;
+} pass;
+
+/* The clock of the server that holds key, in ms. */
+static int server_ms(sp_reaper *rp, const char *key, int64_t *now_ms, char *errbuf, size_t errlen) {
+    sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
+    if (redis == NULL) return -1;
+    const char *argv[] = {"TIME"};
+    redisReply *r = sp_redis_argv(redis, key, 1, argv, NULL, errbuf, errlen);
+    if (r == NULL) return -1;
+    int ok = r->type == REDIS_REPLY_ARRAY && r->elements == 2 &&
+             r->element[0]->type == REDIS_REPLY_STRING && r->element[1]->type == REDIS_REPLY_STRING;
+    if (ok)
+        *now_ms = strtoll(r->element[0]->str, NULL, 10) * 1000 +
+                  strtoll(r->element[1]->str, NULL, 10) / 1000;
+    else
+        snprintf(errbuf, errlen, "TIME: unexpected reply");
+    freeReplyObject(r);
+    return ok ? 0 : -1;
+}
+
+/* 1 when the recipient t->to holds an "in:" record of t, 0 when not, -1 on an error. */
+static int given_before(sp_reaper *rp, const sp_shard_transfer *t, char *errbuf, size_t errlen) {
+    char key[SP_STOCK_KEY_MAX];
+    sp_stock_shard_key(key, t->sku_id, t->to, "xfer");
+    const char *argv[] = {"HEXISTS", key, t->id};
+    redisReply *r = sp_reaper_redis_argv(rp, 3, argv, REDIS_REPLY_INTEGER, errbuf, errlen);
+    if (r == NULL) return -1;
+    int given = r->integer == 1;
+    freeReplyObject(r);
+    return given;
+}
+
+/* An "out:" record of the shard p->shard: its transfer completed, aborted or left waiting. */
+static int on_out(sp_reaper *rp, pass *p, sp_shard_transfer *t, int64_t units, int64_t ts,
+                  char *errbuf, size_t errlen) {
+    sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
+    if (redis == NULL) return -1;
+    int64_t age = p->now_ms - ts, v = 0;
+    if (age < SP_SHARD_COMPLETE_AFTER_MS ||
+        (age >= SP_SHARD_COMPLETE_WITHIN_MS && age <= SP_SHARD_ABORT_AFTER_MS)) {
+        p->sw->waiting++;
+        return 0;
+    }
+    if (age < SP_SHARD_COMPLETE_WITHIN_MS) {
+        if (sp_stock_shard_give(redis, t, units, ts, SP_SHARD_COMPLETE_WITHIN_MS, &v, errbuf,
+                                errlen) != 0)
+            return -1;
+        if (v == -1 || v == -2 || v == -4) { /* the recipient gone or paused; too late there */
+            p->sw->waiting++;
+            return 0;
+        }
+        /* given now, given before (0), or a rebuild since counted the units afresh (-3) */
+    } else {
+        int given = given_before(rp, t, errbuf, errlen);
+        if (given < 0) return -1;
+        if (!given) {
+            if (sp_stock_shard_abort(redis, t, SP_SHARD_ABORT_AFTER_MS, &v, errbuf, errlen) != 0)
+                return -1;
+            if (v > 0) p->sw->aborted++;
+            return 0;
+        }
+    }
+    if (sp_stock_shard_done(redis, t, t->from, 0, &v, errbuf, errlen) != 0) return -1;
+    p->sw->completed++;
+    return 0;
+}
+
+static int on_records(sp_reaper *rp, redisReply *const *kv, size_t npairs, void *arg, char *errbuf,
+                      size_t errlen) {
+    pass *p = arg;
+    for (size_t i = 0; i < npairs; i++) {
+        const redisReply *field = kv[2 * i], *value = kv[2 * i + 1];
+        if (field->type != REDIS_REPLY_STRING || value->type != REDIS_REPLY_STRING ||
+            field->len >= sizeof(((sp_shard_transfer *)0)->id))
+            continue; /* not a record this code writes */
+        sp_shard_transfer t = {.sku_id = p->sku_id};
+        snprintf(t.id, sizeof(t.id), "%s", field->str);
+        int other = -1, n = 0;
+        long long units = 0, ts = 0;
+        char gen[sizeof(t.gen)] = "";
+        if (strncmp(value->str, "out:", 4) == 0 &&
+            (n = sscanf(value->str, "out:%d:%lld:%lld:%63s", &other, &units, &ts, gen)) >= 3 &&
+            other >= 0 && other < p->nshards && units > 0) {
+            t.from = p->shard;
+            t.to = other;
+            snprintf(t.gen, sizeof(t.gen), "%s", n == 4 ? gen : "");
+            if (on_out(rp, p, &t, units, ts, errbuf, errlen) != 0) return -1;
+        } else if (sscanf(value->str, "in:%d:%lld:%lld", &other, &units, &ts) == 3 &&
+                   p->now_ms - ts > SP_SHARD_IN_KEEP_MS) {
+            sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
+            int64_t v = 0;
+            if (redis == NULL || sp_stock_shard_done(redis, &t, p->shard, SP_SHARD_IN_KEEP_MS, &v,
+                                                     errbuf, errlen) != 0)
+                return -1;
+            if (v > 0) p->sw->dropped++;
+        }
+    }
+    return 0;
+}
+
+int sp_shard_transfers_complete(sp_reaper *rp, int64_t sku_id, int nshards, sp_shard_sweep *sw,
+                                char *errbuf, size_t errlen) {
+    memset(sw, 0, sizeof(*sw));
+    for (int k = 0; k < nshards && k < SP_SHARDS_MAX; k++) {
+        char key[SP_STOCK_KEY_MAX];
+        sp_stock_shard_key(key, sku_id, k, "xfer");
+        pass p = {.sku_id = sku_id, .shard = k, .nshards = nshards, .sw = sw};
+        if (server_ms(rp, key, &p.now_ms, errbuf, errlen) != 0 ||
+            sp_reaper_hscan(rp, key, XFER_SCAN, XFER_SCAN, on_records, &p, errbuf, errlen) != 0)
+            return -1;
+    }
+    return 0;
+}
