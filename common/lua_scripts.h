@@ -24,6 +24,5 @@ extern const char sp_lua_reconcile_stage[];
 extern const char sp_lua_shard_take[];
 extern const char sp_lua_shard_give[];
 extern const char sp_lua_shard_done[];
-extern const char sp_lua_shard_abort[];
 
 #endif

@@ -40,7 +40,6 @@ static sp_redis_script script_reconcile_stage = {.name = "reconcile_stage",
 static sp_redis_script script_shard_take = {.name = "shard_take", .body = sp_lua_shard_take};
 static sp_redis_script script_shard_give = {.name = "shard_give", .body = sp_lua_shard_give};
 static sp_redis_script script_shard_done = {.name = "shard_done", .body = sp_lua_shard_done};
-static sp_redis_script script_shard_abort = {.name = "shard_abort", .body = sp_lua_shard_abort};
 
 int sp_idem_key_valid(const char *s) { return sp_request_id_valid(s); }
 
@@ -60,8 +59,13 @@ static void key_arg(sp_script_call *call, int64_t sku_id, const char *suffix) {
     sp_script_call_arg(call, "{sku:%" PRId64 "}:%s", sku_id, suffix);
 }
 
-/* A shard's key as the next script argument. */
+/* A shard's key as the next script argument (sp_stock_shard_key); shard 0, every unsharded sale's
+ * order on the order path, formatted in place. */
 static void shard_key_arg(sp_script_call *call, int64_t sku_id, int shard, const char *suffix) {
+    if (shard == 0) {
+        key_arg(call, sku_id, suffix);
+        return;
+    }
     char key[SP_STOCK_KEY_MAX];
     sp_stock_shard_key(key, sku_id, shard, suffix);
     sp_script_call_arg(call, "%s", key);
@@ -77,7 +81,7 @@ int sp_stock_scripts_load(sp_redis *c, char *errbuf, size_t errlen) {
                               &script_reconcile_adjust, &script_reconcile_open,
                               &script_reconcile_stage,  &script_rejected_forget,
                               &script_shard_take,       &script_shard_give,
-                              &script_shard_done,       &script_shard_abort};
+                              &script_shard_done};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
         if (sp_redis_script_load(c, all[i], errbuf, errlen) != 0) return -1;
     return 0;
@@ -898,8 +902,9 @@ int sp_stock_shard_give(sp_redis *c, const sp_shard_transfer *t, int64_t units, 
     return 0;
 }
 
-int sp_stock_shard_done(sp_redis *c, const sp_shard_transfer *t, int shard, int64_t min_age_ms,
-                        int64_t *units, char *errbuf, size_t errlen) {
+/* shard_done.lua on `shard` for t: a settle (back 0) or an abort (back 1). */
+static int shard_done(sp_redis *c, const sp_shard_transfer *t, int shard, int64_t min_age_ms,
+                      int back, int64_t *units, char *errbuf, size_t errlen) {
     sp_script_call call;
     long long v;
     sp_script_call_init(&call, &script_shard_done, 2);
@@ -907,23 +912,20 @@ int sp_stock_shard_done(sp_redis *c, const sp_shard_transfer *t, int shard, int6
     shard_key_arg(&call, t->sku_id, shard, "xfer");
     sp_script_call_arg(&call, "%s", t->id);
     sp_script_call_arg(&call, "%" PRId64, min_age_ms);
+    sp_script_call_arg(&call, "%d", back);
     if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
     *units = v;
     return 0;
 }
 
+int sp_stock_shard_done(sp_redis *c, const sp_shard_transfer *t, int shard, int64_t min_age_ms,
+                        int64_t *units, char *errbuf, size_t errlen) {
+    return shard_done(c, t, shard, min_age_ms, 0, units, errbuf, errlen);
+}
+
 int sp_stock_shard_abort(sp_redis *c, const sp_shard_transfer *t, int64_t min_age_ms,
                          int64_t *units, char *errbuf, size_t errlen) {
-    sp_script_call call;
-    long long v;
-    sp_script_call_init(&call, &script_shard_abort, 2);
-    shard_key_arg(&call, t->sku_id, t->from, "sale");
-    shard_key_arg(&call, t->sku_id, t->from, "xfer");
-    sp_script_call_arg(&call, "%s", t->id);
-    sp_script_call_arg(&call, "%" PRId64, min_age_ms);
-    if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
-    *units = v;
-    return 0;
+    return shard_done(c, t, t->from, min_age_ms, 1, units, errbuf, errlen);
 }
 
 int sp_stock_home_shard(int64_t user_id, int nshards) {

@@ -9,7 +9,7 @@
 -- rebuild counted every unit afresh, so this transfer has nothing left to give; -4: the take is
 -- older than max_age_ms on this server's clock: too late, the transfer is left as it is (the
 -- caller's is left to the completer of open transfers, whose own bound is longer; past that, the
--- completer aborts it on the donor, shard_abort.lua).
+-- completer aborts it on the donor, shard_done.lua).
 --
 -- The "in:" record is the guard: it is written in the same atomic step as the units, and it stays
 -- here well after the donor's "out:" record is gone (shard_done.lua with a minimum age), so a
