@@ -167,7 +167,9 @@ static int check_event(const sp_event *ev, char *errbuf, size_t errlen) {
             check_int("per_user_limit", ev->per_user_limit, 0, SP_PER_USER_MAX, errbuf, errlen) !=
                 0 ||
             check_int("pay_timeout_s", ev->pay_timeout_s, 1, SP_PAY_TIMEOUT_MAX, errbuf, errlen) !=
-                0)
+                0 ||
+            (ev->shards != 0 && check_int("shards", ev->shards, 1, SP_SHARDS_MAX, errbuf, errlen) !=
+                                    0))
             return -1;
         break;
     case SP_EV_STOCK_ADD:
@@ -278,6 +280,7 @@ int sp_event_encode(const sp_event *ev, char *buf, size_t buflen, size_t *len, c
         w_int(&w, "stock", ev->stock);
         w_int(&w, "per_user_limit", ev->per_user_limit);
         w_int(&w, "pay_timeout_s", ev->pay_timeout_s);
+        if (ev->shards > 1) w_int(&w, "shards", ev->shards); /* absent: 1, as before it existed */
         break;
     case SP_EV_STOCK_ADD:
         w_int(&w, "add", ev->stock);
@@ -492,6 +495,10 @@ int sp_event_decode(const char *data, size_t len, sp_event *ev, char *errbuf, si
                       errlen) != 0 ||
             get_int32(obj, "pay_timeout_s", 1, SP_PAY_TIMEOUT_MAX, &ev->pay_timeout_s, errbuf,
                       errlen) != 0)
+            goto out;
+        ev->shards = 1;
+        if (json_object_get(obj, "shards") != NULL &&
+            get_int32(obj, "shards", 1, SP_SHARDS_MAX, &ev->shards, errbuf, errlen) != 0)
             goto out;
         break;
     case SP_EV_STOCK_ADD:

@@ -27,6 +27,7 @@
 #define SP_ORDER_ID_MAX    64                        /* bytes; [A-Za-z0-9._-] only */
 #define SP_REASON_MAX      128                       /* bytes of a free-text reason */
 #define SP_REQUEST_ID_MAX  64   /* bytes of a request id: printable ASCII without blanks */
+#define SP_SHARDS_MAX      16   /* stock.set shards: the Redis shards of a hot SKU's sale */
 #define SP_EVENT_MAX       1024 /* an encoded event never exceeds this */
 
 typedef enum sp_event_type {
@@ -52,6 +53,8 @@ typedef struct sp_event {
     int64_t stock;          /* stock.set: units put on sale; stock.add: units added (>= 1) */
     int32_t per_user_limit; /* stock.set */
     int32_t pay_timeout_s;  /* stock.set, >= 1 */
+    int32_t shards; /* stock.set: 1..SP_SHARDS_MAX shards of the sale in Redis (docs/reservation.md,
+                     * "Hot-SKU sharding"); optional on the wire, 1 when absent; 0 encodes as 1 */
     char reason[SP_REASON_MAX + 1]; /* order.voided: why (optional on decode, may be empty) */
     /* stock.add: the admin call's Idempotency-Key, or an id the producer made for it; the
      * consumer applies one request id once per SKU. Optional: empty in events from before it. */

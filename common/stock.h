@@ -399,7 +399,6 @@ typedef struct sp_sharded_sale {
                               * repeat */
     uint64_t xfer_seq;       /* the last transfer id's number */
 } sp_sharded_sale;
-#define SP_SHARDS_MAX 16
 
 /* The home shard of a buyer: every order of user_id goes there (its per-user count and
  * Idempotency-Keys with it, so the per-user limit stays exact). */

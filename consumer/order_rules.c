@@ -466,6 +466,7 @@ void sp_rules_decide(sp_rules *r, sp_batch *b) {
             sk->open_stock = sk->stock = sk->supplied = ev->stock;
             sk->per_user_limit = ev->per_user_limit;
             sk->pay_timeout_s = ev->pay_timeout_s;
+            sk->shards = ev->shards > 1 ? ev->shards : 1;
             sk->open_ms = sk->updated_ms = ev->ts_ms;
             it->effect = SP_EFFECT_OPENED;
             break;

@@ -155,6 +155,7 @@ typedef struct sp_rules_sku {
     int opened;              /* stock.set created the row in this batch */
     int64_t open_stock;      /* the stock.set that opened it: */
     int32_t per_user_limit, pay_timeout_s;
+    int32_t shards; /* its sale's shards in Redis (1: unsharded) */
     int64_t open_ms;
     int64_t taken, returned, added; /* units, since the row was read or opened */
     int64_t changes;    /* events that changed the row: the version moves by this much */

@@ -62,12 +62,14 @@ static const struct {
         "SELECT sku_id, request_id FROM restocks "
         "WHERE (sku_id, request_id) IN (SELECT * FROM unnest($1::bigint[], $2::text[]))"},
     /* stock.set: the row as the event opened it; a row that appeared meanwhile is a conflict. */
-    [ST_OPEN_SKUS] = {"sp_open_skus", 5,
+    [ST_OPEN_SKUS] = {"sp_open_skus", 6,
         "INSERT INTO inventory (sku_id, stock, version, supplied, per_user_limit, pay_timeout_s, "
-        "                       created_at, updated_at) "
-        "SELECT u.sku_id, u.stock, 0, u.stock, u.per_user_limit, u.pay_timeout_s, u.ts, u.ts "
-        "FROM unnest($1::bigint[], $2::bigint[], $3::integer[], $4::integer[], $5::timestamptz[]) "
-        "     AS u(sku_id, stock, per_user_limit, pay_timeout_s, ts) "
+        "                       shards, created_at, updated_at) "
+        "SELECT u.sku_id, u.stock, 0, u.stock, u.per_user_limit, u.pay_timeout_s, u.shards, u.ts, "
+        "       u.ts "
+        "FROM unnest($1::bigint[], $2::bigint[], $3::integer[], $4::integer[], $5::timestamptz[], "
+        "            $6::integer[]) "
+        "     AS u(sku_id, stock, per_user_limit, pay_timeout_s, ts, shards) "
         "ON CONFLICT (sku_id) DO NOTHING RETURNING sku_id"},
     /* The guard: per SKU, the net units n leave only if the row is still the version that was
      * read and still holds n. A row it does not return was touched by someone else. */
@@ -673,7 +675,7 @@ static int expect_rows(PGresult *res, long want, const char *what, int *retry, c
 static int open_skus(sp_order_store *s, int *retry, char *errbuf, size_t errlen) {
     sp_rules *r = s->rules;
     long n = 0;
-    for (int i = 0; i < 5; i++) arr_begin(&s->arg[i]);
+    for (int i = 0; i < 6; i++) arr_begin(&s->arg[i]);
     for (size_t k = 0; k < r->nskus; k++) {
         const sp_rules_sku *sk = &r->skus[k];
         if (!sk->opened) continue;
@@ -682,10 +684,11 @@ static int open_skus(sp_order_store *s, int *retry, char *errbuf, size_t errlen)
         arr_int(&s->arg[2], sk->per_user_limit);
         arr_int(&s->arg[3], sk->pay_timeout_s);
         arr_ts(&s->arg[4], sk->open_ms);
+        arr_int(&s->arg[5], sk->shards);
         n++;
     }
     if (n == 0) return 0;
-    for (int i = 0; i < 5; i++) arr_end(&s->arg[i]);
+    for (int i = 0; i < 6; i++) arr_end(&s->arg[i]);
     PGresult *res = run(s, ST_OPEN_SKUS, NULL, errbuf, errlen);
     if (res == NULL) return -1;
     int rc = expect_rows(res, n, "opening skus", retry, errbuf, errlen);

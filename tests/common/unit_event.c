@@ -148,6 +148,7 @@ static sp_event sample(sp_event_type type) {
         ev.stock = 500;
         ev.per_user_limit = 2;
         ev.pay_timeout_s = 600;
+        ev.shards = 1;
         break;
     case SP_EV_STOCK_ADD:
         ev.stock = 50;
@@ -185,6 +186,7 @@ static void assert_event_equal(const sp_event *a, const sp_event *b) {
     assert_int_equal(a->stock, b->stock);
     assert_int_equal(a->per_user_limit, b->per_user_limit);
     assert_int_equal(a->pay_timeout_s, b->pay_timeout_s);
+    assert_int_equal(a->shards, b->shards);
     assert_string_equal(a->reason, b->reason);
     assert_string_equal(a->request_id, b->request_id);
 }
@@ -277,6 +279,47 @@ static void test_round_trip_extremes(void **state) {
     assert_event_equal(&in, &out);
 }
 
+/* stock.set's optional shards: 1..SP_SHARDS_MAX, written only above 1 (a one-shard sale encodes
+ * as it did before the field), read as 1 when absent; anything else refused both ways. */
+static void test_stock_set_shards(void **state) {
+    sp_event in, out;
+    char buf[SP_EVENT_MAX], err[256];
+    size_t len;
+
+    (void)state;
+    in = sample(SP_EV_STOCK_SET);
+    len = encode_ok(&in, buf, sizeof(buf));
+    assert_null(strstr(buf, "shards"));
+    in.shards = 0; /* an event built without the field: one shard */
+    len = encode_ok(&in, buf, sizeof(buf));
+    assert_null(strstr(buf, "shards"));
+    assert_int_equal(decode_n(buf, len, &out, err, sizeof(err)), 0);
+    assert_int_equal(out.shards, 1);
+    in.shards = SP_SHARDS_MAX;
+    len = encode_ok(&in, buf, sizeof(buf));
+    assert_non_null(strstr(buf, ",\"shards\":16}"));
+    assert_int_equal(decode_n(buf, len, &out, err, sizeof(err)), 0);
+    assert_event_equal(&in, &out);
+    in.shards = SP_SHARDS_MAX + 1;
+    encode_refused(&in, "field \"shards\"");
+    in.shards = -1;
+    encode_refused(&in, "field \"shards\"");
+
+    accepted("{\"v\":1,\"type\":\"stock.set\",\"ts_ms\":1,\"sku_id\":1,\"stock\":5,"
+             "\"per_user_limit\":0,\"pay_timeout_s\":1,\"shards\":2}",
+             &out);
+    assert_int_equal(out.shards, 2);
+    refused("{\"v\":1,\"type\":\"stock.set\",\"ts_ms\":1,\"sku_id\":1,\"stock\":5,"
+            "\"per_user_limit\":0,\"pay_timeout_s\":1,\"shards\":0}",
+            "field \"shards\"");
+    refused("{\"v\":1,\"type\":\"stock.set\",\"ts_ms\":1,\"sku_id\":1,\"stock\":5,"
+            "\"per_user_limit\":0,\"pay_timeout_s\":1,\"shards\":17}",
+            "field \"shards\"");
+    refused("{\"v\":1,\"type\":\"stock.set\",\"ts_ms\":1,\"sku_id\":1,\"stock\":5,"
+            "\"per_user_limit\":0,\"pay_timeout_s\":1,\"shards\":\"2\"}",
+            "field \"shards\"");
+}
+
 static void test_encode_exact_json(void **state) {
     sp_event ev;
     char buf[SP_EVENT_MAX];
@@ -335,6 +378,7 @@ static json_t *oracle_object(const sp_event *ev) {
         json_object_set_new(o, "stock", json_integer(ev->stock));
         json_object_set_new(o, "per_user_limit", json_integer(ev->per_user_limit));
         json_object_set_new(o, "pay_timeout_s", json_integer(ev->pay_timeout_s));
+        if (ev->shards > 1) json_object_set_new(o, "shards", json_integer(ev->shards));
         break;
     case SP_EV_STOCK_ADD:
         json_object_set_new(o, "add", json_integer(ev->stock));
@@ -1121,6 +1165,7 @@ int main(void) {
         cmocka_unit_test(test_reason),
         cmocka_unit_test(test_request_id),
         cmocka_unit_test(test_encode_buffer_too_small),
+        cmocka_unit_test(test_stock_set_shards),
         cmocka_unit_test(test_encode_out_of_range),
         cmocka_unit_test(test_small_errbuf),
     };

@@ -347,6 +347,7 @@ static void test_scripted_log(void **state) {
         /* 21 */ ev_order(SP_EV_ORDER_PAID, A, AT(21), "o99", 0, 0),   /* dead */
     };
     snprintf(evs[16].reason, sizeof(evs[16].reason), "order.created not delivered");
+    evs[1].shards = 3; /* B's sale over three Redis shards: one inventory row all the same */
     for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++) d[k++] = produce(topic, &evs[i]);
     /* 22..25: messages no consumer can apply */
     d[k++] = produce_raw(topic, ka, "not json");
@@ -436,12 +437,12 @@ static void test_scripted_log(void **state) {
     char *inv = dump(db1,
                      "SELECT sku_id - $1::bigint, stock, version, supplied, per_user_limit, "
                      "pay_timeout_s, (extract(epoch FROM created_at) * 1000)::bigint - $2::bigint, "
-                     "(extract(epoch FROM updated_at) * 1000)::bigint - $2::bigint "
+                     "(extract(epoch FROM updated_at) * 1000)::bigint - $2::bigint, shards "
                      "FROM inventory ORDER BY sku_id",
                      2, params, NULL);
     /* A: 3 opened, o1 o2 o4 took 3, o2 gave 1 back, +5, o6 took 2, o11 took 4: 0 of 8 left,
      * 7 changes. B: o10 took 3 and gave them back: 2 changes. */
-    assert_string_equal(inv, "1|0|7|8|2|600|0|30\n2|10|2|10|0|60|1|27\n");
+    assert_string_equal(inv, "1|0|7|8|2|600|0|30|1\n2|10|2|10|0|60|1|27|3\n");
     free(inv);
 
     char *ret = dump(db1,
