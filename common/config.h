@@ -48,6 +48,7 @@ typedef struct sp_config {
     int idem_refusal_ttl_s;       /* producer: how long it pins sold_out / limit_exceeded */
     int order_rate_limit;         /* producer: orders/s this worker admits to Redis; 0 = no limit */
     int user_rate_limit;          /* producer: order requests/s one user may make; 0 = no limit */
+    int sale_shards_max;          /* producer: most shards an open may ask for (1..16) */
     int max_inflight;             /* producer: orders under way at once before answering 429 */
     int batch_max;                /* consumer: events applied in one PostgreSQL transaction */
     int batch_wait_ms;            /* consumer: how long a batch waits to fill up */

@@ -168,8 +168,8 @@ static int check_event(const sp_event *ev, char *errbuf, size_t errlen) {
                 0 ||
             check_int("pay_timeout_s", ev->pay_timeout_s, 1, SP_PAY_TIMEOUT_MAX, errbuf, errlen) !=
                 0 ||
-            (ev->shards != 0 && check_int("shards", ev->shards, 1, SP_SHARDS_MAX, errbuf, errlen) !=
-                                    0))
+            (ev->shards != 0 &&
+             check_int("shards", ev->shards, 1, SP_SHARDS_MAX, errbuf, errlen) != 0))
             return -1;
         break;
     case SP_EV_STOCK_ADD:

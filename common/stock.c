@@ -109,6 +109,20 @@ void sp_stock_open_call(sp_script_call *call, int64_t sku_id, int64_t stock, int
     sp_script_call_arg(call, "%s", token);
 }
 
+void sp_stock_open_shard_call(sp_script_call *call, int64_t sku_id, int shard, int nshards,
+                              int64_t stock, int32_t per_user_limit, int32_t pay_timeout_s,
+                              const char *gen, const char *token) {
+    sp_script_call_init(call, &script_sale_open, 2);
+    shard_key_arg(call, sku_id, shard, "sale");
+    shard_key_arg(call, sku_id, shard, "opening");
+    sp_script_call_arg(call, "%" PRId64, stock / nshards + (shard < stock % nshards ? 1 : 0));
+    sp_script_call_arg(call, "%" PRId32, per_user_limit);
+    sp_script_call_arg(call, "%" PRId32, pay_timeout_s);
+    sp_script_call_arg(call, "%s", token);
+    sp_script_call_arg(call, "%s", gen);
+    sp_script_call_arg(call, "%d", nshards);
+}
+
 void sp_stock_unclaim_call(sp_script_call *call, int64_t sku_id, const char *token) {
     sp_script_call_init(call, &script_sale_unclaim, 1);
     key_arg(call, sku_id, "opening");
@@ -353,20 +367,28 @@ int sp_stock_reserve_parse(const redisReply *all, size_t i, sp_reserve_result *r
                     {"unknown_sku", SP_RESERVE_UNKNOWN_SKU},
                     {"sold_out", SP_RESERVE_SOLD_OUT},
                     {"limit_exceeded", SP_RESERVE_LIMIT},
-                    {"recovering", SP_RESERVE_RECOVERING}};
-    /* {pay_timeout_s, answer...}: an integer answer is an order reserved (the stock left). */
-    if (all == NULL || all->type != REDIS_REPLY_ARRAY || i + 1 >= all->elements ||
-        all->element[0]->type != REDIS_REPLY_INTEGER) {
+                    {"recovering", SP_RESERVE_RECOVERING},
+                    {"moved", SP_RESERVE_MOVED}};
+    /* {pay_timeout_s, shards, gen, answer...}: an integer answer is an order reserved (the stock
+     * left). */
+    if (all == NULL || all->type != REDIS_REPLY_ARRAY || i + 3 >= all->elements ||
+        all->element[0]->type != REDIS_REPLY_INTEGER ||
+        all->element[1]->type != REDIS_REPLY_INTEGER || all->element[1]->integer < 0 ||
+        all->element[1]->integer > SP_SHARDS_MAX || all->element[2]->type != REDIS_REPLY_STRING) {
         snprintf(errbuf, errlen, "script reserve: %s",
                  all && all->type == REDIS_REPLY_ERROR ? all->str : "unexpected reply");
         return -1;
     }
-    const redisReply *r = all->element[i + 1];
+    const redisReply *r = all->element[i + 3];
     memset(res, 0, sizeof(*res));
+    res->pay_timeout_s = (int32_t)all->element[0]->integer;
+    if (all->element[1]->integer > 1) { /* a shard of a sharded sale */
+        res->nshards = (int32_t)all->element[1]->integer;
+        snprintf(res->gen, sizeof(res->gen), "%s", all->element[2]->str);
+    }
     if (r->type == REDIS_REPLY_INTEGER) {
         res->outcome = SP_RESERVE_OK;
         res->stock_left = r->integer;
-        res->pay_timeout_s = (int32_t)all->element[0]->integer;
         return 0;
     }
     if (r->type != REDIS_REPLY_ARRAY || r->elements != 4 ||
@@ -471,17 +493,8 @@ int sp_stock_cap(sp_redis *c, int64_t sku_id, int64_t pg_stock, int64_t pg_suppl
 
 int sp_stock_rejected_forget(sp_redis *c, int64_t sku_id, const char *order_id, int64_t user_id,
                              int32_t qty, int *units, char *errbuf, size_t errlen) {
-    sp_script_call call;
-    long long v;
-    sp_script_call_init(&call, &script_rejected_forget, 2);
-    key_arg(&call, sku_id, "resv");
-    key_arg(&call, sku_id, "users");
-    sp_script_call_arg(&call, "%s", order_id);
-    sp_script_call_arg(&call, "%" PRId64, user_id);
-    sp_script_call_arg(&call, "%" PRId32, qty);
-    if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
-    *units = (int)v;
-    return 0;
+    return sp_stock_rejected_forget_on_shard(c, sku_id, 0, order_id, user_id, qty, units, errbuf,
+                                             errlen);
 }
 
 /* The Idempotency-Key an 'r:' entry names ("r:user:qty:ts:KEY", KEY itself holding colons), or
@@ -495,50 +508,7 @@ static const char *entry_idem_key(const char *entry) {
 
 int sp_stock_accepted_forget(sp_redis *c, int64_t sku_id, const char *const *order_ids, size_t n,
                              char *errbuf, size_t errlen) {
-    enum { CHUNK = 512 }; /* ids per HMGET / HDEL: bounded argv, few round trips */
-    const char *argv[CHUNK + 2], *pending_ids[CHUNK], *pending_vals[CHUNK];
-    char key[SP_STOCK_KEY_MAX];
-    sp_stock_key(key, sku_id, "resv");
-    argv[1] = key;
-    for (size_t i = 0; i < n; i += CHUNK) {
-        size_t k = n - i < CHUNK ? n - i : CHUNK, npending = 0, ndel = 0;
-        /* Which entries are still 'r:' with a key: their producers died between Kafka's ack and
-         * the confirm, and the keys still say pending. resv_drop.lua settles those. */
-        argv[0] = "HMGET";
-        memcpy(&argv[2], &order_ids[i], k * sizeof(*argv));
-        redisReply *got = sp_redis_argv(c, key, (int)k + 2, argv, NULL, errbuf, errlen);
-        if (got == NULL) return -1;
-        if (got->type != REDIS_REPLY_ARRAY || got->elements != k) {
-            snprintf(errbuf, errlen, "HMGET %s: %s", key,
-                     got->type == REDIS_REPLY_ERROR ? got->str : "unexpected reply");
-            freeReplyObject(got);
-            return -1;
-        }
-        argv[0] = "HDEL";
-        for (size_t j = 0; j < k; j++) {
-            const redisReply *e = got->element[j];
-            if (e->type == REDIS_REPLY_STRING && entry_idem_key(e->str) != NULL)
-                pending_ids[npending] = order_ids[i + j], pending_vals[npending++] = e->str;
-            else
-                argv[2 + ndel++] = order_ids[i + j];
-        }
-        int dropped, rc = 0;
-        if (npending > 0)
-            rc = sp_stock_resv_drop(c, sku_id, pending_ids, pending_vals, npending, &dropped,
-                                    errbuf, errlen);
-        freeReplyObject(got);
-        if (rc != 0) return -1;
-        if (ndel == 0) continue;
-        redisReply *r = sp_redis_argv(c, key, (int)ndel + 2, argv, NULL, errbuf, errlen);
-        if (r == NULL) return -1;
-        if (r->type == REDIS_REPLY_ERROR) {
-            snprintf(errbuf, errlen, "HDEL %s: %s", key, r->str);
-            freeReplyObject(r);
-            return -1;
-        }
-        freeReplyObject(r);
-    }
-    return 0;
+    return sp_stock_accepted_forget_on_shard(c, sku_id, 0, order_ids, n, errbuf, errlen);
 }
 
 int sp_stock_available(sp_redis *c, int64_t sku_id, int64_t *stock, char *errbuf, size_t errlen) {
@@ -594,43 +564,14 @@ int sp_stock_give_back(sp_redis *c, int64_t sku_id, const char *order_id, int64_
     return 0;
 }
 
+static int resv_drop_on_shard(sp_redis *c, int64_t sku_id, int shard, const char *const *order_ids,
+                              const char *const *values, size_t n, int *dropped, char *errbuf,
+                              size_t errlen);
+
 int sp_stock_resv_drop(sp_redis *c, int64_t sku_id, const char *const *order_ids,
                        const char *const *values, size_t n, int *dropped, char *errbuf,
                        size_t errlen) {
-    enum { CHUNK = 100 }; /* 1 + 100 keys + 3 * 100 arguments: within SP_REDIS_SCRIPT_ARGV_MAX */
-    const char *keys[1 + CHUNK], *args[3 * CHUNK];
-    size_t keyslen[1 + CHUNK], argslen[3 * CHUNK];
-    char key[SP_STOCK_KEY_MAX], index[CHUNK][12];
-    const char *argv[1 + 4 * CHUNK];
-    size_t argvlen[1 + 4 * CHUNK];
-    int total = 0;
-    sp_stock_key(key, sku_id, "resv");
-    for (size_t i = 0; i < n; i += CHUNK) {
-        size_t k = n - i < CHUNK ? n - i : CHUNK;
-        int nkeys = 1, nargs = 0;
-        keys[0] = key, keyslen[0] = strlen(key);
-        for (size_t j = 0; j < k; j++) {
-            const char *idem = entry_idem_key(values[i + j]);
-            if (idem) keys[nkeys] = idem, keyslen[nkeys] = strlen(idem), nkeys++;
-            snprintf(index[j], sizeof(index[j]), "%d", idem ? nkeys : 0);
-            args[nargs] = order_ids[i + j], argslen[nargs++] = strlen(order_ids[i + j]);
-            args[nargs] = values[i + j], argslen[nargs++] = strlen(values[i + j]);
-            args[nargs] = index[j], argslen[nargs++] = strlen(index[j]);
-        }
-        int argc = 0;
-        for (int x = 0; x < nkeys; x++, argc++) argv[argc] = keys[x], argvlen[argc] = keyslen[x];
-        for (int x = 0; x < nargs; x++, argc++) argv[argc] = args[x], argvlen[argc] = argslen[x];
-        redisReply *r = sp_redis_evalsha(c, &script_resv_drop, nkeys, argc, argv, argvlen, errbuf,
-                                         errlen);
-        if (r == NULL) return -1;
-        long long v;
-        int rc = sp_stock_integer_parse(r, "resv_drop", &v, errbuf, errlen);
-        freeReplyObject(r);
-        if (rc != 0) return -1;
-        total += (int)v;
-    }
-    *dropped = total;
-    return 0;
+    return resv_drop_on_shard(c, sku_id, 0, order_ids, values, n, dropped, errbuf, errlen);
 }
 
 int sp_stock_reconcile_pause(sp_redis *c, int64_t sku_id, const char *token, int32_t per_user_limit,
@@ -858,61 +799,85 @@ int sp_stock_reconcile_stage(sp_redis *c, int64_t sku_id, const char *token, sp_
 
 /* ---- stock transfers between the shards of a sharded sale (issue 17 part 3) ---- */
 
+void sp_stock_shard_take_call(sp_script_call *call, const sp_shard_transfer *t, int64_t want) {
+    sp_script_call_init(call, &script_shard_take, 2);
+    shard_key_arg(call, t->sku_id, t->from, "sale");
+    shard_key_arg(call, t->sku_id, t->from, "xfer");
+    sp_script_call_arg(call, "%s", t->id);
+    sp_script_call_arg(call, "%d", t->to);
+    sp_script_call_arg(call, "%" PRId64, want);
+    sp_script_call_arg(call, "%s", t->gen);
+}
+
+int sp_stock_shard_take_parse(const redisReply *r, int64_t *taken, int64_t *take_ts_ms,
+                              char *errbuf, size_t errlen) {
+    if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
+        r->element[0]->type != REDIS_REPLY_INTEGER || r->element[1]->type != REDIS_REPLY_INTEGER) {
+        snprintf(errbuf, errlen, "script shard_take: %s",
+                 r == NULL                      ? "no reply"
+                 : r->type == REDIS_REPLY_ERROR ? r->str
+                                                : "unexpected reply");
+        return -1;
+    }
+    *taken = r->element[0]->integer;
+    *take_ts_ms = r->element[1]->integer;
+    return 0;
+}
+
 int sp_stock_shard_take(sp_redis *c, const sp_shard_transfer *t, int64_t want, int64_t *taken,
                         int64_t *take_ts_ms, char *errbuf, size_t errlen) {
     sp_script_call call;
-    sp_script_call_init(&call, &script_shard_take, 2);
-    shard_key_arg(&call, t->sku_id, t->from, "sale");
-    shard_key_arg(&call, t->sku_id, t->from, "xfer");
-    sp_script_call_arg(&call, "%s", t->id);
-    sp_script_call_arg(&call, "%d", t->to);
-    sp_script_call_arg(&call, "%" PRId64, want);
-    sp_script_call_arg(&call, "%s", t->gen);
+    sp_stock_shard_take_call(&call, t, want);
     redisReply *r = sp_redis_call(c, &call, errbuf, errlen);
     if (r == NULL) return -1;
-    int ok = r->type == REDIS_REPLY_ARRAY && r->elements == 2 &&
-             r->element[0]->type == REDIS_REPLY_INTEGER &&
-             r->element[1]->type == REDIS_REPLY_INTEGER;
-    if (ok) {
-        *taken = r->element[0]->integer;
-        *take_ts_ms = r->element[1]->integer;
-    } else {
-        snprintf(errbuf, errlen, "script shard_take: %s",
-                 r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
-    }
+    int rc = sp_stock_shard_take_parse(r, taken, take_ts_ms, errbuf, errlen);
     freeReplyObject(r);
-    return ok ? 0 : -1;
+    return rc;
+}
+
+void sp_stock_shard_give_call(sp_script_call *call, const sp_shard_transfer *t, int64_t units,
+                              int64_t take_ts_ms, int64_t max_age_ms) {
+    sp_script_call_init(call, &script_shard_give, 2);
+    shard_key_arg(call, t->sku_id, t->to, "sale");
+    shard_key_arg(call, t->sku_id, t->to, "xfer");
+    sp_script_call_arg(call, "%s", t->id);
+    sp_script_call_arg(call, "%d", t->from);
+    sp_script_call_arg(call, "%" PRId64, units);
+    sp_script_call_arg(call, "%" PRId64, take_ts_ms);
+    sp_script_call_arg(call, "%s", t->gen);
+    sp_script_call_arg(call, "%" PRId64, max_age_ms);
 }
 
 int sp_stock_shard_give(sp_redis *c, const sp_shard_transfer *t, int64_t units, int64_t take_ts_ms,
                         int64_t max_age_ms, int64_t *given, char *errbuf, size_t errlen) {
     sp_script_call call;
     long long v;
-    sp_script_call_init(&call, &script_shard_give, 2);
-    shard_key_arg(&call, t->sku_id, t->to, "sale");
-    shard_key_arg(&call, t->sku_id, t->to, "xfer");
-    sp_script_call_arg(&call, "%s", t->id);
-    sp_script_call_arg(&call, "%d", t->from);
-    sp_script_call_arg(&call, "%" PRId64, units);
-    sp_script_call_arg(&call, "%" PRId64, take_ts_ms);
-    sp_script_call_arg(&call, "%s", t->gen);
-    sp_script_call_arg(&call, "%" PRId64, max_age_ms);
+    sp_stock_shard_give_call(&call, t, units, take_ts_ms, max_age_ms);
     if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
     *given = v;
     return 0;
 }
 
 /* shard_done.lua on `shard` for t: a settle (back 0) or an abort (back 1). */
+static void shard_done_call(sp_script_call *call, const sp_shard_transfer *t, int shard,
+                            int64_t min_age_ms, int back) {
+    sp_script_call_init(call, &script_shard_done, 2);
+    shard_key_arg(call, t->sku_id, shard, "sale");
+    shard_key_arg(call, t->sku_id, shard, "xfer");
+    sp_script_call_arg(call, "%s", t->id);
+    sp_script_call_arg(call, "%" PRId64, min_age_ms);
+    sp_script_call_arg(call, "%d", back);
+}
+
+void sp_stock_shard_settle_call(sp_script_call *call, const sp_shard_transfer *t) {
+    shard_done_call(call, t, t->from, 0, 0);
+}
+
 static int shard_done(sp_redis *c, const sp_shard_transfer *t, int shard, int64_t min_age_ms,
                       int back, int64_t *units, char *errbuf, size_t errlen) {
     sp_script_call call;
     long long v;
-    sp_script_call_init(&call, &script_shard_done, 2);
-    shard_key_arg(&call, t->sku_id, shard, "sale");
-    shard_key_arg(&call, t->sku_id, shard, "xfer");
-    sp_script_call_arg(&call, "%s", t->id);
-    sp_script_call_arg(&call, "%" PRId64, min_age_ms);
-    sp_script_call_arg(&call, "%d", back);
+    shard_done_call(&call, t, shard, min_age_ms, back);
     if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
     *units = v;
     return 0;
@@ -944,18 +909,28 @@ int sp_stock_open_sharded(sp_redis *c, const sp_sharded_sale *sale, int64_t stoc
     for (int k = 0; k < n; k++) {
         sp_script_call call;
         long long v;
-        sp_script_call_init(&call, &script_sale_open, 2);
-        shard_key_arg(&call, sale->sku_id, k, "sale");
-        shard_key_arg(&call, sale->sku_id, k, "opening");
-        sp_script_call_arg(&call, "%" PRId64, stock / n + (k < stock % n ? 1 : 0));
-        sp_script_call_arg(&call, "%" PRId32, per_user_limit);
-        sp_script_call_arg(&call, "%" PRId32, pay_timeout_s);
-        sp_script_call_arg(&call, "%s", "");
-        sp_script_call_arg(&call, "%s", sale->gen);
-        sp_script_call_arg(&call, "%d", n);
+        sp_stock_open_shard_call(&call, sale->sku_id, k, n, stock, per_user_limit, pay_timeout_s,
+                                 sale->gen, "");
         if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
         *opened += (int)v;
     }
+    return 0;
+}
+
+int sp_stock_shard_read_parse(const redisReply *r, int64_t *units, int64_t *ver, char *errbuf,
+                              size_t errlen) {
+    if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != 3) {
+        snprintf(errbuf, errlen, "shard read: %s",
+                 r == NULL                      ? "no reply"
+                 : r->type == REDIS_REPLY_ERROR ? r->str
+                                                : "unexpected reply");
+        return -1;
+    }
+    int64_t v[3] = {0, 0, 0};
+    for (int f = 0; f < 3; f++)
+        if (r->element[f]->type == REDIS_REPLY_STRING) v[f] = strtoll(r->element[f]->str, NULL, 10);
+    *units = (v[0] > 0 ? v[0] : 0) + (v[1] > 0 ? v[1] : 0);
+    *ver = v[2];
     return 0;
 }
 
@@ -966,22 +941,14 @@ static int shards_collect(sp_redis *c, const sp_sharded_sale *sale, int64_t *uni
     *units = 0;
     for (int k = 0; k < sale->nshards; k++) {
         char key[SP_STOCK_KEY_MAX];
+        int64_t here;
         sp_stock_shard_key(key, sale->sku_id, k, "sale");
-        redisReply *r = sp_redis_command(c, key, errbuf, errlen, "HMGET %s stock moving ver", key);
+        redisReply *r = sp_redis_command(c, key, errbuf, errlen, SP_STOCK_SHARD_READ_FMT, key);
         if (r == NULL) return -1;
-        if (r->type != REDIS_REPLY_ARRAY || r->elements != 3) {
-            snprintf(errbuf, errlen, "HMGET %s: %s", key,
-                     r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
-            freeReplyObject(r);
-            return -1;
-        }
-        int64_t v[3] = {0, 0, 0};
-        for (int f = 0; f < 3; f++)
-            if (r->element[f]->type == REDIS_REPLY_STRING)
-                v[f] = strtoll(r->element[f]->str, NULL, 10);
+        int rc = sp_stock_shard_read_parse(r, &here, &ver[k], errbuf, errlen);
         freeReplyObject(r);
-        *units += (v[0] > 0 ? v[0] : 0) + (v[1] > 0 ? v[1] : 0);
-        ver[k] = v[2];
+        if (rc != 0) return -1;
+        *units += here;
     }
     return 0;
 }
@@ -1060,5 +1027,121 @@ int sp_stock_reserve_sharded(sp_redis *c, sp_sharded_sale *sale, const sp_reserv
     }
     memset(res, 0, sizeof(*res));
     res->outcome = SP_RESERVE_RECOVERING;
+    return 0;
+}
+
+/* The consumer's corrections on an order's home shard, under a sale's shards as above. */
+
+static int shard_in_range(int shard, char *errbuf, size_t errlen) {
+    if (shard >= 0 && shard < SP_SHARDS_MAX) return 1;
+    snprintf(errbuf, errlen, "shard %d: out of range 0..%d", shard, SP_SHARDS_MAX - 1);
+    return 0;
+}
+
+/* sp_stock_resv_drop on shard `shard`: its `resv`, and the keys its 'r:' entries name (the
+ * shard's own: the same hash tag, so the same slot). */
+static int resv_drop_on_shard(sp_redis *c, int64_t sku_id, int shard, const char *const *order_ids,
+                              const char *const *values, size_t n, int *dropped, char *errbuf,
+                              size_t errlen) {
+    enum { CHUNK = 100 }; /* 1 + 100 keys + 3 * 100 arguments: within SP_REDIS_SCRIPT_ARGV_MAX */
+    const char *keys[1 + CHUNK], *args[3 * CHUNK];
+    size_t keyslen[1 + CHUNK], argslen[3 * CHUNK];
+    char key[SP_STOCK_KEY_MAX], index[CHUNK][12];
+    const char *argv[1 + 4 * CHUNK];
+    size_t argvlen[1 + 4 * CHUNK];
+    int total = 0;
+    sp_stock_shard_key(key, sku_id, shard, "resv");
+    for (size_t i = 0; i < n; i += CHUNK) {
+        size_t k = n - i < CHUNK ? n - i : CHUNK;
+        int nkeys = 1, nargs = 0;
+        keys[0] = key, keyslen[0] = strlen(key);
+        for (size_t j = 0; j < k; j++) {
+            const char *idem = entry_idem_key(values[i + j]);
+            if (idem) keys[nkeys] = idem, keyslen[nkeys] = strlen(idem), nkeys++;
+            snprintf(index[j], sizeof(index[j]), "%d", idem ? nkeys : 0);
+            args[nargs] = order_ids[i + j], argslen[nargs++] = strlen(order_ids[i + j]);
+            args[nargs] = values[i + j], argslen[nargs++] = strlen(values[i + j]);
+            args[nargs] = index[j], argslen[nargs++] = strlen(index[j]);
+        }
+        int argc = 0;
+        for (int x = 0; x < nkeys; x++, argc++) argv[argc] = keys[x], argvlen[argc] = keyslen[x];
+        for (int x = 0; x < nargs; x++, argc++) argv[argc] = args[x], argvlen[argc] = argslen[x];
+        redisReply *r = sp_redis_evalsha(c, &script_resv_drop, nkeys, argc, argv, argvlen, errbuf,
+                                         errlen);
+        if (r == NULL) return -1;
+        long long v;
+        int rc = sp_stock_integer_parse(r, "resv_drop", &v, errbuf, errlen);
+        freeReplyObject(r);
+        if (rc != 0) return -1;
+        total += (int)v;
+    }
+    *dropped = total;
+    return 0;
+}
+
+int sp_stock_rejected_forget_on_shard(sp_redis *c, int64_t sku_id, int shard, const char *order_id,
+                                      int64_t user_id, int32_t qty, int *units, char *errbuf,
+                                      size_t errlen) {
+    sp_script_call call;
+    long long v;
+    if (!shard_in_range(shard, errbuf, errlen)) return -1;
+    sp_script_call_init(&call, &script_rejected_forget, 2);
+    shard_key_arg(&call, sku_id, shard, "resv");
+    shard_key_arg(&call, sku_id, shard, "users");
+    sp_script_call_arg(&call, "%s", order_id);
+    sp_script_call_arg(&call, "%" PRId64, user_id);
+    sp_script_call_arg(&call, "%" PRId32, qty);
+    if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
+    *units = (int)v;
+    return 0;
+}
+
+int sp_stock_accepted_forget_on_shard(sp_redis *c, int64_t sku_id, int shard,
+                                      const char *const *order_ids, size_t n, char *errbuf,
+                                      size_t errlen) {
+    enum { CHUNK = 512 }; /* ids per HMGET / HDEL: bounded argv, few round trips */
+    const char *argv[CHUNK + 2], *pending_ids[CHUNK], *pending_vals[CHUNK];
+    char key[SP_STOCK_KEY_MAX];
+    if (!shard_in_range(shard, errbuf, errlen)) return -1;
+    sp_stock_shard_key(key, sku_id, shard, "resv");
+    argv[1] = key;
+    for (size_t i = 0; i < n; i += CHUNK) {
+        size_t k = n - i < CHUNK ? n - i : CHUNK, npending = 0, ndel = 0;
+        /* Which entries are still 'r:' with a key: their producers died between Kafka's ack and
+         * the confirm, and the keys still say pending. resv_drop.lua settles those. */
+        argv[0] = "HMGET";
+        memcpy(&argv[2], &order_ids[i], k * sizeof(*argv));
+        redisReply *got = sp_redis_argv(c, key, (int)k + 2, argv, NULL, errbuf, errlen);
+        if (got == NULL) return -1;
+        if (got->type != REDIS_REPLY_ARRAY || got->elements != k) {
+            snprintf(errbuf, errlen, "HMGET %s: %s", key,
+                     got->type == REDIS_REPLY_ERROR ? got->str : "unexpected reply");
+            freeReplyObject(got);
+            return -1;
+        }
+        argv[0] = "HDEL";
+        for (size_t j = 0; j < k; j++) {
+            const redisReply *e = got->element[j];
+            if (e->type == REDIS_REPLY_STRING && entry_idem_key(e->str) != NULL)
+                pending_ids[npending] = order_ids[i + j], pending_vals[npending++] = e->str;
+            else
+                argv[2 + ndel++] = order_ids[i + j];
+        }
+        int dropped, rc = 0;
+        if (npending > 0)
+            rc = resv_drop_on_shard(c, sku_id, shard, pending_ids, pending_vals, npending, &dropped,
+                                    errbuf, errlen);
+        freeReplyObject(got);
+        if (rc != 0) return -1;
+        if (ndel == 0) continue;
+        redisReply *r = sp_redis_argv(c, key, (int)ndel + 2, argv, NULL, errbuf, errlen);
+        if (r == NULL) return -1;
+        if (r->type == REDIS_REPLY_ERROR) {
+            snprintf(errbuf, errlen, "HDEL %s: %s", key, r->str);
+            freeReplyObject(r);
+            return -1;
+        }
+        freeReplyObject(r);
+    }
     return 0;
 }

@@ -54,6 +54,8 @@ typedef enum sp_reserve_outcome {
     SP_RESERVE_LIMIT,      /* the user's units would pass per_user_limit */
     SP_RESERVE_RECOVERING, /* a reconcile has the sale paused (rebuilding it from PostgreSQL):
                             * nothing changed, the Idempotency-Key is not pinned; try later */
+    SP_RESERVE_MOVED,      /* a sharded sale, and the buyer's home is another shard: nothing
+                            * changed; send it to sp_stock_home_shard(user_id, nshards) */
 } sp_reserve_outcome;
 
 typedef struct sp_reserve_request {
@@ -76,6 +78,9 @@ typedef struct sp_reserve_result {
     char dup_state[16];    /* DUP: "pending", "accepted", "sold_out" or "limit_exceeded" */
     int64_t stock_left;    /* OK, SOLD_OUT, LIMIT: stock after the call */
     int32_t pay_timeout_s; /* OK: the sale's, for the order's deadline */
+    int32_t nshards;       /* answered by a shard of a sharded sale: the sale's shards (its
+                            * SOLD_OUT is that shard's only, never pinned); 0 otherwise */
+    char gen[64];          /* with nshards: the sale's generation */
 } sp_reserve_result;
 
 /* True when s is an acceptable Idempotency-Key (1..SP_IDEM_KEY_MAX printable ASCII, no blanks). */
@@ -163,6 +168,12 @@ int sp_stock_scripts_load(sp_redis *c, char *errbuf, size_t errlen)
 void sp_stock_claim_call(sp_script_call *call, int64_t sku_id, const char *token, int64_t claim_ms);
 void sp_stock_open_call(sp_script_call *call, int64_t sku_id, int64_t stock, int32_t per_user_limit,
                         int32_t pay_timeout_s, const char *token);
+/* Shard `shard` of a sale opened over nshards (its share of stock: stock / nshards, plus one for
+ * the first stock % nshards shards) with the sale's generation gen; shard 0 last, with the
+ * claim's token (it is the sale's presence for the claim and for EXISTS). */
+void sp_stock_open_shard_call(sp_script_call *call, int64_t sku_id, int shard, int nshards,
+                              int64_t stock, int32_t per_user_limit, int32_t pay_timeout_s,
+                              const char *gen, const char *token);
 void sp_stock_unclaim_call(sp_script_call *call, int64_t sku_id, const char *token);
 void sp_stock_restock_call(sp_script_call *call, int64_t sku_id, int64_t add,
                            const char *request_id);
@@ -228,8 +239,8 @@ int sp_stock_reserve_batch_argv(const sp_reserve_batch *b, sp_redis_script **scr
 int sp_stock_reserve_batch(sp_redis *c, const sp_reserve_batch *b, sp_reserve_result *res,
                            char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 
-/* Reads the answer for the i-th order (from 0) of a reserve reply ({pay_timeout_s, answer...},
- * reserve.lua) into *res; -1 with errbuf for an error reply or an unexpected shape. */
+/* Reads the answer for the i-th order (from 0) of a reserve reply ({pay_timeout_s, shards, gen,
+ * answer...}, reserve.lua) into *res; -1 with errbuf for an error reply or an unexpected shape. */
 int sp_stock_reserve_parse(const redisReply *r, size_t i, sp_reserve_result *res, char *errbuf,
                            size_t errlen) __attribute__((warn_unused_result));
 
@@ -357,9 +368,9 @@ int sp_stock_reconcile_stage(sp_redis *c, int64_t sku_id, const char *token, sp_
 #define SP_SHARD_IN_KEEP_MS         600000 /* an "in:" record's least age when dropped */
 typedef struct sp_shard_transfer {
     int64_t sku_id;
-    int from, to; /* shard numbers */
-    char id[64];  /* unique across the fleet, e.g. "WORKER:counter" */
-    char gen[64]; /* the sale's generation, as read */
+    int from, to;                 /* shard numbers */
+    char id[SP_ORDER_ID_MAX + 1]; /* unique across the fleet: the producer uses an order id */
+    char gen[64];                 /* the sale's generation, as read */
 } sp_shard_transfer;
 
 /* Step 1. *taken: the units taken (0: none here), or -1 no sale on the shard, -2 paused, -3 the
@@ -389,6 +400,23 @@ int sp_stock_shard_abort(sp_redis *c, const sp_shard_transfer *t, int64_t min_ag
 int sp_stock_shard_done(sp_redis *c, const sp_shard_transfer *t, int shard, int64_t min_age_ms,
                         int64_t *units, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
+
+/* The same steps split for an async connection (the producer's): build, send, parse. The settle
+ * is step 3 on the donor (t->from) without a minimum age; its reply is the integer of
+ * sp_stock_shard_done, read by sp_stock_integer_parse, as the give's. */
+void sp_stock_shard_take_call(sp_script_call *call, const sp_shard_transfer *t, int64_t want);
+int sp_stock_shard_take_parse(const redisReply *r, int64_t *taken, int64_t *take_ts_ms,
+                              char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+void sp_stock_shard_give_call(sp_script_call *call, const sp_shard_transfer *t, int64_t units,
+                              int64_t take_ts_ms, int64_t max_age_ms);
+void sp_stock_shard_settle_call(sp_script_call *call, const sp_shard_transfer *t);
+
+/* One shard's part of a sold-out check: SP_STOCK_SHARD_READ_FMT on its sale key, whose reply
+ * sp_stock_shard_read_parse reads into *units (stock + moving: units it holds or is passing on)
+ * and *ver (the count of its stock's rises). A missing shard reads as 0 units, ver 0. */
+#define SP_STOCK_SHARD_READ_FMT "HMGET %s stock moving ver"
+int sp_stock_shard_read_parse(const redisReply *r, int64_t *units, int64_t *ver, char *errbuf,
+                              size_t errlen) __attribute__((warn_unused_result));
 
 /* A sharded sale as a caller of the calls below sees it. */
 typedef struct sp_sharded_sale {
@@ -421,6 +449,19 @@ int sp_stock_open_sharded(sp_redis *c, const sp_sharded_sale *sale, int64_t stoc
 int sp_stock_reserve_sharded(sp_redis *c, sp_sharded_sale *sale, const sp_reserve_request *req,
                              sp_reserve_result *res, char *errbuf, size_t errlen)
     __attribute__((warn_unused_result));
+
+/* sp_stock_rejected_forget and sp_stock_accepted_forget on shard `shard` (0..SP_SHARDS_MAX-1) of
+ * a sale: its `resv` and `users`, and the Idempotency-Keys its 'r:' entries name (reserve.lua
+ * was given the shard's own, {sku:ID/shard}:idem:USER:KEY). An order's entry, its buyer's count
+ * and its key live on the buyer's home shard (sp_stock_home_shard), so that is the shard to
+ * name; shard 0 is {sku:ID}, every unsharded sale's. (The consumer calls these; the shard-0
+ * functions above are what the reaper and tests/common still call, the same on shard 0.) */
+int sp_stock_rejected_forget_on_shard(sp_redis *c, int64_t sku_id, int shard, const char *order_id,
+                                      int64_t user_id, int32_t qty, int *units, char *errbuf,
+                                      size_t errlen) __attribute__((warn_unused_result));
+int sp_stock_accepted_forget_on_shard(sp_redis *c, int64_t sku_id, int shard,
+                                      const char *const *order_ids, size_t n, char *errbuf,
+                                      size_t errlen) __attribute__((warn_unused_result));
 
 /* Key names for a SKU; each buffer is SP_STOCK_KEY_MAX bytes. */
 #define SP_STOCK_KEY_MAX 160

@@ -58,14 +58,17 @@ static int int_field(json_t *obj, const char *name, int64_t min, int64_t max, in
     return 0;
 }
 
-/* One integer field of a body: its name, its range, where it goes. */
+/* One integer field of a body: its name, its range, where it goes; an optional one takes dflt
+ * when absent. */
 typedef struct field {
     const char *name;
     int64_t min, max;
     int64_t *out;
+    int optional;
+    int64_t dflt;
 } field;
 
-#define FIELDS_MAX 4
+#define FIELDS_MAX 5
 
 /* Parses the body and reads every field of f; the outputs are written only when all are good. */
 static int parse_fields(const char *content_type, const char *body, size_t len, const field *f,
@@ -74,6 +77,10 @@ static int parse_fields(const char *content_type, const char *body, size_t len, 
     json_t *root = body_object(content_type, body, len, detail, detail_len);
     if (root == NULL) return -1;
     for (int i = 0; i < n; i++) {
+        if (f[i].optional && json_object_get(root, f[i].name) == NULL) {
+            v[i] = f[i].dflt;
+            continue;
+        }
         if (int_field(root, f[i].name, f[i].min, f[i].max, &v[i], detail, detail_len) != 0) {
             json_decref(root);
             return -1;
@@ -86,29 +93,30 @@ static int parse_fields(const char *content_type, const char *body, size_t len, 
 
 int sp_order_body_parse(const char *content_type, const char *body, size_t len, sp_order_body *out,
                         char *detail, size_t detail_len) {
-    const field f[] = {{"user_id", 1, SP_ID_MAX, &out->user_id},
-                       {"sku_id", 1, SP_ID_MAX, &out->sku_id},
-                       {"qty", 1, SP_QTY_MAX, &out->qty}};
+    const field f[] = {{"user_id", 1, SP_ID_MAX, &out->user_id, 0, 0},
+                       {"sku_id", 1, SP_ID_MAX, &out->sku_id, 0, 0},
+                       {"qty", 1, SP_QTY_MAX, &out->qty, 0, 0}};
     return parse_fields(content_type, body, len, f, 3, detail, detail_len);
 }
 
 int sp_sale_body_parse(const char *content_type, const char *body, size_t len, sp_sale_body *out,
                        char *detail, size_t detail_len) {
-    const field f[] = {{"sku_id", 1, SP_ID_MAX, &out->sku_id},
-                       {"stock", 0, SP_STOCK_MAX, &out->stock},
-                       {"per_user_limit", 0, SP_PER_USER_MAX, &out->per_user_limit},
-                       {"pay_timeout_s", 1, SP_PAY_TIMEOUT_MAX, &out->pay_timeout_s}};
-    return parse_fields(content_type, body, len, f, 4, detail, detail_len);
+    const field f[] = {{"sku_id", 1, SP_ID_MAX, &out->sku_id, 0, 0},
+                       {"stock", 0, SP_STOCK_MAX, &out->stock, 0, 0},
+                       {"per_user_limit", 0, SP_PER_USER_MAX, &out->per_user_limit, 0, 0},
+                       {"pay_timeout_s", 1, SP_PAY_TIMEOUT_MAX, &out->pay_timeout_s, 0, 0},
+                       {"shards", 1, SP_SHARDS_MAX, &out->shards, 1, 1}};
+    return parse_fields(content_type, body, len, f, 5, detail, detail_len);
 }
 
 int sp_pay_body_parse(const char *content_type, const char *body, size_t len, int64_t *qty,
                       char *detail, size_t detail_len) {
-    const field f[] = {{"qty", 1, SP_QTY_MAX, qty}};
+    const field f[] = {{"qty", 1, SP_QTY_MAX, qty, 0, 0}};
     return parse_fields(content_type, body, len, f, 1, detail, detail_len);
 }
 
 int sp_restock_body_parse(const char *content_type, const char *body, size_t len, int64_t *add,
                           char *detail, size_t detail_len) {
-    const field f[] = {{"add", 1, SP_STOCK_MAX, add}};
+    const field f[] = {{"add", 1, SP_STOCK_MAX, add, 0, 0}};
     return parse_fields(content_type, body, len, f, 1, detail, detail_len);
 }

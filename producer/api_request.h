@@ -18,9 +18,10 @@ typedef struct sp_order_body {
     int64_t user_id, sku_id, qty;
 } sp_order_body;
 
-/* POST /v1/skus {"sku_id":…, "stock":…, "per_user_limit":…, "pay_timeout_s":…} */
+/* POST /v1/skus {"sku_id":…, "stock":…, "per_user_limit":…, "pay_timeout_s":…, "shards":…}
+ * (shards optional: 1 when absent) */
 typedef struct sp_sale_body {
-    int64_t sku_id, stock, per_user_limit, pay_timeout_s;
+    int64_t sku_id, stock, per_user_limit, pay_timeout_s, shards;
 } sp_sale_body;
 
 /* content_type is the request's Content-Type header (NULL when absent): it must be

@@ -41,6 +41,7 @@
 #include "pg_async.h"
 #include "redis_async.h"
 #include "redis_store.h"
+#include "shard_refill.h"
 #include "stock.h"
 
 #define REDIS_CONNECT_TIMEOUT_MS 500
@@ -56,6 +57,11 @@
 #define SPARE_CALLS_MAX 1024
 #endif
 #define USER_SLOTS 65536 /* per-user rate buckets, a direct-mapped table by user */
+#define SHARDED_SLOTS                                                                              \
+    1024               /* sharded sales seen, a direct-mapped table by sku (a miss costs one       \
+                        * "moved" answer) */
+#define SHARD_ROUNDS 3 /* a sharded order decided this often without an answer: 503 */
+#define SHARD_MOVES  2 /* "moved" answers followed per order */
 _Static_assert(USER_SLOTS == 1 << 16, "user_allowed() takes the top 16 bits of a hash");
 
 /* ---- metrics ---- */
@@ -160,8 +166,14 @@ struct sp_order_api {
     struct {
         int64_t sku_id, until_ms;
     } soldout[SOLDOUT_SLOTS];
-    bucket orders_bucket;     /* ORDER_RATE_LIMIT */
-    bucket users[USER_SLOTS]; /* USER_RATE_LIMIT; a colliding user takes the slot over */
+    struct {
+        int64_t sku_id;
+        int nshards;
+        char gen[64];
+    } sharded[SHARDED_SLOTS];   /* what the shards of sharded sales answered */
+    struct shard_short *shorts; /* (SKU, home shard) pairs with orders waiting for units */
+    bucket orders_bucket;       /* ORDER_RATE_LIMIT */
+    bucket users[USER_SLOTS];   /* USER_RATE_LIMIT; a colliding user takes the slot over */
 };
 
 typedef struct call {
@@ -174,6 +186,8 @@ typedef struct call {
     sp_event ev;              /* the event to publish */
     sp_script_call script;    /* the Redis call under way (its script names the answer) */
     int keyed;                /* CALL_RESTOCK: the request id is the caller's Idempotency-Key */
+    int rounds, moves;        /* CALL_ORDER on a sharded sale: decided again after a refill, sent
+                               * to another shard after "moved" */
     struct call *next;        /* in the api's confirm list */
     /* GET: what Redis said, kept for the PostgreSQL step */
     int redis_failed;  /* Redis could not be asked: a "not found" is not trusted */
@@ -198,15 +212,17 @@ static int queue_push(call_queue *q, call *c) {
     return was_empty;
 }
 
-/* Takes the first call of q and the later ones of the same SKU, in order, at most max of them,
- * into out; returns how many (0 only when q is empty). One SKU's keys go in one script call. */
+/* Takes the first call of q and the later ones of the same SKU (and shard of a sharded sale), in
+ * order, at most max of them, into out; returns how many (0 only when q is empty). One shard's
+ * keys go in one script call. */
 static int queue_take_sku(call_queue *q, call **out, int max) {
     int n = 0;
     call **link = &q->head;
     int64_t sku = q->head ? q->head->order.sku_id : 0;
+    int32_t shard = q->head ? q->head->order.shard : 0;
     q->tail = NULL;
     for (call *c = q->head; c != NULL; c = *link) {
-        if (n < max && c->order.sku_id == sku) {
+        if (n < max && c->order.sku_id == sku && c->order.shard == shard) {
             out[n++] = c;
             *link = c->next;
         } else {
@@ -447,6 +463,35 @@ static void release_order(call *c) {
     }
 }
 
+/* A sharded sale's stock.set is in the log: its shards open in turn (sale_open.lua each, with the
+ * claim's token as the sale's generation), from the last to shard 0, whose reply answers the
+ * call (on_sale_written); shard 0 holds the claim and is what says the sale exists. A failure
+ * midway leaves shard 0 unopened: the sale is the reaper's to rebuild from PostgreSQL, as any
+ * sale whose open did not reach Redis. */
+static void open_shard_next(call *c);
+
+static void on_shard_opened(redisReply *reply, void *data) {
+    call *c = data;
+    long long v;
+    char err[256];
+    reply_arrived(reply);
+    if (sp_stock_integer_parse(reply, "sale_open", &v, err, sizeof(err)) != 0) {
+        sp_warn("sku %" PRId64 ": shard %d not opened after the event was logged: %s", c->ev.sku_id,
+                c->rounds, err);
+        call_free(c); /* 503 */
+        return;
+    }
+    c->rounds--;
+    open_shard_next(c);
+}
+
+static void open_shard_next(call *c) {
+    sp_stock_open_shard_call(&c->script, c->ev.sku_id, c->rounds, c->ev.shards, c->ev.stock,
+                             c->ev.per_user_limit, c->ev.pay_timeout_s, c->order.order_id,
+                             c->rounds == 0 ? c->order.order_id : "");
+    if (redis_send(c, c->rounds == 0 ? on_sale_written : on_shard_opened) != 0) call_free(c);
+}
+
 /* Delivery report: exactly once per message, on the loop thread (from rd_kafka_poll). */
 static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque) {
     (void)rk, (void)opaque;
@@ -472,6 +517,11 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
             return; /* confirms_send() after the poll sends them in batches */
         case CALL_OPEN:
         case CALL_RESTOCK:
+            if (c->kind == CALL_OPEN && c->ev.shards > 1) {
+                c->rounds = c->ev.shards - 1; /* the shards opened in turn, shard 0 last */
+                open_shard_next(c);
+                return;
+            }
             if (c->kind == CALL_OPEN)
                 sp_stock_open_call(&c->script, c->ev.sku_id, c->ev.stock, c->ev.per_user_limit,
                                    c->ev.pay_timeout_s, c->order.order_id);
@@ -617,6 +667,155 @@ static void on_release(redisReply *reply, void *data) {
 
 /* ---- POST /v1/orders ---- */
 
+/* ---- sharded sales (docs/reservation.md, "Hot-SKU sharding") ----
+ *
+ * A buyer's orders go to their home shard (sp_stock_home_shard), once this worker knows the sale
+ * is sharded: a shard's reply says so (reserve.lua's head), and an order sent to the wrong shard
+ * (a sale not seen yet: shard 0) is answered "moved" there, changing nothing. A home shard that
+ * is short does not make a sold_out: the order waits while a refill (shard_refill.c) moves units
+ * to that shard, then is decided again; it is refused sold_out only when nothing could be moved
+ * and two reads of every shard found fewer than its qty units, with no shard's stock risen
+ * between them. After SHARD_ROUNDS decisions without an answer, 503 recovering. The sold-out flag
+ * is set only when those reads found no unit at all. */
+
+/* The sale's shards as this worker last heard them (1: unsharded, or not heard of). */
+static int sharded_shards(sp_order_api *api, int64_t sku) {
+    size_t i = (size_t)((uint64_t)sku % SHARDED_SLOTS);
+    return api->sharded[i].sku_id == sku ? api->sharded[i].nshards : 1;
+}
+
+static void sharded_learn(sp_order_api *api, int64_t sku, const sp_reserve_result *res) {
+    size_t i = (size_t)((uint64_t)sku % SHARDED_SLOTS);
+    api->sharded[i].sku_id = sku;
+    api->sharded[i].nshards = res->nshards;
+    snprintf(api->sharded[i].gen, sizeof(api->sharded[i].gen), "%s", res->gen);
+}
+
+/* The orders of one (SKU, home shard) waiting for units: `serving` those the running refill is
+ * for, `later` those that found the shard short while it ran (their refill comes next: reads
+ * made before an order was refused say nothing about it). */
+typedef struct shard_short {
+    sp_order_api *api;
+    struct shard_short *next;
+    int64_t sku_id;
+    int home, nshards;
+    char gen[64];
+    call_queue serving, later;
+} shard_short;
+
+static void reserves_send(sp_order_api *api);
+
+/* Sends order c to Redis again (its home shard, or the shard "moved" named); 503 recovering after
+ * SHARD_ROUNDS decisions. Takes c. */
+static void order_again(call *c, int new_round) {
+    sp_order_api *api = c->api;
+    if (new_round && ++c->rounds > SHARD_ROUNDS) {
+        answer_recovering(c); /* units kept moving under it: try again */
+        call_free(c);
+        return;
+    }
+    sp_stock_reserve_call(&c->script, &c->order);
+    if (!sp_redis_async_usable_for(api->redis, c->script.argv[0])) {
+        sp_metric_inc(&m_redis_errors);
+        answer_error(c, 503, "unavailable", "stock store is unreachable", &m_unavailable);
+        call_free(c);
+        return;
+    }
+    if (queue_push(&api->reserves, c)) event_active(api->reserve_flush, EV_TIMEOUT, 0);
+}
+
+static int shard_refill_begin(shard_short *ss);
+
+static void shard_short_free(shard_short *ss) {
+    for (shard_short **p = &ss->api->shorts; *p; p = &(*p)->next)
+        if (*p == ss) {
+            *p = ss->next;
+            break;
+        }
+    free(ss);
+}
+
+/* Answers (503) and frees every order of q. */
+static void shard_queue_refused(call_queue *q) {
+    for (call *c = q->head, *next; c != NULL; c = next) {
+        next = c->next;
+        answer_error(c, 503, "unavailable", "stock store is unreachable", &m_unavailable);
+        call_free(c);
+    }
+    q->head = q->tail = NULL;
+}
+
+/* A refill ended: each order it served is decided from what it found. */
+static void on_refill_done(const sp_refill_result *r, void *data) {
+    shard_short *ss = data;
+    sp_order_api *api = ss->api;
+    call *c = ss->serving.head, *next;
+    ss->serving.head = ss->serving.tail = NULL;
+    for (; c != NULL; c = next) {
+        next = c->next;
+        if (r->failed) {
+            answer_error(c, 503, "unavailable", "stock store is unreachable", &m_unavailable);
+            call_free(c);
+        } else if (r->collected && r->stable && r->units < c->order.qty) {
+            if (r->units == 0) soldout_set(api, c->order.sku_id, 1); /* the whole sale is out */
+            answer_error(c, 409, "sold_out", NULL, &m_sold_out);
+            call_free(c);
+        } else {
+            order_again(c, 1); /* units came, or may remain: decide it again */
+        }
+    }
+    if (ss->later.head == NULL) {
+        shard_short_free(ss);
+        return;
+    }
+    ss->serving = ss->later;
+    ss->later.head = ss->later.tail = NULL;
+    if (shard_refill_begin(ss) != 0) {
+        shard_queue_refused(&ss->serving);
+        shard_short_free(ss);
+    }
+}
+
+/* Starts the refill of ss->serving: the units its orders ask for. */
+static int shard_refill_begin(shard_short *ss) {
+    int64_t want = 0;
+    for (call *c = ss->serving.head; c != NULL; c = c->next) want += c->order.qty;
+    return sp_refill_start(ss->api->redis, &ss->api->ids, ss->sku_id, ss->nshards, ss->gen,
+                           ss->home, want, on_refill_done, ss);
+}
+
+/* Order c found its home shard short (res: the shard's sold_out): it waits for units. */
+static void shard_short_wait(call *c, const sp_reserve_result *res) {
+    sp_order_api *api = c->api;
+    shard_short *ss;
+    for (ss = api->shorts; ss; ss = ss->next)
+        if (ss->sku_id == c->order.sku_id && ss->home == c->order.shard) break;
+    if (ss != NULL) { /* a refill runs: the next one is this order's */
+        snprintf(ss->gen, sizeof(ss->gen), "%s", res->gen);
+        queue_push(&ss->later, c);
+        return;
+    }
+    ss = calloc(1, sizeof(*ss));
+    if (ss == NULL) {
+        answer_error(c, 503, "unavailable", "out of memory", &m_unavailable);
+        call_free(c);
+        return;
+    }
+    *ss = (shard_short){.api = api,
+                        .sku_id = c->order.sku_id,
+                        .home = c->order.shard,
+                        .nshards = res->nshards};
+    snprintf(ss->gen, sizeof(ss->gen), "%s", res->gen);
+    queue_push(&ss->serving, c);
+    ss->next = api->shorts;
+    api->shorts = ss;
+    if (shard_refill_begin(ss) != 0) {
+        sp_metric_inc(&m_redis_errors);
+        shard_queue_refused(&ss->serving);
+        shard_short_free(ss);
+    }
+}
+
 /* The i-th answer of a reserve reply r, for the order of call c. An unknown_sku is not answered
  * here: c goes onto the list *unknown (linked by next) for the rebuilt check (rebuilt_ask). */
 static void reserve_answered(call *c, const redisReply *r, size_t i, call **unknown) {
@@ -635,7 +834,8 @@ static void reserve_answered(call *c, const redisReply *r, size_t i, call **unkn
     sp_metric_observe(&m_redis_latency, sp_clock_mono_us() - c->started_us);
     switch (res.outcome) {
     case SP_RESERVE_OK:
-        if (res.stock_left == 0) soldout_set(c->api, c->order.sku_id, 1);
+        /* a shard's last unit is not the sale's: other shards may hold units */
+        if (res.stock_left == 0 && res.nshards == 0) soldout_set(c->api, c->order.sku_id, 1);
         c->ev = (sp_event){.type = SP_EV_ORDER_CREATED,
                            .ts_ms = c->order.ts_ms,
                            .sku_id = c->order.sku_id,
@@ -667,9 +867,23 @@ static void reserve_answered(call *c, const redisReply *r, size_t i, call **unkn
         *unknown = c;
         return; /* rebuilt_ask answers it */
     case SP_RESERVE_SOLD_OUT:
+        if (res.nshards > 1) { /* one shard short: units may move to it */
+            sharded_learn(c->api, c->order.sku_id, &res);
+            shard_short_wait(c, &res);
+            return;
+        }
         soldout_set(c->api, c->order.sku_id, 1);
         answer_error(c, 409, "sold_out", NULL, &m_sold_out);
         break;
+    case SP_RESERVE_MOVED: /* a sharded sale this worker did not know (or forgot) */
+        sharded_learn(c->api, c->order.sku_id, &res);
+        c->order.shard = sp_stock_home_shard(c->order.user_id, res.nshards);
+        if (++c->moves > SHARD_MOVES) {
+            answer_recovering(c);
+            break;
+        }
+        order_again(c, 0);
+        return;
     case SP_RESERVE_LIMIT:
         answer_error(c, 409, "limit_exceeded", NULL, &m_limit);
         break;
@@ -833,6 +1047,7 @@ static void post_order(sp_order_api *api, struct evhttp_request *req) {
                                     .qty = (int32_t)qty,
                                     .ts_ms = sp_clock_wall_ms()};
     if (idem) snprintf(c->order.idem_key, sizeof(c->order.idem_key), "%s", idem);
+    c->order.shard = sp_stock_home_shard(user, sharded_shards(api, sku));
     sp_order_id_next(&api->ids, c->order.ts_ms, sku, c->order.order_id);
     sp_stock_reserve_call(&c->script, &c->order);
     /* argv[0] is the sale's key: in a cluster, only the SKUs of a primary that is down fail */
@@ -1058,7 +1273,7 @@ static void on_sale_exists(redisReply *reply, void *data) {
  * (on_sale_claimed goes on) and a restock asks Redis whether the sale exists (on_sale_exists). */
 static void post_sale_change(sp_order_api *api, struct evhttp_request *req, call_kind kind,
                              int64_t sku) {
-    int64_t stock, limit = 0, timeout = 0;
+    int64_t stock, limit = 0, timeout = 0, shards = 1;
     char key[SP_STOCK_KEY_MAX], detail[SP_API_DETAIL_MAX];
     call *c = call_new(api, req, kind);
     if (c == NULL) return;
@@ -1071,7 +1286,14 @@ static void post_sale_change(sp_order_api *api, struct evhttp_request *req, call
         sp_sale_body b;
         rc = sp_sale_body_parse(ctype, bytes, len, &b, detail, sizeof(detail));
         if (rc == 0)
-            sku = b.sku_id, stock = b.stock, limit = b.per_user_limit, timeout = b.pay_timeout_s;
+            sku = b.sku_id, stock = b.stock, limit = b.per_user_limit, timeout = b.pay_timeout_s,
+            shards = b.shards;
+        if (rc == 0 && shards > api->cfg->sale_shards_max) {
+            snprintf(detail, sizeof(detail),
+                     "field \"shards\" must be at most %d on this fleet (SALE_SHARDS_MAX)",
+                     api->cfg->sale_shards_max);
+            rc = -1;
+        }
     } else {
         rc = sp_restock_body_parse(ctype, bytes, len, &stock, detail, sizeof(detail));
     }
@@ -1083,7 +1305,8 @@ static void post_sale_change(sp_order_api *api, struct evhttp_request *req, call
                        .sku_id = sku,
                        .stock = stock,
                        .per_user_limit = (int32_t)limit,
-                       .pay_timeout_s = (int32_t)timeout};
+                       .pay_timeout_s = (int32_t)timeout,
+                       .shards = (int32_t)shards};
     if (kind == CALL_RESTOCK) {
         /* The request id: the Idempotency-Key, or a fresh id (a call without a key is a new
          * restock each time; its id still lets the reaper give Redis a restock it missed). */

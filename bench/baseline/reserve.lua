@@ -82,7 +82,10 @@ for i = 3, #ARGV, 4 do
         end
     end
 end
--- The one change since commit 45dd74f: the reply leads with pay_timeout_s, as common/lua/'s does,
--- so the producer's one parser reads both (its answers, arrays of four, are read as before).
+-- The one change since commit 45dd74f: the reply leads with pay_timeout_s, shards (0) and gen
+-- (""), as common/lua/'s does, so the producer's one parser reads both (its answers, arrays of
+-- four, are read as before).
+table.insert(out, 1, '')
+table.insert(out, 1, 0)
 table.insert(out, 1, pay_timeout or 0)
 return out

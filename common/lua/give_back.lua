@@ -33,6 +33,8 @@ if reason == 'voided' and not reserved and not accepted then
     return 0
 end
 redis.call('HINCRBY', sale, 'stock', qty)
+-- a shard of a sharded sale counts the rises of its stock (a sold-out read compares them)
+if redis.call('HEXISTS', sale, 'shards') == 1 then redis.call('HINCRBY', sale, 'ver', 1) end
 local left = redis.call('HINCRBY', users, user, -qty)
 if left <= 0 then
     redis.call('HDEL', users, user)

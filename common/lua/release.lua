@@ -11,6 +11,8 @@ end
 local user, qty, _, idem = string.match(r, '^r:([^:]*):([^:]*):([^:]*):(.*)$')
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'stock', qty)
+-- a shard of a sharded sale counts the rises of its stock (a sold-out read compares them)
+if redis.call('HEXISTS', KEYS[1], 'shards') == 1 then redis.call('HINCRBY', KEYS[1], 'ver', 1) end
 local left = redis.call('HINCRBY', KEYS[2], user, -tonumber(qty))
 if left <= 0 then
     redis.call('HDEL', KEYS[2], user)

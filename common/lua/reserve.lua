@@ -22,8 +22,9 @@
 -- reservation's age on the same clock (resv_sweep.c), so hosts whose clocks differ cannot make a
 -- reservation still waiting for Kafka look lost.
 --
--- Returns {pay_timeout_s, answer, answer, ...}: the sale's pay_timeout_s (0 when there is no sale),
--- then one answer per order, in the orders' order. An order reserved is answered by one integer,
+-- Returns {pay_timeout_s, shards, gen, answer, answer, ...}: the sale's pay_timeout_s (0 when there
+-- is no sale), its shards (0 for an unsharded sale) and generation ("" for none), then one answer
+-- per order, in the orders' order. An order reserved is answered by one integer,
 -- the stock left after it (the reply is a sizeable part of a batch's cost: a table of four per
 -- order cost about 0.5 us more per order); any other answer is {outcome, order_id, stock_left
 -- (the state, for "dup"), pay_timeout_s}:
@@ -38,6 +39,16 @@
 --                  PostgreSQL still holds): nothing changes and the idempotency key is not pinned,
 --                  so a retry after the rebuild is decided afresh. A key seen before still answers
 --                  "dup" first: an order it names stays that order.
+--
+-- A shard of a sharded sale (docs/reservation.md, "Hot-SKU sharding"; the sale hash holds
+-- `shards` N > 1 and the sale's generation `gen`; the shard's number is its key's) decides only the
+-- orders of its own buyers (user_id mod N = shard); the reply's head says N and gen, so that a
+-- producer that did not know the sale was sharded learns it from its first order:
+--   "moved"        the buyer's home is another shard: nothing changes, the producer sends the
+--                  order there (checked first: the order's other keys are named for that shard)
+--   "sold_out"     this shard holds fewer than qty units. Not final (other shards may hold units:
+--                  the producer moves some here and decides again), so not pinned under the
+--                  idempotency key either.
 --
 -- Cost (issue 17): one Redis thread decides every order of a flash sale's SKU, so the script
 -- spends a few commands per batch, not several per order. It reads once: HMGET of the sale, MGET
@@ -62,10 +73,16 @@ local argv = ARGV -- a local: read four times per order
 local idem_ttl, refusal_ttl = argv[1], tonumber(argv[2])
 local nargs = #argv
 
-local s = redis.call('HMGET', sale, 'stock', 'limit', 'pay_timeout_s', 'paused')
+local s = redis.call('HMGET', sale, 'stock', 'limit', 'pay_timeout_s', 'paused', 'shards', 'gen')
 local stock, limit, pay_timeout = tonumber(s[1]), tonumber(s[2]), tonumber(s[3])
 local paused = s[4]
-local out = {pay_timeout or 0}
+-- a sharded sale: N, and this shard's number from its key's hash tag ({sku:ID/k}; {sku:ID} is 0)
+local nshards, gen = tonumber(s[5]), s[6] or ''
+if nshards and nshards < 2 then nshards = nil end
+local shard = nshards and tonumber(string.match(sale, '^{sku:%d+/(%d+)}') or '0')
+local out = {pay_timeout or 0, nshards or 0, gen}
+local limit_ttl = refusal_ttl -- the per-user limit is exact on the home shard: pinned as usual
+if nshards then refusal_ttl = 0 end -- a shard's sold_out is never final: not pinned
 
 -- known: key name -> the value the key holds as the orders decided so far leave it (false: none)
 local known = {}
@@ -105,7 +122,9 @@ for i = 3, nargs, 4 do
     local k = tonumber(argv[i + 3])
     local idem = k > 0 and KEYS[k] or nil
     local prev = idem and known[idem]
-    if prev then
+    if nshards and stock and tonumber(user) % nshards ~= shard then
+        out[#out + 1] = {'moved', '', 0, pay_timeout}
+    elseif prev then
         local sep = string.find(prev, ':', 1, true)
         out[#out + 1] = {'dup', string.sub(prev, sep + 1), string.sub(prev, 1, sep - 1), 0}
     elseif paused then
@@ -115,8 +134,8 @@ for i = 3, nargs, 4 do
     else
         if limit > 0 and not held then read_held(i) end
         if limit > 0 and held[user] + qty > limit then
-            if idem and refusal_ttl > 0 then
-                pins[#pins + 1] = {k = k, value = 'limit_exceeded:', ttl = refusal_ttl}
+            if idem and limit_ttl > 0 then
+                pins[#pins + 1] = {k = k, value = 'limit_exceeded:', ttl = limit_ttl}
                 known[idem] = 'limit_exceeded:'
             end
             out[#out + 1] = {'limit_exceeded', '', stock, pay_timeout}

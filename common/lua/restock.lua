@@ -40,5 +40,7 @@ for i = 1, #all, 2 do
 end
 redis.call('HINCRBY', sale, 'supplied', add)
 local stock = redis.call('HINCRBY', sale, 'stock', add)
+-- a shard of a sharded sale counts the rises of its stock (a sold-out read compares them)
+if redis.call('HEXISTS', sale, 'shards') == 1 then redis.call('HINCRBY', sale, 'ver', 1) end
 redis.call('HSET', restocks, id, now .. ':' .. stock)
 return {1, stock}

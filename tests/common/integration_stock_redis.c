@@ -931,6 +931,62 @@ static sp_reserve_outcome order_sharded(sp_redis *c, sp_sharded_sale *sale, int6
     return res.outcome;
 }
 
+/* reserve.lua on a shard of a sharded sale: an order of a buyer whose home is another shard is
+ * answered "moved" with the sale's shards and generation (a producer that did not know the sale
+ * was sharded learns it from its first order) and changes nothing; a shard's sold_out is not
+ * final, so it is not pinned under the Idempotency-Key (a retry once units came is accepted);
+ * the per-user limit, exact on the home shard, is pinned as on any sale. An unsharded sale's reply
+ * says 0 shards. */
+static void test_sharded_reserve_answers(void **state) {
+    (void)state;
+    sp_redis *c = connect_redis();
+    sp_sharded_sale sale = {.sku_id = fresh_sku(c, 53), .nshards = 3, .gen = "g-answers"};
+    int opened = 0;
+    forget_shards(c, sale.sku_id, 3);
+    assert_int_equal(sp_stock_open_sharded(c, &sale, 3, 1, 600, &opened, err, sizeof(err)), 0);
+    sp_reserve_request req = {.sku_id = sale.sku_id, .user_id = 1, .qty = 1, .ts_ms = 1};
+    sp_reserve_result res;
+    snprintf(req.order_id, sizeof(req.order_id), "ans-1");
+    assert_int_equal(sp_stock_reserve(c, &req, &res, err, sizeof(err)), 0); /* on shard 0 */
+    assert_int_equal(res.outcome, SP_RESERVE_MOVED);
+    assert_int_equal(res.nshards, 3);
+    assert_string_equal(res.gen, "g-answers");
+    assert_int_equal(shard_field(c, sale.sku_id, 0, "sale", "stock"), 1);
+    req.shard = sp_stock_home_shard(1, 3);
+    assert_int_equal(sp_stock_reserve(c, &req, &res, err, sizeof(err)), 0);
+    assert_int_equal(res.outcome, SP_RESERVE_OK);
+    assert_int_equal(res.nshards, 3); /* the reply's head says so for every answer */
+    assert_int_equal(shard_field(c, sale.sku_id, 1, "sale", "stock"), 0);
+    /* Shard 1 is empty: user 4's order with a key is refused there, not pinned. */
+    sp_reserve_request other = {.sku_id = sale.sku_id, .user_id = 4, .qty = 1, .ts_ms = 1};
+    other.shard = sp_stock_home_shard(4, 3);
+    snprintf(other.order_id, sizeof(other.order_id), "ans-4a");
+    snprintf(other.idem_key, sizeof(other.idem_key), "k-4");
+    assert_int_equal(sp_stock_reserve(c, &other, &res, err, sizeof(err)), 0);
+    assert_int_equal(res.outcome, SP_RESERVE_SOLD_OUT);
+    assert_int_equal(res.nshards, 3);
+    assert_int_equal(res.stock_left, 0);
+    char key[SP_STOCK_KEY_MAX];
+    sp_stock_shard_key(key, sale.sku_id, 1, "sale");
+    freeReplyObject(sp_redis_command(c, key, err, sizeof(err), "HSET %s stock 1", key));
+    snprintf(other.order_id, sizeof(other.order_id), "ans-4b");
+    assert_int_equal(sp_stock_reserve(c, &other, &res, err, sizeof(err)), 0);
+    assert_int_equal(res.outcome, SP_RESERVE_OK);
+    /* The limit (1 per buyer) on user 1's home shard: refused, and pinned under its key. */
+    snprintf(req.order_id, sizeof(req.order_id), "ans-1b");
+    snprintf(req.idem_key, sizeof(req.idem_key), "k-1");
+    assert_int_equal(sp_stock_reserve(c, &req, &res, err, sizeof(err)), 0);
+    assert_int_equal(res.outcome, SP_RESERVE_LIMIT);
+    assert_int_equal(sp_stock_reserve(c, &req, &res, err, sizeof(err)), 0);
+    assert_int_equal(res.outcome, SP_RESERVE_DUP);
+    assert_string_equal(res.dup_state, "limit_exceeded");
+    forget_shards(c, sale.sku_id, 3);
+    int64_t plain = fresh_sku(c, 54);
+    assert_int_equal(sp_stock_open(c, plain, 5, 0, 600, &opened, err, sizeof(err)), 0);
+    assert_int_equal(reserve(c, plain, 1, 1, "ans-plain", NULL).nshards, 0);
+    sp_redis_close(c);
+}
+
 /* Issue 17 part 3, no false sold-out: a sale of 8 units over 3 shards (3/3/2). The buyers of
  * shard 1 empty it; the next buyer of shard 1 is still served (units move to it from the others),
  * and so is every order until the sale as a whole is out: exactly 8 accepted, the first sold_out
@@ -1500,6 +1556,7 @@ int main(void) {
         cmocka_unit_test(test_idem_key_validation),
         cmocka_unit_test(test_no_limit_keeps_no_counts),
         cmocka_unit_test(test_shard_transfer_exactly_once),
+        cmocka_unit_test(test_sharded_reserve_answers),
         cmocka_unit_test(test_sharded_no_false_sold_out),
         cmocka_unit_test(test_sharded_hammer),
         cmocka_unit_test(test_reserve_batch_in_order),

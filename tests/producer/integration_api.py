@@ -11,7 +11,8 @@ Starts two producers ($BIN_DIR/producer, default bin/) on free loopback ports an
      `limit_exceeded`, Redis ends at 0, and Kafka holds exactly those 500 `order.created` events;
   3. idempotency: a replayed Idempotency-Key gets the same order id and deducts nothing more,
      also when 20 copies race over both producers; a key belongs to one user;
-  4. the per-user limit, and a refusal deducts nothing;
+  4. the per-user limit, and a refusal deducts nothing; a sale over 3 Redis shards sells every
+     unit with no false sold_out and the limit exact (check_sharded);
   5. bad input (over 60 hostile requests) gets a 4xx JSON error and changes nothing;
   6. /metrics is Prometheus text; both producers drain and exit 0 on SIGTERM.
 Prints `ok - NAME` / `not ok - NAME: DETAIL` per check and, last, `N passed, M failed`; exits
@@ -33,7 +34,8 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 sys.path.insert(0, os.path.join(ROOT, "tests", "lib"))
 from http11 import REQ_TIMEOUT, Client, Conn, TransportError  # noqa: E402
 from testkit import (Fail, Procs, Worker, command, expect, free_port,  # noqa: E402
-                     mark_rebuilt, raise_nofile, redis_cmd, redis_each_primary, redis_info_sum,
+                     mark_rebuilt, raise_nofile, redis_cmd, redis_cmd_lines, redis_each_primary,
+                     redis_info_sum,
                      run_driver)
 
 ADMIN = "test-admin"
@@ -205,6 +207,99 @@ async def burst_worker(conn, producer_idx, jobs, sku, results, start, connected)
             conn.close()
             results.append((user, producer_idx, 0, None, None, "%s: %s" % (type(e).__name__, e)))
     conn.close()
+
+
+def shard_key(sku, k, suffix="sale"):
+    """Shard k's key of a sharded sale (shard 0 is the unsharded sale's own)."""
+    return "{sku:%d}:%s" % (sku, suffix) if k == 0 else "{sku:%d/%d}:%s" % (sku, k, suffix)
+
+
+async def sharded_worker(conn, pidx, jobs, sku, results, start):
+    await start.wait()
+    for user in jobs:  # one iterator shared by all workers
+        sent = time.monotonic()
+        try:
+            r = await asyncio.wait_for(
+                conn.exchange("POST", "/v1/orders", {"user_id": user, "sku_id": sku, "qty": 1}),
+                REQ_TIMEOUT)
+            results.append((user, pidx, sent, time.monotonic(), r.status, r.error(),
+                            accepted_id(r), r))
+        except Exception as e:  # one failed request is counted, the worker goes on
+            conn.close()
+            results.append((user, pidx, sent, time.monotonic(), 0, None, None,
+                            "%s: %s" % (type(e).__name__, e)))
+    conn.close()
+
+
+async def check_sharded(ctx, stock=90, shards=3, users=300, tries=4, conns=60):
+    """A hot SKU over 3 Redis shards (issue 17 part 3), through both producers: 90 units (30 a
+    shard), limit 2, 300 buyers of whom 200 have their home on shard 1 (user_id mod 3), each
+    ordering 4 times. Exactly 90 sold, none over a buyer's limit, and no false sold_out: no
+    order sent after some buyer heard sold_out is accepted later (nothing is returned in this
+    sale). Shard 1 runs dry long before the others, so a naive split (each shard on its own)
+    refuses its buyers while 60 units remain. The shards end empty, no transfer left open. An
+    open over more shards than SALE_SHARDS_MAX is 400 and opens nothing."""
+    sku = new_sku()
+    body = {"sku_id": sku, "stock": stock, "per_user_limit": 2, "pay_timeout_s": 600}
+    r = await ctx.a.request("POST", "/v1/skus", dict(body, shards=shards + 1), admin())
+    expect(r.status == 400 and r.error() == "invalid_request",
+           "open over %d shards (SALE_SHARDS_MAX=%d) answered %r, wanted 400"
+           % (shards + 1, shards, r))
+    r = await ctx.a.request("POST", "/v1/skus", dict(body, shards=shards), admin())
+    expect(r.status == 201, "open over %d shards answered %r, wanted 201" % (shards, r))
+    url = os.environ["REDIS_URL"]
+    got = [redis_cmd(url, "HGET", shard_key(sku, k), "stock") for k in range(shards)]
+    expect(got == [str(stock // shards)] * shards,
+           "the shards hold %r, wanted %d each" % (got, stock // shards))
+    base = 3 * random.randint(10**8, 10**11)
+    buyers = [base + 1 + 3 * i for i in range(users * 2 // 3)]  # home shard 1
+    buyers += [base + 3 * i for i in range(users - len(buyers))]  # home shard 0
+    jobs = buyers * tries
+    random.shuffle(jobs)
+    jobs_it, results, start = iter(jobs), [], asyncio.Event()
+    ports = (ctx.pa.port, ctx.pb.port)
+    workers = [asyncio.ensure_future(sharded_worker(Conn(ports[i % 2]), i % 2, jobs_it, sku,
+                                                    results, start)) for i in range(conns)]
+    t = time.monotonic()
+    start.set()
+    await asyncio.gather(*workers)
+    elapsed = time.monotonic() - t
+    counts, odd = {}, []
+    for user, pidx, sent, recv, status, err, oid, r in results:
+        word = "accepted" if oid else (err or "?")
+        counts[(status, word)] = counts.get((status, word), 0) + 1
+        if not (oid or (status == 409 and err in ("sold_out", "limit_exceeded"))
+                or (status == 503 and err == "recovering")):
+            odd.append("user %d via %s: %r" % (user, "AB"[pidx], r))
+    summary = ", ".join("%d %s: %d" % (st, w, n) for (st, w), n in sorted(counts.items()))
+    expect(not odd, "%d unexpected answers (%s); e.g. %s" % (len(odd), summary, "; ".join(odd[:3])))
+    wins = [(u, recv) for u, _, _, recv, _, _, oid, _ in results if oid]
+    expect(len(wins) == stock, "%d answers 202, wanted exactly %d (%s)" % (len(wins), stock, summary))
+    per_user = {}
+    for u, _ in wins:
+        per_user[u] = per_user.get(u, 0) + 1
+    over = [u for u, n in per_user.items() if n > 2]
+    expect(not over, "%d buyers got more than their limit of 2" % len(over))
+    first_sold_out = min((recv for _, _, _, recv, _, err, _, _ in results if err == "sold_out"),
+                         default=None)
+    if first_sold_out is not None:
+        late = [u for u, _, sent, _, _, _, oid, _ in results if oid and sent > first_sold_out]
+        expect(not late, "a sold_out was false: %d orders sent after it were accepted (%s)"
+               % (len(late), summary))
+    def held(k):  # stock + moving of shard k (HMGET's nil prints as an empty line)
+        return sum(int(x) for x in redis_cmd_lines(url, "HMGET", shard_key(sku, k), "stock",
+                                                   "moving") if x.strip())
+    for _ in range(50):  # the last settles land within moments
+        left = [held(k) for k in range(shards)]
+        if not any(left):
+            break
+        await asyncio.sleep(0.1)
+    expect(not any(left), "the shards hold %r units (stock + moving) after the sale, wanted 0"
+           % (left,))
+    moved = int(redis_cmd(url, "HGET", shard_key(sku, 1), "ver") or 0)
+    expect(moved > 0, "shard 1 never received units (ver %d): nothing was moved" % moved)
+    return "sku %d over %d shards: %d requests in %.2f s; %s; %d transfers into shard 1" % (
+        sku, shards, len(results), elapsed, summary, moved)
 
 
 def read_kafka(sku, brokers=None, topic=None):
@@ -637,6 +732,7 @@ CHECKS = [
     ("burst: 20000 orders, 5000 users, 500 units over two producers sell exactly 500", check_burst, 100),
     ("idempotency: a replayed or racing key yields one order and one deduction", check_idempotency, 30),
     ("limits: per_user_limit and stock are enforced and refusals deduct nothing", check_limits, 20),
+    ("sharded sale: 3 shards, both producers: all sold, limit exact, no false sold_out", check_sharded, 30),
     ("bad input: every hostile request gets a 4xx JSON error", check_bad_input, 40),
     ("bad input changes nothing and the producers stay healthy", check_bad_changed_nothing, 20),
     ("redis script cache lost: orders go on and EVALSHA resumes", check_script_cache_lost, 30),
@@ -659,7 +755,8 @@ async def run(rep, binary, logdir):
     ctx.producers = []
     ctx.binary, ctx.logdir = binary, logdir
     try:
-        ctx.pa, ctx.pb = Producer("A", binary, logdir), Producer("B", binary, logdir)
+        ctx.pa, ctx.pb = (Producer("A", binary, logdir, SALE_SHARDS_MAX="3"),
+                          Producer("B", binary, logdir, SALE_SHARDS_MAX="3"))
         ctx.producers = [ctx.pa, ctx.pb]
         ctx.a, ctx.b = ctx.pa.client, ctx.pb.client
         errs = await ready_errors(ctx.producers)
