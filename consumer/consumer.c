@@ -366,14 +366,27 @@ static void redis_failed(consumer *c, int64_t sku_id, const char *err) {
 /* For each SKU of the committed batch: where PostgreSQL refused orders, cap Redis's stock to what
  * PostgreSQL can still sell, so the producers stop admitting; give the buyers of refused orders
  * their per-user units back (with the order's `resv` entry, once); then drop the batch's other
- * orders from `resv` (they are in PostgreSQL now: no reservation is needed). */
+ * orders from `resv` (they are in PostgreSQL now: no reservation is needed). On a sale sharded in
+ * Redis, an order's entry, its buyer's count and its Idempotency-Key are on the buyer's home shard
+ * (docs/reservation.md, "Hot-SKU sharding"): each is corrected there, one pass per shard. */
 static void correct_redis(consumer *c, const sp_batch *b) {
     char err[256];
     for (size_t k = 0; k < b->nskus; k++) {
         const sp_batch_sku *sku = &b->skus[k];
         sp_redis *rc = redis_conn(c);
         if (rc == NULL) return;
-        if (sku->nrejected > 0 && sku->exists) {
+        if (sku->nrejected > 0 && sku->exists && sku->shards > 1) {
+            /* cap.lua weighs ONE shard's stock against the whole sale's in PostgreSQL, which
+             * means nothing over N shards. Not capped for now (cap per sharded sale: not yet,
+             * docs/consumer.md): the cap only ever lowers, so skipping it never oversells, and
+             * the reaper's audit and reconcile are the safety net for what Redis over-admits
+             * (once they work per shard). */
+            sp_log_ctx ctx = {.sku_id = sku->sku_id};
+            SP_LOG_CTX(SP_LOG_WARN, &ctx,
+                       "%d orders rejected out_of_stock: Redis admitted more than PostgreSQL "
+                       "holds (stock %" PRId64 "); a sale over %d Redis shards, not capped",
+                       (int)sku->nrejected, sku->stock, (int)sku->shards);
+        } else if (sku->nrejected > 0 && sku->exists) {
             int64_t removed = 0;
             sp_log_ctx ctx = {.sku_id = sku->sku_id};
             if (sp_stock_cap(rc, sku->sku_id, sku->stock, sku->supplied, &removed, err,
@@ -387,29 +400,35 @@ static void correct_redis(consumer *c, const sp_batch *b) {
                        "holds (stock %" PRId64 "); Redis stock capped by %" PRId64 " units",
                        (int)sku->nrejected, sku->stock, removed);
         }
-        size_t n = 0;
-        for (int32_t i = sku->first_item; i >= 0; i = b->items[i].next_same_sku) {
-            const sp_batch_item *it = &b->items[i];
-            if (it->ev.type != SP_EV_ORDER_CREATED ||
-                (it->outcome != SP_ITEM_APPLIED && it->outcome != SP_ITEM_UNCHANGED))
-                continue;
-            if (it->outcome == SP_ITEM_APPLIED && (it->effect == SP_EFFECT_REJECTED_STOCK ||
-                                                   it->effect == SP_EFFECT_REJECTED_NO_SKU)) {
-                /* Refused here (status rejected, whatever the reason, as the reaper's sweep and
-                 * reconcile read it): the buyer's units in Redis come back with the entry. */
-                int units = 0;
-                if (sp_stock_rejected_forget(rc, sku->sku_id, it->ev.order_id, it->ev.user_id,
-                                             it->ev.qty, &units, err, sizeof(err)) != 0) {
-                    redis_failed(c, sku->sku_id, err);
-                    return;
+        for (int shard = 0; shard < sku->shards; shard++) {
+            size_t n = 0;
+            for (int32_t i = sku->first_item; i >= 0; i = b->items[i].next_same_sku) {
+                const sp_batch_item *it = &b->items[i];
+                if (it->ev.type != SP_EV_ORDER_CREATED ||
+                    (it->outcome != SP_ITEM_APPLIED && it->outcome != SP_ITEM_UNCHANGED) ||
+                    sp_stock_home_shard(it->ev.user_id, sku->shards) != shard)
+                    continue;
+                if (it->outcome == SP_ITEM_APPLIED && (it->effect == SP_EFFECT_REJECTED_STOCK ||
+                                                       it->effect == SP_EFFECT_REJECTED_NO_SKU)) {
+                    /* Refused here (status rejected, whatever the reason, as the reaper's sweep
+                     * and reconcile read it): the buyer's units in Redis come back with the
+                     * entry. */
+                    int units = 0;
+                    if (sp_stock_rejected_forget_on_shard(rc, sku->sku_id, shard, it->ev.order_id,
+                                                          it->ev.user_id, it->ev.qty, &units, err,
+                                                          sizeof(err)) != 0) {
+                        redis_failed(c, sku->sku_id, err);
+                        return;
+                    }
+                    continue;
                 }
-                continue;
+                c->ids[n++] = it->ev.order_id;
             }
-            c->ids[n++] = it->ev.order_id;
-        }
-        if (n > 0 && sp_stock_accepted_forget(rc, sku->sku_id, c->ids, n, err, sizeof(err)) != 0) {
-            redis_failed(c, sku->sku_id, err);
-            return;
+            if (n > 0 && sp_stock_accepted_forget_on_shard(rc, sku->sku_id, shard, c->ids, n, err,
+                                                           sizeof(err)) != 0) {
+                redis_failed(c, sku->sku_id, err);
+                return;
+            }
         }
     }
 }

@@ -495,6 +495,7 @@ void sp_rules_decide(sp_rules *r, sp_batch *b) {
         b->skus[k].exists = sku_exists(sk);
         b->skus[k].stock = sk->stock;
         b->skus[k].supplied = sk->supplied;
+        b->skus[k].shards = sk->shards > 1 ? sk->shards : 1;
         b->skus[k].nrejected = 0;
     }
     for (size_t i = 0; i < b->n; i++) {

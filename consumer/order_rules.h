@@ -84,6 +84,8 @@ typedef struct sp_batch_sku {
     int exists; /* has an inventory row */
     int64_t stock, supplied;
     int32_t nrejected;  /* orders refused for lack of stock: Redis admitted more than there is */
+    int32_t shards;     /* its sale's shards in Redis (1: unsharded, or no row): an order's entry
+                         * and its buyer's count are on shard sp_stock_home_shard(user, shards) */
     int32_t first_item; /* its first item; the others follow through next_same_sku */
 } sp_batch_sku;
 
@@ -155,7 +157,7 @@ typedef struct sp_rules_sku {
     int opened;              /* stock.set created the row in this batch */
     int64_t open_stock;      /* the stock.set that opened it: */
     int32_t per_user_limit, pay_timeout_s;
-    int32_t shards; /* its sale's shards in Redis (1: unsharded) */
+    int32_t shards; /* its sale's shards in Redis (1: unsharded): as read, or as opened */
     int64_t open_ms;
     int64_t taken, returned, added; /* units, since the row was read or opened */
     int64_t changes;    /* events that changed the row: the version moves by this much */

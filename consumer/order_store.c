@@ -53,7 +53,8 @@ static const struct {
         "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = c.next_offset "
         "RETURNING partition, next_offset"},
     [ST_READ_INVENTORY] = {"sp_read_inventory", 1,
-        "SELECT sku_id, stock, supplied, version FROM inventory WHERE sku_id = ANY($1::bigint[])"},
+        "SELECT sku_id, stock, supplied, version, shards FROM inventory "
+        "WHERE sku_id = ANY($1::bigint[])"},
     [ST_READ_ORDERS] = {"sp_read_orders", 1,
         "SELECT order_id, sku_id, user_id, qty, status, refund_due FROM orders "
         "WHERE order_id = ANY($1::text[])"},
@@ -585,6 +586,7 @@ static int read_inventory(sp_order_store *s, char *errbuf, size_t errlen) {
         sk->stock = strtoll(PQgetvalue(res, row, 1), NULL, 10);
         sk->supplied = strtoll(PQgetvalue(res, row, 2), NULL, 10);
         sk->version = strtoll(PQgetvalue(res, row, 3), NULL, 10);
+        sk->shards = (int32_t)strtol(PQgetvalue(res, row, 4), NULL, 10);
     }
     PQclear(res);
     return 0;

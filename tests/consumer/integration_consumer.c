@@ -39,7 +39,7 @@
 #define MAX_EVENTS 40000
 #define MAX_DBS    16
 #define MAX_TOPICS 24
-#define NTESTS     10
+#define NTESTS     11
 
 static char err[1024];
 
@@ -580,6 +580,166 @@ static void test_over_admission(void **state) {
         sp_redis_command(rc, key, itest_err, sizeof(itest_err), "DEL %s %s", key, users));
     sp_stock_key(key, sku, "sale");
     freeReplyObject(sp_redis_command(rc, key, itest_err, sizeof(itest_err), "DEL %s", key));
+    sp_redis_close(rc);
+    g.npassed++;
+}
+
+/* HGETALL of shard k's hash `suffix` as "field=value\n" lines, sorted; malloc'd. */
+static char *shard_hash(sp_redis *rc, int64_t sku, int k, const char *suffix) {
+    char key[SP_STOCK_KEY_MAX];
+    sp_stock_shard_key(key, sku, k, suffix);
+    redisReply *r = sp_redis_command(rc, key, itest_err, sizeof(itest_err), "HGETALL %s", key);
+    if (r == NULL || r->type != REDIS_REPLY_ARRAY) fail_msg("HGETALL %s: %s", key, itest_err);
+    size_t n = r->elements / 2, len = 0, cap = 64;
+    char **lines = calloc(n + 1, sizeof(*lines));
+    assert_non_null(lines);
+    for (size_t i = 0; i < n; i++) {
+        assert_int_equal(
+            asprintf(&lines[i], "%s=%s\n", r->element[2 * i]->str, r->element[2 * i + 1]->str) > 0,
+            1);
+        cap += strlen(lines[i]);
+    }
+    freeReplyObject(r);
+    for (size_t i = 1; i < n; i++) /* few lines: insertion sort */
+        for (size_t j = i; j > 0 && strcmp(lines[j - 1], lines[j]) > 0; j--) {
+            char *t = lines[j];
+            lines[j] = lines[j - 1];
+            lines[j - 1] = t;
+        }
+    char *out = calloc(1, cap);
+    assert_non_null(out);
+    for (size_t i = 0; i < n; i++) {
+        memcpy(out + len, lines[i], strlen(lines[i]) + 1);
+        len += strlen(lines[i]);
+        free(lines[i]);
+    }
+    free(lines);
+    return out;
+}
+
+/* A sale opened over 3 Redis shards (issue 17 part 3): every buyer's orders, per-user count and
+ * Idempotency-Keys live on the buyer's home shard (user_id mod 3), so the consumer's corrections
+ * after a commit must go there. Redis holds 12 units (4 per shard), PostgreSQL's sale only 4: of
+ * six orders (users 3..8, two per shard) the first four are stored and the last two (users 7 and
+ * 8, homes 1 and 2) rejected. Each stored order's entry goes from ITS shard's `resv`, user 4's
+ * 'r:' entry (its producer died before the confirm) with its Idempotency-Key turned "accepted";
+ * users 7 and 8 get their units back on their home shards; a reservation in flight on each shard
+ * (users 9, 10, 11: not in the log yet) and every other count stay; no shard's stock is capped
+ * (cap per sharded sale: not yet). Seen failing with the corrections on {sku:ID} only: the
+ * entries of shards 1 and 2 stayed. */
+static void test_sharded_sale_corrected_on_home_shards(void **state) {
+    (void)state;
+    const char *topic = new_topic("sharded", 2), *dlq = new_topic("sharded.dlq", 1);
+    int64_t sku = g.sku_base + 40;
+    enum { NSHARDS = 3 };
+    sp_redis *rc = redis_connect_env();
+    if (rc == NULL) fail_msg("no Redis");
+    sp_sharded_sale sale = {.sku_id = sku, .nshards = NSHARDS, .gen = "g1", .xfer_prefix = "t"};
+    int opened = 0;
+    assert_int_equal(sp_stock_open_sharded(rc, &sale, 12, 2, 600, &opened, err, sizeof(err)), 0);
+    assert_int_equal(opened, NSHARDS);
+
+    /* Users 3..11 reserve one unit each on their home shards, in this order; 3..8 reach the log,
+     * 9..11 are still in flight. All but user 4 are confirmed (Kafka took them); user 4's order,
+     * with an Idempotency-Key, stays 'r:' (its producer died between Kafka's ack and the
+     * confirm). */
+    char ids[12][64];
+    ndelivered = 0;
+    sp_event set = ev_stock_set(sku, T0, 4, 2, 600);
+    set.shards = NSHARDS;
+    produce(topic, &set);
+    for (int user = 3; user <= 11; user++) {
+        sp_reserve_request req = {.sku_id = sku, .user_id = user, .qty = 1, .ts_ms = T0 + user};
+        sp_reserve_result res;
+        req.shard = sp_stock_home_shard(user, NSHARDS);
+        snprintf(ids[user], sizeof(ids[user]), "sh-%s-u%d", tag, user);
+        snprintf(req.order_id, sizeof(req.order_id), "%s", ids[user]);
+        if (user == 4) snprintf(req.idem_key, sizeof(req.idem_key), "k-4");
+        assert_int_equal(sp_stock_reserve(rc, &req, &res, err, sizeof(err)), 0);
+        assert_int_equal(res.outcome, SP_RESERVE_OK);
+        if (user > 8) continue;
+        sp_event ev = ev_order(SP_EV_ORDER_CREATED, sku, T0 + user, ids[user], user, 1);
+        delivery *d = produce(topic, &ev);
+        if (user == 4) continue;
+        flush_all();
+        int was_reserved = 0;
+        assert_int_equal(
+            sp_stock_confirm(rc, &req, d->partition, d->offset, &was_reserved, err, sizeof(err)),
+            0);
+        assert_int_equal(was_reserved, 1);
+    }
+    flush_all();
+    char idem[SP_STOCK_KEY_MAX];
+    snprintf(idem, sizeof(idem), "{sku:%" PRId64 "/1}:idem:4:k-4", sku);
+    redisReply *r = sp_redis_command(rc, idem, itest_err, sizeof(itest_err), "GET %s", idem);
+    assert_non_null(r);
+    assert_int_equal(r->type, REDIS_REPLY_STRING);
+    assert_true(strncmp(r->str, "pending:", 8) == 0);
+    freeReplyObject(r);
+
+    const char *db = new_database("sharded");
+    const char *none[] = {NULL};
+    proc p = start_consumer("sharded", db, topic, dlq, "sharded", none, NULL);
+    wait_applied(db, topic, 7, &p);
+    stop_consumer(&p, "sharded sale"); /* its corrections after the commit are done */
+    assert_int_equal(value(db, "SELECT count(*) FROM orders WHERE status = 'pending'"), 4);
+    assert_int_equal(value(db, "SELECT count(*) FROM orders WHERE status = 'rejected' AND "
+                               "reject_reason = 'out_of_stock' AND user_id IN (7, 8)"),
+                     2);
+    assert_int_equal(value(db, "SELECT shards FROM inventory"), NSHARDS);
+
+    /* Each shard: only its reservation in flight is left in `resv`; `users` keeps the counts of
+     * its stored buyers and of the one in flight, its rejected buyer's unit given back. */
+    char want_resv[NSHARDS][256], want_users[NSHARDS][64];
+    for (int k = 0; k < NSHARDS; k++) {
+        char *entry = shard_hash(rc, sku, k, "resv");
+        int inflight = 9 + k; /* 9 % 3 = 0, 10 % 3 = 1, 11 % 3 = 2 */
+        snprintf(want_resv[k], sizeof(want_resv[k]), "%s=r:%d:1:", ids[inflight], inflight);
+        if (strncmp(entry, want_resv[k], strlen(want_resv[k])) != 0 ||
+            strchr(entry, '\n') != entry + strlen(entry) - 1)
+            fail_msg("shard %d's resv holds:\n%swanted only the entry of user %d (%s...)", k, entry,
+                     inflight, want_resv[k]);
+        free(entry);
+    }
+    snprintf(want_users[0], sizeof(want_users[0]), "3=1\n6=1\n9=1\n");
+    snprintf(want_users[1], sizeof(want_users[1]), "10=1\n4=1\n");
+    snprintf(want_users[2], sizeof(want_users[2]), "11=1\n5=1\n");
+    for (int k = 0; k < NSHARDS; k++) {
+        char *users = shard_hash(rc, sku, k, "users");
+        if (strcmp(users, want_users[k]) != 0)
+            fail_msg("shard %d's users holds:\n%swanted:\n%s", k, users, want_users[k]);
+        free(users);
+    }
+    /* User 4's key now answers its order, accepted: a retry is told so at once. */
+    sp_reserve_request retry = {.sku_id = sku, .user_id = 4, .qty = 1, .ts_ms = T0 + 99};
+    sp_reserve_result res;
+    retry.shard = sp_stock_home_shard(4, NSHARDS);
+    snprintf(retry.order_id, sizeof(retry.order_id), "sh-%s-retry", tag);
+    snprintf(retry.idem_key, sizeof(retry.idem_key), "k-4");
+    assert_int_equal(sp_stock_reserve(rc, &retry, &res, err, sizeof(err)), 0);
+    assert_int_equal(res.outcome, SP_RESERVE_DUP);
+    assert_string_equal(res.dup_state, "accepted");
+    assert_string_equal(res.order_id, ids[4]);
+    /* No shard's stock was capped: 4 - 3 reservations each (cap per sharded sale: not yet). */
+    for (int k = 0; k < NSHARDS; k++) {
+        char key[SP_STOCK_KEY_MAX];
+        sp_stock_shard_key(key, sku, k, "sale");
+        r = sp_redis_command(rc, key, itest_err, sizeof(itest_err), "HGET %s stock", key);
+        assert_non_null(r);
+        assert_int_equal(r->type, REDIS_REPLY_STRING);
+        assert_int_equal(strtoll(r->str, NULL, 10), 1);
+        freeReplyObject(r);
+    }
+    assert_true(log_has(p.log, "not capped"));
+
+    const char *suffixes[] = {"sale", "opening", "users", "resv"};
+    for (int k = 0; k < NSHARDS; k++)
+        for (size_t i = 0; i < sizeof(suffixes) / sizeof(suffixes[0]); i++) {
+            char key[SP_STOCK_KEY_MAX];
+            sp_stock_shard_key(key, sku, k, suffixes[i]);
+            freeReplyObject(sp_redis_command(rc, key, itest_err, sizeof(itest_err), "DEL %s", key));
+        }
+    freeReplyObject(sp_redis_command(rc, idem, itest_err, sizeof(itest_err), "DEL %s", idem));
     sp_redis_close(rc);
     g.npassed++;
 }
@@ -1508,6 +1668,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_scripted_log),
         cmocka_unit_test(test_over_admission),
+        cmocka_unit_test(test_sharded_sale_corrected_on_home_shards),
         cmocka_unit_test(test_group_kill9_and_replay),
         cmocka_unit_test(test_sigterm_commits),
         cmocka_unit_test(test_failed_batch_is_read_again),

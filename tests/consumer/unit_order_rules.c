@@ -532,6 +532,28 @@ static void test_batch_is_bounded(void **state) {
     sp_batch_free(b);
 }
 
+/* A decided batch tells the consumer's Redis corrections over how many shards each SKU's sale
+ * is (an order's entry is on its buyer's home shard): as read from its row, as the stock.set
+ * that opened it in the batch says, 1 for a SKU without a row. */
+static void test_batch_sku_shards(void **state) {
+    fixture *f = *state;
+    created(f, SKU, "o1", 1);
+    sp_batch_item *open = add(f, SP_EV_STOCK_SET, SKU2);
+    open->ev.stock = 5;
+    open->ev.shards = 4;
+    created(f, SKU2, "o2", 1);
+    created(f, SKU + 100, "o3", 1); /* never opened */
+    begin_with_rows(f, 10, 1, -1);
+    sp_rules_find_sku(f->r, SKU)->shards = 3; /* as the store reads it */
+    sp_rules_decide(f->r, f->b);
+    assert_int_equal(f->b->nskus, 3);
+    for (size_t k = 0; k < f->b->nskus; k++) {
+        const sp_batch_sku *sk = &f->b->skus[k];
+        assert_int_equal(sk->shards, sk->sku_id == SKU ? 3 : sk->sku_id == SKU2 ? 4 : 1);
+    }
+    assert_int_equal(item(f, 3)->effect, SP_EFFECT_REJECTED_NO_SKU);
+}
+
 int main(void) {
 #define WITH_FIXTURE(t) cmocka_unit_test_setup_teardown(t, setup, teardown)
     const struct CMUnitTest tests[] = {
@@ -545,6 +567,7 @@ int main(void) {
         WITH_FIXTURE(test_restock_twice_in_one_batch),
         WITH_FIXTURE(test_restock_twice_across_batches),
         WITH_FIXTURE(test_restock_decided_again_and_dead),
+        WITH_FIXTURE(test_batch_sku_shards),
         cmocka_unit_test(test_restock_table_is_bounded),
         cmocka_unit_test(test_status_names),
         cmocka_unit_test(test_batch_is_bounded),
