@@ -16,7 +16,9 @@
 #                     (part of chaos), after the checks of the stack's Kafka and Redis cluster modes
 #   make bench        benchmarks: the event codec, then the producer under HTTP load on the local
 #                     stack (bench/producer_bench.sh; starts and stops the stack if it is not up),
-#                     the consumer, last the recovery after Redis lost its data (bench-recovery)
+#                     one hot SKU over 1, 2, 3 shards on a private Redis Cluster stack
+#                     (bench/shards_bench.sh), the consumer, last the recovery after Redis lost its
+#                     data (bench-recovery)
 #   make bench-recovery  the recovery bench alone (bench/recovery.py, on a private stack of its
 #                     own): FLUSHALL mid-sale, catalogs of 100, 1,000, 10,000 SKUs;
 #                     RECOVERY_ARGS="--sizes 300 --restart ..." picks others (--help lists them)
@@ -200,11 +202,14 @@ test: deps
 	@$(MAKE) --no-print-directory fuzz-targets
 	@tests/run-all.sh
 
-# The codec benchmarks, then the producer under wrk against the local stack (bench/run.sh), the
+# The codec benchmarks, then the producer under wrk against the local stack (bench/run.sh), one hot
+# SKU over 1, 2, 3 shards on a private Redis Cluster stack of its own (bench/shards_bench.sh), the
 # consumer, and last the recovery bench with its default sizes (about two minutes).
 bench: deps
 	@$(MAKE) --no-print-directory all tests
 	@bench/run.sh $(BENCHES)
+	@echo "=== shards_bench"
+	@bench/shards_bench.sh
 	@bench/consumer_bench.sh
 	@python3 bench/recovery.py
 

@@ -29,6 +29,7 @@
 # It drops its databases and deletes its topic at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh # median
 
 EVENTS=${BENCH_EVENTS:-1000000}
 RUNS=${BENCH_RUNS:-3}
@@ -89,8 +90,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# median: the median of the numbers on stdin, one a line.
-median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 now() { date +%s.%N; }
 
 # ---- the stack --------------------------------------------------------------------------------

@@ -44,6 +44,7 @@
 # It stops both producers and deletes its keys and its topic at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh # median, kv, calc, free_port, proc_ticks
 
 WRK_CONNS=${BENCH_SCRIPT_CONNS:-128}
 CONNS=${BENCH_CONNS:-256}
@@ -109,19 +110,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-median() {
-    sort -g | awk '{ a[NR] = $1 } END {
-        if (NR == 0) print "nan"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
-}
-kv() {
-    local re="(^|[[:space:]])$2=([^[:space:]]*)"
-    if [[ $1 =~ $re ]]; then echo "${BASH_REMATCH[2]}"; fi
-}
-calc() { awk "function d(a, b) { return b ? a / b : 0 } BEGIN { printf \"${2:-%.0f}\", $1 }"; }
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
 
 # ---- the stack ------------------------------------------------------------------------------------
 
@@ -364,16 +352,6 @@ run_wrk() {
     # the run's top commands by time: "name us_per_accepted_order ..." (the last run's are printed)
     awk -v n="$(kv "$line" c202)" 'NR == FNR { b[$1] = $2; next } { d = $2 - b[$1]; if (d > 0 && n > 0) printf "%s %.2f\n", $1, d / n }' \
         "$tmp/cmds.$v.before" "$tmp/cmds.$v.after" | sort -k2,2 -rn | head -n 5 | tr '\n' ' ' >"$tmp/top.$v"
-}
-
-proc_ticks() {
-    local line f
-    if ! read -r line 2>/dev/null <"/proc/$1/stat"; then
-        echo 0
-        return
-    fi
-    read -r -a f <<<"${line##*) }"
-    echo $((f[11] + f[12]))
 }
 
 for v in "${variants[@]}"; do capture "$v"; done
