@@ -534,84 +534,77 @@ int sp_stock_available(sp_redis *c, int64_t sku_id, int64_t *stock, char *errbuf
 int sp_stock_give_back(sp_redis *c, int64_t sku_id, const char *order_id, int64_t user_id,
                        int32_t qty, const char *reason, int64_t now_ms, int *given, char *errbuf,
                        size_t errlen) {
-    sp_script_call call;
-    long long v;
-    char resv[SP_STOCK_KEY_MAX];
-    /* The Idempotency-Key the entry names, read first so the script can declare it. */
-    sp_stock_key(resv, sku_id, "resv");
-    redisReply *entry = sp_redis_command(c, resv, errbuf, errlen, "HGET %s %s", resv, order_id);
-    if (entry == NULL) return -1;
-    if (entry->type == REDIS_REPLY_ERROR) {
-        snprintf(errbuf, errlen, "HGET %s: %s", resv, entry->str);
-        freeReplyObject(entry);
-        return -1;
-    }
-    const char *idem = entry->type == REDIS_REPLY_STRING ? entry_idem_key(entry->str) : NULL;
-    sp_script_call_init(&call, &script_give_back, idem ? 5 : 4);
-    key_arg(&call, sku_id, "sale");
-    key_arg(&call, sku_id, "users");
-    key_arg(&call, sku_id, "resv");
-    key_arg(&call, sku_id, "returned");
-    if (idem) sp_script_call_arg(&call, "%s", idem);
-    freeReplyObject(entry);
-    sp_script_call_arg(&call, "%s", order_id);
-    sp_script_call_arg(&call, "%" PRId64, user_id);
-    sp_script_call_arg(&call, "%" PRId32, qty);
-    sp_script_call_arg(&call, "%" PRId64, now_ms);
-    sp_script_call_arg(&call, "%s", reason);
-    if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
-    *given = (int)v;
-    return 0;
+    return sp_stock_give_back_on_shard(c, sku_id, 0, order_id, user_id, qty, reason, now_ms, given,
+                                       errbuf, errlen);
 }
-
-static int resv_drop_on_shard(sp_redis *c, int64_t sku_id, int shard, const char *const *order_ids,
-                              const char *const *values, size_t n, int *dropped, char *errbuf,
-                              size_t errlen);
 
 int sp_stock_resv_drop(sp_redis *c, int64_t sku_id, const char *const *order_ids,
                        const char *const *values, size_t n, int *dropped, char *errbuf,
                        size_t errlen) {
-    return resv_drop_on_shard(c, sku_id, 0, order_ids, values, n, dropped, errbuf, errlen);
+    return sp_stock_resv_drop_on_shard(c, sku_id, 0, order_ids, values, n, dropped, errbuf, errlen);
+}
+
+/* reconcile_pause.lua on shard `shard` of a sale over nshards (1: unsharded, no gen). */
+static void reconcile_pause_call(sp_script_call *call, int64_t sku_id, int shard, int nshards,
+                                 const char *gen, const char *token, int32_t per_user_limit,
+                                 int32_t pay_timeout_s, int64_t supplied) {
+    sp_script_call_init(call, &script_reconcile_pause, 1);
+    shard_key_arg(call, sku_id, shard, "sale");
+    sp_script_call_arg(call, "%s", token);
+    sp_script_call_arg(call, "%" PRId32, per_user_limit);
+    sp_script_call_arg(call, "%" PRId32, pay_timeout_s);
+    sp_script_call_arg(call, "%" PRId64, supplied);
+    if (nshards > 1) {
+        sp_script_call_arg(call, "%s", gen);
+        sp_script_call_arg(call, "%d", nshards);
+    }
+}
+
+int sp_stock_reconcile_pause_on_shard(sp_redis *c, int64_t sku_id, int shard, int nshards,
+                                      const char *token, int32_t per_user_limit,
+                                      int32_t pay_timeout_s, int64_t supplied, char *errbuf,
+                                      size_t errlen) {
+    sp_script_call call;
+    long long v;
+    reconcile_pause_call(&call, sku_id, shard, nshards, token, token, per_user_limit, pay_timeout_s,
+                         supplied);
+    return run_integer(c, &call, &v, errbuf, errlen);
 }
 
 int sp_stock_reconcile_pause(sp_redis *c, int64_t sku_id, const char *token, int32_t per_user_limit,
                              int32_t pay_timeout_s, int64_t supplied, char *errbuf, size_t errlen) {
-    sp_script_call call;
-    long long v;
-    sp_script_call_init(&call, &script_reconcile_pause, 1);
-    key_arg(&call, sku_id, "sale");
-    sp_script_call_arg(&call, "%s", token);
-    sp_script_call_arg(&call, "%" PRId32, per_user_limit);
-    sp_script_call_arg(&call, "%" PRId32, pay_timeout_s);
-    sp_script_call_arg(&call, "%" PRId64, supplied);
-    return run_integer(c, &call, &v, errbuf, errlen);
+    return sp_stock_reconcile_pause_on_shard(c, sku_id, 0, 1, token, per_user_limit, pay_timeout_s,
+                                             supplied, errbuf, errlen);
 }
 
 /* One pipelined round of sp_stock_reconcile_pause_many; *noscript set when the server had lost
  * the script (the caller loads it and sends the round again). */
 static int pause_round(sp_redis *c, const sp_pause_sale *sales, size_t n, const char *token,
                        int *noscript, char *errbuf, size_t errlen) {
-    enum { ROUND = 64 }; /* sales per pipelined round trip */
+    enum { ROUND = 64 }; /* shards per pipelined round trip */
     *noscript = 0;
     int rc = 0;
-    for (size_t from = 0; from < n; from += ROUND) {
-        size_t k = n - from < ROUND ? n - from : ROUND;
-        char key[ROUND][SP_STOCK_KEY_MAX], limit[ROUND][16], timeout[ROUND][16],
-            supplied[ROUND][24];
-        const char *argv[ROUND][8];
+    size_t sale = 0;
+    int shard = 0;
+    while (sale < n) {
+        sp_script_call call[ROUND];
+        const char *argv[ROUND][3 + 6];
         sp_redis_cmd cmds[ROUND];
         redisReply *replies[ROUND];
-        for (size_t i = 0; i < k; i++) {
-            const sp_pause_sale *sale = &sales[from + i];
-            sp_stock_key(key[i], sale->sku_id, "sale");
-            snprintf(limit[i], sizeof(limit[i]), "%" PRId32, sale->per_user_limit);
-            snprintf(timeout[i], sizeof(timeout[i]), "%" PRId32, sale->pay_timeout_s);
-            snprintf(supplied[i], sizeof(supplied[i]), "%" PRId64, sale->supplied);
-            const char *one[] = {
-                "EVALSHA",  script_reconcile_pause.sha, "1", key[i], token, limit[i], timeout[i],
-                supplied[i]};
-            memcpy(argv[i], one, sizeof(one));
-            cmds[i] = (sp_redis_cmd){.key = key[i], .argc = 8, .argv = argv[i]};
+        size_t k = 0;
+        for (; sale < n && k < ROUND; k++) {
+            const sp_pause_sale *ps = &sales[sale];
+            int nshards = ps->shards > 1 ? ps->shards : 1;
+            /* the sale's supplied on shard 0; the shards of a sharded sale hold none of it */
+            reconcile_pause_call(&call[k], ps->sku_id, shard, nshards, token, token,
+                                 ps->per_user_limit, ps->pay_timeout_s,
+                                 shard == 0 ? ps->supplied : 0);
+            argv[k][0] = "EVALSHA", argv[k][1] = script_reconcile_pause.sha, argv[k][2] = "1";
+            for (int a = 0; a < call[k].argc; a++) argv[k][3 + a] = call[k].argv[a];
+            cmds[k] = (sp_redis_cmd){.key = call[k].argv[0],
+                                     .argc = 3 + call[k].argc,
+                                     .argv = argv[k]};
+            if (++shard >= nshards) shard = 0, sale++;
         }
         if (sp_redis_pipeline(c, k, cmds, replies, errbuf, errlen) != 0) return -1;
         for (size_t i = 0; i < k; i++) {
@@ -664,16 +657,26 @@ int sp_stock_reconcile_apply(sp_redis *c, int64_t sku_id, const char *token, int
                              int64_t pg_supplied, int32_t per_user_limit, int32_t pay_timeout_s,
                              int *owned, int64_t *stock, int64_t *inflight, sp_vanished **vanished,
                              size_t *nvanished, char *errbuf, size_t errlen) {
+    return sp_stock_reconcile_apply_on_shard(c, sku_id, 0, token, pg_stock, pg_supplied,
+                                             per_user_limit, pay_timeout_s, owned, stock, inflight,
+                                             vanished, nvanished, errbuf, errlen);
+}
+
+int sp_stock_reconcile_apply_on_shard(sp_redis *c, int64_t sku_id, int shard, const char *token,
+                                      int64_t pg_stock, int64_t pg_supplied, int32_t per_user_limit,
+                                      int32_t pay_timeout_s, int *owned, int64_t *stock,
+                                      int64_t *inflight, sp_vanished **vanished, size_t *nvanished,
+                                      char *errbuf, size_t errlen) {
     sp_script_call call;
     sp_vanished *list = NULL;
     int64_t first = 0, second = 0;
     int rc = -1;
     sp_script_call_init(&call, &script_reconcile_apply, 5);
-    key_arg(&call, sku_id, "sale");
-    key_arg(&call, sku_id, "users");
-    key_arg(&call, sku_id, "resv");
-    key_arg(&call, sku_id, "users_rebuild");
-    key_arg(&call, sku_id, "resv_staged");
+    shard_key_arg(&call, sku_id, shard, "sale");
+    shard_key_arg(&call, sku_id, shard, "users");
+    shard_key_arg(&call, sku_id, shard, "resv");
+    shard_key_arg(&call, sku_id, shard, "users_rebuild");
+    shard_key_arg(&call, sku_id, shard, "resv_staged");
     sp_script_call_arg(&call, "%s", token);
     sp_script_call_arg(&call, "%" PRId64, pg_stock);
     sp_script_call_arg(&call, "%" PRId64, pg_supplied);
@@ -727,10 +730,15 @@ out:
 
 int sp_stock_reconcile_open(sp_redis *c, int64_t sku_id, const char *token, int *owned,
                             char *errbuf, size_t errlen) {
+    return sp_stock_reconcile_open_on_shard(c, sku_id, 0, token, owned, errbuf, errlen);
+}
+
+int sp_stock_reconcile_open_on_shard(sp_redis *c, int64_t sku_id, int shard, const char *token,
+                                     int *owned, char *errbuf, size_t errlen) {
     sp_script_call call;
     long long v;
     sp_script_call_init(&call, &script_reconcile_open, 1);
-    key_arg(&call, sku_id, "sale");
+    shard_key_arg(&call, sku_id, shard, "sale");
     sp_script_call_arg(&call, "%s", token);
     if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
     *owned = (int)v;
@@ -740,11 +748,18 @@ int sp_stock_reconcile_open(sp_redis *c, int64_t sku_id, const char *token, int 
 int sp_stock_reconcile_adjust(sp_redis *c, int64_t sku_id, const char *token, int64_t user_id,
                               int32_t qty, int *owned, int64_t *stock, char *errbuf,
                               size_t errlen) {
+    return sp_stock_reconcile_adjust_on_shard(c, sku_id, 0, token, user_id, qty, owned, stock,
+                                              errbuf, errlen);
+}
+
+int sp_stock_reconcile_adjust_on_shard(sp_redis *c, int64_t sku_id, int shard, const char *token,
+                                       int64_t user_id, int32_t qty, int *owned, int64_t *stock,
+                                       char *errbuf, size_t errlen) {
     sp_script_call call;
     long long v;
     sp_script_call_init(&call, &script_reconcile_adjust, 2);
-    key_arg(&call, sku_id, "sale");
-    key_arg(&call, sku_id, "users");
+    shard_key_arg(&call, sku_id, shard, "sale");
+    shard_key_arg(&call, sku_id, shard, "users");
     sp_script_call_arg(&call, "%s", token);
     sp_script_call_arg(&call, "%" PRId64, user_id);
     sp_script_call_arg(&call, "%" PRId32, qty);
@@ -757,6 +772,14 @@ int sp_stock_reconcile_adjust(sp_redis *c, int64_t sku_id, const char *token, in
 int sp_stock_reconcile_stage(sp_redis *c, int64_t sku_id, const char *token, sp_stage_what what,
                              const char *const *fields, const char *const *values, size_t n,
                              int *owned, char *errbuf, size_t errlen) {
+    return sp_stock_reconcile_stage_on_shard(c, sku_id, 0, token, what, fields, values, n, owned,
+                                             errbuf, errlen);
+}
+
+int sp_stock_reconcile_stage_on_shard(sp_redis *c, int64_t sku_id, int shard, const char *token,
+                                      sp_stage_what what, const char *const *fields,
+                                      const char *const *values, size_t n, int *owned, char *errbuf,
+                                      size_t errlen) {
     enum { PAIRS = 250 }; /* 3 keys + 2 + 2 * 250 arguments: within SP_REDIS_SCRIPT_ARGV_MAX */
     _Static_assert(3 + 2 + 2 * PAIRS <= SP_REDIS_SCRIPT_ARGV_MAX, "a stage call must be sendable");
     static const char *const target[] = {"users_rebuild", "users_rebuild", "resv_staged",
@@ -766,9 +789,9 @@ int sp_stock_reconcile_stage(sp_redis *c, int64_t sku_id, const char *token, sp_
     const char *argv[3 + 2 + 2 * PAIRS];
     size_t argvlen[3 + 2 + 2 * PAIRS];
     int nkeys = what == SP_STAGE_CLEAR ? 3 : 2;
-    sp_stock_key(key1, sku_id, "sale");
-    sp_stock_key(key2, sku_id, target[what]);
-    sp_stock_key(key3, sku_id, "resv_staged");
+    sp_stock_shard_key(key1, sku_id, shard, "sale");
+    sp_stock_shard_key(key2, sku_id, shard, target[what]);
+    sp_stock_shard_key(key3, sku_id, shard, "resv_staged");
     argv[0] = key1, argv[1] = key2, argv[2] = key3;
     argv[nkeys] = token, argv[nkeys + 1] = op[what];
     *owned = 1;
@@ -1040,9 +1063,9 @@ static int shard_in_range(int shard, char *errbuf, size_t errlen) {
 
 /* sp_stock_resv_drop on shard `shard`: its `resv`, and the keys its 'r:' entries name (the
  * shard's own: the same hash tag, so the same slot). */
-static int resv_drop_on_shard(sp_redis *c, int64_t sku_id, int shard, const char *const *order_ids,
-                              const char *const *values, size_t n, int *dropped, char *errbuf,
-                              size_t errlen) {
+int sp_stock_resv_drop_on_shard(sp_redis *c, int64_t sku_id, int shard,
+                                const char *const *order_ids, const char *const *values, size_t n,
+                                int *dropped, char *errbuf, size_t errlen) {
     enum { CHUNK = 100 }; /* 1 + 100 keys + 3 * 100 arguments: within SP_REDIS_SCRIPT_ARGV_MAX */
     const char *keys[1 + CHUNK], *args[3 * CHUNK];
     size_t keyslen[1 + CHUNK], argslen[3 * CHUNK];
@@ -1129,8 +1152,8 @@ int sp_stock_accepted_forget_on_shard(sp_redis *c, int64_t sku_id, int shard,
         }
         int dropped, rc = 0;
         if (npending > 0)
-            rc = resv_drop_on_shard(c, sku_id, shard, pending_ids, pending_vals, npending, &dropped,
-                                    errbuf, errlen);
+            rc = sp_stock_resv_drop_on_shard(c, sku_id, shard, pending_ids, pending_vals, npending,
+                                             &dropped, errbuf, errlen);
         freeReplyObject(got);
         if (rc != 0) return -1;
         if (ndel == 0) continue;
@@ -1143,5 +1166,145 @@ int sp_stock_accepted_forget_on_shard(sp_redis *c, int64_t sku_id, int shard,
         }
         freeReplyObject(r);
     }
+    return 0;
+}
+
+/* ---- the units a sharded sale holds, and its cap (the consumer's, the audit's) ---- */
+
+/* One shard's transfers in a sp_stock_sharded_read: its open "out:" records of generation gen
+ * whose recipient holds the "in:" record, their units added to *given. */
+static int shard_given(sp_redis *c, int64_t sku_id, int shard, int nshards, const char *gen,
+                       int64_t *given, char *errbuf, size_t errlen) {
+    char key[SP_STOCK_KEY_MAX], cursor[32] = "0";
+    sp_stock_shard_key(key, sku_id, shard, "xfer");
+    do {
+        redisReply *r = sp_redis_command(c, key, errbuf, errlen, "HSCAN %s %s COUNT 200", key,
+                                         cursor);
+        if (r == NULL) return -1;
+        if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
+            r->element[0]->type != REDIS_REPLY_STRING || r->element[1]->type != REDIS_REPLY_ARRAY) {
+            snprintf(errbuf, errlen, "HSCAN %s: %s", key,
+                     r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+            freeReplyObject(r);
+            return -1;
+        }
+        snprintf(cursor, sizeof(cursor), "%s", r->element[0]->str);
+        const redisReply *kv = r->element[1];
+        for (size_t i = 0; i + 1 < kv->elements; i += 2) {
+            const redisReply *id = kv->element[i], *value = kv->element[i + 1];
+            int to = -1, n = 0;
+            long long units = 0, ts = 0;
+            char its_gen[64] = "";
+            if (id->type != REDIS_REPLY_STRING || value->type != REDIS_REPLY_STRING ||
+                strncmp(value->str, "out:", 4) != 0)
+                continue;
+            n = sscanf(value->str, "out:%d:%lld:%lld:%63s", &to, &units, &ts, its_gen);
+            if (n < 3 || to < 0 || to >= nshards || to == shard || units <= 0 ||
+                strcmp(its_gen, gen) != 0)
+                continue; /* its units are not this generation's `moving` */
+            char in_key[SP_STOCK_KEY_MAX];
+            sp_stock_shard_key(in_key, sku_id, to, "xfer");
+            redisReply *in = sp_redis_command(c, in_key, errbuf, errlen, "HGET %s %s", in_key,
+                                              id->str);
+            if (in == NULL) {
+                freeReplyObject(r);
+                return -1;
+            }
+            if (in->type == REDIS_REPLY_STRING && strncmp(in->str, "in:", 3) == 0) *given += units;
+            freeReplyObject(in);
+        }
+        freeReplyObject(r);
+    } while (strcmp(cursor, "0") != 0);
+    return 0;
+}
+
+int sp_stock_sharded_read(sp_redis *c, int64_t sku_id, int nshards, sp_sharded_units *out,
+                          char *errbuf, size_t errlen) {
+    sp_sharded_units u = {.missing = -1};
+    char gens[SP_SHARDS_MAX][64];
+    if (nshards < 2 || nshards > SP_SHARDS_MAX) {
+        snprintf(errbuf, errlen, "sharded read: %d shards: out of range 2..%d", nshards,
+                 SP_SHARDS_MAX);
+        return -1;
+    }
+    for (int k = 0; k < nshards; k++) {
+        char key[SP_STOCK_KEY_MAX];
+        sp_stock_shard_key(key, sku_id, k, "sale");
+        redisReply *r = sp_redis_command(c, key, errbuf, errlen,
+                                         "HMGET %s stock moving supplied paused gen", key);
+        if (r == NULL) return -1;
+        if (r->type != REDIS_REPLY_ARRAY || r->elements != 5) {
+            snprintf(errbuf, errlen, "HMGET %s: %s", key,
+                     r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+            freeReplyObject(r);
+            return -1;
+        }
+        redisReply *const *f = r->element;
+        if (f[0]->type != REDIS_REPLY_STRING && u.missing < 0) u.missing = k;
+        if (f[0]->type == REDIS_REPLY_STRING) u.units += strtoll(f[0]->str, NULL, 10);
+        if (f[1]->type == REDIS_REPLY_STRING) u.units += strtoll(f[1]->str, NULL, 10);
+        if (f[2]->type == REDIS_REPLY_STRING)
+            u.supplied += strtoll(f[2]->str, NULL, 10);
+        else
+            u.nunsupplied++;
+        if (f[3]->type == REDIS_REPLY_STRING) u.paused++;
+        snprintf(gens[k], sizeof(gens[k]), "%s", f[4]->type == REDIS_REPLY_STRING ? f[4]->str : "");
+        freeReplyObject(r);
+    }
+    for (int k = 0; k < nshards; k++)
+        if (shard_given(c, sku_id, k, nshards, gens[k], &u.given, errbuf, errlen) != 0) return -1;
+    u.units -= u.given;
+    snprintf(u.gen, sizeof(u.gen), "%s", gens[0]);
+    *out = u;
+    return 0;
+}
+
+int sp_stock_cap_shard_lower(sp_redis *c, int64_t sku_id, int shard, int64_t most, const char *gen,
+                             int64_t *removed, char *errbuf, size_t errlen) {
+    sp_script_call call;
+    long long v;
+    if (!shard_in_range(shard, errbuf, errlen)) return -1;
+    sp_script_call_init(&call, &script_cap, 1);
+    shard_key_arg(&call, sku_id, shard, "sale");
+    sp_script_call_arg(&call, "lower");
+    sp_script_call_arg(&call, "%" PRId64, most);
+    sp_script_call_arg(&call, "%s", gen);
+    if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
+    *removed = v;
+    return 0;
+}
+
+int sp_stock_give_back_on_shard(sp_redis *c, int64_t sku_id, int shard, const char *order_id,
+                                int64_t user_id, int32_t qty, const char *reason, int64_t now_ms,
+                                int *given, char *errbuf, size_t errlen) {
+    sp_script_call call;
+    long long v;
+    char resv[SP_STOCK_KEY_MAX];
+    if (!shard_in_range(shard, errbuf, errlen)) return -1;
+    /* The Idempotency-Key the entry names (the shard's own), read first so the script can
+     * declare it. */
+    sp_stock_shard_key(resv, sku_id, shard, "resv");
+    redisReply *entry = sp_redis_command(c, resv, errbuf, errlen, "HGET %s %s", resv, order_id);
+    if (entry == NULL) return -1;
+    if (entry->type == REDIS_REPLY_ERROR) {
+        snprintf(errbuf, errlen, "HGET %s: %s", resv, entry->str);
+        freeReplyObject(entry);
+        return -1;
+    }
+    const char *idem = entry->type == REDIS_REPLY_STRING ? entry_idem_key(entry->str) : NULL;
+    sp_script_call_init(&call, &script_give_back, idem ? 5 : 4);
+    shard_key_arg(&call, sku_id, shard, "sale");
+    shard_key_arg(&call, sku_id, shard, "users");
+    shard_key_arg(&call, sku_id, shard, "resv");
+    shard_key_arg(&call, sku_id, shard, "returned");
+    if (idem) sp_script_call_arg(&call, "%s", idem);
+    freeReplyObject(entry);
+    sp_script_call_arg(&call, "%s", order_id);
+    sp_script_call_arg(&call, "%" PRId64, user_id);
+    sp_script_call_arg(&call, "%" PRId32, qty);
+    sp_script_call_arg(&call, "%" PRId64, now_ms);
+    sp_script_call_arg(&call, "%s", reason);
+    if (run_integer(c, &call, &v, errbuf, errlen) != 0) return -1;
+    *given = (int)v;
     return 0;
 }

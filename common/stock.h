@@ -261,6 +261,14 @@ int sp_stock_integer_parse(const redisReply *r, const char *what, long long *v, 
 int sp_stock_give_back(sp_redis *c, int64_t sku_id, const char *order_id, int64_t user_id,
                        int32_t qty, const char *reason, int64_t now_ms, int *given, char *errbuf,
                        size_t errlen) __attribute__((warn_unused_result));
+/* The same on shard `shard` (0..SP_SHARDS_MAX-1) of a sharded sale: the order's home shard
+ * (sp_stock_home_shard of the row's user), which holds its entry, its buyer's count and its
+ * Idempotency-Key; the marker goes into that shard's {sku:ID/shard}:returned. Shard 0 is
+ * sp_stock_give_back. */
+int sp_stock_give_back_on_shard(sp_redis *c, int64_t sku_id, int shard, const char *order_id,
+                                int64_t user_id, int32_t qty, const char *reason, int64_t now_ms,
+                                int *given, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
 
 /* Drops the n entries of {sku:ID}:resv that still hold values[i], as the caller read them
  * (resv_drop.lua); gives nothing back. *dropped counts them. The callers drop entries of orders
@@ -281,6 +289,7 @@ int sp_stock_reconcile_pause(sp_redis *c, int64_t sku_id, const char *token, int
 typedef struct sp_pause_sale {
     int64_t sku_id, supplied;
     int32_t per_user_limit, pay_timeout_s;
+    int32_t shards; /* its shards in Redis (0 or 1: unsharded) */
 } sp_pause_sale;
 
 /* Pauses n sales for token in one pipelined round trip (the same script as above, per sale).
@@ -462,6 +471,72 @@ int sp_stock_rejected_forget_on_shard(sp_redis *c, int64_t sku_id, int shard, co
 int sp_stock_accepted_forget_on_shard(sp_redis *c, int64_t sku_id, int shard,
                                       const char *const *order_ids, size_t n, char *errbuf,
                                       size_t errlen) __attribute__((warn_unused_result));
+
+/* sp_stock_resv_drop and the reconcile's calls above on shard `shard` of a sharded sale (the
+ * calls above are shard 0 of an unsharded one). The pause of a shard of a sale over nshards > 1
+ * also sets the sale's generation to token (transfers begun before it give and settle nothing any
+ * more), its shards, and drops `moving` (the rebuild counts every unit afresh).
+ * sp_pause_sale.shards pauses every shard of a sale (its supplied on shard 0, none on the others).
+ */
+int sp_stock_resv_drop_on_shard(sp_redis *c, int64_t sku_id, int shard,
+                                const char *const *order_ids, const char *const *values, size_t n,
+                                int *dropped, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
+int sp_stock_reconcile_pause_on_shard(sp_redis *c, int64_t sku_id, int shard, int nshards,
+                                      const char *token, int32_t per_user_limit,
+                                      int32_t pay_timeout_s, int64_t supplied, char *errbuf,
+                                      size_t errlen) __attribute__((warn_unused_result));
+int sp_stock_reconcile_apply_on_shard(sp_redis *c, int64_t sku_id, int shard, const char *token,
+                                      int64_t pg_stock, int64_t pg_supplied, int32_t per_user_limit,
+                                      int32_t pay_timeout_s, int *owned, int64_t *stock,
+                                      int64_t *inflight, sp_vanished **vanished, size_t *nvanished,
+                                      char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
+int sp_stock_reconcile_open_on_shard(sp_redis *c, int64_t sku_id, int shard, const char *token,
+                                     int *owned, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
+int sp_stock_reconcile_adjust_on_shard(sp_redis *c, int64_t sku_id, int shard, const char *token,
+                                       int64_t user_id, int32_t qty, int *owned, int64_t *stock,
+                                       char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
+int sp_stock_reconcile_stage_on_shard(sp_redis *c, int64_t sku_id, int shard, const char *token,
+                                      sp_stage_what what, const char *const *fields,
+                                      const char *const *values, size_t n, int *owned, char *errbuf,
+                                      size_t errlen) __attribute__((warn_unused_result));
+
+/* What a sharded sale holds in Redis, as sp_stock_sharded_read found it. */
+typedef struct sp_sharded_units {
+    int64_t units;    /* the sum over the shards of stock + moving, minus the units of transfers
+                       * given and not yet settled (counted on both sides meanwhile) */
+    int64_t supplied; /* the sum of the shards' `supplied` */
+    int64_t given;    /* the units subtracted above */
+    int missing;      /* the first shard with no sale hash; -1 when every shard has one */
+    int paused;       /* shards paused by a reconcile */
+    int nunsupplied;  /* shards without a `supplied` field */
+    char gen[64];     /* shard 0's generation ("" when none) */
+} sp_sharded_units;
+
+/* Reads the units a sale over nshards (2..SP_SHARDS_MAX) Redis shards holds: each shard's sale
+ * hash, then its transfers ({sku:ID/k}:xfer, HSCAN): an "out:" record of the shard's own
+ * generation whose recipient holds the matching "in:" record (the same transfer id) has its units
+ * both in the recipient's `stock` and in the donor's `moving`, and they are counted once. (An
+ * "out:" record of an older generation counts nothing: the rebuild since counted every unit
+ * afresh.) The shards are read one after another, not atomically: a transfer that runs while the
+ * read passes its two shards can be counted twice (donor read before its take, recipient after
+ * its give) or not at all; a caller that acts on the figure reads twice (the consumer's cap keeps
+ * the smaller). Cost: per shard an HMGET, the HSCAN of its transfers and an HGET per open "out:"
+ * record. -1 with errbuf when Redis failed or nshards is out of range. */
+int sp_stock_sharded_read(sp_redis *c, int64_t sku_id, int nshards, sp_sharded_units *out,
+                          char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+
+/* The cap of a sharded sale, one shard's share (cap.lua, mode `lower`): lowers shard `shard`'s
+ * stock by at most `most` units, never below 0, unless the shard is missing, paused or of another
+ * generation than gen (a rebuild since the caller read the shards counted every unit afresh).
+ * *removed: the units taken away. The caller weighs the sale's excess over the sum of its shards
+ * (sp_stock_sharded_read) and takes it off the shards in turn. */
+int sp_stock_cap_shard_lower(sp_redis *c, int64_t sku_id, int shard, int64_t most, const char *gen,
+                             int64_t *removed, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
 
 /* Key names for a SKU; each buffer is SP_STOCK_KEY_MAX bytes. */
 #define SP_STOCK_KEY_MAX 160

@@ -363,6 +363,45 @@ static void redis_failed(consumer *c, int64_t sku_id, const char *err) {
     c->redis_retry_ms = sp_clock_mono_ms() + REDIS_RETRY_MS;
 }
 
+/* The cap of a sale over sku->shards Redis shards (docs/consumer.md): what the shards hold,
+ * summed (sp_stock_sharded_read: stock + moving, transfers given and not yet settled counted
+ * once), against what PostgreSQL can still sell plus the restocks it has not applied yet (the
+ * shards' `supplied`, summed, beyond PostgreSQL's); the excess is taken off the shards' stock in
+ * turn (cap.lua's `lower`), never below 0 (units moving between shards are beyond its reach: they
+ * land in a recipient's stock, and the next cap or the reaper's reconcile sees them). The shards
+ * are read twice and the smaller sum kept: a transfer running while one read passes its two
+ * shards can be counted twice, and a cap on that figure would hold back units PostgreSQL has.
+ * Units reserved meanwhile are not in PostgreSQL yet either, so taking the excess off still
+ * leaves what PostgreSQL allows. A missing or paused shard: no cap (the reaper's reconcile
+ * rebuilds the sale), and why says so. *removed: the units taken away. -1 when Redis failed. */
+static int cap_sharded(sp_redis *rc, const sp_batch_sku *sku, int64_t *removed, char *why,
+                       size_t whylen, char *err, size_t errlen) {
+    sp_sharded_units read[2];
+    *removed = 0;
+    for (int i = 0; i < 2; i++) {
+        if (sp_stock_sharded_read(rc, sku->sku_id, sku->shards, &read[i], err, errlen) != 0)
+            return -1;
+        if (read[i].missing >= 0 || read[i].paused > 0) {
+            snprintf(why, whylen, "%s",
+                     read[i].missing >= 0 ? "a shard is missing" : "a reconcile has it paused");
+            return 0;
+        }
+    }
+    const sp_sharded_units *u = read[1].units < read[0].units ? &read[1] : &read[0];
+    int64_t unseen = u->supplied - sku->supplied;
+    int64_t excess = u->units - (sku->stock + (unseen > 0 ? unseen : 0));
+    for (int k = 0; k < sku->shards && excess > 0; k++) {
+        int64_t taken = 0;
+        if (sp_stock_cap_shard_lower(rc, sku->sku_id, k, excess, u->gen, &taken, err, errlen) != 0)
+            return -1;
+        *removed += taken;
+        excess -= taken;
+    }
+    if (excess > 0)
+        snprintf(why, whylen, "%" PRId64 " units more are moving between shards", excess);
+    return 0;
+}
+
 /* For each SKU of the committed batch: where PostgreSQL refused orders, cap Redis's stock to what
  * PostgreSQL can still sell, so the producers stop admitting; give the buyers of refused orders
  * their per-user units back (with the order's `resv` entry, once); then drop the batch's other
@@ -376,16 +415,20 @@ static void correct_redis(consumer *c, const sp_batch *b) {
         sp_redis *rc = redis_conn(c);
         if (rc == NULL) return;
         if (sku->nrejected > 0 && sku->exists && sku->shards > 1) {
-            /* cap.lua weighs ONE shard's stock against the whole sale's in PostgreSQL, which
-             * means nothing over N shards. Not capped for now (cap per sharded sale: not yet,
-             * docs/consumer.md): the cap only ever lowers, so skipping it never oversells, and
-             * the reaper's audit and reconcile are the safety net for what Redis over-admits
-             * (once they work per shard). */
+            int64_t removed = 0;
+            char why[128] = "";
+            if (cap_sharded(rc, sku, &removed, why, sizeof(why), err, sizeof(err)) != 0) {
+                redis_failed(c, sku->sku_id, err);
+                return;
+            }
+            sp_metric_add(&m_capped, removed);
             sp_log_ctx ctx = {.sku_id = sku->sku_id};
             SP_LOG_CTX(SP_LOG_WARN, &ctx,
                        "%d orders rejected out_of_stock: Redis admitted more than PostgreSQL "
-                       "holds (stock %" PRId64 "); a sale over %d Redis shards, not capped",
-                       (int)sku->nrejected, sku->stock, (int)sku->shards);
+                       "holds (stock %" PRId64 "); Redis stock over %d shards capped by %" PRId64
+                       " units%s%s",
+                       (int)sku->nrejected, sku->stock, (int)sku->shards, removed,
+                       why[0] ? ": " : "", why);
         } else if (sku->nrejected > 0 && sku->exists) {
             int64_t removed = 0;
             sp_log_ctx ctx = {.sku_id = sku->sku_id};

@@ -104,10 +104,10 @@ static const char *v(const PGresult *res, int r, int f) { return PQgetvalue(res,
 /* ---- what both audits read ---- */
 
 /* One SKU as PostgreSQL holds it: its inventory row, the units its pending and paid orders hold,
- * its ledger rows not yet given back to Redis, how long it has been on sale (PostgreSQL's clock).
- * One statement reads a page of them: one snapshot. */
+ * its ledger rows not yet given back to Redis, how long it has been on sale (PostgreSQL's clock),
+ * its sale's shards in Redis. One statement reads a page of them: one snapshot. */
 typedef struct sku_row {
-    int64_t sku_id, stock, supplied, held, owed, open_for_ms;
+    int64_t sku_id, stock, supplied, held, owed, open_for_ms, shards;
 } sku_row;
 
 #define SKU_ROWS                                                                                   \
@@ -116,16 +116,16 @@ typedef struct sku_row {
     "                   AND o.status IN ('pending', 'paid')), 0),"                                 \
     "       (SELECT count(*) FROM stock_returns r WHERE r.sku_id = i.sku_id"                       \
     "           AND r.returned_to_redis_at IS NULL),"                                              \
-    "       (extract(epoch FROM now() - i.created_at) * 1000)::bigint"                             \
+    "       (extract(epoch FROM now() - i.created_at) * 1000)::bigint, i.shards"                   \
     "  FROM inventory i"
 
 /* The rows of a SKU_ROWS query into rows (room for SKU_PAGE), *n of them. */
 static int sku_rows(PGresult *res, sku_row *rows, int *n) {
     *n = PQntuples(res) < SKU_PAGE ? PQntuples(res) : SKU_PAGE;
     for (int r = 0; r < *n; r++) {
-        int64_t *f[] = {&rows[r].sku_id, &rows[r].stock, &rows[r].supplied,
-                        &rows[r].held,   &rows[r].owed,  &rows[r].open_for_ms};
-        for (int k = 0; k < 6; k++) *f[k] = strtoll(v(res, r, k), NULL, 10);
+        int64_t *f[] = {&rows[r].sku_id, &rows[r].stock,       &rows[r].supplied, &rows[r].held,
+                        &rows[r].owed,   &rows[r].open_for_ms, &rows[r].shards};
+        for (int k = 0; k < 7; k++) *f[k] = strtoll(v(res, r, k), NULL, 10);
     }
     PQclear(res);
     return 0;
@@ -172,11 +172,15 @@ static void supply_of(const sku_row *row, int64_t *oversold, int64_t *leaked) {
     *leaked = d > 0 ? d : 0;
 }
 
-/* A sale as Redis holds it. */
+/* A sale as Redis holds it. A sale over N > 1 shards (inventory.shards; docs/reservation.md,
+ * "Hot-SKU sharding") as one: it exists when every shard does, it is paused when any shard is, its
+ * stock is the units its shards hold (sp_stock_sharded_read: stock + moving, a transfer given and
+ * not yet settled counted once), its supplied and inflight summed over the shards. */
 typedef struct sale_view {
     int exists, paused;
     char stock[32], supplied[32]; /* as Redis holds them; "" when absent */
-    long long inflight;           /* entries in {sku:ID}:resv */
+    long long inflight;           /* entries in {sku:ID}:resv (every shard's) */
+    int missing;                  /* sharded and not exists: the first shard missing */
 } sale_view;
 
 /* Runs a command that answers with an integer (HLEN); -1 with errbuf. */
@@ -190,7 +194,36 @@ static int redis_int(sp_reaper *rp, const char *cmd, const char *key, long long 
     return 0;
 }
 
-static int read_sale(sp_reaper *rp, int64_t sku_id, sale_view *sv, char *errbuf, size_t errlen) {
+/* read_sale of a sale over nshards > 1 shards. */
+static int read_sharded_sale(sp_reaper *rp, int64_t sku_id, int nshards, sale_view *sv,
+                             char *errbuf, size_t errlen) {
+    sp_sharded_units u;
+    sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
+    if (redis == NULL) return -1;
+    if (sp_stock_sharded_read(redis, sku_id, nshards, &u, errbuf, errlen) != 0) {
+        sp_reaper_redis_failed(rp);
+        return -1;
+    }
+    memset(sv, 0, sizeof(*sv));
+    sv->exists = u.missing < 0;
+    sv->missing = u.missing;
+    sv->paused = u.paused > 0;
+    snprintf(sv->stock, sizeof(sv->stock), "%" PRId64, u.units);
+    if (u.nunsupplied == 0) snprintf(sv->supplied, sizeof(sv->supplied), "%" PRId64, u.supplied);
+    for (int k = 0; k < nshards; k++) {
+        char key[SP_STOCK_KEY_MAX];
+        long long n = 0;
+        sp_stock_shard_key(key, sku_id, k, "resv");
+        if (redis_int(rp, "HLEN", key, &n, errbuf, errlen) != 0) return -1;
+        sv->inflight += n;
+    }
+    return 0;
+}
+
+/* The sale of sku_id (over nshards Redis shards: inventory.shards) into *sv. */
+static int read_sale(sp_reaper *rp, int64_t sku_id, int nshards, sale_view *sv, char *errbuf,
+                     size_t errlen) {
+    if (nshards > 1) return read_sharded_sale(rp, sku_id, nshards, sv, errbuf, errlen);
     char key[SP_STOCK_KEY_MAX];
     sp_stock_key(key, sku_id, "sale");
     const char *hmget[] = {"HMGET", key, "stock", "supplied", "paused"};
@@ -382,19 +415,22 @@ static int global_quiet(sp_reaper *rp, char *why, size_t whylen, char *errbuf, s
     return 0;
 }
 
-/* Compares one SKU's per-user counts; *nbad counts mismatches, printed only when rep. */
-static int compare_users(sp_reaper *rp, int64_t sku_id, report *rep, int *nbad, char *errbuf,
-                         size_t errlen) {
+/* Compares one SKU's per-user counts; *nbad counts mismatches, printed only when rep. A sale over
+ * nshards > 1 shards keeps each user's count on the user's home shard (sp_stock_home_shard): each
+ * is read there, and the users counted are those of every shard. */
+static int compare_users(sp_reaper *rp, int64_t sku_id, int nshards, report *rep, int *nbad,
+                         char *errbuf, size_t errlen) {
     char key[SP_STOCK_KEY_MAX];
     int64_t last = 0, nusers = 0;
     long long hlen = 0;
     const char **argv = malloc((2 + SP_REAPER_USER_PAGE) * sizeof(*argv));
+    int *rowof = malloc(SP_REAPER_USER_PAGE * sizeof(*rowof)); /* argv[2 + j]: row rowof[j] */
     int rc = -1;
-    if (argv == NULL) {
+    if (argv == NULL || rowof == NULL) {
         snprintf(errbuf, errlen, "out of memory");
-        return -1;
+        goto out;
     }
-    sp_stock_key(key, sku_id, "users");
+    if (nshards < 1) nshards = 1;
     for (;;) {
         PGconn *pg = sp_reaper_pg(rp, errbuf, errlen);
         PGresult *res = pg ? sp_reaper_user_units_page(pg, sku_id, last, errbuf, errlen) : NULL;
@@ -402,23 +438,34 @@ static int compare_users(sp_reaper *rp, int64_t sku_id, report *rep, int *nbad, 
         if (res == NULL) goto out;
         int n = PQntuples(res);
         nusers += n;
-        if (n > 0) {
+        for (int k = 0; k < nshards && n > 0; k++) {
+            int m = 0;
+            for (int i = 0; i < n; i++)
+                if (sp_stock_home_shard(strtoll(v(res, i, 0), NULL, 10), nshards) == k)
+                    rowof[m] = i, argv[2 + m++] = v(res, i, 0);
+            if (m == 0) continue;
+            sp_stock_shard_key(key, sku_id, k, "users");
             argv[0] = "HMGET", argv[1] = key;
-            for (int i = 0; i < n; i++) argv[2 + i] = v(res, i, 0);
-            redisReply *r = sp_reaper_redis_argv(rp, 2 + n, argv, REDIS_REPLY_ARRAY, errbuf,
+            redisReply *r = sp_reaper_redis_argv(rp, 2 + m, argv, REDIS_REPLY_ARRAY, errbuf,
                                                  errlen);
-            if (r == NULL || r->elements != (size_t)n) {
+            if (r == NULL || r->elements != (size_t)m) {
                 if (r) snprintf(errbuf, errlen, "HMGET %s: unexpected reply", key);
                 freeReplyObject(r);
                 PQclear(res);
                 goto out;
             }
-            for (int i = 0; i < n; i++) {
-                const char *got = r->element[i]->type == REDIS_REPLY_STRING ? r->element[i]->str
+            for (int j = 0; j < m; j++) {
+                int i = rowof[j];
+                const char *got = r->element[j]->type == REDIS_REPLY_STRING ? r->element[j]->str
                                                                             : "0";
                 if (strcmp(got, v(res, i, 1)) != 0) {
                     (*nbad)++;
-                    if (rep)
+                    if (rep && nshards > 1)
+                        violation(rep,
+                                  "sku %" PRId64 ": Redis counts %s units for user %s on its home "
+                                  "shard %d of %d, PostgreSQL's pending and paid orders %s",
+                                  sku_id, got, v(res, i, 0), k, nshards, v(res, i, 1));
+                    else if (rep)
                         violation(rep,
                                   "sku %" PRId64 ": Redis counts %s units for user %s, "
                                   "PostgreSQL's pending and paid orders %s",
@@ -426,23 +473,29 @@ static int compare_users(sp_reaper *rp, int64_t sku_id, report *rep, int *nbad, 
                 }
             }
             freeReplyObject(r);
-            last = strtoll(v(res, n - 1, 0), NULL, 10);
         }
+        if (n > 0) last = strtoll(v(res, n - 1, 0), NULL, 10);
         PQclear(res);
         if (n < SP_REAPER_USER_PAGE) break;
     }
-    if (redis_int(rp, "HLEN", key, &hlen, errbuf, errlen) != 0) goto out;
+    for (int k = 0; k < nshards; k++) {
+        long long here = 0;
+        sp_stock_shard_key(key, sku_id, k, "users");
+        if (redis_int(rp, "HLEN", key, &here, errbuf, errlen) != 0) goto out;
+        hlen += here;
+    }
     if (hlen != nusers) {
         (*nbad)++;
         if (rep)
             violation(rep,
-                      "sku %" PRId64 ": Redis counts units for %lld users, PostgreSQL's "
+                      "sku %" PRId64 ": Redis counts units for %lld users%s, PostgreSQL's "
                       "pending and paid orders belong to %" PRId64 " users",
-                      sku_id, hlen, nusers);
+                      sku_id, hlen, nshards > 1 ? " over its shards" : "", nusers);
     }
     rc = 0;
 out:
     free(argv);
+    free(rowof);
     return rc;
 }
 
@@ -457,16 +510,19 @@ static int compare_pass(sp_reaper *rp, report *rep, int *nbusy, int *nbad, char 
         const char *params[] = {sp_reaper_i64(after, last), sp_reaper_i64(limit, SKU_PAGE)};
         PGresult *res = sp_reaper_query(
             rp,
-            "SELECT sku_id, stock, supplied, per_user_limit FROM inventory"
+            "SELECT sku_id, stock, supplied, per_user_limit, shards FROM inventory"
             " WHERE sku_id > $1::bigint ORDER BY sku_id LIMIT $2::int",
             2, params, errbuf, errlen);
         if (res == NULL) return -1;
         int n = PQntuples(res);
         for (int i = 0; i < n; i++) {
             int64_t sku = strtoll(v(res, i, 0), NULL, 10);
+            int shards = atoi(v(res, i, 4));
+            char over[40] = ""; /* a sharded sale's figures are summed over its shards */
             sale_view sv;
             last = sku;
-            if (read_sale(rp, sku, &sv, errbuf, errlen) != 0) {
+            if (shards > 1) snprintf(over, sizeof(over), " summed over %d shards", shards);
+            if (read_sale(rp, sku, shards, &sv, errbuf, errlen) != 0) {
                 PQclear(res);
                 return -1;
             }
@@ -480,7 +536,12 @@ static int compare_pass(sp_reaper *rp, report *rep, int *nbusy, int *nbad, char 
             }
             if (!sv.exists) {
                 (*nbad)++;
-                if (rep)
+                if (rep && shards > 1)
+                    violation(rep,
+                              "sku %" PRId64 ": PostgreSQL has it on sale over %d Redis shards, "
+                              "Redis has no shard %d",
+                              sku, shards, sv.missing);
+                else if (rep)
                     violation(rep, "sku %" PRId64 ": PostgreSQL has it on sale, Redis has no sale",
                               sku);
                 continue;
@@ -489,13 +550,14 @@ static int compare_pass(sp_reaper *rp, report *rep, int *nbusy, int *nbad, char 
                 (*nbad)++;
                 if (rep)
                     violation(rep,
-                              "sku %" PRId64 ": Redis stock %s (supplied %s) != PostgreSQL stock "
-                              "%s (supplied %s)",
-                              sku, stock, supplied[0] ? supplied : "-", v(res, i, 1), v(res, i, 2));
+                              "sku %" PRId64 ": Redis stock %s (supplied %s)%s != PostgreSQL "
+                              "stock %s (supplied %s)",
+                              sku, stock, supplied[0] ? supplied : "-", over, v(res, i, 1),
+                              v(res, i, 2));
             }
             /* Redis keeps per-user counts only for a sale with a per-user limit. */
             if (strcmp(v(res, i, 3), "0") != 0 &&
-                compare_users(rp, sku, rep, nbad, errbuf, errlen) != 0) {
+                compare_users(rp, sku, shards, rep, nbad, errbuf, errlen) != 0) {
                 PQclear(res);
                 return -1;
             }
@@ -600,7 +662,12 @@ static void judge(sp_reaper *rp, const sku_row *row, const sale_view *first, con
         }
         fig->ndiffering++;
         fig->below += row->stock;
-        if (fig->ndiffering <= LOGGED_MAX)
+        if (fig->ndiffering <= LOGGED_MAX && row->shards > 1)
+            SP_LOG_CTX(SP_LOG_WARN, &ctx,
+                       "audit: PostgreSQL has the sale (stock %" PRId64 ") over %d Redis shards, "
+                       "Redis has no shard %d",
+                       row->stock, (int)row->shards, now->missing);
+        else if (fig->ndiffering <= LOGGED_MAX)
             SP_LOG_CTX(SP_LOG_WARN, &ctx,
                        "audit: PostgreSQL has the sale (stock %" PRId64 "), Redis has none",
                        row->stock);
@@ -621,21 +688,22 @@ static void judge(sp_reaper *rp, const sku_row *row, const sale_view *first, con
     if (parsed && stock < row->stock) fig->below += row->stock - stock;
     if (fig->ndiffering <= LOGGED_MAX)
         SP_LOG_CTX(SP_LOG_WARN, &ctx,
-                   "audit: Redis stock %s (supplied %s) != PostgreSQL stock %" PRId64
+                   "audit: Redis stock %s (supplied %s)%s != PostgreSQL stock %" PRId64
                    " (supplied %" PRId64 ")",
-                   now->stock, now->supplied[0] ? now->supplied : "-", row->stock, row->supplied);
+                   now->stock, now->supplied[0] ? now->supplied : "-",
+                   row->shards > 1 ? " summed over its shards" : "", row->stock, row->supplied);
 }
 
-/* One page of SKUs (ids, n of them) into fig. */
-static int watch_page(sp_reaper *rp, const int64_t *ids, int n, int npartitions, sale_view *first,
-                      sku_row *rows, int64_t *high, int64_t *stored, sp_audit_figures *fig,
-                      char *errbuf, size_t errlen) {
+/* One page of SKUs (ids, n of them, their sales over shards[i] Redis shards) into fig. */
+static int watch_page(sp_reaper *rp, const int64_t *ids, const int *shards, int n, int npartitions,
+                      sale_view *first, sku_row *rows, int64_t *high, int64_t *stored,
+                      sp_audit_figures *fig, char *errbuf, size_t errlen) {
     int nrows = 0;
     /* Redis first, then the end of each partition, then what the consumer stored and PostgreSQL's
      * rows: every event Kafka had taken before Redis was read is in those rows when the consumer
      * stored the partition up to that end (a restock reaches Redis only after Kafka took it). */
     for (int i = 0; i < n; i++)
-        if (read_sale(rp, ids[i], &first[i], errbuf, errlen) != 0) return -1;
+        if (read_sale(rp, ids[i], shards[i], &first[i], errbuf, errlen) != 0) return -1;
     if (read_positions(rp, npartitions, high, stored, errbuf, errlen) != 0 ||
         read_skus(rp, ids, n, rows, &nrows, errbuf, errlen) != 0)
         return -1;
@@ -655,7 +723,8 @@ static int watch_page(sp_reaper *rp, const int64_t *ids, int n, int npartitions,
                        " (%" PRId64 " units %s)",
                        rows[r].supplied, rows[r].stock, rows[r].held, oversold + leaked,
                        leaked ? "missing: leaked" : "too many: oversold");
-        if (read_sale(rp, rows[r].sku_id, &now, errbuf, errlen) != 0) return -1;
+        /* the shards of the first look: a sale's shards are fixed for its life */
+        if (read_sale(rp, rows[r].sku_id, shards[i], &now, errbuf, errlen) != 0) return -1;
         int32_t p = sp_reaper_partition_in(rows[r].sku_id, npartitions);
         judge(rp, &rows[r], &first[i], &now, stored[p] >= high[p], fig);
     }
@@ -665,6 +734,7 @@ static int watch_page(sp_reaper *rp, const int64_t *ids, int n, int npartitions,
 int sp_audit_watch(sp_reaper *rp, sp_audit_figures *fig, char *errbuf, size_t errlen) {
     int npartitions = 0, rc = -1;
     int64_t last = 0, *ids = NULL, *high = NULL, *stored = NULL;
+    int *shards = NULL;
     sale_view *first = NULL;
     sku_row *rows = NULL;
     memset(fig, 0, sizeof(*fig));
@@ -676,11 +746,13 @@ int sp_audit_watch(sp_reaper *rp, sp_audit_figures *fig, char *errbuf, size_t er
         goto out;
     }
     ids = malloc(SKU_PAGE * sizeof(*ids));
+    shards = malloc(SKU_PAGE * sizeof(*shards));
     first = malloc(SKU_PAGE * sizeof(*first));
     rows = malloc(SKU_PAGE * sizeof(*rows));
     high = calloc((size_t)npartitions, sizeof(*high));
     stored = calloc((size_t)npartitions, sizeof(*stored));
-    if (ids == NULL || first == NULL || rows == NULL || high == NULL || stored == NULL) {
+    if (ids == NULL || shards == NULL || first == NULL || rows == NULL || high == NULL ||
+        stored == NULL) {
         snprintf(errbuf, errlen, "out of memory");
         goto out;
     }
@@ -693,15 +765,18 @@ int sp_audit_watch(sp_reaper *rp, sp_audit_figures *fig, char *errbuf, size_t er
             goto out;
         }
         PGresult *res = sp_reaper_query(rp,
-                                        "SELECT sku_id FROM inventory WHERE sku_id > $1::bigint"
-                                        " ORDER BY sku_id LIMIT $2::int",
+                                        "SELECT sku_id, shards FROM inventory"
+                                        " WHERE sku_id > $1::bigint ORDER BY sku_id LIMIT $2::int",
                                         2, params, errbuf, errlen);
         if (res == NULL) goto out;
         int n = PQntuples(res);
-        for (int i = 0; i < n; i++) ids[i] = strtoll(v(res, i, 0), NULL, 10);
+        for (int i = 0; i < n; i++) {
+            ids[i] = strtoll(v(res, i, 0), NULL, 10);
+            shards[i] = atoi(v(res, i, 1));
+        }
         PQclear(res);
-        if (n > 0 && watch_page(rp, ids, n, npartitions, first, rows, high, stored, fig, errbuf,
-                                errlen) != 0)
+        if (n > 0 && watch_page(rp, ids, shards, n, npartitions, first, rows, high, stored, fig,
+                                errbuf, errlen) != 0)
             goto out;
         if (n < SKU_PAGE) break;
         last = ids[n - 1];
@@ -718,6 +793,7 @@ int sp_audit_watch(sp_reaper *rp, sp_audit_figures *fig, char *errbuf, size_t er
 out:
     if (rc != 0 && !sp_signal_stop_requested()) sp_metric_inc(&m_errors);
     free(ids);
+    free(shards);
     free(first);
     free(rows);
     free(high);

@@ -14,6 +14,10 @@
  *   - per SKU, the sale exists, its stock equals inventory.stock and its supplied equals
  *     inventory.supplied;
  *   - per user, the units Redis counts equal the qty of the user's pending and paid orders.
+ * A sale over N > 1 Redis shards (inventory.shards) is compared as one: its stock is the sum over
+ * the shards of stock + moving, a transfer given and not yet settled counted once
+ * (sp_stock_sharded_read), its supplied the shards' summed; a shard paused makes it busy, a shard
+ * missing makes it missing; each user's count is read on the user's home shard.
  * A mismatch is reported only if it is still there a second later (it was not a moment in
  * flight). The running reaper runs the checks that need no quiet system every AUDIT_INTERVAL_MS
  * for its gauges (sp_audit_watch). See docs/reaper.md.

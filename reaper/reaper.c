@@ -22,6 +22,7 @@
 #include "restock_catchup.h"
 #include "stock.h"
 #include "resv_sweep.h"
+#include "shard_transfers.h"
 #include "signals.h"
 #include "stock_return.h"
 
@@ -180,6 +181,12 @@ static int sweep(sp_reaper *rp, int resv_due) {
             sp_info("reservation sweep: %zu SKUs, %zu voided, %zu entries dropped, %zu markers "
                     "settled, %zu SKUs reconciled",
                     st.nskus, st.nvoided, st.ndropped, st.nsettled, st.nreconciled);
+        sp_shard_sweep sw;
+        if (sp_shard_transfers_sweep(rp, &sw, err, sizeof(err)) != 0)
+            sp_warn("shard transfer sweep failed: %s", err);
+        else if (sw.completed || sw.aborted)
+            sp_info("shard transfers: %d completed, %d given back to their donor, %d waiting",
+                    sw.completed, sw.aborted, sw.waiting);
         if (sp_requests_forget_decided(rp, FORGET_LIMIT, &n, err, sizeof(err)) != 0)
             sp_warn("forgetting decided requests failed: %s", err);
         else

@@ -60,6 +60,7 @@ void sp_reconcile_register_metrics(void) {
 typedef struct inv_row {
     int64_t stock, supplied;
     int32_t per_user_limit, pay_timeout_s;
+    int32_t shards; /* its sale's shards in Redis (docs/reservation.md, "Hot-SKU sharding") */
 } inv_row;
 
 /* ---- Redis's identity ---- */
@@ -130,14 +131,14 @@ static int redis_argv(sp_reaper *rp, int argc, const char **argv, char *errbuf, 
 /* Writes n pairs of a reconcile's snapshot into Redis (reconcile_stage.lua) for the reconcile that
  * owns the sale by token; -1 with errbuf when Redis failed or another reconcile paused the sale
  * since (this one lost its SKU lock: it must not write into the other one's rebuild). */
-static int stage_write(sp_reaper *rp, int64_t sku_id, const char *token, sp_stage_what what,
-                       const char *const *fields, const char *const *values, size_t n, char *errbuf,
-                       size_t errlen) {
+static int stage_write(sp_reaper *rp, int64_t sku_id, int shard, const char *token,
+                       sp_stage_what what, const char *const *fields, const char *const *values,
+                       size_t n, char *errbuf, size_t errlen) {
     int owned = 0;
     sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
     if (redis == NULL) return -1;
-    if (sp_stock_reconcile_stage(redis, sku_id, token, what, fields, values, n, &owned, errbuf,
-                                 errlen) != 0) {
+    if (sp_stock_reconcile_stage_on_shard(redis, sku_id, shard, token, what, fields, values, n,
+                                          &owned, errbuf, errlen) != 0) {
         sp_reaper_redis_failed(rp);
         return -1;
     }
@@ -241,22 +242,27 @@ static int mark_rebuilt(sp_reaper *rp, const char *epoch, char *errbuf, size_t e
 
 /* ---- one SKU ---- */
 
+/* Row 0 of (stock, supplied, per_user_limit, pay_timeout_s, shards). */
+static void inv_read(PGresult *res, inv_row *inv) {
+    inv->stock = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+    inv->supplied = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
+    inv->per_user_limit = (int32_t)strtol(PQgetvalue(res, 0, 2), NULL, 10);
+    inv->pay_timeout_s = (int32_t)strtol(PQgetvalue(res, 0, 3), NULL, 10);
+    inv->shards = (int32_t)strtol(PQgetvalue(res, 0, 4), NULL, 10);
+    if (inv->shards < 1 || inv->shards > SP_SHARDS_MAX) inv->shards = 1;
+}
+
 static int read_inventory(sp_reaper *rp, int64_t sku_id, inv_row *inv, int *found, char *errbuf,
                           size_t errlen) {
     char sku[24];
     const char *params[] = {sp_reaper_i64(sku, sku_id)};
     PGresult *res = sp_reaper_query(rp,
-                                    "SELECT stock, supplied, per_user_limit, pay_timeout_s"
+                                    "SELECT stock, supplied, per_user_limit, pay_timeout_s, shards"
                                     "  FROM inventory WHERE sku_id = $1::bigint",
                                     1, params, errbuf, errlen);
     if (res == NULL) return -1;
     *found = PQntuples(res) == 1;
-    if (*found) {
-        inv->stock = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
-        inv->supplied = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
-        inv->per_user_limit = (int32_t)strtol(PQgetvalue(res, 0, 2), NULL, 10);
-        inv->pay_timeout_s = (int32_t)strtol(PQgetvalue(res, 0, 3), NULL, 10);
-    }
+    if (*found) inv_read(res, inv);
     PQclear(res);
     return 0;
 }
@@ -346,11 +352,13 @@ static int wait_consumer_all(sp_reaper *rp, char *errbuf, size_t errlen) {
 }
 
 /* Per-user units of pending and paid orders into users_rebuild, a page at a time (inside the
- * snapshot). Only for a sale with a per-user limit: Redis keeps no counts for one without. */
-static int stage_users(sp_reaper *rp, int64_t sku_id, const char *token, char *errbuf,
+ * snapshot), each user's on its home shard. Only for a sale with a per-user limit: Redis keeps no
+ * counts for one without. */
+static int stage_users(sp_reaper *rp, int64_t sku_id, int nshards, const char *token, char *errbuf,
                        size_t errlen) {
-    const char **users = malloc(2 * SP_REAPER_USER_PAGE * sizeof(*users));
+    const char **users = malloc(4 * SP_REAPER_USER_PAGE * sizeof(*users));
     const char **units = users + SP_REAPER_USER_PAGE;
+    const char **su = users + 2 * SP_REAPER_USER_PAGE, **sn = users + 3 * SP_REAPER_USER_PAGE;
     int64_t last = 0;
     int rc = -1;
     if (users == NULL) {
@@ -360,14 +368,20 @@ static int stage_users(sp_reaper *rp, int64_t sku_id, const char *token, char *e
     for (;;) {
         PGresult *res = sp_reaper_user_units_page(rp->pg, sku_id, last, errbuf, errlen);
         if (res == NULL) goto out;
-        int n = PQntuples(res);
+        int n = PQntuples(res), failed = 0;
         for (int i = 0; i < n; i++) {
             users[i] = PQgetvalue(res, i, 0);
             units[i] = PQgetvalue(res, i, 1);
         }
         if (n > 0) last = strtoll(PQgetvalue(res, n - 1, 0), NULL, 10);
-        int failed = n > 0 && stage_write(rp, sku_id, token, SP_STAGE_USERS, users, units,
-                                          (size_t)n, errbuf, errlen) != 0;
+        for (int k = 0; k < nshards && !failed; k++) {
+            size_t m = 0;
+            for (int i = 0; i < n; i++)
+                if (sp_stock_home_shard(strtoll(users[i], NULL, 10), nshards) == k)
+                    su[m] = users[i], sn[m] = units[i], m++;
+            failed = m > 0 && stage_write(rp, sku_id, k, token, SP_STAGE_USERS, su, sn, m, errbuf,
+                                          errlen) != 0;
+        }
         PQclear(res);
         if (failed) goto out;
         if (n < SP_REAPER_USER_PAGE) break;
@@ -380,10 +394,12 @@ out:
 
 /* Stages, for the reconcile of token, one mark per id that sql selects (inside the snapshot), a
  * page at a time: sql takes $1 sku_id, $2 the last id of the page before, $3 the page size and,
- * when nparams is 4, $4 IDEM_TTL_S; it returns ids in order. value is what each mark holds. */
-static int stage_marks(sp_reaper *rp, int64_t sku_id, const char *token, sp_stage_what what,
-                       const char *sql, int nparams, const char *value, char *errbuf,
-                       size_t errlen) {
+ * when nparams is 4, $4 IDEM_TTL_S; it returns ids in order, and when it returns a second column
+ * (the row's user) each mark goes to that user's home shard of the nshards (else to shard 0).
+ * value is what each mark holds. */
+static int stage_marks(sp_reaper *rp, int64_t sku_id, int nshards, const char *token,
+                       sp_stage_what what, const char *sql, int nparams, const char *value,
+                       char *errbuf, size_t errlen) {
     char sku[24], limit[24], ttl[24];
     char last[SP_ORDER_ID_MAX + SP_REQUEST_ID_MAX + 2] = "";
     const char **ids = malloc(2 * LEDGER_PAGE * sizeof(*ids));
@@ -398,10 +414,16 @@ static int stage_marks(sp_reaper *rp, int64_t sku_id, const char *token, sp_stag
                                 sp_reaper_i64(ttl, rp->cfg->idem_ttl_s)};
         PGresult *res = sp_pg_query(rp->pg, sql, nparams, params, errbuf, errlen);
         if (res == NULL) goto out;
-        int n = PQntuples(res);
-        for (int i = 0; i < n; i++) ids[i] = PQgetvalue(res, i, 0), values[i] = value;
-        int failed = n > 0 && stage_write(rp, sku_id, token, what, ids, values, (size_t)n, errbuf,
-                                          errlen) != 0;
+        int n = PQntuples(res), failed = 0, by_user = PQnfields(res) > 1;
+        for (int k = 0; k < (by_user ? nshards : 1) && !failed; k++) {
+            size_t m = 0;
+            for (int i = 0; i < n; i++)
+                if (!by_user ||
+                    sp_stock_home_shard(strtoll(PQgetvalue(res, i, 1), NULL, 10), nshards) == k)
+                    ids[m] = PQgetvalue(res, i, 0), values[m] = value, m++;
+            failed = m > 0 &&
+                     stage_write(rp, sku_id, k, token, what, ids, values, m, errbuf, errlen) != 0;
+        }
         if (n > 0) snprintf(last, sizeof(last), "%s", PQgetvalue(res, n - 1, 0));
         PQclear(res);
         if (failed) goto out;
@@ -415,11 +437,11 @@ out:
 
 /* A marker for each ledger row not yet given back: the rebuild counts its units, so give_back.lua
  * must not give them again. */
-static int mark_ledger(sp_reaper *rp, int64_t sku_id, const char *token, char *errbuf,
+static int mark_ledger(sp_reaper *rp, int64_t sku_id, int nshards, const char *token, char *errbuf,
                        size_t errlen) {
     char now[24];
-    return stage_marks(rp, sku_id, token, SP_STAGE_MARKERS,
-                       "SELECT order_id FROM stock_returns"
+    return stage_marks(rp, sku_id, nshards, token, SP_STAGE_MARKERS,
+                       "SELECT order_id, user_id FROM stock_returns"
                        " WHERE sku_id = $1::bigint AND returned_to_redis_at IS NULL"
                        "   AND order_id > $2 ORDER BY order_id LIMIT $3::int",
                        3, sp_reaper_i64(now, sp_clock_wall_ms()), errbuf, errlen);
@@ -433,19 +455,20 @@ static int mark_restocks(sp_reaper *rp, int64_t sku_id, const char *token, char 
                          size_t errlen) {
     char mark[32];
     snprintf(mark, sizeof(mark), "%" PRId64 ":", sp_clock_wall_ms());
-    return stage_marks(
-        rp, sku_id, token, SP_STAGE_RESTOCKS,
-        "SELECT request_id FROM restocks WHERE sku_id = $1::bigint AND request_id > $2"
-        "   AND (applied_to_redis_at IS NULL"
-        "        OR created_at > now() - make_interval(secs => $4::bigint))"
-        " ORDER BY request_id LIMIT $3::int",
-        4, mark, errbuf, errlen);
+    return stage_marks(/* on shard 0, where restock.lua adds */
+                       rp, sku_id, 1, token, SP_STAGE_RESTOCKS,
+                       "SELECT request_id FROM restocks WHERE sku_id = $1::bigint AND request_id > "
+                       "$2"
+                       "   AND (applied_to_redis_at IS NULL"
+                       "        OR created_at > now() - make_interval(secs => $4::bigint))"
+                       " ORDER BY request_id LIMIT $3::int",
+                       4, mark, errbuf, errlen);
 }
 
 /* Splits n entries (field, value pairs of an HSCAN reply) of resv: entries the snapshot knows are
  * dropped, the others staged. */
-static int stage_entries(sp_reaper *rp, int64_t sku_id, redisReply *const *kv, size_t n,
-                         const char *token, char *errbuf, size_t errlen) {
+static int stage_entries(sp_reaper *rp, int64_t sku_id, int shard, redisReply *const *kv, size_t n,
+                         const char *token, int64_t *staged_units, char *errbuf, size_t errlen) {
     if (n == 0) return 0;
     const char **ids = calloc(n, sizeof(*ids)), **vals = calloc(n, sizeof(*vals));
     const char **sids = calloc(n, sizeof(*sids)), **svals = calloc(n, sizeof(*svals));
@@ -484,15 +507,19 @@ static int stage_entries(sp_reaper *rp, int64_t sku_id, redisReply *const *kv, s
         } else {
             sids[nstage] = ids[i], svals[nstage] = vals[i];
             nstage++;
+            /* "r:user:qty:..." or "a:user:qty:...": the units the apply will count in flight */
+            const char *q = strchr(vals[i], ':');
+            q = q ? strchr(q + 1, ':') : NULL;
+            if (q) *staged_units += strtoll(q + 1, NULL, 10);
         }
     }
-    if (nstage > 0 &&
-        stage_write(rp, sku_id, token, SP_STAGE_ENTRIES, sids, svals, nstage, errbuf, errlen) != 0)
+    if (nstage > 0 && stage_write(rp, sku_id, shard, token, SP_STAGE_ENTRIES, sids, svals, nstage,
+                                  errbuf, errlen) != 0)
         goto out;
     if (nknown > 0) {
         sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
-        if (redis == NULL ||
-            sp_stock_resv_drop(redis, sku_id, ids, vals, nknown, &dropped, errbuf, errlen) != 0)
+        if (redis == NULL || sp_stock_resv_drop_on_shard(redis, sku_id, shard, ids, vals, nknown,
+                                                         &dropped, errbuf, errlen) != 0)
             goto out;
     }
     rc = 0;
@@ -508,27 +535,33 @@ out:
 
 typedef struct stage_ctx {
     int64_t sku_id;
+    int shard;
     const char *token;
+    int64_t staged_units; /* units of the entries staged (in flight as far as the snapshot goes) */
 } stage_ctx;
 
 static int stage_step(sp_reaper *rp, redisReply *const *kv, size_t n, void *arg, char *errbuf,
                       size_t errlen) {
-    const stage_ctx *sc = arg;
-    return stage_entries(rp, sc->sku_id, kv, n, sc->token, errbuf, errlen);
+    stage_ctx *sc = arg;
+    return stage_entries(rp, sc->sku_id, sc->shard, kv, n, sc->token, &sc->staged_units, errbuf,
+                         errlen);
 }
 
-static int stage_resv(sp_reaper *rp, int64_t sku_id, const char *token, char *errbuf,
-                      size_t errlen) {
+/* Stages shard `shard`'s resv; *staged_units: the units of the entries staged. */
+static int stage_resv(sp_reaper *rp, int64_t sku_id, int shard, const char *token,
+                      int64_t *staged_units, char *errbuf, size_t errlen) {
     char key[SP_STOCK_KEY_MAX];
-    stage_ctx sc = {.sku_id = sku_id, .token = token};
-    sp_stock_key(key, sku_id, "resv");
-    return sp_reaper_hscan(rp, key, RESV_SCAN, STEP_MAX, stage_step, &sc, errbuf, errlen);
+    stage_ctx sc = {.sku_id = sku_id, .shard = shard, .token = token};
+    sp_stock_shard_key(key, sku_id, shard, "resv");
+    int rc = sp_reaper_hscan(rp, key, RESV_SCAN, STEP_MAX, stage_step, &sc, errbuf, errlen);
+    *staged_units = sc.staged_units;
+    return rc;
 }
 
 /* Step 4: one REPEATABLE READ snapshot, written into Redis for the reconcile of token; *snap is its
- * inventory row. */
-static int stage(sp_reaper *rp, int64_t sku_id, const char *token, inv_row *snap, char *errbuf,
-                 size_t errlen) {
+ * inventory row; staged[k]: the units of shard k's entries staged (in flight). */
+static int stage(sp_reaper *rp, int64_t sku_id, const char *token, inv_row *snap, int64_t *staged,
+                 char *errbuf, size_t errlen) {
     char sku[24];
     const char *params[] = {sp_reaper_i64(sku, sku_id)};
     PGresult *res = NULL;
@@ -537,7 +570,7 @@ static int stage(sp_reaper *rp, int64_t sku_id, const char *token, inv_row *snap
                    errlen) != 0)
         goto fail;
     res = sp_pg_query(rp->pg,
-                      "SELECT stock, supplied, per_user_limit, pay_timeout_s"
+                      "SELECT stock, supplied, per_user_limit, pay_timeout_s, shards"
                       "  FROM inventory WHERE sku_id = $1::bigint",
                       1, params, errbuf, errlen);
     if (res == NULL) goto fail;
@@ -545,18 +578,19 @@ static int stage(sp_reaper *rp, int64_t sku_id, const char *token, inv_row *snap
         snprintf(errbuf, errlen, "the inventory row vanished");
         goto fail;
     }
-    snap->stock = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
-    snap->supplied = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
-    snap->per_user_limit = (int32_t)strtol(PQgetvalue(res, 0, 2), NULL, 10);
-    snap->pay_timeout_s = (int32_t)strtol(PQgetvalue(res, 0, 3), NULL, 10);
+    inv_read(res, snap);
     PQclear(res);
     res = NULL;
-    if (stage_write(rp, sku_id, token, SP_STAGE_CLEAR, NULL, NULL, 0, errbuf, errlen) != 0 ||
-        (snap->per_user_limit > 0 && stage_users(rp, sku_id, token, errbuf, errlen) != 0) ||
-        mark_ledger(rp, sku_id, token, errbuf, errlen) != 0 ||
-        mark_restocks(rp, sku_id, token, errbuf, errlen) != 0 ||
-        stage_resv(rp, sku_id, token, errbuf, errlen) != 0)
+    for (int k = 0; k < snap->shards; k++)
+        if (stage_write(rp, sku_id, k, token, SP_STAGE_CLEAR, NULL, NULL, 0, errbuf, errlen) != 0)
+            goto fail;
+    if ((snap->per_user_limit > 0 &&
+         stage_users(rp, sku_id, snap->shards, token, errbuf, errlen) != 0) ||
+        mark_ledger(rp, sku_id, snap->shards, token, errbuf, errlen) != 0 ||
+        mark_restocks(rp, sku_id, token, errbuf, errlen) != 0)
         goto fail;
+    for (int k = 0; k < snap->shards; k++)
+        if (stage_resv(rp, sku_id, k, token, &staged[k], errbuf, errlen) != 0) goto fail;
     if (sp_pg_exec(rp->pg, "COMMIT", 0, NULL, errbuf, errlen) != 0) goto fail;
     return 0;
 fail:
@@ -567,8 +601,9 @@ fail:
 
 /* Step 6: staged entries that vanished before the rebuild and that the consumer stored after the
  * snapshot took stock neither the snapshot nor the in-flight entries counted. */
-static int adjust_vanished(sp_reaper *rp, int64_t sku_id, const char *token, const sp_vanished *v,
-                           size_t n, size_t *nadjusted, char *errbuf, size_t errlen) {
+static int adjust_vanished(sp_reaper *rp, int64_t sku_id, int shard, const char *token,
+                           const sp_vanished *v, size_t n, size_t *nadjusted, char *errbuf,
+                           size_t errlen) {
     const char **ids = calloc(n, sizeof(*ids));
     char *array = NULL;
     PGresult *res = NULL;
@@ -596,8 +631,8 @@ static int adjust_vanished(sp_reaper *rp, int64_t sku_id, const char *token, con
             if (strcmp(v[i].order_id, PQgetvalue(res, r, 0)) != 0) continue;
             sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
             if (redis == NULL) goto out;
-            if (sp_stock_reconcile_adjust(redis, sku_id, token, v[i].user_id, v[i].qty, &owned,
-                                          &stock, errbuf, errlen) != 0) {
+            if (sp_stock_reconcile_adjust_on_shard(redis, sku_id, shard, token, v[i].user_id,
+                                                   v[i].qty, &owned, &stock, errbuf, errlen) != 0) {
                 sp_reaper_redis_failed(rp);
                 goto out;
             }
@@ -630,7 +665,7 @@ static int rebuild(sp_reaper *rp, int64_t sku_id, int64_t settle_until, int caug
     inv_row inv, snap;
     char token[128];
     int found = 0, owned = 0;
-    int64_t stock = 0, inflight = 0;
+    int64_t stock = 0, inflight = 0, staged[SP_SHARDS_MAX] = {0};
     sp_vanished *vanished = NULL;
     size_t nvanished = 0, nadjusted = 0, nsettled = 0;
     sp_log_ctx ctx = {.sku_id = sku_id};
@@ -643,11 +678,15 @@ static int rebuild(sp_reaper *rp, int64_t sku_id, int64_t settle_until, int caug
         return 0;
     }
     snprintf(token, sizeof(token), "%s:%" PRId64, rp->cfg->worker_id, sp_clock_wall_ms());
-    sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
-    if (redis == NULL ||
-        sp_stock_reconcile_pause(redis, sku_id, token, inv.per_user_limit, inv.pay_timeout_s,
-                                 inv.supplied, errbuf, errlen) != 0)
-        return -1;
+    /* Every shard of a sharded sale: the token is the rebuild's generation too, so a transfer
+     * between shards begun before it gives and settles nothing; the sale's supplied on shard 0. */
+    for (int k = 0; k < inv.shards; k++) {
+        sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
+        if (redis == NULL || sp_stock_reconcile_pause_on_shard(
+                                 redis, sku_id, k, inv.shards, token, inv.per_user_limit,
+                                 inv.pay_timeout_s, k == 0 ? inv.supplied : 0, errbuf, errlen) != 0)
+            return -1;
+    }
     SP_LOG_CTX(SP_LOG_INFO, &ctx, "reconcile: sale paused (%s)", why);
     int64_t now = sp_clock_mono_ms();
     if (settle_until == 0) settle_until = now + rp->cfg->kafka_message_timeout_ms + 1000;
@@ -656,38 +695,75 @@ static int rebuild(sp_reaper *rp, int64_t sku_id, int64_t settle_until, int caug
         return -1;
     }
     if (!caught_up && wait_consumer(rp, sku_id, errbuf, errlen) != 0) return -1;
-    if (stage(rp, sku_id, token, &snap, errbuf, errlen) != 0) return -1;
-    if (sp_reaper_lock_held(rp, session, SP_LOCK_SKU, sku_id, errbuf, errlen) != 0) return -1;
-    redis = sp_reaper_redis(rp, errbuf, errlen);
-    if (redis == NULL ||
-        sp_stock_reconcile_apply(redis, sku_id, token, snap.stock, snap.supplied,
-                                 snap.per_user_limit, snap.pay_timeout_s, &owned, &stock, &inflight,
-                                 &vanished, &nvanished, errbuf, errlen) != 0)
-        goto out;
-    if (!owned) {
-        snprintf(errbuf, errlen, "the pause was lost (Redis lost data again?); tried again later");
-        goto out;
+    if (stage(rp, sku_id, token, &snap, staged, errbuf, errlen) != 0) return -1;
+    if (snap.shards != inv.shards) {
+        snprintf(errbuf, errlen, "the sale's shards changed (%d, then %d)", inv.shards,
+                 snap.shards);
+        return -1;
     }
-    /* The mend writes what only the lock's holder may write: the lock first. */
-    if (sp_reaper_lock_held(rp, session, SP_LOCK_SKU, sku_id, errbuf, errlen) != 0) goto out;
-    if (nvanished > 0 &&
-        adjust_vanished(rp, sku_id, token, vanished, nvanished, &nadjusted, errbuf, errlen) != 0)
-        goto out;
+    if (sp_reaper_lock_held(rp, session, SP_LOCK_SKU, sku_id, errbuf, errlen) != 0) return -1;
+    /* PostgreSQL's stock over the shards: each shard's entries in flight (they come off its own
+     * stock in the apply), then what is left spread evenly (shard k: rest / N, plus one for
+     * k < rest % N). More in flight than PostgreSQL holds: no shard gets more than its own in
+     * flight, and the excess is rejected in PostgreSQL, as on an unsharded sale. */
+    int64_t rest = snap.stock;
+    for (int k = 0; k < snap.shards; k++) rest -= staged[k];
+    if (rest < 0) rest = 0;
+    for (int k = 0; k < snap.shards; k++) {
+        int64_t share = rest / snap.shards + (k < rest % snap.shards ? 1 : 0);
+        int64_t shard_stock = 0, shard_inflight = 0;
+        size_t nadj = 0;
+        sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
+        if (redis == NULL ||
+            sp_stock_reconcile_apply_on_shard(
+                redis, sku_id, k, token, snap.shards > 1 ? staged[k] + share : snap.stock,
+                k == 0 ? snap.supplied : 0, snap.per_user_limit, snap.pay_timeout_s, &owned,
+                &shard_stock, &shard_inflight, &vanished, &nvanished, errbuf, errlen) != 0)
+            goto out;
+        if (!owned) {
+            snprintf(errbuf, errlen,
+                     "the pause was lost (Redis lost data again?); tried again later");
+            goto out;
+        }
+        stock += shard_stock, inflight += shard_inflight;
+        /* The mend writes what only the lock's holder may write: the lock first. */
+        if (sp_reaper_lock_held(rp, session, SP_LOCK_SKU, sku_id, errbuf, errlen) != 0) goto out;
+        if (nvanished > 0 &&
+            adjust_vanished(rp, sku_id, k, token, vanished, nvanished, &nadj, errbuf, errlen) != 0)
+            goto out;
+        nadjusted += nadj;
+        free(vanished);
+        vanished = NULL;
+        nvanished = 0;
+    }
     if (sp_stock_return_settle_markers(rp, sku_id, &nsettled, errbuf, errlen) != 0) goto out;
+    /* Transfers between the shards from before the rebuild: their records go (the new generation
+     * refuses them anyway). */
+    for (int k = 0; snap.shards > 1 && k < snap.shards; k++) {
+        char key[SP_STOCK_KEY_MAX];
+        sp_stock_shard_key(key, sku_id, k, "xfer");
+        const char *argv[] = {"DEL", key};
+        if (redis_argv(rp, 2, argv, errbuf, errlen) != 0) goto out;
+    }
     /* Only now: until here a failure leaves the sale paused, and it is rebuilt again. */
-    redis = sp_reaper_redis(rp, errbuf, errlen);
-    if (redis == NULL || sp_stock_reconcile_open(redis, sku_id, token, &owned, errbuf, errlen) != 0)
-        goto out;
-    if (!owned) {
-        snprintf(errbuf, errlen, "the pause was lost before the sale reopened; tried again later");
-        goto out;
+    for (int k = snap.shards - 1; k >= 0; k--) {
+        sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
+        if (redis == NULL ||
+            sp_stock_reconcile_open_on_shard(redis, sku_id, k, token, &owned, errbuf, errlen) != 0)
+            goto out;
+        if (!owned) {
+            snprintf(errbuf, errlen,
+                     "the pause was lost before the sale reopened; tried again later");
+            goto out;
+        }
     }
     sp_metric_inc(&m_reconciled);
     SP_LOG_CTX(SP_LOG_INFO, &ctx,
                "reconcile: sale rebuilt and reopened: stock %" PRId64 " (PostgreSQL %" PRId64
-               ", %" PRId64 " units in flight, %zu orders stored meanwhile), %zu ledger rows "
-               "counted as given back",
-               stock, snap.stock, inflight, nadjusted, nsettled);
+               ", %" PRId64 " units in flight, %zu orders stored meanwhile, %d shard%s), %zu "
+               "ledger rows counted as given back",
+               stock, snap.stock, inflight, nadjusted, snap.shards, snap.shards > 1 ? "s" : "",
+               nsettled);
     rc = 0;
 out:
     free(vanished);
@@ -735,7 +811,8 @@ static int cmp_i64(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* Pauses the sales of a page of inventory rows (sku_id, supplied, per_user_limit, pay_timeout_s)
+/* Pauses the sales of a page of inventory rows (sku_id, supplied, per_user_limit, pay_timeout_s,
+ * shards: every shard of a sharded sale)
  * in one pipelined round trip for token. The first pass (late 0) records their ids in
  * rc->first (ascending, as the pages come); the second (late 1) pauses only the others. */
 static void pause_page(sp_reaper *rp, PGresult *res, const char *token, int late, recovery *rc) {
@@ -765,7 +842,8 @@ static void pause_page(sp_reaper *rp, PGresult *res, const char *token, int late
             .sku_id = sku,
             .supplied = strtoll(PQgetvalue(res, i, 1), NULL, 10),
             .per_user_limit = (int32_t)strtol(PQgetvalue(res, i, 2), NULL, 10),
-            .pay_timeout_s = (int32_t)strtol(PQgetvalue(res, i, 3), NULL, 10)};
+            .pay_timeout_s = (int32_t)strtol(PQgetvalue(res, i, 3), NULL, 10),
+            .shards = (int32_t)strtol(PQgetvalue(res, i, 4), NULL, 10)};
     }
     sp_redis *redis = k > 0 ? sp_reaper_redis(rp, err, sizeof(err)) : NULL;
     if (k > 0 && (redis == NULL || sp_stock_reconcile_pause_many(redis, sales, (size_t)k, token,
@@ -781,12 +859,12 @@ static void pause_page(sp_reaper *rp, PGresult *res, const char *token, int late
 }
 
 /* A page of inventory rows after sku_id `after`: sku_id, supplied, per_user_limit,
- * pay_timeout_s. */
+ * pay_timeout_s, shards. */
 static PGresult *inventory_page(sp_reaper *rp, int64_t after, char *errbuf, size_t errlen) {
     char a[24], limit[24];
     const char *params[] = {sp_reaper_i64(a, after), sp_reaper_i64(limit, SKU_PAGE)};
     return sp_reaper_query(rp,
-                           "SELECT sku_id, supplied, per_user_limit, pay_timeout_s"
+                           "SELECT sku_id, supplied, per_user_limit, pay_timeout_s, shards"
                            "  FROM inventory WHERE sku_id > $1::bigint"
                            " ORDER BY sku_id LIMIT $2::int",
                            2, params, errbuf, errlen);

@@ -127,9 +127,9 @@ static int order_statuses(sp_reaper *rp, const char *const *ids, size_t n, char 
 
 /* Publishes the voids of n lost reservations this replica wins the claim of, with reason; redis_now
  * is Redis's clock, which their stamps are on (for the log). */
-static int void_lost(sp_reaper *rp, int64_t sku_id, const resv_entry *const *lost, size_t n,
-                     const char *reason, int64_t redis_now, sp_resv_sweep_stats *st, char *errbuf,
-                     size_t errlen) {
+static int void_lost(sp_reaper *rp, int64_t sku_id, int shard, const resv_entry *const *lost,
+                     size_t n, const char *reason, int64_t redis_now, sp_resv_sweep_stats *st,
+                     char *errbuf, size_t errlen) {
     const char **ids = calloc(n, sizeof(*ids));
     int *won = calloc(n, sizeof(*won)), *acked = calloc(n, sizeof(*acked));
     sp_event *evs = calloc(n, sizeof(*evs));
@@ -154,8 +154,9 @@ static int void_lost(sp_reaper *rp, int64_t sku_id, const resv_entry *const *los
         snprintf(ev->reason, sizeof(ev->reason), "%s", reason);
         sp_log_ctx ctx = {.order_id = ev->order_id, .sku_id = sku_id};
         SP_LOG_CTX(SP_LOG_INFO, &ctx,
-                   "%s: user %" PRId64 " (%d units), %" PRId64 " ms old: publishing order.voided",
-                   reason, ev->user_id, (int)ev->qty, redis_now - lost[i]->ts_ms);
+                   "%s: user %" PRId64 " (%d units, shard %d), %" PRId64
+                   " ms old: publishing order.voided",
+                   reason, ev->user_id, (int)ev->qty, shard, redis_now - lost[i]->ts_ms);
     }
     if (nev > 0) {
         size_t nacked = sp_reaper_publish(rp, evs, nev, acked);
@@ -209,15 +210,18 @@ static int passed_by_consumer(sp_reaper *rp, const resv_entry *const *e, size_t 
     return 0;
 }
 
-/* Acts on one HSCAN step's worth of entries (see resv_sweep.h). An entry's age is Redis's clock
- * now minus its stamp, which reserve.lua took from the same clock: no host's clock enters it, so a
- * reaper whose clock runs ahead cannot take a reservation still waiting for Kafka for lost. */
-static int act_on_entries(sp_reaper *rp, int64_t sku_id, redisReply *const *kv, size_t n,
+/* Acts on one HSCAN step's worth of entries of shard `shard`'s resv (see resv_sweep.h); every
+ * action addresses that shard, which holds the entries' buyers' counts and Idempotency-Keys. An
+ * entry's age is Redis's clock now minus its stamp, which reserve.lua took from the same clock (the
+ * shard's node's): no host's clock enters it, so a reaper whose clock runs ahead cannot take a
+ * reservation still waiting for Kafka for lost. A voided entry's units come back through its
+ * ledger row, on its user's home shard: this shard. */
+static int act_on_entries(sp_reaper *rp, int64_t sku_id, int shard, redisReply *const *kv, size_t n,
                           sp_resv_sweep_stats *st, char *errbuf, size_t errlen) {
     size_t ncand = 0, ndrop = 0, nlost = 0;
     int64_t now;
     char resv_key[SP_STOCK_KEY_MAX];
-    sp_stock_key(resv_key, sku_id, "resv"); /* its node's clock stamped the entries */
+    sp_stock_shard_key(resv_key, sku_id, shard, "resv"); /* its node's clock stamped the entries */
     sp_redis *clock = sp_reaper_redis(rp, errbuf, errlen);
     if (clock == NULL) return -1;
     if (sp_clock_redis_now_ms(clock, resv_key, &now, errbuf, errlen) != 0) {
@@ -247,7 +251,8 @@ static int act_on_entries(sp_reaper *rp, int64_t sku_id, redisReply *const *kv, 
         if (k->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING ||
             parse_entry(k->str, v->str, &e) != 0) {
             sp_log_ctx ctx = {.sku_id = sku_id};
-            SP_LOG_CTX(SP_LOG_WARN, &ctx, "malformed reservation entry left alone");
+            SP_LOG_CTX(SP_LOG_WARN, &ctx, "malformed reservation entry left alone (shard %d)",
+                       shard);
             continue;
         }
         if ((e.state == 'r' && e.ts_ms < lost_before) || (e.state == 'a' && e.ts_ms < stale_before))
@@ -289,13 +294,15 @@ static int act_on_entries(sp_reaper *rp, int64_t sku_id, redisReply *const *kv, 
     if (ndrop > 0) {
         sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
         if (redis == NULL) goto out;
-        if (sp_stock_resv_drop(redis, sku_id, ids, vals, ndrop, &dropped, errbuf, errlen) != 0) {
+        if (sp_stock_resv_drop_on_shard(redis, sku_id, shard, ids, vals, ndrop, &dropped, errbuf,
+                                        errlen) != 0) {
             sp_reaper_redis_failed(rp);
             goto out;
         }
         sp_log_ctx ctx = {.sku_id = sku_id};
         SP_LOG_CTX(SP_LOG_INFO, &ctx,
-                   "dropped %d leftover reservation entries of orders PostgreSQL holds", dropped);
+                   "dropped %d leftover reservation entries of orders PostgreSQL holds (shard %d)",
+                   dropped, shard);
         sp_metric_add(&m_dropped_r, (int64_t)ndrop_r);
         sp_metric_add(&m_dropped_a, (int64_t)(ndrop - ndrop_r));
         st->ndropped += (size_t)dropped;
@@ -304,17 +311,19 @@ static int act_on_entries(sp_reaper *rp, int64_t sku_id, redisReply *const *kv, 
         int units = 0;
         sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
         if (redis == NULL) goto out;
-        if (sp_stock_rejected_forget(redis, sku_id, rejected[i]->order_id, rejected[i]->user_id,
-                                     rejected[i]->qty, &units, errbuf, errlen) != 0) {
+        if (sp_stock_rejected_forget_on_shard(redis, sku_id, shard, rejected[i]->order_id,
+                                              rejected[i]->user_id, rejected[i]->qty, &units,
+                                              errbuf, errlen) != 0) {
             sp_reaper_redis_failed(rp);
             goto out;
         }
         st->ndropped += units > 0;
     }
-    if (nlost > 0 && void_lost(rp, sku_id, lost, nlost, VOID_REASON, now, st, errbuf, errlen) != 0)
+    if (nlost > 0 &&
+        void_lost(rp, sku_id, shard, lost, nlost, VOID_REASON, now, st, errbuf, errlen) != 0)
         goto out;
     if (ngone > 0) {
-        if (void_lost(rp, sku_id, waiting, ngone, GONE_REASON, now, st, errbuf, errlen) != 0)
+        if (void_lost(rp, sku_id, shard, waiting, ngone, GONE_REASON, now, st, errbuf, errlen) != 0)
             goto out;
         sp_metric_add(&m_gone, (int64_t)ngone);
     }
@@ -333,53 +342,81 @@ out:
 
 typedef struct sweep_ctx {
     int64_t sku_id;
+    int shard;
     sp_resv_sweep_stats *st;
 } sweep_ctx;
 
 static int sweep_step(sp_reaper *rp, redisReply *const *kv, size_t n, void *arg, char *errbuf,
                       size_t errlen) {
     const sweep_ctx *sc = arg;
-    if (act_on_entries(rp, sc->sku_id, kv, n, sc->st, errbuf, errlen) != 0) return -1;
+    if (act_on_entries(rp, sc->sku_id, sc->shard, kv, n, sc->st, errbuf, errlen) != 0) return -1;
     return sp_signal_stop_requested() ? 1 : 0;
 }
 
-/* Scans the SKU's resv hash (the caller holds the SKU's lock). */
-static int sweep_entries(sp_reaper *rp, int64_t sku_id, sp_resv_sweep_stats *st, char *errbuf,
-                         size_t errlen) {
-    char key[SP_STOCK_KEY_MAX];
-    sweep_ctx sc = {.sku_id = sku_id, .st = st};
-    sp_stock_key(key, sku_id, "resv");
-    return sp_reaper_hscan(rp, key, RESV_SCAN, STEP_MAX, sweep_step, &sc, errbuf, errlen);
-}
-
-/* What the SKU's sale looks like: 1 fine, 0 missing, 2 paused. */
-static int sale_state(sp_reaper *rp, int64_t sku_id, int *state, char *errbuf, size_t errlen) {
-    char key[SP_STOCK_KEY_MAX];
-    sp_stock_key(key, sku_id, "sale");
-    const char *hmget[] = {"HMGET", key, "stock", "paused"};
-    redisReply *r = sp_reaper_redis_argv(rp, 4, hmget, REDIS_REPLY_ARRAY, errbuf, errlen);
-    if (r == NULL) return -1;
-    if (r->elements != 2) {
-        snprintf(errbuf, errlen, "HMGET %s: unexpected reply", key);
-        freeReplyObject(r);
-        return -1;
+/* Scans the resv hash of each of the sale's nshards shards in turn (the caller holds the SKU's
+ * lock): every order's entry sits on its buyer's home shard. */
+static int sweep_entries(sp_reaper *rp, int64_t sku_id, int nshards, sp_resv_sweep_stats *st,
+                         char *errbuf, size_t errlen) {
+    for (int k = 0; k < nshards && !sp_signal_stop_requested(); k++) {
+        char key[SP_STOCK_KEY_MAX];
+        sweep_ctx sc = {.sku_id = sku_id, .shard = k, .st = st};
+        sp_stock_shard_key(key, sku_id, k, "resv");
+        if (sp_reaper_hscan(rp, key, RESV_SCAN, STEP_MAX, sweep_step, &sc, errbuf, errlen) != 0)
+            return -1;
     }
-    *state = r->element[0]->type == REDIS_REPLY_NIL   ? 0
-             : r->element[1]->type != REDIS_REPLY_NIL ? 2
-                                                      : 1;
-    freeReplyObject(r);
     return 0;
 }
 
-/* One SKU, under its lock; *reconcile says why it needs a reconcile ("" when it does not). */
-static int sweep_sku(sp_reaper *rp, int64_t sku_id, int64_t open_for_ms, sp_resv_sweep_stats *st,
-                     const char **reconcile, char *errbuf, size_t errlen) {
-    int state = 1, got = 0, rc = -1;
+/* What the SKU's sale looks like over its nshards shards, read in one pipelined round trip: 1
+ * fine, 0 a shard missing, 2 a shard paused (told first: a reconcile that paused it died, and the
+ * sale is rebuilt whatever its age; a shard missing from a young sale may be its open under way,
+ * which opens shard 0 last); *shard is the first shard at fault. Either leaves the SKU alone. */
+static int sale_state(sp_reaper *rp, int64_t sku_id, int nshards, int *state, int *shard,
+                      char *errbuf, size_t errlen) {
+    char key[SP_SHARDS_MAX][SP_STOCK_KEY_MAX];
+    const char *argv[SP_SHARDS_MAX][4];
+    sp_redis_cmd cmds[SP_SHARDS_MAX];
+    redisReply *replies[SP_SHARDS_MAX];
+    int rc = 0;
+    sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
+    if (redis == NULL) return -1;
+    for (int k = 0; k < nshards; k++) {
+        sp_stock_shard_key(key[k], sku_id, k, "sale");
+        argv[k][0] = "HMGET", argv[k][1] = key[k], argv[k][2] = "stock", argv[k][3] = "paused";
+        cmds[k] = (sp_redis_cmd){.key = key[k], .argc = 4, .argv = argv[k]};
+    }
+    if (sp_redis_pipeline(redis, (size_t)nshards, cmds, replies, errbuf, errlen) != 0) {
+        sp_reaper_redis_failed(rp);
+        return -1;
+    }
+    *state = 1, *shard = 0;
+    for (int k = 0; k < nshards; k++) {
+        const redisReply *r = replies[k];
+        if (rc == 0 && (r->type != REDIS_REPLY_ARRAY || r->elements != 2)) {
+            snprintf(errbuf, errlen, "HMGET %.*s: %s", SP_STOCK_KEY_MAX, key[k],
+                     r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+            rc = -1;
+        } else if (rc == 0) {
+            int one = r->element[0]->type == REDIS_REPLY_NIL   ? 0
+                      : r->element[1]->type != REDIS_REPLY_NIL ? 2
+                                                               : 1;
+            if ((one == 2 && *state != 2) || (one == 0 && *state == 1)) *state = one, *shard = k;
+        }
+        freeReplyObject(replies[k]);
+    }
+    return rc;
+}
+
+/* One SKU, a sale over nshards Redis shards, under its lock; *reconcile says why it needs a
+ * reconcile ("" when it does not). */
+static int sweep_sku(sp_reaper *rp, int64_t sku_id, int nshards, int64_t open_for_ms,
+                     sp_resv_sweep_stats *st, const char **reconcile, char *errbuf, size_t errlen) {
+    int state = 1, got = 0, rc = -1, shard = 0;
     size_t nsettled = 0;
     *reconcile = "";
     if (sp_reaper_lock_try(rp, SP_LOCK_SKU, sku_id, &got, errbuf, errlen) != 0) return -1;
     if (!got) return 0; /* another replica is on it */
-    if (sale_state(rp, sku_id, &state, errbuf, errlen) != 0) goto out;
+    if (sale_state(rp, sku_id, nshards, &state, &shard, errbuf, errlen) != 0) goto out;
     if (state != 1) {
         int idle = 0;
         /* Only while no reconcile of every SKU runs (it pauses them all first, then takes them
@@ -393,12 +430,19 @@ static int sweep_sku(sp_reaper *rp, int64_t sku_id, int64_t open_for_ms, sp_resv
                 *reconcile = "it was left paused by a reconcile that did not finish";
             else if (open_for_ms > rp->cfg->resv_lost_after_ms)
                 *reconcile = "its sale is missing from Redis";
+            if (nshards > 1 && (*reconcile)[0]) {
+                sp_log_ctx ctx = {.sku_id = sku_id};
+                SP_LOG_CTX(SP_LOG_INFO, &ctx, "shard %d of the sale's %d is %s", shard, nshards,
+                           state == 2 ? "paused" : "missing");
+            }
         }
         rc = 0;
         goto out;
     }
-    if (sweep_entries(rp, sku_id, st, errbuf, errlen) != 0) goto out;
-    if (sp_stock_return_settle_markers(rp, sku_id, &nsettled, errbuf, errlen) != 0) goto out;
+    if (sweep_entries(rp, sku_id, nshards, st, errbuf, errlen) != 0) goto out;
+    if (sp_stock_return_settle_markers_on_shards(rp, sku_id, nshards, &nsettled, errbuf, errlen) !=
+        0)
+        goto out;
     if (nsettled > 0) {
         sp_log_ctx ctx = {.sku_id = sku_id};
         SP_LOG_CTX(SP_LOG_INFO, &ctx, "settled %zu leftover return markers", nsettled);
@@ -430,7 +474,7 @@ int sp_resv_sweep(sp_reaper *rp, sp_resv_sweep_stats *st, char *errbuf, size_t e
         const char *params[] = {sp_reaper_i64(after, last), sp_reaper_i64(limit, SKU_PAGE)};
         PGresult *res = sp_reaper_query(
             rp,
-            "SELECT sku_id, (extract(epoch FROM now() - created_at) * 1000)::bigint"
+            "SELECT sku_id, (extract(epoch FROM now() - created_at) * 1000)::bigint, shards"
             "  FROM inventory WHERE sku_id > $1::bigint"
             " ORDER BY sku_id LIMIT $2::int",
             2, params, errbuf, errlen);
@@ -440,6 +484,7 @@ int sp_resv_sweep(sp_reaper *rp, sp_resv_sweep_stats *st, char *errbuf, size_t e
             int64_t sku = strtoll(PQgetvalue(res, i, 0), NULL, 10);
             /* How long the sale has been open, on PostgreSQL's clock: not this host's. */
             int64_t open_for = strtoll(PQgetvalue(res, i, 1), NULL, 10);
+            long nshards = strtol(PQgetvalue(res, i, 2), NULL, 10);
             const char *why = "";
             sp_log_ctx ctx = {.sku_id = sku};
             last = sku;
@@ -449,7 +494,8 @@ int sp_resv_sweep(sp_reaper *rp, sp_resv_sweep_stats *st, char *errbuf, size_t e
                 if ((lost = !redis_still_known(rp))) break;
                 next_check = sp_clock_mono_ms() + LOSS_CHECK_EVERY_MS;
             }
-            if (sweep_sku(rp, sku, open_for, st, &why, err, sizeof(err)) != 0) {
+            if (nshards < 1 || nshards > SP_SHARDS_MAX) nshards = 1;
+            if (sweep_sku(rp, sku, (int)nshards, open_for, st, &why, err, sizeof(err)) != 0) {
                 sp_metric_inc(&m_errors);
                 SP_LOG_CTX(SP_LOG_WARN, &ctx, "reservation sweep failed: %s", err);
                 continue;

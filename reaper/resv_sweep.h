@@ -15,7 +15,10 @@
  *        and died before its HDEL: dropped.
  * Then the SKU's leftover return markers are settled (stock_return.h). A SKU whose sale is gone
  * from Redis (RESV_LOST_AFTER_MS after it opened) or paused by a reconcile that no longer runs is
- * reconciled (reconcile.h). See docs/reaper.md.
+ * reconciled (reconcile.h). A sale over N Redis shards (inventory.shards) is swept shard by shard:
+ * each shard's {sku:ID/k}:resv, each action on the entry's own shard (its buyer's home, which
+ * holds the buyer's count and Idempotency-Key), the markers of every shard; one shard missing or
+ * paused counts as the sale missing or paused. See docs/reaper.md.
  */
 #ifndef SP_RESV_SWEEP_H
 #define SP_RESV_SWEEP_H

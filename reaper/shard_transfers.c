@@ -128,3 +128,39 @@ int sp_shard_transfers_complete(sp_reaper *rp, int64_t sku_id, int nshards, sp_s
     }
     return 0;
 }
+
+int sp_shard_transfers_sweep(sp_reaper *rp, sp_shard_sweep *total, char *errbuf, size_t errlen) {
+    enum { PAGE = 500 };
+    int64_t last = 0;
+    memset(total, 0, sizeof(*total));
+    for (;;) {
+        char after[24], limit[24];
+        const char *params[] = {sp_reaper_i64(after, last), sp_reaper_i64(limit, PAGE)};
+        PGresult *res = sp_reaper_query(rp,
+                                        "SELECT sku_id, shards FROM inventory"
+                                        " WHERE shards > 1 AND sku_id > $1::bigint"
+                                        " ORDER BY sku_id LIMIT $2::int",
+                                        2, params, errbuf, errlen);
+        if (res == NULL) return -1;
+        int n = PQntuples(res), rc = 0;
+        for (int i = 0; i < n && rc == 0; i++) {
+            int64_t sku = strtoll(PQgetvalue(res, i, 0), NULL, 10);
+            int nshards = (int)strtol(PQgetvalue(res, i, 1), NULL, 10), got = 0;
+            sp_shard_sweep sw;
+            last = sku;
+            /* the one completer of the sale's transfers: under its lock, or another has it */
+            if (sp_reaper_lock_try(rp, SP_LOCK_SKU, sku, &got, errbuf, errlen) != 0) {
+                rc = -1;
+                break;
+            }
+            if (!got) continue;
+            rc = sp_shard_transfers_complete(rp, sku, nshards, &sw, errbuf, errlen);
+            sp_reaper_unlock(rp, SP_LOCK_SKU, sku);
+            total->completed += sw.completed, total->aborted += sw.aborted;
+            total->dropped += sw.dropped, total->waiting += sw.waiting;
+        }
+        PQclear(res);
+        if (rc != 0) return -1;
+        if (n < PAGE) return 0;
+    }
+}

@@ -1,9 +1,9 @@
 /* shard_transfers.h - completes the stock transfers between the shards of a sharded sale that
  * their callers left open (docs/reservation.md, "Hot-SKU sharding"; issue 17 part 3).
  *
- * Built ahead of its caller: the reaper's loop does not run it yet, since a sharded sale cannot
- * be opened through the API yet. The caller holds the SKU's lock (SP_LOCK_SKU): this is the one
- * completer of the sale's transfers. */
+ * The reaper's loop runs sp_shard_transfers_sweep with the reservation sweep (every
+ * RESV_SWEEP_INTERVAL_MS): each sharded sale under its SKU's lock (SP_LOCK_SKU), so one replica is
+ * the one completer of a sale's transfers at a time. */
 #ifndef SP_SHARD_TRANSFERS_H
 #define SP_SHARD_TRANSFERS_H
 
@@ -29,5 +29,10 @@ typedef struct sp_shard_sweep {
  * 0, or -1 with errbuf when Redis failed (the next pass goes on). */
 int sp_shard_transfers_complete(sp_reaper *rp, int64_t sku_id, int nshards, sp_shard_sweep *sw,
                                 char *errbuf, size_t errlen) __attribute__((warn_unused_result));
+
+/* Every sharded sale of PostgreSQL's inventory (shards > 1) whose SKU lock is free: one pass of
+ * sp_shard_transfers_complete under it; *total sums them. -1 with errbuf on the first failure. */
+int sp_shard_transfers_sweep(sp_reaper *rp, sp_shard_sweep *total, char *errbuf, size_t errlen)
+    __attribute__((warn_unused_result));
 
 #endif

@@ -38,6 +38,8 @@ typedef struct ledger_row {
     int64_t sku_id, user_id;
     int32_t qty;
     char reason[16]; /* "expired" or "voided" */
+    int shard;       /* the order's home shard (its user's, over the sale's inventory.shards):
+                      * its entry, its buyer's count and its marker live there, and nowhere else */
     int stamp;       /* given back (now or before): stamp it */
 } ledger_row;
 
@@ -48,7 +50,15 @@ typedef struct drain_pos {
     char order_id[SP_ORDER_ID_MAX + 1];
 } drain_pos;
 
-/* Reads and locks the next batch; *rows (malloc'd) and *n. Runs inside the caller's BEGIN. */
+/* A sale's shards as PostgreSQL's inventory row says (text; NULL or out of range: 1). */
+static int shards_of(const char *text) {
+    long n = text ? strtol(text, NULL, 10) : 1;
+    return n >= 1 && n <= SP_SHARDS_MAX ? (int)n : 1;
+}
+
+/* Reads and locks the next batch; *rows (malloc'd) and *n. Runs inside the caller's BEGIN. Each
+ * row comes with its sale's shards (a subselect, so only the ledger rows are locked: the
+ * consumer's inventory updates never wait on a drain), 1 when the sale has no inventory row. */
 static int read_batch(sp_reaper *rp, drain_pos *pos, ledger_row **rows, size_t *n, char *errbuf,
                       size_t errlen) {
     char limit[24];
@@ -56,7 +66,9 @@ static int read_batch(sp_reaper *rp, drain_pos *pos, ledger_row **rows, size_t *
                             pos->created_at[0] ? pos->created_at : NULL, pos->order_id};
     PGresult *res = sp_pg_query(
         rp->pg,
-        "SELECT order_id, sku_id, user_id, qty, created_at, reason FROM stock_returns"
+        "SELECT order_id, sku_id, user_id, qty, created_at, reason,"
+        "       (SELECT i.shards FROM inventory i WHERE i.sku_id = r.sku_id)"
+        "  FROM stock_returns r"
         " WHERE returned_to_redis_at IS NULL"
         "   AND ($2::timestamptz IS NULL OR (created_at, order_id) > ($2::timestamptz, $3))"
         " ORDER BY created_at, order_id LIMIT $1::int FOR UPDATE SKIP LOCKED",
@@ -76,6 +88,8 @@ static int read_batch(sp_reaper *rp, drain_pos *pos, ledger_row **rows, size_t *
         out[i].user_id = strtoll(PQgetvalue(res, r, 2), NULL, 10);
         out[i].qty = (int32_t)strtol(PQgetvalue(res, r, 3), NULL, 10);
         snprintf(out[i].reason, sizeof(out[i].reason), "%s", PQgetvalue(res, r, 5));
+        int nshards = shards_of(PQgetisnull(res, r, 6) ? NULL : PQgetvalue(res, r, 6));
+        out[i].shard = sp_stock_home_shard(out[i].user_id, nshards);
     }
     if (k > 0) {
         snprintf(pos->created_at, sizeof(pos->created_at), "%s", PQgetvalue(res, (int)k - 1, 4));
@@ -129,7 +143,7 @@ static void remove_markers(sp_reaper *rp, const ledger_row *rows, size_t n) {
     if (rp->redis == NULL) return;
     for (size_t i = 0; i <= n; i++) {
         if (i < n && rows[i].stamp) {
-            sp_stock_key(key[k], rows[i].sku_id, "returned");
+            sp_stock_shard_key(key[k], rows[i].sku_id, rows[i].shard, "returned");
             argv[k][0] = "HDEL", argv[k][1] = key[k], argv[k][2] = rows[i].order_id;
             cmds[k] = (sp_redis_cmd){.key = key[k], .argc = 3, .argv = argv[k]};
             k++;
@@ -162,12 +176,14 @@ static int drain_batch(sp_reaper *rp, drain_pos *pos, size_t *nread, size_t *nst
     int64_t now = sp_clock_wall_ms();
     for (size_t i = 0; i < n; i++) {
         sp_log_ctx ctx = {.order_id = rows[i].order_id, .sku_id = rows[i].sku_id};
-        if (sp_stock_give_back(redis, rows[i].sku_id, rows[i].order_id, rows[i].user_id,
-                               rows[i].qty, rows[i].reason, now, &given, errbuf, errlen) != 0) {
+        if (sp_stock_give_back_on_shard(redis, rows[i].sku_id, rows[i].shard, rows[i].order_id,
+                                        rows[i].user_id, rows[i].qty, rows[i].reason, now, &given,
+                                        errbuf, errlen) != 0) {
             /* Stamp what went back so far; the rest waits (a marker set by a reply we did not
              * get makes its redo give nothing). */
             sp_reaper_redis_failed(rp);
-            SP_LOG_CTX(SP_LOG_WARN, &ctx, "give-back failed: %s", errbuf);
+            SP_LOG_CTX(SP_LOG_WARN, &ctx, "give-back on shard %d failed: %s", rows[i].shard,
+                       errbuf);
             break;
         }
         if (given >= 0) {
@@ -268,13 +284,33 @@ static int settle_step(sp_reaper *rp, redisReply *const *kv, size_t n, void *arg
     return n ? settle_chunk(rp, sc->sku_id, sc->key, ids, n, &sc->total, errbuf, errlen) : 0;
 }
 
+int sp_stock_return_settle_markers_on_shards(sp_reaper *rp, int64_t sku_id, int nshards,
+                                             size_t *nsettled, char *errbuf, size_t errlen) {
+    int rc = 0;
+    size_t total = 0;
+    if (nshards < 1 || nshards > SP_SHARDS_MAX) nshards = 1;
+    /* Every shard holds the markers of its own buyers' rows (give_back.lua on the home shard). */
+    for (int k = 0; k < nshards && rc == 0; k++) {
+        char key[SP_STOCK_KEY_MAX];
+        sp_stock_shard_key(key, sku_id, k, "returned");
+        settle_ctx sc = {.sku_id = sku_id, .key = key};
+        rc = sp_reaper_hscan(rp, key, MARKER_SCAN, MARKER_STEP_MAX, settle_step, &sc, errbuf,
+                             errlen);
+        total += sc.total;
+    }
+    *nsettled = total;
+    return rc;
+}
+
 int sp_stock_return_settle_markers(sp_reaper *rp, int64_t sku_id, size_t *nsettled, char *errbuf,
                                    size_t errlen) {
-    char key[SP_STOCK_KEY_MAX];
-    sp_stock_key(key, sku_id, "returned");
-    settle_ctx sc = {.sku_id = sku_id, .key = key};
-    int rc = sp_reaper_hscan(rp, key, MARKER_SCAN, MARKER_STEP_MAX, settle_step, &sc, errbuf,
-                             errlen);
-    *nsettled = sc.total;
-    return rc;
+    char sku[24];
+    const char *params[] = {sp_reaper_i64(sku, sku_id)};
+    *nsettled = 0;
+    PGresult *res = sp_reaper_query(rp, "SELECT shards FROM inventory WHERE sku_id = $1::bigint", 1,
+                                    params, errbuf, errlen);
+    if (res == NULL) return -1;
+    int nshards = shards_of(PQntuples(res) == 1 ? PQgetvalue(res, 0, 0) : NULL);
+    PQclear(res);
+    return sp_stock_return_settle_markers_on_shards(rp, sku_id, nshards, nsettled, errbuf, errlen);
 }

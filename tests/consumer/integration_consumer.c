@@ -39,7 +39,7 @@
 #define MAX_EVENTS 40000
 #define MAX_DBS    16
 #define MAX_TOPICS 24
-#define NTESTS     11
+#define NTESTS     12
 
 static char err[1024];
 
@@ -625,8 +625,9 @@ static char *shard_hash(sp_redis *rc, int64_t sku, int k, const char *suffix) {
  * 'r:' entry (its producer died before the confirm) with its Idempotency-Key turned "accepted";
  * users 7 and 8 get their units back on their home shards; a reservation in flight on each shard
  * (users 9, 10, 11: not in the log yet) and every other count stay; no shard's stock is capped
- * (cap per sharded sale: not yet). Seen failing with the corrections on {sku:ID} only: the
- * entries of shards 1 and 2 stayed. */
+ * (the shards' supplied, 12, is 8 above PostgreSQL's: the cap reads restocks PostgreSQL has not
+ * applied, so the 3 units left fit; test_sharded_sale_capped_over_its_shards caps). Seen failing
+ * with the corrections on {sku:ID} only: the entries of shards 1 and 2 stayed. */
 static void test_sharded_sale_corrected_on_home_shards(void **state) {
     (void)state;
     const char *topic = new_topic("sharded", 2), *dlq = new_topic("sharded.dlq", 1);
@@ -720,7 +721,7 @@ static void test_sharded_sale_corrected_on_home_shards(void **state) {
     assert_int_equal(res.outcome, SP_RESERVE_DUP);
     assert_string_equal(res.dup_state, "accepted");
     assert_string_equal(res.order_id, ids[4]);
-    /* No shard's stock was capped: 4 - 3 reservations each (cap per sharded sale: not yet). */
+    /* No shard's stock was capped: 4 - 3 reservations each (3 units fit under the cap). */
     for (int k = 0; k < NSHARDS; k++) {
         char key[SP_STOCK_KEY_MAX];
         sp_stock_shard_key(key, sku, k, "sale");
@@ -730,7 +731,7 @@ static void test_sharded_sale_corrected_on_home_shards(void **state) {
         assert_int_equal(strtoll(r->str, NULL, 10), 1);
         freeReplyObject(r);
     }
-    assert_true(log_has(p.log, "not capped"));
+    assert_true(log_has(p.log, "over 3 shards capped by 0 units"));
 
     const char *suffixes[] = {"sale", "opening", "users", "resv"};
     for (int k = 0; k < NSHARDS; k++)
@@ -740,6 +741,117 @@ static void test_sharded_sale_corrected_on_home_shards(void **state) {
             freeReplyObject(sp_redis_command(rc, key, itest_err, sizeof(itest_err), "DEL %s", key));
         }
     freeReplyObject(sp_redis_command(rc, idem, itest_err, sizeof(itest_err), "DEL %s", idem));
+    sp_redis_close(rc);
+    g.npassed++;
+}
+
+/* HSET of one field of shard k's hash `suffix` of sku. */
+static void shard_hset(sp_redis *rc, int64_t sku, int k, const char *suffix, const char *field,
+                       const char *value) {
+    char key[SP_STOCK_KEY_MAX];
+    sp_stock_shard_key(key, sku, k, suffix);
+    redisReply *r = sp_redis_command(rc, key, itest_err, sizeof(itest_err), "HSET %s %s %s", key,
+                                     field, value);
+    if (r == NULL || r->type != REDIS_REPLY_INTEGER)
+        fail_msg("HSET %s %s %s: %s", key, field, value, r ? r->str : itest_err);
+    freeReplyObject(r);
+}
+
+/* Issue 17 part 3, "cap per sharded sale": Redis over-admitted a sale opened over 3 shards (12
+ * units, 4 a shard), and PostgreSQL refuses what it does not hold: the consumer must cap the sale
+ * over the sum of its shards, not skip it. PostgreSQL sells its 12 units to 12 of 14 buyers and
+ * refuses 2 (stock 0, supplied 12). Redis, having lost decrements, still holds: shard 0 stock 3
+ * with a restock of 1 unit PostgreSQL has not applied yet (supplied 5); shard 1 stock 4, of which
+ * 2 came from shard 2 by a transfer given and not yet settled ("in:" on 1, "out:" on 2); shard 2
+ * stock 1 and those 2 units in `moving`. So the shards hold 3 + 4 + 1 + 2 - 2 = 8 units (the
+ * transfer's counted once), PostgreSQL allows 0 + 1 (the restock it has not seen): 7 too many.
+ * After the batch they are taken off the shards in turn (3 from shard 0, 4 from shard 1), the
+ * sum is 1, shard 2 and the transfer untouched, and stockpipe_consumer_redis_capped_units_total
+ * says 7. Seen failing with the consumer that skipped the cap on a sharded sale: the sum stayed 8
+ * (shards 3, 4, 1). */
+static void test_sharded_sale_capped_over_its_shards(void **state) {
+    (void)state;
+    const char *topic = new_topic("shardcap", 2), *dlq = new_topic("shardcap.dlq", 1);
+    int64_t sku = g.sku_base + 41;
+    enum { NSHARDS = 3, BUYERS = 14 };
+    char record[96];
+    sp_redis *rc = redis_connect_env();
+    if (rc == NULL) fail_msg("no Redis");
+    sp_sharded_sale sale = {.sku_id = sku, .nshards = NSHARDS, .gen = "g1", .xfer_prefix = "t"};
+    int opened = 0;
+    assert_int_equal(sp_stock_open_sharded(rc, &sale, 12, 0, 600, &opened, err, sizeof(err)), 0);
+    assert_int_equal(opened, NSHARDS);
+    int64_t ts = sp_clock_wall_ms();
+    shard_hset(rc, sku, 0, "sale", "stock", "3");
+    shard_hset(rc, sku, 0, "sale", "supplied", "5");
+    shard_hset(rc, sku, 1, "sale", "stock", "4");
+    shard_hset(rc, sku, 2, "sale", "stock", "1");
+    shard_hset(rc, sku, 2, "sale", "moving", "2");
+    snprintf(record, sizeof(record), "in:2:2:%" PRId64, ts);
+    shard_hset(rc, sku, 1, "xfer", "T1", record);
+    snprintf(record, sizeof(record), "out:1:2:%" PRId64 ":g1", ts);
+    shard_hset(rc, sku, 2, "xfer", "T1", record);
+    sp_sharded_units u;
+    assert_int_equal(sp_stock_sharded_read(rc, sku, NSHARDS, &u, err, sizeof(err)), 0);
+    assert_int_equal(u.units, 8);
+    assert_int_equal(u.given, 2);
+    assert_int_equal(u.supplied, 13);
+
+    ndelivered = 0;
+    sp_event set = ev_stock_set(sku, T0, 12, 0, 600);
+    set.shards = NSHARDS;
+    produce(topic, &set);
+    for (int i = 0; i < BUYERS; i++) {
+        char id[64];
+        snprintf(id, sizeof(id), "shcap-%s-%02d", tag, i);
+        sp_event ev = ev_order(SP_EV_ORDER_CREATED, sku, T0 + 1 + i, id, 200 + i, 1);
+        produce(topic, &ev);
+    }
+    flush_all();
+
+    const char *db = new_database("shardcap");
+    const char *none[] = {NULL};
+    proc p = start_consumer("shardcap", db, topic, dlq, "shardcap", none, NULL);
+    wait_applied(db, topic, 1 + BUYERS, &p);
+    int64_t capped = metric(p.port, "stockpipe_consumer_redis_capped_units_total");
+    stop_consumer(&p, "sharded cap"); /* its corrections after the commit are done */
+    assert_int_equal(value(db, "SELECT count(*) FROM orders WHERE status = 'pending'"), 12);
+    assert_int_equal(value(db, "SELECT count(*) FROM orders WHERE status = 'rejected' AND "
+                               "reject_reason = 'out_of_stock'"),
+                     2);
+    assert_int_equal(value(db, "SELECT stock FROM inventory"), 0);
+    assert_int_equal(value(db, "SELECT supplied FROM inventory"), 12);
+
+    int64_t stock[NSHARDS];
+    for (int k = 0; k < NSHARDS; k++) {
+        char key[SP_STOCK_KEY_MAX];
+        sp_stock_shard_key(key, sku, k, "sale");
+        redisReply *r = sp_redis_command(rc, key, itest_err, sizeof(itest_err), "HGET %s stock",
+                                         key);
+        assert_non_null(r);
+        stock[k] = r->type == REDIS_REPLY_STRING ? strtoll(r->str, NULL, 10) : -1;
+        freeReplyObject(r);
+    }
+    assert_int_equal(sp_stock_sharded_read(rc, sku, NSHARDS, &u, err, sizeof(err)), 0);
+    if (u.units != 1)
+        fail_msg("the shards hold %" PRId64 " units (stock %" PRId64 ", %" PRId64 ", %" PRId64
+                 "; capped by %" PRId64 "), PostgreSQL allows 1 (stock 0 and a restock of 1 it "
+                 "has not applied)",
+                 u.units, stock[0], stock[1], stock[2], capped);
+    assert_int_equal(stock[0], 0);
+    assert_int_equal(stock[1], 0);
+    assert_int_equal(stock[2], 1);
+    assert_int_equal(u.given, 2); /* the transfer is untouched */
+    assert_int_equal(capped, 7);
+    assert_true(log_has(p.log, "over 3 shards capped by 7 units"));
+
+    const char *suffixes[] = {"sale", "opening", "users", "resv", "xfer"};
+    for (int k = 0; k < NSHARDS; k++)
+        for (size_t i = 0; i < sizeof(suffixes) / sizeof(suffixes[0]); i++) {
+            char key[SP_STOCK_KEY_MAX];
+            sp_stock_shard_key(key, sku, k, suffixes[i]);
+            freeReplyObject(sp_redis_command(rc, key, itest_err, sizeof(itest_err), "DEL %s", key));
+        }
     sp_redis_close(rc);
     g.npassed++;
 }
@@ -1669,6 +1781,7 @@ int main(void) {
         cmocka_unit_test(test_scripted_log),
         cmocka_unit_test(test_over_admission),
         cmocka_unit_test(test_sharded_sale_corrected_on_home_shards),
+        cmocka_unit_test(test_sharded_sale_capped_over_its_shards),
         cmocka_unit_test(test_group_kill9_and_replay),
         cmocka_unit_test(test_sigterm_commits),
         cmocka_unit_test(test_failed_batch_is_read_again),

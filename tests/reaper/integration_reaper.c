@@ -39,7 +39,7 @@
 #define MSG_TIMEOUT  "2000"
 #define LOST_AFTER   "4000"
 #define AUDIT_EVERY  "1000" /* the reapers' AUDIT_INTERVAL_MS */
-#define NTESTS       13
+#define NTESTS       19
 #define CATALOG      400 /* finished sales added for the shared reconcile */
 #define CATALOG_TEXT "400"
 #define ADMIN        "test-admin-token"
@@ -395,21 +395,32 @@ static void test_payments_around_the_deadline(void **state) {
     g.npassed++;
 }
 
-/* Publishes order.expired for n orders of sku, as a reaper would, and waits for Kafka. */
-static void publish_expired(int64_t sku, char (*ids)[SP_ORDER_ID_MAX + 1], int n) {
+/* Publishes n events (in order), as the workers would, and waits for Kafka. */
+static void publish_events(const sp_event *evs, int n) {
     rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "test-reaper", NULL, err,
                                               sizeof(err));
     assert_non_null(conf);
     rd_kafka_t *rk = sp_kafka_producer_new(&conf, err, sizeof(err));
     if (rk == NULL) fail_msg("%s", err);
-    for (int i = 0; i < n; i++) {
-        sp_event ev = {.type = SP_EV_ORDER_EXPIRED, .ts_ms = sp_clock_wall_ms(), .sku_id = sku};
-        snprintf(ev.order_id, sizeof(ev.order_id), "%.*s", SP_ORDER_ID_MAX, ids[i]);
-        if (sp_kafka_produce_event(rk, g.topic, &ev, NULL, err, sizeof(err)) != 0)
+    for (int i = 0; i < n; i++)
+        if (sp_kafka_produce_event(rk, g.topic, &evs[i], NULL, err, sizeof(err)) != 0)
             fail_msg("%s", err);
-    }
     assert_int_equal(rd_kafka_flush(rk, 30000), RD_KAFKA_RESP_ERR_NO_ERROR);
     rd_kafka_destroy(rk);
+}
+
+/* Publishes order.expired for n orders of sku, as a reaper would, and waits for Kafka. */
+static void publish_expired(int64_t sku, char (*ids)[SP_ORDER_ID_MAX + 1], int n) {
+    sp_event *evs = calloc((size_t)n, sizeof(*evs));
+    assert_non_null(evs);
+    for (int i = 0; i < n; i++) {
+        evs[i] = (sp_event){.type = SP_EV_ORDER_EXPIRED,
+                            .ts_ms = sp_clock_wall_ms(),
+                            .sku_id = sku};
+        snprintf(evs[i].order_id, sizeof(evs[i].order_id), "%.*s", SP_ORDER_ID_MAX, ids[i]);
+    }
+    publish_events(evs, n);
+    free(evs);
 }
 
 /* Three reapers, one of them killed with kill -9 over and over while 350 orders expire, after
@@ -1175,6 +1186,525 @@ static void test_audit_and_reconcile_by_hand(void **state) {
     g.npassed++;
 }
 
+/* ---- the audit over a sharded sale (issue 17 part 3) ---- */
+
+/* The sharded sale of the two tests below. */
+static const int64_t sharded_audit_sku_offset = 61;
+
+/* Publishes n events to the run's topic, as the producer would, and waits for Kafka. */
+static void sharded_audit_publish(const sp_event *evs, int n) {
+    rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "test-reaper", NULL, err,
+                                              sizeof(err));
+    assert_non_null(conf);
+    rd_kafka_t *rk = sp_kafka_producer_new(&conf, err, sizeof(err));
+    if (rk == NULL) fail_msg("%s", err);
+    for (int i = 0; i < n; i++)
+        if (sp_kafka_produce_event(rk, g.topic, &evs[i], NULL, err, sizeof(err)) != 0)
+            fail_msg("%s", err);
+    assert_int_equal(rd_kafka_flush(rk, 30000), RD_KAFKA_RESP_ERR_NO_ERROR);
+    rd_kafka_destroy(rk);
+}
+
+/* The entries of every shard's `resv` of a sale over n shards. */
+static int64_t sharded_audit_inflight(int64_t sku, int n) {
+    int64_t sum = 0;
+    for (int k = 0; k < n; k++) {
+        char key[SP_STOCK_KEY_MAX];
+        sp_stock_shard_key(key, sku, k, "resv");
+        sum += redis_int("HLEN %s", key);
+    }
+    return sum;
+}
+
+/* `reaper audit` over a sale opened over 3 Redis shards (12 units, 4 a shard, limit 2): Redis's
+ * stock is the sum over the shards of stock + moving, a transfer given and not yet settled counted
+ * once, and each buyer's count is on the buyer's home shard. Three buyers, one per home shard
+ * (users 6003, 6001 and 6002: homes 0, 1, 2), take 1, 2 and 1 units there, and the consumer
+ * stores their orders (PostgreSQL: stock 8); then shard 2 passes 2 units to shard 0 by a transfer
+ * given and not settled (shard 0: 3 + 2; shard 1: 2; shard 2: 1, 2 moving; "out:" on 2, "in:" on
+ * 0), so the shards hold 5 + 2 + 1 + 2 - 2 = 8 units. The audit passes and the running reapers'
+ * gauges read nothing differing. Seen failing with the audit that read shard 0 only: "VIOLATION
+ * sku ...: Redis stock 5 (supplied 4) != PostgreSQL stock 8 (supplied 12)". */
+static void test_audit_sharded_sale_in_transfer(void **state) {
+    (void)state;
+    enum { NSHARDS = 3 };
+    int64_t sku = g.sku_base + sharded_audit_sku_offset, now = sp_clock_wall_ms();
+    const int64_t users[] = {6003, 6001, 6002};
+    const int32_t qty[] = {1, 2, 1};
+    sp_event evs[4] = {{.type = SP_EV_STOCK_SET,
+                        .ts_ms = now,
+                        .sku_id = sku,
+                        .stock = 12,
+                        .per_user_limit = 2,
+                        .pay_timeout_s = 600,
+                        .shards = NSHARDS}};
+    sp_sharded_sale sale = {.sku_id = sku, .nshards = NSHARDS, .gen = "ga", .xfer_prefix = "ta"};
+    sp_order_ids ids;
+    int opened = 0;
+    if (sp_stock_open_sharded(redis(), &sale, 12, 2, 600, &opened, err, sizeof(err)) != 0)
+        fail_msg("open: %s", err);
+    assert_int_equal(opened, NSHARDS);
+    sp_order_ids_init(&ids, "test-sharded-audit");
+    for (int i = 0; i < 3; i++) {
+        sp_reserve_request req = {.sku_id = sku, .user_id = users[i], .qty = qty[i], .ts_ms = now};
+        sp_reserve_result res;
+        req.shard = sp_stock_home_shard(users[i], NSHARDS);
+        assert_int_equal(req.shard, i);
+        sp_order_id_next(&ids, now, sku, req.order_id);
+        if (sp_stock_reserve(redis(), &req, &res, err, sizeof(err)) != 0)
+            fail_msg("reserve: %s", err);
+        assert_int_equal(res.outcome, SP_RESERVE_OK);
+        evs[1 + i] = (sp_event){.type = SP_EV_ORDER_CREATED,
+                                .ts_ms = now,
+                                .sku_id = sku,
+                                .user_id = users[i],
+                                .qty = qty[i],
+                                .expires_ms = now + 600000};
+        snprintf(evs[1 + i].order_id, sizeof(evs[1 + i].order_id), "%s", req.order_id);
+    }
+    sharded_audit_publish(evs, 4);
+    WAIT_FOR(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
+                     " AND status = 'pending'",
+                     sku) == 3 &&
+                 sharded_audit_inflight(sku, NSHARDS) == 0,
+             "the orders of sku %" PRId64 " were never all stored (%" PRId64 " entries left)", sku,
+             sharded_audit_inflight(sku, NSHARDS));
+    assert_int_equal(sku_int("SELECT stock FROM inventory WHERE sku_id = $1::bigint", sku), 8);
+    assert_int_equal(sku_int("SELECT shards FROM inventory WHERE sku_id = $1::bigint", sku),
+                     NSHARDS);
+
+    sp_shard_transfer t = {.sku_id = sku, .from = 2, .to = 0, .id = "ta:1", .gen = "ga"};
+    int64_t taken = 0, take_ts = 0, given = 0;
+    if (sp_stock_shard_take(redis(), &t, 2, &taken, &take_ts, err, sizeof(err)) != 0 ||
+        sp_stock_shard_give(redis(), &t, taken, take_ts, SP_SHARD_GIVE_WITHIN_MS, &given, err,
+                            sizeof(err)) != 0)
+        fail_msg("transfer: %s", err);
+    assert_int_equal(given, 2);
+    assert_int_equal(shard_hget(sku, 0, "stock"), 5);
+    assert_int_equal(shard_hget(sku, 1, "stock"), 2);
+    assert_int_equal(shard_hget(sku, 2, "stock"), 1);
+    assert_int_equal(shard_hget(sku, 2, "moving"), 2);
+
+    assert_audit_passes();
+    double s = wait_gauges(0, 0, 0, 0, 0, "a sharded sale in transfer: nothing wrong");
+    WAIT_FOR(audit_gauge("stockpipe_reaper_audit_skus_unchecked") == 0 &&
+                 audit_gauge("stockpipe_reaper_audit_skus_differing") == 0,
+             "the periodic audit never compared every sale and found them equal: %s",
+             audit_gauges());
+    print_message("    3 shards, a transfer given and not settled: audit passed; %s (%.1f s)\n",
+                  audit_gauges(), s);
+    g.npassed++;
+}
+
+/* The same sale, with one unit too many on shard 1 (Redis would sell 9 of PostgreSQL's 8):
+ * `reaper audit` fails naming the SKU and the sum, and the running reapers' gauges read 1 unit
+ * above PostgreSQL on 1 SKU; once the unit is taken off again, both are clean. Seen failing with
+ * the audit that read shard 0 only: the gauges read "Redis above 0, below 3" (shard 0's 5 against
+ * PostgreSQL's 8). */
+static void test_audit_sharded_sale_one_unit_too_many(void **state) {
+    (void)state;
+    static char out[64 * 1024];
+    int64_t sku = g.sku_base + sharded_audit_sku_offset;
+    char key[SP_STOCK_KEY_MAX], want[160];
+    sp_stock_shard_key(key, sku, 1, "sale");
+    freeReplyObject(
+        sp_redis_command(redis(), key, itest_err, sizeof(itest_err), "HINCRBY %s stock 1", key));
+    double s = wait_gauges(0, 0, 1, 0, 1, "a shard holds one unit too many");
+    print_message("    one unit too many on shard 1: %s (after %.1f s)\n", audit_gauges(), s);
+    int rc = reaper_cmd("audit", NULL, NULL, out, sizeof(out));
+    snprintf(want, sizeof(want),
+             "sku %" PRId64 ": Redis stock 9 (supplied 12) summed over 3 shards != PostgreSQL "
+             "stock 8 (supplied 12)",
+             sku);
+    if (rc != 1 || strstr(out, "audit FAILED") == NULL || strstr(out, want) == NULL)
+        fail_msg("the audit did not report \"%s\" (exit %d):\n%s", want, rc, out);
+    print_message("    the audit said: %s\n", want);
+    freeReplyObject(
+        sp_redis_command(redis(), key, itest_err, sizeof(itest_err), "HINCRBY %s stock -1", key));
+    wait_gauges(0, 0, 0, 0, 0, "the unit taken off again");
+    assert_audit_passes();
+    g.npassed++;
+}
+
+/* ---- the ledger and the reservation sweep over a sharded sale (issue 17 part 3) ---- */
+
+enum { HOME_SHARDS = 3 }; /* the shards of the two sales below */
+
+/* User's count on shard k of sku; -1 when absent. */
+static int64_t shard_user(int64_t sku, int k, int64_t user) {
+    char key[SP_STOCK_KEY_MAX];
+    sp_stock_shard_key(key, sku, k, "users");
+    redisReply *r = sp_redis_command(redis(), key, itest_err, sizeof(itest_err), "HGET %s %lld",
+                                     key, (long long)user);
+    if (r == NULL) fail_msg("HGET %s: %s", key, itest_err);
+    int64_t v = r->type == REDIS_REPLY_STRING ? strtoll(r->str, NULL, 10) : -1;
+    freeReplyObject(r);
+    return v;
+}
+
+static int64_t shard_hlen(int64_t sku, int k, const char *suffix) {
+    char key[SP_STOCK_KEY_MAX];
+    sp_stock_shard_key(key, sku, k, suffix);
+    return redis_int("HLEN %s", key);
+}
+
+/* Shard k's count of the rises of its stock (0 before the first). */
+static int64_t shard_ver(int64_t sku, int k) {
+    int64_t v = shard_hget(sku, k, "ver");
+    return v < 0 ? 0 : v;
+}
+
+/* The two running reapers, started again if a test that stopped them failed before it could. */
+static void reapers_running(void) {
+    for (int i = 0; i < 2; i++)
+        if (g.reapers[i].pid <= 0) {
+            g.reapers[i] = start_reaper(i, NULL);
+            wait_ready(&g.reapers[i], WAIT_S);
+        }
+}
+
+/* Every shard's stock, "s0/s1/s2", for comparisons and messages (a static buffer). */
+static const char *shard_stocks(int64_t sku) {
+    static char line[96];
+    snprintf(line, sizeof(line), "%" PRId64 "/%" PRId64 "/%" PRId64, shard_hget(sku, 0, "stock"),
+             shard_hget(sku, 1, "stock"), shard_hget(sku, 2, "stock"));
+    return line;
+}
+
+/* Opens sku over HOME_SHARDS Redis shards (stock spread evenly, generation "g"), as the producer
+ * does, and publishes its stock.set with those shards, which gives it its inventory row. */
+static void open_sharded_sale(int64_t sku, int stock, int limit) {
+    sp_sharded_sale sale = {.sku_id = sku, .nshards = HOME_SHARDS, .gen = "g", .xfer_prefix = "t"};
+    int opened = 0;
+    if (sp_stock_open_sharded(redis(), &sale, stock, limit, 600, &opened, err, sizeof(err)) != 0)
+        fail_msg("open sharded: %s", err);
+    assert_int_equal(opened, HOME_SHARDS);
+    sp_event set = {.type = SP_EV_STOCK_SET,
+                    .ts_ms = sp_clock_wall_ms(),
+                    .sku_id = sku,
+                    .stock = stock,
+                    .per_user_limit = limit,
+                    .pay_timeout_s = 600,
+                    .shards = HOME_SHARDS};
+    publish_events(&set, 1);
+    WAIT_FOR(sku_int("SELECT count(*) FROM inventory WHERE sku_id = $1::bigint AND shards = 3",
+                     sku) == 1,
+             "the inventory row of sku %" PRId64 " (3 shards) never came", sku);
+}
+
+/* reserve.lua on the buyer's home shard, as the producer does; the new order's id into id. */
+static void reserve_home(int64_t sku, int64_t user, int qty, const char *idem,
+                         char id[SP_ORDER_ID_MAX + 1]) {
+    static sp_order_ids gen;
+    static int ready;
+    if (!ready) sp_order_ids_init(&gen, "test-sharded"), ready = 1;
+    sp_reserve_request req = {.sku_id = sku,
+                              .user_id = user,
+                              .qty = qty,
+                              .ts_ms = sp_clock_wall_ms(),
+                              .shard = sp_stock_home_shard(user, HOME_SHARDS)};
+    sp_order_id_next(&gen, req.ts_ms, sku, req.order_id);
+    if (idem) snprintf(req.idem_key, sizeof(req.idem_key), "%s", idem);
+    sp_reserve_result res;
+    if (sp_stock_reserve(redis(), &req, &res, err, sizeof(err)) != 0) fail_msg("reserve: %s", err);
+    if (res.outcome != SP_RESERVE_OK)
+        fail_msg("reserve of user %" PRId64 " on shard %d: outcome %d", user, (int)req.shard,
+                 (int)res.outcome);
+    snprintf(id, SP_ORDER_ID_MAX + 1, "%s", req.order_id);
+}
+
+/* The order.created of an order reserve_home made, as its producer publishes it. */
+static sp_event created(int64_t sku, int64_t user, int qty, const char *id) {
+    sp_event ev = {.type = SP_EV_ORDER_CREATED,
+                   .ts_ms = sp_clock_wall_ms(),
+                   .sku_id = sku,
+                   .user_id = user,
+                   .qty = qty};
+    ev.expires_ms = ev.ts_ms + 600000;
+    snprintf(ev.order_id, sizeof(ev.order_id), "%s", id);
+    return ev;
+}
+
+/* Takes a sharded test sale out of the run (PostgreSQL first, so no sweep finds its sale missing,
+ * then every shard's keys): the audits of the tests after it see only what they expect. */
+static void drop_sharded_sale(int64_t sku) {
+    static const char *const tables[] = {"stock_returns", "reaper_requests", "orders", "inventory"};
+    static const char *const suffixes[] = {"sale", "users", "resv", "returned", "xfer", "opening"};
+    for (size_t i = 0; i < sizeof(tables) / sizeof(tables[0]); i++) {
+        char sql[160];
+        snprintf(sql, sizeof(sql),
+                 "WITH d AS (DELETE FROM %s WHERE sku_id = $1::bigint RETURNING 1)"
+                 " SELECT count(*) FROM d",
+                 tables[i]);
+        (void)sku_int(sql, sku);
+    }
+    for (int k = 0; k < HOME_SHARDS; k++)
+        for (size_t j = 0; j < sizeof(suffixes) / sizeof(suffixes[0]); j++) {
+            char key[SP_STOCK_KEY_MAX];
+            sp_stock_shard_key(key, sku, k, suffixes[j]);
+            freeReplyObject(
+                sp_redis_command(redis(), key, itest_err, sizeof(itest_err), "DEL %s", key));
+        }
+}
+
+/* Issue 17 part 3, "the reaper gives back to shard 0 only": a sale over 3 shards, orders on their
+ * buyers' home shards (user mod 3) stored pending, three of them expired. The ledger drain must
+ * give each row back on its home shard, once: its stock, its buyer's count, a rise of its `ver`,
+ * its marker there; the other shards untouched. A row given back before a crash (its marker on its
+ * home shard, the row not stamped) gives nothing again; a second drain gives nothing; markers left
+ * on shards 1 and 2 after the stamp are settled (by the reconcile's call, and by a restarted
+ * reaper's sweep) and nothing comes back twice. Seen failing with the shard-0-only drain. */
+static void test_sharded_returns_on_home_shards(void **state) {
+    (void)state;
+    int64_t sku = g.sku_base + 14;
+    /* homes: 8100 -> shard 0, 8101 -> 1, 8104 -> 1, 8102 -> 2 */
+    static const int64_t users[] = {8100, 8101, 8104, 8102};
+    static const int qtys[] = {1, 1, 2, 2};
+    char ids[4][SP_ORDER_ID_MAX + 1], key[SP_STOCK_KEY_MAX], ms[24];
+    int64_t ver[HOME_SHARDS];
+    sp_event evs[4];
+    sp_config cfg;
+    sp_reaper a;
+    size_t nreturned = 0, nsettled = 0;
+    int given = -1, got = 0;
+    /* No running reaper while the awkward states are made: the drains here are the test's. */
+    stop(&g.reapers[0]);
+    stop(&g.reapers[1]);
+    open_sharded_sale(sku, 9, 3); /* 3 units a shard; a per-user limit: Redis keeps counts */
+    for (int i = 0; i < 4; i++) {
+        reserve_home(sku, users[i], qtys[i], i == 3 ? "sharded-expiry-key" : NULL, ids[i]);
+        evs[i] = created(sku, users[i], qtys[i], ids[i]);
+    }
+    publish_events(evs, 4);
+    WAIT_FOR(
+        sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint AND status = 'pending'",
+                sku) == 4 &&
+            shard_hlen(sku, 0, "resv") + shard_hlen(sku, 1, "resv") + shard_hlen(sku, 2, "resv") ==
+                0,
+        "the 4 orders of sku %" PRId64 " were never stored and forgotten on their shards", sku);
+    assert_string_equal(shard_stocks(sku), "2/0/1");
+    for (int k = 0; k < HOME_SHARDS; k++) ver[k] = shard_ver(sku, k);
+
+    publish_expired(sku, &ids[1], 3);
+    WAIT_FOR(sku_int("SELECT count(*) FROM stock_returns WHERE sku_id = $1::bigint"
+                     " AND reason = 'expired'",
+                     sku) == 3,
+             "the 3 expiries of sku %" PRId64 " never reached the ledger", sku);
+    assert_int_equal(sku_int("SELECT stock FROM inventory WHERE sku_id = $1::bigint", sku), 8);
+    /* A drain that died after the give-back of user 8104's row, before its stamp. */
+    if (sp_stock_give_back_on_shard(redis(), sku, 1, ids[2], 8104, 2, "expired", sp_clock_wall_ms(),
+                                    &given, err, sizeof(err)) != 0)
+        fail_msg("give_back: %s", err);
+    assert_int_equal(given, 2);
+
+    reaper_in_process(&a, &cfg, "sharded-drain");
+    cfg.reaper_batch = 100;
+    for (int pass = 0; pass < 2; pass++) {
+        if (sp_stock_return_drain(&a, 10000, &nreturned, err, sizeof(err)) != 0)
+            fail_msg("drain: %s", err);
+        int64_t owed = sku_int("SELECT count(*) FROM stock_returns WHERE sku_id = $1::bigint"
+                               " AND returned_to_redis_at IS NULL",
+                               sku);
+        /* 2/3/3: shard 0 keeps its pending order's unit, shards 1 and 2 have every unit back. */
+        if (strcmp(shard_stocks(sku), "2/3/3") != 0 || owed != 0 ||
+            nreturned != (pass == 0 ? 3u : 0u) || shard_ver(sku, 0) != ver[0] ||
+            shard_ver(sku, 1) != ver[1] + 2 || shard_ver(sku, 2) != ver[2] + 1)
+            fail_msg("drain %d of the sale over 3 shards (sku %" PRId64 "): shard stocks %s (want "
+                     "2/3/3); %zu rows stamped (want %d), %" PRId64 " still owed; the shards' ver "
+                     "%" PRId64 "/%" PRId64 "/%" PRId64 " (were %" PRId64 "/%" PRId64 "/%" PRId64
+                     "); users 8101 and 8104 count %" PRId64 " and %" PRId64 " on shard 1, %" PRId64
+                     " and %" PRId64 " on shard 0",
+                     pass + 1, sku, shard_stocks(sku), nreturned, pass == 0 ? 3 : 0, owed,
+                     shard_ver(sku, 0), shard_ver(sku, 1), shard_ver(sku, 2), ver[0], ver[1],
+                     ver[2], shard_user(sku, 1, 8101), shard_user(sku, 1, 8104),
+                     shard_user(sku, 0, 8101), shard_user(sku, 0, 8104));
+        assert_int_equal(shard_user(sku, 0, 8100), 1); /* the pending order keeps its unit */
+        for (int i = 1; i < 4; i++)
+            for (int k = 0; k < HOME_SHARDS; k++)
+                assert_int_equal(shard_user(sku, k, users[i]), -1);
+        for (int k = 0; k < HOME_SHARDS; k++) assert_int_equal(shard_hlen(sku, k, "returned"), 0);
+    }
+
+    /* Drains that died after their commit, before removing the markers: on shard 2 (settled by
+     * the reconcile's call, which reads the shards from PostgreSQL) and on shard 1 (by a sweep). */
+    snprintf(ms, sizeof(ms), "%" PRId64, sp_clock_wall_ms());
+    sp_stock_shard_key(key, sku, 2, "returned");
+    freeReplyObject(sp_redis_command(redis(), key, itest_err, sizeof(itest_err), "HSET %s %s %s",
+                                     key, ids[3], ms));
+    if (sp_reaper_lock(&a, SP_LOCK_SKU, sku, &got, err, sizeof(err)) != 0 || !got)
+        fail_msg("lock: %s", err);
+    int settle_rc = sp_stock_return_settle_markers(&a, sku, &nsettled, err, sizeof(err));
+    sp_reaper_unlock(&a, SP_LOCK_SKU, sku);
+    sp_reaper_close(&a);
+    if (settle_rc != 0 || nsettled != 1 || shard_hlen(sku, 2, "returned") != 0)
+        fail_msg("the marker on shard 2 of sku %" PRId64 " was not settled: rc %d, %zu settled, "
+                 "%" PRId64 " left",
+                 sku, settle_rc, nsettled, shard_hlen(sku, 2, "returned"));
+    sp_stock_shard_key(key, sku, 1, "returned");
+    freeReplyObject(sp_redis_command(redis(), key, itest_err, sizeof(itest_err), "HSET %s %s %s",
+                                     key, ids[1], ms));
+    reapers_running();
+    WAIT_FOR(shard_hlen(sku, 1, "returned") == 0,
+             "the marker on shard 1 of sku %" PRId64 " was never settled by a sweep", sku);
+    sleep_ms(1500); /* more sweeps and drains: nothing comes back twice */
+    assert_string_equal(shard_stocks(sku), "2/3/3");
+    assert_int_equal(shard_ver(sku, 1), ver[1] + 2);
+    assert_int_equal(shard_ver(sku, 2), ver[2] + 1);
+    assert_int_equal(shard_user(sku, 0, 8100), 1);
+    drop_sharded_sale(sku);
+    g.npassed++;
+}
+
+/* Issue 17 part 3, "the reservation sweep scans shard 0 only": a sale over 3 shards; a producer
+ * died after reserve.lua on shard 2 (user 8201's home), so its 'r:' entry is there and nobody
+ * confirms or releases it; an old 'r:' leftover of a stored order sits on shard 1. The running
+ * reapers' sweep must walk every shard: the lost reservation is voided, the consumer cancels it,
+ * and its units, its buyer's count and Idempotency-Key come back on shard 2, once; the leftover
+ * on shard 1 is dropped without giving anything; shard 0 is untouched. Seen failing with the
+ * shard-0-only sweep. */
+static void test_sharded_lost_reservation(void **state) {
+    (void)state;
+    int64_t sku = g.sku_base + 15, ver[HOME_SHARDS];
+    char lost[SP_ORDER_ID_MAX + 1], stored[SP_ORDER_ID_MAX + 1], key[SP_STOCK_KEY_MAX],
+        idem[SP_STOCK_KEY_MAX], entry[160];
+    reapers_running(); /* their sweep is what this test is about */
+    open_sharded_sale(sku, 9, 3);
+    /* 8200 (home 1): stored pending; then the consumer's clean-up of its entry is lost. */
+    reserve_home(sku, 8200, 1, NULL, stored);
+    sp_event ev = created(sku, 8200, 1, stored);
+    publish_events(&ev, 1);
+    WAIT_FOR(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint", sku) == 1 &&
+                 shard_hlen(sku, 1, "resv") == 0,
+             "the order of sku %" PRId64 " never reached PostgreSQL", sku);
+    for (int k = 0; k < HOME_SHARDS; k++) ver[k] = shard_ver(sku, k);
+    /* 8201 (home 2): reserved, never published. */
+    reserve_home(sku, 8201, 2, "sharded-lost-key", lost);
+    assert_string_equal(shard_stocks(sku), "3/2/1");
+    assert_int_equal(shard_user(sku, 2, 8201), 2);
+    snprintf(idem, sizeof(idem), "{sku:%" PRId64 "/2}:idem:8201:sharded-lost-key", sku);
+    assert_int_equal(redis_int("EXISTS %s", idem), 1);
+    sp_stock_shard_key(key, sku, 1, "resv");
+    snprintf(entry, sizeof(entry), "r:8200:1:%" PRId64 ":", sp_clock_wall_ms() - 60000);
+    freeReplyObject(sp_redis_command(redis(), key, itest_err, sizeof(itest_err), "HSET %s %s %s",
+                                     key, stored, entry));
+
+    WAIT_FOR(shard_hlen(sku, 2, "resv") == 0 && shard_hlen(sku, 1, "resv") == 0 &&
+                 sku_int("SELECT count(*) FROM stock_returns WHERE sku_id = $1::bigint"
+                         " AND reason = 'voided' AND returned_to_redis_at IS NOT NULL",
+                         sku) == 1,
+             "the lost reservation on shard 2 of sku %" PRId64 " was never voided and given back "
+             "(shard stocks %s, want 3/2/3; entries left on shard 1: %" PRId64 ", on shard 2: "
+             "%" PRId64 "; ledger rows %" PRId64 ")",
+             sku, shard_stocks(sku), shard_hlen(sku, 1, "resv"), shard_hlen(sku, 2, "resv"),
+             sku_int("SELECT count(*) FROM stock_returns WHERE sku_id = $1::bigint", sku));
+    const char *params[] = {lost};
+    assert_int_equal(query_int(g.dsn,
+                               "SELECT count(*) FROM orders WHERE order_id = $1"
+                               " AND status = 'cancelled' AND qty = 2 AND user_id = 8201",
+                               1, params),
+                     1);
+    WAIT_FOR(shard_hlen(sku, 2, "returned") == 0,
+             "the marker on shard 2 of sku %" PRId64 " was never removed", sku);
+    assert_string_equal(shard_stocks(sku), "3/2/3");
+    for (int k = 0; k < HOME_SHARDS; k++) assert_int_equal(shard_user(sku, k, 8201), -1);
+    assert_int_equal(redis_int("EXISTS %s", idem), 0); /* the buyer's key is free again */
+    assert_int_equal(shard_user(sku, 1, 8200), 1);     /* the stored order keeps its unit */
+    assert_int_equal(shard_ver(sku, 0), ver[0]);
+    assert_int_equal(shard_ver(sku, 1), ver[1]);
+    assert_int_equal(shard_ver(sku, 2), ver[2] + 1);
+    /* Given back once: later sweeps change nothing. */
+    sleep_ms(1500);
+    assert_string_equal(shard_stocks(sku), "3/2/3");
+    assert_int_equal(sku_int("SELECT count(*) FROM stock_returns WHERE sku_id = $1::bigint", sku),
+                     1);
+    assert_int_equal(sku_int("SELECT stock FROM inventory WHERE sku_id = $1::bigint", sku), 8);
+    drop_sharded_sale(sku);
+    g.npassed++;
+}
+
+/* A string field of shard k of sku's sale; "" when absent. */
+static void shard_hget_str(int64_t sku, int k, const char *field, char *out, size_t cap) {
+    char key[SP_STOCK_KEY_MAX];
+    sp_stock_shard_key(key, sku, k, "sale");
+    redisReply *r = sp_redis_command(redis(), key, itest_err, sizeof(itest_err), "HGET %s %s", key,
+                                     field);
+    assert_non_null(r);
+    snprintf(out, cap, "%s", r->type == REDIS_REPLY_STRING ? r->str : "");
+    freeReplyObject(r);
+}
+
+/* Issue 17 part 3: the reconcile of a sharded sale. 30 units over 3 shards (limit 2); six buyers,
+ * two per home shard, order one unit each and PostgreSQL stores them (24 left). Then Redis goes
+ * wrong: shard 1 holds 5 units too many, shard 2's sale is gone, shard 0 has a transfer left open
+ * (an "out:" record, 2 units moving). `reaper reconcile --sku` rebuilds every shard: none paused,
+ * one new generation on all, nothing moving, no transfer record, 8 units each (PostgreSQL's 24),
+ * each buyer counted on its home shard only; the sale then sells exactly its 24 units. Seen
+ * failing with the reconcile of shard 0 alone: shard 2 stayed missing. */
+static void test_sharded_sale_reconciled(void **state) {
+    (void)state;
+    int64_t sku = g.sku_base + 30;
+    const int64_t users[6] = {3, 6, 4, 7, 5, 8}; /* home shards 0, 0, 1, 1, 2, 2 */
+    char body[256], resp[1024], key[SP_STOCK_KEY_MAX], flag[48], gen[3][64];
+    static char out[64 * 1024];
+    snprintf(body, sizeof(body),
+             "{\"sku_id\":%" PRId64 ",\"stock\":30,\"per_user_limit\":2,\"pay_timeout_s\":600,"
+             "\"shards\":3}",
+             sku);
+    int code = http(g.producer.port, "POST", "/v1/skus", ADMIN, NULL, body, resp, sizeof(resp));
+    if (code != 201) fail_msg("open sharded sku %" PRId64 ": %d %s", sku, code, resp);
+    for (int i = 0; i < 6; i++) assert_int_equal(order(sku, users[i], 1, NULL, NULL, 0), 202);
+    WAIT_FOR(sku_int("SELECT stock FROM inventory WHERE sku_id = $1::bigint", sku) == 24,
+             "PostgreSQL never stored the six orders");
+    sp_stock_shard_key(key, sku, 1, "sale");
+    freeReplyObject(
+        sp_redis_command(redis(), key, itest_err, sizeof(itest_err), "HINCRBY %s stock 5", key));
+    sp_stock_shard_key(key, sku, 2, "sale");
+    freeReplyObject(sp_redis_command(redis(), key, itest_err, sizeof(itest_err), "DEL %s", key));
+    shard_hget_str(sku, 0, "gen", gen[0], sizeof(gen[0]));
+    shard_record(sku, 0, "TX", "out", 1, 2, 1, gen[0]);
+    shard_set(sku, 0, shard_hget(sku, 0, "stock"), 2);
+
+    snprintf(flag, sizeof(flag), "--sku=%" PRId64, sku);
+    int rc = reaper_cmd("reconcile", flag, NULL, out, sizeof(out));
+    if (rc != 0) fail_msg("reaper reconcile %s exited %d: %s", flag, rc, out);
+    for (int k = 0; k < 3; k++) {
+        shard_hget_str(sku, k, "gen", gen[k], sizeof(gen[k]));
+        if (shard_hget(sku, k, "stock") != 8 || shard_hget(sku, k, "shards") != 3 ||
+            shard_hget(sku, k, "moving") != -1 || strcmp(gen[k], gen[0]) != 0 || !gen[k][0])
+            fail_msg("shard %d after the reconcile: stock %" PRId64 ", shards %" PRId64
+                     ", moving %" PRId64 ", gen \"%s\" (shard 0's \"%s\")",
+                     k, shard_hget(sku, k, "stock"), shard_hget(sku, k, "shards"),
+                     shard_hget(sku, k, "moving"), gen[k], gen[0]);
+        char paused[64];
+        shard_hget_str(sku, k, "paused", paused, sizeof(paused));
+        if (paused[0]) fail_msg("shard %d is still paused (%s)", k, paused);
+        sp_stock_shard_key(key, sku, k, "xfer");
+        assert_int_equal(redis_int("EXISTS %s", key), 0);
+        for (int i = 0; i < 6; i++) {
+            char u[24];
+            snprintf(u, sizeof(u), "%" PRId64, users[i]);
+            sp_stock_shard_key(key, sku, k, "users");
+            redisReply *r = sp_redis_command(redis(), key, itest_err, sizeof(itest_err),
+                                             "HGET %s %s", key, u);
+            assert_non_null(r);
+            int64_t held = r->type == REDIS_REPLY_STRING ? strtoll(r->str, NULL, 10) : 0;
+            freeReplyObject(r);
+            if (held != (sp_stock_home_shard(users[i], 3) == k ? 1 : 0))
+                fail_msg("buyer %" PRId64 " counts %" PRId64 " on shard %d", users[i], held, k);
+        }
+    }
+    int accepted = 0;
+    for (int64_t u = 100; u < 160; u++) {
+        code = order(sku, u, 1, NULL, NULL, 0);
+        if (code == 202)
+            accepted++;
+        else if (code != 409)
+            fail_msg("buyer %" PRId64 ": %d", u, code);
+    }
+    assert_int_equal(accepted, 24);
+    g.npassed++;
+}
+
 /* ---- set-up ---- */
 
 static int group_setup(void **state) {
@@ -1202,9 +1732,9 @@ static void test_start_the_stack(void **state) {
         g.redis_pid = start_redis(g.redis_port, g.tmp);
     }
     create_db();
-    const char *producer_settings[] = {"ADMIN_TOKEN=" ADMIN, "PAYMENT_TOKEN=" PAYMENT,
-                                       "KAFKA_MESSAGE_TIMEOUT_MS=" MSG_TIMEOUT, "USER_RATE_LIMIT=0",
-                                       NULL};
+    const char *producer_settings[] = {
+        "ADMIN_TOKEN=" ADMIN, "PAYMENT_TOKEN=" PAYMENT, "KAFKA_MESSAGE_TIMEOUT_MS=" MSG_TIMEOUT,
+        "USER_RATE_LIMIT=0",  "SALE_SHARDS_MAX=3",      NULL};
     const char *consumer_settings[] = {"KAFKA_SESSION_TIMEOUT_MS=6000", NULL};
     g.producer = start(&stack, BIN "producer", "producer", producer_settings, NULL);
     g.consumer = start(&stack, BIN "consumer", "consumer", consumer_settings, NULL);
@@ -1255,6 +1785,11 @@ int main(void) {
         cmocka_unit_test(test_redis_restarted_empty),
         cmocka_unit_test(test_replicas_share_a_reconcile),
         cmocka_unit_test(test_audit_and_reconcile_by_hand),
+        cmocka_unit_test(test_audit_sharded_sale_in_transfer),
+        cmocka_unit_test(test_audit_sharded_sale_one_unit_too_many),
+        cmocka_unit_test(test_sharded_returns_on_home_shards),
+        cmocka_unit_test(test_sharded_lost_reservation),
+        cmocka_unit_test(test_sharded_sale_reconciled),
     };
     return cmocka_run_group_tests_name("reaper", tests, group_setup, group_teardown);
 }
