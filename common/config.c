@@ -116,10 +116,9 @@ static const conf_opt conf_table[] = {
     {"user-rate-limit", "USER_RATE_LIMIT", INT(user_rate_limit), "50", 0, 1000000, P, 0,
      "Order requests per second one user_id may make on this producer (burst = one second's "
      "worth); above it 429. 0 = no limit"},
-    {"sale-shards-max", "SALE_SHARDS_MAX", INT(sale_shards_max), "1", 1, SP_SHARDS_MAX, P, 0,
+    {"sale-shards-max", "SALE_SHARDS_MAX", INT(sale_shards_max), "16", 1, SP_SHARDS_MAX, P, 0,
      "Most Redis shards an open (POST /v1/skus \"shards\") may spread a hot SKU's stock over; "
-     "more is refused with 400. Keep 1 until the reaper and consumer serve sharded sales "
-     "(issue 17 part 3: expiry, reconcile and audit per shard are not built yet)"},
+     "more is refused with 400. 1 allows no sharded sale"},
     {"max-inflight", "MAX_INFLIGHT", INT(max_inflight), "50000", 1, 10000000, P, 0,
      "Orders under way at once (waiting for Redis or Kafka) before new ones are refused with 429; "
      "bounds the producer's memory"},

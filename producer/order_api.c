@@ -198,6 +198,7 @@ typedef struct call {
     char closed[16];   /* CALL_PAY: the status of an order closed before its payment, or "" */
     int reserved;      /* CALL_PAY: Redis holds the order as reserved ('r:'), Kafka's answer not
                         * recorded yet */
+    int reads_owed;    /* GET, CALL_PAY: Redis replies still to come (the order's shards) */
 } call;
 
 /* Appends c; returns 1 when the queue was empty before. */
@@ -1394,19 +1395,58 @@ static void lookup_inventory(call *c) {
         on_inventory_row(NULL, "not connected", c);
 }
 
+/* Shard k > 0 of a sharded sale: its stock (and units moving out of it) add to what the sale
+ * holds; a shard paused or missing makes the sale's figure unknown. */
+static void on_sku_shard_read(redisReply *reply, void *data) {
+    call *c = data;
+    redisReply *r = reply;
+    reply_arrived(r);
+    if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 3 &&
+        r->element[0]->type == REDIS_REPLY_STRING) {
+        int64_t units = strtoll(r->element[0]->str, NULL, 10);
+        if (r->element[1]->type == REDIS_REPLY_STRING)
+            units += strtoll(r->element[1]->str, NULL, 10);
+        snprintf(c->sale[0], sizeof(c->sale[0]), "%" PRId64,
+                 (int64_t)strtoll(c->sale[0], NULL, 10) + units);
+        if (r->element[2]->type == REDIS_REPLY_STRING) c->paused = 1;
+    } else if (r && r->type == REDIS_REPLY_ARRAY) {
+        c->paused = 1; /* a shard missing: Redis lost it, the reaper rebuilds the sale */
+    } else {
+        c->redis_failed = 1;
+    }
+    if (--c->reads_owed == 0) lookup_inventory(c);
+}
+
 static void on_sku_read(redisReply *reply, void *data) {
     call *c = data;
     redisReply *r = reply;
     reply_arrived(r);
-    if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 4) {
+    c->reads_owed = 1; /* held until the shards' reads are sent */
+    if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 6) {
         for (size_t i = 0; i < 3; i++)
             if (r->element[i]->type == REDIS_REPLY_STRING)
                 snprintf(c->sale[i], sizeof(c->sale[i]), "%s", r->element[i]->str);
         c->paused = r->element[3]->type == REDIS_REPLY_STRING;
+        if (c->sale[0][0] && r->element[4]->type == REDIS_REPLY_STRING) /* moving */
+            snprintf(
+                c->sale[0], sizeof(c->sale[0]), "%" PRId64,
+                (int64_t)(strtoll(c->sale[0], NULL, 10) + strtoll(r->element[4]->str, NULL, 10)));
+        /* a sharded sale: what it holds is the sum over its shards */
+        int n = r->element[5]->type == REDIS_REPLY_STRING
+                    ? (int)strtol(r->element[5]->str, NULL, 10)
+                    : 1;
+        for (int k = 1; c->sale[0][0] && k < n && k < SP_SHARDS_MAX; k++) {
+            char key[SP_STOCK_KEY_MAX];
+            sp_stock_shard_key(key, c->ev.sku_id, k, "sale");
+            if (redis_command(c, on_sku_shard_read, "HMGET %s stock moving paused", key, NULL) == 0)
+                c->reads_owed++;
+            else
+                c->redis_failed = 1;
+        }
     } else {
         c->redis_failed = 1;
     }
-    lookup_inventory(c);
+    if (--c->reads_owed == 0) lookup_inventory(c);
 }
 
 static void get_sku(sp_order_api *api, struct evhttp_request *req, int64_t sku) {
@@ -1415,8 +1455,8 @@ static void get_sku(sp_order_api *api, struct evhttp_request *req, int64_t sku) 
     if (c == NULL) return;
     c->ev.sku_id = sku;
     sp_stock_key(key, sku, "sale");
-    if (redis_command(c, on_sku_read, "HMGET %s stock limit pay_timeout_s paused", key, NULL) !=
-        0) {
+    if (redis_command(c, on_sku_read, "HMGET %s stock limit pay_timeout_s paused moving shards",
+                      key, NULL) != 0) {
         c->redis_failed = 1;
         lookup_inventory(c);
     }
@@ -1479,31 +1519,63 @@ static void lookup_order(call *c) {
 }
 
 /* Redis first, PostgreSQL second: the consumer removes an accepted entry only after its commit,
- * so an order missing from the first look is found by the second. */
-static void on_accepted_read(redisReply *reply, void *data) {
-    call *c = data;
-    redisReply *r = reply;
-    reply_arrived(r);
+ * so an order missing from the first look is found by the second. The entry is on the buyer's
+ * home shard, which the order id does not say: shard 0's entry and the sale's `shards` are read
+ * together, and on a sharded sale whose shard 0 has no entry every other shard is asked (each
+ * reply one read of c->reads_owed). */
+static void resv_entry_seen(call *c, const redisReply *r) {
     if (r && r->type == REDIS_REPLY_STRING) {
         /* "a:user:qty:ts" is an accepted order; "r:…" is still waiting for Kafka: the buyer has
          * no answer yet, so for GET it does not exist yet. */
         if (strncmp(r->str, "a:", 2) == 0)
             snprintf(c->accepted, sizeof(c->accepted), "%s", r->str + 2);
-        c->reserved = strncmp(r->str, "r:", 2) == 0;
-    } else if (r == NULL || r->type != REDIS_REPLY_NIL)
+        if (strncmp(r->str, "r:", 2) == 0) c->reserved = 1;
+    } else if (r == NULL || r->type != REDIS_REPLY_NIL) {
         c->redis_failed = 1;
-    lookup_order(c);
+    }
+}
+
+static void on_accepted_read(redisReply *reply, void *data) {
+    call *c = data;
+    reply_arrived(reply);
+    resv_entry_seen(c, reply);
+    if (--c->reads_owed == 0) lookup_order(c);
+}
+
+/* The sale's `shards` (shard 0's sale hash): a sharded sale's other shards are asked too. */
+static void on_lookup_shards(redisReply *reply, void *data) {
+    call *c = data;
+    redisReply *r = reply;
+    reply_arrived(r);
+    int n = r && r->type == REDIS_REPLY_STRING ? (int)strtol(r->str, NULL, 10) : 1;
+    if (r == NULL || r->type == REDIS_REPLY_ERROR) c->redis_failed = 1;
+    for (int k = 1; k < n && k < SP_SHARDS_MAX; k++) {
+        char key[SP_STOCK_KEY_MAX];
+        sp_stock_shard_key(key, c->order.sku_id, k, "resv");
+        if (redis_command(c, on_accepted_read, "HGET %s %s", key, c->order.order_id) == 0)
+            c->reads_owed++;
+        else
+            c->redis_failed = 1;
+    }
+    if (--c->reads_owed == 0) lookup_order(c);
 }
 
 /* Looks c->order up: Redis's accepted entry (on_accepted_read), then PostgreSQL (on_order_row,
  * which answers a GET or hands a payment to decide_pay). */
 static void look_up_order(call *c) {
-    char key[SP_STOCK_KEY_MAX];
+    char key[SP_STOCK_KEY_MAX], sale[SP_STOCK_KEY_MAX];
     sp_stock_key(key, c->order.sku_id, "resv");
-    if (redis_command(c, on_accepted_read, "HGET %s %s", key, c->order.order_id) != 0) {
+    sp_stock_key(sale, c->order.sku_id, "sale");
+    c->reads_owed = 1; /* held until both are sent */
+    if (redis_command(c, on_accepted_read, "HGET %s %s", key, c->order.order_id) == 0)
+        c->reads_owed++;
+    else
         c->redis_failed = 1;
-        lookup_order(c);
-    }
+    if (redis_command(c, on_lookup_shards, "HGET %s shards", sale, NULL) == 0)
+        c->reads_owed++;
+    else
+        c->redis_failed = 1;
+    if (--c->reads_owed == 0) lookup_order(c);
 }
 
 static void get_order(sp_order_api *api, struct evhttp_request *req, const char *order_id,

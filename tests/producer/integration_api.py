@@ -237,8 +237,9 @@ async def check_sharded(ctx, stock=90, shards=3, users=300, tries=4, conns=60):
     ordering 4 times. Exactly 90 sold, none over a buyer's limit, and no false sold_out: no
     order sent after some buyer heard sold_out is accepted later (nothing is returned in this
     sale). Shard 1 runs dry long before the others, so a naive split (each shard on its own)
-    refuses its buyers while 60 units remain. The shards end empty, no transfer left open. An
-    open over more shards than SALE_SHARDS_MAX is 400 and opens nothing."""
+    refuses its buyers while 60 units remain. The shards end empty, no transfer left open; an
+    order on shard 1 is found by GET and paid; GET /v1/skus says what every shard holds. An open
+    over more shards than SALE_SHARDS_MAX is 400 and opens nothing."""
     sku = new_sku()
     body = {"sku_id": sku, "stock": stock, "per_user_limit": 2, "pay_timeout_s": 600}
     r = await ctx.a.request("POST", "/v1/skus", dict(body, shards=shards + 1), admin())
@@ -251,6 +252,9 @@ async def check_sharded(ctx, stock=90, shards=3, users=300, tries=4, conns=60):
     got = [redis_cmd(url, "HGET", shard_key(sku, k), "stock") for k in range(shards)]
     expect(got == [str(stock // shards)] * shards,
            "the shards hold %r, wanted %d each" % (got, stock // shards))
+    left = await available(ctx.b, sku)
+    expect(left == stock, "GET /v1/skus says %d available, wanted the sale's %d (every shard)"
+           % (left, stock))
     base = 3 * random.randint(10**8, 10**11)
     buyers = [base + 1 + 3 * i for i in range(users * 2 // 3)]  # home shard 1
     buyers += [base + 3 * i for i in range(users - len(buyers))]  # home shard 0
@@ -296,6 +300,16 @@ async def check_sharded(ctx, stock=90, shards=3, users=300, tries=4, conns=60):
         await asyncio.sleep(0.1)
     expect(not any(left), "the shards hold %r units (stock + moving) after the sale, wanted 0"
            % (left,))
+    # An order whose entry is on shard 1 (the order id does not say so) is found by GET and pay.
+    oid, buyer = next((oid, u) for u, _, _, _, _, _, oid, _ in results
+                      if oid and u % shards == 1)
+    r = await ctx.b.request("GET", "/v1/orders/%s" % oid)
+    j = r.json()
+    expect(r.status == 200 and isinstance(j, dict) and j.get("user_id") == buyer,
+           "GET of order %s (home shard 1) answered %r" % (oid, r))
+    r = await ctx.a.request("POST", "/v1/orders/%s/pay" % oid, {"qty": 1},
+                            {"Authorization": "Bearer " + PAYMENT})
+    expect(r.status == 202, "paying order %s (home shard 1) answered %r" % (oid, r))
     moved = int(redis_cmd(url, "HGET", shard_key(sku, 1), "ver") or 0)
     expect(moved > 0, "shard 1 never received units (ver %d): nothing was moved" % moved)
     return "sku %d over %d shards: %d requests in %.2f s; %s; %d transfers into shard 1" % (
