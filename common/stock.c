@@ -544,10 +544,19 @@ int sp_stock_resv_drop(sp_redis *c, int64_t sku_id, const char *const *order_ids
     return sp_stock_resv_drop_on_shard(c, sku_id, 0, order_ids, values, n, dropped, errbuf, errlen);
 }
 
-/* reconcile_pause.lua on shard `shard` of a sale over nshards (1: unsharded, no gen). */
+/* FNV-1a, 64 bits: a short fingerprint of a text. */
+static uint64_t fnv1a64(const char *s) {
+    uint64_t h = UINT64_C(14695981039346656037);
+    for (; *s; s++) h = (h ^ (unsigned char)*s) * UINT64_C(1099511628211);
+    return h;
+}
+
+/* reconcile_pause.lua on shard `shard` of a sale over nshards (1: unsharded, no gen). The
+ * rebuild's generation is the token's fingerprint (16 hex digits: bounded and blank-free, whatever
+ * WORKER_ID is), the same on every shard of the sale. */
 static void reconcile_pause_call(sp_script_call *call, int64_t sku_id, int shard, int nshards,
-                                 const char *gen, const char *token, int32_t per_user_limit,
-                                 int32_t pay_timeout_s, int64_t supplied) {
+                                 const char *token, int32_t per_user_limit, int32_t pay_timeout_s,
+                                 int64_t supplied) {
     sp_script_call_init(call, &script_reconcile_pause, 1);
     shard_key_arg(call, sku_id, shard, "sale");
     sp_script_call_arg(call, "%s", token);
@@ -555,7 +564,7 @@ static void reconcile_pause_call(sp_script_call *call, int64_t sku_id, int shard
     sp_script_call_arg(call, "%" PRId32, pay_timeout_s);
     sp_script_call_arg(call, "%" PRId64, supplied);
     if (nshards > 1) {
-        sp_script_call_arg(call, "%s", gen);
+        sp_script_call_arg(call, "%016" PRIx64, fnv1a64(token));
         sp_script_call_arg(call, "%d", nshards);
     }
 }
@@ -566,7 +575,7 @@ int sp_stock_reconcile_pause_on_shard(sp_redis *c, int64_t sku_id, int shard, in
                                       size_t errlen) {
     sp_script_call call;
     long long v;
-    reconcile_pause_call(&call, sku_id, shard, nshards, token, token, per_user_limit, pay_timeout_s,
+    reconcile_pause_call(&call, sku_id, shard, nshards, token, per_user_limit, pay_timeout_s,
                          supplied);
     return run_integer(c, &call, &v, errbuf, errlen);
 }
@@ -588,7 +597,7 @@ static int pause_round(sp_redis *c, const sp_pause_sale *sales, size_t n, const 
     int shard = 0;
     while (sale < n) {
         sp_script_call call[ROUND];
-        const char *argv[ROUND][3 + 6];
+        const char *argv[ROUND][3 + SP_SCRIPT_ARGS_MAX];
         sp_redis_cmd cmds[ROUND];
         redisReply *replies[ROUND];
         size_t k = 0;
@@ -596,9 +605,8 @@ static int pause_round(sp_redis *c, const sp_pause_sale *sales, size_t n, const 
             const sp_pause_sale *ps = &sales[sale];
             int nshards = ps->shards > 1 ? ps->shards : 1;
             /* the sale's supplied on shard 0; the shards of a sharded sale hold none of it */
-            reconcile_pause_call(&call[k], ps->sku_id, shard, nshards, token, token,
-                                 ps->per_user_limit, ps->pay_timeout_s,
-                                 shard == 0 ? ps->supplied : 0);
+            reconcile_pause_call(&call[k], ps->sku_id, shard, nshards, token, ps->per_user_limit,
+                                 ps->pay_timeout_s, shard == 0 ? ps->supplied : 0);
             argv[k][0] = "EVALSHA", argv[k][1] = script_reconcile_pause.sha, argv[k][2] = "1";
             for (int a = 0; a < call[k].argc; a++) argv[k][3 + a] = call[k].argv[a];
             cmds[k] = (sp_redis_cmd){.key = call[k].argv[0],
@@ -942,7 +950,7 @@ int sp_stock_open_sharded(sp_redis *c, const sp_sharded_sale *sale, int64_t stoc
 
 int sp_stock_shard_read_parse(const redisReply *r, int64_t *units, int64_t *ver, char *errbuf,
                               size_t errlen) {
-    if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != 3) {
+    if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != 5) {
         snprintf(errbuf, errlen, "shard read: %s",
                  r == NULL                      ? "no reply"
                  : r->type == REDIS_REPLY_ERROR ? r->str
@@ -953,14 +961,17 @@ int sp_stock_shard_read_parse(const redisReply *r, int64_t *units, int64_t *ver,
     for (int f = 0; f < 3; f++)
         if (r->element[f]->type == REDIS_REPLY_STRING) v[f] = strtoll(r->element[f]->str, NULL, 10);
     *units = (v[0] > 0 ? v[0] : 0) + (v[1] > 0 ? v[1] : 0);
-    *ver = v[2];
-    return 0;
+    /* a rebuild since the other read (another generation) changes it too */
+    *ver = (int64_t)((uint64_t)v[2] ^
+                     fnv1a64(r->element[4]->type == REDIS_REPLY_STRING ? r->element[4]->str : ""));
+    return r->element[3]->type == REDIS_REPLY_STRING ? 1 : 0; /* paused by a reconcile */
 }
 
 /* One read of every shard of the sale: the units in stock or moving, summed, into *units, and
- * each shard's `ver` (the count of its rises, shard_give.lua) into ver[]. -1 on a Redis error. */
+ * each shard's `ver` (with its generation) into ver[]; *paused when a shard is paused by a
+ * reconcile. -1 on a Redis error. */
 static int shards_collect(sp_redis *c, const sp_sharded_sale *sale, int64_t *units, int64_t *ver,
-                          char *errbuf, size_t errlen) {
+                          int *paused, char *errbuf, size_t errlen) {
     *units = 0;
     for (int k = 0; k < sale->nshards; k++) {
         char key[SP_STOCK_KEY_MAX];
@@ -970,7 +981,8 @@ static int shards_collect(sp_redis *c, const sp_sharded_sale *sale, int64_t *uni
         if (r == NULL) return -1;
         int rc = sp_stock_shard_read_parse(r, &here, &ver[k], errbuf, errlen);
         freeReplyObject(r);
-        if (rc != 0) return -1;
+        if (rc < 0) return -1;
+        if (rc == 1) *paused = 1;
         *units += here;
     }
     return 0;
@@ -983,10 +995,15 @@ static int shards_collect(sp_redis *c, const sp_sharded_sale *sale, int64_t *uni
 static int sold_out_everywhere(sp_redis *c, const sp_sharded_sale *sale, int32_t qty, char *errbuf,
                                size_t errlen) {
     int64_t before[SP_SHARDS_MAX], after[SP_SHARDS_MAX], units_before, units_after;
-    if (shards_collect(c, sale, &units_before, before, errbuf, errlen) != 0 ||
-        shards_collect(c, sale, &units_after, after, errbuf, errlen) != 0)
+    int paused = 0;
+    if (sale->nshards < 1 || sale->nshards > SP_SHARDS_MAX) {
+        snprintf(errbuf, errlen, "%d shards: out of range", sale->nshards);
         return -1;
-    if (units_before >= qty || units_after >= qty) return 0;
+    }
+    if (shards_collect(c, sale, &units_before, before, &paused, errbuf, errlen) != 0 ||
+        shards_collect(c, sale, &units_after, after, &paused, errbuf, errlen) != 0)
+        return -1;
+    if (paused || units_before >= qty || units_after >= qty) return 0; /* a rebuild: not known */
     return memcmp(before, after, sizeof(before[0]) * (size_t)sale->nshards) == 0;
 }
 
@@ -1231,9 +1248,9 @@ int sp_stock_sharded_read(sp_redis *c, int64_t sku_id, int nshards, sp_sharded_u
         char key[SP_STOCK_KEY_MAX];
         sp_stock_shard_key(key, sku_id, k, "sale");
         redisReply *r = sp_redis_command(c, key, errbuf, errlen,
-                                         "HMGET %s stock moving supplied paused gen", key);
+                                         "HMGET %s stock moving supplied paused gen ver", key);
         if (r == NULL) return -1;
-        if (r->type != REDIS_REPLY_ARRAY || r->elements != 5) {
+        if (r->type != REDIS_REPLY_ARRAY || r->elements != 6) {
             snprintf(errbuf, errlen, "HMGET %s: %s", key,
                      r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
             freeReplyObject(r);
@@ -1249,6 +1266,8 @@ int sp_stock_sharded_read(sp_redis *c, int64_t sku_id, int nshards, sp_sharded_u
             u.nunsupplied++;
         if (f[3]->type == REDIS_REPLY_STRING) u.paused++;
         snprintf(gens[k], sizeof(gens[k]), "%s", f[4]->type == REDIS_REPLY_STRING ? f[4]->str : "");
+        u.steps = u.steps * UINT64_C(1099511628211) + fnv1a64(gens[k]) +
+                  (uint64_t)(f[5]->type == REDIS_REPLY_STRING ? strtoll(f[5]->str, NULL, 10) : 0);
         freeReplyObject(r);
     }
     for (int k = 0; k < nshards; k++)

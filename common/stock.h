@@ -422,8 +422,10 @@ void sp_stock_shard_settle_call(sp_script_call *call, const sp_shard_transfer *t
 
 /* One shard's part of a sold-out check: SP_STOCK_SHARD_READ_FMT on its sale key, whose reply
  * sp_stock_shard_read_parse reads into *units (stock + moving: units it holds or is passing on)
- * and *ver (the count of its stock's rises). A missing shard reads as 0 units, ver 0. */
-#define SP_STOCK_SHARD_READ_FMT "HMGET %s stock moving ver"
+ * and *ver (the count of its stock's changes, mixed with its generation: a rebuild between two
+ * reads changes it too). A missing shard reads as 0 units. Returns 1 when the shard is paused by
+ * a reconcile (its stock says nothing: never a sold-out), 0, or -1 with errbuf. */
+#define SP_STOCK_SHARD_READ_FMT "HMGET %s stock moving ver paused gen"
 int sp_stock_shard_read_parse(const redisReply *r, int64_t *units, int64_t *ver, char *errbuf,
                               size_t errlen) __attribute__((warn_unused_result));
 
@@ -514,6 +516,8 @@ typedef struct sp_sharded_units {
     int paused;       /* shards paused by a reconcile */
     int nunsupplied;  /* shards without a `supplied` field */
     char gen[64];     /* shard 0's generation ("" when none) */
+    uint64_t steps;   /* a fingerprint of every shard's `ver` and generation: two reads with the
+                       * same one saw no transfer step, rise or rebuild on any shard between them */
 } sp_sharded_units;
 
 /* Reads the units a sale over nshards (2..SP_SHARDS_MAX) Redis shards holds: each shard's sale
@@ -523,9 +527,10 @@ typedef struct sp_sharded_units {
  * "out:" record of an older generation counts nothing: the rebuild since counted every unit
  * afresh.) The shards are read one after another, not atomically: a transfer that runs while the
  * read passes its two shards can be counted twice (donor read before its take, recipient after
- * its give) or not at all; a caller that acts on the figure reads twice (the consumer's cap keeps
- * the smaller). Cost: per shard an HMGET, the HSCAN of its transfers and an HGET per open "out:"
- * record. -1 with errbuf when Redis failed or nshards is out of range. */
+ * its give) or not at all; a caller that acts on the figure reads twice and acts only when both
+ * reads have the same `steps` (the consumer's cap). Cost: per shard an HMGET, the HSCAN of its
+ * transfers and an HGET per open "out:" record. -1 with errbuf when Redis failed or nshards is out
+ * of range. */
 int sp_stock_sharded_read(sp_redis *c, int64_t sku_id, int nshards, sp_sharded_units *out,
                           char *errbuf, size_t errlen) __attribute__((warn_unused_result));
 

@@ -369,8 +369,9 @@ static void redis_failed(consumer *c, int64_t sku_id, const char *err) {
  * shards' `supplied`, summed, beyond PostgreSQL's); the excess is taken off the shards' stock in
  * turn (cap.lua's `lower`), never below 0 (units moving between shards are beyond its reach: they
  * land in a recipient's stock, and the next cap or the reaper's reconcile sees them). The shards
- * are read twice and the smaller sum kept: a transfer running while one read passes its two
- * shards can be counted twice, and a cap on that figure would hold back units PostgreSQL has.
+ * are read twice, and the cap acts only when no transfer step ran on any shard between the reads
+ * (the same `steps`): a transfer running while a read passes its two shards can be counted
+ * twice, and a cap on that figure would hold back units PostgreSQL has.
  * Units reserved meanwhile are not in PostgreSQL yet either, so taking the excess off still
  * leaves what PostgreSQL allows. A missing or paused shard: no cap (the reaper's reconcile
  * rebuilds the sale), and why says so. *removed: the units taken away. -1 when Redis failed. */
@@ -386,6 +387,15 @@ static int cap_sharded(sp_redis *rc, const sp_batch_sku *sku, int64_t *removed, 
                      read[i].missing >= 0 ? "a shard is missing" : "a reconcile has it paused");
             return 0;
         }
+    }
+    /* Two reads with the same `ver` and generation on every shard (every step of a transfer
+     * counts in `ver`): no transfer ran while they passed the shards, so neither counted a unit
+     * twice. Otherwise no cap now: it only hurries what PostgreSQL's guard and the next batch's
+     * cap do anyway, while a cap on a figure inflated by a transfer would remove units
+     * PostgreSQL has, for good. */
+    if (read[0].steps != read[1].steps) {
+        snprintf(why, whylen, "units were moving between shards while they were read");
+        return 0;
     }
     const sp_sharded_units *u = read[1].units < read[0].units ? &read[1] : &read[0];
     int64_t unseen = u->supplied - sku->supplied;

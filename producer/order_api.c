@@ -925,7 +925,8 @@ static void on_rebuilt_read(redisReply *reply, void *data) {
  * that found its sale never waits for it. */
 static void rebuilt_ask(call *unknown, int64_t sku_id) {
     char sale[SP_STOCK_KEY_MAX], key[SP_STOCK_KEY_MAX];
-    sp_stock_key(sale, sku_id, "sale");
+    /* the shard the batch asked (a sharded sale's shards sit on other primaries) */
+    sp_stock_shard_key(sale, sku_id, unknown->order.shard, "sale");
     if (sp_redis_async_key_near(unknown->api->redis, sale, SP_STOCK_REBUILT_KEY, key,
                                 sizeof(key)) != 0 ||
         redis_command(unknown, on_rebuilt_read, "EXISTS %s", key, NULL) != 0)

@@ -27,6 +27,7 @@ struct refill {
     int64_t want;
     int pass;       /* the reads: 0 then 1 */
     int reads_owed; /* replies still to come in this pass */
+    int paused;     /* a shard read was paused by a reconcile */
     int64_t units[2];
     int64_t ver[2][SP_SHARDS_MAX];
     shard_read reads[SP_SHARDS_MAX];
@@ -133,15 +134,21 @@ static void on_shard_read(redisReply *reply, void *data) {
     refill *rf = sr->rf;
     int64_t units;
     char err[256];
-    if (sp_stock_shard_read_parse(reply, &units, &rf->ver[rf->pass][sr->k], err, sizeof(err)) !=
-        0) {
+    int rc = sp_stock_shard_read_parse(reply, &units, &rf->ver[rf->pass][sr->k], err, sizeof(err));
+    if (rc < 0) {
         sp_warn("sku %" PRId64 ": sold-out read of shard %d: %s", rf->t.sku_id, sr->k, err);
         rf->res.failed = 1;
     } else {
         rf->units[rf->pass] += units;
+        if (rc == 1) rf->paused = 1; /* a reconcile rebuilds the sale: nothing is known */
     }
     if (--rf->reads_owed > 0) return;
     if (rf->res.failed) {
+        finish(rf);
+        return;
+    }
+    if (rf->paused) { /* decided again: the paused shard answers recovering */
+        rf->res.stopped = 1;
         finish(rf);
         return;
     }

@@ -66,7 +66,15 @@ static int on_out(sp_reaper *rp, pass *p, sp_shard_transfer *t, int64_t units, i
             p->sw->waiting++;
             return 0;
         }
-        /* given now, given before (0), or a rebuild since counted the units afresh (-3) */
+        if (v == -3) {
+            /* The recipient is of another generation than the take: it never got the units. A
+             * donor rebuilt since drops the record alone (shard_done.lua); one that was not gets
+             * them back. Settling here would lose them. */
+            if (sp_stock_shard_abort(redis, t, 0, &v, errbuf, errlen) != 0) return -1;
+            if (v > 0) p->sw->aborted++;
+            return 0;
+        }
+        /* given now, or given before (0) */
     } else {
         int given = given_before(rp, t, errbuf, errlen);
         if (given < 0) return -1;
@@ -102,13 +110,21 @@ static int on_records(sp_reaper *rp, redisReply *const *kv, size_t npairs, void 
             t.to = other;
             snprintf(t.gen, sizeof(t.gen), "%s", n == 4 ? gen : "");
             if (on_out(rp, p, &t, units, ts, errbuf, errlen) != 0) return -1;
-        } else if (sscanf(value->str, "in:%d:%lld:%lld", &other, &units, &ts) == 3 &&
-                   p->now_ms - ts > SP_SHARD_IN_KEEP_MS) {
+        } else if (sscanf(value->str, "in:%d:%lld:%lld", &other, &units, &ts) == 3 && other >= 0 &&
+                   other < p->nshards && p->now_ms - ts > SP_SHARD_IN_KEEP_MS) {
             sp_redis *redis = sp_reaper_redis(rp, errbuf, errlen);
-            int64_t v = 0;
-            if (redis == NULL || sp_stock_shard_done(redis, &t, p->shard, SP_SHARD_IN_KEEP_MS, &v,
-                                                     errbuf, errlen) != 0)
+            int64_t v = 0, settled = 0;
+            /* The "in:" record proves the give: the donor's "out:" record, if still there, is
+             * settled first (else, gone with it, that record would look never given and be
+             * aborted: its units twice in Redis). */
+            t.from = other;
+            t.to = p->shard;
+            if (redis == NULL ||
+                sp_stock_shard_done(redis, &t, other, 0, &settled, errbuf, errlen) != 0 ||
+                sp_stock_shard_done(redis, &t, p->shard, SP_SHARD_IN_KEEP_MS, &v, errbuf, errlen) !=
+                    0)
                 return -1;
+            if (settled > 0) p->sw->completed++;
             if (v > 0) p->sw->dropped++;
         }
     }

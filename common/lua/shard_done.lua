@@ -39,5 +39,6 @@ if kind == 'out' and redis.call('HGET', sale, 'gen') == gen then
     if redis.call('HINCRBY', sale, 'moving', -units) <= 0 then
         redis.call('HDEL', sale, 'moving')
     end
+    redis.call('HINCRBY', sale, 'ver', 1) -- a step of a transfer (shard_take.lua)
 end
 return units

@@ -40,5 +40,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', sale, 'stock', string.format('%d', stock - took))
 redis.call('HINCRBY', sale, 'moving', took)
+-- every step of a transfer counts in `ver` (with every rise of the stock): two reads of the
+-- shards that find the same `ver` everywhere saw no unit move between them
+redis.call('HINCRBY', sale, 'ver', 1)
 redis.call('HSET', xfer, id, 'out:' .. to .. ':' .. string.format('%d:%d:', took, now) .. gen)
 return {took, now}

@@ -1303,6 +1303,45 @@ static void test_pause_many(void **state) {
         assert_string_equal(sale_hget_str(c, sales[i].sku_id, "sale", "paused"), "tok-all");
     }
     assert_int_equal(sp_stock_reconcile_pause_many(c, sales, 0, "tok-all", err, sizeof(err)), 0);
+    /* Sharded sales: every shard paused, with the sale's shards and one bounded generation (the
+     * token's fingerprint), supplied on shard 0 only; 30 sales of 3 shards are 90 pauses, more
+     * than one pipelined round (seen failing: "EVALSHA" written as a shard's shards). */
+    enum { NSHARDED = 30 };
+    sp_pause_sale sharded[NSHARDED];
+    for (int i = 0; i < NSHARDED; i++)
+        sharded[i] = (sp_pause_sale){.sku_id = fresh_sku(c, 300 + i),
+                                     .supplied = 7,
+                                     .per_user_limit = 1,
+                                     .pay_timeout_s = 60,
+                                     .shards = 3};
+    if (sp_stock_reconcile_pause_many(c, sharded, NSHARDED, "tok-sharded", err, sizeof(err)) != 0)
+        fail_msg("pause_many, sharded: %s", err);
+    char gen0[64] = "";
+    for (int i = 0; i < NSHARDED; i++)
+        for (int k = 0; k < 3; k++) {
+            char key[SP_STOCK_KEY_MAX];
+            sp_stock_shard_key(key, sharded[i].sku_id, k, "sale");
+            redisReply *r = sp_redis_command(c, key, err, sizeof(err),
+                                             "HMGET %s shards paused supplied gen", key);
+            assert_non_null(r);
+            if (r->type != REDIS_REPLY_ARRAY || r->elements != 4 ||
+                r->element[0]->type != REDIS_REPLY_STRING || strcmp(r->element[0]->str, "3") != 0 ||
+                r->element[1]->type != REDIS_REPLY_STRING ||
+                strcmp(r->element[1]->str, "tok-sharded") != 0 ||
+                r->element[2]->type != REDIS_REPLY_STRING ||
+                strcmp(r->element[2]->str, k == 0 ? "7" : "0") != 0 ||
+                r->element[3]->type != REDIS_REPLY_STRING || strlen(r->element[3]->str) != 16 ||
+                (gen0[0] && strcmp(r->element[3]->str, gen0) != 0))
+                fail_msg("sale %d shard %d after the pause: shards %s, paused %s, supplied %s, "
+                         "gen %s",
+                         i, k, r->elements > 0 && r->element[0]->str ? r->element[0]->str : "-",
+                         r->elements > 1 && r->element[1]->str ? r->element[1]->str : "-",
+                         r->elements > 2 && r->element[2]->str ? r->element[2]->str : "-",
+                         r->elements > 3 && r->element[3]->str ? r->element[3]->str : "-");
+            snprintf(gen0, sizeof(gen0), "%s", r->element[3]->str);
+            freeReplyObject(r);
+            freeReplyObject(sp_redis_command(c, key, err, sizeof(err), "DEL %s", key));
+        }
     sp_redis_close(c);
 }
 
