@@ -695,7 +695,10 @@ class Worker:
         self.procs, self.name, self.binary, self.log_path = procs, name, binary, log_path
         kind = os.path.basename(binary)
         self.label = name if name.startswith(kind) else "%s %s" % (kind, name)
-        self.port = port or free_port()
+        # Out of the ephemeral range: a port the kernel just handed out for a bind may be given
+        # again as the source port of an outgoing connection (a worker started before this one
+        # connecting to Kafka) before this worker listens on it ("cannot listen ... in use").
+        self.port = port or pick_ports(1)[0]
         self.proc = None
         self.client = None
         self.starts = 0
