@@ -449,18 +449,6 @@ int sp_stock_open_sharded(sp_redis *c, const sp_sharded_sale *sale, int64_t stoc
                           int32_t per_user_limit, int32_t pay_timeout_s, int *opened, char *errbuf,
                           size_t errlen) __attribute__((warn_unused_result));
 
-/* One order on a sharded sale, the blocking reference of what the producer will do: reserve.lua
- * on the buyer's home shard; when that shard is short, units are moved to it from the other shards
- * (the transfer above, asking each for what is still missing) and the order decided again.
- * SOLD_OUT only when no shard had a unit to give and two reads of every shard found fewer than
- * qty units in stock or moving, with no shard's `ver` risen between them; when other orders kept
- * taking the units moved (three rounds), RECOVERING (try again), never a false SOLD_OUT. Orders
- * with an Idempotency-Key: a refusal is pinned by the first round (IDEM_REFUSAL_TTL_S), so use it
- * with refusals unpinned (sp_stock_idem_ttls(ttl, 0)) until the producer's version handles it. */
-int sp_stock_reserve_sharded(sp_redis *c, sp_sharded_sale *sale, const sp_reserve_request *req,
-                             sp_reserve_result *res, char *errbuf, size_t errlen)
-    __attribute__((warn_unused_result));
-
 /* sp_stock_rejected_forget and sp_stock_accepted_forget on shard `shard` (0..SP_SHARDS_MAX-1) of
  * a sale: its `resv` and `users`, and the Idempotency-Keys its 'r:' entries name (reserve.lua
  * was given the shard's own, {sku:ID/shard}:idem:USER:KEY). An order's entry, its buyer's count

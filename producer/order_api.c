@@ -706,15 +706,10 @@ typedef struct shard_short {
 
 static void reserves_send(sp_order_api *api);
 
-/* Sends order c to Redis again (its home shard, or the shard "moved" named); 503 recovering after
- * SHARD_ROUNDS decisions. Takes c. */
-static void order_again(call *c, int new_round) {
+/* Queues order c for this turn's reserve.lua calls (reserves_send); 503 when the primary of its
+ * shard is down (argv[0] is the shard's sale key: in a cluster, only its SKUs fail). Takes c. */
+static void reserve_enqueue(call *c) {
     sp_order_api *api = c->api;
-    if (new_round && ++c->rounds > SHARD_ROUNDS) {
-        answer_recovering(c); /* units kept moving under it: try again */
-        call_free(c);
-        return;
-    }
     sp_stock_reserve_call(&c->script, &c->order);
     if (!sp_redis_async_usable_for(api->redis, c->script.argv[0])) {
         sp_metric_inc(&m_redis_errors);
@@ -723,6 +718,17 @@ static void order_again(call *c, int new_round) {
         return;
     }
     if (queue_push(&api->reserves, c)) event_active(api->reserve_flush, EV_TIMEOUT, 0);
+}
+
+/* Sends order c to Redis again (its home shard, or the shard "moved" named); 503 recovering after
+ * SHARD_ROUNDS decisions. Takes c. */
+static void order_again(call *c, int new_round) {
+    if (new_round && ++c->rounds > SHARD_ROUNDS) {
+        answer_recovering(c); /* units kept moving under it: try again */
+        call_free(c);
+        return;
+    }
+    reserve_enqueue(c);
 }
 
 static int shard_refill_begin(shard_short *ss);
@@ -1051,14 +1057,7 @@ static void post_order(sp_order_api *api, struct evhttp_request *req) {
     if (idem) snprintf(c->order.idem_key, sizeof(c->order.idem_key), "%s", idem);
     c->order.shard = sp_stock_home_shard(user, sharded_shards(api, sku));
     sp_order_id_next(&api->ids, c->order.ts_ms, sku, c->order.order_id);
-    sp_stock_reserve_call(&c->script, &c->order);
-    /* argv[0] is the sale's key: in a cluster, only the SKUs of a primary that is down fail */
-    if (!sp_redis_async_usable_for(api->redis, c->script.argv[0])) {
-        sp_metric_inc(&m_redis_errors);
-        answer_error(c, 503, "unavailable", "stock store is unreachable", &m_unavailable);
-        goto done;
-    }
-    if (queue_push(&api->reserves, c)) event_active(api->reserve_flush, EV_TIMEOUT, 0);
+    reserve_enqueue(c);
     return; /* reserves_send, then on_reserve_batch go on */
 done:
     call_free(c);

@@ -920,13 +920,125 @@ static int open_transfers(sp_redis *c, int64_t sku, int k) {
     return n;
 }
 
+/* ---- the sharded order path as a blocking oracle ----
+ * What the producer does for an order on a sharded sale (producer/order_api.c "sharded sales",
+ * producer/shard_refill.c), on a blocking connection, for the tests below to hammer: reserve.lua on
+ * the buyer's home shard; when that shard is short, units are moved to it from the other shards
+ * (a transfer each, asking for what is still missing) and the order decided again; SOLD_OUT only
+ * when no shard had a unit to give and two reads of every shard found fewer than qty units, with
+ * the same `ver` and generation everywhere and no shard paused; after three rounds RECOVERING,
+ * never a false SOLD_OUT. (It lived in common/stock.c, where no worker used it.) */
+
+/* One read of every shard of the sale: the units in stock or moving, summed, into *units, and
+ * each shard's `ver` (with its generation) into ver[]; *paused when a shard is paused by a
+ * reconcile. -1 on a Redis error. */
+static int shards_collect(sp_redis *c, const sp_sharded_sale *sale, int64_t *units, int64_t *ver,
+                          int *paused, char *errbuf, size_t errlen) {
+    *units = 0;
+    for (int k = 0; k < sale->nshards; k++) {
+        char key[SP_STOCK_KEY_MAX];
+        int64_t here;
+        sp_stock_shard_key(key, sale->sku_id, k, "sale");
+        redisReply *r = sp_redis_command(c, key, errbuf, errlen, SP_STOCK_SHARD_READ_FMT, key);
+        if (r == NULL) return -1;
+        int rc = sp_stock_shard_read_parse(r, &here, &ver[k], errbuf, errlen);
+        freeReplyObject(r);
+        if (rc < 0) return -1;
+        if (rc == 1) *paused = 1;
+        *units += here;
+    }
+    return 0;
+}
+
+/* 1 when the sale as a whole holds fewer than qty units: two reads of every shard in which no
+ * shard's stock + moving rose (the same `ver` everywhere; reserves only lower it) and both below
+ * qty. A unit moving between shards while one read passes them is seen by the other, or changes a
+ * `ver`. 0 when units may remain (the caller decides again); -1 on a Redis error. */
+static int sold_out_everywhere(sp_redis *c, const sp_sharded_sale *sale, int32_t qty, char *errbuf,
+                               size_t errlen) {
+    int64_t before[SP_SHARDS_MAX], after[SP_SHARDS_MAX], units_before, units_after;
+    int paused = 0;
+    if (sale->nshards < 1 || sale->nshards > SP_SHARDS_MAX) {
+        snprintf(errbuf, errlen, "%d shards: out of range", sale->nshards);
+        return -1;
+    }
+    if (shards_collect(c, sale, &units_before, before, &paused, errbuf, errlen) != 0 ||
+        shards_collect(c, sale, &units_after, after, &paused, errbuf, errlen) != 0)
+        return -1;
+    if (paused || units_before >= qty || units_after >= qty) return 0; /* a rebuild: not known */
+    return memcmp(before, after, sizeof(before[0]) * (size_t)sale->nshards) == 0;
+}
+
+/* Moves up to `missing` units to shard `home` from the others; *moved: how many came. *stop is
+ * set when a shard answered paused, gone or rebuilt (the order is answered RECOVERING). */
+static int refill(sp_redis *c, sp_sharded_sale *sale, int home, int64_t missing, int64_t *moved,
+                  int *stop, char *errbuf, size_t errlen) {
+    *moved = 0;
+    *stop = 0;
+    for (int i = 1; i < sale->nshards && *moved < missing; i++) {
+        sp_shard_transfer t = {.sku_id = sale->sku_id,
+                               .from = (home + i) % sale->nshards,
+                               .to = home};
+        snprintf(t.id, sizeof(t.id), "%.40s:%" PRIu64, sale->xfer_prefix, ++sale->xfer_seq);
+        snprintf(t.gen, sizeof(t.gen), "%s", sale->gen);
+        int64_t taken, take_ts, given, settled;
+        if (sp_stock_shard_take(c, &t, missing - *moved, &taken, &take_ts, errbuf, errlen) != 0)
+            return -1;
+        if (taken < 0) {
+            *stop = 1;
+            return 0;
+        }
+        if (taken == 0) continue;
+        /* A failure from here on leaves the "out:" record for the completer (the reaper). The
+         * recipient's "in:" record stays: the completer drops it once it is old enough. */
+        if (sp_stock_shard_give(c, &t, taken, take_ts, SP_SHARD_GIVE_WITHIN_MS, &given, errbuf,
+                                errlen) != 0)
+            return -1;
+        if (given < 0) {
+            *stop = 1;
+            return 0;
+        }
+        if (given == 0) { /* a fresh take's id given before: ids reused; left to the completer */
+            snprintf(errbuf, errlen, "transfer %s was given before its take: ids not unique", t.id);
+            return -1;
+        }
+        if (sp_stock_shard_done(c, &t, t.from, 0, &settled, errbuf, errlen) != 0) return -1;
+        *moved += taken;
+    }
+    return 0;
+}
+
+static int reserve_sharded(sp_redis *c, sp_sharded_sale *sale, const sp_reserve_request *req,
+                           sp_reserve_result *res, char *errbuf, size_t errlen) {
+    enum { ROUNDS = 3 };
+    sp_reserve_request one = *req;
+    one.shard = sp_stock_home_shard(req->user_id, sale->nshards);
+    for (int round = 0; round < ROUNDS; round++) {
+        if (sp_stock_reserve(c, &one, res, errbuf, errlen) != 0) return -1;
+        if (res->outcome != SP_RESERVE_SOLD_OUT || sale->nshards == 1) return 0;
+        int64_t moved = 0;
+        int stop = 0;
+        if (refill(c, sale, one.shard, one.qty - res->stock_left, &moved, &stop, errbuf, errlen) !=
+            0)
+            return -1;
+        if (stop) break;
+        if (moved > 0) continue; /* decide it again on the home shard */
+        int out = sold_out_everywhere(c, sale, one.qty, errbuf, errlen);
+        if (out < 0) return -1;
+        if (out == 1) return 0; /* fewer than qty units anywhere: sold out, truly */
+    }
+    memset(res, 0, sizeof(*res));
+    res->outcome = SP_RESERVE_RECOVERING;
+    return 0;
+}
+
 /* One order of qty for user on a sharded sale; its outcome. */
 static sp_reserve_outcome order_sharded(sp_redis *c, sp_sharded_sale *sale, int64_t user, int qty,
                                         int n) {
     sp_reserve_request req = {.sku_id = sale->sku_id, .user_id = user, .qty = qty, .ts_ms = 1};
     sp_reserve_result res;
     snprintf(req.order_id, sizeof(req.order_id), "sh-%" PRId64 "-%d", user, n);
-    if (sp_stock_reserve_sharded(c, sale, &req, &res, err, sizeof(err)) != 0)
+    if (reserve_sharded(c, sale, &req, &res, err, sizeof(err)) != 0)
         fail_msg("reserve sharded: %s", err);
     return res.outcome;
 }
@@ -1074,7 +1186,7 @@ static void *hammer_run(void *arg) {
         sp_reserve_result res;
         snprintf(req.order_id, sizeof(req.order_id), "hm-%d-%d", h->id, i);
         int64_t start_us = sp_clock_mono_us();
-        if (sp_stock_reserve_sharded(c, &h->sale, &req, &res, e, sizeof(e)) != 0) {
+        if (reserve_sharded(c, &h->sale, &req, &res, e, sizeof(e)) != 0) {
             h->failed = 1;
             break;
         }

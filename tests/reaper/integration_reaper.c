@@ -1195,20 +1195,6 @@ static void test_audit_and_reconcile_by_hand(void **state) {
 /* The sharded sale of the two tests below. */
 static const int64_t sharded_audit_sku_offset = 61;
 
-/* Publishes n events to the run's topic, as the producer would, and waits for Kafka. */
-static void sharded_audit_publish(const sp_event *evs, int n) {
-    rd_kafka_conf_t *conf = sp_kafka_conf_new(need_env("KAFKA_BROKERS"), "test-reaper", NULL, err,
-                                              sizeof(err));
-    assert_non_null(conf);
-    rd_kafka_t *rk = sp_kafka_producer_new(&conf, err, sizeof(err));
-    if (rk == NULL) fail_msg("%s", err);
-    for (int i = 0; i < n; i++)
-        if (sp_kafka_produce_event(rk, g.topic, &evs[i], NULL, err, sizeof(err)) != 0)
-            fail_msg("%s", err);
-    assert_int_equal(rd_kafka_flush(rk, 30000), RD_KAFKA_RESP_ERR_NO_ERROR);
-    rd_kafka_destroy(rk);
-}
-
 /* The entries of every shard's `resv` of a sale over n shards. */
 static int64_t sharded_audit_inflight(int64_t sku, int n) {
     int64_t sum = 0;
@@ -1266,7 +1252,7 @@ static void test_audit_sharded_sale_in_transfer(void **state) {
                                 .expires_ms = now + 600000};
         snprintf(evs[1 + i].order_id, sizeof(evs[1 + i].order_id), "%s", req.order_id);
     }
-    sharded_audit_publish(evs, 4);
+    publish_events(evs, 4);
     WAIT_FOR(sku_int("SELECT count(*) FROM orders WHERE sku_id = $1::bigint"
                      " AND status = 'pending'",
                      sku) == 3 &&
